@@ -1,0 +1,72 @@
+// swift-tools-version:5.10
+// The dependency graph below is Weft's architecture: requests flow downwards only.
+//
+//   weft (CLI + node agent)      weftd (hub daemon)
+//        |        \                   |
+//    WeftFUSE   WeftAgent ----------- +
+//        |        |                   |
+//     WeftVFS   WeftNet (wire, TCP transport)
+//        |        |
+//        +--- WeftProto (hub API, value types) ---+
+//                                        WeftHub (in-process hub)
+//                                        /      \
+//                                  WeftMeta   WeftChunks
+import PackageDescription
+
+let package = Package(
+    name: "Weft",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "weft", targets: ["weft"]),
+        .executable(name: "weftd", targets: ["weftd"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+    ],
+    targets: [
+        // System libraries through module maps (Debian: librocksdb-dev, libfuse3-dev, libzstd-dev).
+        .systemLibrary(name: "CRocksDB", path: "Sources/CRocksDB"),
+        .systemLibrary(name: "CFuse3", path: "Sources/CFuse3", pkgConfig: "fuse3"),
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
+        // Small C helpers: hardware CRC32C.
+        .target(name: "CWeftSupport", path: "Sources/CWeftSupport",
+                cSettings: [.unsafeFlags(["-O3"])]),
+
+        // The hub API boundary: value types, errors, binary encoding, the HubAPI protocol.
+        .target(name: "WeftProto", dependencies: ["CWeftSupport"]),
+        // Metadata engine on RocksDB.
+        .target(name: "WeftMeta", dependencies: ["WeftProto", "CRocksDB",
+                                                 .product(name: "Logging", package: "swift-log")]),
+        // Immutable, checksummed, optionally compressed chunk store.
+        .target(name: "WeftChunks", dependencies: ["WeftProto", "CZstd", "CWeftSupport",
+                                                   .product(name: "Logging", package: "swift-log")]),
+        // The in-process hub: HubAPI over WeftMeta + WeftChunks, sessions, GC, fsck.
+        .target(name: "WeftHub", dependencies: ["WeftProto", "WeftMeta", "WeftChunks",
+                                                .product(name: "Logging", package: "swift-log")]),
+        // Wire codec and the SwiftNIO TCP / Unix-socket transport (client and server).
+        .target(name: "WeftNet", dependencies: ["WeftProto",
+                                                .product(name: "NIOCore", package: "swift-nio"),
+                                                .product(name: "NIOPosix", package: "swift-nio"),
+                                                .product(name: "Logging", package: "swift-log")]),
+        // Node agent VFS: handles, write-back buffers, readers, block cache.
+        .target(name: "WeftVFS", dependencies: ["WeftProto",
+                                                .product(name: "Logging", package: "swift-log")]),
+        // Thin libfuse3 low-level adapter over WeftVFS.
+        .target(name: "WeftFUSE", dependencies: ["WeftVFS", "CFuse3",
+                                                 .product(name: "Logging", package: "swift-log")]),
+        // Shared command plumbing for both executables: sources, hub opening, daemon start-up.
+        .target(name: "WeftAgent", dependencies: ["WeftProto", "WeftHub", "WeftNet", "WeftVFS", "WeftFUSE",
+                                                  .product(name: "Logging", package: "swift-log")]),
+        .executableTarget(name: "weft", dependencies: ["WeftAgent",
+                                                       .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+        .executableTarget(name: "weftd", dependencies: ["WeftAgent",
+                                                        .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+
+        .testTarget(name: "WeftMetaTests", dependencies: ["WeftMeta", "WeftProto"]),
+        .testTarget(name: "WeftChunksTests", dependencies: ["WeftChunks", "WeftProto"]),
+        .testTarget(name: "WeftNetTests", dependencies: ["WeftNet", "WeftProto", "WeftHub"]),
+        .testTarget(name: "WeftHubTests", dependencies: ["WeftHub", "WeftNet", "WeftProto", "WeftVFS"]),
+    ]
+)

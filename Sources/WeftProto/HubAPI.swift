@@ -1,0 +1,75 @@
+/// The one boundary between a node agent and its hub.
+///
+/// The agent reaches the hub only through this protocol. It is implemented in-process
+/// (`WeftHub.Hub`, for the embedded default and tests) and over the network
+/// (`WeftNet.RemoteHub`, SwiftNIO TCP or Unix socket); both pass the same test suite.
+///
+/// Contract for every method:
+/// - it is safe to call from many threads at once;
+/// - it either completes, or throws `WeftError` with the errno a local file system would return;
+///   a transport failure throws `EIO`/`ETIMEDOUT` after a bounded wait, never hangs;
+/// - a namespace mutation is atomic and durable when it returns;
+/// - permission checks use `context.credentials`, evaluated by the hub.
+public protocol HubAPI: AnyObject, Sendable {
+    // Sessions
+    /// Opens an agent session; `agentName` is shown by `weft status`.
+    func openSession(agentName: String) throws -> (SessionID, VolumeInfo)
+    /// Ends a session: its open-file references are dropped (unlinked open files are reclaimed).
+    func closeSession(_ session: SessionID) throws
+
+    // Namespace
+    func lookup(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes
+    func getattr(_ context: RequestContext, ino: InodeID) throws -> Attributes
+    func setattr(_ context: RequestContext, ino: InodeID, _ changes: SetAttributes) throws -> Attributes
+    /// Creates a regular file, fifo, socket or device node. With `exclusive` false an existing
+    /// regular file is returned instead of EEXIST (the caller handles O_EXCL semantics).
+    func create(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32,
+                umask: UInt32, exclusive: Bool) throws -> Attributes
+    func mkdir(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes
+    func unlink(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws
+    func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws
+    func symlink(_ context: RequestContext, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes
+    func readlink(_ context: RequestContext, ino: InodeID) throws -> [UInt8]
+    func link(_ context: RequestContext, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes
+    func rename(_ context: RequestContext, parent: InodeID, name: [UInt8], newParent: InodeID, newName: [UInt8],
+                flags: RenameFlags) throws
+    /// Entries of directory `ino` in name order, strictly after `after` (nil: from the start,
+    /// including "." and ".."), at most `limit`.
+    func readdir(_ context: RequestContext, ino: InodeID, after: [UInt8]?, limit: Int) throws -> [DirectoryEntry]
+    /// Checks `access(2)` mode bits (R_OK=4, W_OK=2, X_OK=1; 0 checks existence).
+    func access(_ context: RequestContext, ino: InodeID, mask: UInt32) throws
+    /// Checks permission for open flags and registers the open with the session, so that an
+    /// unlinked file stays readable until `release`. `O_TRUNC` truncates atomically.
+    func open(_ context: RequestContext, ino: InodeID, flags: Int32) throws -> Attributes
+    func release(_ context: RequestContext, ino: InodeID) throws
+
+    // Extended attributes
+    func getxattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws -> [UInt8]
+    func setxattr(_ context: RequestContext, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags) throws
+    func listxattr(_ context: RequestContext, ino: InodeID) throws -> [[UInt8]]
+    func removexattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws
+
+    func statfs(_ context: RequestContext) throws -> FileSystemStats
+
+    // Data
+    /// Reserves `count` fresh, never reused slice ids; returns the first.
+    func allocateSliceIDs(_ context: RequestContext, count: UInt32) throws -> SliceID
+    /// Stores an immutable chunk object. Not visible in any file until `commitSlices`.
+    func writeSlice(_ context: RequestContext, id: SliceID, data: [UInt8]) throws
+    /// Reads `length` bytes at `offset` of chunk object `id`, checksum-verified. A damaged
+    /// chunk throws EIO, never wrong bytes.
+    func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8]
+    /// The slice lists of chunks `firstChunk ..< firstChunk+count` of file `ino`, and its attributes.
+    func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]])
+    /// Appends slices to the file's chunk lists and raises its size to at least `minimumSize`,
+    /// in one atomic change. With `durable`, the change (and every earlier one) is on stable
+    /// storage when this returns.
+    func commitSlices(_ context: RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64,
+                      durable: Bool) throws -> Attributes
+    /// Makes every change acknowledged so far durable.
+    func sync(_ context: RequestContext) throws
+
+    // Administration
+    func status() throws -> HubStatus
+    func fsck(repair: Bool) throws -> FsckReport
+}

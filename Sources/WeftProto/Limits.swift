@@ -1,0 +1,24 @@
+/// Hard limits of a Weft volume. SPEC.md §Limits lists each with the errno returned at the bound.
+public enum Limits {
+    /// Longest directory entry name, in bytes (ENAMETOOLONG beyond).
+    public static let nameMaxBytes = 255
+    /// Longest symlink target, in bytes (ENAMETOOLONG beyond).
+    public static let symlinkMaxBytes = 4095
+    /// Longest xattr name, in bytes (ERANGE beyond).
+    public static let xattrNameMaxBytes = 255
+    /// Largest xattr value, in bytes (E2BIG beyond).
+    public static let xattrValueMaxBytes = 65536
+    /// Largest file size, in bytes (EFBIG beyond).
+    public static let fileSizeMaxBytes: UInt64 = 1 << 50
+    /// Most hard links to one inode (EMLINK beyond).
+    public static let linkCountMax: UInt32 = 65000
+    /// Smallest and largest chunk size a volume may be formatted with.
+    public static let chunkSizeMinBytes = 64 * 1024
+    public static let chunkSizeMaxBytes = 64 * 1024 * 1024
+    /// Checksum and compression unit inside a chunk; also the agent's cache block.
+    public static let blockSizeBytes = 64 * 1024
+    /// Most entries one readdir page returns.
+    public static let readdirPageMaxEntries = 4096
+    /// Largest single data transfer (one readSlice / writeSlice).
+    public static let transferMaxBytes = 64 * 1024 * 1024
+}

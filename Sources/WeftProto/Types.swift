@@ -1,0 +1,354 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public typealias InodeID = UInt64
+public typealias SliceID = UInt64
+public typealias SessionID = UInt64
+
+public enum InodeNumbers {
+    /// The root directory of a volume.
+    public static let root: InodeID = 1
+}
+
+/// Who is asking: the caller's uid, gid and supplementary groups, as FUSE reports them.
+public struct Credentials: Equatable, Sendable {
+    public var uid: UInt32
+    public var gid: UInt32
+    public var groups: [UInt32]
+
+    public init(uid: UInt32, gid: UInt32, groups: [UInt32] = []) {
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+    }
+
+    public static let root = Credentials(uid: 0, gid: 0)
+    public var isRoot: Bool { uid == 0 }
+    public func isMember(of group: UInt32) -> Bool { gid == group || groups.contains(group) }
+
+    public func encode(into w: inout ByteWriter) {
+        w.u32(uid); w.u32(gid); w.u32(UInt32(groups.count))
+        for g in groups { w.u32(g) }
+    }
+    public static func decode(from r: inout ByteReader) throws -> Credentials {
+        let uid = try r.u32(), gid = try r.u32()
+        let n = try r.count(max: 65536)
+        var groups: [UInt32] = []
+        groups.reserveCapacity(n)
+        for _ in 0..<n { groups.append(try r.u32()) }
+        return Credentials(uid: uid, gid: gid, groups: groups)
+    }
+}
+
+/// The session and caller of one hub request.
+public struct RequestContext: Equatable, Sendable {
+    public var session: SessionID
+    public var credentials: Credentials
+
+    public init(session: SessionID, credentials: Credentials) {
+        self.session = session
+        self.credentials = credentials
+    }
+
+    public func encode(into w: inout ByteWriter) {
+        w.u64(session)
+        credentials.encode(into: &w)
+    }
+    public static func decode(from r: inout ByteReader) throws -> RequestContext {
+        RequestContext(session: try r.u64(), credentials: try Credentials.decode(from: &r))
+    }
+}
+
+/// POSIX attributes of one inode. Times are nanoseconds since the epoch.
+/// `dataVersion` increases on every change of the file's bytes, so a cache tagged with it is valid
+/// while it is unchanged.
+public struct Attributes: Equatable, Sendable {
+    public var ino: InodeID
+    public var mode: UInt32
+    public var nlink: UInt32
+    public var uid: UInt32
+    public var gid: UInt32
+    public var rdev: UInt32
+    public var size: UInt64
+    public var atimeNs: Int64
+    public var mtimeNs: Int64
+    public var ctimeNs: Int64
+    public var dataVersion: UInt64
+
+    public init(ino: InodeID, mode: UInt32, nlink: UInt32, uid: UInt32, gid: UInt32, rdev: UInt32 = 0,
+                size: UInt64 = 0, atimeNs: Int64 = 0, mtimeNs: Int64 = 0, ctimeNs: Int64 = 0, dataVersion: UInt64 = 0) {
+        self.ino = ino; self.mode = mode; self.nlink = nlink; self.uid = uid; self.gid = gid; self.rdev = rdev
+        self.size = size; self.atimeNs = atimeNs; self.mtimeNs = mtimeNs; self.ctimeNs = ctimeNs
+        self.dataVersion = dataVersion
+    }
+
+    public var fileType: UInt32 { mode & UInt32(S_IFMT) }
+    public var isDirectory: Bool { fileType == UInt32(S_IFDIR) }
+    public var isRegular: Bool { fileType == UInt32(S_IFREG) }
+    public var isSymlink: Bool { fileType == UInt32(S_IFLNK) }
+
+    public static let encodedVersion: UInt8 = 1
+
+    public func encode(into w: inout ByteWriter) {
+        w.u8(Self.encodedVersion)
+        w.u64(ino); w.u32(mode); w.u32(nlink); w.u32(uid); w.u32(gid); w.u32(rdev)
+        w.u64(size); w.i64(atimeNs); w.i64(mtimeNs); w.i64(ctimeNs); w.u64(dataVersion)
+    }
+    public static func decode(from r: inout ByteReader) throws -> Attributes {
+        guard try r.u8() == encodedVersion else { throw WeftError.malformed }
+        return Attributes(ino: try r.u64(), mode: try r.u32(), nlink: try r.u32(), uid: try r.u32(),
+                          gid: try r.u32(), rdev: try r.u32(), size: try r.u64(), atimeNs: try r.i64(),
+                          mtimeNs: try r.i64(), ctimeNs: try r.i64(), dataVersion: try r.u64())
+    }
+}
+
+/// A time to set: the hub's current time, or an explicit value.
+public enum TimeSetting: Equatable, Sendable {
+    case now
+    case nanoseconds(Int64)
+
+    func encode(into w: inout ByteWriter) {
+        switch self {
+        case .now: w.u8(1)
+        case .nanoseconds(let ns): w.u8(2); w.i64(ns)
+        }
+    }
+    static func decodeOptional(from r: inout ByteReader) throws -> TimeSetting? {
+        switch try r.u8() {
+        case 0: return nil
+        case 1: return .now
+        case 2: return .nanoseconds(try r.i64())
+        default: throw WeftError.malformed
+        }
+    }
+}
+
+/// The fields of a setattr; nil means unchanged.
+public struct SetAttributes: Equatable, Sendable {
+    public var mode: UInt32?
+    public var uid: UInt32?
+    public var gid: UInt32?
+    public var size: UInt64?
+    public var atime: TimeSetting?
+    public var mtime: TimeSetting?
+
+    public init(mode: UInt32? = nil, uid: UInt32? = nil, gid: UInt32? = nil, size: UInt64? = nil,
+                atime: TimeSetting? = nil, mtime: TimeSetting? = nil) {
+        self.mode = mode; self.uid = uid; self.gid = gid; self.size = size; self.atime = atime; self.mtime = mtime
+    }
+
+    public func encode(into w: inout ByteWriter) {
+        w.optionalU64(mode.map { UInt64($0) }); w.optionalU64(uid.map { UInt64($0) })
+        w.optionalU64(gid.map { UInt64($0) }); w.optionalU64(size)
+        if let atime { atime.encode(into: &w) } else { w.u8(0) }
+        if let mtime { mtime.encode(into: &w) } else { w.u8(0) }
+    }
+    public static func decode(from r: inout ByteReader) throws -> SetAttributes {
+        func u32(_ v: UInt64?) throws -> UInt32? {
+            guard let v else { return nil }
+            guard v <= UInt64(UInt32.max) else { throw WeftError.malformed }
+            return UInt32(v)
+        }
+        return SetAttributes(mode: try u32(r.optionalU64()), uid: try u32(r.optionalU64()),
+                             gid: try u32(r.optionalU64()), size: try r.optionalU64(),
+                             atime: try TimeSetting.decodeOptional(from: &r),
+                             mtime: try TimeSetting.decodeOptional(from: &r))
+    }
+}
+
+/// One directory entry. `attributes` is filled for readdirplus.
+public struct DirectoryEntry: Equatable, Sendable {
+    public var name: [UInt8]
+    public var ino: InodeID
+    public var attributes: Attributes
+
+    public init(name: [UInt8], ino: InodeID, attributes: Attributes) {
+        self.name = name; self.ino = ino; self.attributes = attributes
+    }
+}
+
+/// RENAME_NOREPLACE and RENAME_EXCHANGE, with Linux's values.
+public struct RenameFlags: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let noReplace = RenameFlags(rawValue: 1)
+    public static let exchange = RenameFlags(rawValue: 2)
+}
+
+/// setxattr flags XATTR_CREATE and XATTR_REPLACE, with Linux's values.
+public struct XattrFlags: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let create = XattrFlags(rawValue: 1)
+    public static let replace = XattrFlags(rawValue: 2)
+}
+
+/// A slice: immutable bytes `[sliceOffset, sliceOffset+length)` of chunk object `id`, laid at
+/// `offsetInChunk` of chunk `chunkIndex` of a file. Later slices in a chunk's list cover earlier ones.
+/// `id == 0` marks a hole (zeros), used by truncate.
+public struct Slice: Equatable, Sendable {
+    public var id: SliceID
+    public var offsetInChunk: UInt32
+    public var length: UInt32
+    public var sliceOffset: UInt32
+    /// Total stored length of chunk object `id` (needed to address its checksum blocks).
+    public var objectLength: UInt32
+
+    public init(id: SliceID, offsetInChunk: UInt32, length: UInt32, sliceOffset: UInt32 = 0, objectLength: UInt32) {
+        self.id = id; self.offsetInChunk = offsetInChunk; self.length = length
+        self.sliceOffset = sliceOffset; self.objectLength = objectLength
+    }
+
+    public static let encodedBytes = 24
+    public func encode(into w: inout ByteWriter) {
+        w.u64(id); w.u32(offsetInChunk); w.u32(length); w.u32(sliceOffset); w.u32(objectLength)
+    }
+    public static func decode(from r: inout ByteReader) throws -> Slice {
+        Slice(id: try r.u64(), offsetInChunk: try r.u32(), length: try r.u32(), sliceOffset: try r.u32(),
+              objectLength: try r.u32())
+    }
+}
+
+/// A slice being committed to chunk `chunkIndex` of a file.
+public struct SliceCommit: Equatable, Sendable {
+    public var chunkIndex: UInt32
+    public var slice: Slice
+
+    public init(chunkIndex: UInt32, slice: Slice) {
+        self.chunkIndex = chunkIndex; self.slice = slice
+    }
+}
+
+/// Per-volume settings fixed at format time.
+public struct VolumeInfo: Equatable, Sendable {
+    public var formatVersion: UInt32
+    public var uuid: [UInt8]
+    public var chunkSizeBytes: UInt32
+    public var compression: Compression
+    public var createdNs: Int64
+
+    public init(formatVersion: UInt32, uuid: [UInt8], chunkSizeBytes: UInt32, compression: Compression, createdNs: Int64) {
+        self.formatVersion = formatVersion; self.uuid = uuid; self.chunkSizeBytes = chunkSizeBytes
+        self.compression = compression; self.createdNs = createdNs
+    }
+
+    public func encode(into w: inout ByteWriter) {
+        w.u32(formatVersion); w.blob(uuid); w.u32(chunkSizeBytes); w.u8(compression.rawValue); w.i64(createdNs)
+    }
+    public static func decode(from r: inout ByteReader) throws -> VolumeInfo {
+        let version = try r.u32()
+        let uuid = try r.blob(max: 64)
+        let chunk = try r.u32()
+        guard let compression = Compression(rawValue: try r.u8()) else { throw WeftError.malformed }
+        return VolumeInfo(formatVersion: version, uuid: uuid, chunkSizeBytes: chunk, compression: compression,
+                          createdNs: try r.i64())
+    }
+}
+
+public enum Compression: UInt8, Sendable, CaseIterable {
+    case none = 0
+    case zstd = 1
+
+    public var name: String { self == .none ? "none" : "zstd" }
+    public init?(name: String) {
+        switch name {
+        case "none": self = .none
+        case "zstd": self = .zstd
+        default: return nil
+        }
+    }
+}
+
+/// statfs figures. Blocks are `blockSizeBytes` units.
+public struct FileSystemStats: Equatable, Sendable {
+    public var blockSizeBytes: UInt32
+    public var totalBlocks: UInt64
+    public var freeBlocks: UInt64
+    public var totalInodes: UInt64
+    public var freeInodes: UInt64
+    public var nameMaxBytes: UInt32
+
+    public init(blockSizeBytes: UInt32, totalBlocks: UInt64, freeBlocks: UInt64, totalInodes: UInt64,
+                freeInodes: UInt64, nameMaxBytes: UInt32) {
+        self.blockSizeBytes = blockSizeBytes; self.totalBlocks = totalBlocks; self.freeBlocks = freeBlocks
+        self.totalInodes = totalInodes; self.freeInodes = freeInodes; self.nameMaxBytes = nameMaxBytes
+    }
+
+    public func encode(into w: inout ByteWriter) {
+        w.u32(blockSizeBytes); w.u64(totalBlocks); w.u64(freeBlocks); w.u64(totalInodes); w.u64(freeInodes)
+        w.u32(nameMaxBytes)
+    }
+    public static func decode(from r: inout ByteReader) throws -> FileSystemStats {
+        FileSystemStats(blockSizeBytes: try r.u32(), totalBlocks: try r.u64(), freeBlocks: try r.u64(),
+                        totalInodes: try r.u64(), freeInodes: try r.u64(), nameMaxBytes: try r.u32())
+    }
+}
+
+/// What `weft status` shows.
+public struct HubStatus: Equatable, Sendable {
+    public var volume: VolumeInfo
+    /// Sum of file sizes (logical bytes).
+    public var logicalBytes: UInt64
+    public var inodes: UInt64
+    public var chunks: UInt64
+    /// Bytes the chunk store occupies on disk.
+    public var storedBytes: UInt64
+    public var connectedAgents: UInt32
+    public var agents: [String]
+
+    public init(volume: VolumeInfo, logicalBytes: UInt64, inodes: UInt64, chunks: UInt64, storedBytes: UInt64,
+                connectedAgents: UInt32, agents: [String]) {
+        self.volume = volume; self.logicalBytes = logicalBytes; self.inodes = inodes; self.chunks = chunks
+        self.storedBytes = storedBytes; self.connectedAgents = connectedAgents; self.agents = agents
+    }
+
+    public func encode(into w: inout ByteWriter) {
+        volume.encode(into: &w)
+        w.u64(logicalBytes); w.u64(inodes); w.u64(chunks); w.u64(storedBytes); w.u32(connectedAgents)
+        w.u32(UInt32(agents.count))
+        for a in agents { w.string(a) }
+    }
+    public static func decode(from r: inout ByteReader) throws -> HubStatus {
+        let volume = try VolumeInfo.decode(from: &r)
+        let logical = try r.u64(), inodes = try r.u64(), chunks = try r.u64(), stored = try r.u64()
+        let connected = try r.u32()
+        let n = try r.count(max: 100_000)
+        var agents: [String] = []
+        for _ in 0..<n { agents.append(try r.string()) }
+        return HubStatus(volume: volume, logicalBytes: logical, inodes: inodes, chunks: chunks, storedBytes: stored,
+                         connectedAgents: connected, agents: agents)
+    }
+}
+
+/// The result of a consistency check. `problems` is empty on a clean volume.
+public struct FsckReport: Equatable, Sendable {
+    public var inodesChecked: UInt64
+    public var chunksChecked: UInt64
+    public var problems: [String]
+    public var repaired: [String]
+
+    public init(inodesChecked: UInt64 = 0, chunksChecked: UInt64 = 0, problems: [String] = [], repaired: [String] = []) {
+        self.inodesChecked = inodesChecked; self.chunksChecked = chunksChecked
+        self.problems = problems; self.repaired = repaired
+    }
+
+    public func encode(into w: inout ByteWriter) {
+        w.u64(inodesChecked); w.u64(chunksChecked)
+        w.u32(UInt32(problems.count)); for p in problems { w.string(p) }
+        w.u32(UInt32(repaired.count)); for p in repaired { w.string(p) }
+    }
+    public static func decode(from r: inout ByteReader) throws -> FsckReport {
+        var report = FsckReport(inodesChecked: try r.u64(), chunksChecked: try r.u64())
+        for _ in 0..<(try r.count(max: 1_000_000)) { report.problems.append(try r.string()) }
+        for _ in 0..<(try r.count(max: 1_000_000)) { report.repaired.append(try r.string()) }
+        return report
+    }
+}
+
+/// Nanoseconds since the epoch, from the real-time clock.
+public func currentTimeNs() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+}
