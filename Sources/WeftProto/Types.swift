@@ -132,10 +132,14 @@ public struct SetAttributes: Equatable, Sendable {
     public var size: UInt64?
     public var atime: TimeSetting?
     public var mtime: TimeSetting?
+    /// The change comes through an open file handle (ftruncate, futimens): write permission was
+    /// checked at open and is not checked again.
+    public var byHandle: Bool
 
     public init(mode: UInt32? = nil, uid: UInt32? = nil, gid: UInt32? = nil, size: UInt64? = nil,
-                atime: TimeSetting? = nil, mtime: TimeSetting? = nil) {
+                atime: TimeSetting? = nil, mtime: TimeSetting? = nil, byHandle: Bool = false) {
         self.mode = mode; self.uid = uid; self.gid = gid; self.size = size; self.atime = atime; self.mtime = mtime
+        self.byHandle = byHandle
     }
 
     public func encode(into w: inout ByteWriter) {
@@ -143,6 +147,7 @@ public struct SetAttributes: Equatable, Sendable {
         w.optionalU64(gid.map { UInt64($0) }); w.optionalU64(size)
         if let atime { atime.encode(into: &w) } else { w.u8(0) }
         if let mtime { mtime.encode(into: &w) } else { w.u8(0) }
+        w.bool(byHandle)
     }
     public static func decode(from r: inout ByteReader) throws -> SetAttributes {
         func u32(_ v: UInt64?) throws -> UInt32? {
@@ -153,7 +158,7 @@ public struct SetAttributes: Equatable, Sendable {
         return SetAttributes(mode: try u32(r.optionalU64()), uid: try u32(r.optionalU64()),
                              gid: try u32(r.optionalU64()), size: try r.optionalU64(),
                              atime: try TimeSetting.decodeOptional(from: &r),
-                             mtime: try TimeSetting.decodeOptional(from: &r))
+                             mtime: try TimeSetting.decodeOptional(from: &r), byHandle: try r.bool())
     }
 }
 

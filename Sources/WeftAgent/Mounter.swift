@@ -1,0 +1,105 @@
+import CFuse3
+import Foundation
+import Logging
+import WeftFUSE
+import WeftHub
+import WeftMeta
+import WeftNet
+import WeftProto
+import WeftVFS
+
+/// Settings of one `weft mount`.
+public struct MountRequest {
+    public var source: HubSource
+    public var mountpoint: String
+    public var vfs = VFSOptions()
+    public var mount = MountOptions()
+    public var durability: DurabilityMode = .strict
+    public var pidFile: String?
+    /// A file descriptor to report readiness on ("ok" or "error: ..."), for --background.
+    public var notifyFD: Int32?
+
+    public init(source: HubSource, mountpoint: String) {
+        self.source = source
+        self.mountpoint = mountpoint
+    }
+}
+
+/// The node agent process: opens the hub, mounts FUSE, serves until unmounted, then commits
+/// everything and lets go of the hub.
+public enum Mounter {
+    /// Checks that `mountpoint` is an existing directory that is not already a mount.
+    public static func validateMountpoint(_ mountpoint: String) throws {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: mountpoint, isDirectory: &isDirectory) else {
+            throw WeftError(ENOENT, "mountpoint \(mountpoint) does not exist")
+        }
+        guard isDirectory.boolValue else { throw WeftError(ENOTDIR, "mountpoint \(mountpoint) is not a directory") }
+        if MountTable.isMountpoint(mountpoint) {
+            throw WeftError(EBUSY, "mountpoint \(mountpoint) is busy: something is already mounted there")
+        }
+    }
+
+    public static func run(_ request: MountRequest, logger: Logger) throws {
+        func notify(_ message: String) {
+            guard let fd = request.notifyFD else { return }
+            let line = message + "\n"
+            _ = line.withCString { Glibc.write(fd, $0, strlen($0)) }
+            Glibc.close(fd)
+        }
+        var opened: OpenedHub?
+        var server: HubServer?
+        do {
+            try validateMountpoint(request.mountpoint)
+            let hubAPI: HubAPI
+            switch request.source {
+            case .remote(let address):
+                let remote = RemoteHub(address: address, connectTimeoutMs: HubOpener.connectTimeoutMs, logger: logger)
+                opened = OpenedHub(api: remote, local: nil, remote: remote)
+                hubAPI = remote
+            case .directory(let path):
+                if EmbeddedSocket.isServed(path) {
+                    throw WeftError(EBUSY, "hub directory \(path) is in use by another mount or weftd; "
+                                    + "mount it through that process's weft:// address instead")
+                }
+                let local = try HubOpener.open(request.source, durability: request.durability, recover: true, logger: logger)
+                opened = local
+                hubAPI = local.api
+                // Serve the embedded hub to local admin commands (weft status / fsck DIR).
+                let socketServer = HubServer(hub: hubAPI, logger: logger, workerThreads: 2, eventLoopThreads: 1)
+                try socketServer.listen(unixSocketPath: EmbeddedSocket.path(path))
+                server = socketServer
+            }
+            var vfsOptions = request.vfs
+            vfsOptions.agentName = "\(ProcessInfo.processInfo.hostName):\(getpid()):\(request.mountpoint)"
+            let vfs = try VFS(hub: hubAPI, options: vfsOptions, logger: logger)
+            var mountOptions = request.mount
+            mountOptions.fsName = "weft:\(request.source)"
+            let adapter = FUSEAdapter(vfs: vfs, mountpoint: request.mountpoint, options: mountOptions, logger: logger)
+            try adapter.mount()
+            if let pidFile = request.pidFile {
+                try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+            }
+            try MountTable.register(mountpoint: request.mountpoint, pid: getpid())
+            logger.info("mounted \(request.source) at \(request.mountpoint)")
+            notify("ok")
+            defer { MountTable.unregister(mountpoint: request.mountpoint) }
+            try adapter.runUntilUnmounted()
+            logger.info("unmounted \(request.mountpoint)")
+            server?.shutdown()
+            opened?.close()
+        } catch {
+            notify("error: \(error)")
+            server?.shutdown()
+            opened?.close()
+            throw error
+        }
+    }
+}
+
+extension FUSEAdapter {
+    /// Serves until unmounted; SIGTERM, SIGINT and SIGHUP unmount cleanly.
+    func runUntilUnmounted() throws {
+        try run()
+    }
+}

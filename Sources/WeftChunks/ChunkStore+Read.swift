@@ -1,0 +1,215 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+import WeftProto
+
+extension ChunkStore {
+    /// Reads `length` bytes at `offset` of object `id`, verifying the CRC32C of every 64 KiB
+    /// block it touches. Throws ENOENT if the object is missing, EINVAL for a range outside
+    /// it, and EIO (after one log line naming the chunk, file and block) if it is damaged.
+    public func read(id: SliceID, offset: Int, length: Int) throws -> [UInt8] {
+        let object = try openObject(id)
+        try checkRange(object, offset: offset, length: length)
+        if length == 0 { return [] }
+        return try [UInt8](unsafeUninitializedCapacity: length) { buffer, initialized in
+            try readVerified(object, offset: offset, into: UnsafeMutableRawBufferPointer(buffer))
+            initialized = length
+        }
+    }
+
+    /// Reads `destination.count` bytes at `offset` of object `id` straight into `destination`,
+    /// with the same checks and errors as `read(id:offset:length:)`. On error the contents of
+    /// `destination` are unspecified.
+    public func read(id: SliceID, offset: Int, into destination: UnsafeMutableRawBufferPointer) throws {
+        let object = try openObject(id)
+        try checkRange(object, offset: offset, length: destination.count)
+        if destination.count == 0 { return }
+        try readVerified(object, offset: offset, into: destination)
+    }
+
+    /// The raw (uncompressed) length of object `id`. ENOENT if missing, EIO if its header is damaged.
+    public func length(id: SliceID) throws -> Int {
+        try openObject(id).layout.rawLength
+    }
+
+    /// Reads and checks every block of object `id` from disk (bypassing the open-object
+    /// cache), for fsck. Returns its raw length; ENOENT if missing, EIO if damaged.
+    public func verify(id: SliceID) throws -> Int {
+        let object = try openUncached(id)
+        try workspaces.with { workspace in
+            for index in object.layout.blocks.indices {
+                let target = UnsafeMutableRawBufferPointer(
+                    rebasing: workspace.raw[0..<object.layout.rawLength(ofBlock: index)])
+                try loadBlock(object, index, workspace, into: target)
+            }
+        }
+        return object.layout.rawLength
+    }
+
+    // MARK: Internals
+
+    private func checkRange(_ object: OpenObject, offset: Int, length: Int) throws {
+        let rawLength = object.layout.rawLength
+        guard offset >= 0, length >= 0, offset <= rawLength, length <= rawLength - offset else {
+            throw WeftError(EINVAL, "range \(offset)+\(length) outside chunk \(hex(object.id)) of \(rawLength) bytes")
+        }
+    }
+
+    /// The open object for `id`, from the cache or opened, validated and cached.
+    func openObject(_ id: SliceID) throws -> OpenObject {
+        let (cached, token) = cache.lookup(id)
+        if let cached { return cached }
+        return cache.insert(try openUncached(id), token: token)
+    }
+
+    func openUncached(_ id: SliceID) throws -> OpenObject {
+        let fd = FileIO.withObjectPath(id) { openat(root, $0, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else {
+            let code = errno
+            if code == ENOENT { throw WeftError(ENOENT, "chunk \(hex(id)) missing") }
+            if code == EMFILE || code == ENFILE || code == ENOMEM {
+                logger.error("cannot open chunk \(hex(id)) at \(path(of: id)): \(String(cString: strerror(code)))")
+                throw WeftError(code, "cannot open chunk \(hex(id))")
+            }
+            throw damaged(id, block: "open", reason: String(cString: strerror(code)))
+        }
+        do {
+            return OpenObject(id: id, fd: fd, layout: try readLayout(fd, id))
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    /// Reads and validates the header of the object open at `fd`.
+    private func readLayout(_ fd: Int32, _ id: SliceID) throws -> ChunkLayout {
+        let fileBytes: Int
+        do {
+            fileBytes = try FileIO.fileBytes(fd)
+        } catch {
+            throw damaged(id, block: "header", reason: error.description)
+        }
+        let prefixLength = min(fileBytes, ChunkFormat.maxHeaderBytes)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(prefixLength, 1), alignment: 16)
+        defer { buffer.deallocate() }
+        let got: Int
+        do {
+            got = try FileIO.preadFully(fd, buffer.baseAddress!, prefixLength, 0)
+        } catch {
+            throw damaged(id, block: "header", reason: error.description)
+        }
+        do {
+            return try ChunkFormat.decodeHeader(UnsafeRawBufferPointer(rebasing: buffer[0..<got]),
+                                                fileBytes: fileBytes, expectedID: id)
+        } catch {
+            throw damaged(id, block: error.block, reason: error.reason)
+        }
+    }
+
+    /// Fills `destination` with the raw bytes at `offset`, checking every block it touches.
+    ///
+    /// Runs of uncompressed blocks that `destination` covers whole are read with one `pread`
+    /// straight into it and checked in place; a compressed block covered whole is decompressed
+    /// straight into it; only the partial blocks at either end go through a workspace.
+    private func readVerified(_ object: OpenObject, offset: Int, into destination: UnsafeMutableRawBufferPointer) throws {
+        let blockSize = ChunkFormat.blockSizeBytes
+        let layout = object.layout
+        let end = offset + destination.count
+        let lastBlock = (end - 1) / blockSize
+        var index = offset / blockSize
+        var workspace: Workspace?
+        defer { if let workspace { workspaces.release(workspace) } }
+
+        while index <= lastBlock {
+            let blockStart = index * blockSize
+            let blockLength = layout.rawLength(ofBlock: index)
+            let coveredWhole = blockStart >= offset && blockStart + blockLength <= end
+            if coveredWhole && !layout.blocks[index].compressed {
+                var runEnd = index  // last block of the run of whole, uncompressed blocks
+                while runEnd < lastBlock, !layout.blocks[runEnd + 1].compressed,
+                      (runEnd + 1) * blockSize + layout.rawLength(ofBlock: runEnd + 1) <= end {
+                    runEnd += 1
+                }
+                let runBytes = (runEnd - index) * blockSize + layout.rawLength(ofBlock: runEnd)
+                let target = destination.baseAddress! + (blockStart - offset)
+                try preadBlocks(object, first: index, into: target, count: runBytes)
+                for block in index...runEnd {
+                    let at = block * blockSize - blockStart
+                    let bytes = UnsafeRawBufferPointer(start: target + at, count: layout.rawLength(ofBlock: block))
+                    let actual = crc32c(bytes)
+                    if actual != layout.blocks[block].crc {
+                        throw damaged(object.id, block: "block \(block)",
+                                      reason: crcReason(expected: layout.blocks[block].crc, actual: actual))
+                    }
+                }
+                index = runEnd + 1
+                continue
+            }
+            if workspace == nil { workspace = workspaces.acquire() }
+            if coveredWhole {
+                let target = UnsafeMutableRawBufferPointer(start: destination.baseAddress! + (blockStart - offset),
+                                                           count: blockLength)
+                try loadBlock(object, index, workspace!, into: target)
+            } else {
+                let target = UnsafeMutableRawBufferPointer(rebasing: workspace!.raw[0..<blockLength])
+                try loadBlock(object, index, workspace!, into: target)
+                let from = max(offset, blockStart)
+                let to = min(end, blockStart + blockLength)
+                (destination.baseAddress! + (from - offset))
+                    .copyMemory(from: target.baseAddress! + (from - blockStart), byteCount: to - from)
+            }
+            index += 1
+        }
+    }
+
+    /// Reads block `index` whole into `target` (exactly its raw length), decompressing if
+    /// needed, and checks its CRC32C.
+    func loadBlock(_ object: OpenObject, _ index: Int, _ workspace: Workspace,
+                   into target: UnsafeMutableRawBufferPointer) throws {
+        let entry = object.layout.blocks[index]
+        if entry.compressed {
+            try preadBlocks(object, first: index, into: workspace.stored.baseAddress!, count: entry.storedLength)
+            let frame = UnsafeRawBufferPointer(rebasing: workspace.stored[0..<entry.storedLength])
+            guard let size = workspace.decompress(frame, into: target), size == target.count else {
+                throw damaged(object.id, block: "block \(index)", reason: "zstd frame does not decode to \(target.count) bytes")
+            }
+        } else {
+            try preadBlocks(object, first: index, into: target.baseAddress!, count: target.count)
+        }
+        let actual = crc32c(UnsafeRawBufferPointer(target))
+        if actual != entry.crc {
+            throw damaged(object.id, block: "block \(index)", reason: crcReason(expected: entry.crc, actual: actual))
+        }
+    }
+
+    /// Reads `count` stored bytes starting at block `first`'s payload.
+    private func preadBlocks(_ object: OpenObject, first: Int, into target: UnsafeMutableRawPointer, count: Int) throws {
+        let got: Int
+        do {
+            got = try FileIO.preadFully(object.fd, target, count, object.layout.blocks[first].fileOffset)
+        } catch {
+            throw damaged(object.id, block: "block \(first)", reason: error.description)
+        }
+        if got != count {
+            throw damaged(object.id, block: "block \(first)", reason: "file ends \(count - got) bytes early")
+        }
+    }
+
+    private func crcReason(expected: UInt32, actual: UInt32) -> String {
+        "crc32c mismatch (stored \(String(expected, radix: 16)), computed \(String(actual, radix: 16)))"
+    }
+
+    func path(of id: SliceID) -> String {
+        "\(directory)/\(FileIO.fanOutName(Int(id & 0xFF)))/\(hex(id))"
+    }
+
+    /// Logs the one error line for a damaged object and returns the EIO to throw.
+    func damaged(_ id: SliceID, block: String, reason: String) -> WeftError {
+        logger.error("chunk \(hex(id)) damaged at \(block): \(reason); file \(path(of: id))",
+                     metadata: ["chunk": "\(hex(id))", "path": "\(path(of: id))", "block": "\(block)"])
+        return WeftError(EIO, "chunk \(hex(id)) damaged at \(block)")
+    }
+}

@@ -1,0 +1,347 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+import WeftProto
+
+/// A directory of immutable, checksummed, optionally compressed chunk objects ("slices").
+///
+/// Guarantees:
+/// - an object is written once and never changes; writing an existing id throws EEXIST;
+/// - a reader never sees a partly written object, and never gets wrong bytes: every 64 KiB
+///   block a read touches is checked against its CRC32C, and damage throws EIO after one log
+///   line naming the chunk, its file and the block;
+/// - written objects and deletions are durable only once `sync()` returns;
+/// - every method is safe to call from many threads at once; no lock is held across disk I/O.
+///
+/// One `ChunkStore` owns its directory: opening a second one on the same directory while the
+/// first is writing is unsupported (start-up removes leftover temporary files).
+/// Memory is bounded: at most `openObjectCacheCapacity` objects stay open (one descriptor and
+/// block table each), at most `WorkspacePool.maxIdle` scratch workspaces (128 KiB plus zstd
+/// contexts each) are kept, and at most `DurabilityQueue.maxPendingFiles` unsynced objects
+/// hold a descriptor.
+public final class ChunkStore: @unchecked Sendable {
+    /// Most objects kept open with their parsed headers; the least recently used is closed beyond.
+    public static let openObjectCacheCapacity = 512
+    /// The format version this build writes and reads.
+    public static let formatVersion = Int(ChunkFormat.version)
+
+    public let directory: String
+    /// Compression applied to new objects; objects of either kind read back the same.
+    public let compression: Compression
+    let logger: Logger
+    /// Descriptor of `directory`; every object path is resolved relative to it.
+    let root: Int32
+    let cache = ObjectCache(capacity: ChunkStore.openObjectCacheCapacity)
+    let workspaces = WorkspacePool()
+    private let durability: DurabilityQueue
+    private let accountingLock = Lock()
+    private var objects: UInt64 = 0
+    private var bytes: UInt64 = 0
+    private var temporarySequence: UInt32 = 0
+
+    /// Opens the store in `directory`, creating it (and its 256 fan-out directories) if needed,
+    /// removing temporary files left by a crash, and counting the objects present.
+    public init(directory: String, compression: Compression, logger: Logger) throws {
+        self.directory = directory
+        self.compression = compression
+        self.logger = logger
+        do {
+            try FileIO.makeDirectories(directory)
+        } catch {
+            logger.error("cannot create chunk directory \(directory): \(error.description)")
+            throw WeftError(error.errno, "cannot create chunk directory \(directory)")
+        }
+        root = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard root >= 0 else {
+            let code = errno
+            logger.error("cannot open chunk directory \(directory): \(String(cString: strerror(code)))")
+            throw WeftError(code, "cannot open chunk directory \(directory)")
+        }
+        durability = DurabilityQueue(root: root, logger: logger)
+        do {
+            try prepareFanOutDirectories()
+            try scan()
+        } catch {
+            close(root)
+            throw error
+        }
+    }
+
+    deinit {
+        close(root)
+    }
+
+    // MARK: Writing
+
+    /// Stores object `id` (at most `Limits.chunkSizeMaxBytes`). Not durable until `sync()`.
+    /// Throws EEXIST if the id exists, EINVAL if too large, ENOSPC when the disk is full.
+    public func write(id: SliceID, data: UnsafeRawBufferPointer) throws {
+        guard data.count <= ChunkFormat.maxRawBytes else {
+            throw WeftError(EINVAL, "chunk \(hex(id)) is \(data.count) bytes, over the \(ChunkFormat.maxRawBytes)-byte limit")
+        }
+        let blockSize = ChunkFormat.blockSizeBytes
+        let blockCount = ChunkFormat.blockCount(rawLength: data.count)
+        let headerLength = ChunkFormat.headerBytes(blockCount: blockCount)
+        let header = UnsafeMutableRawBufferPointer.allocate(byteCount: headerLength, alignment: 16)
+        defer { header.deallocate() }
+        var blocks = ContiguousArray<BlockEntry>()
+        blocks.reserveCapacity(blockCount)
+        // The payload as a list of contiguous pieces of `data` or of `compressed`, so that
+        // raw blocks are written straight from the caller's buffer.
+        var pieces: [UnsafeRawBufferPointer] = [UnsafeRawBufferPointer(header)]
+        var compressed: UnsafeMutableRawBufferPointer?
+        defer { compressed?.deallocate() }
+
+        if compression == .zstd && blockCount > 0 {
+            let output = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: 16)
+            compressed = output
+            workspaces.with { workspace in
+                var outputUsed = 0
+                var fileOffset = headerLength
+                for index in 0..<blockCount {
+                    let start = index * blockSize
+                    let raw = UnsafeRawBufferPointer(rebasing: data[start..<min(start + blockSize, data.count)])
+                    let checksum = crc32c(raw)
+                    // Room for one byte less than raw: zstd fails unless the block shrinks.
+                    let room = UnsafeMutableRawBufferPointer(rebasing: output[outputUsed..<outputUsed + raw.count - 1])
+                    if raw.count > 1, let size = workspace.compress(raw, into: room) {
+                        let piece = UnsafeRawBufferPointer(rebasing: output[outputUsed..<outputUsed + size])
+                        Self.append(piece, to: &pieces)
+                        blocks.append(BlockEntry(fileOffset: fileOffset, storedLength: size, crc: checksum, compressed: true))
+                        outputUsed += size
+                        fileOffset += size
+                    } else {
+                        Self.append(raw, to: &pieces)
+                        blocks.append(BlockEntry(fileOffset: fileOffset, storedLength: raw.count, crc: checksum,
+                                                 compressed: false))
+                        fileOffset += raw.count
+                    }
+                }
+            }
+        } else {
+            for index in 0..<blockCount {
+                let start = index * blockSize
+                let raw = UnsafeRawBufferPointer(rebasing: data[start..<min(start + blockSize, data.count)])
+                blocks.append(BlockEntry(fileOffset: headerLength + start, storedLength: raw.count, crc: crc32c(raw),
+                                         compressed: false))
+            }
+            if data.count > 0 { pieces.append(data) }
+        }
+        blocks.withUnsafeBufferPointer {
+            ChunkFormat.encodeHeader(into: header, id: id, compression: compression, rawLength: data.count, blocks: $0)
+        }
+        let fileBytes = pieces.reduce(0) { $0 + $1.count }
+        precondition(fileBytes == headerLength + blocks.reduce(0) { $0 + $1.storedLength }, "chunk payload size")
+        let fd = try createObject(id: id, pieces: pieces)
+        accountingLock.withLock {
+            objects += 1
+            bytes += UInt64(fileBytes)
+        }
+        if durability.objectWritten(id: id, fd: fd) {
+            try durability.sync()
+        }
+    }
+
+    /// `write(id:data:)` for an array.
+    public func write(id: SliceID, data: [UInt8]) throws {
+        try data.withUnsafeBytes { try write(id: id, data: $0) }
+    }
+
+    /// Appends `piece` to `pieces`, merging it into the last one when the two are adjacent in
+    /// memory (then the merged range is exactly both), so the object goes out in as few
+    /// `writev` segments as possible. The header (first piece) is never merged.
+    private static func append(_ piece: UnsafeRawBufferPointer, to pieces: inout [UnsafeRawBufferPointer]) {
+        if pieces.count > 1, let last = pieces.last, let lastStart = last.baseAddress,
+           lastStart + last.count == piece.baseAddress
+        {
+            pieces[pieces.count - 1] = UnsafeRawBufferPointer(start: lastStart, count: last.count + piece.count)
+        } else {
+            pieces.append(piece)
+        }
+    }
+
+    /// Writes the object under a temporary name, then links it to its final name, which fails
+    /// with EEXIST atomically if the id exists. Returns the open descriptor for `sync()`.
+    private func createObject(id: SliceID, pieces: [UnsafeRawBufferPointer]) throws -> Int32 {
+        let suffix = accountingLock.withLock { () -> UInt32 in
+            temporarySequence &+= 1
+            return temporarySequence
+        }
+        let fd = FileIO.withObjectPath(id, suffix: suffix) {
+            openat(root, $0, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        }
+        guard fd >= 0 else { throw writeFailure(id, FileIO.Failure(call: "create", errno: errno)) }
+        func removeTemporary() {
+            _ = FileIO.withObjectPath(id, suffix: suffix) { unlinkat(root, $0, 0) }
+        }
+        do {
+            try FileIO.writeFully(fd, pieces)
+        } catch {
+            close(fd)
+            removeTemporary()
+            throw writeFailure(id, error)
+        }
+        let linked = FileIO.withObjectPath(id, suffix: suffix) { temporary in
+            FileIO.withObjectPath(id) { final in linkat(root, temporary, root, final, 0) }
+        }
+        if linked == 0 {
+            removeTemporary()
+            return fd
+        }
+        let linkError = errno
+        if linkError == EEXIST {
+            close(fd)
+            removeTemporary()
+            throw WeftError(EEXIST, "chunk \(hex(id)) exists")
+        }
+        if linkError == EPERM || linkError == EOPNOTSUPP || linkError == EMLINK {
+            // A file system without hard links: check, then rename (not atomic across processes).
+            let exists = FileIO.withObjectPath(id) { faccessat(root, $0, F_OK, 0) } == 0
+            let renamed = !exists && FileIO.withObjectPath(id, suffix: suffix) { temporary in
+                FileIO.withObjectPath(id) { final in renameat(root, temporary, root, final) }
+            } == 0
+            if renamed { return fd }
+            let renameError = errno
+            close(fd)
+            removeTemporary()
+            if exists { throw WeftError(EEXIST, "chunk \(hex(id)) exists") }
+            throw writeFailure(id, FileIO.Failure(call: "rename", errno: renameError))
+        }
+        close(fd)
+        removeTemporary()
+        throw writeFailure(id, FileIO.Failure(call: "link", errno: linkError))
+    }
+
+    /// ENOSPC and EDQUOT become ENOSPC (not logged: the caller reports a full volume);
+    /// anything else is logged once and becomes EIO, except descriptor exhaustion.
+    private func writeFailure(_ id: SliceID, _ failure: FileIO.Failure) -> WeftError {
+        switch failure.errno {
+        case ENOSPC, EDQUOT:
+            return WeftError(ENOSPC, "chunk \(hex(id)): no space")
+        case EMFILE, ENFILE, EROFS:
+            logger.error("chunk \(hex(id)) write failed in \(directory): \(failure.description)")
+            return WeftError(failure.errno, "chunk \(hex(id)) write failed")
+        default:
+            logger.error("chunk \(hex(id)) write failed in \(directory): \(failure.description)")
+            return WeftError(EIO, "chunk \(hex(id)) write failed: \(failure.description)")
+        }
+    }
+
+    /// Makes every object written and every delete completed before this call durable.
+    /// Concurrent callers share one pass.
+    public func sync() throws {
+        try durability.sync()
+    }
+
+    // MARK: Deleting and listing
+
+    /// Removes object `id`; a missing object is not an error. Durable after `sync()`.
+    public func delete(id: SliceID) throws {
+        var info = stat()
+        let known = FileIO.withObjectPath(id) { fstatat(root, $0, &info, AT_SYMLINK_NOFOLLOW) } == 0
+        let result = FileIO.withObjectPath(id) { unlinkat(root, $0, 0) }
+        let code = errno
+        // After the unlink, so that a reader that opened the file just before cannot cache it.
+        cache.remove(id)
+        if result != 0 {
+            if code == ENOENT { return }
+            logger.error("chunk \(hex(id)) delete failed in \(directory): \(String(cString: strerror(code)))")
+            throw WeftError(code == EROFS ? EROFS : EIO, "chunk \(hex(id)) delete failed")
+        }
+        accountingLock.withLock {
+            objects -= min(objects, 1)
+            if known { bytes -= min(bytes, UInt64(info.st_size)) }
+        }
+        durability.objectRemoved(id: id)
+    }
+
+    /// Whether object `id` is stored (complete: partial writes are never visible).
+    public func exists(id: SliceID) -> Bool {
+        FileIO.withObjectPath(id) { faccessat(root, $0, F_OK, 0) } == 0
+    }
+
+    /// Calls `body` with every stored object id, its file size and its modification time
+    /// (nanoseconds since the epoch), in no particular order. Objects written or deleted
+    /// meanwhile may or may not be reported. No lock is held while `body` runs.
+    public func forEach(_ body: (SliceID, _ storedBytes: UInt64, _ modifiedNs: Int64) throws -> Void) throws {
+        for fanOut in 0..<256 {
+            try listFanOut(fanOut) { id, info in
+                let modifiedNs = Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec)
+                try body(id, UInt64(info.st_size), modifiedNs)
+            }
+        }
+    }
+
+    /// Number of stored objects, kept up to date by writes and deletes.
+    public var objectCount: UInt64 { accountingLock.withLock { objects } }
+    /// Total size of the stored object files in bytes, kept up to date by writes and deletes.
+    public var storedBytes: UInt64 { accountingLock.withLock { bytes } }
+
+    // MARK: Start-up
+
+    private func prepareFanOutDirectories() throws {
+        var created = false
+        for index in 0..<256 {
+            if mkdirat(root, FileIO.fanOutName(index), 0o755) == 0 {
+                created = true
+            } else if errno != EEXIST {
+                let code = errno
+                logger.error("cannot create chunk directory \(directory)/\(FileIO.fanOutName(index)): \(String(cString: strerror(code)))")
+                throw WeftError(code, "cannot create chunk directory")
+            }
+        }
+        if created {
+            do {
+                try FileIO.fsyncRetrying(root)
+            } catch {
+                logger.error("cannot sync chunk directory \(directory): \(error.description)")
+                throw WeftError(EIO, "cannot sync chunk directory \(directory)")
+            }
+        }
+    }
+
+    /// Counts the objects present and removes temporary files of interrupted writes.
+    private func scan() throws {
+        var count: UInt64 = 0
+        var total: UInt64 = 0
+        for fanOut in 0..<256 {
+            try listFanOut(fanOut, removingTemporaries: true) { _, info in
+                count += 1
+                total += UInt64(info.st_size)
+            }
+        }
+        accountingLock.withLock {
+            objects = count
+            bytes = total
+        }
+    }
+
+    /// Calls `body` for each regular object file in one fan-out directory. Names that are not
+    /// objects of this directory are skipped.
+    private func listFanOut(_ fanOut: Int, removingTemporaries: Bool = false,
+                            _ body: (SliceID, stat) throws -> Void) throws {
+        let name = FileIO.fanOutName(fanOut)
+        do {
+            try FileIO.forEachName(in: root, name) { entry, directoryFD in
+                if FileIO.hasTemporarySuffix(entry) {
+                    if removingTemporaries && unlinkat(directoryFD, entry, 0) == 0 {
+                        logger.info("removed interrupted chunk write \(directory)/\(name)/\(String(cString: entry))")
+                    }
+                    return
+                }
+                guard let id = FileIO.parseObjectName(entry), Int(id & 0xFF) == fanOut else { return }
+                var info = stat()
+                guard fstatat(directoryFD, entry, &info, AT_SYMLINK_NOFOLLOW) == 0,
+                      info.st_mode & S_IFMT == S_IFREG
+                else { return }
+                try body(id, info)
+            }
+        } catch let failure as FileIO.Failure {
+            logger.error("cannot list chunk directory \(directory)/\(name): \(failure.description)")
+            throw WeftError(EIO, "cannot list chunk directory \(directory)/\(name)")
+        }
+    }
+}

@@ -1,0 +1,135 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+import WeftProto
+
+/// Tracks what the store has written since the last sync, and makes it durable in shared passes.
+///
+/// Guarantees: when `sync()` returns, every object whose `write` returned before `sync()` was
+/// called is on stable storage (file data and directory entry), and so is every completed
+/// delete. Concurrent callers share passes: at most one pass runs at a time, and a caller
+/// waits for at most the running pass plus one more. At most `maxPendingFiles` written objects
+/// wait for a pass, each holding its descriptor so a writeback error cannot be missed; the
+/// write that reaches the bound runs a pass itself (backpressure).
+final class DurabilityQueue: @unchecked Sendable {
+    static let maxPendingFiles = 256
+
+    private struct PendingFile {
+        var fd: Int32
+        var id: SliceID
+    }
+
+    private let root: Int32
+    private let logger: Logger
+    private let lock = Lock()
+    private var pending: [PendingFile] = []
+    private var dirtyFanOuts = [Bool](repeating: false, count: 256)
+    /// Sequence number of the latest write or delete registered.
+    private var queuedSequence: UInt64 = 0
+    /// Every change with a sequence number up to this one has been through a pass.
+    private var passedSequence: UInt64 = 0
+    private var passRunning = false
+    /// How many passes failed; a caller that saw one fail while it waited reports EIO.
+    private var failedPasses: UInt64 = 0
+
+    init(root: Int32, logger: Logger) {
+        self.root = root
+        self.logger = logger
+    }
+
+    deinit {
+        for file in pending { close(file.fd) }
+    }
+
+    /// Registers a written object, handing over `fd`. Returns true when the pending bound is
+    /// reached and the caller should run `sync()`.
+    func objectWritten(id: SliceID, fd: Int32) -> Bool {
+        lock.withLock {
+            pending.append(PendingFile(fd: fd, id: id))
+            dirtyFanOuts[Int(id & 0xFF)] = true
+            queuedSequence += 1
+            return pending.count >= Self.maxPendingFiles
+        }
+    }
+
+    /// Registers a removed directory entry, so the next pass makes the removal durable.
+    func objectRemoved(id: SliceID) {
+        lock.withLock {
+            dirtyFanOuts[Int(id & 0xFF)] = true
+            queuedSequence += 1
+        }
+    }
+
+    func sync() throws {
+        let (ticket, failuresAtEntry) = lock.withLock { (queuedSequence, failedPasses) }
+        while true {
+            let batch: ([PendingFile], [Int], UInt64)? = try lock.withLock {
+                while passRunning && passedSequence < ticket { lock.wait() }
+                if passedSequence >= ticket {
+                    if failedPasses != failuresAtEntry {
+                        throw WeftError(EIO, "a chunk sync pass failed while this sync waited")
+                    }
+                    return nil
+                }
+                passRunning = true
+                let files = pending
+                pending.removeAll(keepingCapacity: true)
+                var fanOuts: [Int] = []
+                for index in 0..<256 where dirtyFanOuts[index] {
+                    fanOuts.append(index)
+                    dirtyFanOuts[index] = false
+                }
+                return (files, fanOuts, queuedSequence)
+            }
+            guard let batch else { return }
+            let (files, fanOuts, sequence) = batch
+            let failure = runPass(files: files, fanOuts: fanOuts)
+            lock.withLock {
+                passRunning = false
+                passedSequence = max(passedSequence, sequence)
+                if failure != nil { failedPasses += 1 }
+                lock.broadcast()
+            }
+            if let failure { throw failure }
+        }
+    }
+
+    /// fsyncs the files, then the fan-out directories that changed. Returns the first failure,
+    /// logged once; the objects of a failed pass are not retried, since after a failed fsync
+    /// the kernel may have dropped their data: their durability is unknown.
+    private func runPass(files: [PendingFile], fanOuts: [Int]) -> WeftError? {
+        var failure: WeftError?
+        func record(_ what: String, _ error: FileIO.Failure) {
+            guard failure == nil else { return }
+            let code: Int32 = (error.errno == ENOSPC || error.errno == EDQUOT) ? ENOSPC : EIO
+            logger.error("chunk sync failed: \(what): \(error.description)")
+            failure = WeftError(code, "chunk sync failed: \(what)")
+        }
+        for file in files {
+            do {
+                try FileIO.fsyncRetrying(file.fd)
+            } catch {
+                record("fsync of chunk \(hex(file.id))", error)
+            }
+            close(file.fd)
+        }
+        for index in fanOuts {
+            let name = FileIO.fanOutName(index)
+            let fd = openat(root, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            guard fd >= 0 else {
+                record("open of chunk directory \(name)", FileIO.Failure(call: "open", errno: errno))
+                continue
+            }
+            do {
+                try FileIO.fsyncRetrying(fd)
+            } catch {
+                record("fsync of chunk directory \(name)", error)
+            }
+            close(fd)
+        }
+        return failure
+    }
+}

@@ -1,0 +1,176 @@
+import CFuse3
+import Foundation
+import Logging
+import WeftProto
+import WeftVFS
+
+/// Mount settings of the FUSE adapter.
+public struct MountOptions: Sendable {
+    /// Seconds the kernel may cache attributes and names (SPEC.md §Consistency).
+    public var attributeTimeoutSeconds: Double = 1.0
+    public var entryTimeoutSeconds: Double = 1.0
+    /// Allow users other than the mounting one (only when running as root).
+    public var allowOther: Bool = getuid() == 0
+    public var fsName: String = "weft"
+    public var maxThreads: UInt32 = 16
+
+    public init() {}
+}
+
+/// A thin libfuse3 low-level adapter: each callback decodes its arguments, calls the VFS and
+/// encodes the reply. Errors become the errno carried by `WeftError`.
+public final class FUSEAdapter: @unchecked Sendable {
+    let vfs: VFS
+    let options: MountOptions
+    let logger: Logger
+    private var session: OpaquePointer?
+    public let mountpoint: String
+    static let maxIOBytes: UInt32 = 1 << 20
+
+    public init(vfs: VFS, mountpoint: String, options: MountOptions, logger: Logger) {
+        self.vfs = vfs
+        self.mountpoint = mountpoint
+        self.options = options
+        self.logger = logger
+    }
+
+    /// Creates the session and mounts. Throws with a clear message if the kernel refuses.
+    public func mount() throws {
+        var arguments = ["weft", "-o", "fsname=\(options.fsName),subtype=weft,max_read=\(Self.maxIOBytes)"]
+        if options.allowOther { arguments += ["-o", "allow_other"] }
+        var cArguments = arguments.map { strdup($0) }
+        defer { cArguments.forEach { free($0) } }
+        var ops = FUSEAdapter.operations()
+        let created: OpaquePointer? = cArguments.withUnsafeMutableBufferPointer { buffer in
+            var args = fuse_args(argc: Int32(buffer.count), argv: buffer.baseAddress, allocated: 0)
+            let session = fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size,
+                                           Unmanaged.passUnretained(self).toOpaque())
+            fuse_opt_free_args(&args)
+            return session
+        }
+        guard let created else { throw WeftError(EINVAL, "cannot create FUSE session") }
+        session = created
+        if fuse_session_mount(created, mountpoint) != 0 {
+            fuse_session_destroy(created)
+            session = nil
+            throw WeftError(EIO, "cannot mount FUSE at \(mountpoint) (is /dev/fuse available and the mountpoint an empty directory?)")
+        }
+    }
+
+    /// Serves requests on a pool of threads until unmounted or `exit()` is called.
+    public func run() throws {
+        guard let session else { throw WeftError(EINVAL, "not mounted") }
+        guard let config = fuse_loop_cfg_create() else { throw WeftError(ENOMEM) }
+        defer { fuse_loop_cfg_destroy(config) }
+        fuse_loop_cfg_set_max_threads(config, options.maxThreads)
+        fuse_loop_cfg_set_idle_threads(config, 4)
+        let result = fuse_session_loop_mt(session, config)
+        fuse_session_unmount(session)
+        fuse_session_destroy(session)
+        self.session = nil
+        if result < 0 { throw WeftError(-result, "FUSE session ended with an error") }
+    }
+
+    /// Makes `run()` return (used on SIGTERM/SIGINT).
+    public func exit() {
+        if let session { fuse_session_exit(session) }
+    }
+
+    /// The fd of the FUSE connection, to wake the loop after `exit()`.
+    public var isMounted: Bool { session != nil }
+
+    // MARK: helpers used by the callbacks
+
+    static func adapter(_ req: fuse_req_t?) -> FUSEAdapter {
+        Unmanaged<FUSEAdapter>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+    }
+
+    static func credentials(_ req: fuse_req_t?) -> Credentials {
+        let context = fuse_req_ctx(req)!.pointee
+        var credentials = Credentials(uid: context.uid, gid: context.gid)
+        if context.uid != 0 {
+            var groups = [gid_t](repeating: 0, count: 64)
+            let count = fuse_req_getgroups(req, Int32(groups.count), &groups)
+            if count > 0 { credentials.groups = Array(groups.prefix(min(Int(count), groups.count))) }
+        }
+        return credentials
+    }
+
+    static func umask(_ req: fuse_req_t?) -> UInt32 {
+        UInt32(fuse_req_ctx(req)!.pointee.umask)
+    }
+
+    static func name(_ cName: UnsafePointer<CChar>?) -> [UInt8] {
+        guard let cName else { return [] }
+        return Array(UnsafeRawBufferPointer(start: cName, count: strlen(cName)))
+    }
+
+    /// Runs `body`; a thrown `WeftError` is replied as its errno, anything else as EIO.
+    static func reply(_ req: fuse_req_t?, _ body: () throws -> Void) {
+        do {
+            try body()
+        } catch let error as WeftError {
+            if error.errno == EIO || error.errno == ETIMEDOUT {
+                adapter(req).logger.error("request failed: \(error)")
+            }
+            fuse_reply_err(req, error.errno)
+        } catch {
+            adapter(req).logger.error("request failed: \(error)")
+            fuse_reply_err(req, EIO)
+        }
+    }
+
+    func stat(_ attributes: Attributes) -> stat {
+        var st = Glibc.stat()
+        st.st_ino = UInt(attributes.ino)
+        st.st_mode = attributes.mode
+        st.st_nlink = UInt(attributes.nlink)
+        st.st_uid = attributes.uid
+        st.st_gid = attributes.gid
+        st.st_rdev = UInt(attributes.rdev)
+        st.st_size = Int(attributes.size)
+        st.st_blksize = 4096
+        st.st_blocks = Int((attributes.size + 511) / 512)
+        st.st_atim = timespec(tv_sec: Int(attributes.atimeNs / 1_000_000_000), tv_nsec: Int(attributes.atimeNs % 1_000_000_000))
+        st.st_mtim = timespec(tv_sec: Int(attributes.mtimeNs / 1_000_000_000), tv_nsec: Int(attributes.mtimeNs % 1_000_000_000))
+        st.st_ctim = timespec(tv_sec: Int(attributes.ctimeNs / 1_000_000_000), tv_nsec: Int(attributes.ctimeNs % 1_000_000_000))
+        return st
+    }
+
+    func entry(_ attributes: Attributes) -> fuse_entry_param {
+        var entry = fuse_entry_param()
+        entry.ino = attributes.ino
+        entry.generation = 1
+        entry.attr = stat(attributes)
+        entry.attr_timeout = options.attributeTimeoutSeconds
+        entry.entry_timeout = options.entryTimeoutSeconds
+        return entry
+    }
+
+    func replyEntry(_ req: fuse_req_t?, _ attributes: Attributes) {
+        var e = entry(attributes)
+        fuse_reply_entry(req, &e)
+    }
+
+    func replyAttributes(_ req: fuse_req_t?, _ attributes: Attributes) {
+        var st = stat(attributes)
+        fuse_reply_attr(req, &st, options.attributeTimeoutSeconds)
+    }
+
+    func connectionInit(_ conn: UnsafeMutablePointer<fuse_conn_info>) {
+        conn.pointee.max_write = Self.maxIOBytes
+        conn.pointee.max_read = Self.maxIOBytes
+        conn.pointee.max_readahead = Self.maxIOBytes
+        conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC) & conn.pointee.capable
+        conn.pointee.want |= UInt32(FUSE_CAP_PARALLEL_DIROPS) & conn.pointee.capable
+        conn.pointee.want &= ~UInt32(FUSE_CAP_WRITEBACK_CACHE)
+        conn.pointee.want &= ~UInt32(FUSE_CAP_POSIX_LOCKS)
+        conn.pointee.want &= ~UInt32(FUSE_CAP_FLOCK_LOCKS)
+        conn.pointee.max_background = 64
+        conn.pointee.congestion_threshold = 48
+    }
+
+    func destroy() {
+        do { try vfs.shutdown() } catch { logger.error("flush at unmount failed: \(error)") }
+    }
+}

@@ -1,0 +1,275 @@
+import CFuse3
+import Foundation
+import WeftProto
+import WeftVFS
+
+extension FUSEAdapter {
+    /// The low-level operation table. Every callback is a few lines: decode, call the VFS, reply.
+    static func operations() -> fuse_lowlevel_ops {
+        var ops = fuse_lowlevel_ops()
+        ops.`init` = { userdata, conn in
+            Unmanaged<FUSEAdapter>.fromOpaque(userdata!).takeUnretainedValue().connectionInit(conn!)
+        }
+        ops.destroy = { userdata in
+            Unmanaged<FUSEAdapter>.fromOpaque(userdata!).takeUnretainedValue().destroy()
+        }
+        ops.lookup = { req, parent, name in
+            FUSEAdapter.reply(req) {
+                let a = FUSEAdapter.adapter(req)
+                a.replyEntry(req, try a.vfs.lookup(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name)))
+            }
+        }
+        ops.forget = { req, _, _ in fuse_reply_none(req) }
+        ops.forget_multi = { req, _, _ in fuse_reply_none(req) }
+        ops.getattr = { req, ino, _ in
+            FUSEAdapter.reply(req) {
+                let a = FUSEAdapter.adapter(req)
+                a.replyAttributes(req, try a.vfs.getattr(FUSEAdapter.credentials(req), ino: ino))
+            }
+        }
+        ops.setattr = { req, ino, attr, toSet, fi in
+            FUSEAdapter.reply(req) {
+                let a = FUSEAdapter.adapter(req)
+                let st = attr!.pointee
+                var changes = SetAttributes(byHandle: fi != nil)
+                if toSet & FUSE_SET_ATTR_MODE != 0 { changes.mode = st.st_mode }
+                if toSet & FUSE_SET_ATTR_UID != 0 { changes.uid = st.st_uid }
+                if toSet & FUSE_SET_ATTR_GID != 0 { changes.gid = st.st_gid }
+                if toSet & FUSE_SET_ATTR_SIZE != 0 { changes.size = UInt64(st.st_size) }
+                if toSet & FUSE_SET_ATTR_ATIME_NOW != 0 {
+                    changes.atime = .now
+                } else if toSet & FUSE_SET_ATTR_ATIME != 0 {
+                    changes.atime = .nanoseconds(Int64(st.st_atim.tv_sec) * 1_000_000_000 + Int64(st.st_atim.tv_nsec))
+                }
+                if toSet & FUSE_SET_ATTR_MTIME_NOW != 0 {
+                    changes.mtime = .now
+                } else if toSet & FUSE_SET_ATTR_MTIME != 0 {
+                    changes.mtime = .nanoseconds(Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec))
+                }
+                a.replyAttributes(req, try a.vfs.setattr(FUSEAdapter.credentials(req), ino: ino, changes))
+            }
+        }
+        ops.readlink = { req, ino in
+            FUSEAdapter.reply(req) {
+                var target = try FUSEAdapter.adapter(req).vfs.readlink(FUSEAdapter.credentials(req), ino: ino)
+                target.append(0)
+                target.withUnsafeBufferPointer { buffer in
+                    buffer.withMemoryRebound(to: CChar.self) { _ = fuse_reply_readlink(req, $0.baseAddress) }
+                }
+            }
+        }
+        ops.mknod = { req, parent, name, mode, rdev in
+            FUSEAdapter.reply(req) {
+                let a = FUSEAdapter.adapter(req)
+                a.replyEntry(req, try a.vfs.mknod(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
+                                                  mode: mode, rdev: UInt32(truncatingIfNeeded: rdev), umask: FUSEAdapter.umask(req)))
+            }
+        }
+        ops.mkdir = { req, parent, name, mode in
+            FUSEAdapter.reply(req) {
+                let a = FUSEAdapter.adapter(req)
+                a.replyEntry(req, try a.vfs.mkdir(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
+                                                  mode: mode, umask: FUSEAdapter.umask(req)))
+            }
+        }
+        ops.unlink = { req, parent, name in
+            FUSEAdapter.reply(req) {
+                try FUSEAdapter.adapter(req).vfs.unlink(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name))
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.rmdir = { req, parent, name in
+            FUSEAdapter.reply(req) {
+                try FUSEAdapter.adapter(req).vfs.rmdir(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name))
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.symlink = { req, link, parent, name in
+            FUSEAdapter.reply(req) {
+                let a = FUSEAdapter.adapter(req)
+                a.replyEntry(req, try a.vfs.symlink(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
+                                                    target: FUSEAdapter.name(link)))
+            }
+        }
+        ops.rename = { req, parent, name, newParent, newName, flags in
+            FUSEAdapter.reply(req) {
+                try FUSEAdapter.adapter(req).vfs.rename(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
+                                            newParent: newParent, newName: FUSEAdapter.name(newName),
+                                            flags: RenameFlags(rawValue: UInt32(flags)))
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.link = { req, ino, newParent, newName in
+            FUSEAdapter.reply(req) {
+                let a = FUSEAdapter.adapter(req)
+                a.replyEntry(req, try a.vfs.link(FUSEAdapter.credentials(req), ino: ino, newParent: newParent,
+                                                 newName: FUSEAdapter.name(newName)))
+            }
+        }
+        ops.open = { req, ino, fi in
+            FUSEAdapter.reply(req) {
+                let (handle, keepCache) = try FUSEAdapter.adapter(req).vfs.open(FUSEAdapter.credentials(req), ino: ino, flags: fi!.pointee.flags)
+                fi!.pointee.fh = handle
+                fi!.pointee.keep_cache = keepCache ? 1 : 0
+                if fuse_reply_open(req, fi) != 0 { try? FUSEAdapter.adapter(req).vfs.release(handle: handle) }
+            }
+        }
+        ops.create = { req, parent, name, mode, fi in
+            FUSEAdapter.reply(req) {
+                let a = FUSEAdapter.adapter(req)
+                let (attributes, handle) = try a.vfs.create(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
+                                                            mode: mode, umask: FUSEAdapter.umask(req), flags: fi!.pointee.flags)
+                fi!.pointee.fh = handle
+                var e = a.entry(attributes)
+                if fuse_reply_create(req, &e, fi) != 0 { try? a.vfs.release(handle: handle) }
+            }
+        }
+        ops.read = { req, _, size, offset, fi in
+            FUSEAdapter.reply(req) {
+                let result = try FUSEAdapter.adapter(req).vfs.read(handle: fi!.pointee.fh, offset: UInt64(offset), size: size)
+                var vectors = result.pieces.map {
+                    iovec(iov_base: $0.block.pointer + $0.offset, iov_len: $0.length)
+                }
+                withExtendedLifetime(result) {
+                    _ = fuse_reply_iov(req, &vectors, Int32(vectors.count))
+                }
+            }
+        }
+        ops.write = { req, _, buffer, size, offset, fi in
+            FUSEAdapter.reply(req) {
+                let written = try FUSEAdapter.adapter(req).vfs.write(handle: fi!.pointee.fh, offset: UInt64(offset),
+                                                         data: UnsafeRawBufferPointer(start: buffer, count: size))
+                fuse_reply_write(req, written)
+            }
+        }
+        ops.flush = { req, _, fi in
+            FUSEAdapter.reply(req) {
+                try FUSEAdapter.adapter(req).vfs.flush(handle: fi!.pointee.fh)
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.release = { req, _, fi in
+            FUSEAdapter.reply(req) {
+                try FUSEAdapter.adapter(req).vfs.release(handle: fi!.pointee.fh)
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.fsync = { req, _, _, fi in
+            FUSEAdapter.reply(req) {
+                try FUSEAdapter.adapter(req).vfs.fsync(handle: fi!.pointee.fh)
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.opendir = { req, ino, fi in
+            FUSEAdapter.reply(req) {
+                fi!.pointee.fh = try FUSEAdapter.adapter(req).vfs.opendir(FUSEAdapter.credentials(req), ino: ino)
+                fuse_reply_open(req, fi)
+            }
+        }
+        ops.readdir = { req, _, size, offset, fi in
+            FUSEAdapter.reply(req) { try FUSEAdapter.adapter(req).replyDirectory(req, handle: fi!.pointee.fh, size: size, offset: offset, plus: false) }
+        }
+        ops.readdirplus = { req, _, size, offset, fi in
+            FUSEAdapter.reply(req) { try FUSEAdapter.adapter(req).replyDirectory(req, handle: fi!.pointee.fh, size: size, offset: offset, plus: true) }
+        }
+        ops.releasedir = { req, _, fi in
+            FUSEAdapter.adapter(req).vfs.releasedir(handle: fi!.pointee.fh)
+            fuse_reply_err(req, 0)
+        }
+        ops.fsyncdir = { req, _, _, _ in
+            FUSEAdapter.reply(req) {
+                try FUSEAdapter.adapter(req).vfs.hub.sync(FUSEAdapter.adapter(req).vfs.context(FUSEAdapter.credentials(req)))
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.statfs = { req, _ in
+            FUSEAdapter.reply(req) {
+                let stats = try FUSEAdapter.adapter(req).vfs.statfs(FUSEAdapter.credentials(req))
+                var st = statvfs()
+                st.f_bsize = UInt(stats.blockSizeBytes)
+                st.f_frsize = UInt(stats.blockSizeBytes)
+                st.f_blocks = UInt(stats.totalBlocks)
+                st.f_bfree = UInt(stats.freeBlocks)
+                st.f_bavail = UInt(stats.freeBlocks)
+                st.f_files = UInt(stats.totalInodes)
+                st.f_ffree = UInt(stats.freeInodes)
+                st.f_favail = UInt(stats.freeInodes)
+                st.f_namemax = UInt(stats.nameMaxBytes)
+                fuse_reply_statfs(req, &st)
+            }
+        }
+        ops.setxattr = { req, ino, name, value, size, flags in
+            FUSEAdapter.reply(req) {
+                let bytes = size > 0 ? Array(UnsafeRawBufferPointer(start: value, count: size)) : []
+                try FUSEAdapter.adapter(req).vfs.setxattr(FUSEAdapter.credentials(req), ino: ino, name: FUSEAdapter.name(name), value: bytes,
+                                              flags: XattrFlags(rawValue: UInt32(flags)))
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.getxattr = { req, ino, name, size in
+            FUSEAdapter.reply(req) {
+                let value = try FUSEAdapter.adapter(req).vfs.getxattr(FUSEAdapter.credentials(req), ino: ino, name: FUSEAdapter.name(name))
+                try FUSEAdapter.replySized(req, value, size: size)
+            }
+        }
+        ops.listxattr = { req, ino, size in
+            FUSEAdapter.reply(req) {
+                let names = try FUSEAdapter.adapter(req).vfs.listxattr(FUSEAdapter.credentials(req), ino: ino)
+                try FUSEAdapter.replySized(req, names.flatMap { $0 + [0] }, size: size)
+            }
+        }
+        ops.removexattr = { req, ino, name in
+            FUSEAdapter.reply(req) {
+                try FUSEAdapter.adapter(req).vfs.removexattr(FUSEAdapter.credentials(req), ino: ino, name: FUSEAdapter.name(name))
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.access = { req, ino, mask in
+            FUSEAdapter.reply(req) {
+                try FUSEAdapter.adapter(req).vfs.access(FUSEAdapter.credentials(req), ino: ino, mask: UInt32(mask))
+                fuse_reply_err(req, 0)
+            }
+        }
+        return ops
+    }
+
+    /// getxattr/listxattr protocol: size 0 asks for the length; a too-small buffer is ERANGE.
+    static func replySized(_ req: fuse_req_t?, _ bytes: [UInt8], size: Int) throws {
+        if size == 0 {
+            fuse_reply_xattr(req, bytes.count)
+        } else if bytes.count > size {
+            throw WeftError.rangeError
+        } else {
+            bytes.withUnsafeBytes { _ = fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+        }
+    }
+
+    func replyDirectory(_ req: fuse_req_t?, handle: UInt64, size: Int, offset: off_t, plus: Bool) throws {
+        let entries = try vfs.readdir(handle: handle, offset: Int(offset), limit: max(1, size / 32))
+        var buffer = [CChar](repeating: 0, count: size)
+        var used = 0
+        for (position, item) in entries.enumerated() {
+            let next = off_t(Int(offset) + position + 1)
+            var name = item.name.map { CChar(bitPattern: $0) }
+            name.append(0)
+            let needed: Int = buffer.withUnsafeMutableBufferPointer { out in
+                let destination = out.baseAddress! + used
+                if plus {
+                    var e = entry(item.attributes)
+                    if item.name == [0x2E] || item.name == [0x2E, 0x2E] {
+                        // "." and ".." take no lookup reference.
+                        e = fuse_entry_param()
+                        e.attr.st_ino = UInt(item.ino)
+                        e.attr.st_mode = item.attributes.mode
+                    }
+                    return fuse_add_direntry_plus(req, destination, size - used, name, &e, next)
+                }
+                var st = stat(item.attributes)
+                return fuse_add_direntry(req, destination, size - used, name, &st, next)
+            }
+            if needed > size - used { break }
+            used += needed
+        }
+        fuse_reply_buf(req, buffer, used)
+    }
+}

@@ -1,0 +1,56 @@
+import Foundation
+import WeftMeta
+import WeftProto
+
+/// `weft fsck`: metadata references and link counts, every chunk object's checksums, and
+/// chunk objects nothing references.
+struct Fsck {
+    let hub: Hub
+    /// Unreferenced objects younger than this may belong to a write in flight and are not reported.
+    static let orphanGraceNs: Int64 = 60 * 1_000_000_000
+
+    func run(repair: Bool) throws -> FsckReport {
+        let check = try hub.meta.checkMetadata(repair: repair)
+        var report = FsckReport(inodesChecked: check.inodes, problems: check.problems, repaired: check.repaired)
+        var present: Set<SliceID> = []
+        var orphans: [SliceID] = []
+        var damaged: Set<SliceID> = []
+        let now = currentTimeNs()
+        let agentsConnected = !hub.meta.agentNames.isEmpty
+        try hub.chunks.forEach { id, _, modifiedNs in
+            present.insert(id)
+            if let expectedLength = check.referencedSlices[id] {
+                report.chunksChecked += 1
+                do {
+                    let length = try hub.chunks.verify(id: id)
+                    if length != Int(expectedLength) {
+                        report.problems.append("chunk \(id) holds \(length) bytes, layouts expect \(expectedLength)")
+                        damaged.insert(id)
+                    }
+                } catch {
+                    report.problems.append("chunk \(id) is damaged: \(error)")
+                    damaged.insert(id)
+                }
+            } else if !check.garbage.contains(id) {
+                if !agentsConnected || now - modifiedNs > Fsck.orphanGraceNs {
+                    report.problems.append("chunk \(id) is not referenced by any file (orphan)")
+                    orphans.append(id)
+                }
+            }
+        }
+        let missing = Set(check.referencedSlices.keys).subtracting(present)
+        for id in missing.sorted() { report.problems.append("chunk \(id) is referenced but missing") }
+        if repair {
+            for id in orphans { try hub.chunks.delete(id: id) }
+            if !orphans.isEmpty { report.repaired.append("deleted \(orphans.count) orphan chunk object(s)") }
+            let lost = damaged.union(missing)
+            if !lost.isEmpty {
+                try hub.meta.dropSliceReferences(lost)
+                report.repaired.append("dropped references to \(lost.count) damaged or missing chunk object(s); "
+                                       + "their ranges now read as zeros")
+            }
+            try hub.meta.sync()
+        }
+        return report
+    }
+}

@@ -1,0 +1,253 @@
+import Foundation
+import Logging
+import WeftChunks
+import WeftMeta
+import WeftProto
+
+/// The in-process hub: the `HubAPI` over one volume's metadata engine and chunk store.
+///
+/// Used directly by an embedded mount and by tests, and served to remote agents by `weftd`
+/// through `WeftNet.HubServer`. A hub directory holds `meta/` (RocksDB) and `chunks/`.
+public final class Hub: HubAPI, @unchecked Sendable {
+    public let directory: String
+    public let meta: MetaStore
+    public let chunks: ChunkStore
+    let logger: Logger
+    let maintenance: Maintenance
+
+    /// Slice lists longer than this are compacted in the background.
+    public static let compactionThresholdSlices = 16
+
+    static func metaPath(_ directory: String) -> String { directory + "/meta" }
+    static func chunkPath(_ directory: String) -> String { directory + "/chunks" }
+
+    /// True if `directory` holds a formatted hub.
+    public static func exists(at directory: String) -> Bool {
+        FileManager.default.fileExists(atPath: metaPath(directory) + "/CURRENT")
+    }
+
+    /// Creates an empty hub in `directory`. Refuses an existing hub unless `force`.
+    public static func format(directory: String, chunkSizeBytes: Int, compression: Compression, force: Bool) throws {
+        guard chunkSizeBytes >= Limits.chunkSizeMinBytes, chunkSizeBytes <= Limits.chunkSizeMaxBytes,
+              chunkSizeBytes % Limits.blockSizeBytes == 0 else {
+            throw WeftError(EINVAL, "chunk size must be a multiple of \(Limits.blockSizeBytes) between "
+                            + "\(Limits.chunkSizeMinBytes) and \(Limits.chunkSizeMaxBytes) bytes")
+        }
+        let files = FileManager.default
+        if exists(at: directory) {
+            guard force else { throw WeftError(EEXIST, "\(directory) already holds a Weft hub (use --force to erase it)") }
+            if let socket = try? files.contentsOfDirectory(atPath: directory), socket.contains("hub.sock"),
+               EmbeddedSocket.isServed(directory) {
+                throw WeftError(EBUSY, "\(directory) is in use by a running mount or weftd")
+            }
+            try? files.removeItem(atPath: metaPath(directory))
+            try? files.removeItem(atPath: chunkPath(directory))
+        }
+        try files.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        var uuid = [UInt8](repeating: 0, count: 16)
+        for i in uuid.indices { uuid[i] = UInt8.random(in: 0...255) }
+        let volume = VolumeInfo(formatVersion: 1, uuid: uuid, chunkSizeBytes: UInt32(chunkSizeBytes),
+                                compression: compression, createdNs: currentTimeNs())
+        try files.createDirectory(atPath: chunkPath(directory), withIntermediateDirectories: true)
+        try MetaStore.format(path: metaPath(directory), volume: volume)
+    }
+
+    /// Opens the hub in `directory`. Call `recover()` before serving agents.
+    public init(directory: String, durability: DurabilityMode = .strict, logger: Logger) throws {
+        guard Hub.exists(at: directory) else {
+            throw WeftError(ENOENT, "\(directory) holds no Weft hub (create one with `weft format`)")
+        }
+        self.directory = directory
+        self.logger = logger
+        meta = try MetaStore(path: Hub.metaPath(directory), durability: durability, logger: logger)
+        chunks = try ChunkStore(directory: Hub.chunkPath(directory), compression: meta.volume.compression, logger: logger)
+        maintenance = Maintenance(logger: logger)
+        let store = chunks
+        meta.beforeSync = { try store.sync() }
+        maintenance.hub = self
+    }
+
+    /// Reclaims what a crash left behind (unlinked-open inodes, unreferenced chunk objects) and
+    /// starts background garbage collection and compaction.
+    public func recover() throws {
+        _ = try meta.reclaimOrphans()
+        let check = try meta.checkMetadata(repair: false)
+        var swept = 0
+        try chunks.forEach { id, _, _ in
+            if check.referencedSlices[id] == nil && !check.garbage.contains(id) {
+                try chunks.delete(id: id)
+                swept += 1
+            }
+        }
+        if swept > 0 { logger.info("removed \(swept) chunk object(s) no file references (left by an interrupted write)") }
+        maintenance.start()
+    }
+
+    /// Stops background work and makes everything durable.
+    public func close() throws {
+        maintenance.stop()
+        try meta.close()
+    }
+
+    // MARK: HubAPI — sessions
+
+    public func openSession(agentName: String) throws -> (SessionID, VolumeInfo) {
+        (meta.openSession(agentName: agentName), meta.volume)
+    }
+
+    public func closeSession(_ session: SessionID) throws {
+        try meta.closeSession(session)
+        maintenance.wake()
+    }
+
+    // MARK: HubAPI — namespace
+
+    public func lookup(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+        try meta.lookup(context.credentials, parent: parent, name: name)
+    }
+
+    public func getattr(_ context: RequestContext, ino: InodeID) throws -> Attributes {
+        try meta.getattr(ino)
+    }
+
+    public func setattr(_ context: RequestContext, ino: InodeID, _ changes: SetAttributes) throws -> Attributes {
+        let attributes = try meta.setattr(context.credentials, ino: ino, changes)
+        if changes.size != nil { maintenance.wake() }
+        return attributes
+    }
+
+    public func create(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32,
+                       umask: UInt32, exclusive: Bool) throws -> Attributes {
+        try meta.create(context.credentials, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask,
+                        exclusive: exclusive)
+    }
+
+    public func mkdir(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {
+        try meta.mkdir(context.credentials, parent: parent, name: name, mode: mode, umask: umask)
+    }
+
+    public func unlink(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
+        try meta.unlink(context.credentials, parent: parent, name: name)
+        maintenance.wake()
+    }
+
+    public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
+        try meta.rmdir(context.credentials, parent: parent, name: name)
+    }
+
+    public func symlink(_ context: RequestContext, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes {
+        try meta.symlink(context.credentials, parent: parent, name: name, target: target)
+    }
+
+    public func readlink(_ context: RequestContext, ino: InodeID) throws -> [UInt8] {
+        try meta.readlink(ino)
+    }
+
+    public func link(_ context: RequestContext, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes {
+        try meta.link(context.credentials, ino: ino, newParent: newParent, newName: newName)
+    }
+
+    public func rename(_ context: RequestContext, parent: InodeID, name: [UInt8], newParent: InodeID,
+                       newName: [UInt8], flags: RenameFlags) throws {
+        try meta.rename(context.credentials, parent: parent, name: name, newParent: newParent, newName: newName,
+                        flags: flags)
+        maintenance.wake()
+    }
+
+    public func readdir(_ context: RequestContext, ino: InodeID, after: [UInt8]?, limit: Int) throws -> [DirectoryEntry] {
+        try meta.readdir(context.credentials, ino: ino, after: after, limit: limit)
+    }
+
+    public func access(_ context: RequestContext, ino: InodeID, mask: UInt32) throws {
+        try meta.access(context.credentials, ino: ino, mask: mask)
+    }
+
+    public func open(_ context: RequestContext, ino: InodeID, flags: Int32) throws -> Attributes {
+        try meta.open(context.credentials, session: context.session, ino: ino, flags: flags)
+    }
+
+    public func release(_ context: RequestContext, ino: InodeID) throws {
+        try meta.release(session: context.session, ino: ino)
+        maintenance.wake()
+    }
+
+    // MARK: HubAPI — xattrs, statfs
+
+    public func getxattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws -> [UInt8] {
+        try meta.getxattr(context.credentials, ino: ino, name: name)
+    }
+
+    public func setxattr(_ context: RequestContext, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags) throws {
+        try meta.setxattr(context.credentials, ino: ino, name: name, value: value, flags: flags)
+    }
+
+    public func listxattr(_ context: RequestContext, ino: InodeID) throws -> [[UInt8]] {
+        try meta.listxattr(context.credentials, ino: ino)
+    }
+
+    public func removexattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws {
+        try meta.removexattr(context.credentials, ino: ino, name: name)
+    }
+
+    public func statfs(_ context: RequestContext) throws -> FileSystemStats {
+        var disk = statvfs()
+        guard statvfs(directory, &disk) == 0 else { throw WeftError(errno, "statvfs \(directory)") }
+        let fragment = UInt64(disk.f_frsize)
+        let free = UInt64(disk.f_bavail) * fragment
+        let used = chunks.storedBytes
+        return try meta.statfs(totalBytes: free + used, freeBytes: free)
+    }
+
+    // MARK: HubAPI — data
+
+    public func allocateSliceIDs(_ context: RequestContext, count: UInt32) throws -> SliceID {
+        try meta.allocateSliceIDs(count: count)
+    }
+
+    public func writeSlice(_ context: RequestContext, id: SliceID, data: [UInt8]) throws {
+        guard id != 0, id < meta.currentCounters.nextSlice else { throw WeftError(EINVAL, "slice id \(id) was never allocated") }
+        guard data.count <= Int(meta.volume.chunkSizeBytes) else { throw WeftError(EINVAL, "slice larger than a chunk") }
+        try data.withUnsafeBytes { try chunks.write(id: id, data: $0) }
+    }
+
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {
+        guard length <= UInt32(Limits.transferMaxBytes) else { throw WeftError.invalid }
+        return try chunks.read(id: id, offset: Int(offset), length: Int(length))
+    }
+
+    public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {
+        try meta.layout(ino: ino, firstChunk: firstChunk, count: count)
+    }
+
+    public func commitSlices(_ context: RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64,
+                             durable: Bool) throws -> Attributes {
+        for commit in slices {
+            // An object lost to a hub restart before its commit: the agent must write it again.
+            let length = try? chunks.length(id: commit.slice.id)
+            guard let length, UInt32(length) == commit.slice.objectLength else {
+                throw WeftError(ESTALE, "chunk object \(commit.slice.id) is missing or has the wrong length")
+            }
+        }
+        let attributes = try meta.commitSlices(ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
+        maintenance.considerCompaction(ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
+        return attributes
+    }
+
+    public func sync(_ context: RequestContext) throws {
+        try meta.sync()
+    }
+
+    // MARK: HubAPI — administration
+
+    public func status() throws -> HubStatus {
+        let counters = meta.currentCounters
+        let agents = meta.agentNames
+        return HubStatus(volume: meta.volume, logicalBytes: counters.logicalBytes, inodes: counters.inodes,
+                         chunks: chunks.objectCount, storedBytes: chunks.storedBytes,
+                         connectedAgents: UInt32(agents.count), agents: agents)
+    }
+
+    public func fsck(repair: Bool) throws -> FsckReport {
+        try Fsck(hub: self).run(repair: repair)
+    }
+}

@@ -1,0 +1,141 @@
+import Foundation
+import Logging
+import WeftMeta
+import WeftProto
+
+/// Background work of a hub: deleting chunk objects nothing references (garbage collection)
+/// and compacting long slice lists into one object, so reads stay cheap after many small writes.
+final class Maintenance: @unchecked Sendable {
+    weak var hub: Hub?
+    private let logger: Logger
+    private let condition = NSCondition()
+    private var pendingCompactions: [CompactionKey] = []
+    private var queued: Set<CompactionKey> = []
+    private var wakeups = 0
+    private var running = false
+    private var thread: Thread?
+    /// Most compactions waiting at once; more are dropped (the next commit re-queues them).
+    private let compactionQueueMax = 4096
+    private let garbageBatch = 1024
+
+    struct CompactionKey: Hashable {
+        var ino: InodeID
+        var chunkIndex: UInt32
+    }
+
+    init(logger: Logger) {
+        self.logger = logger
+    }
+
+    func start() {
+        condition.lock()
+        defer { condition.unlock() }
+        guard !running else { return }
+        running = true
+        let thread = Thread { [weak self] in self?.loop() }
+        thread.name = "weft-hub-maintenance"
+        self.thread = thread
+        thread.start()
+    }
+
+    func stop() {
+        condition.lock()
+        running = false
+        condition.broadcast()
+        condition.unlock()
+        while thread?.isFinished == false { usleep(1000) }
+    }
+
+    func wake() {
+        condition.lock()
+        wakeups += 1
+        condition.signal()
+        condition.unlock()
+    }
+
+    func considerCompaction(ino: InodeID, chunkIndexes: Set<UInt32>) {
+        guard let hub else { return }
+        var keys: [CompactionKey] = []
+        for index in chunkIndexes {
+            if let (_, lists) = try? hub.meta.layout(ino: ino, firstChunk: index, count: 1),
+               lists[0].count > Hub.compactionThresholdSlices {
+                keys.append(CompactionKey(ino: ino, chunkIndex: index))
+            }
+        }
+        guard !keys.isEmpty else { return }
+        condition.lock()
+        for key in keys where !queued.contains(key) && pendingCompactions.count < compactionQueueMax {
+            queued.insert(key)
+            pendingCompactions.append(key)
+        }
+        condition.signal()
+        condition.unlock()
+    }
+
+    private func loop() {
+        while true {
+            condition.lock()
+            if running && pendingCompactions.isEmpty && wakeups == 0 {
+                _ = condition.wait(until: Date().addingTimeInterval(1))
+            }
+            if !running {
+                condition.unlock()
+                return
+            }
+            wakeups = 0
+            let compactions = pendingCompactions
+            pendingCompactions.removeAll()
+            queued.removeAll()
+            condition.unlock()
+            for key in compactions { compact(key) }
+            collectGarbage()
+        }
+    }
+
+    /// Deletes chunk objects whose last reference is durably gone.
+    func collectGarbage() {
+        guard let hub else { return }
+        do {
+            while true {
+                let ids = try hub.meta.takeGarbage(limit: garbageBatch)
+                if ids.isEmpty { return }
+                for id in ids { try hub.chunks.delete(id: id) }
+                try hub.meta.forgetGarbage(ids)
+                if ids.count < garbageBatch { return }
+            }
+        } catch {
+            logger.error("garbage collection failed: \(error)")
+        }
+    }
+
+    /// Rewrites one chunk's visible bytes as a single object and swaps it in atomically.
+    private func compact(_ key: CompactionKey) {
+        guard let hub else { return }
+        do {
+            let (_, lists) = try hub.meta.layout(ino: key.ino, firstChunk: key.chunkIndex, count: 1)
+            let slices = lists[0]
+            guard slices.count > 1 else { return }
+            let start = slices.map(\.offsetInChunk).min()!
+            let end = slices.map { $0.offsetInChunk + $0.length }.max()!
+            var data = [UInt8](repeating: 0, count: Int(end - start))
+            for segment in overlaySlices(slices, start: start, end: end) where segment.sliceID != 0 {
+                let bytes = try hub.chunks.read(id: segment.sliceID, offset: Int(segment.objectOffset),
+                                                length: Int(segment.length))
+                let at = Int(segment.offsetInChunk - start)
+                data.replaceSubrange(at..<at + bytes.count, with: bytes)
+            }
+            let id = try hub.meta.allocateSliceIDs(count: 1)
+            try data.withUnsafeBytes { try hub.chunks.write(id: id, data: $0) }
+            let replacement = Slice(id: id, offsetInChunk: start, length: end - start, sliceOffset: 0,
+                                    objectLength: UInt32(data.count))
+            if try !hub.meta.replaceSlices(ino: key.ino, chunkIndex: key.chunkIndex, expectedPrefix: slices,
+                                           replacement: replacement) {
+                try hub.chunks.delete(id: id)
+            }
+        } catch let error as WeftError where error.errno == ENOENT || error.errno == EINVAL {
+            return  // the file went away meanwhile
+        } catch {
+            logger.error("compaction of inode \(key.ino) chunk \(key.chunkIndex) failed: \(error)")
+        }
+    }
+}

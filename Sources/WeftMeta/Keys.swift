@@ -1,0 +1,108 @@
+import WeftProto
+
+/// RocksDB key layout of a Weft volume (format version 1). Every key starts with a one-byte
+/// tag; integers in keys are big-endian so that byte order is numeric order. SPEC.md §Formats.
+enum Key {
+    static let volumeTag: UInt8 = 0x56       // 'V'            -> VolumeInfo
+    static let counterTag: UInt8 = 0x4E      // 'N'            -> Counters
+    static let inodeTag: UInt8 = 0x49        // 'I' ino        -> InodeRecord
+    static let entryTag: UInt8 = 0x44        // 'D' parent name -> EntryValue
+    static let chunkTag: UInt8 = 0x43        // 'C' ino index  -> [Slice]
+    static let xattrTag: UInt8 = 0x58        // 'X' ino name   -> value
+    static let symlinkTag: UInt8 = 0x53      // 'S' ino        -> target
+    static let orphanTag: UInt8 = 0x4F       // 'O' ino        -> (empty) unlinked but open
+    static let garbageTag: UInt8 = 0x47      // 'G' sliceID    -> (empty) chunk object to delete
+
+    static let volume: [UInt8] = [volumeTag]
+    static let counters: [UInt8] = [counterTag]
+
+    static func inode(_ ino: InodeID) -> [UInt8] { tagged(inodeTag, ino) }
+    static func symlink(_ ino: InodeID) -> [UInt8] { tagged(symlinkTag, ino) }
+    static func orphan(_ ino: InodeID) -> [UInt8] { tagged(orphanTag, ino) }
+    static func garbage(_ id: SliceID) -> [UInt8] { tagged(garbageTag, id) }
+    static func entryPrefix(_ parent: InodeID) -> [UInt8] { tagged(entryTag, parent) }
+    static func entry(_ parent: InodeID, _ name: [UInt8]) -> [UInt8] { entryPrefix(parent) + name }
+    static func chunkPrefix(_ ino: InodeID) -> [UInt8] { tagged(chunkTag, ino) }
+    static func chunk(_ ino: InodeID, _ index: UInt32) -> [UInt8] {
+        var w = ByteWriter(capacity: 13)
+        w.u8(chunkTag); w.u64BE(ino); w.u32BE(index)
+        return w.bytes
+    }
+    static func xattrPrefix(_ ino: InodeID) -> [UInt8] { tagged(xattrTag, ino) }
+    static func xattr(_ ino: InodeID, _ name: [UInt8]) -> [UInt8] { xattrPrefix(ino) + name }
+
+    private static func tagged(_ tag: UInt8, _ id: UInt64) -> [UInt8] {
+        var w = ByteWriter(capacity: 9)
+        w.u8(tag); w.u64BE(id)
+        return w.bytes
+    }
+}
+
+/// An inode as stored: its attributes and, for a directory, its parent.
+struct InodeRecord: Equatable {
+    var attributes: Attributes
+    var parent: InodeID
+
+    func encoded() -> [UInt8] {
+        var w = ByteWriter(capacity: 80)
+        attributes.encode(into: &w)
+        w.u64(parent)
+        return w.bytes
+    }
+    static func decode(_ bytes: UnsafeRawBufferPointer) throws -> InodeRecord {
+        var r = ByteReader(bytes)
+        return InodeRecord(attributes: try Attributes.decode(from: &r), parent: try r.u64())
+    }
+}
+
+/// A directory entry's value: the child inode and its file type bits.
+struct EntryValue {
+    var ino: InodeID
+    var type: UInt32
+
+    func encoded() -> [UInt8] {
+        var w = ByteWriter(capacity: 12)
+        w.u64(ino); w.u32(type)
+        return w.bytes
+    }
+    static func decode(_ bytes: UnsafeRawBufferPointer) throws -> EntryValue {
+        var r = ByteReader(bytes)
+        return EntryValue(ino: try r.u64(), type: try r.u32())
+    }
+}
+
+/// Volume-wide counters, rewritten in the same batch as every change that moves them.
+struct Counters: Equatable {
+    var nextInode: UInt64 = 2
+    var nextSlice: UInt64 = 1
+    var inodes: UInt64 = 1
+    var logicalBytes: UInt64 = 0
+
+    func encoded() -> [UInt8] {
+        var w = ByteWriter(capacity: 33)
+        w.u8(1); w.u64(nextInode); w.u64(nextSlice); w.u64(inodes); w.u64(logicalBytes)
+        return w.bytes
+    }
+    static func decode(_ bytes: [UInt8]) throws -> Counters {
+        try bytes.decode { r in
+            guard try r.u8() == 1 else { throw WeftError.malformed }
+            return Counters(nextInode: try r.u64(), nextSlice: try r.u64(), inodes: try r.u64(), logicalBytes: try r.u64())
+        }
+    }
+}
+
+func encodeSlices(_ slices: [Slice]) -> [UInt8] {
+    var w = ByteWriter(capacity: 4 + slices.count * Slice.encodedBytes)
+    w.u32(UInt32(slices.count))
+    for s in slices { s.encode(into: &w) }
+    return w.bytes
+}
+
+func decodeSlices(_ bytes: UnsafeRawBufferPointer) throws -> [Slice] {
+    var r = ByteReader(bytes)
+    let n = try r.count(max: 1 << 20)
+    var slices: [Slice] = []
+    slices.reserveCapacity(n)
+    for _ in 0..<n { slices.append(try Slice.decode(from: &r)) }
+    return slices
+}

@@ -1,0 +1,315 @@
+import WeftProto
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension MetaStore {
+    public func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws -> Attributes {
+        try read { t in
+            let directory = try t.directory(parent)
+            try Access.check(directory.attributes, credentials, Access.execute)
+            if name == [0x2E] { return directory.attributes }
+            if name == [0x2E, 0x2E] { return try t.inode(directory.parent).attributes }
+            try validateName(name)
+            guard let entry = try t.entry(parent, name) else { throw WeftError.notFound }
+            return try t.inode(entry.ino).attributes
+        }
+    }
+
+    public func getattr(_ ino: InodeID) throws -> Attributes {
+        try read { t in try t.inode(ino).attributes }
+    }
+
+    public func setattr(_ credentials: Credentials, ino: InodeID, _ changes: SetAttributes) throws -> Attributes {
+        try mutate { t in
+            var record = try t.inode(ino)
+            var attributes = record.attributes
+            let isOwner = Access.isOwnerOrRoot(attributes, credentials)
+            if let mode = changes.mode {
+                guard isOwner else { throw WeftError.notPermitted }
+                var newMode = (attributes.mode & UInt32(S_IFMT)) | (mode & 0o7777)
+                if !credentials.isRoot && !credentials.isMember(of: attributes.gid) { newMode &= ~UInt32(S_ISGID) }
+                attributes.mode = newMode
+            }
+            if changes.uid != nil || changes.gid != nil {
+                let newUID = changes.uid ?? attributes.uid
+                let newGID = changes.gid ?? attributes.gid
+                if !credentials.isRoot {
+                    // POSIX chown: only root gives a file away; the owner may change its group to one it belongs to.
+                    guard credentials.uid == attributes.uid, newUID == attributes.uid else { throw WeftError.notPermitted }
+                    guard newGID == attributes.gid || credentials.isMember(of: newGID) else { throw WeftError.notPermitted }
+                }
+                if !attributes.isDirectory && (newUID != attributes.uid || newGID != attributes.gid || !credentials.isRoot) {
+                    attributes.mode &= ~UInt32(S_ISUID)
+                    if attributes.mode & 0o010 != 0 { attributes.mode &= ~UInt32(S_ISGID) }
+                }
+                attributes.uid = newUID
+                attributes.gid = newGID
+            }
+            for (setting, isAccessTime) in [(changes.atime, true), (changes.mtime, false)] {
+                guard let setting else { continue }
+                switch setting {
+                case .now:
+                    if !isOwner && !changes.byHandle { try Access.check(attributes, credentials, Access.write) }
+                    if isAccessTime { attributes.atimeNs = t.now } else { attributes.mtimeNs = t.now }
+                case .nanoseconds(let ns):
+                    guard isOwner else { throw WeftError.notPermitted }
+                    if isAccessTime { attributes.atimeNs = ns } else { attributes.mtimeNs = ns }
+                }
+            }
+            if let size = changes.size {
+                if attributes.isDirectory { throw WeftError.isDirectory }
+                guard attributes.isRegular else { throw WeftError.invalid }
+                if size > Limits.fileSizeMaxBytes { throw WeftError.fileTooBig }
+                if !changes.byHandle { try Access.check(attributes, credentials, Access.write) }
+                record.attributes = attributes
+                try t.truncate(&record, to: size)
+                attributes = record.attributes
+            }
+            attributes.ctimeNs = t.now
+            record.attributes = attributes
+            t.put(record)
+            return attributes
+        }
+    }
+
+    /// The ownership and mode of a new inode in `directory`, with the setgid-directory rules.
+    private func newInodeOwnership(_ directory: Attributes, _ credentials: Credentials, mode: UInt32,
+                                   isDirectory: Bool) -> (gid: UInt32, mode: UInt32) {
+        var mode = mode
+        var gid = credentials.gid
+        if directory.mode & UInt32(S_ISGID) != 0 {
+            gid = directory.gid
+            if isDirectory { mode |= UInt32(S_ISGID) }
+        }
+        if !isDirectory && mode & UInt32(S_ISGID) != 0 && !credentials.isRoot && !credentials.isMember(of: gid) {
+            mode &= ~UInt32(S_ISGID)
+        }
+        return (gid, mode)
+    }
+
+    /// Checks that `name` may be added to `parent`; returns the parent record.
+    private func prepareInsert(_ t: Transaction, _ credentials: Credentials, parent: InodeID,
+                               name: [UInt8]) throws -> InodeRecord {
+        let directory = try t.directory(parent)
+        try Access.check(directory.attributes, credentials, Access.execute)
+        if isDotOrDotDot(name) { throw WeftError.exists }
+        try validateName(name)
+        if try t.entry(parent, name) != nil {
+            throw WeftError.exists
+        }
+        try Access.check(directory.attributes, credentials, Access.write | Access.execute)
+        if directory.attributes.nlink == 0 { throw WeftError.notFound }
+        return directory
+    }
+
+    public func create(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32,
+                       umask: UInt32, exclusive: Bool) throws -> Attributes {
+        try mutate { t in
+            if !exclusive, !isDotOrDotDot(name), name.count <= Limits.nameMaxBytes,
+               let existing = try? t.entry(parent, name) {
+                let directory = try t.directory(parent)
+                try Access.check(directory.attributes, credentials, Access.execute)
+                let record = try t.inode(existing.ino)
+                if record.attributes.isDirectory { throw WeftError.isDirectory }
+                return record.attributes
+            }
+            var directory = try prepareInsert(t, credentials, parent: parent, name: name)
+            var type = mode & UInt32(S_IFMT)
+            if type == 0 { type = UInt32(S_IFREG) }
+            guard [S_IFREG, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK].map({ UInt32($0) }).contains(type) else {
+                throw WeftError.invalid
+            }
+            if (type == UInt32(S_IFCHR) || type == UInt32(S_IFBLK)) && !credentials.isRoot { throw WeftError.notPermitted }
+            let ownership = newInodeOwnership(directory.attributes, credentials, mode: mode & 0o7777 & ~umask,
+                                              isDirectory: false)
+            let ino = t.allocateInode()
+            let attributes = Attributes(ino: ino, mode: type | ownership.mode, nlink: 1, uid: credentials.uid,
+                                        gid: ownership.gid, rdev: rdev, atimeNs: t.now, mtimeNs: t.now, ctimeNs: t.now)
+            t.put(InodeRecord(attributes: attributes, parent: 0))
+            t.putEntry(parent, name, EntryValue(ino: ino, type: type))
+            t.touchDirectory(&directory)
+            t.put(directory)
+            return attributes
+        }
+    }
+
+    public func mkdir(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32,
+                      umask: UInt32) throws -> Attributes {
+        try mutate { t in
+            var directory = try prepareInsert(t, credentials, parent: parent, name: name)
+            if directory.attributes.nlink >= Limits.linkCountMax { throw WeftError.tooManyLinks }
+            let ownership = newInodeOwnership(directory.attributes, credentials, mode: mode & 0o7777 & ~umask,
+                                              isDirectory: true)
+            let ino = t.allocateInode()
+            let attributes = Attributes(ino: ino, mode: UInt32(S_IFDIR) | ownership.mode, nlink: 2, uid: credentials.uid,
+                                        gid: ownership.gid, atimeNs: t.now, mtimeNs: t.now, ctimeNs: t.now)
+            t.put(InodeRecord(attributes: attributes, parent: parent))
+            t.putEntry(parent, name, EntryValue(ino: ino, type: UInt32(S_IFDIR)))
+            directory.attributes.nlink += 1
+            t.touchDirectory(&directory)
+            t.put(directory)
+            return attributes
+        }
+    }
+
+    public func symlink(_ credentials: Credentials, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes {
+        try mutate { t in
+            if target.isEmpty { throw WeftError(ENOENT, "empty symlink target") }
+            if target.count > Limits.symlinkMaxBytes { throw WeftError.nameTooLong }
+            var directory = try prepareInsert(t, credentials, parent: parent, name: name)
+            let ownership = newInodeOwnership(directory.attributes, credentials, mode: 0o777, isDirectory: false)
+            let ino = t.allocateInode()
+            let attributes = Attributes(ino: ino, mode: UInt32(S_IFLNK) | 0o777, nlink: 1, uid: credentials.uid,
+                                        gid: ownership.gid, size: UInt64(target.count), atimeNs: t.now,
+                                        mtimeNs: t.now, ctimeNs: t.now)
+            t.put(InodeRecord(attributes: attributes, parent: 0))
+            t.batch.put(Key.symlink(ino), target)
+            t.putEntry(parent, name, EntryValue(ino: ino, type: UInt32(S_IFLNK)))
+            t.touchDirectory(&directory)
+            t.put(directory)
+            return attributes
+        }
+    }
+
+    public func readlink(_ ino: InodeID) throws -> [UInt8] {
+        try read { t in
+            guard try t.inode(ino).attributes.isSymlink else { throw WeftError.invalid }
+            guard let target = try db.get(Key.symlink(ino)) else { throw WeftError(EIO, "symlink \(ino) has no target") }
+            return target
+        }
+    }
+
+    public func link(_ credentials: Credentials, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes {
+        try mutate { t in
+            var record = try t.inode(ino)
+            if record.attributes.isDirectory { throw WeftError.notPermitted }
+            if record.attributes.nlink == 0 { throw WeftError.notFound }
+            var directory = try prepareInsert(t, credentials, parent: newParent, name: newName)
+            if record.attributes.nlink >= Limits.linkCountMax { throw WeftError.tooManyLinks }
+            record.attributes.nlink += 1
+            record.attributes.ctimeNs = t.now
+            t.put(record)
+            t.putEntry(newParent, newName, EntryValue(ino: ino, type: record.attributes.fileType))
+            t.touchDirectory(&directory)
+            t.put(directory)
+            return record.attributes
+        }
+    }
+
+    /// Looks up `name` in `parent` for removal; checks write+search permission and the sticky bit.
+    private func prepareRemoval(_ t: Transaction, _ credentials: Credentials, parent: InodeID,
+                                name: [UInt8]) throws -> (InodeRecord, InodeRecord) {
+        let directory = try t.directory(parent)
+        try Access.check(directory.attributes, credentials, Access.execute)
+        try validateName(name)
+        guard let entry = try t.entry(parent, name) else { throw WeftError.notFound }
+        let victim = try t.inode(entry.ino)
+        try Access.check(directory.attributes, credentials, Access.write | Access.execute)
+        try Access.checkSticky(directory: directory.attributes, victim: victim.attributes, credentials)
+        return (directory, victim)
+    }
+
+    public func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
+        try mutate { t in
+            if isDotOrDotDot(name) { throw WeftError.isDirectory }
+            var (directory, victim) = try prepareRemoval(t, credentials, parent: parent, name: name)
+            if victim.attributes.isDirectory { throw WeftError.isDirectory }
+            t.deleteEntry(parent, name)
+            try t.dropLink(&victim)
+            t.touchDirectory(&directory)
+            t.put(directory)
+        }
+    }
+
+    public func rmdir(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
+        try mutate { t in
+            if name == [0x2E] { throw WeftError.invalid }
+            if name == [0x2E, 0x2E] { throw WeftError.notEmpty }
+            var (directory, victim) = try prepareRemoval(t, credentials, parent: parent, name: name)
+            if !victim.attributes.isDirectory { throw WeftError.notDirectory }
+            if victim.attributes.ino == InodeNumbers.root { throw WeftError.busy }
+            if try !t.isEmptyDirectory(victim.attributes.ino) { throw WeftError.notEmpty }
+            t.deleteEntry(parent, name)
+            try t.reclaim(victim)
+            directory.attributes.nlink -= 1
+            t.touchDirectory(&directory)
+            t.put(directory)
+        }
+    }
+
+    public func readdir(_ credentials: Credentials, ino: InodeID, after: [UInt8]?, limit: Int) throws -> [DirectoryEntry] {
+        try read { t in
+            let directory = try t.directory(ino)
+            let limit = max(1, min(limit, Limits.readdirPageMaxEntries))
+            var entries: [DirectoryEntry] = []
+            var start: [UInt8]? = nil
+            if after == nil {
+                entries.append(DirectoryEntry(name: [0x2E], ino: ino, attributes: directory.attributes))
+                entries.append(DirectoryEntry(name: [0x2E, 0x2E], ino: directory.parent,
+                                              attributes: try t.inode(directory.parent).attributes))
+            } else if let after, !isDotOrDotDot(after) {
+                start = Key.entry(ino, after)
+            }
+            let prefix = Key.entryPrefix(ino)
+            var pending: [([UInt8], EntryValue)] = []
+            try db.scan(prefix: prefix, from: start) { key, value in
+                let name = Array(key[prefix.count...])
+                if let after, name == after { return true }
+                pending.append((name, try EntryValue.decode(value)))
+                return entries.count + pending.count < limit
+            }
+            for (name, value) in pending {
+                guard let child = try t.inodeIfPresent(value.ino) else { continue }
+                entries.append(DirectoryEntry(name: name, ino: value.ino, attributes: child.attributes))
+            }
+            return entries
+        }
+    }
+
+    public func access(_ credentials: Credentials, ino: InodeID, mask: UInt32) throws {
+        try read { t in try Access.check(try t.inode(ino).attributes, credentials, mask & 7) }
+    }
+
+    /// Checks open permission, applies O_TRUNC and registers the open with `session`.
+    public func open(_ credentials: Credentials, session: SessionID, ino: InodeID, flags: Int32) throws -> Attributes {
+        try mutate { t in
+            var record = try t.inode(ino)
+            let accessMode = flags & O_ACCMODE
+            var mask: UInt32 = 0
+            if accessMode == O_RDONLY || accessMode == O_RDWR { mask |= Access.read }
+            if accessMode == O_WRONLY || accessMode == O_RDWR { mask |= Access.write }
+            if flags & O_TRUNC != 0 { mask |= Access.write }
+            if record.attributes.isDirectory && mask & Access.write != 0 { throw WeftError.isDirectory }
+            if record.attributes.isSymlink { throw WeftError(ELOOP) }
+            try Access.check(record.attributes, credentials, mask)
+            if flags & O_TRUNC != 0 && record.attributes.isRegular && record.attributes.size > 0 {
+                try t.truncate(&record, to: 0)
+                record.attributes.ctimeNs = t.now
+                t.put(record)
+            }
+            if record.attributes.isRegular {
+                openCounts[ino, default: 0] += 1
+                sessions[session]?.opens[ino, default: 0] += 1
+            }
+            return record.attributes
+        }
+    }
+
+    public func release(session: SessionID, ino: InodeID) throws {
+        try mutate(durable: false) { t in
+            guard let count = sessions[session]?.opens[ino], count > 0 else { return }
+            sessions[session]?.opens[ino] = count > 1 ? count - 1 : nil
+            try t.dropOpen(ino, count: 1)
+        }
+    }
+
+    public func statfs(totalBytes: UInt64, freeBytes: UInt64) throws -> FileSystemStats {
+        let blockSize: UInt64 = 4096
+        let inodes = currentCounters.inodes
+        let freeInodes: UInt64 = 1 << 40
+        return FileSystemStats(blockSizeBytes: UInt32(blockSize), totalBlocks: totalBytes / blockSize,
+                               freeBlocks: freeBytes / blockSize, totalInodes: inodes + freeInodes,
+                               freeInodes: freeInodes, nameMaxBytes: UInt32(Limits.nameMaxBytes))
+    }
+}

@@ -1,0 +1,153 @@
+import CRocksDB
+import WeftProto
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A thin, thread-safe handle on a RocksDB database through its C API.
+///
+/// Reads and writes are safe from many threads; `write` applies a batch atomically.
+public final class RocksDB: @unchecked Sendable {
+    private let db: OpaquePointer
+    private let readOptions: OpaquePointer
+    private let syncWriteOptions: OpaquePointer
+    private let asyncWriteOptions: OpaquePointer
+    private let options: OpaquePointer
+    public let path: String
+
+    /// Opens (or with `createIfMissing`, creates) the database at `path`. With `readOnly` the
+    /// database may be open in another process at the same time.
+    public init(path: String, createIfMissing: Bool, readOnly: Bool = false) throws {
+        self.path = path
+        options = rocksdb_options_create()
+        rocksdb_options_set_create_if_missing(options, createIfMissing ? 1 : 0)
+        rocksdb_options_increase_parallelism(options, 2)
+        rocksdb_options_set_max_open_files(options, 512)
+        rocksdb_options_set_compression(options, Int32(rocksdb_lz4_compression))
+        var error: UnsafeMutablePointer<CChar>? = nil
+        let handle = readOnly
+            ? rocksdb_open_for_read_only(options, path, 0, &error)
+            : rocksdb_open(options, path, &error)
+        if let error {
+            let message = String(cString: error)
+            rocksdb_free(error)
+            rocksdb_options_destroy(options)
+            let code: Int32 = message.contains("lock") || message.contains("Resource temporarily unavailable") ? EBUSY : EIO
+            throw WeftError(code, "RocksDB open \(path): \(message)")
+        }
+        db = handle!
+        readOptions = rocksdb_readoptions_create()
+        syncWriteOptions = rocksdb_writeoptions_create()
+        rocksdb_writeoptions_set_sync(syncWriteOptions, 1)
+        asyncWriteOptions = rocksdb_writeoptions_create()
+    }
+
+    deinit {
+        rocksdb_close(db)
+        rocksdb_readoptions_destroy(readOptions)
+        rocksdb_writeoptions_destroy(syncWriteOptions)
+        rocksdb_writeoptions_destroy(asyncWriteOptions)
+        rocksdb_options_destroy(options)
+    }
+
+    private static func check(_ error: UnsafeMutablePointer<CChar>?, _ what: String) throws {
+        guard let error else { return }
+        let message = String(cString: error)
+        rocksdb_free(error)
+        throw WeftError(EIO, "RocksDB \(what): \(message)")
+    }
+
+    public func get(_ key: [UInt8]) throws -> [UInt8]? {
+        var length = 0
+        var error: UnsafeMutablePointer<CChar>? = nil
+        let value = key.withUnsafeBufferPointer { k in
+            k.withMemoryRebound(to: CChar.self) { rocksdb_get(db, readOptions, $0.baseAddress, k.count, &length, &error) }
+        }
+        try Self.check(error, "get")
+        guard let value else { return nil }
+        defer { rocksdb_free(value) }
+        return Array(UnsafeRawBufferPointer(start: value, count: length))
+    }
+
+    /// Applies `batch` atomically. With `sync` the WAL is fsynced before returning.
+    public func write(_ batch: WriteBatch, sync: Bool) throws {
+        var error: UnsafeMutablePointer<CChar>? = nil
+        rocksdb_write(db, sync ? syncWriteOptions : asyncWriteOptions, batch.handle, &error)
+        try Self.check(error, "write")
+    }
+
+    /// Writes the WAL buffer to the file and, with `sync`, fsyncs it.
+    public func flushWAL(sync: Bool) throws {
+        var error: UnsafeMutablePointer<CChar>? = nil
+        rocksdb_flush_wal(db, sync ? 1 : 0, &error)
+        try Self.check(error, "flush WAL")
+    }
+
+    /// Visits keys starting with `prefix`, in byte order, from `start` (inclusive; defaults to the
+    /// prefix). `body` returns false to stop. Iteration sees one consistent snapshot.
+    public func scan(prefix: [UInt8], from start: [UInt8]? = nil,
+                     _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws -> Bool) throws {
+        let options = rocksdb_readoptions_create()!
+        defer { rocksdb_readoptions_destroy(options) }
+        var upper = prefix
+        // Upper bound: the prefix incremented as a big-endian number (prefixes here never end in 0xff runs only).
+        while let last = upper.last, last == 0xff { upper.removeLast() }
+        if !upper.isEmpty { upper[upper.count - 1] += 1 }
+        try upper.withUnsafeBufferPointer { upperBytes in
+            if !upperBytes.isEmpty {
+                upperBytes.withMemoryRebound(to: CChar.self) {
+                    rocksdb_readoptions_set_iterate_upper_bound(options, $0.baseAddress, upperBytes.count)
+                }
+            }
+            let iterator = rocksdb_create_iterator(db, options)!
+            defer { rocksdb_iter_destroy(iterator) }
+            let seekKey = start ?? prefix
+            seekKey.withUnsafeBufferPointer { k in
+                k.withMemoryRebound(to: CChar.self) { rocksdb_iter_seek(iterator, $0.baseAddress, k.count) }
+            }
+            while rocksdb_iter_valid(iterator) != 0 {
+                var keyLength = 0, valueLength = 0
+                let key = rocksdb_iter_key(iterator, &keyLength)
+                let value = rocksdb_iter_value(iterator, &valueLength)
+                let keyBytes = UnsafeRawBufferPointer(start: key, count: keyLength)
+                if keyLength < prefix.count || !prefix.withUnsafeBytes({ $0.elementsEqual(keyBytes.prefix(prefix.count)) }) {
+                    break
+                }
+                if try !body(keyBytes, UnsafeRawBufferPointer(start: value, count: valueLength)) { break }
+                rocksdb_iter_next(iterator)
+            }
+            var error: UnsafeMutablePointer<CChar>? = nil
+            rocksdb_iter_get_error(iterator, &error)
+            try Self.check(error, "iterate")
+        }
+    }
+}
+
+/// A set of puts and deletes applied atomically by `RocksDB.write`.
+public final class WriteBatch {
+    let handle: OpaquePointer
+    public private(set) var count = 0
+
+    public init() { handle = rocksdb_writebatch_create() }
+    deinit { rocksdb_writebatch_destroy(handle) }
+
+    public func put(_ key: [UInt8], _ value: [UInt8]) {
+        key.withUnsafeBufferPointer { k in
+            value.withUnsafeBufferPointer { v in
+                k.withMemoryRebound(to: CChar.self) { kp in
+                    v.withMemoryRebound(to: CChar.self) { vp in
+                        rocksdb_writebatch_put(handle, kp.baseAddress, k.count, vp.baseAddress, v.count)
+                    }
+                }
+            }
+        }
+        count += 1
+    }
+
+    public func delete(_ key: [UInt8]) {
+        key.withUnsafeBufferPointer { k in
+            k.withMemoryRebound(to: CChar.self) { rocksdb_writebatch_delete(handle, $0.baseAddress, k.count) }
+        }
+        count += 1
+    }
+}

@@ -1,0 +1,269 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+import NIOCore
+import NIOPosix
+import WeftProto
+
+/// What a connection handler shares with its server: the hub, the worker pool, the limits, and
+/// the count of connections not yet fully wound down (for an orderly shutdown).
+final class ServerCore: @unchecked Sendable {
+    let hub: HubAPI
+    let pool: NIOThreadPool
+    let logger: Logger
+    let maxInFlightRequestsPerConnection: Int
+
+    private let lock = PthreadMutex()
+    private let idle = ConditionVariable()
+    private var liveConnections = 0
+
+    init(hub: HubAPI, pool: NIOThreadPool, logger: Logger, maxInFlightRequestsPerConnection: Int) {
+        self.hub = hub
+        self.pool = pool
+        self.logger = logger
+        self.maxInFlightRequestsPerConnection = maxInFlightRequestsPerConnection
+    }
+
+    func connectionStarted() {
+        lock.withLock { liveConnections += 1 }
+    }
+
+    func connectionFinished() {
+        lock.withLock {
+            liveConnections -= 1
+            precondition(liveConnections >= 0)
+            if liveConnections == 0 { idle.broadcast() }
+        }
+    }
+
+    /// Waits until every connection has finished its requests and closed its sessions; false on timeout.
+    func waitUntilIdle(timeoutMs: Int) -> Bool {
+        let deadline = MonotonicClock.deadlineNs(afterMs: timeoutMs)
+        return lock.withLock {
+            while liveConnections > 0 {
+                if !idle.wait(lock, deadlineNs: deadline) { return false }
+            }
+            return true
+        }
+    }
+
+    /// What a worker produced for one request frame.
+    enum Outcome {
+        case respond(ByteBuffer, SessionChange)
+        /// The frame is malformed: the connection must close.
+        case violation(WeftError)
+    }
+
+    enum SessionChange {
+        case none
+        case opened(SessionID)
+        case closed(SessionID)
+    }
+
+    /// Decodes and runs one request on the calling (worker) thread and encodes its response.
+    func execute(_ frame: InboundFrame, allocator: ByteBufferAllocator, cancelled: Bool) -> Outcome {
+        let id = frame.header.requestID
+        guard let opcode = HubOpcode(rawValue: frame.header.opcode) else {
+            // A newer agent's method: answered, not fatal (SPEC.md §Wire protocol, versioning).
+            let error = WeftError(ENOSYS, "opcode \(frame.header.opcode) is unknown to this hub")
+            return .respond(WireCodec.responseBuffer(id: id, rawOpcode: frame.header.opcode, .failure(error),
+                                                     allocator: allocator), .none)
+        }
+        let request: HubRequest
+        do {
+            request = try WireCodec.decodeRequest(opcode: opcode, payload: frame.payload)
+        } catch let error as WeftError {
+            return .violation(WeftError(error.errno, "\(opcode) request \(id): \(error.message)"))
+        } catch {
+            return .violation(WeftError(EBADMSG, "\(opcode) request \(id): \(error)"))
+        }
+        let result = cancelled ? .failure(WeftError(ESHUTDOWN, "hub is shutting down")) : request.perform(on: hub)
+        var change = SessionChange.none
+        switch (request, result) {
+        case (.openSession, .success(.session(let session, _))): change = .opened(session)
+        case (.closeSession(let session), .success): change = .closed(session)
+        default: break
+        }
+        return .respond(WireCodec.responseBuffer(id: id, rawOpcode: opcode.rawValue, result, allocator: allocator), change)
+    }
+
+    /// Ends `sessions` on the worker pool, then marks the connection finished.
+    func closeSessions(_ sessions: [SessionID], peer: String) {
+        if sessions.isEmpty {
+            connectionFinished()
+            return
+        }
+        pool.submit { [self] _ in
+            for session in sessions {
+                do {
+                    try hub.closeSession(session)
+                    logger.debug("closed session of departed agent", metadata: ["peer": "\(peer)", "session": "\(session)"])
+                } catch {
+                    logger.warning("could not close session of departed agent",
+                                   metadata: ["peer": "\(peer)", "session": "\(session)", "error": "\(error)"])
+                }
+            }
+            connectionFinished()
+        }
+    }
+}
+
+/// Serves one agent connection on its event loop.
+///
+/// Guarantees: requests run on the worker pool, never on the event loop; each response is written
+/// as soon as it is ready, tagged with its request id (so possibly out of order); at most
+/// `maxInFlightRequestsPerConnection` requests of the connection run at once, and beyond that the
+/// handler stops reading from the socket (frames already read wait in order); when the connection
+/// ends, after its last request has finished, every session opened through it and not closed is
+/// closed on the hub.
+final class HubConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = InboundFrame
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let core: ServerCore
+    private var context: ChannelHandlerContext?
+    private var peer = "unknown peer"
+    private var inFlight = 0
+    /// Frames read while `inFlight` was at its bound; never longer than one socket read's worth.
+    private var waiting = CircularBuffer<InboundFrame>(initialCapacity: 16)
+    private var readWithheld = false
+    private var sessions: Set<SessionID> = []
+    /// False once the channel is inactive or the handler removed.
+    private var isOpen = true
+    /// True once a malformed frame was seen: nothing more is dispatched.
+    private var isClosing = false
+    private var sessionsReleased = false
+
+    init(core: ServerCore) {
+        self.core = core
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        if let address = context.channel.remoteAddress {
+            peer = address.description
+        } else if let local = context.channel.localAddress {
+            peer = "unix peer on \(local)"
+        }
+        core.connectionStarted()
+        core.logger.debug("agent connected", metadata: ["peer": "\(peer)"])
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        connectionEnded()
+        self.context = nil
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        connectionEnded()
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        guard isOpen, !isClosing else { return }
+        guard frame.header.kind == .request else {
+            closeForViolation(WeftError(EPROTO, "a response frame was sent to the hub"))
+            return
+        }
+        if inFlight < core.maxInFlightRequestsPerConnection {
+            dispatch(frame)
+        } else {
+            waiting.append(frame)
+        }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if inFlight >= core.maxInFlightRequestsPerConnection || !context.channel.isWritable {
+            readWithheld = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        resumeReading()
+        context.fireChannelWritabilityChanged()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if let error = error as? WeftError {
+            closeForViolation(error)
+        } else {
+            core.logger.info("closing agent connection after an error", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            context.close(promise: nil)
+        }
+    }
+
+    private func dispatch(_ frame: InboundFrame) {
+        guard let context else { return }
+        inFlight += 1
+        let core = self.core
+        let loop = context.eventLoop
+        let allocator = context.channel.allocator
+        let handler = NIOLoopBound(self, eventLoop: loop)
+        core.pool.submit { state in
+            let outcome = core.execute(frame, allocator: allocator, cancelled: state == .cancelled)
+            loop.execute { handler.value.finished(outcome) }
+        }
+    }
+
+    private func finished(_ outcome: ServerCore.Outcome) {
+        inFlight -= 1
+        switch outcome {
+        case .respond(let buffer, let change):
+            switch change {
+            case .none: break
+            case .opened(let session): sessions.insert(session)
+            case .closed(let session): sessions.remove(session)
+            }
+            if isOpen, let context { context.writeAndFlush(wrapOutboundOut(buffer), promise: nil) }
+        case .violation(let error):
+            closeForViolation(error)
+        }
+        guard isOpen else {
+            if inFlight == 0 { releaseSessions() }
+            return
+        }
+        while !isClosing, inFlight < core.maxInFlightRequestsPerConnection, let next = waiting.popFirst() {
+            dispatch(next)
+        }
+        resumeReading()
+    }
+
+    private func resumeReading() {
+        guard readWithheld, isOpen, let context,
+              inFlight < core.maxInFlightRequestsPerConnection, context.channel.isWritable else { return }
+        readWithheld = false
+        context.read()
+    }
+
+    private func closeForViolation(_ error: WeftError) {
+        guard isOpen, !isClosing else { return }
+        isClosing = true
+        waiting.removeAll()
+        core.logger.warning("closing agent connection after a malformed frame",
+                            metadata: ["peer": "\(peer)", "error": "\(error)"])
+        context?.close(promise: nil)
+    }
+
+    /// Runs once, when the channel goes inactive or the handler is removed, whichever comes first.
+    private func connectionEnded() {
+        guard isOpen else { return }
+        isOpen = false
+        waiting.removeAll()
+        core.logger.debug("agent disconnected", metadata: ["peer": "\(peer)", "sessions": "\(sessions.count)"])
+        if inFlight == 0 { releaseSessions() }
+    }
+
+    private func releaseSessions() {
+        guard !sessionsReleased else { return }
+        sessionsReleased = true
+        core.closeSessions(Array(sessions), peer: peer)
+        sessions.removeAll()
+    }
+}

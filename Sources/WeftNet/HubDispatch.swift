@@ -1,0 +1,98 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import WeftProto
+
+extension HubRequest {
+    /// Runs this request against `hub`, blocking the calling thread for as long as the hub does.
+    /// A non-`WeftError` failure becomes EIO.
+    func perform(on hub: HubAPI) -> Result<HubResponse, WeftError> {
+        do {
+            return .success(try performThrowing(on: hub))
+        } catch let error as WeftError {
+            return .failure(error)
+        } catch {
+            return .failure(WeftError(EIO, "hub failed: \(error)"))
+        }
+    }
+
+    private func performThrowing(on hub: HubAPI) throws -> HubResponse {
+        switch self {
+        case let .openSession(agentName):
+            let (session, volume) = try hub.openSession(agentName: agentName)
+            return .session(session, volume)
+        case let .closeSession(session):
+            try hub.closeSession(session)
+            return .empty
+        case let .lookup(c, parent, name):
+            return .attributes(try hub.lookup(c, parent: parent, name: name))
+        case let .getattr(c, ino):
+            return .attributes(try hub.getattr(c, ino: ino))
+        case let .setattr(c, ino, changes):
+            return .attributes(try hub.setattr(c, ino: ino, changes))
+        case let .create(c, parent, name, mode, rdev, umask, exclusive):
+            return .attributes(try hub.create(c, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask,
+                                              exclusive: exclusive))
+        case let .mkdir(c, parent, name, mode, umask):
+            return .attributes(try hub.mkdir(c, parent: parent, name: name, mode: mode, umask: umask))
+        case let .unlink(c, parent, name):
+            try hub.unlink(c, parent: parent, name: name)
+            return .empty
+        case let .rmdir(c, parent, name):
+            try hub.rmdir(c, parent: parent, name: name)
+            return .empty
+        case let .symlink(c, parent, name, target):
+            return .attributes(try hub.symlink(c, parent: parent, name: name, target: target))
+        case let .readlink(c, ino):
+            return .bytes(try hub.readlink(c, ino: ino))
+        case let .link(c, ino, newParent, newName):
+            return .attributes(try hub.link(c, ino: ino, newParent: newParent, newName: newName))
+        case let .rename(c, parent, name, newParent, newName, flags):
+            try hub.rename(c, parent: parent, name: name, newParent: newParent, newName: newName, flags: flags)
+            return .empty
+        case let .readdir(c, ino, after, limit):
+            return .entries(try hub.readdir(c, ino: ino, after: after, limit: Int(limit)))
+        case let .access(c, ino, mask):
+            try hub.access(c, ino: ino, mask: mask)
+            return .empty
+        case let .open(c, ino, flags):
+            return .attributes(try hub.open(c, ino: ino, flags: flags))
+        case let .release(c, ino):
+            try hub.release(c, ino: ino)
+            return .empty
+        case let .getxattr(c, ino, name):
+            return .bytes(try hub.getxattr(c, ino: ino, name: name))
+        case let .setxattr(c, ino, name, value, flags):
+            try hub.setxattr(c, ino: ino, name: name, value: value, flags: flags)
+            return .empty
+        case let .listxattr(c, ino):
+            return .names(try hub.listxattr(c, ino: ino))
+        case let .removexattr(c, ino, name):
+            try hub.removexattr(c, ino: ino, name: name)
+            return .empty
+        case let .statfs(c):
+            return .fileSystemStats(try hub.statfs(c))
+        case let .allocateSliceIDs(c, count):
+            return .firstSliceID(try hub.allocateSliceIDs(c, count: count))
+        case let .writeSlice(c, id, data):
+            try hub.writeSlice(c, id: id, data: data)
+            return .empty
+        case let .readSlice(c, id, offset, length):
+            return .bytes(try hub.readSlice(c, id: id, offset: offset, length: length))
+        case let .layout(c, ino, firstChunk, count):
+            let (attributes, chunks) = try hub.layout(c, ino: ino, firstChunk: firstChunk, count: count)
+            return .layout(attributes, chunks)
+        case let .commitSlices(c, ino, slices, minimumSize, durable):
+            return .attributes(try hub.commitSlices(c, ino: ino, slices: slices, minimumSize: minimumSize, durable: durable))
+        case let .sync(c):
+            try hub.sync(c)
+            return .empty
+        case .status:
+            return .status(try hub.status())
+        case let .fsck(repair):
+            return .fsckReport(try hub.fsck(repair: repair))
+        }
+    }
+}

@@ -1,0 +1,354 @@
+import WeftProto
+
+/// One opcode per `HubAPI` method. Values are part of the wire format: never renumber one;
+/// a new method gets the next free value.
+public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
+    case openSession = 1
+    case closeSession = 2
+    case lookup = 3
+    case getattr = 4
+    case setattr = 5
+    case create = 6
+    case mkdir = 7
+    case unlink = 8
+    case rmdir = 9
+    case symlink = 10
+    case readlink = 11
+    case link = 12
+    case rename = 13
+    case readdir = 14
+    case access = 15
+    case open = 16
+    case release = 17
+    case getxattr = 18
+    case setxattr = 19
+    case listxattr = 20
+    case removexattr = 21
+    case statfs = 22
+    case allocateSliceIDs = 23
+    case writeSlice = 24
+    case readSlice = 25
+    case layout = 26
+    case commitSlices = 27
+    case sync = 28
+    case status = 29
+    case fsck = 30
+
+    public var description: String { "\(name)(\(rawValue))" }
+
+    var name: String {
+        switch self {
+        case .openSession: "openSession"
+        case .closeSession: "closeSession"
+        case .lookup: "lookup"
+        case .getattr: "getattr"
+        case .setattr: "setattr"
+        case .create: "create"
+        case .mkdir: "mkdir"
+        case .unlink: "unlink"
+        case .rmdir: "rmdir"
+        case .symlink: "symlink"
+        case .readlink: "readlink"
+        case .link: "link"
+        case .rename: "rename"
+        case .readdir: "readdir"
+        case .access: "access"
+        case .open: "open"
+        case .release: "release"
+        case .getxattr: "getxattr"
+        case .setxattr: "setxattr"
+        case .listxattr: "listxattr"
+        case .removexattr: "removexattr"
+        case .statfs: "statfs"
+        case .allocateSliceIDs: "allocateSliceIDs"
+        case .writeSlice: "writeSlice"
+        case .readSlice: "readSlice"
+        case .layout: "layout"
+        case .commitSlices: "commitSlices"
+        case .sync: "sync"
+        case .status: "status"
+        case .fsck: "fsck"
+        }
+    }
+}
+
+/// The arguments of one `HubAPI` call, as they travel on the wire. The `RequestContext` comes
+/// first in the payload of every method that has one.
+public enum HubRequest: Equatable, Sendable {
+    case openSession(agentName: String)
+    case closeSession(SessionID)
+    case lookup(RequestContext, parent: InodeID, name: [UInt8])
+    case getattr(RequestContext, ino: InodeID)
+    case setattr(RequestContext, ino: InodeID, SetAttributes)
+    case create(RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32, umask: UInt32, exclusive: Bool)
+    case mkdir(RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32)
+    case unlink(RequestContext, parent: InodeID, name: [UInt8])
+    case rmdir(RequestContext, parent: InodeID, name: [UInt8])
+    case symlink(RequestContext, parent: InodeID, name: [UInt8], target: [UInt8])
+    case readlink(RequestContext, ino: InodeID)
+    case link(RequestContext, ino: InodeID, newParent: InodeID, newName: [UInt8])
+    case rename(RequestContext, parent: InodeID, name: [UInt8], newParent: InodeID, newName: [UInt8], flags: RenameFlags)
+    case readdir(RequestContext, ino: InodeID, after: [UInt8]?, limit: UInt32)
+    case access(RequestContext, ino: InodeID, mask: UInt32)
+    case open(RequestContext, ino: InodeID, flags: Int32)
+    case release(RequestContext, ino: InodeID)
+    case getxattr(RequestContext, ino: InodeID, name: [UInt8])
+    case setxattr(RequestContext, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags)
+    case listxattr(RequestContext, ino: InodeID)
+    case removexattr(RequestContext, ino: InodeID, name: [UInt8])
+    case statfs(RequestContext)
+    case allocateSliceIDs(RequestContext, count: UInt32)
+    case writeSlice(RequestContext, id: SliceID, data: [UInt8])
+    case readSlice(RequestContext, id: SliceID, offset: UInt32, length: UInt32)
+    case layout(RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32)
+    case commitSlices(RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64, durable: Bool)
+    case sync(RequestContext)
+    case status
+    case fsck(repair: Bool)
+
+    public var opcode: HubOpcode {
+        switch self {
+        case .openSession: .openSession
+        case .closeSession: .closeSession
+        case .lookup: .lookup
+        case .getattr: .getattr
+        case .setattr: .setattr
+        case .create: .create
+        case .mkdir: .mkdir
+        case .unlink: .unlink
+        case .rmdir: .rmdir
+        case .symlink: .symlink
+        case .readlink: .readlink
+        case .link: .link
+        case .rename: .rename
+        case .readdir: .readdir
+        case .access: .access
+        case .open: .open
+        case .release: .release
+        case .getxattr: .getxattr
+        case .setxattr: .setxattr
+        case .listxattr: .listxattr
+        case .removexattr: .removexattr
+        case .statfs: .statfs
+        case .allocateSliceIDs: .allocateSliceIDs
+        case .writeSlice: .writeSlice
+        case .readSlice: .readSlice
+        case .layout: .layout
+        case .commitSlices: .commitSlices
+        case .sync: .sync
+        case .status: .status
+        case .fsck: .fsck
+        }
+    }
+
+    /// The session the request acts for: its context's, or the one `closeSession` ends.
+    public var session: SessionID? {
+        switch self {
+        case .openSession, .status, .fsck: nil
+        case .closeSession(let session): session
+        case .lookup(let c, _, _), .getattr(let c, _), .setattr(let c, _, _), .create(let c, _, _, _, _, _, _),
+             .mkdir(let c, _, _, _, _), .unlink(let c, _, _), .rmdir(let c, _, _), .symlink(let c, _, _, _),
+             .readlink(let c, _), .link(let c, _, _, _), .rename(let c, _, _, _, _, _), .readdir(let c, _, _, _),
+             .access(let c, _, _), .open(let c, _, _), .release(let c, _), .getxattr(let c, _, _),
+             .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
+             .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
+             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c):
+            c.session
+        }
+    }
+
+    /// The same request acting for `session` instead (a reconnected client's live session id).
+    public func withSession(_ session: SessionID) -> HubRequest {
+        func s(_ context: RequestContext) -> RequestContext {
+            var context = context
+            context.session = session
+            return context
+        }
+        switch self {
+        case .openSession, .status, .fsck: return self
+        case .closeSession: return .closeSession(session)
+        case let .lookup(c, parent, name): return .lookup(s(c), parent: parent, name: name)
+        case let .getattr(c, ino): return .getattr(s(c), ino: ino)
+        case let .setattr(c, ino, changes): return .setattr(s(c), ino: ino, changes)
+        case let .create(c, parent, name, mode, rdev, umask, exclusive):
+            return .create(s(c), parent: parent, name: name, mode: mode, rdev: rdev, umask: umask, exclusive: exclusive)
+        case let .mkdir(c, parent, name, mode, umask): return .mkdir(s(c), parent: parent, name: name, mode: mode, umask: umask)
+        case let .unlink(c, parent, name): return .unlink(s(c), parent: parent, name: name)
+        case let .rmdir(c, parent, name): return .rmdir(s(c), parent: parent, name: name)
+        case let .symlink(c, parent, name, target): return .symlink(s(c), parent: parent, name: name, target: target)
+        case let .readlink(c, ino): return .readlink(s(c), ino: ino)
+        case let .link(c, ino, newParent, newName): return .link(s(c), ino: ino, newParent: newParent, newName: newName)
+        case let .rename(c, parent, name, newParent, newName, flags):
+            return .rename(s(c), parent: parent, name: name, newParent: newParent, newName: newName, flags: flags)
+        case let .readdir(c, ino, after, limit): return .readdir(s(c), ino: ino, after: after, limit: limit)
+        case let .access(c, ino, mask): return .access(s(c), ino: ino, mask: mask)
+        case let .open(c, ino, flags): return .open(s(c), ino: ino, flags: flags)
+        case let .release(c, ino): return .release(s(c), ino: ino)
+        case let .getxattr(c, ino, name): return .getxattr(s(c), ino: ino, name: name)
+        case let .setxattr(c, ino, name, value, flags): return .setxattr(s(c), ino: ino, name: name, value: value, flags: flags)
+        case let .listxattr(c, ino): return .listxattr(s(c), ino: ino)
+        case let .removexattr(c, ino, name): return .removexattr(s(c), ino: ino, name: name)
+        case let .statfs(c): return .statfs(s(c))
+        case let .allocateSliceIDs(c, count): return .allocateSliceIDs(s(c), count: count)
+        case let .writeSlice(c, id, data): return .writeSlice(s(c), id: id, data: data)
+        case let .readSlice(c, id, offset, length): return .readSlice(s(c), id: id, offset: offset, length: length)
+        case let .layout(c, ino, firstChunk, count): return .layout(s(c), ino: ino, firstChunk: firstChunk, count: count)
+        case let .commitSlices(c, ino, slices, minimumSize, durable):
+            return .commitSlices(s(c), ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
+        case let .sync(c): return .sync(s(c))
+        }
+    }
+
+    /// Writes the payload into `w`, except for a trailing bulk byte string (`writeSlice`'s data),
+    /// whose u32 length prefix is written and whose bytes are returned for the caller to append
+    /// as they are. Large data is thus copied once, straight into the outgoing frame.
+    func encodeHead(into w: inout ByteWriter) -> [UInt8]? {
+        switch self {
+        case let .openSession(agentName):
+            w.string(agentName)
+        case let .closeSession(session):
+            w.u64(session)
+        case let .lookup(c, parent, name), let .unlink(c, parent, name), let .rmdir(c, parent, name):
+            c.encode(into: &w); w.u64(parent); w.blob(name)
+        case let .getattr(c, ino), let .readlink(c, ino), let .release(c, ino), let .listxattr(c, ino):
+            c.encode(into: &w); w.u64(ino)
+        case let .setattr(c, ino, changes):
+            c.encode(into: &w); w.u64(ino); changes.encode(into: &w)
+        case let .create(c, parent, name, mode, rdev, umask, exclusive):
+            c.encode(into: &w); w.u64(parent); w.blob(name); w.u32(mode); w.u32(rdev); w.u32(umask); w.bool(exclusive)
+        case let .mkdir(c, parent, name, mode, umask):
+            c.encode(into: &w); w.u64(parent); w.blob(name); w.u32(mode); w.u32(umask)
+        case let .symlink(c, parent, name, target):
+            c.encode(into: &w); w.u64(parent); w.blob(name); w.blob(target)
+        case let .link(c, ino, newParent, newName):
+            c.encode(into: &w); w.u64(ino); w.u64(newParent); w.blob(newName)
+        case let .rename(c, parent, name, newParent, newName, flags):
+            c.encode(into: &w); w.u64(parent); w.blob(name); w.u64(newParent); w.blob(newName); w.u32(flags.rawValue)
+        case let .readdir(c, ino, after, limit):
+            c.encode(into: &w); w.u64(ino)
+            if let after { w.u8(1); w.blob(after) } else { w.u8(0) }
+            w.u32(limit)
+        case let .access(c, ino, mask):
+            c.encode(into: &w); w.u64(ino); w.u32(mask)
+        case let .open(c, ino, flags):
+            c.encode(into: &w); w.u64(ino); w.i32(flags)
+        case let .getxattr(c, ino, name), let .removexattr(c, ino, name):
+            c.encode(into: &w); w.u64(ino); w.blob(name)
+        case let .setxattr(c, ino, name, value, flags):
+            c.encode(into: &w); w.u64(ino); w.blob(name); w.blob(value); w.u32(flags.rawValue)
+        case let .statfs(c), let .sync(c):
+            c.encode(into: &w)
+        case let .allocateSliceIDs(c, count):
+            c.encode(into: &w); w.u32(count)
+        case let .writeSlice(c, id, data):
+            c.encode(into: &w); w.u64(id); w.u32(UInt32(data.count))
+            return data
+        case let .readSlice(c, id, offset, length):
+            c.encode(into: &w); w.u64(id); w.u32(offset); w.u32(length)
+        case let .layout(c, ino, firstChunk, count):
+            c.encode(into: &w); w.u64(ino); w.u32(firstChunk); w.u32(count)
+        case let .commitSlices(c, ino, slices, minimumSize, durable):
+            c.encode(into: &w); w.u64(ino); w.u32(UInt32(slices.count))
+            for commit in slices { w.u32(commit.chunkIndex); commit.slice.encode(into: &w) }
+            w.u64(minimumSize); w.bool(durable)
+        case .status:
+            break
+        case let .fsck(repair):
+            w.bool(repair)
+        }
+        return nil
+    }
+
+    /// Reads the payload of a request with `opcode`. Leaves any trailing bytes to the caller.
+    static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubRequest {
+        switch opcode {
+        case .openSession:
+            return .openSession(agentName: try r.string(max: WireCodec.stringMaxBytes))
+        case .closeSession:
+            return .closeSession(try r.u64())
+        case .status:
+            return .status
+        case .fsck:
+            return .fsck(repair: try r.bool())
+        default:
+            break
+        }
+        let c = try RequestContext.decode(from: &r)
+        switch opcode {
+        case .openSession, .closeSession, .status, .fsck:
+            preconditionFailure("handled above")
+        case .lookup:
+            return .lookup(c, parent: try r.u64(), name: try r.blob())
+        case .unlink:
+            return .unlink(c, parent: try r.u64(), name: try r.blob())
+        case .rmdir:
+            return .rmdir(c, parent: try r.u64(), name: try r.blob())
+        case .getattr:
+            return .getattr(c, ino: try r.u64())
+        case .readlink:
+            return .readlink(c, ino: try r.u64())
+        case .release:
+            return .release(c, ino: try r.u64())
+        case .listxattr:
+            return .listxattr(c, ino: try r.u64())
+        case .setattr:
+            return .setattr(c, ino: try r.u64(), try SetAttributes.decode(from: &r))
+        case .create:
+            return .create(c, parent: try r.u64(), name: try r.blob(), mode: try r.u32(), rdev: try r.u32(),
+                           umask: try r.u32(), exclusive: try r.bool())
+        case .mkdir:
+            return .mkdir(c, parent: try r.u64(), name: try r.blob(), mode: try r.u32(), umask: try r.u32())
+        case .symlink:
+            return .symlink(c, parent: try r.u64(), name: try r.blob(), target: try r.blob())
+        case .link:
+            return .link(c, ino: try r.u64(), newParent: try r.u64(), newName: try r.blob())
+        case .rename:
+            return .rename(c, parent: try r.u64(), name: try r.blob(), newParent: try r.u64(), newName: try r.blob(),
+                           flags: RenameFlags(rawValue: try r.u32()))
+        case .readdir:
+            let ino = try r.u64()
+            let after: [UInt8]? = try r.bool() ? try r.blob() : nil
+            return .readdir(c, ino: ino, after: after, limit: try r.u32())
+        case .access:
+            return .access(c, ino: try r.u64(), mask: try r.u32())
+        case .open:
+            return .open(c, ino: try r.u64(), flags: try r.i32())
+        case .getxattr:
+            return .getxattr(c, ino: try r.u64(), name: try r.blob())
+        case .removexattr:
+            return .removexattr(c, ino: try r.u64(), name: try r.blob())
+        case .setxattr:
+            return .setxattr(c, ino: try r.u64(), name: try r.blob(), value: try r.blob(),
+                             flags: XattrFlags(rawValue: try r.u32()))
+        case .statfs:
+            return .statfs(c)
+        case .sync:
+            return .sync(c)
+        case .allocateSliceIDs:
+            return .allocateSliceIDs(c, count: try r.u32())
+        case .writeSlice:
+            return .writeSlice(c, id: try r.u64(), data: try r.blob())
+        case .readSlice:
+            return .readSlice(c, id: try r.u64(), offset: try r.u32(), length: try r.u32())
+        case .layout:
+            return .layout(c, ino: try r.u64(), firstChunk: try r.u32(), count: try r.u32())
+        case .commitSlices:
+            let ino = try r.u64()
+            let count = try r.listCount(minimumElementBytes: 4 + Slice.encodedBytes)
+            var slices: [SliceCommit] = []
+            slices.reserveCapacity(count)
+            for _ in 0..<count {
+                slices.append(SliceCommit(chunkIndex: try r.u32(), slice: try Slice.decode(from: &r)))
+            }
+            return .commitSlices(c, ino: ino, slices: slices, minimumSize: try r.u64(), durable: try r.bool())
+        }
+    }
+}
+
+extension ByteReader {
+    /// A list count, bounded by what the remaining bytes could hold, so that reserving capacity
+    /// for it never allocates more than the frame's own size allows.
+    mutating func listCount(minimumElementBytes: Int) throws -> Int {
+        try count(max: remaining / minimumElementBytes)
+    }
+}

@@ -1,0 +1,152 @@
+import WeftProto
+
+/// The result of a successful `HubAPI` call, one case per result shape. The opcode of the
+/// response frame says which method produced it, and so which shape the payload has.
+public enum HubResponse: Equatable, Sendable {
+    /// closeSession, unlink, rmdir, rename, access, release, setxattr, removexattr, writeSlice, sync.
+    case empty
+    /// openSession.
+    case session(SessionID, VolumeInfo)
+    /// lookup, getattr, setattr, create, mkdir, symlink, link, open, commitSlices.
+    case attributes(Attributes)
+    /// readlink, getxattr, readSlice.
+    case bytes([UInt8])
+    /// readdir.
+    case entries([DirectoryEntry])
+    /// listxattr.
+    case names([[UInt8]])
+    /// statfs.
+    case fileSystemStats(FileSystemStats)
+    /// allocateSliceIDs.
+    case firstSliceID(SliceID)
+    /// layout.
+    case layout(Attributes, [[Slice]])
+    /// status.
+    case status(HubStatus)
+    /// fsck.
+    case fsckReport(FsckReport)
+
+    /// Whether this is the result shape of `opcode`.
+    func fits(_ opcode: HubOpcode) -> Bool {
+        switch (self, opcode) {
+        case (.empty, .closeSession), (.empty, .unlink), (.empty, .rmdir), (.empty, .rename), (.empty, .access),
+             (.empty, .release), (.empty, .setxattr), (.empty, .removexattr), (.empty, .writeSlice), (.empty, .sync),
+             (.session, .openSession),
+             (.attributes, .lookup), (.attributes, .getattr), (.attributes, .setattr), (.attributes, .create),
+             (.attributes, .mkdir), (.attributes, .symlink), (.attributes, .link), (.attributes, .open),
+             (.attributes, .commitSlices),
+             (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
+             (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
+             (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck):
+            return true
+        default:
+            return false
+        }
+    }
+
+    var shapeName: String {
+        switch self {
+        case .empty: "empty"
+        case .session: "session"
+        case .attributes: "attributes"
+        case .bytes: "bytes"
+        case .entries: "entries"
+        case .names: "names"
+        case .fileSystemStats: "fileSystemStats"
+        case .firstSliceID: "firstSliceID"
+        case .layout: "layout"
+        case .status: "status"
+        case .fsckReport: "fsckReport"
+        }
+    }
+
+    /// Writes the result, except the bytes of `.bytes` (a readSlice may carry 64 MiB): their u32
+    /// length is written and they are returned, to be appended as they are.
+    func encodeHead(into w: inout ByteWriter) -> [UInt8]? {
+        switch self {
+        case .empty:
+            break
+        case let .session(session, volume):
+            w.u64(session); volume.encode(into: &w)
+        case let .attributes(attributes):
+            attributes.encode(into: &w)
+        case let .bytes(bytes):
+            w.u32(UInt32(bytes.count))
+            return bytes
+        case let .entries(entries):
+            w.u32(UInt32(entries.count))
+            for entry in entries { w.blob(entry.name); w.u64(entry.ino); entry.attributes.encode(into: &w) }
+        case let .names(names):
+            w.u32(UInt32(names.count))
+            for name in names { w.blob(name) }
+        case let .fileSystemStats(stats):
+            stats.encode(into: &w)
+        case let .firstSliceID(id):
+            w.u64(id)
+        case let .layout(attributes, chunks):
+            attributes.encode(into: &w)
+            w.u32(UInt32(chunks.count))
+            for slices in chunks {
+                w.u32(UInt32(slices.count))
+                for slice in slices { slice.encode(into: &w) }
+            }
+        case let .status(status):
+            status.encode(into: &w)
+        case let .fsckReport(report):
+            report.encode(into: &w)
+        }
+        return nil
+    }
+
+    /// Bytes of an encoded `Attributes`: version byte, 5 × u32, 6 × u64.
+    static let attributesEncodedBytes = 1 + 5 * 4 + 6 * 8
+
+    /// Reads the success payload of a response to `opcode`. Leaves any trailing bytes to the caller.
+    static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
+        switch opcode {
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync:
+            return .empty
+        case .openSession:
+            return .session(try r.u64(), try VolumeInfo.decode(from: &r))
+        case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
+            return .attributes(try Attributes.decode(from: &r))
+        case .readlink, .getxattr, .readSlice:
+            return .bytes(try r.blob())
+        case .readdir:
+            let count = try r.listCount(minimumElementBytes: 4 + 8 + attributesEncodedBytes)
+            var entries: [DirectoryEntry] = []
+            entries.reserveCapacity(count)
+            for _ in 0..<count {
+                entries.append(DirectoryEntry(name: try r.blob(), ino: try r.u64(), attributes: try Attributes.decode(from: &r)))
+            }
+            return .entries(entries)
+        case .listxattr:
+            let count = try r.listCount(minimumElementBytes: 4)
+            var names: [[UInt8]] = []
+            names.reserveCapacity(count)
+            for _ in 0..<count { names.append(try r.blob()) }
+            return .names(names)
+        case .statfs:
+            return .fileSystemStats(try FileSystemStats.decode(from: &r))
+        case .allocateSliceIDs:
+            return .firstSliceID(try r.u64())
+        case .layout:
+            let attributes = try Attributes.decode(from: &r)
+            let chunkCount = try r.listCount(minimumElementBytes: 4)
+            var chunks: [[Slice]] = []
+            chunks.reserveCapacity(chunkCount)
+            for _ in 0..<chunkCount {
+                let sliceCount = try r.listCount(minimumElementBytes: Slice.encodedBytes)
+                var slices: [Slice] = []
+                slices.reserveCapacity(sliceCount)
+                for _ in 0..<sliceCount { slices.append(try Slice.decode(from: &r)) }
+                chunks.append(slices)
+            }
+            return .layout(attributes, chunks)
+        case .status:
+            return .status(try HubStatus.decode(from: &r))
+        case .fsck:
+            return .fsckReport(try FsckReport.decode(from: &r))
+        }
+    }
+}

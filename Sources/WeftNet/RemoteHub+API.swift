@@ -1,0 +1,150 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import WeftProto
+
+/// The `HubAPI` methods of `RemoteHub`: each builds its request, calls, and unpacks the result.
+extension RemoteHub {
+    public func lookup(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+        try attributes(.lookup(context, parent: parent, name: name))
+    }
+
+    public func getattr(_ context: RequestContext, ino: InodeID) throws -> Attributes {
+        try attributes(.getattr(context, ino: ino))
+    }
+
+    public func setattr(_ context: RequestContext, ino: InodeID, _ changes: SetAttributes) throws -> Attributes {
+        try attributes(.setattr(context, ino: ino, changes))
+    }
+
+    public func create(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32,
+                       umask: UInt32, exclusive: Bool) throws -> Attributes {
+        try attributes(.create(context, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask, exclusive: exclusive))
+    }
+
+    public func mkdir(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {
+        try attributes(.mkdir(context, parent: parent, name: name, mode: mode, umask: umask))
+    }
+
+    public func unlink(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
+        try empty(.unlink(context, parent: parent, name: name))
+    }
+
+    public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
+        try empty(.rmdir(context, parent: parent, name: name))
+    }
+
+    public func symlink(_ context: RequestContext, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes {
+        try attributes(.symlink(context, parent: parent, name: name, target: target))
+    }
+
+    public func readlink(_ context: RequestContext, ino: InodeID) throws -> [UInt8] {
+        try bytes(.readlink(context, ino: ino))
+    }
+
+    public func link(_ context: RequestContext, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes {
+        try attributes(.link(context, ino: ino, newParent: newParent, newName: newName))
+    }
+
+    public func rename(_ context: RequestContext, parent: InodeID, name: [UInt8], newParent: InodeID, newName: [UInt8],
+                       flags: RenameFlags) throws {
+        try empty(.rename(context, parent: parent, name: name, newParent: newParent, newName: newName, flags: flags))
+    }
+
+    public func readdir(_ context: RequestContext, ino: InodeID, after: [UInt8]?, limit: Int) throws -> [DirectoryEntry] {
+        guard limit >= 0 else { throw WeftError(EINVAL, "readdir limit \(limit) is negative") }
+        let request = HubRequest.readdir(context, ino: ino, after: after, limit: UInt32(clamping: limit))
+        guard case let .entries(entries) = try call(request) else { throw shapeMismatch(.readdir) }
+        return entries
+    }
+
+    public func access(_ context: RequestContext, ino: InodeID, mask: UInt32) throws {
+        try empty(.access(context, ino: ino, mask: mask))
+    }
+
+    public func open(_ context: RequestContext, ino: InodeID, flags: Int32) throws -> Attributes {
+        try attributes(.open(context, ino: ino, flags: flags))
+    }
+
+    public func release(_ context: RequestContext, ino: InodeID) throws {
+        try empty(.release(context, ino: ino))
+    }
+
+    public func getxattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws -> [UInt8] {
+        try bytes(.getxattr(context, ino: ino, name: name))
+    }
+
+    public func setxattr(_ context: RequestContext, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags) throws {
+        try empty(.setxattr(context, ino: ino, name: name, value: value, flags: flags))
+    }
+
+    public func listxattr(_ context: RequestContext, ino: InodeID) throws -> [[UInt8]] {
+        guard case let .names(names) = try call(.listxattr(context, ino: ino)) else { throw shapeMismatch(.listxattr) }
+        return names
+    }
+
+    public func removexattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws {
+        try empty(.removexattr(context, ino: ino, name: name))
+    }
+
+    public func statfs(_ context: RequestContext) throws -> FileSystemStats {
+        guard case let .fileSystemStats(stats) = try call(.statfs(context)) else { throw shapeMismatch(.statfs) }
+        return stats
+    }
+
+    public func allocateSliceIDs(_ context: RequestContext, count: UInt32) throws -> SliceID {
+        guard case let .firstSliceID(id) = try call(.allocateSliceIDs(context, count: count)) else {
+            throw shapeMismatch(.allocateSliceIDs)
+        }
+        return id
+    }
+
+    public func writeSlice(_ context: RequestContext, id: SliceID, data: [UInt8]) throws {
+        try empty(.writeSlice(context, id: id, data: data))
+    }
+
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {
+        try bytes(.readSlice(context, id: id, offset: offset, length: length))
+    }
+
+    public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {
+        let request = HubRequest.layout(context, ino: ino, firstChunk: firstChunk, count: count)
+        guard case let .layout(attributes, chunks) = try call(request) else { throw shapeMismatch(.layout) }
+        return (attributes, chunks)
+    }
+
+    public func commitSlices(_ context: RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64,
+                             durable: Bool) throws -> Attributes {
+        try attributes(.commitSlices(context, ino: ino, slices: slices, minimumSize: minimumSize, durable: durable))
+    }
+
+    public func sync(_ context: RequestContext) throws {
+        try empty(.sync(context))
+    }
+
+    public func status() throws -> HubStatus {
+        guard case let .status(status) = try call(.status) else { throw shapeMismatch(.status) }
+        return status
+    }
+
+    public func fsck(repair: Bool) throws -> FsckReport {
+        guard case let .fsckReport(report) = try call(.fsck(repair: repair)) else { throw shapeMismatch(.fsck) }
+        return report
+    }
+
+    private func attributes(_ request: HubRequest) throws -> Attributes {
+        guard case let .attributes(attributes) = try call(request) else { throw shapeMismatch(request.opcode) }
+        return attributes
+    }
+
+    private func bytes(_ request: HubRequest) throws -> [UInt8] {
+        guard case let .bytes(bytes) = try call(request) else { throw shapeMismatch(request.opcode) }
+        return bytes
+    }
+
+    private func empty(_ request: HubRequest) throws {
+        guard case .empty = try call(request) else { throw shapeMismatch(request.opcode) }
+    }
+}

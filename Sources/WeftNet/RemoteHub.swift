@@ -1,0 +1,423 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+import NIOCore
+import NIOPosix
+import WeftProto
+
+/// `HubAPI` over the network: a client of `HubServer`.
+///
+/// Guarantees:
+/// - methods block the calling thread (never call them on an event loop: EDEADLK) and are safe
+///   from many threads at once; their requests share one connection, pipelined;
+/// - every call returns or throws within `requestTimeoutMs` (ETIMEDOUT) plus, when it has to
+///   connect first, `connectTimeoutMs`; a hub that refuses or does not answer the connection gives
+///   EIO "hub HOST:PORT does not answer"; requests in flight when the connection drops fail with
+///   EIO and are not resent (they may or may not have taken effect); the next call reconnects;
+/// - sessions survive reconnects: each session opened through this client is reopened (same
+///   agent name) on every new connection, and the id the caller got from `openSession` keeps
+///   working: the live session id is substituted into each request. Open-file references held by
+///   the old session are dropped by the hub when it sees the old connection end;
+/// - at most `maxInFlightRequests` requests are outstanding; further callers wait for a slot
+///   (within their own timeout).
+public final class RemoteHub: HubAPI, @unchecked Sendable {
+    public static let maxInFlightRequests = 1024
+
+    public let address: HubAddress
+    public let connectTimeoutMs: Int
+    public let requestTimeoutMs: Int
+    let logger: Logger
+
+    private let group: MultiThreadedEventLoopGroup
+    private let waiters = ThreadSpecificVariable<ResponseWaiter>()
+
+    private enum State {
+        case disconnected
+        case connecting
+        case connected(ClientConnection)
+        case closed
+    }
+
+    // Guarded by `lock`.
+    private let lock = PthreadMutex()
+    /// Broadcast when a connection attempt ends, a connection is lost, or a request slot frees up.
+    private let stateChanged = ConditionVariable()
+    private var state = State.disconnected
+    private var finishedConnectAttempts: UInt64 = 0
+    private var lastConnectError: WeftError?
+    /// Sessions opened through this client and not closed: caller's id → agent name.
+    private var sessions: [SessionID: String] = [:]
+    private var nextRequestID: UInt64 = 1
+    private var slotWaiters = 0
+
+    public init(address: HubAddress, connectTimeoutMs: Int = 5000, requestTimeoutMs: Int = 30000, logger: Logger) {
+        precondition(connectTimeoutMs > 0 && requestTimeoutMs > 0)
+        self.address = address
+        self.connectTimeoutMs = connectTimeoutMs
+        self.requestTimeoutMs = requestTimeoutMs
+        self.logger = logger
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    }
+
+    /// Closes the connection and stops the event loop thread. Calls in flight fail with EIO; later
+    /// calls fail with ESHUTDOWN. Idempotent.
+    public func close() {
+        let connection: ClientConnection? = lock.withLock {
+            if case .closed = state { return nil }
+            var current: ClientConnection?
+            if case .connected(let connection) = state { current = connection }
+            state = .closed
+            stateChanged.broadcast()
+            return current
+        }
+        if let channel = connection?.channel { try? channel.close().wait() }
+        try? group.syncShutdownGracefully()
+    }
+
+    deinit {
+        if case .closed = state {} else { logger.warning("RemoteHub released without close(): its thread leaks") }
+    }
+
+    // MARK: Sessions
+
+    public func openSession(agentName: String) throws -> (SessionID, VolumeInfo) {
+        guard agentName.utf8.count <= WireCodec.stringMaxBytes else {
+            throw WeftError(ENAMETOOLONG, "agent name longer than \(WireCodec.stringMaxBytes) bytes")
+        }
+        // A second round only if the connection dropped right after the hub answered; the hub
+        // closes that session with the connection.
+        for _ in 0..<2 {
+            let connection = try liveConnection()
+            guard case let .session(liveID, volume) = try send(.openSession(agentName: agentName), on: connection,
+                                                               substituteSession: false) else {
+                throw shapeMismatch(.openSession)
+            }
+            let callerID: SessionID? = lock.withLock {
+                guard connection.isOpen, case .connected(let current) = state, current === connection else { return nil }
+                var id = liveID
+                while sessions[id] != nil { id &+= 1 }
+                sessions[id] = agentName
+                connection.liveSessions[id] = liveID
+                return id
+            }
+            if let callerID { return (callerID, volume) }
+        }
+        throw WeftError(EIO, "connection to hub \(address.displayName) lost while opening a session")
+    }
+
+    public func closeSession(_ session: SessionID) throws {
+        enum Plan { case forget, closeLive(ClientConnection, SessionID), passThrough }
+        let plan: Plan = lock.withLock {
+            guard sessions.removeValue(forKey: session) != nil else { return .passThrough }
+            if case .connected(let connection) = state, let liveID = connection.liveSessions.removeValue(forKey: session) {
+                return .closeLive(connection, liveID)
+            }
+            // Not connected: the hub closed the session when the connection ended.
+            return .forget
+        }
+        switch plan {
+        case .forget:
+            return
+        case let .closeLive(connection, liveID):
+            do {
+                _ = try send(.closeSession(liveID), on: connection, substituteSession: false)
+            } catch let error as WeftError where error.errno == EIO {
+                // The connection ended: the hub closes the session itself.
+            }
+        case .passThrough:
+            _ = try call(.closeSession(session))
+        }
+    }
+
+    // MARK: Requests
+
+    /// Sends `request` on the live connection (connecting first if needed) and waits for its result.
+    func call(_ request: HubRequest) throws -> HubResponse {
+        // A request whose connection closed before it was sent is sent once more on a new one.
+        do {
+            return try send(request, on: try liveConnection())
+        } catch is NotSent {
+            do {
+                return try send(request, on: try liveConnection())
+            } catch is NotSent {
+                throw WeftError(EIO, "connection to hub \(address.displayName) lost")
+            }
+        }
+    }
+
+    private struct NotSent: Error {}
+
+    /// Sends `request` on `connection` and blocks until its response or `requestTimeoutMs`.
+    /// Throws `NotSent` if the connection was already closed.
+    private func send(_ request: HubRequest, on connection: ClientConnection, substituteSession: Bool = true) throws -> HubResponse {
+        let waiter = currentWaiter()
+        let opcode = request.opcode
+        let deadlineNs = MonotonicClock.deadlineNs(afterMs: requestTimeoutMs)
+
+        // Register: take a slot and an id, substitute the live session.
+        let (id, wireRequest, channel): (UInt64, HubRequest, Channel) = try lock.withLock {
+            while connection.isOpen && connection.pending.count >= Self.maxInFlightRequests {
+                slotWaiters += 1
+                defer { slotWaiters -= 1 }
+                if !stateChanged.wait(lock, deadlineNs: deadlineNs) { throw timedOut(opcode) }
+            }
+            guard connection.isOpen, let channel = connection.channel else { throw NotSent() }
+            let id = nextRequestID
+            nextRequestID &+= 1
+            waiter.outcome = nil
+            connection.pending[id] = waiter
+            var wireRequest = request
+            if substituteSession, let session = request.session, let liveID = connection.liveSessions[session], liveID != session {
+                wireRequest = request.withSession(liveID)
+            }
+            return (id, wireRequest, channel)
+        }
+        if channel.eventLoop.inEventLoop {
+            abandon(id, on: connection)
+            throw WeftError(EDEADLK, "RemoteHub called on its own event loop")
+        }
+
+        let buffer: ByteBuffer
+        do {
+            buffer = try WireCodec.requestBuffer(id: id, wireRequest, allocator: channel.allocator)
+        } catch {
+            abandon(id, on: connection)
+            throw error
+        }
+        channel.writeAndFlush(buffer, promise: nil)
+
+        let frame: InboundFrame = try lock.withLock {
+            while waiter.outcome == nil {
+                if !waiter.wakeup.wait(lock, deadlineNs: deadlineNs), waiter.outcome == nil {
+                    connection.pending.removeValue(forKey: id)
+                    slotFreed()
+                    throw timedOut(opcode)
+                }
+            }
+            defer { waiter.outcome = nil }
+            return try waiter.outcome!.get()
+        }
+
+        guard frame.header.opcode == opcode.rawValue else {
+            throw protocolViolation(on: channel, "response to \(opcode) request \(id) carries opcode \(frame.header.opcode)")
+        }
+        let result: Result<HubResponse, WeftError>
+        do {
+            result = try WireCodec.decodeResponse(opcode: opcode, payload: frame.payload)
+        } catch {
+            throw protocolViolation(on: channel, "malformed \(opcode) response: \(error)")
+        }
+        return try result.get()
+    }
+
+    private func currentWaiter() -> ResponseWaiter {
+        if let waiter = waiters.currentValue { return waiter }
+        let waiter = ResponseWaiter()
+        waiters.currentValue = waiter
+        return waiter
+    }
+
+    private func abandon(_ id: UInt64, on connection: ClientConnection) {
+        lock.withLock {
+            connection.pending.removeValue(forKey: id)
+            slotFreed()
+        }
+    }
+
+    /// Call with `lock` held, after removing a pending request.
+    private func slotFreed() {
+        if slotWaiters > 0 { stateChanged.broadcast() }
+    }
+
+    private func timedOut(_ opcode: HubOpcode) -> WeftError {
+        WeftError(ETIMEDOUT, "hub \(address.displayName) did not answer \(opcode.name) within \(requestTimeoutMs) ms")
+    }
+
+    /// Closes the connection and returns the error for the caller to throw.
+    private func protocolViolation(on channel: Channel, _ problem: String) -> WeftError {
+        logger.error("closing hub connection: protocol violation", metadata: ["hub": "\(address)", "problem": "\(problem)"])
+        channel.close(promise: nil)
+        return WeftError(EIO, "hub \(address.displayName) broke the wire protocol: \(problem)")
+    }
+
+    func shapeMismatch(_ opcode: HubOpcode) -> WeftError {
+        WeftError(EIO, "hub \(address.displayName) answered \(opcode.name) with the wrong result shape")
+    }
+
+    // MARK: Events from the connection's event loop
+
+    /// Completes the request `frame` answers. Returns false if the frame is not a response
+    /// (the caller closes the connection).
+    func deliver(_ frame: InboundFrame, on connection: ClientConnection) -> Bool {
+        guard frame.header.kind == .response else {
+            logger.error("closing hub connection: the hub sent a request frame", metadata: ["hub": "\(address)"])
+            return false
+        }
+        lock.withLock {
+            // No waiter: the request timed out and its answer is dropped.
+            guard let waiter = connection.pending.removeValue(forKey: frame.header.requestID) else { return }
+            waiter.outcome = .success(frame)
+            waiter.wakeup.signal()
+            slotFreed()
+        }
+        return true
+    }
+
+    /// Fails every request in flight on `connection`; the next call reconnects.
+    func connectionLost(_ connection: ClientConnection) {
+        let wasCurrent: Bool = lock.withLock {
+            guard connection.isOpen else { return false }
+            connection.isOpen = false
+            let lost = WeftError(EIO, "connection to hub \(address.displayName) lost")
+            for waiter in connection.pending.values {
+                waiter.outcome = .failure(lost)
+                waiter.wakeup.signal()
+            }
+            connection.pending.removeAll()
+            stateChanged.broadcast()
+            if case .connected(let current) = state, current === connection {
+                state = .disconnected
+                return true
+            }
+            return false
+        }
+        if wasCurrent { logger.warning("connection to hub lost; the next call reconnects", metadata: ["hub": "\(address)"]) }
+    }
+
+    // MARK: Connecting
+
+    /// The open connection, connecting (once, for all waiting threads) if there is none.
+    private func liveConnection() throws -> ClientConnection {
+        lock.lock()
+        switch state {
+        case .closed:
+            lock.unlock()
+            throw WeftError(ESHUTDOWN, "RemoteHub for \(address.displayName) is closed")
+        case .connected(let connection):
+            lock.unlock()
+            return connection
+        case .connecting:
+            // Share the attempt under way rather than starting another.
+            let attempt = finishedConnectAttempts
+            let deadlineNs = MonotonicClock.deadlineNs(afterMs: connectTimeoutMs + requestTimeoutMs)
+            while finishedConnectAttempts == attempt, case .connecting = state {
+                if !stateChanged.wait(lock, deadlineNs: deadlineNs) { break }
+            }
+            defer { lock.unlock() }
+            switch state {
+            case .connected(let connection): return connection
+            case .closed: throw WeftError(ESHUTDOWN, "RemoteHub for \(address.displayName) is closed")
+            case .connecting, .disconnected: throw lastConnectError ?? doesNotAnswer("no connection")
+            }
+        case .disconnected:
+            state = .connecting
+            lock.unlock()
+        }
+
+        let result = Result { try establishConnection() }
+
+        var orphans: [SessionID] = []
+        let outcome: Result<ClientConnection, WeftError> = lock.withLock {
+            finishedConnectAttempts &+= 1
+            defer { stateChanged.broadcast() }
+            if case .closed = state {
+                return .failure(WeftError(ESHUTDOWN, "RemoteHub for \(address.displayName) is closed"))
+            }
+            switch result {
+            case .success(let connection) where connection.isOpen:
+                // Sessions closed by the caller while this connection was being set up.
+                for (callerID, liveID) in connection.liveSessions where sessions[callerID] == nil {
+                    connection.liveSessions.removeValue(forKey: callerID)
+                    orphans.append(liveID)
+                }
+                state = .connected(connection)
+                lastConnectError = nil
+                return .success(connection)
+            case .success:
+                let error = WeftError(EIO, "connection to hub \(address.displayName) lost while connecting")
+                state = .disconnected
+                lastConnectError = error
+                return .failure(error)
+            case .failure(let error):
+                let error = error as? WeftError ?? doesNotAnswer("\(error)")
+                state = .disconnected
+                lastConnectError = error
+                return .failure(error)
+            }
+        }
+        switch (outcome, result) {
+        case (.success(let connection), _):
+            for liveID in orphans {
+                _ = try? send(.closeSession(liveID), on: connection, substituteSession: false)
+            }
+            return connection
+        case (.failure(let error), .success(let connection)):
+            connection.channel?.close(promise: nil)
+            throw error
+        case (.failure(let error), .failure):
+            throw error
+        }
+    }
+
+    /// Connects and reopens every remembered session on the new connection. Bounded by
+    /// `connectTimeoutMs` for the connection and `requestTimeoutMs` per reopened session.
+    private func establishConnection() throws -> ClientConnection {
+        let connection = ClientConnection(expectedInFlight: 64)
+        var bootstrap = ClientBootstrap(group: group)
+            .connectTimeout(.milliseconds(Int64(connectTimeoutMs)))
+            .channelOption(ChannelOptions.recvAllocator,
+                           value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 4096, maximum: 256 * 1024))
+            .channelInitializer { [self] channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandlers(
+                        ByteToMessageHandler(FrameDecoder()), ClientResponseHandler(hub: self, connection: connection))
+                }
+            }
+        let channel: Channel
+        do {
+            switch address {
+            case let .tcp(host, port):
+                bootstrap = bootstrap.channelOption(ChannelOptions.socketOption(.so_keepalive), value: 1)
+                channel = try bootstrap.connect(host: host, port: port).wait()
+            case let .unix(path):
+                channel = try bootstrap.connect(unixDomainSocketPath: path).wait()
+            }
+        } catch {
+            throw doesNotAnswer(describeConnectFailure(error))
+        }
+        lock.withLock { connection.channel = channel }
+
+        let toReopen = lock.withLock { sessions }
+        for (callerID, agentName) in toReopen {
+            do {
+                guard case let .session(liveID, _) = try send(.openSession(agentName: agentName), on: connection,
+                                                              substituteSession: false) else {
+                    throw shapeMismatch(.openSession)
+                }
+                lock.withLock { connection.liveSessions[callerID] = liveID }
+            } catch {
+                channel.close(promise: nil)
+                throw WeftError(EIO, "hub \(address.displayName): cannot reopen the session of '\(agentName)': \(error)")
+            }
+        }
+        logger.info("connected to hub", metadata: ["hub": "\(address)", "reopenedSessions": "\(toReopen.count)"])
+        return connection
+    }
+
+    private func doesNotAnswer(_ cause: String) -> WeftError {
+        WeftError(EIO, "hub \(address.displayName) does not answer (\(cause))")
+    }
+
+    private func describeConnectFailure(_ error: Error) -> String {
+        if case ChannelError.connectTimeout = error { return "no connection within \(connectTimeoutMs) ms" }
+        if let error = error as? NIOConnectionError {
+            if let failure = error.connectionErrors.first { return describeConnectFailure(failure.error) }
+            if let dns = error.dnsAError ?? error.dnsAAAAError { return "cannot resolve \(error.host): \(dns)" }
+        }
+        if let error = error as? IOError { return String(cString: strerror(error.errnoCode)) }
+        return "\(error)"
+    }
+}

@@ -1,0 +1,232 @@
+import Foundation
+import WeftProto
+
+/// The bytes of one read, as pieces of cached blocks (no copy until the kernel takes them).
+public struct ReadResult {
+    public struct Piece {
+        public let block: CachedBlock
+        public let offset: Int
+        public let length: Int
+    }
+    public var pieces: [Piece] = []
+    public var count: Int { pieces.reduce(0) { $0 + $1.length } }
+
+    /// Copies the bytes into one array (tests and the native API use this).
+    public func bytes() -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(count)
+        for piece in pieces {
+            out.append(contentsOf: UnsafeRawBufferPointer(start: piece.block.pointer + piece.offset, count: piece.length))
+        }
+        return out
+    }
+}
+
+/// A stretch of a file resolved to a chunk object range or a hole.
+struct ResolvedRange {
+    var sliceID: SliceID
+    var objectOffset: Int
+    var objectLength: Int
+    var length: Int
+}
+
+extension VFS {
+    public func read(handle id: UInt64, offset: UInt64, size: Int) throws -> ReadResult {
+        let handle = try fileHandle(id)
+        let accessMode = handle.flags & O_ACCMODE
+        guard accessMode == O_RDONLY || accessMode == O_RDWR else { throw WeftError(EBADF) }
+        let file = handle.file
+        let ranges = try resolve(file, context: handle.context, offset: offset, size: size, flushFirst: true)
+        let end = offset + UInt64(ranges.reduce(0) { $0 + $1.length })
+        scheduleReadahead(handle, readOffset: offset, readEnd: end)
+        var result = ReadResult()
+        result.pieces.reserveCapacity(ranges.count * 2)
+        for range in ranges { try fetch(range, context: handle.context, into: &result) }
+        return result
+    }
+
+    /// Maps `[offset, offset+size)` (clamped to the file size) onto chunk objects and holes.
+    func resolve(_ file: OpenFile, context: RequestContext, offset: UInt64, size: Int,
+                 flushFirst: Bool) throws -> [ResolvedRange] {
+        file.lock.lock()
+        defer { file.lock.unlock() }
+        if file.hasDirtyData {
+            guard flushFirst else { return [] }
+            try flushLocked(file, context: context, durable: false)
+        }
+        let fileSize = file.attributes.size
+        guard offset < fileSize, size > 0 else { return [] }
+        let end = min(fileSize, offset + UInt64(size))
+        let chunkSize = UInt64(chunkSizeBytes)
+        var ranges: [ResolvedRange] = []
+        var position = offset
+        while position < end {
+            let index = UInt32(position / chunkSize)
+            let chunkStart = UInt64(index) * chunkSize
+            let startInChunk = UInt32(position - chunkStart)
+            let endInChunk = UInt32(min(end, chunkStart + chunkSize) - chunkStart)
+            let slices = try layoutLocked(file, context: context, index: index)
+            for segment in overlaySlices(slices, start: startInChunk, end: endInChunk) {
+                ranges.append(ResolvedRange(sliceID: segment.sliceID, objectOffset: Int(segment.objectOffset),
+                                            objectLength: Int(segment.objectLength), length: Int(segment.length)))
+            }
+            position = chunkStart + UInt64(endInChunk)
+        }
+        return ranges
+    }
+
+    /// The slice list of one chunk, from the layout cache or the hub (8 chunks at a time).
+    func layoutLocked(_ file: OpenFile, context: RequestContext, index: UInt32) throws -> [Slice] {
+        if let cached = file.layouts[index] { return cached }
+        let batch: UInt32 = 8
+        let (attributes, lists) = try hub.layout(context, ino: file.ino, firstChunk: index, count: batch)
+        file.adopt(attributes)
+        for (offset, list) in lists.enumerated() { file.layouts[index + UInt32(offset)] = list }
+        return lists.first ?? []
+    }
+
+    /// Appends the blocks covering `range` to `result`, fetching missing ones (single flight).
+    func fetch(_ range: ResolvedRange, context: RequestContext, into result: inout ReadResult) throws {
+        if range.sliceID == 0 {
+            var remaining = range.length
+            while remaining > 0 {
+                let take = min(remaining, CachedBlock.zeros.length)
+                result.pieces.append(.init(block: CachedBlock.zeros, offset: 0, length: take))
+                remaining -= take
+            }
+            return
+        }
+        let blockSize = Limits.blockSizeBytes
+        let first = range.objectOffset / blockSize
+        let last = (range.objectOffset + range.length - 1) / blockSize
+        var blocks: [CachedBlock] = []
+        blocks.reserveCapacity(last - first + 1)
+        var claimedRun: [Int] = []
+        func fetchClaimed() throws {
+            guard let start = claimedRun.first else { return }
+            let fetched = try fetchBlocks(object: range.sliceID, objectLength: range.objectLength,
+                                          firstBlock: start, count: claimedRun.count, context: context)
+            blocks.append(contentsOf: fetched)
+            claimedRun.removeAll()
+        }
+        var block = first
+        while block <= last {
+            let key = BlockCache.Key(object: range.sliceID, block: UInt32(block))
+            if let cached = cache.get(key) {
+                try fetchClaimed()
+                blocks.append(cached)
+            } else if cache.tryClaim(key) {
+                claimedRun.append(block)
+            } else {
+                try fetchClaimed()
+                let (cached, claimed) = cache.claim(key)
+                if let cached { blocks.append(cached) } else {
+                    precondition(claimed)
+                    claimedRun.append(block)
+                }
+            }
+            block += 1
+        }
+        try fetchClaimed()
+        var skip = range.objectOffset - first * blockSize
+        var remaining = range.length
+        for block in blocks {
+            let take = min(remaining, block.length - skip)
+            if take <= 0 { throw WeftError(EIO, "chunk object \(range.sliceID) is shorter than its layout says") }
+            result.pieces.append(.init(block: block, offset: skip, length: take))
+            remaining -= take
+            skip = 0
+        }
+    }
+
+    /// Reads claimed blocks `[firstBlock, firstBlock+count)` of an object from the hub in one
+    /// request and fills the cache. Releases the claims on failure.
+    func fetchBlocks(object: SliceID, objectLength: Int, firstBlock: Int, count: Int,
+                     context: RequestContext) throws -> [CachedBlock] {
+        let blockSize = Limits.blockSizeBytes
+        let start = firstBlock * blockSize
+        let end = min(objectLength, (firstBlock + count) * blockSize)
+        let keys = (firstBlock..<firstBlock + count).map { BlockCache.Key(object: object, block: UInt32($0)) }
+        let bytes: [UInt8]
+        do {
+            guard end > start else { throw WeftError(EIO, "read past the end of chunk object \(object)") }
+            bytes = try hub.readSlice(context, id: object, offset: UInt32(start), length: UInt32(end - start))
+            guard bytes.count == end - start else { throw WeftError(EIO, "short read of chunk object \(object)") }
+        } catch {
+            for key in keys { cache.abandon(key) }
+            throw error
+        }
+        var blocks: [CachedBlock] = []
+        blocks.reserveCapacity(count)
+        bytes.withUnsafeBytes { raw in
+            for (position, key) in keys.enumerated() {
+                let from = position * blockSize
+                let to = min(raw.count, from + blockSize)
+                let block = CachedBlock(copying: UnsafeRawBufferPointer(rebasing: raw[from..<to]))
+                cache.fill(key, block)
+                blocks.append(block)
+            }
+        }
+        return blocks
+    }
+
+    /// Detects sequential reads and fetches ahead of them in the background, doubling the window
+    /// up to `readaheadMaxBytes`.
+    func scheduleReadahead(_ handle: FileHandle, readOffset: UInt64, readEnd: UInt64) {
+        handle.lock.lock()
+        let sequential = readOffset == handle.lastReadEnd && readEnd > readOffset
+        handle.lastReadEnd = readEnd
+        guard sequential else {
+            handle.readaheadWindowBytes = 0
+            handle.lock.unlock()
+            return
+        }
+        handle.readaheadWindowBytes = min(UInt64(options.readaheadMaxBytes),
+                                          max(UInt64(chunkSizeBytes), handle.readaheadWindowBytes * 2))
+        let target = readEnd + handle.readaheadWindowBytes
+        // Fetch in whole-chunk steps once at least half a chunk of the window is unfetched.
+        let from = max(handle.prefetchedUpTo, readEnd)
+        guard target > from, target - from >= UInt64(chunkSizeBytes / 2) else {
+            handle.lock.unlock()
+            return
+        }
+        handle.prefetchedUpTo = target
+        handle.lock.unlock()
+        guard prefetchSlots.wait(timeout: .now()) == .success else {
+            handle.lock.lock()
+            handle.prefetchedUpTo = from
+            handle.lock.unlock()
+            return
+        }
+        let file = handle.file
+        let context = handle.context
+        prefetchQueue.async { [self] in
+            defer { prefetchSlots.signal() }
+            guard let ranges = try? resolve(file, context: context, offset: from, size: Int(target - from),
+                                            flushFirst: false) else { return }
+            for range in ranges where range.sliceID != 0 { prefetch(range, context: context) }
+        }
+    }
+
+    /// Fetches the uncached blocks of `range` without waiting on other fetches.
+    func prefetch(_ range: ResolvedRange, context: RequestContext) {
+        let blockSize = Limits.blockSizeBytes
+        let first = range.objectOffset / blockSize
+        let last = (range.objectOffset + range.length - 1) / blockSize
+        var run: [Int] = []
+        func flushRun() {
+            guard let start = run.first else { return }
+            _ = try? fetchBlocks(object: range.sliceID, objectLength: range.objectLength, firstBlock: start,
+                                 count: run.count, context: context)
+            run.removeAll()
+        }
+        for block in first...last {
+            if cache.tryClaim(BlockCache.Key(object: range.sliceID, block: UInt32(block))) {
+                run.append(block)
+            } else {
+                flushRun()
+            }
+        }
+        flushRun()
+    }
+}

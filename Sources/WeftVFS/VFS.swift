@@ -1,0 +1,456 @@
+import Foundation
+import Logging
+import WeftProto
+
+/// Tunables of a node agent.
+public struct VFSOptions: Sendable {
+    /// Upper bound of buffered, uncommitted write data across all files.
+    public var writeBufferBytes: Int = 256 << 20
+    /// Upper bound of the block cache.
+    public var cacheBytes: Int = 1 << 30
+    /// Largest sequential read-ahead window per handle.
+    public var readaheadMaxBytes: Int = 32 << 20
+    /// Name shown by `weft status`.
+    public var agentName: String = "agent"
+
+    public init() {}
+}
+
+/// The node agent's file system layer: file handles, write-back buffers, readers with
+/// read-ahead and the block cache, over any `HubAPI`.
+///
+/// Guarantees (SPEC.md §Consistency): a mount sees its own writes at once; writes are committed
+/// to the hub at flush/close, fsync and when buffers fill, and are durable when fsync returns;
+/// another mount sees committed data from its next open (close-to-open).
+public final class VFS: @unchecked Sendable {
+    public let hub: HubAPI
+    public let session: SessionID
+    public let volume: VolumeInfo
+    public let options: VFSOptions
+    let logger: Logger
+    let cache: BlockCache
+    let chunkSizeBytes: Int
+    let budget: DirtyBudget
+
+    let lock = NSLock()
+    var files: [InodeID: OpenFile] = [:]
+    var fileHandles: [UInt64: FileHandle] = [:]
+    var directoryHandles: [UInt64: DirectoryHandle] = [:]
+    var nextHandle: UInt64 = 1
+    var sliceIDs: (next: SliceID, end: SliceID) = (0, 0)
+    let sliceIDBatch: UInt32 = 256
+    let prefetchQueue = DispatchQueue(label: "weft.prefetch", attributes: .concurrent)
+    let prefetchSlots = DispatchSemaphore(value: 4)
+
+    public init(hub: HubAPI, options: VFSOptions, logger: Logger) throws {
+        self.hub = hub
+        self.options = options
+        self.logger = logger
+        (session, volume) = try hub.openSession(agentName: options.agentName)
+        chunkSizeBytes = Int(volume.chunkSizeBytes)
+        cache = BlockCache(capacityBytes: options.cacheBytes)
+        budget = DirtyBudget(limitBytes: max(options.writeBufferBytes, chunkSizeBytes))
+    }
+
+    public func context(_ credentials: Credentials) -> RequestContext {
+        RequestContext(session: session, credentials: credentials)
+    }
+
+    /// Commits every buffered write durably and ends the session.
+    public func shutdown() throws {
+        try flushAll(durable: true)
+        try? hub.closeSession(session)
+    }
+
+    // MARK: namespace
+
+    public func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws -> Attributes {
+        localView(try hub.lookup(context(credentials), parent: parent, name: name))
+    }
+
+    public func getattr(_ credentials: Credentials, ino: InodeID) throws -> Attributes {
+        if let file = openFile(ino) {
+            file.lock.lock()
+            defer { file.lock.unlock() }
+            if file.hasDirtyData { return file.visibleAttributes }
+        }
+        return localView(try hub.getattr(context(credentials), ino: ino))
+    }
+
+    /// Overlays what this agent has buffered but not committed on attributes from the hub.
+    func localView(_ attributes: Attributes) -> Attributes {
+        guard attributes.isRegular, let file = openFile(attributes.ino) else { return attributes }
+        file.lock.lock()
+        defer { file.lock.unlock() }
+        file.adopt(attributes)
+        return file.visibleAttributes
+    }
+
+    public func setattr(_ credentials: Credentials, ino: InodeID, _ changes: SetAttributes) throws -> Attributes {
+        if let file = openFile(ino) {
+            file.lock.lock()
+            defer { file.lock.unlock() }
+            try flushLocked(file, context: context(credentials), durable: false)
+            let attributes = try hub.setattr(context(credentials), ino: ino, changes)
+            file.adopt(attributes)
+            if changes.size != nil { file.layouts.removeAll() }
+            return attributes
+        }
+        return try hub.setattr(context(credentials), ino: ino, changes)
+    }
+
+    public func mkdir(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {
+        try hub.mkdir(context(credentials), parent: parent, name: name, mode: mode, umask: umask)
+    }
+
+    public func mknod(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32,
+                      umask: UInt32) throws -> Attributes {
+        try hub.create(context(credentials), parent: parent, name: name, mode: mode, rdev: rdev, umask: umask,
+                       exclusive: true)
+    }
+
+    public func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
+        try hub.unlink(context(credentials), parent: parent, name: name)
+    }
+
+    public func rmdir(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
+        try hub.rmdir(context(credentials), parent: parent, name: name)
+    }
+
+    public func symlink(_ credentials: Credentials, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes {
+        try hub.symlink(context(credentials), parent: parent, name: name, target: target)
+    }
+
+    public func readlink(_ credentials: Credentials, ino: InodeID) throws -> [UInt8] {
+        try hub.readlink(context(credentials), ino: ino)
+    }
+
+    public func link(_ credentials: Credentials, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes {
+        localView(try hub.link(context(credentials), ino: ino, newParent: newParent, newName: newName))
+    }
+
+    public func rename(_ credentials: Credentials, parent: InodeID, name: [UInt8], newParent: InodeID,
+                       newName: [UInt8], flags: RenameFlags) throws {
+        try hub.rename(context(credentials), parent: parent, name: name, newParent: newParent, newName: newName,
+                       flags: flags)
+    }
+
+    public func access(_ credentials: Credentials, ino: InodeID, mask: UInt32) throws {
+        try hub.access(context(credentials), ino: ino, mask: mask)
+    }
+
+    public func statfs(_ credentials: Credentials) throws -> FileSystemStats {
+        try hub.statfs(context(credentials))
+    }
+
+    public func getxattr(_ credentials: Credentials, ino: InodeID, name: [UInt8]) throws -> [UInt8] {
+        try hub.getxattr(context(credentials), ino: ino, name: name)
+    }
+
+    public func setxattr(_ credentials: Credentials, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags) throws {
+        try hub.setxattr(context(credentials), ino: ino, name: name, value: value, flags: flags)
+    }
+
+    public func listxattr(_ credentials: Credentials, ino: InodeID) throws -> [[UInt8]] {
+        try hub.listxattr(context(credentials), ino: ino)
+    }
+
+    public func removexattr(_ credentials: Credentials, ino: InodeID, name: [UInt8]) throws {
+        try hub.removexattr(context(credentials), ino: ino, name: name)
+    }
+
+    // MARK: directories
+
+    public func opendir(_ credentials: Credentials, ino: InodeID) throws -> UInt64 {
+        let attributes = try hub.getattr(context(credentials), ino: ino)
+        guard attributes.isDirectory else { throw WeftError.notDirectory }
+        try hub.access(context(credentials), ino: ino, mask: 4)
+        let handle = DirectoryHandle(ino: ino, context: context(credentials))
+        lock.lock()
+        defer { lock.unlock() }
+        let id = nextHandle
+        nextHandle += 1
+        directoryHandles[id] = handle
+        return id
+    }
+
+    /// Entries from index `offset` on, at most `limit`; each entry's next offset is its index + 1.
+    public func readdir(handle id: UInt64, offset: Int, limit: Int) throws -> [DirectoryEntry] {
+        lock.lock()
+        let handle = directoryHandles[id]
+        lock.unlock()
+        guard let handle else { throw WeftError(EBADF) }
+        handle.lock.lock()
+        defer { handle.lock.unlock() }
+        if offset == 0 && !handle.entries.isEmpty {
+            handle.entries.removeAll()   // rewinddir: start over and see changes
+            handle.complete = false
+        }
+        while !handle.complete && handle.entries.count < offset + limit {
+            let after = handle.entries.last?.name
+            let page = try hub.readdir(handle.context, ino: handle.ino, after: after, limit: 1024)
+            if page.isEmpty { handle.complete = true }
+            handle.entries.append(contentsOf: page)
+        }
+        guard offset < handle.entries.count else { return [] }
+        return Array(handle.entries[offset..<min(handle.entries.count, offset + limit)])
+    }
+
+    public func releasedir(handle id: UInt64) {
+        lock.lock()
+        directoryHandles[id] = nil
+        lock.unlock()
+    }
+
+    // MARK: files
+
+    func openFile(_ ino: InodeID) -> OpenFile? {
+        lock.lock()
+        defer { lock.unlock() }
+        return files[ino]
+    }
+
+    /// Registers a handle; returns its id and whether the kernel may keep its page cache.
+    private func register(_ attributes: Attributes, flags: Int32, context: RequestContext) -> (UInt64, Bool) {
+        lock.lock()
+        let file: OpenFile
+        if let existing = files[attributes.ino] {
+            file = existing
+        } else {
+            file = OpenFile(attributes: attributes)
+            files[attributes.ino] = file
+        }
+        file.handles += 1
+        let id = nextHandle
+        nextHandle += 1
+        fileHandles[id] = FileHandle(file: file, flags: flags, context: context)
+        lock.unlock()
+        file.lock.lock()
+        defer { file.lock.unlock() }
+        file.adopt(attributes)
+        let keepCache = file.kernelCacheVersion == attributes.dataVersion && attributes.dataVersion != 0
+        file.kernelCacheVersion = attributes.dataVersion
+        return (id, keepCache)
+    }
+
+    public func open(_ credentials: Credentials, ino: InodeID, flags: Int32) throws -> (handle: UInt64, keepCache: Bool) {
+        if flags & O_TRUNC != 0, let file = openFile(ino) {
+            // Buffered writes of other handles happened before this truncate.
+            file.lock.lock()
+            defer { file.lock.unlock() }
+            try flushLocked(file, context: context(credentials), durable: false)
+        }
+        let attributes = try hub.open(context(credentials), ino: ino, flags: flags)
+        if attributes.isDirectory { throw WeftError.isDirectory }
+        return register(attributes, flags: flags, context: context(credentials))
+    }
+
+    public func create(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
+                       flags: Int32) throws -> (attributes: Attributes, handle: UInt64) {
+        let attributes: Attributes
+        do {
+            let created = try hub.create(context(credentials), parent: parent, name: name, mode: mode, rdev: 0,
+                                         umask: umask, exclusive: true)
+            // The creator may open a new file whatever mode it was given.
+            attributes = try hub.open(context(.root), ino: created.ino, flags: flags & ~O_TRUNC)
+        } catch let error as WeftError where error.errno == EEXIST && flags & O_EXCL == 0 {
+            let existing = try hub.lookup(context(credentials), parent: parent, name: name)
+            if existing.isDirectory { throw WeftError.isDirectory }
+            attributes = try hub.open(context(credentials), ino: existing.ino, flags: flags)
+        }
+        let (handle, _) = register(attributes, flags: flags, context: context(credentials))
+        return (attributes, handle)
+    }
+
+    func fileHandle(_ id: UInt64) throws -> FileHandle {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let handle = fileHandles[id] else { throw WeftError(EBADF) }
+        return handle
+    }
+
+    public func write(handle id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int {
+        let handle = try fileHandle(id)
+        let accessMode = handle.flags & O_ACCMODE
+        guard accessMode == O_WRONLY || accessMode == O_RDWR else { throw WeftError(EBADF) }
+        if data.isEmpty { return 0 }
+        try budget.reserve(data.count) { try self.flushSomeFile() }
+        let file = handle.file
+        file.lock.lock()
+        defer { file.lock.unlock() }
+        let position = handle.flags & O_APPEND != 0 ? file.visibleAttributes.size : offset
+        guard position + UInt64(data.count) <= Limits.fileSizeMaxBytes else {
+            budget.release(data.count)
+            throw WeftError.fileTooBig
+        }
+        file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes)
+        if file.hasFullChunk(chunkSizeBytes: chunkSizeBytes) {
+            try flushLocked(file, context: handle.context, durable: false)
+        }
+        return data.count
+    }
+
+    /// Commits the handle's file (close(2) and flush).
+    public func flush(handle id: UInt64) throws {
+        let handle = try fileHandle(id)
+        handle.file.lock.lock()
+        defer { handle.file.lock.unlock() }
+        try flushLocked(handle.file, context: handle.context, durable: false)
+    }
+
+    /// Commits the file and makes it durable on the hub.
+    public func fsync(handle id: UInt64) throws {
+        let handle = try fileHandle(id)
+        handle.file.lock.lock()
+        defer { handle.file.lock.unlock() }
+        try flushLocked(handle.file, context: handle.context, durable: true)
+    }
+
+    public func release(handle id: UInt64) throws {
+        lock.lock()
+        let handle = fileHandles.removeValue(forKey: id)
+        lock.unlock()
+        guard let handle else { throw WeftError(EBADF) }
+        let file = handle.file
+        file.lock.lock()
+        var failure: Error?
+        do { try flushLocked(file, context: handle.context, durable: false) } catch { failure = error }
+        file.lock.unlock()
+        lock.lock()
+        file.handles -= 1
+        if file.handles == 0 && !file.hasDirtyData { files[file.ino] = nil }
+        lock.unlock()
+        try hub.release(handle.context, ino: file.ino)
+        if let failure { throw failure }
+    }
+
+    // MARK: commit
+
+    func nextSliceID(_ context: RequestContext) throws -> SliceID {
+        lock.lock()
+        if sliceIDs.next < sliceIDs.end {
+            defer { sliceIDs.next += 1; lock.unlock() }
+            return sliceIDs.next
+        }
+        lock.unlock()
+        let first = try hub.allocateSliceIDs(context, count: sliceIDBatch)
+        lock.lock()
+        defer { lock.unlock() }
+        sliceIDs = (first + 1, first + SliceID(sliceIDBatch))
+        return first
+    }
+
+    /// Uploads the file's buffered extents as new chunk objects and commits them in one change.
+    /// Caller holds `file.lock`. On failure the buffers are kept, so nothing is lost.
+    func flushLocked(_ file: OpenFile, context: RequestContext, durable: Bool) throws {
+        guard file.hasDirtyData else {
+            if durable { try hub.sync(context) }
+            return
+        }
+        var attempt = 0
+        while true {
+            attempt += 1
+            var commits: [SliceCommit] = []
+            for index in file.dirty.keys.sorted() {
+                for extent in file.dirty[index]! {
+                    let id = try nextSliceID(context)
+                    try hub.writeSlice(context, id: id, data: extent.bytes)
+                    let length = UInt32(extent.bytes.count)
+                    commits.append(SliceCommit(chunkIndex: index, slice: Slice(id: id, offsetInChunk: extent.offsetInChunk,
+                                                                               length: length, objectLength: length)))
+                }
+            }
+            do {
+                let before = file.attributes.dataVersion
+                let attributes = try hub.commitSlices(context, ino: file.ino, slices: commits,
+                                                      minimumSize: file.dirtyEnd, durable: durable)
+                if file.kernelCacheVersion == before { file.kernelCacheVersion = attributes.dataVersion }
+                budget.release(file.dirtyBytes)
+                file.dirty.removeAll()
+                file.dirtyBytes = 0
+                file.dirtyEnd = 0
+                file.layouts.removeAll()
+                file.attributes = attributes
+                return
+            } catch let error as WeftError where error.errno == ESTALE && attempt == 1 {
+                // The hub lost the objects (it restarted before the commit): write them again.
+                logger.warning("re-uploading inode \(file.ino) data: \(error.message)")
+                continue
+            } catch let error as WeftError where error.errno == ESTALE {
+                // The file itself is gone (unlinked and reclaimed): drop what was buffered for it.
+                budget.release(file.dirtyBytes)
+                file.dirty.removeAll()
+                file.dirtyBytes = 0
+                throw WeftError(ESTALE, "inode \(file.ino) no longer exists")
+            }
+        }
+    }
+
+    /// Frees write-buffer space by committing the file with the most buffered data.
+    func flushSomeFile() throws {
+        lock.lock()
+        let victim = files.values.max { $0.dirtyBytes < $1.dirtyBytes }
+        lock.unlock()
+        guard let victim else { return }
+        victim.lock.lock()
+        defer { victim.lock.unlock() }
+        try flushLocked(victim, context: context(.root), durable: false)
+    }
+
+    /// Commits every file's buffered writes.
+    public func flushAll(durable: Bool) throws {
+        lock.lock()
+        let all = Array(files.values)
+        lock.unlock()
+        var failure: Error?
+        for file in all {
+            file.lock.lock()
+            do { try flushLocked(file, context: context(.root), durable: false) } catch { failure = error }
+            file.lock.unlock()
+        }
+        if durable { try hub.sync(context(.root)) }
+        if let failure { throw failure }
+    }
+}
+
+/// Bounds the bytes of buffered writes. A writer over the bound first frees space by committing
+/// buffered data (backpressure), so memory never exceeds the bound.
+final class DirtyBudget: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var usedBytes = 0
+    let limitBytes: Int
+
+    init(limitBytes: Int) {
+        self.limitBytes = limitBytes
+    }
+
+    func reserve(_ bytes: Int, makeRoom: () throws -> Void) throws {
+        var attempts = 0
+        while true {
+            condition.lock()
+            if usedBytes + bytes <= limitBytes || usedBytes == 0 {
+                usedBytes += bytes
+                condition.unlock()
+                return
+            }
+            condition.unlock()
+            attempts += 1
+            if attempts > 1000 { throw WeftError(ENOBUFS, "write buffer stays full") }
+            try makeRoom()
+        }
+    }
+
+    func release(_ bytes: Int) {
+        condition.lock()
+        usedBytes -= bytes
+        precondition(usedBytes >= 0, "write buffer accounting went negative")
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    var used: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return usedBytes
+    }
+}

@@ -1,0 +1,192 @@
+import ArgumentParser
+import Foundation
+import WeftAgent
+import WeftHub
+import WeftMeta
+import WeftProto
+
+@main
+struct Weft: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "weft",
+        abstract: "Weft: one POSIX file system over GPU hubs. CLI and node agent.",
+        discussion: """
+            SOURCE is a hub directory (served by an embedded hub in this process) or weft://HOST:PORT
+            (a running weftd). Examples:
+              weft format /srv/weft/hub
+              weft mount /srv/weft/hub /mnt/weft --background
+              weft status /srv/weft/hub --json
+              weft umount /mnt/weft
+            """,
+        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Fsck.self])
+}
+
+struct Format: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Create an embedded hub (a new, empty volume) in DIR.")
+
+    @Argument(help: "Directory for the hub (created if missing).") var directory: String
+    @Option(help: "Chunk size in bytes: a multiple of 65536 from 65536 to 67108864.") var chunkSize: Int = 4 << 20
+    @Option(help: "Chunk compression: zstd or none.") var compression: String = "none"
+    @Flag(help: "Erase an existing hub in DIR first.") var force = false
+
+    func run() throws {
+        guard let codec = Compression(name: compression) else {
+            throw ValidationError("--compression must be zstd or none, not '\(compression)'")
+        }
+        let path = URL(fileURLWithPath: directory).standardizedFileURL.path
+        try Hub.format(directory: path, chunkSizeBytes: chunkSize, compression: codec, force: force)
+        print("formatted \(path): chunk size \(chunkSize) bytes, compression \(codec.name)")
+    }
+}
+
+struct Mount: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Mount SOURCE at MOUNTPOINT with FUSE.",
+        discussion: "Runs in the foreground until unmounted, unless --background is given.")
+
+    @Argument(help: "Hub directory or weft://HOST:PORT.") var source: String
+    @Argument(help: "An existing, empty directory.") var mountpoint: String
+    @Flag(help: "Return once the mount is usable; the agent keeps running detached.") var background = false
+    @Option(help: "Bound of buffered write data, MiB.") var writeBufferMb: Int = 256
+    @Option(help: "Bound of the agent's block cache, MiB.") var cacheMb: Int = 1024
+    @Option(help: "Embedded hub metadata durability: strict (fsync before reply) or periodic (fsync every second).")
+    var durability: String = "strict"
+    @Option(help: "Seconds the kernel may cache attributes and names.") var attrTimeout: Double = 1.0
+    @Option(help: "Write the agent's pid here once mounted.") var pidFile: String?
+    @Option(help: "Agent log file for --background (default: /tmp/weft-agent-<mountpoint>.log).") var logFile: String?
+    @Option(help: .hidden) var notifyFd: Int32?
+
+    func validate() throws {
+        if writeBufferMb < 4 { throw ValidationError("--write-buffer-mb must be at least 4") }
+        if cacheMb < 1 { throw ValidationError("--cache-mb must be at least 1") }
+        if DurabilityMode(rawValue: durability) == nil { throw ValidationError("--durability must be strict or periodic") }
+        if attrTimeout < 0 { throw ValidationError("--attr-timeout must not be negative") }
+    }
+
+    func run() throws {
+        let parsedSource = try HubSource.parse(source)
+        let point = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
+        if background {
+            try Mounter.validateMountpoint(point)
+            var arguments = ["mount", source, point, "--write-buffer-mb", "\(writeBufferMb)", "--cache-mb", "\(cacheMb)",
+                             "--durability", durability, "--attr-timeout", "\(attrTimeout)"]
+            if let pidFile { arguments += ["--pid-file", URL(fileURLWithPath: pidFile).standardizedFileURL.path] }
+            let log = logFile ?? "/tmp/weft-agent-\(point.replacingOccurrences(of: "/", with: "_")).log"
+            try Background.spawnAgent(arguments: arguments, logFile: log)
+            return
+        }
+        var request = MountRequest(source: parsedSource, mountpoint: point)
+        request.vfs.writeBufferBytes = writeBufferMb << 20
+        request.vfs.cacheBytes = cacheMb << 20
+        request.durability = DurabilityMode(rawValue: durability)!
+        request.mount.attributeTimeoutSeconds = attrTimeout
+        request.mount.entryTimeoutSeconds = attrTimeout
+        request.pidFile = pidFile
+        request.notifyFD = notifyFd
+        try Mounter.run(request, logger: WeftLogging.logger("weft.agent"))
+    }
+}
+
+struct Umount: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Commit everything, unmount MOUNTPOINT and wait for its agent to exit.")
+
+    @Argument(help: "A weft mountpoint.") var mountpoint: String
+    @Option(help: "Longest wait for the agent to finish, seconds.") var timeout: Double = 120
+
+    func run() throws {
+        let point = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
+        guard MountTable.isWeftMount(point) else { throw WeftError(EINVAL, "\(point) is not a weft mount") }
+        let pid = MountTable.agentPID(point)
+        let result = umount2(point, 0)
+        if result != 0 {
+            let code = errno
+            if code == EBUSY { throw WeftError(EBUSY, "\(point) is busy: close the files and directories open in it") }
+            if code != EPERM { throw WeftError(code, "cannot unmount \(point)") }
+            try runFusermount(point)
+        }
+        guard let pid else { return }
+        let deadline = Date().addingTimeInterval(timeout)
+        while kill(pid, 0) == 0 {
+            if Date() > deadline { throw WeftError(ETIMEDOUT, "agent \(pid) is still committing data after \(Int(timeout)) s") }
+            usleep(20_000)
+        }
+    }
+
+    func runFusermount(_ point: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/fusermount3")
+        process.arguments = ["-u", point]
+        try process.run()
+        process.waitUntilExit()
+        if process.terminationStatus != 0 { throw WeftError(EBUSY, "fusermount3 -u \(point) failed") }
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show volume size, inodes, chunks, space used and connected agents.")
+
+    @Argument(help: "Hub directory or weft://HOST:PORT.") var source: String
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        let opened = try HubOpener.open(try HubSource.parse(source), recover: false, logger: WeftLogging.logger("weft"))
+        defer { opened.close() }
+        let status = try opened.api.status()
+        if json {
+            let object: [String: Any] = [
+                "source": source,
+                "chunkSizeBytes": status.volume.chunkSizeBytes,
+                "compression": status.volume.compression.name,
+                "logicalBytes": status.logicalBytes,
+                "inodes": status.inodes,
+                "chunks": status.chunks,
+                "storedBytes": status.storedBytes,
+                "connectedAgents": status.connectedAgents,
+                "agents": status.agents,
+            ]
+            let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            print("""
+                source            \(source)
+                chunk size        \(status.volume.chunkSizeBytes) bytes, compression \(status.volume.compression.name)
+                volume size       \(status.logicalBytes) bytes (sum of file sizes)
+                inodes            \(status.inodes)
+                chunks            \(status.chunks)
+                space used        \(status.storedBytes) bytes
+                connected agents  \(status.connectedAgents)
+                """)
+            for agent in status.agents { print("  \(agent)") }
+        }
+    }
+}
+
+struct Fsck: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check references, checksums and orphans. Exits 1 if problems remain.")
+
+    @Argument(help: "Hub directory or weft://HOST:PORT.") var source: String
+    @Flag(help: "Fix what can be fixed: dangling entries, link counts, orphans, damaged chunk references.") var repair = false
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        let opened = try HubOpener.open(try HubSource.parse(source), recover: false, logger: WeftLogging.logger("weft"))
+        defer { opened.close() }
+        let report = try opened.api.fsck(repair: repair)
+        if json {
+            let object: [String: Any] = ["inodesChecked": report.inodesChecked, "chunksChecked": report.chunksChecked,
+                                         "problems": report.problems, "repaired": report.repaired,
+                                         "clean": report.problems.isEmpty]
+            let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            print("checked \(report.inodesChecked) inodes, \(report.chunksChecked) chunks")
+            for problem in report.problems { print("problem: \(problem)") }
+            for fix in report.repaired { print("repaired: \(fix)") }
+            print(report.problems.isEmpty ? "clean" : "\(report.problems.count) problem(s)")
+        }
+        if !report.problems.isEmpty && !repair { throw ExitCode(1) }
+    }
+}
