@@ -26,6 +26,9 @@ public final class FUSEAdapter: @unchecked Sendable {
     private var session: OpaquePointer?
     public let mountpoint: String
     static let maxIOBytes: UInt32 = 1 << 20
+    /// Kernel read-ahead for the mount. The kernel starts FUSE mounts at 128 KiB; a larger window
+    /// lets it keep several 1 MiB reads in flight.
+    static let readaheadBytes = 8 << 20
 
     public init(vfs: VFS, mountpoint: String, options: MountOptions, logger: Logger) {
         self.vfs = vfs
@@ -63,7 +66,7 @@ public final class FUSEAdapter: @unchecked Sendable {
         guard let config = fuse_loop_cfg_create() else { throw WeftError(ENOMEM) }
         defer { fuse_loop_cfg_destroy(config) }
         fuse_loop_cfg_set_max_threads(config, options.maxThreads)
-        fuse_loop_cfg_set_idle_threads(config, 4)
+        fuse_loop_cfg_set_idle_threads(config, options.maxThreads)  // no thread churn
         let result = fuse_session_loop_mt(session, config)
         fuse_session_unmount(session)
         fuse_session_destroy(session)
@@ -160,7 +163,7 @@ public final class FUSEAdapter: @unchecked Sendable {
     func connectionInit(_ conn: UnsafeMutablePointer<fuse_conn_info>) {
         conn.pointee.max_write = Self.maxIOBytes
         conn.pointee.max_read = Self.maxIOBytes
-        conn.pointee.max_readahead = Self.maxIOBytes
+        conn.pointee.max_readahead = UInt32(Self.readaheadBytes)
         conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC) & conn.pointee.capable
         conn.pointee.want |= UInt32(FUSE_CAP_PARALLEL_DIROPS) & conn.pointee.capable
         conn.pointee.want &= ~UInt32(FUSE_CAP_WRITEBACK_CACHE)
@@ -168,6 +171,22 @@ public final class FUSEAdapter: @unchecked Sendable {
         conn.pointee.want &= ~UInt32(FUSE_CAP_FLOCK_LOCKS)
         conn.pointee.max_background = 64
         conn.pointee.congestion_threshold = 48
+    }
+
+    /// Raises the mount's kernel read-ahead (root only; the kernel caps it at INIT time, so this
+    /// runs just after INIT has been answered).
+    func raiseKernelReadahead() {
+        var st = Glibc.stat()
+        guard getuid() == 0, lstat(mountpoint, &st) == 0 else { return }
+        let device = UInt64(st.st_dev)
+        let major = (device >> 8) & 0xfff | (device >> 32) & ~0xfff
+        let minor = device & 0xff | (device >> 12) & ~0xff
+        let path = "/sys/class/bdi/\(major):\(minor)/read_ahead_kb"
+        do {
+            try "\(Self.readaheadBytes / 1024)".write(toFile: path, atomically: false, encoding: .utf8)
+        } catch {
+            logger.debug("cannot raise read-ahead at \(path): \(error)")
+        }
     }
 
     func destroy() {

@@ -8,7 +8,9 @@ extension FUSEAdapter {
     static func operations() -> fuse_lowlevel_ops {
         var ops = fuse_lowlevel_ops()
         ops.`init` = { userdata, conn in
-            Unmanaged<FUSEAdapter>.fromOpaque(userdata!).takeUnretainedValue().connectionInit(conn!)
+            let adapter = Unmanaged<FUSEAdapter>.fromOpaque(userdata!).takeUnretainedValue()
+            adapter.connectionInit(conn!)
+            DispatchQueue.global().asyncAfter(deadline: .now() + 0.2) { adapter.raiseKernelReadahead() }
         }
         ops.destroy = { userdata in
             Unmanaged<FUSEAdapter>.fromOpaque(userdata!).takeUnretainedValue().destroy()

@@ -38,10 +38,10 @@ extension VFS {
         let file = handle.file
         let ranges = try resolve(file, context: handle.context, offset: offset, size: size, flushFirst: true)
         let end = offset + UInt64(ranges.reduce(0) { $0 + $1.length })
-        scheduleReadahead(handle, readOffset: offset, readEnd: end)
+        let sequential = scheduleReadahead(handle, readOffset: offset, readEnd: end)
         var result = ReadResult()
         result.pieces.reserveCapacity(ranges.count * 2)
-        for range in ranges { try fetch(range, context: handle.context, into: &result) }
+        for range in ranges { try fetch(range, context: handle.context, wholeObject: sequential, into: &result) }
         return result
     }
 
@@ -86,7 +86,10 @@ extension VFS {
     }
 
     /// Appends the blocks covering `range` to `result`, fetching missing ones (single flight).
-    func fetch(_ range: ResolvedRange, context: RequestContext, into result: inout ReadResult) throws {
+    /// With `wholeObject` (sequential access), a miss also fetches the rest of the object in the
+    /// same request, so the disk sees one large read instead of many small ones.
+    func fetch(_ range: ResolvedRange, context: RequestContext, wholeObject: Bool = false,
+               into result: inout ReadResult) throws {
         if range.sliceID == 0 {
             var remaining = range.length
             while remaining > 0 {
@@ -112,6 +115,29 @@ extension VFS {
         var block = first
         while block <= last {
             let key = BlockCache.Key(object: range.sliceID, block: UInt32(block))
+            if block == last && wholeObject {
+                // Extend the pending fetch over the object's following, uncached blocks.
+                let objectLastBlock = (range.objectLength - 1) / blockSize
+                var extra = last + 1
+                var following: [Int] = []
+                if cache.tryClaim(key) {
+                    claimedRun.append(block)
+                    while extra <= objectLastBlock,
+                          cache.tryClaim(BlockCache.Key(object: range.sliceID, block: UInt32(extra))) {
+                        following.append(extra)
+                        extra += 1
+                    }
+                    if let start = claimedRun.first {
+                        let fetched = try fetchBlocks(object: range.sliceID, objectLength: range.objectLength,
+                                                      firstBlock: start, count: claimedRun.count + following.count,
+                                                      context: context)
+                        blocks.append(contentsOf: fetched.prefix(claimedRun.count))
+                        claimedRun.removeAll()
+                    }
+                    block += 1
+                    continue
+                }
+            }
             if let cached = cache.get(key) {
                 try fetchClaimed()
                 blocks.append(cached)
@@ -172,14 +198,19 @@ extension VFS {
 
     /// Detects sequential reads and fetches ahead of them in the background, doubling the window
     /// up to `readaheadMaxBytes`.
-    func scheduleReadahead(_ handle: FileHandle, readOffset: UInt64, readEnd: UInt64) {
+    @discardableResult
+    func scheduleReadahead(_ handle: FileHandle, readOffset: UInt64, readEnd: UInt64) -> Bool {
         handle.lock.lock()
-        let sequential = readOffset == handle.lastReadEnd && readEnd > readOffset
-        handle.lastReadEnd = readEnd
+        // Kernel read-ahead sends several requests at once, so they may arrive slightly out of
+        // order: a read starting near the previous end still counts as sequential.
+        let slackBytes: UInt64 = 4 << 20
+        let sequential = readEnd > readOffset && readOffset + slackBytes >= handle.lastReadEnd
+            && readOffset <= handle.lastReadEnd + slackBytes
+        handle.lastReadEnd = max(handle.lastReadEnd, readEnd)
         guard sequential else {
             handle.readaheadWindowBytes = 0
             handle.lock.unlock()
-            return
+            return false
         }
         handle.readaheadWindowBytes = min(UInt64(options.readaheadMaxBytes),
                                           max(UInt64(chunkSizeBytes), handle.readaheadWindowBytes * 2))
@@ -188,7 +219,7 @@ extension VFS {
         let from = max(handle.prefetchedUpTo, readEnd)
         guard target > from, target - from >= UInt64(chunkSizeBytes / 2) else {
             handle.lock.unlock()
-            return
+            return true
         }
         handle.prefetchedUpTo = target
         handle.lock.unlock()
@@ -196,7 +227,7 @@ extension VFS {
             handle.lock.lock()
             handle.prefetchedUpTo = from
             handle.lock.unlock()
-            return
+            return true
         }
         let file = handle.file
         let context = handle.context
@@ -206,6 +237,7 @@ extension VFS {
                                             flushFirst: false) else { return }
             for range in ranges where range.sliceID != 0 { prefetch(range, context: context) }
         }
+        return true
     }
 
     /// Fetches the uncached blocks of `range` without waiting on other fetches.

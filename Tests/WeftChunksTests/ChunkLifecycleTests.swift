@@ -1,0 +1,150 @@
+import Foundation
+import WeftChunks
+import WeftProto
+import XCTest
+
+final class ChunkLifecycleTests: ChunkTestCase {
+    func testWritingAnExistingIdIsEEXISTAndKeepsTheOriginal() throws {
+        let store = try makeStore(.zstd)
+        try store.write(id: 1, data: [1, 2, 3])
+        assertErrno(EEXIST, try store.write(id: 1, data: [4, 5, 6, 7]))
+        XCTAssertEqual(try store.read(id: 1, offset: 0, length: 3), [1, 2, 3])
+        XCTAssertEqual(store.objectCount, 1)
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: "\(directory)/01")
+        XCTAssertEqual(leftovers, ["0000000000000001"])
+    }
+
+    func testDeleteAndExists() throws {
+        let store = try makeStore()
+        XCTAssertFalse(store.exists(id: 5))
+        try store.write(id: 5, data: [UInt8](repeating: 1, count: 100_000))
+        XCTAssertTrue(store.exists(id: 5))
+        XCTAssertEqual(try store.read(id: 5, offset: 99_999, length: 1), [1])  // cached open
+        try store.delete(id: 5)
+        XCTAssertFalse(store.exists(id: 5))
+        assertErrno(ENOENT, try store.read(id: 5, offset: 0, length: 1))
+        assertErrno(ENOENT, try store.length(id: 5))
+        try store.delete(id: 5)
+        XCTAssertEqual(store.objectCount, 0)
+        XCTAssertEqual(store.storedBytes, 0)
+        try store.sync()
+        // The id can be written again after a delete.
+        try store.write(id: 5, data: [7])
+        XCTAssertEqual(try store.read(id: 5, offset: 0, length: 1), [7])
+    }
+
+    func testAccountingMatchesForEachAndSurvivesReopening() throws {
+        var random = SeededRandom(seed: 31)
+        let store = try makeStore(.zstd)
+        let start = Int64(Date().timeIntervalSince1970 * 1e9) - 2_000_000_000
+        var sizes: [SliceID: Int] = [:]
+        for index in 0..<300 {
+            let id = random.next()
+            let length = Int(random.next() % 200_000)
+            try store.write(id: id, data: index % 2 == 0 ? TestData.random(length, &random) : TestData.compressible(length, &random))
+            sizes[id] = length
+        }
+        func listing(_ store: ChunkStore) throws -> [SliceID: UInt64] {
+            var result: [SliceID: UInt64] = [:]
+            try store.forEach { id, stored, modifiedNs in
+                XCTAssertNil(result[id])
+                XCTAssertGreaterThan(modifiedNs, start)
+                result[id] = stored
+            }
+            return result
+        }
+        var listed = try listing(store)
+        XCTAssertEqual(Set(listed.keys), Set(sizes.keys))
+        XCTAssertEqual(store.objectCount, 300)
+        XCTAssertEqual(store.storedBytes, listed.values.reduce(0, +))
+
+        for id in sizes.keys.sorted().prefix(100) {
+            try store.delete(id: id)
+            sizes[id] = nil
+        }
+        listed = try listing(store)
+        XCTAssertEqual(Set(listed.keys), Set(sizes.keys))
+        XCTAssertEqual(store.objectCount, 200)
+        XCTAssertEqual(store.storedBytes, listed.values.reduce(0, +))
+        try store.sync()
+
+        let reopened = try makeStore(.none)
+        XCTAssertEqual(reopened.objectCount, 200)
+        XCTAssertEqual(reopened.storedBytes, store.storedBytes)
+        for (id, length) in sizes {
+            XCTAssertEqual(try reopened.verify(id: id), length)
+        }
+    }
+
+    func testForEachPropagatesErrorsFromItsBody() throws {
+        let store = try makeStore()
+        try store.write(id: 1, data: [1])
+        struct Stop: Error {}
+        XCTAssertThrowsError(try store.forEach { _, _, _ in throw Stop() }) { XCTAssertTrue($0 is Stop) }
+    }
+
+    func testForEachSkipsForeignFiles() throws {
+        let store = try makeStore()
+        try store.write(id: 0x22, data: [1])
+        for name in ["22/README", "22/00000000000000zz", "23/0000000000000022", "22/000000000000022"] {
+            FileManager.default.createFile(atPath: "\(directory)/\(name)", contents: Data([1]))
+        }
+        var seen: [SliceID] = []
+        try store.forEach { id, _, _ in seen.append(id) }
+        XCTAssertEqual(seen, [0x22])
+        XCTAssertEqual(try makeStore().objectCount, 1)
+    }
+
+    func testSyncMakesWritesAndDeletesDurableAndCanBeRepeated() throws {
+        let store = try makeStore()
+        try store.sync()  // nothing written
+        for id in 0..<20 as Range<SliceID> { try store.write(id: id, data: [UInt8(id)]) }
+        try store.sync()
+        try store.sync()
+        try store.delete(id: 3)
+        try store.sync()
+        XCTAssertEqual(store.objectCount, 19)
+    }
+
+    /// More unsynced objects than the pending bound: writes keep succeeding (they sync on the way).
+    func testManyUnsyncedWritesStayBounded() throws {
+        let store = try makeStore()
+        let before = openDescriptorCount()
+        for id in 0..<1000 as Range<SliceID> { try store.write(id: id, data: [UInt8(truncatingIfNeeded: id)]) }
+        XCTAssertLessThanOrEqual(openDescriptorCount() - before, 256 + 4)
+        try store.sync()
+        XCTAssertLessThanOrEqual(openDescriptorCount() - before, 4)
+        XCTAssertEqual(store.objectCount, 1000)
+    }
+
+    /// Reading more objects than the cache holds keeps at most its capacity open.
+    func testOpenObjectCacheIsBounded() throws {
+        let store = try makeStore()
+        let count = ChunkStore.openObjectCacheCapacity + 200
+        for id in 0..<SliceID(count) { try store.write(id: id, data: [UInt8(truncatingIfNeeded: id), 1, 2]) }
+        try store.sync()
+        let before = openDescriptorCount()
+        for _ in 0..<2 {
+            for id in 0..<SliceID(count) {
+                XCTAssertEqual(try store.read(id: id, offset: 0, length: 1), [UInt8(truncatingIfNeeded: id)])
+            }
+        }
+        XCTAssertLessThanOrEqual(openDescriptorCount() - before, ChunkStore.openObjectCacheCapacity)
+    }
+
+    func testDirectoryIsCreatedWithParents() throws {
+        let nested = directory + "/a/b/c"
+        let store = try ChunkStore(directory: nested, compression: .none, logger: log.logger)
+        try store.write(id: 1, data: [1])
+        XCTAssertTrue(FileManager.default.fileExists(atPath: nested + "/01/0000000000000001"))
+    }
+
+    func testUnusableDirectoryIsAnError() throws {
+        FileManager.default.createFile(atPath: directory, contents: Data([1]))
+        XCTAssertThrowsError(try makeStore())
+    }
+
+    private func openDescriptorCount() -> Int {
+        (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 0
+    }
+}
