@@ -39,7 +39,9 @@ public final class FUSEAdapter: @unchecked Sendable {
 
     /// Creates the session and mounts. Throws with a clear message if the kernel refuses.
     public func mount() throws {
-        var arguments = ["weft", "-o", "fsname=\(options.fsName),subtype=weft,max_read=\(Self.maxIOBytes)"]
+        // default_permissions: the kernel checks mode bits against its cached attributes on every
+        // access (cached lookups included); the hub checks again on every change.
+        var arguments = ["weft", "-o", "fsname=\(options.fsName),subtype=weft,max_read=\(Self.maxIOBytes),default_permissions"]
         if options.allowOther { arguments += ["-o", "allow_other"] }
         var cArguments = arguments.map { strdup($0) }
         defer { cArguments.forEach { free($0) } }
@@ -133,11 +135,22 @@ public final class FUSEAdapter: @unchecked Sendable {
         st.st_rdev = UInt(attributes.rdev)
         st.st_size = Int(attributes.size)
         st.st_blksize = 4096
-        st.st_blocks = Int((attributes.size + 511) / 512)
-        st.st_atim = timespec(tv_sec: Int(attributes.atimeNs / 1_000_000_000), tv_nsec: Int(attributes.atimeNs % 1_000_000_000))
-        st.st_mtim = timespec(tv_sec: Int(attributes.mtimeNs / 1_000_000_000), tv_nsec: Int(attributes.mtimeNs % 1_000_000_000))
-        st.st_ctim = timespec(tv_sec: Int(attributes.ctimeNs / 1_000_000_000), tv_nsec: Int(attributes.ctimeNs % 1_000_000_000))
+        st.st_blocks = Int((min(attributes.allocatedBytes, attributes.size) + 511) / 512)
+        st.st_atim = Self.timespec(attributes.atimeNs)
+        st.st_mtim = Self.timespec(attributes.mtimeNs)
+        st.st_ctim = Self.timespec(attributes.ctimeNs)
         return st
+    }
+
+    /// Nanoseconds since the epoch as a timespec; times before 1970 floor toward minus infinity.
+    static func timespec(_ ns: Int64) -> Glibc.timespec {
+        var seconds = ns / 1_000_000_000
+        var nanoseconds = ns % 1_000_000_000
+        if nanoseconds < 0 {
+            seconds -= 1
+            nanoseconds += 1_000_000_000
+        }
+        return Glibc.timespec(tv_sec: Int(seconds), tv_nsec: Int(nanoseconds))
     }
 
     func entry(_ attributes: Attributes) -> fuse_entry_param {

@@ -38,11 +38,11 @@ extension MetaStore {
             }
         }
         if minimumSize > Limits.fileSizeMaxBytes { throw WeftError.fileTooBig }
-        return try mutate(durable: durable) { t in
+        let committed: Attributes? = try mutate(durable: durable) { t in
             guard var record = try t.inodeIfPresent(ino) else {
-                // The file is gone: its new slices are garbage.
+                // The file is gone: its new slices are garbage (recorded, then ESTALE below).
                 t.discard(slices.map(\.slice))
-                throw WeftError(ESTALE, "inode \(ino) was removed")
+                return nil
             }
             guard record.attributes.isRegular else { throw WeftError.invalid }
             var byChunk: [UInt32: [Slice]] = [:]
@@ -61,12 +61,15 @@ extension MetaStore {
                 record.attributes.size = minimumSize
                 t.counters.logicalBytes += minimumSize - oldSize
             }
+            record.attributes.allocatedBytes += slices.reduce(0) { $0 + UInt64($1.slice.length) }
             record.attributes.mtimeNs = t.now
             record.attributes.ctimeNs = t.now
             record.attributes.dataVersion += 1
             t.put(record)
             return record.attributes
         }
+        guard let committed else { throw WeftError(ESTALE, "inode \(ino) was removed") }
+        return committed
     }
 
     /// Removes slices that later slices cover completely, sending them to garbage.
@@ -155,6 +158,7 @@ extension Transaction {
             counters.logicalBytes += size - oldSize
         }
         record.attributes.size = size
+        record.attributes.allocatedBytes = min(record.attributes.allocatedBytes, size)
         record.attributes.mtimeNs = now
         record.attributes.dataVersion += 1
     }

@@ -241,23 +241,30 @@ extension MetaStore {
     public func readdir(_ credentials: Credentials, ino: InodeID, after: [UInt8]?, limit: Int) throws -> [DirectoryEntry] {
         try read { t in
             let directory = try t.directory(ino)
-            let limit = max(1, min(limit, Limits.readdirPageMaxEntries))
+            guard limit > 0 else { throw WeftError(EINVAL, "readdir limit must be positive") }
+            let limit = min(limit, Limits.readdirPageMaxEntries)
             var entries: [DirectoryEntry] = []
             var start: [UInt8]? = nil
+            // "." and ".." come first; `after` may name either of them to resume there.
             if after == nil {
                 entries.append(DirectoryEntry(name: [0x2E], ino: ino, attributes: directory.attributes))
+            }
+            if (after == nil || after == [0x2E]) && entries.count < limit {
                 entries.append(DirectoryEntry(name: [0x2E, 0x2E], ino: directory.parent,
                                               attributes: try t.inode(directory.parent).attributes))
-            } else if let after, !isDotOrDotDot(after) {
+            }
+            if let after, !isDotOrDotDot(after) {
                 start = Key.entry(ino, after)
             }
             let prefix = Key.entryPrefix(ino)
             var pending: [([UInt8], EntryValue)] = []
-            try db.scan(prefix: prefix, from: start) { key, value in
-                let name = Array(key[prefix.count...])
-                if let after, name == after { return true }
-                pending.append((name, try EntryValue.decode(value)))
-                return entries.count + pending.count < limit
+            if entries.count < limit {
+                try db.scan(prefix: prefix, from: start) { key, value in
+                    let name = Array(key[prefix.count...])
+                    if let after, name == after { return true }
+                    pending.append((name, try EntryValue.decode(value)))
+                    return entries.count + pending.count < limit
+                }
             }
             for (name, value) in pending {
                 guard let child = try t.inodeIfPresent(value.ino) else { continue }

@@ -28,7 +28,13 @@ public final class MetaStore: @unchecked Sendable {
     var sessions: [SessionID: Session] = [:]
     var nextSession: SessionID = 1
     private var periodicSync: Thread?
-    private var stopping = false
+    private let stopSignal = StopSignal()
+
+    final class StopSignal: @unchecked Sendable {
+        let condition = NSCondition()
+        var stopped = false
+        var exited = false
+    }
 
     struct Session {
         var agentName: String
@@ -72,13 +78,21 @@ public final class MetaStore: @unchecked Sendable {
         let database = db
         groupCommit = GroupCommit(syncWAL: { try database.flushWAL(sync: true) })
         if durability == .periodic && !readOnly {
-            let thread = Thread { [weak self] in
-                while let self, !self.stopping {
-                    Thread.sleep(forTimeInterval: 1)
-                    do { try self.groupCommit.syncAll() } catch {
-                        self.logger.error("periodic metadata sync failed: \(error)")
-                    }
+            let commit = groupCommit, stop = stopSignal, log = logger
+            let thread = Thread {
+                // Holds no reference to the store, so closing it is never delayed.
+                while true {
+                    stop.condition.lock()
+                    if !stop.stopped { _ = stop.condition.wait(until: Date().addingTimeInterval(1)) }
+                    let finished = stop.stopped
+                    stop.condition.unlock()
+                    do { try commit.syncAll() } catch { log.error("periodic metadata sync failed: \(error)") }
+                    if finished { break }
                 }
+                stop.condition.lock()
+                stop.exited = true
+                stop.condition.broadcast()
+                stop.condition.unlock()
             }
             thread.name = "weft-meta-sync"
             periodicSync = thread
@@ -86,9 +100,16 @@ public final class MetaStore: @unchecked Sendable {
         }
     }
 
-    /// Makes every acknowledged change durable and stops background work.
+    /// Makes every acknowledged change durable and stops background work (waits for it).
     public func close() throws {
-        stopping = true
+        if periodicSync != nil {
+            stopSignal.condition.lock()
+            stopSignal.stopped = true
+            stopSignal.condition.broadcast()
+            while !stopSignal.exited { stopSignal.condition.wait() }
+            stopSignal.condition.unlock()
+            periodicSync = nil
+        }
         try groupCommit.syncAll()
     }
 

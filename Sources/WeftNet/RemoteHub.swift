@@ -65,14 +65,15 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// Closes the connection and stops the event loop thread. Calls in flight fail with EIO; later
     /// calls fail with ESHUTDOWN. Idempotent.
     public func close() {
-        let connection: ClientConnection? = lock.withLock {
-            if case .closed = state { return nil }
+        let (wasOpen, connection): (Bool, ClientConnection?) = lock.withLock {
+            if case .closed = state { return (false, nil) }
             var current: ClientConnection?
             if case .connected(let connection) = state { current = connection }
             state = .closed
             stateChanged.broadcast()
-            return current
+            return (true, current)
         }
+        guard wasOpen else { return }
         if let channel = connection?.channel { try? channel.close().wait() }
         try? group.syncShutdownGracefully()
     }

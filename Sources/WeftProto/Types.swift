@@ -75,12 +75,16 @@ public struct Attributes: Equatable, Sendable {
     public var mtimeNs: Int64
     public var ctimeNs: Int64
     public var dataVersion: UInt64
+    /// Bytes of data written to the file (an upper bound of what it occupies; holes take none).
+    /// `st_blocks` reports min(allocatedBytes, size).
+    public var allocatedBytes: UInt64
 
     public init(ino: InodeID, mode: UInt32, nlink: UInt32, uid: UInt32, gid: UInt32, rdev: UInt32 = 0,
-                size: UInt64 = 0, atimeNs: Int64 = 0, mtimeNs: Int64 = 0, ctimeNs: Int64 = 0, dataVersion: UInt64 = 0) {
+                size: UInt64 = 0, atimeNs: Int64 = 0, mtimeNs: Int64 = 0, ctimeNs: Int64 = 0, dataVersion: UInt64 = 0,
+                allocatedBytes: UInt64 = 0) {
         self.ino = ino; self.mode = mode; self.nlink = nlink; self.uid = uid; self.gid = gid; self.rdev = rdev
         self.size = size; self.atimeNs = atimeNs; self.mtimeNs = mtimeNs; self.ctimeNs = ctimeNs
-        self.dataVersion = dataVersion
+        self.dataVersion = dataVersion; self.allocatedBytes = allocatedBytes
     }
 
     public var fileType: UInt32 { mode & UInt32(S_IFMT) }
@@ -93,13 +97,14 @@ public struct Attributes: Equatable, Sendable {
     public func encode(into w: inout ByteWriter) {
         w.u8(Self.encodedVersion)
         w.u64(ino); w.u32(mode); w.u32(nlink); w.u32(uid); w.u32(gid); w.u32(rdev)
-        w.u64(size); w.i64(atimeNs); w.i64(mtimeNs); w.i64(ctimeNs); w.u64(dataVersion)
+        w.u64(size); w.i64(atimeNs); w.i64(mtimeNs); w.i64(ctimeNs); w.u64(dataVersion); w.u64(allocatedBytes)
     }
     public static func decode(from r: inout ByteReader) throws -> Attributes {
         guard try r.u8() == encodedVersion else { throw WeftError.malformed }
         return Attributes(ino: try r.u64(), mode: try r.u32(), nlink: try r.u32(), uid: try r.u32(),
                           gid: try r.u32(), rdev: try r.u32(), size: try r.u64(), atimeNs: try r.i64(),
-                          mtimeNs: try r.i64(), ctimeNs: try r.i64(), dataVersion: try r.u64())
+                          mtimeNs: try r.i64(), ctimeNs: try r.i64(), dataVersion: try r.u64(),
+                          allocatedBytes: try r.u64())
     }
 }
 

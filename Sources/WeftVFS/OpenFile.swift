@@ -37,6 +37,7 @@ final class OpenFile {
         var visible = attributes
         if hasDirtyData {
             visible.size = max(visible.size, dirtyEnd)
+            visible.allocatedBytes += UInt64(dirtyBytes)
             visible.mtimeNs = max(visible.mtimeNs, dirtyMtimeNs)
             visible.ctimeNs = max(visible.ctimeNs, dirtyMtimeNs)
         }
@@ -44,7 +45,10 @@ final class OpenFile {
     }
 
     /// Adopts attributes from the hub; a new data version invalidates cached layouts.
+    /// Attributes fetched before a newer commit of this agent are ignored (a reply may arrive
+    /// after the commit that superseded it).
     func adopt(_ fresh: Attributes) {
+        guard fresh.dataVersion >= attributes.dataVersion else { return }
         if fresh.dataVersion != attributes.dataVersion { layouts.removeAll(keepingCapacity: true) }
         attributes = fresh
     }

@@ -36,13 +36,26 @@ extension VFS {
         let accessMode = handle.flags & O_ACCMODE
         guard accessMode == O_RDONLY || accessMode == O_RDWR else { throw WeftError(EBADF) }
         let file = handle.file
-        let ranges = try resolve(file, context: handle.context, offset: offset, size: size, flushFirst: true)
-        let end = offset + UInt64(ranges.reduce(0) { $0 + $1.length })
-        let sequential = scheduleReadahead(handle, readOffset: offset, readEnd: end)
-        var result = ReadResult()
-        result.pieces.reserveCapacity(ranges.count * 2)
-        for range in ranges { try fetch(range, context: handle.context, wholeObject: sequential, into: &result) }
-        return result
+        var attempt = 0
+        while true {
+            attempt += 1
+            let ranges = try resolve(file, context: handle.context, offset: offset, size: size, flushFirst: true)
+            let end = offset + UInt64(ranges.reduce(0) { $0 + $1.length })
+            let sequential = scheduleReadahead(handle, readOffset: offset, readEnd: end)
+            var result = ReadResult()
+            result.pieces.reserveCapacity(ranges.count * 2)
+            do {
+                for range in ranges { try fetch(range, context: handle.context, wholeObject: sequential, into: &result) }
+                return result
+            } catch let error as WeftError where error.errno == ENOENT && attempt == 1 {
+                // The cached layout names an object the hub has since replaced (compaction, or
+                // another agent's overwrite): fetch the current layout and read again.
+                file.lock.lock()
+                file.layouts.removeAll()
+                file.lock.unlock()
+                logger.debug("re-reading inode \(file.ino) with a fresh layout: \(error)")
+            }
+        }
     }
 
     /// Maps `[offset, offset+size)` (clamped to the file size) onto chunk objects and holes.
@@ -128,11 +141,17 @@ extension VFS {
                         extra += 1
                     }
                     if let start = claimedRun.first {
-                        let fetched = try fetchBlocks(object: range.sliceID, objectLength: range.objectLength,
-                                                      firstBlock: start, count: claimedRun.count + following.count,
-                                                      context: context)
-                        blocks.append(contentsOf: fetched.prefix(claimedRun.count))
-                        claimedRun.removeAll()
+                        do {
+                            let fetched = try fetchBlocks(object: range.sliceID, objectLength: range.objectLength,
+                                                          firstBlock: start, count: claimedRun.count + following.count,
+                                                          context: context)
+                            blocks.append(contentsOf: fetched.prefix(claimedRun.count))
+                            claimedRun.removeAll()
+                        } catch {
+                            // A damaged block beyond the request must not fail this read: retry
+                            // only the requested blocks (the failed fetch released every claim).
+                            return try fetch(range, context: context, wholeObject: false, into: &result)
+                        }
                     }
                     block += 1
                     continue

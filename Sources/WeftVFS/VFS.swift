@@ -69,12 +69,10 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func getattr(_ credentials: Credentials, ino: InodeID) throws -> Attributes {
-        if let file = openFile(ino) {
-            file.lock.lock()
-            defer { file.lock.unlock() }
-            if file.hasDirtyData { return file.visibleAttributes }
-        }
-        return localView(try hub.getattr(context(credentials), ino: ino))
+        let fresh = try hub.getattr(context(credentials), ino: ino)
+        let view = localView(fresh)
+        logger.trace("getattr \(ino): hub size \(fresh.size) v\(fresh.dataVersion), local size \(view.size)")
+        return view
     }
 
     /// Overlays what this agent has buffered but not committed on attributes from the hub.
@@ -193,7 +191,12 @@ public final class VFS: @unchecked Sendable {
             handle.entries.append(contentsOf: page)
         }
         guard offset < handle.entries.count else { return [] }
-        return Array(handle.entries[offset..<min(handle.entries.count, offset + limit)])
+        // readdirplus attributes update the kernel's inodes: show this agent's buffered writes.
+        return handle.entries[offset..<min(handle.entries.count, offset + limit)].map { entry in
+            var entry = entry
+            if entry.attributes.isRegular { entry.attributes = localView(entry.attributes) }
+            return entry
+        }
     }
 
     public func releasedir(handle id: UInt64) {
@@ -284,6 +287,7 @@ public final class VFS: @unchecked Sendable {
             throw WeftError.fileTooBig
         }
         file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes)
+        logger.trace("write \(file.ino) at \(position) +\(data.count): dirty end \(file.dirtyEnd)")
         if file.hasFullChunk(chunkSizeBytes: chunkSizeBytes) {
             try flushLocked(file, context: handle.context, durable: false)
         }
@@ -312,6 +316,7 @@ public final class VFS: @unchecked Sendable {
         lock.unlock()
         guard let handle else { throw WeftError(EBADF) }
         let file = handle.file
+        logger.trace("release handle \(id) of \(file.ino)")
         file.lock.lock()
         var failure: Error?
         do { try flushLocked(file, context: handle.context, durable: false) } catch { failure = error }

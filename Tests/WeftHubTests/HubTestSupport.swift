@@ -1,0 +1,184 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import XCTest
+import WeftHub
+import WeftNet
+import WeftProto
+
+/// How a test reaches the hub: the in-process `Hub` itself, or a `RemoteHub` talking TCP over
+/// 127.0.0.1 to a `HubServer` that serves the same `Hub`.
+enum HubTransport: String {
+    case inProcess
+    case tcp
+}
+
+/// A freshly formatted hub volume in its own temporary directory, reached through one transport.
+/// `api` is what tests call; `hub` is the in-process hub that owns the volume (for inspecting or
+/// damaging its files). `shutdown()` stops everything and removes the directory.
+final class HubUnderTest {
+    let transport: HubTransport
+    let directory: String
+    private(set) var hub: Hub!
+    private(set) var api: HubAPI!
+    private var server: HubServer?
+    private var remote: RemoteHub?
+    /// The TCP port the server listens on (nil in process).
+    private(set) var port: Int?
+    private var isShutDown = false
+
+    /// `recover: false` leaves background maintenance (garbage collection, compaction) stopped
+    /// until the test calls `hub.recover()` itself.
+    init(transport: HubTransport, chunkSizeBytes: Int = 65536, compression: Compression = .none,
+         recover: Bool = true) throws {
+        self.transport = transport
+        directory = NSTemporaryDirectory() + "weft-hub-test-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+        try Hub.format(directory: directory, chunkSizeBytes: chunkSizeBytes, compression: compression, force: false)
+        try start(recover: recover)
+    }
+
+    private func start(recover: Bool) throws {
+        hub = try Hub(directory: directory, durability: .strict, logger: testLogger("weft.hub.test"))
+        if recover { try hub.recover() }
+        switch transport {
+        case .inProcess:
+            api = hub
+        case .tcp:
+            let server = HubServer(hub: hub, logger: testLogger("weft.hub.server"), workerThreads: 8, eventLoopThreads: 1)
+            let port = try server.listen(host: "127.0.0.1", port: 0)
+            let remote = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 5000,
+                                   requestTimeoutMs: 30000, logger: testLogger("weft.hub.client"))
+            self.server = server
+            self.remote = remote
+            self.port = port
+            api = remote
+        }
+    }
+
+    /// Stops the transport and the hub (as a process exit would, after `close()`), then opens
+    /// the same directory again and recovers. The caller must drop its references to `api`
+    /// and `hub` first: the volume can only be opened once.
+    func restart() throws {
+        stop()
+        try start(recover: true)
+    }
+
+    private func stop() {
+        remote?.close()
+        server?.shutdown()
+        try? hub?.close()
+        remote = nil
+        server = nil
+        port = nil
+        api = nil
+        hub = nil
+    }
+
+    func shutdown() {
+        guard !isShutDown else { return }
+        isShutDown = true
+        stop()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    /// The file of chunk object `id` under `DIR/chunks/`, found by walking the tree.
+    func chunkFile(of id: SliceID) -> String? {
+        let wanted = String(format: "%016llx", id)
+        let root = directory + "/chunks"
+        guard let walker = FileManager.default.enumerator(atPath: root) else { return nil }
+        while let relative = walker.nextObject() as? String {
+            if (relative as NSString).lastPathComponent == wanted { return root + "/" + relative }
+        }
+        return nil
+    }
+}
+
+/// The caller used unless a test says otherwise.
+let rootCaller = Credentials.root
+let alice = Credentials(uid: 1000, gid: 1000)
+let bob = Credentials(uid: 1001, gid: 1001)
+
+/// File type bits as `UInt32`, as `Attributes.mode` holds them.
+let regularFile = UInt32(S_IFREG)
+let directoryType = UInt32(S_IFDIR)
+
+func bytes(_ text: String) -> [UInt8] { Array(text.utf8) }
+
+/// Asserts that `expression` throws a `WeftError` carrying `expected`.
+func XCTAssertErrno<T>(_ expected: Int32, _ expression: @autoclosure () throws -> T, _ message: String = "",
+                       file: StaticString = #filePath, line: UInt = #line) {
+    XCTAssertThrowsError(try expression(), message, file: file, line: line) { error in
+        XCTAssertEqual((error as? WeftError)?.errno, expected,
+                       "expected \(String(cString: strerror(expected))), got \(error) \(message)",
+                       file: file, line: line)
+    }
+}
+
+/// A quiet logger (set WEFT_TEST_LOG to see everything).
+func testLogger(_ label: String) -> Logger {
+    var logger = Logger(label: label)
+    logger.logLevel = ProcessInfo.processInfo.environment["WEFT_TEST_LOG"] != nil ? .trace : .critical
+    return logger
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeoutSeconds` pass; returns whether it held.
+func eventually(timeoutSeconds: Double = 10, _ condition: () throws -> Bool) rethrows -> Bool {
+    let deadline = Date().addingTimeInterval(timeoutSeconds)
+    while Date() < deadline {
+        if try condition() { return true }
+        usleep(10_000)
+    }
+    return try condition()
+}
+
+/// Deterministic generator (SplitMix64); tests that use it print their seed on failure.
+struct SeededRandom: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    mutating func bytes(_ count: Int) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        var index = 0
+        while index < count {
+            var word = next()
+            for _ in 0..<8 where index < count {
+                out[index] = UInt8(truncatingIfNeeded: word)
+                word >>= 8
+                index += 1
+            }
+        }
+        return out
+    }
+}
+
+/// Base for suites that run against both transports: `transport` picks one; every hub made
+/// through `makeHub` is shut down and removed in `tearDown`.
+class HubTestCase: XCTestCase {
+    /// Subclasses override to run the same tests over another transport.
+    class var transport: HubTransport { .inProcess }
+
+    private var fixtures: [HubUnderTest] = []
+
+    func makeHub(chunkSizeBytes: Int = 65536, compression: Compression = .none,
+                 recover: Bool = true) throws -> HubUnderTest {
+        let fixture = try HubUnderTest(transport: Self.transport, chunkSizeBytes: chunkSizeBytes,
+                                       compression: compression, recover: recover)
+        fixtures.append(fixture)
+        return fixture
+    }
+
+    override func tearDown() {
+        for fixture in fixtures.reversed() { fixture.shutdown() }
+        fixtures.removeAll()
+        super.tearDown()
+    }
+}

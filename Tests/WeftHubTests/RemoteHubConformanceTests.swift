@@ -1,0 +1,85 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import XCTest
+import WeftHub
+import WeftNet
+import WeftProto
+
+/// Every `HubConformanceTests` test again, through `RemoteHub` → TCP 127.0.0.1 → `HubServer` →
+/// `Hub`, plus what only a network transport has: connections that end and hubs that do not answer.
+final class RemoteHubConformanceTests: HubConformanceTests {
+    override class var transport: HubTransport { .tcp }
+
+    func testEndOfConnectionClosesItsSessions() throws {
+        let port = try XCTUnwrap(fixture.port)
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: testLogger("weft.hub.client2"))
+        defer { client.close() }
+        let (session, _) = try client.openSession(agentName: "departing")
+        let departing = RequestContext(session: session, credentials: rootCaller)
+        let file = try client.create(departing, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0,
+                                     umask: 0, exclusive: true)
+        _ = try client.open(departing, ino: file.ino, flags: O_RDWR)
+        try client.unlink(departing, parent: root, name: bytes("f"))
+        XCTAssertEqual(try api.status().agents.sorted(), ["conformance", "departing"])
+        XCTAssertEqual(try api.getattr(context, ino: file.ino).nlink, 0)
+        client.close()
+        XCTAssertTrue(try eventually { try api.status().agents == ["conformance"] }, "the server closed the session")
+        XCTAssertTrue(eventually { (try? api.getattr(context, ino: file.ino)) == nil },
+                      "and released its unlinked open file")
+        XCTAssertErrno(ESHUTDOWN, try client.status(), "a closed client refuses calls")
+    }
+
+    func testHubThatRefusesConnectionsFailsFast() throws {
+        // A port nothing listens on: bind one, then close it.
+        let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(probe, $0, length) }
+        }
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(probe, $0, &length) }
+        }
+        let port = Int(UInt16(bigEndian: address.sin_port))
+        close(probe)
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 1000,
+                               requestTimeoutMs: 1000, logger: testLogger("weft.hub.client3"))
+        defer { client.close() }
+        let started = Date()
+        XCTAssertErrno(EIO, try client.openSession(agentName: "nobody"))
+        XCTAssertLessThan(Date().timeIntervalSince(started), 5, "a bounded wait")
+    }
+
+    func testHubThatNeverAnswersTimesOut() throws {
+        // A listener whose connections are accepted by the kernel but never read.
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(listener) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, length) }
+        }
+        XCTAssertEqual(listen(listener, 8), 0)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) }
+        }
+        let port = Int(UInt16(bigEndian: address.sin_port))
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 1000,
+                               requestTimeoutMs: 700, logger: testLogger("weft.hub.client4"))
+        defer { client.close() }
+        let started = Date()
+        XCTAssertThrowsError(try client.openSession(agentName: "patient")) { error in
+            let code = (error as? WeftError)?.errno
+            XCTAssertTrue(code == ETIMEDOUT || code == EIO, "\(error)")
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 5, "never a hang")
+    }
+}

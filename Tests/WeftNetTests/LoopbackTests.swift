@@ -1,0 +1,515 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import XCTest
+import WeftProto
+@testable import WeftNet
+
+/// HubServer and RemoteHub over real loopback sockets, against `FakeHub`.
+final class LoopbackTests: XCTestCase {
+    private var logger: Logger {
+        var logger = Logger(label: "weft.net.test")
+        logger.logLevel = ProcessInfo.processInfo.environment["WEFT_TEST_LOG"] != nil ? .trace : .critical
+        return logger
+    }
+
+    private func startServer(_ hub: FakeHub, port: Int = 0, maxInFlight: Int = 512) throws -> (HubServer, Int) {
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 8, eventLoopThreads: 1,
+                               maxInFlightRequestsPerConnection: maxInFlight)
+        let bound = try server.listen(host: "127.0.0.1", port: port)
+        return (server, bound)
+    }
+
+    private func context(_ session: SessionID) -> RequestContext {
+        RequestContext(session: session, credentials: Credentials(uid: 1000, gid: 1000, groups: [10]))
+    }
+
+    func testEveryMethodOverTCP() throws {
+        let hub = FakeHub()
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        try exerciseEveryMethod(client, hub)
+    }
+
+    func testEveryMethodOverUnixSocket() throws {
+        let path = NSTemporaryDirectory() + "weft-net-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let hub = FakeHub()
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 4, eventLoopThreads: 1)
+        try server.listen(unixSocketPath: path)
+        let client = RemoteHub(address: try HubAddress.parse("unix:" + path), logger: logger)
+        try exerciseEveryMethod(client, hub)
+        client.close()
+        server.shutdown()
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path), "shutdown removes the socket file")
+    }
+
+    /// Every HubAPI method once, checking that results and errors arrive intact.
+    private func exerciseEveryMethod(_ client: RemoteHub, _ hub: FakeHub) throws {
+        let (session, volume) = try client.openSession(agentName: "agent-one")
+        XCTAssertEqual(volume, FakeHub.volume)
+        let c = context(session)
+        XCTAssertEqual(try client.lookup(c, parent: 1, name: Array("a".utf8)), FakeHub.attributes(ino: 2, session: session))
+        XCTAssertEqual(try client.getattr(c, ino: 9).ino, 9)
+        XCTAssertEqual(try client.setattr(c, ino: 9, SetAttributes(mode: 0o600, size: 77)).size, 77)
+        XCTAssertEqual(try client.create(c, parent: 1, name: [1], mode: 0o666, rdev: 3, umask: 0o022, exclusive: false).mode, 0o644)
+        XCTAssertThrowsError(try client.create(c, parent: 1, name: Array("exists".utf8), mode: 0, rdev: 0, umask: 0, exclusive: true)) {
+            XCTAssertEqual(($0 as? WeftError)?.errno, EEXIST)
+        }
+        XCTAssertEqual(try client.mkdir(c, parent: 1, name: [2], mode: 0o777, umask: 0o002).mode, UInt32(S_IFDIR) | 0o775)
+        try client.unlink(c, parent: 1, name: [3])
+        XCTAssertThrowsError(try client.rmdir(c, parent: 1, name: [4])) { XCTAssertEqual(($0 as? WeftError)?.errno, ENOTEMPTY) }
+        XCTAssertEqual(try client.symlink(c, parent: 1, name: [5], target: [1, 2, 3]).size, 3)
+        XCTAssertEqual(try client.readlink(c, ino: 12), Array("../target/of/12".utf8))
+        XCTAssertEqual(try client.link(c, ino: 13, newParent: 1, newName: [6]).nlink, 2)
+        try client.rename(c, parent: 1, name: [7], newParent: 1, newName: [8], flags: .noReplace)
+        XCTAssertThrowsError(try client.rename(c, parent: 1, name: [7], newParent: 2, newName: [8], flags: .exchange)) {
+            XCTAssertEqual(($0 as? WeftError)?.errno, EXDEV)
+        }
+        let page = try client.readdir(c, ino: 1, after: nil, limit: 10)
+        XCTAssertEqual(page.map(\.name), (0..<10).map { Array("entry\($0)".utf8) })
+        XCTAssertEqual(try client.readdir(c, ino: 1, after: Array("entry9".utf8), limit: 2).map(\.ino), [5010, 5011])
+        XCTAssertThrowsError(try client.readdir(c, ino: 1, after: nil, limit: -1)) { XCTAssertEqual(($0 as? WeftError)?.errno, EINVAL) }
+        try client.access(c, ino: 1, mask: 4)
+        XCTAssertThrowsError(try client.access(c, ino: 1, mask: 2)) { XCTAssertEqual(($0 as? WeftError)?.errno, EACCES) }
+        XCTAssertEqual(try client.open(c, ino: 14, flags: O_RDWR).ino, 14)
+        try client.release(c, ino: 14)
+        XCTAssertEqual(try client.getxattr(c, ino: 1, name: [9]), [9, 0, 1, 2])
+        XCTAssertThrowsError(try client.getxattr(c, ino: 1, name: Array("user.none".utf8))) {
+            XCTAssertEqual(($0 as? WeftError)?.errno, ENODATA)
+        }
+        try client.setxattr(c, ino: 1, name: [1], value: [2], flags: .create)
+        XCTAssertEqual(try client.listxattr(c, ino: 1), [Array("user.a".utf8), Array("user.bb".utf8), []])
+        try client.removexattr(c, ino: 1, name: [1])
+        XCTAssertEqual(try client.statfs(c).freeInodes, 12345)
+        XCTAssertEqual(try client.allocateSliceIDs(c, count: 5), 1 << 33 + 5)
+        let data = (0..<(4 << 20)).map { UInt8(truncatingIfNeeded: $0 >> 3) }
+        try client.writeSlice(c, id: 77, data: data)
+        XCTAssertEqual(try client.readSlice(c, id: 77, offset: 0, length: UInt32(data.count)), data)
+        XCTAssertEqual(try client.readSlice(c, id: 77, offset: 100, length: 50), Array(data[100..<150]))
+        XCTAssertThrowsError(try client.readSlice(c, id: 78, offset: 0, length: 1)) {
+            XCTAssertEqual(($0 as? WeftError)?.errno, EIO)
+            XCTAssertEqual(($0 as? WeftError)?.message, "slice 78 damaged")
+        }
+        let (attributes, chunks) = try client.layout(c, ino: 20, firstChunk: 4, count: 5)
+        XCTAssertEqual(attributes.ino, 20)
+        XCTAssertEqual(chunks.map(\.count), [1, 2, 0, 1, 2])
+        let commit = SliceCommit(chunkIndex: 1, slice: Slice(id: 77, offsetInChunk: 0, length: 10, objectLength: 10))
+        XCTAssertEqual(try client.commitSlices(c, ino: 20, slices: [commit, commit], minimumSize: 999, durable: true).dataVersion, 2)
+        try client.sync(c)
+        XCTAssertEqual(try client.status().agents, ["agent-one"])
+        XCTAssertEqual(try client.fsck(repair: true).repaired, ["removed chunk 5"])
+        try client.closeSession(session)
+        XCTAssertEqual(hub.snapshot { $0.closedSessions }, [session])
+    }
+
+    func testErrnoAndMessagePropagate() throws {
+        let hub = FakeHub()
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        let (session, _) = try client.openSession(agentName: "errno")
+        XCTAssertThrowsError(try client.lookup(context(session), parent: 1, name: Array("missing".utf8))) {
+            let error = $0 as? WeftError
+            XCTAssertEqual(error?.errno, ENOENT)
+            XCTAssertEqual(error?.message, "no entry 'missing' in 1")
+        }
+        XCTAssertThrowsError(try client.closeSession(12345)) { XCTAssertEqual(($0 as? WeftError)?.errno, ENOENT) }
+    }
+
+    func testPipelinedRequestsCompleteOutOfOrder() throws {
+        let hub = FakeHub()
+        // Even inodes take 60 ms; odd ones answer at once.
+        hub.getattrDelayMs = { $0 % 2 == 0 ? 60 : 0 }
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        let (session, _) = try client.openSession(agentName: "pipeline")
+
+        let threads = 48
+        let completion = Locked<[(ino: InodeID, finished: Date)]>([])
+        let failures = Locked<[String]>([])
+        let sessionContext = context(session)
+        runOnThreads(threads) { index in
+            let ino = InodeID(index + 2)
+            for round in 0..<3 {
+                do {
+                    let attributes = try client.getattr(sessionContext, ino: ino)
+                    if attributes.ino != ino || attributes.uid != UInt32(session) {
+                        failures.mutate { $0.append("thread \(index) round \(round): asked \(ino), got \(attributes.ino)") }
+                    }
+                    if round == 0 { completion.mutate { $0.append((ino, Date())) } }
+                } catch {
+                    failures.mutate { $0.append("thread \(index): \(error)") }
+                }
+            }
+        }
+        XCTAssertEqual(failures.value, [])
+        let finished = completion.value
+        XCTAssertEqual(finished.count, threads)
+        // Fast requests sent after slow ones finished first: responses came back out of order.
+        let firstSlow = finished.filter { $0.ino % 2 == 0 }.map(\.finished).min()!
+        let fastBeforeSlow = finished.filter { $0.ino % 2 == 1 && $0.finished < firstSlow }.count
+        XCTAssertGreaterThan(fastBeforeSlow, 0)
+        XCTAssertGreaterThan(hub.snapshot { $0.maxRunning }, 1, "requests ran concurrently on the worker pool")
+    }
+
+    func testSlowRequestDoesNotHoldBackFastOne() throws {
+        let hub = FakeHub()
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        let (session, _) = try client.openSession(agentName: "order")
+        let slowDone = expectation(description: "slow")
+        let slowFinished = Locked(Date.distantFuture)
+        let slowContext = context(session)
+        DispatchQueue.global().async {
+            _ = try? client.lookup(slowContext, parent: 1, name: Array("slow-400".utf8))
+            slowFinished.value = Date()
+            slowDone.fulfill()
+        }
+        usleep(50_000)
+        _ = try client.lookup(context(session), parent: 1, name: Array("fast".utf8))
+        let fastFinished = Date()
+        wait(for: [slowDone], timeout: 5)
+        XCTAssertLessThan(fastFinished, slowFinished.value)
+    }
+
+    func testRequestTimeout() throws {
+        let hub = FakeHub()
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        defer { hub.releaseBlocked() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), requestTimeoutMs: 300, logger: logger)
+        defer { client.close() }
+        let (session, _) = try client.openSession(agentName: "timeout")
+        let start = Date()
+        XCTAssertThrowsError(try client.lookup(context(session), parent: 1, name: Array("block".utf8))) {
+            XCTAssertEqual(($0 as? WeftError)?.errno, ETIMEDOUT)
+        }
+        let elapsed = Date().timeIntervalSince(start)
+        XCTAssertGreaterThanOrEqual(elapsed, 0.29)
+        XCTAssertLessThan(elapsed, 2.0)
+        // The connection still serves; the late answer is dropped.
+        hub.releaseBlocked()
+        XCTAssertEqual(try client.getattr(context(session), ino: 5).ino, 5)
+    }
+
+    func testServerDownGivesEIOQuickly() throws {
+        let port = try freePort()
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 1000, logger: logger)
+        defer { client.close() }
+        for _ in 0..<3 {
+            let start = Date()
+            XCTAssertThrowsError(try client.getattr(context(1), ino: 1)) {
+                let error = $0 as? WeftError
+                XCTAssertEqual(error?.errno, EIO)
+                XCTAssertTrue(error?.message.hasPrefix("hub 127.0.0.1:\(port) does not answer") ?? false, "\($0)")
+            }
+            XCTAssertLessThan(Date().timeIntervalSince(start), 1.5)
+        }
+        // Unix socket that does not exist.
+        let unixClient = RemoteHub(address: .unix(path: "/nonexistent/weft.sock"), connectTimeoutMs: 1000, logger: logger)
+        defer { unixClient.close() }
+        XCTAssertThrowsError(try unixClient.status()) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
+    }
+
+    func testHubThatAcceptsButNeverAnswersTimesOut() throws {
+        // A listening socket nobody accepts from: the kernel completes the handshake, then silence.
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { Glibc.close(listener) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        try withUnsafeMutablePointer(to: &address) {
+            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                guard bind(listener, $0, length) == 0, Glibc.listen(listener, 4) == 0,
+                      getsockname(listener, $0, &length) == 0 else { throw WeftError(errno, "listen") }
+            }
+        }
+        let port = Int(UInt16(bigEndian: address.sin_port))
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 500,
+                               requestTimeoutMs: 400, logger: logger)
+        defer { client.close() }
+        let start = Date()
+        XCTAssertThrowsError(try client.statfs(context(1))) { XCTAssertEqual(($0 as? WeftError)?.errno, ETIMEDOUT) }
+        XCTAssertLessThan(Date().timeIntervalSince(start), 2.0)
+    }
+
+    func testReconnectAfterServerRestartSubstitutesSession() throws {
+        let firstHub = FakeHub(firstSession: 100)
+        let (firstServer, port) = try startServer(firstHub)
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 2000, logger: logger)
+        defer { client.close() }
+        let (session, _) = try client.openSession(agentName: "survivor")
+        XCTAssertEqual(session, 100)
+        XCTAssertEqual(try client.getattr(context(session), ino: 3).uid, 100)
+
+        firstServer.shutdown()
+        XCTAssertEqual(firstHub.snapshot { $0.closedSessions }, [100], "the hub closed the departed agent's session")
+        XCTAssertThrowsError(try client.getattr(context(session), ino: 3)) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
+
+        let secondHub = FakeHub(firstSession: 500)
+        let (secondServer, _) = try startServer(secondHub, port: port)
+        defer { secondServer.shutdown() }
+        // The caller keeps its id; the hub sees the new session.
+        XCTAssertEqual(try client.getattr(context(session), ino: 3).uid, 500)
+        XCTAssertEqual(secondHub.snapshot { $0.openedSessions }, [500: "survivor"])
+        XCTAssertEqual(secondHub.snapshot { $0.seenSessions }, [500])
+        // A second session opened now must not collide with the caller's first id.
+        let (second, _) = try client.openSession(agentName: "second")
+        XCTAssertNotEqual(second, session)
+        XCTAssertEqual(try client.getattr(context(second), ino: 3).uid, 501)
+        try client.closeSession(session)
+        XCTAssertEqual(secondHub.snapshot { $0.closedSessions }, [500])
+    }
+
+    func testSessionClosedWhileDisconnectedIsNotReopened() throws {
+        let firstHub = FakeHub(firstSession: 10)
+        let (firstServer, port) = try startServer(firstHub)
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        let (kept, _) = try client.openSession(agentName: "kept")
+        let (dropped, _) = try client.openSession(agentName: "dropped")
+        firstServer.shutdown()
+        XCTAssertEqual(firstHub.snapshot { $0.closedSessions }.sorted(), [kept, dropped])
+        XCTAssertNoThrow(try client.closeSession(dropped), "nothing to close on a hub that is gone")
+
+        let secondHub = FakeHub(firstSession: 20)
+        let (secondServer, _) = try startServer(secondHub, port: port)
+        defer { secondServer.shutdown() }
+        XCTAssertTrue(waitUntil { (try? client.getattr(self.context(kept), ino: 1)) != nil })
+        XCTAssertEqual(secondHub.snapshot { $0.openedSessions }, [20: "kept"])
+    }
+
+    func testConnectionCloseClosesItsSessions() throws {
+        let hub = FakeHub()
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        let (first, _) = try client.openSession(agentName: "one")
+        let (second, _) = try client.openSession(agentName: "two")
+        try client.closeSession(first)
+        let other = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { other.close() }
+        let (bystander, _) = try other.openSession(agentName: "bystander")
+
+        client.close()
+        XCTAssertTrue(waitUntil { hub.snapshot { $0.closedSessions.contains(second) } })
+        XCTAssertEqual(hub.snapshot { $0.closedSessions }.sorted(), [first, second])
+        XCTAssertEqual(hub.snapshot { Set($0.openedSessions.keys) }, [bystander])
+        XCTAssertThrowsError(try client.status()) { XCTAssertEqual(($0 as? WeftError)?.errno, ESHUTDOWN) }
+    }
+
+    func testInFlightBoundAppliesBackpressure() throws {
+        let hub = FakeHub()
+        hub.blockAll = true
+        let (server, port) = try startServer(hub, maxInFlight: 4)
+        defer { server.shutdown() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        let answered = Locked(0)
+        let anyContext = context(0)
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            self.runOnThreads(20) { index in
+                if (try? client.getattr(anyContext, ino: InodeID(index))) != nil {
+                    answered.mutate { $0 += 1 }
+                }
+            }
+            done.signal()
+        }
+        XCTAssertTrue(hub.waitForBlocked(4))
+        usleep(200_000)
+        XCTAssertEqual(hub.snapshot { $0.blockedCount }, 4, "no more than the bound run at once")
+        hub.releaseBlocked()
+        XCTAssertEqual(done.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(answered.value, 20)
+        XCTAssertEqual(hub.snapshot { $0.maxRunning }, 4)
+    }
+
+    func testMalformedFrameClosesOnlyThatConnection() throws {
+        let hub = FakeHub()
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        let (session, _) = try client.openSession(agentName: "innocent")
+
+        let oversized = withUnsafeBytes(of: UInt32(WireCodec.maxFrameBytes + 1).littleEndian, Array.init)
+        var badVersion = WireCodec.encodeRequest(id: 1, .status)
+        badVersion[4] = 9
+        var badPayload = WireCodec.encodeRequest(id: 1, .getattr(context(1), ino: 1))
+        badPayload += [0xEE]
+        badPayload.replaceSubrange(0..<4, with: withUnsafeBytes(of: UInt32(badPayload.count - 4).littleEndian, Array.init))
+        let responseToHub = WireCodec.encodeResponse(id: 1, opcode: .sync, .success(.empty))
+        for garbage in [oversized, badVersion, badPayload, responseToHub] {
+            let socket = try RawSocket(port: port)
+            try socket.send(garbage)
+            XCTAssertTrue(socket.readsEndOfStream(), "the server closed the connection")
+            XCTAssertEqual(try client.getattr(context(session), ino: 4).ino, 4, "others are still served")
+        }
+        XCTAssertTrue(waitUntil { server.connectionCount == 1 })
+    }
+
+    func testUnknownOpcodeIsAnsweredWithENOSYS() throws {
+        let hub = FakeHub()
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        var frame = WireCodec.encodeRequest(id: 0xABCDEF, .status)
+        frame[6] = 0xF0
+        frame[7] = 0x7F
+        let socket = try RawSocket(port: port)
+        try socket.send(frame + WireCodec.encodeRequest(id: 2, .status))
+        // Two answers, in either order: the connection stays usable after the unknown opcode.
+        var answers: [UInt64: [UInt8]] = [:]
+        for _ in 0..<2 {
+            let prefix = try socket.receive(count: 4)
+            let answer = prefix + (try socket.receive(count: Int(prefix.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })))
+            answers[answer.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self) }] = answer
+        }
+        let unknown = try XCTUnwrap(answers[0xABCDEF])
+        XCTAssertEqual(Array(unknown[4..<8]), [1, 1, 0xF0, 0x7F], "version, kind response, opcode echoed")
+        XCTAssertEqual(Array(unknown[16..<20]), withUnsafeBytes(of: ENOSYS.littleEndian, Array.init))
+        let status = try WireCodec.decodeResponse(WireCodec.decodeFrame(try XCTUnwrap(answers[2]))).get()
+        guard case .status = status else { return XCTFail("expected a status, got \(status)") }
+    }
+
+    func testConnectionBeyondTheBoundIsRefused() throws {
+        let hub = FakeHub()
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 2, eventLoopThreads: 1, maxConnections: 1)
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        defer { server.shutdown() }
+        let first = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { first.close() }
+        XCTAssertNoThrow(try first.status())
+        let second = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), requestTimeoutMs: 2000, logger: logger)
+        defer { second.close() }
+        XCTAssertThrowsError(try second.status()) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
+        XCTAssertNoThrow(try first.status(), "the admitted connection is unaffected")
+    }
+
+    func testListenOnBusyPortFails() throws {
+        let (server, port) = try startServer(FakeHub())
+        defer { server.shutdown() }
+        let other = HubServer(hub: FakeHub(), logger: logger, workerThreads: 1, eventLoopThreads: 1)
+        defer { other.shutdown() }
+        XCTAssertThrowsError(try other.listen(host: "127.0.0.1", port: port)) {
+            XCTAssertEqual(($0 as? WeftError)?.errno, EADDRINUSE, "\($0)")
+        }
+    }
+
+    func testRequestsAfterCloseFail() throws {
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: 1), logger: logger)
+        client.close()
+        client.close()
+        XCTAssertThrowsError(try client.status()) { XCTAssertEqual(($0 as? WeftError)?.errno, ESHUTDOWN) }
+    }
+
+    // MARK: Helpers
+
+    /// Runs `body(0..<count)` on `count` threads of their own (blocking calls need real threads,
+    /// not a pool sized to the cores) and returns when all have finished.
+    private func runOnThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
+        let finished = DispatchSemaphore(value: 0)
+        for index in 0..<count {
+            let thread = Thread {
+                body(index)
+                finished.signal()
+            }
+            thread.stackSize = 1 << 20
+            thread.start()
+        }
+        for _ in 0..<count { finished.wait() }
+    }
+
+    private func waitUntil(timeoutSeconds: Double = 5, _ condition: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(timeoutSeconds)
+        while Date() < deadline {
+            if condition() { return true }
+            usleep(10_000)
+        }
+        return condition()
+    }
+
+    /// A TCP port nothing listens on (bound, read, released).
+    private func freePort() throws -> Int {
+        let server = HubServer(hub: FakeHub(), logger: logger, workerThreads: 1, eventLoopThreads: 1)
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        server.shutdown()
+        return port
+    }
+}
+
+/// A value shared between test threads.
+final class Locked<Value>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: Value
+    init(_ value: Value) { stored = value }
+    var value: Value {
+        get { lock.lock(); defer { lock.unlock() }; return stored }
+        set { lock.lock(); stored = newValue; lock.unlock() }
+    }
+    func mutate(_ body: (inout Value) -> Void) {
+        lock.lock(); body(&stored); lock.unlock()
+    }
+}
+
+/// A blocking TCP client socket for sending raw bytes to a server.
+final class RawSocket {
+    private let fd: Int32
+
+    init(port: Int) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw WeftError(errno, "socket") }
+        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard rc == 0 else { Glibc.close(fd); throw WeftError(errno, "connect") }
+    }
+
+    deinit { Glibc.close(fd) }
+
+    func send(_ bytes: [UInt8]) throws {
+        var sent = 0
+        while sent < bytes.count {
+            let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL)) }
+            guard n > 0 else { throw WeftError(errno, "send") }
+            sent += n
+        }
+    }
+
+    func receive(count: Int) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var received = 0
+        while received < count {
+            let n = bytes.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + received, count - received, 0) }
+            guard n > 0 else { throw WeftError(n == 0 ? EPIPE : errno, "recv") }
+            received += n
+        }
+        return bytes
+    }
+
+    /// True if the peer closes the stream (within the 5 s receive timeout).
+    func readsEndOfStream() -> Bool {
+        var byte: UInt8 = 0
+        while true {
+            let n = recv(fd, &byte, 1, 0)
+            if n == 0 { return true }
+            if n < 0 { return errno == ECONNRESET }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+import WeftNet
+import WeftProto
+
+/// Non-trivial values for every request and every response shape.
+enum WireSamples {
+    static let context = RequestContext(session: 0xDEAD_BEEF_0042,
+                                        credentials: Credentials(uid: 1000, gid: 100, groups: [4, 24, 27, 1_000_000]))
+    static let name: [UInt8] = Array("héllo wörld.txt".utf8) + [0xFF, 0x00, 0x7F]
+    static let otherName: [UInt8] = Array(repeating: 0x61, count: 255)
+    static let attributes = Attributes(ino: 0x0123_4567_89AB_CDEF, mode: 0o100755, nlink: 3, uid: 1000, gid: 100,
+                                       rdev: 0x0803, size: 1 << 45, atimeNs: -1, mtimeNs: 1_700_000_000_000_000_001,
+                                       ctimeNs: Int64.max, dataVersion: UInt64.max - 1)
+    static let volume = VolumeInfo(formatVersion: 3, uuid: Array(200..<216), chunkSizeBytes: 64 << 20,
+                                   compression: .zstd, createdNs: 1_600_000_000_000_000_000)
+    static let slices = [
+        SliceCommit(chunkIndex: 0, slice: Slice(id: 77, offsetInChunk: 0, length: 4096, sliceOffset: 0, objectLength: 4096)),
+        SliceCommit(chunkIndex: 9, slice: Slice(id: 0, offsetInChunk: 123, length: 1 << 20, sliceOffset: 5, objectLength: 0)),
+        SliceCommit(chunkIndex: UInt32.max, slice: Slice(id: UInt64.max, offsetInChunk: UInt32.max, length: 1,
+                                                         sliceOffset: 17, objectLength: UInt32.max)),
+    ]
+    static let data: [UInt8] = (0..<70_000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+
+    /// One request per opcode.
+    static let requests: [HubRequest] = [
+        .openSession(agentName: "node-7.rack-3 ✓"),
+        .closeSession(0xFFFF_FFFF_FFFF_FFF0),
+        .lookup(context, parent: 1, name: name),
+        .getattr(context, ino: 0x8000_0000_0000_0001),
+        .setattr(context, ino: 42, SetAttributes(mode: 0o4755, uid: nil, gid: 0, size: 1 << 40,
+                                                 atime: .now, mtime: .nanoseconds(-123_456_789))),
+        .create(context, parent: 2, name: name, mode: 0o020644, rdev: 0x0103, umask: 0o022, exclusive: true),
+        .mkdir(context, parent: 3, name: otherName, mode: 0o1777, umask: 0o077),
+        .unlink(context, parent: 4, name: name),
+        .rmdir(context, parent: 5, name: [0x2E, 0x2E, 0x2E]),
+        .symlink(context, parent: 6, name: name, target: Array(repeating: 0x2F, count: 4095)),
+        .readlink(context, ino: 7),
+        .link(context, ino: 8, newParent: 9, newName: otherName),
+        .rename(context, parent: 10, name: name, newParent: 11, newName: otherName, flags: [.noReplace, .exchange]),
+        .readdir(context, ino: 12, after: Array("entry42".utf8), limit: 4096),
+        .access(context, ino: 13, mask: 7),
+        .open(context, ino: 14, flags: Int32(bitPattern: 0x8000_0241)),
+        .release(context, ino: 15),
+        .getxattr(context, ino: 16, name: Array("user.mime_type".utf8)),
+        .setxattr(context, ino: 17, name: Array("trusted.x".utf8), value: Array(data.prefix(65536)), flags: .replace),
+        .listxattr(context, ino: 18),
+        .removexattr(context, ino: 19, name: Array("security.selinux".utf8)),
+        .statfs(context),
+        .allocateSliceIDs(context, count: 1 << 20),
+        .writeSlice(context, id: 0xABCD_EF01_2345, data: data),
+        .readSlice(context, id: 99, offset: 4 << 20, length: 64 << 20),
+        .layout(context, ino: 20, firstChunk: 1 << 30, count: 17),
+        .commitSlices(context, ino: 21, slices: slices, minimumSize: 0x0003_FFFF_FFFF_FFFF, durable: true),
+        .sync(context),
+        .status,
+        .fsck(repair: true),
+    ]
+
+    /// Variants that exercise optional and empty fields.
+    static let edgeRequests: [HubRequest] = [
+        .openSession(agentName: ""),
+        .readdir(RequestContext(session: 0, credentials: .root), ino: 1, after: nil, limit: 0),
+        .readdir(context, ino: 1, after: [], limit: UInt32.max),
+        .setattr(context, ino: 1, SetAttributes()),
+        .commitSlices(context, ino: 1, slices: [], minimumSize: 0, durable: false),
+        .writeSlice(context, id: 1, data: []),
+        .fsck(repair: false),
+        .lookup(context, parent: 0, name: []),
+    ]
+
+    static let status = HubStatus(volume: volume, logicalBytes: 1 << 50, inodes: 1_000_000, chunks: 55, storedBytes: 1 << 33,
+                                  connectedAgents: 3, agents: ["a", "node-β", String(repeating: "x", count: 4096)])
+
+    /// One success result per opcode.
+    static func response(for opcode: HubOpcode) -> HubResponse {
+        switch opcode {
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync:
+            return .empty
+        case .openSession:
+            return .session(0x1234_5678_9ABC, volume)
+        case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
+            var varied = attributes
+            varied.ino = UInt64(opcode.rawValue) << 40
+            return .attributes(varied)
+        case .readlink, .getxattr, .readSlice:
+            return .bytes(opcode == .readSlice ? data : Array(name.reversed()))
+        case .readdir:
+            return .entries((0..<37).map { index in
+                var entryAttributes = attributes
+                entryAttributes.ino = UInt64(index) + 1
+                return DirectoryEntry(name: index == 0 ? [0x2E] : Array("file-\(index)".utf8), ino: UInt64(index) + 1,
+                                      attributes: entryAttributes)
+            })
+        case .listxattr:
+            return .names([Array("user.a".utf8), [], otherName])
+        case .statfs:
+            return .fileSystemStats(FileSystemStats(blockSizeBytes: 65536, totalBlocks: UInt64.max, freeBlocks: 1,
+                                                    totalInodes: 1 << 60, freeInodes: 0, nameMaxBytes: 255))
+        case .allocateSliceIDs:
+            return .firstSliceID(0xFEED_FACE_CAFE)
+        case .layout:
+            return .layout(attributes, [[], slices.map(\.slice), [slices[0].slice], []])
+        case .status:
+            return .status(status)
+        case .fsck:
+            return .fsckReport(FsckReport(inodesChecked: 1 << 35, chunksChecked: 3, problems: ["chunk 7: checksum mismatch", ""],
+                                          repaired: ["chunk 7 dropped"]))
+        }
+    }
+
+    /// Empty-ish success results per shape.
+    static let edgeResponses: [(HubOpcode, HubResponse)] = [
+        (.readdir, .entries([])),
+        (.listxattr, .names([])),
+        (.readSlice, .bytes([])),
+        (.layout, .layout(attributes, [])),
+        (.status, .status(HubStatus(volume: volume, logicalBytes: 0, inodes: 0, chunks: 0, storedBytes: 0,
+                                    connectedAgents: 0, agents: []))),
+        (.fsck, .fsckReport(FsckReport())),
+    ]
+}
+
+/// SplitMix64: a small, seedable generator so that a failing seed replays exactly.
+struct SeededGenerator: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
