@@ -215,6 +215,12 @@ public final class Hub: HubAPI, @unchecked Sendable {
         return try chunks.read(id: id, offset: Int(offset), length: Int(length))
     }
 
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32,
+                          into destination: UnsafeMutableRawBufferPointer) throws {
+        guard destination.count <= Limits.transferMaxBytes else { throw WeftError.invalid }
+        try chunks.read(id: id, offset: Int(offset), into: destination)
+    }
+
     public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {
         try meta.layout(ino: ino, firstChunk: firstChunk, count: count)
     }

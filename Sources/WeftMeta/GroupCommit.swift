@@ -19,11 +19,16 @@ final class GroupCommit: @unchecked Sendable {
         self.syncWAL = syncWAL
     }
 
-    /// Records one applied mutation; returns its sequence number.
-    func applied() -> UInt64 {
+    /// The latest mutation whose reply promises durability (namespace changes, fsync commits).
+    private var promisedSeq: UInt64 = 0
+
+    /// Records one applied mutation; returns its sequence number. `promised` marks a mutation
+    /// whose caller will be told it is durable.
+    func applied(promised: Bool) -> UInt64 {
         condition.lock()
         defer { condition.unlock() }
         appliedSeq += 1
+        if promised { promisedSeq = appliedSeq }
         return appliedSeq
     }
 
@@ -31,6 +36,14 @@ final class GroupCommit: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         return appliedSeq
+    }
+
+    /// Everything a reader may observe that was promised durable: a read waits for this, not for
+    /// commits that never promised durability (close/flush data commits).
+    var latestPromised: UInt64 {
+        condition.lock()
+        defer { condition.unlock() }
+        return promisedSeq
     }
 
     func waitDurable(_ seq: UInt64) throws {

@@ -129,7 +129,7 @@ public final class MetaStore: @unchecked Sendable {
                 }
                 try db.write(transaction.batch, sync: false)
                 counters = transaction.counters
-                seq = groupCommit.applied()
+                seq = groupCommit.applied(promised: durable && durability == .strict)
             }
             lock.unlock()
         } catch {
@@ -142,7 +142,8 @@ public final class MetaStore: @unchecked Sendable {
         return result
     }
 
-    /// Runs a read under the lock; in strict mode waits until what it saw is durable.
+    /// Runs a read under the lock; in strict mode waits until every change promised durable that
+    /// it may have seen is durable (data commits without `durable` never promised it).
     func read<T>(_ body: (Transaction) throws -> T) throws -> T {
         lock.lock()
         let result: T
@@ -153,7 +154,7 @@ public final class MetaStore: @unchecked Sendable {
             lock.unlock()
             throw error
         }
-        if durability == .strict { try groupCommit.waitDurable(groupCommit.latestApplied) }
+        if durability == .strict { try groupCommit.waitDurable(groupCommit.latestPromised) }
         return result
     }
 

@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The one boundary between a node agent and its hub.
 ///
 /// The agent reaches the hub only through this protocol. It is implemented in-process
@@ -59,6 +63,10 @@ public protocol HubAPI: AnyObject, Sendable {
     /// Reads `length` bytes at `offset` of chunk object `id`, checksum-verified. A damaged
     /// chunk throws EIO, never wrong bytes.
     func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8]
+    /// Same as `readSlice(_:id:offset:length:)`, reading `destination.count` bytes straight into
+    /// caller memory (the in-process hub reads from disk into it with no copy).
+    func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32,
+                   into destination: UnsafeMutableRawBufferPointer) throws
     /// The slice lists of chunks `firstChunk ..< firstChunk+count` of file `ino`, and its attributes.
     func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]])
     /// Appends slices to the file's chunk lists and raises its size to at least `minimumSize`,
@@ -72,4 +80,13 @@ public protocol HubAPI: AnyObject, Sendable {
     // Administration
     func status() throws -> HubStatus
     func fsck(repair: Bool) throws -> FsckReport
+}
+
+extension HubAPI {
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32,
+                          into destination: UnsafeMutableRawBufferPointer) throws {
+        let bytes = try readSlice(context, id: id, offset: offset, length: UInt32(destination.count))
+        guard bytes.count == destination.count else { throw WeftError(EIO, "short read of chunk object \(id)") }
+        bytes.withUnsafeBytes { destination.copyMemory(from: $0) }
+    }
 }

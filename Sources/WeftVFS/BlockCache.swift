@@ -1,25 +1,44 @@
 import Foundation
 import WeftProto
 
-/// Immutable bytes of one cached block, in page-aligned memory the cache owns. Shared by
-/// readers; freed when the last reference goes.
-public final class CachedBlock: @unchecked Sendable {
+/// Page-aligned memory that one fetch reads into; the blocks cut from it share it, and it is
+/// freed when the last of them goes.
+public final class Slab: @unchecked Sendable {
     public let pointer: UnsafeMutableRawPointer
-    public let length: Int
+    public let capacity: Int
 
-    public init(copying source: UnsafeRawBufferPointer) {
-        length = source.count
-        pointer = UnsafeMutableRawPointer.allocate(byteCount: max(length, 1), alignment: 4096)
-        if length > 0 { pointer.copyMemory(from: source.baseAddress!, byteCount: length) }
-    }
-
-    public init(zeros length: Int) {
-        self.length = length
-        pointer = UnsafeMutableRawPointer.allocate(byteCount: max(length, 1), alignment: 4096)
-        pointer.initializeMemory(as: UInt8.self, repeating: 0, count: max(length, 1))
+    public init(capacity: Int) {
+        self.capacity = capacity
+        pointer = UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 4096)
     }
 
     deinit { pointer.deallocate() }
+}
+
+/// Immutable bytes of one cached block: a stretch of a `Slab`. Shared by readers.
+public final class CachedBlock: @unchecked Sendable {
+    public let slab: Slab
+    public let pointer: UnsafeMutableRawPointer
+    public let length: Int
+
+    public init(slab: Slab, offset: Int, length: Int) {
+        precondition(offset >= 0 && offset + length <= slab.capacity, "block outside its slab")
+        self.slab = slab
+        pointer = slab.pointer + offset
+        self.length = length
+    }
+
+    public convenience init(copying source: UnsafeRawBufferPointer) {
+        let slab = Slab(capacity: source.count)
+        if source.count > 0 { slab.pointer.copyMemory(from: source.baseAddress!, byteCount: source.count) }
+        self.init(slab: slab, offset: 0, length: source.count)
+    }
+
+    public convenience init(zeros length: Int) {
+        let slab = Slab(capacity: length)
+        slab.pointer.initializeMemory(as: UInt8.self, repeating: 0, count: max(length, 1))
+        self.init(slab: slab, offset: 0, length: length)
+    }
 
     /// A shared block of zeros for holes.
     public static let zeros = CachedBlock(zeros: Limits.blockSizeBytes)

@@ -192,25 +192,22 @@ extension VFS {
         let start = firstBlock * blockSize
         let end = min(objectLength, (firstBlock + count) * blockSize)
         let keys = (firstBlock..<firstBlock + count).map { BlockCache.Key(object: object, block: UInt32($0)) }
-        let bytes: [UInt8]
+        let slab = Slab(capacity: end - start)
         do {
             guard end > start else { throw WeftError(EIO, "read past the end of chunk object \(object)") }
-            bytes = try hub.readSlice(context, id: object, offset: UInt32(start), length: UInt32(end - start))
-            guard bytes.count == end - start else { throw WeftError(EIO, "short read of chunk object \(object)") }
+            try hub.readSlice(context, id: object, offset: UInt32(start),
+                              into: UnsafeMutableRawBufferPointer(start: slab.pointer, count: end - start))
         } catch {
             for key in keys { cache.abandon(key) }
             throw error
         }
         var blocks: [CachedBlock] = []
         blocks.reserveCapacity(count)
-        bytes.withUnsafeBytes { raw in
-            for (position, key) in keys.enumerated() {
-                let from = position * blockSize
-                let to = min(raw.count, from + blockSize)
-                let block = CachedBlock(copying: UnsafeRawBufferPointer(rebasing: raw[from..<to]))
-                cache.fill(key, block)
-                blocks.append(block)
-            }
+        for (position, key) in keys.enumerated() {
+            let from = position * blockSize
+            let block = CachedBlock(slab: slab, offset: from, length: min(end - start, from + blockSize) - from)
+            cache.fill(key, block)
+            blocks.append(block)
         }
         return blocks
     }

@@ -1,0 +1,306 @@
+"""Ratios, goal checks and the two reports: OUT/report.json and OUT/report.md.
+
+Every figure is "higher is better" (MiB/s, IOPS, ops/s, files/s), so a ratio is
+subject ÷ baseline and > 1 means the subject is faster.
+"""
+
+import json
+import os
+
+from .targets import TARGET_NAMES
+
+WEFT_SUBJECTS = ("weft-embedded", "weft-remote", "weft-embedded-relaxed")
+BASELINES = ("juicefs-sqlite", "juicefs-redis", "local", "memfs")
+FAMILY_TITLES = {
+    "seqwrite": "Sequential write (fio, 1 MiB blocks, end_fsync)",
+    "seqread": "Sequential read (fio, 1 MiB blocks)",
+    "randread": "Random read (fio, 4 KiB, 1 job)",
+    "metadata": "Metadata (mdbench: create, stat, unlink)",
+    "smallfiles": "Small files (mdbench, 4 KiB each)",
+    "fsync": "fsync-heavy appends (mdbench)",
+}
+SEQ_METRICS = ("seqwrite-1j", "seqwrite-4j", "seqread-cold-1j", "seqread-cold-4j")
+MD_METRICS = tuple(f"md-{phase}-{layout}" for layout in ("1dir", "100dirs", "100dirs-4t")
+                   for phase in ("create", "stat", "unlink"))
+
+# The issue's goals: (id, goal text, subjects, metrics, baseline, minimum ratio)
+GOALS = (
+    ("fsmem-vs-memfs", "Weft memory-resident sequential read ≥ 80% of memfs (page cache dropped for both)",
+     ("weft-embedded", "weft-remote"), ("seqread-fsmem-1j", "seqread-fsmem-4j"), "memfs", 0.8),
+    ("seq-vs-juicefs-sqlite", "Weft cold sequential read and sequential write (end fsync) ≥ 1.5× juicefs-sqlite",
+     ("weft-embedded", "weft-remote"), SEQ_METRICS, "juicefs-sqlite", 1.5),
+    ("seq-vs-local", "Weft cold sequential read and sequential write (end fsync) ≥ 80% of local",
+     ("weft-embedded", "weft-remote"), SEQ_METRICS, "local", 0.8),
+    ("md-vs-juicefs-sqlite", "Metadata create/stat/unlink ≥ 2× juicefs-sqlite (strict durability)",
+     ("weft-embedded", "weft-remote"), MD_METRICS, "juicefs-sqlite", 2.0),
+    ("md-relaxed-vs-juicefs-redis", "Metadata create/stat/unlink ≥ 1.0× juicefs-redis (weft-embedded-relaxed)",
+     ("weft-embedded-relaxed",), MD_METRICS, "juicefs-redis", 1.0),
+)
+
+
+def value_of(results, workload_id, target):
+    cell = results.get(workload_id, {}).get(target)
+    return cell.get("value") if cell and "value" in cell else None
+
+
+def compute_ratios(results, subjects):
+    ratios = {}
+    for workload_id in results:
+        for subject in subjects:
+            mine = value_of(results, workload_id, subject)
+            if mine is None:
+                continue
+            for baseline in BASELINES:
+                theirs = value_of(results, workload_id, baseline)
+                if theirs and baseline != subject:
+                    ratios.setdefault(workload_id, {}).setdefault(subject, {})[baseline] = round(mine / theirs, 3)
+    return ratios
+
+
+def _why_missing(targets, name):
+    state = targets.get(name, {})
+    status = state.get("status", "not selected")
+    return f"{name} {status}" + (f": {state['note']}" if state.get("note") else "")
+
+
+def evaluate_goals(results, rss, targets):
+    """One entry per (goal, subject): status MET / NOT MET / NOT MEASURED with per-metric rows."""
+    checks = []
+    for goal_id, text, subjects, metrics, baseline, minimum in GOALS:
+        for subject in subjects:
+            rows, missing = [], []
+            for metric in metrics:
+                mine, theirs = value_of(results, metric, subject), value_of(results, metric, baseline)
+                if mine is None or not theirs:
+                    missing.append(metric)
+                    continue
+                ratio = mine / theirs
+                rows.append({"metric": metric, "value": mine, "baseline_value": theirs,
+                             "ratio": round(ratio, 3), "required": minimum, "met": ratio >= minimum})
+            reason = None
+            if not rows:
+                absent = subject if value_of_any(results, subject) is None else baseline
+                reason = _why_missing(targets, absent)
+            checks.append(_check(goal_id, text, subject, baseline, rows, missing, reason))
+    for subject in WEFT_SUBJECTS:
+        entry = rss.get(subject)
+        if subject == "weft-embedded-relaxed":
+            continue
+        text = "Agent RSS within the configured bounds during the big write"
+        if not entry or "peak_mib" not in entry:
+            reason = entry.get("error") if entry else _why_missing(targets, subject)
+            checks.append(_check("rss-bound", text, subject, None, [], ["rss"], reason))
+            continue
+        bound = entry["bound_with_allowance_mib"]
+        rows = [{"metric": "peak RSS (MiB)", "value": entry["peak_mib"], "baseline_value": bound,
+                 "ratio": round(entry["peak_mib"] / bound, 3), "required": "≤ 1.0",
+                 "met": entry["peak_mib"] <= bound}]
+        checks.append(_check("rss-bound", text, subject, "bound", rows, [], None))
+    return checks
+
+
+def value_of_any(results, target):
+    for cells in results.values():
+        if target in cells and "value" in cells[target]:
+            return cells[target]["value"]
+    return None
+
+
+def _check(goal_id, text, subject, baseline, rows, missing, reason):
+    if not rows:
+        status = "NOT MEASURED"
+    elif not all(row["met"] for row in rows):
+        status = "NOT MET"
+    elif missing:
+        status = f"MET ({len(rows)} of {len(rows) + len(missing)} measured)"
+    else:
+        status = "MET"
+    return {"goal": goal_id, "text": text, "subject": subject, "baseline": baseline, "status": status,
+            "rows": rows, "missing": missing, "reason": reason}
+
+
+def write_json(path, report):
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(report, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(temporary, path)
+
+
+# --- Markdown ------------------------------------------------------------------------------------
+
+def _number(value):
+    if value is None:
+        return "—"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _ratio(value):
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def _cell(results, workload_id, target, errors):
+    cell = results.get(workload_id, {}).get(target)
+    if not cell:
+        return "—"
+    if "error" in cell:
+        errors.append(f"{target} / {workload_id}: {cell['error']}")
+        return f"ERR[{len(errors)}]"
+    return _number(cell["value"])
+
+
+def _table(header, rows, align=None):
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _durability_probe_table(results, columns):
+    """What an fsync on the mount costs underneath: sync calls by the file system's processes."""
+    rows = []
+    for name in columns:
+        probe = results.get("fsync-append", {}).get(name, {}).get("extra", {}).get("durability_probe")
+        if not probe:
+            continue
+        if "per_app_fsync" in probe:
+            calls = ", ".join(f"{call} {count}" for call, count in sorted(probe["by_call"].items())) or "none"
+            rows.append([name, probe["app_fsyncs"], probe["sync_syscalls"], f"{probe['per_app_fsync']:.2f}", calls])
+        else:
+            rows.append([name, "—", "—", "—", probe.get("note") or probe.get("error", "")])
+    if not rows:
+        return ""
+    return ("Durability probe (strace, separate from the timed loop): sync system calls made by each file "
+            "system's own processes while the application did N appends + fsync. 0 per fsync means an fsync "
+            "on that mount does not reach stable storage.\n\n"
+            + _table(["Target", "App fsyncs", "Sync syscalls", "Per app fsync", "Calls"], rows,
+                     ["---", "---:", "---:", "---:", "---"]))
+
+
+def render_markdown(report):
+    results, workloads, targets = report["results"], report["workloads"], report["targets"]
+    columns = [name for name in TARGET_NAMES if targets.get(name, {}).get("status") != "not selected"]
+    subjects = report["subjects"]
+    out = [f"# Weft benchmark report — {report['started_at']}", ""]
+    out.append(f"Mode **{report['mode']}**, status **{report['status']}**, "
+               f"{report.get('duration_seconds', 0):.0f} s. Command: `{' '.join(report['command'])}`")
+    load = report.get("load_average", {})
+    cpus = report["environment"].get("cpu_count") or 1
+    busy = {name: state["load_average_1min"] for name, state in targets.items()
+            if max(state.get("load_average_1min") or [0]) > 0.5 * cpus}
+    if busy:
+        detail = ", ".join(f"{name} {before:.1f}→{after:.1f}" for name, (before, after) in busy.items())
+        out += ["", f"> **Warning:** other processes were using the {cpus} CPUs during this run (1-minute load "
+                    f"average before→after each target: {detail}). Figures taken on a busy machine are noisy; "
+                    "rerun on an idle machine before drawing conclusions."]
+    out += ["", "## Targets", "", "The issue's goals, checked on this run's figures "
+            "(ratio = Weft ÷ baseline; every figure is higher-is-better).", ""]
+    rows = []
+    for check in report["checks"]:
+        if check["rows"]:
+            detail = "; ".join(f"{row['metric']} {_number(row['value'])} vs {_number(row['baseline_value'])} "
+                               f"= {row['ratio']:.2f}" for row in check["rows"])
+        else:
+            detail = check.get("reason") or ""
+        if check["missing"] and check["rows"]:
+            detail += f"; not measured: {', '.join(check['missing'])}"
+        rows.append([check["text"], check["subject"], f"**{check['status']}**", detail])
+    out.append(_table(["Goal", "Subject", "Status", "Figures"], rows, ["---", "---", "---", "---"]))
+
+    out += ["", "## Systems under test", ""]
+    rows = [[name, targets[name]["status"], targets[name].get("description", ""), targets[name].get("note") or ""]
+            for name in TARGET_NAMES if name in targets]
+    out.append(_table(["Target", "Status", "What", "Note"], rows, ["---"] * 4))
+
+    errors = []
+    for family, title in FAMILY_TITLES.items():
+        ids = [wid for wid, meta in workloads.items() if meta["family"] == family]
+        if not ids:
+            continue
+        unit = workloads[ids[0]]["unit"]
+        out += ["", f"## {title}", "", f"Values in {unit} (higher is better)."
+                + (" Extra columns: MiB/s are in report.json." if family in ("smallfiles", "randread") else ""), ""]
+        rows = [[f"`{wid}` {workloads[wid]['title']}"] + [_cell(results, wid, name, errors) for name in columns]
+                for wid in ids]
+        out.append(_table(["Workload"] + columns, rows))
+        ratio_rows = []
+        for wid in ids:
+            for subject in subjects:
+                ratios = report["ratios"].get(wid, {}).get(subject)
+                if ratios:
+                    ratio_rows.append([f"`{wid}`", subject] + [_ratio(ratios.get(base)) for base in BASELINES])
+        if ratio_rows:
+            out += ["", "Ratios (subject ÷ baseline):", ""]
+            out.append(_table(["Workload", "Subject"] + [f"÷ {base}" for base in BASELINES], ratio_rows,
+                              ["---", "---"] + ["---:"] * len(BASELINES)))
+        elif family == "seqwrite":
+            out += ["", "_No Weft target produced figures in this run, so there are no Weft ratios._"]
+        if family == "fsync":
+            out += ["", _durability_probe_table(results, columns)]
+    if errors:
+        out += ["", "## Errors", ""] + [f"{index}. {text}" for index, text in enumerate(errors, 1)]
+
+    out += ["", "## Agent RSS during a large write", ""]
+    if report["rss"]:
+        rows = []
+        for name, entry in report["rss"].items():
+            if "peak_mib" not in entry:
+                rows.append([name, "—", "—", "—", "—", "—", "—", entry.get("error", "")])
+                continue
+            rows.append([name, f"{entry['write_mib']} MiB", _number(entry["write_mib_per_sec"]),
+                         f"{entry['configured_bound_mib']} + {entry['allowance_mib']}",
+                         _number(entry["vmhwm_mib"]), _number(entry["max_vmrss_mib"]),
+                         _number(entry.get("hub_max_vmrss_mib")),
+                         "within bound" if entry["peak_mib"] <= entry["bound_with_allowance_mib"] else "OVER bound"])
+        out.append(_table(["Target", "Written", "Write MiB/s", "Bound MiB (buffer+cache + allowance)",
+                           "VmHWM MiB", "max VmRSS MiB", "weftd max VmRSS MiB", "Result"], rows))
+    else:
+        out.append("_Not measured: needs a Weft target (`--write-buffer-mb` / `--cache-mb` and `--pid-file`)._")
+
+    env = report["environment"]
+    out += ["", "## Environment", ""]
+    rows = [["kernel", env.get("kernel")], ["CPU", f"{env.get('cpu_model')} × {env.get('cpu_count')}"],
+            ["memory", f"{env.get('memory_gib')} GiB"],
+            ["work dir", f"{env.get('work_dir')} ({env.get('work_dir_filesystem')})"],
+            ["transparent huge pages", env.get("transparent_hugepage")], ["load average start / end",
+             f"{load.get('start')} / {load.get('end')}"]]
+    rows += [[name, version or "—"] for name, version in env.get("versions", {}).items()]
+    out.append(_table(["Item", "Value"], rows, ["---", "---"]))
+    out += ["", "## Method", ""] + [f"- {line}" for line in METHOD_NOTES] + [""]
+    return "\n".join(out)
+
+
+METHOD_NOTES = (
+    "All targets run the same fio/mdbench commands with the same sizes, one target at a time, on the same disk.",
+    "fio: ioengine psync, `--direct=0` (except randread-4k-direct), `--fallocate=none`, group reporting; "
+    "throughput = io_bytes / runtime, which for writes includes the final fsync (`--end_fsync=1`).",
+    "cold = `sync; echo 3 > /proc/sys/vm/drop_caches` and a remount (JuiceFS also empties its disk cache dir; "
+    "weft-remote also restarts weftd). local and memfs cannot be remounted (memfs would lose its data), "
+    "so for them cold is the cache drop alone.",
+    "warm = read again at once. On FUSE, whether that is served by the page cache depends on the file system's "
+    "keep-cache choice on open, so warm figures compare each system's own re-read path.",
+    "Every sequential write starts after `sync` and a page-cache drop. memfs touches the memory for all "
+    "sequential files before it mounts (`--prefault-mb`), so its writes measure FUSE and the copy, not the "
+    "kernel's first-touch page faults, which are slow on this virtual machine.",
+    "fsmem = read, drop the page cache only (no remount), read again: data held in the file system's own memory. "
+    "For memfs that is all of its data; it is the FUSE ceiling the Weft figure is compared with.",
+    "metadata: mdbench (Bench/mdbench) create = open(O_CREAT|O_EXCL)+close, stat after dropping dentries and inodes "
+    "so every stat reaches the file system, unlink; one process, 1 or 4 threads.",
+    "JuiceFS: `juicefs format --storage file --trash-days 0` (trash off, so unlink really deletes), "
+    "mount -d with default "
+    "options (128 KiB FUSE requests, 300 MiB buffer, 1 s attr/entry cache) except cache dir/log in the work dir and "
+    "--no-usage-report. Extra options: `--juicefs-mount-args`.",
+    "Durability: JuiceFS `--storage file` writes blocks without fsync and its SQLite metadata uses WAL without a "
+    "sync per transaction (see the durability probe under fsync appends): its fsync is not a power-loss barrier, "
+    "while Weft strict syncs before it replies. Write-and-fsync comparisons therefore favour JuiceFS.",
+    "Redis: redis-server on a free 127.0.0.1 port with its own dir, default durability (appendonly no, default "
+    "RDB save schedule).",
+    "Weft: formatted with `--compression none` by default (fio's buffers repeat, so zstd would shrink them and "
+    "flatter Weft; JuiceFS compresses nothing by default). Change with `--weft-compression`.",
+    "RSS: a fresh mount with `--write-buffer-mb 256 --cache-mb 512`; VmRSS sampled every 100 ms and VmHWM read "
+    "from /proc/PID/status; the bound is buffer + cache plus a runtime allowance (`--rss-allowance-mb`).",
+)

@@ -1,0 +1,203 @@
+"""The command line: help, format/mount/umount/status/fsck error paths, status JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from posix_helpers import read_file, write_file
+from weft_harness import Mount, Weftd, find_key, free_loopback_port, pid_alive, wait_until
+
+HELP_COMMANDS = [
+    ("weft", ["--help"]),
+    ("weft", ["format", "--help"]),
+    ("weft", ["mount", "--help"]),
+    ("weft", ["umount", "--help"]),
+    ("weft", ["status", "--help"]),
+    ("weft", ["fsck", "--help"]),
+    ("weftd", ["--help"]),
+    ("weftd", ["serve", "--help"]),
+]
+
+
+def _says_something(r) -> bool:
+    return len(r.output.strip()) > 0
+
+
+@pytest.mark.parametrize("binary,args", HELP_COMMANDS, ids=[" ".join([b, *a]) for b, a in HELP_COMMANDS])
+def test_help_exits_zero(weft_cli, binary, args):
+    r = (weft_cli.weft if binary == "weft" else weft_cli.weftd)(*args, timeout_s=30)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    assert "usage" in r.output.lower(), f"no usage text:\n{r.describe()}"
+
+
+def test_format_refuses_existing_hub_without_force(weft_cli, resources):
+    hub = resources.base / "hub"
+    weft_cli.format(hub)
+    again = weft_cli.weft("format", hub)
+    assert again.rc != 0 and not again.timed_out, \
+        f"format over an existing hub must fail without --force:\n{again.describe()}"
+    assert _says_something(again), "format refused silently"
+    forced = weft_cli.weft("format", hub, "--force")
+    assert forced.rc == 0, f"format --force over an existing hub:\n{forced.describe()}"
+
+
+def test_format_options_give_a_working_volume(weft_cli, resources):
+    hub = resources.base / "hub"
+    weft_cli.format(hub, "--chunk-size", 65536, "--compression", "none")
+    mountpoint = resources.new_dir("mnt")
+    Mount(resources, weft_cli, str(hub), mountpoint).start()
+    data = os.urandom(300_000)
+    write_file(mountpoint / "f", data)
+    assert read_file(mountpoint / "f") == data
+    r = weft_cli.weft("umount", mountpoint, timeout_s=120)
+    assert r.rc == 0, r.describe()
+
+
+@pytest.mark.parametrize("bad", [["--chunk-size", "1000"], ["--chunk-size", str(1 << 40)],
+                                 ["--compression", "lz77"]], ids=["tiny-chunk", "huge-chunk",
+                                                                  "unknown-compression"])
+def test_format_rejects_bad_options(weft_cli, resources, bad):
+    r = weft_cli.weft("format", resources.base / "hub", *bad)
+    assert r.rc != 0 and not r.timed_out, f"format accepted {bad}:\n{r.describe()}"
+    assert _says_something(r)
+
+
+def test_mount_on_missing_mountpoint_fails_clearly(weft_cli, resources):
+    hub = resources.base / "hub"
+    weft_cli.format(hub)
+    missing = resources.base / "no" / "such" / "mountpoint"
+    m = Mount(resources, weft_cli, str(hub), missing)
+    r = m.try_start(timeout_s=60)
+    assert r.rc != 0 and not r.timed_out, f"mount on a missing mount point:\n{r.describe()}"
+    text = r.output.lower()
+    assert str(missing) in r.output or any(w in text for w in ("no such", "not exist", "does not",
+                                                               "not found", "missing")), \
+        f"message does not say what is wrong:\n{r.describe()}"
+    assert not m.mount_ids
+    pid = m.agent_pid
+    assert not (pid and pid_alive(pid)), "an agent process stayed behind after a failed mount"
+
+
+def test_mount_of_missing_hub_dir_fails(weft_cli, resources):
+    mountpoint = resources.new_dir("mnt")
+    m = Mount(resources, weft_cli, str(resources.base / "not-a-hub"), mountpoint)
+    r = m.try_start(timeout_s=60)
+    assert r.rc != 0 and not r.timed_out, r.describe()
+    assert _says_something(r)
+    assert not m.mount_ids, "something got mounted from a missing hub directory"
+
+
+def test_mount_on_busy_mountpoint_fails(weft):
+    weft.require_weft("mounts twice")
+    write_file(weft.path / "before", b"first mount")
+    second = Mount(weft.res, weft.cli, weft.source, weft.path)
+    r = second.try_start(timeout_s=60)
+    assert not second.mount_ids, "a second file system was stacked on the busy mount point"
+    assert r.rc != 0 and not r.timed_out, f"mount on a busy mount point:\n{r.describe()}"
+    assert _says_something(r)
+    # The first mount is unharmed.
+    assert read_file(weft.path / "before") == b"first mount"
+    write_file(weft.path / "after", b"still works")
+    assert read_file(weft.path / "after") == b"still works"
+
+
+def test_mount_unreachable_hub_fails_in_bounded_time(weft_cli, resources):
+    port = free_loopback_port()
+    mountpoint = resources.new_dir("mnt")
+    m = Mount(resources, weft_cli, f"weft://127.0.0.1:{port}", mountpoint)
+    started = time.monotonic()
+    r = m.try_start(timeout_s=60)
+    elapsed = time.monotonic() - started
+    assert r.rc != 0 and not r.timed_out, f"mount of an unreachable hub:\n{r.describe()}"
+    assert elapsed < 15, f"mount of an unreachable hub took {elapsed:.1f}s (bound: 15 s)"
+    text = r.output.lower()
+    assert str(port) in r.output or any(w in text for w in ("connect", "refused", "unreachable",
+                                                            "timed out", "timeout")), \
+        f"message does not say the hub is unreachable:\n{r.describe()}"
+    assert not m.mount_ids
+
+
+@pytest.mark.parametrize("command", ["status", "fsck"])
+def test_status_and_fsck_of_missing_dir_fail(weft_cli, resources, command):
+    r = weft_cli.weft(command, resources.base / "missing-hub", timeout_s=60)
+    assert r.rc != 0 and not r.timed_out, r.describe()
+    assert _says_something(r)
+
+
+def test_umount_of_something_not_mounted_fails(weft_cli, resources):
+    d = resources.new_dir("plain")
+    r = weft_cli.weft("umount", d, timeout_s=60)
+    assert r.rc != 0 and not r.timed_out, r.describe()
+    assert _says_something(r)
+
+
+def _exit_status_within(daemon: Weftd, seconds: float):
+    proc = daemon.spawn()
+    try:
+        return proc.wait(timeout=seconds)
+    except Exception:
+        return None
+
+
+def test_weftd_refuses_unformatted_dir(weft_cli, resources):
+    empty = resources.new_dir("empty")
+    d = Weftd(resources, weft_cli, empty, free_loopback_port())
+    rc = _exit_status_within(d, 15)
+    assert rc is not None and rc != 0, \
+        f"weftd serve on an unformatted directory: exit status {rc} (None = still running)"
+
+
+def test_weftd_refuses_busy_port(weft_cli, resources):
+    hub = resources.base / "hub"
+    weft_cli.format(hub)
+    first = Weftd(resources, weft_cli, hub, free_loopback_port())
+    first.start()
+    hub2 = resources.base / "hub2"
+    weft_cli.format(hub2)
+    second = Weftd(resources, weft_cli, hub2, first.port)
+    rc = _exit_status_within(second, 15)
+    assert rc is not None and rc != 0, \
+        f"second weftd on a busy port: exit status {rc} (None = still running)"
+    assert first.alive
+
+
+def test_status_json_has_expected_keys(weft):
+    weft.require_weft("runs weft status")
+    write_file(weft.path / "f", os.urandom(200_000), fsync=True)
+    status = weft.status_any()
+    for key in ("inodes", "chunks", "connectedAgents"):
+        assert find_key(status, key) is not None, f"weft status --json lacks {key!r}: {status}"
+    print(json.dumps(status, indent=1)[:2000])
+    if weft.mode == "remote":
+        agents = find_key(weft.status(), "connectedAgents")
+        count = len(agents) if isinstance(agents, list) else agents
+        assert count >= 1, f"connectedAgents is {agents!r} while an agent is mounted"
+
+
+def test_status_plain_text(weft):
+    weft.require_weft("runs weft status")
+    r = weft.cli.weft("status", weft.source)
+    if r.rc != 0 and weft.mode == "embedded":
+        with weft.offline():
+            r = weft.cli.weft("status", weft.hub_dir)
+    assert r.rc == 0 and _says_something(r), r.describe()
+
+
+def test_umount_waits_for_agent_exit(weft):
+    weft.require_weft("checks the agent process")
+    write_file(weft.path / "f", os.urandom(1_000_000))    # unflushed data at umount time
+    pid = weft.agent_pid
+    assert pid and pid_alive(pid), "no live agent pid in the pid file"
+    r = weft.cli.weft("umount", weft.path, timeout_s=180)
+    assert r.rc == 0, r.describe()
+    exited = wait_until(lambda: not pid_alive(pid), 0.5)
+    weft.mount_obj.release()
+    weft.mount_obj = None
+    assert exited, "weft umount returned while the agent was still running"
+    weft.mount()
+    assert read_file(weft.path / "f") is not None
+    assert os.stat(weft.path / "f").st_size == 1_000_000

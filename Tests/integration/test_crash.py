@@ -1,0 +1,178 @@
+"""Crash consistency: kill -9 the hub daemon or the agent in the middle of a write workload;
+after recovery every fsynced file has exactly its content and fsck is clean.
+
+The workload (crash_writer.py) journals a file only after fsync of the file and of its
+directory returned; files replaced by rename may hold either their previous durable content
+or the new one when the crash fell between the rename and the directory fsync.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from posix_helpers import sha256_file
+from weft_harness import pid_alive, tail, wait_until
+
+WRITER = Path(__file__).resolve().parent / "crash_writer.py"
+CYCLES = int(os.environ.get("WEFT_CRASH_CYCLES", "2"))
+BASE_SEED = int(os.environ.get("WEFT_CRASH_SEED", "7100"))
+#: Crash once the workload has made this many files durable (or after CRASH_AFTER_S).
+CRASH_AFTER_DURABLE = 12
+CRASH_AFTER_S = 20.0
+#: Bound for a call on the mount to fail while weftd is down.
+HUB_DOWN_ERROR_BOUND_S = 30.0
+
+
+def _durable_count(journal: Path) -> int:
+    try:
+        return sum(1 for line in journal.read_text().splitlines() if line.startswith("final "))
+    except FileNotFoundError:
+        return 0
+
+
+def _start_writer(res, root: Path, journal: Path, seed: int) -> subprocess.Popen:
+    log = open(res.log_dir / f"writer-{seed}.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(WRITER), "--root", str(root), "--journal",
+                             str(journal), "--seed", str(seed)],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    res.running.add(proc)
+    return proc
+
+
+def _stop_writer(res, proc: subprocess.Popen, seconds: float = 20) -> None:
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    res.running.discard(proc)
+
+
+def _run_until_crash(fs, seed: int, crash) -> Path:
+    """Starts the workload, lets it make some files durable, then calls crash()."""
+    journal = fs.res.base / f"journal-{seed}.txt"
+    writer = _start_writer(fs.res, fs.path / f"cycle-{seed}", journal, seed)
+    started = time.monotonic()
+    while _durable_count(journal) < CRASH_AFTER_DURABLE and time.monotonic() - started < CRASH_AFTER_S:
+        if writer.poll() is not None:
+            pytest.fail(f"workload stopped before the crash (exit {writer.returncode}):\n"
+                        f"{tail(fs.res.log_dir / f'writer-{seed}.log')}")
+        time.sleep(0.1)
+    assert _durable_count(journal) > 0, f"no file became durable within {CRASH_AFTER_S}s"
+    crash()
+    _stop_writer(fs.res, writer)
+    return journal
+
+
+def _expected_contents(journal: Path) -> dict[str, set]:
+    """NAME -> acceptable sha256 values (None = may be absent)."""
+    accepted: dict[str, set] = {}
+    last_final: dict[str, str] = {}
+    for line in journal.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue                       # a torn last line cannot happen with one write, but be safe
+        kind, name, digest = parts
+        if kind == "final":
+            last_final[name] = digest
+            accepted[name] = {digest}
+        elif kind == "pending":
+            accepted[name] = {last_final.get(name), digest}
+    return accepted
+
+
+def _verify(fs, journals: list[Path]) -> None:
+    problems = []
+    checked = 0
+    for journal in journals:
+        root = fs.path / journal.stem.replace("journal-", "cycle-")
+        for name, ok in sorted(_expected_contents(journal).items()):
+            path = root / name
+            try:
+                got = sha256_file(path)
+            except FileNotFoundError:
+                got = None
+            except OSError as e:
+                problems.append(f"{path}: {e}")
+                continue
+            checked += 1
+            if got not in ok:
+                problems.append(f"{path}: sha256 {got} (None = missing), expected one of {sorted(map(str, ok))}")
+    assert not problems, f"{len(problems)} of {checked} durable files are wrong after the crash:\n" + \
+        "\n".join(problems[:50])
+
+
+def _probe_error(path: Path) -> tuple[str, float]:
+    """Creates a file on the mount in a child process; returns (errno name or OK, seconds)."""
+    code = ("import os, errno, sys\n"
+            "try:\n"
+            f"    fd = os.open({str(path)!r}, os.O_WRONLY | os.O_CREAT, 0o644)\n"
+            "    os.write(fd, b'x'); os.fsync(fd); os.close(fd); print('OK')\n"
+            "except OSError as e:\n"
+            "    print(errno.errorcode.get(e.errno, e.errno))\n")
+    started = time.monotonic()
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=HUB_DOWN_ERROR_BOUND_S * 2, stdin=subprocess.DEVNULL)
+        result = r.stdout.strip() or f"crashed: {r.stderr.strip()[-300:]}"
+    except subprocess.TimeoutExpired:
+        result = "HANG"
+    return result, time.monotonic() - started
+
+
+def _fsck_clean(fs) -> None:
+    r = fs.fsck_offline()
+    assert r.rc == 0 and not r.timed_out, f"fsck after crash recovery:\n{r.describe()}"
+
+
+@pytest.mark.weft_timeout(900)
+def test_kill_weftd_during_writes(weft):
+    weft.require_weft("kills weftd")
+    weft.require_mode("remote")
+    journals = []
+    for cycle in range(CYCLES):
+        seed = BASE_SEED + cycle
+        journals.append(_run_until_crash(weft, seed, weft.daemon.kill9))
+        # The agent stays up but its hub is gone: calls fail within a bound, never hang.
+        result, seconds = _probe_error(weft.path / f"probe-{seed}")
+        assert result in ("EIO", "ETIMEDOUT", "ENOTCONN"), \
+            f"while weftd is down a create+fsync on the mount gave {result} after {seconds:.1f}s " \
+            f"(expected EIO)"
+        assert seconds < HUB_DOWN_ERROR_BOUND_S, f"error took {seconds:.1f}s while weftd was down"
+        weft.daemon.start()                        # same directory, same port
+        weft.mount_obj.release()                   # weft umount, or fusermount3 -uz
+        weft.mount_obj = None
+        weft.mount()
+        _verify(weft, journals)
+    _fsck_clean(weft)
+    _verify(weft, journals)
+
+
+@pytest.mark.weft_timeout(900)
+def test_kill_agent_during_writes(weft):
+    weft.require_weft("kills the agent")
+    journals = []
+    for cycle in range(CYCLES):
+        seed = BASE_SEED + 100 + cycle
+        killed = []
+        journals.append(_run_until_crash(weft, seed, lambda: killed.append(weft.mount_obj.kill_agent())))
+        pid = killed[0]
+        assert pid, "no agent pid in the pid file"
+        assert wait_until(lambda: not pid_alive(pid), 10), "agent survived SIGKILL"
+        weft.mount_obj.release()                   # dead FUSE mount: fusermount3 -uz
+        weft.mount_obj = None
+        weft.mount()
+        _verify(weft, journals)
+    _fsck_clean(weft)
+    _verify(weft, journals)
