@@ -57,7 +57,7 @@ let package = Package(
         .target(name: "WeftFUSE", dependencies: ["WeftVFS", "CFuse3",
                                                  .product(name: "Logging", package: "swift-log")]),
         // Shared command plumbing for both executables: sources, hub opening, daemon start-up.
-        .target(name: "WeftAgent", dependencies: ["WeftProto", "WeftHub", "WeftNet", "WeftVFS", "WeftFUSE",
+        .target(name: "WeftAgent", dependencies: ["WeftProto", "CWeftSupport", "WeftHub", "WeftNet", "WeftVFS", "WeftFUSE",
                                                   .product(name: "Logging", package: "swift-log")]),
         .executableTarget(name: "weft", dependencies: ["WeftAgent",
                                                        .product(name: "ArgumentParser", package: "swift-argument-parser")]),

@@ -1,4 +1,5 @@
 import CFuse3
+import CWeftSupport
 import Foundation
 import Logging
 import WeftFUSE
@@ -40,7 +41,15 @@ public enum Mounter {
         }
     }
 
+    /// Keeps the agent's memory within its configured bounds: buffers of 512 KiB and more
+    /// (write extents, read slabs) are mapped on their own and go back to the kernel when freed,
+    /// instead of lingering in per-thread malloc arenas.
+    public static func boundMallocRetention() {
+        weft_bound_malloc(512 * 1024, 4, 8 * 1024 * 1024)
+    }
+
     public static func run(_ request: MountRequest, logger: Logger) throws {
+        boundMallocRetention()
         func notify(_ message: String) {
             guard let fd = request.notifyFD else { return }
             let line = message + "\n"

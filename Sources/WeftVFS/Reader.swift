@@ -239,19 +239,20 @@ extension VFS {
         }
         handle.prefetchedUpTo = target
         handle.lock.unlock()
-        guard prefetchSlots.wait(timeout: .now()) == .success else {
-            handle.lock.lock()
-            handle.prefetchedUpTo = from
-            handle.lock.unlock()
-            return true
-        }
         let file = handle.file
         let context = handle.context
         prefetchQueue.async { [self] in
-            defer { prefetchSlots.signal() }
             guard let ranges = try? resolve(file, context: context, offset: from, size: Int(target - from),
                                             flushFirst: false) else { return }
-            for range in ranges where range.sliceID != 0 { prefetch(range, context: context) }
+            // One task per object range, at most `prefetchSlots` fetching at once: several
+            // objects are read from disk in parallel, which a single stream cannot saturate.
+            for range in ranges where range.sliceID != 0 {
+                prefetchQueue.async { [self] in
+                    prefetchSlots.wait()
+                    defer { prefetchSlots.signal() }
+                    prefetch(range, context: context)
+                }
+            }
         }
         return true
     }

@@ -40,7 +40,8 @@ public final class VFS: @unchecked Sendable {
     var sliceIDs: (next: SliceID, end: SliceID) = (0, 0)
     let sliceIDBatch: UInt32 = 256
     let prefetchQueue = DispatchQueue(label: "weft.prefetch", attributes: .concurrent)
-    let prefetchSlots = DispatchSemaphore(value: 4)
+    /// Most chunk-object fetches running ahead of readers at once.
+    let prefetchSlots = DispatchSemaphore(value: 8)
 
     public init(hub: HubAPI, options: VFSOptions, logger: Logger) throws {
         self.hub = hub

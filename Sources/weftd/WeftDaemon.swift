@@ -34,6 +34,7 @@ struct Serve: ParsableCommand {
             throw ValidationError("--listen must be HOST:PORT, got '\(listen)'")
         }
         let host = String(listen[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        Mounter.boundMallocRetention()
         let logger = WeftLogging.logger("weftd")
         let path = URL(fileURLWithPath: directory).standardizedFileURL.path
         if EmbeddedSocket.isServed(path) { throw WeftError(EBUSY, "\(path) is already served by another process") }

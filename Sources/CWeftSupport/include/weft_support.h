@@ -7,4 +7,8 @@
 /// `crc` is the running value: pass 0 for a fresh checksum.
 uint32_t weft_crc32c(uint32_t crc, const void *data, size_t length);
 
+/// Tunes glibc malloc so that buffers of `mmap_threshold_bytes` and more are mapped on their own
+/// and returned to the kernel when freed, with at most `arena_max` arenas.
+void weft_bound_malloc(int mmap_threshold_bytes, int arena_max, int trim_threshold_bytes);
+
 #endif
