@@ -205,9 +205,13 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func writeSlice(_ context: RequestContext, id: SliceID, data: [UInt8]) throws {
+        try data.withUnsafeBytes { try writeSlice(context, id: id, bytes: $0) }
+    }
+
+    public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
         guard id != 0, id < meta.currentCounters.nextSlice else { throw WeftError(EINVAL, "slice id \(id) was never allocated") }
-        guard data.count <= Int(meta.volume.chunkSizeBytes) else { throw WeftError(EINVAL, "slice larger than a chunk") }
-        try data.withUnsafeBytes { try chunks.write(id: id, data: $0) }
+        guard bytes.count <= Int(meta.volume.chunkSizeBytes) else { throw WeftError(EINVAL, "slice larger than a chunk") }
+        try chunks.write(id: id, data: bytes)
     }
 
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {

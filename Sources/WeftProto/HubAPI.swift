@@ -60,6 +60,8 @@ public protocol HubAPI: AnyObject, Sendable {
     func allocateSliceIDs(_ context: RequestContext, count: UInt32) throws -> SliceID
     /// Stores an immutable chunk object. Not visible in any file until `commitSlices`.
     func writeSlice(_ context: RequestContext, id: SliceID, data: [UInt8]) throws
+    /// Same as `writeSlice(_:id:data:)` from caller memory (the in-process hub writes it with no copy).
+    func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws
     /// Reads `length` bytes at `offset` of chunk object `id`, checksum-verified. A damaged
     /// chunk throws EIO, never wrong bytes.
     func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8]
@@ -83,6 +85,10 @@ public protocol HubAPI: AnyObject, Sendable {
 }
 
 extension HubAPI {
+    public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
+        try writeSlice(context, id: id, data: Array(bytes))
+    }
+
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32,
                           into destination: UnsafeMutableRawBufferPointer) throws {
         let bytes = try readSlice(context, id: id, offset: offset, length: UInt32(destination.count))

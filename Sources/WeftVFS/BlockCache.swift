@@ -9,10 +9,42 @@ public final class Slab: @unchecked Sendable {
 
     public init(capacity: Int) {
         self.capacity = capacity
-        pointer = UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 4096)
+        pointer = SlabMemory.take(capacity)
     }
 
-    deinit { pointer.deallocate() }
+    deinit { SlabMemory.give(pointer, capacity) }
+}
+
+/// Recycles the memory of large slabs (up to `keptMax` of each size, all under 64 MiB in total
+/// for the common chunk size): touching fresh pages costs more than reading into reused ones.
+enum SlabMemory {
+    static let lock = NSLock()
+    nonisolated(unsafe) static var free: [Int: [UnsafeMutableRawPointer]] = [:]
+    static let keptMax = 16
+    static let pooledMinBytes = 1 << 20
+
+    static func take(_ capacity: Int) -> UnsafeMutableRawPointer {
+        if capacity >= pooledMinBytes {
+            lock.lock()
+            let reused = free[capacity]?.popLast()
+            lock.unlock()
+            if let reused { return reused }
+        }
+        return UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 4096)
+    }
+
+    static func give(_ pointer: UnsafeMutableRawPointer, _ capacity: Int) {
+        if capacity >= pooledMinBytes {
+            lock.lock()
+            if free[capacity, default: []].count < keptMax {
+                free[capacity, default: []].append(pointer)
+                lock.unlock()
+                return
+            }
+            lock.unlock()
+        }
+        pointer.deallocate()
+    }
 }
 
 /// Immutable bytes of one cached block: a stretch of a `Slab`. Shared by readers.

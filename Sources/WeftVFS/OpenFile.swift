@@ -4,7 +4,89 @@ import WeftProto
 /// Buffered bytes not yet committed, at `offsetInChunk` of one chunk.
 struct Extent {
     var offsetInChunk: UInt32
-    var bytes: [UInt8]
+    var buffer: ExtentBuffer
+}
+
+/// Growable bytes of one extent. Buffers for writes that start a chunk are chunk-sized and come
+/// from the VFS's `BufferPool` (memory already touched, reused without page faults); small
+/// extents grow on demand.
+final class ExtentBuffer {
+    private(set) var pointer: UnsafeMutableRawPointer
+    private(set) var capacity: Int
+    private(set) var count = 0
+    let pooled: Bool
+
+    init(capacity: Int, pooled: Bool, pointer: UnsafeMutableRawPointer? = nil) {
+        self.capacity = capacity
+        self.pooled = pooled
+        self.pointer = pointer ?? UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 64)
+    }
+
+    var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: pointer, count: count) }
+
+    /// Appends `piece`, growing (doubling) an unpooled buffer; a pooled one never needs to grow
+    /// because it already spans to the chunk's end.
+    func append(_ piece: UnsafeRawBufferPointer) {
+        if count + piece.count > capacity {
+            precondition(!pooled, "a pooled extent buffer spans to its chunk's end")
+            let grown = max(count + piece.count, capacity * 2)
+            let fresh = UnsafeMutableRawPointer.allocate(byteCount: grown, alignment: 64)
+            fresh.copyMemory(from: pointer, byteCount: count)
+            pointer.deallocate()
+            pointer = fresh
+            capacity = grown
+        }
+        (pointer + count).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
+        count += piece.count
+    }
+
+    /// Hands the memory of a pooled buffer back (the buffer must not be used afterwards).
+    func takePointer() -> UnsafeMutableRawPointer {
+        let taken = pointer
+        capacity = 0
+        count = 0
+        return taken
+    }
+
+    deinit {
+        if capacity > 0 { pointer.deallocate() }
+    }
+}
+
+/// Chunk-sized buffers kept for reuse, at most `maxBuffers` (their memory is part of the write
+/// buffer bound). On this class of VM touching fresh memory costs more than the copy itself.
+final class BufferPool: @unchecked Sendable {
+    private let lock = NSLock()
+    private var free: [UnsafeMutableRawPointer] = []
+    let bufferBytes: Int
+    let maxBuffers: Int
+
+    init(bufferBytes: Int, maxBuffers: Int) {
+        self.bufferBytes = bufferBytes
+        self.maxBuffers = maxBuffers
+    }
+
+    func take() -> ExtentBuffer {
+        lock.lock()
+        let reused = free.popLast()
+        lock.unlock()
+        return ExtentBuffer(capacity: bufferBytes, pooled: true, pointer: reused)
+    }
+
+    func give(_ buffer: ExtentBuffer) {
+        guard buffer.pooled else { return }
+        let pointer = buffer.takePointer()
+        lock.lock()
+        if free.count < maxBuffers {
+            free.append(pointer)
+            lock.unlock()
+        } else {
+            lock.unlock()
+            pointer.deallocate()
+        }
+    }
+
+    deinit { free.forEach { $0.deallocate() } }
 }
 
 /// The agent's state for one open inode, shared by all its handles: last known attributes,
@@ -54,7 +136,7 @@ final class OpenFile {
     }
 
     /// Buffers `data` at file offset `offset`, split at chunk boundaries.
-    func buffer(_ data: UnsafeRawBufferPointer, at offset: UInt64, chunkSizeBytes: Int) {
+    func buffer(_ data: UnsafeRawBufferPointer, at offset: UInt64, chunkSizeBytes: Int, pool: BufferPool) {
         var position = 0
         while position < data.count {
             let fileOffset = offset + UInt64(position)
@@ -63,18 +145,15 @@ final class OpenFile {
             let take = min(data.count - position, chunkSizeBytes - offsetInChunk)
             let piece = UnsafeRawBufferPointer(rebasing: data[position..<position + take])
             // Append in place when the write continues the last extent (no copy of the buffer).
-            let continuesLast: Bool = {
-                guard let last = dirty[index]?.last else { return false }
-                return Int(last.offsetInChunk) + last.bytes.count == offsetInChunk
-            }()
-            if continuesLast {
-                let last = dirty[index]!.count - 1
-                dirty[index]![last].bytes.append(contentsOf: piece)
+            if let last = dirty[index]?.last, Int(last.offsetInChunk) + last.buffer.count == offsetInChunk {
+                last.buffer.append(piece)
             } else {
-                var bytes: [UInt8] = []
-                bytes.reserveCapacity(offsetInChunk == 0 ? chunkSizeBytes : take)
-                bytes.append(contentsOf: piece)
-                dirty[index, default: []].append(Extent(offsetInChunk: UInt32(offsetInChunk), bytes: bytes))
+                // A write that can grow to a whole chunk gets a pooled buffer reaching the chunk's end.
+                let buffer = offsetInChunk == 0 && take >= 64 * 1024 && pool.bufferBytes == chunkSizeBytes
+                    ? pool.take()
+                    : ExtentBuffer(capacity: max(take, 4096), pooled: false)
+                buffer.append(piece)
+                dirty[index, default: []].append(Extent(offsetInChunk: UInt32(offsetInChunk), buffer: buffer))
             }
             position += take
         }
@@ -85,7 +164,7 @@ final class OpenFile {
 
     /// True when some chunk's buffered bytes reach a whole chunk (time to upload it).
     func hasFullChunk(chunkSizeBytes: Int) -> Bool {
-        dirty.values.contains { extents in extents.reduce(0) { $0 + $1.bytes.count } >= chunkSizeBytes }
+        dirty.values.contains { extents in extents.reduce(0) { $0 + $1.buffer.count } >= chunkSizeBytes }
     }
 }
 

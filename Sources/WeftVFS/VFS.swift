@@ -31,6 +31,7 @@ public final class VFS: @unchecked Sendable {
     let cache: BlockCache
     let chunkSizeBytes: Int
     let budget: DirtyBudget
+    let pool: BufferPool
 
     let lock = NSLock()
     var files: [InodeID: OpenFile] = [:]
@@ -51,6 +52,7 @@ public final class VFS: @unchecked Sendable {
         chunkSizeBytes = Int(volume.chunkSizeBytes)
         cache = BlockCache(capacityBytes: options.cacheBytes)
         budget = DirtyBudget(limitBytes: max(options.writeBufferBytes, chunkSizeBytes))
+        pool = BufferPool(bufferBytes: chunkSizeBytes, maxBuffers: max(2, min(16, options.writeBufferBytes / chunkSizeBytes)))
     }
 
     public func context(_ credentials: Credentials) -> RequestContext {
@@ -287,7 +289,7 @@ public final class VFS: @unchecked Sendable {
             budget.release(data.count)
             throw WeftError.fileTooBig
         }
-        file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes)
+        file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes, pool: pool)
         logger.trace("write \(file.ino) at \(position) +\(data.count): dirty end \(file.dirtyEnd)")
         if file.hasFullChunk(chunkSizeBytes: chunkSizeBytes) {
             try flushLocked(file, context: handle.context, durable: false)
@@ -360,8 +362,8 @@ public final class VFS: @unchecked Sendable {
             for index in file.dirty.keys.sorted() {
                 for extent in file.dirty[index]! {
                     let id = try nextSliceID(context)
-                    try hub.writeSlice(context, id: id, data: extent.bytes)
-                    let length = UInt32(extent.bytes.count)
+                    try hub.writeSlice(context, id: id, bytes: extent.buffer.bytes)
+                    let length = UInt32(extent.buffer.count)
                     commits.append(SliceCommit(chunkIndex: index, slice: Slice(id: id, offsetInChunk: extent.offsetInChunk,
                                                                                length: length, objectLength: length)))
                 }
@@ -372,7 +374,7 @@ public final class VFS: @unchecked Sendable {
                                                       minimumSize: file.dirtyEnd, durable: durable)
                 if file.kernelCacheVersion == before { file.kernelCacheVersion = attributes.dataVersion }
                 budget.release(file.dirtyBytes)
-                file.dirty.removeAll()
+                recycle(file)
                 file.dirtyBytes = 0
                 file.dirtyEnd = 0
                 file.layouts.removeAll()
@@ -385,11 +387,19 @@ public final class VFS: @unchecked Sendable {
             } catch let error as WeftError where error.errno == ESTALE {
                 // The file itself is gone (unlinked and reclaimed): drop what was buffered for it.
                 budget.release(file.dirtyBytes)
-                file.dirty.removeAll()
+                recycle(file)
                 file.dirtyBytes = 0
                 throw WeftError(ESTALE, "inode \(file.ino) no longer exists")
             }
         }
+    }
+
+    /// Drops a file's committed extents, returning pooled buffers.
+    func recycle(_ file: OpenFile) {
+        for extents in file.dirty.values {
+            for extent in extents { pool.give(extent.buffer) }
+        }
+        file.dirty.removeAll()
     }
 
     /// Frees write-buffer space by committing the file with the most buffered data.
