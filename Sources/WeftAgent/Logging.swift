@@ -11,8 +11,11 @@ public enum WeftLogging {
         }
     }()
 
-    public static func logger(_ label: String) -> Logger {
+    /// A logger at `level` (WEFT_LOG_LEVEL overrides it). One-shot commands log warnings only.
+    public static func logger(_ label: String, level: Logger.Level = .info) -> Logger {
         _ = once
-        return Logger(label: label)
+        var logger = Logger(label: label)
+        logger.logLevel = ProcessInfo.processInfo.environment["WEFT_LOG_LEVEL"].flatMap { Logger.Level(rawValue: $0) } ?? level
+        return logger
     }
 }

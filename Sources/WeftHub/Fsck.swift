@@ -46,8 +46,10 @@ struct Fsck {
             let lost = damaged.union(missing)
             if !lost.isEmpty {
                 try hub.meta.dropSliceReferences(lost)
+                try hub.meta.sync()
+                for id in damaged { try hub.chunks.delete(id: id) }
                 report.repaired.append("dropped references to \(lost.count) damaged or missing chunk object(s); "
-                                       + "their ranges now read as zeros")
+                                       + "their ranges now read as zeros; the damaged objects were deleted")
             }
             try hub.meta.sync()
         }

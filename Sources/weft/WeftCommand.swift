@@ -131,7 +131,8 @@ struct Status: ParsableCommand {
     @Flag(help: "Print JSON.") var json = false
 
     func run() throws {
-        let opened = try HubOpener.open(try HubSource.parse(source), recover: false, logger: WeftLogging.logger("weft"))
+        let opened = try HubOpener.open(try HubSource.parse(source), recover: false,
+                                         logger: WeftLogging.logger("weft", level: .warning))
         defer { opened.close() }
         let status = try opened.api.status()
         if json {
@@ -139,10 +140,10 @@ struct Status: ParsableCommand {
                 "source": source,
                 "chunkSizeBytes": status.volume.chunkSizeBytes,
                 "compression": status.volume.compression.name,
-                "logicalBytes": status.logicalBytes,
+                "volumeSizeBytes": status.logicalBytes,
                 "inodes": status.inodes,
                 "chunks": status.chunks,
-                "storedBytes": status.storedBytes,
+                "spaceUsedBytes": status.storedBytes,
                 "connectedAgents": status.connectedAgents,
                 "agents": status.agents,
             ]
@@ -172,7 +173,8 @@ struct Fsck: ParsableCommand {
     @Flag(help: "Print JSON.") var json = false
 
     func run() throws {
-        let opened = try HubOpener.open(try HubSource.parse(source), recover: false, logger: WeftLogging.logger("weft"))
+        let opened = try HubOpener.open(try HubSource.parse(source), recover: false,
+                                         logger: WeftLogging.logger("weft", level: .warning))
         defer { opened.close() }
         let report = try opened.api.fsck(repair: repair)
         if json {

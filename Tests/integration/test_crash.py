@@ -146,6 +146,7 @@ def test_kill_weftd_during_writes(weft):
         journals.append(_run_until_crash(weft, seed, weft.daemon.kill9))
         # The agent stays up but its hub is gone: calls fail within a bound, never hang.
         result, seconds = _probe_error(weft.path / f"probe-{seed}")
+        print(f"cycle {cycle}: with weftd down, create+fsync gave {result} after {seconds:.1f}s")
         assert result in ("EIO", "ETIMEDOUT", "ENOTCONN"), \
             f"while weftd is down a create+fsync on the mount gave {result} after {seconds:.1f}s " \
             f"(expected EIO)"

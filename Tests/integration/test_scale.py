@@ -17,6 +17,8 @@ from posix_helpers import (GiB, MiB, assert_errno, assert_same_bytes, pread_exac
                            sha256_file, write_all)
 
 BIG_DIR_ENTRIES = int(os.environ.get("WEFT_BIGDIR_ENTRIES", "100000"))
+#: The default run's directory size: several readdir pages (at most 4096 entries each).
+MANY_DIR_ENTRIES = int(os.environ.get("WEFT_DIR_ENTRIES", "20000"))
 WRITERS = int(os.environ.get("WEFT_WRITERS", "8"))
 WRITER_MIB = int(os.environ.get("WEFT_WRITER_MB", "32"))
 
@@ -30,11 +32,21 @@ def _in_threads(count: int, fn, items):
             f.result()
 
 
+@pytest.mark.slow
 @pytest.mark.weft_timeout(1500)
 def test_directory_with_100k_entries(weft):
+    _big_directory(weft, BIG_DIR_ENTRIES)
+
+
+@pytest.mark.weft_timeout(900)
+def test_directory_with_many_entries(weft):
+    _big_directory(weft, MANY_DIR_ENTRIES)
+
+
+def _big_directory(weft, count: int):
     d = weft.path / "big"
     os.mkdir(d)
-    names = [f"entry-{i:06d}" for i in range(BIG_DIR_ENTRIES)]
+    names = [f"entry-{i:06d}" for i in range(count)]
 
     def create(name):
         os.close(os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))

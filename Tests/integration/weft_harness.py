@@ -212,14 +212,15 @@ def find_key(obj, wanted: str):
 
 def find_used_bytes(obj) -> Optional[int]:
     """The 'space used' figure of `weft status --json`, whatever its exact key name
-    (first numeric key containing 'used', preferring one that also says 'byte')."""
+    (`storedBytes`, or a numeric key containing 'used'; one that says 'byte' first)."""
     candidates: list[tuple[int, str, int]] = []
 
     def walk(o, depth=0):
         if isinstance(o, dict):
             for k, v in o.items():
                 lk = k.lower()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and "used" in lk:
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and (
+                        "used" in lk or lk == "storedbytes"):
                     candidates.append((0 if "byte" in lk else 1, lk, int(v)))
                 walk(v, depth + 1)
         elif isinstance(o, list):
@@ -234,6 +235,14 @@ def find_used_bytes(obj) -> Optional[int]:
 
 
 # --------------------------------------------------------------------------- commands
+
+def _clip(text: str, head: int = 1200, tail_chars: int = 400) -> str:
+    """Start and end of a long output (a crash report's reason is at its start)."""
+    text = text.strip()
+    if len(text) <= head + tail_chars + 20:
+        return repr(text)
+    return f"{text[:head]!r} ... [{len(text) - head - tail_chars} chars] ... {text[-tail_chars:]!r}"
+
 
 class CommandResult:
     """Outcome of one finished (or timed-out) command."""
@@ -252,9 +261,14 @@ class CommandResult:
         return (self.out + "\n" + self.err).strip()
 
     def describe(self) -> str:
-        status = "TIMED OUT" if self.timed_out else f"exit {self.rc}"
+        if self.timed_out:
+            status = "TIMED OUT"
+        elif self.rc is not None and self.rc < 0:
+            status = f"KILLED BY SIGNAL {-self.rc} ({signal.Signals(-self.rc).name})"
+        else:
+            status = f"exit {self.rc}"
         return (f"$ {' '.join(self.argv)}\n  -> {status} after {self.elapsed_s:.1f}s\n"
-                f"  stdout: {self.out.strip()[-2000:]!r}\n  stderr: {self.err.strip()[-2000:]!r}")
+                f"  stdout: {_clip(self.out)}\n  stderr: {_clip(self.err)}")
 
     def __repr__(self) -> str:
         return self.describe()
@@ -820,10 +834,10 @@ class WeftFS:
                 return json.loads(r.out)
             except json.JSONDecodeError as e:
                 raise AssertionError(f"weft status --json printed invalid JSON ({e}):\n{r.describe()}")
-        if self.mode != "embedded":
+        if self.mode != "embedded" or r.timed_out or (r.rc is not None and r.rc < 0):
             raise AssertionError(f"weft status failed:\n{r.describe()}")
         self.res.warnings.append("weft status HUB_DIR fails while the hub is mounted (embedded); "
-                                 f"used an offline status instead: {r.output[-200:]}")
+                                 f"used an offline status instead: {r.output[:300]}")
         return self.status_offline()
 
     def status_offline(self) -> dict:
