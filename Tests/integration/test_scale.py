@@ -32,15 +32,9 @@ def _in_threads(count: int, fn, items):
             f.result()
 
 
-@pytest.mark.slow
 @pytest.mark.weft_timeout(1500)
 def test_directory_with_100k_entries(weft):
     _big_directory(weft, BIG_DIR_ENTRIES)
-
-
-@pytest.mark.weft_timeout(900)
-def test_directory_with_many_entries(weft):
-    _big_directory(weft, MANY_DIR_ENTRIES)
 
 
 def _big_directory(weft, count: int):
