@@ -18,7 +18,6 @@ from posix_helpers import (GiB, MiB, assert_errno, assert_same_bytes, pread_exac
 
 BIG_DIR_ENTRIES = int(os.environ.get("WEFT_BIGDIR_ENTRIES", "100000"))
 #: The default run's directory size: several readdir pages (at most 4096 entries each).
-MANY_DIR_ENTRIES = int(os.environ.get("WEFT_DIR_ENTRIES", "20000"))
 WRITERS = int(os.environ.get("WEFT_WRITERS", "8"))
 WRITER_MIB = int(os.environ.get("WEFT_WRITER_MB", "32"))
 
