@@ -102,6 +102,8 @@ final class OpenFile {
     /// Largest end offset of any uncommitted write.
     var dirtyEnd: UInt64 = 0
     var dirtyMtimeNs: Int64 = 0
+    /// When the oldest uncommitted write was buffered (0 when clean).
+    var dirtySinceNs: Int64 = 0
     /// Cached slice lists, valid for `attributes.dataVersion`.
     var layouts: [UInt32: [Slice]] = [:]
     /// The data version the kernel's page cache holds for this inode.
@@ -157,6 +159,7 @@ final class OpenFile {
             }
             position += take
         }
+        if dirtyBytes == 0 { dirtySinceNs = currentTimeNs() }
         dirtyBytes += data.count
         dirtyEnd = max(dirtyEnd, offset + UInt64(data.count))
         dirtyMtimeNs = currentTimeNs()

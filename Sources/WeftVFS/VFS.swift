@@ -12,6 +12,9 @@ public struct VFSOptions: Sendable {
     public var readaheadMaxBytes: Int = 32 << 20
     /// Name shown by `weft status`.
     public var agentName: String = "agent"
+    /// Buffered writes older than this are committed in the background, so a file kept open
+    /// by its writer still reaches the hub (and other mounts' next open) within a bound.
+    public var commitIntervalMs: Int = 5_000
 
     public init() {}
 }
@@ -53,6 +56,42 @@ public final class VFS: @unchecked Sendable {
         cache = BlockCache(capacityBytes: options.cacheBytes)
         budget = DirtyBudget(limitBytes: max(options.writeBufferBytes, chunkSizeBytes))
         pool = BufferPool(bufferBytes: chunkSizeBytes, maxBuffers: max(2, min(16, options.writeBufferBytes / chunkSizeBytes)))
+        startBackgroundCommits()
+    }
+
+    private let stopCondition = NSCondition()
+    private var stopping = false
+
+    /// Once a second, commits files whose oldest buffered write is older than `commitIntervalMs`.
+    private func startBackgroundCommits() {
+        let thread = Thread { [weak self] in
+            while let self {
+                self.stopCondition.lock()
+                if !self.stopping { _ = self.stopCondition.wait(until: Date().addingTimeInterval(1)) }
+                let stop = self.stopping
+                self.stopCondition.unlock()
+                if stop { return }
+                self.commitStaleBuffers()
+            }
+        }
+        thread.name = "weft-vfs-commit"
+        thread.start()
+    }
+
+    func commitStaleBuffers() {
+        let oldestAllowed = currentTimeNs() - Int64(options.commitIntervalMs) * 1_000_000
+        lock.lock()
+        let candidates = files.values.filter { $0.dirtyBytes > 0 }
+        lock.unlock()
+        for file in candidates {
+            file.lock.lock()
+            if file.hasDirtyData && file.dirtySinceNs <= oldestAllowed {
+                do { try flushLocked(file, context: context(.root), durable: false) } catch {
+                    logger.warning("background commit of inode \(file.ino) failed, will retry: \(error)")
+                }
+            }
+            file.lock.unlock()
+        }
     }
 
     public func context(_ credentials: Credentials) -> RequestContext {
@@ -61,6 +100,10 @@ public final class VFS: @unchecked Sendable {
 
     /// Commits every buffered write durably and ends the session.
     public func shutdown() throws {
+        stopCondition.lock()
+        stopping = true
+        stopCondition.broadcast()
+        stopCondition.unlock()
         try flushAll(durable: true)
         try? hub.closeSession(session)
     }
