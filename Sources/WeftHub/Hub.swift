@@ -14,6 +14,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
     public let chunks: ChunkStore
     let logger: Logger
     let maintenance: Maintenance
+    /// Objects each session has written and not yet committed (bounded by the agents' write
+    /// buffers); deleted when the session ends without committing them.
+    private let uploadsLock = NSLock()
+    private var pendingUploads: [SessionID: Set<SliceID>] = [:]
 
     /// Slice lists longer than this are compacted in the background.
     public static let compactionThresholdSlices = 16
@@ -97,6 +101,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
 
     public func closeSession(_ session: SessionID) throws {
         try meta.closeSession(session)
+        // Objects the session wrote but never committed (its agent died mid-write) are orphans.
+        let abandoned = uploadsLock.withLock { pendingUploads.removeValue(forKey: session) } ?? []
+        for id in abandoned { try? chunks.delete(id: id) }
+        if !abandoned.isEmpty { logger.info("removed \(abandoned.count) chunk object(s) session \(session) never committed") }
         maintenance.wake()
     }
 
@@ -212,6 +220,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         guard id != 0, id < meta.currentCounters.nextSlice else { throw WeftError(EINVAL, "slice id \(id) was never allocated") }
         guard bytes.count <= Int(meta.volume.chunkSizeBytes) else { throw WeftError(EINVAL, "slice larger than a chunk") }
         try chunks.write(id: id, data: bytes)
+        uploadsLock.withLock { _ = pendingUploads[context.session, default: []].insert(id) }
     }
 
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {
@@ -236,6 +245,12 @@ public final class Hub: HubAPI, @unchecked Sendable {
             let length = try? chunks.length(id: commit.slice.id)
             guard let length, UInt32(length) == commit.slice.objectLength else {
                 throw WeftError(ESTALE, "chunk object \(commit.slice.id) is missing or has the wrong length")
+            }
+        }
+        defer {
+            uploadsLock.withLock {
+                for commit in slices { pendingUploads[context.session]?.remove(commit.slice.id) }
+                if pendingUploads[context.session]?.isEmpty == true { pendingUploads[context.session] = nil }
             }
         }
         let attributes = try meta.commitSlices(ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 
 import pytest
@@ -81,7 +82,6 @@ def resources(request):
     res = harness.Resources(request.node.name)
     marker = request.node.get_closest_marker("weft_timeout")
     timeout_s = float(marker.args[0]) if marker else DEFAULT_TEST_TIMEOUT_S
-    import threading
     timer = threading.Timer(timeout_s, res.emergency_stop,
                             args=(f"{request.node.nodeid} ran longer than {timeout_s:.0f}s",))
     timer.daemon = True

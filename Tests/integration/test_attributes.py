@@ -8,7 +8,6 @@ import os
 import stat
 import time
 
-import pytest
 
 from posix_helpers import (NOW, OMIT, XATTR_CREATE, XATTR_REPLACE, assert_errno, getxattr_raw,
                            listxattr_raw, utimensat, write_file)

@@ -16,7 +16,6 @@ Modes (what the `weft` fixture yields):
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
