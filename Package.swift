@@ -64,9 +64,12 @@ let package = Package(
         .executableTarget(name: "weftd", dependencies: ["WeftAgent",
                                                         .product(name: "ArgumentParser", package: "swift-argument-parser")]),
 
-        .testTarget(name: "WeftMetaTests", dependencies: ["WeftMeta", "WeftProto"]),
-        .testTarget(name: "WeftChunksTests", dependencies: ["WeftChunks", "WeftProto"]),
-        .testTarget(name: "WeftNetTests", dependencies: ["WeftNet", "WeftProto", "WeftHub"]),
-        .testTarget(name: "WeftHubTests", dependencies: ["WeftHub", "WeftNet", "WeftProto", "WeftVFS"]),
+        // Helpers shared by the test targets (seeded random, errno assertions, quiet loggers).
+        .target(name: "WeftTestSupport", dependencies: ["WeftProto", .product(name: "Logging", package: "swift-log")],
+                path: "Tests/WeftTestSupport"),
+        .testTarget(name: "WeftMetaTests", dependencies: ["WeftMeta", "WeftProto", "WeftTestSupport"]),
+        .testTarget(name: "WeftChunksTests", dependencies: ["WeftChunks", "WeftProto", "WeftTestSupport"]),
+        .testTarget(name: "WeftNetTests", dependencies: ["WeftNet", "WeftProto", "WeftHub", "WeftTestSupport"]),
+        .testTarget(name: "WeftHubTests", dependencies: ["WeftHub", "WeftNet", "WeftProto", "WeftVFS", "WeftTestSupport"]),
     ]
 )

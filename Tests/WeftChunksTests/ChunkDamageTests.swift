@@ -1,6 +1,7 @@
 import Foundation
 import WeftChunks
 import WeftProto
+import WeftTestSupport
 import XCTest
 
 final class ChunkDamageTests: ChunkTestCase {

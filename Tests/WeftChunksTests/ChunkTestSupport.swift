@@ -2,20 +2,9 @@ import Foundation
 import Logging
 import WeftChunks
 import WeftProto
+import WeftTestSupport
 import XCTest
 
-/// Deterministic generator (SplitMix64); tests print their seed on failure.
-struct SeededRandom: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// Records every log line, so tests can check that damage is logged exactly once.
 final class CapturedLog: @unchecked Sendable {

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import Logging
+import WeftTestSupport
 import XCTest
 import WeftProto
 @testable import WeftMeta
@@ -26,38 +27,8 @@ enum FileType {
     static let sticky = UInt32(S_ISVTX)
 }
 
-/// The bytes of a name.
-func bytes(_ text: String) -> [UInt8] { Array(text.utf8) }
 
-/// Asserts that `expression` throws a `WeftError` carrying `expected`.
-func XCTAssertErrno<T>(_ expected: Int32, _ expression: @autoclosure () throws -> T, _ message: String = "",
-                       file: StaticString = #filePath, line: UInt = #line) {
-    XCTAssertThrowsError(try expression(), message, file: file, line: line) { error in
-        XCTAssertEqual((error as? WeftError)?.errno, expected,
-                       "expected \(String(cString: strerror(expected))), got \(error) \(message)",
-                       file: file, line: line)
-    }
-}
 
-/// A quiet logger (set WEFT_TEST_LOG to see everything).
-func testLogger(_ label: String) -> Logger {
-    var logger = Logger(label: label)
-    logger.logLevel = ProcessInfo.processInfo.environment["WEFT_TEST_LOG"] != nil ? .trace : .critical
-    return logger
-}
-
-/// Deterministic generator (SplitMix64); tests that use it print their seed on failure.
-struct SeededRandom: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// A fresh volume per test in its own temporary directory, opened in strict durability and
 /// removed in `tearDown`. Chunks are 64 KiB so that layouts cross chunk boundaries cheaply.

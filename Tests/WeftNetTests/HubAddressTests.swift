@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import WeftTestSupport
 import XCTest
 import WeftProto
 import WeftNet

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import Logging
+import WeftTestSupport
 import XCTest
 import WeftProto
 @testable import WeftNet

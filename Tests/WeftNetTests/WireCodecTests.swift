@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import WeftTestSupport
 import XCTest
 import WeftProto
 @testable import WeftNet
