@@ -1,28 +1,35 @@
 import WeftProto
 
-/// The on-disk layout of one chunk object, format version 1 (SPEC.md §Chunk objects).
+/// The on-disk layout of one chunk object, format version 2 (SPEC.md §Chunk objects).
 ///
 /// ```
 /// offset       size  field
 /// 0            4     magic "WFTC"
-/// 4            1     format version (1)
+/// 4            1     format version (2; version 1 files are still read)
 /// 5            1     compression of the volume when written (0 none, 1 zstd); informative only
 /// 6            2     reserved, zero
 /// 8            8     slice id
 /// 16           4     raw (uncompressed) length in bytes
 /// 20           4     block size in bytes (65536)
 /// 24           4     block count = ceil(raw length / block size)
-/// 28           4     reserved, zero
+/// 28           4     data offset D (version 1: reserved zero, D = 36 + 12n)
 /// 32           12*n  block table, per block:
 ///                      u32 stored length, u32 crc32c of the raw block bytes,
 ///                      u8 flags (bit 0: zstd frame; other bits zero), 3 bytes reserved, zero
 /// 32+12n       4     crc32c of bytes [0, 32+12n)
-/// 36+12n       ...   block payloads in block order, each exactly its stored length
+/// 36+12n       D-36-12n  zero padding (< 4096 bytes), never read
+/// D            ...   block payloads in block order, each exactly its stored length
 /// ```
-/// All integers are little-endian. The file length is exactly 36 + 12n + sum of stored lengths.
+/// All integers are little-endian. The file length is exactly D + sum of stored lengths.
+/// A writer pads D to a multiple of 4096 for an uncompressed object of at least one block, so
+/// that its payloads can be read and written with O_DIRECT.
 enum ChunkFormat {
     static let magic: (UInt8, UInt8, UInt8, UInt8) = (0x57, 0x46, 0x54, 0x43)  // "WFTC"
-    static let version: UInt8 = 1
+    /// The version this build writes; it reads `oldestReadableVersion...version`.
+    static let version: UInt8 = 2
+    static let oldestReadableVersion: UInt8 = 1
+    /// Alignment of the payloads of an aligned object, and of O_DIRECT transfers.
+    static let directAlignment = 4096
     static let fixedHeaderBytes = 32
     static let tableEntryBytes = 12
     static let headerChecksumBytes = 4
@@ -39,6 +46,14 @@ enum ChunkFormat {
 
     @inline(__always) static func headerBytes(blockCount: Int) -> Int {
         fixedHeaderBytes + tableEntryBytes * blockCount + headerChecksumBytes
+    }
+
+    /// Where the payloads start: aligned for an object of whole raw blocks (direct I/O), right
+    /// after the header otherwise (small objects would waste most of a page).
+    static func dataOffset(blockCount: Int, anyCompressed: Bool, rawLength: Int) -> Int {
+        let header = headerBytes(blockCount: blockCount)
+        guard !anyCompressed, rawLength >= blockSizeBytes else { return header }
+        return (header + directAlignment - 1) / directAlignment * directAlignment
     }
 
     @inline(__always) static func blockCount(rawLength: Int) -> Int {
@@ -61,6 +76,8 @@ struct BlockEntry {
 /// A decoded, fully validated header: every block entry is consistent with the file's length.
 struct ChunkLayout {
     var rawLength: Int
+    /// File offset of the first payload.
+    var dataOffset: Int
     var blocks: ContiguousArray<BlockEntry>
     var fileBytes: Int
 
@@ -77,9 +94,9 @@ struct ChunkDamage: Error {
 
 extension ChunkFormat {
     /// Encodes the header and block table (with its checksum) into `header`, which must be
-    /// exactly `headerBytes(blockCount: blocks.count)` long.
+    /// exactly `headerBytes(blockCount: blocks.count)` long; the payloads start at `dataOffset`.
     static func encodeHeader(into header: UnsafeMutableRawBufferPointer, id: SliceID, compression: Compression,
-                             rawLength: Int, blocks: UnsafeBufferPointer<BlockEntry>) {
+                             rawLength: Int, dataOffset: Int, blocks: UnsafeBufferPointer<BlockEntry>) {
         let count = blocks.count
         precondition(header.count == headerBytes(blockCount: count), "header buffer size")
         precondition(count == blockCount(rawLength: rawLength), "block count")
@@ -95,7 +112,8 @@ extension ChunkFormat {
         base.storeBytes(of: UInt32(rawLength).littleEndian, toByteOffset: 16, as: UInt32.self)
         base.storeBytes(of: UInt32(blockSizeBytes).littleEndian, toByteOffset: 20, as: UInt32.self)
         base.storeBytes(of: UInt32(count).littleEndian, toByteOffset: 24, as: UInt32.self)
-        base.storeBytes(of: UInt32(0), toByteOffset: 28, as: UInt32.self)
+        precondition(dataOffset >= header.count && dataOffset - header.count < directAlignment, "data offset")
+        base.storeBytes(of: UInt32(dataOffset).littleEndian, toByteOffset: 28, as: UInt32.self)
         for index in 0..<count {
             let entry = blocks[index]
             let at = fixedHeaderBytes + index * tableEntryBytes
@@ -123,9 +141,14 @@ extension ChunkFormat {
         func u8(_ at: Int) -> UInt8 { prefix.load(fromByteOffset: at, as: UInt8.self) }
         func u32(_ at: Int) -> UInt32 { UInt32(littleEndian: prefix.loadUnaligned(fromByteOffset: at, as: UInt32.self)) }
         guard u8(0) == magic.0, u8(1) == magic.1, u8(2) == magic.2, u8(3) == magic.3 else { throw damage("bad magic") }
-        guard u8(4) == version else { throw damage("unsupported format version \(u8(4))") }
+        let formatVersion = u8(4)
+        guard (oldestReadableVersion...version).contains(formatVersion) else {
+            throw damage("unsupported format version \(formatVersion)")
+        }
         guard Compression(rawValue: u8(5)) != nil else { throw damage("unknown compression \(u8(5))") }
-        guard u8(6) == 0, u8(7) == 0, u32(28) == 0 else { throw damage("reserved header bytes not zero") }
+        guard u8(6) == 0, u8(7) == 0, formatVersion >= 2 || u32(28) == 0 else {
+            throw damage("reserved header bytes not zero")
+        }
         let id = UInt64(littleEndian: prefix.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
         guard id == expectedID else { throw damage("header names chunk \(hex(id))") }
         let rawLength = Int(u32(16))
@@ -144,9 +167,13 @@ extension ChunkFormat {
         let actualChecksum = crc32c(UnsafeRawBufferPointer(rebasing: prefix[0..<checksumAt]))
         guard expectedChecksum == actualChecksum else { throw damage("header checksum mismatch") }
 
+        let dataOffset = formatVersion >= 2 ? Int(u32(28)) : headerLength
+        guard dataOffset >= headerLength, dataOffset - headerLength < directAlignment else {
+            throw damage("data offset \(dataOffset) outside [\(headerLength), \(headerLength + directAlignment))")
+        }
         var blocks = ContiguousArray<BlockEntry>()
         blocks.reserveCapacity(count)
-        var fileOffset = headerLength
+        var fileOffset = dataOffset
         for index in 0..<count {
             let at = fixedHeaderBytes + index * tableEntryBytes
             let storedLength = Int(u32(at))
@@ -168,7 +195,7 @@ extension ChunkFormat {
         guard fileOffset == fileBytes else {
             throw damage("file is \(fileBytes) bytes, header describes \(fileOffset) (truncated or extended)")
         }
-        return ChunkLayout(rawLength: rawLength, blocks: blocks, fileBytes: fileBytes)
+        return ChunkLayout(rawLength: rawLength, dataOffset: dataOffset, blocks: blocks, fileBytes: fileBytes)
     }
 }
 

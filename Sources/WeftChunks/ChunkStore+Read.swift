@@ -185,17 +185,46 @@ extension ChunkStore {
         }
     }
 
-    /// Reads `count` stored bytes starting at block `first`'s payload.
+    /// Reads `count` stored bytes starting at block `first`'s payload. A transfer of at least a
+    /// block, page-aligned in the file and in memory, bypasses the page cache (O_DIRECT) for its
+    /// page-multiple part: the caller (the agent's block cache) keeps the bytes itself.
     private func preadBlocks(_ object: OpenObject, first: Int, into target: UnsafeMutableRawPointer, count: Int) throws {
+        let fileOffset = object.layout.blocks[first].fileOffset
+        let alignment = ChunkFormat.directAlignment
+        var done = 0
+        if count >= ChunkFormat.blockSizeBytes, fileOffset % alignment == 0, Int(bitPattern: target) % alignment == 0,
+           directIO.isEnabled, let directFD = object.directDescriptor({ openDirect(object.id) })
+        {
+            let alignedBytes = count / alignment * alignment
+            do {
+                done = try FileIO.preadFully(directFD, target, alignedBytes, fileOffset)
+            } catch let failure where failure.errno == EINVAL {
+                directIO.refused("O_DIRECT read: \(failure.description)", logger: logger)
+                done = 0
+            } catch {
+                throw damaged(object.id, block: "block \(first)", reason: error.description)
+            }
+            if done < alignedBytes && directIO.isEnabled {
+                throw damaged(object.id, block: "block \(first)", reason: "file ends \(count - done) bytes early")
+            }
+            if done > 0 { directIO.countRead() }
+        }
         let got: Int
         do {
-            got = try FileIO.preadFully(object.fd, target, count, object.layout.blocks[first].fileOffset)
+            got = try done + FileIO.preadFully(object.fd, target + done, count - done, fileOffset + done)
         } catch {
             throw damaged(object.id, block: "block \(first)", reason: error.description)
         }
         if got != count {
             throw damaged(object.id, block: "block \(first)", reason: "file ends \(count - got) bytes early")
         }
+    }
+
+    /// Opens object `id` for O_DIRECT reads; -1 (and direct I/O off when refused) on failure.
+    private func openDirect(_ id: SliceID) -> Int32 {
+        let fd = FileIO.withObjectPath(id) { openat(root, $0, O_RDONLY | O_CLOEXEC | O_DIRECT) }
+        if fd < 0 && errno == EINVAL { directIO.refused("open(O_DIRECT): \(String(cString: strerror(errno)))", logger: logger) }
+        return fd
     }
 
     private func crcReason(expected: UInt32, actual: UInt32) -> String {

@@ -41,11 +41,15 @@ public final class ChunkStore: @unchecked Sendable {
     private var objects: UInt64 = 0
     private var bytes: UInt64 = 0
     private var temporarySequence: UInt32 = 0
+    /// Whether O_DIRECT is used for aligned transfers; switched off for good when refused.
+    let directIO: DirectIOSwitch
 
     /// Opens the store in `directory`, creating it (and its 256 fan-out directories) if needed,
     /// removing temporary files left by a crash, and counting the objects present.
-    public init(directory: String, compression: Compression, logger: Logger) throws {
+    /// `directIO` false keeps every transfer in the page cache (tests of the buffered path).
+    public init(directory: String, compression: Compression, logger: Logger, directIO: Bool = true) throws {
         self.directory = directory
+        self.directIO = DirectIOSwitch(enabled: directIO)
         self.compression = compression
         self.logger = logger
         do {
@@ -78,6 +82,9 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Stores object `id` (at most `Limits.chunkSizeMaxBytes`). Not durable until `sync()`.
     /// Throws EEXIST if the id exists, EINVAL if too large, ENOSPC when the disk is full.
+    ///
+    /// An uncompressed object from page-aligned memory is written with O_DIRECT (no copy into
+    /// the page cache) where the file system allows it.
     public func write(id: SliceID, data: UnsafeRawBufferPointer) throws {
         guard data.count <= ChunkFormat.maxRawBytes else {
             throw WeftError(EINVAL, "chunk \(hex(id)) is \(data.count) bytes, over the \(ChunkFormat.maxRawBytes)-byte limit")
@@ -85,13 +92,12 @@ public final class ChunkStore: @unchecked Sendable {
         let blockSize = ChunkFormat.blockSizeBytes
         let blockCount = ChunkFormat.blockCount(rawLength: data.count)
         let headerLength = ChunkFormat.headerBytes(blockCount: blockCount)
-        let header = UnsafeMutableRawBufferPointer.allocate(byteCount: headerLength, alignment: 16)
-        defer { header.deallocate() }
         var blocks = ContiguousArray<BlockEntry>()
         blocks.reserveCapacity(blockCount)
-        // The payload as a list of contiguous pieces of `data` or of `compressed`, so that
-        // raw blocks are written straight from the caller's buffer.
-        var pieces: [UnsafeRawBufferPointer] = [UnsafeRawBufferPointer(header)]
+        // The payloads as contiguous pieces of `data` or of `compressed`, so that raw blocks are
+        // written straight from the caller's buffer. Block offsets are relative to the data
+        // offset until it is known.
+        var payload: [UnsafeRawBufferPointer] = []
         var compressed: UnsafeMutableRawBufferPointer?
         defer { compressed?.deallocate() }
 
@@ -100,7 +106,7 @@ public final class ChunkStore: @unchecked Sendable {
             compressed = output
             workspaces.with { workspace in
                 var outputUsed = 0
-                var fileOffset = headerLength
+                var fileOffset = 0
                 for index in 0..<blockCount {
                     let start = index * blockSize
                     let raw = UnsafeRawBufferPointer(rebasing: data[start..<min(start + blockSize, data.count)])
@@ -109,12 +115,12 @@ public final class ChunkStore: @unchecked Sendable {
                     let room = UnsafeMutableRawBufferPointer(rebasing: output[outputUsed..<outputUsed + raw.count - 1])
                     if raw.count > 1, let size = workspace.compress(raw, into: room) {
                         let piece = UnsafeRawBufferPointer(rebasing: output[outputUsed..<outputUsed + size])
-                        Self.append(piece, to: &pieces)
+                        Self.append(piece, to: &payload)
                         blocks.append(BlockEntry(fileOffset: fileOffset, storedLength: size, crc: checksum, compressed: true))
                         outputUsed += size
                         fileOffset += size
                     } else {
-                        Self.append(raw, to: &pieces)
+                        Self.append(raw, to: &payload)
                         blocks.append(BlockEntry(fileOffset: fileOffset, storedLength: raw.count, crc: checksum,
                                                  compressed: false))
                         fileOffset += raw.count
@@ -125,17 +131,28 @@ public final class ChunkStore: @unchecked Sendable {
             for index in 0..<blockCount {
                 let start = index * blockSize
                 let raw = UnsafeRawBufferPointer(rebasing: data[start..<min(start + blockSize, data.count)])
-                blocks.append(BlockEntry(fileOffset: headerLength + start, storedLength: raw.count, crc: crc32c(raw),
-                                         compressed: false))
+                blocks.append(BlockEntry(fileOffset: start, storedLength: raw.count, crc: crc32c(raw), compressed: false))
             }
-            if data.count > 0 { pieces.append(data) }
+            if data.count > 0 { payload.append(data) }
         }
+        let anyCompressed = blocks.contains { $0.compressed }
+        let dataOffset = ChunkFormat.dataOffset(blockCount: blockCount, anyCompressed: anyCompressed, rawLength: data.count)
+        for index in blocks.indices { blocks[index].fileOffset += dataOffset }
+        // The header and its zero padding, page-aligned for direct I/O.
+        let header = UnsafeMutableRawBufferPointer.allocate(byteCount: dataOffset, alignment: ChunkFormat.directAlignment)
+        defer { header.deallocate() }
+        header.initializeMemory(as: UInt8.self, repeating: 0)
         blocks.withUnsafeBufferPointer {
-            ChunkFormat.encodeHeader(into: header, id: id, compression: compression, rawLength: data.count, blocks: $0)
+            ChunkFormat.encodeHeader(into: UnsafeMutableRawBufferPointer(rebasing: header[0..<headerLength]), id: id,
+                                     compression: compression, rawLength: data.count, dataOffset: dataOffset,
+                                     blocks: $0)
         }
-        let fileBytes = pieces.reduce(0) { $0 + $1.count }
-        precondition(fileBytes == headerLength + blocks.reduce(0) { $0 + $1.storedLength }, "chunk payload size")
-        let fd = try createObject(id: id, pieces: pieces)
+        let fileBytes = dataOffset + blocks.reduce(0) { $0 + $1.storedLength }
+        precondition(fileBytes == dataOffset + payload.reduce(0) { $0 + $1.count }, "chunk payload size")
+        let direct = !anyCompressed && dataOffset % ChunkFormat.directAlignment == 0
+            && Int(bitPattern: data.baseAddress) % ChunkFormat.directAlignment == 0 && directIO.isEnabled
+        let fd = try createObject(id: id, header: UnsafeRawBufferPointer(header), payload: payload,
+                                  direct: direct ? data : nil)
         accountingLock.withLock {
             objects += 1
             bytes += UInt64(fileBytes)
@@ -152,9 +169,9 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Appends `piece` to `pieces`, merging it into the last one when the two are adjacent in
     /// memory (then the merged range is exactly both), so the object goes out in as few
-    /// `writev` segments as possible. The header (first piece) is never merged.
+    /// `writev` segments as possible.
     private static func append(_ piece: UnsafeRawBufferPointer, to pieces: inout [UnsafeRawBufferPointer]) {
-        if pieces.count > 1, let last = pieces.last, let lastStart = last.baseAddress,
+        if let last = pieces.last, let lastStart = last.baseAddress,
            lastStart + last.count == piece.baseAddress
         {
             pieces[pieces.count - 1] = UnsafeRawBufferPointer(start: lastStart, count: last.count + piece.count)
@@ -165,7 +182,10 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Writes the object under a temporary name, then links it to its final name, which fails
     /// with EEXIST atomically if the id exists. Returns the open descriptor for `sync()`.
-    private func createObject(id: SliceID, pieces: [UnsafeRawBufferPointer]) throws -> Int32 {
+    /// With `direct` (the whole raw payload, page-aligned), the header and the page-multiple
+    /// part of the payload go out with O_DIRECT and the last partial page buffered.
+    private func createObject(id: SliceID, header: UnsafeRawBufferPointer, payload: [UnsafeRawBufferPointer],
+                              direct: UnsafeRawBufferPointer?) throws -> Int32 {
         let suffix = accountingLock.withLock { () -> UInt32 in
             temporarySequence &+= 1
             return temporarySequence
@@ -178,7 +198,11 @@ public final class ChunkStore: @unchecked Sendable {
             _ = FileIO.withObjectPath(id, suffix: suffix) { unlinkat(root, $0, 0) }
         }
         do {
-            try FileIO.writeFully(fd, pieces)
+            if let direct, try writeDirect(fd, header: header, payload: direct) {
+                // Written.
+            } else {
+                try FileIO.writeFully(fd, [header] + payload)
+            }
         } catch {
             close(fd)
             removeTemporary()
@@ -213,6 +237,37 @@ public final class ChunkStore: @unchecked Sendable {
         close(fd)
         removeTemporary()
         throw writeFailure(id, FileIO.Failure(call: "link", errno: linkError))
+    }
+
+    /// Writes `header` then `payload` from offset 0 of the fresh file `fd`, the page-multiple
+    /// part with O_DIRECT. Returns false, having written nothing that matters, when the file
+    /// system refuses O_DIRECT (the caller then writes buffered; direct I/O stays off).
+    private func writeDirect(_ fd: Int32, header: UnsafeRawBufferPointer, payload: UnsafeRawBufferPointer)
+        throws(FileIO.Failure) -> Bool
+    {
+        let alignedBytes = payload.count / ChunkFormat.directAlignment * ChunkFormat.directAlignment
+        let flags = fcntl(fd, F_GETFL)
+        guard flags >= 0, fcntl(fd, F_SETFL, flags | O_DIRECT) == 0 else {
+            directIO.refused("fcntl(O_DIRECT): \(String(cString: strerror(errno)))", logger: logger)
+            return false
+        }
+        do {
+            try FileIO.pwriteFully(fd, header, at: 0)
+            if alignedBytes > 0 {
+                try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(rebasing: payload[0..<alignedBytes]), at: header.count)
+            }
+        } catch let failure where failure.errno == EINVAL {
+            _ = fcntl(fd, F_SETFL, flags)
+            directIO.refused("O_DIRECT write: \(failure.description)", logger: logger)
+            return false
+        }
+        guard fcntl(fd, F_SETFL, flags) == 0 else { throw FileIO.Failure(call: "fcntl", errno: errno) }
+        directIO.countWrite()
+        if alignedBytes < payload.count {
+            try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(rebasing: payload[alignedBytes...]),
+                                   at: header.count + alignedBytes)
+        }
+        return true
     }
 
     /// ENOSPC and EDQUOT become ENOSPC (not logged: the caller reports a full volume);
@@ -274,6 +329,9 @@ public final class ChunkStore: @unchecked Sendable {
             }
         }
     }
+
+    /// Direct I/O use so far (see `DirectIOCounters`).
+    public var directIOCounters: DirectIOCounters { directIO.counters }
 
     /// Number of stored objects, kept up to date by writes and deletes.
     public var objectCount: UInt64 { accountingLock.withLock { objects } }

@@ -63,6 +63,21 @@ enum FileIO {
         return done
     }
 
+    /// Writes all of `bytes` at `offset`, finishing short writes.
+    static func pwriteFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: Int) throws(Failure) {
+        var done = 0
+        while done < bytes.count {
+            let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset + done))
+            if n > 0 {
+                done += n
+            } else if n == 0 {
+                throw Failure(call: "pwrite", errno: EIO)
+            } else if errno != EINTR {
+                throw Failure(call: "pwrite", errno: errno)
+            }
+        }
+    }
+
     /// IOV_MAX on Linux.
     static let maxSegmentsPerWrite = 1024
 

@@ -13,6 +13,9 @@ final class OpenObject: @unchecked Sendable {
     let id: SliceID
     let fd: Int32
     let layout: ChunkLayout
+    private let directLock = Lock()
+    /// O_DIRECT descriptor for aligned reads: -1 not opened yet, -2 refused.
+    private var directFD: Int32 = -1
 
     init(id: SliceID, fd: Int32, layout: ChunkLayout) {
         self.id = id
@@ -20,7 +23,18 @@ final class OpenObject: @unchecked Sendable {
         self.layout = layout
     }
 
-    deinit { close(fd) }
+    /// The object's O_DIRECT descriptor, opened by `open` on first use; nil if it cannot be.
+    func directDescriptor(_ open: () -> Int32) -> Int32? {
+        directLock.withLock {
+            if directFD == -1 { directFD = max(open(), -2) }
+            return directFD >= 0 ? directFD : nil
+        }
+    }
+
+    deinit {
+        close(fd)
+        if directFD >= 0 { close(directFD) }
+    }
 }
 
 /// A bounded cache of open objects, least recently used evicted first.

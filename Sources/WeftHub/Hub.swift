@@ -276,3 +276,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         try Fsck(hub: self).run(repair: repair)
     }
 }
+
+extension Hub: ReadBlockingHint {
+    public var readsWouldBlock: Bool { meta.readsWouldWaitForSync }
+}

@@ -19,7 +19,7 @@ final class ExtentBuffer {
     init(capacity: Int, pooled: Bool, pointer: UnsafeMutableRawPointer? = nil) {
         self.capacity = capacity
         self.pooled = pooled
-        self.pointer = pointer ?? UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 64)
+        self.pointer = pointer ?? UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 4096)
     }
 
     var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: pointer, count: count) }
@@ -30,7 +30,7 @@ final class ExtentBuffer {
         if count + piece.count > capacity {
             precondition(!pooled, "a pooled extent buffer spans to its chunk's end")
             let grown = max(count + piece.count, capacity * 2)
-            let fresh = UnsafeMutableRawPointer.allocate(byteCount: grown, alignment: 64)
+            let fresh = UnsafeMutableRawPointer.allocate(byteCount: grown, alignment: 4096)
             fresh.copyMemory(from: pointer, byteCount: count)
             pointer.deallocate()
             pointer = fresh

@@ -89,7 +89,7 @@ final class ChunkDamageTests: ChunkTestCase {
         let store = try makeStore()
         try store.write(id: 5, data: data)
         XCTAssertEqual(try store.read(id: 5, offset: 0, length: 10), Array(data[0..<10]))
-        XCTAssertEqual(truncate(objectPath(5), off_t(ParsedObject(try fileBytes(5)).headerLength + b + 7)), 0)
+        XCTAssertEqual(truncate(objectPath(5), off_t(ParsedObject(try fileBytes(5)).dataOffset + b + 7)), 0)
         XCTAssertEqual(try store.read(id: 5, offset: 0, length: b), Array(data[0..<b]))
         log.reset()
         assertErrno(EIO, try store.read(id: 5, offset: b, length: 2 * b))
@@ -112,7 +112,11 @@ final class ChunkDamageTests: ChunkTestCase {
             for i in 0..<4 { bytes[at + i] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(i))) }
         }
         let cases: [(String, [UInt8])] = [
-            ("version 2", craft { $0[4] = 2 }),
+            ("version 3", craft { $0[4] = 3 }),
+            ("version 0", craft { $0[4] = 0 }),
+            ("data offset before the header end", craft { put32(&$0, 28, 47) }),
+            ("data offset a page past the header", craft { put32(&$0, 28, 48 + 4096) }),
+            ("version 1 with a data offset", craft { $0[4] = 1; put32(&$0, 28, 48) }),
             ("compression 9", craft { $0[5] = 9 }),
             ("reserved", craft { $0[6] = 1 }),
             ("huge raw length", craft { put32(&$0, 16, UInt32.max) }),

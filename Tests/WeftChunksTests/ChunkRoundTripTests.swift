@@ -124,7 +124,7 @@ final class ChunkRoundTripTests: ChunkTestCase {
             XCTAssertTrue(FileManager.default.fileExists(atPath: "\(directory)/ef/0123456789abcdef"))
             let bytes = try fileBytes(id)
             let parsed = ParsedObject(bytes)
-            XCTAssertEqual(parsed.version, 1)
+            XCTAssertEqual(parsed.version, 2)
             XCTAssertEqual(parsed.compression, compression.rawValue)
             XCTAssertEqual(parsed.id, id)
             XCTAssertEqual(parsed.rawLength, data.count)
@@ -133,7 +133,10 @@ final class ChunkRoundTripTests: ChunkTestCase {
             let headerCRC = bytes[(parsed.headerLength - 4)..<parsed.headerLength].reversed()
                 .reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
             XCTAssertEqual(headerCRC, crc32c(Array(bytes[0..<(parsed.headerLength - 4)])))
-            XCTAssertEqual(bytes.count, parsed.headerLength + parsed.blocks.reduce(0) { $0 + $1.storedLength })
+            XCTAssertEqual(bytes.count, parsed.dataOffset + parsed.blocks.reduce(0) { $0 + $1.storedLength })
+            // Whole raw blocks: payloads page-aligned (direct I/O); compressed: right after the header.
+            XCTAssertEqual(parsed.dataOffset, compression == .none ? 4096 : parsed.headerLength)
+            XCTAssertEqual(bytes[parsed.headerLength..<parsed.dataOffset].filter { $0 != 0 }.count, 0, "padding is zero")
             for (index, block) in parsed.blocks.enumerated() {
                 let raw = Array(data[(index * Self.block)..<min(data.count, (index + 1) * Self.block)])
                 XCTAssertEqual(block.crc, crc32c(raw), "block \(index)")
@@ -156,11 +159,12 @@ final class ChunkRoundTripTests: ChunkTestCase {
         try store.write(id: 1, data: text)
         try store.write(id: 2, data: noise)
         XCTAssertLessThan(try fileBytes(1).count, text.count / 3)
-        XCTAssertEqual(try fileBytes(2).count, noise.count + 32 + 12 * 16 + 4)
+        // Nothing shrank, so the payloads are page-aligned: the header is padded to 4096 bytes.
+        XCTAssertEqual(try fileBytes(2).count, noise.count + 4096)
         let plain = try ChunkStore(directory: directory + "-plain", compression: .none, logger: log.logger)
         defer { try? FileManager.default.removeItem(atPath: directory + "-plain") }
         try plain.write(id: 1, data: text)
-        XCTAssertEqual(plain.storedBytes, UInt64(text.count + 32 + 12 * 16 + 4))
+        XCTAssertEqual(plain.storedBytes, UInt64(text.count + 4096))
     }
 
     func testObjectsReadBackWhateverTheStoreCompressionSetting() throws {

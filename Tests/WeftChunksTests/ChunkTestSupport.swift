@@ -59,8 +59,8 @@ class ChunkTestCase: XCTestCase {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    func makeStore(_ compression: Compression = .none) throws -> ChunkStore {
-        try ChunkStore(directory: directory, compression: compression, logger: log.logger)
+    func makeStore(_ compression: Compression = .none, directIO: Bool = true) throws -> ChunkStore {
+        try ChunkStore(directory: directory, compression: compression, logger: log.logger, directIO: directIO)
     }
 
     func objectPath(_ id: SliceID) -> String {
@@ -110,6 +110,8 @@ struct ParsedObject {
     var blockSize: Int
     var blocks: [Block]
     var headerLength: Int
+    /// Where the payloads start: the field at 28 in version 2, right after the header in version 1.
+    var dataOffset: Int
 
     init(_ bytes: [UInt8]) {
         func u32(_ at: Int) -> UInt32 { bytes[at..<at + 4].reversed().reduce(0) { $0 << 8 | UInt32($1) } }
@@ -122,7 +124,8 @@ struct ParsedObject {
         blockSize = Int(u32(20))
         let count = Int(u32(24))
         headerLength = 32 + 12 * count + 4
-        var offset = headerLength
+        dataOffset = version >= 2 ? Int(u32(28)) : headerLength
+        var offset = dataOffset
         blocks = []
         for index in 0..<count {
             let at = 32 + 12 * index

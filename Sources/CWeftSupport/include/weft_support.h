@@ -11,4 +11,7 @@ uint32_t weft_crc32c(uint32_t crc, const void *data, size_t length);
 /// and returned to the kernel when freed, with at most `arena_max` arenas.
 void weft_bound_malloc(int mmap_threshold_bytes, int arena_max, int trim_threshold_bytes);
 
+/// The platform's O_DIRECT open flag (hidden behind _GNU_SOURCE in the Glibc module).
+int weft_o_direct_flag(void);
+
 #endif

@@ -1,0 +1,148 @@
+import Foundation
+import WeftChunks
+import WeftProto
+import WeftTestSupport
+import XCTest
+
+/// Format version 2 (page-aligned payloads) and the O_DIRECT paths it allows.
+final class ChunkDirectIOTests: ChunkTestCase {
+    static let block = Limits.blockSizeBytes
+
+    /// Page-aligned memory holding `bytes`, freed after `body`.
+    func withAligned<T>(_ bytes: [UInt8], _ body: (UnsafeMutableRawBufferPointer) throws -> T) rethrows -> T {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 4096)
+        defer { buffer.deallocate() }
+        bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
+        return try body(UnsafeMutableRawBufferPointer(rebasing: buffer[0..<bytes.count]))
+    }
+
+    /// The directory's file system takes O_DIRECT (ext4 on these machines; not tmpfs everywhere).
+    func requireDirectIO(_ store: ChunkStore) throws {
+        guard store.directIOCounters.enabled else {
+            throw XCTSkip("\(directory) refuses O_DIRECT; the buffered fallback is tested instead")
+        }
+    }
+
+    func testAlignedObjectGoesToDiskAndBackWithoutThePageCache() throws {
+        var random = SeededRandom(seed: 41)
+        let data = TestData.random(3 * Self.block + 1000, &random)
+        let store = try makeStore()
+        try withAligned(data) { try store.write(id: 1, data: UnsafeRawBufferPointer($0)) }
+        try requireDirectIO(store)
+        XCTAssertEqual(store.directIOCounters.writes, 1)
+        XCTAssertEqual(ParsedObject(try fileBytes(1)).dataOffset, 4096)
+
+        // Whole object into page-aligned memory: direct; unaligned destinations: buffered.
+        let readBack = try withAligned([UInt8](repeating: 0, count: data.count)) { destination in
+            try store.read(id: 1, offset: 0, into: destination)
+            return Array(destination)
+        }
+        XCTAssertEqual(readBack, data)
+        XCTAssertGreaterThanOrEqual(store.directIOCounters.reads, 1)
+        XCTAssertEqual(try store.read(id: 1, offset: 0, length: data.count), data)
+        for (offset, length) in [(1, 10), (Self.block - 1, 2), (Self.block, Self.block), (3 * Self.block, 1000), (5, data.count - 5)] {
+            XCTAssertEqual(try store.read(id: 1, offset: offset, length: length), Array(data[offset..<offset + length]),
+                           "\(offset)+\(length)")
+        }
+        // And a fresh store (cold open-object cache) reads it the same way.
+        let reopened = try makeStore()
+        let again = try withAligned([UInt8](repeating: 0, count: 2 * Self.block)) { destination in
+            try reopened.read(id: 1, offset: Self.block, into: destination)
+            return Array(destination)
+        }
+        XCTAssertEqual(again, Array(data[Self.block..<3 * Self.block]))
+        XCTAssertEqual(log.errors, [])
+    }
+
+    /// The file is the same bytes whichever path wrote it.
+    func testDirectAndBufferedWritesProduceIdenticalFiles() throws {
+        var random = SeededRandom(seed: 42)
+        let data = TestData.random(2 * Self.block + 4097, &random)
+        let direct = try makeStore()
+        try withAligned(data) { try direct.write(id: 7, data: UnsafeRawBufferPointer($0)) }
+        let directBytes = try fileBytes(7)
+        try direct.delete(id: 7)
+
+        let buffered = try makeStore(directIO: false)
+        try withAligned(data) { try buffered.write(id: 7, data: UnsafeRawBufferPointer($0)) }
+        XCTAssertEqual(buffered.directIOCounters, DirectIOCounters(enabled: false, reads: 0, writes: 0))
+        XCTAssertEqual(try fileBytes(7), directBytes)
+        XCTAssertEqual(try buffered.read(id: 7, offset: 0, length: data.count), data)
+    }
+
+    /// Memory that is not page-aligned is written through the page cache, and reads the same.
+    func testUnalignedSourceIsWrittenBuffered() throws {
+        var random = SeededRandom(seed: 43)
+        let data = TestData.random(Self.block + 1, &random)
+        let store = try makeStore()
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count + 1, alignment: 4096)
+        defer { buffer.deallocate() }
+        data.withUnsafeBytes { (buffer.baseAddress! + 1).copyMemory(from: $0.baseAddress!, byteCount: data.count) }
+        try store.write(id: 3, data: UnsafeRawBufferPointer(start: buffer.baseAddress! + 1, count: data.count))
+        XCTAssertEqual(store.directIOCounters.writes, 0)
+        XCTAssertEqual(ParsedObject(try fileBytes(3)).dataOffset, 4096)
+        XCTAssertEqual(try store.read(id: 3, offset: 0, length: data.count), data)
+    }
+
+    /// Small objects and objects with compressed blocks keep their payloads right after the
+    /// header (no page of padding), and are never transferred directly.
+    func testSmallAndCompressedObjectsAreNotPadded() throws {
+        let store = try makeStore(.zstd)
+        let compressible = [UInt8](repeating: 9, count: 2 * Self.block)
+        try withAligned(compressible) { try store.write(id: 4, data: UnsafeRawBufferPointer($0)) }
+        let parsed = ParsedObject(try fileBytes(4))
+        XCTAssertEqual(parsed.dataOffset, parsed.headerLength)
+        XCTAssertEqual(store.directIOCounters.writes, 0)
+
+        let plain = try makeStore()
+        try withAligned([UInt8](repeating: 1, count: Self.block - 1)) { try plain.write(id: 5, data: UnsafeRawBufferPointer($0)) }
+        let small = ParsedObject(try fileBytes(5))
+        XCTAssertEqual(small.dataOffset, small.headerLength)
+        XCTAssertEqual(try fileBytes(5).count, small.headerLength + Self.block - 1)
+    }
+
+    /// Objects written by format version 1 (payloads right after the header, field 28 zero)
+    /// stay readable.
+    func testVersionOneObjectsStillRead() throws {
+        var random = SeededRandom(seed: 44)
+        let data = TestData.random(Self.block - 100, &random)
+        let store = try makeStore()
+        try store.write(id: 6, data: data)
+        var bytes = try fileBytes(6)
+        let parsed = ParsedObject(bytes)
+        XCTAssertEqual(parsed.dataOffset, parsed.headerLength, "a small object is laid out as version 1 would")
+        bytes[4] = 1
+        for i in 28..<32 { bytes[i] = 0 }
+        let checksumAt = parsed.headerLength - 4
+        let crc = crc32c(Array(bytes[0..<checksumAt]))
+        for i in 0..<4 { bytes[checksumAt + i] = UInt8(truncatingIfNeeded: crc >> (8 * UInt32(i))) }
+        try setFileBytes(6, bytes)
+        let reopened = try makeStore()
+        XCTAssertEqual(try reopened.read(id: 6, offset: 0, length: data.count), data)
+        XCTAssertEqual(try reopened.verify(id: 6), data.count)
+    }
+
+    /// A flipped byte in an aligned object is found on the direct path too: EIO, one log line.
+    func testDamageIsFoundOnTheDirectPath() throws {
+        var random = SeededRandom(seed: 45)
+        let data = TestData.random(4 * Self.block, &random)
+        let store = try makeStore()
+        try withAligned(data) { try store.write(id: 8, data: UnsafeRawBufferPointer($0)) }
+        try requireDirectIO(store)
+        let block2 = ParsedObject(try fileBytes(8)).blocks[2]
+        try corrupt(8, at: block2.fileOffset + 17)
+        let reopened = try makeStore()
+        try withAligned([UInt8](repeating: 0, count: data.count)) { destination in
+            assertErrno(EIO, try reopened.read(id: 8, offset: 0, into: destination))
+        }
+        XCTAssertGreaterThanOrEqual(reopened.directIOCounters.reads, 1)
+        XCTAssertEqual(log.errors.count, 1, "\(log.errors)")
+        XCTAssertTrue(log.errors.first?.contains("block 2") ?? false, "\(log.errors)")
+        // The undamaged blocks still read, directly.
+        let intact = try withAligned([UInt8](repeating: 0, count: 2 * Self.block)) { destination in
+            try reopened.read(id: 8, offset: 0, into: destination)
+            return Array(destination)
+        }
+        XCTAssertEqual(intact, Array(data[0..<2 * Self.block]))
+    }
+}
