@@ -19,6 +19,7 @@ let package = Package(
     products: [
         .executable(name: "weft", targets: ["weft"]),
         .executable(name: "weftd", targets: ["weftd"]),
+        .executable(name: "weft-link", targets: ["weft-link"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -56,6 +57,13 @@ let package = Package(
         // Thin libfuse3 low-level adapter over WeftVFS.
         .target(name: "WeftFUSE", dependencies: ["WeftVFS", "CFuse3",
                                                  .product(name: "Logging", package: "swift-log")]),
+        // User-space WAN link emulator (delay, bandwidth cap, cut/heal): tests, Deploy/ and Bench/.
+        .target(name: "WeftLink", dependencies: [.product(name: "NIOCore", package: "swift-nio"),
+                                                 .product(name: "NIOPosix", package: "swift-nio"),
+                                                 .product(name: "Logging", package: "swift-log")]),
+        .executableTarget(name: "weft-link", dependencies: ["WeftLink",
+                                                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                                            .product(name: "Logging", package: "swift-log")]),
         // Shared command plumbing for both executables: sources, hub opening, daemon start-up.
         .target(name: "WeftAgent", dependencies: ["WeftProto", "CWeftSupport", "WeftHub", "WeftNet", "WeftVFS", "WeftFUSE",
                                                   .product(name: "Logging", package: "swift-log")]),
@@ -70,6 +78,9 @@ let package = Package(
         .testTarget(name: "WeftMetaTests", dependencies: ["WeftMeta", "WeftProto", "WeftTestSupport"]),
         .testTarget(name: "WeftChunksTests", dependencies: ["WeftChunks", "WeftProto", "WeftTestSupport"]),
         .testTarget(name: "WeftNetTests", dependencies: ["WeftNet", "WeftProto", "WeftHub", "WeftTestSupport"]),
+        .testTarget(name: "WeftLinkTests", dependencies: ["WeftLink", "WeftTestSupport",
+                                                          .product(name: "NIOCore", package: "swift-nio"),
+                                                          .product(name: "NIOPosix", package: "swift-nio")]),
         .testTarget(name: "WeftHubTests", dependencies: ["WeftHub", "WeftNet", "WeftProto", "WeftVFS", "WeftTestSupport"]),
     ]
 )
