@@ -57,6 +57,15 @@ let package = Package(
         // Thin libfuse3 low-level adapter over WeftVFS.
         .target(name: "WeftFUSE", dependencies: ["WeftVFS", "CFuse3",
                                                  .product(name: "Logging", package: "swift-log")]),
+        // Cluster map in etcd (v3 JSON gateway over SwiftNIO HTTP/1.1): membership, volumes, routes.
+        .target(name: "WeftCluster", dependencies: ["WeftProto",
+                                                    .product(name: "NIOCore", package: "swift-nio"),
+                                                    .product(name: "NIOPosix", package: "swift-nio"),
+                                                    .product(name: "NIOHTTP1", package: "swift-nio"),
+                                                    .product(name: "Logging", package: "swift-log")]),
+        // A hub in a cluster: home of several volumes, sessions routed per volume (weftd --etcd).
+        .target(name: "WeftFabric", dependencies: ["WeftProto", "WeftMeta", "WeftHub", "WeftCluster",
+                                                   .product(name: "Logging", package: "swift-log")]),
         // User-space WAN link emulator (delay, bandwidth cap, cut/heal): tests, Deploy/ and Bench/.
         .target(name: "WeftLink", dependencies: [.product(name: "NIOCore", package: "swift-nio"),
                                                  .product(name: "NIOPosix", package: "swift-nio"),
@@ -67,9 +76,10 @@ let package = Package(
         // Shared command plumbing for both executables: sources, hub opening, daemon start-up.
         .target(name: "WeftAgent", dependencies: ["WeftProto", "CWeftSupport", "WeftHub", "WeftNet", "WeftVFS", "WeftFUSE",
                                                   .product(name: "Logging", package: "swift-log")]),
-        .executableTarget(name: "weft", dependencies: ["WeftAgent",
+        .executableTarget(name: "weft", dependencies: ["WeftAgent", "WeftCluster",
                                                        .product(name: "ArgumentParser", package: "swift-argument-parser")]),
-        .executableTarget(name: "weftd", dependencies: ["WeftAgent",
+        .executableTarget(name: "weftd", dependencies: ["WeftAgent", "WeftFabric", "WeftCluster",
+                                                        .product(name: "Logging", package: "swift-log"),
                                                         .product(name: "ArgumentParser", package: "swift-argument-parser")]),
 
         // Helpers shared by the test targets (seeded random, errno assertions, quiet loggers).
@@ -78,6 +88,7 @@ let package = Package(
         .testTarget(name: "WeftMetaTests", dependencies: ["WeftMeta", "WeftProto", "WeftTestSupport"]),
         .testTarget(name: "WeftChunksTests", dependencies: ["WeftChunks", "WeftProto", "WeftTestSupport"]),
         .testTarget(name: "WeftNetTests", dependencies: ["WeftNet", "WeftProto", "WeftHub", "WeftTestSupport"]),
+        .testTarget(name: "WeftClusterTests", dependencies: ["WeftCluster", "WeftProto", "WeftTestSupport"]),
         .testTarget(name: "WeftLinkTests", dependencies: ["WeftLink", "WeftTestSupport",
                                                           .product(name: "NIOCore", package: "swift-nio"),
                                                           .product(name: "NIOPosix", package: "swift-nio")]),

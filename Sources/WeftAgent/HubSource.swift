@@ -8,10 +8,18 @@ import WeftProto
 /// Where a command finds its hub: a hub directory (embedded) or a running weftd.
 public enum HubSource: CustomStringConvertible {
     case directory(String)
-    case remote(HubAddress)
+    /// A weftd. `volume` is nil for `weft://HOST:PORT` (a single hub's volume), the volume name
+    /// for `weft://HOST:PORT/NAME`, and "" for `weft://HOST:PORT/` (the global root of a cluster).
+    case remote(HubAddress, volume: String?)
 
     public static func parse(_ text: String) throws -> HubSource {
-        if text.hasPrefix("weft://") { return .remote(try HubAddress.parse(text)) }
+        if text.hasPrefix("weft://") {
+            let rest = text.dropFirst("weft://".count)
+            guard let slash = rest.firstIndex(of: "/") else { return .remote(try HubAddress.parse(text), volume: nil) }
+            let volume = String(rest[rest.index(after: slash)...])
+            if volume.contains("/") { throw WeftError(EINVAL, "bad source '\(text)': a volume name has no '/'") }
+            return .remote(try HubAddress.parse("weft://" + rest[..<slash]), volume: volume)
+        }
         if text.contains("://") { throw WeftError(EINVAL, "unknown source '\(text)': use a hub directory or weft://HOST:PORT") }
         let path = URL(fileURLWithPath: text).standardizedFileURL.path
         return .directory(path)
@@ -20,7 +28,7 @@ public enum HubSource: CustomStringConvertible {
     public var description: String {
         switch self {
         case .directory(let path): return path
-        case .remote(let address): return "\(address)"
+        case let .remote(address, volume): return "\(address)" + (volume.map { "/" + $0 } ?? "")
         }
     }
 }
@@ -39,6 +47,37 @@ public struct OpenedHub {
 }
 
 public enum HubOpener {
+    /// The hub to send `volume`'s calls to, reached through the hub at `address`: that hub
+    /// itself when it is the volume's home (or `volume` is "", a single hub), else the home,
+    /// at the address the cluster map gives for the region of the hub at `address`.
+    public static func openVolume(address: HubAddress, volume: String, logger: Logger) throws -> RemoteHub {
+        let entry = RemoteHub(address: address, connectTimeoutMs: connectTimeoutMs, logger: logger)
+        guard !volume.isEmpty else { return entry }
+        do {
+            let mapBytes = try entry.clusterMap()
+            guard let object = try JSONSerialization.jsonObject(with: Data(mapBytes)) as? [String: Any],
+                  let volumes = object["volumes"] as? [String: [String: Any]] else {
+                throw WeftError(EIO, "hub \(address.displayName) sent an unreadable cluster map")
+            }
+            guard let record = volumes[volume], let home = record["home"] as? String else {
+                throw WeftError(ENOENT, "no volume named '\(volume)' in the cluster of \(address.displayName)")
+            }
+            let region = object["answeredBy"] as? String ?? ""
+            if home == region { return entry }
+            let routes = object["routes"] as? [String: [String: String]] ?? [:]
+            let hubs = object["hubs"] as? [String: [String: Any]] ?? [:]
+            guard let homeAddress = routes[region]?[home] ?? hubs[home]?["address"] as? String else {
+                throw WeftError(EIO, "volume '\(volume)': its home hub '\(home)' is down")
+            }
+            entry.close()
+            return RemoteHub(address: try HubAddress.parse("weft://" + homeAddress), connectTimeoutMs: connectTimeoutMs,
+                             logger: logger)
+        } catch {
+            entry.close()
+            throw error
+        }
+    }
+
     /// Longest wait for a hub that does not answer.
     public static let connectTimeoutMs = 5_000
 
@@ -47,7 +86,7 @@ public enum HubOpener {
     public static func open(_ source: HubSource, durability: DurabilityMode = .strict, recover: Bool,
                             logger: Logger) throws -> OpenedHub {
         switch source {
-        case .remote(let address):
+        case .remote(let address, _):
             let remote = RemoteHub(address: address, connectTimeoutMs: connectTimeoutMs, logger: logger)
             return OpenedHub(api: remote, local: nil, remote: remote)
         case .directory(let path):

@@ -62,8 +62,12 @@ public enum Mounter {
             try validateMountpoint(request.mountpoint)
             let hubAPI: HubAPI
             switch request.source {
-            case .remote(let address):
-                let remote = RemoteHub(address: address, connectTimeoutMs: HubOpener.connectTimeoutMs, logger: logger)
+            case let .remote(address, volume):
+                if volume == "" {
+                    throw WeftError(ENOTSUP, "mounting the global root (weft://HOST:PORT/) is not built yet: "
+                                    + "mount one volume, weft://HOST:PORT/VOLUME")
+                }
+                let remote = try HubOpener.openVolume(address: address, volume: volume ?? "", logger: logger)
                 opened = OpenedHub(api: remote, local: nil, remote: remote)
                 hubAPI = remote
             case .directory(let path):
@@ -81,6 +85,7 @@ public enum Mounter {
             }
             var vfsOptions = request.vfs
             vfsOptions.agentName = "\(ProcessInfo.processInfo.hostName):\(getpid()):\(request.mountpoint)"
+            if case let .remote(_, volume?) = request.source { vfsOptions.volume = volume }
             let vfs = try VFS(hub: hubAPI, options: vfsOptions, logger: logger)
             var mountOptions = request.mount
             mountOptions.fsName = "weft:\(request.source)"

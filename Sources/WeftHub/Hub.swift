@@ -31,7 +31,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     /// Creates an empty hub in `directory`. Refuses an existing hub unless `force`.
-    public static func format(directory: String, chunkSizeBytes: Int, compression: Compression, force: Bool) throws {
+    /// `firstSliceID` is 1 for a single hub; a cluster volume's ids start at `volumeID << 48 | 1`.
+    public static func format(directory: String, chunkSizeBytes: Int, compression: Compression, force: Bool,
+                              firstSliceID: UInt64 = 1) throws {
         guard chunkSizeBytes >= Limits.chunkSizeMinBytes, chunkSizeBytes <= Limits.chunkSizeMaxBytes,
               chunkSizeBytes % Limits.blockSizeBytes == 0 else {
             throw WeftError(EINVAL, "chunk size must be a multiple of \(Limits.blockSizeBytes) between "
@@ -53,7 +55,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         let volume = VolumeInfo(formatVersion: 1, uuid: uuid, chunkSizeBytes: UInt32(chunkSizeBytes),
                                 compression: compression, createdNs: currentTimeNs())
         try files.createDirectory(atPath: chunkPath(directory), withIntermediateDirectories: true)
-        try MetaStore.format(path: metaPath(directory), volume: volume)
+        try MetaStore.format(path: metaPath(directory), volume: volume, firstSliceID: firstSliceID)
     }
 
     /// Opens the hub in `directory`. Call `recover()` before serving agents.

@@ -9,6 +9,9 @@ extension MetaStore {
         guard count > 0 && count <= 1 << 20 else { throw WeftError.invalid }
         return try mutate { t in
             let first = t.counters.nextSlice
+            // Slice ids stay in the volume's own range (its top 16 bits name the volume).
+            let rangeEnd = ((first >> 48) << 48) + MetaStore.idSpace
+            guard rangeEnd - first > UInt64(count) else { throw WeftError(ENOSPC, "the volume has used all its slice ids") }
             t.counters.nextSlice += UInt64(count)
             return first
         }

@@ -123,7 +123,7 @@ extension MetaStore {
             if (type == UInt32(S_IFCHR) || type == UInt32(S_IFBLK)) && !credentials.isRoot { throw WeftError.notPermitted }
             let ownership = newInodeOwnership(directory.attributes, credentials, mode: mode & 0o7777 & ~umask,
                                               isDirectory: false)
-            let ino = t.allocateInode()
+            let ino = try t.allocateInode()
             let attributes = Attributes(ino: ino, mode: type | ownership.mode, nlink: 1, uid: credentials.uid,
                                         gid: ownership.gid, rdev: rdev, atimeNs: t.now, mtimeNs: t.now, ctimeNs: t.now)
             t.put(InodeRecord(attributes: attributes, parent: 0))
@@ -141,7 +141,7 @@ extension MetaStore {
             if directory.attributes.nlink >= Limits.linkCountMax { throw WeftError.tooManyLinks }
             let ownership = newInodeOwnership(directory.attributes, credentials, mode: mode & 0o7777 & ~umask,
                                               isDirectory: true)
-            let ino = t.allocateInode()
+            let ino = try t.allocateInode()
             let attributes = Attributes(ino: ino, mode: UInt32(S_IFDIR) | ownership.mode, nlink: 2, uid: credentials.uid,
                                         gid: ownership.gid, atimeNs: t.now, mtimeNs: t.now, ctimeNs: t.now)
             t.put(InodeRecord(attributes: attributes, parent: parent))
@@ -159,7 +159,7 @@ extension MetaStore {
             if target.count > Limits.symlinkMaxBytes { throw WeftError.nameTooLong }
             var directory = try prepareInsert(t, credentials, parent: parent, name: name)
             let ownership = newInodeOwnership(directory.attributes, credentials, mode: 0o777, isDirectory: false)
-            let ino = t.allocateInode()
+            let ino = try t.allocateInode()
             let attributes = Attributes(ino: ino, mode: UInt32(S_IFLNK) | 0o777, nlink: 1, uid: credentials.uid,
                                         gid: ownership.gid, size: UInt64(target.count), atimeNs: t.now,
                                         mtimeNs: t.now, ctimeNs: t.now)

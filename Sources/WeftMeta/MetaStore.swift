@@ -48,7 +48,13 @@ public final class MetaStore: @unchecked Sendable {
     }
 
     /// Creates a new, empty volume in `path`. Throws EEXIST if one exists there.
-    public static func format(path: String, volume: VolumeInfo) throws {
+    /// Ids a volume may use: slice ids `firstSliceID ..< firstSliceID + 2^48`, inode numbers
+    /// below 2^48 (SPEC.md §12.3: the cluster puts the volume id in the top 16 bits).
+    public static let idSpace: UInt64 = 1 << 48
+
+    /// Creates an empty volume. `firstSliceID` is the first slice id it hands out: 1 for a
+    /// single-hub volume, `volumeID << 48 | 1` for a cluster volume.
+    public static func format(path: String, volume: VolumeInfo, firstSliceID: UInt64 = 1) throws {
         let db = try RocksDB(path: path, createIfMissing: true)
         if try db.get(Key.volume) != nil { throw WeftError(EEXIST, "a Weft volume already exists in \(path)") }
         let now = volume.createdNs
@@ -59,7 +65,7 @@ public final class MetaStore: @unchecked Sendable {
         var w = ByteWriter()
         volume.encode(into: &w)
         batch.put(Key.volume, w.bytes)
-        batch.put(Key.counters, Counters().encoded())
+        batch.put(Key.counters, Counters(nextSlice: firstSliceID).encoded())
         batch.put(Key.inode(InodeNumbers.root), root.encoded())
         try db.write(batch, sync: true)
     }

@@ -43,7 +43,9 @@ final class Transaction {
         return record
     }
 
-    func allocateInode() -> InodeID {
+    func allocateInode() throws -> InodeID {
+        // Inode numbers leave the top 16 bits to the volume id on a global-root mount.
+        guard counters.nextInode < MetaStore.idSpace else { throw WeftError(ENOSPC, "the volume has used all its inode numbers") }
         let ino = counters.nextInode
         counters.nextInode += 1
         counters.inodes += 1

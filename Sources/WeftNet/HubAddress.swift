@@ -21,7 +21,7 @@ public enum HubAddress: Equatable, Hashable, Sendable, CustomStringConvertible {
     }
 
     /// How error messages name the hub: `HOST:PORT` or the socket path.
-    var displayName: String {
+    public var displayName: String {
         switch self {
         case let .tcp(host, port): "\(host.contains(":") ? "[\(host)]" : host):\(port)"
         case let .unix(path): path

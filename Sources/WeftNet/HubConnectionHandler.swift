@@ -98,7 +98,8 @@ final class ServerCore: @unchecked Sendable {
         let result = cancelled ? .failure(WeftError(ESHUTDOWN, "hub is shutting down")) : request.perform(on: hub)
         var change = SessionChange.none
         switch (request, result) {
-        case (.openSession, .success(.session(let session, _))): change = .opened(session)
+        case (.openSession, .success(.session(let session, _))), (.openVolumeSession, .success(.session(let session, _))):
+            change = .opened(session)
         case (.closeSession(let session), .success): change = .closed(session)
         default: break
         }

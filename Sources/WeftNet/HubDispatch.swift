@@ -93,6 +93,13 @@ extension HubRequest {
             return .status(try hub.status())
         case let .fsck(repair):
             return .fsckReport(try hub.fsck(repair: repair))
+        case let .openVolumeSession(agentName, volume):
+            let (session, info) = try hub.openSession(agentName: agentName, volume: volume)
+            return .session(session, info)
+        case .clusterMap:
+            return .bytes(try hub.clusterMap())
+        case let .createVolume(name, home, chunkSizeBytes, compression):
+            return .bytes(try hub.createVolume(name: name, home: home, chunkSizeBytes: chunkSizeBytes, compression: compression))
         }
     }
 }

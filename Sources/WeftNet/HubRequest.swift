@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import WeftProto
 
 /// One opcode per `HubAPI` method. Values are part of the wire format: never renumber one;
@@ -33,6 +36,9 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case sync = 28
     case status = 29
     case fsck = 30
+    case openVolumeSession = 31
+    case clusterMap = 32
+    case createVolume = 33
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -68,6 +74,9 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .sync: "sync"
         case .status: "status"
         case .fsck: "fsck"
+        case .openVolumeSession: "openVolumeSession"
+        case .clusterMap: "clusterMap"
+        case .createVolume: "createVolume"
         }
     }
 }
@@ -105,6 +114,9 @@ public enum HubRequest: Equatable, Sendable {
     case sync(RequestContext)
     case status
     case fsck(repair: Bool)
+    case openVolumeSession(agentName: String, volume: String)
+    case clusterMap
+    case createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression)
 
     public var opcode: HubOpcode {
         switch self {
@@ -138,13 +150,16 @@ public enum HubRequest: Equatable, Sendable {
         case .sync: .sync
         case .status: .status
         case .fsck: .fsck
+        case .openVolumeSession: .openVolumeSession
+        case .clusterMap: .clusterMap
+        case .createVolume: .createVolume
         }
     }
 
     /// The session the request acts for: its context's, or the one `closeSession` ends.
     public var session: SessionID? {
         switch self {
-        case .openSession, .status, .fsck: nil
+        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume: nil
         case .closeSession(let session): session
         case .lookup(let c, _, _), .getattr(let c, _), .setattr(let c, _, _), .create(let c, _, _, _, _, _, _),
              .mkdir(let c, _, _, _, _), .unlink(let c, _, _), .rmdir(let c, _, _), .symlink(let c, _, _, _),
@@ -165,7 +180,7 @@ public enum HubRequest: Equatable, Sendable {
             return context
         }
         switch self {
-        case .openSession, .status, .fsck: return self
+        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume: return self
         case .closeSession: return .closeSession(session)
         case let .lookup(c, parent, name): return .lookup(s(c), parent: parent, name: name)
         case let .getattr(c, ino): return .getattr(s(c), ino: ino)
@@ -255,6 +270,12 @@ public enum HubRequest: Equatable, Sendable {
             break
         case let .fsck(repair):
             w.bool(repair)
+        case let .openVolumeSession(agentName, volume):
+            w.string(agentName); w.string(volume)
+        case .clusterMap:
+            break
+        case let .createVolume(name, home, chunkSizeBytes, compression):
+            w.string(name); w.string(home); w.u32(chunkSizeBytes); w.u8(compression.rawValue)
         }
         return nil
     }
@@ -270,12 +291,23 @@ public enum HubRequest: Equatable, Sendable {
             return .status
         case .fsck:
             return .fsck(repair: try r.bool())
+        case .openVolumeSession:
+            return .openVolumeSession(agentName: try r.string(max: WireCodec.stringMaxBytes),
+                                      volume: try r.string(max: WireCodec.stringMaxBytes))
+        case .clusterMap:
+            return .clusterMap
+        case .createVolume:
+            let name = try r.string(max: WireCodec.stringMaxBytes), home = try r.string(max: WireCodec.stringMaxBytes)
+            let chunkSize = try r.u32()
+            let raw = try r.u8()
+            guard let compression = Compression(rawValue: raw) else { throw WeftError(EBADMSG, "unknown compression \(raw)") }
+            return .createVolume(name: name, home: home, chunkSizeBytes: chunkSize, compression: compression)
         default:
             break
         }
         let c = try RequestContext.decode(from: &r)
         switch opcode {
-        case .openSession, .closeSession, .status, .fsck:
+        case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume:
             preconditionFailure("handled above")
         case .lookup:
             return .lookup(c, parent: try r.u64(), name: try r.blob())

@@ -5,11 +5,11 @@ import WeftProto
 public enum HubResponse: Equatable, Sendable {
     /// closeSession, unlink, rmdir, rename, access, release, setxattr, removexattr, writeSlice, sync.
     case empty
-    /// openSession.
+    /// openSession, openVolumeSession.
     case session(SessionID, VolumeInfo)
     /// lookup, getattr, setattr, create, mkdir, symlink, link, open, commitSlices.
     case attributes(Attributes)
-    /// readlink, getxattr, readSlice.
+    /// readlink, getxattr, readSlice; clusterMap and createVolume (JSON).
     case bytes([UInt8])
     /// readdir.
     case entries([DirectoryEntry])
@@ -37,7 +37,8 @@ public enum HubResponse: Equatable, Sendable {
              (.attributes, .commitSlices),
              (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
-             (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck):
+             (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck),
+             (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume):
             return true
         default:
             return false
@@ -106,11 +107,11 @@ public enum HubResponse: Equatable, Sendable {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync:
             return .empty
-        case .openSession:
+        case .openSession, .openVolumeSession:
             return .session(try r.u64(), try VolumeInfo.decode(from: &r))
         case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
             return .attributes(try Attributes.decode(from: &r))
-        case .readlink, .getxattr, .readSlice:
+        case .readlink, .getxattr, .readSlice, .clusterMap, .createVolume:
             return .bytes(try r.blob())
         case .readdir:
             let count = try r.listCount(minimumElementBytes: 4 + 8 + attributesEncodedBytes)

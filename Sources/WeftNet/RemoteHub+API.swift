@@ -124,6 +124,17 @@ extension RemoteHub {
         try empty(.sync(context))
     }
 
+    public func clusterMap() throws -> [UInt8] {
+        guard case let .bytes(json) = try call(.clusterMap) else { throw shapeMismatch(.clusterMap) }
+        return json
+    }
+
+    public func createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression) throws -> [UInt8] {
+        let request = HubRequest.createVolume(name: name, home: home, chunkSizeBytes: chunkSizeBytes, compression: compression)
+        guard case let .bytes(json) = try call(request) else { throw shapeMismatch(.createVolume) }
+        return json
+    }
+
     public func status() throws -> HubStatus {
         guard case let .status(status) = try call(.status) else { throw shapeMismatch(.status) }
         return status

@@ -48,8 +48,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     private var state = State.disconnected
     private var finishedConnectAttempts: UInt64 = 0
     private var lastConnectError: WeftError?
-    /// Sessions opened through this client and not closed: caller's id → agent name.
-    private var sessions: [SessionID: String] = [:]
+    /// Sessions opened through this client and not closed: caller's id → agent name and volume.
+    private var sessions: [SessionID: (agentName: String, volume: String)] = [:]
     private var nextRequestID: UInt64 = 1
     private var slotWaiters = 0
 
@@ -85,26 +85,36 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     // MARK: Sessions
 
     public func openSession(agentName: String) throws -> (SessionID, VolumeInfo) {
-        guard agentName.utf8.count <= WireCodec.stringMaxBytes else {
-            throw WeftError(ENAMETOOLONG, "agent name longer than \(WireCodec.stringMaxBytes) bytes")
+        try openSession(agentName: agentName, volume: "")
+    }
+
+    /// The request that opens a session on `volume` ("" = the hub's only volume; a hub that is
+    /// not in a cluster does not know `openVolumeSession`).
+    private static func openRequest(_ agentName: String, _ volume: String) -> HubRequest {
+        volume.isEmpty ? .openSession(agentName: agentName) : .openVolumeSession(agentName: agentName, volume: volume)
+    }
+
+    public func openSession(agentName: String, volume: String) throws -> (SessionID, VolumeInfo) {
+        guard agentName.utf8.count <= WireCodec.stringMaxBytes, volume.utf8.count <= WireCodec.stringMaxBytes else {
+            throw WeftError(ENAMETOOLONG, "agent or volume name longer than \(WireCodec.stringMaxBytes) bytes")
         }
         // A second round only if the connection dropped right after the hub answered; the hub
         // closes that session with the connection.
         for _ in 0..<2 {
             let connection = try liveConnection()
-            guard case let .session(liveID, volume) = try send(.openSession(agentName: agentName), on: connection,
-                                                               substituteSession: false) else {
-                throw shapeMismatch(.openSession)
+            let request = Self.openRequest(agentName, volume)
+            guard case let .session(liveID, info) = try send(request, on: connection, substituteSession: false) else {
+                throw shapeMismatch(request.opcode)
             }
             let callerID: SessionID? = lock.withLock {
                 guard connection.isOpen, case .connected(let current) = state, current === connection else { return nil }
                 var id = liveID
                 while sessions[id] != nil { id &+= 1 }
-                sessions[id] = agentName
+                sessions[id] = (agentName, volume)
                 connection.liveSessions[id] = liveID
                 return id
             }
-            if let callerID { return (callerID, volume) }
+            if let callerID { return (callerID, info) }
         }
         throw WeftError(EIO, "connection to hub \(address.displayName) lost while opening a session")
     }
@@ -392,11 +402,11 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         lock.withLock { connection.channel = channel }
 
         let toReopen = lock.withLock { sessions }
-        for (callerID, agentName) in toReopen {
+        for (callerID, (agentName, volume)) in toReopen {
             do {
-                guard case let .session(liveID, _) = try send(.openSession(agentName: agentName), on: connection,
-                                                              substituteSession: false) else {
-                    throw shapeMismatch(.openSession)
+                let request = Self.openRequest(agentName, volume)
+                guard case let .session(liveID, _) = try send(request, on: connection, substituteSession: false) else {
+                    throw shapeMismatch(request.opcode)
                 }
                 lock.withLock { connection.liveSessions[callerID] = liveID }
             } catch {

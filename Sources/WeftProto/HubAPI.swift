@@ -82,9 +82,33 @@ public protocol HubAPI: AnyObject, Sendable {
     // Administration
     func status() throws -> HubStatus
     func fsck(repair: Bool) throws -> FsckReport
+
+    // Cluster (SPEC.md §12). A hub that is not part of a cluster answers with the defaults below.
+    /// Opens a session on volume `volume` ("" means the hub's only volume). EREMOTE names the
+    /// home hub when the volume's metadata lives elsewhere; ENOENT if there is no such volume.
+    func openSession(agentName: String, volume: String) throws -> (SessionID, VolumeInfo)
+    /// The cluster map as the hub knows it, JSON (`WeftCluster.ClusterMap`).
+    func clusterMap() throws -> [UInt8]
+    /// Records a new volume homed at hub `home`; returns its record, JSON (`WeftCluster.VolumeRecord`).
+    func createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression) throws -> [UInt8]
 }
 
 extension HubAPI {
+    public func openSession(agentName: String, volume: String) throws -> (SessionID, VolumeInfo) {
+        guard volume.isEmpty else {
+            throw WeftError(ENOENT, "this hub serves a single volume and is not part of a cluster: mount it without a volume name")
+        }
+        return try openSession(agentName: agentName)
+    }
+
+    public func clusterMap() throws -> [UInt8] {
+        throw WeftError(ENOTSUP, "this hub is not part of a cluster (weftd was started without --etcd)")
+    }
+
+    public func createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression) throws -> [UInt8] {
+        throw WeftError(ENOTSUP, "this hub is not part of a cluster (weftd was started without --etcd)")
+    }
+
     public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
         try writeSlice(context, id: id, data: Array(bytes))
     }

@@ -12,6 +12,8 @@ public struct VFSOptions: Sendable {
     public var readaheadMaxBytes: Int = 32 << 20
     /// Name shown by `weft status`.
     public var agentName: String = "agent"
+    /// Volume to open on a cluster hub ("" = the hub's only volume).
+    public var volume: String = ""
     /// Buffered writes older than this are committed in the background, so a file kept open
     /// by its writer still reaches the hub (and other mounts' next open) within a bound.
     public var commitIntervalMs: Int = 5_000
@@ -51,7 +53,7 @@ public final class VFS: @unchecked Sendable {
         self.hub = hub
         self.options = options
         self.logger = logger
-        (session, volume) = try hub.openSession(agentName: options.agentName)
+        (session, volume) = try hub.openSession(agentName: options.agentName, volume: options.volume)
         chunkSizeBytes = Int(volume.chunkSizeBytes)
         cache = BlockCache(capacityBytes: options.cacheBytes)
         budget = DirtyBudget(limitBytes: max(options.writeBufferBytes, chunkSizeBytes))

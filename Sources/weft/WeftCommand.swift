@@ -12,13 +12,14 @@ struct Weft: ParsableCommand {
         abstract: "Weft: one POSIX file system over GPU hubs. CLI and node agent.",
         discussion: """
             SOURCE is a hub directory (served by an embedded hub in this process) or weft://HOST:PORT
-            (a running weftd). Examples:
+            (a running weftd). A hub of a cluster is mounted as weft://HOST:PORT/VOLUME (one volume).
+            Examples:
               weft format /srv/weft/hub
               weft mount /srv/weft/hub /mnt/weft --background
               weft status /srv/weft/hub --json
               weft umount /mnt/weft
             """,
-        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Fsck.self])
+        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Fsck.self, VolumeCommand.self, HubCommand.self])
 }
 
 struct Format: ParsableCommand {

@@ -1,7 +1,10 @@
 import ArgumentParser
 import Dispatch
 import Foundation
+import Logging
 import WeftAgent
+import WeftCluster
+import WeftFabric
 import WeftHub
 import WeftMeta
 import WeftNet
@@ -17,13 +20,29 @@ struct WeftDaemon: ParsableCommand {
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve the hub in DIR (made by `weft format`) on HOST:PORT until SIGTERM or SIGINT.",
-        discussion: "Example: weftd serve /srv/weft/hub --listen 0.0.0.0:7070; agents mount weft://HOST:7070.")
+        abstract: "Serve the hub in DIR on HOST:PORT until SIGTERM or SIGINT.",
+        discussion: """
+            Single hub:  weftd serve /srv/weft/hub --listen 0.0.0.0:7070   (DIR made by `weft format`);
+                         agents mount weft://HOST:7070.
+            Cluster hub: weftd serve /srv/weft/hub-a --listen 0.0.0.0:7070 --hub hub-a --etcd http://ETCD:2379
+                         (DIR is created if missing); agents mount weft://HOST:7070/ (global root)
+                         or weft://HOST:7070/VOLUME.
+            """)
 
     @Argument(help: "Hub directory.") var directory: String
     @Option(help: "Address to listen on, HOST:PORT.") var listen: String
     @Option(help: "Metadata durability: strict (fsync before reply) or periodic (fsync every second).")
     var durability: String = "strict"
+    @Option(help: "Join the cluster whose map is in this etcd (http://HOST:PORT) as a hub.") var etcd: String?
+    @Option(help: "This hub's name in the cluster (with --etcd): 1-32 of a-z, 0-9, -.") var hub: String?
+    @Option(help: "Cluster name (with --etcd).") var cluster: String = "weft"
+    @Option(help: "Address other hubs and agents reach this hub at (default: the --listen address).")
+    var advertise: String?
+
+    func validate() throws {
+        if (etcd == nil) != (hub == nil) { throw ValidationError("--etcd and --hub go together") }
+        if let hub { try ClusterNames.validateHub(hub) }
+    }
 
     func run() throws {
         guard let mode = DurabilityMode(rawValue: durability) else {
@@ -38,6 +57,10 @@ struct Serve: ParsableCommand {
         let logger = WeftLogging.logger("weftd")
         let path = URL(fileURLWithPath: directory).standardizedFileURL.path
         if EmbeddedSocket.isServed(path) { throw WeftError(EBUSY, "\(path) is already served by another process") }
+        if let etcd, let hub {
+            try serveCluster(path: path, host: host, port: port, etcd: etcd, hubName: hub, mode: mode, logger: logger)
+            return
+        }
         let hub = try Hub(directory: path, durability: mode, logger: logger)
         try hub.recover()
         let server = HubServer(hub: hub, logger: logger)
@@ -52,18 +75,57 @@ struct Serve: ParsableCommand {
         }
         print("weftd serving \(path) on \(host):\(bound)")
         fflush(stdout)
-        let stop = DispatchSemaphore(value: 0)
-        var sources: [DispatchSourceSignal] = []
-        for signalNumber in [SIGTERM, SIGINT] {
-            signal(signalNumber, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
-            source.setEventHandler { stop.signal() }
-            source.resume()
-            sources.append(source)
-        }
-        stop.wait()
+        waitForSignal()
         logger.info("shutting down")
         server.shutdown()
         try hub.close()
     }
+
+    /// Serves a cluster hub: listens first (the address is registered), joins, opens the volumes
+    /// homed here, and leaves the cluster on SIGTERM/SIGINT.
+    private func serveCluster(path: String, host: String, port: Int, etcd endpoint: String, hubName: String,
+                              mode: DurabilityMode, logger: Logger) throws {
+        let knownID = try FabricHub.prepare(directory: path, cluster: cluster, name: hubName)
+        let etcdClient = try EtcdClient(endpoint: endpoint)
+        defer { etcdClient.close() }
+        // Listen before joining: the address registered must be the bound one (port 0 picks).
+        let member = try ClusterMember(etcd: etcdClient, cluster: cluster, hubName: hubName, address: "", logger: logger)
+        let fabric = FabricHub(directory: path, member: member, durability: mode, logger: logger)
+        let server = HubServer(hub: fabric, logger: logger)
+        do {
+            let bound = try server.listen(host: host, port: port)
+            try server.listen(unixSocketPath: EmbeddedSocket.path(path))
+            member.address = advertise ?? "\(host):\(bound)"
+            let id = try member.join(knownID: knownID)
+            try FabricHub.recordID(id, directory: path)
+            try fabric.start()
+        } catch {
+            member.leave()
+            server.shutdown()
+            fabric.close()
+            throw error
+        }
+        print("weftd hub \(hubName) (id \(member.hubID)) of cluster \(cluster) serving \(path) on \(member.address)")
+        fflush(stdout)
+        waitForSignal()
+        logger.info("shutting down")
+        member.leave()
+        server.shutdown()
+        fabric.close()
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT.
+func waitForSignal() {
+    let stop = DispatchSemaphore(value: 0)
+    var sources: [DispatchSourceSignal] = []
+    for signalNumber in [SIGTERM, SIGINT] {
+        signal(signalNumber, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
+        source.setEventHandler { stop.signal() }
+        source.resume()
+        sources.append(source)
+    }
+    stop.wait()
+    withExtendedLifetime(sources) {}
 }

@@ -54,6 +54,9 @@ enum WireSamples {
         .sync(context),
         .status,
         .fsck(repair: true),
+        .openVolumeSession(agentName: "node-8", volume: "datasets ✓"),
+        .clusterMap,
+        .createVolume(name: "ckpt", home: "hub-b", chunkSizeBytes: 8 << 20, compression: .zstd),
     ]
 
     /// Variants that exercise optional and empty fields.
@@ -76,8 +79,10 @@ enum WireSamples {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync:
             return .empty
-        case .openSession:
+        case .openSession, .openVolumeSession:
             return .session(0x1234_5678_9ABC, volume)
+        case .clusterMap, .createVolume:
+            return .bytes(Array("{\"cluster\":\"weft\"}".utf8))
         case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
             var varied = attributes
             varied.ino = UInt64(opcode.rawValue) << 40

@@ -1,0 +1,149 @@
+import WeftHub
+import WeftProto
+
+/// Every per-volume call goes to the hub of the caller's session, with the inner session id.
+extension FabricHub {
+    public func lookup(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+        let (hub, c) = try route(context)
+        return try hub.lookup(c, parent: parent, name: name)
+    }
+
+    public func getattr(_ context: RequestContext, ino: InodeID) throws -> Attributes {
+        let (hub, c) = try route(context)
+        return try hub.getattr(c, ino: ino)
+    }
+
+    public func setattr(_ context: RequestContext, ino: InodeID, _ changes: SetAttributes) throws -> Attributes {
+        let (hub, c) = try route(context)
+        return try hub.setattr(c, ino: ino, changes)
+    }
+
+    public func create(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32,
+                       umask: UInt32, exclusive: Bool) throws -> Attributes {
+        let (hub, c) = try route(context)
+        return try hub.create(c, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask, exclusive: exclusive)
+    }
+
+    public func mkdir(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {
+        let (hub, c) = try route(context)
+        return try hub.mkdir(c, parent: parent, name: name, mode: mode, umask: umask)
+    }
+
+    public func unlink(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
+        let (hub, c) = try route(context)
+        try hub.unlink(c, parent: parent, name: name)
+    }
+
+    public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
+        let (hub, c) = try route(context)
+        try hub.rmdir(c, parent: parent, name: name)
+    }
+
+    public func symlink(_ context: RequestContext, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes {
+        let (hub, c) = try route(context)
+        return try hub.symlink(c, parent: parent, name: name, target: target)
+    }
+
+    public func readlink(_ context: RequestContext, ino: InodeID) throws -> [UInt8] {
+        let (hub, c) = try route(context)
+        return try hub.readlink(c, ino: ino)
+    }
+
+    public func link(_ context: RequestContext, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes {
+        let (hub, c) = try route(context)
+        return try hub.link(c, ino: ino, newParent: newParent, newName: newName)
+    }
+
+    public func rename(_ context: RequestContext, parent: InodeID, name: [UInt8], newParent: InodeID, newName: [UInt8],
+                       flags: RenameFlags) throws {
+        let (hub, c) = try route(context)
+        try hub.rename(c, parent: parent, name: name, newParent: newParent, newName: newName, flags: flags)
+    }
+
+    public func readdir(_ context: RequestContext, ino: InodeID, after: [UInt8]?, limit: Int) throws -> [DirectoryEntry] {
+        let (hub, c) = try route(context)
+        return try hub.readdir(c, ino: ino, after: after, limit: limit)
+    }
+
+    public func access(_ context: RequestContext, ino: InodeID, mask: UInt32) throws {
+        let (hub, c) = try route(context)
+        try hub.access(c, ino: ino, mask: mask)
+    }
+
+    public func open(_ context: RequestContext, ino: InodeID, flags: Int32) throws -> Attributes {
+        let (hub, c) = try route(context)
+        return try hub.open(c, ino: ino, flags: flags)
+    }
+
+    public func release(_ context: RequestContext, ino: InodeID) throws {
+        let (hub, c) = try route(context)
+        try hub.release(c, ino: ino)
+    }
+
+    public func getxattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws -> [UInt8] {
+        let (hub, c) = try route(context)
+        return try hub.getxattr(c, ino: ino, name: name)
+    }
+
+    public func setxattr(_ context: RequestContext, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags) throws {
+        let (hub, c) = try route(context)
+        try hub.setxattr(c, ino: ino, name: name, value: value, flags: flags)
+    }
+
+    public func listxattr(_ context: RequestContext, ino: InodeID) throws -> [[UInt8]] {
+        let (hub, c) = try route(context)
+        return try hub.listxattr(c, ino: ino)
+    }
+
+    public func removexattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws {
+        let (hub, c) = try route(context)
+        try hub.removexattr(c, ino: ino, name: name)
+    }
+
+    public func statfs(_ context: RequestContext) throws -> FileSystemStats {
+        let (hub, c) = try route(context)
+        return try hub.statfs(c)
+    }
+
+    public func allocateSliceIDs(_ context: RequestContext, count: UInt32) throws -> SliceID {
+        let (hub, c) = try route(context)
+        return try hub.allocateSliceIDs(c, count: count)
+    }
+
+    public func writeSlice(_ context: RequestContext, id: SliceID, data: [UInt8]) throws {
+        let (hub, c) = try route(context)
+        try hub.writeSlice(c, id: id, data: data)
+    }
+
+    public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
+        let (hub, c) = try route(context)
+        try hub.writeSlice(c, id: id, bytes: bytes)
+    }
+
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {
+        let (hub, c) = try route(context)
+        return try hub.readSlice(c, id: id, offset: offset, length: length)
+    }
+
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32,
+                          into destination: UnsafeMutableRawBufferPointer) throws {
+        let (hub, c) = try route(context)
+        try hub.readSlice(c, id: id, offset: offset, into: destination)
+    }
+
+    public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {
+        let (hub, c) = try route(context)
+        return try hub.layout(c, ino: ino, firstChunk: firstChunk, count: count)
+    }
+
+    public func commitSlices(_ context: RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64,
+                             durable: Bool) throws -> Attributes {
+        let (hub, c) = try route(context)
+        return try hub.commitSlices(c, ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
+    }
+
+    public func sync(_ context: RequestContext) throws {
+        let (hub, c) = try route(context)
+        try hub.sync(c)
+    }
+}

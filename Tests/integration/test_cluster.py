@@ -1,0 +1,160 @@
+"""A local multi-hub cluster brought up through Deploy/local-cluster (etcd, weftd hubs, weft-link
+emulators): the volume and hub commands, and volumes mounted through a hub that is not their home.
+SPEC.md §12."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import weft_harness as harness
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_CLUSTER = REPO / "Deploy" / "local-cluster"
+
+
+class Cluster:
+    """`Deploy/local-cluster up` in the test's own directory; `down` at the end, always."""
+
+    def __init__(self, res: harness.Resources, hubs: int, rtt_ms: int):
+        self.res = res
+        self.dir = res.base / "cluster"
+        r = res.run([LOCAL_CLUSTER, "up", "--hubs", str(hubs), "--rtt-ms", str(rtt_ms), "--dir", self.dir,
+                     "--bin", harness.bin_dir()], timeout_s=120)
+        self.started = self.dir.joinpath("cluster.json").exists()
+        assert r.rc == 0, f"local-cluster up failed:\n{r.describe()}"
+        self.info = json.loads(r.out.strip().splitlines()[-1])
+        self.hubs = {h["name"]: h for h in self.info["hubs"]}
+        self.links = {(l["from"], l["to"]): l for l in self.info["links"]}
+
+    def down(self) -> harness.CommandResult:
+        return self.res.run([LOCAL_CLUSTER, "down", "--dir", self.dir], timeout_s=60)
+
+    def address(self, hub: str) -> str:
+        return self.hubs[hub]["address"]
+
+    def weft(self, *args) -> harness.CommandResult:
+        return harness.WeftCLI(self.res).weft(*args)
+
+    def weft_json(self, *args):
+        r = self.weft(*args, "--json")
+        assert r.rc == 0, r.describe()
+        return json.loads(r.out)
+
+    def link_stats(self, source: str, target: str) -> dict:
+        r = self.res.run([harness.bin_dir() / "weft-link", "control", self.links[(source, target)]["control"], "stats"])
+        assert r.rc == 0, r.describe()
+        return json.loads(r.out)
+
+    def processes(self) -> list[dict]:
+        return json.loads(self.dir.joinpath("cluster.json").read_text()).get("processes", [])
+
+
+@pytest.fixture
+def cluster(resources):
+    made = []
+
+    def make(hubs: int = 3, rtt_ms: int = 20) -> Cluster:
+        c = Cluster(resources, hubs, rtt_ms)
+        made.append(c)
+        return c
+
+    yield make
+    # Agents first (their hubs must still answer to commit), then the cluster.
+    for m in list(resources.mounts):
+        if m.active:
+            harness.WeftCLI(resources).weft("umount", m.mountpoint, timeout_s=60)
+    for c in made:
+        c.down()
+
+
+def test_local_cluster_up_prints_the_cluster_and_down_stops_it(cluster, resources):
+    c = cluster(hubs=3, rtt_ms=20)
+    assert c.info["etcd"].startswith("http://127.0.0.1:")
+    assert sorted(c.hubs) == ["hub1", "hub2", "hub3"]
+    for hub in c.info["hubs"]:
+        assert hub["source"] == f"weft://{hub['address']}/"
+        assert harness.port_accepts(int(hub["address"].rsplit(":", 1)[1]))
+    assert len(c.links) == 6, "one link per ordered pair of hubs"
+    pids = [p["pid"] for p in c.processes()]
+    assert len(pids) == 1 + 3 + 6
+    assert all(harness.pid_alive(pid) for pid in pids)
+    # The routes the links serve are in the map every hub sees.
+    hubs = c.weft_json("hub", "list", f"weft://{c.address('hub3')}")["hubs"]
+    by_name = {h["name"]: h for h in hubs}
+    assert by_name["hub1"]["routes"]["hub2"] == c.links[("hub1", "hub2")]["address"]
+    assert all(h["live"] for h in hubs)
+    r = c.down()
+    assert r.rc == 0, r.describe()
+    assert harness.wait_until(lambda: not any(harness.pid_alive(pid) for pid in pids), 15), \
+        "processes left running after local-cluster down"
+
+
+def test_volume_and_hub_commands(cluster):
+    c = cluster(hubs=2, rtt_ms=10)
+    source = f"weft://{c.address('hub1')}"
+    created = c.weft_json("volume", "create", source, "data", "--home", "hub2", "--chunk-size", str(1 << 20),
+                          "--compression", "zstd")
+    assert created["name"] == "data" and created["home"] == "hub2" and created["epoch"] == 1
+    assert created["chunkSizeBytes"] == 1 << 20 and created["compression"] == "zstd"
+    assert created["served"] is True, "volume create returns once the home serves the volume"
+
+    again = c.weft("volume", "create", source, "data", "--home", "hub1")
+    assert again.rc != 0 and "exists" in again.err, again.describe()
+    for bad_args, word in [(["x", "--home", "nohub"], "no hub"), (["a/b", "--home", "hub1"], "path component"),
+                           (["y", "--home", "hub1", "--chunk-size", "1000"], "chunk size"),
+                           (["z", "--home", "hub1", "--compression", "lz4"], "compression")]:
+        r = c.weft("volume", "create", source, *bad_args)
+        assert r.rc != 0 and word in r.err, r.describe()
+
+    listed = c.weft_json("volume", "list", f"weft://{c.address('hub2')}")["volumes"]
+    assert [v["name"] for v in listed] == ["data"]
+    shown = c.weft_json("volume", "show", source, "data")
+    assert shown["id"] == created["id"]
+    missing = c.weft("volume", "show", source, "nope")
+    assert missing.rc != 0 and "no volume" in missing.err
+
+    hub2 = c.weft_json("hub", "show", source, "hub2")
+    assert hub2["live"] and hub2["homeOf"] == ["data"] and hub2["serving"] == ["data"]
+    assert hub2["address"] == c.address("hub2")
+    r = c.weft("hub", "show", source, "hub9")
+    assert r.rc != 0 and "no hub" in r.err
+    r = c.weft("volume", "list", "/tmp")
+    assert r.rc != 0, "a directory is not a cluster source"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_volume_mounted_through_other_hubs_crosses_their_links(cluster, resources):
+    c = cluster(hubs=3, rtt_ms=20)
+    c.weft_json("volume", "create", f"weft://{c.address('hub1')}", "shared", "--home", "hub2")
+    cli = harness.WeftCLI(resources)
+    m1 = harness.Mount(resources, cli, f"weft://{c.address('hub1')}/shared", resources.new_dir("m1"))
+    m3 = harness.Mount(resources, cli, f"weft://{c.address('hub3')}/shared", resources.new_dir("m3"))
+    m1.start()
+    m3.start()
+    before = c.link_stats("hub1", "hub2")["bytesForward"]
+    payload = os.urandom(3 << 20)
+    (m1.mountpoint / "file.bin").write_bytes(payload)
+    (m1.mountpoint / "dir").mkdir()
+    assert (m3.mountpoint / "file.bin").read_bytes() == payload
+    assert sorted(os.listdir(m3.mountpoint)) == ["dir", "file.bin"]
+    after = c.link_stats("hub1", "hub2")["bytesForward"]
+    assert after - before >= len(payload), "the writer in region hub1 reached the home hub2 through its link"
+    assert c.link_stats("hub3", "hub2")["bytesBackward"] >= len(payload)
+
+    # A plain weft://HOST:PORT of a cluster hub names no volume: refused with a clear message.
+    bare = harness.Mount(resources, cli, f"weft://{c.address('hub1')}", resources.new_dir("bare"))
+    r = bare.try_start()
+    assert r.rc != 0 and "name a volume" in r.output, r.describe()
+    unknown = harness.Mount(resources, cli, f"weft://{c.address('hub1')}/nope", resources.new_dir("unknown"))
+    r = unknown.try_start()
+    assert r.rc != 0 and "no volume" in r.output, r.describe()
