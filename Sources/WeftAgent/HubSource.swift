@@ -50,8 +50,10 @@ public enum HubOpener {
     /// The hub to send `volume`'s calls to, reached through the hub at `address`: that hub
     /// itself when it is the volume's home (or `volume` is "", a single hub), else the home,
     /// at the address the cluster map gives for the region of the hub at `address`.
-    public static func openVolume(address: HubAddress, volume: String, logger: Logger) throws -> RemoteHub {
-        let entry = RemoteHub(address: address, connectTimeoutMs: connectTimeoutMs, logger: logger)
+    public static func openVolume(address: HubAddress, volume: String, requestTimeoutMs: Int = defaultRequestTimeoutMs,
+                                  logger: Logger) throws -> RemoteHub {
+        let entry = RemoteHub(address: address, connectTimeoutMs: connectTimeoutMs, requestTimeoutMs: requestTimeoutMs,
+                              logger: logger)
         guard !volume.isEmpty else { return entry }
         do {
             let mapBytes = try entry.clusterMap()
@@ -71,7 +73,7 @@ public enum HubOpener {
             }
             entry.close()
             return RemoteHub(address: try HubAddress.parse("weft://" + homeAddress), connectTimeoutMs: connectTimeoutMs,
-                             logger: logger)
+                             requestTimeoutMs: requestTimeoutMs, logger: logger)
         } catch {
             entry.close()
             throw error
@@ -80,6 +82,8 @@ public enum HubOpener {
 
     /// Longest wait for a hub that does not answer.
     public static let connectTimeoutMs = 5_000
+    /// Default bound of one call to a remote hub (`weft mount --hub-timeout`).
+    public static let defaultRequestTimeoutMs = 10_000
 
     /// Opens `source` for an administrative command: a running process that serves a hub
     /// directory is reached through its socket; otherwise the directory is opened in-process.

@@ -16,6 +16,8 @@ public struct MountRequest {
     public var vfs = VFSOptions()
     public var mount = MountOptions()
     public var durability: DurabilityMode = .strict
+    /// Bound of every call to a remote hub, after which it fails with ETIMEDOUT (SPEC.md §12.7).
+    public var hubTimeoutMs = HubOpener.defaultRequestTimeoutMs
     public var pidFile: String?
     /// A file descriptor to report readiness on ("ok" or "error: ..."), for --background.
     public var notifyFD: Int32?
@@ -62,12 +64,19 @@ public enum Mounter {
             try validateMountpoint(request.mountpoint)
             let hubAPI: HubAPI
             switch request.source {
+            case let .remote(address, ""):
+                var vfsOptions = request.vfs
+                vfsOptions.agentName = "\(ProcessInfo.processInfo.hostName):\(getpid()):\(request.mountpoint)"
+                let global = try GlobalRoot.open(address: address, options: vfsOptions, requestTimeoutMs: request.hubTimeoutMs,
+                                                 logger: logger)
+                opened = OpenedHub(api: global.entry, local: nil, remote: global.entry)
+                try serve(global.namespace, request, notify: notify, logger: logger)
+                global.close()
+                opened?.close()
+                return
             case let .remote(address, volume):
-                if volume == "" {
-                    throw WeftError(ENOTSUP, "mounting the global root (weft://HOST:PORT/) is not built yet: "
-                                    + "mount one volume, weft://HOST:PORT/VOLUME")
-                }
-                let remote = try HubOpener.openVolume(address: address, volume: volume ?? "", logger: logger)
+                let remote = try HubOpener.openVolume(address: address, volume: volume ?? "",
+                                                      requestTimeoutMs: request.hubTimeoutMs, logger: logger)
                 opened = OpenedHub(api: remote, local: nil, remote: remote)
                 hubAPI = remote
             case .directory(let path):
@@ -87,19 +96,7 @@ public enum Mounter {
             vfsOptions.agentName = "\(ProcessInfo.processInfo.hostName):\(getpid()):\(request.mountpoint)"
             if case let .remote(_, volume?) = request.source { vfsOptions.volume = volume }
             let vfs = try VFS(hub: hubAPI, options: vfsOptions, logger: logger)
-            var mountOptions = request.mount
-            mountOptions.fsName = "weft:\(request.source)"
-            let adapter = FUSEAdapter(vfs: vfs, mountpoint: request.mountpoint, options: mountOptions, logger: logger)
-            try adapter.mount()
-            if let pidFile = request.pidFile {
-                try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
-            }
-            try MountTable.register(mountpoint: request.mountpoint, pid: getpid())
-            logger.info("mounted \(request.source) at \(request.mountpoint)")
-            notify("ok")
-            defer { MountTable.unregister(mountpoint: request.mountpoint) }
-            try adapter.runUntilUnmounted()
-            logger.info("unmounted \(request.mountpoint)")
+            try serve(vfs, request, notify: notify, logger: logger)
             server?.shutdown()
             opened?.close()
         } catch {
@@ -108,6 +105,25 @@ public enum Mounter {
             opened?.close()
             throw error
         }
+    }
+}
+
+extension Mounter {
+    /// Mounts `layer` and serves it until unmounted.
+    static func serve(_ layer: FileSystemLayer, _ request: MountRequest, notify: (String) -> Void, logger: Logger) throws {
+        var mountOptions = request.mount
+        mountOptions.fsName = "weft:\(request.source)"
+        let adapter = FUSEAdapter(vfs: layer, mountpoint: request.mountpoint, options: mountOptions, logger: logger)
+        try adapter.mount()
+        if let pidFile = request.pidFile {
+            try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+        }
+        try MountTable.register(mountpoint: request.mountpoint, pid: getpid())
+        logger.info("mounted \(request.source) at \(request.mountpoint)")
+        notify("ok")
+        defer { MountTable.unregister(mountpoint: request.mountpoint) }
+        try adapter.runUntilUnmounted()
+        logger.info("unmounted \(request.mountpoint)")
     }
 }
 

@@ -20,7 +20,7 @@ public struct MountOptions: Sendable {
 /// A thin libfuse3 low-level adapter: each callback decodes its arguments, calls the VFS and
 /// encodes the reply. Errors become the errno carried by `WeftError`.
 public final class FUSEAdapter: @unchecked Sendable {
-    let vfs: VFS
+    let vfs: FileSystemLayer
     let options: MountOptions
     let logger: Logger
     private var session: OpaquePointer?
@@ -30,7 +30,7 @@ public final class FUSEAdapter: @unchecked Sendable {
     /// lets it keep several 1 MiB reads in flight.
     static let readaheadBytes = 8 << 20
 
-    public init(vfs: VFS, mountpoint: String, options: MountOptions, logger: Logger) {
+    public init(vfs: FileSystemLayer, mountpoint: String, options: MountOptions, logger: Logger) {
         self.vfs = vfs
         self.mountpoint = mountpoint
         self.options = options

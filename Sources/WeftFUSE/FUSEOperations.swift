@@ -178,15 +178,15 @@ extension FUSEAdapter {
             FUSEAdapter.adapter(req).vfs.releasedir(handle: fi!.pointee.fh)
             fuse_reply_err(req, 0)
         }
-        ops.fsyncdir = { req, _, _, _ in
+        ops.fsyncdir = { req, ino, _, _ in
             FUSEAdapter.reply(req) {
-                try FUSEAdapter.adapter(req).vfs.hub.sync(FUSEAdapter.adapter(req).vfs.context(FUSEAdapter.credentials(req)))
+                try FUSEAdapter.adapter(req).vfs.syncDirectory(FUSEAdapter.credentials(req), ino: ino)
                 fuse_reply_err(req, 0)
             }
         }
-        ops.statfs = { req, _ in
+        ops.statfs = { req, ino in
             FUSEAdapter.reply(req) {
-                let stats = try FUSEAdapter.adapter(req).vfs.statfs(FUSEAdapter.credentials(req))
+                let stats = try FUSEAdapter.adapter(req).vfs.statfs(FUSEAdapter.credentials(req), ino: ino)
                 var st = statvfs()
                 st.f_bsize = UInt(stats.blockSizeBytes)
                 st.f_frsize = UInt(stats.blockSizeBytes)

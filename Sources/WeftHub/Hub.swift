@@ -278,7 +278,3 @@ public final class Hub: HubAPI, @unchecked Sendable {
         try Fsck(hub: self).run(repair: repair)
     }
 }
-
-extension Hub: ReadBlockingHint {
-    public var readsWouldBlock: Bool { meta.readsWouldWaitForSync }
-}

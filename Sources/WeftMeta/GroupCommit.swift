@@ -46,13 +46,6 @@ final class GroupCommit: @unchecked Sendable {
         return promisedSeq
     }
 
-    /// True while a change promised durable is not durable yet: a read now would wait for a sync.
-    var hasUndurablePromise: Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        return promisedSeq > durableSeq
-    }
-
     func waitDurable(_ seq: UInt64) throws {
         condition.lock()
         defer { condition.unlock() }

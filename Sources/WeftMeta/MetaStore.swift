@@ -167,12 +167,6 @@ public final class MetaStore: @unchecked Sendable {
     /// Makes every change applied so far durable.
     public func sync() throws { try groupCommit.syncAll() }
 
-    /// True when a read started now would wait for a WAL sync (strict mode, a promised change
-    /// not yet durable). A hint: it may change at once.
-    public var readsWouldWaitForSync: Bool {
-        durability == .strict && groupCommit.hasUndurablePromise
-    }
-
     // MARK: sessions and open files
 
     public func openSession(agentName: String) -> SessionID {

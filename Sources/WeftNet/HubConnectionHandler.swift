@@ -15,7 +15,6 @@ final class ServerCore: @unchecked Sendable {
     let pool: NIOThreadPool
     let logger: Logger
     let maxInFlightRequestsPerConnection: Int
-    private let readHint: ReadBlockingHint?
 
     private let lock = PthreadMutex()
     private let idle = ConditionVariable()
@@ -26,7 +25,6 @@ final class ServerCore: @unchecked Sendable {
         self.pool = pool
         self.logger = logger
         self.maxInFlightRequestsPerConnection = maxInFlightRequestsPerConnection
-        self.readHint = hub as? ReadBlockingHint
     }
 
     func connectionStarted() {
@@ -50,19 +48,6 @@ final class ServerCore: @unchecked Sendable {
             }
             return true
         }
-    }
-
-    /// Metadata reads that touch only RocksDB (memtable or block cache, rarely the disk) and
-    /// never write: run on the event loop when the hub says they would not wait for a sync.
-    private static let inlineOpcodes: Set<UInt16> = Set([
-        HubOpcode.lookup, .getattr, .readlink, .readdir, .access, .getxattr, .listxattr, .statfs, .layout,
-    ].map(\.rawValue))
-
-    /// True when `frame` may run on the calling event loop: a small metadata read on a hub that
-    /// says reads would not block now.
-    func runsInline(_ frame: InboundFrame) -> Bool {
-        guard Self.inlineOpcodes.contains(frame.header.opcode), let hint = readHint else { return false }
-        return !hint.readsWouldBlock
     }
 
     /// What a worker produced for one request frame.
@@ -221,10 +206,6 @@ final class HubConnectionHandler: ChannelDuplexHandler {
         let core = self.core
         let loop = context.eventLoop
         let allocator = context.channel.allocator
-        if core.runsInline(frame) {
-            finished(core.execute(frame, allocator: allocator, cancelled: false))
-            return
-        }
         let handler = NIOLoopBound(self, eventLoop: loop)
         core.pool.submit { state in
             let outcome = core.execute(frame, allocator: allocator, cancelled: state == .cancelled)

@@ -120,10 +120,3 @@ extension HubAPI {
         bytes.withUnsafeBytes { destination.copyMemory(from: $0) }
     }
 }
-
-/// Optional capability of a `HubAPI` implementation: tells a server whether a metadata read
-/// started now would block (on a WAL sync). A server runs such reads on its network thread when
-/// they would not block, saving two thread hand-offs, and on its worker pool otherwise.
-public protocol ReadBlockingHint: AnyObject {
-    var readsWouldBlock: Bool { get }
-}

@@ -21,6 +21,18 @@ public struct VFSOptions: Sendable {
     public init() {}
 }
 
+/// Memory that the volumes of one agent share: the block cache (keyed by cluster-unique
+/// object ids) and the bound on buffered writes.
+public final class VFSShared: @unchecked Sendable {
+    let cache: BlockCache
+    let budget: DirtyBudget
+
+    public init(options: VFSOptions) {
+        cache = BlockCache(capacityBytes: options.cacheBytes)
+        budget = DirtyBudget(limitBytes: max(options.writeBufferBytes, Limits.chunkSizeMaxBytes))
+    }
+}
+
 /// The node agent's file system layer: file handles, write-back buffers, readers with
 /// read-ahead and the block cache, over any `HubAPI`.
 ///
@@ -49,14 +61,16 @@ public final class VFS: @unchecked Sendable {
     /// Most chunk-object fetches running ahead of readers at once.
     let prefetchSlots = DispatchSemaphore(value: 8)
 
-    public init(hub: HubAPI, options: VFSOptions, logger: Logger) throws {
+    /// `shared` lets several volumes of one agent (the global root) share one block cache and
+    /// one write-buffer bound, so the agent's memory bound does not grow with the volumes.
+    public init(hub: HubAPI, options: VFSOptions, logger: Logger, shared: VFSShared? = nil) throws {
         self.hub = hub
         self.options = options
         self.logger = logger
         (session, volume) = try hub.openSession(agentName: options.agentName, volume: options.volume)
         chunkSizeBytes = Int(volume.chunkSizeBytes)
-        cache = BlockCache(capacityBytes: options.cacheBytes)
-        budget = DirtyBudget(limitBytes: max(options.writeBufferBytes, chunkSizeBytes))
+        cache = shared?.cache ?? BlockCache(capacityBytes: options.cacheBytes)
+        budget = shared?.budget ?? DirtyBudget(limitBytes: max(options.writeBufferBytes, chunkSizeBytes))
         pool = BufferPool(bufferBytes: chunkSizeBytes, maxBuffers: max(2, min(16, options.writeBufferBytes / chunkSizeBytes)))
         startBackgroundCommits()
     }

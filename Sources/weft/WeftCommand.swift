@@ -53,6 +53,8 @@ struct Mount: ParsableCommand {
     @Option(help: "Embedded hub metadata durability: strict (fsync before reply) or periodic (fsync every second).")
     var durability: String = "strict"
     @Option(help: "Seconds the kernel may cache attributes and names.") var attrTimeout: Double = 1.0
+    @Option(help: "Seconds after which a call to an unreachable remote hub fails (ETIMEDOUT) instead of waiting.")
+    var hubTimeout: Double = Double(HubOpener.defaultRequestTimeoutMs) / 1000
     @Option(help: "Write the agent's pid here once mounted.") var pidFile: String?
     @Option(help: "Agent log file for --background (default: /tmp/weft-agent-<mountpoint>.log).") var logFile: String?
     @Option(help: .hidden) var notifyFd: Int32?
@@ -62,6 +64,7 @@ struct Mount: ParsableCommand {
         if cacheMb < 1 { throw ValidationError("--cache-mb must be at least 1") }
         if DurabilityMode(rawValue: durability) == nil { throw ValidationError("--durability must be strict or periodic") }
         if attrTimeout < 0 { throw ValidationError("--attr-timeout must not be negative") }
+        if !(0.1...3600).contains(hubTimeout) { throw ValidationError("--hub-timeout must be 0.1...3600 seconds") }
     }
 
     func run() throws {
@@ -70,7 +73,7 @@ struct Mount: ParsableCommand {
         if background {
             try Mounter.validateMountpoint(point)
             var arguments = ["mount", source, point, "--write-buffer-mb", "\(writeBufferMb)", "--cache-mb", "\(cacheMb)",
-                             "--durability", durability, "--attr-timeout", "\(attrTimeout)"]
+                             "--durability", durability, "--attr-timeout", "\(attrTimeout)", "--hub-timeout", "\(hubTimeout)"]
             if let pidFile { arguments += ["--pid-file", URL(fileURLWithPath: pidFile).standardizedFileURL.path] }
             let log = logFile ?? "/tmp/weft-agent-\(point.replacingOccurrences(of: "/", with: "_")).log"
             try Background.spawnAgent(arguments: arguments, logFile: log)
@@ -82,6 +85,7 @@ struct Mount: ParsableCommand {
         request.durability = DurabilityMode(rawValue: durability)!
         request.mount.attributeTimeoutSeconds = attrTimeout
         request.mount.entryTimeoutSeconds = attrTimeout
+        request.hubTimeoutMs = Int(hubTimeout * 1000)
         request.pidFile = pidFile
         request.notifyFD = notifyFd
         try Mounter.run(request, logger: WeftLogging.logger("weft.agent"))

@@ -4,6 +4,7 @@ SPEC.md §12."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -158,3 +159,99 @@ def test_volume_mounted_through_other_hubs_crosses_their_links(cluster, resource
     unknown = harness.Mount(resources, cli, f"weft://{c.address('hub1')}/nope", resources.new_dir("unknown"))
     r = unknown.try_start()
     assert r.rc != 0 and "no volume" in r.output, r.describe()
+
+
+def test_global_root_lists_every_volume_and_keeps_them_apart(cluster, resources):
+    c = cluster(hubs=2, rtt_ms=20)
+    first = f"weft://{c.address('hub1')}"
+    c.weft_json("volume", "create", first, "alpha", "--home", "hub1")
+    c.weft_json("volume", "create", first, "beta", "--home", "hub2")
+    cli = harness.WeftCLI(resources)
+    g1 = harness.Mount(resources, cli, c.hubs["hub1"]["source"], resources.new_dir("g1"))
+    g2 = harness.Mount(resources, cli, c.hubs["hub2"]["source"], resources.new_dir("g2"))
+    g1.start()
+    g2.start()
+    root1, root2 = g1.mountpoint, g2.mountpoint
+    assert sorted(os.listdir(root1)) == ["alpha", "beta"]
+    assert sorted(os.listdir(root2)) == ["alpha", "beta"]
+
+    # Each volume is read and written through either hub's root.
+    data = os.urandom(1 << 20)
+    (root1 / "alpha" / "a.bin").write_bytes(data)
+    (root2 / "beta" / "b.txt").write_text("from hub2's region")
+    assert (root2 / "alpha" / "a.bin").read_bytes() == data
+    assert (root1 / "beta" / "b.txt").read_text() == "from hub2's region"
+
+    # Distinct inode numbers across volumes; a volume root's parent is the global root.
+    inodes = {os.stat(root1 / "alpha").st_ino, os.stat(root1 / "beta").st_ino, os.stat(root1).st_ino}
+    assert len(inodes) == 3
+    assert os.stat(root1 / "alpha" / "..").st_ino == os.stat(root1).st_ino
+
+    # Rename and link across volumes are EXDEV; the root itself is not writable.
+    for call in (lambda: os.rename(root1 / "alpha" / "a.bin", root1 / "beta" / "a.bin"),
+                 lambda: os.link(root1 / "alpha" / "a.bin", root1 / "beta" / "hard")):
+        with pytest.raises(OSError) as error:
+            call()
+        assert error.value.errno == errno.EXDEV
+    assert (root1 / "alpha" / "a.bin").read_bytes() == data, "a refused rename must leave the file"
+    for call, expected in ((lambda: os.mkdir(root1 / "gamma"), errno.EPERM),
+                           (lambda: open(root1 / "file", "w"), errno.EPERM),
+                           (lambda: os.rmdir(root1 / "alpha"), errno.EPERM),
+                           (lambda: os.rename(root1 / "alpha", root1 / "delta"), errno.EPERM)):
+        with pytest.raises(OSError) as error:
+            call()
+        assert error.value.errno == expected, call
+    with pytest.raises(FileNotFoundError):
+        os.stat(root1 / "no-such-volume")
+
+    # A volume created after the mount shows up in the root.
+    c.weft_json("volume", "create", first, "gamma", "--home", "hub2")
+    assert harness.wait_until(lambda: "gamma" in os.listdir(root1), 10)
+    (root1 / "gamma" / "late").write_text("ok")
+    assert (root2 / "gamma" / "late").read_text() == "ok"
+
+
+def test_unreachable_home_fails_bounded_other_volumes_work_and_service_resumes(cluster, resources):
+    c = cluster(hubs=2, rtt_ms=20)
+    first = f"weft://{c.address('hub1')}"
+    c.weft_json("volume", "create", first, "near", "--home", "hub1")
+    c.weft_json("volume", "create", first, "far", "--home", "hub2")
+    cli = harness.WeftCLI(resources)
+    g = harness.Mount(resources, cli, c.hubs["hub1"]["source"], resources.new_dir("g"), options=["--hub-timeout", "2"])
+    g.start()
+    root = g.mountpoint
+    kept = os.urandom(2 << 20)
+    with open(root / "far" / "kept.bin", "wb") as f:
+        f.write(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    (root / "near" / "before").write_text("near")
+
+    control = c.links[("hub1", "hub2")]["control"]
+    r = resources.run([harness.bin_dir() / "weft-link", "control", control, "cut"])
+    assert r.rc == 0, r.describe()
+    try:
+        start = time.monotonic()
+        with pytest.raises(OSError) as error:
+            os.stat(root / "far" / "never-seen")
+        elapsed = time.monotonic() - start
+        assert error.value.errno in (errno.ETIMEDOUT, errno.EIO), error.value
+        assert elapsed < 8, f"a call to the cut-off home took {elapsed:.1f} s with --hub-timeout 2"
+        # The volume homed on this side of the cut keeps working, promptly.
+        start = time.monotonic()
+        (root / "near" / "during").write_text("still here")
+        assert (root / "near" / "during").read_text() == "still here"
+        assert time.monotonic() - start < 2
+    finally:
+        r = resources.run([harness.bin_dir() / "weft-link", "control", control, "heal"])
+        assert r.rc == 0, r.describe()
+
+    def far_answers():
+        try:
+            return (root / "far" / "kept.bin").read_bytes() == kept
+        except OSError:
+            return False
+    assert harness.wait_until(far_answers, 20), "service did not resume after the link healed"
+    (root / "far" / "after").write_text("resumed")
+    assert (root / "far" / "after").read_text() == "resumed"
+    assert sorted(os.listdir(root / "near")) == ["before", "during"]

@@ -1,0 +1,71 @@
+import Foundation
+import Logging
+import WeftNet
+import WeftProto
+import WeftVFS
+
+/// The agent side of a global-root mount (`weft://HOST:PORT/`): the hub it mounts through
+/// (its region), and a `GlobalNamespace` whose volumes each talk to their home over that
+/// region's route, sharing one block cache and one write bound.
+final class GlobalRoot {
+    let entry: RemoteHub
+    let namespace: GlobalNamespace
+    private let lock = NSLock()
+    private var volumeHubs: [RemoteHub] = []
+
+    private init(entry: RemoteHub, namespace: GlobalNamespace) {
+        self.entry = entry
+        self.namespace = namespace
+    }
+
+    static func open(address: HubAddress, options: VFSOptions, requestTimeoutMs: Int, logger: Logger) throws -> GlobalRoot {
+        let entry = RemoteHub(address: address, connectTimeoutMs: HubOpener.connectTimeoutMs,
+                              requestTimeoutMs: requestTimeoutMs, logger: logger)
+        // Fail at mount time, with the hub's own message, if this is no cluster hub.
+        do {
+            _ = try volumes(of: entry)
+        } catch {
+            entry.close()
+            throw error
+        }
+        let shared = VFSShared(options: options)
+        var root: GlobalRoot?
+        let namespace = GlobalNamespace(
+            listVolumes: { try volumes(of: entry) },
+            openVolume: { volume in
+                let hub = try HubOpener.openVolume(address: address, volume: volume.name,
+                                                   requestTimeoutMs: requestTimeoutMs, logger: logger)
+                var volumeOptions = options
+                volumeOptions.volume = volume.name
+                do {
+                    let vfs = try VFS(hub: hub, options: volumeOptions, logger: logger, shared: shared)
+                    root?.lock.withLock { root?.volumeHubs.append(hub) }
+                    return vfs
+                } catch {
+                    hub.close()
+                    throw error
+                }
+            },
+            logger: logger)
+        root = GlobalRoot(entry: entry, namespace: namespace)
+        return root!
+    }
+
+    /// The cluster's volumes, from the map of the hub this agent mounts through.
+    static func volumes(of hub: RemoteHub) throws -> [GlobalNamespace.Volume] {
+        let json = try hub.clusterMap()
+        guard let object = try JSONSerialization.jsonObject(with: Data(json)) as? [String: Any],
+              let volumes = object["volumes"] as? [String: [String: Any]] else {
+            throw WeftError(EIO, "hub \(hub.address.displayName) sent an unreadable cluster map")
+        }
+        return volumes.compactMap { name, record in
+            guard let id = (record["id"] as? NSNumber)?.uint16Value, id != 0 else { return nil }
+            return GlobalNamespace.Volume(name: name, id: id)
+        }
+    }
+
+    func close() {
+        let hubs = lock.withLock { volumeHubs }
+        for hub in hubs { hub.close() }
+    }
+}

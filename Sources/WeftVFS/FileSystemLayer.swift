@@ -1,0 +1,50 @@
+import WeftProto
+
+/// What the FUSE adapter calls: one volume (`VFS`) or the global root over many
+/// (`GlobalNamespace`). Inode numbers and handles are the kernel's.
+public protocol FileSystemLayer: AnyObject, Sendable {
+    func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws -> Attributes
+    func getattr(_ credentials: Credentials, ino: InodeID) throws -> Attributes
+    func setattr(_ credentials: Credentials, ino: InodeID, _ changes: SetAttributes) throws -> Attributes
+    func mkdir(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes
+    func mknod(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32,
+               umask: UInt32) throws -> Attributes
+    func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws
+    func rmdir(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws
+    func symlink(_ credentials: Credentials, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes
+    func readlink(_ credentials: Credentials, ino: InodeID) throws -> [UInt8]
+    func link(_ credentials: Credentials, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes
+    func rename(_ credentials: Credentials, parent: InodeID, name: [UInt8], newParent: InodeID, newName: [UInt8],
+                flags: RenameFlags) throws
+    func access(_ credentials: Credentials, ino: InodeID, mask: UInt32) throws
+    func statfs(_ credentials: Credentials, ino: InodeID) throws -> FileSystemStats
+    func getxattr(_ credentials: Credentials, ino: InodeID, name: [UInt8]) throws -> [UInt8]
+    func setxattr(_ credentials: Credentials, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags) throws
+    func listxattr(_ credentials: Credentials, ino: InodeID) throws -> [[UInt8]]
+    func removexattr(_ credentials: Credentials, ino: InodeID, name: [UInt8]) throws
+    func opendir(_ credentials: Credentials, ino: InodeID) throws -> UInt64
+    func readdir(handle id: UInt64, offset: Int, limit: Int) throws -> [DirectoryEntry]
+    func releasedir(handle id: UInt64)
+    /// Makes the directory's changes durable (fsyncdir).
+    func syncDirectory(_ credentials: Credentials, ino: InodeID) throws
+    func open(_ credentials: Credentials, ino: InodeID, flags: Int32) throws -> (handle: UInt64, keepCache: Bool)
+    func create(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
+                flags: Int32) throws -> (attributes: Attributes, handle: UInt64)
+    func read(handle id: UInt64, offset: UInt64, size: Int) throws -> ReadResult
+    func write(handle id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int
+    func flush(handle id: UInt64) throws
+    func fsync(handle id: UInt64) throws
+    func release(handle id: UInt64) throws
+    /// Commits everything buffered, durably, and ends the sessions.
+    func shutdown() throws
+}
+
+extension VFS: FileSystemLayer {
+    public func statfs(_ credentials: Credentials, ino: InodeID) throws -> FileSystemStats {
+        try statfs(credentials)
+    }
+
+    public func syncDirectory(_ credentials: Credentials, ino: InodeID) throws {
+        try hub.sync(context(credentials))
+    }
+}
