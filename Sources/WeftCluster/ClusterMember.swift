@@ -91,14 +91,16 @@ public final class ClusterMember: @unchecked Sendable {
 
     // MARK: Internals
 
-    /// Publishes the names of the volumes this hub serves as home (in its leased record).
+    /// Publishes the names of the volumes this hub serves as home (in its leased record), and
+    /// waits (bounded) until this member's map shows it.
     public func advertise(serving names: [String]) throws {
         let (lease, changed): (Int64, Bool) = condition.withLock {
             defer { serving = names }
             return (self.lease, serving != names)
         }
         guard changed, lease != 0 else { return }
-        try etcd.put(keys.hub(hubName), try JSONEncoder().encode(record()), lease: lease)
+        let revision = try etcd.put(keys.hub(hubName), try JSONEncoder().encode(record()), lease: lease)
+        _ = waitForRevision(revision, timeoutMs: 5_000)
     }
 
     /// Waits until `condition` holds for the map; false on timeout.

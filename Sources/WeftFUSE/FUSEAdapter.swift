@@ -21,6 +21,8 @@ public struct MountOptions: Sendable {
 /// encodes the reply. Errors become the errno carried by `WeftError`.
 public final class FUSEAdapter: @unchecked Sendable {
     let vfs: FileSystemLayer
+    /// Inodes on which this agent has taken a lock (so close knows whether to release any).
+    let lockedInodes = LockedSet()
     let options: MountOptions
     let logger: Logger
     private var session: OpaquePointer?
@@ -180,8 +182,9 @@ public final class FUSEAdapter: @unchecked Sendable {
         conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC) & conn.pointee.capable
         conn.pointee.want |= UInt32(FUSE_CAP_PARALLEL_DIROPS) & conn.pointee.capable
         conn.pointee.want &= ~UInt32(FUSE_CAP_WRITEBACK_CACHE)
-        conn.pointee.want &= ~UInt32(FUSE_CAP_POSIX_LOCKS)
-        conn.pointee.want &= ~UInt32(FUSE_CAP_FLOCK_LOCKS)
+        // Locks are held at the volume's home hub, so they hold across nodes (SPEC.md §12.6).
+        conn.pointee.want |= UInt32(FUSE_CAP_POSIX_LOCKS) & conn.pointee.capable
+        conn.pointee.want |= UInt32(FUSE_CAP_FLOCK_LOCKS) & conn.pointee.capable
         conn.pointee.max_background = 64
         conn.pointee.congestion_threshold = 48
     }
@@ -204,5 +207,57 @@ public final class FUSEAdapter: @unchecked Sendable {
 
     func destroy() {
         do { try vfs.shutdown() } catch { logger.error("flush at unmount failed: \(error)") }
+    }
+}
+
+// MARK: Locks
+
+extension FUSEAdapter {
+    /// Longest pause between two attempts of a blocking lock.
+    static let lockRetryMaxMs = 100
+
+    /// The request for a `struct flock` from the kernel (ranges made absolute by the kernel).
+    static func lockRequest(_ lock: flock, owner: UInt64) throws -> LockRequest {
+        guard let type = LockType(rawValue: UInt8(truncatingIfNeeded: lock.l_type)) else { throw WeftError(EINVAL) }
+        guard lock.l_start >= 0, lock.l_len >= 0 else { throw WeftError(EINVAL) }
+        let start = UInt64(lock.l_start)
+        let end = lock.l_len == 0 ? UInt64.max : start + UInt64(lock.l_len) - 1
+        return LockRequest(kind: .posix, type: type, start: start, end: end, owner: owner, pid: UInt32(bitPattern: lock.l_pid))
+    }
+
+    /// Sets `request`; with `wait`, retries a conflicting lock until it is granted or the
+    /// caller is interrupted (EINTR).
+    func setLock(_ req: fuse_req_t?, ino: fuse_ino_t, _ request: LockRequest, wait: Bool) throws {
+        var pauseMs = 1
+        if request.type != .unlock { lockedInodes.withLock { _ = $0.insert(ino) } }
+        while true {
+            do {
+                _ = try vfs.lock(FUSEAdapter.credentials(req), ino: ino, request)
+                return
+            } catch let error as WeftError where error.errno == EAGAIN && wait {
+                if fuse_req_interrupted(req) != 0 { throw WeftError(EINTR) }
+                usleep(useconds_t(pauseMs * 1000))
+                pauseMs = min(pauseMs * 2, Self.lockRetryMaxMs)
+            }
+        }
+    }
+
+    /// Drops every lock of `owner` of one kind on `ino` (close and last release).
+    func unlockAll(_ req: fuse_req_t?, ino: fuse_ino_t, kind: LockKind, owner: UInt64) throws {
+        // Only inodes this agent ever locked: a close of any other file costs no hub call.
+        guard owner != 0, lockedInodes.withLock({ $0.contains(ino) }) else { return }
+        _ = try vfs.lock(FUSEAdapter.credentials(req), ino: ino, LockRequest(kind: kind, type: .unlock, owner: owner, pid: 0))
+    }
+}
+
+/// A set of inode numbers behind a lock.
+final class LockedSet: @unchecked Sendable {
+    private let lock = NSLock()
+    private var set: Set<fuse_ino_t> = []
+
+    func withLock<T>(_ body: (inout Set<fuse_ino_t>) -> T) -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return body(&set)
     }
 }

@@ -144,15 +144,59 @@ extension FUSEAdapter {
                 fuse_reply_write(req, written)
             }
         }
-        ops.flush = { req, _, fi in
+        ops.flush = { req, ino, fi in
             FUSEAdapter.reply(req) {
-                try FUSEAdapter.adapter(req).vfs.flush(handle: fi!.pointee.fh)
+                // close(2) drops the closing process's POSIX locks on the file (fcntl(2)).
+                let a = FUSEAdapter.adapter(req)
+                let unlocked = Result { try a.unlockAll(req, ino: ino, kind: .posix, owner: fi!.pointee.lock_owner) }
+                try a.vfs.flush(handle: fi!.pointee.fh)
+                try unlocked.get()
                 fuse_reply_err(req, 0)
             }
         }
-        ops.release = { req, _, fi in
+        ops.release = { req, ino, fi in
             FUSEAdapter.reply(req) {
-                try FUSEAdapter.adapter(req).vfs.release(handle: fi!.pointee.fh)
+                let a = FUSEAdapter.adapter(req)
+                let unlocked = Result {
+                    if fi!.pointee.flock_release != 0 {
+                        try a.unlockAll(req, ino: ino, kind: .flock, owner: fi!.pointee.lock_owner)
+                    }
+                }
+                try a.vfs.release(handle: fi!.pointee.fh)
+                try unlocked.get()
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.getlk = { req, ino, fi, lock in
+            FUSEAdapter.reply(req) {
+                let a = FUSEAdapter.adapter(req)
+                var request = try FUSEAdapter.lockRequest(lock!.pointee, owner: fi!.pointee.lock_owner)
+                request.test = true
+                let found = try a.vfs.lock(FUSEAdapter.credentials(req), ino: ino, request)
+                var reply = lock!.pointee
+                reply.l_type = Int16(found.type.rawValue)
+                if found.type != .unlock {
+                    reply.l_whence = Int16(SEEK_SET)
+                    reply.l_start = off_t(found.start)
+                    reply.l_len = found.end == .max ? 0 : off_t(found.end - found.start + 1)
+                    reply.l_pid = pid_t(found.pid)
+                }
+                fuse_reply_lock(req, &reply)
+            }
+        }
+        ops.setlk = { req, ino, fi, lock, sleep in
+            FUSEAdapter.reply(req) {
+                let request = try FUSEAdapter.lockRequest(lock!.pointee, owner: fi!.pointee.lock_owner)
+                try FUSEAdapter.adapter(req).setLock(req, ino: ino, request, wait: sleep != 0)
+                fuse_reply_err(req, 0)
+            }
+        }
+        ops.flock = { req, ino, fi, operation in
+            FUSEAdapter.reply(req) {
+                let type: LockType = operation & LOCK_UN != 0 ? .unlock : operation & LOCK_EX != 0 ? .write : .read
+                let request = LockRequest(kind: .flock, type: type, owner: fi!.pointee.lock_owner,
+                                          pid: UInt32(bitPattern: fuse_req_ctx(req)!.pointee.pid))
+                try FUSEAdapter.adapter(req).setLock(req, ino: ino, request, wait: operation & LOCK_NB == 0)
                 fuse_reply_err(req, 0)
             }
         }

@@ -146,4 +146,9 @@ extension FabricHub {
         let (hub, c) = try route(context)
         try hub.sync(c)
     }
+
+    public func lock(_ context: RequestContext, ino: InodeID, _ request: LockRequest) throws -> LockDescription {
+        let (hub, c) = try route(context)
+        return try hub.lock(c, ino: ino, request)
+    }
 }

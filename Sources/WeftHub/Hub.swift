@@ -18,6 +18,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// buffers); deleted when the session ends without committing them.
     private let uploadsLock = NSLock()
     private var pendingUploads: [SessionID: Set<SliceID>] = [:]
+    let locks = LockTable()
 
     /// Slice lists longer than this are compacted in the background.
     public static let compactionThresholdSlices = 16
@@ -102,6 +103,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func closeSession(_ session: SessionID) throws {
+        locks.release(session: session)
         try meta.closeSession(session)
         // Objects the session wrote but never committed (its agent died mid-write) are orphans.
         let abandoned = uploadsLock.withLock { pendingUploads.removeValue(forKey: session) } ?? []
@@ -276,5 +278,13 @@ public final class Hub: HubAPI, @unchecked Sendable {
 
     public func fsck(repair: Bool) throws -> FsckReport {
         try Fsck(hub: self).run(repair: repair)
+    }
+}
+
+extension Hub {
+    public func lock(_ context: RequestContext, ino: InodeID, _ request: LockRequest) throws -> LockDescription {
+        // The inode must exist (and be a file or directory the caller can see).
+        _ = try meta.getattr(ino)
+        return try locks.apply(session: context.session, ino: ino, request)
     }
 }

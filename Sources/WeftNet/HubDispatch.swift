@@ -98,6 +98,8 @@ extension HubRequest {
             return .session(session, info)
         case .clusterMap:
             return .bytes(try hub.clusterMap())
+        case let .lock(c, ino, request):
+            return .lock(try hub.lock(c, ino: ino, request))
         case let .createVolume(name, home, chunkSizeBytes, compression):
             return .bytes(try hub.createVolume(name: name, home: home, chunkSizeBytes: chunkSizeBytes, compression: compression))
         }

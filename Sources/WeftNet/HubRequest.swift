@@ -39,6 +39,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case openVolumeSession = 31
     case clusterMap = 32
     case createVolume = 33
+    case lock = 34
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -77,6 +78,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .openVolumeSession: "openVolumeSession"
         case .clusterMap: "clusterMap"
         case .createVolume: "createVolume"
+        case .lock: "lock"
         }
     }
 }
@@ -117,6 +119,7 @@ public enum HubRequest: Equatable, Sendable {
     case openVolumeSession(agentName: String, volume: String)
     case clusterMap
     case createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression)
+    case lock(RequestContext, ino: InodeID, LockRequest)
 
     public var opcode: HubOpcode {
         switch self {
@@ -153,6 +156,7 @@ public enum HubRequest: Equatable, Sendable {
         case .openVolumeSession: .openVolumeSession
         case .clusterMap: .clusterMap
         case .createVolume: .createVolume
+        case .lock: .lock
         }
     }
 
@@ -167,7 +171,7 @@ public enum HubRequest: Equatable, Sendable {
              .access(let c, _, _), .open(let c, _, _), .release(let c, _), .getxattr(let c, _, _),
              .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
-             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c):
+             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .lock(let c, _, _):
             c.session
         }
     }
@@ -211,6 +215,7 @@ public enum HubRequest: Equatable, Sendable {
         case let .commitSlices(c, ino, slices, minimumSize, durable):
             return .commitSlices(s(c), ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
         case let .sync(c): return .sync(s(c))
+        case let .lock(c, ino, request): return .lock(s(c), ino: ino, request)
         }
     }
 
@@ -276,6 +281,8 @@ public enum HubRequest: Equatable, Sendable {
             break
         case let .createVolume(name, home, chunkSizeBytes, compression):
             w.string(name); w.string(home); w.u32(chunkSizeBytes); w.u8(compression.rawValue)
+        case let .lock(c, ino, request):
+            c.encode(into: &w); w.u64(ino); request.encode(into: &w)
         }
         return nil
     }
@@ -373,6 +380,8 @@ public enum HubRequest: Equatable, Sendable {
                 slices.append(SliceCommit(chunkIndex: try r.u32(), slice: try Slice.decode(from: &r)))
             }
             return .commitSlices(c, ino: ino, slices: slices, minimumSize: try r.u64(), durable: try r.bool())
+        case .lock:
+            return .lock(c, ino: try r.u64(), try LockRequest.decode(from: &r))
         }
     }
 }

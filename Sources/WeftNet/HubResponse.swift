@@ -25,6 +25,8 @@ public enum HubResponse: Equatable, Sendable {
     case status(HubStatus)
     /// fsck.
     case fsckReport(FsckReport)
+    /// lock.
+    case lock(LockDescription)
 
     /// Whether this is the result shape of `opcode`.
     func fits(_ opcode: HubOpcode) -> Bool {
@@ -38,7 +40,7 @@ public enum HubResponse: Equatable, Sendable {
              (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
              (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck),
-             (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume):
+             (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock):
             return true
         default:
             return false
@@ -58,6 +60,7 @@ public enum HubResponse: Equatable, Sendable {
         case .layout: "layout"
         case .status: "status"
         case .fsckReport: "fsckReport"
+        case .lock: "lock"
         }
     }
 
@@ -95,6 +98,8 @@ public enum HubResponse: Equatable, Sendable {
             status.encode(into: &w)
         case let .fsckReport(report):
             report.encode(into: &w)
+        case let .lock(description):
+            description.encode(into: &w)
         }
         return nil
     }
@@ -148,6 +153,8 @@ public enum HubResponse: Equatable, Sendable {
             return .status(try HubStatus.decode(from: &r))
         case .fsck:
             return .fsckReport(try FsckReport.decode(from: &r))
+        case .lock:
+            return .lock(try LockDescription.decode(from: &r))
         }
     }
 }

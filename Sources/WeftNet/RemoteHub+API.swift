@@ -124,6 +124,11 @@ extension RemoteHub {
         try empty(.sync(context))
     }
 
+    public func lock(_ context: RequestContext, ino: InodeID, _ request: LockRequest) throws -> LockDescription {
+        guard case let .lock(description) = try call(.lock(context, ino: ino, request)) else { throw shapeMismatch(.lock) }
+        return description
+    }
+
     public func clusterMap() throws -> [UInt8] {
         guard case let .bytes(json) = try call(.clusterMap) else { throw shapeMismatch(.clusterMap) }
         return json

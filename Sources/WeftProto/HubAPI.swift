@@ -79,6 +79,11 @@ public protocol HubAPI: AnyObject, Sendable {
     /// Makes every change acknowledged so far durable.
     func sync(_ context: RequestContext) throws
 
+    // Locks (SPEC.md §12.6): held at the volume's home for the session, released when it ends.
+    /// Sets, clears or tests a POSIX or flock lock on `ino`. A set that conflicts throws EAGAIN
+    /// (the agent retries for F_SETLKW); a test returns the conflicting lock or `.none`.
+    func lock(_ context: RequestContext, ino: InodeID, _ request: LockRequest) throws -> LockDescription
+
     // Administration
     func status() throws -> HubStatus
     func fsck(repair: Bool) throws -> FsckReport

@@ -362,3 +362,75 @@ public func currentTimeNs() -> Int64 {
     clock_gettime(CLOCK_REALTIME, &ts)
     return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
 }
+
+// MARK: Locks
+
+/// Which lock family: POSIX byte-range (fcntl) or whole-file flock.
+public enum LockKind: UInt8, Sendable {
+    case posix = 0
+    case flock = 1
+}
+
+/// The lock type, with Linux's F_RDLCK / F_WRLCK / F_UNLCK values.
+public enum LockType: UInt8, Sendable {
+    case read = 0
+    case write = 1
+    case unlock = 2
+}
+
+/// One lock call (SPEC.md §12.6 Locks). Ranges are inclusive byte offsets; `end` UInt64.max
+/// means "to the end of the file, however long it grows".
+public struct LockRequest: Equatable, Sendable {
+    public var kind: LockKind
+    public var type: LockType
+    public var start: UInt64
+    public var end: UInt64
+    /// The kernel's lock owner (per process for POSIX locks, per open file for flock).
+    public var owner: UInt64
+    public var pid: UInt32
+    /// F_GETLK: only report the first conflicting lock, change nothing.
+    public var test: Bool
+
+    public init(kind: LockKind, type: LockType, start: UInt64 = 0, end: UInt64 = .max, owner: UInt64, pid: UInt32,
+                test: Bool = false) {
+        self.kind = kind; self.type = type; self.start = start; self.end = end
+        self.owner = owner; self.pid = pid; self.test = test
+    }
+
+    public func encode(into w: inout ByteWriter) {
+        w.u8(kind.rawValue); w.u8(type.rawValue); w.u64(start); w.u64(end); w.u64(owner); w.u32(pid); w.bool(test)
+    }
+
+    public static func decode(from r: inout ByteReader) throws -> LockRequest {
+        let rawKind = try r.u8(), rawType = try r.u8()
+        guard let kind = LockKind(rawValue: rawKind), let type = LockType(rawValue: rawType) else {
+            throw WeftError(EBADMSG, "unknown lock kind \(rawKind) or type \(rawType)")
+        }
+        return LockRequest(kind: kind, type: type, start: try r.u64(), end: try r.u64(), owner: try r.u64(),
+                           pid: try r.u32(), test: try r.bool())
+    }
+}
+
+/// A lock as reported to F_GETLK: type `.unlock` means no conflict.
+public struct LockDescription: Equatable, Sendable {
+    public var type: LockType
+    public var start: UInt64
+    public var end: UInt64
+    public var pid: UInt32
+
+    public init(type: LockType, start: UInt64 = 0, end: UInt64 = 0, pid: UInt32 = 0) {
+        self.type = type; self.start = start; self.end = end; self.pid = pid
+    }
+
+    public static let none = LockDescription(type: .unlock)
+
+    public func encode(into w: inout ByteWriter) {
+        w.u8(type.rawValue); w.u64(start); w.u64(end); w.u32(pid)
+    }
+
+    public static func decode(from r: inout ByteReader) throws -> LockDescription {
+        let raw = try r.u8()
+        guard let type = LockType(rawValue: raw) else { throw WeftError(EBADMSG, "unknown lock type \(raw)") }
+        return LockDescription(type: type, start: try r.u64(), end: try r.u64(), pid: try r.u32())
+    }
+}

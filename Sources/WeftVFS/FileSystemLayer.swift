@@ -35,6 +35,8 @@ public protocol FileSystemLayer: AnyObject, Sendable {
     func flush(handle id: UInt64) throws
     func fsync(handle id: UInt64) throws
     func release(handle id: UInt64) throws
+    /// One attempt at a lock call on `ino` (the FUSE layer retries EAGAIN for blocking calls).
+    func lock(_ credentials: Credentials, ino: InodeID, _ request: LockRequest) throws -> LockDescription
     /// Commits everything buffered, durably, and ends the sessions.
     func shutdown() throws
 }
@@ -46,5 +48,9 @@ extension VFS: FileSystemLayer {
 
     public func syncDirectory(_ credentials: Credentials, ino: InodeID) throws {
         try hub.sync(context(credentials))
+    }
+
+    public func lock(_ credentials: Credentials, ino: InodeID, _ request: LockRequest) throws -> LockDescription {
+        try hub.lock(context(credentials), ino: ino, request)
     }
 }

@@ -355,6 +355,12 @@ public final class GlobalNamespace: FileSystemLayer, @unchecked Sendable {
         try vfs.release(handle: local)
     }
 
+    public func lock(_ credentials: Credentials, ino: InodeID, _ request: LockRequest) throws -> LockDescription {
+        if ino == Self.rootIno { throw WeftError(EINVAL, "the global root cannot be locked") }
+        let (_, vfs, local) = try inVolume(ino)
+        return try vfs.lock(credentials, ino: local, request)
+    }
+
     public func shutdown() throws {
         let all = lock.withLock { Array(opened.values) }
         var firstError: Error?

@@ -269,6 +269,12 @@ final class FakeHub: HubAPI, @unchecked Sendable {
         enter(context); leave()
     }
 
+    func lock(_ context: RequestContext, ino: InodeID, _ request: LockRequest) throws -> LockDescription {
+        enter(context); defer { leave() }
+        if request.start > request.end { throw WeftError(EINVAL) }
+        return request.test ? LockDescription(type: .write, start: request.start, end: request.end, pid: 42) : .none
+    }
+
     func status() throws -> HubStatus {
         enter(nil); defer { leave() }
         let agents = snapshot { Array($0.openedSessions.values).sorted() }

@@ -57,6 +57,8 @@ enum WireSamples {
         .openVolumeSession(agentName: "node-8", volume: "datasets ✓"),
         .clusterMap,
         .createVolume(name: "ckpt", home: "hub-b", chunkSizeBytes: 8 << 20, compression: .zstd),
+        .lock(context, ino: 22, LockRequest(kind: .posix, type: .write, start: 1 << 40, end: .max, owner: 0xFEED_BEEF,
+                                            pid: 4_000_000, test: true)),
     ]
 
     /// Variants that exercise optional and empty fields.
@@ -81,6 +83,8 @@ enum WireSamples {
             return .empty
         case .openSession, .openVolumeSession:
             return .session(0x1234_5678_9ABC, volume)
+        case .lock:
+            return .lock(LockDescription(type: .read, start: 7, end: UInt64.max - 1, pid: UInt32.max))
         case .clusterMap, .createVolume:
             return .bytes(Array("{\"cluster\":\"weft\"}".utf8))
         case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:

@@ -255,3 +255,86 @@ def test_unreachable_home_fails_bounded_other_volumes_work_and_service_resumes(c
     (root / "far" / "after").write_text("resumed")
     assert (root / "far" / "after").read_text() == "resumed"
     assert sorted(os.listdir(root / "near")) == ["before", "during"]
+
+
+HOLDER = r"""
+import fcntl, os, sys, time
+path, kind = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_RDWR)
+if kind == "posix":
+    fcntl.lockf(fd, fcntl.LOCK_EX, 100, 0)    # bytes 0..99
+else:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()                          # hold until told (or killed)
+"""
+
+
+def test_locks_work_across_hubs_and_die_with_their_agent(cluster, resources):
+    import fcntl
+    import struct
+    import subprocess
+    import sys
+    import threading
+
+    c = cluster(hubs=2, rtt_ms=20)
+    created = c.weft_json("volume", "create", f"weft://{c.address('hub1')}", "locks", "--home", "hub1")
+    assert created["served"] is True, "created through its own home, the volume is served on return"
+    cli = harness.WeftCLI(resources)
+    a = harness.Mount(resources, cli, f"weft://{c.address('hub1')}/locks", resources.new_dir("a"))
+    b = harness.Mount(resources, cli, f"weft://{c.address('hub2')}/locks", resources.new_dir("b"))
+    a.start()
+    b.start()
+    (a.mountpoint / "f").write_bytes(b"x" * 4096)
+
+    def hold(kind):
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(a.mountpoint / "f"), kind],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    fd = os.open(b.mountpoint / "f", os.O_RDWR)
+    try:
+        # POSIX byte-range lock held through hub1's agent, seen from hub2's.
+        holder = hold("posix")
+        with pytest.raises(OSError) as error:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 50)
+        assert error.value.errno in (errno.EAGAIN, errno.EACCES)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 100, 200)   # bytes 200..299 are free
+        # F_GETLK names the holder.
+        query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 10, 0)
+        answer = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query + b"\0" * 4)[:struct.calcsize("hhqqi")])
+        assert answer[0] == fcntl.F_WRLCK and answer[4] == holder.pid, answer
+        # A blocking lock waits for the holder to let go.
+        acquired = threading.Event()
+        waiter = threading.Thread(target=lambda: (fcntl.lockf(fd, fcntl.LOCK_EX, 50, 0), acquired.set()), daemon=True)
+        waiter.start()
+        assert not acquired.wait(1.0), "F_SETLKW returned while another agent held the lock"
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=10)
+        assert acquired.wait(10), "F_SETLKW was not granted after the holder exited (its close released the lock)"
+        fcntl.lockf(fd, fcntl.LOCK_UN, 0, 0)
+
+        # flock, held by a process whose agent is then killed: released with the agent's session.
+        holder = hold("flock")
+        with pytest.raises(OSError) as error:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert error.value.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+        a.kill_agent()
+        assert harness.wait_until(lambda: _try_flock(fd), 15), "a dead agent's flock was never released"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        holder.kill()
+        holder.wait(timeout=10)
+    finally:
+        os.close(fd)
+        a.lazy_unmount()
+
+
+def _try_flock(fd) -> bool:
+    import fcntl
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
