@@ -191,6 +191,16 @@ final class HubConnectionHandler: ChannelDuplexHandler {
         context.fireChannelWritabilityChanged()
     }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
+            core.logger.warning("closing silent agent connection: its sessions end",
+                                metadata: ["peer": "\(peer)", "sessions": "\(sessions.count)"])
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         if let error = error as? WeftError {
             closeForViolation(error)

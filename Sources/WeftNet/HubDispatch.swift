@@ -100,6 +100,8 @@ extension HubRequest {
             return .bytes(try hub.clusterMap())
         case let .lock(c, ino, request):
             return .lock(try hub.lock(c, ino: ino, request))
+        case .ping:
+            return .empty
         case let .createVolume(name, home, chunkSizeBytes, compression):
             return .bytes(try hub.createVolume(name: name, home: home, chunkSizeBytes: chunkSizeBytes, compression: compression))
         }

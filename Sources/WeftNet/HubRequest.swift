@@ -40,6 +40,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case clusterMap = 32
     case createVolume = 33
     case lock = 34
+    case ping = 35
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -79,6 +80,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .clusterMap: "clusterMap"
         case .createVolume: "createVolume"
         case .lock: "lock"
+        case .ping: "ping"
         }
     }
 }
@@ -120,6 +122,8 @@ public enum HubRequest: Equatable, Sendable {
     case clusterMap
     case createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression)
     case lock(RequestContext, ino: InodeID, LockRequest)
+    /// Keeps an idle connection (and so its sessions) alive; answered by the server itself.
+    case ping
 
     public var opcode: HubOpcode {
         switch self {
@@ -157,13 +161,14 @@ public enum HubRequest: Equatable, Sendable {
         case .clusterMap: .clusterMap
         case .createVolume: .createVolume
         case .lock: .lock
+        case .ping: .ping
         }
     }
 
     /// The session the request acts for: its context's, or the one `closeSession` ends.
     public var session: SessionID? {
         switch self {
-        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume: nil
+        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping: nil
         case .closeSession(let session): session
         case .lookup(let c, _, _), .getattr(let c, _), .setattr(let c, _, _), .create(let c, _, _, _, _, _, _),
              .mkdir(let c, _, _, _, _), .unlink(let c, _, _), .rmdir(let c, _, _), .symlink(let c, _, _, _),
@@ -184,7 +189,7 @@ public enum HubRequest: Equatable, Sendable {
             return context
         }
         switch self {
-        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume: return self
+        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping: return self
         case .closeSession: return .closeSession(session)
         case let .lookup(c, parent, name): return .lookup(s(c), parent: parent, name: name)
         case let .getattr(c, ino): return .getattr(s(c), ino: ino)
@@ -283,6 +288,8 @@ public enum HubRequest: Equatable, Sendable {
             w.string(name); w.string(home); w.u32(chunkSizeBytes); w.u8(compression.rawValue)
         case let .lock(c, ino, request):
             c.encode(into: &w); w.u64(ino); request.encode(into: &w)
+        case .ping:
+            break
         }
         return nil
     }
@@ -303,6 +310,8 @@ public enum HubRequest: Equatable, Sendable {
                                       volume: try r.string(max: WireCodec.stringMaxBytes))
         case .clusterMap:
             return .clusterMap
+        case .ping:
+            return .ping
         case .createVolume:
             let name = try r.string(max: WireCodec.stringMaxBytes), home = try r.string(max: WireCodec.stringMaxBytes)
             let chunkSize = try r.u32()
@@ -314,7 +323,7 @@ public enum HubRequest: Equatable, Sendable {
         }
         let c = try RequestContext.decode(from: &r)
         switch opcode {
-        case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume:
+        case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping:
             preconditionFailure("handled above")
         case .lookup:
             return .lookup(c, parent: try r.u64(), name: try r.blob())

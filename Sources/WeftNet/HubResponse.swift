@@ -31,7 +31,7 @@ public enum HubResponse: Equatable, Sendable {
     /// Whether this is the result shape of `opcode`.
     func fits(_ opcode: HubOpcode) -> Bool {
         switch (self, opcode) {
-        case (.empty, .closeSession), (.empty, .unlink), (.empty, .rmdir), (.empty, .rename), (.empty, .access),
+        case (.empty, .closeSession), (.empty, .ping), (.empty, .unlink), (.empty, .rmdir), (.empty, .rename), (.empty, .access),
              (.empty, .release), (.empty, .setxattr), (.empty, .removexattr), (.empty, .writeSlice), (.empty, .sync),
              (.session, .openSession),
              (.attributes, .lookup), (.attributes, .getattr), (.attributes, .setattr), (.attributes, .create),
@@ -110,7 +110,7 @@ public enum HubResponse: Equatable, Sendable {
     /// Reads the success payload of a response to `opcode`. Leaves any trailing bytes to the caller.
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
-        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync:
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping:
             return .empty
         case .openSession, .openVolumeSession:
             return .session(try r.u64(), try VolumeInfo.decode(from: &r))

@@ -16,6 +16,8 @@ import WeftProto
 /// their request id; when a connection ends, every session opened through it is closed on the hub
 /// (releasing that agent's open files); a malformed frame closes only its own connection, with a
 /// log line. At most `maxConnections` connections are served at once; more are closed on accept.
+/// With `idleTimeoutMs`, a connection that sends nothing for that long (agents ping every
+/// `RemoteHub.heartbeatMs`) is closed, ending its sessions.
 public final class HubServer: @unchecked Sendable {
     /// Default size of the worker pool; hub methods block on disk I/O and fsync.
     public static let defaultWorkerThreads = 16
@@ -28,6 +30,7 @@ public final class HubServer: @unchecked Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
     private let maxConnections: Int
+    private let idleTimeoutMs: Int?
 
     private let lock = PthreadMutex()
     private var listeners: [Channel] = []
@@ -39,8 +42,11 @@ public final class HubServer: @unchecked Sendable {
                 workerThreads: Int = HubServer.defaultWorkerThreads,
                 eventLoopThreads: Int = min(System.coreCount, 4),
                 maxInFlightRequestsPerConnection: Int = HubServer.defaultMaxInFlightRequestsPerConnection,
-                maxConnections: Int = HubServer.defaultMaxConnections) {
+                maxConnections: Int = HubServer.defaultMaxConnections,
+                idleTimeoutMs: Int? = nil) {
         precondition(workerThreads > 0 && eventLoopThreads > 0 && maxInFlightRequestsPerConnection > 0 && maxConnections > 0)
+        precondition((idleTimeoutMs ?? 1) > 0)
+        self.idleTimeoutMs = idleTimeoutMs
         let pool = NIOThreadPool(numberOfThreads: workerThreads)
         pool.start()
         self.core = ServerCore(hub: hub, pool: pool, logger: logger,
@@ -112,6 +118,7 @@ public final class HubServer: @unchecked Sendable {
 
     private func bootstrap() -> ServerBootstrap {
         let core = self.core
+        let idleTimeoutMs = self.idleTimeoutMs
         return ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 256)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -120,6 +127,12 @@ public final class HubServer: @unchecked Sendable {
             .childChannelInitializer { [weak self] channel in
                 guard let self, self.admit(channel) else { return channel.close() }
                 do {
+                    if let idleTimeoutMs {
+                        // An agent pings every few seconds; silence this long means it is gone
+                        // or cut off: its sessions (and their locks) end with the connection.
+                        try channel.pipeline.syncOperations.addHandler(
+                            IdleStateHandler(readTimeout: .milliseconds(Int64(idleTimeoutMs))))
+                    }
                     try channel.pipeline.syncOperations.addHandlers(
                         ByteToMessageHandler(FrameDecoder()), HubConnectionHandler(core: core))
                     return channel.eventLoop.makeSucceededVoidFuture()

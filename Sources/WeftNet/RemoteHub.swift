@@ -25,6 +25,11 @@ import WeftProto
 ///   (within their own timeout).
 public final class RemoteHub: HubAPI, @unchecked Sendable {
     public static let maxInFlightRequests = 1024
+    /// How often a connection pings its hub, so that the hub can tell a live idle agent from a
+    /// dead or cut-off one (`HubServer` idle timeout).
+    public static let heartbeatMs = 2_000
+    /// Request id of pings; real requests start at 1. Their answers find no waiter and are dropped.
+    static let pingRequestID: UInt64 = 0
 
     public let address: HubAddress
     public let connectTimeoutMs: Int
@@ -400,6 +405,13 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             throw doesNotAnswer(describeConnectFailure(error))
         }
         lock.withLock { connection.channel = channel }
+        let heartbeat = channel.eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(Int64(Self.heartbeatMs)),
+                                                               delay: .milliseconds(Int64(Self.heartbeatMs))) { _ in
+            guard channel.isActive, let ping = try? WireCodec.requestBuffer(id: Self.pingRequestID, .ping,
+                                                                             allocator: channel.allocator) else { return }
+            channel.writeAndFlush(ping, promise: nil)
+        }
+        channel.closeFuture.whenComplete { _ in heartbeat.cancel() }
 
         let toReopen = lock.withLock { sessions }
         for (callerID, (agentName, volume)) in toReopen {

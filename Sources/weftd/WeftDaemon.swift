@@ -38,11 +38,16 @@ struct Serve: ParsableCommand {
     @Option(help: "Cluster name (with --etcd).") var cluster: String = "weft"
     @Option(help: "Address other hubs and agents reach this hub at (default: the --listen address).")
     var advertise: String?
+    @Option(help: "Seconds of silence after which an agent's connection is closed and its sessions and locks end (agents ping every 2 s).")
+    var sessionTimeout: Double = 15
 
     func validate() throws {
         if (etcd == nil) != (hub == nil) { throw ValidationError("--etcd and --hub go together") }
         if let hub { try ClusterNames.validateHub(hub) }
+        guard (3...3600).contains(sessionTimeout) else { throw ValidationError("--session-timeout must be 3...3600 seconds") }
     }
+
+    var idleTimeoutMs: Int { Int(sessionTimeout * 1000) }
 
     func run() throws {
         guard let mode = DurabilityMode(rawValue: durability) else {
@@ -63,7 +68,7 @@ struct Serve: ParsableCommand {
         }
         let hub = try Hub(directory: path, durability: mode, logger: logger)
         try hub.recover()
-        let server = HubServer(hub: hub, logger: logger)
+        let server = HubServer(hub: hub, logger: logger, idleTimeoutMs: idleTimeoutMs)
         let bound: Int
         do {
             bound = try server.listen(host: host, port: port)
@@ -91,7 +96,7 @@ struct Serve: ParsableCommand {
         // Listen before joining: the address registered must be the bound one (port 0 picks).
         let member = try ClusterMember(etcd: etcdClient, cluster: cluster, hubName: hubName, address: "", logger: logger)
         let fabric = FabricHub(directory: path, member: member, durability: mode, logger: logger)
-        let server = HubServer(hub: fabric, logger: logger)
+        let server = HubServer(hub: fabric, logger: logger, idleTimeoutMs: idleTimeoutMs)
         do {
             let bound = try server.listen(host: host, port: port)
             try server.listen(unixSocketPath: EmbeddedSocket.path(path))

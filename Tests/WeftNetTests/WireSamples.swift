@@ -59,6 +59,7 @@ enum WireSamples {
         .createVolume(name: "ckpt", home: "hub-b", chunkSizeBytes: 8 << 20, compression: .zstd),
         .lock(context, ino: 22, LockRequest(kind: .posix, type: .write, start: 1 << 40, end: .max, owner: 0xFEED_BEEF,
                                             pid: 4_000_000, test: true)),
+        .ping,
     ]
 
     /// Variants that exercise optional and empty fields.
@@ -79,7 +80,7 @@ enum WireSamples {
     /// One success result per opcode.
     static func response(for opcode: HubOpcode) -> HubResponse {
         switch opcode {
-        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync:
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping:
             return .empty
         case .openSession, .openVolumeSession:
             return .session(0x1234_5678_9ABC, volume)

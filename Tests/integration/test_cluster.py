@@ -338,3 +338,51 @@ def _try_flock(fd) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_partitioned_agent_loses_its_locks_after_the_session_timeout(resources):
+    """An agent cut off from the home stops pinging; the home ends its session (and locks)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    r = resources.run([LOCAL_CLUSTER, "up", "--hubs", "2", "--rtt-ms", "10", "--dir", resources.base / "cluster",
+                       "--bin", harness.bin_dir(), "--session-timeout", "3"], timeout_s=120)
+    assert r.rc == 0, r.describe()
+    info = json.loads(r.out.strip().splitlines()[-1])
+    hubs = {h["name"]: h["address"] for h in info["hubs"]}
+    control = {(l["from"], l["to"]): l["control"] for l in info["links"]}
+    cli = harness.WeftCLI(resources)
+    try:
+        created = cli.weft("volume", "create", f"weft://{hubs['hub1']}", "v", "--home", "hub1")
+        assert created.rc == 0, created.describe()
+        near = harness.Mount(resources, cli, f"weft://{hubs['hub1']}/v", resources.new_dir("near"))
+        far = harness.Mount(resources, cli, f"weft://{hubs['hub2']}/v", resources.new_dir("far"))
+        near.start()
+        far.start()
+        (near.mountpoint / "f").write_text("x")
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(far.mountpoint / "f"), "flock"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "locked"
+        fd = os.open(near.mountpoint / "f", os.O_RDWR)
+        try:
+            assert not _try_flock(fd), "the far agent holds the lock"
+            # Idle for longer than the session timeout while connected: pings keep the session.
+            time.sleep(4.5)
+            assert not _try_flock(fd), "a connected, idle agent lost its lock"
+            cut = resources.run([harness.bin_dir() / "weft-link", "control", control[("hub2", "hub1")], "cut"])
+            assert cut.rc == 0, cut.describe()
+            start = time.monotonic()
+            assert harness.wait_until(lambda: _try_flock(fd), 20), "the cut-off agent's lock was never released"
+            assert time.monotonic() - start < 15
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+            resources.run([harness.bin_dir() / "weft-link", "control", control[("hub2", "hub1")], "heal"])
+            holder.kill()
+            holder.wait(timeout=10)
+    finally:
+        for m in list(resources.mounts):
+            if m.active:
+                cli.weft("umount", m.mountpoint, timeout_s=60)
+        resources.run([LOCAL_CLUSTER, "down", "--dir", resources.base / "cluster"], timeout_s=60)
