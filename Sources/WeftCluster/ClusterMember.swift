@@ -92,15 +92,17 @@ public final class ClusterMember: @unchecked Sendable {
     // MARK: Internals
 
     /// Publishes the names of the volumes this hub serves as home (in its leased record), and
-    /// waits (bounded) until this member's map shows it.
+    /// waits (bounded) until this member's map shows them, whoever published them.
     public func advertise(serving names: [String]) throws {
         let (lease, changed): (Int64, Bool) = condition.withLock {
             defer { serving = names }
             return (self.lease, serving != names)
         }
-        guard changed, lease != 0 else { return }
-        let revision = try etcd.put(keys.hub(hubName), try JSONEncoder().encode(record()), lease: lease)
-        _ = waitForRevision(revision, timeoutMs: 5_000)
+        guard lease != 0 else { return }
+        if changed {
+            try etcd.put(keys.hub(hubName), try JSONEncoder().encode(record()), lease: lease)
+        }
+        _ = waitUntil(timeoutMs: 5_000) { [hubName] in Set($0.hubs[hubName]?.serving ?? []).isSuperset(of: names) }
     }
 
     /// Waits until `condition` holds for the map; false on timeout.

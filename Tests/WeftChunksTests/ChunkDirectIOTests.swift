@@ -16,11 +16,15 @@ final class ChunkDirectIOTests: ChunkTestCase {
         return try body(UnsafeMutableRawBufferPointer(rebasing: buffer[0..<bytes.count]))
     }
 
-    /// The directory's file system takes O_DIRECT (ext4 on these machines; not tmpfs everywhere).
-    func requireDirectIO(_ store: ChunkStore) throws {
-        guard store.directIOCounters.enabled else {
-            throw XCTSkip("\(directory) refuses O_DIRECT; the buffered fallback is tested instead")
+    /// Whether the directory's file system took O_DIRECT (ext4 on these machines). Where it
+    /// refused, the store must have fallen back to the page cache for good, having moved nothing
+    /// directly: the callers then check the bytes only.
+    func directIOTaken(_ store: ChunkStore) -> Bool {
+        let counters = store.directIOCounters
+        if !counters.enabled {
+            XCTAssertEqual(counters.reads + counters.writes, 0, "a refused O_DIRECT moved bytes")
         }
+        return counters.enabled
     }
 
     func testAlignedObjectGoesToDiskAndBackWithoutThePageCache() throws {
@@ -28,8 +32,8 @@ final class ChunkDirectIOTests: ChunkTestCase {
         let data = TestData.random(3 * Self.block + 1000, &random)
         let store = try makeStore()
         try withAligned(data) { try store.write(id: 1, data: UnsafeRawBufferPointer($0)) }
-        try requireDirectIO(store)
-        XCTAssertEqual(store.directIOCounters.writes, 1)
+        let direct = directIOTaken(store)
+        if direct { XCTAssertEqual(store.directIOCounters.writes, 1) }
         XCTAssertEqual(ParsedObject(try fileBytes(1)).dataOffset, 4096)
 
         // Whole object into page-aligned memory: direct; unaligned destinations: buffered.
@@ -38,7 +42,7 @@ final class ChunkDirectIOTests: ChunkTestCase {
             return Array(destination)
         }
         XCTAssertEqual(readBack, data)
-        XCTAssertGreaterThanOrEqual(store.directIOCounters.reads, 1)
+        if direct { XCTAssertGreaterThanOrEqual(store.directIOCounters.reads, 1) }
         XCTAssertEqual(try store.read(id: 1, offset: 0, length: data.count), data)
         for (offset, length) in [(1, 10), (Self.block - 1, 2), (Self.block, Self.block), (3 * Self.block, 1000), (5, data.count - 5)] {
             XCTAssertEqual(try store.read(id: 1, offset: offset, length: length), Array(data[offset..<offset + length]),
@@ -128,14 +132,14 @@ final class ChunkDirectIOTests: ChunkTestCase {
         let data = TestData.random(4 * Self.block, &random)
         let store = try makeStore()
         try withAligned(data) { try store.write(id: 8, data: UnsafeRawBufferPointer($0)) }
-        try requireDirectIO(store)
+        let direct = directIOTaken(store)
         let block2 = ParsedObject(try fileBytes(8)).blocks[2]
         try corrupt(8, at: block2.fileOffset + 17)
         let reopened = try makeStore()
         try withAligned([UInt8](repeating: 0, count: data.count)) { destination in
             assertErrno(EIO, try reopened.read(id: 8, offset: 0, into: destination))
         }
-        XCTAssertGreaterThanOrEqual(reopened.directIOCounters.reads, 1)
+        if direct { XCTAssertGreaterThanOrEqual(reopened.directIOCounters.reads, 1) }
         XCTAssertEqual(log.errors.count, 1, "\(log.errors)")
         XCTAssertTrue(log.errors.first?.contains("block 2") ?? false, "\(log.errors)")
         // The undamaged blocks still read, directly.
