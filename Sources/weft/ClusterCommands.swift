@@ -20,6 +20,19 @@ func fetchMap(_ hub: RemoteHub) throws -> ClusterMap {
     try JSONDecoder().decode(ClusterMap.self, from: Data(try hub.clusterMap()))
 }
 
+/// One "key<TAB>value" line per field, in key order; lists and maps as compact JSON.
+func printFields(_ object: [String: Any]) throws {
+    for key in object.keys.sorted() {
+        let value = object[key]!
+        if value is [Any] || value is [String: Any] {
+            let data = try JSONSerialization.data(withJSONObject: value, options: [.sortedKeys])
+            print("\(key)\t\(String(decoding: data, as: UTF8.self))")
+        } else {
+            print("\(key)\t\(value)")
+        }
+    }
+}
+
 func printJSON(_ object: Any) throws {
     let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
     print(String(decoding: data, as: UTF8.self))
@@ -117,7 +130,7 @@ struct VolumeShow: ParsableCommand {
             if json {
                 try printJSON(object)
             } else {
-                for key in object.keys.sorted() { print("\(key)\t\(object[key]!)") }
+                try printFields(object)
             }
         }
     }
@@ -167,7 +180,7 @@ struct HubShow: ParsableCommand {
             if json {
                 try printJSON(object)
             } else {
-                for key in object.keys.sorted() { print("\(key)\t\(object[key]!)") }
+                try printFields(object)
             }
         }
     }
