@@ -24,7 +24,9 @@ import errno
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-INDETERMINATE = {errno.ETIMEDOUT, errno.EIO, errno.EINTR}
+# Errors after which the call may or may not have taken effect: a timeout, a lost connection,
+# an interrupted call, and the agent itself dying under the caller (ENOTCONN, ECONNABORTED).
+INDETERMINATE = {errno.ETIMEDOUT, errno.EIO, errno.EINTR, errno.ENOTCONN, errno.ECONNABORTED}
 NEVER = 1 << 62  # completion time of an operation that never returned
 
 

@@ -42,6 +42,11 @@ class Agent(threading.Thread):
         self.rng = random.Random(seed * 1000 + number)
         self.history, self.lock = history, lock
         self.failure = None
+        # Cleared while this agent's process is being restarted: the client waits, like a
+        # process whose file system went away and came back.
+        self.gate = threading.Event()
+        self.gate.set()
+        self.idle = threading.Event()
 
     def record(self, obj, name, args, call):
         invoke = time.monotonic_ns()
@@ -57,6 +62,10 @@ class Agent(threading.Thread):
     def run(self):
         try:
             for seq in range(self.count):
+                if not self.gate.is_set():
+                    self.idle.set()
+                    self.gate.wait()
+                    self.idle.clear()
                 self.step(seq)
         except BaseException as e:  # noqa: BLE001 - reported by the test
             self.failure = e
@@ -134,14 +143,21 @@ def run_history(resources, seed: int, ops_per_agent: int, rtt_ms: int, mount_opt
             agent.start()
         stop_faults = threading.Event()
         fault_thread = None
+        fault_errors = []
         if faults:
-            fault_thread = threading.Thread(target=faults, args=(cluster, stop_faults), daemon=True)
+            def run_faults():
+                try:
+                    faults(cluster, stop_faults, mounts, agents)
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    fault_errors.append(e)
+            fault_thread = threading.Thread(target=run_faults, daemon=True)
             fault_thread.start()
         for agent in agents:
             agent.join(timeout=600)
         stop_faults.set()
         if fault_thread:
             fault_thread.join(timeout=60)
+        assert not fault_errors, f"seed {seed}: the fault injector failed: {fault_errors[0]!r}"
         for agent in agents:
             assert not agent.is_alive(), f"{agent.name} did not finish"
             assert agent.failure is None, f"seed {seed}: {agent.name} crashed: {agent.failure!r}"
@@ -214,22 +230,39 @@ def restart_hub(cluster, name: str) -> None:
 
 @pytest.mark.weft_timeout(900)
 def test_agents_without_kernel_caching_stay_linearizable_under_faults(resources):
-    """The same run while the far agent's link is cut and healed and the home's weftd is killed
-    with -9 and restarted: failed calls are indeterminate, and whatever did complete must still
-    form a linearizable history."""
-    def faults(cluster, stop):
+    """The same run while the far agent's link is cut and healed, the home's weftd is killed
+    with -9 and restarted, and one agent is killed with -9 and mounted again: failed calls are
+    indeterminate, and whatever did complete must still form a linearizable history."""
+    injected = {"cut": 0, "hub restart": 0, "agent restart": 0}
+
+    def faults(cluster, stop, mounts, agents):
         control = cluster.links[("hub2", "hub1")]["control"]
         rounds = 0
         while not stop.wait(1.0):
             rounds += 1
-            if rounds % 3 == 2:
+            # Odd rounds cut the far agent's link for a second; even rounds alternate a kill -9
+            # and restart of the home's weftd and of one agent.
+            if rounds % 4 == 2:
                 restart_hub(cluster, "hub1")
+                injected["hub restart"] += 1
                 continue
+            if rounds % 4 == 0:
+                # kill -9 one agent under its client, then mount it again.
+                victim, mount = agents[1], mounts[1]
+                victim.gate.clear()
+                mount.kill_agent()
+                victim.idle.wait(30)
+                mount.lazy_unmount()
+                mount.start()
+                victim.gate.set()
+                injected["agent restart"] += 1
+                continue
+            injected["cut"] += 1
             resources.run([harness.bin_dir() / "weft-link", "control", control, "cut"])
             stop.wait(1.0)
             resources.run([harness.bin_dir() / "weft-link", "control", control, "heal"])
 
-    ops = 300 if os.environ.get("WEFT_SLOW") == "1" else 80
+    ops = 300 if os.environ.get("WEFT_SLOW") == "1" else 100
     for seed in seeds(default_count=1):
         history = run_history(resources, seed, ops, rtt_ms=40, faults=faults,
                               mount_options=["--attr-timeout", "0", "--hub-timeout", "2"])
@@ -237,4 +270,6 @@ def test_agents_without_kernel_caching_stay_linearizable_under_faults(resources)
         failed = [op for op in history if op.indeterminate]
         verdict = check(history, BLOCK)
         assert verdict.ok, f"seed {seed} (replay: WEFT_LIN_SEED={seed}):\n{verdict.report()}"
-        print(f"seed {seed}: {len(history)} operations, {len(failed)} failed indeterminately, linearizable")
+        print(f"seed {seed}: {len(history)} operations, {len(failed)} failed indeterminately, faults {injected}, "
+              "linearizable")
+        assert all(count > 0 for count in injected.values()), f"a fault was never injected: {injected}"
