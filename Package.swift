@@ -75,6 +75,7 @@ let package = Package(
                                                             .product(name: "Logging", package: "swift-log")]),
         // Shared command plumbing for both executables: sources, hub opening, daemon start-up.
         .target(name: "WeftAgent", dependencies: ["WeftProto", "CWeftSupport", "WeftHub", "WeftNet", "WeftVFS", "WeftFUSE",
+                                                  "WeftCluster",
                                                   .product(name: "Logging", package: "swift-log")]),
         .executableTarget(name: "weft", dependencies: ["WeftAgent", "WeftCluster",
                                                        .product(name: "ArgumentParser", package: "swift-argument-parser")]),

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import WeftCluster
 import WeftNet
 import WeftProto
 import WeftVFS
@@ -53,15 +54,8 @@ final class GlobalRoot {
 
     /// The cluster's volumes, from the map of the hub this agent mounts through.
     static func volumes(of hub: RemoteHub) throws -> [GlobalNamespace.Volume] {
-        let json = try hub.clusterMap()
-        guard let object = try JSONSerialization.jsonObject(with: Data(json)) as? [String: Any],
-              let volumes = object["volumes"] as? [String: [String: Any]] else {
-            throw WeftError(EIO, "hub \(hub.address.displayName) sent an unreadable cluster map")
-        }
-        return volumes.compactMap { name, record in
-            guard let id = (record["id"] as? NSNumber)?.uint16Value, id != 0 else { return nil }
-            return GlobalNamespace.Volume(name: name, id: id)
-        }
+        let map = try ClusterMap.decode(try hub.clusterMap(), from: hub.address.displayName)
+        return map.volumes.values.filter { $0.id != 0 }.map { GlobalNamespace.Volume(name: $0.name, id: $0.id) }
     }
 
     func close() {

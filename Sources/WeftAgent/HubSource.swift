@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import WeftCluster
 import WeftHub
 import WeftMeta
 import WeftNet
@@ -56,19 +57,13 @@ public enum HubOpener {
                               logger: logger)
         guard !volume.isEmpty else { return entry }
         do {
-            let mapBytes = try entry.clusterMap()
-            guard let object = try JSONSerialization.jsonObject(with: Data(mapBytes)) as? [String: Any],
-                  let volumes = object["volumes"] as? [String: [String: Any]] else {
-                throw WeftError(EIO, "hub \(address.displayName) sent an unreadable cluster map")
-            }
-            guard let record = volumes[volume], let home = record["home"] as? String else {
+            let map = try ClusterMap.decode(try entry.clusterMap(), from: address.displayName)
+            guard let home = map.volumes[volume]?.home else {
                 throw WeftError(ENOENT, "no volume named '\(volume)' in the cluster of \(address.displayName)")
             }
-            let region = object["answeredBy"] as? String ?? ""
+            let region = map.answeredBy ?? ""
             if home == region { return entry }
-            let routes = object["routes"] as? [String: [String: String]] ?? [:]
-            let hubs = object["hubs"] as? [String: [String: Any]] ?? [:]
-            guard let homeAddress = routes[region]?[home] ?? hubs[home]?["address"] as? String else {
+            guard let homeAddress = map.address(of: home, from: region) else {
                 throw WeftError(EIO, "volume '\(volume)': its home hub '\(home)' is down")
             }
             entry.close()

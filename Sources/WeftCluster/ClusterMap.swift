@@ -80,6 +80,15 @@ public struct ClusterMap: Codable, Sendable, Equatable {
     public func hubName(id: UInt16) -> String? {
         hubIDs.first { $0.value == id }?.key
     }
+
+    /// Decodes the JSON a hub answers `clusterMap` with; EIO names `hub` if it is unreadable.
+    public static func decode(_ json: [UInt8], from hub: String) throws -> ClusterMap {
+        do {
+            return try JSONDecoder().decode(ClusterMap.self, from: Data(json))
+        } catch {
+            throw WeftError(EIO, "hub \(hub) sent an unreadable cluster map: \(error)")
+        }
+    }
 }
 
 /// The etcd key layout under `/weft/<cluster>/` (SPEC.md §12.2).

@@ -17,7 +17,7 @@ func withClusterHub<T>(_ source: String, _ body: (RemoteHub) throws -> T) throws
 }
 
 func fetchMap(_ hub: RemoteHub) throws -> ClusterMap {
-    try JSONDecoder().decode(ClusterMap.self, from: Data(try hub.clusterMap()))
+    try ClusterMap.decode(try hub.clusterMap(), from: hub.address.displayName)
 }
 
 /// One "key<TAB>value" line per field, in key order; lists and maps as compact JSON.
