@@ -39,7 +39,8 @@ final class GlobalRoot {
                 var volumeOptions = options
                 volumeOptions.volume = volume.name
                 do {
-                    let vfs = try VFS(hub: hub, options: volumeOptions, logger: logger, shared: shared)
+                    let vfs = try VFS(hub: hub, options: volumeOptions, logger: logger, shared: shared,
+                                      kernelInoBase: UInt64(volume.id) << 48)
                     root?.lock.withLock { root?.volumeHubs.append(hub) }
                     return vfs
                 } catch {
@@ -47,6 +48,7 @@ final class GlobalRoot {
                     throw error
                 }
             },
+            leaseCache: shared.leaseCache,
             logger: logger)
         root = GlobalRoot(entry: entry, namespace: namespace)
         return root!

@@ -26,6 +26,7 @@ public final class FUSEAdapter: @unchecked Sendable {
     let options: MountOptions
     let logger: Logger
     private var session: OpaquePointer?
+    var sessionBox: SessionBox?
     public let mountpoint: String
     static let maxIOBytes: UInt32 = 1 << 20
     /// Kernel read-ahead for the mount. The kernel starts FUSE mounts at 128 KiB; a larger window
@@ -62,6 +63,7 @@ public final class FUSEAdapter: @unchecked Sendable {
             session = nil
             throw WeftError(EIO, "cannot mount FUSE at \(mountpoint) (is /dev/fuse available and the mountpoint an empty directory?)")
         }
+        hookInvalidations(created)
     }
 
     /// Serves requests on a pool of threads until unmounted or `exit()` is called.
@@ -72,6 +74,7 @@ public final class FUSEAdapter: @unchecked Sendable {
         fuse_loop_cfg_set_max_threads(config, options.maxThreads)
         fuse_loop_cfg_set_idle_threads(config, options.maxThreads)  // no thread churn
         let result = fuse_session_loop_mt(session, config)
+        sessionBox?.detach()
         fuse_session_unmount(session)
         fuse_session_destroy(session)
         self.session = nil
@@ -112,8 +115,20 @@ public final class FUSEAdapter: @unchecked Sendable {
         return Array(UnsafeRawBufferPointer(start: cName, count: strlen(cName)))
     }
 
-    /// Runs `body`; a thrown `WeftError` is replied as its errno, anything else as EIO.
+    /// The lease token taken when the calling thread's current request began (SPEC.md §12.6).
+    private static let tokenKey: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key, nil)
+        return key
+    }()
+
+    static var requestToken: UInt64 { UInt64(UInt(bitPattern: pthread_getspecific(tokenKey))) }
+
+    /// Runs `body`; a thrown `WeftError` is replied as its errno, anything else as EIO. Takes the
+    /// lease token first, so replies cache only what no recall overtook.
     static func reply(_ req: fuse_req_t?, _ body: () throws -> Void) {
+        let token = adapter(req).vfs.cacheToken()
+        pthread_setspecific(tokenKey, UnsafeRawPointer(bitPattern: UInt(token)))
         do {
             try body()
         } catch let error as WeftError {
@@ -155,24 +170,37 @@ public final class FUSEAdapter: @unchecked Sendable {
         return Glibc.timespec(tv_sec: Int(seconds), tv_nsec: Int(nanoseconds))
     }
 
-    func entry(_ attributes: Attributes) -> fuse_entry_param {
+    /// The entry for `attributes` under `parent`. The kernel may cache it only under leases on
+    /// both (nil `parent`: never, as for readdirplus pages fetched by earlier calls).
+    func entry(_ attributes: Attributes, parent: fuse_ino_t?) -> fuse_entry_param {
         var entry = fuse_entry_param()
         entry.ino = attributes.ino
         entry.generation = 1
         entry.attr = stat(attributes)
-        entry.attr_timeout = options.attributeTimeoutSeconds
-        entry.entry_timeout = options.entryTimeoutSeconds
+        let token = Self.requestToken
+        let cached = parent != nil && vfs.mayCache(attributes.ino, since: token)
+        entry.attr_timeout = cached ? options.attributeTimeoutSeconds : 0
+        entry.entry_timeout = cached && vfs.mayCache(parent!, since: token) ? options.entryTimeoutSeconds : 0
         return entry
     }
 
-    func replyEntry(_ req: fuse_req_t?, _ attributes: Attributes) {
-        var e = entry(attributes)
+    func replyEntry(_ req: fuse_req_t?, parent: fuse_ino_t, _ attributes: Attributes) {
+        var e = entry(attributes, parent: parent)
         fuse_reply_entry(req, &e)
     }
 
     func replyAttributes(_ req: fuse_req_t?, _ attributes: Attributes) {
         var st = stat(attributes)
-        fuse_reply_attr(req, &st, options.attributeTimeoutSeconds)
+        let cached = vfs.mayCache(attributes.ino, since: Self.requestToken)
+        fuse_reply_attr(req, &st, cached ? options.attributeTimeoutSeconds : 0)
+    }
+
+    /// Connects the VFS's recalls to the kernel's caches.
+    func hookInvalidations(_ session: OpaquePointer) {
+        let box = SessionBox(session)
+        sessionBox = box
+        vfs.leaseCache.invalidateInode = { ino in box.invalidateInode(ino, offset: 0, length: 0) }
+        vfs.leaseCache.invalidateEntry = { parent, name in box.invalidateEntry(parent, name) }
     }
 
     func connectionInit(_ conn: UnsafeMutablePointer<fuse_conn_info>) {
@@ -259,5 +287,32 @@ final class LockedSet: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         return body(&set)
+    }
+}
+
+/// The FUSE session for kernel cache invalidations from any thread, until it is torn down.
+final class SessionBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var session: OpaquePointer?
+
+    init(_ session: OpaquePointer) { self.session = session }
+
+    func detach() { lock.withLock { session = nil } }
+
+    /// Drops the kernel's attributes of `ino` and its pages in `[offset, offset+length)` (0: all).
+    func invalidateInode(_ ino: UInt64, offset: Int64, length: Int64) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let session else { return }
+        _ = fuse_lowlevel_notify_inval_inode(session, fuse_ino_t(ino), off_t(offset), off_t(length))
+    }
+
+    func invalidateEntry(_ parent: UInt64, _ name: [UInt8]) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let session else { return }
+        var cName = name.map { CChar(bitPattern: $0) }
+        cName.append(0)
+        _ = fuse_lowlevel_notify_inval_entry(session, fuse_ino_t(parent), cName, name.count)
     }
 }

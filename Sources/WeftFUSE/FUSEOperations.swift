@@ -18,7 +18,7 @@ extension FUSEAdapter {
         ops.lookup = { req, parent, name in
             FUSEAdapter.reply(req) {
                 let a = FUSEAdapter.adapter(req)
-                a.replyEntry(req, try a.vfs.lookup(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name)))
+                a.replyEntry(req, parent: parent, try a.vfs.lookup(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name)))
             }
         }
         ops.forget = { req, _, _ in fuse_reply_none(req) }
@@ -63,14 +63,14 @@ extension FUSEAdapter {
         ops.mknod = { req, parent, name, mode, rdev in
             FUSEAdapter.reply(req) {
                 let a = FUSEAdapter.adapter(req)
-                a.replyEntry(req, try a.vfs.mknod(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
+                a.replyEntry(req, parent: parent, try a.vfs.mknod(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
                                                   mode: mode, rdev: UInt32(truncatingIfNeeded: rdev), umask: FUSEAdapter.umask(req)))
             }
         }
         ops.mkdir = { req, parent, name, mode in
             FUSEAdapter.reply(req) {
                 let a = FUSEAdapter.adapter(req)
-                a.replyEntry(req, try a.vfs.mkdir(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
+                a.replyEntry(req, parent: parent, try a.vfs.mkdir(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
                                                   mode: mode, umask: FUSEAdapter.umask(req)))
             }
         }
@@ -89,7 +89,7 @@ extension FUSEAdapter {
         ops.symlink = { req, link, parent, name in
             FUSEAdapter.reply(req) {
                 let a = FUSEAdapter.adapter(req)
-                a.replyEntry(req, try a.vfs.symlink(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
+                a.replyEntry(req, parent: parent, try a.vfs.symlink(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
                                                     target: FUSEAdapter.name(link)))
             }
         }
@@ -104,7 +104,7 @@ extension FUSEAdapter {
         ops.link = { req, ino, newParent, newName in
             FUSEAdapter.reply(req) {
                 let a = FUSEAdapter.adapter(req)
-                a.replyEntry(req, try a.vfs.link(FUSEAdapter.credentials(req), ino: ino, newParent: newParent,
+                a.replyEntry(req, parent: newParent, try a.vfs.link(FUSEAdapter.credentials(req), ino: ino, newParent: newParent,
                                                  newName: FUSEAdapter.name(newName)))
             }
         }
@@ -122,18 +122,24 @@ extension FUSEAdapter {
                 let (attributes, handle) = try a.vfs.create(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
                                                             mode: mode, umask: FUSEAdapter.umask(req), flags: fi!.pointee.flags)
                 fi!.pointee.fh = handle
-                var e = a.entry(attributes)
+                var e = a.entry(attributes, parent: parent)
                 if fuse_reply_create(req, &e, fi) != 0 { try? a.vfs.release(handle: handle) }
             }
         }
-        ops.read = { req, _, size, offset, fi in
+        ops.read = { req, ino, size, offset, fi in
             FUSEAdapter.reply(req) {
-                let result = try FUSEAdapter.adapter(req).vfs.read(handle: fi!.pointee.fh, offset: UInt64(offset), size: size)
+                let a = FUSEAdapter.adapter(req)
+                let result = try a.vfs.read(handle: fi!.pointee.fh, offset: UInt64(offset), size: size)
                 var vectors = result.pieces.map {
                     iovec(iov_base: $0.block.pointer + $0.offset, iov_len: $0.length)
                 }
                 withExtendedLifetime(result) {
                     _ = fuse_reply_iov(req, &vectors, Int32(vectors.count))
+                }
+                // Pages filled by a read no lease covered must not stay in the kernel's cache.
+                // (After the reply: the kernel holds them locked until filled.)
+                if !a.vfs.mayCache(ino, since: FUSEAdapter.requestToken), let box = a.sessionBox {
+                    DispatchQueue.global().async { box.invalidateInode(ino, offset: Int64(offset), length: Int64(size)) }
                 }
             }
         }
@@ -301,7 +307,7 @@ extension FUSEAdapter {
             let needed: Int = buffer.withUnsafeMutableBufferPointer { out in
                 let destination = out.baseAddress! + used
                 if plus {
-                    var e = entry(item.attributes)
+                    var e = entry(item.attributes, parent: nil)
                     if item.name == [0x2E] || item.name == [0x2E, 0x2E] {
                         // "." and ".." take no lookup reference.
                         e = fuse_entry_param()

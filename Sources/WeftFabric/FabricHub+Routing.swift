@@ -152,3 +152,16 @@ extension FabricHub {
         return try hub.lock(c, ino: ino, request)
     }
 }
+
+// MARK: Leases (SPEC.md §12.6): held at the volume's hub, under the inner session.
+extension FabricHub {
+    public func enableLeases(_ session: SessionID, client: LeaseClient) throws {
+        let (hub, c) = try route(RequestContext(session: session, credentials: .root))
+        try hub.enableLeases(c.session, client: client)
+    }
+
+    public func acquireWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool {
+        let (hub, c) = try route(context)
+        return try hub.acquireWriteLease(c, ino: ino)
+    }
+}

@@ -19,6 +19,8 @@ public final class Hub: HubAPI, @unchecked Sendable {
     private let uploadsLock = NSLock()
     private var pendingUploads: [SessionID: Set<SliceID>] = [:]
     let locks = LockTable()
+    /// Who caches what, and the recalls before conflicting changes (SPEC.md §12.6).
+    public let leases: LeaseTable
 
     /// Slice lists longer than this are compacted in the background.
     public static let compactionThresholdSlices = 16
@@ -69,6 +71,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         meta = try MetaStore(path: Hub.metaPath(directory), durability: durability, logger: logger)
         chunks = try ChunkStore(directory: Hub.chunkPath(directory), compression: meta.volume.compression, logger: logger)
         maintenance = Maintenance(logger: logger)
+        leases = LeaseTable(logger: logger)
         let store = chunks
         meta.beforeSync = { try store.sync() }
         maintenance.hub = self
@@ -103,6 +106,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func closeSession(_ session: SessionID) throws {
+        leases.end(session)
         locks.release(session: session)
         try meta.closeSession(session)
         // Objects the session wrote but never committed (its agent died mid-write) are orphans.
@@ -115,40 +119,52 @@ public final class Hub: HubAPI, @unchecked Sendable {
     // MARK: HubAPI — namespace
 
     public func lookup(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
-        try meta.lookup(context.credentials, parent: parent, name: name)
+        try leased(context, { try meta.lookup(context.credentials, parent: parent, name: name) }) { [parent, $0.ino] }
     }
 
     public func getattr(_ context: RequestContext, ino: InodeID) throws -> Attributes {
-        try meta.getattr(ino)
+        try leased(context, { try meta.getattr(ino) }) { _ in [ino] }
     }
 
     public func setattr(_ context: RequestContext, ino: InodeID, _ changes: SetAttributes) throws -> Attributes {
-        let attributes = try meta.setattr(context.credentials, ino: ino, changes)
+        let attributes = try changing(context, [.init(ino)], reply: { [ino] }) {
+            try meta.setattr(context.credentials, ino: ino, changes)
+        }
         if changes.size != nil { maintenance.wake() }
         return attributes
     }
 
     public func create(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32,
                        umask: UInt32, exclusive: Bool) throws -> Attributes {
-        try meta.create(context.credentials, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask,
-                        exclusive: exclusive)
+        try changingEntries(context, parent: parent, name: name) {
+            try meta.create(context.credentials, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask,
+                            exclusive: exclusive)
+        }
     }
 
     public func mkdir(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {
-        try meta.mkdir(context.credentials, parent: parent, name: name, mode: mode, umask: umask)
+        try changingEntries(context, parent: parent, name: name) {
+            try meta.mkdir(context.credentials, parent: parent, name: name, mode: mode, umask: umask)
+        }
     }
 
     public func unlink(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
-        try meta.unlink(context.credentials, parent: parent, name: name)
+        try changing(context, removalTargets(parent: parent, name: name)) {
+            try meta.unlink(context.credentials, parent: parent, name: name)
+        }
         maintenance.wake()
     }
 
     public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
-        try meta.rmdir(context.credentials, parent: parent, name: name)
+        try changing(context, removalTargets(parent: parent, name: name)) {
+            try meta.rmdir(context.credentials, parent: parent, name: name)
+        }
     }
 
     public func symlink(_ context: RequestContext, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes {
-        try meta.symlink(context.credentials, parent: parent, name: name, target: target)
+        try changingEntries(context, parent: parent, name: name) {
+            try meta.symlink(context.credentials, parent: parent, name: name, target: target)
+        }
     }
 
     public func readlink(_ context: RequestContext, ino: InodeID) throws -> [UInt8] {
@@ -156,18 +172,33 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func link(_ context: RequestContext, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes {
-        try meta.link(context.credentials, ino: ino, newParent: newParent, newName: newName)
+        try changing(context, [.init(ino), .init(newParent, names: [newName])], reply: { [ino, newParent] }) {
+            try meta.link(context.credentials, ino: ino, newParent: newParent, newName: newName)
+        }
     }
 
     public func rename(_ context: RequestContext, parent: InodeID, name: [UInt8], newParent: InodeID,
                        newName: [UInt8], flags: RenameFlags) throws {
-        try meta.rename(context.credentials, parent: parent, name: name, newParent: newParent, newName: newName,
-                        flags: flags)
+        // Both names may change in both directories (RENAME_EXCHANGE); the moved inode's ctime
+        // (and a directory's "..") changes; a replaced target loses a link.
+        var targets: [LeaseTable.Target] = [.init(parent, names: [name, newName])]
+        if newParent != parent { targets.append(.init(newParent, names: [name, newName])) }
+        for (directory, entry) in [(parent, name), (newParent, newName)] {
+            if let child = try? meta.lookup(.root, parent: directory, name: entry) {
+                targets.append(.init(child.ino, isFile: child.isRegular))
+            }
+        }
+        try changing(context, targets) {
+            try meta.rename(context.credentials, parent: parent, name: name, newParent: newParent, newName: newName,
+                            flags: flags)
+        }
         maintenance.wake()
     }
 
     public func readdir(_ context: RequestContext, ino: InodeID, after: [UInt8]?, limit: Int) throws -> [DirectoryEntry] {
-        try meta.readdir(context.credentials, ino: ino, after: after, limit: limit)
+        try leased(context, { try meta.readdir(context.credentials, ino: ino, after: after, limit: limit) }) { entries in
+            [ino] + entries.map(\.ino)
+        }
     }
 
     public func access(_ context: RequestContext, ino: InodeID, mask: UInt32) throws {
@@ -175,7 +206,14 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func open(_ context: RequestContext, ino: InodeID, flags: Int32) throws -> Attributes {
-        try meta.open(context.credentials, session: context.session, ino: ino, flags: flags)
+        guard flags & O_TRUNC != 0 else {
+            return try leased(context, { try meta.open(context.credentials, session: context.session, ino: ino, flags: flags) }) {
+                _ in [ino]
+            }
+        }
+        return try changing(context, [.init(ino, isFile: true)], reply: { [ino] }) {
+            try meta.open(context.credentials, session: context.session, ino: ino, flags: flags)
+        }
     }
 
     public func release(_ context: RequestContext, ino: InodeID) throws {
@@ -190,7 +228,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func setxattr(_ context: RequestContext, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags) throws {
-        try meta.setxattr(context.credentials, ino: ino, name: name, value: value, flags: flags)
+        try changing(context, [.init(ino)]) {
+            try meta.setxattr(context.credentials, ino: ino, name: name, value: value, flags: flags)
+        }
     }
 
     public func listxattr(_ context: RequestContext, ino: InodeID) throws -> [[UInt8]] {
@@ -198,7 +238,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func removexattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws {
-        try meta.removexattr(context.credentials, ino: ino, name: name)
+        try changing(context, [.init(ino)]) {
+            try meta.removexattr(context.credentials, ino: ino, name: name)
+        }
     }
 
     public func statfs(_ context: RequestContext) throws -> FileSystemStats {
@@ -239,7 +281,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {
-        try meta.layout(ino: ino, firstChunk: firstChunk, count: count)
+        try leased(context, { try meta.layout(ino: ino, firstChunk: firstChunk, count: count) }) { _ in [ino] }
     }
 
     public func commitSlices(_ context: RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64,
@@ -257,7 +299,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
                 if pendingUploads[context.session]?.isEmpty == true { pendingUploads[context.session] = nil }
             }
         }
-        let attributes = try meta.commitSlices(ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
+        let attributes = try changing(context, [.init(ino, isFile: true)], reply: { [ino] }) {
+            try meta.commitSlices(ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
+        }
         maintenance.considerCompaction(ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
         return attributes
     }
@@ -286,5 +330,72 @@ extension Hub {
         // The inode must exist (and be a file or directory the caller can see).
         _ = try meta.getattr(ino)
         return try locks.apply(session: context.session, ino: ino, request)
+    }
+}
+
+// MARK: Leases (SPEC.md §12.6)
+
+extension Hub {
+    public func enableLeases(_ session: SessionID, client: LeaseClient) throws {
+        leases.enable(session, client: client)
+    }
+
+    public func acquireWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool {
+        guard try meta.getattr(ino).isRegular else { throw WeftError(EINVAL, "write leases are for regular files") }
+        return leases.acquireWrite(context.session, ino)
+    }
+
+    /// Runs a read for the caller and grants it read leases on the inodes `inodes` names in the
+    /// result; reads again if a writer's lease had to be recalled first.
+    func leased<T>(_ context: RequestContext, _ read: () throws -> T, inodes: (T) -> [InodeID]) throws -> T {
+        guard leases.isEnabled(context.session) else { return try read() }
+        while true {
+            let token = leases.readToken()
+            let result = try read()
+            if leases.grant(context.session, inodes(result), since: token) { return result }
+        }
+    }
+
+    /// Applies a change after recalling other sessions' leases on `targets`; the caller is then
+    /// granted leases on the inodes `reply` names (its reply shows them after the change).
+    @discardableResult
+    func changing<T>(_ context: RequestContext, _ targets: [LeaseTable.Target], reply: () -> [InodeID] = { [] },
+                     _ apply: () throws -> T) throws -> T {
+        let token = leases.beginChange(context.session, targets)
+        let result: T
+        do {
+            result = try apply()
+        } catch {
+            leases.endChange(targets)
+            throw error
+        }
+        leases.endChange(targets)
+        _ = leases.grant(context.session, reply(), since: token)
+        return result
+    }
+
+    /// A change that adds entry `name` to `parent` and returns the new entry's attributes.
+    func changingEntries(_ context: RequestContext, parent: InodeID, name: [UInt8],
+                         _ apply: () throws -> Attributes) throws -> Attributes {
+        let token = leases.beginChange(context.session, [.init(parent, names: [name])])
+        let attributes: Attributes
+        do {
+            attributes = try apply()
+        } catch {
+            leases.endChange([.init(parent)])
+            throw error
+        }
+        leases.endChange([.init(parent)])
+        _ = leases.grant(context.session, [parent, attributes.ino], since: token)
+        return attributes
+    }
+
+    /// What removing `name` from `parent` changes: the directory's entry, and the inode's links.
+    func removalTargets(parent: InodeID, name: [UInt8]) -> [LeaseTable.Target] {
+        var targets: [LeaseTable.Target] = [.init(parent, names: [name])]
+        if let child = try? meta.lookup(.root, parent: parent, name: name) {
+            targets.append(.init(child.ino, isFile: child.isRegular))
+        }
+        return targets
     }
 }

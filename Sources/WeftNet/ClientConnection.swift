@@ -20,6 +20,10 @@ final class ClientConnection {
     var pending: [UInt64: ResponseWaiter] = [:]
     /// Session id the caller holds → id of the session opened for it on this connection.
     var liveSessions: [SessionID: SessionID] = [:]
+    /// Send times of pings not yet answered (answers come in order).
+    var pingsSentNs: [UInt64] = []
+    /// Send time of the last ping the hub answered (at first, when the connection opened).
+    var confirmedNs = MonotonicClock.nowNs()
 
     init(expectedInFlight: Int) {
         pending.reserveCapacity(expectedInFlight)

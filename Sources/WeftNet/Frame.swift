@@ -9,6 +9,9 @@ import WeftProto
 public enum FrameKind: UInt8, Sendable {
     case request = 0
     case response = 1
+    /// A request from the hub to the agent (`recall`); the agent answers with a response frame
+    /// of the same opcode and id. Sent only on connections that enabled leases.
+    case callback = 2
 }
 
 /// The fixed fields of a frame after its length prefix. A response echoes the opcode and request
@@ -96,7 +99,7 @@ public enum WireCodec {
 
     /// The request a request frame carries.
     public static func decodeRequest(_ frame: Frame) throws -> HubRequest {
-        guard frame.kind == .request else { throw WeftError(EPROTO, "expected a request frame, got a response") }
+        guard frame.kind != .response else { throw WeftError(EPROTO, "expected a request frame, got a response") }
         return try frame.payload.withUnsafeBytes { try decodeRequest(opcode: frame.opcode, payload: $0) }
     }
 

@@ -83,10 +83,11 @@ final class EncodeScratch {
 extension WireCodec {
     /// A request frame in a buffer of exactly its size; the data of a writeSlice is copied once.
     /// Throws EMSGSIZE for a frame over `maxFrameBytes`.
-    static func requestBuffer(id: UInt64, _ request: HubRequest, allocator: ByteBufferAllocator) throws -> ByteBuffer {
+    static func requestBuffer(id: UInt64, _ request: HubRequest, kind: FrameKind = .request,
+                              allocator: ByteBufferAllocator) throws -> ByteBuffer {
         try EncodeScratch.current.withWriter { head in
             let bulk = request.encodeHead(into: &head)
-            return try frameBuffer(FrameHeader(kind: .request, opcode: request.opcode.rawValue, requestID: id),
+            return try frameBuffer(FrameHeader(kind: kind, opcode: request.opcode.rawValue, requestID: id),
                                    head: head.bytes, bulk: bulk, allocator: allocator)
         }
     }

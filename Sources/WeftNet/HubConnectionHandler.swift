@@ -64,7 +64,7 @@ final class ServerCore: @unchecked Sendable {
     }
 
     /// Decodes and runs one request on the calling (worker) thread and encodes its response.
-    func execute(_ frame: InboundFrame, allocator: ByteBufferAllocator, cancelled: Bool) -> Outcome {
+    func execute(_ frame: InboundFrame, allocator: ByteBufferAllocator, cancelled: Bool, leases: ConnectionLeases?) -> Outcome {
         let id = frame.header.requestID
         guard let opcode = HubOpcode(rawValue: frame.header.opcode) else {
             // A newer agent's method: answered, not fatal (SPEC.md §Wire protocol, versioning).
@@ -80,7 +80,19 @@ final class ServerCore: @unchecked Sendable {
         } catch {
             return .violation(WeftError(EBADMSG, "\(opcode) request \(id): \(error)"))
         }
-        let result = cancelled ? .failure(WeftError(ESHUTDOWN, "hub is shutting down")) : request.perform(on: hub)
+        let result: Result<HubResponse, WeftError>
+        if cancelled {
+            result = .failure(WeftError(ESHUTDOWN, "hub is shutting down"))
+        } else if case .enableLeases(let session) = request {
+            // Recalls for this session go back on this connection.
+            result = Result {
+                guard let leases else { throw WeftError(EINVAL, "no connection to call back on") }
+                try hub.enableLeases(session, client: SessionLeaseClient(session: session, connection: leases))
+                return .empty
+            }.mapError { $0 as? WeftError ?? WeftError(EIO, "\($0)") }
+        } else {
+            result = request.perform(on: hub)
+        }
         var change = SessionChange.none
         switch (request, result) {
         case (.openSession, .success(.session(let session, _))), (.openVolumeSession, .success(.session(let session, _))):
@@ -138,6 +150,7 @@ final class HubConnectionHandler: ChannelDuplexHandler {
     /// True once a malformed frame was seen: nothing more is dispatched.
     private var isClosing = false
     private var sessionsReleased = false
+    private var leases: ConnectionLeases?
 
     init(core: ServerCore) {
         self.core = core
@@ -150,6 +163,7 @@ final class HubConnectionHandler: ChannelDuplexHandler {
         } else if let local = context.channel.localAddress {
             peer = "unix peer on \(local)"
         }
+        leases = ConnectionLeases(channel: context.channel)
         core.connectionStarted()
         core.logger.debug("agent connected", metadata: ["peer": "\(peer)"])
     }
@@ -167,8 +181,13 @@ final class HubConnectionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
         guard isOpen, !isClosing else { return }
+        leases?.heard()
+        if frame.header.kind == .response, frame.header.opcode == HubOpcode.recall.rawValue {
+            leases?.answered(frame.header.requestID)
+            return
+        }
         guard frame.header.kind == .request else {
-            closeForViolation(WeftError(EPROTO, "a response frame was sent to the hub"))
+            closeForViolation(WeftError(EPROTO, "a \(frame.header.kind) frame was sent to the hub"))
             return
         }
         if inFlight < core.maxInFlightRequestsPerConnection {
@@ -217,8 +236,9 @@ final class HubConnectionHandler: ChannelDuplexHandler {
         let loop = context.eventLoop
         let allocator = context.channel.allocator
         let handler = NIOLoopBound(self, eventLoop: loop)
+        let leases = self.leases
         core.pool.submit { state in
-            let outcome = core.execute(frame, allocator: allocator, cancelled: state == .cancelled)
+            let outcome = core.execute(frame, allocator: allocator, cancelled: state == .cancelled, leases: leases)
             loop.execute { handler.value.finished(outcome) }
         }
     }
@@ -266,6 +286,7 @@ final class HubConnectionHandler: ChannelDuplexHandler {
     private func connectionEnded() {
         guard isOpen else { return }
         isOpen = false
+        leases?.closed()
         waiting.removeAll()
         core.logger.debug("agent disconnected", metadata: ["peer": "\(peer)", "sessions": "\(sessions.count)"])
         if inFlight == 0 { releaseSessions() }

@@ -102,6 +102,13 @@ extension HubRequest {
             return .lock(try hub.lock(c, ino: ino, request))
         case .ping:
             return .empty
+        case .enableLeases:
+            // Needs the connection to call back on: the server handles it (HubConnectionHandler).
+            throw WeftError(EINVAL, "enableLeases is only served over a connection")
+        case .recall:
+            throw WeftError(EINVAL, "recall is sent by hubs, not to them")
+        case let .acquireWriteLease(c, ino):
+            return .flag(try hub.acquireWriteLease(c, ino: ino))
         case let .createVolume(name, home, chunkSizeBytes, compression):
             return .bytes(try hub.createVolume(name: name, home: home, chunkSizeBytes: chunkSizeBytes, compression: compression))
         }

@@ -41,6 +41,9 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case createVolume = 33
     case lock = 34
     case ping = 35
+    case enableLeases = 36
+    case recall = 37
+    case acquireWriteLease = 38
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -81,6 +84,9 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .createVolume: "createVolume"
         case .lock: "lock"
         case .ping: "ping"
+        case .enableLeases: "enableLeases"
+        case .recall: "recall"
+        case .acquireWriteLease: "acquireWriteLease"
         }
     }
 }
@@ -124,6 +130,11 @@ public enum HubRequest: Equatable, Sendable {
     case lock(RequestContext, ino: InodeID, LockRequest)
     /// Keeps an idle connection (and so its sessions) alive; answered by the server itself.
     case ping
+    /// The session's agent takes leases and answers recalls on this connection.
+    case enableLeases(SessionID)
+    /// Hub to agent (a `callback` frame): give up the lease on `ino` (SPEC.md §12.6).
+    case recall(session: SessionID, ino: InodeID, names: [[UInt8]], notice: Bool)
+    case acquireWriteLease(RequestContext, ino: InodeID)
 
     public var opcode: HubOpcode {
         switch self {
@@ -162,6 +173,9 @@ public enum HubRequest: Equatable, Sendable {
         case .createVolume: .createVolume
         case .lock: .lock
         case .ping: .ping
+        case .enableLeases: .enableLeases
+        case .recall: .recall
+        case .acquireWriteLease: .acquireWriteLease
         }
     }
 
@@ -169,7 +183,8 @@ public enum HubRequest: Equatable, Sendable {
     public var session: SessionID? {
         switch self {
         case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping: nil
-        case .closeSession(let session): session
+        case .closeSession(let session), .enableLeases(let session), .recall(let session, _, _, _): session
+        case .acquireWriteLease(let c, _): c.session
         case .lookup(let c, _, _), .getattr(let c, _), .setattr(let c, _, _), .create(let c, _, _, _, _, _, _),
              .mkdir(let c, _, _, _, _), .unlink(let c, _, _), .rmdir(let c, _, _), .symlink(let c, _, _, _),
              .readlink(let c, _), .link(let c, _, _, _), .rename(let c, _, _, _, _, _), .readdir(let c, _, _, _),
@@ -191,6 +206,9 @@ public enum HubRequest: Equatable, Sendable {
         switch self {
         case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping: return self
         case .closeSession: return .closeSession(session)
+        case .enableLeases: return .enableLeases(session)
+        case let .recall(_, ino, names, notice): return .recall(session: session, ino: ino, names: names, notice: notice)
+        case let .acquireWriteLease(c, ino): return .acquireWriteLease(s(c), ino: ino)
         case let .lookup(c, parent, name): return .lookup(s(c), parent: parent, name: name)
         case let .getattr(c, ino): return .getattr(s(c), ino: ino)
         case let .setattr(c, ino, changes): return .setattr(s(c), ino: ino, changes)
@@ -290,6 +308,13 @@ public enum HubRequest: Equatable, Sendable {
             c.encode(into: &w); w.u64(ino); request.encode(into: &w)
         case .ping:
             break
+        case let .enableLeases(session):
+            w.u64(session)
+        case let .recall(session, ino, names, notice):
+            w.u64(session); w.u64(ino); w.bool(notice); w.u32(UInt32(names.count))
+            for name in names { w.blob(name) }
+        case let .acquireWriteLease(c, ino):
+            c.encode(into: &w); w.u64(ino)
         }
         return nil
     }
@@ -312,6 +337,15 @@ public enum HubRequest: Equatable, Sendable {
             return .clusterMap
         case .ping:
             return .ping
+        case .enableLeases:
+            return .enableLeases(try r.u64())
+        case .recall:
+            let session = try r.u64(), ino = try r.u64(), notice = try r.bool()
+            let count = try r.listCount(minimumElementBytes: 4)
+            var names: [[UInt8]] = []
+            names.reserveCapacity(count)
+            for _ in 0..<count { names.append(try r.blob()) }
+            return .recall(session: session, ino: ino, names: names, notice: notice)
         case .createVolume:
             let name = try r.string(max: WireCodec.stringMaxBytes), home = try r.string(max: WireCodec.stringMaxBytes)
             let chunkSize = try r.u32()
@@ -323,8 +357,11 @@ public enum HubRequest: Equatable, Sendable {
         }
         let c = try RequestContext.decode(from: &r)
         switch opcode {
-        case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping:
+        case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping,
+             .enableLeases, .recall:
             preconditionFailure("handled above")
+        case .acquireWriteLease:
+            return .acquireWriteLease(c, ino: try r.u64())
         case .lookup:
             return .lookup(c, parent: try r.u64(), name: try r.blob())
         case .unlink:

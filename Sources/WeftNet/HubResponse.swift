@@ -27,6 +27,8 @@ public enum HubResponse: Equatable, Sendable {
     case fsckReport(FsckReport)
     /// lock.
     case lock(LockDescription)
+    /// acquireWriteLease.
+    case flag(Bool)
 
     /// Whether this is the result shape of `opcode`.
     func fits(_ opcode: HubOpcode) -> Bool {
@@ -40,7 +42,8 @@ public enum HubResponse: Equatable, Sendable {
              (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
              (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck),
-             (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock):
+             (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
+             (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease):
             return true
         default:
             return false
@@ -61,6 +64,7 @@ public enum HubResponse: Equatable, Sendable {
         case .status: "status"
         case .fsckReport: "fsckReport"
         case .lock: "lock"
+        case .flag: "flag"
         }
     }
 
@@ -100,6 +104,8 @@ public enum HubResponse: Equatable, Sendable {
             report.encode(into: &w)
         case let .lock(description):
             description.encode(into: &w)
+        case let .flag(value):
+            w.bool(value)
         }
         return nil
     }
@@ -110,8 +116,11 @@ public enum HubResponse: Equatable, Sendable {
     /// Reads the success payload of a response to `opcode`. Leaves any trailing bytes to the caller.
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
-        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping:
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
+             .enableLeases, .recall:
             return .empty
+        case .acquireWriteLease:
+            return .flag(try r.bool())
         case .openSession, .openVolumeSession:
             return .session(try r.u64(), try VolumeInfo.decode(from: &r))
         case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import Dispatch
 import Logging
 import NIOCore
 import NIOPosix
@@ -27,7 +28,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     public static let maxInFlightRequests = 1024
     /// How often a connection pings its hub, so that the hub can tell a live idle agent from a
     /// dead or cut-off one (`HubServer` idle timeout).
-    public static let heartbeatMs = 2_000
+    public static let heartbeatMs = 1_000
     /// Request id of pings; real requests start at 1. Their answers find no waiter and are dropped.
     static let pingRequestID: UInt64 = 0
 
@@ -56,6 +57,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// Sessions opened through this client and not closed: caller's id → agent name and volume.
     private var sessions: [SessionID: (agentName: String, volume: String)] = [:]
     private var nextRequestID: UInt64 = 1
+    /// Lease clients by the caller's session id (SPEC.md §12.6).
+    private var leaseClients: [SessionID: LeaseClient] = [:]
     private var slotWaiters = 0
 
     public init(address: HubAddress, connectTimeoutMs: Int = 5000, requestTimeoutMs: Int = 30000, logger: Logger) {
@@ -127,6 +130,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     public func closeSession(_ session: SessionID) throws {
         enum Plan { case forget, closeLive(ClientConnection, SessionID), passThrough }
         let plan: Plan = lock.withLock {
+            leaseClients[session] = nil
             guard sessions.removeValue(forKey: session) != nil else { return .passThrough }
             if case .connected(let connection) = state, let liveID = connection.liveSessions.removeValue(forKey: session) {
                 return .closeLive(connection, liveID)
@@ -268,6 +272,14 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// Completes the request `frame` answers. Returns false if the frame is not a response
     /// (the caller closes the connection).
     func deliver(_ frame: InboundFrame, on connection: ClientConnection) -> Bool {
+        if frame.header.kind == .callback { return receiveCallback(frame, on: connection) }
+        if frame.header.kind == .response && frame.header.requestID == Self.pingRequestID {
+            // The hub was alive when that ping left: leases are good until then + validity.
+            lock.withLock {
+                if !connection.pingsSentNs.isEmpty { connection.confirmedNs = connection.pingsSentNs.removeFirst() }
+            }
+            return true
+        }
         guard frame.header.kind == .response else {
             logger.error("closing hub connection: the hub sent a request frame", metadata: ["hub": "\(address)"])
             return false
@@ -284,6 +296,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     /// Fails every request in flight on `connection`; the next call reconnects.
     func connectionLost(_ connection: ClientConnection) {
+        let clients = lock.withLock { connection.isOpen ? Array(leaseClients.values) : [] }
+        Self.reportLeasesLost(clients)
         let wasCurrent: Bool = lock.withLock {
             guard connection.isOpen else { return false }
             connection.isOpen = false
@@ -406,9 +420,18 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         }
         lock.withLock { connection.channel = channel }
         let heartbeat = channel.eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(Int64(Self.heartbeatMs)),
-                                                               delay: .milliseconds(Int64(Self.heartbeatMs))) { _ in
+                                                               delay: .milliseconds(Int64(Self.heartbeatMs))) { [self] _ in
             guard channel.isActive, let ping = try? WireCodec.requestBuffer(id: Self.pingRequestID, .ping,
                                                                              allocator: channel.allocator) else { return }
+            let now = MonotonicClock.nowNs()
+            let expired: [LeaseClient] = lock.withLock {
+                connection.pingsSentNs.append(now)
+                if connection.pingsSentNs.count > 64 { connection.pingsSentNs.removeFirst() }
+                guard now &- connection.confirmedNs > Leases.agentValidityNs else { return [] }
+                return Array(leaseClients.values)
+            }
+            // No answer from the hub for too long: this agent's leases may already be void there.
+            Self.reportLeasesLost(expired)
             channel.writeAndFlush(ping, promise: nil)
         }
         channel.closeFuture.whenComplete { _ in heartbeat.cancel() }
@@ -420,7 +443,15 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
                 guard case let .session(liveID, _) = try send(request, on: connection, substituteSession: false) else {
                     throw shapeMismatch(request.opcode)
                 }
-                lock.withLock { connection.liveSessions[callerID] = liveID }
+                let client = lock.withLock {
+                    connection.liveSessions[callerID] = liveID
+                    return leaseClients[callerID]
+                }
+                if client != nil {
+                    guard case .empty = try send(.enableLeases(liveID), on: connection, substituteSession: false) else {
+                        throw shapeMismatch(.enableLeases)
+                    }
+                }
             } catch {
                 channel.close(promise: nil)
                 throw WeftError(EIO, "hub \(address.displayName): cannot reopen the session of '\(agentName)': \(error)")
@@ -442,5 +473,62 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         }
         if let error = error as? IOError { return String(cString: strerror(error.errnoCode)) }
         return "\(error)"
+    }
+}
+
+// MARK: Leases (SPEC.md §12.6)
+
+extension RemoteHub {
+    public func enableLeases(_ session: SessionID, client: LeaseClient) throws {
+        lock.withLock { leaseClients[session] = client }
+        do {
+            guard case .empty = try call(.enableLeases(session)) else { throw shapeMismatch(.enableLeases) }
+        } catch {
+            lock.withLock { leaseClients[session] = nil }
+            throw error
+        }
+    }
+
+    public func acquireWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool {
+        guard case let .flag(granted) = try call(.acquireWriteLease(context, ino: ino)) else {
+            throw shapeMismatch(.acquireWriteLease)
+        }
+        return granted
+    }
+
+    static func reportLeasesLost(_ clients: [LeaseClient]) {
+        guard !clients.isEmpty else { return }
+        DispatchQueue.global().async { for client in clients { client.leasesLost() } }
+    }
+
+    /// A `recall` from the hub (on the event loop). A notice is handed over at once, so that the
+    /// reply that follows it on this connection is not cached. A recall (which may commit
+    /// buffered writes through this very connection) runs off the loop and is answered when done;
+    /// a reply the hub computes after sending it, while its change is under way, comes with a
+    /// notice of its own.
+    func receiveCallback(_ frame: InboundFrame, on connection: ClientConnection) -> Bool {
+        guard frame.header.opcode == HubOpcode.recall.rawValue,
+              case let .recall(live, ino, names, notice)? = try? WireCodec.decodeRequest(opcode: .recall, payload: frame.payload)
+        else {
+            logger.error("closing hub connection: malformed callback frame", metadata: ["hub": "\(address)"])
+            return false
+        }
+        let (client, channel): (LeaseClient?, Channel?) = lock.withLock {
+            let caller = connection.liveSessions.first { $0.value == live }?.key
+            return (caller.flatMap { leaseClients[$0] }, connection.channel)
+        }
+        if notice {
+            _ = client?.recall(ino, names: names, notice: true, deadlineNs: 0)
+            return true
+        }
+        guard let channel else { return true }
+        let id = frame.header.requestID
+        DispatchQueue.global().async {
+            _ = client?.recall(ino, names: names, notice: false, deadlineNs: UInt64.max)
+            let answer = WireCodec.responseBuffer(id: id, rawOpcode: HubOpcode.recall.rawValue, .success(.empty),
+                                                  allocator: channel.allocator)
+            channel.writeAndFlush(answer, promise: nil)
+        }
+        return true
     }
 }

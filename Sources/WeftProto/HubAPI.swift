@@ -96,9 +96,23 @@ public protocol HubAPI: AnyObject, Sendable {
     func clusterMap() throws -> [UInt8]
     /// Records a new volume homed at hub `home`; returns its record, JSON (`WeftCluster.VolumeRecord`).
     func createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression) throws -> [UInt8]
+
+    // Leases (SPEC.md §12.6). A hub without leases answers with the defaults below, and its
+    // agents then cache nothing across calls beyond what §6 allows.
+    /// From now on, `session` holds read leases on what it reads, and `client` receives recalls.
+    func enableLeases(_ session: SessionID, client: LeaseClient) throws
+    /// Asks for the exclusive write lease on file `ino` (recalling other sessions' leases on it
+    /// first). False when another session wrote it under a lease: both then write through.
+    func acquireWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool
 }
 
 extension HubAPI {
+    public func enableLeases(_ session: SessionID, client: LeaseClient) throws {
+        throw WeftError(ENOTSUP, "this hub grants no leases")
+    }
+
+    public func acquireWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool { false }
+
     public func openSession(agentName: String, volume: String) throws -> (SessionID, VolumeInfo) {
         guard volume.isEmpty else {
             throw WeftError(ENOENT, "this hub serves a single volume and is not part of a cluster: mount it without a volume name")

@@ -39,6 +39,13 @@ public protocol FileSystemLayer: AnyObject, Sendable {
     func lock(_ credentials: Credentials, ino: InodeID, _ request: LockRequest) throws -> LockDescription
     /// Commits everything buffered, durably, and ends the sessions.
     func shutdown() throws
+    /// A token to take before a call whose reply the kernel may cache (SPEC.md §12.6).
+    func cacheToken() -> UInt64
+    /// Whether the kernel may cache a reply about `ino` to a call begun at `token`: no recall of
+    /// it and no loss of leases came in between.
+    func mayCache(_ ino: InodeID, since token: UInt64) -> Bool
+    /// The cache the FUSE layer hooks its kernel invalidations into.
+    var leaseCache: LeaseCache { get }
 }
 
 extension VFS: FileSystemLayer {

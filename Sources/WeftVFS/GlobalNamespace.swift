@@ -41,8 +41,11 @@ public final class GlobalNamespace: FileSystemLayer, @unchecked Sendable {
 
     /// `listVolumes` gives the cluster's volumes now; `openVolume` opens one as a `VFS`
     /// (sharing the agent's cache and write bound).
+    public let leaseCache: LeaseCache
+
     public init(listVolumes: @escaping () throws -> [Volume], openVolume: @escaping (Volume) throws -> VFS,
-                logger: Logger) {
+                leaseCache: LeaseCache, logger: Logger) {
+        self.leaseCache = leaseCache
         self.listVolumes = listVolumes
         self.openVolume = openVolume
         self.logger = logger
@@ -368,5 +371,18 @@ public final class GlobalNamespace: FileSystemLayer, @unchecked Sendable {
             do { try vfs.shutdown() } catch { firstError = firstError ?? error }
         }
         if let firstError { throw firstError }
+    }
+}
+
+// MARK: Leases
+
+extension GlobalNamespace {
+    public func cacheToken() -> UInt64 { leaseCache.token() }
+
+    /// The root listing is refreshed on each opendir; a volume's inodes follow its VFS's leases.
+    public func mayCache(_ ino: InodeID, since token: UInt64) -> Bool {
+        let id = Self.volumeID(ino)
+        guard id != 0, let vfs = lock.withLock({ opened[id] }) else { return ino == Self.rootIno }
+        return vfs.mayCache(ino, since: token)
     }
 }

@@ -109,9 +109,48 @@ final class OpenFile {
     /// The data version the kernel's page cache holds for this inode.
     var kernelCacheVersion: UInt64 = 0
 
-    init(attributes: Attributes) {
+    // Lease state (SPEC.md §12.6), guarded by `leaseLock`, never by `lock`: a recall must not
+    // wait for a thread that holds `lock` while it waits on the hub.
+    let leaseLock = NSLock()
+    /// Bumped by every recall and loss of leases.
+    var generation: UInt64 = 0
+    /// True while this agent holds the file's write lease (or the hub grants no leases):
+    /// writes are buffered. False: each write is committed before it returns (write-through).
+    var writeLeased: Bool
+    /// The `generation` at which `attributes` and `layouts` were fetched under a lease.
+    var freshGeneration: UInt64 = 0
+
+    init(attributes: Attributes, writeLeased: Bool) {
         ino = attributes.ino
         self.attributes = attributes
+        self.writeLeased = writeLeased
+    }
+
+    var currentGeneration: UInt64 { leaseLock.withLock { generation } }
+    var isWriteLeased: Bool { leaseLock.withLock { writeLeased } }
+    /// Cached attributes and layouts are still covered by a lease.
+    var isFresh: Bool { leaseLock.withLock { freshGeneration == generation } }
+
+    /// Marks what was fetched by a call that began at generation `snapshot` as cacheable, unless
+    /// a recall came in between.
+    func markFresh(since snapshot: UInt64) {
+        leaseLock.withLock { if generation == snapshot { freshGeneration = snapshot } }
+    }
+
+    /// What was cached is no longer covered by a lease.
+    func invalidate() {
+        leaseLock.withLock { generation &+= 1 }
+    }
+
+    /// A recall or loss of leases: nothing cached stays fresh, buffering stops. Returns whether
+    /// the file was write-leased.
+    func revoke() -> Bool {
+        leaseLock.withLock {
+            generation &+= 1
+            let was = writeLeased
+            writeLeased = false
+            return was
+        }
     }
 
     var hasDirtyData: Bool { !dirty.isEmpty }

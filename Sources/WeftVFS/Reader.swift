@@ -67,6 +67,12 @@ extension VFS {
             guard flushFirst else { return [] }
             try flushLocked(file, context: context, durable: false)
         }
+        if !file.isFresh {
+            // A recall (or a lost lease) came since the attributes were fetched: the size and
+            // layouts may be stale. Fetch them again (this also takes a new lease).
+            file.layouts.removeAll()
+            _ = try layoutLocked(file, context: context, index: UInt32(offset / UInt64(chunkSizeBytes)))
+        }
         let fileSize = file.attributes.size
         guard offset < fileSize, size > 0 else { return [] }
         let end = min(fileSize, offset + UInt64(size))
@@ -92,9 +98,15 @@ extension VFS {
     func layoutLocked(_ file: OpenFile, context: RequestContext, index: UInt32) throws -> [Slice] {
         if let cached = file.layouts[index] { return cached }
         let batch: UInt32 = 8
+        let generation = file.currentGeneration
         let (attributes, lists) = try hub.layout(context, ino: file.ino, firstChunk: index, count: batch)
         file.adopt(attributes)
-        for (offset, list) in lists.enumerated() { file.layouts[index + UInt32(offset)] = list }
+        if attributes.dataVersion == file.attributes.dataVersion { file.attributes.size = attributes.size }
+        // Keep the lists only if no recall overtook the reply; use them for this read either way.
+        if file.currentGeneration == generation {
+            for (offset, list) in lists.enumerated() { file.layouts[index + UInt32(offset)] = list }
+            file.markFresh(since: generation)
+        }
         return lists.first ?? []
     }
 

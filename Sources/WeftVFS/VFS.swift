@@ -26,6 +26,7 @@ public struct VFSOptions: Sendable {
 public final class VFSShared: @unchecked Sendable {
     let cache: BlockCache
     let budget: DirtyBudget
+    public let leaseCache = LeaseCache()
 
     public init(options: VFSOptions) {
         cache = BlockCache(capacityBytes: options.cacheBytes)
@@ -49,6 +50,12 @@ public final class VFS: @unchecked Sendable {
     let chunkSizeBytes: Int
     let budget: DirtyBudget
     let pool: BufferPool
+    /// What may be cached under leases; shared by the agent's volumes.
+    public let leaseCache: LeaseCache
+    /// Added to this volume's inode numbers to give the kernel's (global root: volume id << 48).
+    public let kernelInoBase: UInt64
+    /// True when the hub grants leases (SPEC.md §12.6). Otherwise the agent caches as §6 allows.
+    public private(set) var leasesEnabled = false
 
     let lock = NSLock()
     var files: [InodeID: OpenFile] = [:]
@@ -63,8 +70,10 @@ public final class VFS: @unchecked Sendable {
 
     /// `shared` lets several volumes of one agent (the global root) share one block cache and
     /// one write-buffer bound, so the agent's memory bound does not grow with the volumes.
-    public init(hub: HubAPI, options: VFSOptions, logger: Logger, shared: VFSShared? = nil) throws {
+    public init(hub: HubAPI, options: VFSOptions, logger: Logger, shared: VFSShared? = nil,
+                kernelInoBase: UInt64 = 0) throws {
         self.hub = hub
+        self.kernelInoBase = kernelInoBase
         self.options = options
         self.logger = logger
         (session, volume) = try hub.openSession(agentName: options.agentName, volume: options.volume)
@@ -72,6 +81,13 @@ public final class VFS: @unchecked Sendable {
         cache = shared?.cache ?? BlockCache(capacityBytes: options.cacheBytes)
         budget = shared?.budget ?? DirtyBudget(limitBytes: max(options.writeBufferBytes, chunkSizeBytes))
         pool = BufferPool(bufferBytes: chunkSizeBytes, maxBuffers: max(2, min(16, options.writeBufferBytes / chunkSizeBytes)))
+        leaseCache = shared?.leaseCache ?? LeaseCache()
+        do {
+            try hub.enableLeases(session, client: self)
+            leasesEnabled = true
+        } catch let error as WeftError where error.errno == ENOTSUP || error.errno == ENOSYS {
+            logger.info("hub grants no leases: caching as close-to-open (\(error.message))")
+        }
         startBackgroundCommits()
     }
 
@@ -282,7 +298,7 @@ public final class VFS: @unchecked Sendable {
         if let existing = files[attributes.ino] {
             file = existing
         } else {
-            file = OpenFile(attributes: attributes)
+            file = OpenFile(attributes: attributes, writeLeased: !leasesEnabled)
             files[attributes.ino] = file
         }
         file.handles += 1
@@ -305,13 +321,40 @@ public final class VFS: @unchecked Sendable {
             defer { file.lock.unlock() }
             try flushLocked(file, context: context(credentials), durable: false)
         }
+        let token = leaseCache.token()
         let attributes = try hub.open(context(credentials), ino: ino, flags: flags)
         if attributes.isDirectory { throw WeftError.isDirectory }
-        return register(attributes, flags: flags, context: context(credentials))
+        let (handle, keepCache) = register(attributes, flags: flags, context: context(credentials))
+        let cacheable = try leased(handle, flags: flags, since: token)
+        return (handle, keepCache && cacheable)
     }
+
+    /// After an open: marks the file's attributes stale if a recall overtook the reply, and
+    /// takes the write lease for a writer. Returns whether the reply was covered by a lease.
+    private func leased(_ handle: UInt64, flags: Int32, since token: UInt64) throws -> Bool {
+        guard leasesEnabled else { return true }
+        let file = try fileHandle(handle).file
+        let cacheable = leaseCache.mayCache(kernelIno(file.ino), since: token)
+        if !cacheable { file.invalidate() }
+        let accessMode = flags & O_ACCMODE
+        if (accessMode == O_WRONLY || accessMode == O_RDWR) && !file.isWriteLeased {
+            let generation = file.currentGeneration
+            do {
+                let granted = try hub.acquireWriteLease(context(.root), ino: file.ino)
+                file.leaseLock.withLock { if file.generation == generation { file.writeLeased = granted } }
+            } catch {
+                try? release(handle: handle)
+                throw error
+            }
+        }
+        return cacheable
+    }
+
+    @inline(__always) func kernelIno(_ ino: InodeID) -> UInt64 { kernelInoBase | ino }
 
     public func create(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
                        flags: Int32) throws -> (attributes: Attributes, handle: UInt64) {
+        let token = leaseCache.token()
         let attributes: Attributes
         do {
             let created = try hub.create(context(credentials), parent: parent, name: name, mode: mode, rdev: 0,
@@ -324,6 +367,7 @@ public final class VFS: @unchecked Sendable {
             attributes = try hub.open(context(credentials), ino: existing.ino, flags: flags)
         }
         let (handle, _) = register(attributes, flags: flags, context: context(credentials))
+        _ = try leased(handle, flags: flags, since: token)
         return (attributes, handle)
     }
 
@@ -350,7 +394,8 @@ public final class VFS: @unchecked Sendable {
         }
         file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes, pool: pool)
         logger.trace("write \(file.ino) at \(position) +\(data.count): dirty end \(file.dirtyEnd)")
-        if file.hasFullChunk(chunkSizeBytes: chunkSizeBytes) {
+        // Without the write lease another node may read this file now: write through.
+        if !file.isWriteLeased || file.hasFullChunk(chunkSizeBytes: chunkSizeBytes) {
             try flushLocked(file, context: handle.context, durable: false)
         }
         return data.count
@@ -527,5 +572,67 @@ final class DirtyBudget: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         return usedBytes
+    }
+}
+
+// MARK: Leases (SPEC.md §12.6)
+
+extension VFS: LeaseClient {
+    /// A recall from the home: commit the file's buffered writes if it was write-leased, drop
+    /// its cached attributes and layouts, and invalidate the kernel's attributes, pages and the
+    /// named entries. Never waits for a thread that holds the file's `lock` unless this agent
+    /// held the write lease (whose holder's own commits never wait for recalls).
+    public func recall(_ ino: InodeID, names: [[UInt8]], notice: Bool, deadlineNs: UInt64) -> Bool {
+        let kernel = kernelIno(ino)
+        leaseCache.recalled(kernel)
+        let file = openFile(ino)
+        if notice {
+            file?.invalidate()
+            return true
+        }
+        if let file, file.revoke() {
+            file.lock.lock()
+            do {
+                try flushLocked(file, context: context(.root), durable: false)
+            } catch {
+                logger.warning("recall of inode \(ino): commit of buffered writes failed, will retry: \(error)")
+            }
+            file.layouts.removeAll()
+            file.lock.unlock()
+        }
+        leaseCache.invalidateInode?(kernel)
+        if !names.isEmpty, let invalidateEntry = leaseCache.invalidateEntry {
+            for name in names { invalidateEntry(kernel, name) }
+            // The kernel may still be installing an entry from a reply that left before the
+            // recall arrived: drop the names once more shortly after.
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(20)) {
+                for name in names { invalidateEntry(kernel, name) }
+            }
+        }
+        return true
+    }
+
+    public var lastHeardNs: UInt64 { Leases.nowNs() }
+
+    /// Every lease of this volume is void: drop what the leases covered. Cached attributes and
+    /// entries in the kernel expire by their own 1 s timeouts; pages of open files are dropped.
+    public func leasesLost() {
+        leaseCache.lost()
+        lock.lock()
+        let open = Array(files.values)
+        lock.unlock()
+        for file in open {
+            _ = file.revoke()
+            leaseCache.invalidateInode?(kernelIno(file.ino))
+        }
+        if !open.isEmpty { logger.warning("leases lost (hub silent or reconnected): dropped the caches of \(open.count) open file(s)") }
+    }
+
+    /// A token to take before a call whose reply the kernel may cache (`mayCache`).
+    public func cacheToken() -> UInt64 { leaseCache.token() }
+
+    /// Whether the kernel may cache a reply about kernel inode `ino` to a call begun at `token`.
+    public func mayCache(_ ino: InodeID, since token: UInt64) -> Bool {
+        !leasesEnabled || leaseCache.mayCache(ino, since: token)
     }
 }

@@ -38,7 +38,7 @@ struct Serve: ParsableCommand {
     @Option(help: "Cluster name (with --etcd).") var cluster: String = "weft"
     @Option(help: "Address other hubs and agents reach this hub at (default: the --listen address).")
     var advertise: String?
-    @Option(help: "Seconds of silence after which an agent's connection is closed and its sessions and locks end (agents ping every 2 s).")
+    @Option(help: "Seconds of silence after which an agent's connection is closed and its sessions and locks end (agents ping every second).")
     var sessionTimeout: Double = 15
 
     func validate() throws {

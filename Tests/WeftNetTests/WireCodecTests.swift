@@ -10,7 +10,8 @@ import WeftProto
 final class WireCodecTests: XCTestCase {
     func testSamplesCoverEveryOpcode() {
         XCTAssertEqual(Set(WireSamples.requests.map(\.opcode)), Set(HubOpcode.allCases))
-        XCTAssertEqual(WireSamples.requests.count, HubOpcode.allCases.count)
+        // recall has two samples: a recall with names and a notice.
+        XCTAssertEqual(WireSamples.requests.count, HubOpcode.allCases.count + 1)
     }
 
     func testFrameLayout() throws {
@@ -148,7 +149,7 @@ final class WireCodecTests: XCTestCase {
                 XCTAssertTrue(($0 as? WeftError)?.message.contains("version") ?? false)
             }
         }
-        for kind: UInt8 in [2, 3, 255] {
+        for kind: UInt8 in [3, 4, 255] {
             var frame = good
             frame[5] = kind
             XCTAssertThrowsError(try WireCodec.decodeFrame(frame)) { XCTAssertEqual(($0 as? WeftError)?.errno, EPROTO) }
@@ -229,7 +230,7 @@ final class WireCodecTests: XCTestCase {
                 do {
                     let frame = try WireCodec.decodeFrame(bytes)
                     switch frame.kind {
-                    case .request: _ = try WireCodec.decodeRequest(frame)
+                    case .request, .callback: _ = try WireCodec.decodeRequest(frame)
                     case .response: _ = try WireCodec.decodeResponse(frame)
                     }
                 } catch let error as WeftError {

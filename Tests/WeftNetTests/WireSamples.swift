@@ -60,6 +60,10 @@ enum WireSamples {
         .lock(context, ino: 22, LockRequest(kind: .posix, type: .write, start: 1 << 40, end: .max, owner: 0xFEED_BEEF,
                                             pid: 4_000_000, test: true)),
         .ping,
+        .enableLeases(0xABCD),
+        .recall(session: 77, ino: 1 << 50 | 9, names: [Array("a".utf8), [], Array(repeating: 0x61, count: 255)], notice: false),
+        .recall(session: 1, ino: 2, names: [], notice: true),
+        .acquireWriteLease(context, ino: 42),
     ]
 
     /// Variants that exercise optional and empty fields.
@@ -80,8 +84,11 @@ enum WireSamples {
     /// One success result per opcode.
     static func response(for opcode: HubOpcode) -> HubResponse {
         switch opcode {
-        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping:
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
+             .enableLeases, .recall:
             return .empty
+        case .acquireWriteLease:
+            return .flag(true)
         case .openSession, .openVolumeSession:
             return .session(0x1234_5678_9ABC, volume)
         case .lock:

@@ -23,11 +23,15 @@ LOCAL_CLUSTER = REPO / "Deploy" / "local-cluster"
 class Cluster:
     """`Deploy/local-cluster up` in the test's own directory; `down` at the end, always."""
 
-    def __init__(self, res: harness.Resources, hubs: int, rtt_ms: int):
+    def __init__(self, res: harness.Resources, hubs: int, rtt_ms: int, env: dict | None = None):
         self.res = res
         self.dir = res.base / "cluster"
+        serial = 1
+        while self.dir.exists():  # a test may bring up several clusters, one after the other
+            serial += 1
+            self.dir = res.base / f"cluster-{serial}"
         r = res.run([LOCAL_CLUSTER, "up", "--hubs", str(hubs), "--rtt-ms", str(rtt_ms), "--dir", self.dir,
-                     "--bin", harness.bin_dir()], timeout_s=120)
+                     "--bin", harness.bin_dir()], timeout_s=120, env=env)
         self.started = self.dir.joinpath("cluster.json").exists()
         assert r.rc == 0, f"local-cluster up failed:\n{r.describe()}"
         self.info = json.loads(r.out.strip().splitlines()[-1])

@@ -47,6 +47,24 @@ class Agent(threading.Thread):
         self.gate = threading.Event()
         self.gate.set()
         self.idle = threading.Event()
+        # Files this agent keeps open across operations: a write() on them returns before any
+        # close, so another agent's read must still see it (leases with recall, SPEC.md §12.6).
+        self.open_files: dict[str, int] = {}
+
+    def held(self, path) -> int:
+        fd = self.open_files.get(path.name)
+        if fd is None:
+            fd = os.open(path, os.O_RDWR)
+            self.open_files[path.name] = fd
+        return fd
+
+    def drop_held(self):
+        for fd in self.open_files.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.open_files.clear()
 
     def record(self, obj, name, args, call):
         invoke = time.monotonic_ns()
@@ -66,9 +84,12 @@ class Agent(threading.Thread):
                     self.idle.set()
                     self.gate.wait()
                     self.idle.clear()
+                    self.drop_held()  # its agent was restarted: those descriptors are dead
                 self.step(seq)
         except BaseException as e:  # noqa: BLE001 - reported by the test
             self.failure = e
+        finally:
+            self.drop_held()
 
     def step(self, seq: int):
         rng = self.rng
@@ -80,7 +101,7 @@ class Agent(threading.Thread):
             path = data / name
             block = rng.randrange(BLOCKS)
             choice = rng.random()
-            if choice < 0.45:
+            if choice < 0.25:
                 token = f"a{self.number}s{seq}"
 
                 def write():
@@ -90,6 +111,15 @@ class Agent(threading.Thread):
                     finally:
                         os.close(fd)
                 self.record(f"file:{name}", "write", (block, token), write)
+            elif choice < 0.45:
+                token = f"a{self.number}s{seq}h"
+                # write() on a descriptor kept open: no close, no fsync.
+                self.record(f"file:{name}", "write", (block, token),
+                            lambda: os.pwrite(self.held(path), token_bytes(token), block * BLOCK) and None)
+            elif choice < 0.6:
+                # read() on a descriptor kept open (its pages may be cached).
+                self.record(f"file:{name}", "read", (block,),
+                            lambda: decode(os.pread(self.held(path), BLOCK, block * BLOCK)))
             elif choice < 0.9:
                 def read():
                     fd = os.open(path, os.O_RDONLY)
@@ -117,8 +147,8 @@ class Agent(threading.Thread):
                 self.record("ns:ns", "list", (), lambda: tuple(sorted(os.listdir(ns))))
 
 
-def run_history(resources, seed: int, ops_per_agent: int, rtt_ms: int, mount_options=(), faults=None):
-    cluster = Cluster(resources, hubs=2, rtt_ms=rtt_ms)
+def run_history(resources, seed: int, ops_per_agent: int, rtt_ms: int, mount_options=(), faults=None, env=None):
+    cluster = Cluster(resources, hubs=2, rtt_ms=rtt_ms, env=env)
     try:
         cluster.weft_json("volume", "create", f"weft://{cluster.address('hub1')}", "lin", "--home", "hub1")
         cli = harness.WeftCLI(resources)
@@ -177,22 +207,33 @@ def seeds(default_count: int) -> list[int]:
     return [base + i for i in range(count)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "leases with recall are not built yet (SPEC.md §12.6): the kernel caches attributes and names for "
-    "--attr-timeout, so stat and lookups on one agent can miss another agent's completed change. The checker "
-    "must catch that; this test turns into a plain pass/fail test when leases land"))
 @pytest.mark.weft_timeout(900)
 def test_concurrent_agents_in_two_hubs_are_linearizable(resources):
+    """The default mount: the kernel caches attributes, names and pages and the agents buffer
+    writes, all under leases; every conflicting change recalls them first. Writes on descriptors
+    kept open (no close) must be visible to reads that start after they return."""
     ops = 400 if os.environ.get("WEFT_SLOW") == "1" else 120
-    failures = []
     for seed in seeds(default_count=2):
         history = run_history(resources, seed, ops, rtt_ms=40)
         assert len(history) == 3 * ops
         verdict = check(history, BLOCK)
+        assert verdict.ok, f"seed {seed} (replay: WEFT_LIN_SEED={seed}):\n{verdict.report()}"
+
+
+@pytest.mark.weft_timeout(900)
+def test_checker_catches_stale_reads_when_recalls_are_disabled(resources):
+    """The same run with the hubs' test-only switch WEFT_TEST_NO_RECALL=1: leases are granted but
+    never recalled, so caches go stale. The checker must say so (it can fail)."""
+    env = dict(os.environ, WEFT_TEST_NO_RECALL="1")
+    reports = []
+    for seed in seeds(default_count=3):
+        history = run_history(resources, seed, 120, rtt_ms=40, env=env)
+        verdict = check(history, BLOCK)
         if not verdict.ok:
-            failures.append(f"seed {seed} (replay: WEFT_LIN_SEED={seed}):\n{verdict.report()}")
+            reports.append(verdict.report())
             break
-    assert not failures, "\n\n".join(failures)
+    assert reports, "with recalls disabled the checker found no stale result in any seed"
+    print(f"the checker caught a stale result with recalls disabled:\n{reports[0][:2000]}")
 
 
 @pytest.mark.weft_timeout(900)

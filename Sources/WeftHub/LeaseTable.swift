@@ -1,0 +1,224 @@
+import Foundation
+import Logging
+import WeftProto
+
+/// Which sessions cache what of one volume, and the recalls that keep their caches coherent
+/// (SPEC.md §12.6). Owned by the volume's home `Hub`.
+///
+/// Guarantees:
+/// - a read lease on an inode is recorded only for a reply that no change of that inode could
+///   have overtaken (`grant` checks a change sequence taken before the read); any other reply
+///   gets a notice first, so its holder does not cache it;
+/// - `beginChange` returns only when every other session holding a lease on the targets has
+///   acknowledged a recall, or has not been heard from for a lease period;
+/// - a write lease is exclusive: while one session holds it, no other holds any lease on the file.
+///
+/// The test-only environment switch `WEFT_TEST_NO_RECALL=1` skips recalls and notices (leases
+/// are still granted and dropped), to prove the consistency checker catches stale reads.
+public final class LeaseTable: @unchecked Sendable {
+    public enum Mode: Sendable { case read, write }
+
+    /// What a change does to an inode, for its recall.
+    public struct Target {
+        public var ino: InodeID
+        /// Entries of directory `ino` added or removed (the holders drop them from the kernel).
+        public var names: [[UInt8]]
+        /// True when the inode is a regular file: its holders' leases end with the recall. Other
+        /// inodes keep theirs (a directory's holder still caches its other entries).
+        public var isFile: Bool
+
+        public init(_ ino: InodeID, names: [[UInt8]] = [], isFile: Bool = false) {
+            self.ino = ino
+            self.names = names
+            self.isFile = isFile
+        }
+    }
+
+    private let lock = NSLock()
+    private var clients: [SessionID: LeaseClient] = [:]
+    private var leases: [InodeID: [SessionID: Mode]] = [:]
+    private var held: [SessionID: Set<InodeID>] = [:]
+    private var changing: [InodeID: Int] = [:]
+    private var sequence: UInt64 = 0
+    /// Sequence of the last change begun on any inode hashing to each bucket.
+    private var changedAt = [UInt64](repeating: 0, count: 1 << 16)
+    private var recallsSent: UInt64 = 0
+    public let recallsDisabled: Bool
+    let logger: Logger
+
+    public init(logger: Logger, recallsDisabled: Bool = ProcessInfo.processInfo.environment["WEFT_TEST_NO_RECALL"] == "1") {
+        self.logger = logger
+        self.recallsDisabled = recallsDisabled
+        if recallsDisabled { logger.warning("WEFT_TEST_NO_RECALL=1: lease recalls are disabled (test only; caches go stale)") }
+    }
+
+    @inline(__always) private func bucket(_ ino: InodeID) -> Int { Int(truncatingIfNeeded: (ino &* 0x9E37_79B9_7F4A_7C15) >> 48) }
+
+    /// Recalls sent so far (notices not counted).
+    public var recallCount: UInt64 { lock.withLock { recallsSent } }
+
+    /// Sessions holding leases on `ino`, and how.
+    public func holders(_ ino: InodeID) -> [SessionID: Mode] { lock.withLock { leases[ino] ?? [:] } }
+
+    // MARK: Sessions
+
+    public func enable(_ session: SessionID, client: LeaseClient) {
+        lock.withLock { clients[session] = client }
+    }
+
+    public func isEnabled(_ session: SessionID) -> Bool { lock.withLock { clients[session] != nil } }
+
+    /// Forgets the session's leases (it ended).
+    public func end(_ session: SessionID) {
+        lock.withLock {
+            clients[session] = nil
+            for ino in held.removeValue(forKey: session) ?? [] {
+                leases[ino]?[session] = nil
+                if leases[ino]?.isEmpty == true { leases[ino] = nil }
+            }
+        }
+    }
+
+    // MARK: Reads
+
+    /// Taken before a read; `grant` compares it with the changes begun since.
+    public func readToken() -> UInt64 { lock.withLock { sequence } }
+
+    /// After a read of `inodes` for `session` that began at `token`: records read leases on them,
+    /// or sends notices where a change may have overtaken the read. Returns false when another
+    /// session's write lease on one of them had to be recalled first: the caller reads again, so
+    /// that it sees the writer's data.
+    public func grant(_ session: SessionID, _ inodes: [InodeID], since token: UInt64) -> Bool {
+        if inodes.isEmpty { return true }
+        var writers: [(InodeID, SessionID, LeaseClient)] = []
+        var notices: [InodeID] = []
+        let client: LeaseClient? = lock.withLock {
+            guard let client = clients[session] else { return nil }
+            for ino in inodes {
+                guard let holders = leases[ino] else { continue }
+                for (other, mode) in holders where other != session && mode == .write {
+                    if let otherClient = clients[other] { writers.append((ino, other, otherClient)) }
+                }
+            }
+            guard writers.isEmpty else { return client }
+            for ino in inodes {
+                if changing[ino, default: 0] > 0 || changedAt[bucket(ino)] > token {
+                    notices.append(ino)
+                } else if leases[ino]?[session] == nil {
+                    leases[ino, default: [:]][session] = .read
+                    held[session, default: []].insert(ino)
+                }
+            }
+            return client
+        }
+        guard let client else { return true }
+        if !writers.isEmpty {
+            recall(writers.map { Recall(target: Target($0.0, isFile: true), session: $0.1, client: $0.2) })
+            return false
+        }
+        if !recallsDisabled {
+            for ino in notices { _ = client.recall(ino, names: [], notice: true, deadlineNs: 0) }
+        }
+        return true
+    }
+
+    // MARK: Changes
+
+    /// A change of `targets` by `session` is about to be applied: recalls every other session's
+    /// lease on them. Returns a token for the changer's own reply (`grant(since:)`); call
+    /// `endChange` once the change is applied or has failed.
+    public func beginChange(_ session: SessionID, _ targets: [Target]) -> UInt64 {
+        var work: [Recall] = []
+        lock.withLock {
+            sequence += 1
+            for target in targets {
+                changing[target.ino, default: 0] += 1
+                changedAt[bucket(target.ino)] = sequence
+                for (other, _) in leases[target.ino] ?? [:] where other != session {
+                    if let client = clients[other] { work.append(Recall(target: target, session: other, client: client)) }
+                }
+            }
+        }
+        recall(work)
+        return lock.withLock { sequence }
+    }
+
+    public func endChange(_ targets: [Target]) {
+        lock.withLock {
+            for target in targets {
+                let count = changing[target.ino, default: 0] - 1
+                changing[target.ino] = count > 0 ? count : nil
+            }
+        }
+    }
+
+    // MARK: Write leases
+
+    /// Grants `session` the exclusive write lease on file `ino`, recalling other sessions' read
+    /// leases on it. If another session holds the write lease, it is recalled and nobody gets
+    /// one (both then write through).
+    public func acquireWrite(_ session: SessionID, _ ino: InodeID) -> Bool {
+        while true {
+            var work: [Recall] = []
+            var contested = false
+            let granted: Bool = lock.withLock {
+                guard clients[session] != nil else { return false }
+                for (other, mode) in leases[ino] ?? [:] where other != session {
+                    if mode == .write { contested = true }
+                    if let client = clients[other] { work.append(Recall(target: Target(ino, isFile: true), session: other, client: client)) }
+                }
+                guard work.isEmpty else { return false }
+                sequence += 1
+                changedAt[bucket(ino)] = sequence
+                leases[ino, default: [:]][session] = .write
+                held[session, default: []].insert(ino)
+                return true
+            }
+            if granted || work.isEmpty { return granted }
+            recall(work)
+            if contested { return false }
+        }
+    }
+
+    // MARK: Recalls
+
+    private struct Recall {
+        var target: Target
+        var session: SessionID
+        var client: LeaseClient
+    }
+
+    private func recall(_ work: [Recall]) {
+        guard !work.isEmpty else { return }
+        if work.count == 1 {
+            perform(work[0])
+        } else {
+            let group = DispatchGroup()
+            for item in work { DispatchQueue.global().async(group: group) { self.perform(item) } }
+            group.wait()
+        }
+    }
+
+    /// Recalls one lease and waits for the holder's answer, or until it has not been heard from
+    /// for a lease period; then drops a file lease.
+    private func perform(_ item: Recall) {
+        if !recallsDisabled {
+            lock.withLock { recallsSent += 1 }
+            while true {
+                let deadline = item.client.lastHeardNs &+ Leases.periodNs
+                if Leases.nowNs() >= deadline {
+                    logger.warning("lease holder did not answer a recall within the lease period: its leases are void",
+                                   metadata: ["session": "\(item.session)", "ino": "\(item.target.ino)"])
+                    break
+                }
+                if item.client.recall(item.target.ino, names: item.target.names, notice: false, deadlineNs: deadline) { break }
+            }
+        }
+        guard item.target.isFile else { return }
+        lock.withLock {
+            leases[item.target.ino]?[item.session] = nil
+            if leases[item.target.ino]?.isEmpty == true { leases[item.target.ino] = nil }
+            held[item.session]?.remove(item.target.ino)
+        }
+    }
+}

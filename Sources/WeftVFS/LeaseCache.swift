@@ -1,0 +1,57 @@
+import Foundation
+import WeftProto
+
+/// What the agent may cache under its leases (SPEC.md §12.6), keyed by the kernel's inode numbers.
+///
+/// A reply may be cached (kernel attribute and entry timeouts, the VFS's layouts) only if no
+/// recall of its inode and no loss of leases happened since the call began: the caller takes a
+/// `token()` before the call and asks `mayCache(_:since:)` after it. Recalls and notices bump
+/// the inode's stamp before anything else, so a reply that follows a recall on the wire is
+/// never cached. Shared by every volume of one agent.
+public final class LeaseCache: @unchecked Sendable {
+    private let lock = NSLock()
+    private var sequence: UInt64 = 1
+    private var recalledAt = [UInt64](repeating: 0, count: 1 << 16)
+    private var lostAt: UInt64 = 0
+    private var suspendedUntilNs: UInt64 = 0
+    private var recalls: UInt64 = 0
+
+    /// Kernel invalidation (set by the FUSE adapter): attributes and pages of an inode, and one
+    /// entry of a directory.
+    public var invalidateInode: (@Sendable (UInt64) -> Void)?
+    public var invalidateEntry: (@Sendable (UInt64, [UInt8]) -> Void)?
+
+    public init() {}
+
+    @inline(__always) private func bucket(_ ino: UInt64) -> Int { Int(truncatingIfNeeded: (ino &* 0x9E37_79B9_7F4A_7C15) >> 48) }
+
+    public func token() -> UInt64 { lock.withLock { sequence } }
+
+    /// True if a reply about `ino` to a call that began at `token` may be cached.
+    public func mayCache(_ ino: UInt64, since token: UInt64) -> Bool {
+        lock.withLock {
+            recalledAt[bucket(ino)] <= token && lostAt <= token && Leases.nowNs() >= suspendedUntilNs
+        }
+    }
+
+    /// Recalls and notices received (tests and `weft status`).
+    public var recallCount: UInt64 { lock.withLock { recalls } }
+
+    func recalled(_ ino: UInt64) {
+        lock.withLock {
+            sequence += 1
+            recalls += 1
+            recalledAt[bucket(ino)] = sequence
+        }
+    }
+
+    /// Every lease is void: nothing fetched before now may be cached, and nothing at all for a
+    /// moment (the hub is reported silent once a second while it stays silent).
+    func lost() {
+        lock.withLock {
+            sequence += 1
+            lostAt = sequence
+            suspendedUntilNs = Leases.nowNs() + 1_500_000_000
+        }
+    }
+}

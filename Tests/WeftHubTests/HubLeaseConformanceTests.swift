@@ -1,0 +1,199 @@
+import Foundation
+import WeftHub
+import WeftProto
+import WeftTestSupport
+import XCTest
+
+/// A lease client that records what the home recalls, and can act inside a recall (as an agent
+/// commits its buffered writes there).
+final class RecordingLeaseClient: LeaseClient, @unchecked Sendable {
+    struct Recall: Equatable {
+        var ino: InodeID
+        var names: [[UInt8]]
+        var notice: Bool
+    }
+
+    private let lock = NSLock()
+    private var recorded: [Recall] = []
+    /// Runs inside each full recall, before it is answered.
+    var onRecall: ((InodeID) -> Void)?
+    /// What `recall` answers (in process: false plays a holder that cannot be reached).
+    var answers = true
+    var heardNs: UInt64?
+
+    func recall(_ ino: InodeID, names: [[UInt8]], notice: Bool, deadlineNs: UInt64) -> Bool {
+        lock.withLock { recorded.append(Recall(ino: ino, names: names, notice: notice)) }
+        if !notice { onRecall?(ino) }
+        return answers
+    }
+
+    var lastHeardNs: UInt64 { heardNs ?? Leases.nowNs() }
+    func leasesLost() {}
+
+    var all: [Recall] { lock.withLock { recorded } }
+    /// Full recalls (not notices).
+    var recalls: [Recall] { all.filter { !$0.notice } }
+    var notices: [Recall] { all.filter(\.notice) }
+    func reset() { lock.withLock { recorded.removeAll() } }
+}
+
+/// Leases and recalls through the hub API (SPEC.md §12.6): the same assertions in-process and
+/// over TCP (where recalls travel as callback frames and are answered on the connection).
+extension HubConformanceTests {
+    /// A second session with leases enabled, and its recorder.
+    private func leasedSession(_ name: String = "holder") throws -> (RequestContext, RecordingLeaseClient) {
+        let (other, _) = try api.openSession(agentName: name)
+        let client = RecordingLeaseClient()
+        try api.enableLeases(other, client: client)
+        return (RequestContext(session: other, credentials: rootCaller), client)
+    }
+
+    func testAChangeRecallsEveryOtherHolderBeforeItReturns() throws {
+        let file = try makeFile("leased")
+        let untouched = try makeFile("untouched")
+        let (holder, client) = try leasedSession()
+        _ = try api.getattr(holder, ino: file.ino)
+
+        _ = try api.setattr(context, ino: file.ino, SetAttributes(mode: 0o600))
+        XCTAssertEqual(client.recalls, [.init(ino: file.ino, names: [], notice: false)],
+                       "the holder is recalled before the change returns")
+        // A file the holder never read is not recalled.
+        client.reset()
+        _ = try api.setattr(context, ino: untouched.ino, SetAttributes(mode: 0o600))
+        XCTAssertEqual(client.recalls, [])
+        // The changer itself is never recalled for its own change.
+        _ = try api.getattr(holder, ino: untouched.ino)
+        _ = try api.setattr(holder, ino: untouched.ino, SetAttributes(mode: 0o640))
+        XCTAssertEqual(client.recalls, [])
+    }
+
+    func testEntryChangesRecallTheDirectoryWithTheNamesAndKeepItsLease() throws {
+        let file = try makeFile("gone")
+        let (holder, client) = try leasedSession()
+        XCTAssertEqual(try api.lookup(holder, parent: root, name: bytes("gone")).ino, file.ino)
+
+        try api.unlink(context, parent: root, name: bytes("gone"))
+        XCTAssertTrue(client.recalls.contains(.init(ino: root, names: [bytes("gone")], notice: false)), "\(client.all)")
+        XCTAssertTrue(client.recalls.contains(.init(ino: file.ino, names: [], notice: false)), "the unlinked file's links changed")
+        // The directory lease stays (the holder still caches the directory's other names).
+        client.reset()
+        try makeFile("new")
+        XCTAssertEqual(client.recalls, [.init(ino: root, names: [bytes("new")], notice: false)])
+        client.reset()
+        try api.rename(context, parent: root, name: bytes("new"), newParent: root, newName: bytes("renamed"), flags: [])
+        XCTAssertEqual(client.recalls.first, .init(ino: root, names: [bytes("new"), bytes("renamed")], notice: false))
+    }
+
+    func testAFileLeaseEndsWithItsRecall() throws {
+        let file = try makeFile("truncated")
+        let (holder, client) = try leasedSession()
+        _ = try api.open(holder, ino: file.ino, flags: O_RDONLY)
+        _ = try api.open(context, ino: file.ino, flags: O_WRONLY | O_TRUNC)
+        XCTAssertEqual(client.recalls.map(\.ino), [file.ino])
+        // Recalled once: the holder has not read it again, so the next change recalls nobody.
+        _ = try api.open(context, ino: file.ino, flags: O_WRONLY | O_TRUNC)
+        XCTAssertEqual(client.recalls.map(\.ino), [file.ino])
+    }
+
+    func testAReaderRecallsTheWriteLeaseAndSeesWhatTheWriterCommitted() throws {
+        let file = try makeFile("written")
+        let (writer, writerClient) = try leasedSession("writer")
+        XCTAssertTrue(try api.acquireWriteLease(writer, ino: file.ino))
+        // The writer "commits its buffered writes" inside the recall, as an agent does.
+        writerClient.onRecall = { [api] ino in
+            _ = try? api!.setattr(writer, ino: ino, SetAttributes(size: 12345))
+        }
+        let reader = try leasedSession("reader")
+        XCTAssertEqual(try api.getattr(reader.0, ino: file.ino).size, 12345, "the read waited for the writer's commit")
+        XCTAssertEqual(writerClient.recalls.map(\.ino), [file.ino])
+        XCTAssertEqual(reader.1.recalls, [], "the writer's own commit inside its recall recalls nobody")
+
+        // Two writers: the second one's request recalls the first, and neither holds it.
+        writerClient.onRecall = nil
+        XCTAssertTrue(try api.acquireWriteLease(reader.0, ino: file.ino), "the recalled writer holds nothing now")
+        XCTAssertFalse(try api.acquireWriteLease(writer, ino: file.ino), "a second writer gets no write lease")
+        XCTAssertEqual(reader.1.recalls.map(\.ino), [file.ino])
+        // Write leases are for regular files.
+        XCTAssertErrno(EINVAL, try api.acquireWriteLease(writer, ino: root))
+    }
+
+    func testAReadOverlappingAChangeGetsANoticeBeforeItsReply() throws {
+        let file = try makeFile("racing")
+        let (holder, client) = try leasedSession()
+        _ = try api.getattr(holder, ino: file.ino)
+        var during: Attributes?
+        // While the change waits for this holder, the holder reads the file again: that reply
+        // is from before the change, so it must come with a notice (not to be cached).
+        client.onRecall = { [api] ino in during = try? api!.getattr(holder, ino: ino) }
+        _ = try api.setattr(context, ino: file.ino, SetAttributes(mode: 0o611))
+        XCTAssertEqual(during.map { $0.mode & 0o7777 }, 0o644, "read before the change applied")
+        XCTAssertEqual(client.notices.map(\.ino), [file.ino])
+    }
+
+    func testAnEndedSessionIsNotRecalled() throws {
+        let file = try makeFile("closed")
+        let (holder, client) = try leasedSession()
+        _ = try api.getattr(holder, ino: file.ino)
+        try api.closeSession(holder.session)
+        _ = try api.setattr(context, ino: file.ino, SetAttributes(mode: 0o600))
+        XCTAssertEqual(client.all, [])
+    }
+
+    func testSessionsWithoutLeasesAreNeverRecalledOrNoticed() throws {
+        let file = try makeFile("plain")
+        let (other, _) = try api.openSession(agentName: "no-leases")
+        let otherContext = RequestContext(session: other, credentials: rootCaller)
+        _ = try api.getattr(otherContext, ino: file.ino)
+        XCTAssertFalse(try api.acquireWriteLease(otherContext, ino: file.ino), "no write lease without leases")
+        _ = try api.setattr(context, ino: file.ino, SetAttributes(mode: 0o600))
+    }
+}
+
+/// In-process only: a holder that cannot be reached, and the test-only switch.
+final class HubLeaseTableTests: XCTestCase {
+    func testASilentHolderIsWaitedForUntilItsLeasesExpire() throws {
+        let table = LeaseTable(logger: testLogger("weft.lease.test"), recallsDisabled: false)
+        let client = RecordingLeaseClient()
+        client.answers = false
+        table.enable(7, client: client)
+        XCTAssertTrue(table.grant(7, [42], since: table.readToken()))
+        XCTAssertEqual(table.holders(42), [7: .read])
+        // Last heard almost a lease period ago: the change waits out the rest, then goes on.
+        client.heardNs = Leases.nowNs() - Leases.periodNs + 400_000_000
+        let started = Leases.nowNs()
+        _ = table.beginChange(1, [.init(42, isFile: true)])
+        table.endChange([.init(42, isFile: true)])
+        let waitedMs = (Leases.nowNs() - started) / 1_000_000
+        XCTAssertGreaterThanOrEqual(waitedMs, 300)
+        XCTAssertLessThan(waitedMs, 5_000)
+        XCTAssertFalse(client.recalls.isEmpty)
+        XCTAssertEqual(table.holders(42), [:], "the silent holder's file lease is void")
+    }
+
+    func testTheTestSwitchSkipsRecallsAndNotices() throws {
+        let table = LeaseTable(logger: testLogger("weft.lease.test"), recallsDisabled: true)
+        let client = RecordingLeaseClient()
+        table.enable(7, client: client)
+        let token = table.readToken()
+        XCTAssertTrue(table.grant(7, [42], since: token))
+        _ = table.beginChange(1, [.init(42, isFile: true)])
+        XCTAssertTrue(table.grant(7, [42], since: token))
+        table.endChange([.init(42, isFile: true)])
+        XCTAssertEqual(client.all, [], "nothing is recalled: caches go stale (what the checker must catch)")
+        XCTAssertEqual(table.recallCount, 0)
+    }
+
+    func testAGrantOvertakenByAChangeIsANoticeNotALease() throws {
+        let table = LeaseTable(logger: testLogger("weft.lease.test"), recallsDisabled: false)
+        let client = RecordingLeaseClient()
+        table.enable(7, client: client)
+        let token = table.readToken()
+        // A change of 42 began (and even ended) after the read began.
+        _ = table.beginChange(1, [.init(42, isFile: true)])
+        table.endChange([.init(42, isFile: true)])
+        XCTAssertTrue(table.grant(7, [42, 43], since: token))
+        XCTAssertEqual(client.notices.map(\.ino), [42])
+        XCTAssertEqual(table.holders(42), [:])
+        XCTAssertEqual(table.holders(43), [7: .read])
+    }
+}
