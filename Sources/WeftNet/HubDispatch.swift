@@ -102,6 +102,17 @@ extension HubRequest {
             return .lock(try hub.lock(c, ino: ino, request))
         case .ping:
             return .empty
+        case let .openDataSession(agentName, volume):
+            let (session, info) = try hub.openDataSession(agentName: agentName, volume: volume)
+            return .session(session, info)
+        case let .readSliceFrom(c, id, offset, length, holders):
+            return .bytes(try hub.readSlice(c, id: id, offset: offset, length: length, holders: holders))
+        case let .fetchObject(id, offset, length):
+            let (fileBytes, bytes) = try hub.fetchObject(id: id, offset: offset, length: length)
+            return .objectPart(fileBytes: fileBytes, bytes)
+        case let .releaseUploads(c, ids):
+            try hub.releaseUploads(c, ids: ids)
+            return .empty
         case let .createVolume(name, home, chunkSizeBytes, compression):
             return .bytes(try hub.createVolume(name: name, home: home, chunkSizeBytes: chunkSizeBytes, compression: compression))
         }

@@ -41,6 +41,11 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case createVolume = 33
     case lock = 34
     case ping = 35
+    // 36–39: reserved for leases and recall (SPEC.md §12.6).
+    case openDataSession = 40
+    case readSliceFrom = 41
+    case fetchObject = 42
+    case releaseUploads = 43
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -81,6 +86,10 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .createVolume: "createVolume"
         case .lock: "lock"
         case .ping: "ping"
+        case .openDataSession: "openDataSession"
+        case .readSliceFrom: "readSliceFrom"
+        case .fetchObject: "fetchObject"
+        case .releaseUploads: "releaseUploads"
         }
     }
 }
@@ -124,6 +133,14 @@ public enum HubRequest: Equatable, Sendable {
     case lock(RequestContext, ino: InodeID, LockRequest)
     /// Keeps an idle connection (and so its sessions) alive; answered by the server itself.
     case ping
+    /// A data-only session on a volume homed at another hub (SPEC.md §12.5).
+    case openDataSession(agentName: String, volume: String)
+    /// `readSlice` naming the hubs that hold the object (read-through cache).
+    case readSliceFrom(RequestContext, id: SliceID, offset: UInt32, length: UInt32, holders: [UInt16])
+    /// Hub to hub: raw bytes of a stored object file, for a read-through copy.
+    case fetchObject(id: SliceID, offset: UInt32, length: UInt32)
+    /// The objects are committed at the home: the data hub stops tracking them as uploads.
+    case releaseUploads(RequestContext, ids: [SliceID])
 
     public var opcode: HubOpcode {
         switch self {
@@ -162,13 +179,18 @@ public enum HubRequest: Equatable, Sendable {
         case .createVolume: .createVolume
         case .lock: .lock
         case .ping: .ping
+        case .openDataSession: .openDataSession
+        case .readSliceFrom: .readSliceFrom
+        case .fetchObject: .fetchObject
+        case .releaseUploads: .releaseUploads
         }
     }
 
     /// The session the request acts for: its context's, or the one `closeSession` ends.
     public var session: SessionID? {
         switch self {
-        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping: nil
+        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .openDataSession,
+             .fetchObject: nil
         case .closeSession(let session): session
         case .lookup(let c, _, _), .getattr(let c, _), .setattr(let c, _, _), .create(let c, _, _, _, _, _, _),
              .mkdir(let c, _, _, _, _), .unlink(let c, _, _), .rmdir(let c, _, _), .symlink(let c, _, _, _),
@@ -176,7 +198,8 @@ public enum HubRequest: Equatable, Sendable {
              .access(let c, _, _), .open(let c, _, _), .release(let c, _), .getxattr(let c, _, _),
              .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
-             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .lock(let c, _, _):
+             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .lock(let c, _, _),
+             .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _):
             c.session
         }
     }
@@ -189,7 +212,8 @@ public enum HubRequest: Equatable, Sendable {
             return context
         }
         switch self {
-        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping: return self
+        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .openDataSession,
+             .fetchObject: return self
         case .closeSession: return .closeSession(session)
         case let .lookup(c, parent, name): return .lookup(s(c), parent: parent, name: name)
         case let .getattr(c, ino): return .getattr(s(c), ino: ino)
@@ -221,6 +245,9 @@ public enum HubRequest: Equatable, Sendable {
             return .commitSlices(s(c), ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
         case let .sync(c): return .sync(s(c))
         case let .lock(c, ino, request): return .lock(s(c), ino: ino, request)
+        case let .readSliceFrom(c, id, offset, length, holders):
+            return .readSliceFrom(s(c), id: id, offset: offset, length: length, holders: holders)
+        case let .releaseUploads(c, ids): return .releaseUploads(s(c), ids: ids)
         }
     }
 
@@ -290,6 +317,16 @@ public enum HubRequest: Equatable, Sendable {
             c.encode(into: &w); w.u64(ino); request.encode(into: &w)
         case .ping:
             break
+        case let .openDataSession(agentName, volume):
+            w.string(agentName); w.string(volume)
+        case let .readSliceFrom(c, id, offset, length, holders):
+            c.encode(into: &w); w.u64(id); w.u32(offset); w.u32(length); w.u32(UInt32(holders.count))
+            for holder in holders { w.u16(holder) }
+        case let .fetchObject(id, offset, length):
+            w.u64(id); w.u32(offset); w.u32(length)
+        case let .releaseUploads(c, ids):
+            c.encode(into: &w); w.u32(UInt32(ids.count))
+            for id in ids { w.u64(id) }
         }
         return nil
     }
@@ -312,6 +349,11 @@ public enum HubRequest: Equatable, Sendable {
             return .clusterMap
         case .ping:
             return .ping
+        case .openDataSession:
+            return .openDataSession(agentName: try r.string(max: WireCodec.stringMaxBytes),
+                                    volume: try r.string(max: WireCodec.stringMaxBytes))
+        case .fetchObject:
+            return .fetchObject(id: try r.u64(), offset: try r.u32(), length: try r.u32())
         case .createVolume:
             let name = try r.string(max: WireCodec.stringMaxBytes), home = try r.string(max: WireCodec.stringMaxBytes)
             let chunkSize = try r.u32()
@@ -323,7 +365,8 @@ public enum HubRequest: Equatable, Sendable {
         }
         let c = try RequestContext.decode(from: &r)
         switch opcode {
-        case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping:
+        case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping,
+             .openDataSession, .fetchObject:
             preconditionFailure("handled above")
         case .lookup:
             return .lookup(c, parent: try r.u64(), name: try r.blob())
@@ -391,6 +434,19 @@ public enum HubRequest: Equatable, Sendable {
             return .commitSlices(c, ino: ino, slices: slices, minimumSize: try r.u64(), durable: try r.bool())
         case .lock:
             return .lock(c, ino: try r.u64(), try LockRequest.decode(from: &r))
+        case .readSliceFrom:
+            let id = try r.u64(), offset = try r.u32(), length = try r.u32()
+            let count = try r.count(max: min(r.remaining / 2, Limits.holdersMax))
+            var holders: [UInt16] = []
+            holders.reserveCapacity(count)
+            for _ in 0..<count { holders.append(try r.u16()) }
+            return .readSliceFrom(c, id: id, offset: offset, length: length, holders: holders)
+        case .releaseUploads:
+            let count = try r.listCount(minimumElementBytes: 8)
+            var ids: [SliceID] = []
+            ids.reserveCapacity(count)
+            for _ in 0..<count { ids.append(try r.u64()) }
+            return .releaseUploads(c, ids: ids)
         }
     }
 }

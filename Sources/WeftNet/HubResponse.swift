@@ -27,6 +27,8 @@ public enum HubResponse: Equatable, Sendable {
     case fsckReport(FsckReport)
     /// lock.
     case lock(LockDescription)
+    /// fetchObject: the object file's length and the requested bytes of it.
+    case objectPart(fileBytes: UInt32, [UInt8])
 
     /// Whether this is the result shape of `opcode`.
     func fits(_ opcode: HubOpcode) -> Bool {
@@ -40,7 +42,9 @@ public enum HubResponse: Equatable, Sendable {
              (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
              (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck),
-             (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock):
+             (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
+             (.session, .openDataSession), (.bytes, .readSliceFrom), (.objectPart, .fetchObject),
+             (.empty, .releaseUploads):
             return true
         default:
             return false
@@ -61,6 +65,7 @@ public enum HubResponse: Equatable, Sendable {
         case .status: "status"
         case .fsckReport: "fsckReport"
         case .lock: "lock"
+        case .objectPart: "objectPart"
         }
     }
 
@@ -100,6 +105,9 @@ public enum HubResponse: Equatable, Sendable {
             report.encode(into: &w)
         case let .lock(description):
             description.encode(into: &w)
+        case let .objectPart(fileBytes, bytes):
+            w.u32(fileBytes); w.u32(UInt32(bytes.count))
+            return bytes
         }
         return nil
     }
@@ -110,13 +118,14 @@ public enum HubResponse: Equatable, Sendable {
     /// Reads the success payload of a response to `opcode`. Leaves any trailing bytes to the caller.
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
-        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping:
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
+             .releaseUploads:
             return .empty
-        case .openSession, .openVolumeSession:
+        case .openSession, .openVolumeSession, .openDataSession:
             return .session(try r.u64(), try VolumeInfo.decode(from: &r))
         case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
             return .attributes(try Attributes.decode(from: &r))
-        case .readlink, .getxattr, .readSlice, .clusterMap, .createVolume:
+        case .readlink, .getxattr, .readSlice, .clusterMap, .createVolume, .readSliceFrom:
             return .bytes(try r.blob())
         case .readdir:
             let count = try r.listCount(minimumElementBytes: 4 + 8 + attributesEncodedBytes)
@@ -155,6 +164,8 @@ public enum HubResponse: Equatable, Sendable {
             return .fsckReport(try FsckReport.decode(from: &r))
         case .lock:
             return .lock(try LockDescription.decode(from: &r))
+        case .fetchObject:
+            return .objectPart(fileBytes: try r.u32(), try r.blob())
         }
     }
 }

@@ -17,7 +17,8 @@ enum WireSamples {
         SliceCommit(chunkIndex: 0, slice: Slice(id: 77, offsetInChunk: 0, length: 4096, sliceOffset: 0, objectLength: 4096)),
         SliceCommit(chunkIndex: 9, slice: Slice(id: 0, offsetInChunk: 123, length: 1 << 20, sliceOffset: 5, objectLength: 0)),
         SliceCommit(chunkIndex: UInt32.max, slice: Slice(id: UInt64.max, offsetInChunk: UInt32.max, length: 1,
-                                                         sliceOffset: 17, objectLength: UInt32.max)),
+                                                         sliceOffset: 17, objectLength: UInt32.max, hub: UInt16.max)),
+        SliceCommit(chunkIndex: 3, slice: Slice(id: 5 << 48 | 9, offsetInChunk: 0, length: 10, objectLength: 10, hub: 2)),
     ]
     static let data: [UInt8] = (0..<70_000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
 
@@ -60,6 +61,10 @@ enum WireSamples {
         .lock(context, ino: 22, LockRequest(kind: .posix, type: .write, start: 1 << 40, end: .max, owner: 0xFEED_BEEF,
                                             pid: 4_000_000, test: true)),
         .ping,
+        .openDataSession(agentName: "node-9", volume: "v ✓"),
+        .readSliceFrom(context, id: 3 << 48 | 1, offset: 65536, length: 1 << 20, holders: [2, 0, 65535]),
+        .fetchObject(id: UInt64.max, offset: 8 << 20, length: 8 << 20),
+        .releaseUploads(context, ids: [1, 2 << 48 | 3, UInt64.max]),
     ]
 
     /// Variants that exercise optional and empty fields.
@@ -72,6 +77,8 @@ enum WireSamples {
         .writeSlice(context, id: 1, data: []),
         .fsck(repair: false),
         .lookup(context, parent: 0, name: []),
+        .readSliceFrom(context, id: 1, offset: 0, length: 0, holders: []),
+        .releaseUploads(context, ids: []),
     ]
 
     static let status = HubStatus(volume: volume, logicalBytes: 1 << 50, inodes: 1_000_000, chunks: 55, storedBytes: 1 << 33,
@@ -80,9 +87,12 @@ enum WireSamples {
     /// One success result per opcode.
     static func response(for opcode: HubOpcode) -> HubResponse {
         switch opcode {
-        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping:
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
+             .releaseUploads:
             return .empty
-        case .openSession, .openVolumeSession:
+        case .fetchObject:
+            return .objectPart(fileBytes: 12_345_678, Array(data.prefix(4096)))
+        case .openSession, .openVolumeSession, .openDataSession:
             return .session(0x1234_5678_9ABC, volume)
         case .lock:
             return .lock(LockDescription(type: .read, start: 7, end: UInt64.max - 1, pid: UInt32.max))
@@ -92,8 +102,8 @@ enum WireSamples {
             var varied = attributes
             varied.ino = UInt64(opcode.rawValue) << 40
             return .attributes(varied)
-        case .readlink, .getxattr, .readSlice:
-            return .bytes(opcode == .readSlice ? data : Array(name.reversed()))
+        case .readlink, .getxattr, .readSlice, .readSliceFrom:
+            return .bytes(opcode == .readSlice || opcode == .readSliceFrom ? data : Array(name.reversed()))
         case .readdir:
             return .entries((0..<37).map { index in
                 var entryAttributes = attributes
