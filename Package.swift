@@ -64,7 +64,7 @@ let package = Package(
                                                     .product(name: "NIOHTTP1", package: "swift-nio"),
                                                     .product(name: "Logging", package: "swift-log")]),
         // A hub in a cluster: home of several volumes, sessions routed per volume (weftd --etcd).
-        .target(name: "WeftFabric", dependencies: ["WeftProto", "WeftMeta", "WeftHub", "WeftCluster",
+        .target(name: "WeftFabric", dependencies: ["WeftProto", "WeftMeta", "WeftChunks", "WeftHub", "WeftCluster",
                                                    .product(name: "Logging", package: "swift-log")]),
         // User-space WAN link emulator (delay, bandwidth cap, cut/heal): tests, Deploy/ and Bench/.
         .target(name: "WeftLink", dependencies: [.product(name: "NIOCore", package: "swift-nio"),
@@ -93,6 +93,8 @@ let package = Package(
         .testTarget(name: "WeftLinkTests", dependencies: ["WeftLink", "WeftTestSupport",
                                                           .product(name: "NIOCore", package: "swift-nio"),
                                                           .product(name: "NIOPosix", package: "swift-nio")]),
+        .testTarget(name: "WeftFabricTests", dependencies: ["WeftFabric", "WeftAgent", "WeftChunks", "WeftCluster", "WeftLink",
+                                                            "WeftNet", "WeftProto", "WeftVFS", "WeftTestSupport"]),
         .testTarget(name: "WeftHubTests", dependencies: ["WeftHub", "WeftNet", "WeftProto", "WeftVFS", "WeftTestSupport"]),
     ]
 )

@@ -34,17 +34,17 @@ final class GlobalRoot {
         let namespace = GlobalNamespace(
             listVolumes: { try volumes(of: entry) },
             openVolume: { volume in
-                let hub = try HubOpener.openVolume(address: address, volume: volume.name,
-                                                   requestTimeoutMs: requestTimeoutMs, logger: logger)
+                let (hub, connections) = try HubOpener.openVolumeAPI(address: address, volume: volume.name,
+                                                                     requestTimeoutMs: requestTimeoutMs, logger: logger)
                 var volumeOptions = options
                 volumeOptions.volume = volume.name
                 do {
                     let vfs = try VFS(hub: hub, options: volumeOptions, logger: logger, shared: shared,
                                       kernelInoBase: UInt64(volume.id) << 48)
-                    root?.lock.withLock { root?.volumeHubs.append(hub) }
+                    root?.lock.withLock { root?.volumeHubs.append(contentsOf: connections) }
                     return vfs
                 } catch {
-                    hub.close()
+                    for connection in connections { connection.close() }
                     throw error
                 }
             },

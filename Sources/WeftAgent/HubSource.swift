@@ -5,6 +5,7 @@ import WeftHub
 import WeftMeta
 import WeftNet
 import WeftProto
+import WeftVFS
 
 /// Where a command finds its hub: a hub directory (embedded) or a running weftd.
 public enum HubSource: CustomStringConvertible {
@@ -40,10 +41,13 @@ public struct OpenedHub {
     /// The in-process hub, when this process owns the directory.
     public let local: Hub?
     let remote: RemoteHub?
+    /// Further connections the hub uses (a volume split across hubs).
+    var connections: [RemoteHub] = []
 
     public func close() {
         if let local { try? local.close() }
         remote?.close()
+        for connection in connections { connection.close() }
     }
 }
 
@@ -71,6 +75,29 @@ public enum HubOpener {
                              requestTimeoutMs: requestTimeoutMs, logger: logger)
         } catch {
             entry.close()
+            throw error
+        }
+    }
+
+    /// The `HubAPI` of `volume` for an agent that mounts through the hub at `address`, and the
+    /// connections it uses (to close at unmount). When that hub is the volume's home (or a
+    /// single hub), it is that hub. Otherwise (SPEC.md §12.5) metadata goes to the home and chunk
+    /// data to the hub at `address`, which stores what the agent writes and caches what it reads.
+    public static func openVolumeAPI(address: HubAddress, volume: String, requestTimeoutMs: Int = defaultRequestTimeoutMs,
+                                     logger: Logger) throws -> (api: HubAPI, connections: [RemoteHub]) {
+        let home = try openVolume(address: address, volume: volume, requestTimeoutMs: requestTimeoutMs, logger: logger)
+        guard !volume.isEmpty, home.address != address else { return (home, [home]) }
+        let data = RemoteHub(address: address, connectTimeoutMs: connectTimeoutMs, requestTimeoutMs: requestTimeoutMs,
+                             logger: logger)
+        do {
+            let map = try ClusterMap.decode(try data.clusterMap(), from: address.displayName)
+            guard let region = map.answeredBy, let id = map.hubIDs[region], id != 0 else {
+                throw WeftError(EIO, "hub \(address.displayName) does not say its cluster id")
+            }
+            return (SplitVolumeHub(home: home, data: data, dataHubID: id), [home, data])
+        } catch {
+            home.close()
+            data.close()
             throw error
         }
     }

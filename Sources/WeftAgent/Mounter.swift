@@ -75,10 +75,10 @@ public enum Mounter {
                 opened?.close()
                 return
             case let .remote(address, volume):
-                let remote = try HubOpener.openVolume(address: address, volume: volume ?? "",
-                                                      requestTimeoutMs: request.hubTimeoutMs, logger: logger)
-                opened = OpenedHub(api: remote, local: nil, remote: remote)
-                hubAPI = remote
+                let (api, connections) = try HubOpener.openVolumeAPI(address: address, volume: volume ?? "",
+                                                                     requestTimeoutMs: request.hubTimeoutMs, logger: logger)
+                opened = OpenedHub(api: api, local: nil, remote: nil, connections: connections)
+                hubAPI = api
             case .directory(let path):
                 if EmbeddedSocket.isServed(path) {
                     throw WeftError(EBUSY, "hub directory \(path) is in use by another mount or weftd; "

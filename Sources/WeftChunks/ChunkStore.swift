@@ -184,7 +184,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// with EEXIST atomically if the id exists. Returns the open descriptor for `sync()`.
     /// With `direct` (the whole raw payload, page-aligned), the header and the page-multiple
     /// part of the payload go out with O_DIRECT and the last partial page buffered.
-    private func createObject(id: SliceID, header: UnsafeRawBufferPointer, payload: [UnsafeRawBufferPointer],
+    func createObject(id: SliceID, header: UnsafeRawBufferPointer, payload: [UnsafeRawBufferPointer],
                               direct: UnsafeRawBufferPointer?) throws -> Int32 {
         let suffix = accountingLock.withLock { () -> UInt32 in
             temporarySequence &+= 1
@@ -282,6 +282,14 @@ public final class ChunkStore: @unchecked Sendable {
         default:
             logger.error("chunk \(hex(id)) write failed in \(directory): \(failure.description)")
             return WeftError(EIO, "chunk \(hex(id)) write failed: \(failure.description)")
+        }
+    }
+
+    /// Counts an object created outside `write` (an imported copy).
+    func accountCreated(fileBytes: Int) {
+        accountingLock.withLock {
+            objects += 1
+            bytes += UInt64(fileBytes)
         }
     }
 

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import WeftHub
 import WeftProto
 
@@ -111,24 +114,55 @@ extension FabricHub {
     }
 
     public func writeSlice(_ context: RequestContext, id: SliceID, data: [UInt8]) throws {
-        let (hub, c) = try route(context)
-        try hub.writeSlice(c, id: id, data: data)
+        try data.withUnsafeBytes { try writeSlice(context, id: id, bytes: $0) }
     }
 
     public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
+        if let session = dataSession(context) { return try writeData(session, context, id: id, bytes: bytes) }
         let (hub, c) = try route(context)
         try hub.writeSlice(c, id: id, bytes: bytes)
     }
 
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {
-        let (hub, c) = try route(context)
-        return try hub.readSlice(c, id: id, offset: offset, length: length)
+        try readSlice(context, id: id, offset: offset, length: length, holders: [])
     }
 
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32,
                           into destination: UnsafeMutableRawBufferPointer) throws {
-        let (hub, c) = try route(context)
-        try hub.readSlice(c, id: id, offset: offset, into: destination)
+        try readSlice(context, id: id, offset: offset, holders: [], into: destination)
+    }
+
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32,
+                          holders: [UInt16]) throws -> [UInt8] {
+        guard length <= UInt32(Limits.transferMaxBytes) else { throw WeftError.invalid }
+        return try [UInt8](unsafeUninitializedCapacity: Int(length)) { buffer, initialized in
+            try readSlice(context, id: id, offset: offset, holders: holders,
+                          into: UnsafeMutableRawBufferPointer(buffer))
+            initialized = Int(length)
+        }
+    }
+
+    /// Any session reads through this hub's stores: the volume's `chunks/`, then `cache/`, then
+    /// a fetch from the holders (SPEC.md §12.5).
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, holders: [UInt16],
+                          into destination: UnsafeMutableRawBufferPointer) throws {
+        let volume: VolumeData
+        if let session = dataSession(context) {
+            volume = session.volume
+        } else {
+            let volumeID = try volumeID(ofSession: context)
+            guard let record = member.map.volume(id: volumeID) else {
+                throw WeftError(ESTALE, "volume \(volumeID) is no longer in the cluster map")
+            }
+            volume = try volumeData(record)
+        }
+        guard id >> 48 == UInt64(volume.id) else { throw WeftError(EINVAL, "slice id \(id) is not of volume \(volume.id)") }
+        try readThrough(volume, id: id, offset: offset, holders: holders, into: destination)
+    }
+
+    public func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws {
+        guard let session = dataSession(context) else { return }
+        session.volume.committed(ids, session: context.session)
     }
 
     public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {
@@ -143,6 +177,7 @@ extension FabricHub {
     }
 
     public func sync(_ context: RequestContext) throws {
+        if let session = dataSession(context) { return try session.volume.chunks.sync() }
         let (hub, c) = try route(context)
         try hub.sync(c)
     }

@@ -25,21 +25,37 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
     private struct Route {
         var hub: Hub
         var inner: SessionID
+        var volumeID: UInt16
     }
 
-    private let lock = NSLock()
-    private var volumes: [UInt16: Hub] = [:]
+    let lock = NSLock()
+    var volumes: [UInt16: Hub] = [:]
     private var sessions: [SessionID: Route] = [:]
-    private var nextSession: SessionID = 1
+    var nextSession: SessionID = 1
     private var closed = false
     private let opener = DispatchQueue(label: "weft.fabric.volumes")
+    /// Chunk stores per volume (home or not) and data-only sessions (SPEC.md §12.5).
+    var dataVolumes: [UInt16: VolumeData] = [:]
+    var dataSessions: [SessionID: DataSession] = [:]
+    /// Objects fetched from other hubs, bounded (`weftd --cache-gb`).
+    public let readThrough: ReadThrough
+
+    /// Default bound of the read-through cache (`weftd --cache-gb`): 16 GiB.
+    public static let defaultCacheBytes: UInt64 = 16 << 30
 
     /// `directory` must hold a hub made by `FabricHub.prepare`; `member` must have joined.
-    public init(directory: String, member: ClusterMember, durability: DurabilityMode, logger: Logger) {
+    /// `connectPeer` opens a connection to another hub at an address (`HOST:PORT`) for
+    /// read-through fetches; `cacheBytes` bounds the cached copies of all volumes together.
+    public init(directory: String, member: ClusterMember, durability: DurabilityMode, logger: Logger,
+                cacheBytes: UInt64 = FabricHub.defaultCacheBytes,
+                connectPeer: @escaping (String) throws -> HubAPI = { address in
+                    throw WeftError(ENOTSUP, "no peer transport configured to reach hub at \(address)")
+                }) {
         self.directory = directory
         self.member = member
         self.durability = durability
         self.logger = logger
+        readThrough = ReadThrough(capacityBytes: cacheBytes, connectPeer: connectPeer, logger: logger)
     }
 
     // MARK: Hub directory
@@ -159,11 +175,22 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
 
     func route(_ context: RequestContext) throws -> (Hub, RequestContext) {
         guard let route = lock.withLock({ sessions[context.session] }) else {
+            if dataSession(context) != nil {
+                throw WeftError(EBADF, "session \(context.session) is a data session: it takes only chunk calls")
+            }
             throw WeftError(EBADF, "unknown session \(context.session)")
         }
         var inner = context
         inner.session = route.inner
         return (route.hub, inner)
+    }
+
+    /// The volume a volume session (not a data session) belongs to.
+    func volumeID(ofSession context: RequestContext) throws -> UInt16 {
+        guard let route = lock.withLock({ sessions[context.session] }) else {
+            throw WeftError(EBADF, "unknown session \(context.session)")
+        }
+        return route.volumeID
     }
 
     // MARK: HubAPI — sessions and cluster
@@ -186,13 +213,14 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
         let id: SessionID = lock.withLock {
             let id = nextSession
             nextSession += 1
-            sessions[id] = Route(hub: hub, inner: inner)
+            sessions[id] = Route(hub: hub, inner: inner, volumeID: record.id)
             return id
         }
         return (id, info)
     }
 
     public func closeSession(_ session: SessionID) throws {
+        if closeDataSession(session) { return }
         guard let route = lock.withLock({ sessions.removeValue(forKey: session) }) else { return }
         try route.hub.closeSession(route.inner)
     }

@@ -286,7 +286,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
 
     public func commitSlices(_ context: RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64,
                              durable: Bool) throws -> Attributes {
-        for commit in slices {
+        // Objects held by another hub (`hub` ≠ 0) were made durable there before this commit
+        // (SPEC.md §12.5); this hub checks only its own.
+        for commit in slices where commit.slice.hub == 0 {
             // An object lost to a hub restart before its commit: the agent must write it again.
             let length = try? chunks.length(id: commit.slice.id)
             guard let length, UInt32(length) == commit.slice.objectLength else {

@@ -114,7 +114,8 @@ final class Maintenance: @unchecked Sendable {
         do {
             let (_, lists) = try hub.meta.layout(ino: key.ino, firstChunk: key.chunkIndex, count: 1)
             let slices = lists[0]
-            guard slices.count > 1 else { return }
+            // Objects held by other hubs are not read here: such a chunk is left as it is.
+            guard slices.count > 1, slices.allSatisfy({ $0.hub == 0 }) else { return }
             let start = slices.map(\.offsetInChunk).min()!
             let end = slices.map { $0.offsetInChunk + $0.length }.max()!
             var data = [UInt8](repeating: 0, count: Int(end - start))

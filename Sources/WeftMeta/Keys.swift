@@ -91,17 +91,38 @@ struct Counters: Equatable {
     }
 }
 
+/// First u32 of a versioned slice-list record: never a valid version 1 count.
+let sliceListVersionMarker: UInt32 = 0xFFFF_FFFF
+
+/// A chunk's slice list (`C` value). Version 1 (u32 count, 24-byte slices) is written while
+/// every slice is held by the home (`hub` 0), so single-hub volumes keep their format; otherwise
+/// version 2: u32 marker 0xFFFFFFFF, u8 version 2, u32 count, 26-byte slices (with `hub`).
 func encodeSlices(_ slices: [Slice]) -> [UInt8] {
-    var w = ByteWriter(capacity: 4 + slices.count * Slice.encodedBytes)
-    w.u32(UInt32(slices.count))
+    if slices.allSatisfy({ $0.hub == 0 }) {
+        var w = ByteWriter(capacity: 4 + slices.count * Slice.encodedBytesVersion1)
+        w.u32(UInt32(slices.count))
+        for s in slices { s.encodeVersion1(into: &w) }
+        return w.bytes
+    }
+    var w = ByteWriter(capacity: 9 + slices.count * Slice.encodedBytes)
+    w.u32(sliceListVersionMarker); w.u8(2); w.u32(UInt32(slices.count))
     for s in slices { s.encode(into: &w) }
     return w.bytes
 }
 
 func decodeSlices(_ bytes: UnsafeRawBufferPointer) throws -> [Slice] {
     var r = ByteReader(bytes)
-    let n = try r.count(max: 1 << 20)
+    let first = try r.u32()
     var slices: [Slice] = []
+    if first != sliceListVersionMarker {
+        let n = Int(first)
+        guard n <= 1 << 20 else { throw WeftError.malformed }
+        slices.reserveCapacity(n)
+        for _ in 0..<n { slices.append(try Slice.decodeVersion1(from: &r)) }
+        return slices
+    }
+    guard try r.u8() == 2 else { throw WeftError.malformed }
+    let n = try r.count(max: 1 << 20)
     slices.reserveCapacity(n)
     for _ in 0..<n { slices.append(try Slice.decode(from: &r)) }
     return slices

@@ -8,7 +8,8 @@ public struct MetadataCheck {
     public var inodes: UInt64 = 0
     public var problems: [String] = []
     public var repaired: [String] = []
-    /// Referenced chunk object id -> the object length the layouts expect.
+    /// Referenced chunk object id -> the object length the layouts expect (objects the home
+    /// holds: slices with `hub` 0).
     public var referencedSlices: [SliceID: UInt32] = [:]
     /// Chunk objects queued for deletion.
     public var garbage: Set<SliceID> = []
@@ -102,7 +103,8 @@ extension MetaStore {
                 if UInt64(slice.offsetInChunk) + UInt64(slice.length) > UInt64(volume.chunkSizeBytes) {
                     check.problems.append("slice \(slice.id) of inode \(ino) exceeds its chunk")
                 }
-                check.referencedSlices[slice.id] = slice.objectLength
+                // Objects another hub holds (SPEC.md §12.5) are that hub's to check.
+                if slice.hub == 0 { check.referencedSlices[slice.id] = slice.objectLength }
             }
             return true
         }

@@ -48,7 +48,7 @@ public struct Frame: Equatable, Sendable {
 /// (EPROTO for framing, EBADMSG for payloads); they never trap on any input.
 public enum WireCodec {
     /// The only protocol version this build speaks.
-    public static let version: UInt8 = 1
+    public static let version: UInt8 = 2
     /// Bytes of the length prefix.
     public static let lengthPrefixBytes = 4
     /// Bytes after the length prefix and before the payload: version, kind, opcode, request id.

@@ -109,6 +109,17 @@ extension HubRequest {
             throw WeftError(EINVAL, "recall is sent by hubs, not to them")
         case let .acquireWriteLease(c, ino):
             return .flag(try hub.acquireWriteLease(c, ino: ino))
+        case let .openDataSession(agentName, volume):
+            let (session, info) = try hub.openDataSession(agentName: agentName, volume: volume)
+            return .session(session, info)
+        case let .readSliceFrom(c, id, offset, length, holders):
+            return .bytes(try hub.readSlice(c, id: id, offset: offset, length: length, holders: holders))
+        case let .fetchObject(id, offset, length):
+            let (fileBytes, bytes) = try hub.fetchObject(id: id, offset: offset, length: length)
+            return .objectPart(fileBytes: fileBytes, bytes)
+        case let .releaseUploads(c, ids):
+            try hub.releaseUploads(c, ids: ids)
+            return .empty
         case let .createVolume(name, home, chunkSizeBytes, compression):
             return .bytes(try hub.createVolume(name: name, home: home, chunkSizeBytes: chunkSizeBytes, compression: compression))
         }

@@ -44,6 +44,10 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case enableLeases = 36
     case recall = 37
     case acquireWriteLease = 38
+    case openDataSession = 40
+    case readSliceFrom = 41
+    case fetchObject = 42
+    case releaseUploads = 43
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -87,6 +91,10 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .enableLeases: "enableLeases"
         case .recall: "recall"
         case .acquireWriteLease: "acquireWriteLease"
+        case .openDataSession: "openDataSession"
+        case .readSliceFrom: "readSliceFrom"
+        case .fetchObject: "fetchObject"
+        case .releaseUploads: "releaseUploads"
         }
     }
 }
@@ -135,6 +143,14 @@ public enum HubRequest: Equatable, Sendable {
     /// Hub to agent (a `callback` frame): give up the lease on `ino` (SPEC.md §12.6).
     case recall(session: SessionID, ino: InodeID, names: [[UInt8]], notice: Bool)
     case acquireWriteLease(RequestContext, ino: InodeID)
+    /// A data-only session on a volume homed at another hub (SPEC.md §12.5).
+    case openDataSession(agentName: String, volume: String)
+    /// `readSlice` naming the hubs that hold the object (read-through cache).
+    case readSliceFrom(RequestContext, id: SliceID, offset: UInt32, length: UInt32, holders: [UInt16])
+    /// Hub to hub: raw bytes of a stored object file, for a read-through copy.
+    case fetchObject(id: SliceID, offset: UInt32, length: UInt32)
+    /// The objects are committed at the home: the data hub stops tracking them as uploads.
+    case releaseUploads(RequestContext, ids: [SliceID])
 
     public var opcode: HubOpcode {
         switch self {
@@ -176,13 +192,18 @@ public enum HubRequest: Equatable, Sendable {
         case .enableLeases: .enableLeases
         case .recall: .recall
         case .acquireWriteLease: .acquireWriteLease
+        case .openDataSession: .openDataSession
+        case .readSliceFrom: .readSliceFrom
+        case .fetchObject: .fetchObject
+        case .releaseUploads: .releaseUploads
         }
     }
 
     /// The session the request acts for: its context's, or the one `closeSession` ends.
     public var session: SessionID? {
         switch self {
-        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping: nil
+        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .openDataSession,
+             .fetchObject: nil
         case .closeSession(let session), .enableLeases(let session), .recall(let session, _, _, _): session
         case .acquireWriteLease(let c, _): c.session
         case .lookup(let c, _, _), .getattr(let c, _), .setattr(let c, _, _), .create(let c, _, _, _, _, _, _),
@@ -191,7 +212,8 @@ public enum HubRequest: Equatable, Sendable {
              .access(let c, _, _), .open(let c, _, _), .release(let c, _), .getxattr(let c, _, _),
              .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
-             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .lock(let c, _, _):
+             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .lock(let c, _, _),
+             .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _):
             c.session
         }
     }
@@ -204,7 +226,8 @@ public enum HubRequest: Equatable, Sendable {
             return context
         }
         switch self {
-        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping: return self
+        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .openDataSession,
+             .fetchObject: return self
         case .closeSession: return .closeSession(session)
         case .enableLeases: return .enableLeases(session)
         case let .recall(_, ino, names, notice): return .recall(session: session, ino: ino, names: names, notice: notice)
@@ -239,6 +262,9 @@ public enum HubRequest: Equatable, Sendable {
             return .commitSlices(s(c), ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
         case let .sync(c): return .sync(s(c))
         case let .lock(c, ino, request): return .lock(s(c), ino: ino, request)
+        case let .readSliceFrom(c, id, offset, length, holders):
+            return .readSliceFrom(s(c), id: id, offset: offset, length: length, holders: holders)
+        case let .releaseUploads(c, ids): return .releaseUploads(s(c), ids: ids)
         }
     }
 
@@ -315,6 +341,16 @@ public enum HubRequest: Equatable, Sendable {
             for name in names { w.blob(name) }
         case let .acquireWriteLease(c, ino):
             c.encode(into: &w); w.u64(ino)
+        case let .openDataSession(agentName, volume):
+            w.string(agentName); w.string(volume)
+        case let .readSliceFrom(c, id, offset, length, holders):
+            c.encode(into: &w); w.u64(id); w.u32(offset); w.u32(length); w.u32(UInt32(holders.count))
+            for holder in holders { w.u16(holder) }
+        case let .fetchObject(id, offset, length):
+            w.u64(id); w.u32(offset); w.u32(length)
+        case let .releaseUploads(c, ids):
+            c.encode(into: &w); w.u32(UInt32(ids.count))
+            for id in ids { w.u64(id) }
         }
         return nil
     }
@@ -346,6 +382,11 @@ public enum HubRequest: Equatable, Sendable {
             names.reserveCapacity(count)
             for _ in 0..<count { names.append(try r.blob()) }
             return .recall(session: session, ino: ino, names: names, notice: notice)
+        case .openDataSession:
+            return .openDataSession(agentName: try r.string(max: WireCodec.stringMaxBytes),
+                                    volume: try r.string(max: WireCodec.stringMaxBytes))
+        case .fetchObject:
+            return .fetchObject(id: try r.u64(), offset: try r.u32(), length: try r.u32())
         case .createVolume:
             let name = try r.string(max: WireCodec.stringMaxBytes), home = try r.string(max: WireCodec.stringMaxBytes)
             let chunkSize = try r.u32()
@@ -358,7 +399,7 @@ public enum HubRequest: Equatable, Sendable {
         let c = try RequestContext.decode(from: &r)
         switch opcode {
         case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping,
-             .enableLeases, .recall:
+             .enableLeases, .recall, .openDataSession, .fetchObject:
             preconditionFailure("handled above")
         case .acquireWriteLease:
             return .acquireWriteLease(c, ino: try r.u64())
@@ -428,6 +469,19 @@ public enum HubRequest: Equatable, Sendable {
             return .commitSlices(c, ino: ino, slices: slices, minimumSize: try r.u64(), durable: try r.bool())
         case .lock:
             return .lock(c, ino: try r.u64(), try LockRequest.decode(from: &r))
+        case .readSliceFrom:
+            let id = try r.u64(), offset = try r.u32(), length = try r.u32()
+            let count = try r.count(max: min(r.remaining / 2, Limits.holdersMax))
+            var holders: [UInt16] = []
+            holders.reserveCapacity(count)
+            for _ in 0..<count { holders.append(try r.u16()) }
+            return .readSliceFrom(c, id: id, offset: offset, length: length, holders: holders)
+        case .releaseUploads:
+            let count = try r.listCount(minimumElementBytes: 8)
+            var ids: [SliceID] = []
+            ids.reserveCapacity(count)
+            for _ in 0..<count { ids.append(try r.u64()) }
+            return .releaseUploads(c, ids: ids)
         }
     }
 }

@@ -29,6 +29,8 @@ public enum HubResponse: Equatable, Sendable {
     case lock(LockDescription)
     /// acquireWriteLease.
     case flag(Bool)
+    /// fetchObject: the object file's length and the requested bytes of it.
+    case objectPart(fileBytes: UInt32, [UInt8])
 
     /// Whether this is the result shape of `opcode`.
     func fits(_ opcode: HubOpcode) -> Bool {
@@ -43,7 +45,9 @@ public enum HubResponse: Equatable, Sendable {
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
              (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck),
              (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
-             (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease):
+             (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease),
+             (.session, .openDataSession), (.bytes, .readSliceFrom), (.objectPart, .fetchObject),
+             (.empty, .releaseUploads):
             return true
         default:
             return false
@@ -65,6 +69,7 @@ public enum HubResponse: Equatable, Sendable {
         case .fsckReport: "fsckReport"
         case .lock: "lock"
         case .flag: "flag"
+        case .objectPart: "objectPart"
         }
     }
 
@@ -106,6 +111,9 @@ public enum HubResponse: Equatable, Sendable {
             description.encode(into: &w)
         case let .flag(value):
             w.bool(value)
+        case let .objectPart(fileBytes, bytes):
+            w.u32(fileBytes); w.u32(UInt32(bytes.count))
+            return bytes
         }
         return nil
     }
@@ -117,15 +125,15 @@ public enum HubResponse: Equatable, Sendable {
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
-             .enableLeases, .recall:
+             .enableLeases, .recall, .releaseUploads:
             return .empty
         case .acquireWriteLease:
             return .flag(try r.bool())
-        case .openSession, .openVolumeSession:
+        case .openSession, .openVolumeSession, .openDataSession:
             return .session(try r.u64(), try VolumeInfo.decode(from: &r))
         case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
             return .attributes(try Attributes.decode(from: &r))
-        case .readlink, .getxattr, .readSlice, .clusterMap, .createVolume:
+        case .readlink, .getxattr, .readSlice, .clusterMap, .createVolume, .readSliceFrom:
             return .bytes(try r.blob())
         case .readdir:
             let count = try r.listCount(minimumElementBytes: 4 + 8 + attributesEncodedBytes)
@@ -164,6 +172,8 @@ public enum HubResponse: Equatable, Sendable {
             return .fsckReport(try FsckReport.decode(from: &r))
         case .lock:
             return .lock(try LockDescription.decode(from: &r))
+        case .fetchObject:
+            return .objectPart(fileBytes: try r.u32(), try r.blob())
         }
     }
 }

@@ -140,6 +140,31 @@ extension RemoteHub {
         return json
     }
 
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32,
+                          holders: [UInt16]) throws -> [UInt8] {
+        // Without holders the plain opcode: a single hub (or an older one) serves it the same.
+        if holders.isEmpty { return try readSlice(context, id: id, offset: offset, length: length) }
+        return try bytes(.readSliceFrom(context, id: id, offset: offset, length: length, holders: holders))
+    }
+
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, holders: [UInt16],
+                          into destination: UnsafeMutableRawBufferPointer) throws {
+        let bytes = try readSlice(context, id: id, offset: offset, length: UInt32(destination.count), holders: holders)
+        guard bytes.count == destination.count else { throw WeftError(EIO, "short read of chunk object \(id)") }
+        bytes.withUnsafeBytes { destination.copyMemory(from: $0) }
+    }
+
+    public func fetchObject(id: SliceID, offset: UInt32, length: UInt32) throws -> (fileBytes: UInt32, bytes: [UInt8]) {
+        guard case let .objectPart(fileBytes, bytes) = try call(.fetchObject(id: id, offset: offset, length: length)) else {
+            throw shapeMismatch(.fetchObject)
+        }
+        return (fileBytes, bytes)
+    }
+
+    public func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws {
+        try empty(.releaseUploads(context, ids: ids))
+    }
+
     public func status() throws -> HubStatus {
         guard case let .status(status) = try call(.status) else { throw shapeMismatch(.status) }
         return status

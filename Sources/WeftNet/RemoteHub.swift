@@ -55,7 +55,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     private var finishedConnectAttempts: UInt64 = 0
     private var lastConnectError: WeftError?
     /// Sessions opened through this client and not closed: caller's id → agent name and volume.
-    private var sessions: [SessionID: (agentName: String, volume: String)] = [:]
+    private var sessions: [SessionID: (agentName: String, volume: String, data: Bool)] = [:]
     private var nextRequestID: UInt64 = 1
     /// Lease clients by the caller's session id (SPEC.md §12.6).
     private var leaseClients: [SessionID: LeaseClient] = [:]
@@ -98,11 +98,21 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     /// The request that opens a session on `volume` ("" = the hub's only volume; a hub that is
     /// not in a cluster does not know `openVolumeSession`).
-    private static func openRequest(_ agentName: String, _ volume: String) -> HubRequest {
-        volume.isEmpty ? .openSession(agentName: agentName) : .openVolumeSession(agentName: agentName, volume: volume)
+    private static func openRequest(_ agentName: String, _ volume: String, data: Bool) -> HubRequest {
+        if data { return .openDataSession(agentName: agentName, volume: volume) }
+        return volume.isEmpty ? .openSession(agentName: agentName) : .openVolumeSession(agentName: agentName, volume: volume)
     }
 
     public func openSession(agentName: String, volume: String) throws -> (SessionID, VolumeInfo) {
+        try openSession(agentName: agentName, volume: volume, data: false)
+    }
+
+    /// Opens a data-only session (SPEC.md §12.5); reopened on reconnects like any other.
+    public func openDataSession(agentName: String, volume: String) throws -> (SessionID, VolumeInfo) {
+        try openSession(agentName: agentName, volume: volume, data: true)
+    }
+
+    private func openSession(agentName: String, volume: String, data: Bool) throws -> (SessionID, VolumeInfo) {
         guard agentName.utf8.count <= WireCodec.stringMaxBytes, volume.utf8.count <= WireCodec.stringMaxBytes else {
             throw WeftError(ENAMETOOLONG, "agent or volume name longer than \(WireCodec.stringMaxBytes) bytes")
         }
@@ -110,7 +120,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         // closes that session with the connection.
         for _ in 0..<2 {
             let connection = try liveConnection()
-            let request = Self.openRequest(agentName, volume)
+            let request = Self.openRequest(agentName, volume, data: data)
             guard case let .session(liveID, info) = try send(request, on: connection, substituteSession: false) else {
                 throw shapeMismatch(request.opcode)
             }
@@ -118,7 +128,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
                 guard connection.isOpen, case .connected(let current) = state, current === connection else { return nil }
                 var id = liveID
                 while sessions[id] != nil { id &+= 1 }
-                sessions[id] = (agentName, volume)
+                sessions[id] = (agentName, volume, data)
                 connection.liveSessions[id] = liveID
                 return id
             }
@@ -437,9 +447,9 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         channel.closeFuture.whenComplete { _ in heartbeat.cancel() }
 
         let toReopen = lock.withLock { sessions }
-        for (callerID, (agentName, volume)) in toReopen {
+        for (callerID, (agentName, volume, data)) in toReopen {
             do {
-                let request = Self.openRequest(agentName, volume)
+                let request = Self.openRequest(agentName, volume, data: data)
                 guard case let .session(liveID, _) = try send(request, on: connection, substituteSession: false) else {
                     throw shapeMismatch(request.opcode)
                 }

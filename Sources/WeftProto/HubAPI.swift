@@ -104,6 +104,25 @@ public protocol HubAPI: AnyObject, Sendable {
     /// Asks for the exclusive write lease on file `ino` (recalling other sessions' leases on it
     /// first). False when another session wrote it under a lease: both then write through.
     func acquireWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool
+
+    // Data across hubs (SPEC.md §12.5).
+    /// Opens a data-only session on `volume` at this hub, which is not its home: the session takes
+    /// `writeSlice`, `readSlice`, `sync` and `releaseUploads`, stored in this hub's chunk store.
+    func openDataSession(agentName: String, volume: String) throws -> (SessionID, VolumeInfo)
+    /// `readSlice`, where `holders` names the hubs (ids, 0 = the volume's home) whose chunk
+    /// stores hold object `id`. A hub that lacks the object fetches it once from a holder,
+    /// verifies it and keeps a copy; it never returns wrong bytes (EIO if no good copy is found).
+    func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32,
+                   holders: [UInt16]) throws -> [UInt8]
+    /// Same as `readSlice(_:id:offset:length:holders:)` into caller memory.
+    func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, holders: [UInt16],
+                   into destination: UnsafeMutableRawBufferPointer) throws
+    /// Hub to hub: bytes `[offset, offset+length)` (clamped to the file) of the stored file of
+    /// object `id`, unverified, and the file's length. ENOENT if this hub has no copy.
+    func fetchObject(id: SliceID, offset: UInt32, length: UInt32) throws -> (fileBytes: UInt32, bytes: [UInt8])
+    /// Objects `ids`, uploaded through this session, are committed at the home: they are no
+    /// longer deleted when the session ends.
+    func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws
 }
 
 extension HubAPI {
@@ -127,6 +146,27 @@ extension HubAPI {
     public func createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression) throws -> [UInt8] {
         throw WeftError(ENOTSUP, "this hub is not part of a cluster (weftd was started without --etcd)")
     }
+
+    public func openDataSession(agentName: String, volume: String) throws -> (SessionID, VolumeInfo) {
+        throw WeftError(ENOTSUP, "this hub is not part of a cluster (weftd was started without --etcd)")
+    }
+
+    /// A hub with one chunk store holds every object of its volume: `holders` changes nothing.
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32,
+                          holders: [UInt16]) throws -> [UInt8] {
+        try readSlice(context, id: id, offset: offset, length: length)
+    }
+
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, holders: [UInt16],
+                          into destination: UnsafeMutableRawBufferPointer) throws {
+        try readSlice(context, id: id, offset: offset, into: destination)
+    }
+
+    public func fetchObject(id: SliceID, offset: UInt32, length: UInt32) throws -> (fileBytes: UInt32, bytes: [UInt8]) {
+        throw WeftError(ENOTSUP, "this hub is not part of a cluster (weftd was started without --etcd)")
+    }
+
+    public func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws {}
 
     public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
         try writeSlice(context, id: id, data: Array(bytes))

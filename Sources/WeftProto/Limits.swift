@@ -21,4 +21,8 @@ public enum Limits {
     public static let readdirPageMaxEntries = 4096
     /// Largest single data transfer (one readSlice / writeSlice).
     public static let transferMaxBytes = 64 * 1024 * 1024
+    /// Most holder hubs one `readSlice(holders:)` names.
+    public static let holdersMax = 16
+    /// Largest piece of an object file one `fetchObject` moves between hubs.
+    public static let fetchPieceMaxBytes = 8 * 1024 * 1024
 }

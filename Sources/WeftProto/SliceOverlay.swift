@@ -9,6 +9,8 @@ public struct ChunkSegment: Equatable, Sendable {
     public var objectOffset: UInt32
     /// Stored length of the chunk object.
     public var objectLength: UInt32
+    /// Hub holding the object (`Slice.hub`; 0 = the home).
+    public var hub: UInt16 = 0
 }
 
 /// Resolves a chunk's slice list (oldest first; later slices cover earlier ones) into the
@@ -59,5 +61,6 @@ public func overlaySlices(_ slices: [Slice], start: UInt32, end: UInt32) -> [Chu
 
 private func newSegment(_ slice: Slice, _ start: UInt32, _ end: UInt32) -> ChunkSegment {
     ChunkSegment(offsetInChunk: start, length: end - start, sliceID: slice.id,
-                 objectOffset: slice.sliceOffset + (start - slice.offsetInChunk), objectLength: slice.objectLength)
+                 objectOffset: slice.sliceOffset + (start - slice.offsetInChunk), objectLength: slice.objectLength,
+                 hub: slice.hub)
 }

@@ -196,7 +196,8 @@ public struct XattrFlags: OptionSet, Sendable {
 
 /// A slice: immutable bytes `[sliceOffset, sliceOffset+length)` of chunk object `id`, laid at
 /// `offsetInChunk` of chunk `chunkIndex` of a file. Later slices in a chunk's list cover earlier ones.
-/// `id == 0` marks a hole (zeros), used by truncate.
+/// `id == 0` marks a hole (zeros), used by truncate. `hub` names the hub whose chunk store holds
+/// the writer's copy of the object (SPEC.md §12.3): 0 means the volume's home.
 public struct Slice: Equatable, Sendable {
     public var id: SliceID
     public var offsetInChunk: UInt32
@@ -204,17 +205,33 @@ public struct Slice: Equatable, Sendable {
     public var sliceOffset: UInt32
     /// Total stored length of chunk object `id` (needed to address its checksum blocks).
     public var objectLength: UInt32
+    /// Holder hub id (0 = the home).
+    public var hub: UInt16
 
-    public init(id: SliceID, offsetInChunk: UInt32, length: UInt32, sliceOffset: UInt32 = 0, objectLength: UInt32) {
+    public init(id: SliceID, offsetInChunk: UInt32, length: UInt32, sliceOffset: UInt32 = 0, objectLength: UInt32,
+                hub: UInt16 = 0) {
         self.id = id; self.offsetInChunk = offsetInChunk; self.length = length
-        self.sliceOffset = sliceOffset; self.objectLength = objectLength
+        self.sliceOffset = sliceOffset; self.objectLength = objectLength; self.hub = hub
     }
 
-    public static let encodedBytes = 24
+    /// Wire size (protocol version 2) and size in a version 2 slice-list record.
+    public static let encodedBytes = 26
+    /// Size without `hub`: version 1 slice-list records (hub 0).
+    public static let encodedBytesVersion1 = 24
+
     public func encode(into w: inout ByteWriter) {
-        w.u64(id); w.u32(offsetInChunk); w.u32(length); w.u32(sliceOffset); w.u32(objectLength)
+        encodeVersion1(into: &w); w.u16(hub)
     }
     public static func decode(from r: inout ByteReader) throws -> Slice {
+        var slice = try decodeVersion1(from: &r)
+        slice.hub = try r.u16()
+        return slice
+    }
+    /// The 24-byte form without `hub` (version 1 records in RocksDB).
+    public func encodeVersion1(into w: inout ByteWriter) {
+        w.u64(id); w.u32(offsetInChunk); w.u32(length); w.u32(sliceOffset); w.u32(objectLength)
+    }
+    public static func decodeVersion1(from r: inout ByteReader) throws -> Slice {
         Slice(id: try r.u64(), offsetInChunk: try r.u32(), length: try r.u32(), sliceOffset: try r.u32(),
               objectLength: try r.u32())
     }

@@ -28,6 +28,8 @@ struct ResolvedRange {
     var objectOffset: Int
     var objectLength: Int
     var length: Int
+    /// Hub holding the object (0 = the home).
+    var holder: UInt16 = 0
 }
 
 extension VFS {
@@ -87,7 +89,8 @@ extension VFS {
             let slices = try layoutLocked(file, context: context, index: index)
             for segment in overlaySlices(slices, start: startInChunk, end: endInChunk) {
                 ranges.append(ResolvedRange(sliceID: segment.sliceID, objectOffset: Int(segment.objectOffset),
-                                            objectLength: Int(segment.objectLength), length: Int(segment.length)))
+                                            objectLength: Int(segment.objectLength), length: Int(segment.length),
+                                            holder: segment.hub))
             }
             position = chunkStart + UInt64(endInChunk)
         }
@@ -132,7 +135,7 @@ extension VFS {
         var claimedRun: [Int] = []
         func fetchClaimed() throws {
             guard let start = claimedRun.first else { return }
-            let fetched = try fetchBlocks(object: range.sliceID, objectLength: range.objectLength,
+            let fetched = try fetchBlocks(object: range.sliceID, holder: range.holder, objectLength: range.objectLength,
                                           firstBlock: start, count: claimedRun.count, context: context)
             blocks.append(contentsOf: fetched)
             claimedRun.removeAll()
@@ -154,7 +157,7 @@ extension VFS {
                     }
                     if let start = claimedRun.first {
                         do {
-                            let fetched = try fetchBlocks(object: range.sliceID, objectLength: range.objectLength,
+                            let fetched = try fetchBlocks(object: range.sliceID, holder: range.holder, objectLength: range.objectLength,
                                                           firstBlock: start, count: claimedRun.count + following.count,
                                                           context: context)
                             blocks.append(contentsOf: fetched.prefix(claimedRun.count))
@@ -198,7 +201,7 @@ extension VFS {
 
     /// Reads claimed blocks `[firstBlock, firstBlock+count)` of an object from the hub in one
     /// request and fills the cache. Releases the claims on failure.
-    func fetchBlocks(object: SliceID, objectLength: Int, firstBlock: Int, count: Int,
+    func fetchBlocks(object: SliceID, holder: UInt16 = 0, objectLength: Int, firstBlock: Int, count: Int,
                      context: RequestContext) throws -> [CachedBlock] {
         let blockSize = Limits.blockSizeBytes
         let start = firstBlock * blockSize
@@ -207,7 +210,7 @@ extension VFS {
         let slab = Slab(capacity: end - start)
         do {
             guard end > start else { throw WeftError(EIO, "read past the end of chunk object \(object)") }
-            try hub.readSlice(context, id: object, offset: UInt32(start),
+            try hub.readSlice(context, id: object, offset: UInt32(start), holders: holder == 0 ? [] : [holder],
                               into: UnsafeMutableRawBufferPointer(start: slab.pointer, count: end - start))
         } catch {
             for key in keys { cache.abandon(key) }
@@ -277,7 +280,7 @@ extension VFS {
         var run: [Int] = []
         func flushRun() {
             guard let start = run.first else { return }
-            _ = try? fetchBlocks(object: range.sliceID, objectLength: range.objectLength, firstBlock: start,
+            _ = try? fetchBlocks(object: range.sliceID, holder: range.holder, objectLength: range.objectLength, firstBlock: start,
                                  count: run.count, context: context)
             run.removeAll()
         }

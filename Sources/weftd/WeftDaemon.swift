@@ -40,11 +40,14 @@ struct Serve: ParsableCommand {
     var advertise: String?
     @Option(help: "Seconds of silence after which an agent's connection is closed and its sessions and locks end (agents ping every second).")
     var sessionTimeout: Double = 15
+    @Option(help: "Cluster hub: bound of the read-through cache of objects held by other hubs, GiB (least recently read evicted first).")
+    var cacheGb: Double = 16
 
     func validate() throws {
         if (etcd == nil) != (hub == nil) { throw ValidationError("--etcd and --hub go together") }
         if let hub { try ClusterNames.validateHub(hub) }
         guard (3...3600).contains(sessionTimeout) else { throw ValidationError("--session-timeout must be 3...3600 seconds") }
+        guard cacheGb >= 0, cacheGb <= 1_048_576 else { throw ValidationError("--cache-gb must be 0...1048576") }
     }
 
     var idleTimeoutMs: Int { Int(sessionTimeout * 1000) }
@@ -95,7 +98,13 @@ struct Serve: ParsableCommand {
         defer { etcdClient.close() }
         // Listen before joining: the address registered must be the bound one (port 0 picks).
         let member = try ClusterMember(etcd: etcdClient, cluster: cluster, hubName: hubName, address: "", logger: logger)
-        let fabric = FabricHub(directory: path, member: member, durability: mode, logger: logger)
+        let fabric = FabricHub(directory: path, member: member, durability: mode, logger: logger,
+                               cacheBytes: UInt64(cacheGb * Double(1 << 30)),
+                               connectPeer: { address in
+                                   RemoteHub(address: try HubAddress.parse("weft://" + address),
+                                             connectTimeoutMs: HubOpener.connectTimeoutMs,
+                                             requestTimeoutMs: HubOpener.defaultRequestTimeoutMs * 3, logger: logger)
+                               })
         let server = HubServer(hub: fabric, logger: logger, idleTimeoutMs: idleTimeoutMs)
         do {
             let bound = try server.listen(host: host, port: port)

@@ -30,6 +30,37 @@ final class DataTests: MetaStoreTestCase {
         XCTAssertEqual(try store.allocateSliceIDs(count: 1), second + 1, "allocations are durable")
     }
 
+    func testSliceListRecordsAreVersionedAndOldOnesStillRead() throws {
+        let home = [Slice(id: 5, offsetInChunk: 0, length: 10, objectLength: 10),
+                    Slice(id: 6, offsetInChunk: 4, length: 2, sliceOffset: 1, objectLength: 9)]
+        // Every slice at the home: the version 1 record (24 bytes a slice), readable by old builds.
+        let version1 = encodeSlices(home)
+        XCTAssertEqual(version1.count, 4 + 2 * 24)
+        XCTAssertEqual(Array(version1.prefix(4)), [2, 0, 0, 0])
+        XCTAssertEqual(try version1.withUnsafeBytes { try decodeSlices($0) }, home)
+        // A slice held by another hub: version 2 (marker, version byte, 26 bytes a slice).
+        var mixed = home
+        mixed[1].hub = 3
+        let version2 = encodeSlices(mixed)
+        XCTAssertEqual(version2.count, 4 + 1 + 4 + 2 * 26)
+        XCTAssertEqual(Array(version2.prefix(5)), [0xFF, 0xFF, 0xFF, 0xFF, 2])
+        XCTAssertEqual(try version2.withUnsafeBytes { try decodeSlices($0) }, mixed)
+        var unknown = version2
+        unknown[4] = 3
+        XCTAssertErrno(EBADMSG, try unknown.withUnsafeBytes { try decodeSlices($0) })
+        // Through the store: the holder survives a commit, a reopen and a later commit.
+        let file = try makeFile("held")
+        var remote = try slice(0, offset: 0, length: 100)
+        remote.slice.hub = 7
+        _ = try store.commitSlices(ino: file.ino, slices: [remote], minimumSize: 100, durable: true)
+        let local = try slice(0, offset: 50, length: 10)
+        _ = try store.commitSlices(ino: file.ino, slices: [local], minimumSize: 100, durable: true)
+        XCTAssertEqual(try store.layout(ino: file.ino, firstChunk: 0, count: 1).1, [[remote.slice, local.slice]])
+        let check = try store.checkMetadata(repair: false)
+        XCTAssertNil(check.referencedSlices[remote.slice.id], "another hub's object is not the home's to find")
+        XCTAssertNotNil(check.referencedSlices[local.slice.id])
+    }
+
     func testCommitAndLayout() throws {
         let file = try makeFile("f")
         let a = try slice(0, offset: 0, length: chunk)

@@ -377,7 +377,7 @@ final class LoopbackTests: XCTestCase {
             answers[answer.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self) }] = answer
         }
         let unknown = try XCTUnwrap(answers[0xABCDEF])
-        XCTAssertEqual(Array(unknown[4..<8]), [1, 1, 0xF0, 0x7F], "version, kind response, opcode echoed")
+        XCTAssertEqual(Array(unknown[4..<8]), [WireCodec.version, 1, 0xF0, 0x7F], "version, kind response, opcode echoed")
         XCTAssertEqual(Array(unknown[16..<20]), withUnsafeBytes(of: ENOSYS.littleEndian, Array.init))
         let status = try WireCodec.decodeResponse(WireCodec.decodeFrame(try XCTUnwrap(answers[2]))).get()
         guard case .status = status else { return XCTFail("expected a status, got \(status)") }

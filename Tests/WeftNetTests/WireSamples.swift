@@ -17,7 +17,8 @@ enum WireSamples {
         SliceCommit(chunkIndex: 0, slice: Slice(id: 77, offsetInChunk: 0, length: 4096, sliceOffset: 0, objectLength: 4096)),
         SliceCommit(chunkIndex: 9, slice: Slice(id: 0, offsetInChunk: 123, length: 1 << 20, sliceOffset: 5, objectLength: 0)),
         SliceCommit(chunkIndex: UInt32.max, slice: Slice(id: UInt64.max, offsetInChunk: UInt32.max, length: 1,
-                                                         sliceOffset: 17, objectLength: UInt32.max)),
+                                                         sliceOffset: 17, objectLength: UInt32.max, hub: UInt16.max)),
+        SliceCommit(chunkIndex: 3, slice: Slice(id: 5 << 48 | 9, offsetInChunk: 0, length: 10, objectLength: 10, hub: 2)),
     ]
     static let data: [UInt8] = (0..<70_000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
 
@@ -64,6 +65,10 @@ enum WireSamples {
         .recall(session: 77, ino: 1 << 50 | 9, names: [Array("a".utf8), [], Array(repeating: 0x61, count: 255)], notice: false),
         .recall(session: 1, ino: 2, names: [], notice: true),
         .acquireWriteLease(context, ino: 42),
+        .openDataSession(agentName: "node-9", volume: "v ✓"),
+        .readSliceFrom(context, id: 3 << 48 | 1, offset: 65536, length: 1 << 20, holders: [2, 0, 65535]),
+        .fetchObject(id: UInt64.max, offset: 8 << 20, length: 8 << 20),
+        .releaseUploads(context, ids: [1, 2 << 48 | 3, UInt64.max]),
     ]
 
     /// Variants that exercise optional and empty fields.
@@ -76,6 +81,8 @@ enum WireSamples {
         .writeSlice(context, id: 1, data: []),
         .fsck(repair: false),
         .lookup(context, parent: 0, name: []),
+        .readSliceFrom(context, id: 1, offset: 0, length: 0, holders: []),
+        .releaseUploads(context, ids: []),
     ]
 
     static let status = HubStatus(volume: volume, logicalBytes: 1 << 50, inodes: 1_000_000, chunks: 55, storedBytes: 1 << 33,
@@ -85,11 +92,13 @@ enum WireSamples {
     static func response(for opcode: HubOpcode) -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
-             .enableLeases, .recall:
+             .enableLeases, .recall, .releaseUploads:
             return .empty
         case .acquireWriteLease:
             return .flag(true)
-        case .openSession, .openVolumeSession:
+        case .fetchObject:
+            return .objectPart(fileBytes: 12_345_678, Array(data.prefix(4096)))
+        case .openSession, .openVolumeSession, .openDataSession:
             return .session(0x1234_5678_9ABC, volume)
         case .lock:
             return .lock(LockDescription(type: .read, start: 7, end: UInt64.max - 1, pid: UInt32.max))
@@ -99,8 +108,8 @@ enum WireSamples {
             var varied = attributes
             varied.ino = UInt64(opcode.rawValue) << 40
             return .attributes(varied)
-        case .readlink, .getxattr, .readSlice:
-            return .bytes(opcode == .readSlice ? data : Array(name.reversed()))
+        case .readlink, .getxattr, .readSlice, .readSliceFrom:
+            return .bytes(opcode == .readSlice || opcode == .readSliceFrom ? data : Array(name.reversed()))
         case .readdir:
             return .entries((0..<37).map { index in
                 var entryAttributes = attributes

@@ -139,22 +139,34 @@ def _sha(path: Path) -> str:
 
 
 def test_volume_mounted_through_other_hubs_crosses_their_links(cluster, resources):
+    """SPEC §12.5: metadata goes to the home (hub3); chunk data is written to the writer's hub
+    (hub1) and read through the readers' hub (hub2), which fetches it from hub1 once for both
+    of its agents: the hub1 -> hub2 link carries the file about once."""
     c = cluster(hubs=3, rtt_ms=20)
-    c.weft_json("volume", "create", f"weft://{c.address('hub1')}", "shared", "--home", "hub2")
+    c.weft_json("volume", "create", f"weft://{c.address('hub1')}", "shared", "--home", "hub3")
     cli = harness.WeftCLI(resources)
     m1 = harness.Mount(resources, cli, f"weft://{c.address('hub1')}/shared", resources.new_dir("m1"))
-    m3 = harness.Mount(resources, cli, f"weft://{c.address('hub3')}/shared", resources.new_dir("m3"))
-    m1.start()
-    m3.start()
-    before = c.link_stats("hub1", "hub2")["bytesForward"]
+    m2a = harness.Mount(resources, cli, f"weft://{c.address('hub2')}/shared", resources.new_dir("m2a"))
+    m2b = harness.Mount(resources, cli, f"weft://{c.address('hub2')}/", resources.new_dir("m2b"))
+    for m in (m1, m2a, m2b):
+        m.start()
+    to_home = c.link_stats("hub1", "hub3")["bytesForward"]
     payload = os.urandom(3 << 20)
     (m1.mountpoint / "file.bin").write_bytes(payload)
     (m1.mountpoint / "dir").mkdir()
-    assert (m3.mountpoint / "file.bin").read_bytes() == payload
-    assert sorted(os.listdir(m3.mountpoint)) == ["dir", "file.bin"]
-    after = c.link_stats("hub1", "hub2")["bytesForward"]
-    assert after - before >= len(payload), "the writer in region hub1 reached the home hub2 through its link"
-    assert c.link_stats("hub3", "hub2")["bytesBackward"] >= len(payload)
+    assert c.link_stats("hub1", "hub3")["bytesForward"] - to_home < len(payload) // 4, \
+        "the writer's data stayed in its own hub; only metadata went to the home"
+
+    wan = c.link_stats("hub2", "hub1")["bytesBackward"]
+    home_back = c.link_stats("hub2", "hub3")["bytesBackward"]
+    assert (m2a.mountpoint / "file.bin").read_bytes() == payload
+    assert (m2b.mountpoint / "shared" / "file.bin").read_bytes() == payload
+    assert sorted(os.listdir(m2a.mountpoint)) == ["dir", "file.bin"]
+    crossed = c.link_stats("hub2", "hub1")["bytesBackward"] - wan
+    print(f"hub1 -> hub2 link: {crossed} bytes for two readers of a {len(payload)}-byte file")
+    assert len(payload) <= crossed < len(payload) * 13 // 10, \
+        f"two readers in hub2: the file crossed hub1 -> hub2 about once ({crossed} bytes for {len(payload)})"
+    assert c.link_stats("hub2", "hub3")["bytesBackward"] - home_back < len(payload) // 4, "no data from the home"
 
     # A plain weft://HOST:PORT of a cluster hub names no volume: refused with a clear message.
     bare = harness.Mount(resources, cli, f"weft://{c.address('hub1')}", resources.new_dir("bare"))
