@@ -199,4 +199,9 @@ extension FabricHub {
         let (hub, c) = try route(context)
         return try hub.acquireWriteLease(c, ino: ino)
     }
+
+    public func reclaimWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool {
+        let (hub, c) = try route(context)
+        return try hub.reclaimWriteLease(c, ino: ino)
+    }
 }

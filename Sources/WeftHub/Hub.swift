@@ -72,6 +72,12 @@ public final class Hub: HubAPI, @unchecked Sendable {
         chunks = try ChunkStore(directory: Hub.chunkPath(directory), compression: meta.volume.compression, logger: logger)
         maintenance = Maintenance(logger: logger)
         leases = LeaseTable(logger: logger)
+        if FileManager.default.fileExists(atPath: Hub.leaseMarkerPath(directory)) {
+            // Remote agents held leases when this hub stopped without closing: they may still
+            // cache, or hold writes buffered under write leases they will reclaim.
+            leases.startGrace(Leases.periodNs)
+            logger.notice("restarted after a crash while agents held leases: serving nothing but reclaims for \(Leases.periodNs / 1_000_000_000) s")
+        }
         let store = chunks
         meta.beforeSync = { try store.sync() }
         maintenance.hub = self
@@ -97,7 +103,11 @@ public final class Hub: HubAPI, @unchecked Sendable {
     public func close() throws {
         maintenance.stop()
         try meta.close()
+        Glibc.unlink(Hub.leaseMarkerPath(directory))
     }
+
+    /// Present while remote agents may hold leases (removed by a clean close).
+    static func leaseMarkerPath(_ directory: String) -> String { directory + "/leases.active" }
 
     // MARK: HubAPI — sessions
 
@@ -339,17 +349,41 @@ extension Hub {
 
 extension Hub {
     public func enableLeases(_ session: SessionID, client: LeaseClient) throws {
+        if client.survivesHubRestart { try markLeases() }
         leases.enable(session, client: client)
     }
 
     public func acquireWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool {
+        leases.waitForGrace()
         guard try meta.getattr(ino).isRegular else { throw WeftError(EINVAL, "write leases are for regular files") }
         return leases.acquireWrite(context.session, ino)
+    }
+
+    public func reclaimWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool {
+        guard try meta.getattr(ino).isRegular else { throw WeftError(EINVAL, "write leases are for regular files") }
+        let granted = leases.reclaimWrite(context.session, ino)
+        logger.info("write lease reclaim", metadata: ["ino": "\(ino)", "granted": "\(granted)"])
+        return granted
+    }
+
+    /// Writes the lease marker once (durably), so that a crash leaves a grace period behind.
+    private func markLeases() throws {
+        let path = Hub.leaseMarkerPath(directory)
+        guard !FileManager.default.fileExists(atPath: path) else { return }
+        let fd = Glibc.open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw WeftError(errno, "cannot create \(path)") }
+        Glibc.close(fd)
+        let dir = Glibc.open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dir >= 0 {
+            fsync(dir)
+            Glibc.close(dir)
+        }
     }
 
     /// Runs a read for the caller and grants it read leases on the inodes `inodes` names in the
     /// result; reads again if a writer's lease had to be recalled first.
     func leased<T>(_ context: RequestContext, _ read: () throws -> T, inodes: (T) -> [InodeID]) throws -> T {
+        leases.waitForGrace()
         guard leases.isEnabled(context.session) else { return try read() }
         while true {
             let token = leases.readToken()
@@ -363,6 +397,7 @@ extension Hub {
     @discardableResult
     func changing<T>(_ context: RequestContext, _ targets: [LeaseTable.Target], reply: () -> [InodeID] = { [] },
                      _ apply: () throws -> T) throws -> T {
+        leases.waitForGrace()
         let token = leases.beginChange(context.session, targets)
         let result: T
         do {
@@ -379,6 +414,7 @@ extension Hub {
     /// A change that adds entry `name` to `parent` and returns the new entry's attributes.
     func changingEntries(_ context: RequestContext, parent: InodeID, name: [UInt8],
                          _ apply: () throws -> Attributes) throws -> Attributes {
+        leases.waitForGrace()
         let token = leases.beginChange(context.session, [.init(parent, names: [name])])
         let attributes: Attributes
         do {

@@ -43,6 +43,8 @@ public final class LeaseTable: @unchecked Sendable {
     /// Sequence of the last change begun on any inode hashing to each bucket.
     private var changedAt = [UInt64](repeating: 0, count: 1 << 16)
     private var recallsSent: UInt64 = 0
+    /// Until then (monotonic ns) nothing is read or changed: the grace period after a restart.
+    private var graceUntilNs: UInt64 = 0
     public let recallsDisabled: Bool
     let logger: Logger
 
@@ -59,6 +61,26 @@ public final class LeaseTable: @unchecked Sendable {
 
     /// Sessions holding leases on `ino`, and how.
     public func holders(_ ino: InodeID) -> [SessionID: Mode] { lock.withLock { leases[ino] ?? [:] } }
+
+    // MARK: Grace period
+
+    /// Starts a grace period of `durationNs`: holders from before a crash may still cache, or hold
+    /// buffered writes under write leases they will reclaim.
+    public func startGrace(_ durationNs: UInt64) {
+        lock.withLock { graceUntilNs = Leases.nowNs() + durationNs }
+    }
+
+    public var inGrace: Bool { lock.withLock { Leases.nowNs() < graceUntilNs } }
+
+    /// Waits for the end of the grace period, if any.
+    public func waitForGrace() {
+        let until = lock.withLock { graceUntilNs }
+        while true {
+            let now = Leases.nowNs()
+            guard now < until else { return }
+            usleep(useconds_t(min(until - now, 100_000_000) / 1000))
+        }
+    }
 
     // MARK: Sessions
 
@@ -177,6 +199,20 @@ public final class LeaseTable: @unchecked Sendable {
             if granted || work.isEmpty { return granted }
             recall(work)
             if contested { return false }
+        }
+    }
+
+    /// Gives `session` back the write lease on `ino` it held before its connection ended, if no
+    /// other session holds a lease on it now.
+    public func reclaimWrite(_ session: SessionID, _ ino: InodeID) -> Bool {
+        lock.withLock {
+            guard clients[session] != nil else { return false }
+            guard (leases[ino] ?? [:]).keys.allSatisfy({ $0 == session }) else { return false }
+            sequence += 1
+            changedAt[bucket(ino)] = sequence
+            leases[ino, default: [:]][session] = .write
+            held[session, default: []].insert(ino)
+            return true
         }
     }
 

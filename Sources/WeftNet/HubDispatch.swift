@@ -109,6 +109,8 @@ extension HubRequest {
             throw WeftError(EINVAL, "recall is sent by hubs, not to them")
         case let .acquireWriteLease(c, ino):
             return .flag(try hub.acquireWriteLease(c, ino: ino))
+        case let .reclaimWriteLease(c, ino):
+            return .flag(try hub.reclaimWriteLease(c, ino: ino))
         case let .openDataSession(agentName, volume):
             let (session, info) = try hub.openDataSession(agentName: agentName, volume: volume)
             return .session(session, info)

@@ -44,6 +44,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case enableLeases = 36
     case recall = 37
     case acquireWriteLease = 38
+    case reclaimWriteLease = 39
     case openDataSession = 40
     case readSliceFrom = 41
     case fetchObject = 42
@@ -91,6 +92,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .enableLeases: "enableLeases"
         case .recall: "recall"
         case .acquireWriteLease: "acquireWriteLease"
+        case .reclaimWriteLease: "reclaimWriteLease"
         case .openDataSession: "openDataSession"
         case .readSliceFrom: "readSliceFrom"
         case .fetchObject: "fetchObject"
@@ -143,6 +145,7 @@ public enum HubRequest: Equatable, Sendable {
     /// Hub to agent (a `callback` frame): give up the lease on `ino` (SPEC.md §12.6).
     case recall(session: SessionID, ino: InodeID, names: [[UInt8]], notice: Bool)
     case acquireWriteLease(RequestContext, ino: InodeID)
+    case reclaimWriteLease(RequestContext, ino: InodeID)
     /// A data-only session on a volume homed at another hub (SPEC.md §12.5).
     case openDataSession(agentName: String, volume: String)
     /// `readSlice` naming the hubs that hold the object (read-through cache).
@@ -192,6 +195,7 @@ public enum HubRequest: Equatable, Sendable {
         case .enableLeases: .enableLeases
         case .recall: .recall
         case .acquireWriteLease: .acquireWriteLease
+        case .reclaimWriteLease: .reclaimWriteLease
         case .openDataSession: .openDataSession
         case .readSliceFrom: .readSliceFrom
         case .fetchObject: .fetchObject
@@ -205,7 +209,7 @@ public enum HubRequest: Equatable, Sendable {
         case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .openDataSession,
              .fetchObject: nil
         case .closeSession(let session), .enableLeases(let session), .recall(let session, _, _, _): session
-        case .acquireWriteLease(let c, _): c.session
+        case .acquireWriteLease(let c, _), .reclaimWriteLease(let c, _): c.session
         case .lookup(let c, _, _), .getattr(let c, _), .setattr(let c, _, _), .create(let c, _, _, _, _, _, _),
              .mkdir(let c, _, _, _, _), .unlink(let c, _, _), .rmdir(let c, _, _), .symlink(let c, _, _, _),
              .readlink(let c, _), .link(let c, _, _, _), .rename(let c, _, _, _, _, _), .readdir(let c, _, _, _),
@@ -232,6 +236,7 @@ public enum HubRequest: Equatable, Sendable {
         case .enableLeases: return .enableLeases(session)
         case let .recall(_, ino, names, notice): return .recall(session: session, ino: ino, names: names, notice: notice)
         case let .acquireWriteLease(c, ino): return .acquireWriteLease(s(c), ino: ino)
+        case let .reclaimWriteLease(c, ino): return .reclaimWriteLease(s(c), ino: ino)
         case let .lookup(c, parent, name): return .lookup(s(c), parent: parent, name: name)
         case let .getattr(c, ino): return .getattr(s(c), ino: ino)
         case let .setattr(c, ino, changes): return .setattr(s(c), ino: ino, changes)
@@ -339,7 +344,7 @@ public enum HubRequest: Equatable, Sendable {
         case let .recall(session, ino, names, notice):
             w.u64(session); w.u64(ino); w.bool(notice); w.u32(UInt32(names.count))
             for name in names { w.blob(name) }
-        case let .acquireWriteLease(c, ino):
+        case let .acquireWriteLease(c, ino), let .reclaimWriteLease(c, ino):
             c.encode(into: &w); w.u64(ino)
         case let .openDataSession(agentName, volume):
             w.string(agentName); w.string(volume)
@@ -403,6 +408,8 @@ public enum HubRequest: Equatable, Sendable {
             preconditionFailure("handled above")
         case .acquireWriteLease:
             return .acquireWriteLease(c, ino: try r.u64())
+        case .reclaimWriteLease:
+            return .reclaimWriteLease(c, ino: try r.u64())
         case .lookup:
             return .lookup(c, parent: try r.u64(), name: try r.blob())
         case .unlink:

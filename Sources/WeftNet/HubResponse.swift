@@ -45,7 +45,7 @@ public enum HubResponse: Equatable, Sendable {
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
              (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck),
              (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
-             (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease),
+             (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease), (.flag, .reclaimWriteLease),
              (.session, .openDataSession), (.bytes, .readSliceFrom), (.objectPart, .fetchObject),
              (.empty, .releaseUploads):
             return true
@@ -127,7 +127,7 @@ public enum HubResponse: Equatable, Sendable {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
              .enableLeases, .recall, .releaseUploads:
             return .empty
-        case .acquireWriteLease:
+        case .acquireWriteLease, .reclaimWriteLease:
             return .flag(try r.bool())
         case .openSession, .openVolumeSession, .openDataSession:
             return .session(try r.u64(), try VolumeInfo.decode(from: &r))

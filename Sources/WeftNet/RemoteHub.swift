@@ -457,9 +457,17 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
                     connection.liveSessions[callerID] = liveID
                     return leaseClients[callerID]
                 }
-                if client != nil {
+                if let client {
                     guard case .empty = try send(.enableLeases(liveID), on: connection, substituteSession: false) else {
                         throw shapeMismatch(.enableLeases)
+                    }
+                    // Writes buffered under a write lease the old connection held: take it back
+                    // before any other call (a restarted home waits for these, SPEC.md §12.6).
+                    let context = RequestContext(session: liveID, credentials: .root)
+                    for ino in client.reclaimableWriteLeases() {
+                        let reply = try send(.reclaimWriteLease(context, ino: ino), on: connection, substituteSession: false)
+                        guard case let .flag(granted) = reply else { throw shapeMismatch(.reclaimWriteLease) }
+                        client.writeLeaseReclaimed(ino, granted: granted)
                     }
                 }
             } catch {
@@ -506,9 +514,9 @@ extension RemoteHub {
         return granted
     }
 
+    /// Tells `clients` their leases are void, at once (before any reconnect can reclaim).
     static func reportLeasesLost(_ clients: [LeaseClient]) {
-        guard !clients.isEmpty else { return }
-        DispatchQueue.global().async { for client in clients { client.leasesLost() } }
+        for client in clients { client.leasesLost() }
     }
 
     /// A `recall` from the hub (on the event loop). A notice is handed over at once, so that the

@@ -104,6 +104,10 @@ public protocol HubAPI: AnyObject, Sendable {
     /// Asks for the exclusive write lease on file `ino` (recalling other sessions' leases on it
     /// first). False when another session wrote it under a lease: both then write through.
     func acquireWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool
+    /// After a reconnect: takes back the write lease on `ino` that the session's agent held
+    /// (with writes still buffered) when its connection ended. Granted when no other session
+    /// holds a lease on the file; served even during the grace period after a hub restart.
+    func reclaimWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool
 
     // Data across hubs (SPEC.md §12.5).
     /// Opens a data-only session on `volume` at this hub, which is not its home: the session takes
@@ -131,6 +135,8 @@ extension HubAPI {
     }
 
     public func acquireWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool { false }
+
+    public func reclaimWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool { false }
 
     public func openSession(agentName: String, volume: String) throws -> (SessionID, VolumeInfo) {
         guard volume.isEmpty else {

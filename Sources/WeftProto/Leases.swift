@@ -37,4 +37,19 @@ public protocol LeaseClient: AnyObject, Sendable {
     /// Agent side only: every lease of the session is void (the connection was lost, or the home
     /// has not answered for too long). Drop every cache they covered.
     func leasesLost()
+    /// Agent side only: files whose writes this agent buffered under a write lease it then lost
+    /// (the connection ended), to reclaim on the next connection before anything else.
+    func reclaimableWriteLeases() -> [InodeID]
+    /// Agent side only: the outcome of reclaiming the write lease on `ino`.
+    func writeLeaseReclaimed(_ ino: InodeID, granted: Bool)
+    /// Whether the holder outlives its hub's process (a remote agent does; an agent inside the
+    /// hub's own process does not). A hub restarted after a crash while such holders had leases
+    /// keeps a grace period (SPEC.md §12.6).
+    var survivesHubRestart: Bool { get }
+}
+
+extension LeaseClient {
+    public func reclaimableWriteLeases() -> [InodeID] { [] }
+    public func writeLeaseReclaimed(_ ino: InodeID, granted: Bool) {}
+    public var survivesHubRestart: Bool { true }
 }

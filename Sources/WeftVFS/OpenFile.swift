@@ -119,6 +119,8 @@ final class OpenFile {
     var writeLeased: Bool
     /// The `generation` at which `attributes` and `layouts` were fetched under a lease.
     var freshGeneration: UInt64 = 0
+    /// The write lease was lost with the connection: reclaim it on the next one.
+    var reclaim = false
 
     init(attributes: Attributes, writeLeased: Bool) {
         ino = attributes.ino

@@ -216,6 +216,10 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try home.acquireWriteLease(context, ino: ino)
     }
 
+    public func reclaimWriteLease(_ context: RequestContext, ino: InodeID) throws -> Bool {
+        try home.reclaimWriteLease(context, ino: ino)
+    }
+
     public func status() throws -> HubStatus { try home.status() }
     public func fsck(repair: Bool) throws -> FsckReport { try home.fsck(repair: repair) }
     public func clusterMap() throws -> [UInt8] { try home.clusterMap() }

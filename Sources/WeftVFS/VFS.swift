@@ -615,18 +615,44 @@ extension VFS: LeaseClient {
     public var lastHeardNs: UInt64 { Leases.nowNs() }
 
     /// Every lease of this volume is void: drop what the leases covered. Cached attributes and
-    /// entries in the kernel expire by their own 1 s timeouts; pages of open files are dropped.
+    /// entries in the kernel expire by their own 1 s timeouts; pages of open files are dropped
+    /// (in the background: this runs on the connection's thread and must not block). Write
+    /// leases are marked for reclaim on the next connection.
     public func leasesLost() {
         leaseCache.lost()
         lock.lock()
         let open = Array(files.values)
         lock.unlock()
-        for file in open {
-            _ = file.revoke()
-            leaseCache.invalidateInode?(kernelIno(file.ino))
+        for file in open where file.revoke() {
+            file.leaseLock.withLock { file.reclaim = true }
         }
-        if !open.isEmpty { logger.warning("leases lost (hub silent or reconnected): dropped the caches of \(open.count) open file(s)") }
+        guard !open.isEmpty else { return }
+        logger.warning("leases lost (hub silent or reconnected): dropping the caches of \(open.count) open file(s)")
+        let kernel = open.map { kernelIno($0.ino) }
+        let cache = leaseCache
+        DispatchQueue.global().async {
+            for ino in kernel { cache.invalidateInode?(ino) }
+        }
     }
+
+    public func reclaimableWriteLeases() -> [InodeID] {
+        lock.lock()
+        let open = Array(files.values)
+        lock.unlock()
+        return open.filter { file in file.leaseLock.withLock { file.reclaim } }.map(\.ino)
+    }
+
+    public func writeLeaseReclaimed(_ ino: InodeID, granted: Bool) {
+        guard let file = openFile(ino) else { return }
+        file.leaseLock.withLock {
+            file.reclaim = false
+            if granted { file.writeLeased = true }
+        }
+        logger.info("write lease on inode \(ino) \(granted ? "reclaimed" : "not reclaimed: buffered writes go through")")
+    }
+
+    /// The agent lives in the hub's process when it reaches a `Hub` directly.
+    public var survivesHubRestart: Bool { false }
 
     /// A token to take before a call whose reply the kernel may cache (`mayCache`).
     public func cacheToken() -> UInt64 { leaseCache.token() }

@@ -197,3 +197,60 @@ final class HubLeaseTableTests: XCTestCase {
         XCTAssertEqual(table.holders(43), [7: .read])
     }
 }
+
+/// The grace period after a crash, and reclaiming write leases (SPEC.md §12.6).
+final class HubLeaseGraceTests: HubTestCase {
+    func testACrashWhileRemoteAgentsHeldLeasesLeavesAGracePeriodAndACleanCloseDoesNot() throws {
+        let fixture = try makeHub()
+        let marker = fixture.directory + "/leases.active"
+        let (session, _) = try fixture.hub.openSession(agentName: "remote")
+        // An agent inside the hub's process does not outlive it: no marker for it.
+        final class InProcess: LeaseClient, @unchecked Sendable {
+            func recall(_ ino: InodeID, names: [[UInt8]], notice: Bool, deadlineNs: UInt64) -> Bool { true }
+            var lastHeardNs: UInt64 { Leases.nowNs() }
+            func leasesLost() {}
+            var survivesHubRestart: Bool { false }
+        }
+        try fixture.hub.enableLeases(session, client: InProcess())
+        XCTAssertFalse(FileManager.default.fileExists(atPath: marker))
+        try fixture.hub.enableLeases(session, client: RecordingLeaseClient())
+        XCTAssertTrue(FileManager.default.fileExists(atPath: marker), "remote lease holders are recorded durably")
+
+        try fixture.restart()
+        XCTAssertFalse(fixture.hub.leases.inGrace, "a clean close ends every lease: no grace")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: marker))
+
+        // What a kill -9 leaves behind: the marker.
+        try fixture.restart { FileManager.default.createFile(atPath: marker, contents: nil) }
+        XCTAssertTrue(fixture.hub.leases.inGrace)
+        // During the grace period a returning writer takes its write lease back at once.
+        let (writer, _) = try fixture.hub.openSession(agentName: "writer")
+        try fixture.hub.enableLeases(writer, client: RecordingLeaseClient())
+        let file = try fixture.hub.meta.create(.root, parent: InodeNumbers.root, name: bytes("f"), mode: regularFile | 0o644,
+                                               rdev: 0, umask: 0, exclusive: true)
+        let context = RequestContext(session: writer, credentials: .root)
+        let started = Leases.nowNs()
+        XCTAssertTrue(try fixture.hub.reclaimWriteLease(context, ino: file.ino))
+        XCTAssertLessThan(Leases.nowNs() - started, 1_000_000_000, "reclaims are served during the grace period")
+        XCTAssertEqual(fixture.hub.leases.holders(file.ino), [writer: .write])
+    }
+
+    func testAReclaimIsRefusedWhenAnotherSessionHoldsALease() throws {
+        let table = LeaseTable(logger: testLogger("weft.lease.test"), recallsDisabled: false)
+        table.enable(1, client: RecordingLeaseClient())
+        table.enable(2, client: RecordingLeaseClient())
+        XCTAssertTrue(table.grant(2, [42], since: table.readToken()))
+        XCTAssertFalse(table.reclaimWrite(1, 42), "someone else read it since: the writer's buffered data goes through")
+        XCTAssertTrue(table.reclaimWrite(1, 43))
+        XCTAssertFalse(table.reclaimWrite(9, 44), "a session without leases reclaims nothing")
+    }
+
+    func testTheGracePeriodHoldsReadsUntilItEnds() throws {
+        let table = LeaseTable(logger: testLogger("weft.lease.test"), recallsDisabled: false)
+        table.startGrace(300_000_000)
+        let started = Leases.nowNs()
+        table.waitForGrace()
+        XCTAssertGreaterThanOrEqual(Leases.nowNs() - started, 250_000_000)
+        XCTAssertFalse(table.inGrace)
+    }
+}

@@ -61,8 +61,10 @@ final class HubUnderTest {
     /// Stops the transport and the hub (as a process exit would, after `close()`), then opens
     /// the same directory again and recovers. The caller must drop its references to `api`
     /// and `hub` first: the volume can only be opened once.
-    func restart() throws {
+    /// `whileStopped` runs between the two (to leave behind what a crash would).
+    func restart(whileStopped: () -> Void = {}) throws {
         stop()
+        whileStopped()
         try start(recover: true)
     }
 

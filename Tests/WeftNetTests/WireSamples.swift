@@ -65,6 +65,7 @@ enum WireSamples {
         .recall(session: 77, ino: 1 << 50 | 9, names: [Array("a".utf8), [], Array(repeating: 0x61, count: 255)], notice: false),
         .recall(session: 1, ino: 2, names: [], notice: true),
         .acquireWriteLease(context, ino: 42),
+        .reclaimWriteLease(context, ino: 1 << 48 | 42),
         .openDataSession(agentName: "node-9", volume: "v ✓"),
         .readSliceFrom(context, id: 3 << 48 | 1, offset: 65536, length: 1 << 20, holders: [2, 0, 65535]),
         .fetchObject(id: UInt64.max, offset: 8 << 20, length: 8 << 20),
@@ -94,7 +95,7 @@ enum WireSamples {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
              .enableLeases, .recall, .releaseUploads:
             return .empty
-        case .acquireWriteLease:
+        case .acquireWriteLease, .reclaimWriteLease:
             return .flag(true)
         case .fetchObject:
             return .objectPart(fileBytes: 12_345_678, Array(data.prefix(4096)))
