@@ -121,6 +121,9 @@ final class OpenFile {
     var freshGeneration: UInt64 = 0
     /// The write lease was lost with the connection: reclaim it on the next one.
     var reclaim = false
+    /// Handles opened under a lease without telling the home (SPEC.md §12.6): registered there
+    /// by the recall that precedes a change that could remove the file.
+    var localHandles: [FileHandle] = []
 
     init(attributes: Attributes, writeLeased: Bool) {
         ino = attributes.ino
@@ -218,6 +221,9 @@ final class FileHandle {
     let flags: Int32
     let context: RequestContext
     let lock = NSLock()
+    /// False for a read-only open served under a lease without a call to the home, until a
+    /// recall registers it there (guarded by `file.leaseLock`).
+    var registered = true
     /// End of the previous read, to detect sequential access.
     var lastReadEnd: UInt64 = 0
     var readaheadWindowBytes: UInt64 = 0

@@ -59,6 +59,8 @@ public final class VFS: @unchecked Sendable {
 
     let lock = NSLock()
     var files: [InodeID: OpenFile] = [:]
+    /// Closed files kept under a lease, oldest first (see `closedFilesMax`).
+    var closedFiles: [InodeID] = []
     var fileHandles: [UInt64: FileHandle] = [:]
     var directoryHandles: [UInt64: DirectoryHandle] = [:]
     var nextHandle: UInt64 = 1
@@ -186,6 +188,7 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
+        registerLocalOpens()
         try hub.unlink(context(credentials), parent: parent, name: name)
     }
 
@@ -207,6 +210,7 @@ public final class VFS: @unchecked Sendable {
 
     public func rename(_ credentials: Credentials, parent: InodeID, name: [UInt8], newParent: InodeID,
                        newName: [UInt8], flags: RenameFlags) throws {
+        registerLocalOpens()
         try hub.rename(context(credentials), parent: parent, name: name, newParent: newParent, newName: newName,
                        flags: flags)
     }
@@ -314,7 +318,43 @@ public final class VFS: @unchecked Sendable {
         return (id, keepCache)
     }
 
+    /// Files kept after their last close while a lease covers them (their attributes and layouts
+    /// serve the next open), oldest first; at most `closedFilesMax`.
+    static let closedFilesMax = 4096
+
+    /// A read-only open of a file whose attributes this agent holds under a lease: no call to
+    /// the home (the kernel checked the permission against leased attributes).
+    private func openLocally(_ ino: InodeID, flags: Int32, context: RequestContext) -> (UInt64, Bool)? {
+        guard leasesEnabled, flags & O_ACCMODE == O_RDONLY, flags & O_TRUNC == 0 else { return nil }
+        lock.lock()
+        guard let file = files[ino] else {
+            lock.unlock()
+            return nil
+        }
+        let handle = FileHandle(file: file, flags: flags, context: context)
+        let fresh: Bool = file.leaseLock.withLock {
+            guard file.freshGeneration == file.generation else { return false }
+            handle.registered = false
+            file.localHandles.append(handle)
+            return true
+        }
+        guard fresh else {
+            lock.unlock()
+            return nil
+        }
+        file.handles += 1
+        let id = nextHandle
+        nextHandle += 1
+        fileHandles[id] = handle
+        lock.unlock()
+        file.lock.lock()
+        defer { file.lock.unlock() }
+        let keepCache = file.kernelCacheVersion == file.attributes.dataVersion && file.attributes.dataVersion != 0
+        return (id, keepCache)
+    }
+
     public func open(_ credentials: Credentials, ino: InodeID, flags: Int32) throws -> (handle: UInt64, keepCache: Bool) {
+        if let local = openLocally(ino, flags: flags, context: context(credentials)) { return local }
         if flags & O_TRUNC != 0, let file = openFile(ino) {
             // Buffered writes of other handles happened before this truncate.
             file.lock.lock()
@@ -428,11 +468,26 @@ public final class VFS: @unchecked Sendable {
         var failure: Error?
         do { try flushLocked(file, context: handle.context, durable: false) } catch { failure = error }
         file.lock.unlock()
+        let registered: Bool = file.leaseLock.withLock {
+            if !handle.registered { file.localHandles.removeAll { $0 === handle } }
+            return handle.registered
+        }
         lock.lock()
         file.handles -= 1
-        if file.handles == 0 && !file.hasDirtyData { files[file.ino] = nil }
+        if file.handles == 0 && !file.hasDirtyData {
+            if leasesEnabled && file.isFresh {
+                // Keep what the lease covers for the next open; forget the oldest beyond the bound.
+                closedFiles.append(file.ino)
+                while closedFiles.count > Self.closedFilesMax {
+                    let oldest = closedFiles.removeFirst()
+                    if let old = files[oldest], old.handles == 0, !old.hasDirtyData { files[oldest] = nil }
+                }
+            } else {
+                files[file.ino] = nil
+            }
+        }
         lock.unlock()
-        try hub.release(handle.context, ino: file.ino)
+        if registered { try hub.release(handle.context, ino: file.ino) }
         if let failure { throw failure }
     }
 
@@ -590,6 +645,9 @@ extension VFS: LeaseClient {
             file?.invalidate()
             return true
         }
+        // Opens served locally become known to the home before the change (an unlink must keep
+        // the file while it is open).
+        if let file { registerLocalOpens(of: file) }
         if let file, file.revoke() {
             file.lock.lock()
             do {
@@ -613,6 +671,32 @@ extension VFS: LeaseClient {
     }
 
     public var lastHeardNs: UInt64 { Leases.nowNs() }
+
+    /// Registers at the home the opens of `file` served locally under its lease.
+    func registerLocalOpens(of file: OpenFile) {
+        let local: [FileHandle] = file.leaseLock.withLock {
+            let handles = file.localHandles
+            file.localHandles.removeAll()
+            for handle in handles { handle.registered = true }
+            return handles
+        }
+        for handle in local {
+            do {
+                _ = try hub.open(handle.context, ino: file.ino, flags: handle.flags)
+            } catch {
+                logger.warning("inode \(file.ino): could not register a local open at the home: \(error)")
+            }
+        }
+    }
+
+    /// Before this agent's own unlink or rename (which may remove a file it has open, and which
+    /// recalls nothing of its own): registers every local open at the home.
+    func registerLocalOpens() {
+        lock.lock()
+        let withLocal = files.values.filter { file in file.leaseLock.withLock { !file.localHandles.isEmpty } }
+        lock.unlock()
+        for file in withLocal { registerLocalOpens(of: file) }
+    }
 
     /// Every lease of this volume is void: drop what the leases covered. Cached attributes and
     /// entries in the kernel expire by their own 1 s timeouts; pages of open files are dropped

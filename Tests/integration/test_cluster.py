@@ -227,6 +227,45 @@ def test_global_root_lists_every_volume_and_keeps_them_apart(cluster, resources)
     assert (root2 / "gamma" / "late").read_text() == "ok"
 
 
+def test_read_after_write_across_hubs_without_close(cluster, resources):
+    """SPEC.md §6, §12.6: once write() returned in one hub, a read that starts afterwards in
+    another hub returns the bytes, and stat, lookups and listings follow at once, though the
+    writer keeps the file open and never syncs it, and the kernel caches with its defaults."""
+    c = cluster(hubs=3, rtt_ms=20)
+    c.weft_json("volume", "create", f"weft://{c.address('hub1')}", "shared", "--home", "hub3")
+    cli = harness.WeftCLI(resources)
+    near = harness.Mount(resources, cli, c.hubs["hub1"]["source"], resources.new_dir("near"))
+    far = harness.Mount(resources, cli, c.hubs["hub2"]["source"], resources.new_dir("far"))
+    near.start()
+    far.start()
+    a, b = near.mountpoint / "shared", far.mountpoint / "shared"
+    assert os.listdir(b) == []  # the far agent caches the (empty) listing and names under a lease
+    fd = os.open(a / "log", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        assert os.listdir(b) == ["log"], "a create is listed at once elsewhere"
+        assert os.stat(b / "log").st_size == 0
+        reader = os.open(b / "log", os.O_RDONLY)
+        try:
+            for round in range(5):
+                record = f"record {round}\n".encode() * 100
+                offset = round * len(record)
+                assert os.pwrite(fd, record, offset) == len(record)
+                # No close, no fsync: the far agent's read recalls the writer's lease first.
+                assert os.pread(reader, len(record), offset) == record, f"round {round}"
+                assert os.stat(b / "log").st_size == offset + len(record)
+        finally:
+            os.close(reader)
+    finally:
+        os.close(fd)
+    # Rename and unlink are seen at once too (names cached in the far kernel are recalled).
+    os.rename(a / "log", a / "log.1")
+    assert os.listdir(b) == ["log.1"]
+    assert not os.path.exists(b / "log")
+    os.unlink(a / "log.1")
+    assert not os.path.exists(b / "log.1")
+    assert os.listdir(b) == []
+
+
 def test_unreachable_home_fails_bounded_other_volumes_work_and_service_resumes(cluster, resources):
     c = cluster(hubs=2, rtt_ms=20)
     first = f"weft://{c.address('hub1')}"
