@@ -149,6 +149,12 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func getattr(_ credentials: Credentials, ino: InodeID) throws -> Attributes {
+        // A file this agent holds under a lease (open, or closed and kept): no call to the home.
+        if leasesEnabled, let file = openFile(ino), file.isFresh {
+            file.lock.lock()
+            defer { file.lock.unlock() }
+            return file.visibleAttributes
+        }
         let fresh = try hub.getattr(context(credentials), ino: ino)
         let view = localView(fresh)
         logger.trace("getattr \(ino): hub size \(fresh.size) v\(fresh.dataVersion), local size \(view.size)")
@@ -189,6 +195,7 @@ public final class VFS: @unchecked Sendable {
 
     public func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
         registerLocalOpens()
+        defer { invalidateFiles() }   // the removed file's link count changed; which one is unknown here
         try hub.unlink(context(credentials), parent: parent, name: name)
     }
 
@@ -205,12 +212,15 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func link(_ credentials: Credentials, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes {
-        localView(try hub.link(context(credentials), ino: ino, newParent: newParent, newName: newName))
+        let attributes = try hub.link(context(credentials), ino: ino, newParent: newParent, newName: newName)
+        openFile(ino)?.invalidate()   // its link count and ctime changed (this agent is not recalled)
+        return localView(attributes)
     }
 
     public func rename(_ credentials: Credentials, parent: InodeID, name: [UInt8], newParent: InodeID,
                        newName: [UInt8], flags: RenameFlags) throws {
         registerLocalOpens()
+        defer { invalidateFiles() }   // ctime of the moved file, links of a replaced one
         try hub.rename(context(credentials), parent: parent, name: name, newParent: newParent, newName: newName,
                        flags: flags)
     }
@@ -229,6 +239,7 @@ public final class VFS: @unchecked Sendable {
 
     public func setxattr(_ credentials: Credentials, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags) throws {
         try hub.setxattr(context(credentials), ino: ino, name: name, value: value, flags: flags)
+        openFile(ino)?.invalidate()   // ctime
     }
 
     public func listxattr(_ credentials: Credentials, ino: InodeID) throws -> [[UInt8]] {
@@ -237,6 +248,7 @@ public final class VFS: @unchecked Sendable {
 
     public func removexattr(_ credentials: Credentials, ino: InodeID, name: [UInt8]) throws {
         try hub.removexattr(context(credentials), ino: ino, name: name)
+        openFile(ino)?.invalidate()   // ctime
     }
 
     // MARK: directories
@@ -687,6 +699,15 @@ extension VFS: LeaseClient {
                 logger.warning("inode \(file.ino): could not register a local open at the home: \(error)")
             }
         }
+    }
+
+    /// After this agent's own unlink or rename: the attributes it keeps of its files may be stale
+    /// (its own changes recall nothing of its own), so they are fetched again when next used.
+    func invalidateFiles() {
+        lock.lock()
+        let all = Array(files.values)
+        lock.unlock()
+        for file in all { file.invalidate() }
     }
 
     /// Before this agent's own unlink or rename (which may remove a file it has open, and which
