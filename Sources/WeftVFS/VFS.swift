@@ -61,6 +61,10 @@ public final class VFS: @unchecked Sendable {
     var files: [InodeID: OpenFile] = [:]
     /// Closed files kept under a lease, oldest first (see `closedFilesMax`).
     var closedFiles: [InodeID] = []
+    /// Names of regular files looked up under their directory's lease, with the lease token of
+    /// the lookup; valid while no recall of the directory came since.
+    var names: [NameKey: (ino: InodeID, token: UInt64)] = [:]
+    static let namesMax = 65_536
     var fileHandles: [UInt64: FileHandle] = [:]
     var directoryHandles: [UInt64: DirectoryHandle] = [:]
     var nextHandle: UInt64 = 1
@@ -145,7 +149,30 @@ public final class VFS: @unchecked Sendable {
     // MARK: namespace
 
     public func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws -> Attributes {
-        localView(try hub.lookup(context(credentials), parent: parent, name: name))
+        let key = NameKey(parent: parent, name: name)
+        // A name this agent looked up under the directory's lease, of a file it holds under a
+        // lease: no call to the home.
+        if leasesEnabled, let known = lock.withLock({ names[key] }),
+           leaseCache.mayCache(kernelIno(parent), since: known.token),
+           let file = openFile(known.ino), file.isFresh {
+            file.lock.lock()
+            defer { file.lock.unlock() }
+            return file.visibleAttributes
+        }
+        let token = leaseCache.token()
+        let attributes = try hub.lookup(context(credentials), parent: parent, name: name)
+        if leasesEnabled && attributes.isRegular && leaseCache.mayCache(kernelIno(parent), since: token) {
+            lock.withLock {
+                if names.count >= Self.namesMax { names.removeAll(keepingCapacity: true) }
+                names[key] = (attributes.ino, token)
+            }
+        }
+        return localView(attributes)
+    }
+
+    /// Forgets a name this agent changed itself (its own changes recall nothing of its own).
+    func forgetName(_ parent: InodeID, _ name: [UInt8]) {
+        lock.withLock { _ = names.removeValue(forKey: NameKey(parent: parent, name: name)) }
     }
 
     public func getattr(_ credentials: Credentials, ino: InodeID) throws -> Attributes {
@@ -195,6 +222,7 @@ public final class VFS: @unchecked Sendable {
 
     public func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
         registerLocalOpens()
+        forgetName(parent, name)
         defer { invalidateFiles() }   // the removed file's link count changed; which one is unknown here
         try hub.unlink(context(credentials), parent: parent, name: name)
     }
@@ -220,6 +248,8 @@ public final class VFS: @unchecked Sendable {
     public func rename(_ credentials: Credentials, parent: InodeID, name: [UInt8], newParent: InodeID,
                        newName: [UInt8], flags: RenameFlags) throws {
         registerLocalOpens()
+        forgetName(parent, name)
+        forgetName(newParent, newName)
         defer { invalidateFiles() }   // ctime of the moved file, links of a replaced one
         try hub.rename(context(credentials), parent: parent, name: name, newParent: newParent, newName: newName,
                        flags: flags)
@@ -766,4 +796,10 @@ extension VFS: LeaseClient {
     public func mayCache(_ ino: InodeID, since token: UInt64) -> Bool {
         !leasesEnabled || leaseCache.mayCache(ino, since: token)
     }
+}
+
+/// A directory entry: the directory and a name in it.
+struct NameKey: Hashable {
+    var parent: InodeID
+    var name: [UInt8]
 }
