@@ -137,7 +137,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func setattr(_ context: RequestContext, ino: InodeID, _ changes: SetAttributes) throws -> Attributes {
-        let attributes = try changing(context, [.init(ino)], reply: { [ino] }) {
+        let attributes = try changing(context, [.init(ino)], reply: { _ in [ino] }) {
             try meta.setattr(context.credentials, ino: ino, changes)
         }
         if changes.size != nil { maintenance.wake() }
@@ -182,7 +182,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func link(_ context: RequestContext, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes {
-        try changing(context, [.init(ino), .init(newParent, names: [newName])], reply: { [ino, newParent] }) {
+        try changing(context, [.init(ino), .init(newParent, names: [newName])], reply: { _ in [ino, newParent] }) {
             try meta.link(context.credentials, ino: ino, newParent: newParent, newName: newName)
         }
     }
@@ -221,7 +221,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
                 _ in [ino]
             }
         }
-        return try changing(context, [.init(ino, isFile: true)], reply: { [ino] }) {
+        return try changing(context, [.init(ino, isFile: true)], reply: { _ in [ino] }) {
             try meta.open(context.credentials, session: context.session, ino: ino, flags: flags)
         }
     }
@@ -311,7 +311,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
                 if pendingUploads[context.session]?.isEmpty == true { pendingUploads[context.session] = nil }
             }
         }
-        let attributes = try changing(context, [.init(ino, isFile: true)], reply: { [ino] }) {
+        let attributes = try changing(context, [.init(ino, isFile: true)], reply: { _ in [ino] }) {
             try meta.commitSlices(ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
         }
         maintenance.considerCompaction(ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
@@ -393,9 +393,10 @@ extension Hub {
     }
 
     /// Applies a change after recalling other sessions' leases on `targets`; the caller is then
-    /// granted leases on the inodes `reply` names (its reply shows them after the change).
+    /// granted leases on the inodes `reply` names in the result (its reply shows them after the
+    /// change).
     @discardableResult
-    func changing<T>(_ context: RequestContext, _ targets: [LeaseTable.Target], reply: () -> [InodeID] = { [] },
+    func changing<T>(_ context: RequestContext, _ targets: [LeaseTable.Target], reply: (T) -> [InodeID] = { _ in [] },
                      _ apply: () throws -> T) throws -> T {
         leases.waitForGrace()
         let token = leases.beginChange(context.session, targets)
@@ -407,25 +408,14 @@ extension Hub {
             throw error
         }
         leases.endChange(targets)
-        _ = leases.grant(context.session, reply(), since: token)
+        _ = leases.grant(context.session, reply(result), since: token)
         return result
     }
 
     /// A change that adds entry `name` to `parent` and returns the new entry's attributes.
     func changingEntries(_ context: RequestContext, parent: InodeID, name: [UInt8],
                          _ apply: () throws -> Attributes) throws -> Attributes {
-        leases.waitForGrace()
-        let token = leases.beginChange(context.session, [.init(parent, names: [name])])
-        let attributes: Attributes
-        do {
-            attributes = try apply()
-        } catch {
-            leases.endChange([.init(parent)])
-            throw error
-        }
-        leases.endChange([.init(parent)])
-        _ = leases.grant(context.session, [parent, attributes.ino], since: token)
-        return attributes
+        try changing(context, [.init(parent, names: [name])], reply: { [parent, $0.ino] }, apply)
     }
 
     /// What removing `name` from `parent` changes: the directory's entry, and the inode's links.
