@@ -194,7 +194,11 @@ extension FabricHub {
     /// them there (and this hub's cached copies). Throws while `holder` cannot be reached.
     func deleteAtHolder(_ holder: UInt16, ids: [SliceID]) throws {
         for id in ids { try readThrough.drop(id) }
-        if holder == member.hubID { return try deleteObjects(ids: ids) }
+        if holder == member.hubID {
+            // Recorded with this hub's own id: the objects are in this (home) hub's chunk store.
+            for id in ids { try volumeData(ofObject: id)?.chunks.delete(id: id) }
+            return
+        }
         let map = member.map
         // Unknown or down: kept as garbage and tried again later (a leak at worst, never a loss).
         guard let name = map.hubName(id: holder) else {
