@@ -110,24 +110,16 @@ extension MetaStore {
         }
     }
 
-    /// Ids of chunk objects that no file references any more and whose removal is durable.
+    /// Chunk objects that no file references any more and whose removal is durable.
     public func takeGarbage(limit: Int) throws -> [SliceID] {
-        try garbage(after: 0, limit: limit).map(\.id)
-    }
-
-    /// Chunk objects that no file references any more and whose removal is durable, in id
-    /// order from the first id above `after`, with the hub that holds each (0 = this one).
-    public func garbage(after: SliceID, limit: Int) throws -> [GarbageObject] {
         try sync()
-        var found: [GarbageObject] = []
-        try db.scan(prefix: [Key.garbageTag], from: Key.garbage(after &+ 1)) { key, value in
+        var ids: [SliceID] = []
+        try db.scan(prefix: [Key.garbageTag]) { key, _ in
             var r = ByteReader(UnsafeRawBufferPointer(rebasing: key[1...]))
-            let id = try r.u64BE()
-            let holder = value.count == 2 ? UInt16(value[0]) << 8 | UInt16(value[1]) : 0
-            found.append(GarbageObject(id: id, holder: holder))
-            return found.count < limit
+            ids.append(try r.u64BE())
+            return ids.count < limit
         }
-        return found
+        return ids
     }
 
     /// Forgets garbage entries whose chunk objects have been deleted.
@@ -135,16 +127,6 @@ extension MetaStore {
         try mutate(durable: false) { t in
             for id in ids { t.batch.delete(Key.garbage(id)) }
         }
-    }
-}
-
-/// A chunk object to delete, and the hub that holds it (0 = the volume's home).
-public struct GarbageObject: Equatable, Sendable {
-    public var id: SliceID
-    public var holder: UInt16
-    public init(id: SliceID, holder: UInt16) {
-        self.id = id
-        self.holder = holder
     }
 }
 
