@@ -34,9 +34,17 @@ public final class LeaseTable: @unchecked Sendable {
         }
     }
 
+    /// One session's lease on one inode. `stamp` is unique per grant: a recall ends only the
+    /// lease it was sent for, not one its holder took again while the recall was under way.
+    private struct Lease {
+        var mode: Mode
+        var stamp: UInt64
+    }
+
     private let lock = NSLock()
     private var clients: [SessionID: LeaseClient] = [:]
-    private var leases: [InodeID: [SessionID: Mode]] = [:]
+    private var leases: [InodeID: [SessionID: Lease]] = [:]
+    private var stamps: UInt64 = 0
     private var held: [SessionID: Set<InodeID>] = [:]
     private var changing: [InodeID: Int] = [:]
     private var sequence: UInt64 = 0
@@ -60,7 +68,25 @@ public final class LeaseTable: @unchecked Sendable {
     public var recallCount: UInt64 { lock.withLock { recallsSent } }
 
     /// Sessions holding leases on `ino`, and how.
-    public func holders(_ ino: InodeID) -> [SessionID: Mode] { lock.withLock { leases[ino] ?? [:] } }
+    public func holders(_ ino: InodeID) -> [SessionID: Mode] { lock.withLock { (leases[ino] ?? [:]).mapValues(\.mode) } }
+
+    /// Records (or renews) `session`'s lease on `ino`; a write lease stays a write lease until
+    /// it is recalled. Caller holds `lock`.
+    private func recordLocked(_ session: SessionID, _ ino: InodeID, _ mode: Mode) {
+        stamps += 1
+        let kept = leases[ino]?[session]?.mode == .write ? Mode.write : mode
+        if leases[ino, default: [:]].updateValue(Lease(mode: kept, stamp: stamps), forKey: session) == nil {
+            held[session, default: []].insert(ino)
+        }
+    }
+
+    /// Recalls of every other session's lease on `target`. Caller holds `lock`.
+    private func recallsLocked(_ target: Target, except session: SessionID) -> [Recall] {
+        (leases[target.ino] ?? [:]).compactMap { other, lease in
+            guard other != session, let client = clients[other] else { return nil }
+            return Recall(target: target, session: other, client: client, stamp: lease.stamp)
+        }
+    }
 
     // MARK: Grace period
 
@@ -112,30 +138,33 @@ public final class LeaseTable: @unchecked Sendable {
     /// that it sees the writer's data.
     public func grant(_ session: SessionID, _ inodes: [InodeID], since token: UInt64) -> Bool {
         if inodes.isEmpty { return true }
-        var writers: [(InodeID, SessionID, LeaseClient)] = []
+        var writers: [Recall] = []
         var notices: [InodeID] = []
         let client: LeaseClient? = lock.withLock {
             guard let client = clients[session] else { return nil }
             for ino in inodes {
                 guard let holders = leases[ino] else { continue }
-                for (other, mode) in holders where other != session && mode == .write {
-                    if let otherClient = clients[other] { writers.append((ino, other, otherClient)) }
+                for (other, lease) in holders where other != session && lease.mode == .write {
+                    if let otherClient = clients[other] {
+                        writers.append(Recall(target: Target(ino, isFile: true), session: other, client: otherClient,
+                                              stamp: lease.stamp))
+                    }
                 }
             }
             guard writers.isEmpty else { return client }
             for ino in inodes {
                 if changing[ino, default: 0] > 0 || changedAt[bucket(ino)] > token {
                     notices.append(ino)
-                } else if leases[ino]?[session] == nil {
-                    leases[ino, default: [:]][session] = .read
-                    held[session, default: []].insert(ino)
+                } else {
+                    // Renewed even when held: a recall under way must not end this newer lease.
+                    recordLocked(session, ino, .read)
                 }
             }
             return client
         }
         guard let client else { return true }
         if !writers.isEmpty {
-            recall(writers.map { Recall(target: Target($0.0, isFile: true), session: $0.1, client: $0.2) })
+            recall(writers)
             return false
         }
         if !recallsDisabled {
@@ -156,9 +185,7 @@ public final class LeaseTable: @unchecked Sendable {
             for target in targets {
                 changing[target.ino, default: 0] += 1
                 changedAt[bucket(target.ino)] = sequence
-                for (other, _) in leases[target.ino] ?? [:] where other != session {
-                    if let client = clients[other] { work.append(Recall(target: target, session: other, client: client)) }
-                }
+                work += recallsLocked(target, except: session)
             }
         }
         recall(work)
@@ -185,15 +212,12 @@ public final class LeaseTable: @unchecked Sendable {
             var contested = false
             let granted: Bool = lock.withLock {
                 guard clients[session] != nil else { return false }
-                for (other, mode) in leases[ino] ?? [:] where other != session {
-                    if mode == .write { contested = true }
-                    if let client = clients[other] { work.append(Recall(target: Target(ino, isFile: true), session: other, client: client)) }
-                }
+                contested = (leases[ino] ?? [:]).contains { $0.key != session && $0.value.mode == .write }
+                work = recallsLocked(Target(ino, isFile: true), except: session)
                 guard work.isEmpty else { return false }
                 sequence += 1
                 changedAt[bucket(ino)] = sequence
-                leases[ino, default: [:]][session] = .write
-                held[session, default: []].insert(ino)
+                recordLocked(session, ino, .write)
                 return true
             }
             if granted || work.isEmpty { return granted }
@@ -210,8 +234,7 @@ public final class LeaseTable: @unchecked Sendable {
             guard (leases[ino] ?? [:]).keys.allSatisfy({ $0 == session }) else { return false }
             sequence += 1
             changedAt[bucket(ino)] = sequence
-            leases[ino, default: [:]][session] = .write
-            held[session, default: []].insert(ino)
+            recordLocked(session, ino, .write)
             return true
         }
     }
@@ -222,6 +245,8 @@ public final class LeaseTable: @unchecked Sendable {
         var target: Target
         var session: SessionID
         var client: LeaseClient
+        /// The recalled lease's stamp.
+        var stamp: UInt64
     }
 
     private func recall(_ work: [Recall]) {
@@ -236,7 +261,8 @@ public final class LeaseTable: @unchecked Sendable {
     }
 
     /// Recalls one lease and waits for the holder's answer, or until it has not been heard from
-    /// for a lease period; then drops a file lease.
+    /// for a lease period; then drops a file lease, unless its holder took it again meanwhile
+    /// (a read it sent after handling the recall is cached under that newer lease).
     private func perform(_ item: Recall) {
         if !recallsDisabled {
             lock.withLock { recallsSent += 1 }
@@ -252,6 +278,7 @@ public final class LeaseTable: @unchecked Sendable {
         }
         guard item.target.isFile else { return }
         lock.withLock {
+            guard leases[item.target.ino]?[item.session]?.stamp == item.stamp else { return }
             leases[item.target.ino]?[item.session] = nil
             if leases[item.target.ino]?.isEmpty == true { leases[item.target.ino] = nil }
             held[item.session]?.remove(item.target.ino)

@@ -65,6 +65,16 @@ public final class VFS: @unchecked Sendable {
     /// the lookup; valid while no recall of the directory came since.
     var names: [NameKey: (ino: InodeID, token: UInt64)] = [:]
     static let namesMax = 65_536
+    /// Bumped before and after each of this agent's own unlinks and renames (`forgetNames`),
+    /// which recall nothing of its own: a lookup that ran across one is not kept.
+    var namesEpoch: UInt64 = 0
+    /// Attributes of directories fetched under their lease, with the lease token of the fetch;
+    /// valid while no recall of the directory (and no change of it by this agent) came since.
+    var directories: [InodeID: (attributes: Attributes, token: UInt64)] = [:]
+    static let directoriesMax = 65_536
+    /// Bumped by this agent's own changes (`changedHere`): a directory's attributes fetched
+    /// across a bump are not kept.
+    var directoriesEpoch: UInt64 = 0
     var fileHandles: [UInt64: FileHandle] = [:]
     var directoryHandles: [UInt64: DirectoryHandle] = [:]
     var nextHandle: UInt64 = 1
@@ -160,9 +170,11 @@ public final class VFS: @unchecked Sendable {
             return file.visibleAttributes
         }
         let token = leaseCache.token()
+        let epoch = lock.withLock { namesEpoch }
         let attributes = try hub.lookup(context(credentials), parent: parent, name: name)
         if leasesEnabled && attributes.isRegular && leaseCache.mayCache(kernelIno(parent), since: token) {
             lock.withLock {
+                guard epoch == namesEpoch else { return }
                 if names.count >= Self.namesMax { names.removeAll(keepingCapacity: true) }
                 names[key] = (attributes.ino, token)
             }
@@ -170,9 +182,30 @@ public final class VFS: @unchecked Sendable {
         return localView(attributes)
     }
 
-    /// Forgets a name this agent changed itself (its own changes recall nothing of its own).
-    func forgetName(_ parent: InodeID, _ name: [UInt8]) {
-        lock.withLock { _ = names.removeValue(forKey: NameKey(parent: parent, name: name)) }
+    /// Forgets names this agent changes itself (its own changes recall nothing of its own).
+    /// Called before the change and again after it, so that no lookup running across the
+    /// change keeps the old name.
+    func forgetNames(_ keys: NameKey...) {
+        lock.withLock {
+            namesEpoch &+= 1
+            for key in keys { names[key] = nil }
+        }
+    }
+
+    /// After this agent's own change of `inodes` (a directory's entries, or an inode's
+    /// attributes; the home recalls nothing of the changer's own): the directory attributes it
+    /// keeps of them, and any fetched while the change was under way, are stale. With
+    /// `allDirectories`, every kept directory's too (a moved or removed directory, whose inode
+    /// is not known here).
+    func changedHere(_ inodes: InodeID..., allDirectories: Bool = false) {
+        lock.withLock {
+            directoriesEpoch &+= 1
+            if allDirectories {
+                directories.removeAll()
+            } else {
+                for ino in inodes { directories[ino] = nil }
+            }
+        }
     }
 
     public func getattr(_ credentials: Credentials, ino: InodeID) throws -> Attributes {
@@ -182,7 +215,20 @@ public final class VFS: @unchecked Sendable {
             defer { file.lock.unlock() }
             return file.visibleAttributes
         }
+        if leasesEnabled, let kept = lock.withLock({ directories[ino] }),
+           leaseCache.mayCache(kernelIno(ino), since: kept.token) {
+            return kept.attributes
+        }
+        let token = leaseCache.token()
+        let epoch = lock.withLock { directoriesEpoch }
         let fresh = try hub.getattr(context(credentials), ino: ino)
+        if leasesEnabled && fresh.isDirectory && leaseCache.mayCache(kernelIno(ino), since: token) {
+            lock.withLock {
+                guard epoch == directoriesEpoch else { return }
+                if directories.count >= Self.directoriesMax { directories.removeAll(keepingCapacity: true) }
+                directories[ino] = (fresh, token)
+            }
+        }
         let view = localView(fresh)
         logger.trace("getattr \(ino): hub size \(fresh.size) v\(fresh.dataVersion), local size \(view.size)")
         return view
@@ -198,6 +244,7 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func setattr(_ credentials: Credentials, ino: InodeID, _ changes: SetAttributes) throws -> Attributes {
+        defer { changedHere(ino) }
         if let file = openFile(ino) {
             file.lock.lock()
             defer { file.lock.unlock() }
@@ -211,28 +258,37 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func mkdir(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {
-        try hub.mkdir(context(credentials), parent: parent, name: name, mode: mode, umask: umask)
+        defer { changedHere(parent) }
+        return try hub.mkdir(context(credentials), parent: parent, name: name, mode: mode, umask: umask)
     }
 
     public func mknod(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32,
                       umask: UInt32) throws -> Attributes {
-        try hub.create(context(credentials), parent: parent, name: name, mode: mode, rdev: rdev, umask: umask,
-                       exclusive: true)
+        defer { changedHere(parent) }
+        return try hub.create(context(credentials), parent: parent, name: name, mode: mode, rdev: rdev, umask: umask,
+                              exclusive: true)
     }
 
     public func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
         registerLocalOpens()
-        forgetName(parent, name)
-        defer { invalidateFiles() }   // the removed file's link count changed; which one is unknown here
+        let key = NameKey(parent: parent, name: name)
+        forgetNames(key)
+        defer {
+            forgetNames(key)
+            invalidateFiles()   // the removed file's link count changed; which one is unknown here
+            changedHere(parent)
+        }
         try hub.unlink(context(credentials), parent: parent, name: name)
     }
 
     public func rmdir(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
+        defer { changedHere(parent, allDirectories: true) }
         try hub.rmdir(context(credentials), parent: parent, name: name)
     }
 
     public func symlink(_ credentials: Credentials, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes {
-        try hub.symlink(context(credentials), parent: parent, name: name, target: target)
+        defer { changedHere(parent) }
+        return try hub.symlink(context(credentials), parent: parent, name: name, target: target)
     }
 
     public func readlink(_ credentials: Credentials, ino: InodeID) throws -> [UInt8] {
@@ -240,6 +296,7 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func link(_ credentials: Credentials, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes {
+        defer { changedHere(newParent) }
         let attributes = try hub.link(context(credentials), ino: ino, newParent: newParent, newName: newName)
         openFile(ino)?.invalidate()   // its link count and ctime changed (this agent is not recalled)
         return localView(attributes)
@@ -248,9 +305,13 @@ public final class VFS: @unchecked Sendable {
     public func rename(_ credentials: Credentials, parent: InodeID, name: [UInt8], newParent: InodeID,
                        newName: [UInt8], flags: RenameFlags) throws {
         registerLocalOpens()
-        forgetName(parent, name)
-        forgetName(newParent, newName)
-        defer { invalidateFiles() }   // ctime of the moved file, links of a replaced one
+        let keys = (NameKey(parent: parent, name: name), NameKey(parent: newParent, name: newName))
+        forgetNames(keys.0, keys.1)
+        defer {
+            forgetNames(keys.0, keys.1)
+            invalidateFiles()   // ctime of the moved file, links of a replaced one
+            changedHere(parent, newParent, allDirectories: true)   // a moved directory's ctime and ".."
+        }
         try hub.rename(context(credentials), parent: parent, name: name, newParent: newParent, newName: newName,
                        flags: flags)
     }
@@ -268,8 +329,11 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func setxattr(_ credentials: Credentials, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags) throws {
+        defer {
+            openFile(ino)?.invalidate()   // ctime
+            changedHere(ino)
+        }
         try hub.setxattr(context(credentials), ino: ino, name: name, value: value, flags: flags)
-        openFile(ino)?.invalidate()   // ctime
     }
 
     public func listxattr(_ credentials: Credentials, ino: InodeID) throws -> [[UInt8]] {
@@ -277,8 +341,11 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func removexattr(_ credentials: Credentials, ino: InodeID, name: [UInt8]) throws {
+        defer {
+            openFile(ino)?.invalidate()   // ctime
+            changedHere(ino)
+        }
         try hub.removexattr(context(credentials), ino: ino, name: name)
-        openFile(ino)?.invalidate()   // ctime
     }
 
     // MARK: directories
@@ -437,6 +504,7 @@ public final class VFS: @unchecked Sendable {
     public func create(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
                        flags: Int32) throws -> (attributes: Attributes, handle: UInt64) {
         let token = leaseCache.token()
+        defer { changedHere(parent) }
         let attributes: Attributes
         do {
             let created = try hub.create(context(credentials), parent: parent, name: name, mode: mode, rdev: 0,

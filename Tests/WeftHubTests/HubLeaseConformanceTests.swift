@@ -196,6 +196,45 @@ final class HubLeaseTableTests: XCTestCase {
         XCTAssertEqual(table.holders(42), [:])
         XCTAssertEqual(table.holders(43), [7: .read])
     }
+
+    /// A holder handles a recall, reads the file again at once, and that read reaches the home
+    /// before the recall's answer: the newer lease must outlive the recall, or the holder
+    /// caches what the next change will not recall (a stale read the checker caught).
+    func testALeaseTakenAgainDuringItsRecallOutlivesTheRecall() throws {
+        let table = LeaseTable(logger: testLogger("weft.lease.test"), recallsDisabled: false)
+        let reader = RecordingLeaseClient()
+        table.enable(1, client: reader)
+        table.enable(2, client: RecordingLeaseClient())
+        XCTAssertTrue(table.grant(1, [42], since: table.readToken()))
+        var rereads = 0
+        reader.onRecall = { ino in
+            guard rereads == 0 else { return }
+            rereads += 1
+            XCTAssertTrue(table.grant(1, [ino], since: table.readToken()))
+        }
+        XCTAssertTrue(table.acquireWrite(2, 42))
+        XCTAssertEqual(reader.recalls.count, 2, "the lease taken during the first recall is recalled before the write lease")
+        XCTAssertEqual(table.holders(42), [2: .write])
+
+        // The same for a writer recalled by a reader: its lease taken during the recall stands
+        // (still counted as a write lease, so the next reader recalls it again).
+        let writer = RecordingLeaseClient()
+        table.enable(3, client: writer)
+        XCTAssertTrue(table.acquireWrite(3, 43))
+        var writerRereads = 0
+        writer.onRecall = { ino in
+            guard writerRereads == 0 else { return }
+            writerRereads += 1
+            XCTAssertTrue(table.grant(3, [ino], since: table.readToken()))
+        }
+        XCTAssertFalse(table.grant(1, [43], since: table.readToken()), "the reader recalls the writer first")
+        XCTAssertEqual(table.holders(43), [3: .write], "the writer's newer lease outlives the recall")
+        XCTAssertFalse(table.grant(1, [43], since: table.readToken()))
+        XCTAssertEqual(table.holders(43), [:])
+        XCTAssertTrue(table.grant(1, [43], since: table.readToken()))
+        XCTAssertEqual(table.holders(43), [1: .read])
+        XCTAssertEqual(writer.recalls.count, 2)
+    }
 }
 
 /// The grace period after a crash, and reclaiming write leases (SPEC.md §12.6).

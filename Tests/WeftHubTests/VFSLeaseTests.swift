@@ -78,4 +78,51 @@ extension VFSDataTests {
         try b.release(handle: hb)
         XCTAssertEqual(try contents(of: ino, via: a), (1...8).map(UInt8.init))
     }
+
+    func testDirectoryAttributesAreKeptUnderTheLeaseAndFollowEveryChange() throws {
+        let a = try makeAgent(), b = try makeAgent()
+        let dir = try a.mkdir(rootCaller, parent: root, name: bytes("d"), mode: 0o755, umask: 0).ino
+        func kept() -> Bool {
+            guard let entry = a.lock.withLock({ a.directories[dir] }) else { return false }
+            return a.leaseCache.mayCache(a.kernelIno(dir), since: entry.token)
+        }
+        var seen = try a.getattr(rootCaller, ino: dir)
+        XCTAssertTrue(kept(), "a directory's attributes are kept under its lease")
+        XCTAssertEqual(try a.getattr(rootCaller, ino: dir), seen)
+
+        // Another agent's changes recall the directory before they commit.
+        _ = try b.mkdir(rootCaller, parent: dir, name: bytes("sub"), mode: 0o755, umask: 0)
+        XCTAssertFalse(kept(), "recalled by another agent's mkdir")
+        var now = try a.getattr(rootCaller, ino: dir)
+        XCTAssertEqual(now.nlink, seen.nlink + 1)
+        XCTAssertGreaterThan(now.mtimeNs, seen.mtimeNs)
+        seen = now
+        _ = try b.setattr(rootCaller, ino: dir, SetAttributes(mode: 0o700))
+        XCTAssertEqual(try a.getattr(rootCaller, ino: dir).mode & 0o7777, 0o700)
+
+        // This agent's own changes recall nothing of its own: it forgets what it kept.
+        seen = try a.getattr(rootCaller, ino: dir)
+        XCTAssertTrue(kept())
+        _ = try a.mkdir(rootCaller, parent: dir, name: bytes("own"), mode: 0o755, umask: 0)
+        now = try a.getattr(rootCaller, ino: dir)
+        XCTAssertEqual(now.nlink, seen.nlink + 1, "own mkdir")
+        let (created, handle) = try a.create(rootCaller, parent: dir, name: bytes("f"), mode: regularFile | 0o644,
+                                          umask: 0, flags: O_RDWR)
+        try a.release(handle: handle)
+        XCTAssertGreaterThan(try a.getattr(rootCaller, ino: dir).mtimeNs, now.mtimeNs, "own create")
+        _ = try a.getattr(rootCaller, ino: dir)
+        try a.rename(rootCaller, parent: dir, name: bytes("own"), newParent: root, newName: bytes("moved"), flags: [])
+        XCTAssertEqual(try a.getattr(rootCaller, ino: dir).nlink, seen.nlink, "own rename of a subdirectory out")
+        _ = try a.getattr(rootCaller, ino: dir)
+        try a.rmdir(rootCaller, parent: dir, name: bytes("sub"))
+        XCTAssertEqual(try a.getattr(rootCaller, ino: dir).nlink, seen.nlink - 1, "own rmdir")
+        now = try a.getattr(rootCaller, ino: dir)
+        try a.setxattr(rootCaller, ino: dir, name: bytes("user.k"), value: [1], flags: [])
+        XCTAssertGreaterThan(try a.getattr(rootCaller, ino: dir).ctimeNs, now.ctimeNs, "own setxattr")
+        _ = try a.setattr(rootCaller, ino: dir, SetAttributes(mode: 0o750))
+        XCTAssertEqual(try a.getattr(rootCaller, ino: dir).mode & 0o7777, 0o750, "own chmod")
+        try a.unlink(rootCaller, parent: dir, name: bytes("f"))
+        XCTAssertEqual(try a.getattr(rootCaller, ino: dir), try b.getattr(rootCaller, ino: dir), "own unlink")
+        XCTAssertThrowsError(try b.getattr(rootCaller, ino: created.ino))
+    }
 }
