@@ -11,7 +11,9 @@ import WeftProto
 ///   gets a notice first, so its holder does not cache it;
 /// - `beginChange` returns only when every other session holding a lease on the targets has
 ///   acknowledged a recall, or has not been heard from for a lease period;
-/// - a write lease is exclusive: while one session holds it, no other holds any lease on the file.
+/// - a write lease is exclusive: while one session holds it, no other holds any lease on the file;
+/// - a recall ends only the lease it was sent for: a lease its holder took while the recall was
+///   under way stands, and the next change recalls it.
 ///
 /// The test-only environment switch `WEFT_TEST_NO_RECALL=1` skips recalls and notices (leases
 /// are still granted and dropped), to prove the consistency checker catches stale reads.
@@ -34,11 +36,13 @@ public final class LeaseTable: @unchecked Sendable {
         }
     }
 
-    /// One session's lease on one inode. `stamp` is unique per grant: a recall ends only the
-    /// lease it was sent for, not one its holder took again while the recall was under way.
+    /// One session's lease on one inode. `stamp` is unique per lease: a recall ends only the
+    /// lease it was sent for, not a new one its holder took while the recall was under way.
     private struct Lease {
         var mode: Mode
         var stamp: UInt64
+        /// A recall of this lease was sent: a grant to its holder now makes a new lease.
+        var recalled = false
     }
 
     private let lock = NSLock()
@@ -70,22 +74,28 @@ public final class LeaseTable: @unchecked Sendable {
     /// Sessions holding leases on `ino`, and how.
     public func holders(_ ino: InodeID) -> [SessionID: Mode] { lock.withLock { (leases[ino] ?? [:]).mapValues(\.mode) } }
 
-    /// Records (or renews) `session`'s lease on `ino`; a write lease stays a write lease until
-    /// it is recalled. Caller holds `lock`.
+    /// Records `session`'s lease on `ino`. A lease it holds that covers `mode` and is not being
+    /// recalled stays as it is; otherwise a new lease replaces it. A holder answering a recall
+    /// has stopped buffering, so what it is granted meanwhile is a new read lease, which the
+    /// recall does not end. Caller holds `lock`.
     private func recordLocked(_ session: SessionID, _ ino: InodeID, _ mode: Mode) {
+        if let lease = leases[ino]?[session], !lease.recalled, lease.mode == .write || mode == .read { return }
         stamps += 1
-        let kept = leases[ino]?[session]?.mode == .write ? Mode.write : mode
-        if leases[ino, default: [:]].updateValue(Lease(mode: kept, stamp: stamps), forKey: session) == nil {
+        if leases[ino, default: [:]].updateValue(Lease(mode: mode, stamp: stamps), forKey: session) == nil {
             held[session, default: []].insert(ino)
         }
     }
 
-    /// Recalls of every other session's lease on `target`. Caller holds `lock`.
-    private func recallsLocked(_ target: Target, except session: SessionID) -> [Recall] {
-        (leases[target.ino] ?? [:]).compactMap { other, lease in
-            guard other != session, let client = clients[other] else { return nil }
-            return Recall(target: target, session: other, client: client, stamp: lease.stamp)
+    /// Recalls of every other session's lease on `target` (of mode `only`, if given), marked as
+    /// recalled. Caller holds `lock`.
+    private func recallsLocked(_ target: Target, except session: SessionID, only: Mode? = nil) -> [Recall] {
+        var work: [Recall] = []
+        for (other, lease) in leases[target.ino] ?? [:] where other != session && (only == nil || lease.mode == only) {
+            guard let client = clients[other] else { continue }
+            leases[target.ino]?[other]?.recalled = true
+            work.append(Recall(target: target, session: other, client: client, stamp: lease.stamp))
         }
+        return work
     }
 
     // MARK: Grace period
@@ -143,20 +153,13 @@ public final class LeaseTable: @unchecked Sendable {
         let client: LeaseClient? = lock.withLock {
             guard let client = clients[session] else { return nil }
             for ino in inodes {
-                guard let holders = leases[ino] else { continue }
-                for (other, lease) in holders where other != session && lease.mode == .write {
-                    if let otherClient = clients[other] {
-                        writers.append(Recall(target: Target(ino, isFile: true), session: other, client: otherClient,
-                                              stamp: lease.stamp))
-                    }
-                }
+                writers += recallsLocked(Target(ino, isFile: true), except: session, only: .write)
             }
             guard writers.isEmpty else { return client }
             for ino in inodes {
                 if changing[ino, default: 0] > 0 || changedAt[bucket(ino)] > token {
                     notices.append(ino)
                 } else {
-                    // Renewed even when held: a recall under way must not end this newer lease.
                     recordLocked(session, ino, .read)
                 }
             }
@@ -205,9 +208,10 @@ public final class LeaseTable: @unchecked Sendable {
 
     /// Grants `session` the exclusive write lease on file `ino`, recalling other sessions' read
     /// leases on it. If another session holds the write lease, it is recalled and nobody gets
-    /// one (both then write through).
+    /// one (both then write through). Nor does anyone while other sessions keep taking new
+    /// leases during the recalls (`acquireRoundsMax` rounds): writing through is always correct.
     public func acquireWrite(_ session: SessionID, _ ino: InodeID) -> Bool {
-        while true {
+        for _ in 0..<Self.acquireRoundsMax {
             var work: [Recall] = []
             var contested = false
             let granted: Bool = lock.withLock {
@@ -224,7 +228,10 @@ public final class LeaseTable: @unchecked Sendable {
             recall(work)
             if contested { return false }
         }
+        return false
     }
+
+    public static let acquireRoundsMax = 3
 
     /// Gives `session` back the write lease on `ino` it held before its connection ended, if no
     /// other session holds a lease on it now.
