@@ -175,4 +175,38 @@ extension FabricHub {
         let (fileBytes, bytes) = try volume.chunks.readObjectFile(id: id, offset: Int(offset), length: Int(length))
         return (UInt32(fileBytes), bytes)
     }
+
+    // MARK: Garbage at holders (SPEC.md §12.5)
+
+    public func deleteObjects(ids: [SliceID]) throws {
+        for id in ids {
+            try readThrough.drop(id)
+            guard let volume = try volumeData(ofObject: id) else { continue }
+            // The home deletes its own objects itself; only a holder's copies go here.
+            if lock.withLock({ volumes[volume.id] == nil }) { try volume.chunks.delete(id: id) }
+        }
+        if !ids.isEmpty {
+            logger.debug("deleted chunk objects that their home dropped", metadata: ["count": "\(ids.count)"])
+        }
+    }
+
+    /// Called by a home volume's garbage collection for objects held by hub `holder`: deletes
+    /// them there (and this hub's cached copies). Throws while `holder` cannot be reached.
+    func deleteAtHolder(_ holder: UInt16, ids: [SliceID]) throws {
+        for id in ids { try readThrough.drop(id) }
+        if holder == member.hubID {
+            // Recorded with this hub's own id: the objects are in this (home) hub's chunk store.
+            for id in ids { try volumeData(ofObject: id)?.chunks.delete(id: id) }
+            return
+        }
+        let map = member.map
+        // Unknown or down: kept as garbage and tried again later (a leak at worst, never a loss).
+        guard let name = map.hubName(id: holder) else {
+            throw WeftError(EHOSTUNREACH, "hub \(holder) is not in the cluster map")
+        }
+        guard let address = map.address(of: name, from: member.hubName) else {
+            throw WeftError(EHOSTUNREACH, "hub \(name) has no address in the cluster map")
+        }
+        try readThrough.peer(address).deleteObjects(ids: ids)
+    }
 }

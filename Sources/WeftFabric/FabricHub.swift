@@ -164,6 +164,10 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
                 logger.info("formatted volume", metadata: ["volume": "\(record.name)", "id": "\(record.id)"])
             }
             let hub = try Hub(directory: path, durability: durability, logger: logger)
+            hub.deleteAtHolder = { [weak self] holder, ids in
+                guard let self else { throw WeftError(ESHUTDOWN, "hub is shutting down") }
+                try self.deleteAtHolder(holder, ids: ids)
+            }
             try hub.recover()
             volumes[record.id] = hub
             logger.info("serving volume", metadata: ["volume": "\(record.name)", "id": "\(record.id)"])

@@ -173,7 +173,8 @@ public final class ReadThrough: @unchecked Sendable {
         return file
     }
 
-    private func peer(_ address: String) throws -> HubAPI {
+    /// The connection to the hub at `address` (one per address, shared).
+    func peer(_ address: String) throws -> HubAPI {
         if let known = lock.withLock({ peers[address] }) { return known }
         let made = try connectPeer(address)
         return lock.withLock {
@@ -199,6 +200,15 @@ public final class ReadThrough: @unchecked Sendable {
                 logger.error("cannot evict cached chunk object \(hex16(id)): \(error)")
             }
         }
+    }
+
+    /// Deletes the cached copy of `id`, if any (the object is garbage at its home).
+    func drop(_ id: SliceID) throws {
+        let store: ChunkStore? = lock.withLock {
+            lru.remove(id)
+            return stores.removeValue(forKey: id)
+        }
+        try store?.delete(id: id)
     }
 
     /// Forgets an object deleted from its cache store by someone else (a damaged copy).

@@ -21,6 +21,14 @@ public final class Hub: HubAPI, @unchecked Sendable {
     let locks = LockTable()
     /// Who caches what, and the recalls before conflicting changes (SPEC.md §12.6).
     public let leases: LeaseTable
+    /// Deletes garbage chunk objects held by another hub (by hub id); set by the fabric. Without
+    /// it such objects stay listed as garbage.
+    public var deleteAtHolder: (@Sendable (UInt16, [SliceID]) throws -> Void)? {
+        get { holderDeleteLock.withLock { holderDelete } }
+        set { holderDeleteLock.withLock { holderDelete = newValue } }
+    }
+    private let holderDeleteLock = NSLock()
+    private var holderDelete: (@Sendable (UInt16, [SliceID]) throws -> Void)?
 
     /// Slice lists longer than this are compacted in the background.
     public static let compactionThresholdSlices = 16

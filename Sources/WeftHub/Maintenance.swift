@@ -17,6 +17,9 @@ final class Maintenance: @unchecked Sendable {
     /// Most compactions waiting at once; more are dropped (the next commit re-queues them).
     private let compactionQueueMax = 4096
     private let garbageBatch = 1024
+    /// Holder hubs whose deletes failed, and when to try them again (maintenance thread only).
+    private var holderRetryAfter: [UInt16: Date] = [:]
+    static let holderRetrySeconds: TimeInterval = 30
 
     struct CompactionKey: Hashable {
         var ino: InodeID
@@ -92,16 +95,42 @@ final class Maintenance: @unchecked Sendable {
         }
     }
 
-    /// Deletes chunk objects whose last reference is durably gone.
+    /// Deletes chunk objects whose last reference is durably gone: here, or at the hub that
+    /// holds them (`Hub.deleteAtHolder`; kept for the next pass while that hub cannot be
+    /// reached, so that local garbage behind them is still collected).
     func collectGarbage() {
         guard let hub else { return }
         do {
+            var after: SliceID = 0
+            let now = Date()
+            var unreachable = Set(holderRetryAfter.filter { $0.value > now }.keys)
             while true {
-                let ids = try hub.meta.takeGarbage(limit: garbageBatch)
-                if ids.isEmpty { return }
-                for id in ids { try hub.chunks.delete(id: id) }
-                try hub.meta.forgetGarbage(ids)
-                if ids.count < garbageBatch { return }
+                let batch = try hub.meta.garbage(after: after, limit: garbageBatch)
+                guard let last = batch.last else { return }
+                var done: [SliceID] = []
+                var elsewhere: [UInt16: [SliceID]] = [:]
+                for object in batch {
+                    if object.holder == 0 {
+                        try hub.chunks.delete(id: object.id)
+                        done.append(object.id)
+                    } else {
+                        elsewhere[object.holder, default: []].append(object.id)
+                    }
+                }
+                for (holder, ids) in elsewhere.sorted(by: { $0.key < $1.key }) where !unreachable.contains(holder) {
+                    guard let deleteAtHolder = hub.deleteAtHolder else { break }
+                    do {
+                        try deleteAtHolder(holder, ids)
+                        done += ids
+                    } catch {
+                        unreachable.insert(holder)
+                        holderRetryAfter[holder] = now.addingTimeInterval(Self.holderRetrySeconds)
+                        logger.warning("cannot delete chunk objects at hub \(holder) yet, will retry in \(Int(Self.holderRetrySeconds)) s: \(error)")
+                    }
+                }
+                try hub.meta.forgetGarbage(done)
+                if batch.count < garbageBatch { return }
+                after = last.id
             }
         } catch {
             logger.error("garbage collection failed: \(error)")

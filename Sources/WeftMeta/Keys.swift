@@ -11,7 +11,7 @@ enum Key {
     static let xattrTag: UInt8 = 0x58        // 'X' ino name   -> value
     static let symlinkTag: UInt8 = 0x53      // 'S' ino        -> target
     static let orphanTag: UInt8 = 0x4F       // 'O' ino        -> (empty) unlinked but open
-    static let garbageTag: UInt8 = 0x47      // 'G' sliceID    -> (empty) chunk object to delete
+    static let garbageTag: UInt8 = 0x47      // 'G' sliceID    -> (empty) or u16BE holder hub: chunk object to delete
 
     static let volume: [UInt8] = [volumeTag]
     static let counters: [UInt8] = [counterTag]

@@ -110,16 +110,24 @@ extension MetaStore {
         }
     }
 
-    /// Chunk objects that no file references any more and whose removal is durable.
+    /// Ids of chunk objects that no file references any more and whose removal is durable.
     public func takeGarbage(limit: Int) throws -> [SliceID] {
+        try garbage(after: 0, limit: limit).map(\.id)
+    }
+
+    /// Chunk objects that no file references any more and whose removal is durable, in id
+    /// order from the first id above `after`, with the hub that holds each (0 = this one).
+    public func garbage(after: SliceID, limit: Int) throws -> [GarbageObject] {
         try sync()
-        var ids: [SliceID] = []
-        try db.scan(prefix: [Key.garbageTag]) { key, _ in
+        var found: [GarbageObject] = []
+        try db.scan(prefix: [Key.garbageTag], from: Key.garbage(after &+ 1)) { key, value in
             var r = ByteReader(UnsafeRawBufferPointer(rebasing: key[1...]))
-            ids.append(try r.u64BE())
-            return ids.count < limit
+            let id = try r.u64BE()
+            let holder = value.count == 2 ? UInt16(value[0]) << 8 | UInt16(value[1]) : 0
+            found.append(GarbageObject(id: id, holder: holder))
+            return found.count < limit
         }
-        return ids
+        return found
     }
 
     /// Forgets garbage entries whose chunk objects have been deleted.
@@ -127,6 +135,16 @@ extension MetaStore {
         try mutate(durable: false) { t in
             for id in ids { t.batch.delete(Key.garbage(id)) }
         }
+    }
+}
+
+/// A chunk object to delete, and the hub that holds it (0 = the volume's home).
+public struct GarbageObject: Equatable, Sendable {
+    public var id: SliceID
+    public var holder: UInt16
+    public init(id: SliceID, holder: UInt16) {
+        self.id = id
+        self.holder = holder
     }
 }
 

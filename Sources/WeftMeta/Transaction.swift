@@ -105,7 +105,10 @@ final class Transaction {
     }
 
     func discard(_ slices: [Slice]) {
-        for slice in slices where slice.id != 0 { batch.put(Key.garbage(slice.id), []) }
+        for slice in slices where slice.id != 0 {
+            // The value names the hub holding the object when it is not this one (SPEC.md §12.5).
+            batch.put(Key.garbage(slice.id), slice.hub == 0 ? [] : [UInt8(slice.hub >> 8), UInt8(slice.hub & 0xFF)])
+        }
     }
 
     // MARK: removal

@@ -122,6 +122,9 @@ extension HubRequest {
         case let .releaseUploads(c, ids):
             try hub.releaseUploads(c, ids: ids)
             return .empty
+        case let .deleteObjects(ids):
+            try hub.deleteObjects(ids: ids)
+            return .empty
         case let .createVolume(name, home, chunkSizeBytes, compression):
             return .bytes(try hub.createVolume(name: name, home: home, chunkSizeBytes: chunkSizeBytes, compression: compression))
         }

@@ -49,6 +49,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case readSliceFrom = 41
     case fetchObject = 42
     case releaseUploads = 43
+    case deleteObjects = 44
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -97,6 +98,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .readSliceFrom: "readSliceFrom"
         case .fetchObject: "fetchObject"
         case .releaseUploads: "releaseUploads"
+        case .deleteObjects: "deleteObjects"
         }
     }
 }
@@ -154,6 +156,8 @@ public enum HubRequest: Equatable, Sendable {
     case fetchObject(id: SliceID, offset: UInt32, length: UInt32)
     /// The objects are committed at the home: the data hub stops tracking them as uploads.
     case releaseUploads(RequestContext, ids: [SliceID])
+    /// Home to holder hub: the objects are garbage at their volume's home; delete every copy.
+    case deleteObjects(ids: [SliceID])
 
     public var opcode: HubOpcode {
         switch self {
@@ -200,6 +204,7 @@ public enum HubRequest: Equatable, Sendable {
         case .readSliceFrom: .readSliceFrom
         case .fetchObject: .fetchObject
         case .releaseUploads: .releaseUploads
+        case .deleteObjects: .deleteObjects
         }
     }
 
@@ -207,7 +212,7 @@ public enum HubRequest: Equatable, Sendable {
     public var session: SessionID? {
         switch self {
         case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .openDataSession,
-             .fetchObject: nil
+             .fetchObject, .deleteObjects: nil
         case .closeSession(let session), .enableLeases(let session), .recall(let session, _, _, _): session
         case .acquireWriteLease(let c, _), .reclaimWriteLease(let c, _): c.session
         case .lookup(let c, _, _), .getattr(let c, _), .setattr(let c, _, _), .create(let c, _, _, _, _, _, _),
@@ -231,7 +236,7 @@ public enum HubRequest: Equatable, Sendable {
         }
         switch self {
         case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .openDataSession,
-             .fetchObject: return self
+             .fetchObject, .deleteObjects: return self
         case .closeSession: return .closeSession(session)
         case .enableLeases: return .enableLeases(session)
         case let .recall(_, ino, names, notice): return .recall(session: session, ino: ino, names: names, notice: notice)
@@ -353,6 +358,9 @@ public enum HubRequest: Equatable, Sendable {
             for holder in holders { w.u16(holder) }
         case let .fetchObject(id, offset, length):
             w.u64(id); w.u32(offset); w.u32(length)
+        case let .deleteObjects(ids):
+            w.u32(UInt32(ids.count))
+            for id in ids { w.u64(id) }
         case let .releaseUploads(c, ids):
             c.encode(into: &w); w.u32(UInt32(ids.count))
             for id in ids { w.u64(id) }
@@ -392,6 +400,12 @@ public enum HubRequest: Equatable, Sendable {
                                     volume: try r.string(max: WireCodec.stringMaxBytes))
         case .fetchObject:
             return .fetchObject(id: try r.u64(), offset: try r.u32(), length: try r.u32())
+        case .deleteObjects:
+            let count = try r.listCount(minimumElementBytes: 8)
+            var ids: [SliceID] = []
+            ids.reserveCapacity(count)
+            for _ in 0..<count { ids.append(try r.u64()) }
+            return .deleteObjects(ids: ids)
         case .createVolume:
             let name = try r.string(max: WireCodec.stringMaxBytes), home = try r.string(max: WireCodec.stringMaxBytes)
             let chunkSize = try r.u32()
@@ -404,7 +418,7 @@ public enum HubRequest: Equatable, Sendable {
         let c = try RequestContext.decode(from: &r)
         switch opcode {
         case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping,
-             .enableLeases, .recall, .openDataSession, .fetchObject:
+             .enableLeases, .recall, .openDataSession, .fetchObject, .deleteObjects:
             preconditionFailure("handled above")
         case .acquireWriteLease:
             return .acquireWriteLease(c, ino: try r.u64())

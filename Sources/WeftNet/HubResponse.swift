@@ -47,7 +47,7 @@ public enum HubResponse: Equatable, Sendable {
              (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
              (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease), (.flag, .reclaimWriteLease),
              (.session, .openDataSession), (.bytes, .readSliceFrom), (.objectPart, .fetchObject),
-             (.empty, .releaseUploads):
+             (.empty, .releaseUploads), (.empty, .deleteObjects):
             return true
         default:
             return false
@@ -125,7 +125,7 @@ public enum HubResponse: Equatable, Sendable {
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
-             .enableLeases, .recall, .releaseUploads:
+             .enableLeases, .recall, .releaseUploads, .deleteObjects:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
             return .flag(try r.bool())

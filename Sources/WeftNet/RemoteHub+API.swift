@@ -161,6 +161,10 @@ extension RemoteHub {
         return (fileBytes, bytes)
     }
 
+    public func deleteObjects(ids: [SliceID]) throws {
+        try empty(.deleteObjects(ids: ids))
+    }
+
     public func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws {
         try empty(.releaseUploads(context, ids: ids))
     }

@@ -127,6 +127,9 @@ public protocol HubAPI: AnyObject, Sendable {
     /// Objects `ids`, uploaded through this session, are committed at the home: they are no
     /// longer deleted when the session ends.
     func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws
+    /// Home to holder hub: objects `ids` are garbage at their volume's home (no file references
+    /// them, durably); this hub deletes every copy it has. Objects it lacks are skipped.
+    func deleteObjects(ids: [SliceID]) throws
 }
 
 extension HubAPI {
@@ -173,6 +176,10 @@ extension HubAPI {
     }
 
     public func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws {}
+
+    public func deleteObjects(ids: [SliceID]) throws {
+        throw WeftError(ENOTSUP, "this hub is not part of a cluster (weftd was started without --etcd)")
+    }
 
     public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
         try writeSlice(context, id: id, data: Array(bytes))

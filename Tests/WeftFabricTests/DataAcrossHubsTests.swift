@@ -193,6 +193,34 @@ final class DataAcrossHubsTests: XCTestCase {
         XCTAssertEqual(hub2.fabric.readThrough.fetches, 0)
     }
 
+    func testGarbageAtTheHomeIsDeletedAtTheHolderAndFromCaches() throws {
+        let hub1 = try startHub("hub1")
+        let hub2 = try startHub("hub2")
+        let volume = try createVolume(at: hub1)
+        var random = SeededRandom(seed: 8)
+        let writer = try agent(through: hub2, name: "writer")
+        try writeFile(writer, "doomed", random.bytes(2_500_000))
+        let kept = random.bytes(1_500_000)
+        try writeFile(writer, "kept", kept)
+        XCTAssertEqual(objectFiles(hub2, volume, "chunks").count, 5)
+        let reader = try agent(through: hub1, name: "home-reader")
+        _ = try readFile(reader, "doomed")
+        XCTAssertEqual(try readFile(reader, "kept"), kept)
+        XCTAssertEqual(objectFiles(hub1, volume, "cache").count, 5, "the home keeps read-through copies")
+
+        try writer.unlink(.root, parent: InodeNumbers.root, name: bytes("doomed"))
+        XCTAssertTrue(eventually(timeoutSeconds: 20) { self.objectFiles(hub2, volume, "chunks").count == 2 },
+                      "the home's GC deletes the holder's objects: \(objectFiles(hub2, volume, "chunks").count) left")
+        XCTAssertTrue(eventually(timeoutSeconds: 20) { self.objectFiles(hub1, volume, "cache").count == 2 },
+                      "and the home's cached copies")
+        XCTAssertEqual(hub1.fabric.readThrough.cachedBytes, UInt64(objectFiles(hub1, volume, "cache").reduce(0) {
+            $0 + ((try? FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0)
+        }), "the cache's accounting follows")
+        // What is still referenced is untouched, at the holder and in the cache.
+        XCTAssertEqual(try readFile(try agent(through: hub2, name: "reader2"), "kept"), kept)
+        XCTAssertEqual(try readFile(try agent(through: hub1, name: "home-reader2"), "kept"), kept)
+    }
+
     func testConcurrentReadersOfAMissingObjectCauseOneFetchAndOneWANCrossing() throws {
         let hub1 = try startHub("hub1")
         let hub2 = try startHub("hub2")

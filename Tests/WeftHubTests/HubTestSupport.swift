@@ -109,15 +109,6 @@ let directoryType = UInt32(S_IFDIR)
 
 
 
-/// Polls `condition` every 10 ms until it holds or `timeoutSeconds` pass; returns whether it held.
-func eventually(timeoutSeconds: Double = 10, _ condition: () throws -> Bool) rethrows -> Bool {
-    let deadline = Date().addingTimeInterval(timeoutSeconds)
-    while Date() < deadline {
-        if try condition() { return true }
-        usleep(10_000)
-    }
-    return try condition()
-}
 
 /// Base for suites that run against both transports: `transport` picks one; every hub made
 /// through `makeHub` is shut down and removed in `tearDown`.

@@ -131,6 +131,21 @@ final class DataTests: MetaStoreTestCase {
         XCTAssertEqual(try store.takeGarbage(limit: 10), [late.slice.id])
     }
 
+    func testGarbageNamesTheHubHoldingEachObjectAndPagesInIDOrder() throws {
+        let file = try makeFile("f")
+        let here = try slice(0, offset: 0, length: 10)
+        var there = try slice(1, offset: 0, length: 10)
+        there.slice.hub = 7
+        try store.commitSlices(ino: file.ino, slices: [here, there], minimumSize: 0, durable: true)
+        try store.unlink(Callers.root, parent: root, name: bytes("f"))
+        XCTAssertEqual(try store.garbage(after: 0, limit: 10),
+                       [GarbageObject(id: here.slice.id, holder: 0), GarbageObject(id: there.slice.id, holder: 7)])
+        XCTAssertEqual(try store.garbage(after: here.slice.id, limit: 10), [GarbageObject(id: there.slice.id, holder: 7)])
+        XCTAssertEqual(try store.garbage(after: 0, limit: 1), [GarbageObject(id: here.slice.id, holder: 0)])
+        try store.forgetGarbage([there.slice.id])
+        XCTAssertEqual(try store.takeGarbage(limit: 10), [here.slice.id])
+    }
+
     func testLaterSlicesShadowEarlierOnes() throws {
         let file = try makeFile("f")
         let a = try slice(0, offset: 0, length: 100)

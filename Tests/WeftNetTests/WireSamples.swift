@@ -70,6 +70,7 @@ enum WireSamples {
         .readSliceFrom(context, id: 3 << 48 | 1, offset: 65536, length: 1 << 20, holders: [2, 0, 65535]),
         .fetchObject(id: UInt64.max, offset: 8 << 20, length: 8 << 20),
         .releaseUploads(context, ids: [1, 2 << 48 | 3, UInt64.max]),
+        .deleteObjects(ids: [2 << 48 | 1, UInt64.max]),
     ]
 
     /// Variants that exercise optional and empty fields.
@@ -84,6 +85,7 @@ enum WireSamples {
         .lookup(context, parent: 0, name: []),
         .readSliceFrom(context, id: 1, offset: 0, length: 0, holders: []),
         .releaseUploads(context, ids: []),
+        .deleteObjects(ids: []),
     ]
 
     static let status = HubStatus(volume: volume, logicalBytes: 1 << 50, inodes: 1_000_000, chunks: 55, storedBytes: 1 << 33,
@@ -93,7 +95,7 @@ enum WireSamples {
     static func response(for opcode: HubOpcode) -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
-             .enableLeases, .recall, .releaseUploads:
+             .enableLeases, .recall, .releaseUploads, .deleteObjects:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
             return .flag(true)

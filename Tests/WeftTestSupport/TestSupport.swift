@@ -51,3 +51,13 @@ public func testLogger(_ label: String) -> Logger {
     logger.logLevel = ProcessInfo.processInfo.environment["WEFT_TEST_LOG"] != nil ? .trace : .critical
     return logger
 }
+
+/// Polls `condition` every 10 ms until it holds or `timeoutSeconds` pass; returns whether it held.
+public func eventually(timeoutSeconds: Double = 10, _ condition: () throws -> Bool) rethrows -> Bool {
+    let deadline = Date().addingTimeInterval(timeoutSeconds)
+    while Date() < deadline {
+        if try condition() { return true }
+        usleep(10_000)
+    }
+    return try condition()
+}
