@@ -15,7 +15,7 @@ order of the operations that respects real time (an operation that completed bef
 was invoked comes first) and in which every result equals what the sequential model returns.
 An operation that failed with an indeterminate error (ETIMEDOUT, EIO) may or may not have
 taken effect: it is kept as a possible effect with an unconstrained result, and may stay
-pending forever.
+pending forever; one that only observes (read, stat, exists, list) is left out.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any, Optional
 # an interrupted call, and the agent itself dying under the caller (ENOTCONN, ECONNABORTED).
 INDETERMINATE = {errno.ETIMEDOUT, errno.EIO, errno.EINTR, errno.ENOTCONN, errno.ECONNABORTED}
 NEVER = 1 << 62  # completion time of an operation that never returned
+# Operations without effect on the model's state.
+OBSERVATIONS = {"read", "stat", "exists", "list"}
 
 
 @dataclass
@@ -207,6 +209,10 @@ def check(history: list[Op], block_size: int) -> Verdict:
     """Checks every object of `history`; returns the first failing object's verdict."""
     by_object: dict[str, list[Op]] = {}
     for op in history:
+        # A failed observation changed nothing and showed nothing: leave it out (kept, each such
+        # op would only multiply the states of the search).
+        if op.indeterminate and op.name in OBSERVATIONS:
+            continue
         by_object.setdefault(op.obj, []).append(op)
     explored = 0
     for obj, ops in sorted(by_object.items()):

@@ -80,6 +80,17 @@ def test_indeterminate_operations_may_or_may_not_take_effect():
                   op(1, "file:a", "read", (0,), 40, 50, "t1")], BS).ok
 
 
+def test_failed_observations_are_left_out_and_stale_reads_still_caught():
+    failed = [op(2, "file:a", name, args, 5 + i, 15 + i, error=errno.EIO)
+              for i in range(40) for name, args in (("read", (i % 4,)), ("stat", ()))]
+    history = [op(0, "file:a", "write", (0, "t1"), 0, 10), op(1, "file:a", "read", (0,), 20, 30, "t1")] + failed
+    verdict = check(history, BS)
+    assert verdict.ok and verdict.explored == 2
+    stale = check(history + [op(1, "file:a", "read", (0,), 40, 50, None)], BS)
+    assert not stale.ok
+    assert len(stale.history) == 3
+
+
 def test_random_linearizable_histories_pass_quickly():
     """Histories made by running a model with random overlaps must always pass."""
     rng = random.Random(7)
