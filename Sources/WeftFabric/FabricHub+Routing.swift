@@ -27,6 +27,13 @@ extension FabricHub {
         return try hub.create(c, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask, exclusive: exclusive)
     }
 
+    public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
+                           flags: Int32, writeLease: Bool) throws -> CreatedFile {
+        let (hub, c) = try route(context)
+        return try hub.createOpen(c, parent: parent, name: name, mode: mode, umask: umask, flags: flags,
+                                  writeLease: writeLease)
+    }
+
     public func mkdir(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {
         let (hub, c) = try route(context)
         return try hub.mkdir(c, parent: parent, name: name, mode: mode, umask: umask)

@@ -148,7 +148,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         let attributes = try changing(context, [.init(ino)], reply: { _ in [ino] }) {
             try meta.setattr(context.credentials, ino: ino, changes)
         }
-        if changes.size != nil { maintenance.wake() }
+        if changes.size != nil { maintenance.wakeIfGarbage(meta.garbageMade) }
         return attributes
     }
 
@@ -170,7 +170,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         try changing(context, removalTargets(parent: parent, name: name)) {
             try meta.unlink(context.credentials, parent: parent, name: name)
         }
-        maintenance.wake()
+        maintenance.wakeIfGarbage(meta.garbageMade)
     }
 
     public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
@@ -210,7 +210,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
             try meta.rename(context.credentials, parent: parent, name: name, newParent: newParent, newName: newName,
                             flags: flags)
         }
-        maintenance.wake()
+        maintenance.wakeIfGarbage(meta.garbageMade)
     }
 
     public func readdir(_ context: RequestContext, ino: InodeID, after: [UInt8]?, limit: Int) throws -> [DirectoryEntry] {
@@ -236,7 +236,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
 
     public func release(_ context: RequestContext, ino: InodeID) throws {
         try meta.release(session: context.session, ino: ino)
-        maintenance.wake()
+        maintenance.wakeIfGarbage(meta.garbageMade)
     }
 
     // MARK: HubAPI — xattrs, statfs

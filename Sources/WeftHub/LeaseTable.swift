@@ -258,13 +258,9 @@ public final class LeaseTable: @unchecked Sendable {
 
     private func recall(_ work: [Recall]) {
         guard !work.isEmpty else { return }
-        if work.count == 1 {
-            perform(work[0])
-        } else {
-            let group = DispatchGroup()
-            for item in work { DispatchQueue.global().async(group: group) { self.perform(item) } }
-            group.wait()
-        }
+        // Each recall on a thread of its own: they wait for answers (up to a lease period), and
+        // must neither wait for one another nor for Dispatch's few threads.
+        WorkerPool.runConcurrently(work) { item in self.perform(item) }
     }
 
     /// Recalls one lease and waits for the holder's answer, or until it has not been heard from

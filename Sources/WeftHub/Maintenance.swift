@@ -56,6 +56,21 @@ final class Maintenance: @unchecked Sendable {
         condition.unlock()
     }
 
+    /// `MetaStore.garbageMade` when the collector was last woken for it.
+    private var garbageSeen: UInt64 = 0
+
+    /// Wakes the collector if a change made garbage since it was last woken for garbage (the
+    /// hub calls this after every change that may drop objects; most drop none, and waking a
+    /// thread for each would cost more than the change).
+    func wakeIfGarbage(_ garbageMade: UInt64) {
+        condition.lock()
+        defer { condition.unlock() }
+        guard garbageMade != garbageSeen else { return }
+        garbageSeen = garbageMade
+        wakeups += 1
+        condition.signal()
+    }
+
     func considerCompaction(ino: InodeID, chunkIndexes: Set<UInt32>) {
         guard let hub else { return }
         var keys: [CompactionKey] = []

@@ -118,7 +118,6 @@ extension MetaStore {
     /// Chunk objects that no file references any more and whose removal is durable, in id
     /// order from the first id above `after`, with the hub that holds each (0 = this one).
     public func garbage(after: SliceID, limit: Int) throws -> [GarbageObject] {
-        try sync()
         var found: [GarbageObject] = []
         try db.scan(prefix: [Key.garbageTag], from: Key.garbage(after &+ 1)) { key, value in
             var r = ByteReader(UnsafeRawBufferPointer(rebasing: key[1...]))
@@ -127,6 +126,10 @@ extension MetaStore {
             found.append(GarbageObject(id: id, holder: holder))
             return found.count < limit
         }
+        // The changes that dropped these objects' last references must be durable before the
+        // objects go. Synced only when there is garbage: the hub looks after every release and
+        // unlink, and a sync each time would undo periodic durability.
+        if !found.isEmpty { try sync() }
         return found
     }
 

@@ -25,6 +25,8 @@ public final class MetaStore: @unchecked Sendable {
     public let durability: DurabilityMode
     var counters: Counters
     var openCounts: [InodeID: Int] = [:]
+    /// Committed transactions that made garbage (see `garbageMade`).
+    private var garbageMadeCount: UInt64 = 0
     var sessions: [SessionID: Session] = [:]
     var nextSession: SessionID = 1
     private var periodicSync: Thread?
@@ -135,6 +137,7 @@ public final class MetaStore: @unchecked Sendable {
                 }
                 try db.write(transaction.batch, sync: false)
                 counters = transaction.counters
+                if transaction.addsGarbage { garbageMadeCount &+= 1 }
                 seq = groupCommit.applied(promised: durable && durability == .strict)
             }
             lock.unlock()
@@ -166,6 +169,14 @@ public final class MetaStore: @unchecked Sendable {
 
     /// Makes every change applied so far durable.
     public func sync() throws { try groupCommit.syncAll() }
+
+    /// Grows whenever a committed change drops chunk objects: garbage collection has work only
+    /// if it changed since the collector last looked.
+    public var garbageMade: UInt64 {
+        lock.lock()
+        defer { lock.unlock() }
+        return garbageMadeCount
+    }
 
     // MARK: sessions and open files
 

@@ -7,6 +7,8 @@ final class Transaction {
     unowned let store: MetaStore
     let batch = WriteBatch()
     var counters: Counters
+    /// This transaction dropped chunk objects (they become garbage when it commits).
+    private(set) var addsGarbage = false
     private var inodes: [InodeID: InodeRecord?] = [:]
     let now = currentTimeNs()
 
@@ -106,6 +108,7 @@ final class Transaction {
 
     func discard(_ slices: [Slice]) {
         for slice in slices where slice.id != 0 {
+            addsGarbage = true
             // The value names the hub holding the object when it is not this one (SPEC.md §12.5).
             batch.put(Key.garbage(slice.id), slice.hub == 0 ? [] : [UInt8(slice.hub >> 8), UInt8(slice.hub & 0xFF)])
         }

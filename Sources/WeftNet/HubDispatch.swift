@@ -35,6 +35,9 @@ extension HubRequest {
         case let .create(c, parent, name, mode, rdev, umask, exclusive):
             return .attributes(try hub.create(c, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask,
                                               exclusive: exclusive))
+        case let .createOpen(c, parent, name, mode, umask, flags, writeLease):
+            return .created(try hub.createOpen(c, parent: parent, name: name, mode: mode, umask: umask, flags: flags,
+                                               writeLease: writeLease))
         case let .mkdir(c, parent, name, mode, umask):
             return .attributes(try hub.mkdir(c, parent: parent, name: name, mode: mode, umask: umask))
         case let .unlink(c, parent, name):

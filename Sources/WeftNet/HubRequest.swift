@@ -50,6 +50,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case fetchObject = 42
     case releaseUploads = 43
     case deleteObjects = 44
+    case createOpen = 45
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -99,6 +100,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .fetchObject: "fetchObject"
         case .releaseUploads: "releaseUploads"
         case .deleteObjects: "deleteObjects"
+        case .createOpen: "createOpen"
         }
     }
 }
@@ -158,6 +160,9 @@ public enum HubRequest: Equatable, Sendable {
     case releaseUploads(RequestContext, ids: [SliceID])
     /// Home to holder hub: the objects are garbage at their volume's home; delete every copy.
     case deleteObjects(ids: [SliceID])
+    /// create + open + write lease of a new regular file in one call.
+    case createOpen(RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32, flags: Int32,
+                    writeLease: Bool)
 
     public var opcode: HubOpcode {
         switch self {
@@ -205,6 +210,7 @@ public enum HubRequest: Equatable, Sendable {
         case .fetchObject: .fetchObject
         case .releaseUploads: .releaseUploads
         case .deleteObjects: .deleteObjects
+        case .createOpen: .createOpen
         }
     }
 
@@ -222,7 +228,7 @@ public enum HubRequest: Equatable, Sendable {
              .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
              .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .lock(let c, _, _),
-             .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _):
+             .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _):
             c.session
         }
     }
@@ -247,6 +253,9 @@ public enum HubRequest: Equatable, Sendable {
         case let .setattr(c, ino, changes): return .setattr(s(c), ino: ino, changes)
         case let .create(c, parent, name, mode, rdev, umask, exclusive):
             return .create(s(c), parent: parent, name: name, mode: mode, rdev: rdev, umask: umask, exclusive: exclusive)
+        case let .createOpen(c, parent, name, mode, umask, flags, writeLease):
+            return .createOpen(s(c), parent: parent, name: name, mode: mode, umask: umask, flags: flags,
+                               writeLease: writeLease)
         case let .mkdir(c, parent, name, mode, umask): return .mkdir(s(c), parent: parent, name: name, mode: mode, umask: umask)
         case let .unlink(c, parent, name): return .unlink(s(c), parent: parent, name: name)
         case let .rmdir(c, parent, name): return .rmdir(s(c), parent: parent, name: name)
@@ -295,6 +304,8 @@ public enum HubRequest: Equatable, Sendable {
             c.encode(into: &w); w.u64(ino); changes.encode(into: &w)
         case let .create(c, parent, name, mode, rdev, umask, exclusive):
             c.encode(into: &w); w.u64(parent); w.blob(name); w.u32(mode); w.u32(rdev); w.u32(umask); w.bool(exclusive)
+        case let .createOpen(c, parent, name, mode, umask, flags, writeLease):
+            c.encode(into: &w); w.u64(parent); w.blob(name); w.u32(mode); w.u32(umask); w.i32(flags); w.bool(writeLease)
         case let .mkdir(c, parent, name, mode, umask):
             c.encode(into: &w); w.u64(parent); w.blob(name); w.u32(mode); w.u32(umask)
         case let .symlink(c, parent, name, target):
@@ -443,6 +454,9 @@ public enum HubRequest: Equatable, Sendable {
         case .create:
             return .create(c, parent: try r.u64(), name: try r.blob(), mode: try r.u32(), rdev: try r.u32(),
                            umask: try r.u32(), exclusive: try r.bool())
+        case .createOpen:
+            return .createOpen(c, parent: try r.u64(), name: try r.blob(), mode: try r.u32(), umask: try r.u32(),
+                               flags: try r.i32(), writeLease: try r.bool())
         case .mkdir:
             return .mkdir(c, parent: try r.u64(), name: try r.blob(), mode: try r.u32(), umask: try r.u32())
         case .symlink:

@@ -31,6 +31,8 @@ public enum HubResponse: Equatable, Sendable {
     case flag(Bool)
     /// fetchObject: the object file's length and the requested bytes of it.
     case objectPart(fileBytes: UInt32, [UInt8])
+    /// createOpen.
+    case created(CreatedFile)
 
     /// Whether this is the result shape of `opcode`.
     func fits(_ opcode: HubOpcode) -> Bool {
@@ -47,7 +49,7 @@ public enum HubResponse: Equatable, Sendable {
              (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
              (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease), (.flag, .reclaimWriteLease),
              (.session, .openDataSession), (.bytes, .readSliceFrom), (.objectPart, .fetchObject),
-             (.empty, .releaseUploads), (.empty, .deleteObjects):
+             (.empty, .releaseUploads), (.empty, .deleteObjects), (.created, .createOpen):
             return true
         default:
             return false
@@ -70,6 +72,7 @@ public enum HubResponse: Equatable, Sendable {
         case .lock: "lock"
         case .flag: "flag"
         case .objectPart: "objectPart"
+        case .created: "created"
         }
     }
 
@@ -114,6 +117,8 @@ public enum HubResponse: Equatable, Sendable {
         case let .objectPart(fileBytes, bytes):
             w.u32(fileBytes); w.u32(UInt32(bytes.count))
             return bytes
+        case let .created(created):
+            created.attributes.encode(into: &w); created.parent.encode(into: &w); w.bool(created.writeLeased)
         }
         return nil
     }
@@ -174,6 +179,9 @@ public enum HubResponse: Equatable, Sendable {
             return .lock(try LockDescription.decode(from: &r))
         case .fetchObject:
             return .objectPart(fileBytes: try r.u32(), try r.blob())
+        case .createOpen:
+            return .created(CreatedFile(attributes: try Attributes.decode(from: &r), parent: try Attributes.decode(from: &r),
+                                        writeLeased: try r.bool()))
         }
     }
 }

@@ -24,6 +24,23 @@ extension RemoteHub {
         try attributes(.create(context, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask, exclusive: exclusive))
     }
 
+    public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
+                           flags: Int32, writeLease: Bool) throws -> CreatedFile {
+        if !createOpenUnknown.withLock({ $0 }) {
+            do {
+                let request = HubRequest.createOpen(context, parent: parent, name: name, mode: mode, umask: umask,
+                                                    flags: flags, writeLease: writeLease)
+                guard case let .created(created) = try call(request) else { throw shapeMismatch(.createOpen) }
+                return created
+            } catch let error as WeftError where error.errno == ENOSYS {
+                // A hub older than opcode 45: use the separate calls from now on.
+                createOpenUnknown.withLock { $0 = true }
+            }
+        }
+        return try createOpenBySteps(context, parent: parent, name: name, mode: mode, umask: umask, flags: flags,
+                                     writeLease: writeLease)
+    }
+
     public func mkdir(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {
         try attributes(.mkdir(context, parent: parent, name: name, mode: mode, umask: umask))
     }

@@ -7,6 +7,7 @@ import Dispatch
 import Logging
 import NIOCore
 import NIOPosix
+import Synchronization
 import WeftProto
 
 /// `HubAPI` over the network: a client of `HubServer`.
@@ -49,6 +50,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     // Guarded by `lock`.
     private let lock = PthreadMutex()
+    /// The hub answered opcode 45 (createOpen) with ENOSYS: it is older than that method.
+    let createOpenUnknown = Mutex(false)
     /// Broadcast when a connection attempt ends, a connection is lost, or a request slot frees up.
     private let stateChanged = ConditionVariable()
     private var state = State.disconnected
@@ -541,7 +544,9 @@ extension RemoteHub {
         }
         guard let channel else { return true }
         let id = frame.header.requestID
-        DispatchQueue.global().async {
+        // Off the loop, on a thread of its own: the recall may commit buffered writes (round
+        // trips) and must not wait behind other blocking work.
+        WorkerPool.detach {
             _ = client?.recall(ino, names: names, notice: false, deadlineNs: UInt64.max)
             let answer = WireCodec.responseBuffer(id: id, rawOpcode: HubOpcode.recall.rawValue, .success(.empty),
                                                   allocator: channel.allocator)

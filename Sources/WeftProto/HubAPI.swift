@@ -46,6 +46,12 @@ public protocol HubAPI: AnyObject, Sendable {
     /// unlinked file stays readable until `release`. `O_TRUNC` truncates atomically.
     func open(_ context: RequestContext, ino: InodeID, flags: Int32) throws -> Attributes
     func release(_ context: RequestContext, ino: InodeID) throws
+    /// `create(exclusive: true)` of a regular file, then `open` with `flags` for its creator
+    /// whatever its mode, then with `writeLease` the write lease on it, in one call (one round
+    /// trip to a remote home, SPEC.md §4 opcode 45). Also returns the parent directory's
+    /// attributes after the change, so the creator need not fetch them. EEXIST if the name exists.
+    func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
+                    flags: Int32, writeLease: Bool) throws -> CreatedFile
 
     // Extended attributes
     func getxattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws -> [UInt8]
@@ -132,7 +138,40 @@ public protocol HubAPI: AnyObject, Sendable {
     func deleteObjects(ids: [SliceID]) throws
 }
 
+/// The result of `HubAPI.createOpen`.
+public struct CreatedFile: Equatable, Sendable {
+    /// The new file's attributes, as `open` returns them.
+    public var attributes: Attributes
+    /// The parent directory's attributes after the entry was added.
+    public var parent: Attributes
+    /// Whether the write lease on the new file was granted.
+    public var writeLeased: Bool
+
+    public init(attributes: Attributes, parent: Attributes, writeLeased: Bool) {
+        self.attributes = attributes
+        self.parent = parent
+        self.writeLeased = writeLeased
+    }
+}
+
 extension HubAPI {
+    public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
+                           flags: Int32, writeLease: Bool) throws -> CreatedFile {
+        try createOpenBySteps(context, parent: parent, name: name, mode: mode, umask: umask, flags: flags,
+                              writeLease: writeLease)
+    }
+
+    /// `createOpen` as the separate calls it stands for (a hub in the same process, or a remote
+    /// hub that does not know opcode 45).
+    public func createOpenBySteps(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
+                                  flags: Int32, writeLease: Bool) throws -> CreatedFile {
+        let created = try create(context, parent: parent, name: name, mode: mode, rdev: 0, umask: umask, exclusive: true)
+        let creator = RequestContext(session: context.session, credentials: .root)
+        let attributes = try open(creator, ino: created.ino, flags: flags & ~O_TRUNC)
+        let leased = writeLease ? try acquireWriteLease(creator, ino: created.ino) : false
+        return CreatedFile(attributes: attributes, parent: try getattr(context, ino: parent), writeLeased: leased)
+    }
+
     public func enableLeases(_ session: SessionID, client: LeaseClient) throws {
         throw WeftError(ENOTSUP, "this hub grants no leases")
     }

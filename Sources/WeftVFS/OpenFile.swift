@@ -1,5 +1,16 @@
 import Foundation
+import Synchronization
 import WeftProto
+
+/// Counts this agent's own unlinks and renames, which recall nothing of its own but may change
+/// the link count and ctime of any file it keeps (which one is not known to the agent). Each
+/// bump makes every file's cached attributes stale at once: a file's effective generation is
+/// its own `generation` plus this count, and both only grow, so their sum changes with either.
+final class OwnChanges: Sendable {
+    private let count = Atomic<UInt64>(0)
+    var value: UInt64 { count.load(ordering: .acquiring) }
+    func bump() { count.add(1, ordering: .releasing) }
+}
 
 /// Buffered bytes not yet committed, at `offsetInChunk` of one chunk.
 struct Extent {
@@ -112,12 +123,13 @@ final class OpenFile {
     // Lease state (SPEC.md §12.6), guarded by `leaseLock`, never by `lock`: a recall must not
     // wait for a thread that holds `lock` while it waits on the hub.
     let leaseLock = NSLock()
-    /// Bumped by every recall and loss of leases.
+    /// Bumped by every recall and loss of leases. Read it through `effectiveGeneration`.
     var generation: UInt64 = 0
+    let ownChanges: OwnChanges
     /// True while this agent holds the file's write lease (or the hub grants no leases):
     /// writes are buffered. False: each write is committed before it returns (write-through).
     var writeLeased: Bool
-    /// The `generation` at which `attributes` and `layouts` were fetched under a lease.
+    /// The `effectiveGeneration` at which `attributes` and `layouts` were fetched under a lease.
     var freshGeneration: UInt64 = 0
     /// The write lease was lost with the connection: reclaim it on the next one.
     var reclaim = false
@@ -125,21 +137,27 @@ final class OpenFile {
     /// by the recall that precedes a change that could remove the file.
     var localHandles: [FileHandle] = []
 
-    init(attributes: Attributes, writeLeased: Bool) {
+    init(attributes: Attributes, writeLeased: Bool, ownChanges: OwnChanges) {
         ino = attributes.ino
         self.attributes = attributes
         self.writeLeased = writeLeased
+        self.ownChanges = ownChanges
+        // Fresh from the reply it was made from (the caller marks it stale if a recall overtook
+        // that reply); own changes before now are already in it.
+        freshGeneration = ownChanges.value
     }
 
-    var currentGeneration: UInt64 { leaseLock.withLock { generation } }
+    /// `generation` plus the agent's own changes; call with `leaseLock` held.
+    var effectiveGeneration: UInt64 { generation &+ ownChanges.value }
+    var currentGeneration: UInt64 { leaseLock.withLock { effectiveGeneration } }
     var isWriteLeased: Bool { leaseLock.withLock { writeLeased } }
     /// Cached attributes and layouts are still covered by a lease.
-    var isFresh: Bool { leaseLock.withLock { freshGeneration == generation } }
+    var isFresh: Bool { leaseLock.withLock { freshGeneration == effectiveGeneration } }
 
     /// Marks what was fetched by a call that began at generation `snapshot` as cacheable, unless
-    /// a recall came in between.
+    /// a recall (or an own change) came in between.
     func markFresh(since snapshot: UInt64) {
-        leaseLock.withLock { if generation == snapshot { freshGeneration = snapshot } }
+        leaseLock.withLock { if effectiveGeneration == snapshot { freshGeneration = snapshot } }
     }
 
     /// What was cached is no longer covered by a lease.

@@ -256,17 +256,13 @@ extension VFS {
         handle.lock.unlock()
         let file = handle.file
         let context = handle.context
-        prefetchQueue.async { [self] in
+        prefetchPool.async { [self] in
             guard let ranges = try? resolve(file, context: context, offset: from, size: Int(target - from),
                                             flushFirst: false) else { return }
-            // One task per object range, at most `prefetchSlots` fetching at once: several
-            // objects are read from disk in parallel, which a single stream cannot saturate.
+            // One task per object range, as many fetching at once as the pool has threads:
+            // several objects are read from disk in parallel, which one stream cannot saturate.
             for range in ranges where range.sliceID != 0 {
-                prefetchQueue.async { [self] in
-                    prefetchSlots.wait()
-                    defer { prefetchSlots.signal() }
-                    prefetch(range, context: context)
-                }
+                prefetchPool.async { [self] in prefetch(range, context: context) }
             }
         }
         return true

@@ -59,6 +59,11 @@ public final class VFS: @unchecked Sendable {
 
     let lock = NSLock()
     var files: [InodeID: OpenFile] = [:]
+    /// Files that have (or recently had) handles opened locally, not yet registered at the home
+    /// (`OpenFile.localHandles`); entries whose handles are gone are dropped when next scanned.
+    var filesWithLocalOpens: Set<InodeID> = []
+    /// This agent's own unlinks and renames (see `invalidateFiles`).
+    let ownChanges = OwnChanges()
     /// Closed files kept under a lease, oldest first (see `closedFilesMax`).
     var closedFiles: [InodeID] = []
     /// Names of regular files looked up under their directory's lease, with the lease token of
@@ -80,9 +85,11 @@ public final class VFS: @unchecked Sendable {
     var nextHandle: UInt64 = 1
     var sliceIDs: (next: SliceID, end: SliceID) = (0, 0)
     let sliceIDBatch: UInt32 = 256
-    let prefetchQueue = DispatchQueue(label: "weft.prefetch", attributes: .concurrent)
-    /// Most chunk-object fetches running ahead of readers at once.
-    let prefetchSlots = DispatchSemaphore(value: 8)
+    /// Runs read-ahead: one chunk-object fetch per thread, so that up to `prefetchThreads` run at
+    /// once (Dispatch's queues would run about one per CPU). Shared by every volume of the process.
+    var prefetchPool: WorkerPool { Self.prefetchPool }
+    static let prefetchThreads = 8
+    static let prefetchPool = WorkerPool(name: "weft-prefetch", threads: prefetchThreads)
 
     /// `shared` lets several volumes of one agent (the global root) share one block cache and
     /// one write-buffer bound, so the agent's memory bound does not grow with the volumes.
@@ -182,14 +189,50 @@ public final class VFS: @unchecked Sendable {
         return localView(attributes)
     }
 
-    /// Forgets names this agent changes itself (its own changes recall nothing of its own).
-    /// Called before the change and again after it, so that no lookup running across the
-    /// change keeps the old name.
-    func forgetNames(_ keys: NameKey...) {
+    /// Forgets names this agent is about to change itself (its own changes recall nothing of
+    /// its own); `forgetNames(after:)` forgets them again after the change, so that no lookup
+    /// running across the change keeps the old name. Returns the files the names had, when
+    /// every one of them was known under its directory's lease.
+    func forgetNames(before keys: [NameKey]) -> NamesChange {
         lock.withLock {
+            var inodes: [InodeID]? = []
+            for key in keys {
+                if let known = names[key], leaseCache.mayCache(kernelIno(key.parent), since: known.token) {
+                    inodes?.append(known.ino)
+                } else {
+                    inodes = nil
+                }
+                names[key] = nil
+            }
             namesEpoch &+= 1
-            for key in keys { names[key] = nil }
+            return NamesChange(keys: keys, inodes: inodes, epoch: namesEpoch)
         }
+    }
+
+    /// After this agent's own unlink or rename of `change.keys`: forgets the names again, and
+    /// marks stale the attributes it keeps of the files whose links or ctime changed. Only the
+    /// files the names had, when they were known and no other own unlink or rename overlapped
+    /// this one; otherwise every file (which one changed is not known here).
+    func forgetNames(after change: NamesChange) {
+        let alone: Bool = lock.withLock {
+            let alone = namesEpoch == change.epoch
+            namesEpoch &+= 1
+            for key in change.keys { names[key] = nil }
+            return alone
+        }
+        if alone, let inodes = change.inodes {
+            for ino in inodes { openFile(ino)?.invalidate() }
+        } else {
+            invalidateFiles()
+        }
+    }
+
+    /// What `forgetNames(before:)` saw.
+    struct NamesChange {
+        var keys: [NameKey]
+        /// The files the names had; nil if any was unknown.
+        var inodes: [InodeID]?
+        var epoch: UInt64
     }
 
     /// After this agent's own change of `inodes` (a directory's entries, or an inode's
@@ -204,6 +247,22 @@ public final class VFS: @unchecked Sendable {
                 directories.removeAll()
             } else {
                 for ino in inodes { directories[ino] = nil }
+            }
+        }
+    }
+
+    /// `changedHere(parent)` for this agent's own change of directory `parent` whose reply
+    /// carried the directory's attributes after it: they are kept, unless another own change
+    /// began since `epoch` or a recall came since `token` (then they are dropped as usual).
+    func changedHere(_ parent: InodeID, keeping attributes: Attributes, fetchedAt epoch: UInt64, token: UInt64) {
+        let keep = leasesEnabled && attributes.isDirectory && leaseCache.mayCache(kernelIno(parent), since: token)
+        lock.withLock {
+            let unchanged = directoriesEpoch == epoch
+            directoriesEpoch &+= 1
+            if keep && unchanged {
+                directories[parent] = (attributes, token)
+            } else {
+                directories[parent] = nil
             }
         }
     }
@@ -271,11 +330,9 @@ public final class VFS: @unchecked Sendable {
 
     public func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
         registerLocalOpens()
-        let key = NameKey(parent: parent, name: name)
-        forgetNames(key)
+        let change = forgetNames(before: [NameKey(parent: parent, name: name)])
         defer {
-            forgetNames(key)
-            invalidateFiles()   // the removed file's link count changed; which one is unknown here
+            forgetNames(after: change)   // the removed file's link count changed
             changedHere(parent)
         }
         try hub.unlink(context(credentials), parent: parent, name: name)
@@ -305,11 +362,9 @@ public final class VFS: @unchecked Sendable {
     public func rename(_ credentials: Credentials, parent: InodeID, name: [UInt8], newParent: InodeID,
                        newName: [UInt8], flags: RenameFlags) throws {
         registerLocalOpens()
-        let keys = (NameKey(parent: parent, name: name), NameKey(parent: newParent, name: newName))
-        forgetNames(keys.0, keys.1)
+        let change = forgetNames(before: [NameKey(parent: parent, name: name), NameKey(parent: newParent, name: newName)])
         defer {
-            forgetNames(keys.0, keys.1)
-            invalidateFiles()   // ctime of the moved file, links of a replaced one
+            forgetNames(after: change)   // ctime of the moved file, links of a replaced one
             changedHere(parent, newParent, allDirectories: true)   // a moved directory's ctime and ".."
         }
         try hub.rename(context(credentials), parent: parent, name: name, newParent: newParent, newName: newName,
@@ -411,7 +466,7 @@ public final class VFS: @unchecked Sendable {
         if let existing = files[attributes.ino] {
             file = existing
         } else {
-            file = OpenFile(attributes: attributes, writeLeased: !leasesEnabled)
+            file = OpenFile(attributes: attributes, writeLeased: !leasesEnabled, ownChanges: ownChanges)
             files[attributes.ino] = file
         }
         file.handles += 1
@@ -442,7 +497,7 @@ public final class VFS: @unchecked Sendable {
         }
         let handle = FileHandle(file: file, flags: flags, context: context)
         let fresh: Bool = file.leaseLock.withLock {
-            guard file.freshGeneration == file.generation else { return false }
+            guard file.freshGeneration == file.effectiveGeneration else { return false }
             handle.registered = false
             file.localHandles.append(handle)
             return true
@@ -451,6 +506,7 @@ public final class VFS: @unchecked Sendable {
             lock.unlock()
             return nil
         }
+        filesWithLocalOpens.insert(ino)
         file.handles += 1
         let id = nextHandle
         nextHandle += 1
@@ -490,7 +546,7 @@ public final class VFS: @unchecked Sendable {
             let generation = file.currentGeneration
             do {
                 let granted = try hub.acquireWriteLease(context(.root), ino: file.ino)
-                file.leaseLock.withLock { if file.generation == generation { file.writeLeased = granted } }
+                file.leaseLock.withLock { if file.effectiveGeneration == generation { file.writeLeased = granted } }
             } catch {
                 try? release(handle: handle)
                 throw error
@@ -504,21 +560,47 @@ public final class VFS: @unchecked Sendable {
     public func create(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
                        flags: Int32) throws -> (attributes: Attributes, handle: UInt64) {
         let token = leaseCache.token()
-        defer { changedHere(parent) }
-        let attributes: Attributes
+        let (epoch, namesSnapshot) = lock.withLock { (directoriesEpoch, namesEpoch) }
+        let accessMode = flags & O_ACCMODE
+        let created: CreatedFile
         do {
-            let created = try hub.create(context(credentials), parent: parent, name: name, mode: mode, rdev: 0,
-                                         umask: umask, exclusive: true)
-            // The creator may open a new file whatever mode it was given.
-            attributes = try hub.open(context(.root), ino: created.ino, flags: flags & ~O_TRUNC)
+            // One call: create, open (the creator may open a new file whatever mode it was
+            // given) and, for a writer, the write lease; the parent's new attributes come back.
+            created = try hub.createOpen(context(credentials), parent: parent, name: name, mode: mode, umask: umask,
+                                         flags: flags, writeLease: leasesEnabled && accessMode != O_RDONLY)
         } catch let error as WeftError where error.errno == EEXIST && flags & O_EXCL == 0 {
+            defer { changedHere(parent) }
             let existing = try hub.lookup(context(credentials), parent: parent, name: name)
             if existing.isDirectory { throw WeftError.isDirectory }
-            attributes = try hub.open(context(credentials), ino: existing.ino, flags: flags)
+            let attributes = try hub.open(context(credentials), ino: existing.ino, flags: flags)
+            let (handle, _) = register(attributes, flags: flags, context: context(credentials))
+            _ = try leased(handle, flags: flags, since: token)
+            return (attributes, handle)
+        } catch {
+            changedHere(parent)
+            throw error
         }
-        let (handle, _) = register(attributes, flags: flags, context: context(credentials))
-        _ = try leased(handle, flags: flags, since: token)
-        return (attributes, handle)
+        changedHere(parent, keeping: created.parent, fetchedAt: epoch, token: token)
+        if leasesEnabled && leaseCache.mayCache(kernelIno(parent), since: token) {
+            // The reply granted a lease on the directory: the new name is known, as a lookup would.
+            lock.withLock {
+                guard namesEpoch == namesSnapshot else { return }
+                if names.count >= Self.namesMax { names.removeAll(keepingCapacity: true) }
+                names[NameKey(parent: parent, name: name)] = (created.attributes.ino, token)
+            }
+        }
+        let (handle, _) = register(created.attributes, flags: flags, context: context(credentials))
+        let file = try fileHandle(handle).file
+        let generation = file.currentGeneration
+        if leasesEnabled && !leaseCache.mayCache(kernelIno(file.ino), since: token) {
+            // A recall of the new file overtook the reply (another agent opened it at once):
+            // nothing the reply granted is held any more.
+            file.invalidate()
+        } else if created.writeLeased {
+            // Unless a recall (which revokes) came in since the check above.
+            file.leaseLock.withLock { if file.effectiveGeneration == generation { file.writeLeased = true } }
+        }
+        return (created.attributes, handle)
     }
 
     func fileHandle(_ id: UInt64) throws -> FileHandle {
@@ -583,6 +665,9 @@ public final class VFS: @unchecked Sendable {
             return handle.registered
         }
         lock.lock()
+        if !registered && file.leaseLock.withLock({ file.localHandles.isEmpty }) {
+            filesWithLocalOpens.remove(file.ino)
+        }
         file.handles -= 1
         if file.handles == 0 && !file.hasDirtyData {
             if leasesEnabled && file.isFresh {
@@ -801,18 +886,26 @@ extension VFS: LeaseClient {
 
     /// After this agent's own unlink or rename: the attributes it keeps of its files may be stale
     /// (its own changes recall nothing of its own), so they are fetched again when next used.
+    /// O(1): it bumps the count every file's freshness includes.
     func invalidateFiles() {
-        lock.lock()
-        let all = Array(files.values)
-        lock.unlock()
-        for file in all { file.invalidate() }
+        ownChanges.bump()
     }
 
     /// Before this agent's own unlink or rename (which may remove a file it has open, and which
-    /// recalls nothing of its own): registers every local open at the home.
+    /// recalls nothing of its own): registers every local open at the home. Scans only the files
+    /// with local opens, not every file kept.
     func registerLocalOpens() {
         lock.lock()
-        let withLocal = files.values.filter { file in file.leaseLock.withLock { !file.localHandles.isEmpty } }
+        var withLocal: [OpenFile] = []
+        var gone: [InodeID] = []
+        for ino in filesWithLocalOpens {
+            if let file = files[ino], file.leaseLock.withLock({ !file.localHandles.isEmpty }) {
+                withLocal.append(file)
+            } else {
+                gone.append(ino)
+            }
+        }
+        for ino in gone { filesWithLocalOpens.remove(ino) }
         lock.unlock()
         for file in withLocal { registerLocalOpens(of: file) }
     }

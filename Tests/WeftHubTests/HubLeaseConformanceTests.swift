@@ -117,6 +117,65 @@ extension HubConformanceTests {
         XCTAssertErrno(EINVAL, try api.acquireWriteLease(writer, ino: root))
     }
 
+    func testCreateOpenCreatesOpensLeasesAndReturnsTheParent() throws {
+        let (creator, creatorClient) = try leasedSession("creator")
+        let (watcher, watcherClient) = try leasedSession("watcher")
+        let directory = try api.mkdir(context, parent: root, name: bytes("d"), mode: 0o777, umask: 0)
+        _ = try api.getattr(watcher, ino: directory.ino)
+        let before = try api.getattr(context, ino: directory.ino)
+        let aliceCreator = RequestContext(session: creator.session, credentials: alice)
+
+        // Mode 0o400: the creator may still open its new file for writing.
+        let created = try api.createOpen(aliceCreator, parent: directory.ino, name: bytes("new"), mode: regularFile | 0o400,
+                                         umask: 0o022, flags: O_WRONLY | O_CREAT | O_EXCL, writeLease: true)
+        XCTAssertTrue(created.writeLeased, "nobody else can hold a lease on a new file")
+        XCTAssertEqual(created.attributes.mode, regularFile | 0o400)
+        XCTAssertEqual(created.attributes.uid, alice.uid)
+        XCTAssertEqual(try api.lookup(context, parent: directory.ino, name: bytes("new")).ino, created.attributes.ino)
+        XCTAssertEqual(created.parent.ino, directory.ino)
+        XCTAssertEqual(created.parent, try api.getattr(context, ino: directory.ino), "the parent as it is after the change")
+        XCTAssertGreaterThanOrEqual(created.parent.mtimeNs, before.mtimeNs)
+        XCTAssertTrue(watcherClient.recalls.contains(.init(ino: directory.ino, names: [bytes("new")], notice: false)),
+                      "other holders of the directory are recalled: \(watcherClient.all)")
+        XCTAssertEqual(creatorClient.recalls, [], "the creator is not recalled for its own change")
+
+        // The write lease is real: another session's reader recalls it.
+        _ = try api.getattr(watcher, ino: created.attributes.ino)
+        XCTAssertEqual(creatorClient.recalls.map(\.ino), [created.attributes.ino])
+
+        // The open is registered: an unlink keeps the file until its release.
+        let u0 = Date()
+        try api.unlink(context, parent: directory.ino, name: bytes("new"))
+        print("UNLINK TOOK", Date().timeIntervalSince(u0), creatorClient.all, watcherClient.all)
+        XCTAssertEqual(try api.getattr(context, ino: created.attributes.ino).nlink, 0)
+        try api.release(creator, ino: created.attributes.ino)
+        XCTAssertErrno(ENOENT, try api.getattr(context, ino: created.attributes.ino))
+
+        // Without asking, no write lease.
+        let plain = try api.createOpen(creator, parent: root, name: bytes("plain"), mode: regularFile | 0o644, umask: 0,
+                                       flags: O_RDWR | O_CREAT, writeLease: false)
+        XCTAssertFalse(plain.writeLeased)
+        XCTAssertEqual(plain.parent.ino, root)
+    }
+
+    func testCreateOpenFailsLikeCreateAndLeavesNothing() throws {
+        let (creator, _) = try leasedSession("creator")
+        try makeFile("taken")
+        XCTAssertErrno(EEXIST, try api.createOpen(creator, parent: root, name: bytes("taken"), mode: regularFile | 0o644,
+                                                  umask: 0, flags: O_WRONLY | O_CREAT | O_EXCL, writeLease: true))
+        let locked = try api.mkdir(context, parent: root, name: bytes("locked"), mode: 0o755, umask: 0)
+        let bobCreator = RequestContext(session: creator.session, credentials: bob)
+        XCTAssertErrno(EACCES, try api.createOpen(bobCreator, parent: locked.ino, name: bytes("f"), mode: regularFile | 0o644,
+                                                  umask: 0, flags: O_WRONLY | O_CREAT, writeLease: true))
+        XCTAssertErrno(ENOENT, try api.lookup(context, parent: locked.ino, name: bytes("f")))
+        let file = try makeFile("plain")
+        XCTAssertErrno(ENOTDIR, try api.createOpen(creator, parent: file.ino, name: bytes("f"), mode: regularFile | 0o644,
+                                                   umask: 0, flags: O_WRONLY | O_CREAT, writeLease: true))
+        XCTAssertErrno(ENAMETOOLONG, try api.createOpen(creator, parent: root, name: Array(repeating: 0x61, count: 256),
+                                                        mode: regularFile | 0o644, umask: 0, flags: O_WRONLY | O_CREAT,
+                                                        writeLease: false))
+    }
+
     func testAReadOverlappingAChangeGetsANoticeBeforeItsReply() throws {
         let file = try makeFile("racing")
         let (holder, client) = try leasedSession()

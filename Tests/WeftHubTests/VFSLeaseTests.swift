@@ -125,4 +125,50 @@ extension VFSDataTests {
         XCTAssertEqual(try a.getattr(rootCaller, ino: dir), try b.getattr(rootCaller, ino: dir), "own unlink")
         XCTAssertThrowsError(try b.getattr(rootCaller, ino: created.ino))
     }
+
+    func testACreatedFileIsKnownByNameAndAnOwnUnlinkStalesOnlyItsFile() throws {
+        let a = try makeAgent(), b = try makeAgent()
+        func known(_ name: String) -> InodeID? {
+            guard let entry = a.lock.withLock({ a.names[NameKey(parent: root, name: bytes(name))] }),
+                  a.leaseCache.mayCache(a.kernelIno(root), since: entry.token) else { return nil }
+            return entry.ino
+        }
+        let (x, hx) = try create(a, "x")
+        let (y, hy) = try create(a, "y")
+        try a.release(handle: hx)
+        try a.release(handle: hy)
+        // The create's reply named the file and carried the directory's new attributes.
+        XCTAssertEqual(known("x"), x)
+        XCTAssertEqual(known("y"), y)
+        XCTAssertEqual(try a.lookup(rootCaller, parent: root, name: bytes("x")).ino, x)
+        XCTAssertEqual(a.lock.withLock { a.directories[root]?.attributes }, try b.getattr(rootCaller, ino: root),
+                       "the directory as the home has it after both creates")
+        XCTAssertEqual(a.openFile(y)?.isFresh, true)
+
+        // Unlinking a name known under the lease marks only that file's attributes stale.
+        try a.unlink(rootCaller, parent: root, name: bytes("x"))
+        XCTAssertNil(known("x"))
+        XCTAssertErrno(ENOENT, try a.lookup(rootCaller, parent: root, name: bytes("x")))
+        XCTAssertEqual(a.openFile(y)?.isFresh, true, "y's attributes did not change and stay cached")
+        XCTAssertNotEqual(a.openFile(x)?.isFresh, true)
+
+        // A second link of y, unlinked by name: y's link count is fetched again.
+        _ = try a.link(rootCaller, ino: y, newParent: root, newName: bytes("y2"))
+        XCTAssertEqual(try a.getattr(rootCaller, ino: y).nlink, 2)
+        XCTAssertEqual(try a.lookup(rootCaller, parent: root, name: bytes("y2")).ino, y)
+        try a.unlink(rootCaller, parent: root, name: bytes("y2"))
+        XCTAssertEqual(try a.getattr(rootCaller, ino: y).nlink, 1)
+
+        // A name this agent never learned: which file changed is unknown, so every kept file is stale.
+        let (w, hw) = try create(a, "w")
+        try a.release(handle: hw)
+        let (z, hz) = try create(b, "z")
+        try b.release(handle: hz)
+        XCTAssertEqual(a.openFile(w)?.isFresh, true)
+        XCTAssertNil(known("z"))
+        try a.unlink(rootCaller, parent: root, name: bytes("z"))
+        XCTAssertNotEqual(a.openFile(w)?.isFresh, true)
+        XCTAssertErrno(ENOENT, try b.getattr(rootCaller, ino: z))
+        XCTAssertEqual(try a.getattr(rootCaller, ino: w).nlink, 1)
+    }
 }

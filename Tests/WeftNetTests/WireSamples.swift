@@ -71,6 +71,8 @@ enum WireSamples {
         .fetchObject(id: UInt64.max, offset: 8 << 20, length: 8 << 20),
         .releaseUploads(context, ids: [1, 2 << 48 | 3, UInt64.max]),
         .deleteObjects(ids: [2 << 48 | 1, UInt64.max]),
+        .createOpen(context, parent: 23, name: name, mode: 0o100600, umask: 0o027, flags: Int32(bitPattern: 0x8000_00C2),
+                    writeLease: true),
     ]
 
     /// Variants that exercise optional and empty fields.
@@ -86,6 +88,8 @@ enum WireSamples {
         .readSliceFrom(context, id: 1, offset: 0, length: 0, holders: []),
         .releaseUploads(context, ids: []),
         .deleteObjects(ids: []),
+        .createOpen(RequestContext(session: 0, credentials: .root), parent: 0, name: [], mode: 0, umask: 0, flags: 0,
+                    writeLease: false),
     ]
 
     static let status = HubStatus(volume: volume, logicalBytes: 1 << 50, inodes: 1_000_000, chunks: 55, storedBytes: 1 << 33,
@@ -101,6 +105,10 @@ enum WireSamples {
             return .flag(true)
         case .fetchObject:
             return .objectPart(fileBytes: 12_345_678, Array(data.prefix(4096)))
+        case .createOpen:
+            var directory = attributes
+            directory.mode = 0o040755
+            return .created(CreatedFile(attributes: attributes, parent: directory, writeLeased: true))
         case .openSession, .openVolumeSession, .openDataSession:
             return .session(0x1234_5678_9ABC, volume)
         case .lock:
