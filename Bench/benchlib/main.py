@@ -99,7 +99,7 @@ class Session:
         context.mdbench_path = tools.build_mdbench()
         if "memfs" in wants:
             context.memfs_path = tools.build_memfs()
-        if wants & {"juicefs-sqlite", "juicefs-redis"}:
+        if any(name.startswith("juicefs") for name in wants):
             context.juicefs_path = tools.ensure_juicefs()
         weft_dir = None
         if any(name.startswith("weft") for name in wants):

@@ -10,7 +10,7 @@ import os
 from .targets import TARGET_NAMES
 
 WEFT_SUBJECTS = ("weft-embedded", "weft-remote", "weft-embedded-relaxed")
-BASELINES = ("juicefs-sqlite", "juicefs-redis", "local", "memfs")
+BASELINES = ("juicefs-sqlite", "juicefs-sqlite-sync", "juicefs-redis", "local", "memfs")
 FAMILY_TITLES = {
     "seqwrite": "Sequential write (fio, 1 MiB blocks, end_fsync)",
     "seqread": "Sequential read (fio, 1 MiB blocks)",
@@ -31,8 +31,14 @@ GOALS = (
      ("weft-embedded", "weft-remote"), SEQ_METRICS, "juicefs-sqlite", 1.5),
     ("seq-vs-local", "Weft cold sequential read and sequential write (end fsync) ≥ 80% of local",
      ("weft-embedded", "weft-remote"), SEQ_METRICS, "local", 0.8),
-    ("md-vs-juicefs-sqlite", "Metadata create/stat/unlink ≥ 2× juicefs-sqlite (strict durability)",
-     ("weft-embedded", "weft-remote"), MD_METRICS, "juicefs-sqlite", 2.0),
+    # "2× JuiceFS with SQLite at equal durability", at both levels JuiceFS+SQLite offers; the
+    # metadata durability probe in the report shows the sync calls per create of each target.
+    ("md-strict-vs-juicefs-sqlite-sync", "Metadata create/stat/unlink ≥ 2× JuiceFS+SQLite at equal durability: "
+     "every change synced before it returns (Weft strict vs juicefs-sqlite-sync)",
+     ("weft-embedded", "weft-remote"), MD_METRICS, "juicefs-sqlite-sync", 2.0),
+    ("md-relaxed-vs-juicefs-sqlite", "Metadata create/stat/unlink ≥ 2× JuiceFS+SQLite at equal durability: "
+     "changes written before they return, synced later (Weft periodic vs juicefs-sqlite's default)",
+     ("weft-embedded-relaxed",), MD_METRICS, "juicefs-sqlite", 2.0),
     ("md-relaxed-vs-juicefs-redis", "Metadata create/stat/unlink ≥ 1.0× juicefs-redis (weft-embedded-relaxed)",
      ("weft-embedded-relaxed",), MD_METRICS, "juicefs-redis", 1.0),
 )
@@ -160,24 +166,24 @@ def _table(header, rows, align=None):
     return "\n".join(lines)
 
 
-def _durability_probe_table(results, columns):
-    """What an fsync on the mount costs underneath: sync calls by the file system's processes."""
+def _durability_probe_table(results, columns, workload_id, what):
+    """What an fsync or a create on the mount costs underneath: sync calls by the file system's processes."""
     rows = []
     for name in columns:
-        probe = results.get("fsync-append", {}).get(name, {}).get("extra", {}).get("durability_probe")
+        probe = results.get(workload_id, {}).get(name, {}).get("extra", {}).get("durability_probe")
         if not probe:
             continue
-        if "per_app_fsync" in probe:
+        if "per_operation" in probe:
             calls = ", ".join(f"{call} {count}" for call, count in sorted(probe["by_call"].items())) or "none"
-            rows.append([name, probe["app_fsyncs"], probe["sync_syscalls"], f"{probe['per_app_fsync']:.2f}", calls])
+            rows.append([name, probe["operations"], probe["sync_syscalls"], f"{probe['per_operation']:.2f}", calls])
         else:
             rows.append([name, "—", "—", "—", probe.get("note") or probe.get("error", "")])
     if not rows:
         return ""
-    return ("Durability probe (strace, separate from the timed loop): sync system calls made by each file "
-            "system's own processes while the application did N appends + fsync. 0 per fsync means an fsync "
-            "on that mount does not reach stable storage.\n\n"
-            + _table(["Target", "App fsyncs", "Sync syscalls", "Per app fsync", "Calls"], rows,
+    return (f"Durability probe (strace, separate from the timed loop): sync system calls made by each file "
+            f"system's own processes while the application did N {what}. 0 per operation means the operation "
+            "does not reach stable storage when it returns.\n\n"
+            + _table(["Target", f"App {what}", "Sync syscalls", "Per operation", "Calls"], rows,
                      ["---", "---:", "---:", "---:", "---"]))
 
 
@@ -240,7 +246,9 @@ def render_markdown(report):
         elif family == "seqwrite":
             out += ["", "_No Weft target produced figures in this run, so there are no Weft ratios._"]
         if family == "fsync":
-            out += ["", _durability_probe_table(results, columns)]
+            out += ["", _durability_probe_table(results, columns, "fsync-append", "appends + fsync")]
+        if family == "metadata":
+            out += ["", _durability_probe_table(results, columns, "md-durability-probe", "creates")]
     if errors:
         out += ["", "## Errors", ""] + [f"{index}. {text}" for index, text in enumerate(errors, 1)]
 

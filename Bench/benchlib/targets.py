@@ -173,14 +173,24 @@ class RedisServer:
 
 class JuiceFSTarget(Target):
     """JuiceFS with --storage file and SQLite or Redis metadata, default mount options except
-    cache dir and log in the benchmark's work dir, no usage report, trash disabled."""
+    cache dir and log in the benchmark's work dir, no usage report, trash disabled.
 
-    def __init__(self, context, metadata):
-        self.name = f"juicefs-{metadata}"
-        self.description = (f"JuiceFS, local-directory storage, {'SQLite' if metadata == 'sqlite' else 'Redis'} "
-                            "metadata, default options")
+    `sync_metadata` runs SQLite with synchronous=FULL: every metadata transaction is synced
+    before it returns, the durability of Weft's strict mode (JuiceFS's default SQLite syncs only
+    at WAL checkpoints)."""
+
+    def __init__(self, context, metadata, sync_metadata=False, families=DATA_FAMILIES):
+        self.name = f"juicefs-{metadata}" + ("-sync" if sync_metadata else "")
+        if sync_metadata:
+            self.description = ("JuiceFS, local-directory storage, SQLite metadata with synchronous=FULL "
+                                "(a sync per metadata transaction); metadata workloads only")
+        else:
+            self.description = (f"JuiceFS, local-directory storage, {'SQLite' if metadata == 'sqlite' else 'Redis'} "
+                                "metadata, default options")
         super().__init__(context)
         self.metadata = metadata
+        self.sync_metadata = sync_metadata
+        self.families = families
         self.bucket = os.path.join(self.root, "bucket")
         self.cache_dir = os.path.join(self.root, "cache")
         self.juicefs_log = os.path.join(self.root, "juicefs.log")
@@ -197,6 +207,8 @@ class JuiceFSTarget(Target):
         os.makedirs(self.cache_dir, exist_ok=True)
         if self.metadata == "sqlite":
             self.meta_url = f"sqlite3://{os.path.join(self.root, 'meta.db')}"
+            if self.sync_metadata:
+                self.meta_url += "?_synchronous=FULL"
         else:
             self.redis = RedisServer(os.path.join(self.root, "redis"),
                                      os.path.join(self.context.log_dir, f"{self.name}-redis.log"),
@@ -367,6 +379,7 @@ def make_targets(context):
         LocalTarget(context),
         MemfsTarget(context),
         JuiceFSTarget(context, "sqlite"),
+        JuiceFSTarget(context, "sqlite", sync_metadata=True, families=("metadata",)),
         JuiceFSTarget(context, "redis"),
         WeftTarget(context, "weft-embedded",
                    description="Weft, hub in the agent process (`weft mount DIR`), strict durability"),
@@ -379,5 +392,5 @@ def make_targets(context):
     ]
 
 
-TARGET_NAMES = ("local", "memfs", "juicefs-sqlite", "juicefs-redis", "weft-embedded", "weft-remote",
+TARGET_NAMES = ("local", "memfs", "juicefs-sqlite", "juicefs-sqlite-sync", "juicefs-redis", "weft-embedded", "weft-remote",
                 "weft-embedded-relaxed")

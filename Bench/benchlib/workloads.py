@@ -246,6 +246,19 @@ class Runner:
                 self._record(target, f"md-{phase}-{suffix}", result["ops_per_sec"],
                              {"seconds": result["seconds"], "ops": result["ops"], "threads": result["threads"]})
             os.rmdir(directory)
+        # What a create costs underneath in syncs: shows which targets compare at equal durability.
+        directory = self._bench_dir(target, "md-probe")
+        count = self.params.durability_probe_appends
+        extra = {}
+        try:
+            extra["durability_probe"] = self._durability_probe(
+                target, "metadata-probe", ["create", directory, "--files", count, "--dirs", 1, "--threads", 1], count)
+        except BenchError as error:
+            extra["durability_probe"] = {"error": str(error).splitlines()[0][:300]}
+        self._mdbench(target, "md-probe-cleanup", "unlink", directory, "--files", count, "--dirs", 1, "--threads", 1,
+                      operations=count)
+        self._remove(directory)
+        self.results.setdefault("md-durability-probe", {})[target.name] = {"extra": extra}
 
     def _run_smallfiles(self, target):
         files, size = self.params.small_files, self.params.small_file_bytes
@@ -268,34 +281,36 @@ class Runner:
         extra = {"mib_per_sec": result["mib_per_sec"], "seconds": result["seconds"]}
         self._record(target, "fsync-append", result["ops_per_sec"], extra)
         try:
-            extra["durability_probe"] = self._durability_probe(target, directory)
+            extra["durability_probe"] = self._durability_probe(
+                target, "durability-probe",
+                ["fsyncappend", directory, "--count", self.params.durability_probe_appends,
+                 "--size", self.params.fsync_append_bytes], self.params.durability_probe_appends)
         except BenchError as error:
             extra["durability_probe"] = {"error": str(error).splitlines()[0][:300]}
         self._remove(directory)
 
-    def _durability_probe(self, target, directory):
-        """Counts the sync system calls the file system's own processes make for a few appends + fsync.
+    def _durability_probe(self, target, label, mdbench_arguments, operations):
+        """Counts the sync system calls the file system's own processes make while mdbench runs
+        `mdbench_arguments` (`operations` appends + fsync, or creates).
 
         Run apart from the timed loop (strace slows the traced processes). It shows whether an
-        fsync on the mount reaches stable storage: 0 calls per fsync means it does not.
+        fsync or a create on the mount reaches stable storage: 0 calls per operation means it does not.
         """
         pids = target.server_pids()
         if not pids:
             return {"note": "served by the kernel: not traced"}
         if not shutil.which("strace"):
             return {"note": "strace not installed"}
-        appends = self.params.durability_probe_appends
-        summary = self._raw_path(target, "durability-probe.strace")
+        summary = self._raw_path(target, f"{label}.strace")
         command = ["strace", "-f", "-c", "-o", summary, "-e", f"trace={','.join(SYNC_CALLS)}"]
         for pid in pids:
             command += ["-p", str(pid)]
-        tracer = start_daemon(command, self._raw_path(target, "durability-probe.log"))
+        tracer = start_daemon(command, self._raw_path(target, f"{label}.log"))
         try:
             time.sleep(1.0)  # let strace attach to every thread
             if tracer.poll() is not None:
                 raise BenchError(f"strace exited with {tracer.returncode}")
-            self._mdbench(target, "durability-probe", "fsyncappend", directory, "--count", appends,
-                          "--size", self.params.fsync_append_bytes, operations=appends)
+            self._mdbench(target, label, *mdbench_arguments, operations=operations)
             time.sleep(0.5)  # syncs done after the reply (group commit, background flush) count too
         finally:
             tracer.send_signal(signal.SIGINT)  # strace detaches and writes its summary
@@ -304,12 +319,12 @@ class Runner:
             except Exception:
                 pass
             stop_daemon(tracer)
-        with open(self._raw_path(target, "durability-probe.log"), errors="replace") as handle:
+        with open(self._raw_path(target, f"{label}.log"), errors="replace") as handle:
             if "attached" not in handle.read():
                 raise BenchError("strace did not attach to the file system's processes")
         calls = parse_strace_summary(summary)
         total = sum(calls.values())
-        return {"app_fsyncs": appends, "sync_syscalls": total, "per_app_fsync": round(total / appends, 2),
+        return {"operations": operations, "sync_syscalls": total, "per_operation": round(total / operations, 2),
                 "by_call": calls, "traced_pids": pids}
 
     def _run_rss(self, target):
