@@ -27,6 +27,11 @@ extension FabricHub {
         return try hub.create(c, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask, exclusive: exclusive)
     }
 
+    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+        let (hub, c) = try route(context)
+        return try hub.unlinkEntry(c, parent: parent, name: name)
+    }
+
     public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
                            flags: Int32, writeLease: Bool) throws -> CreatedFile {
         let (hub, c) = try route(context)

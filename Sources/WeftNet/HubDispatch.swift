@@ -43,6 +43,8 @@ extension HubRequest {
         case let .unlink(c, parent, name):
             try hub.unlink(c, parent: parent, name: name)
             return .empty
+        case let .unlinkEntry(c, parent, name):
+            return .attributes(try hub.unlinkEntry(c, parent: parent, name: name))
         case let .rmdir(c, parent, name):
             try hub.rmdir(c, parent: parent, name: name)
             return .empty

@@ -51,6 +51,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case releaseUploads = 43
     case deleteObjects = 44
     case createOpen = 45
+    case unlinkEntry = 46
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -101,6 +102,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .releaseUploads: "releaseUploads"
         case .deleteObjects: "deleteObjects"
         case .createOpen: "createOpen"
+        case .unlinkEntry: "unlinkEntry"
         }
     }
 }
@@ -160,6 +162,8 @@ public enum HubRequest: Equatable, Sendable {
     case releaseUploads(RequestContext, ids: [SliceID])
     /// Home to holder hub: the objects are garbage at their volume's home; delete every copy.
     case deleteObjects(ids: [SliceID])
+    /// unlink, answered with the parent's attributes after it.
+    case unlinkEntry(RequestContext, parent: InodeID, name: [UInt8])
     /// create + open + write lease of a new regular file in one call.
     case createOpen(RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32, flags: Int32,
                     writeLease: Bool)
@@ -211,6 +215,7 @@ public enum HubRequest: Equatable, Sendable {
         case .releaseUploads: .releaseUploads
         case .deleteObjects: .deleteObjects
         case .createOpen: .createOpen
+        case .unlinkEntry: .unlinkEntry
         }
     }
 
@@ -228,7 +233,8 @@ public enum HubRequest: Equatable, Sendable {
              .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
              .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .lock(let c, _, _),
-             .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _):
+             .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _),
+             .unlinkEntry(let c, _, _):
             c.session
         }
     }
@@ -258,6 +264,7 @@ public enum HubRequest: Equatable, Sendable {
                                writeLease: writeLease)
         case let .mkdir(c, parent, name, mode, umask): return .mkdir(s(c), parent: parent, name: name, mode: mode, umask: umask)
         case let .unlink(c, parent, name): return .unlink(s(c), parent: parent, name: name)
+        case let .unlinkEntry(c, parent, name): return .unlinkEntry(s(c), parent: parent, name: name)
         case let .rmdir(c, parent, name): return .rmdir(s(c), parent: parent, name: name)
         case let .symlink(c, parent, name, target): return .symlink(s(c), parent: parent, name: name, target: target)
         case let .readlink(c, ino): return .readlink(s(c), ino: ino)
@@ -296,7 +303,8 @@ public enum HubRequest: Equatable, Sendable {
             w.string(agentName)
         case let .closeSession(session):
             w.u64(session)
-        case let .lookup(c, parent, name), let .unlink(c, parent, name), let .rmdir(c, parent, name):
+        case let .lookup(c, parent, name), let .unlink(c, parent, name), let .rmdir(c, parent, name),
+             let .unlinkEntry(c, parent, name):
             c.encode(into: &w); w.u64(parent); w.blob(name)
         case let .getattr(c, ino), let .readlink(c, ino), let .release(c, ino), let .listxattr(c, ino):
             c.encode(into: &w); w.u64(ino)
@@ -439,6 +447,8 @@ public enum HubRequest: Equatable, Sendable {
             return .lookup(c, parent: try r.u64(), name: try r.blob())
         case .unlink:
             return .unlink(c, parent: try r.u64(), name: try r.blob())
+        case .unlinkEntry:
+            return .unlinkEntry(c, parent: try r.u64(), name: try r.blob())
         case .rmdir:
             return .rmdir(c, parent: try r.u64(), name: try r.blob())
         case .getattr:

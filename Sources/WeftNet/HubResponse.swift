@@ -7,7 +7,7 @@ public enum HubResponse: Equatable, Sendable {
     case empty
     /// openSession, openVolumeSession.
     case session(SessionID, VolumeInfo)
-    /// lookup, getattr, setattr, create, mkdir, symlink, link, open, commitSlices.
+    /// lookup, getattr, setattr, create, mkdir, symlink, link, open, commitSlices, unlinkEntry.
     case attributes(Attributes)
     /// readlink, getxattr, readSlice; clusterMap and createVolume (JSON).
     case bytes([UInt8])
@@ -42,7 +42,7 @@ public enum HubResponse: Equatable, Sendable {
              (.session, .openSession),
              (.attributes, .lookup), (.attributes, .getattr), (.attributes, .setattr), (.attributes, .create),
              (.attributes, .mkdir), (.attributes, .symlink), (.attributes, .link), (.attributes, .open),
-             (.attributes, .commitSlices),
+             (.attributes, .commitSlices), (.attributes, .unlinkEntry),
              (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
              (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck),
@@ -136,7 +136,7 @@ public enum HubResponse: Equatable, Sendable {
             return .flag(try r.bool())
         case .openSession, .openVolumeSession, .openDataSession:
             return .session(try r.u64(), try VolumeInfo.decode(from: &r))
-        case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
+        case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices, .unlinkEntry:
             return .attributes(try Attributes.decode(from: &r))
         case .readlink, .getxattr, .readSlice, .clusterMap, .createVolume, .readSliceFrom:
             return .bytes(try r.blob())

@@ -49,6 +49,18 @@ extension RemoteHub {
         try empty(.unlink(context, parent: parent, name: name))
     }
 
+    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+        if !unlinkEntryUnknown.withLock({ $0 }) {
+            do {
+                return try attributes(.unlinkEntry(context, parent: parent, name: name))
+            } catch let error as WeftError where error.errno == ENOSYS {
+                // A hub older than opcode 46: use the separate calls from now on.
+                unlinkEntryUnknown.withLock { $0 = true }
+            }
+        }
+        return try unlinkEntryBySteps(context, parent: parent, name: name)
+    }
+
     public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
         try empty(.rmdir(context, parent: parent, name: name))
     }

@@ -52,6 +52,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     private let lock = PthreadMutex()
     /// The hub answered opcode 45 (createOpen) with ENOSYS: it is older than that method.
     let createOpenUnknown = Mutex(false)
+    /// The hub answered opcode 46 (unlinkEntry) with ENOSYS.
+    let unlinkEntryUnknown = Mutex(false)
     /// Broadcast when a connection attempt ends, a connection is lost, or a request slot frees up.
     private let stateChanged = ConditionVariable()
     private var state = State.disconnected

@@ -31,6 +31,9 @@ public protocol HubAPI: AnyObject, Sendable {
                 umask: UInt32, exclusive: Bool) throws -> Attributes
     func mkdir(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes
     func unlink(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws
+    /// `unlink`, returning the parent directory's attributes after the change (one round trip
+    /// for a caller that keeps them, SPEC.md §4 opcode 46).
+    func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes
     func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws
     func symlink(_ context: RequestContext, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes
     func readlink(_ context: RequestContext, ino: InodeID) throws -> [UInt8]
@@ -159,6 +162,16 @@ extension HubAPI {
                            flags: Int32, writeLease: Bool) throws -> CreatedFile {
         try createOpenBySteps(context, parent: parent, name: name, mode: mode, umask: umask, flags: flags,
                               writeLease: writeLease)
+    }
+
+    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+        try unlinkEntryBySteps(context, parent: parent, name: name)
+    }
+
+    /// `unlinkEntry` as the separate calls it stands for.
+    public func unlinkEntryBySteps(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+        try unlink(context, parent: parent, name: name)
+        return try getattr(context, ino: parent)
     }
 
     /// `createOpen` as the separate calls it stands for (a hub in the same process, or a remote

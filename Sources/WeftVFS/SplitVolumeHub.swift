@@ -134,6 +134,10 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try home.create(context, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask, exclusive: exclusive)
     }
 
+    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+        try home.unlinkEntry(context, parent: parent, name: name)
+    }
+
     public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
                            flags: Int32, writeLease: Bool) throws -> CreatedFile {
         try home.createOpen(context, parent: parent, name: name, mode: mode, umask: umask, flags: flags,

@@ -77,6 +77,8 @@ public final class VFS: @unchecked Sendable {
     /// valid while no recall of the directory (and no change of it by this agent) came since.
     var directories: [InodeID: (attributes: Attributes, token: UInt64)] = [:]
     static let directoriesMax = 65_536
+    /// Directories whose every name is known (`knownAbsent`).
+    var complete = CompleteDirectories()
     /// Bumped by this agent's own changes (`changedHere`): a directory's attributes fetched
     /// across a bump are not kept.
     var directoriesEpoch: UInt64 = 0
@@ -176,6 +178,8 @@ public final class VFS: @unchecked Sendable {
             defer { file.lock.unlock() }
             return file.visibleAttributes
         }
+        // A name missing from a directory whose every name is known: no call either.
+        if knownAbsent(parent, name) { throw WeftError(ENOENT) }
         let token = leaseCache.token()
         let epoch = lock.withLock { namesEpoch }
         let attributes = try hub.lookup(context(credentials), parent: parent, name: name)
@@ -318,34 +322,60 @@ public final class VFS: @unchecked Sendable {
 
     public func mkdir(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {
         defer { changedHere(parent) }
-        return try hub.mkdir(context(credentials), parent: parent, name: name, mode: mode, umask: umask)
+        let token = leaseCache.token()
+        let made = try changingEntries(of: parent) {
+            try hub.mkdir(context(credentials), parent: parent, name: name, mode: mode, umask: umask)
+        }
+        entriesChanged(parent, added: name)
+        madeEmptyDirectory(made.ino, since: token)
+        return made
     }
 
     public func mknod(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, rdev: UInt32,
                       umask: UInt32) throws -> Attributes {
         defer { changedHere(parent) }
-        return try hub.create(context(credentials), parent: parent, name: name, mode: mode, rdev: rdev, umask: umask,
-                              exclusive: true)
+        let made = try changingEntries(of: parent) {
+            try hub.create(context(credentials), parent: parent, name: name, mode: mode, rdev: rdev, umask: umask,
+                           exclusive: true)
+        }
+        entriesChanged(parent, added: name)
+        return made
     }
 
     public func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
         registerLocalOpens()
         let change = forgetNames(before: [NameKey(parent: parent, name: name)])
-        defer {
-            forgetNames(after: change)   // the removed file's link count changed
+        let token = leaseCache.token()
+        let epoch = lock.withLock { directoriesEpoch }
+        let parentAfter: Attributes
+        do {
+            parentAfter = try changingEntries(of: parent) {
+                try hub.unlinkEntry(context(credentials), parent: parent, name: name)
+            }
+        } catch {
+            forgetNames(after: change)
             changedHere(parent)
+            throw error
         }
-        try hub.unlink(context(credentials), parent: parent, name: name)
+        forgetNames(after: change)   // the removed file's link count changed
+        entriesChanged(parent, removed: name)
+        // The reply carried the directory as it is now: the kernel's getattr needs no call.
+        changedHere(parent, keeping: parentAfter, fetchedAt: epoch, token: token)
     }
 
     public func rmdir(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
         defer { changedHere(parent, allDirectories: true) }
-        try hub.rmdir(context(credentials), parent: parent, name: name)
+        try changingEntries(of: parent) { try hub.rmdir(context(credentials), parent: parent, name: name) }
+        entriesChanged(parent, removed: name)
     }
 
     public func symlink(_ credentials: Credentials, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes {
         defer { changedHere(parent) }
-        return try hub.symlink(context(credentials), parent: parent, name: name, target: target)
+        let made = try changingEntries(of: parent) {
+            try hub.symlink(context(credentials), parent: parent, name: name, target: target)
+        }
+        entriesChanged(parent, added: name)
+        return made
     }
 
     public func readlink(_ credentials: Credentials, ino: InodeID) throws -> [UInt8] {
@@ -354,7 +384,10 @@ public final class VFS: @unchecked Sendable {
 
     public func link(_ credentials: Credentials, ino: InodeID, newParent: InodeID, newName: [UInt8]) throws -> Attributes {
         defer { changedHere(newParent) }
-        let attributes = try hub.link(context(credentials), ino: ino, newParent: newParent, newName: newName)
+        let attributes = try changingEntries(of: newParent) {
+            try hub.link(context(credentials), ino: ino, newParent: newParent, newName: newName)
+        }
+        entriesChanged(newParent, added: newName)
         openFile(ino)?.invalidate()   // its link count and ctime changed (this agent is not recalled)
         return localView(attributes)
     }
@@ -367,8 +400,14 @@ public final class VFS: @unchecked Sendable {
             forgetNames(after: change)   // ctime of the moved file, links of a replaced one
             changedHere(parent, newParent, allDirectories: true)   // a moved directory's ctime and ".."
         }
-        try hub.rename(context(credentials), parent: parent, name: name, newParent: newParent, newName: newName,
-                       flags: flags)
+        try changingEntries(of: parent, newParent) {
+            try hub.rename(context(credentials), parent: parent, name: name, newParent: newParent, newName: newName,
+                           flags: flags)
+        }
+        if !flags.contains(.exchange) {   // an exchange keeps both names where they were
+            entriesChanged(parent, removed: name)
+            entriesChanged(newParent, added: newName)
+        }
     }
 
     public func access(_ credentials: Credentials, ino: InodeID, mask: UInt32) throws {
@@ -570,6 +609,7 @@ public final class VFS: @unchecked Sendable {
                                          flags: flags, writeLease: leasesEnabled && accessMode != O_RDONLY)
         } catch let error as WeftError where error.errno == EEXIST && flags & O_EXCL == 0 {
             defer { changedHere(parent) }
+            lock.withLock { complete.forget(parent) }   // it said the name was missing
             let existing = try hub.lookup(context(credentials), parent: parent, name: name)
             if existing.isDirectory { throw WeftError.isDirectory }
             let attributes = try hub.open(context(credentials), ino: existing.ino, flags: flags)
@@ -577,9 +617,11 @@ public final class VFS: @unchecked Sendable {
             _ = try leased(handle, flags: flags, since: token)
             return (attributes, handle)
         } catch {
+            lock.withLock { complete.forget(parent) }   // a failed call may still have been applied
             changedHere(parent)
             throw error
         }
+        entriesChanged(parent, added: name)
         changedHere(parent, keeping: created.parent, fetchedAt: epoch, token: token)
         if leasesEnabled && leaseCache.mayCache(kernelIno(parent), since: token) {
             // The reply granted a lease on the directory: the new name is known, as a lookup would.

@@ -158,6 +158,30 @@ extension HubConformanceTests {
         XCTAssertEqual(plain.parent.ino, root)
     }
 
+    func testUnlinkEntryUnlinksAndReturnsTheParentAfterIt() throws {
+        let (holder, client) = try leasedSession("holder")
+        let directory = try api.mkdir(context, parent: root, name: bytes("d"), mode: 0o755, umask: 0)
+        let file = try makeFile("f", in: directory.ino)
+        XCTAssertEqual(try api.lookup(holder, parent: directory.ino, name: bytes("f")).ino, file.ino)
+        let before = try api.getattr(context, ino: directory.ino)
+
+        let parent = try api.unlinkEntry(context, parent: directory.ino, name: bytes("f"))
+        XCTAssertEqual(parent, try api.getattr(context, ino: directory.ino), "the parent as it is after the change")
+        XCTAssertGreaterThanOrEqual(parent.mtimeNs, before.mtimeNs)
+        XCTAssertErrno(ENOENT, try api.lookup(context, parent: directory.ino, name: bytes("f")))
+        XCTAssertErrno(ENOENT, try api.getattr(context, ino: file.ino))
+        XCTAssertTrue(client.recalls.contains(.init(ino: directory.ino, names: [bytes("f")], notice: false)),
+                      "holders of the directory are recalled as by unlink: \(client.all)")
+
+        // Errors as unlink's, and nothing changes.
+        XCTAssertErrno(ENOENT, try api.unlinkEntry(context, parent: directory.ino, name: bytes("f")))
+        _ = try api.mkdir(context, parent: directory.ino, name: bytes("sub"), mode: 0o755, umask: 0)
+        XCTAssertErrno(EISDIR, try api.unlinkEntry(context, parent: directory.ino, name: bytes("sub")))
+        try makeFile("kept", in: directory.ino)
+        XCTAssertErrno(EACCES, try api.unlinkEntry(caller(alice), parent: directory.ino, name: bytes("kept")))
+        XCTAssertNoThrow(try api.lookup(context, parent: directory.ino, name: bytes("kept")))
+    }
+
     func testCreateOpenFailsLikeCreateAndLeavesNothing() throws {
         let (creator, _) = try leasedSession("creator")
         try makeFile("taken")

@@ -171,4 +171,54 @@ extension VFSDataTests {
         XCTAssertErrno(ENOENT, try b.getattr(rootCaller, ino: z))
         XCTAssertEqual(try a.getattr(rootCaller, ino: w).nlink, 1)
     }
+
+    func testANewDirectorysMissingNamesAreKnownUntilAnotherAgentChangesIt() throws {
+        let a = try makeAgent(), b = try makeAgent()
+        let dir = try a.mkdir(rootCaller, parent: root, name: bytes("fresh"), mode: 0o755, umask: 0).ino
+        XCTAssertTrue(a.knownAbsent(dir, bytes("x")), "a directory this agent made is known to be empty")
+        XCTAssertErrno(ENOENT, try a.lookup(rootCaller, parent: dir, name: bytes("x")))
+        XCTAssertFalse(b.knownAbsent(dir, bytes("x")), "not by an agent that did not make it")
+
+        // Own changes keep the set: create, mkdir, symlink, link, rename, unlink.
+        let (x, hx) = try a.create(rootCaller, parent: dir, name: bytes("x"), mode: regularFile | 0o644, umask: 0,
+                                   flags: O_RDWR)
+        try a.release(handle: hx)
+        XCTAssertFalse(a.knownAbsent(dir, bytes("x")))
+        XCTAssertEqual(try a.lookup(rootCaller, parent: dir, name: bytes("x")).ino, x.ino)
+        _ = try a.symlink(rootCaller, parent: dir, name: bytes("s"), target: bytes("x"))
+        _ = try a.link(rootCaller, ino: x.ino, newParent: dir, newName: bytes("x2"))
+        let sub = try a.mkdir(rootCaller, parent: dir, name: bytes("sub"), mode: 0o755, umask: 0).ino
+        for name in ["s", "x2", "sub"] { XCTAssertFalse(a.knownAbsent(dir, bytes(name)), name) }
+        XCTAssertTrue(a.knownAbsent(sub, bytes("anything")))
+        try a.rename(rootCaller, parent: dir, name: bytes("x2"), newParent: sub, newName: bytes("moved"), flags: [])
+        XCTAssertTrue(a.knownAbsent(dir, bytes("x2")))
+        XCTAssertFalse(a.knownAbsent(sub, bytes("moved")))
+        try a.unlink(rootCaller, parent: sub, name: bytes("moved"))
+        XCTAssertTrue(a.knownAbsent(sub, bytes("moved")))
+        XCTAssertErrno(ENOENT, try a.lookup(rootCaller, parent: sub, name: bytes("moved")))
+        try a.rmdir(rootCaller, parent: dir, name: bytes("sub"))
+        XCTAssertTrue(a.knownAbsent(dir, bytes("sub")))
+
+        // Another agent's create recalls the directory first: the name is then found.
+        let (y, hy) = try b.create(rootCaller, parent: dir, name: bytes("y"), mode: regularFile | 0o644, umask: 0,
+                                   flags: O_RDWR)
+        try b.release(handle: hy)
+        XCTAssertFalse(a.knownAbsent(dir, bytes("y")), "recalled: nothing is known absent any more")
+        XCTAssertFalse(a.knownAbsent(dir, bytes("never")))
+        XCTAssertEqual(try a.lookup(rootCaller, parent: dir, name: bytes("y")).ino, y.ino)
+
+        // Another agent's rename into a directory this agent made recalls it too.
+        let other = try a.mkdir(rootCaller, parent: root, name: bytes("other"), mode: 0o777, umask: 0).ino
+        XCTAssertTrue(a.knownAbsent(other, bytes("arrived")))
+        try b.rename(rootCaller, parent: dir, name: bytes("y"), newParent: other, newName: bytes("arrived"), flags: [])
+        XCTAssertEqual(try a.lookup(rootCaller, parent: other, name: bytes("arrived")).ino, y.ino)
+
+        // A failed change drops what was known (a failed call may have been applied).
+        let third = try a.mkdir(rootCaller, parent: root, name: bytes("third"), mode: 0o755, umask: 0).ino
+        XCTAssertTrue(a.knownAbsent(third, bytes("f")))
+        XCTAssertErrno(EACCES, try a.create(alice, parent: third, name: bytes("f"), mode: regularFile | 0o644, umask: 0,
+                                            flags: O_RDWR))
+        XCTAssertFalse(a.knownAbsent(third, bytes("f")))
+        XCTAssertErrno(ENOENT, try a.lookup(rootCaller, parent: third, name: bytes("f")))
+    }
 }

@@ -71,6 +71,7 @@ enum WireSamples {
         .fetchObject(id: UInt64.max, offset: 8 << 20, length: 8 << 20),
         .releaseUploads(context, ids: [1, 2 << 48 | 3, UInt64.max]),
         .deleteObjects(ids: [2 << 48 | 1, UInt64.max]),
+        .unlinkEntry(context, parent: 24, name: otherName),
         .createOpen(context, parent: 23, name: name, mode: 0o100600, umask: 0o027, flags: Int32(bitPattern: 0x8000_00C2),
                     writeLease: true),
     ]
@@ -115,7 +116,7 @@ enum WireSamples {
             return .lock(LockDescription(type: .read, start: 7, end: UInt64.max - 1, pid: UInt32.max))
         case .clusterMap, .createVolume:
             return .bytes(Array("{\"cluster\":\"weft\"}".utf8))
-        case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
+        case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices, .unlinkEntry:
             var varied = attributes
             varied.ino = UInt64(opcode.rawValue) << 40
             return .attributes(varied)
