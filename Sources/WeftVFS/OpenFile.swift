@@ -246,6 +246,9 @@ final class FileHandle {
     var lastReadEnd: UInt64 = 0
     var readaheadWindowBytes: UInt64 = 0
     var prefetchedUpTo: UInt64 = 0
+    /// Read-ahead fetches waiting to start, in file order, and how many run (guarded by `lock`).
+    var prefetchPending: [ResolvedRange] = []
+    var prefetchRunning = 0
 
     init(file: OpenFile, flags: Int32, context: RequestContext) {
         self.file = file

@@ -259,13 +259,34 @@ extension VFS {
         prefetchPool.async { [self] in
             guard let ranges = try? resolve(file, context: context, offset: from, size: Int(target - from),
                                             flushFirst: false) else { return }
-            // One task per object range, as many fetching at once as the pool has threads:
-            // several objects are read from disk in parallel, which one stream cannot saturate.
-            for range in ranges where range.sliceID != 0 {
-                prefetchPool.async { [self] in prefetch(range, context: context) }
-            }
+            handle.lock.withLock { handle.prefetchPending += ranges.filter { $0.sliceID != 0 } }
+            startPrefetches(handle)
         }
         return true
+    }
+
+    /// Most read-ahead fetches of one handle running at once. One stream gains from a few
+    /// objects read in parallel, but with many the nearest object, which the reader waits for,
+    /// comes later; the pool's threads serve several streams.
+    static let prefetchesPerHandle = 3
+
+    /// Starts the handle's waiting read-ahead fetches, nearest first, up to `prefetchesPerHandle`;
+    /// each one that ends starts the next.
+    func startPrefetches(_ handle: FileHandle) {
+        let limit = Self.prefetchesPerHandle
+        while true {
+            let next: ResolvedRange? = handle.lock.withLock {
+                guard handle.prefetchRunning < limit, !handle.prefetchPending.isEmpty else { return nil }
+                handle.prefetchRunning += 1
+                return handle.prefetchPending.removeFirst()
+            }
+            guard let next else { return }
+            prefetchPool.async { [self] in
+                prefetch(next, context: handle.context)
+                handle.lock.withLock { handle.prefetchRunning -= 1 }
+                startPrefetches(handle)
+            }
+        }
     }
 
     /// Fetches the uncached blocks of `range` without waiting on other fetches.
