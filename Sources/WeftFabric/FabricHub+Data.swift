@@ -79,6 +79,7 @@ extension FabricHub {
     // MARK: HubAPI — data across hubs
 
     public func openDataSession(agentName: String, volume name: String) throws -> (SessionID, VolumeInfo) {
+        try waitStarted()
         guard let record = member.map.volumes[name] else { throw WeftError(ENOENT, "no volume named '\(name)' in the cluster") }
         guard record.home != member.hubName else {
             throw WeftError(EINVAL, "volume '\(name)' is homed at this hub: open a volume session")

@@ -34,6 +34,9 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
     var nextSession: SessionID = 1
     private var closed = false
     private let opener = DispatchQueue(label: "weft.fabric.volumes")
+    /// `start()` finished (see `waitStarted`); `isStarted` is guarded by `started`.
+    private let started = NSCondition()
+    private var isStarted = false
     /// Chunk stores per volume (home or not) and data-only sessions (SPEC.md §12.5).
     var dataVolumes: [UInt16: VolumeData] = [:]
     var dataSessions: [SessionID: DataSession] = [:]
@@ -43,7 +46,8 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
     /// Default bound of the read-through cache (`weftd --cache-gb`): 16 GiB.
     public static let defaultCacheBytes: UInt64 = 16 << 30
 
-    /// `directory` must hold a hub made by `FabricHub.prepare`; `member` must have joined.
+    /// `directory` must hold a hub made by `FabricHub.prepare`; `member` must have joined before
+    /// `start()`, which calls that need the cluster map wait for.
     /// `connectPeer` opens a connection to another hub at an address (`HOST:PORT`) for
     /// read-through fetches; `cacheBytes` bounds the cached copies of all volumes together.
     public init(directory: String, member: ClusterMember, durability: DurabilityMode, logger: Logger,
@@ -123,6 +127,27 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
         let opener = self.opener
         member.onChange { [weak self] map in
             opener.async { [weak self] in try? self?.openHomeVolumes(map) }
+        }
+        started.withLock {
+            isStarted = true
+            started.broadcast()
+        }
+    }
+
+    /// Most seconds a call that needs the cluster map waits for `start()`.
+    public static let startWaitSeconds: TimeInterval = 30
+
+    /// Waits until `start()` has loaded the map and opened the volumes homed here. weftd listens
+    /// before it joins (the address it registers is the bound one): a hub restarted with agents
+    /// reconnecting at once must not answer them from an empty map ("no volume named …").
+    func waitStarted() throws {
+        try started.withLock {
+            let deadline = Date().addingTimeInterval(Self.startWaitSeconds)
+            while !isStarted {
+                if !started.wait(until: deadline) {
+                    throw WeftError(EAGAIN, "hub '\(member.hubName)' is still joining its cluster; try again")
+                }
+            }
         }
     }
 
@@ -205,6 +230,7 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
     }
 
     public func openSession(agentName: String, volume name: String) throws -> (SessionID, VolumeInfo) {
+        try waitStarted()
         let map = member.map
         guard !name.isEmpty else { return try openSession(agentName: agentName) }
         guard let record = map.volumes[name] else { throw WeftError(ENOENT, "no volume named '\(name)' in the cluster") }
@@ -230,6 +256,7 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
     }
 
     public func clusterMap() throws -> [UInt8] {
+        try waitStarted()
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         var map = member.map
@@ -238,6 +265,7 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
     }
 
     public func createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression) throws -> [UInt8] {
+        try waitStarted()
         let size = Int(chunkSizeBytes)
         guard size >= Limits.chunkSizeMinBytes, size <= Limits.chunkSizeMaxBytes, size % Limits.blockSizeBytes == 0 else {
             throw WeftError(EINVAL, "chunk size must be a multiple of \(Limits.blockSizeBytes) between "

@@ -163,6 +163,46 @@ final class DataAcrossHubsTests: XCTestCase {
 
     // MARK: Tests
 
+    func testAHubAnswersVolumeSessionsOnlyOnceItHasJoined() throws {
+        let hub1 = try startHub("hub1")
+        _ = try createVolume(at: hub1)
+
+        // hub2 started as weftd starts a hub (also after a crash): listening first, joined later.
+        let directory = root + "/hub2"
+        let logger = testLogger("hub.hub2")
+        let knownID = try FabricHub.prepare(directory: directory, cluster: "weft", name: "hub2")
+        let etcdClient = try EtcdClient(endpoint: etcd.endpoint)
+        let member = try ClusterMember(etcd: etcdClient, cluster: "weft", hubName: "hub2", address: "", logger: logger)
+        let fabric = FabricHub(directory: directory, member: member, durability: .strict, logger: logger)
+        let server = HubServer(hub: fabric, logger: logger)
+        defer {
+            member.leave()
+            server.shutdown()
+            fabric.close()
+            etcdClient.close()
+        }
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        let client = RemoteHub(address: try HubAddress.parse("weft://127.0.0.1:\(port)"), connectTimeoutMs: 2000,
+                               requestTimeoutMs: 20_000, logger: logger)
+        defer { client.close() }
+
+        final class Outcome: @unchecked Sendable { var error: Error? }
+        let outcome = Outcome()
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            do { _ = try client.openSession(agentName: "early", volume: "v") } catch { outcome.error = error }
+            done.signal()
+        }
+        XCTAssertEqual(done.wait(timeout: .now() + 1), .timedOut, "the open waits while the hub has not joined")
+        member.address = "127.0.0.1:\(port)"
+        try FabricHub.recordID(try member.join(knownID: knownID), directory: directory)
+        try fabric.start()
+        XCTAssertEqual(done.wait(timeout: .now() + 20), .success)
+        // Answered from the joined map: the volume is homed at hub1 (EREMOTE names it), not "no such volume".
+        XCTAssertEqual((outcome.error as? WeftError)?.errno, EREMOTE, "\(String(describing: outcome.error))")
+        XCTAssertTrue((outcome.error as? WeftError)?.message.contains("hub1") ?? false)
+    }
+
     func testWriterObjectsLandInTheWritersHubAndLayoutsRecordIt() throws {
         let hub1 = try startHub("hub1")
         let hub2 = try startHub("hub2")
