@@ -27,7 +27,7 @@ extension FabricHub {
         return try hub.create(c, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask, exclusive: exclusive)
     }
 
-    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes? {
         let (hub, c) = try route(context)
         return try hub.unlinkEntry(c, parent: parent, name: name)
     }

@@ -173,6 +173,35 @@ public final class Hub: HubAPI, @unchecked Sendable {
         maintenance.wakeIfGarbage(meta.garbageMade)
     }
 
+    /// The parent's attributes are read inside the change, and the caller gets a lease on the
+    /// parent with the reply (a notice if another change overtook it), as a create's reply does.
+    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes? {
+        let after: Attributes = try changing(context, removalTargets(parent: parent, name: name), reply: { _ in [parent] }) {
+            try meta.unlink(context.credentials, parent: parent, name: name)
+            return try meta.getattr(parent)
+        }
+        maintenance.wakeIfGarbage(meta.garbageMade)
+        return after
+    }
+
+    /// As `create` + `open` + `acquireWriteLease`, with the parent's attributes read inside
+    /// the create's change (never a read that waits for other changes of the directory).
+    public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
+                           flags: Int32, writeLease: Bool) throws -> CreatedFile {
+        var parentAfter: Attributes?
+        let created = try changingEntries(context, parent: parent, name: name) {
+            let attributes = try meta.create(context.credentials, parent: parent, name: name, mode: mode, rdev: 0,
+                                             umask: umask, exclusive: true)
+            parentAfter = try meta.getattr(parent)
+            return attributes
+        }
+        // The creator may open a new file whatever mode it was given.
+        let creator = RequestContext(session: context.session, credentials: .root)
+        let attributes = try open(creator, ino: created.ino, flags: flags & ~O_TRUNC)
+        let leased = writeLease ? try acquireWriteLease(creator, ino: created.ino) : false
+        return CreatedFile(attributes: attributes, parent: parentAfter, writeLeased: leased)
+    }
+
     public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
         try changing(context, removalTargets(parent: parent, name: name)) {
             try meta.rmdir(context.credentials, parent: parent, name: name)

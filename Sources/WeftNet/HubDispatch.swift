@@ -44,7 +44,7 @@ extension HubRequest {
             try hub.unlink(c, parent: parent, name: name)
             return .empty
         case let .unlinkEntry(c, parent, name):
-            return .attributes(try hub.unlinkEntry(c, parent: parent, name: name))
+            return .unlinked(try hub.unlinkEntry(c, parent: parent, name: name))
         case let .rmdir(c, parent, name):
             try hub.rmdir(c, parent: parent, name: name)
             return .empty

@@ -7,7 +7,7 @@ public enum HubResponse: Equatable, Sendable {
     case empty
     /// openSession, openVolumeSession.
     case session(SessionID, VolumeInfo)
-    /// lookup, getattr, setattr, create, mkdir, symlink, link, open, commitSlices, unlinkEntry.
+    /// lookup, getattr, setattr, create, mkdir, symlink, link, open, commitSlices.
     case attributes(Attributes)
     /// readlink, getxattr, readSlice; clusterMap and createVolume (JSON).
     case bytes([UInt8])
@@ -33,6 +33,8 @@ public enum HubResponse: Equatable, Sendable {
     case objectPart(fileBytes: UInt32, [UInt8])
     /// createOpen.
     case created(CreatedFile)
+    /// unlinkEntry: the parent's attributes after the change, if the hub told them.
+    case unlinked(Attributes?)
 
     /// Whether this is the result shape of `opcode`.
     func fits(_ opcode: HubOpcode) -> Bool {
@@ -42,7 +44,7 @@ public enum HubResponse: Equatable, Sendable {
              (.session, .openSession),
              (.attributes, .lookup), (.attributes, .getattr), (.attributes, .setattr), (.attributes, .create),
              (.attributes, .mkdir), (.attributes, .symlink), (.attributes, .link), (.attributes, .open),
-             (.attributes, .commitSlices), (.attributes, .unlinkEntry),
+             (.attributes, .commitSlices), (.unlinked, .unlinkEntry),
              (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
              (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck),
@@ -73,6 +75,7 @@ public enum HubResponse: Equatable, Sendable {
         case .flag: "flag"
         case .objectPart: "objectPart"
         case .created: "created"
+        case .unlinked: "unlinked"
         }
     }
 
@@ -118,7 +121,13 @@ public enum HubResponse: Equatable, Sendable {
             w.u32(fileBytes); w.u32(UInt32(bytes.count))
             return bytes
         case let .created(created):
-            created.attributes.encode(into: &w); created.parent.encode(into: &w); w.bool(created.writeLeased)
+            created.attributes.encode(into: &w)
+            w.bool(created.parent != nil)
+            created.parent?.encode(into: &w)
+            w.bool(created.writeLeased)
+        case let .unlinked(parent):
+            w.bool(parent != nil)
+            parent?.encode(into: &w)
         }
         return nil
     }
@@ -136,7 +145,7 @@ public enum HubResponse: Equatable, Sendable {
             return .flag(try r.bool())
         case .openSession, .openVolumeSession, .openDataSession:
             return .session(try r.u64(), try VolumeInfo.decode(from: &r))
-        case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices, .unlinkEntry:
+        case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
             return .attributes(try Attributes.decode(from: &r))
         case .readlink, .getxattr, .readSlice, .clusterMap, .createVolume, .readSliceFrom:
             return .bytes(try r.blob())
@@ -180,8 +189,11 @@ public enum HubResponse: Equatable, Sendable {
         case .fetchObject:
             return .objectPart(fileBytes: try r.u32(), try r.blob())
         case .createOpen:
-            return .created(CreatedFile(attributes: try Attributes.decode(from: &r), parent: try Attributes.decode(from: &r),
-                                        writeLeased: try r.bool()))
+            let attributes = try Attributes.decode(from: &r)
+            let parent = try r.bool() ? try Attributes.decode(from: &r) : nil
+            return .created(CreatedFile(attributes: attributes, parent: parent, writeLeased: try r.bool()))
+        case .unlinkEntry:
+            return .unlinked(try r.bool() ? try Attributes.decode(from: &r) : nil)
         }
     }
 }

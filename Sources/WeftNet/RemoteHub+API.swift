@@ -49,10 +49,13 @@ extension RemoteHub {
         try empty(.unlink(context, parent: parent, name: name))
     }
 
-    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes? {
         if !unlinkEntryUnknown.withLock({ $0 }) {
             do {
-                return try attributes(.unlinkEntry(context, parent: parent, name: name))
+                guard case let .unlinked(after) = try call(.unlinkEntry(context, parent: parent, name: name)) else {
+                    throw shapeMismatch(.unlinkEntry)
+                }
+                return after
             } catch let error as WeftError where error.errno == ENOSYS {
                 // A hub older than opcode 46: use the separate calls from now on.
                 unlinkEntryUnknown.withLock { $0 = true }

@@ -32,8 +32,9 @@ public protocol HubAPI: AnyObject, Sendable {
     func mkdir(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes
     func unlink(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws
     /// `unlink`, returning the parent directory's attributes after the change (one round trip
-    /// for a caller that keeps them, SPEC.md §4 opcode 46).
-    func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes
+    /// for a caller that keeps them, SPEC.md §4 opcode 46), read inside the change and with a
+    /// lease on the parent for the caller; nil where the hub cannot do that in one call.
+    func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes?
     func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws
     func symlink(_ context: RequestContext, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes
     func readlink(_ context: RequestContext, ino: InodeID) throws -> [UInt8]
@@ -52,7 +53,9 @@ public protocol HubAPI: AnyObject, Sendable {
     /// `create(exclusive: true)` of a regular file, then `open` with `flags` for its creator
     /// whatever its mode, then with `writeLease` the write lease on it, in one call (one round
     /// trip to a remote home, SPEC.md §4 opcode 45). Also returns the parent directory's
-    /// attributes after the change, so the creator need not fetch them. EEXIST if the name exists.
+    /// attributes after the change (read inside it, never by a read that waits for other
+    /// changes: the caller's kernel holds the directory locked meanwhile), so the creator need
+    /// not fetch them. EEXIST if the name exists.
     func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
                     flags: Int32, writeLease: Bool) throws -> CreatedFile
 
@@ -145,12 +148,13 @@ public protocol HubAPI: AnyObject, Sendable {
 public struct CreatedFile: Equatable, Sendable {
     /// The new file's attributes, as `open` returns them.
     public var attributes: Attributes
-    /// The parent directory's attributes after the entry was added.
-    public var parent: Attributes
+    /// The parent directory's attributes after the entry was added; nil where the hub cannot
+    /// tell them in the same call.
+    public var parent: Attributes?
     /// Whether the write lease on the new file was granted.
     public var writeLeased: Bool
 
-    public init(attributes: Attributes, parent: Attributes, writeLeased: Bool) {
+    public init(attributes: Attributes, parent: Attributes?, writeLeased: Bool) {
         self.attributes = attributes
         self.parent = parent
         self.writeLeased = writeLeased
@@ -164,14 +168,16 @@ extension HubAPI {
                               writeLease: writeLease)
     }
 
-    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes? {
         try unlinkEntryBySteps(context, parent: parent, name: name)
     }
 
-    /// `unlinkEntry` as the separate calls it stands for.
-    public func unlinkEntryBySteps(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+    /// `unlinkEntry` as the call it stands for: without the parent's attributes. (A `getattr`
+    /// here would wait for any other change of the directory under way, whose recall of this
+    /// caller may be waiting for the directory lock the caller's kernel holds.)
+    public func unlinkEntryBySteps(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes? {
         try unlink(context, parent: parent, name: name)
-        return try getattr(context, ino: parent)
+        return nil
     }
 
     /// `createOpen` as the separate calls it stands for (a hub in the same process, or a remote
@@ -182,7 +188,7 @@ extension HubAPI {
         let creator = RequestContext(session: context.session, credentials: .root)
         let attributes = try open(creator, ino: created.ino, flags: flags & ~O_TRUNC)
         let leased = writeLease ? try acquireWriteLease(creator, ino: created.ino) : false
-        return CreatedFile(attributes: attributes, parent: try getattr(context, ino: parent), writeLeased: leased)
+        return CreatedFile(attributes: attributes, parent: nil, writeLeased: leased)   // see unlinkEntryBySteps
     }
 
     public func enableLeases(_ session: SessionID, client: LeaseClient) throws {

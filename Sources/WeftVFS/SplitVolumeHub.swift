@@ -134,7 +134,7 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try home.create(context, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask, exclusive: exclusive)
     }
 
-    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {
+    public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes? {
         try home.unlinkEntry(context, parent: parent, name: name)
     }
 

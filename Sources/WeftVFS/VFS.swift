@@ -347,7 +347,7 @@ public final class VFS: @unchecked Sendable {
         let change = forgetNames(before: [NameKey(parent: parent, name: name)])
         let token = leaseCache.token()
         let epoch = lock.withLock { directoriesEpoch }
-        let parentAfter: Attributes
+        let parentAfter: Attributes?
         do {
             parentAfter = try changingEntries(of: parent) {
                 try hub.unlinkEntry(context(credentials), parent: parent, name: name)
@@ -360,7 +360,11 @@ public final class VFS: @unchecked Sendable {
         forgetNames(after: change)   // the removed file's link count changed
         entriesChanged(parent, removed: name)
         // The reply carried the directory as it is now: the kernel's getattr needs no call.
-        changedHere(parent, keeping: parentAfter, fetchedAt: epoch, token: token)
+        if let parentAfter {
+            changedHere(parent, keeping: parentAfter, fetchedAt: epoch, token: token)
+        } else {
+            changedHere(parent)
+        }
     }
 
     public func rmdir(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
@@ -622,7 +626,11 @@ public final class VFS: @unchecked Sendable {
             throw error
         }
         entriesChanged(parent, added: name)
-        changedHere(parent, keeping: created.parent, fetchedAt: epoch, token: token)
+        if let parentAfter = created.parent {
+            changedHere(parent, keeping: parentAfter, fetchedAt: epoch, token: token)
+        } else {
+            changedHere(parent)
+        }
         if leasesEnabled && leaseCache.mayCache(kernelIno(parent), since: token) {
             // The reply granted a lease on the directory: the new name is known, as a lookup would.
             lock.withLock {

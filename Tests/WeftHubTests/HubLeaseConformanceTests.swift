@@ -132,9 +132,10 @@ extension HubConformanceTests {
         XCTAssertEqual(created.attributes.mode, regularFile | 0o400)
         XCTAssertEqual(created.attributes.uid, alice.uid)
         XCTAssertEqual(try api.lookup(context, parent: directory.ino, name: bytes("new")).ino, created.attributes.ino)
-        XCTAssertEqual(created.parent.ino, directory.ino)
-        XCTAssertEqual(created.parent, try api.getattr(context, ino: directory.ino), "the parent as it is after the change")
-        XCTAssertGreaterThanOrEqual(created.parent.mtimeNs, before.mtimeNs)
+        let createdParent = try XCTUnwrap(created.parent, "the hub reads the parent inside the change")
+        XCTAssertEqual(createdParent.ino, directory.ino)
+        XCTAssertEqual(createdParent, try api.getattr(context, ino: directory.ino), "the parent as it is after the change")
+        XCTAssertGreaterThanOrEqual(createdParent.mtimeNs, before.mtimeNs)
         XCTAssertTrue(watcherClient.recalls.contains(.init(ino: directory.ino, names: [bytes("new")], notice: false)),
                       "other holders of the directory are recalled: \(watcherClient.all)")
         XCTAssertEqual(creatorClient.recalls, [], "the creator is not recalled for its own change")
@@ -155,7 +156,7 @@ extension HubConformanceTests {
         let plain = try api.createOpen(creator, parent: root, name: bytes("plain"), mode: regularFile | 0o644, umask: 0,
                                        flags: O_RDWR | O_CREAT, writeLease: false)
         XCTAssertFalse(plain.writeLeased)
-        XCTAssertEqual(plain.parent.ino, root)
+        XCTAssertEqual(plain.parent?.ino, root)
     }
 
     func testUnlinkEntryUnlinksAndReturnsTheParentAfterIt() throws {
@@ -165,7 +166,7 @@ extension HubConformanceTests {
         XCTAssertEqual(try api.lookup(holder, parent: directory.ino, name: bytes("f")).ino, file.ino)
         let before = try api.getattr(context, ino: directory.ino)
 
-        let parent = try api.unlinkEntry(context, parent: directory.ino, name: bytes("f"))
+        let parent = try XCTUnwrap(try api.unlinkEntry(context, parent: directory.ino, name: bytes("f")))
         XCTAssertEqual(parent, try api.getattr(context, ino: directory.ino), "the parent as it is after the change")
         XCTAssertGreaterThanOrEqual(parent.mtimeNs, before.mtimeNs)
         XCTAssertErrno(ENOENT, try api.lookup(context, parent: directory.ino, name: bytes("f")))
@@ -180,6 +181,44 @@ extension HubConformanceTests {
         try makeFile("kept", in: directory.ino)
         XCTAssertErrno(EACCES, try api.unlinkEntry(caller(alice), parent: directory.ino, name: bytes("kept")))
         XCTAssertNoThrow(try api.lookup(context, parent: directory.ino, name: bytes("kept")))
+    }
+
+    /// The agent's kernel holds the directory locked during a create or unlink, and answering a
+    /// recall of that directory needs the lock: the parent's attributes must not come from a
+    /// read that waits for another change of the directory (which waits for that answer).
+    func testCreateOpenAndUnlinkEntryDoNotWaitForAChangeWaitingOnTheCallersRecall() throws {
+        let (caller, callerClient) = try leasedSession("caller")
+        let directory = try api.mkdir(context, parent: root, name: bytes("d"), mode: 0o777, umask: 0)
+        try makeFile("victim", in: directory.ino)
+        _ = try api.getattr(caller, ino: directory.ino)   // the caller holds the directory's lease
+
+        final class Gate: @unchecked Sendable {
+            let released = DispatchSemaphore(value: 0)
+            var timedOut = false
+        }
+        let gate = Gate()
+        var blocked = true
+        callerClient.onRecall = { _ in
+            guard blocked else { return }
+            blocked = false
+            // As the agent does: the recall waits for the directory lock its create holds.
+            gate.timedOut = gate.released.wait(timeout: .now() + 20) == .timedOut
+        }
+        let changerDone = DispatchSemaphore(value: 0)
+        let changerContext = context
+        Thread.detachNewThread { [api] in
+            _ = try? api!.create(changerContext, parent: directory.ino, name: bytes("other"), mode: regularFile | 0o644,
+                                 rdev: 0, umask: 0, exclusive: true)
+            changerDone.signal()
+        }
+        XCTAssertTrue(eventually { !callerClient.recalls.isEmpty }, "the other change is waiting on the caller's recall")
+        let created = try api.createOpen(caller, parent: directory.ino, name: bytes("mine"), mode: regularFile | 0o644,
+                                         umask: 0, flags: O_WRONLY | O_CREAT, writeLease: true)
+        _ = try api.unlinkEntry(caller, parent: directory.ino, name: bytes("victim"))
+        gate.released.signal()
+        XCTAssertEqual(changerDone.wait(timeout: .now() + 30), .success)
+        XCTAssertFalse(gate.timedOut, "createOpen and unlinkEntry returned while the recall was still held")
+        XCTAssertEqual(try api.lookup(context, parent: directory.ino, name: bytes("mine")).ino, created.attributes.ino)
     }
 
     func testCreateOpenFailsLikeCreateAndLeavesNothing() throws {

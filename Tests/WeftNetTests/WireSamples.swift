@@ -116,7 +116,11 @@ enum WireSamples {
             return .lock(LockDescription(type: .read, start: 7, end: UInt64.max - 1, pid: UInt32.max))
         case .clusterMap, .createVolume:
             return .bytes(Array("{\"cluster\":\"weft\"}".utf8))
-        case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices, .unlinkEntry:
+        case .unlinkEntry:
+            var directory = attributes
+            directory.mode = 0o040700
+            return .unlinked(directory)
+        case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
             var varied = attributes
             varied.ino = UInt64(opcode.rawValue) << 40
             return .attributes(varied)
@@ -155,6 +159,8 @@ enum WireSamples {
         (.status, .status(HubStatus(volume: volume, logicalBytes: 0, inodes: 0, chunks: 0, storedBytes: 0,
                                     connectedAgents: 0, agents: []))),
         (.fsck, .fsckReport(FsckReport())),
+        (.unlinkEntry, .unlinked(nil)),
+        (.createOpen, .created(CreatedFile(attributes: attributes, parent: nil, writeLeased: false))),
     ]
 }
 
