@@ -307,12 +307,24 @@ final class SessionBox: @unchecked Sendable {
         _ = fuse_lowlevel_notify_inval_inode(session, fuse_ino_t(ino), off_t(offset), off_t(length))
     }
 
+    /// Whether the kernel takes expire-only entry notifications (set false at the first EINVAL).
+    private var expireOnly = true
+
+    /// Makes the kernel look `name` of `parent` up again before using it. Marks the entry
+    /// expired where the kernel can (no directory lock: a recall never waits for this agent's
+    /// own create or unlink in the directory, whose call may be waiting for another agent's
+    /// answer to a recall, SPEC.md §12.6), else invalidates it.
     func invalidateEntry(_ parent: UInt64, _ name: [UInt8]) {
-        lock.lock()
+        lock.lock()   // held throughout: an unmount must not destroy the session meanwhile
         defer { lock.unlock() }
         guard let session else { return }
         var cName = name.map { CChar(bitPattern: $0) }
         cName.append(0)
+        if expireOnly {
+            let result = weft_notify_expire_entry(session, UInt64(parent), cName, name.count)
+            if result != -EINVAL { return }   // done, or the entry is not cached (ENOENT)
+            expireOnly = false
+        }
         _ = fuse_lowlevel_notify_inval_entry(session, fuse_ino_t(parent), cName, name.count)
     }
 }
