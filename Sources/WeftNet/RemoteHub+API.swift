@@ -26,19 +26,12 @@ extension RemoteHub {
 
     public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
                            flags: Int32, writeLease: Bool) throws -> CreatedFile {
-        if !createOpenUnknown.withLock({ $0 }) {
-            do {
-                let request = HubRequest.createOpen(context, parent: parent, name: name, mode: mode, umask: umask,
-                                                    flags: flags, writeLease: writeLease)
-                guard case let .created(created) = try call(request) else { throw shapeMismatch(.createOpen) }
-                return created
-            } catch let error as WeftError where error.errno == ENOSYS {
-                // A hub older than opcode 45: use the separate calls from now on.
-                createOpenUnknown.withLock { $0 = true }
-            }
+        let request = HubRequest.createOpen(context, parent: parent, name: name, mode: mode, umask: umask, flags: flags,
+                                            writeLease: writeLease)
+        return try call(request, unpack: { if case let .created(created) = $0 { created } else { nil } }) {
+            try createOpenBySteps(context, parent: parent, name: name, mode: mode, umask: umask, flags: flags,
+                                  writeLease: writeLease)
         }
-        return try createOpenBySteps(context, parent: parent, name: name, mode: mode, umask: umask, flags: flags,
-                                     writeLease: writeLease)
     }
 
     public func mkdir(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {
@@ -50,18 +43,10 @@ extension RemoteHub {
     }
 
     public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes? {
-        if !unlinkEntryUnknown.withLock({ $0 }) {
-            do {
-                guard case let .unlinked(after) = try call(.unlinkEntry(context, parent: parent, name: name)) else {
-                    throw shapeMismatch(.unlinkEntry)
-                }
-                return after
-            } catch let error as WeftError where error.errno == ENOSYS {
-                // A hub older than opcode 46: use the separate calls from now on.
-                unlinkEntryUnknown.withLock { $0 = true }
-            }
+        try call(.unlinkEntry(context, parent: parent, name: name),
+                 unpack: { if case let .unlinked(after) = $0 { after } else { nil } }) {
+            try unlinkEntryBySteps(context, parent: parent, name: name)
         }
-        return try unlinkEntryBySteps(context, parent: parent, name: name)
     }
 
     public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {

@@ -50,10 +50,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     // Guarded by `lock`.
     private let lock = PthreadMutex()
-    /// The hub answered opcode 45 (createOpen) with ENOSYS: it is older than that method.
-    let createOpenUnknown = Mutex(false)
-    /// The hub answered opcode 46 (unlinkEntry) with ENOSYS.
-    let unlinkEntryUnknown = Mutex(false)
+    /// Opcodes the hub answered with ENOSYS: it is older than those methods.
+    let unknownOpcodes = Mutex(Set<HubOpcode>())
     /// Broadcast when a connection attempt ends, a connection is lost, or a request slot frees up.
     private let stateChanged = ConditionVariable()
     private var state = State.disconnected
@@ -276,6 +274,21 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         logger.error("closing hub connection: protocol violation", metadata: ["hub": "\(address)", "problem": "\(problem)"])
         channel.close(promise: nil)
         return WeftError(EIO, "hub \(address.displayName) broke the wire protocol: \(problem)")
+    }
+
+    /// Sends `request` and unpacks its result; to a hub that answered its opcode with ENOSYS (one
+    /// older than the method), runs `fallback` instead, from then on.
+    func call<T>(_ request: HubRequest, unpack: (HubResponse) -> T?, fallback: () throws -> T) throws -> T {
+        let opcode = request.opcode
+        if !unknownOpcodes.withLock({ $0.contains(opcode) }) {
+            do {
+                guard let result = unpack(try call(request)) else { throw shapeMismatch(opcode) }
+                return result
+            } catch let error as WeftError where error.errno == ENOSYS {
+                unknownOpcodes.withLock { _ = $0.insert(opcode) }
+            }
+        }
+        return try fallback()
     }
 
     func shapeMismatch(_ opcode: HubOpcode) -> WeftError {
