@@ -31,7 +31,7 @@ let package = Package(
         .systemLibrary(name: "CRocksDB", path: "Sources/CRocksDB"),
         .systemLibrary(name: "CFuse3", path: "Sources/CFuse3", pkgConfig: "fuse3"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
-        // Small C helpers: hardware CRC32C.
+        // Small C helpers: hardware CRC32C, malloc tuning, the caching transfer-buffer allocator.
         .target(name: "CWeftSupport", path: "Sources/CWeftSupport",
                 cSettings: [.unsafeFlags(["-O3"])]),
 
@@ -47,7 +47,7 @@ let package = Package(
         .target(name: "WeftHub", dependencies: ["WeftProto", "WeftMeta", "WeftChunks",
                                                 .product(name: "Logging", package: "swift-log")]),
         // Wire codec and the SwiftNIO TCP / Unix-socket transport (client and server).
-        .target(name: "WeftNet", dependencies: ["WeftProto",
+        .target(name: "WeftNet", dependencies: ["WeftProto", "CWeftSupport",
                                                 .product(name: "NIOCore", package: "swift-nio"),
                                                 .product(name: "NIOPosix", package: "swift-nio"),
                                                 .product(name: "Logging", package: "swift-log")]),

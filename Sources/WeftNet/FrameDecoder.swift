@@ -113,19 +113,92 @@ extension WireCodec {
 
     private static func frameBuffer(_ header: FrameHeader, head: [UInt8], bulk: [UInt8]?,
                                     allocator: ByteBufferAllocator) throws -> ByteBuffer {
-        let length = headerBytes + head.count + (bulk?.count ?? 0)
+        guard let bulk else { return try frameBuffer(header, head: head, bulkBytes: nil, allocator: allocator) }
+        return try bulk.withUnsafeBytes { try frameBuffer(header, head: head, bulkBytes: $0, allocator: allocator) }
+    }
+
+    private static func frameBuffer(_ header: FrameHeader, head: [UInt8], bulkBytes: UnsafeRawBufferPointer?,
+                                    allocator: ByteBufferAllocator) throws -> ByteBuffer {
+        let length = headerBytes + head.count + (bulkBytes?.count ?? 0)
         guard length <= maxFrameBytes else {
             throw WeftError(EMSGSIZE, "a \(length)-byte frame exceeds the \(maxFrameBytes)-byte wire limit")
         }
         var buffer = allocator.buffer(capacity: lengthPrefixBytes + length)
+        writeFrameStart(header, length: length, into: &buffer)
+        buffer.writeBytes(head)
+        if let bulkBytes { buffer.writeBytes(bulkBytes) }
+        return buffer
+    }
+
+    private static func writeFrameStart(_ header: FrameHeader, length: Int, into buffer: inout ByteBuffer) {
         buffer.writeInteger(UInt32(length), endianness: .little)
         buffer.writeInteger(version)
         buffer.writeInteger(header.kind.rawValue)
         buffer.writeInteger(header.opcode, endianness: .little)
         buffer.writeInteger(header.requestID, endianness: .little)
-        buffer.writeBytes(head)
-        if let bulk { buffer.writeBytes(bulk) }
+    }
+
+    /// A writeSlice request frame whose data comes from caller memory, copied once, straight
+    /// into the frame (the same bytes as `requestBuffer` of `.writeSlice` with that data).
+    static func writeSliceRequestBuffer(id: UInt64, context: RequestContext, sliceID: SliceID,
+                                        bytes: UnsafeRawBufferPointer, allocator: ByteBufferAllocator) throws -> ByteBuffer {
+        try EncodeScratch.current.withWriter { head in
+            HubRequest.encodeWriteSliceHead(context, id: sliceID, count: bytes.count, into: &head)
+            return try frameBuffer(FrameHeader(kind: .request, opcode: HubOpcode.writeSlice.rawValue, requestID: id),
+                                   head: head.bytes, bulkBytes: bytes, allocator: allocator)
+        }
+    }
+
+    /// Bytes of a bulk response before its data: length prefix, header, status, data length.
+    static let bulkResponseHeadBytes = lengthPrefixBytes + headerBytes + 4 + 4
+
+    /// A successful `.bytes` response of `count` bytes that `fill` writes straight into the
+    /// frame (the same bytes as `responseBuffer` of `.success(.bytes(data))`). The data starts
+    /// on a page boundary when the allocator's block is page-aligned (`BulkMemory`), so a store
+    /// can read into it directly. If `fill` throws, the response is that error instead.
+    static func bulkResponseBuffer(id: UInt64, rawOpcode: UInt16, count: Int, allocator: ByteBufferAllocator,
+                                   fill: (UnsafeMutableRawBufferPointer) throws -> Void) -> ByteBuffer {
+        let length = headerBytes + 8 + count
+        guard length <= maxFrameBytes else {
+            let error = WeftError(EMSGSIZE, "a \(length)-byte frame exceeds the \(maxFrameBytes)-byte wire limit")
+            return responseBuffer(id: id, rawOpcode: rawOpcode, .failure(error), allocator: allocator)
+        }
+        let pageBytes = 4096
+        let pad = count >= Limits.blockSizeBytes ? pageBytes - bulkResponseHeadBytes : 0
+        var buffer = allocator.buffer(capacity: pad + lengthPrefixBytes + length)
+        buffer.moveWriterIndex(forwardBy: pad)
+        buffer.moveReaderIndex(forwardBy: pad)
+        writeFrameStart(FrameHeader(kind: .response, opcode: rawOpcode, requestID: id), length: length, into: &buffer)
+        buffer.writeInteger(Int32(0), endianness: .little)
+        buffer.writeInteger(UInt32(count), endianness: .little)
+        do {
+            _ = try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { free in
+                try fill(UnsafeMutableRawBufferPointer(rebasing: free[0..<count]))
+                return count
+            }
+        } catch {
+            let failure = error as? WeftError ?? WeftError(EIO, "hub failed: \(error)")
+            return responseBuffer(id: id, rawOpcode: rawOpcode, .failure(failure), allocator: allocator)
+        }
         return buffer
+    }
+
+    /// Decodes a `.bytes` response straight into `destination`: success only if the hub sent
+    /// exactly `destination.count` bytes. Throws for a malformed payload, like `decodeResponse`.
+    static func decodeBulkResponse(opcode: HubOpcode, payload: ByteBuffer,
+                                   into destination: UnsafeMutableRawBufferPointer) throws -> Result<Void, WeftError> {
+        try payload.withUnsafeReadableBytes { raw in
+            var reader = ByteReader(raw)
+            guard try reader.i32() == 0 else { return try decodeResponse(opcode: opcode, payload: raw).map { _ in () } }
+            let count = Int(try reader.u32())
+            let bytes = try reader.rawSlice(count)
+            guard reader.isAtEnd else { throw trailingBytes(reader.remaining, opcode) }
+            guard count == destination.count else {
+                return .failure(WeftError(EIO, "the hub sent \(count) bytes for a \(destination.count)-byte \(opcode.name)"))
+            }
+            destination.copyMemory(from: bytes)
+            return .success(())
+        }
     }
 
     /// Decodes a request payload in place (the only copies are the byte strings it contains).

@@ -72,6 +72,7 @@ final class ServerCore: @unchecked Sendable {
             return .respond(WireCodec.responseBuffer(id: id, rawOpcode: frame.header.opcode, .failure(error),
                                                      allocator: allocator), .none)
         }
+        if !cancelled, let outcome = executeBulk(opcode, frame, allocator: allocator) { return outcome }
         let request: HubRequest
         do {
             request = try WireCodec.decodeRequest(opcode: opcode, payload: frame.payload)
@@ -101,6 +102,56 @@ final class ServerCore: @unchecked Sendable {
         default: break
         }
         return .respond(WireCodec.responseBuffer(id: id, rawOpcode: opcode.rawValue, result, allocator: allocator), change)
+    }
+
+    /// writeSlice, readSlice and readSliceFrom without intermediate arrays (SPEC.md §4, Bulk
+    /// transfers): written data is copied once into page-aligned memory, so the store writes it
+    /// direct; read data goes straight into the response frame. Nil for any other request (and
+    /// for a read over the transfer limit: the general path answers it with the hub's error).
+    private func executeBulk(_ opcode: HubOpcode, _ frame: InboundFrame, allocator: ByteBufferAllocator) -> Outcome? {
+        let id = frame.header.requestID
+        switch opcode {
+        case .writeSlice:
+            let result: Result<HubResponse, WeftError>
+            do {
+                result = try frame.payload.withUnsafeReadableBytes { raw in
+                    var reader = ByteReader(raw)
+                    let context = try RequestContext.decode(from: &reader)
+                    let (sliceID, data) = try HubRequest.decodeWriteSliceTail(from: &reader)
+                    guard reader.isAtEnd else { throw WireCodec.trailingBytes(reader.remaining, opcode) }
+                    return Result {
+                        try BulkMemory.withAlignedScratch(count: data.count) { scratch in
+                            scratch.copyMemory(from: data)
+                            try hub.writeSlice(context, id: sliceID, bytes: UnsafeRawBufferPointer(scratch))
+                        }
+                        return .empty
+                    }.mapError { $0 as? WeftError ?? WeftError(EIO, "hub failed: \($0)") }
+                }
+            } catch let error as WeftError {
+                return .violation(WeftError(error.errno, "\(opcode) request \(id): \(error.message)"))
+            } catch {
+                return .violation(WeftError(EBADMSG, "\(opcode) request \(id): \(error)"))
+            }
+            return .respond(WireCodec.responseBuffer(id: id, rawOpcode: opcode.rawValue, result, allocator: allocator), .none)
+        case .readSlice, .readSliceFrom:
+            guard let request = try? WireCodec.decodeRequest(opcode: opcode, payload: frame.payload) else { return nil }
+            switch request {
+            case let .readSlice(context, sliceID, offset, length) where Int(length) <= Limits.transferMaxBytes:
+                return .respond(WireCodec.bulkResponseBuffer(id: id, rawOpcode: opcode.rawValue, count: Int(length),
+                                                             allocator: allocator) {
+                    try hub.readSlice(context, id: sliceID, offset: offset, into: $0)
+                }, .none)
+            case let .readSliceFrom(context, sliceID, offset, length, holders) where Int(length) <= Limits.transferMaxBytes:
+                return .respond(WireCodec.bulkResponseBuffer(id: id, rawOpcode: opcode.rawValue, count: Int(length),
+                                                             allocator: allocator) {
+                    try hub.readSlice(context, id: sliceID, offset: offset, holders: holders, into: $0)
+                }, .none)
+            default:
+                return nil
+            }
+        default:
+            return nil
+        }
     }
 
     /// Ends `sessions` on the worker pool, then marks the connection finished.

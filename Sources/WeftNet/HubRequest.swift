@@ -339,7 +339,7 @@ public enum HubRequest: Equatable, Sendable {
         case let .allocateSliceIDs(c, count):
             c.encode(into: &w); w.u32(count)
         case let .writeSlice(c, id, data):
-            c.encode(into: &w); w.u64(id); w.u32(UInt32(data.count))
+            Self.encodeWriteSliceHead(c, id: id, count: data.count, into: &w)
             return data
         case let .readSlice(c, id, offset, length):
             c.encode(into: &w); w.u64(id); w.u32(offset); w.u32(length)
@@ -388,6 +388,20 @@ public enum HubRequest: Equatable, Sendable {
     }
 
     /// Reads the payload of a request with `opcode`. Leaves any trailing bytes to the caller.
+    /// A writeSlice payload up to its data; the data's bytes follow (SPEC.md §4, Bulk transfers:
+    /// both ends move them without building an array).
+    static func encodeWriteSliceHead(_ c: RequestContext, id: SliceID, count: Int, into w: inout ByteWriter) {
+        c.encode(into: &w); w.u64(id); w.u32(UInt32(count))
+    }
+
+    /// The rest of a writeSlice payload after its context: the slice id and a view of the data.
+    static func decodeWriteSliceTail(from r: inout ByteReader) throws -> (SliceID, UnsafeRawBufferPointer) {
+        let id = try r.u64()
+        let count = Int(try r.u32())
+        guard count <= r.maxBlobBytes else { throw WeftError.malformed }
+        return (id, try r.rawSlice(count))
+    }
+
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubRequest {
         switch opcode {
         case .openSession:
@@ -498,7 +512,8 @@ public enum HubRequest: Equatable, Sendable {
         case .allocateSliceIDs:
             return .allocateSliceIDs(c, count: try r.u32())
         case .writeSlice:
-            return .writeSlice(c, id: try r.u64(), data: try r.blob())
+            let (id, data) = try decodeWriteSliceTail(from: &r)
+            return .writeSlice(c, id: id, data: Array(data))
         case .readSlice:
             return .readSlice(c, id: try r.u64(), offset: try r.u32(), length: try r.u32())
         case .layout:

@@ -124,6 +124,7 @@ public final class HubServer: @unchecked Sendable {
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(ChannelOptions.recvAllocator,
                                 value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 4096, maximum: 256 * 1024))
+            .childChannelOption(ChannelOptions.allocator, value: BulkMemory.allocator)
             .childChannelInitializer { [weak self] channel in
                 guard let self, self.admit(channel) else { return channel.close() }
                 do {

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import NIOCore
 import WeftProto
 
 /// The `HubAPI` methods of `RemoteHub`: each builds its request, calls, and unpacks the result.
@@ -126,6 +127,28 @@ extension RemoteHub {
         try bytes(.readSlice(context, id: id, offset: offset, length: length))
     }
 
+    /// Encodes the frame straight from `bytes` (SPEC.md §4, Bulk transfers).
+    public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
+        let response = try call(.writeSlice(context, id: id, data: []), encode: { requestID, request, allocator in
+            guard case let .writeSlice(sent, sliceID, _) = request else { preconditionFailure("not a writeSlice") }
+            return try WireCodec.writeSliceRequestBuffer(id: requestID, context: sent, sliceID: sliceID, bytes: bytes,
+                                                         allocator: allocator)
+        }, decode: Self.decodeResponse)
+        guard case .empty = response else { throw shapeMismatch(.writeSlice) }
+    }
+
+    /// Copies the reply's bytes straight from the receive buffer into `destination`.
+    public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32,
+                          into destination: UnsafeMutableRawBufferPointer) throws {
+        try readSlice(.readSlice(context, id: id, offset: offset, length: UInt32(clamping: destination.count)), into: destination)
+    }
+
+    private func readSlice(_ request: HubRequest, into destination: UnsafeMutableRawBufferPointer) throws {
+        try call(request, encode: Self.encodeRequest, decode: { opcode, payload in
+            try WireCodec.decodeBulkResponse(opcode: opcode, payload: payload, into: destination)
+        })
+    }
+
     public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {
         let request = HubRequest.layout(context, ino: ino, firstChunk: firstChunk, count: count)
         guard case let .layout(attributes, chunks) = try call(request) else { throw shapeMismatch(.layout) }
@@ -166,9 +189,9 @@ extension RemoteHub {
 
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, holders: [UInt16],
                           into destination: UnsafeMutableRawBufferPointer) throws {
-        let bytes = try readSlice(context, id: id, offset: offset, length: UInt32(destination.count), holders: holders)
-        guard bytes.count == destination.count else { throw WeftError(EIO, "short read of chunk object \(id)") }
-        bytes.withUnsafeBytes { destination.copyMemory(from: $0) }
+        if holders.isEmpty { return try readSlice(context, id: id, offset: offset, into: destination) }
+        try readSlice(.readSliceFrom(context, id: id, offset: offset, length: UInt32(clamping: destination.count), holders: holders),
+                      into: destination)
     }
 
     public func fetchObject(id: SliceID, offset: UInt32, length: UInt32) throws -> (fileBytes: UInt32, bytes: [UInt8]) {

@@ -169,12 +169,30 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     /// Sends `request` on the live connection (connecting first if needed) and waits for its result.
     func call(_ request: HubRequest) throws -> HubResponse {
+        try call(request, encode: Self.encodeRequest, decode: Self.decodeResponse)
+    }
+
+    /// Encodes a request frame; the request passed is the one to send (its session substituted).
+    typealias Encoder = (_ id: UInt64, _ request: HubRequest, _ allocator: ByteBufferAllocator) throws -> ByteBuffer
+    /// Decodes a response payload: throws if malformed, returns the hub's error as a failure.
+    typealias Decoder<R> = (_ opcode: HubOpcode, _ payload: ByteBuffer) throws -> Result<R, WeftError>
+
+    static func encodeRequest(id: UInt64, request: HubRequest, allocator: ByteBufferAllocator) throws -> ByteBuffer {
+        try WireCodec.requestBuffer(id: id, request, allocator: allocator)
+    }
+
+    static func decodeResponse(opcode: HubOpcode, payload: ByteBuffer) throws -> Result<HubResponse, WeftError> {
+        try WireCodec.decodeResponse(opcode: opcode, payload: payload)
+    }
+
+    /// `call` with its own frame encoding and response decoding (bulk transfers).
+    func call<R>(_ request: HubRequest, encode: Encoder, decode: Decoder<R>) throws -> R {
         // A request whose connection closed before it was sent is sent once more on a new one.
         do {
-            return try send(request, on: try liveConnection())
+            return try send(request, on: try liveConnection(), encode: encode, decode: decode)
         } catch is NotSent {
             do {
-                return try send(request, on: try liveConnection())
+                return try send(request, on: try liveConnection(), encode: encode, decode: decode)
             } catch is NotSent {
                 throw WeftError(EIO, "connection to hub \(address.displayName) lost")
             }
@@ -186,6 +204,12 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// Sends `request` on `connection` and blocks until its response or `requestTimeoutMs`.
     /// Throws `NotSent` if the connection was already closed.
     private func send(_ request: HubRequest, on connection: ClientConnection, substituteSession: Bool = true) throws -> HubResponse {
+        try send(request, on: connection, substituteSession: substituteSession, encode: Self.encodeRequest,
+                 decode: Self.decodeResponse)
+    }
+
+    private func send<R>(_ request: HubRequest, on connection: ClientConnection, substituteSession: Bool = true,
+                         encode: Encoder, decode: Decoder<R>) throws -> R {
         let waiter = currentWaiter()
         let opcode = request.opcode
         let deadlineNs = MonotonicClock.deadlineNs(afterMs: requestTimeoutMs)
@@ -215,7 +239,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
         let buffer: ByteBuffer
         do {
-            buffer = try WireCodec.requestBuffer(id: id, wireRequest, allocator: channel.allocator)
+            buffer = try encode(id, wireRequest, channel.allocator)
         } catch {
             abandon(id, on: connection)
             throw error
@@ -237,9 +261,9 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         guard frame.header.opcode == opcode.rawValue else {
             throw protocolViolation(on: channel, "response to \(opcode) request \(id) carries opcode \(frame.header.opcode)")
         }
-        let result: Result<HubResponse, WeftError>
+        let result: Result<R, WeftError>
         do {
-            result = try WireCodec.decodeResponse(opcode: opcode, payload: frame.payload)
+            result = try decode(opcode, frame.payload)
         } catch {
             throw protocolViolation(on: channel, "malformed \(opcode) response: \(error)")
         }
@@ -428,6 +452,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             .connectTimeout(.milliseconds(Int64(connectTimeoutMs)))
             .channelOption(ChannelOptions.recvAllocator,
                            value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 4096, maximum: 256 * 1024))
+            .channelOption(ChannelOptions.allocator, value: BulkMemory.allocator)
             .channelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandlers(

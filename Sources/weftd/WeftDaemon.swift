@@ -53,6 +53,8 @@ struct Serve: ParsableCommand {
     var idleTimeoutMs: Int { Int(sessionTimeout * 1000) }
 
     func run() throws {
+        // A hub moves many agents' chunk frames at once: keep more transfer buffers for reuse.
+        BulkMemory.setCacheLimit(bytes: 256 << 20)
         guard let mode = DurabilityMode(rawValue: durability) else {
             throw ValidationError("--durability must be strict or periodic")
         }

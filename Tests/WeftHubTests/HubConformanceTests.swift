@@ -274,7 +274,7 @@ class HubConformanceTests: HubTestCase {
             // Half random, half a repeating pattern, so that zstd compresses some blocks.
             var data = random.bytes(chunkSize / 2)
             data += (0..<chunkSize / 2).map { UInt8(truncatingIfNeeded: $0 / 7) }
-            let id = try hub.api.allocateSliceIDs(context, count: 4)
+            let id = try hub.api.allocateSliceIDs(context, count: 6)
             try hub.api.writeSlice(context, id: id, data: data)
             try hub.api.writeSlice(context, id: id + 1, data: [42])
             XCTAssertEqual(try hub.api.readSlice(context, id: id, offset: 0, length: UInt32(chunkSize)), data)
@@ -291,8 +291,24 @@ class HubConformanceTests: HubTestCase {
             XCTAssertErrno(EINVAL, try hub.api.writeSlice(context, id: 0, data: [1]))
             XCTAssertErrno(EINVAL, try hub.api.writeSlice(context, id: id + 3, data: [UInt8](repeating: 0, count: chunkSize + 1)),
                            "larger than a chunk")
+            // The same through caller memory: the bulk paths of the network transport.
+            try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id + 4, bytes: $0) }
+            var whole = [UInt8](repeating: 0, count: chunkSize)
+            try whole.withUnsafeMutableBytes { try hub.api.readSlice(context, id: id + 4, offset: 0, into: $0) }
+            XCTAssertEqual(whole, data)
+            var part = [UInt8](repeating: 0, count: 12)
+            try part.withUnsafeMutableBytes {
+                try hub.api.readSlice(context, id: id, offset: UInt32(aroundBlockEnd), holders: [], into: $0)
+            }
+            XCTAssertEqual(part, Array(data[aroundBlockEnd..<aroundBlockEnd + 12]))
+            XCTAssertErrno(EINVAL, try part.withUnsafeMutableBytes {
+                try hub.api.readSlice(context, id: id + 4, offset: UInt32(chunkSize) - 1, into: $0)
+            })
+            XCTAssertErrno(ENOENT, try part.withUnsafeMutableBytes { try hub.api.readSlice(context, id: id + 5, offset: 0, into: $0) })
+            XCTAssertErrno(EEXIST, try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id + 4, bytes: $0) })
+            XCTAssertErrno(EINVAL, try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id + 100, bytes: $0) })
             if compression == .zstd {
-                XCTAssertLessThan(try hub.api.status().storedBytes, UInt64(chunkSize), "the pattern half compresses")
+                XCTAssertLessThan(try hub.api.status().storedBytes, UInt64(2 * chunkSize), "the pattern half compresses")
             }
         }
     }

@@ -32,6 +32,21 @@ final class RemoteHubConformanceTests: HubConformanceTests {
         XCTAssertErrno(ESHUTDOWN, try client.status(), "a closed client refuses calls")
     }
 
+    func testObjectsWrittenOverTheNetworkGoDirectToDisk() throws {
+        // SPEC.md §4, Bulk transfers: the server copies received data into page-aligned memory,
+        // so the store's O_DIRECT path applies as it does for an embedded hub.
+        let hub = try makeHub(chunkSizeBytes: 1 << 20, compression: .none)
+        let context = RequestContext(session: try hub.api.openSession(agentName: "direct").0, credentials: rootCaller)
+        let before = hub.hub.chunks.directIOCounters
+        let data = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 5) }
+        let id = try hub.api.allocateSliceIDs(context, count: 1)
+        try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id, bytes: $0) }
+        let after = hub.hub.chunks.directIOCounters
+        // Unless the test directory's file system refused O_DIRECT (then the store turned it off).
+        if after.enabled { XCTAssertEqual(after.writes, before.writes + 1) }
+        XCTAssertEqual(try hub.api.readSlice(context, id: id, offset: 0, length: UInt32(data.count)), data)
+    }
+
     func testHubThatRefusesConnectionsFailsFast() throws {
         // A port nothing listens on: bind one, then close it.
         let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)

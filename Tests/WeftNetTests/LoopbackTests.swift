@@ -95,6 +95,17 @@ final class LoopbackTests: XCTestCase {
             XCTAssertEqual(($0 as? WeftError)?.errno, EIO)
             XCTAssertEqual(($0 as? WeftError)?.message, "slice 78 damaged")
         }
+        // The bulk paths: from and into caller memory.
+        try data.withUnsafeBytes { try client.writeSlice(c, id: 79, bytes: UnsafeRawBufferPointer(rebasing: $0[8..<(1 << 20)])) }
+        var into = [UInt8](repeating: 0, count: 50)
+        try into.withUnsafeMutableBytes { try client.readSlice(c, id: 79, offset: 100, into: $0) }
+        XCTAssertEqual(into, Array(data[108..<158]))
+        try into.withUnsafeMutableBytes { try client.readSlice(c, id: 77, offset: 10, holders: [3], into: $0) }
+        XCTAssertEqual(into, Array(data[10..<60]))
+        XCTAssertThrowsError(try into.withUnsafeMutableBytes { try client.readSlice(c, id: 78, offset: 0, into: $0) }) {
+            XCTAssertEqual(($0 as? WeftError)?.errno, EIO)
+            XCTAssertEqual(($0 as? WeftError)?.message, "slice 78 damaged")
+        }
         let (attributes, chunks) = try client.layout(c, ino: 20, firstChunk: 4, count: 5)
         XCTAssertEqual(attributes.ino, 20)
         XCTAssertEqual(chunks.map(\.count), [1, 2, 0, 1, 2])

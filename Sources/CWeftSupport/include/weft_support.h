@@ -14,4 +14,22 @@ void weft_bound_malloc(int mmap_threshold_bytes, int arena_max, int trim_thresho
 /// The platform's O_DIRECT open flag (hidden behind _GNU_SOURCE in the Glibc module).
 int weft_o_direct_flag(void);
 
+/// Caching allocator for transfer buffers (SPEC.md §4, Bulk transfers). Blocks of 64 KiB and
+/// more are page-aligned and, when freed, kept for reuse up to the cache limit. Thread-safe.
+void *weft_bulk_allocate(size_t size);
+void *weft_bulk_reallocate(void *pointer, size_t old_size, size_t new_size);
+void weft_bulk_free(void *pointer);
+void weft_bulk_copy(void *destination, const void *source, size_t count);
+/// Usable bytes of a block from weft_bulk_allocate.
+size_t weft_bulk_capacity(const void *pointer);
+/// Bytes of freed large blocks kept for reuse (default 64 MiB); shrinks the cache at once.
+void weft_bulk_set_cache_limit(size_t bytes);
+
+typedef struct {
+    uint64_t mapped;        // large blocks mapped fresh
+    uint64_t reused;        // large blocks served from the cache
+    uint64_t cached_bytes;  // bytes held in the cache now
+} weft_bulk_stats_t;
+weft_bulk_stats_t weft_bulk_stats(void);
+
 #endif
