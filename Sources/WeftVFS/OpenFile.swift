@@ -100,15 +100,43 @@ final class BufferPool: @unchecked Sendable {
     deinit { free.forEach { $0.deallocate() } }
 }
 
+/// A whole chunk taken out of a file's write buffer for a background upload (SPEC.md §7,
+/// Write-behind). Guarded by its file's `lock`.
+final class StagedChunk {
+    let index: UInt32
+    /// In write order; nobody appends to them any more.
+    let extents: [Extent]
+    /// Until the upload ends.
+    var running = true
+    /// The slices to commit, once uploaded; nil before, or after a failed upload.
+    var uploaded: [SliceCommit]?
+
+    init(index: UInt32, extents: [Extent]) {
+        self.index = index
+        self.extents = extents
+    }
+}
+
 /// The agent's state for one open inode, shared by all its handles: last known attributes,
-/// cached layouts and the write-back buffer. Guarded by `lock`.
+/// cached layouts and the write-back buffer. Guarded by `lock` (a condition: a commit waits on
+/// it for the file's background uploads).
 final class OpenFile {
     let ino: InodeID
-    let lock = NSLock()
+    let lock = NSCondition()
     var attributes: Attributes
     var handles = 0
     /// Uncommitted writes per chunk index, in write order (later extents cover earlier ones).
     var dirty: [UInt32: [Extent]] = [:]
+    /// Whole chunks taken out of `dirty` to upload in the background, in staging order; they
+    /// commit before anything still in `dirty`.
+    var staged: [StagedChunk] = []
+    /// Staged chunks whose upload is running.
+    var uploadsRunning = 0
+    /// Commits waiting for this file's uploads: no chunk is staged meanwhile, so they wait for
+    /// a bounded number.
+    var commitsWaiting = 0
+    /// Buffered bytes, staged ones included (they count against the write-buffer bound until
+    /// their commit).
     var dirtyBytes = 0
     /// Largest end offset of any uncommitted write.
     var dirtyEnd: UInt64 = 0
@@ -176,7 +204,7 @@ final class OpenFile {
         }
     }
 
-    var hasDirtyData: Bool { !dirty.isEmpty }
+    var hasDirtyData: Bool { !dirty.isEmpty || !staged.isEmpty }
 
     /// Attributes as this agent sees them: committed ones, extended by buffered writes.
     var visibleAttributes: Attributes {
@@ -227,9 +255,31 @@ final class OpenFile {
         dirtyMtimeNs = currentTimeNs()
     }
 
-    /// True when some chunk's buffered bytes reach a whole chunk (time to upload it).
-    func hasFullChunk(chunkSizeBytes: Int) -> Bool {
-        dirty.values.contains { extents in extents.reduce(0) { $0 + $1.buffer.count } >= chunkSizeBytes }
+    /// Moves chunk `index` to `staged` if its buffered bytes reach a whole chunk, unless a commit
+    /// is waiting for the uploads. Returns the staged chunk, counted as running.
+    func stageIfFull(_ index: UInt32, chunkSizeBytes: Int) -> StagedChunk? {
+        guard commitsWaiting == 0, let extents = dirty[index],
+              extents.reduce(0, { $0 + $1.buffer.count }) >= chunkSizeBytes else { return nil }
+        dirty[index] = nil
+        let chunk = StagedChunk(index: index, extents: extents)
+        staged.append(chunk)
+        uploadsRunning += 1
+        return chunk
+    }
+
+    /// Waits (releasing `lock`) until no upload of this file runs. Call with `lock` held.
+    func waitForUploads() {
+        commitsWaiting += 1
+        while uploadsRunning > 0 { lock.wait() }
+        commitsWaiting -= 1
+    }
+
+    /// Records the end of `chunk`'s upload and wakes waiting commits. Call with `lock` held.
+    func uploadEnded(_ chunk: StagedChunk, slices: [SliceCommit]?) {
+        chunk.uploaded = slices
+        chunk.running = false
+        uploadsRunning -= 1
+        lock.broadcast()
     }
 }
 

@@ -677,10 +677,47 @@ public final class VFS: @unchecked Sendable {
         file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes, pool: pool)
         logger.trace("write \(file.ino) at \(position) +\(data.count): dirty end \(file.dirtyEnd)")
         // Without the write lease another node may read this file now: write through.
-        if !file.isWriteLeased || file.hasFullChunk(chunkSizeBytes: chunkSizeBytes) {
+        if !file.isWriteLeased {
             try flushLocked(file, context: handle.context, durable: false)
+            return data.count
+        }
+        let chunkSize = UInt64(chunkSizeBytes)
+        for index in UInt32(position / chunkSize)...UInt32((position + UInt64(data.count) - 1) / chunkSize) {
+            if let chunk = file.stageIfFull(index, chunkSizeBytes: chunkSizeBytes) {
+                startUpload(chunk, of: file, context: handle.context)
+            }
         }
         return data.count
+    }
+
+    /// Uploads a staged chunk in the background (SPEC.md §7, Write-behind); the file's next
+    /// commit waits for it and commits its slices, or uploads it again if it failed.
+    func startUpload(_ chunk: StagedChunk, of file: OpenFile, context: RequestContext) {
+        Self.uploadPool.async { [self] in
+            var slices: [SliceCommit]?
+            do {
+                slices = try upload(chunk.extents, of: chunk.index, context: context)
+            } catch {
+                logger.debug("background upload of inode \(file.ino) chunk \(chunk.index) failed, the commit retries: \(error)")
+            }
+            file.lock.lock()
+            file.uploadEnded(chunk, slices: slices)
+            file.lock.unlock()
+        }
+    }
+
+    /// Background uploads of full chunks, shared by every VFS of the process.
+    static let uploadPool = WorkerPool(name: "weft-upload", threads: 4)
+
+    /// Writes `extents` of chunk `index` as new objects; the slices that commit them, in order.
+    func upload(_ extents: [Extent], of index: UInt32, context: RequestContext) throws -> [SliceCommit] {
+        try extents.map { extent in
+            let id = try nextSliceID(context)
+            try hub.writeSlice(context, id: id, bytes: extent.buffer.bytes)
+            let length = UInt32(extent.buffer.count)
+            return SliceCommit(chunkIndex: index, slice: Slice(id: id, offsetInChunk: extent.offsetInChunk,
+                                                               length: length, objectLength: length))
+        }
     }
 
     /// Commits the handle's file (close(2) and flush).
@@ -752,25 +789,25 @@ public final class VFS: @unchecked Sendable {
         return first
     }
 
-    /// Uploads the file's buffered extents as new chunk objects and commits them in one change.
-    /// Caller holds `file.lock`. On failure the buffers are kept, so nothing is lost.
+    /// Uploads the file's buffered extents as new chunk objects and commits them, after its
+    /// staged chunks, in one change. Caller holds `file.lock`. On failure the buffers are kept,
+    /// so nothing is lost.
     func flushLocked(_ file: OpenFile, context: RequestContext, durable: Bool) throws {
         guard file.hasDirtyData else {
             if durable { try hub.sync(context) }
             return
         }
+        file.waitForUploads()
         var attempt = 0
         while true {
             attempt += 1
             var commits: [SliceCommit] = []
+            for chunk in file.staged {
+                if chunk.uploaded == nil { chunk.uploaded = try upload(chunk.extents, of: chunk.index, context: context) }
+                commits += chunk.uploaded!
+            }
             for index in file.dirty.keys.sorted() {
-                for extent in file.dirty[index]! {
-                    let id = try nextSliceID(context)
-                    try hub.writeSlice(context, id: id, bytes: extent.buffer.bytes)
-                    let length = UInt32(extent.buffer.count)
-                    commits.append(SliceCommit(chunkIndex: index, slice: Slice(id: id, offsetInChunk: extent.offsetInChunk,
-                                                                               length: length, objectLength: length)))
-                }
+                commits += try upload(file.dirty[index]!, of: index, context: context)
             }
             do {
                 let before = file.attributes.dataVersion
@@ -787,6 +824,7 @@ public final class VFS: @unchecked Sendable {
             } catch let error as WeftError where error.errno == ESTALE && attempt == 1 {
                 // The hub lost the objects (it restarted before the commit): write them again.
                 logger.warning("re-uploading inode \(file.ino) data: \(error.message)")
+                for chunk in file.staged { chunk.uploaded = nil }
                 continue
             } catch let error as WeftError where error.errno == ESTALE {
                 // The file itself is gone (unlinked and reclaimed): drop what was buffered for it.
@@ -798,12 +836,18 @@ public final class VFS: @unchecked Sendable {
         }
     }
 
-    /// Drops a file's committed extents, returning pooled buffers.
+    /// Drops a file's committed extents, staged ones included, returning pooled buffers. No
+    /// upload of the file may be running.
     func recycle(_ file: OpenFile) {
+        precondition(file.uploadsRunning == 0, "recycling buffers an upload still reads")
         for extents in file.dirty.values {
             for extent in extents { pool.give(extent.buffer) }
         }
+        for chunk in file.staged {
+            for extent in chunk.extents { pool.give(extent.buffer) }
+        }
         file.dirty.removeAll()
+        file.staged.removeAll()
     }
 
     /// Frees write-buffer space by committing the file with the most buffered data.

@@ -124,6 +124,55 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(try contents(of: ino, via: try makeAgent()), model)
     }
 
+    /// SPEC.md §7, Write-behind: full chunks upload in the background, and the commit puts them
+    /// before later writes to the same chunk, so the file is as if nothing had been staged.
+    func testStagedChunksCommitBeforeLaterWritesToThem() throws {
+        let agent = try makeAgent()
+        let (ino, handle) = try create(agent, "staged")
+        var model: [UInt8] = []
+        func apply(_ offset: Int, _ data: [UInt8]) throws {
+            try write(agent, handle, at: offset, data)
+            if offset + data.count > model.count { model += [UInt8](repeating: 0, count: offset + data.count - model.count) }
+            model.replaceSubrange(offset..<offset + data.count, with: data)
+        }
+        try apply(0, [UInt8](repeating: 1, count: 2 * Self.chunk))           // chunks 0 and 1 staged
+        let file = try XCTUnwrap(agent.files[ino])
+        XCTAssertEqual(file.lock.withLock { file.staged.map(\.index) }, [0, 1], "whole chunks are staged, not committed")
+        try apply(10, [UInt8](repeating: 2, count: 20))                       // buffered over staged chunk 0
+        try apply(Self.chunk, [UInt8](repeating: 3, count: Self.chunk))       // chunk 1 staged a second time
+        try apply(Self.chunk + 5, [4])
+        XCTAssertEqual(try read(agent, handle, at: 0, model.count), model, "the writer reads its own writes")
+        try agent.release(handle: handle)
+        XCTAssertEqual(file.lock.withLock { file.staged.count + file.dirty.count }, 0, "the commit took everything")
+        XCTAssertEqual(try contents(of: ino, via: try makeAgent()), model)
+    }
+
+    /// A background upload that fails is done again by the commit; if that fails too, the commit
+    /// fails and keeps the bytes for the next one.
+    func testFailedBackgroundUploadIsRedoneByTheCommit() throws {
+        let chunks = fixture.hub.chunks.directory
+        let fanOuts = (0..<256).map { String(format: "%02x", $0) }
+        func breakStore() throws {
+            for name in fanOuts { try FileManager.default.moveItem(atPath: "\(chunks)/\(name)", toPath: "\(chunks)/\(name).away") }
+        }
+        func repairStore() throws {
+            for name in fanOuts { try FileManager.default.moveItem(atPath: "\(chunks)/\(name).away", toPath: "\(chunks)/\(name)") }
+        }
+        let agent = try makeAgent()
+        let (ino, handle) = try create(agent, "flaky")
+        var random = SeededRandom(seed: 9)
+        let data = random.bytes(Self.chunk + 100)
+        try breakStore()
+        try write(agent, handle, at: 0, data)
+        let file = try XCTUnwrap(agent.files[ino])
+        XCTAssertTrue(eventually { file.lock.withLock { file.uploadsRunning == 0 } })
+        XCTAssertEqual(file.lock.withLock { file.staged.map { $0.uploaded == nil } }, [true], "the upload failed")
+        XCTAssertThrowsError(try agent.flush(handle: handle), "the commit's own upload fails as well")
+        try repairStore()
+        try agent.release(handle: handle)
+        XCTAssertEqual(try contents(of: ino, via: try makeAgent()), data, "nothing was lost")
+    }
+
     func testHolesReadAsZeros() throws {
         let agent = try makeAgent()
         let (ino, handle) = try create(agent, "holes")
