@@ -687,7 +687,47 @@ public final class VFS: @unchecked Sendable {
                 startUpload(chunk, of: file, context: handle.context)
             }
         }
+        commitUploadedPrefix(file, context: handle.context)
         return data.count
+    }
+
+    /// Uploaded staged chunks at the front of a file's list that make a commit of their own.
+    static let stagedCommitBatch = 4
+
+    /// Commits the staged chunks at the front of `file`'s list whose uploads ended, once there
+    /// are `stagedCommitBatch` of them: a long write publishes its progress and frees their
+    /// buffers without waiting for the file's next commit. Everything staged or buffered after
+    /// them is newer, so committing them first keeps the slice order. A failure is left to the
+    /// next commit. Caller holds `file.lock`.
+    func commitUploadedPrefix(_ file: OpenFile, context: RequestContext) {
+        let ready = file.staged.prefix { $0.uploaded != nil }
+        guard ready.count >= Self.stagedCommitBatch else { return }
+        let commits = ready.flatMap { $0.uploaded! }
+        let chunkSize = UInt64(chunkSizeBytes)
+        let end = commits.map { UInt64($0.chunkIndex) * chunkSize + UInt64($0.slice.offsetInChunk) + UInt64($0.slice.length) }
+            .max() ?? 0
+        do {
+            let before = file.attributes.dataVersion
+            let attributes = try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: end, durable: false)
+            if file.kernelCacheVersion == before { file.kernelCacheVersion = attributes.dataVersion }
+            var bytes = 0
+            for chunk in ready {
+                for extent in chunk.extents {
+                    bytes += extent.buffer.count
+                    pool.give(extent.buffer)
+                }
+            }
+            file.staged.removeFirst(ready.count)
+            file.dirtyBytes -= bytes
+            budget.release(bytes)
+            if !file.hasDirtyData { file.dirtyEnd = 0 }
+            file.layouts.removeAll()
+            file.attributes = attributes
+        } catch {
+            // The objects are gone (the hub restarted): the next commit uploads them again.
+            if (error as? WeftError)?.errno == ESTALE { ready.forEach { $0.uploaded = nil } }
+            logger.debug("commit of inode \(file.ino)'s uploaded chunks failed, the next commit retries: \(error)")
+        }
     }
 
     /// Uploads a staged chunk in the background (SPEC.md §7, Write-behind); the file's next

@@ -147,6 +147,27 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(try contents(of: ino, via: try makeAgent()), model)
     }
 
+    /// A long write commits its uploaded chunks in batches, before the file's next commit.
+    func testUploadedChunksCommitInBatchesDuringALongWrite() throws {
+        let agent = try makeAgent()
+        let (ino, handle) = try create(agent, "long")
+        var random = SeededRandom(seed: 4)
+        let data = random.bytes(6 * Self.chunk)
+        try write(agent, handle, at: 0, Array(data[0..<5 * Self.chunk]))
+        let file = try XCTUnwrap(agent.files[ino])
+        XCTAssertTrue(eventually { file.lock.withLock { file.uploadsRunning == 0 } })
+        XCTAssertEqual(file.lock.withLock { file.staged.count }, 5, "nothing committed yet")
+        try write(agent, handle, at: 5 * Self.chunk, Array(data[5 * Self.chunk..<5 * Self.chunk + 10]))
+        file.lock.withLock {
+            XCTAssertEqual(file.staged.count, 0, "the uploaded chunks were committed by the next write")
+            XCTAssertEqual(file.attributes.size, UInt64(5 * Self.chunk), "and the hub has them")
+            XCTAssertEqual(file.dirtyBytes, 10, "their buffers left the write-buffer bound")
+        }
+        try write(agent, handle, at: 5 * Self.chunk + 10, Array(data[(5 * Self.chunk + 10)...]))
+        try agent.release(handle: handle)
+        XCTAssertEqual(try contents(of: ino, via: try makeAgent()), data)
+    }
+
     /// A background upload that fails is done again by the commit; if that fails too, the commit
     /// fails and keeps the bytes for the next one.
     func testFailedBackgroundUploadIsRedoneByTheCommit() throws {
