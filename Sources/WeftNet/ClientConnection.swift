@@ -8,6 +8,10 @@ import WeftProto
 final class ResponseWaiter {
     let wakeup = ConditionVariable()
     var outcome: Result<InboundFrame, WeftError>?
+    /// Set by a call whose response is consumed on the event loop (a bulk read into caller
+    /// memory): it runs there, under the lock, instead of handing the frame over, so the frame
+    /// does not keep the receive buffer shared while the next frames arrive (NIO would copy it).
+    var consume: ((InboundFrame) -> Void)?
 }
 
 /// One connection to the hub and what lives on it. Every field is guarded by `RemoteHub`'s lock;

@@ -146,7 +146,7 @@ extension RemoteHub {
     private func readSlice(_ request: HubRequest, into destination: UnsafeMutableRawBufferPointer) throws {
         try call(request, encode: Self.encodeRequest, decode: { opcode, payload in
             try WireCodec.decodeBulkResponse(opcode: opcode, payload: payload, into: destination)
-        })
+        }, decodeOnLoop: true)
     }
 
     public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {

@@ -186,13 +186,17 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     }
 
     /// `call` with its own frame encoding and response decoding (bulk transfers).
-    func call<R>(_ request: HubRequest, encode: Encoder, decode: Decoder<R>) throws -> R {
+    /// With `decodeOnLoop` the event loop runs `decode` as the response arrives (the caller's
+    /// memory it writes to stays valid: the caller waits, and a timed-out call is no longer
+    /// pending, so its response is dropped).
+    func call<R>(_ request: HubRequest, encode: Encoder, decode: @escaping Decoder<R>, decodeOnLoop: Bool = false) throws -> R {
         // A request whose connection closed before it was sent is sent once more on a new one.
         do {
-            return try send(request, on: try liveConnection(), encode: encode, decode: decode)
+            return try send(request, on: try liveConnection(), encode: encode, decode: decode, decodeOnLoop: decodeOnLoop)
         } catch is NotSent {
             do {
-                return try send(request, on: try liveConnection(), encode: encode, decode: decode)
+                return try send(request, on: try liveConnection(), encode: encode, decode: decode,
+                                decodeOnLoop: decodeOnLoop)
             } catch is NotSent {
                 throw WeftError(EIO, "connection to hub \(address.displayName) lost")
             }
@@ -209,9 +213,11 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     }
 
     private func send<R>(_ request: HubRequest, on connection: ClientConnection, substituteSession: Bool = true,
-                         encode: Encoder, decode: Decoder<R>) throws -> R {
+                         encode: Encoder, decode: @escaping Decoder<R>, decodeOnLoop: Bool = false) throws -> R {
         let waiter = currentWaiter()
         let opcode = request.opcode
+        // With `decodeOnLoop`: what the event loop decoded (guarded by `lock`).
+        var decoded: Result<Result<R, WeftError>, Error>?
         let deadlineNs = MonotonicClock.deadlineNs(afterMs: requestTimeoutMs)
 
         // Register: take a slot and an id, substitute the live session.
@@ -225,6 +231,12 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             let id = nextRequestID
             nextRequestID &+= 1
             waiter.outcome = nil
+            waiter.consume = nil
+            if decodeOnLoop {
+                waiter.consume = { frame in
+                    decoded = Result { try decode(opcode, frame.payload) }
+                }
+            }
             connection.pending[id] = waiter
             var wireRequest = request
             if substituteSession, let session = request.session, let liveID = connection.liveSessions[session], liveID != session {
@@ -254,7 +266,10 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
                     throw timedOut(opcode)
                 }
             }
-            defer { waiter.outcome = nil }
+            defer {
+                waiter.outcome = nil
+                waiter.consume = nil
+            }
             return try waiter.outcome!.get()
         }
 
@@ -263,7 +278,11 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         }
         let result: Result<R, WeftError>
         do {
-            result = try decode(opcode, frame.payload)
+            if decodeOnLoop {
+                result = try lock.withLock { decoded }!.get()
+            } else {
+                result = try decode(opcode, frame.payload)
+            }
         } catch {
             throw protocolViolation(on: channel, "malformed \(opcode) response: \(error)")
         }
@@ -339,7 +358,12 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         lock.withLock {
             // No waiter: the request timed out and its answer is dropped.
             guard let waiter = connection.pending.removeValue(forKey: frame.header.requestID) else { return }
-            waiter.outcome = .success(frame)
+            if let consume = waiter.consume {
+                consume(frame)
+                waiter.outcome = .success(InboundFrame(header: frame.header, payload: ByteBuffer()))
+            } else {
+                waiter.outcome = .success(frame)
+            }
             waiter.wakeup.signal()
             slotFreed()
         }

@@ -234,8 +234,12 @@ final class FakeHub: HubAPI, @unchecked Sendable {
         lock.lock(); slices[id] = data; lock.unlock()
     }
 
+    /// readSlice of this id answers after 600 ms.
+    static let slowSliceID: SliceID = 80
+
     func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {
         enter(context); defer { leave() }
+        if id == Self.slowSliceID { usleep(600_000) }
         lock.lock(); let stored = slices[id]; lock.unlock()
         guard let stored else { throw WeftError(EIO, "slice \(id) damaged") }
         let start = min(Int(offset), stored.count), end = min(start + Int(length), stored.count)

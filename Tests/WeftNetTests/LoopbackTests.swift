@@ -193,6 +193,28 @@ final class LoopbackTests: XCTestCase {
         XCTAssertLessThan(fastFinished, slowFinished.value)
     }
 
+    func testBulkReadThatTimesOutNeverWritesLater() throws {
+        let hub = FakeHub()
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), requestTimeoutMs: 200, logger: logger)
+        defer { client.close() }
+        let (session, _) = try client.openSession(agentName: "late")
+        try client.writeSlice(context(session), id: FakeHub.slowSliceID, data: [UInt8](repeating: 0xAB, count: 1 << 20))
+        var destination = [UInt8](repeating: 0, count: 1 << 20)
+        XCTAssertThrowsError(try destination.withUnsafeMutableBytes {
+            try client.readSlice(context(session), id: FakeHub.slowSliceID, offset: 0, into: $0)
+        }) { XCTAssertEqual(($0 as? WeftError)?.errno, ETIMEDOUT) }
+        // The caller owns its memory again at once: the answer that comes later is dropped.
+        destination.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0x11) }
+        usleep(800_000)
+        XCTAssertTrue(destination.allSatisfy { $0 == 0x11 }, "a late response must not write into the caller's memory")
+        try client.writeSlice(context(session), id: 81, data: [1, 2, 3, 4])
+        var after = [UInt8](repeating: 0, count: 4)
+        try after.withUnsafeMutableBytes { try client.readSlice(context(session), id: 81, offset: 0, into: $0) }
+        XCTAssertEqual(after, [1, 2, 3, 4], "the connection still serves bulk reads")
+    }
+
     func testRequestTimeout() throws {
         let hub = FakeHub()
         let (server, port) = try startServer(hub)
