@@ -120,9 +120,14 @@ final class ServerCore: @unchecked Sendable {
                     let (sliceID, data) = try HubRequest.decodeWriteSliceTail(from: &reader)
                     guard reader.isAtEnd else { throw WireCodec.trailingBytes(reader.remaining, opcode) }
                     return Result {
-                        try BulkMemory.withAlignedScratch(count: data.count) { scratch in
-                            scratch.copyMemory(from: data)
-                            try hub.writeSlice(context, id: sliceID, bytes: UnsafeRawBufferPointer(scratch))
+                        if Int(bitPattern: data.baseAddress) % 4096 == 0 {
+                            // Placed on a page by `HubConnectionHandler.detachingBulk`.
+                            try hub.writeSlice(context, id: sliceID, bytes: data)
+                        } else {
+                            try BulkMemory.withAlignedScratch(count: data.count) { scratch in
+                                scratch.copyMemory(from: data)
+                                try hub.writeSlice(context, id: sliceID, bytes: UnsafeRawBufferPointer(scratch))
+                            }
                         }
                         return .empty
                     }.mapError { $0 as? WeftError ?? WeftError(EIO, "hub failed: \($0)") }
@@ -241,11 +246,36 @@ final class HubConnectionHandler: ChannelDuplexHandler {
             closeForViolation(WeftError(EPROTO, "a \(frame.header.kind) frame was sent to the hub"))
             return
         }
+        let request = Self.detachingBulk(frame)
         if inFlight < core.maxInFlightRequestsPerConnection {
-            dispatch(frame)
+            dispatch(request)
         } else {
-            waiting.append(frame)
+            waiting.append(request)
         }
+    }
+
+    /// A writeSlice frame with its payload copied out of the receive buffer here, on the event
+    /// loop, so that its data starts on a page boundary (SPEC.md §4, Bulk transfers): the store
+    /// writes it direct with no further copy, and the receive buffer is not kept shared while
+    /// the next frames arrive (NIO would copy their bytes once more). Other frames, small ones
+    /// and malformed ones (the worker reports those) pass unchanged.
+    static func detachingBulk(_ frame: InboundFrame) -> InboundFrame {
+        guard frame.header.opcode == HubOpcode.writeSlice.rawValue,
+              frame.payload.readableBytes >= Limits.blockSizeBytes,
+              let headBytes = try? frame.payload.withUnsafeReadableBytes({ raw -> Int in
+                  var reader = ByteReader(raw)
+                  _ = try RequestContext.decode(from: &reader)
+                  let (_, data) = try HubRequest.decodeWriteSliceTail(from: &reader)
+                  return raw.count - data.count
+              }) else { return frame }
+        let pageBytes = 4096
+        let pad = (pageBytes - headBytes % pageBytes) % pageBytes
+        var copy = BulkMemory.allocator.buffer(capacity: pad + frame.payload.readableBytes)
+        copy.moveWriterIndex(forwardBy: pad)
+        copy.moveReaderIndex(forwardBy: pad)
+        var payload = frame.payload
+        copy.writeBuffer(&payload)
+        return InboundFrame(header: frame.header, payload: copy)
     }
 
     func read(context: ChannelHandlerContext) {

@@ -90,6 +90,40 @@ final class BulkTransferTests: XCTestCase {
         XCTAssertEqual(bytes(direct), bytes(general))
     }
 
+    func testHubTakesWriteSliceDataOutOfTheReceiveBufferOntoAPage() throws {
+        func frame(_ count: Int) throws -> InboundFrame {
+            let data = (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 3) }
+            var buffer = try WireCodec.requestBuffer(id: 7, .writeSlice(context, id: 55, data: data), allocator: allocator)
+            buffer.moveReaderIndex(forwardBy: 1)  // not where the allocator's block starts
+            buffer.moveReaderIndex(forwardBy: WireCodec.lengthPrefixBytes + WireCodec.headerBytes - 1)
+            return InboundFrame(header: FrameHeader(kind: .request, opcode: HubOpcode.writeSlice.rawValue, requestID: 7),
+                                payload: buffer)
+        }
+        let large = try frame(1 << 20)
+        let detached = HubConnectionHandler.detachingBulk(large)
+        XCTAssertEqual(bytes(detached.payload), bytes(large.payload), "the same payload")
+        try detached.payload.withUnsafeReadableBytes { raw in
+            var reader = ByteReader(raw)
+            _ = try RequestContext.decode(from: &reader)
+            let (id, data) = try HubRequest.decodeWriteSliceTail(from: &reader)
+            XCTAssertEqual(id, 55)
+            XCTAssertEqual(Int(bitPattern: data.baseAddress) % 4096, 0, "the data starts on a page")
+        }
+        let small = try frame(100)
+        small.payload.withUnsafeReadableBytes { before in
+            HubConnectionHandler.detachingBulk(small).payload.withUnsafeReadableBytes {
+                XCTAssertEqual($0.baseAddress, before.baseAddress, "a small frame is left where it is")
+            }
+        }
+        var truncated = large
+        truncated.payload.moveWriterIndex(to: truncated.payload.writerIndex - 1)
+        truncated.payload.withUnsafeReadableBytes { before in
+            HubConnectionHandler.detachingBulk(truncated).payload.withUnsafeReadableBytes {
+                XCTAssertEqual($0.baseAddress, before.baseAddress, "a malformed frame is left for the worker to refuse")
+            }
+        }
+    }
+
     func testBulkResponseDecodesIntoCallerMemory() throws {
         func payload(_ result: Result<HubResponse, WeftError>) -> ByteBuffer {
             var frame = WireCodec.responseBuffer(id: 1, rawOpcode: HubOpcode.readSlice.rawValue, result, allocator: allocator)
