@@ -7,6 +7,9 @@ import CWeftSupport
 /// frames then reuses memory it already touched instead of faulting in fresh pages each time.
 /// Blocks of 64 KiB and more are page-aligned.
 public enum BulkMemory {
+    /// Blocks of 64 KiB and more start on a page of this size.
+    static let pageBytes = 4096
+
     /// The allocator channels use (`ChannelOptions.allocator`).
     public static let allocator = ByteBufferAllocator(
         allocate: { weft_bulk_allocate($0) },
@@ -24,13 +27,5 @@ public enum BulkMemory {
     public static var statistics: (mapped: UInt64, reused: UInt64, cachedBytes: UInt64) {
         let stats = weft_bulk_stats()
         return (stats.mapped, stats.reused, stats.cached_bytes)
-    }
-
-    /// A page-aligned scratch block of `count` bytes (count ≥ 64 KiB) from the same cache,
-    /// passed to `body` and returned to the cache afterwards.
-    static func withAlignedScratch<T>(count: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> T) rethrows -> T {
-        let pointer = weft_bulk_allocate(max(count, 1))!
-        defer { weft_bulk_free(pointer) }
-        return try body(UnsafeMutableRawBufferPointer(start: pointer, count: count))
     }
 }

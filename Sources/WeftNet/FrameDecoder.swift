@@ -163,8 +163,7 @@ extension WireCodec {
             let error = WeftError(EMSGSIZE, "a \(length)-byte frame exceeds the \(maxFrameBytes)-byte wire limit")
             return responseBuffer(id: id, rawOpcode: rawOpcode, .failure(error), allocator: allocator)
         }
-        let pageBytes = 4096
-        let pad = count >= Limits.blockSizeBytes ? pageBytes - bulkResponseHeadBytes : 0
+        let pad = count >= Limits.blockSizeBytes ? BulkMemory.pageBytes - bulkResponseHeadBytes : 0
         var buffer = allocator.buffer(capacity: pad + lengthPrefixBytes + length)
         buffer.moveWriterIndex(forwardBy: pad)
         buffer.moveReaderIndex(forwardBy: pad)

@@ -105,8 +105,8 @@ final class ServerCore: @unchecked Sendable {
     }
 
     /// writeSlice, readSlice and readSliceFrom without intermediate arrays (SPEC.md §4, Bulk
-    /// transfers): written data is copied once into page-aligned memory, so the store writes it
-    /// direct; read data goes straight into the response frame. Nil for any other request (and
+    /// transfers): written data is stored from the frame (page-aligned by `detachingBulk`, so
+    /// the store writes it direct); read data goes straight into the response frame. Nil for any other request (and
     /// for a read over the transfer limit: the general path answers it with the hub's error).
     private func executeBulk(_ opcode: HubOpcode, _ frame: InboundFrame, allocator: ByteBufferAllocator) -> Outcome? {
         let id = frame.header.requestID
@@ -120,15 +120,8 @@ final class ServerCore: @unchecked Sendable {
                     let (sliceID, data) = try HubRequest.decodeWriteSliceTail(from: &reader)
                     guard reader.isAtEnd else { throw WireCodec.trailingBytes(reader.remaining, opcode) }
                     return Result {
-                        if Int(bitPattern: data.baseAddress) % 4096 == 0 {
-                            // Placed on a page by `HubConnectionHandler.detachingBulk`.
-                            try hub.writeSlice(context, id: sliceID, bytes: data)
-                        } else {
-                            try BulkMemory.withAlignedScratch(count: data.count) { scratch in
-                                scratch.copyMemory(from: data)
-                                try hub.writeSlice(context, id: sliceID, bytes: UnsafeRawBufferPointer(scratch))
-                            }
-                        }
+                        // Data of 64 KiB and more was put on a page by `detachingBulk`.
+                        try hub.writeSlice(context, id: sliceID, bytes: data)
                         return .empty
                     }.mapError { $0 as? WeftError ?? WeftError(EIO, "hub failed: \($0)") }
                 }
@@ -268,7 +261,7 @@ final class HubConnectionHandler: ChannelDuplexHandler {
                   let (_, data) = try HubRequest.decodeWriteSliceTail(from: &reader)
                   return raw.count - data.count
               }) else { return frame }
-        let pageBytes = 4096
+        let pageBytes = BulkMemory.pageBytes
         let pad = (pageBytes - headBytes % pageBytes) % pageBytes
         var copy = BulkMemory.allocator.buffer(capacity: pad + frame.payload.readableBytes)
         copy.moveWriterIndex(forwardBy: pad)

@@ -707,22 +707,12 @@ public final class VFS: @unchecked Sendable {
         let end = commits.map { UInt64($0.chunkIndex) * chunkSize + UInt64($0.slice.offsetInChunk) + UInt64($0.slice.length) }
             .max() ?? 0
         do {
-            let before = file.attributes.dataVersion
-            let attributes = try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: end, durable: false)
-            if file.kernelCacheVersion == before { file.kernelCacheVersion = attributes.dataVersion }
-            var bytes = 0
-            for chunk in ready {
-                for extent in chunk.extents {
-                    bytes += extent.buffer.count
-                    pool.give(extent.buffer)
-                }
-            }
+            try commit(commits, of: file, minimumSize: end, durable: false, context: context)
+            let bytes = ready.reduce(0) { $0 + giveBack($1.extents) }
             file.staged.removeFirst(ready.count)
             file.dirtyBytes -= bytes
             budget.release(bytes)
             if !file.hasDirtyData { file.dirtyEnd = 0 }
-            file.layouts.removeAll()
-            file.attributes = attributes
         } catch {
             // The objects are gone (the hub restarted): the next commit uploads them again.
             if (error as? WeftError)?.errno == ESTALE { ready.forEach { $0.uploaded = nil } }
@@ -850,16 +840,11 @@ public final class VFS: @unchecked Sendable {
                 commits += try upload(file.dirty[index]!, of: index, context: context)
             }
             do {
-                let before = file.attributes.dataVersion
-                let attributes = try hub.commitSlices(context, ino: file.ino, slices: commits,
-                                                      minimumSize: file.dirtyEnd, durable: durable)
-                if file.kernelCacheVersion == before { file.kernelCacheVersion = attributes.dataVersion }
+                try commit(commits, of: file, minimumSize: file.dirtyEnd, durable: durable, context: context)
                 budget.release(file.dirtyBytes)
                 recycle(file)
                 file.dirtyBytes = 0
                 file.dirtyEnd = 0
-                file.layouts.removeAll()
-                file.attributes = attributes
                 return
             } catch let error as WeftError where error.errno == ESTALE && attempt == 1 {
                 // The hub lost the objects (it restarted before the commit): write them again.
@@ -876,16 +861,33 @@ public final class VFS: @unchecked Sendable {
         }
     }
 
+    /// Commits uploaded slices of `file` at the hub and adopts the attributes it returns.
+    /// Caller holds `file.lock`.
+    func commit(_ commits: [SliceCommit], of file: OpenFile, minimumSize: UInt64, durable: Bool,
+                context: RequestContext) throws {
+        let before = file.attributes.dataVersion
+        let attributes = try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: minimumSize,
+                                              durable: durable)
+        if file.kernelCacheVersion == before { file.kernelCacheVersion = attributes.dataVersion }
+        file.layouts.removeAll()
+        file.attributes = attributes
+    }
+
+    /// Returns committed extents' buffers to the pool; their bytes.
+    func giveBack(_ extents: [Extent]) -> Int {
+        extents.reduce(0) { bytes, extent in
+            let count = extent.buffer.count
+            pool.give(extent.buffer)
+            return bytes + count
+        }
+    }
+
     /// Drops a file's committed extents, staged ones included, returning pooled buffers. No
     /// upload of the file may be running.
     func recycle(_ file: OpenFile) {
         precondition(file.uploadsRunning == 0, "recycling buffers an upload still reads")
-        for extents in file.dirty.values {
-            for extent in extents { pool.give(extent.buffer) }
-        }
-        for chunk in file.staged {
-            for extent in chunk.extents { pool.give(extent.buffer) }
-        }
+        for extents in file.dirty.values { _ = giveBack(extents) }
+        for chunk in file.staged { _ = giveBack(chunk.extents) }
         file.dirty.removeAll()
         file.staged.removeAll()
     }
