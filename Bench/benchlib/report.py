@@ -20,6 +20,7 @@ FAMILY_TITLES = {
     "fsync": "fsync-heavy appends (mdbench)",
 }
 SEQ_METRICS = ("seqwrite-1j", "seqwrite-4j", "seqread-cold-1j", "seqread-cold-4j")
+COLD_RUNNING_METRICS = ("seqread-coldlive-1j", "seqread-coldlive-4j")
 MD_METRICS = tuple(f"md-{phase}-{layout}" for layout in ("1dir", "100dirs", "100dirs-4t")
                    for phase in ("create", "stat", "unlink"))
 
@@ -31,6 +32,12 @@ GOALS = (
      ("weft-embedded", "weft-remote"), SEQ_METRICS, "juicefs-sqlite", 1.5),
     ("seq-vs-local", "Weft cold sequential read and sequential write (end fsync) ≥ 80% of local",
      ("weft-embedded", "weft-remote"), SEQ_METRICS, "local", 0.8),
+    # The same cold reads with the agent left running: no restart, so no first touch of its
+    # cache memory (see Bench/README.md, "Cold reads and agent memory").
+    ("coldlive-vs-juicefs-sqlite", "Weft cold sequential read, agent left running (`weft cache drop`) "
+     "≥ 1.5× juicefs-sqlite cold", ("weft-embedded", "weft-remote"), COLD_RUNNING_METRICS, "juicefs-sqlite", 1.5),
+    ("coldlive-vs-local", "Weft cold sequential read, agent left running (`weft cache drop`) ≥ 80% of local cold",
+     ("weft-embedded", "weft-remote"), COLD_RUNNING_METRICS, "local", 0.8),
     # "2× JuiceFS with SQLite at equal durability", at both levels JuiceFS+SQLite offers; the
     # metadata durability probe in the report shows the sync calls per create of each target.
     ("md-strict-vs-juicefs-sqlite-sync", "Metadata create/stat/unlink ≥ 2× JuiceFS+SQLite at equal durability: "
@@ -296,6 +303,10 @@ METHOD_NOTES = (
     "kernel's first-touch page faults, which are slow on this virtual machine.",
     "fsmem = read, drop the page cache only (no remount), read again: data held in the file system's own memory. "
     "For memfs that is all of its data; it is the FUSE ceiling the Weft figure is compared with.",
+    "coldlive = cold with the file system left running: for Weft `weft cache drop` (the agent empties its block "
+    "cache and keeps the memory) and a page-cache drop; the others go cold as in cold. A remount makes Weft's "
+    "agent fill its cache with never-touched memory, which this VM's host populates page by page "
+    "(Bench/README.md, Cold reads and agent memory).",
     "metadata: mdbench (Bench/mdbench) create = open(O_CREAT|O_EXCL)+close, stat after dropping dentries and inodes "
     "so every stat reaches the file system, unlink; one process, 1 or 4 threads.",
     "JuiceFS: `juicefs format --storage file --trash-days 0` (trash off, so unlink really deletes), "

@@ -63,7 +63,9 @@ def catalogue(params):
                       "MiB/s"))
     for kind, words in (("cold", "cold (page cache dropped + remount)"),
                         ("warm", "warm (re-read at once, no remount)"),
-                        ("fsmem", "FS memory (re-read after dropping the page cache only)")):
+                        ("fsmem", "FS memory (re-read after dropping the page cache only)"),
+                        ("coldlive", "cold, file system left running (Weft: `weft cache drop` + page cache "
+                                     "dropped; the others as cold)")):
         for jobs in params.seq_jobs:
             items.append((f"seqread-{kind}-{jobs}j", "seqread", f"Sequential read 1 MiB, {jobs} job(s), {words}",
                           "MiB/s"))
@@ -211,6 +213,8 @@ class Runner:
             self._seqread(target, f"seqread-warm-{jobs}j", directory, jobs)
             drop_caches()
             self._seqread(target, f"seqread-fsmem-{jobs}j", directory, jobs)
+            target.make_cold_running()
+            self._seqread(target, f"seqread-coldlive-{jobs}j", directory, jobs)
             self._remove(directory)
 
     def _run_randread(self, target):

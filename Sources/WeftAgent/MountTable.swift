@@ -1,3 +1,4 @@
+import CWeftSupport
 import Foundation
 import WeftProto
 
@@ -19,6 +20,16 @@ public enum MountTable {
 
     public static func unregister(mountpoint: String) {
         try? FileManager.default.removeItem(atPath: registryFile(mountpoint))
+    }
+
+    /// Asks the agent serving `mountpoint` to drop its cached file data (SPEC.md §8).
+    public static func dropCache(_ mountpoint: String) throws {
+        guard isWeftMount(mountpoint) else { throw WeftError(EINVAL, "\(mountpoint) is not a weft mount") }
+        guard setxattr(mountpoint, AgentControl.dropCacheAttribute, "1", 1, 0) == 0 else {
+            let code = errno
+            if code == EPERM { throw WeftError(EPERM, "dropping the cache of \(mountpoint) needs root") }
+            throw WeftError(code, "cannot drop the cache of \(mountpoint)")
+        }
     }
 
     public static func agentPID(_ mountpoint: String) -> pid_t? {

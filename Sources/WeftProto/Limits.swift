@@ -26,3 +26,10 @@ public enum Limits {
     /// Largest piece of an object file one `fetchObject` moves between hubs.
     public static let fetchPieceMaxBytes = 8 * 1024 * 1024
 }
+
+/// Requests a mounted agent serves itself, reached through the mount (SPEC.md §8).
+public enum AgentControl {
+    /// Setting this extended attribute on the mount's root drops the agent's cached file data
+    /// (`weft cache drop`). The kernel lets only CAP_SYS_ADMIN set `trusted.*` names.
+    public static let dropCacheAttribute = "trusted.weft.cache.drop"
+}

@@ -1,49 +1,114 @@
 import Foundation
 import WeftProto
 
-/// Page-aligned memory that one fetch reads into; the blocks cut from it share it, and it is
-/// freed when the last of them goes.
+/// Page-aligned memory that one fetch reads into; the blocks cut from it share it, and it goes
+/// back to `SlabMemory` when the last of them goes.
 public final class Slab: @unchecked Sendable {
     public let pointer: UnsafeMutableRawPointer
+    /// Usable bytes: what the fetch asked for (the memory behind it may be larger, see `SlabMemory`).
     public let capacity: Int
+    private let mappedBytes: Int
 
     public init(capacity: Int) {
         self.capacity = capacity
-        pointer = SlabMemory.take(capacity)
+        (pointer, mappedBytes) = SlabMemory.take(capacity)
     }
 
-    deinit { SlabMemory.give(pointer, capacity) }
+    deinit { SlabMemory.give(pointer, mappedBytes) }
 }
 
-/// Recycles the memory of large slabs (up to `keptMax` of each size, all under 64 MiB in total
-/// for the common chunk size): touching fresh pages costs more than reading into reused ones.
-enum SlabMemory {
+/// The memory behind large slabs, kept for reuse (SPEC.md §7, Memory bound). On these VMs the
+/// first touch of a page costs several times a copy (the host populates it), and even a page
+/// the process freed a moment ago costs a fault and a clear, so the cache refills reused memory.
+///
+/// Slabs of at least `pooledMinBytes` are sized in whole MiB and pooled by size. Memory is kept
+/// while the slabs in use plus the pooled ones stay within `budgetBytes`, which the block cache
+/// raises to its own bound: reused memory never makes the agent larger than a full cache. A
+/// take that misses the pool allocates, and first frees pooled memory (largest first) if the
+/// new slab would pass the budget. `drain()` frees the whole pool.
+public enum SlabMemory {
     static let lock = NSLock()
     nonisolated(unsafe) static var free: [Int: [UnsafeMutableRawPointer]] = [:]
-    static let keptMax = 16
+    nonisolated(unsafe) static var pooledBytes = 0
+    nonisolated(unsafe) static var liveBytes = 0
+    nonisolated(unsafe) static var budget = defaultBudgetBytes
+    static let defaultBudgetBytes = 64 << 20
     static let pooledMinBytes = 1 << 20
+    /// A pooled slab up to this many times the asked size may serve a take of another size.
+    static let largerFitMax = 2
 
-    static func take(_ capacity: Int) -> UnsafeMutableRawPointer {
-        if capacity >= pooledMinBytes {
-            lock.lock()
-            let reused = free[capacity]?.popLast()
-            lock.unlock()
-            if let reused { return reused }
-        }
-        return UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 4096)
+    /// What the pool may keep, in bytes, together with the slabs in use.
+    public static var budgetBytes: Int { lock.withLock { budget } }
+
+    /// Raises the budget to `bytes` (block caches call it with their bound; several caches in
+    /// one process share the largest).
+    public static func reserve(_ bytes: Int) {
+        lock.withLock { budget = max(budget, bytes) }
     }
 
-    static func give(_ pointer: UnsafeMutableRawPointer, _ capacity: Int) {
-        if capacity >= pooledMinBytes {
-            lock.lock()
-            if free[capacity, default: []].count < keptMax {
-                free[capacity, default: []].append(pointer)
-                lock.unlock()
-                return
-            }
-            lock.unlock()
+    /// (pooled bytes, bytes of pooled-size slabs in use).
+    public static var usage: (pooled: Int, live: Int) { lock.withLock { (pooledBytes, liveBytes) } }
+
+    /// Frees every pooled slab.
+    public static func drain() {
+        lock.lock()
+        let all = free
+        free = [:]
+        pooledBytes = 0
+        lock.unlock()
+        for pointer in all.values.joined() { pointer.deallocate() }
+    }
+
+    /// Memory for `capacity` bytes and the size behind it.
+    static func take(_ capacity: Int) -> (UnsafeMutableRawPointer, Int) {
+        guard capacity >= pooledMinBytes else {
+            return (UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 4096), capacity)
         }
+        let size = (capacity + pooledMinBytes - 1) / pooledMinBytes * pooledMinBytes
+        lock.lock()
+        if let (pointer, found) = popFit(size) {
+            liveBytes += found
+            lock.unlock()
+            return (pointer, found)
+        }
+        var freed: [UnsafeMutableRawPointer] = []
+        while liveBytes + pooledBytes + size > budget, let largest = free.keys.max() {
+            freed.append(free[largest]!.removeLast())
+            if free[largest]!.isEmpty { free[largest] = nil }
+            pooledBytes -= largest
+        }
+        liveBytes += size
+        lock.unlock()
+        for pointer in freed { pointer.deallocate() }
+        return (UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096), size)
+    }
+
+    static func give(_ pointer: UnsafeMutableRawPointer, _ size: Int) {
+        guard size >= pooledMinBytes else { return pointer.deallocate() }
+        lock.lock()
+        liveBytes -= size
+        if liveBytes + pooledBytes + size <= budget {
+            free[size, default: []].append(pointer)
+            pooledBytes += size
+            lock.unlock()
+            return
+        }
+        lock.unlock()
         pointer.deallocate()
+    }
+
+    /// The pooled slab of exactly `size` bytes, else the smallest one up to `largerFitMax` times
+    /// as large. Called under `lock`.
+    private static func popFit(_ size: Int) -> (UnsafeMutableRawPointer, Int)? {
+        var fit = size
+        if free[size]?.isEmpty ?? true {
+            guard let larger = free.keys.filter({ $0 > size && $0 <= size * largerFitMax }).min() else { return nil }
+            fit = larger
+        }
+        let pointer = free[fit]!.removeLast()
+        if free[fit]!.isEmpty { free[fit] = nil }
+        pooledBytes -= fit
+        return (pointer, fit)
     }
 }
 
@@ -105,6 +170,7 @@ public final class BlockCache: @unchecked Sendable {
 
     public init(capacityBytes: Int) {
         self.capacityBytes = max(capacityBytes, Limits.blockSizeBytes * 4)
+        SlabMemory.reserve(self.capacityBytes)
     }
 
     public func get(_ key: Key) -> CachedBlock? {
@@ -158,6 +224,29 @@ public final class BlockCache: @unchecked Sendable {
             }
         }
         lock.broadcast()
+    }
+
+    /// Drops every cached block (`weft cache drop`). Fetches in flight still fill their blocks
+    /// afterwards. The memory goes back to `SlabMemory`, which keeps it for the next fills.
+    /// Returns the bytes dropped.
+    @discardableResult
+    public func removeAll() -> Int {
+        lock.lock()
+        let dropped = usedBytes
+        var node = head
+        head = nil
+        tail = nil
+        let all = nodes
+        nodes = [:]
+        usedBytes = 0
+        while let current = node {   // break the links so that nodes free without deep recursion
+            node = current.next
+            current.previous = nil
+            current.next = nil
+        }
+        lock.unlock()
+        _ = all   // the blocks (and their slabs) are released here, outside the lock
+        return dropped
     }
 
     public func abandon(_ key: Key) {

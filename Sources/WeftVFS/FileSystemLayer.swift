@@ -39,6 +39,8 @@ public protocol FileSystemLayer: AnyObject, Sendable {
     func lock(_ credentials: Credentials, ino: InodeID, _ request: LockRequest) throws -> LockDescription
     /// Commits everything buffered, durably, and ends the sessions.
     func shutdown() throws
+    /// Drops the agent's cached file data (`weft cache drop`); returns the bytes dropped.
+    func dropCachedData() -> Int
     /// A token to take before a call whose reply the kernel may cache (SPEC.md §12.6).
     func cacheToken() -> UInt64
     /// Whether the kernel may cache a reply about `ino` to a call begun at `token`: no recall of
@@ -55,6 +57,12 @@ extension VFS: FileSystemLayer {
 
     public func syncDirectory(_ credentials: Credentials, ino: InodeID) throws {
         try hub.sync(context(credentials))
+    }
+
+    public func dropCachedData() -> Int {
+        let dropped = cache.removeAll()
+        logger.info("dropped \(dropped >> 20) MiB of cached data")
+        return dropped
     }
 
     public func lock(_ credentials: Credentials, ino: InodeID, _ request: LockRequest) throws -> LockDescription {

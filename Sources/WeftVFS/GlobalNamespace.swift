@@ -364,6 +364,12 @@ public final class GlobalNamespace: FileSystemLayer, @unchecked Sendable {
         return try vfs.lock(credentials, ino: local, request)
     }
 
+    /// The volumes share one block cache; dropping it through any of them drops it for all.
+    public func dropCachedData() -> Int {
+        let any = lock.withLock { opened.values.first }
+        return any?.dropCachedData() ?? 0
+    }
+
     public func shutdown() throws {
         let all = lock.withLock { Array(opened.values) }
         var firstError: Error?

@@ -19,7 +19,8 @@ struct Weft: ParsableCommand {
               weft status /srv/weft/hub --json
               weft umount /mnt/weft
             """,
-        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Fsck.self, VolumeCommand.self, HubCommand.self])
+        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Fsck.self, CacheCommand.self, VolumeCommand.self,
+                      HubCommand.self])
 }
 
 struct Format: ParsableCommand {
@@ -125,6 +126,28 @@ struct Umount: ParsableCommand {
         try process.run()
         process.waitUntilExit()
         if process.terminationStatus != 0 { throw WeftError(EBUSY, "fusermount3 -u \(point) failed") }
+    }
+}
+
+struct CacheCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cache", abstract: "Manage a running agent's block cache.", subcommands: [CacheDrop.self])
+}
+
+struct CacheDrop: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "drop",
+        abstract: "Drop the cached file data of the agent serving MOUNTPOINT (root only).",
+        discussion: """
+            The agent keeps running and keeps its memory for the next reads; buffered writes are \
+            not touched. Pair it with `echo 3 > /proc/sys/vm/drop_caches` to empty the kernel's \
+            page cache too.
+            """)
+
+    @Argument(help: "A weft mountpoint.") var mountpoint: String
+
+    func run() throws {
+        try MountTable.dropCache(URL(fileURLWithPath: mountpoint).standardizedFileURL.path)
     }
 }
 

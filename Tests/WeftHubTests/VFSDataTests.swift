@@ -426,7 +426,27 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(agent.budget.used, 0)
     }
 
-    // MARK: background compaction
+    // MARK: cache drop
+
+    func testDroppedCacheRefillsFromTheHub() throws {
+        let agent = try makeAgent(readaheadMaxBytes: 0)
+        let (ino, handle) = try create(agent, "dropped")
+        var random = SeededRandom(seed: 77)
+        let data = random.bytes(5 * Self.chunk + 1234)
+        try write(agent, handle, at: 0, data)
+        try agent.release(handle: handle)
+        XCTAssertEqual(try contents(of: ino, via: agent), data)
+        let cached = agent.cache.usedBytes
+        XCTAssertGreaterThanOrEqual(cached, data.count, "the read filled the cache")
+        XCTAssertEqual(agent.dropCachedData(), cached)
+        XCTAssertEqual(agent.cache.usedBytes, 0)
+        XCTAssertNil(agent.cache.get(BlockCache.Key(object: 1, block: 0)))
+        XCTAssertEqual(try contents(of: ino, via: agent), data, "read again from the hub")
+        XCTAssertEqual(agent.cache.usedBytes, cached, "and cached again")
+        XCTAssertEqual(agent.dropCachedData(), cached)
+        XCTAssertEqual(agent.dropCachedData(), 0, "nothing left to drop")
+    }
+
 
     func testReadsSurviveBackgroundCompaction() throws {
         // Seventeen separate slices in one chunk make the hub compact it into one object and

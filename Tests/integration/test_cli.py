@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import time
 
 import pytest
 
-from posix_helpers import read_file, write_file
-from weft_harness import Mount, Weftd, find_key, free_loopback_port, pid_alive, wait_until
+from posix_helpers import read_file, run_as, write_file
+from weft_harness import Mount, Weftd, bin_dir, find_key, free_loopback_port, pid_alive, wait_until
 
 HELP_COMMANDS = [
     ("weft", ["--help"]),
@@ -18,6 +20,7 @@ HELP_COMMANDS = [
     ("weft", ["umount", "--help"]),
     ("weft", ["status", "--help"]),
     ("weft", ["fsck", "--help"]),
+    ("weft", ["cache", "drop", "--help"]),
     ("weftd", ["--help"]),
     ("weftd", ["serve", "--help"]),
 ]
@@ -201,3 +204,41 @@ def test_umount_waits_for_agent_exit(weft):
     weft.mount()
     assert read_file(weft.path / "f") is not None
     assert os.stat(weft.path / "f").st_size == 1_000_000
+
+
+def _dropped_mib(log_path) -> list[int]:
+    return [int(m) for m in re.findall(r"dropped (\d+) MiB of cached data", log_path.read_text(errors="replace"))]
+
+
+def test_cache_drop_empties_the_agent_cache_and_reads_refill_it(weft):
+    weft.require_weft("drops the agent's cache")
+    data = os.urandom(9_000_000)
+    write_file(weft.path / "f", data, fsync=True)
+    assert read_file(weft.path / "f") == data
+    r = weft.cli.weft("cache", "drop", weft.path)
+    assert r.rc == 0, r.describe()
+    assert _dropped_mib(weft.mount_obj.log_file)[-1:] >= [8], "the agent did not report dropping the data it read"
+    with open("/proc/sys/vm/drop_caches", "w") as handle:   # the kernel's copy as well
+        handle.write("3")
+    assert read_file(weft.path / "f") == data, "data read back after the drop differs"
+    r = weft.cli.weft("cache", "drop", weft.path)
+    assert r.rc == 0, r.describe()
+    assert _dropped_mib(weft.mount_obj.log_file)[-1:] >= [8], "the second read did not refill the cache"
+    assert os.path.getsize(weft.path / "f") == len(data)
+
+
+def test_cache_drop_needs_root_and_a_weft_mount(weft):
+    weft.require_weft("drops the agent's cache")
+    weft_bin = str(bin_dir() / "weft")
+
+    def drop(path):
+        done = subprocess.run([weft_bin, "cache", "drop", path], capture_output=True, text=True, timeout=60)
+        return [done.returncode, done.stderr + done.stdout]
+
+    rc, output = run_as(65534, 65534, [], drop, str(weft.path))
+    assert rc != 0 and "needs root" in output, f"as nobody: exit {rc}: {output}"
+    not_weft = weft.res.new_dir("plain", 0o755)
+    r = weft.cli.weft("cache", "drop", not_weft)
+    assert r.rc != 0 and "not a weft mount" in r.output, r.describe()
+    r = weft.cli.weft("cache", "drop", weft.path / "missing")
+    assert r.rc != 0, r.describe()

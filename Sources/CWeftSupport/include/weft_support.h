@@ -2,6 +2,7 @@
 #define WEFT_SUPPORT_H
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/xattr.h>
 
 /// CRC32C (Castagnoli), hardware accelerated with SSE4.2 where the CPU has it.
 /// `crc` is the running value: pass 0 for a fresh checksum.
