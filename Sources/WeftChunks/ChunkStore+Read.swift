@@ -187,13 +187,14 @@ extension ChunkStore {
 
     /// Reads `count` stored bytes starting at block `first`'s payload. A transfer of at least a
     /// block, page-aligned in the file and in memory, bypasses the page cache (O_DIRECT) for its
-    /// page-multiple part: the caller (the agent's block cache) keeps the bytes itself.
+    /// page-multiple part, unless the store keeps reads in the page cache (`directReads` false):
+    /// the caller (the agent's block cache) keeps the bytes itself.
     private func preadBlocks(_ object: OpenObject, first: Int, into target: UnsafeMutableRawPointer, count: Int) throws {
         let fileOffset = object.layout.blocks[first].fileOffset
         let alignment = ChunkFormat.directAlignment
         var done = 0
-        if count >= ChunkFormat.blockSizeBytes, fileOffset % alignment == 0, Int(bitPattern: target) % alignment == 0,
-           directIO.isEnabled, let directFD = object.directDescriptor({ openDirect(object.id) })
+        if directReads, count >= ChunkFormat.blockSizeBytes, fileOffset % alignment == 0,
+           Int(bitPattern: target) % alignment == 0, directIO.isEnabled, let directFD = object.directDescriptor({ openDirect(object.id) })
         {
             let alignedBytes = count / alignment * alignment
             do {

@@ -43,13 +43,18 @@ public final class ChunkStore: @unchecked Sendable {
     private var temporarySequence: UInt32 = 0
     /// Whether O_DIRECT is used for aligned transfers; switched off for good when refused.
     let directIO: DirectIOSwitch
+    /// Whether reads may bypass the page cache (writes still may).
+    let directReads: Bool
 
     /// Opens the store in `directory`, creating it (and its 256 fan-out directories) if needed,
     /// removing temporary files left by a crash, and counting the objects present.
-    /// `directIO` false keeps every transfer in the page cache (tests of the buffered path).
-    public init(directory: String, compression: Compression, logger: Logger, directIO: Bool = true) throws {
+    /// `directIO` false keeps every transfer in the page cache (tests of the buffered path);
+    /// `directReads` false keeps reads there (a store whose objects many readers share).
+    public init(directory: String, compression: Compression, logger: Logger, directIO: Bool = true,
+                directReads: Bool = true) throws {
         self.directory = directory
         self.directIO = DirectIOSwitch(enabled: directIO)
+        self.directReads = directReads
         self.compression = compression
         self.logger = logger
         do {

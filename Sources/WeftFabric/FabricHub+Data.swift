@@ -51,7 +51,8 @@ extension FabricHub {
         }
         let home = lock.withLock { volumes[record.id] }
         let path = volumeDirectory(record.id)
-        let chunks = try home?.chunks ?? ChunkStore(directory: path + "/chunks", compression: compression, logger: logger)
+        let chunks = try home?.chunks ?? ChunkStore(directory: path + "/chunks", compression: compression, logger: logger,
+                                                     directReads: false)
         let cache = try ChunkStore(directory: path + "/cache", compression: compression, logger: logger, directIO: false)
         let info = home?.meta.volume ?? VolumeInfo(formatVersion: 1, uuid: [UInt8](repeating: 0, count: 16),
                                                    chunkSizeBytes: record.chunkSizeBytes, compression: compression,

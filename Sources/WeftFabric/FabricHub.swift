@@ -188,7 +188,7 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
                                force: false, firstSliceID: UInt64(record.id) << 48 | 1)
                 logger.info("formatted volume", metadata: ["volume": "\(record.name)", "id": "\(record.id)"])
             }
-            let hub = try Hub(directory: path, durability: durability, logger: logger)
+            let hub = try Hub(directory: path, durability: durability, pageCacheReads: true, logger: logger)
             hub.deleteAtHolder = { [weak self] holder, ids in
                 guard let self else { throw WeftError(ESHUTDOWN, "hub is shutting down") }
                 try self.deleteAtHolder(holder, ids: ids)

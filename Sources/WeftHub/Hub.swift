@@ -69,15 +69,20 @@ public final class Hub: HubAPI, @unchecked Sendable {
         try MetaStore.format(path: metaPath(directory), volume: volume, firstSliceID: firstSliceID)
     }
 
-    /// Opens the hub in `directory`. Call `recover()` before serving agents.
-    public init(directory: String, durability: DurabilityMode = .strict, logger: Logger) throws {
+    /// Opens the hub in `directory`. Call `recover()` before serving agents. `pageCacheReads`:
+    /// object reads go through the page cache, so that agents reading the same objects share it
+    /// (weftd, which serves agents over the network); otherwise the in-process agent's block
+    /// cache keeps what it reads and reads bypass the page cache (SPEC.md §3.2, Direct I/O).
+    public init(directory: String, durability: DurabilityMode = .strict, pageCacheReads: Bool = false,
+                logger: Logger) throws {
         guard Hub.exists(at: directory) else {
             throw WeftError(ENOENT, "\(directory) holds no Weft hub (create one with `weft format`)")
         }
         self.directory = directory
         self.logger = logger
         meta = try MetaStore(path: Hub.metaPath(directory), durability: durability, logger: logger)
-        chunks = try ChunkStore(directory: Hub.chunkPath(directory), compression: meta.volume.compression, logger: logger)
+        chunks = try ChunkStore(directory: Hub.chunkPath(directory), compression: meta.volume.compression, logger: logger,
+                                directReads: !pageCacheReads)
         maintenance = Maintenance(logger: logger)
         leases = LeaseTable(logger: logger)
         if FileManager.default.fileExists(atPath: Hub.leaseMarkerPath(directory)) {

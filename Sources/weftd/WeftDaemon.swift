@@ -71,7 +71,7 @@ struct Serve: ParsableCommand {
             try serveCluster(path: path, host: host, port: port, etcd: etcd, hubName: hub, mode: mode, logger: logger)
             return
         }
-        let hub = try Hub(directory: path, durability: mode, logger: logger)
+        let hub = try Hub(directory: path, durability: mode, pageCacheReads: true, logger: logger)
         try hub.recover()
         let server = HubServer(hub: hub, logger: logger, idleTimeoutMs: idleTimeoutMs)
         let bound: Int

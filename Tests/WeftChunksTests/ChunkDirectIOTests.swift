@@ -58,6 +58,22 @@ final class ChunkDirectIOTests: ChunkTestCase {
         XCTAssertEqual(log.errors, [])
     }
 
+    func testStoreThatKeepsReadsInThePageCacheStillWritesDirect() throws {
+        var random = SeededRandom(seed: 43)
+        let data = TestData.random(4 * Self.block, &random)
+        let store = try makeStore(directReads: false)
+        try withAligned(data) { try store.write(id: 3, data: UnsafeRawBufferPointer($0)) }
+        let direct = directIOTaken(store)
+        if direct { XCTAssertEqual(store.directIOCounters.writes, 1) }
+        let readBack = try withAligned([UInt8](repeating: 0, count: data.count)) { destination in
+            try store.read(id: 3, offset: 0, into: destination)
+            return Array(destination)
+        }
+        XCTAssertEqual(readBack, data)
+        XCTAssertEqual(store.directIOCounters.reads, 0, "an aligned read went around the page cache")
+        XCTAssertEqual(log.errors, [])
+    }
+
     /// The file is the same bytes whichever path wrote it.
     func testDirectAndBufferedWritesProduceIdenticalFiles() throws {
         var random = SeededRandom(seed: 42)

@@ -59,8 +59,9 @@ class ChunkTestCase: XCTestCase {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    func makeStore(_ compression: Compression = .none, directIO: Bool = true) throws -> ChunkStore {
-        try ChunkStore(directory: directory, compression: compression, logger: log.logger, directIO: directIO)
+    func makeStore(_ compression: Compression = .none, directIO: Bool = true, directReads: Bool = true) throws -> ChunkStore {
+        try ChunkStore(directory: directory, compression: compression, logger: log.logger, directIO: directIO,
+                       directReads: directReads)
     }
 
     func objectPath(_ id: SliceID) -> String {

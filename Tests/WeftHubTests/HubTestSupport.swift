@@ -41,7 +41,9 @@ final class HubUnderTest {
     }
 
     private func start(recover: Bool) throws {
-        hub = try Hub(directory: directory, durability: .strict, logger: testLogger("weft.hub.test"))
+        // Over TCP the hub is weftd's: reads stay in the page cache (SPEC.md §3.2, Direct I/O).
+        hub = try Hub(directory: directory, durability: .strict, pageCacheReads: transport == .tcp,
+                      logger: testLogger("weft.hub.test"))
         if recover { try hub.recover() }
         switch transport {
         case .inProcess:

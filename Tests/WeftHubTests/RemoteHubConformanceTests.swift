@@ -47,6 +47,31 @@ final class RemoteHubConformanceTests: HubConformanceTests {
         XCTAssertEqual(try hub.api.readSlice(context, id: id, offset: 0, length: UInt32(data.count)), data)
     }
 
+    func testObjectsReadOverTheNetworkStayInThePageCache() throws {
+        // SPEC.md §3.2, Direct I/O: weftd keeps reads in the page cache, so agents reading the
+        // same objects share it; the in-process hub (embedded) reads around it.
+        for transport in [HubTransport.tcp, .inProcess] {
+            let hub = try HubUnderTest(transport: transport, chunkSizeBytes: 1 << 20, compression: .none, recover: true)
+            defer { hub.shutdown() }
+            let context = RequestContext(session: try hub.api.openSession(agentName: "reads").0, credentials: rootCaller)
+            let data = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+            let id = try hub.api.allocateSliceIDs(context, count: 1)
+            try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id, bytes: $0) }
+            let before = hub.hub.chunks.directIOCounters
+            let destination = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: 4096)
+            defer { destination.deallocate() }
+            try hub.api.readSlice(context, id: id, offset: 0, into: destination)
+            XCTAssertEqual(Array(destination), data)
+            let after = hub.hub.chunks.directIOCounters
+            guard after.enabled else { continue }   // the test directory's file system refused O_DIRECT
+            if transport == .tcp {
+                XCTAssertEqual(after.reads, before.reads, "weftd read around its page cache")
+            } else {
+                XCTAssertEqual(after.reads, before.reads + 1, "the in-process hub read through the page cache")
+            }
+        }
+    }
+
     func testHubThatRefusesConnectionsFailsFast() throws {
         // A port nothing listens on: bind one, then close it.
         let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
