@@ -2,55 +2,64 @@ import Foundation
 import WeftProto
 
 /// Page-aligned memory that one fetch reads into; the blocks cut from it share it, and it goes
-/// back to `SlabMemory` when the last of them goes.
+/// back to its `SlabPool` when the last of them goes.
 public final class Slab: @unchecked Sendable {
     public let pointer: UnsafeMutableRawPointer
-    /// Usable bytes: what the fetch asked for (the memory behind it may be larger, see `SlabMemory`).
+    /// Usable bytes: what the fetch asked for (the memory behind it may be larger, see `SlabPool`).
     public let capacity: Int
     private let mappedBytes: Int
+    private let pool: SlabPool
 
-    public init(capacity: Int) {
+    public init(capacity: Int, pool: SlabPool = .shared) {
         self.capacity = capacity
-        (pointer, mappedBytes) = SlabMemory.take(capacity)
+        self.pool = pool
+        (pointer, mappedBytes) = pool.take(capacity)
     }
 
-    deinit { SlabMemory.give(pointer, mappedBytes) }
+    deinit { pool.give(pointer, mappedBytes) }
 }
 
-/// The memory behind large slabs, kept for reuse (SPEC.md §7, Memory bound). On these VMs the
+/// The memory behind large slabs, kept for reuse (SPEC.md §7, Slab memory). On these VMs the
 /// first touch of a page costs several times a copy (the host populates it), and even a page
 /// the process freed a moment ago costs a fault and a clear, so the cache refills reused memory.
 ///
 /// Slabs of at least `pooledMinBytes` are sized in whole MiB and pooled by size. Memory is kept
-/// while the slabs in use plus the pooled ones stay within `budgetBytes`, which the block cache
+/// while the slabs in use plus the pooled ones stay within `budgetBytes`, which a block cache
 /// raises to its own bound: reused memory never makes the agent larger than a full cache. A
 /// take that misses the pool allocates, and first frees pooled memory (largest first) if the
-/// new slab would pass the budget. `drain()` frees the whole pool.
-public enum SlabMemory {
-    static let lock = NSLock()
-    nonisolated(unsafe) static var free: [Int: [UnsafeMutableRawPointer]] = [:]
-    nonisolated(unsafe) static var pooledBytes = 0
-    nonisolated(unsafe) static var liveBytes = 0
-    nonisolated(unsafe) static var budget = defaultBudgetBytes
-    static let defaultBudgetBytes = 64 << 20
+/// new slab would pass the budget. One pool (`shared`) serves a process.
+public final class SlabPool: @unchecked Sendable {
+    public static let shared = SlabPool(budgetBytes: 64 << 20)
     static let pooledMinBytes = 1 << 20
     /// A pooled slab up to this many times the asked size may serve a take of another size.
     static let largerFitMax = 2
 
-    /// What the pool may keep, in bytes, together with the slabs in use.
-    public static var budgetBytes: Int { lock.withLock { budget } }
+    private let lock = NSLock()
+    private var free: [Int: [UnsafeMutableRawPointer]] = [:]
+    private var pooledBytes = 0
+    private var liveBytes = 0
+    private var budget: Int
 
-    /// Raises the budget to `bytes` (block caches call it with their bound; several caches in
-    /// one process share the largest).
-    public static func reserve(_ bytes: Int) {
+    public init(budgetBytes: Int) {
+        budget = budgetBytes
+    }
+
+    deinit { drain() }
+
+    /// What the pool may keep, in bytes, together with the slabs in use.
+    public var budgetBytes: Int { lock.withLock { budget } }
+
+    /// Raises the budget to `bytes` (block caches call it with their bound; several caches on
+    /// one pool share the largest).
+    public func reserve(_ bytes: Int) {
         lock.withLock { budget = max(budget, bytes) }
     }
 
-    /// (pooled bytes, bytes of pooled-size slabs in use).
-    public static var usage: (pooled: Int, live: Int) { lock.withLock { (pooledBytes, liveBytes) } }
+    /// Pooled bytes, and bytes of pooled-size slabs in use.
+    public var usage: (pooled: Int, live: Int) { lock.withLock { (pooledBytes, liveBytes) } }
 
     /// Frees every pooled slab.
-    public static func drain() {
+    public func drain() {
         lock.lock()
         let all = free
         free = [:]
@@ -60,11 +69,11 @@ public enum SlabMemory {
     }
 
     /// Memory for `capacity` bytes and the size behind it.
-    static func take(_ capacity: Int) -> (UnsafeMutableRawPointer, Int) {
-        guard capacity >= pooledMinBytes else {
+    func take(_ capacity: Int) -> (UnsafeMutableRawPointer, Int) {
+        guard capacity >= Self.pooledMinBytes else {
             return (UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 4096), capacity)
         }
-        let size = (capacity + pooledMinBytes - 1) / pooledMinBytes * pooledMinBytes
+        let size = (capacity + Self.pooledMinBytes - 1) / Self.pooledMinBytes * Self.pooledMinBytes
         lock.lock()
         if let (pointer, found) = popFit(size) {
             liveBytes += found
@@ -83,8 +92,8 @@ public enum SlabMemory {
         return (UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096), size)
     }
 
-    static func give(_ pointer: UnsafeMutableRawPointer, _ size: Int) {
-        guard size >= pooledMinBytes else { return pointer.deallocate() }
+    func give(_ pointer: UnsafeMutableRawPointer, _ size: Int) {
+        guard size >= Self.pooledMinBytes else { return pointer.deallocate() }
         lock.lock()
         liveBytes -= size
         if liveBytes + pooledBytes + size <= budget {
@@ -99,10 +108,10 @@ public enum SlabMemory {
 
     /// The pooled slab of exactly `size` bytes, else the smallest one up to `largerFitMax` times
     /// as large. Called under `lock`.
-    private static func popFit(_ size: Int) -> (UnsafeMutableRawPointer, Int)? {
+    private func popFit(_ size: Int) -> (UnsafeMutableRawPointer, Int)? {
         var fit = size
         if free[size]?.isEmpty ?? true {
-            guard let larger = free.keys.filter({ $0 > size && $0 <= size * largerFitMax }).min() else { return nil }
+            guard let larger = free.keys.filter({ $0 > size && $0 <= size * Self.largerFitMax }).min() else { return nil }
             fit = larger
         }
         let pointer = free[fit]!.removeLast()
@@ -168,9 +177,13 @@ public final class BlockCache: @unchecked Sendable {
     public private(set) var usedBytes = 0
     public let capacityBytes: Int
 
-    public init(capacityBytes: Int) {
+    /// Where the slabs of this cache's fetches come from.
+    public let slabs: SlabPool
+
+    public init(capacityBytes: Int, slabs: SlabPool = .shared) {
         self.capacityBytes = max(capacityBytes, Limits.blockSizeBytes * 4)
-        SlabMemory.reserve(self.capacityBytes)
+        self.slabs = slabs
+        slabs.reserve(self.capacityBytes)
     }
 
     public func get(_ key: Key) -> CachedBlock? {
@@ -227,7 +240,7 @@ public final class BlockCache: @unchecked Sendable {
     }
 
     /// Drops every cached block (`weft cache drop`). Fetches in flight still fill their blocks
-    /// afterwards. The memory goes back to `SlabMemory`, which keeps it for the next fills.
+    /// afterwards. The memory goes back to the `SlabPool`, which keeps it for the next fills.
     /// Returns the bytes dropped.
     @discardableResult
     public func removeAll() -> Int {

@@ -207,7 +207,7 @@ extension VFS {
         let start = firstBlock * blockSize
         let end = min(objectLength, (firstBlock + count) * blockSize)
         let keys = (firstBlock..<firstBlock + count).map { BlockCache.Key(object: object, block: UInt32($0)) }
-        let slab = Slab(capacity: end - start)
+        let slab = Slab(capacity: end - start, pool: cache.slabs)
         do {
             guard end > start else { throw WeftError(EIO, "read past the end of chunk object \(object)") }
             try hub.readSlice(context, id: object, offset: UInt32(start), holders: holder == 0 ? [] : [holder],
