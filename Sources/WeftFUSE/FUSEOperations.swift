@@ -252,15 +252,17 @@ extension FUSEAdapter {
         }
         ops.setxattr = { req, ino, name, value, size, flags in
             FUSEAdapter.reply(req) {
-                if ino == UInt64(FUSE_ROOT_ID), FUSEAdapter.name(name) == Array(AgentControl.dropCacheAttribute.utf8) {
+                let attribute = FUSEAdapter.name(name)
+                let credentials = FUSEAdapter.credentials(req)
+                if ino == UInt64(FUSE_ROOT_ID), attribute.elementsEqual(AgentControl.dropCacheAttribute.utf8) {
                     // `weft cache drop` (SPEC.md §8): served by the agent, never stored.
-                    guard FUSEAdapter.credentials(req).uid == 0 else { throw WeftError(EPERM, "cache drop needs root") }
+                    guard credentials.uid == 0 else { throw WeftError(EPERM, "cache drop needs root") }
                     _ = FUSEAdapter.adapter(req).vfs.dropCachedData()
                     fuse_reply_err(req, 0)
                     return
                 }
                 let bytes = size > 0 ? Array(UnsafeRawBufferPointer(start: value, count: size)) : []
-                try FUSEAdapter.adapter(req).vfs.setxattr(FUSEAdapter.credentials(req), ino: ino, name: FUSEAdapter.name(name), value: bytes,
+                try FUSEAdapter.adapter(req).vfs.setxattr(credentials, ino: ino, name: attribute, value: bytes,
                                               flags: XattrFlags(rawValue: UInt32(flags)))
                 fuse_reply_err(req, 0)
             }

@@ -111,7 +111,9 @@ public final class SlabPool: @unchecked Sendable {
     private func popFit(_ size: Int) -> (UnsafeMutableRawPointer, Int)? {
         var fit = size
         if free[size]?.isEmpty ?? true {
-            guard let larger = free.keys.filter({ $0 > size && $0 <= size * Self.largerFitMax }).min() else { return nil }
+            guard let larger = free.keys.lazy.filter({ $0 > size && $0 <= size * Self.largerFitMax }).min() else {
+                return nil
+            }
             fit = larger
         }
         let pointer = free[fit]!.removeLast()
@@ -246,19 +248,16 @@ public final class BlockCache: @unchecked Sendable {
     public func removeAll() -> Int {
         lock.lock()
         let dropped = usedBytes
-        var node = head
-        head = nil
-        tail = nil
         let all = nodes
+        var node = head
+        while let current = node {   // neighbours hold each other strongly: unlink them all
+            node = current.next
+            unlink(current)
+        }
         nodes = [:]
         usedBytes = 0
-        while let current = node {   // break the links so that nodes free without deep recursion
-            node = current.next
-            current.previous = nil
-            current.next = nil
-        }
         lock.unlock()
-        _ = all   // the blocks (and their slabs) are released here, outside the lock
+        withExtendedLifetime(all) {}   // the blocks (and their slabs) go here, outside the lock
         return dropped
     }
 
