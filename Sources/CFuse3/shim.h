@@ -4,6 +4,7 @@
 #include <linux/fs.h>
 #include <linux/fuse.h>
 #include <sys/uio.h>
+#include <unistd.h>
 #include <errno.h>
 #include <string.h>
 
@@ -31,6 +32,21 @@ static inline int weft_notify_expire_entry(struct fuse_session *se, uint64_t par
     iov[2].iov_base = (void *)name;
     iov[2].iov_len = namelen + 1;
     ssize_t written = writev(fuse_session_fd(se), iov, 3);
+    if (written < 0) return -errno;
+    return 0;
+}
+
+/// Makes every entry the kernel caches for this mount stale at once (FUSE_NOTIFY_INC_EPOCH,
+/// notify code 8, Linux 6.16+): the connection's epoch goes up, and an entry looked up under an
+/// older epoch is looked up again before its next use. It takes no lock, so unlike an entry
+/// invalidation it never waits for an operation in progress in any directory. Debian 12's
+/// headers predate the code, hence the number. Returns 0, or -errno (-EINVAL from an older kernel).
+static inline int weft_notify_inc_epoch(struct fuse_session *se) {
+    struct fuse_out_header out;
+    out.unique = 0;
+    out.error = 8;   /* FUSE_NOTIFY_INC_EPOCH */
+    out.len = (uint32_t)sizeof out;
+    ssize_t written = write(fuse_session_fd(se), &out, sizeof out);
     if (written < 0) return -errno;
     return 0;
 }

@@ -201,6 +201,7 @@ public final class FUSEAdapter: @unchecked Sendable {
         sessionBox = box
         vfs.leaseCache.invalidateInode = { ino in box.invalidateInode(ino, offset: 0, length: 0) }
         vfs.leaseCache.invalidateEntry = { parent, name in box.invalidateEntry(parent, name) }
+        vfs.leaseCache.expireAllEntries = { box.expireAllEntries() }
     }
 
     func connectionInit(_ conn: UnsafeMutablePointer<fuse_conn_info>) {
@@ -291,40 +292,80 @@ final class LockedSet: @unchecked Sendable {
 }
 
 /// The FUSE session for kernel cache invalidations from any thread, until it is torn down.
+///
+/// No lock is held while a notification is in the kernel: an entry invalidation can wait there
+/// for a directory's lock (held by this agent's own change of that directory, whose call may be
+/// waiting for another agent), and must not hold up the other notifications meanwhile.
 final class SessionBox: @unchecked Sendable {
-    private let lock = NSLock()
+    private let condition = NSCondition()
     private var session: OpaquePointer?
+    /// Notifications in the kernel now; `detach` waits for them.
+    private var users = 0
+    /// Whether the kernel takes expire-only entry notifications (set false at the first EINVAL).
+    private var expireOnly = true
+    /// Whether the kernel takes epoch notifications (set false at the first failure).
+    private var epochs = true
 
     init(_ session: OpaquePointer) { self.session = session }
 
-    func detach() { lock.withLock { session = nil } }
-
-    /// Drops the kernel's attributes of `ino` and its pages in `[offset, offset+length)` (0: all).
-    func invalidateInode(_ ino: UInt64, offset: Int64, length: Int64) {
-        lock.lock()
-        defer { lock.unlock() }
-        guard let session else { return }
-        _ = fuse_lowlevel_notify_inval_inode(session, fuse_ino_t(ino), off_t(offset), off_t(length))
+    /// After this returns no notification is in flight and none starts.
+    func detach() {
+        condition.lock()
+        session = nil
+        while users > 0 { condition.wait() }
+        condition.unlock()
     }
 
-    /// Whether the kernel takes expire-only entry notifications (set false at the first EINVAL).
-    private var expireOnly = true
+    /// Runs `body` with the session, unless it is detached; never holds the lock around it.
+    private func withSession<T>(_ body: (OpaquePointer) -> T) -> T? {
+        condition.lock()
+        guard let session else {
+            condition.unlock()
+            return nil
+        }
+        users += 1
+        condition.unlock()
+        let result = body(session)
+        condition.lock()
+        users -= 1
+        if users == 0 { condition.broadcast() }
+        condition.unlock()
+        return result
+    }
 
-    /// Makes the kernel look `name` of `parent` up again before using it. Marks the entry
-    /// expired where the kernel can (no directory lock: a recall never waits for this agent's
-    /// own create or unlink in the directory, whose call may be waiting for another agent's
-    /// answer to a recall, SPEC.md §12.6), else invalidates it.
+    /// Drops the kernel's attributes of `ino` and its pages in `[offset, offset+length)` (0: all).
+    /// The kernel takes no inode lock for this.
+    func invalidateInode(_ ino: UInt64, offset: Int64, length: Int64) {
+        _ = withSession { session in
+            fuse_lowlevel_notify_inval_inode(session, fuse_ino_t(ino), off_t(offset), off_t(length))
+        }
+    }
+
+    /// Makes the kernel look `name` of `parent` up again before using it: marks the entry expired
+    /// where the kernel can, else invalidates it. Either way the kernel takes the directory's
+    /// lock, so this can wait for an operation in progress in that directory (SPEC.md §12.6).
     func invalidateEntry(_ parent: UInt64, _ name: [UInt8]) {
-        lock.lock()   // held throughout: an unmount must not destroy the session meanwhile
-        defer { lock.unlock() }
-        guard let session else { return }
         var cName = name.map { CChar(bitPattern: $0) }
         cName.append(0)
-        if expireOnly {
-            let result = weft_notify_expire_entry(session, UInt64(parent), cName, name.count)
-            if result != -EINVAL { return }   // done, or the entry is not cached (ENOENT)
-            expireOnly = false
+        _ = withSession { session in
+            if condition.withLock({ expireOnly }) {
+                let result = weft_notify_expire_entry(session, UInt64(parent), cName, name.count)
+                if result != -EINVAL { return }   // done, or the entry is not cached (ENOENT)
+                condition.withLock { expireOnly = false }
+            }
+            _ = fuse_lowlevel_notify_inval_entry(session, fuse_ino_t(parent), cName, name.count)
         }
-        _ = fuse_lowlevel_notify_inval_entry(session, fuse_ino_t(parent), cName, name.count)
+    }
+
+    /// Makes every entry the kernel caches for this mount stale, without taking any lock
+    /// (FUSE_NOTIFY_INC_EPOCH). False when the kernel cannot (before Linux 6.16) or the session
+    /// is gone.
+    func expireAllEntries() -> Bool {
+        withSession { session in
+            guard condition.withLock({ epochs }) else { return false }
+            if weft_notify_inc_epoch(session) == 0 { return true }
+            condition.withLock { epochs = false }
+            return false
+        } ?? false
     }
 }

@@ -20,6 +20,9 @@ public final class LeaseCache: @unchecked Sendable {
     /// entry of a directory.
     public var invalidateInode: (@Sendable (UInt64) -> Void)?
     public var invalidateEntry: (@Sendable (UInt64, [UInt8]) -> Void)?
+    /// Makes every kernel entry of the mount stale without any lock; false where the kernel
+    /// cannot (set by the FUSE adapter).
+    public var expireAllEntries: (@Sendable () -> Bool)?
 
     public init() {}
 
@@ -36,6 +39,14 @@ public final class LeaseCache: @unchecked Sendable {
 
     /// Recalls and notices received (tests and `weft status`).
     public var recallCount: UInt64 { lock.withLock { recalls } }
+
+    private var wholeExpiries: UInt64 = 0
+
+    /// Recalls answered by making every kernel entry stale, because the kernel held the
+    /// directory's lock (tests and `weft status`).
+    public var wholeExpiryCount: UInt64 { lock.withLock { wholeExpiries } }
+
+    func expiredWhole() { lock.withLock { wholeExpiries += 1 } }
 
     func recalled(_ ino: UInt64) {
         lock.withLock {

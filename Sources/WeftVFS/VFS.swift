@@ -990,15 +990,42 @@ extension VFS: LeaseClient {
             file.lock.unlock()
         }
         leaseCache.invalidateInode?(kernel)
-        if !names.isEmpty, let invalidateEntry = leaseCache.invalidateEntry {
+        if !names.isEmpty { expireEntries(kernel, names) }
+        return true
+    }
+
+    /// How long a recall waits for the kernel to drop a directory's entries before it makes
+    /// every entry of the mount stale instead.
+    static let entryExpiryWaitMs = 10
+
+    /// Makes the kernel look `names` of directory `kernel` up again before it answers a recall.
+    ///
+    /// The kernel takes the directory's lock for that, and holds it during this agent's own
+    /// create, unlink or rename in the directory, whose call may be waiting at the home for
+    /// another agent's answer to a recall, while that agent's kernel holds its directory's lock
+    /// the same way: waiting for the lock made both wait until one call timed out. So the names
+    /// are dropped on a thread of their own, and when that takes longer than
+    /// `entryExpiryWaitMs`, every entry of the mount is made stale at once, which takes no
+    /// lock; a lookup then asks again (and waits for the directory's lock, as it must). A kernel
+    /// before Linux 6.16 cannot; there the recall waits for the lock (SPEC.md §12.6).
+    func expireEntries(_ kernel: UInt64, _ names: [[UInt8]]) {
+        guard let invalidateEntry = leaseCache.invalidateEntry else { return }
+        let done = DispatchSemaphore(value: 0)
+        WorkerPool.detach {
             for name in names { invalidateEntry(kernel, name) }
+            done.signal()
             // The kernel may still be installing an entry from a reply that left before the
             // recall arrived: drop the names once more shortly after.
-            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(20)) {
-                for name in names { invalidateEntry(kernel, name) }
-            }
+            usleep(20_000)
+            for name in names { invalidateEntry(kernel, name) }
         }
-        return true
+        guard done.wait(timeout: .now() + .milliseconds(Self.entryExpiryWaitMs)) == .timedOut else { return }
+        if leaseCache.expireAllEntries?() == true {
+            leaseCache.expiredWhole()
+            logger.debug("recall of directory \(kernel): its lock is held, every kernel entry made stale")
+        } else {
+            done.wait()
+        }
     }
 
     public var lastHeardNs: UInt64 { Leases.nowNs() }

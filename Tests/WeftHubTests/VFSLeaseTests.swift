@@ -222,3 +222,67 @@ extension VFSDataTests {
         XCTAssertErrno(ENOENT, try a.lookup(rootCaller, parent: third, name: bytes("f")))
     }
 }
+
+/// A recall of a directory whose entries the kernel cannot drop now (it holds the directory's
+/// lock for this agent's own change there, SPEC.md §12.6 "Crossed changes").
+extension VFSDataTests {
+    /// Stands in for the kernel: entry invalidations wait until `open()`.
+    final class HeldDirectoryLock: @unchecked Sendable {
+        let gate = DispatchSemaphore(value: 0)
+        let lock = NSLock()
+        var invalidations = 0
+        var openedNs: UInt64 = 0
+
+        func invalidate() {
+            gate.wait()
+            gate.signal()
+            lock.withLock { invalidations += 1 }
+        }
+
+        func open() {
+            lock.withLock { openedNs = DispatchTime.now().uptimeNanoseconds }
+            gate.signal()
+        }
+    }
+
+    func testARecallDoesNotWaitForAHeldDirectoryLockWhenEveryEntryCanBeMadeStale() throws {
+        let a = try makeAgent(), b = try makeAgent()
+        let dir = try b.mkdir(rootCaller, parent: root, name: bytes("d"), mode: 0o755, umask: 0).ino
+        XCTAssertEqual(try a.lookup(rootCaller, parent: root, name: bytes("d")).ino, dir)   // a holds the lease
+        let held = HeldDirectoryLock()
+        a.leaseCache.invalidateEntry = { _, _ in held.invalidate() }
+        a.leaseCache.expireAllEntries = { true }
+        defer { held.open() }
+
+        let began = DispatchTime.now().uptimeNanoseconds
+        let (file, handle) = try b.create(rootCaller, parent: dir, name: bytes("new"), mode: regularFile | 0o644,
+                                          umask: 0, flags: O_RDWR)
+        let tookNs = DispatchTime.now().uptimeNanoseconds - began
+        try b.release(handle: handle)
+        XCTAssertEqual(a.leaseCache.wholeExpiryCount, 1, "the recall made every entry stale instead of waiting")
+        XCTAssertEqual(held.lock.withLock { held.invalidations }, 0, "the kernel's lock is still held")
+        XCTAssertLessThan(tookNs, 5_000_000_000, "the create waited for the held lock (\(tookNs / 1_000_000) ms)")
+        // The recall still did its work: a's lookup sees the new name.
+        XCTAssertEqual(try a.lookup(rootCaller, parent: dir, name: bytes("new")).ino, file.ino)
+    }
+
+    func testARecallWaitsForAHeldDirectoryLockWhenTheKernelCannotMakeEveryEntryStale() throws {
+        let a = try makeAgent(), b = try makeAgent()
+        let dir = try b.mkdir(rootCaller, parent: root, name: bytes("d"), mode: 0o755, umask: 0).ino
+        XCTAssertEqual(try a.lookup(rootCaller, parent: root, name: bytes("d")).ino, dir)
+        let held = HeldDirectoryLock()
+        a.leaseCache.invalidateEntry = { _, _ in held.invalidate() }
+        a.leaseCache.expireAllEntries = { false }   // a kernel before Linux 6.16
+        DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(300)) { held.open() }
+
+        let (_, handle) = try b.create(rootCaller, parent: dir, name: bytes("new"), mode: regularFile | 0o644,
+                                       umask: 0, flags: O_RDWR)
+        let returnedNs = DispatchTime.now().uptimeNanoseconds
+        try b.release(handle: handle)
+        XCTAssertEqual(a.leaseCache.wholeExpiryCount, 0)
+        let openedNs = held.lock.withLock { held.openedNs }
+        XCTAssertGreaterThan(openedNs, 0, "the create returned before the kernel dropped a's entry")
+        XCTAssertLessThan(openedNs, returnedNs, "the create returned before the kernel dropped a's entry")
+        XCTAssertGreaterThan(held.lock.withLock { held.invalidations }, 0)
+    }
+}
