@@ -109,8 +109,8 @@ public enum HubOpener {
 
     /// Opens `source` for an administrative command: a running process that serves a hub
     /// directory is reached through its socket; otherwise the directory is opened in-process.
-    public static func open(_ source: HubSource, durability: DurabilityMode = .strict, recover: Bool,
-                            logger: Logger) throws -> OpenedHub {
+    public static func open(_ source: HubSource, durability: DurabilityMode = .strict, reserveBytes: UInt64? = nil,
+                            recover: Bool, logger: Logger) throws -> OpenedHub {
         switch source {
         case .remote(let address, _):
             let remote = RemoteHub(address: address, connectTimeoutMs: connectTimeoutMs, logger: logger)
@@ -125,7 +125,7 @@ public enum HubOpener {
                                        logger: logger)
                 return OpenedHub(api: remote, local: nil, remote: remote)
             }
-            let hub = try Hub(directory: path, durability: durability, logger: logger)
+            let hub = try Hub(directory: path, durability: durability, reserveBytes: reserveBytes, logger: logger)
             if recover { try hub.recover() }
             return OpenedHub(api: hub, local: hub, remote: nil)
         }

@@ -18,6 +18,8 @@ public struct MountRequest {
     public var durability: DurabilityMode = .strict
     /// Bound of every call to a remote hub, after which it fails with ETIMEDOUT (SPEC.md §12.7).
     public var hubTimeoutMs = HubOpener.defaultRequestTimeoutMs
+    /// Embedded hub: free disk space file data may not take (SPEC.md §9.1); nil: the default.
+    public var reserveBytes: UInt64?
     public var pidFile: String?
     /// A file descriptor to report readiness on ("ok" or "error: ..."), for --background.
     public var notifyFD: Int32?
@@ -84,7 +86,8 @@ public enum Mounter {
                     throw WeftError(EBUSY, "hub directory \(path) is in use by another mount or weftd; "
                                     + "mount it through that process's weft:// address instead")
                 }
-                let local = try HubOpener.open(request.source, durability: request.durability, recover: true, logger: logger)
+                let local = try HubOpener.open(request.source, durability: request.durability, reserveBytes: request.reserveBytes,
+                                               recover: true, logger: logger)
                 opened = local
                 hubAPI = local.api
                 // Serve the embedded hub to local admin commands (weft status / fsck DIR).

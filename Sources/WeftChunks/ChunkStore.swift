@@ -41,6 +41,9 @@ public final class ChunkStore: @unchecked Sendable {
     private var objects: UInt64 = 0
     private var bytes: UInt64 = 0
     private var temporarySequence: UInt32 = 0
+    /// Free bytes no object may take (SPEC.md §9.1): kept for metadata, so that a full disk
+    /// still takes the unlink that frees it. 0: none.
+    private var reserve: UInt64 = 0
     /// Whether O_DIRECT is used for aligned transfers; switched off for good when refused.
     let directIO: DirectIOSwitch
     /// Whether reads may bypass the page cache (writes still may).
@@ -81,6 +84,41 @@ public final class ChunkStore: @unchecked Sendable {
 
     deinit {
         close(root)
+    }
+
+    // MARK: Space
+
+    /// The reserve a store keeps unless told otherwise: 5% of its file system, at most 256 MiB.
+    public static func defaultReserveBytes(directory: String) -> UInt64 {
+        var disk = statvfs()
+        guard statvfs(directory, &disk) == 0 else { return 0 }
+        let total = UInt64(disk.f_blocks) * UInt64(disk.f_frsize)
+        return min(total / 20, 256 << 20)
+    }
+
+    /// Free bytes kept for metadata: an object that would leave less free is refused (ENOSPC).
+    public var reserveBytes: UInt64 { accountingLock.withLock { reserve } }
+
+    public func setReserve(_ bytes: UInt64) { accountingLock.withLock { reserve = bytes } }
+
+    /// Size and free space (for unprivileged writers) of the store's file system.
+    public func space() throws -> (totalBytes: UInt64, freeBytes: UInt64) {
+        var disk = statvfs()
+        guard fstatvfs(root, &disk) == 0 else { throw WeftError(errno, "statvfs \(directory)") }
+        let fragment = UInt64(disk.f_frsize)
+        return (UInt64(disk.f_blocks) * fragment, UInt64(disk.f_bavail) * fragment)
+    }
+
+    /// Throws ENOSPC when writing `bytes` more would leave less than the reserve free.
+    private func checkReserve(_ id: SliceID, bytes: Int) throws {
+        let reserve = reserveBytes
+        guard reserve > 0 else { return }
+        let free = try space().freeBytes
+        // Round up to whole 4 KiB blocks, as the file system allocates them.
+        let needed = (UInt64(bytes) + 4095) / 4096 * 4096
+        guard free < needed + reserve else { return }
+        throw WeftError(ENOSPC, "hub disk full: chunk \(hex(id)) needs \(needed >> 10) KiB, \(free >> 20) MiB free, "
+                            + "\(reserve >> 20) MiB kept for metadata")
     }
 
     // MARK: Writing
@@ -191,6 +229,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// part of the payload go out with O_DIRECT and the last partial page buffered.
     func createObject(id: SliceID, header: UnsafeRawBufferPointer, payload: [UnsafeRawBufferPointer],
                               direct: UnsafeRawBufferPointer?) throws -> Int32 {
+        try checkReserve(id, bytes: header.count + payload.reduce(0) { $0 + $1.count })
         let suffix = accountingLock.withLock { () -> UInt32 in
             temporarySequence &+= 1
             return temporarySequence
@@ -324,6 +363,16 @@ public final class ChunkStore: @unchecked Sendable {
             if known { bytes -= min(bytes, UInt64(info.st_size)) }
         }
         durability.objectRemoved(id: id)
+    }
+
+    /// Removes every object of `ids`; missing ones are not an error. Durable after `sync()`.
+    /// Throws the first failure, after trying them all.
+    public func delete(ids: some Sequence<SliceID>) throws {
+        var failure: Error?
+        for id in ids {
+            do { try delete(id: id) } catch { failure = failure ?? error }
+        }
+        if let failure { throw failure }
     }
 
     /// Whether object `id` is stored (complete: partial writes are never visible).

@@ -31,6 +31,16 @@ final class VolumeData: @unchecked Sendable {
         }
     }
 
+    /// Deletes those of `ids` that `session` wrote and has not reported committed.
+    func discard(_ ids: [SliceID], session: SessionID) throws {
+        let discarded: [SliceID] = lock.withLock {
+            let discarded = ids.compactMap { pendingUploads[session]?.remove($0) }
+            if pendingUploads[session]?.isEmpty == true { pendingUploads[session] = nil }
+            return discarded
+        }
+        try chunks.delete(ids: discarded)
+    }
+
     func endSession(_ session: SessionID) -> Set<SliceID> {
         lock.withLock { pendingUploads.removeValue(forKey: session) } ?? []
     }
@@ -53,6 +63,9 @@ extension FabricHub {
         let path = volumeDirectory(record.id)
         let chunks = try home?.chunks ?? ChunkStore(directory: path + "/chunks", compression: compression, logger: logger,
                                                      directReads: false)
+        if home == nil {
+            chunks.setReserve(reserveBytes ?? ChunkStore.defaultReserveBytes(directory: path + "/chunks"))
+        }
         let cache = try ChunkStore(directory: path + "/cache", compression: compression, logger: logger, directIO: false)
         let info = home?.meta.volume ?? VolumeInfo(formatVersion: 1, uuid: [UInt8](repeating: 0, count: 16),
                                                    chunkSizeBytes: record.chunkSizeBytes, compression: compression,

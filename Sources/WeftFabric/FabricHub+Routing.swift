@@ -177,6 +177,15 @@ extension FabricHub {
         session.volume.committed(ids, session: context.session)
     }
 
+    public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
+        guard ids.count <= Limits.discardUploadsMax else {
+            throw WeftError(EINVAL, "discardUploads names \(ids.count) objects, over the \(Limits.discardUploadsMax) limit")
+        }
+        if let session = dataSession(context) { return try session.volume.discard(ids, session: context.session) }
+        let (hub, c) = try route(context)
+        try hub.discardUploads(c, ids: ids)
+    }
+
     public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {
         let (hub, c) = try route(context)
         return try hub.layout(c, ino: ino, firstChunk: firstChunk, count: count)

@@ -20,6 +20,8 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
     public let directory: String
     public let member: ClusterMember
     let durability: DurabilityMode
+    /// Free disk space no chunk object may take (SPEC.md §9.1); nil: `ChunkStore.defaultReserveBytes`.
+    let reserveBytes: UInt64?
     let logger: Logger
 
     private struct Route {
@@ -51,13 +53,14 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
     /// `connectPeer` opens a connection to another hub at an address (`HOST:PORT`) for
     /// read-through fetches; `cacheBytes` bounds the cached copies of all volumes together.
     public init(directory: String, member: ClusterMember, durability: DurabilityMode, logger: Logger,
-                cacheBytes: UInt64 = FabricHub.defaultCacheBytes,
+                cacheBytes: UInt64 = FabricHub.defaultCacheBytes, reserveBytes: UInt64? = nil,
                 connectPeer: @escaping (String) throws -> HubAPI = { address in
                     throw WeftError(ENOTSUP, "no peer transport configured to reach hub at \(address)")
                 }) {
         self.directory = directory
         self.member = member
         self.durability = durability
+        self.reserveBytes = reserveBytes
         self.logger = logger
         readThrough = ReadThrough(capacityBytes: cacheBytes, connectPeer: connectPeer, logger: logger)
     }
@@ -188,7 +191,8 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
                                force: false, firstSliceID: UInt64(record.id) << 48 | 1)
                 logger.info("formatted volume", metadata: ["volume": "\(record.name)", "id": "\(record.id)"])
             }
-            let hub = try Hub(directory: path, durability: durability, pageCacheReads: true, logger: logger)
+            let hub = try Hub(directory: path, durability: durability, pageCacheReads: true, reserveBytes: reserveBytes,
+                              logger: logger)
             hub.deleteAtHolder = { [weak self] holder, ids in
                 guard let self else { throw WeftError(ESHUTDOWN, "hub is shutting down") }
                 try self.deleteAtHolder(holder, ids: ids)

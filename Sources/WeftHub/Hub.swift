@@ -73,8 +73,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// object reads go through the page cache, so that agents reading the same objects share it
     /// (weftd, which serves agents over the network); otherwise the in-process agent's block
     /// cache keeps what it reads and reads bypass the page cache (SPEC.md §3.2, Direct I/O).
+    /// `reserveBytes`: free disk space no chunk object may take, kept for metadata (SPEC.md
+    /// §9.1); nil: `ChunkStore.defaultReserveBytes`.
     public init(directory: String, durability: DurabilityMode = .strict, pageCacheReads: Bool = false,
-                logger: Logger) throws {
+                reserveBytes: UInt64? = nil, logger: Logger) throws {
         guard Hub.exists(at: directory) else {
             throw WeftError(ENOENT, "\(directory) holds no Weft hub (create one with `weft format`)")
         }
@@ -83,6 +85,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         meta = try MetaStore(path: Hub.metaPath(directory), durability: durability, logger: logger)
         chunks = try ChunkStore(directory: Hub.chunkPath(directory), compression: meta.volume.compression, logger: logger,
                                 directReads: !pageCacheReads)
+        chunks.setReserve(reserveBytes ?? ChunkStore.defaultReserveBytes(directory: Hub.chunkPath(directory)))
         maintenance = Maintenance(logger: logger)
         leases = LeaseTable(logger: logger)
         if FileManager.default.fileExists(atPath: Hub.leaseMarkerPath(directory)) {
@@ -134,7 +137,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         try meta.closeSession(session)
         // Objects the session wrote but never committed (its agent died mid-write) are orphans.
         let abandoned = uploadsLock.withLock { pendingUploads.removeValue(forKey: session) } ?? []
-        for id in abandoned { try? chunks.delete(id: id) }
+        try? chunks.delete(ids: abandoned)
         if !abandoned.isEmpty { logger.info("removed \(abandoned.count) chunk object(s) session \(session) never committed") }
         maintenance.wake()
     }
@@ -295,11 +298,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
         }
     }
 
+    /// Free space is what file data may still take: the disk's free space less the reserve.
     public func statfs(_ context: RequestContext) throws -> FileSystemStats {
-        var disk = statvfs()
-        guard statvfs(directory, &disk) == 0 else { throw WeftError(errno, "statvfs \(directory)") }
-        let fragment = UInt64(disk.f_frsize)
-        let free = UInt64(disk.f_bavail) * fragment
+        let diskFree = try chunks.space().freeBytes
+        let free = diskFree - min(diskFree, chunks.reserveBytes)
         let used = chunks.storedBytes
         return try meta.statfs(totalBytes: free + used, freeBytes: free)
     }
@@ -347,14 +349,21 @@ public final class Hub: HubAPI, @unchecked Sendable {
                 throw WeftError(ESTALE, "chunk object \(commit.slice.id) is missing or has the wrong length")
             }
         }
-        defer {
-            uploadsLock.withLock {
-                for commit in slices { pendingUploads[context.session]?.remove(commit.slice.id) }
-                if pendingUploads[context.session]?.isEmpty == true { pendingUploads[context.session] = nil }
-            }
+        // The commit claims its objects first, so that a discard can never delete one that a
+        // commit under way may reference; a commit that fails gives them back.
+        let claimed: [SliceID] = uploadsLock.withLock {
+            let claimed = slices.compactMap { pendingUploads[context.session]?.remove($0.slice.id) }
+            if pendingUploads[context.session]?.isEmpty == true { pendingUploads[context.session] = nil }
+            return claimed
         }
-        let attributes = try changing(context, [.init(ino, isFile: true)], reply: { _ in [ino] }) {
-            try meta.commitSlices(ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
+        let attributes: Attributes
+        do {
+            attributes = try changing(context, [.init(ino, isFile: true)], reply: { _ in [ino] }) {
+                try meta.commitSlices(ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
+            }
+        } catch {
+            uploadsLock.withLock { pendingUploads[context.session, default: []].formUnion(claimed) }
+            throw error
         }
         maintenance.considerCompaction(ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
         return attributes
@@ -362,6 +371,19 @@ public final class Hub: HubAPI, @unchecked Sendable {
 
     public func sync(_ context: RequestContext) throws {
         try meta.sync()
+    }
+
+    public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
+        guard ids.count <= Limits.discardUploadsMax else {
+            throw WeftError(EINVAL, "discardUploads names \(ids.count) objects, over the \(Limits.discardUploadsMax) limit")
+        }
+        let discarded: [SliceID] = uploadsLock.withLock {
+            let discarded = ids.compactMap { pendingUploads[context.session]?.remove($0) }
+            if pendingUploads[context.session]?.isEmpty == true { pendingUploads[context.session] = nil }
+            return discarded
+        }
+        try chunks.delete(ids: discarded)
+        if !discarded.isEmpty { logger.debug("discarded \(discarded.count) upload(s) of a failed commit, session \(context.session)") }
     }
 
     // MARK: HubAPI — administration

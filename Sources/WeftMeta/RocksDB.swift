@@ -32,7 +32,8 @@ public final class RocksDB: @unchecked Sendable {
             let message = String(cString: error)
             rocksdb_free(error)
             rocksdb_options_destroy(options)
-            let code: Int32 = message.contains("lock") || message.contains("Resource temporarily unavailable") ? EBUSY : EIO
+            let code: Int32 = message.contains("lock") || message.contains("Resource temporarily unavailable")
+                ? EBUSY : RocksDB.errno(forMessage: message)
             throw WeftError(code, "RocksDB open \(path): \(message)")
         }
         db = handle!
@@ -54,7 +55,13 @@ public final class RocksDB: @unchecked Sendable {
         guard let error else { return }
         let message = String(cString: error)
         rocksdb_free(error)
-        throw WeftError(EIO, "RocksDB \(what): \(message)")
+        throw WeftError(errno(forMessage: message), "RocksDB \(what): \(message)")
+    }
+
+    /// The errno for a RocksDB error message: ENOSPC for a full file system (RocksDB then
+    /// refuses writes until it is reopened, SPEC.md §9.1), EIO for anything else.
+    static func errno(forMessage message: String) -> Int32 {
+        message.contains("No space left on device") || message.contains("NoSpace") ? ENOSPC : EIO
     }
 
     public func get(_ key: [UInt8]) throws -> [UInt8]? {

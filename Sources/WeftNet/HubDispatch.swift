@@ -127,6 +127,9 @@ extension HubRequest {
         case let .releaseUploads(c, ids):
             try hub.releaseUploads(c, ids: ids)
             return .empty
+        case let .discardUploads(c, ids):
+            try hub.discardUploads(c, ids: ids)
+            return .empty
         case let .deleteObjects(ids):
             try hub.deleteObjects(ids: ids)
             return .empty

@@ -52,6 +52,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case deleteObjects = 44
     case createOpen = 45
     case unlinkEntry = 46
+    case discardUploads = 47
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -100,6 +101,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .readSliceFrom: "readSliceFrom"
         case .fetchObject: "fetchObject"
         case .releaseUploads: "releaseUploads"
+        case .discardUploads: "discardUploads"
         case .deleteObjects: "deleteObjects"
         case .createOpen: "createOpen"
         case .unlinkEntry: "unlinkEntry"
@@ -160,6 +162,7 @@ public enum HubRequest: Equatable, Sendable {
     case fetchObject(id: SliceID, offset: UInt32, length: UInt32)
     /// The objects are committed at the home: the data hub stops tracking them as uploads.
     case releaseUploads(RequestContext, ids: [SliceID])
+    case discardUploads(RequestContext, ids: [SliceID])
     /// Home to holder hub: the objects are garbage at their volume's home; delete every copy.
     case deleteObjects(ids: [SliceID])
     /// unlink, answered with the parent's attributes after it.
@@ -213,6 +216,7 @@ public enum HubRequest: Equatable, Sendable {
         case .readSliceFrom: .readSliceFrom
         case .fetchObject: .fetchObject
         case .releaseUploads: .releaseUploads
+        case .discardUploads: .discardUploads
         case .deleteObjects: .deleteObjects
         case .createOpen: .createOpen
         case .unlinkEntry: .unlinkEntry
@@ -234,7 +238,7 @@ public enum HubRequest: Equatable, Sendable {
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
              .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .lock(let c, _, _),
              .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _),
-             .unlinkEntry(let c, _, _):
+             .unlinkEntry(let c, _, _), .discardUploads(let c, _):
             c.session
         }
     }
@@ -291,6 +295,7 @@ public enum HubRequest: Equatable, Sendable {
         case let .readSliceFrom(c, id, offset, length, holders):
             return .readSliceFrom(s(c), id: id, offset: offset, length: length, holders: holders)
         case let .releaseUploads(c, ids): return .releaseUploads(s(c), ids: ids)
+        case let .discardUploads(c, ids): return .discardUploads(s(c), ids: ids)
         }
     }
 
@@ -380,7 +385,7 @@ public enum HubRequest: Equatable, Sendable {
         case let .deleteObjects(ids):
             w.u32(UInt32(ids.count))
             for id in ids { w.u64(id) }
-        case let .releaseUploads(c, ids):
+        case let .releaseUploads(c, ids), let .discardUploads(c, ids):
             c.encode(into: &w); w.u32(UInt32(ids.count))
             for id in ids { w.u64(id) }
         }
@@ -542,6 +547,12 @@ public enum HubRequest: Equatable, Sendable {
             ids.reserveCapacity(count)
             for _ in 0..<count { ids.append(try r.u64()) }
             return .releaseUploads(c, ids: ids)
+        case .discardUploads:
+            let count = try r.listCount(minimumElementBytes: 8)
+            var ids: [SliceID] = []
+            ids.reserveCapacity(count)
+            for _ in 0..<count { ids.append(try r.u64()) }
+            return .discardUploads(c, ids: ids)
         }
     }
 }

@@ -209,6 +209,10 @@ extension RemoteHub {
         try empty(.releaseUploads(context, ids: ids))
     }
 
+    public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
+        try empty(.discardUploads(context, ids: ids))
+    }
+
     public func status() throws -> HubStatus {
         guard case let .status(status) = try call(.status) else { throw shapeMismatch(.status) }
         return status

@@ -139,6 +139,11 @@ public protocol HubAPI: AnyObject, Sendable {
     /// Objects `ids`, uploaded through this session, are committed at the home: they are no
     /// longer deleted when the session ends.
     func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws
+    /// Objects `ids` were uploaded through this session for a commit that failed (it was not
+    /// applied): the hub deletes those of them the session wrote and has not committed, and
+    /// ignores every other id, so that nothing a file references can go (SPEC.md §9.1).
+    /// At most `Limits.discardUploadsMax` ids (EINVAL beyond). ENOSYS from a hub without it.
+    func discardUploads(_ context: RequestContext, ids: [SliceID]) throws
     /// Home to holder hub: objects `ids` are garbage at their volume's home (no file references
     /// them, durably); this hub deletes every copy it has. Objects it lacks are skipped.
     func deleteObjects(ids: [SliceID]) throws
@@ -234,6 +239,10 @@ extension HubAPI {
     }
 
     public func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws {}
+
+    public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
+        throw WeftError(ENOSYS, "this hub does not discard uploads (they go when the session ends)")
+    }
 
     public func deleteObjects(ids: [SliceID]) throws {
         throw WeftError(ENOTSUP, "this hub is not part of a cluster (weftd was started without --etcd)")

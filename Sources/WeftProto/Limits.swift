@@ -25,6 +25,8 @@ public enum Limits {
     public static let holdersMax = 16
     /// Largest piece of an object file one `fetchObject` moves between hubs.
     public static let fetchPieceMaxBytes = 8 * 1024 * 1024
+    /// Most object ids one `discardUploads` names.
+    public static let discardUploadsMax = 4096
 }
 
 /// Requests a mounted agent serves itself, reached through the mount (SPEC.md §8).

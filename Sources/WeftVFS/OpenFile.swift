@@ -143,6 +143,9 @@ final class OpenFile {
     var dirtyMtimeNs: Int64 = 0
     /// When the oldest uncommitted write was buffered (0 when clean).
     var dirtySinceNs: Int64 = 0
+    /// Failed commits in a row, and when the background commit may try again (monotonic ns).
+    var commitFailures = 0
+    var nextCommitAttemptNs: UInt64 = 0
     /// Cached slice lists, valid for `attributes.dataVersion`.
     var layouts: [UInt32: [Slice]] = [:]
     /// The data version the kernel's page cache holds for this inode.

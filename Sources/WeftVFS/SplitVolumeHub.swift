@@ -110,6 +110,11 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         return attributes
     }
 
+    /// The objects were written at the data hub: they are discarded there.
+    public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
+        try data.discardUploads(try dataContext(context), ids: ids)
+    }
+
     public func sync(_ context: RequestContext) throws {
         try data.sync(try dataContext(context))
         try home.sync(context)

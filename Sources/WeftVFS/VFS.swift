@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Synchronization
 import WeftProto
 
 /// Tunables of a node agent.
@@ -86,6 +87,8 @@ public final class VFS: @unchecked Sendable {
     var directoryHandles: [UInt64: DirectoryHandle] = [:]
     var nextHandle: UInt64 = 1
     var sliceIDs: (next: SliceID, end: SliceID) = (0, 0)
+    /// Whether the hub takes `discardUploads` (false after its first ENOSYS).
+    let hubDiscards = Atomic<Bool>(true)
     let sliceIDBatch: UInt32 = 256
     /// Runs read-ahead: one chunk-object fetch per thread, so that up to `prefetchThreads` run at
     /// once (Dispatch's queues would run about one per CPU). Shared by every volume of the process.
@@ -142,9 +145,14 @@ public final class VFS: @unchecked Sendable {
         lock.unlock()
         for file in candidates {
             file.lock.lock()
-            if file.hasDirtyData && file.dirtySinceNs <= oldestAllowed {
+            if file.hasDirtyData && file.dirtySinceNs <= oldestAllowed && Leases.nowNs() >= file.nextCommitAttemptNs {
                 do { try flushLocked(file, context: context(.root), durable: false) } catch {
-                    logger.warning("background commit of inode \(file.ino) failed, will retry: \(error)")
+                    let delay = Self.commitRetryDelayMs(failures: file.commitFailures)
+                    if file.hasDirtyData {
+                        logger.warning("background commit of inode \(file.ino) failed, will retry in \(delay) ms: \(error)")
+                    } else {
+                        logger.warning("background commit of inode \(file.ino) failed and its writes were dropped: \(error)")
+                    }
                 }
             }
             file.lock.unlock()
@@ -674,13 +682,25 @@ public final class VFS: @unchecked Sendable {
             budget.release(data.count)
             throw WeftError.fileTooBig
         }
-        file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes, pool: pool)
-        logger.trace("write \(file.ino) at \(position) +\(data.count): dirty end \(file.dirtyEnd)")
-        // Without the write lease another node may read this file now: write through.
+        // Without the write lease another node may read this file now: write through. Earlier
+        // buffered writes commit first; if this write's commit then fails, its bytes are
+        // dropped, so that a write() that failed has no effect later (SPEC.md §7).
         if !file.isWriteLeased {
-            try flushLocked(file, context: handle.context, durable: false)
+            if file.hasDirtyData {
+                do { try flushLocked(file, context: handle.context, durable: false) } catch {
+                    budget.release(data.count)
+                    throw error
+                }
+            }
+            file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes, pool: pool)
+            do { try flushLocked(file, context: handle.context, durable: false) } catch {
+                if file.hasDirtyData { clearBuffers(file) }
+                throw error
+            }
             return data.count
         }
+        file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes, pool: pool)
+        logger.trace("write \(file.ino) at \(position) +\(data.count): dirty end \(file.dirtyEnd)")
         let chunkSize = UInt64(chunkSizeBytes)
         for index in UInt32(position / chunkSize)...UInt32((position + UInt64(data.count) - 1) / chunkSize) {
             if let chunk = file.stageIfFull(index, chunkSizeBytes: chunkSizeBytes) {
@@ -725,9 +745,11 @@ public final class VFS: @unchecked Sendable {
     func startUpload(_ chunk: StagedChunk, of file: OpenFile, context: RequestContext) {
         Self.uploadPool.async { [self] in
             var slices: [SliceCommit]?
+            var written: [SliceID] = []
             do {
-                slices = try upload(chunk.extents, of: chunk.index, context: context)
+                slices = try upload(chunk.extents, of: chunk.index, context: context, written: &written)
             } catch {
+                discard(written, context: context)
                 logger.debug("background upload of inode \(file.ino) chunk \(chunk.index) failed, the commit retries: \(error)")
             }
             file.lock.lock()
@@ -738,17 +760,6 @@ public final class VFS: @unchecked Sendable {
 
     /// Background uploads of full chunks, shared by every VFS of the process.
     static let uploadPool = WorkerPool(name: "weft-upload", threads: 4)
-
-    /// Writes `extents` of chunk `index` as new objects; the slices that commit them, in order.
-    func upload(_ extents: [Extent], of index: UInt32, context: RequestContext) throws -> [SliceCommit] {
-        try extents.map { extent in
-            let id = try nextSliceID(context)
-            try hub.writeSlice(context, id: id, bytes: extent.buffer.bytes)
-            let length = UInt32(extent.buffer.count)
-            return SliceCommit(chunkIndex: index, slice: Slice(id: id, offsetInChunk: extent.offsetInChunk,
-                                                               length: length, objectLength: length))
-        }
-    }
 
     /// Commits the handle's file (close(2) and flush).
     public func flush(handle id: UInt64) throws {
@@ -821,7 +832,9 @@ public final class VFS: @unchecked Sendable {
 
     /// Uploads the file's buffered extents as new chunk objects and commits them, after its
     /// staged chunks, in one change. Caller holds `file.lock`. On failure the buffers are kept,
-    /// so nothing is lost.
+    /// so nothing is lost, and the objects the attempt wrote are discarded unless its commit may
+    /// have been applied; a file found gone (unlinked and closed everywhere) drops its buffers
+    /// and throws ESTALE (SPEC.md §9.1).
     func flushLocked(_ file: OpenFile, context: RequestContext, durable: Bool) throws {
         guard file.hasDirtyData else {
             if durable { try hub.sync(context) }
@@ -832,33 +845,58 @@ public final class VFS: @unchecked Sendable {
         while true {
             attempt += 1
             var commits: [SliceCommit] = []
-            for chunk in file.staged {
-                if chunk.uploaded == nil { chunk.uploaded = try upload(chunk.extents, of: chunk.index, context: context) }
-                commits += chunk.uploaded!
-            }
-            for index in file.dirty.keys.sorted() {
-                commits += try upload(file.dirty[index]!, of: index, context: context)
+            // Objects of this attempt that nothing keeps if it fails: staged chunks keep theirs
+            // for the next attempt, buffered extents are uploaded anew each time.
+            var written: [SliceID] = []
+            do {
+                for chunk in file.staged {
+                    if chunk.uploaded == nil {
+                        var chunkWritten: [SliceID] = []
+                        do {
+                            chunk.uploaded = try upload(chunk.extents, of: chunk.index, context: context,
+                                                        written: &chunkWritten)
+                        } catch {
+                            written += chunkWritten
+                            throw error
+                        }
+                    }
+                    commits += chunk.uploaded!
+                }
+                for index in file.dirty.keys.sorted() {
+                    commits += try upload(file.dirty[index]!, of: index, context: context, written: &written)
+                }
+            } catch {
+                // Nothing was committed: what this attempt wrote is garbage.
+                discard(written, context: context)
+                try failed(file, error, context: context)
             }
             do {
                 try commit(commits, of: file, minimumSize: file.dirtyEnd, durable: durable, context: context)
-                budget.release(file.dirtyBytes)
-                recycle(file)
-                file.dirtyBytes = 0
-                file.dirtyEnd = 0
+                clearBuffers(file)
                 return
-            } catch let error as WeftError where error.errno == ESTALE && attempt == 1 {
+            } catch let error as WeftError where error.errno == ESTALE && attempt == 1 && !isGone(file, context: context) {
                 // The hub lost the objects (it restarted before the commit): write them again.
                 logger.warning("re-uploading inode \(file.ino) data: \(error.message)")
+                discard(written + file.staged.flatMap { $0.uploaded ?? [] }.map(\.slice.id), context: context)
                 for chunk in file.staged { chunk.uploaded = nil }
                 continue
-            } catch let error as WeftError where error.errno == ESTALE {
-                // The file itself is gone (unlinked and reclaimed): drop what was buffered for it.
-                budget.release(file.dirtyBytes)
-                recycle(file)
-                file.dirtyBytes = 0
-                throw WeftError(ESTALE, "inode \(file.ino) no longer exists")
+            } catch {
+                if !Self.commitMayHaveApplied(error) { discard(written, context: context) }
+                try failed(file, error, context: context)
             }
         }
+    }
+
+    /// After a failed upload or commit of `file`'s buffered writes: drops them if the file is
+    /// gone (then throws ESTALE), else counts the failure for the background back-off and
+    /// rethrows `error`. Caller holds `file.lock`.
+    private func failed(_ file: OpenFile, _ error: Error, context: RequestContext) throws -> Never {
+        if isGone(file, context: context) {
+            dropBuffers(file, context: context)
+            throw WeftError(ESTALE, "inode \(file.ino) no longer exists; its buffered writes were dropped")
+        }
+        noteCommitFailure(file)
+        throw error
     }
 
     /// Commits uploaded slices of `file` at the hub and adopts the attributes it returns.
@@ -900,7 +938,12 @@ public final class VFS: @unchecked Sendable {
         guard let victim else { return }
         victim.lock.lock()
         defer { victim.lock.unlock() }
-        try flushLocked(victim, context: context(.root), durable: false)
+        do {
+            try flushLocked(victim, context: context(.root), durable: false)
+        } catch let error as WeftError where error.errno == ESTALE && !victim.hasDirtyData {
+            // The victim no longer exists and its buffers were dropped: the space is free.
+            logger.debug("dropped the buffered writes of inode \(victim.ino): \(error.message)")
+        }
     }
 
     /// Commits every file's buffered writes.

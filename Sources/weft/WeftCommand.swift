@@ -56,6 +56,8 @@ struct Mount: ParsableCommand {
     @Option(help: "Seconds the kernel may cache attributes and names.") var attrTimeout: Double = 1.0
     @Option(help: "Seconds after which a call to an unreachable remote hub fails (ETIMEDOUT) instead of waiting.")
     var hubTimeout: Double = Double(HubOpener.defaultRequestTimeoutMs) / 1000
+    @Option(help: "Embedded hub: free disk space, MiB, that file data may not take, kept so that metadata changes (unlink, rmdir, truncate) still work on a full disk (default: 5% of the file system, at most 256 MiB; 0: none).")
+    var reserveMb: Int?
     @Option(help: "Write the agent's pid here once mounted.") var pidFile: String?
     @Option(help: "Agent log file for --background (default: /tmp/weft-agent-<mountpoint>.log).") var logFile: String?
     @Option(help: .hidden) var notifyFd: Int32?
@@ -66,6 +68,7 @@ struct Mount: ParsableCommand {
         if DurabilityMode(rawValue: durability) == nil { throw ValidationError("--durability must be strict or periodic") }
         if attrTimeout < 0 { throw ValidationError("--attr-timeout must not be negative") }
         if !(0.1...3600).contains(hubTimeout) { throw ValidationError("--hub-timeout must be 0.1...3600 seconds") }
+        if let reserveMb, !(0...(1 << 30)).contains(reserveMb) { throw ValidationError("--reserve-mb must be 0...1073741824") }
     }
 
     func run() throws {
@@ -75,6 +78,7 @@ struct Mount: ParsableCommand {
             try Mounter.validateMountpoint(point)
             var arguments = ["mount", source, point, "--write-buffer-mb", "\(writeBufferMb)", "--cache-mb", "\(cacheMb)",
                              "--durability", durability, "--attr-timeout", "\(attrTimeout)", "--hub-timeout", "\(hubTimeout)"]
+            if let reserveMb { arguments += ["--reserve-mb", "\(reserveMb)"] }
             if let pidFile { arguments += ["--pid-file", URL(fileURLWithPath: pidFile).standardizedFileURL.path] }
             let log = logFile ?? "/tmp/weft-agent-\(point.replacingOccurrences(of: "/", with: "_")).log"
             try Background.spawnAgent(arguments: arguments, logFile: log)
@@ -87,6 +91,7 @@ struct Mount: ParsableCommand {
         request.mount.attributeTimeoutSeconds = attrTimeout
         request.mount.entryTimeoutSeconds = attrTimeout
         request.hubTimeoutMs = Int(hubTimeout * 1000)
+        request.reserveBytes = reserveMb.map { UInt64($0) << 20 }
         request.pidFile = pidFile
         request.notifyFD = notifyFd
         try Mounter.run(request, logger: WeftLogging.logger("weft.agent"))

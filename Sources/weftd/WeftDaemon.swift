@@ -42,15 +42,20 @@ struct Serve: ParsableCommand {
     var sessionTimeout: Double = 15
     @Option(help: "Cluster hub: bound of the read-through cache of objects held by other hubs, GiB (least recently read evicted first).")
     var cacheGb: Double = 16
+    @Option(help: "Free disk space, MiB, that file data may not take, kept so that metadata changes (unlink, rmdir, truncate) still work on a full disk (default: 5% of the file system, at most 256 MiB; 0: none).")
+    var reserveMb: Int?
 
     func validate() throws {
         if (etcd == nil) != (hub == nil) { throw ValidationError("--etcd and --hub go together") }
         if let hub { try ClusterNames.validateHub(hub) }
         guard (3...3600).contains(sessionTimeout) else { throw ValidationError("--session-timeout must be 3...3600 seconds") }
         guard cacheGb >= 0, cacheGb <= 1_048_576 else { throw ValidationError("--cache-gb must be 0...1048576") }
+        if let reserveMb, !(0...(1 << 30)).contains(reserveMb) { throw ValidationError("--reserve-mb must be 0...1073741824") }
     }
 
     var idleTimeoutMs: Int { Int(sessionTimeout * 1000) }
+
+    var reserveBytes: UInt64? { reserveMb.map { UInt64($0) << 20 } }
 
     func run() throws {
         // A hub moves many agents' chunk frames at once: keep more transfer buffers for reuse.
@@ -71,7 +76,7 @@ struct Serve: ParsableCommand {
             try serveCluster(path: path, host: host, port: port, etcd: etcd, hubName: hub, mode: mode, logger: logger)
             return
         }
-        let hub = try Hub(directory: path, durability: mode, pageCacheReads: true, logger: logger)
+        let hub = try Hub(directory: path, durability: mode, pageCacheReads: true, reserveBytes: reserveBytes, logger: logger)
         try hub.recover()
         let server = HubServer(hub: hub, logger: logger, idleTimeoutMs: idleTimeoutMs)
         let bound: Int
@@ -101,7 +106,7 @@ struct Serve: ParsableCommand {
         // Listen before joining: the address registered must be the bound one (port 0 picks).
         let member = try ClusterMember(etcd: etcdClient, cluster: cluster, hubName: hubName, address: "", logger: logger)
         let fabric = FabricHub(directory: path, member: member, durability: mode, logger: logger,
-                               cacheBytes: UInt64(cacheGb * Double(1 << 30)),
+                               cacheBytes: UInt64(cacheGb * Double(1 << 30)), reserveBytes: reserveBytes,
                                connectPeer: { address in
                                    RemoteHub(address: try HubAddress.parse("weft://" + address),
                                              connectTimeoutMs: HubOpener.connectTimeoutMs,

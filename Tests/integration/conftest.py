@@ -111,9 +111,10 @@ def mode(request):
 
 @pytest.fixture
 def weft_factory(mode, resources):
-    """make(format_args=(), mount_args=(), name='fs') -> WeftFS, set up and mounted."""
-    def make(format_args=(), mount_args=(), name: str = "fs") -> harness.WeftFS:
-        return harness.WeftFS(resources, mode, format_args, mount_args, name=name).setup()
+    """make(format_args=(), mount_args=(), name='fs', hub_args=()) -> WeftFS, set up and mounted.
+    hub_args go to weftd (remote) or to the mount that embeds the hub (embedded)."""
+    def make(format_args=(), mount_args=(), name: str = "fs", hub_args=()) -> harness.WeftFS:
+        return harness.WeftFS(resources, mode, format_args, mount_args, name=name, hub_args=hub_args).setup()
     return make
 
 

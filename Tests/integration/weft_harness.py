@@ -475,11 +475,12 @@ class WeftCLI:
 class Weftd:
     """One `weftd serve DIR --listen 127.0.0.1:PORT` process (foreground child)."""
 
-    def __init__(self, res: Resources, cli: WeftCLI, hub_dir: Path, port: int):
+    def __init__(self, res: Resources, cli: WeftCLI, hub_dir: Path, port: int, extra_args: Sequence[str] = ()):
         self.res = res
         self.cli = cli
         self.hub_dir = hub_dir
         self.port = port
+        self.extra_args = [str(a) for a in extra_args]
         self.proc: Optional[subprocess.Popen] = None
         self.starts = 0
         self.log_path = res.log_dir / f"weftd-{port}.log"
@@ -498,7 +499,7 @@ class Weftd:
             log.flush()
             self.proc = subprocess.Popen(
                 [str(self.cli.weftd_path), "serve", str(self.hub_dir), "--listen",
-                 f"127.0.0.1:{self.port}"],
+                 f"127.0.0.1:{self.port}", *self.extra_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         return self.proc
@@ -697,11 +698,16 @@ class WeftFS:
     """
 
     def __init__(self, res: Resources, mode: str, format_args: Sequence[str] = (),
-                 mount_args: Sequence[str] = (), name: str = "fs"):
+                 mount_args: Sequence[str] = (), name: str = "fs", hub_args: Sequence[str] = ()):
+        """`hub_args`: options of the hub, given to weftd (remote) or to the mount that embeds
+        the hub (embedded)."""
         self.res = res
         self.mode = mode
         self.format_args = [str(a) for a in format_args]
+        self.hub_args = [str(a) for a in hub_args]
         self.mount_args = [str(a) for a in mount_args]
+        if mode == "embedded":
+            self.mount_args += self.hub_args
         self.name = name
         self.chunk_size = DEFAULT_CHUNK_SIZE_BYTES
         if "--chunk-size" in self.format_args:
@@ -734,7 +740,7 @@ class WeftFS:
         self.hub_dir = self.res.base / f"{self.name}-hub"
         self.cli.format(self.hub_dir, *self.format_args)
         if self.mode == "remote":
-            self.daemon = Weftd(self.res, self.cli, self.hub_dir, free_loopback_port())
+            self.daemon = Weftd(self.res, self.cli, self.hub_dir, free_loopback_port(), self.hub_args)
             self.daemon.start()
         self.path = self.res.new_dir(f"{self.name}-mnt", 0o755)
         self.mount()
