@@ -149,3 +149,47 @@ final class ChunkLifecycleTests: ChunkTestCase {
         (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 0
     }
 }
+
+/// The space reserve (SPEC.md §9.1): data may not take the last free bytes of the disk.
+final class ChunkReserveTests: ChunkTestCase {
+    func testAnObjectThatWouldEatIntoTheReserveIsENOSPCAndLeavesNothing() throws {
+        let store = try makeStore()
+        try store.write(id: 1, data: [1, 2, 3])
+        let free = try store.space().freeBytes
+        XCTAssertGreaterThan(free, 0)
+        store.setReserve(free)   // any object would leave less than this free
+        XCTAssertEqual(store.reserveBytes, free)
+        do {
+            try store.write(id: 2, data: [UInt8](repeating: 9, count: 100_000))
+            XCTFail("a write into the reserve succeeded")
+        } catch let error as WeftError {
+            XCTAssertEqual(error.errno, ENOSPC)
+            XCTAssertTrue(error.message.contains("hub disk full"), error.message)
+        }
+        XCTAssertFalse(store.exists(id: 2))
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: "\(directory)/02"), [],
+                       "no temporary file is left behind")
+        XCTAssertEqual(store.objectCount, 1)
+        // Reads and deletes go on.
+        XCTAssertEqual(try store.read(id: 1, offset: 0, length: 3), [1, 2, 3])
+        try store.delete(ids: [1, 77])
+        XCTAssertFalse(store.exists(id: 1))
+        // Without the reserve the same write succeeds.
+        store.setReserve(0)
+        try store.write(id: 2, data: [UInt8](repeating: 9, count: 100_000))
+        XCTAssertEqual(try store.read(id: 2, offset: 99_999, length: 1), [9])
+    }
+
+    func testTheDefaultReserveIsFivePercentOfTheFileSystemAtMost256MiB() throws {
+        let store = try makeStore()
+        XCTAssertEqual(store.reserveBytes, 0, "a store keeps no reserve unless told")
+        var disk = statvfs()
+        XCTAssertEqual(statvfs(directory, &disk), 0)
+        let total = UInt64(disk.f_blocks) * UInt64(disk.f_frsize)
+        let reserve = ChunkStore.defaultReserveBytes(directory: directory)
+        XCTAssertGreaterThan(reserve, 0)
+        XCTAssertLessThanOrEqual(reserve, 256 << 20)
+        XCTAssertEqual(reserve, min(total / 20, 256 << 20))
+        XCTAssertEqual(ChunkStore.defaultReserveBytes(directory: directory + "/missing"), 0)
+    }
+}

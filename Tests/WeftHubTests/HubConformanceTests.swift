@@ -597,3 +597,66 @@ class HubConformanceTests: HubTestCase {
         XCTAssertEqual(try api.readdir(context, ino: root, after: nil, limit: 4096).count, 2 + threads * filesPerThread)
     }
 }
+
+/// A hub whose disk is full, and the objects of failed commits (SPEC.md §9.1).
+extension HubConformanceTests {
+    func testDiscardUploadsDeletesOnlyThisSessionsUncommittedObjects() throws {
+        let committed = try writeObject([1])
+        let file = try makeFile("f")
+        _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: committed)],
+                                 minimumSize: 1, durable: true)
+        let mine = try writeObject([2, 2])
+        let other = RequestContext(session: try api.openSession(agentName: "other").0, credentials: rootCaller)
+        let theirs = try writeObject([3], context: other)
+        try api.discardUploads(context, ids: [committed.id, mine.id, theirs.id, 999_999])
+        XCTAssertErrno(ENOENT, try api.readSlice(context, id: mine.id, offset: 0, length: 2))
+        XCTAssertEqual(try api.readSlice(context, id: committed.id, offset: 0, length: 1), [1], "committed: kept")
+        XCTAssertEqual(try api.readSlice(other, id: theirs.id, offset: 0, length: 1), [3], "another session's: kept")
+        try api.discardUploads(context, ids: [mine.id])   // again: nothing to do
+        try api.discardUploads(context, ids: [])
+        XCTAssertErrno(EINVAL, try api.discardUploads(context, ids: Array(1...UInt64(Limits.discardUploadsMax + 1))))
+        // A discarded object cannot be committed.
+        XCTAssertErrno(ESTALE, try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: mine)],
+                                                    minimumSize: 2, durable: true))
+        XCTAssertEqual(try api.status().chunks, 2)
+        XCTAssertEqual(try api.fsck(repair: false).problems, [])
+    }
+
+    func testTheObjectsOfACommitThatFailedCanBeDiscardedAndThoseOfOneThatAppliedCannot() throws {
+        let object = try writeObject([5, 5, 5])
+        // A commit to an inode that does not exist fails: its objects stay the session's uploads.
+        XCTAssertErrno(ESTALE, try api.commitSlices(context, ino: 999_999, slices: [SliceCommit(chunkIndex: 0, slice: object)],
+                                                    minimumSize: 3, durable: true))
+        let file = try makeFile("g")
+        let applied = try writeObject([6])
+        _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: applied)],
+                                 minimumSize: 1, durable: true)
+        try api.discardUploads(context, ids: [object.id, applied.id])
+        XCTAssertErrno(ENOENT, try api.readSlice(context, id: object.id, offset: 0, length: 3))
+        XCTAssertEqual(try api.readSlice(context, id: applied.id, offset: 0, length: 1), [6])
+        XCTAssertEqual(try api.status().chunks, 1)
+    }
+
+    func testAFullDiskRefusesDataButNotMetadataChanges() throws {
+        let chunks = fixture.hub.chunks
+        let kept = try writeObject([4, 4])
+        chunks.setReserve(try chunks.space().freeBytes + (1 << 30))
+        defer { chunks.setReserve(0) }
+        let id = try api.allocateSliceIDs(context, count: 1)
+        XCTAssertErrno(ENOSPC, try api.writeSlice(context, id: id, data: [1, 2, 3]))
+        XCTAssertEqual(try api.statfs(context).freeBlocks, 0, "statfs shows no room for data")
+        // Metadata changes go on, and reads too.
+        let file = try makeFile("f")
+        let dir = try api.mkdir(context, parent: root, name: bytes("d"), mode: 0o755, umask: 0)
+        try api.rename(context, parent: root, name: bytes("f"), newParent: dir.ino, newName: bytes("g"), flags: [])
+        _ = try api.setattr(context, ino: file.ino, SetAttributes(size: 0))
+        try api.unlink(context, parent: dir.ino, name: bytes("g"))
+        try api.rmdir(context, parent: root, name: bytes("d"))
+        XCTAssertEqual(try api.readSlice(context, id: kept.id, offset: 0, length: 2), [4, 4])
+        // Space back: the same id writes.
+        chunks.setReserve(0)
+        try api.writeSlice(context, id: id, data: [1, 2, 3])
+        XCTAssertEqual(try api.readSlice(context, id: id, offset: 0, length: 3), [1, 2, 3])
+        XCTAssertGreaterThan(try api.statfs(context).freeBlocks, 0)
+    }
+}

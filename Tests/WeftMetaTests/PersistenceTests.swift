@@ -206,4 +206,13 @@ final class PersistenceTests: MetaStoreTestCase {
         XCTAssertThrowsError(try reader.create(Callers.root, parent: root, name: bytes("x"), mode: FileType.regular,
                                                rdev: 0, umask: 0, exclusive: true))
     }
+
+    /// A full file system is ENOSPC, not EIO (SPEC.md §9.1): the caller reports a full volume.
+    func testRocksDBErrorsOnAFullDiskAreENOSPC() {
+        XCTAssertEqual(RocksDB.errno(forMessage: "IO error: No space left on device: While appending to file: /h/meta/000012.log"),
+                       ENOSPC)
+        XCTAssertEqual(RocksDB.errno(forMessage: "IO error: NoSpace: write failed"), ENOSPC)
+        XCTAssertEqual(RocksDB.errno(forMessage: "Corruption: block checksum mismatch"), EIO)
+        XCTAssertEqual(RocksDB.errno(forMessage: ""), EIO)
+    }
 }

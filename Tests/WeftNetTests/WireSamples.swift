@@ -70,6 +70,7 @@ enum WireSamples {
         .readSliceFrom(context, id: 3 << 48 | 1, offset: 65536, length: 1 << 20, holders: [2, 0, 65535]),
         .fetchObject(id: UInt64.max, offset: 8 << 20, length: 8 << 20),
         .releaseUploads(context, ids: [1, 2 << 48 | 3, UInt64.max]),
+        .discardUploads(context, ids: [7, 3 << 48 | 1, UInt64.max - 1]),
         .deleteObjects(ids: [2 << 48 | 1, UInt64.max]),
         .unlinkEntry(context, parent: 24, name: otherName),
         .createOpen(context, parent: 23, name: name, mode: 0o100600, umask: 0o027, flags: Int32(bitPattern: 0x8000_00C2),
@@ -88,6 +89,7 @@ enum WireSamples {
         .lookup(context, parent: 0, name: []),
         .readSliceFrom(context, id: 1, offset: 0, length: 0, holders: []),
         .releaseUploads(context, ids: []),
+        .discardUploads(context, ids: []),
         .deleteObjects(ids: []),
         .createOpen(RequestContext(session: 0, credentials: .root), parent: 0, name: [], mode: 0, umask: 0, flags: 0,
                     writeLease: false),
@@ -100,7 +102,7 @@ enum WireSamples {
     static func response(for opcode: HubOpcode) -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
-             .enableLeases, .recall, .releaseUploads, .deleteObjects:
+             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
             return .flag(true)
