@@ -4,9 +4,10 @@ import Glibc
 import Foundation
 import WeftProto
 
-/// Uploads of buffered writes as chunk objects, and what a failed commit leaves behind
-/// (SPEC.md §7 and §9.1): the objects an attempt wrote are discarded when its commit was not
-/// applied, a file that no longer exists drops its buffers, and background retries back off.
+/// Commits of buffered writes: their upload as chunk objects, the commit at the hub, and what a
+/// failed commit leaves behind (SPEC.md §7 and §9.1): the objects an attempt wrote are
+/// discarded when its commit was not applied, a file that no longer exists drops its buffers,
+/// and background retries back off.
 extension VFS {
     /// Writes `extents` of chunk `index` as new objects; the slices that commit them, in order.
     /// Every object id it tried to write is appended to `written`, so that a caller whose
@@ -105,5 +106,152 @@ extension VFS {
     func noteCommitFailure(_ file: OpenFile) {
         file.commitFailures += 1
         file.nextCommitAttemptNs = Leases.nowNs() + UInt64(Self.commitRetryDelayMs(failures: file.commitFailures)) * 1_000_000
+    }
+
+    // MARK: commit
+
+    func nextSliceID(_ context: RequestContext) throws -> SliceID {
+        lock.lock()
+        if sliceIDs.next < sliceIDs.end {
+            defer { sliceIDs.next += 1; lock.unlock() }
+            return sliceIDs.next
+        }
+        lock.unlock()
+        let first = try hub.allocateSliceIDs(context, count: sliceIDBatch)
+        lock.lock()
+        defer { lock.unlock() }
+        sliceIDs = (first + 1, first + SliceID(sliceIDBatch))
+        return first
+    }
+
+    /// Uploads the file's buffered extents as new chunk objects and commits them, after its
+    /// staged chunks, in one change. Caller holds `file.lock`. On failure the buffers are kept,
+    /// so nothing is lost, and the objects the attempt wrote are discarded unless its commit may
+    /// have been applied; a file found gone (unlinked and closed everywhere) drops its buffers
+    /// and throws ESTALE (SPEC.md §9.1).
+    func flushLocked(_ file: OpenFile, context: RequestContext, durable: Bool) throws {
+        guard file.hasDirtyData else {
+            if durable { try hub.sync(context) }
+            return
+        }
+        file.waitForUploads()
+        var attempt = 0
+        while true {
+            attempt += 1
+            var commits: [SliceCommit] = []
+            // Objects of this attempt that nothing keeps if it fails: staged chunks keep theirs
+            // for the next attempt, buffered extents are uploaded anew each time.
+            var written: [SliceID] = []
+            do {
+                for chunk in file.staged {
+                    if chunk.uploaded == nil {
+                        var chunkWritten: [SliceID] = []
+                        do {
+                            chunk.uploaded = try upload(chunk.extents, of: chunk.index, context: context,
+                                                        written: &chunkWritten)
+                        } catch {
+                            written += chunkWritten
+                            throw error
+                        }
+                    }
+                    commits += chunk.uploaded!
+                }
+                for index in file.dirty.keys.sorted() {
+                    commits += try upload(file.dirty[index]!, of: index, context: context, written: &written)
+                }
+            } catch {
+                // Nothing was committed: what this attempt wrote is garbage.
+                discard(written, context: context)
+                try failed(file, error, context: context)
+            }
+            do {
+                try commit(commits, of: file, minimumSize: file.dirtyEnd, durable: durable, context: context)
+                clearBuffers(file)
+                return
+            } catch let error as WeftError where error.errno == ESTALE && attempt == 1 && !isGone(file, context: context) {
+                // The hub lost the objects (it restarted before the commit): write them again.
+                logger.warning("re-uploading inode \(file.ino) data: \(error.message)")
+                discard(written + file.staged.flatMap { $0.uploaded ?? [] }.map(\.slice.id), context: context)
+                for chunk in file.staged { chunk.uploaded = nil }
+                continue
+            } catch {
+                if !Self.commitMayHaveApplied(error) { discard(written, context: context) }
+                try failed(file, error, context: context)
+            }
+        }
+    }
+
+    /// After a failed upload or commit of `file`'s buffered writes: drops them if the file is
+    /// gone (then throws ESTALE), else counts the failure for the background back-off and
+    /// rethrows `error`. Caller holds `file.lock`.
+    private func failed(_ file: OpenFile, _ error: Error, context: RequestContext) throws -> Never {
+        if isGone(file, context: context) {
+            dropBuffers(file, context: context)
+            throw WeftError(ESTALE, "inode \(file.ino) no longer exists; its buffered writes were dropped")
+        }
+        noteCommitFailure(file)
+        throw error
+    }
+
+    /// Commits uploaded slices of `file` at the hub and adopts the attributes it returns.
+    /// Caller holds `file.lock`.
+    func commit(_ commits: [SliceCommit], of file: OpenFile, minimumSize: UInt64, durable: Bool,
+                context: RequestContext) throws {
+        let before = file.attributes.dataVersion
+        let attributes = try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: minimumSize,
+                                              durable: durable)
+        if file.kernelCacheVersion == before { file.kernelCacheVersion = attributes.dataVersion }
+        file.layouts.removeAll()
+        file.attributes = attributes
+    }
+
+    /// Returns committed extents' buffers to the pool; their bytes.
+    func giveBack(_ extents: [Extent]) -> Int {
+        extents.reduce(0) { bytes, extent in
+            let count = extent.buffer.count
+            pool.give(extent.buffer)
+            return bytes + count
+        }
+    }
+
+    /// Drops a file's committed extents, staged ones included, returning pooled buffers. No
+    /// upload of the file may be running.
+    func recycle(_ file: OpenFile) {
+        precondition(file.uploadsRunning == 0, "recycling buffers an upload still reads")
+        for extents in file.dirty.values { _ = giveBack(extents) }
+        for chunk in file.staged { _ = giveBack(chunk.extents) }
+        file.dirty.removeAll()
+        file.staged.removeAll()
+    }
+
+    /// Frees write-buffer space by committing the file with the most buffered data.
+    func flushSomeFile() throws {
+        lock.lock()
+        let victim = files.values.max { $0.dirtyBytes < $1.dirtyBytes }
+        lock.unlock()
+        guard let victim else { return }
+        victim.lock.lock()
+        defer { victim.lock.unlock() }
+        do {
+            try flushLocked(victim, context: context(.root), durable: false)
+        } catch let error as WeftError where error.errno == ESTALE && !victim.hasDirtyData {
+            // The victim no longer exists and its buffers were dropped: the space is free.
+            logger.debug("dropped the buffered writes of inode \(victim.ino): \(error.message)")
+        }
+    }
+
+    /// Commits every file's buffered writes.
+    public func flushAll(durable: Bool) throws {
+        lock.lock()
+        let all = Array(files.values)
+        lock.unlock()
+        var failure: Error?
+        for file in all {
+            file.lock.lock()
+            do { try flushLocked(file, context: context(.root), durable: false) } catch { failure = error }
+            file.lock.unlock()
+        }
+        if durable { try hub.sync(context(.root)) }
+        if let failure { throw failure }
     }
 }

@@ -1,0 +1,160 @@
+import Foundation
+import Logging
+import WeftProto
+
+/// Writes through handles: buffering, write-behind uploads of whole chunks, and the commits at
+/// `flush`, `fsync` and `release` (SPEC.md §7).
+extension VFS {
+    func fileHandle(_ id: UInt64) throws -> FileHandle {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let handle = fileHandles[id] else { throw WeftError(EBADF) }
+        return handle
+    }
+
+    public func write(handle id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int {
+        let handle = try fileHandle(id)
+        let accessMode = handle.flags & O_ACCMODE
+        guard accessMode == O_WRONLY || accessMode == O_RDWR else { throw WeftError(EBADF) }
+        if data.isEmpty { return 0 }
+        try budget.reserve(data.count) { try self.flushSomeFile() }
+        let file = handle.file
+        file.lock.lock()
+        defer { file.lock.unlock() }
+        let position = handle.flags & O_APPEND != 0 ? file.visibleAttributes.size : offset
+        guard position + UInt64(data.count) <= Limits.fileSizeMaxBytes else {
+            budget.release(data.count)
+            throw WeftError.fileTooBig
+        }
+        // Without the write lease another node may read this file now: write through. Earlier
+        // buffered writes commit first; if this write's commit then fails, its bytes are
+        // dropped, so that a write() that failed has no effect later (SPEC.md §7).
+        if !file.isWriteLeased {
+            if file.hasDirtyData {
+                do { try flushLocked(file, context: handle.context, durable: false) } catch {
+                    budget.release(data.count)
+                    throw error
+                }
+            }
+            file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes, pool: pool)
+            do { try flushLocked(file, context: handle.context, durable: false) } catch {
+                if file.hasDirtyData { clearBuffers(file) }
+                throw error
+            }
+            return data.count
+        }
+        file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes, pool: pool)
+        logger.trace("write \(file.ino) at \(position) +\(data.count): dirty end \(file.dirtyEnd)")
+        let chunkSize = UInt64(chunkSizeBytes)
+        for index in UInt32(position / chunkSize)...UInt32((position + UInt64(data.count) - 1) / chunkSize) {
+            if let chunk = file.stageIfFull(index, chunkSizeBytes: chunkSizeBytes) {
+                startUpload(chunk, of: file, context: handle.context)
+            }
+        }
+        commitUploadedPrefix(file, context: handle.context)
+        return data.count
+    }
+
+    /// Uploaded staged chunks at the front of a file's list that make a commit of their own.
+    static let stagedCommitBatch = 4
+
+    /// Commits the staged chunks at the front of `file`'s list whose uploads ended, once there
+    /// are `stagedCommitBatch` of them: a long write publishes its progress and frees their
+    /// buffers without waiting for the file's next commit. Everything staged or buffered after
+    /// them is newer, so committing them first keeps the slice order. A failure is left to the
+    /// next commit. Caller holds `file.lock`.
+    func commitUploadedPrefix(_ file: OpenFile, context: RequestContext) {
+        let ready = file.staged.prefix { $0.uploaded != nil }
+        guard ready.count >= Self.stagedCommitBatch else { return }
+        let commits = ready.flatMap { $0.uploaded! }
+        let chunkSize = UInt64(chunkSizeBytes)
+        let end = commits.map { UInt64($0.chunkIndex) * chunkSize + UInt64($0.slice.offsetInChunk) + UInt64($0.slice.length) }
+            .max() ?? 0
+        do {
+            try commit(commits, of: file, minimumSize: end, durable: false, context: context)
+            let bytes = ready.reduce(0) { $0 + giveBack($1.extents) }
+            file.staged.removeFirst(ready.count)
+            file.dirtyBytes -= bytes
+            budget.release(bytes)
+            if !file.hasDirtyData { file.dirtyEnd = 0 }
+        } catch {
+            // The objects are gone (the hub restarted): the next commit uploads them again.
+            if (error as? WeftError)?.errno == ESTALE { ready.forEach { $0.uploaded = nil } }
+            logger.debug("commit of inode \(file.ino)'s uploaded chunks failed, the next commit retries: \(error)")
+        }
+    }
+
+    /// Uploads a staged chunk in the background (SPEC.md §7, Write-behind); the file's next
+    /// commit waits for it and commits its slices, or uploads it again if it failed.
+    func startUpload(_ chunk: StagedChunk, of file: OpenFile, context: RequestContext) {
+        Self.uploadPool.async { [self] in
+            var slices: [SliceCommit]?
+            var written: [SliceID] = []
+            do {
+                slices = try upload(chunk.extents, of: chunk.index, context: context, written: &written)
+            } catch {
+                discard(written, context: context)
+                logger.debug("background upload of inode \(file.ino) chunk \(chunk.index) failed, the commit retries: \(error)")
+            }
+            file.lock.lock()
+            file.uploadEnded(chunk, slices: slices)
+            file.lock.unlock()
+        }
+    }
+
+    /// Background uploads of full chunks, shared by every VFS of the process.
+    static let uploadPool = WorkerPool(name: "weft-upload", threads: 4)
+
+    /// Commits the handle's file (close(2) and flush).
+    public func flush(handle id: UInt64) throws {
+        let handle = try fileHandle(id)
+        handle.file.lock.lock()
+        defer { handle.file.lock.unlock() }
+        try flushLocked(handle.file, context: handle.context, durable: false)
+    }
+
+    /// Commits the file and makes it durable on the hub.
+    public func fsync(handle id: UInt64) throws {
+        let handle = try fileHandle(id)
+        handle.file.lock.lock()
+        defer { handle.file.lock.unlock() }
+        try flushLocked(handle.file, context: handle.context, durable: true)
+    }
+
+    public func release(handle id: UInt64) throws {
+        lock.lock()
+        let handle = fileHandles.removeValue(forKey: id)
+        lock.unlock()
+        guard let handle else { throw WeftError(EBADF) }
+        let file = handle.file
+        logger.trace("release handle \(id) of \(file.ino)")
+        file.lock.lock()
+        var failure: Error?
+        do { try flushLocked(file, context: handle.context, durable: false) } catch { failure = error }
+        file.lock.unlock()
+        let registered: Bool = file.leaseLock.withLock {
+            if !handle.registered { file.localHandles.removeAll { $0 === handle } }
+            return handle.registered
+        }
+        lock.lock()
+        if !registered && file.leaseLock.withLock({ file.localHandles.isEmpty }) {
+            filesWithLocalOpens.remove(file.ino)
+        }
+        file.handles -= 1
+        if file.handles == 0 && !file.hasDirtyData {
+            if leasesEnabled && file.isFresh {
+                // Keep what the lease covers for the next open; forget the oldest beyond the bound.
+                closedFiles.append(file.ino)
+                while closedFiles.count > Self.closedFilesMax {
+                    let oldest = closedFiles.removeFirst()
+                    if let old = files[oldest], old.handles == 0, !old.hasDirtyData { files[oldest] = nil }
+                }
+            } else {
+                files[file.ino] = nil
+            }
+        }
+        lock.unlock()
+        if registered { try hub.release(handle.context, ino: file.ino) }
+        if let failure { throw failure }
+    }
+}
