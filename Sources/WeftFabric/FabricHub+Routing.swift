@@ -178,9 +178,7 @@ extension FabricHub {
     }
 
     public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
-        guard ids.count <= Limits.discardUploadsMax else {
-            throw WeftError(EINVAL, "discardUploads names \(ids.count) objects, over the \(Limits.discardUploadsMax) limit")
-        }
+        try Limits.checkDiscardUploads(ids.count)
         if let session = dataSession(context) { return try session.volume.discard(ids, session: context.session) }
         let (hub, c) = try route(context)
         try hub.discardUploads(c, ids: ids)

@@ -374,9 +374,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
-        guard ids.count <= Limits.discardUploadsMax else {
-            throw WeftError(EINVAL, "discardUploads names \(ids.count) objects, over the \(Limits.discardUploadsMax) limit")
-        }
+        try Limits.checkDiscardUploads(ids.count)
         let discarded: [SliceID] = uploadsLock.withLock {
             let discarded = ids.compactMap { pendingUploads[context.session]?.remove($0) }
             if pendingUploads[context.session]?.isEmpty == true { pendingUploads[context.session] = nil }

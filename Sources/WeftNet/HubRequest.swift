@@ -439,11 +439,7 @@ public enum HubRequest: Equatable, Sendable {
         case .fetchObject:
             return .fetchObject(id: try r.u64(), offset: try r.u32(), length: try r.u32())
         case .deleteObjects:
-            let count = try r.listCount(minimumElementBytes: 8)
-            var ids: [SliceID] = []
-            ids.reserveCapacity(count)
-            for _ in 0..<count { ids.append(try r.u64()) }
-            return .deleteObjects(ids: ids)
+            return .deleteObjects(ids: try r.idList())
         case .createVolume:
             let name = try r.string(max: WireCodec.stringMaxBytes), home = try r.string(max: WireCodec.stringMaxBytes)
             let chunkSize = try r.u32()
@@ -542,22 +538,23 @@ public enum HubRequest: Equatable, Sendable {
             for _ in 0..<count { holders.append(try r.u16()) }
             return .readSliceFrom(c, id: id, offset: offset, length: length, holders: holders)
         case .releaseUploads:
-            let count = try r.listCount(minimumElementBytes: 8)
-            var ids: [SliceID] = []
-            ids.reserveCapacity(count)
-            for _ in 0..<count { ids.append(try r.u64()) }
-            return .releaseUploads(c, ids: ids)
+            return .releaseUploads(c, ids: try r.idList())
         case .discardUploads:
-            let count = try r.listCount(minimumElementBytes: 8)
-            var ids: [SliceID] = []
-            ids.reserveCapacity(count)
-            for _ in 0..<count { ids.append(try r.u64()) }
-            return .discardUploads(c, ids: ids)
+            return .discardUploads(c, ids: try r.idList())
         }
     }
 }
 
 extension ByteReader {
+    /// A `list<u64>` of object ids.
+    mutating func idList() throws -> [SliceID] {
+        let count = try listCount(minimumElementBytes: 8)
+        var ids: [SliceID] = []
+        ids.reserveCapacity(count)
+        for _ in 0..<count { ids.append(try u64()) }
+        return ids
+    }
+
     /// A list count, bounded by what the remaining bytes could hold, so that reserving capacity
     /// for it never allocates more than the frame's own size allows.
     mutating func listCount(minimumElementBytes: Int) throws -> Int {

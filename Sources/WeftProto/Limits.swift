@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Hard limits of a Weft volume. SPEC.md §Limits lists each with the errno returned at the bound.
 public enum Limits {
     /// Longest directory entry name, in bytes (ENAMETOOLONG beyond).
@@ -27,6 +31,13 @@ public enum Limits {
     public static let fetchPieceMaxBytes = 8 * 1024 * 1024
     /// Most object ids one `discardUploads` names.
     public static let discardUploadsMax = 4096
+
+    /// EINVAL when a `discardUploads` names more than `discardUploadsMax` ids.
+    public static func checkDiscardUploads(_ count: Int) throws {
+        guard count <= discardUploadsMax else {
+            throw WeftError(EINVAL, "discardUploads names \(count) objects, over the \(discardUploadsMax) limit")
+        }
+    }
 }
 
 /// Requests a mounted agent serves itself, reached through the mount (SPEC.md §8).
