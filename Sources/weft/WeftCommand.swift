@@ -168,8 +168,9 @@ struct Status: ParsableCommand {
                                          logger: WeftLogging.logger("weft", level: .warning))
         defer { opened.close() }
         let status = try opened.api.status()
+        let free = Self.freeBytes(opened.api)
         if json {
-            let object: [String: Any] = [
+            var object: [String: Any] = [
                 "source": source,
                 "chunkSizeBytes": status.volume.chunkSizeBytes,
                 "compression": status.volume.compression.name,
@@ -180,6 +181,7 @@ struct Status: ParsableCommand {
                 "connectedAgents": status.connectedAgents,
                 "agents": status.agents,
             ]
+            if let free { object["freeBytes"] = free }
             let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         } else {
@@ -190,10 +192,23 @@ struct Status: ParsableCommand {
                 inodes            \(status.inodes)
                 chunks            \(status.chunks)
                 space used        \(status.storedBytes) bytes
+                free for data     \(free.map { "\($0) bytes (free disk space less the hub's reserve)" } ?? "unknown (cluster hub)")
                 connected agents  \(status.connectedAgents)
                 """)
             for agent in status.agents { print("  \(agent)") }
         }
+    }
+}
+
+extension Status {
+    /// Room left for file data: the hub's disk free space less its reserve (SPEC.md §9.1), as
+    /// `statfs` reports it to a session. Nil where the hub serves no volume session (a cluster
+    /// hub's summary).
+    static func freeBytes(_ api: HubAPI) -> UInt64? {
+        guard let (session, _) = try? api.openSession(agentName: "weft-status") else { return nil }
+        defer { try? api.closeSession(session) }
+        guard let stats = try? api.statfs(RequestContext(session: session, credentials: .root)) else { return nil }
+        return stats.freeBlocks * UInt64(stats.blockSizeBytes)
     }
 }
 

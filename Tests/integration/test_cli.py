@@ -172,8 +172,11 @@ def test_status_json_has_expected_keys(weft):
     weft.require_weft("runs weft status")
     write_file(weft.path / "f", os.urandom(200_000), fsync=True)
     status = weft.status_any()
-    for key in ("inodes", "chunks", "connectedAgents"):
+    for key in ("inodes", "chunks", "connectedAgents", "freeBytes"):
         assert find_key(status, key) is not None, f"weft status --json lacks {key!r}: {status}"
+    disk = os.statvfs(weft.hub_dir)
+    assert 0 < status["freeBytes"] <= disk.f_bavail * disk.f_frsize, \
+        f"freeBytes {status['freeBytes']} is not within the hub disk's free space"
     print(json.dumps(status, indent=1)[:2000])
     if weft.mode == "remote":
         agents = find_key(weft.status(), "connectedAgents")

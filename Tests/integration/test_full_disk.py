@@ -81,6 +81,7 @@ def test_a_full_hub_disk_keeps_metadata_working_and_gives_space_back(weft_factor
     assert written < 2 * DATA_ROOM_MIB
     st = os.statvfs(root)
     assert st.f_bavail * st.f_frsize < 32 * MiB, f"statfs shows {st.f_bavail * st.f_frsize >> 20} MiB free on a full hub"
+    assert weft.status_any()["freeBytes"] < 32 * MiB, "weft status shows room on a full hub"
 
     # Metadata changes work on the full hub.
     os.mkdir(root / "dir")
