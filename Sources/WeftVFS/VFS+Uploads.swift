@@ -183,9 +183,11 @@ extension VFS {
 
     /// After a failed upload or commit of `file`'s buffered writes: drops them if the file is
     /// gone (then throws ESTALE), else counts the failure for the background back-off and
-    /// rethrows `error`. Caller holds `file.lock`.
+    /// rethrows `error`. The hub is asked only when it answered the failed call: after a
+    /// timeout or a lost connection the question would wait out the same timeout. Caller holds
+    /// `file.lock`.
     private func failed(_ file: OpenFile, _ error: Error, context: RequestContext) throws -> Never {
-        if isGone(file, context: context) {
+        if !Self.commitMayHaveApplied(error) && isGone(file, context: context) {
             dropBuffers(file, context: context)
             throw WeftError(ESTALE, "inode \(file.ino) no longer exists; its buffered writes were dropped")
         }
