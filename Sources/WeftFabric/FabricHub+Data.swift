@@ -13,36 +13,27 @@ final class VolumeData: @unchecked Sendable {
     let chunks: ChunkStore
     let cache: ChunkStore
     /// Objects each data session wrote and has not reported committed (SPEC.md §12.5).
-    private let lock = NSLock()
-    private var pendingUploads: [SessionID: Set<SliceID>] = [:]
+    private let pendingUploads = PendingUploads()
 
     init(id: UInt16, info: VolumeInfo, chunks: ChunkStore, cache: ChunkStore) {
         self.id = id; self.info = info; self.chunks = chunks; self.cache = cache
     }
 
     func uploaded(_ id: SliceID, session: SessionID) {
-        lock.withLock { _ = pendingUploads[session, default: []].insert(id) }
+        pendingUploads.add(id, session: session)
     }
 
     func committed(_ ids: [SliceID], session: SessionID) {
-        lock.withLock {
-            for id in ids { pendingUploads[session]?.remove(id) }
-            if pendingUploads[session]?.isEmpty == true { pendingUploads[session] = nil }
-        }
+        pendingUploads.take(ids, session: session)
     }
 
     /// Deletes those of `ids` that `session` wrote and has not reported committed.
     func discard(_ ids: [SliceID], session: SessionID) throws {
-        let discarded: [SliceID] = lock.withLock {
-            let discarded = ids.compactMap { pendingUploads[session]?.remove($0) }
-            if pendingUploads[session]?.isEmpty == true { pendingUploads[session] = nil }
-            return discarded
-        }
-        try chunks.delete(ids: discarded)
+        try chunks.delete(ids: pendingUploads.take(ids, session: session))
     }
 
     func endSession(_ session: SessionID) -> Set<SliceID> {
-        lock.withLock { pendingUploads.removeValue(forKey: session) } ?? []
+        pendingUploads.end(session)
     }
 }
 

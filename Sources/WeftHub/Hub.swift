@@ -16,8 +16,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     let maintenance: Maintenance
     /// Objects each session has written and not yet committed (bounded by the agents' write
     /// buffers); deleted when the session ends without committing them.
-    private let uploadsLock = NSLock()
-    private var pendingUploads: [SessionID: Set<SliceID>] = [:]
+    private let pendingUploads = PendingUploads()
     let locks = LockTable()
     /// Who caches what, and the recalls before conflicting changes (SPEC.md §12.6).
     public let leases: LeaseTable
@@ -136,7 +135,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         locks.release(session: session)
         try meta.closeSession(session)
         // Objects the session wrote but never committed (its agent died mid-write) are orphans.
-        let abandoned = uploadsLock.withLock { pendingUploads.removeValue(forKey: session) } ?? []
+        let abandoned = pendingUploads.end(session)
         try? chunks.delete(ids: abandoned)
         if !abandoned.isEmpty { logger.info("removed \(abandoned.count) chunk object(s) session \(session) never committed") }
         maintenance.wake()
@@ -320,7 +319,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         guard id != 0, id < meta.currentCounters.nextSlice else { throw WeftError(EINVAL, "slice id \(id) was never allocated") }
         guard bytes.count <= Int(meta.volume.chunkSizeBytes) else { throw WeftError(EINVAL, "slice larger than a chunk") }
         try chunks.write(id: id, data: bytes)
-        uploadsLock.withLock { _ = pendingUploads[context.session, default: []].insert(id) }
+        pendingUploads.add(id, session: context.session)
     }
 
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {
@@ -351,18 +350,14 @@ public final class Hub: HubAPI, @unchecked Sendable {
         }
         // The commit claims its objects first, so that a discard can never delete one that a
         // commit under way may reference; a commit that fails gives them back.
-        let claimed: [SliceID] = uploadsLock.withLock {
-            let claimed = slices.compactMap { pendingUploads[context.session]?.remove($0.slice.id) }
-            if pendingUploads[context.session]?.isEmpty == true { pendingUploads[context.session] = nil }
-            return claimed
-        }
+        let claimed = pendingUploads.take(slices.map(\.slice.id), session: context.session)
         let attributes: Attributes
         do {
             attributes = try changing(context, [.init(ino, isFile: true)], reply: { _ in [ino] }) {
                 try meta.commitSlices(ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
             }
         } catch {
-            uploadsLock.withLock { pendingUploads[context.session, default: []].formUnion(claimed) }
+            pendingUploads.giveBack(claimed, session: context.session)
             throw error
         }
         maintenance.considerCompaction(ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
@@ -375,11 +370,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
 
     public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
         try Limits.checkDiscardUploads(ids.count)
-        let discarded: [SliceID] = uploadsLock.withLock {
-            let discarded = ids.compactMap { pendingUploads[context.session]?.remove($0) }
-            if pendingUploads[context.session]?.isEmpty == true { pendingUploads[context.session] = nil }
-            return discarded
-        }
+        let discarded = pendingUploads.take(ids, session: context.session)
         try chunks.delete(ids: discarded)
         if !discarded.isEmpty { logger.debug("discarded \(discarded.count) upload(s) of a failed commit, session \(context.session)") }
     }

@@ -43,7 +43,7 @@ public final class LeaseCache: @unchecked Sendable {
     private var wholeExpiries: UInt64 = 0
 
     /// Recalls answered by making every kernel entry stale, because the kernel held the
-    /// directory's lock (tests and `weft status`).
+    /// directory's lock (tests).
     public var wholeExpiryCount: UInt64 { lock.withLock { wholeExpiries } }
 
     func expiredWhole() { lock.withLock { wholeExpiries += 1 } }

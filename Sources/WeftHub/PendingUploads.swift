@@ -1,0 +1,37 @@
+import Foundation
+import WeftProto
+
+/// The chunk objects each session wrote and has not committed (SPEC.md §9.1, §12.5): what a
+/// discard may delete, and what goes when the session ends. Thread-safe.
+public final class PendingUploads: @unchecked Sendable {
+    private let lock = NSLock()
+    private var bySession: [SessionID: Set<SliceID>] = [:]
+
+    public init() {}
+
+    public func add(_ id: SliceID, session: SessionID) {
+        lock.withLock { _ = bySession[session, default: []].insert(id) }
+    }
+
+    /// Removes those of `ids` that `session` holds; returns them (a commit claims its objects,
+    /// a discard takes the ones it may delete).
+    @discardableResult
+    public func take(_ ids: some Sequence<SliceID>, session: SessionID) -> [SliceID] {
+        lock.withLock {
+            let taken = ids.compactMap { bySession[session]?.remove($0) }
+            if bySession[session]?.isEmpty == true { bySession[session] = nil }
+            return taken
+        }
+    }
+
+    /// Gives `ids` back to `session` (a commit that claimed them failed).
+    public func giveBack(_ ids: [SliceID], session: SessionID) {
+        guard !ids.isEmpty else { return }
+        lock.withLock { bySession[session, default: []].formUnion(ids) }
+    }
+
+    /// Everything `session` still holds; it holds nothing after.
+    public func end(_ session: SessionID) -> Set<SliceID> {
+        lock.withLock { bySession.removeValue(forKey: session) } ?? []
+    }
+}
