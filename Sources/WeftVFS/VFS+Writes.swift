@@ -141,19 +141,27 @@ extension VFS {
             filesWithLocalOpens.remove(file.ino)
         }
         file.handles -= 1
+        var layoutsToDrop: OpenFile?
         if file.handles == 0 && !file.hasDirtyData {
             if leasesEnabled && file.isFresh {
-                // Keep what the lease covers for the next open; forget the oldest beyond the bound.
+                // Keep what the lease covers for the next open; forget the oldest beyond the
+                // bound, and the layouts of all but the newest `keptLayoutsMax`.
                 closedFiles.append(file.ino)
-                while closedFiles.count > Self.closedFilesMax {
-                    let oldest = closedFiles.removeFirst()
+                while closedFiles.count > options.keptFilesMax, let oldest = closedFiles.popFirst() {
                     if let old = files[oldest], old.handles == 0, !old.hasDirtyData { files[oldest] = nil }
+                }
+                if let older = closedFiles.fromEnd(options.keptLayoutsMax), let old = files[older], old.handles == 0 {
+                    layoutsToDrop = old
                 }
             } else {
                 files[file.ino] = nil
             }
         }
         lock.unlock()
+        if let layoutsToDrop {
+            // Outside the VFS lock (a file's lock is never taken under it); a reopen fetches them.
+            layoutsToDrop.lock.withLock { layoutsToDrop.layouts.removeAll() }
+        }
         if registered { try hub.release(handle.context, ino: file.ino) }
         if let failure { throw failure }
     }

@@ -18,6 +18,12 @@ public struct VFSOptions: Sendable {
     /// Buffered writes older than this are committed in the background, so a file kept open
     /// by its writer still reaches the hub (and other mounts' next open) within a bound.
     public var commitIntervalMs: Int = 5_000
+    /// Files kept after their last close while a lease covers them: their attributes answer
+    /// `lookup`, `getattr` and the next read-only open with no call to the home. About 0.6 KiB
+    /// each without layouts (SPEC.md §12.6).
+    public var keptFilesMax: Int = 65_536
+    /// Of those, the newest that also keep their layouts (which grow with the file).
+    public var keptLayoutsMax: Int = 4096
 
     public init() {}
 }
@@ -65,8 +71,9 @@ public final class VFS: @unchecked Sendable {
     var filesWithLocalOpens: Set<InodeID> = []
     /// This agent's own unlinks and renames (see `invalidateFiles`).
     let ownChanges = OwnChanges()
-    /// Closed files kept under a lease, oldest first (see `closedFilesMax`).
-    var closedFiles: [InodeID] = []
+    /// Closed files kept under a lease, oldest first (`VFSOptions.keptFilesMax`; the newest
+    /// `keptLayoutsMax` keep their layouts). A file closed again is appended again.
+    var closedFiles = FIFO<InodeID>()
     /// Names of regular files looked up under their directory's lease, with the lease token of
     /// the lookup; valid while no recall of the directory came since.
     var names: [NameKey: (ino: InodeID, token: UInt64)] = [:]
@@ -533,9 +540,6 @@ public final class VFS: @unchecked Sendable {
         return (id, keepCache)
     }
 
-    /// Files kept after their last close while a lease covers them (their attributes and layouts
-    /// serve the next open), oldest first; at most `closedFilesMax`.
-    static let closedFilesMax = 4096
 
     /// A read-only open of a file whose attributes this agent holds under a lease: no call to
     /// the home (the kernel checked the permission against leased attributes).
@@ -666,4 +670,32 @@ public final class VFS: @unchecked Sendable {
 struct NameKey: Hashable {
     var parent: InodeID
     var name: [UInt8]
+}
+
+/// A first-in, first-out queue with O(1) append and removal at the front (an array and the
+/// index of its first live element, compacted when half of it is dead).
+struct FIFO<Element> {
+    private var storage: [Element] = []
+    private var head = 0
+
+    var count: Int { storage.count - head }
+
+    mutating func append(_ element: Element) { storage.append(element) }
+
+    mutating func popFirst() -> Element? {
+        guard head < storage.count else { return nil }
+        let first = storage[head]
+        head += 1
+        if head >= 1024 && head * 2 >= storage.count {
+            storage.removeFirst(head)
+            head = 0
+        }
+        return first
+    }
+
+    /// The element `distance` places before the last (0: the last one), if there is one.
+    func fromEnd(_ distance: Int) -> Element? {
+        let index = storage.count - 1 - distance
+        return index >= head && distance >= 0 ? storage[index] : nil
+    }
 }

@@ -31,9 +31,10 @@ class VFSDataTests: HubTestCase {
 
     /// A new agent (its own session) on `fixture`'s hub.
     func makeAgent(writeBufferBytes: Int? = nil, cacheBytes: Int? = nil, readaheadMaxBytes: Int? = nil,
-                   on hub: HubUnderTest? = nil) throws -> VFS {
+                   keptFiles: (files: Int, layouts: Int)? = nil, on hub: HubUnderTest? = nil) throws -> VFS {
         var options = VFSOptions()
         options.agentName = "vfs-test-\(agents.count)"
+        if let keptFiles { (options.keptFilesMax, options.keptLayoutsMax) = keptFiles }
         if let writeBufferBytes { options.writeBufferBytes = writeBufferBytes }
         if let cacheBytes { options.cacheBytes = cacheBytes }
         if let readaheadMaxBytes { options.readaheadMaxBytes = readaheadMaxBytes }

@@ -172,6 +172,42 @@ extension VFSDataTests {
         XCTAssertEqual(try a.getattr(rootCaller, ino: w).nlink, 1)
     }
 
+    func testClosedFilesAreKeptUpToTheBoundAndOnlyTheNewestKeepTheirLayouts() throws {
+        let a = try makeAgent(keptFiles: (files: 6, layouts: 2)), b = try makeAgent()
+        func payload(_ index: Int) -> [UInt8] { Array(repeating: UInt8(index + 1), count: 1000 + index) }
+        var inodes: [InodeID] = []
+        for index in 0..<8 {
+            let (ino, handle) = try create(a, "kept\(index)")
+            try write(a, handle, at: 0, payload(index))
+            XCTAssertEqual(try read(a, handle, at: 0, 4096), payload(index))  // commits, then fetches layouts
+            try a.release(handle: handle)
+            inodes.append(ino)
+        }
+        // The two oldest are forgotten; the other six stay, covered by their leases.
+        XCTAssertNil(a.openFile(inodes[0]))
+        XCTAssertNil(a.openFile(inodes[1]))
+        for ino in inodes[2...] { XCTAssertEqual(a.openFile(ino)?.isFresh, true, "inode \(ino)") }
+        // Only the two newest keep their layouts.
+        let withLayouts = inodes.filter { ino in
+            guard let file = a.openFile(ino) else { return false }
+            return file.lock.withLock { !file.layouts.isEmpty }
+        }
+        XCTAssertEqual(withLayouts, Array(inodes[6...]))
+        // A kept file's attributes answer getattr and lookup as the home has them.
+        XCTAssertEqual(try a.getattr(rootCaller, ino: inodes[3]), try b.getattr(rootCaller, ino: inodes[3]))
+        XCTAssertEqual(try a.lookup(rootCaller, parent: root, name: bytes("kept3")).size, 1003)
+        // Kept files without layouts and forgotten ones read right (layouts fetched again).
+        for (index, ino) in inodes.enumerated() {
+            XCTAssertEqual(try contents(of: ino, via: a), payload(index), "kept\(index)")
+        }
+        // Another agent's change recalls a kept file: the change is seen, not the kept attributes.
+        let (handle, _) = try b.open(rootCaller, ino: inodes[4], flags: O_RDWR | O_TRUNC)
+        try write(b, handle, at: 0, Array("changed".utf8))
+        try b.release(handle: handle)
+        XCTAssertEqual(try a.getattr(rootCaller, ino: inodes[4]).size, 7)
+        XCTAssertEqual(try contents(of: inodes[4], via: a), Array("changed".utf8))
+    }
+
     func testANewDirectorysMissingNamesAreKnownUntilAnotherAgentChangesIt() throws {
         let a = try makeAgent(), b = try makeAgent()
         let dir = try a.mkdir(rootCaller, parent: root, name: bytes("fresh"), mode: 0o755, umask: 0).ino
