@@ -95,6 +95,11 @@ extension FabricHub {
         try hub.release(c, ino: ino)
     }
 
+    public func releaseMany(_ context: RequestContext, inos: [InodeID]) throws {
+        let (hub, c) = try route(context)
+        try hub.releaseMany(c, inos: inos)
+    }
+
     public func getxattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws -> [UInt8] {
         let (hub, c) = try route(context)
         return try hub.getxattr(c, ino: ino, name: name)

@@ -275,6 +275,14 @@ public final class Hub: HubAPI, @unchecked Sendable {
         maintenance.wakeIfGarbage(meta.garbageMade)
     }
 
+    /// One metadata transaction for all of them.
+    public func releaseMany(_ context: RequestContext, inos: [InodeID]) throws {
+        try Limits.checkListCount(inos.count, max: Limits.releaseManyMax, "releaseMany", "inodes")
+        guard !inos.isEmpty else { return }
+        try meta.release(session: context.session, inos: inos)
+        maintenance.wakeIfGarbage(meta.garbageMade)
+    }
+
     // MARK: HubAPI — xattrs, statfs
 
     public func getxattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws -> [UInt8] {

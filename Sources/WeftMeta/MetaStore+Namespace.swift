@@ -304,10 +304,18 @@ extension MetaStore {
     }
 
     public func release(session: SessionID, ino: InodeID) throws {
+        try release(session: session, inos: [ino])
+    }
+
+    /// Ends one open of each of `inos` by `session` (an inode named twice, two), in one
+    /// transaction; an inode the session has not open is skipped.
+    public func release(session: SessionID, inos: [InodeID]) throws {
         try mutate(durable: false) { t in
-            guard let count = sessions[session]?.opens[ino], count > 0 else { return }
-            sessions[session]?.opens[ino] = count > 1 ? count - 1 : nil
-            try t.dropOpen(ino, count: 1)
+            for ino in inos {
+                guard let count = sessions[session]?.opens[ino], count > 0 else { continue }
+                sessions[session]?.opens[ino] = count > 1 ? count - 1 : nil
+                try t.dropOpen(ino, count: 1)
+            }
         }
     }
 

@@ -130,6 +130,9 @@ extension HubRequest {
         case let .discardUploads(c, ids):
             try hub.discardUploads(c, ids: ids)
             return .empty
+        case let .releaseMany(c, inos):
+            try hub.releaseMany(c, inos: inos)
+            return .empty
         case let .deleteObjects(ids):
             try hub.deleteObjects(ids: ids)
             return .empty

@@ -53,6 +53,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case createOpen = 45
     case unlinkEntry = 46
     case discardUploads = 47
+    case releaseMany = 48
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -102,6 +103,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .fetchObject: "fetchObject"
         case .releaseUploads: "releaseUploads"
         case .discardUploads: "discardUploads"
+        case .releaseMany: "releaseMany"
         case .deleteObjects: "deleteObjects"
         case .createOpen: "createOpen"
         case .unlinkEntry: "unlinkEntry"
@@ -163,6 +165,8 @@ public enum HubRequest: Equatable, Sendable {
     /// The objects are committed at the home: the data hub stops tracking them as uploads.
     case releaseUploads(RequestContext, ids: [SliceID])
     case discardUploads(RequestContext, ids: [SliceID])
+    /// `release` of each inode, in one call (an inode named twice is released twice).
+    case releaseMany(RequestContext, inos: [InodeID])
     /// Home to holder hub: the objects are garbage at their volume's home; delete every copy.
     case deleteObjects(ids: [SliceID])
     /// unlink, answered with the parent's attributes after it.
@@ -217,6 +221,7 @@ public enum HubRequest: Equatable, Sendable {
         case .fetchObject: .fetchObject
         case .releaseUploads: .releaseUploads
         case .discardUploads: .discardUploads
+        case .releaseMany: .releaseMany
         case .deleteObjects: .deleteObjects
         case .createOpen: .createOpen
         case .unlinkEntry: .unlinkEntry
@@ -238,7 +243,7 @@ public enum HubRequest: Equatable, Sendable {
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
              .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .lock(let c, _, _),
              .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _),
-             .unlinkEntry(let c, _, _), .discardUploads(let c, _):
+             .unlinkEntry(let c, _, _), .discardUploads(let c, _), .releaseMany(let c, _):
             c.session
         }
     }
@@ -296,6 +301,7 @@ public enum HubRequest: Equatable, Sendable {
             return .readSliceFrom(s(c), id: id, offset: offset, length: length, holders: holders)
         case let .releaseUploads(c, ids): return .releaseUploads(s(c), ids: ids)
         case let .discardUploads(c, ids): return .discardUploads(s(c), ids: ids)
+        case let .releaseMany(c, inos): return .releaseMany(s(c), inos: inos)
         }
     }
 
@@ -385,7 +391,7 @@ public enum HubRequest: Equatable, Sendable {
         case let .deleteObjects(ids):
             w.u32(UInt32(ids.count))
             for id in ids { w.u64(id) }
-        case let .releaseUploads(c, ids), let .discardUploads(c, ids):
+        case let .releaseUploads(c, ids), let .discardUploads(c, ids), let .releaseMany(c, ids):
             c.encode(into: &w); w.u32(UInt32(ids.count))
             for id in ids { w.u64(id) }
         }
@@ -541,6 +547,8 @@ public enum HubRequest: Equatable, Sendable {
             return .releaseUploads(c, ids: try r.idList())
         case .discardUploads:
             return .discardUploads(c, ids: try r.idList())
+        case .releaseMany:
+            return .releaseMany(c, inos: try r.idList())
         }
     }
 }

@@ -51,7 +51,8 @@ public enum HubResponse: Equatable, Sendable {
              (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
              (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease), (.flag, .reclaimWriteLease),
              (.session, .openDataSession), (.bytes, .readSliceFrom), (.objectPart, .fetchObject),
-             (.empty, .releaseUploads), (.empty, .deleteObjects), (.empty, .discardUploads), (.created, .createOpen):
+             (.empty, .releaseUploads), (.empty, .deleteObjects), (.empty, .discardUploads), (.empty, .releaseMany),
+             (.created, .createOpen):
             return true
         default:
             return false
@@ -139,7 +140,7 @@ public enum HubResponse: Equatable, Sendable {
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
-             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads:
+             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
             return .flag(try r.bool())

@@ -90,6 +90,13 @@ extension RemoteHub {
         try empty(.release(context, ino: ino))
     }
 
+    /// One call (opcode 48); to a hub older than it, one `release` each.
+    public func releaseMany(_ context: RequestContext, inos: [InodeID]) throws {
+        try call(.releaseMany(context, inos: inos), unpack: { if case .empty = $0 { () } else { nil } }) {
+            for ino in inos { try release(context, ino: ino) }
+        }
+    }
+
     public func getxattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws -> [UInt8] {
         try bytes(.getxattr(context, ino: ino, name: name))
     }

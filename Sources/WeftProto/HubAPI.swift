@@ -50,6 +50,10 @@ public protocol HubAPI: AnyObject, Sendable {
     /// unlinked file stays readable until `release`. `O_TRUNC` truncates atomically.
     func open(_ context: RequestContext, ino: InodeID, flags: Int32) throws -> Attributes
     func release(_ context: RequestContext, ino: InodeID) throws
+    /// `release` of each of `inos` (an inode named twice is released twice), in one call; an
+    /// inode this session has not open is skipped. At most `Limits.releaseManyMax` (EINVAL
+    /// beyond). Agents send their closes this way, batched (SPEC.md §4 opcode 48).
+    func releaseMany(_ context: RequestContext, inos: [InodeID]) throws
     /// `create(exclusive: true)` of a regular file, then `open` with `flags` for its creator
     /// whatever its mode, then with `writeLease` the write lease on it, in one call (one round
     /// trip to a remote home, SPEC.md §4 opcode 45). Also returns the parent directory's
@@ -239,6 +243,11 @@ extension HubAPI {
     }
 
     public func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws {}
+
+    public func releaseMany(_ context: RequestContext, inos: [InodeID]) throws {
+        try Limits.checkListCount(inos.count, max: Limits.releaseManyMax, "releaseMany", "inodes")
+        for ino in inos { try release(context, ino: ino) }
+    }
 
     public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
         throw WeftError(ENOSYS, "this hub does not discard uploads (they go when the session ends)")

@@ -32,10 +32,18 @@ public enum Limits {
     /// Most object ids one `discardUploads` names.
     public static let discardUploadsMax = 4096
 
+    /// Most inodes one `releaseMany` names.
+    public static let releaseManyMax = 4096
+
     /// EINVAL when a `discardUploads` names more than `discardUploadsMax` ids.
     public static func checkDiscardUploads(_ count: Int) throws {
-        guard count <= discardUploadsMax else {
-            throw WeftError(EINVAL, "discardUploads names \(count) objects, over the \(discardUploadsMax) limit")
+        try checkListCount(count, max: discardUploadsMax, "discardUploads", "objects")
+    }
+
+    /// EINVAL when a list argument of `call` names more than `max` items.
+    public static func checkListCount(_ count: Int, max: Int, _ call: String, _ items: String) throws {
+        guard count <= max else {
+            throw WeftError(EINVAL, "\(call) names \(count) \(items), over the \(max) limit")
         }
     }
 }

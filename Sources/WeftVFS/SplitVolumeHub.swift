@@ -194,6 +194,10 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try home.release(context, ino: ino)
     }
 
+    public func releaseMany(_ context: RequestContext, inos: [InodeID]) throws {
+        try home.releaseMany(context, inos: inos)
+    }
+
     public func getxattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws -> [UInt8] {
         try home.getxattr(context, ino: ino, name: name)
     }

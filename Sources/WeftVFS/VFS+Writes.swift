@@ -162,7 +162,71 @@ extension VFS {
             // Outside the VFS lock (a file's lock is never taken under it); a reopen fetches them.
             layoutsToDrop.lock.withLock { layoutsToDrop.layouts.removeAll() }
         }
-        if registered { try hub.release(handle.context, ino: file.ino) }
+        if registered { closes.add(file.ino, vfs: self) }
         if let failure { throw failure }
+    }
+
+    /// Sends queued closes to the home (`releaseMany`), until none is left.
+    func sendCloses() {
+        while let batch = closes.next() {
+            do {
+                try hub.releaseMany(context(.root), inos: batch)
+            } catch {
+                // The home ends the session's opens when the session ends; nothing else to do.
+                logger.debug("could not tell the home of \(batch.count) close(s): \(error)")
+            }
+        }
+    }
+}
+
+/// Closes of registered opens waiting to be sent to the home (SPEC.md §7, Closes). The kernel
+/// does not wait for a release, so neither does the agent: a close is queued, and one sender
+/// per volume, started `lingerMs` after the first close that finds it idle, sends everything
+/// queued by then in one `releaseMany`, and goes on while more were queued meanwhile.
+final class PendingCloses: @unchecked Sendable {
+    private let lock = NSCondition()
+    private var queued: [InodeID] = []
+    private var sending = false
+    private let queue = DispatchQueue(label: "weft-vfs-closes")
+    /// How long the first close waits for others to share its call. A file unlinked while open
+    /// is reclaimed this much later; nothing else waits for a close.
+    static let lingerMs = 10
+    /// Closes taken for sending, and the calls that carried them (tests).
+    private(set) var taken = (closes: 0, calls: 0)
+
+    /// Queues one close of `ino`; starts the sender if it is idle.
+    func add(_ ino: InodeID, vfs: VFS) {
+        lock.lock()
+        queued.append(ino)
+        let start = !sending
+        sending = true
+        lock.unlock()
+        if start { queue.asyncAfter(deadline: .now() + .milliseconds(Self.lingerMs)) { vfs.sendCloses() } }
+    }
+
+    /// The next batch to send (at most `Limits.releaseManyMax`), or nil (the sender stops).
+    func next() -> [InodeID]? {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !queued.isEmpty else {
+            sending = false
+            lock.broadcast()
+            return nil
+        }
+        let count = min(queued.count, Limits.releaseManyMax)
+        let batch = Array(queued.prefix(count))
+        queued.removeFirst(count)
+        taken.closes += count
+        taken.calls += 1
+        return batch
+    }
+
+    /// Waits until every queued close was sent (or failed); returns `taken` then.
+    @discardableResult
+    func drain() -> (closes: Int, calls: Int) {
+        lock.lock()
+        defer { lock.unlock() }
+        while sending { lock.wait() }
+        return taken
     }
 }

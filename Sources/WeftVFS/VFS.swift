@@ -94,6 +94,8 @@ public final class VFS: @unchecked Sendable {
     var directoryHandles: [UInt64: DirectoryHandle] = [:]
     var nextHandle: UInt64 = 1
     var sliceIDs: (next: SliceID, end: SliceID) = (0, 0)
+    /// Closes of registered opens not yet sent to the home.
+    let closes = PendingCloses()
     /// Whether the hub takes `discardUploads` (false after its first ENOSYS).
     let hubDiscards = Atomic<Bool>(true)
     let sliceIDBatch: UInt32 = 256
@@ -177,6 +179,7 @@ public final class VFS: @unchecked Sendable {
         stopCondition.broadcast()
         stopCondition.unlock()
         try flushAll(durable: true)
+        closes.drain()
         try? hub.closeSession(session)
     }
 

@@ -600,6 +600,30 @@ class HubConformanceTests: HubTestCase {
 
 /// A hub whose disk is full, and the objects of failed commits (SPEC.md §9.1).
 extension HubConformanceTests {
+    func testReleaseManyEndsOneOpenPerNamedInodeInOneCall() throws {
+        let twice = try makeFile("twice"), once = try makeFile("once"), kept = try makeFile("kept")
+        for file in [twice, twice, once, kept] { _ = try api.open(context, ino: file.ino, flags: O_RDONLY) }
+        for name in ["twice", "once", "kept"] { try api.unlink(context, parent: root, name: bytes(name)) }
+        // Unlinked while open: each stays until its last open ends.
+        try api.releaseMany(context, inos: [twice.ino, once.ino])
+        XCTAssertErrno(ENOENT, try api.getattr(context, ino: once.ino), "its only open ended: reclaimed")
+        XCTAssertEqual(try api.getattr(context, ino: twice.ino).nlink, 0, "one of its two opens is left")
+        // An inode named twice is released twice; unknown and not-open inodes are skipped.
+        try api.releaseMany(context, inos: [twice.ino, 999_999, once.ino, twice.ino])
+        XCTAssertErrno(ENOENT, try api.getattr(context, ino: twice.ino))
+        XCTAssertEqual(try api.getattr(context, ino: kept.ino).nlink, 0, "not named: still open")
+        try api.releaseMany(context, inos: [])
+        XCTAssertErrno(EINVAL, try api.releaseMany(context, inos: Array(repeating: kept.ino, count: Limits.releaseManyMax + 1)))
+        XCTAssertEqual(try api.getattr(context, ino: kept.ino).nlink, 0, "a refused call releases nothing")
+        // Another session's releases do not end this session's opens.
+        let other = RequestContext(session: try api.openSession(agentName: "other").0, credentials: rootCaller)
+        try api.releaseMany(other, inos: [kept.ino])
+        XCTAssertEqual(try api.getattr(context, ino: kept.ino).nlink, 0)
+        try api.releaseMany(context, inos: [kept.ino])
+        XCTAssertErrno(ENOENT, try api.getattr(context, ino: kept.ino))
+        XCTAssertEqual(try api.fsck(repair: false).problems, [])
+    }
+
     func testDiscardUploadsDeletesOnlyThisSessionsUncommittedObjects() throws {
         let committed = try writeObject([1])
         let file = try makeFile("f")

@@ -77,6 +77,27 @@ class VFSDataTests: HubTestCase {
 
     // MARK: fixed patterns
 
+    func testClosesReachTheHomeInTheBackgroundBeforeTheSessionEnds() throws {
+        let a = try makeAgent(), b = try makeAgent()
+        var opened: [(InodeID, UInt64)] = []
+        for index in 0..<40 { opened.append(try create(a, "closing\(index)")) }
+        // Unlinked by another agent while open here: each goes when this agent's open ends.
+        for index in 0..<40 { try b.unlink(rootCaller, parent: root, name: bytes("closing\(index)")) }
+        for (_, handle) in opened { try a.release(handle: handle) }
+        let (closes, calls) = a.closes.drain()
+        XCTAssertEqual(closes, 40)
+        XCTAssertGreaterThanOrEqual(calls, 1)
+        XCTAssertLessThanOrEqual(calls, 40)
+        for (ino, _) in opened { XCTAssertErrno(ENOENT, try b.getattr(rootCaller, ino: ino), "inode \(ino) reclaimed") }
+        // A close queued just before the agent ends is sent before its session ends.
+        let (last, handle) = try create(a, "last")
+        try b.unlink(rootCaller, parent: root, name: bytes("last"))
+        try a.release(handle: handle)
+        try a.shutdown()
+        XCTAssertErrno(ENOENT, try b.getattr(rootCaller, ino: last))
+        XCTAssertEqual(a.closes.drain().closes, 41)
+    }
+
     func testSequentialWritesAcrossChunks() throws {
         let agent = try makeAgent()
         let (ino, handle) = try create(agent, "seq")

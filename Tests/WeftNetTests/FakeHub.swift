@@ -23,6 +23,11 @@ final class FakeHub: HubAPI, @unchecked Sendable {
     private(set) var blockedCount = 0
     var getattrDelayMs: @Sendable (InodeID) -> Int = { _ in 0 }
     var blockAll = false
+    /// Answers `releaseMany` with ENOSYS, as a hub older than opcode 48 would.
+    var predatesReleaseMany = false
+    /// Inodes released, one entry per release, and the `releaseMany` calls that carried them.
+    private(set) var released: [InodeID] = []
+    private(set) var releaseManyCalls = 0
 
     static let volume = VolumeInfo(formatVersion: 1, uuid: Array(0..<16), chunkSizeBytes: 4 << 20, compression: .zstd,
                                    createdNs: 1_700_000_000_123_456_789)
@@ -196,7 +201,17 @@ final class FakeHub: HubAPI, @unchecked Sendable {
     }
 
     func release(_ context: RequestContext, ino: InodeID) throws {
-        enter(context); leave()
+        enter(context); defer { leave() }
+        lock.withLock { released.append(ino) }
+    }
+
+    func releaseMany(_ context: RequestContext, inos: [InodeID]) throws {
+        enter(context); defer { leave() }
+        if predatesReleaseMany { throw WeftError(ENOSYS, "opcode 48 is unknown to this hub") }
+        lock.withLock {
+            releaseManyCalls += 1
+            released += inos
+        }
     }
 
     func getxattr(_ context: RequestContext, ino: InodeID, name: [UInt8]) throws -> [UInt8] {

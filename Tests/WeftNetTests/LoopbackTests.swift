@@ -36,6 +36,22 @@ final class LoopbackTests: XCTestCase {
         try exerciseEveryMethod(client, hub)
     }
 
+    func testReleaseManyFallsBackToOneReleaseEachOnAHubThatPredatesIt() throws {
+        let hub = FakeHub()
+        hub.predatesReleaseMany = true
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        let c = context(try client.openSession(agentName: "new-agent").0)
+        try client.releaseMany(c, inos: [3, 3, 4])
+        try client.releaseMany(c, inos: [5])   // ENOSYS is remembered: no second try
+        let (released, calls, seen) = hub.snapshot { ($0.released, $0.releaseManyCalls, $0.seenSessions.count) }
+        XCTAssertEqual(released, [3, 3, 4, 5])
+        XCTAssertEqual(calls, 0)
+        XCTAssertEqual(seen, 1 + 3 + 1, "one releaseMany refused, then four releases")
+    }
+
     func testEveryMethodOverUnixSocket() throws {
         let path = NSTemporaryDirectory() + "weft-net-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
         let hub = FakeHub()
@@ -78,6 +94,8 @@ final class LoopbackTests: XCTestCase {
         XCTAssertThrowsError(try client.access(c, ino: 1, mask: 2)) { XCTAssertEqual(($0 as? WeftError)?.errno, EACCES) }
         XCTAssertEqual(try client.open(c, ino: 14, flags: O_RDWR).ino, 14)
         try client.release(c, ino: 14)
+        try client.releaseMany(c, inos: [15, 15, 16])
+        XCTAssertEqual(hub.snapshot { ($0.released, $0.releaseManyCalls) }.0, [14, 15, 15, 16])
         XCTAssertEqual(try client.getxattr(c, ino: 1, name: [9]), [9, 0, 1, 2])
         XCTAssertThrowsError(try client.getxattr(c, ino: 1, name: Array("user.none".utf8))) {
             XCTAssertEqual(($0 as? WeftError)?.errno, ENODATA)

@@ -71,6 +71,7 @@ enum WireSamples {
         .fetchObject(id: UInt64.max, offset: 8 << 20, length: 8 << 20),
         .releaseUploads(context, ids: [1, 2 << 48 | 3, UInt64.max]),
         .discardUploads(context, ids: [7, 3 << 48 | 1, UInt64.max - 1]),
+        .releaseMany(context, inos: [42, 42, 1 << 48 | 7]),
         .deleteObjects(ids: [2 << 48 | 1, UInt64.max]),
         .unlinkEntry(context, parent: 24, name: otherName),
         .createOpen(context, parent: 23, name: name, mode: 0o100600, umask: 0o027, flags: Int32(bitPattern: 0x8000_00C2),
@@ -90,6 +91,7 @@ enum WireSamples {
         .readSliceFrom(context, id: 1, offset: 0, length: 0, holders: []),
         .releaseUploads(context, ids: []),
         .discardUploads(context, ids: []),
+        .releaseMany(context, inos: []),
         .deleteObjects(ids: []),
         .createOpen(RequestContext(session: 0, credentials: .root), parent: 0, name: [], mode: 0, umask: 0, flags: 0,
                     writeLease: false),
@@ -102,7 +104,7 @@ enum WireSamples {
     static func response(for opcode: HubOpcode) -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
-             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads:
+             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
             return .flag(true)
