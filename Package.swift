@@ -87,7 +87,7 @@ let package = Package(
         .target(name: "WeftTestSupport", dependencies: ["WeftProto", .product(name: "Logging", package: "swift-log")],
                 path: "Tests/WeftTestSupport"),
         .testTarget(name: "WeftMetaTests", dependencies: ["WeftMeta", "WeftProto", "WeftTestSupport"]),
-        .testTarget(name: "WeftChunksTests", dependencies: ["WeftChunks", "WeftProto", "WeftTestSupport"]),
+        .testTarget(name: "WeftChunksTests", dependencies: ["WeftChunks", "WeftProto", "CWeftSupport", "WeftTestSupport"]),
         .testTarget(name: "WeftNetTests", dependencies: ["WeftNet", "WeftProto", "WeftHub", "WeftTestSupport"]),
         .testTarget(name: "WeftClusterTests", dependencies: ["WeftCluster", "WeftProto", "WeftTestSupport"]),
         .testTarget(name: "WeftLinkTests", dependencies: ["WeftLink", "WeftTestSupport",

@@ -7,6 +7,8 @@
 /// CRC32C (Castagnoli), hardware accelerated with SSE4.2 where the CPU has it.
 /// `crc` is the running value: pass 0 for a fresh checksum.
 uint32_t weft_crc32c(uint32_t crc, const void *data, size_t length);
+/// The same value computed as one dependent chain, never interleaved (tests compare the two).
+uint32_t weft_crc32c_serial(uint32_t crc, const void *data, size_t length);
 
 /// Tunes glibc malloc so that buffers of `mmap_threshold_bytes` and more are mapped on their own
 /// and returned to the kernel when freed, with at most `arena_max` arenas.
