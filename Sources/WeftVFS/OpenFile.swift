@@ -150,6 +150,9 @@ final class OpenFile {
     var layouts: [UInt32: [Slice]] = [:]
     /// The data version the kernel's page cache holds for this inode.
     var kernelCacheVersion: UInt64 = 0
+    /// The serial of this file's last close among the kept files (`KeptFiles`), 0 when it is
+    /// not kept. Guarded by the VFS lock.
+    var keptSerial: UInt64 = 0
 
     // Lease state (SPEC.md §12.6), guarded by `leaseLock`, never by `lock`: a recall must not
     // wait for a thread that holds `lock` while it waits on the hub.

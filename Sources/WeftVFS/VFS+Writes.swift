@@ -144,16 +144,18 @@ extension VFS {
         var layoutsToDrop: OpenFile?
         if file.handles == 0 && !file.hasDirtyData {
             if leasesEnabled && file.isFresh {
-                // Keep what the lease covers for the next open; forget the oldest beyond the
-                // bound, and the layouts of all but the newest `keptLayoutsMax`.
-                closedFiles.append(file.ino)
-                while closedFiles.count > options.keptFilesMax, let oldest = closedFiles.popFirst() {
-                    if let old = files[oldest], old.handles == 0, !old.hasDirtyData { files[oldest] = nil }
+                // Keep what the lease covers for the next open; forget the least recently closed
+                // beyond the bound, and the layouts of all but about the newest `keptLayoutsMax`.
+                keptFiles.keep(file)
+                for old in keptFiles.evict(beyond: options.keptFilesMax)
+                where old.handles == 0 && !old.hasDirtyData && files[old.ino] === old {
+                    files[old.ino] = nil
                 }
-                if let older = closedFiles.fromEnd(options.keptLayoutsMax), let old = files[older], old.handles == 0 {
+                if let old = keptFiles.kept(before: options.keptLayoutsMax), old.handles == 0 {
                     layoutsToDrop = old
                 }
             } else {
+                keptFiles.forget(file)
                 files[file.ino] = nil
             }
         }

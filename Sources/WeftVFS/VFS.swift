@@ -71,9 +71,9 @@ public final class VFS: @unchecked Sendable {
     var filesWithLocalOpens: Set<InodeID> = []
     /// This agent's own unlinks and renames (see `invalidateFiles`).
     let ownChanges = OwnChanges()
-    /// Closed files kept under a lease, oldest first (`VFSOptions.keptFilesMax`; the newest
-    /// `keptLayoutsMax` keep their layouts). A file closed again is appended again.
-    var closedFiles = FIFO<InodeID>()
+    /// Closed files kept under a lease, least recently closed first (`VFSOptions.keptFilesMax`;
+    /// about the newest `keptLayoutsMax` keep their layouts).
+    var keptFiles = KeptFiles()
     /// Names of regular files looked up under their directory's lease, with the lease token of
     /// the lookup; valid while no recall of the directory came since.
     var names: [NameKey: (ino: InodeID, token: UInt64)] = [:]
@@ -675,6 +675,55 @@ struct NameKey: Hashable {
     var name: [UInt8]
 }
 
+/// Closed files kept under their leases, in the order of their last close. Guarded by the VFS
+/// lock. A file closed again moves to the back: its older entry stays in the queue but no
+/// longer matches the file's `keptSerial`, so it is skipped (and not counted) when it comes up,
+/// and dropped by a compaction once stale entries outnumber live ones.
+struct KeptFiles {
+    private var order = FIFO<(file: OpenFile, serial: UInt64)>()
+    private var serial: UInt64 = 0
+    /// Files with a live entry.
+    private(set) var count = 0
+
+    /// `file` was closed and is kept: it becomes the most recently kept.
+    mutating func keep(_ file: OpenFile) {
+        if file.keptSerial == 0 { count += 1 }
+        serial += 1
+        file.keptSerial = serial
+        order.append((file, serial))
+        if order.count > 2 * count + 1024 {
+            order.removeAll { $0.file.keptSerial != $0.serial }
+        }
+    }
+
+    /// `file` leaves the kept files other than by eviction.
+    mutating func forget(_ file: OpenFile) {
+        guard file.keptSerial != 0 else { return }
+        file.keptSerial = 0
+        count -= 1
+    }
+
+    /// Takes the least recently kept files off while more than `max` are kept; the caller
+    /// forgets those that are not open again.
+    mutating func evict(beyond max: Int) -> [OpenFile] {
+        var evicted: [OpenFile] = []
+        while count > max, let (file, serial) = order.popFirst() {
+            guard file.keptSerial == serial else { continue }
+            file.keptSerial = 0
+            count -= 1
+            evicted.append(file)
+        }
+        return evicted
+    }
+
+    /// The file whose close is `distance` entries before the newest, if that entry is its last
+    /// close (stale entries count too, so this is about, not exactly, the distance in files).
+    func kept(before distance: Int) -> OpenFile? {
+        guard let (file, serial) = order.fromEnd(distance), file.keptSerial == serial else { return nil }
+        return file
+    }
+}
+
 /// A first-in, first-out queue with O(1) append and removal at the front (an array and the
 /// index of its first live element, compacted when half of it is dead).
 struct FIFO<Element> {
@@ -694,6 +743,13 @@ struct FIFO<Element> {
             head = 0
         }
         return first
+    }
+
+    /// Keeps only the elements `shouldRemove` is false for, in order.
+    mutating func removeAll(where shouldRemove: (Element) -> Bool) {
+        storage.removeFirst(head)
+        head = 0
+        storage.removeAll(where: shouldRemove)
     }
 
     /// The element `distance` places before the last (0: the last one), if there is one.

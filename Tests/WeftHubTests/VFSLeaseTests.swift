@@ -202,6 +202,23 @@ extension VFSDataTests {
         for (index, ino) in inodes.enumerated() {
             XCTAssertEqual(try contents(of: ino, via: a), payload(index), "kept\(index)")
         }
+        // A file closed again is the most recently kept, however often it was closed: closing
+        // the oldest kept file many times forgets none of the others.
+        let kept = inodes.filter { a.openFile($0) != nil }
+        XCTAssertEqual(kept.count, 6)
+        for _ in 0..<20 {
+            let (again, _) = try a.open(rootCaller, ino: kept[0], flags: O_RDONLY)
+            try a.release(handle: again)
+        }
+        XCTAssertEqual(inodes.filter { a.openFile($0) != nil }, kept)
+        XCTAssertEqual(a.lock.withLock { a.keptFiles.count }, 6)
+        // The next file kept forgets the least recently closed one, which is now kept[1].
+        let (extra, extraHandle) = try create(a, "kept-extra")
+        try a.release(handle: extraHandle)
+        XCTAssertNil(a.openFile(kept[1]))
+        XCTAssertNotNil(a.openFile(kept[0]))
+        XCTAssertNotNil(a.openFile(extra))
+
         // Another agent's change recalls a kept file: the change is seen, not the kept attributes.
         let (handle, _) = try b.open(rootCaller, ino: inodes[4], flags: O_RDWR | O_TRUNC)
         try write(b, handle, at: 0, Array("changed".utf8))
