@@ -78,6 +78,8 @@ public final class VFS: @unchecked Sendable {
     /// the lookup; valid while no recall of the directory came since.
     var names: [NameKey: (ino: InodeID, token: UInt64)] = [:]
     static let namesMax = 65_536
+    /// This agent's own unlinks and renames under way, by name (`forgetNames`).
+    var namesChanging = NamesChanging()
     /// Bumped before and after each of this agent's own unlinks and renames (`forgetNames`),
     /// which recall nothing of its own: a lookup that ran across one is not kept.
     var namesEpoch: UInt64 = 0
@@ -227,20 +229,21 @@ public final class VFS: @unchecked Sendable {
                 names[key] = nil
             }
             namesEpoch &+= 1
-            return NamesChange(keys: keys, inodes: inodes, epoch: namesEpoch)
+            let id = namesChanging.begin(keys)
+            return NamesChange(keys: keys, inodes: inodes, id: id)
         }
     }
 
     /// After this agent's own unlink or rename of `change.keys`: forgets the names again, and
     /// marks stale the attributes it keeps of the files whose links or ctime changed. Only the
-    /// files the names had, when they were known and no other own unlink or rename overlapped
-    /// this one; otherwise every file (which one changed is not known here).
+    /// files the names had, when they were known and no other own unlink or rename of one of
+    /// the same names overlapped this one (that one could have changed which file a name has);
+    /// otherwise every file (which one changed is not known here).
     func forgetNames(after change: NamesChange) {
         let alone: Bool = lock.withLock {
-            let alone = namesEpoch == change.epoch
             namesEpoch &+= 1
             for key in change.keys { names[key] = nil }
-            return alone
+            return namesChanging.end(change.id, change.keys)
         }
         if alone, let inodes = change.inodes {
             for ino in inodes { openFile(ino)?.invalidate() }
@@ -254,7 +257,8 @@ public final class VFS: @unchecked Sendable {
         var keys: [NameKey]
         /// The files the names had; nil if any was unknown.
         var inodes: [InodeID]?
-        var epoch: UInt64
+        /// Its entry in `namesChanging`.
+        var id: UInt64
     }
 
     /// After this agent's own change of `inodes` (a directory's entries, or an inode's
@@ -673,6 +677,44 @@ public final class VFS: @unchecked Sendable {
 struct NameKey: Hashable {
     var parent: InodeID
     var name: [UInt8]
+}
+
+/// This agent's own unlinks and renames under way, by the names they change, and whether two of
+/// them overlapped on a same name. Guarded by the VFS lock.
+struct NamesChanging {
+    private var byName: [NameKey: [UInt64]] = [:]
+    /// Changes under way: true once another one of a same name overlapped it.
+    private var overlapped: [UInt64: Bool] = [:]
+    private var nextID: UInt64 = 0
+
+    /// Registers a change of `keys`; returns its id for `end`.
+    mutating func begin(_ keys: [NameKey]) -> UInt64 {
+        nextID &+= 1
+        var clash = false
+        for key in Set(keys) {
+            if let others = byName[key] {
+                clash = true
+                for other in others { overlapped[other] = true }
+            }
+            byName[key, default: []].append(nextID)
+        }
+        overlapped[nextID] = clash
+        return nextID
+    }
+
+    /// Ends change `id` of `keys`; returns true if no other change of one of its names
+    /// overlapped it.
+    mutating func end(_ id: UInt64, _ keys: [NameKey]) -> Bool {
+        let clash = overlapped.removeValue(forKey: id) ?? true
+        for key in Set(keys) {
+            guard let ids = byName[key] else { continue }
+            let rest = ids.filter { $0 != id }
+            byName[key] = rest.isEmpty ? nil : rest
+        }
+        return !clash
+    }
+
+    var isEmpty: Bool { overlapped.isEmpty && byName.isEmpty }
 }
 
 /// Closed files kept under their leases, in the order of their last close. Guarded by the VFS

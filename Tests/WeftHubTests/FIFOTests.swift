@@ -28,3 +28,36 @@ final class FIFOTests: XCTestCase {
         XCTAssertEqual(queue.count, 0)
     }
 }
+
+/// Which own unlinks and renames overlapped on a same name (SPEC.md §12.6): only those need
+/// every kept file marked stale.
+final class NamesChangingTests: XCTestCase {
+    private func key(_ name: String, in parent: UInt64 = 1) -> NameKey { NameKey(parent: parent, name: Array(name.utf8)) }
+
+    func testOnlyChangesOfASameNameThatOverlapClash() {
+        var changing = NamesChanging()
+        // Different names, overlapping: no clash.
+        let a = changing.begin([key("a")]), b = changing.begin([key("b")])
+        XCTAssertTrue(changing.end(a, [key("a")]))
+        XCTAssertTrue(changing.end(b, [key("b")]))
+        // The same name in another directory is another name.
+        let here = changing.begin([key("x", in: 1)]), there = changing.begin([key("x", in: 2)])
+        XCTAssertTrue(changing.end(there, [key("x", in: 2)]))
+        XCTAssertTrue(changing.end(here, [key("x", in: 1)]))
+        // A rename of c over a while an unlink of a is under way: both clash, and so does a
+        // later change of c that overlaps the rename, even after the unlink ended.
+        let unlinkA = changing.begin([key("a")])
+        let renameCA = changing.begin([key("c"), key("a")])
+        XCTAssertFalse(changing.end(unlinkA, [key("a")]))
+        let unlinkC = changing.begin([key("c")])
+        XCTAssertFalse(changing.end(renameCA, [key("c"), key("a")]))
+        XCTAssertFalse(changing.end(unlinkC, [key("c")]))
+        // Nothing under way any more: a new change is alone; a rename of a name onto itself
+        // does not clash with itself.
+        let again = changing.begin([key("a")])
+        XCTAssertTrue(changing.end(again, [key("a")]))
+        let onto = changing.begin([key("d"), key("d")])
+        XCTAssertTrue(changing.end(onto, [key("d"), key("d")]))
+        XCTAssertTrue(changing.isEmpty)
+    }
+}
