@@ -1,0 +1,126 @@
+import WeftProto
+
+// Bookkeeping of the agent's lease caches (SPEC.md §12.6): own name changes under way, the
+// closed files kept, and the queue they use. Moved out of VFS.swift unchanged.
+
+/// This agent's own unlinks and renames under way, by the names they change, and whether two of
+/// them overlapped on a same name. Guarded by the VFS lock.
+struct NamesChanging {
+    private var byName: [NameKey: [UInt64]] = [:]
+    /// Changes under way: true once another one of a same name overlapped it.
+    private var overlapped: [UInt64: Bool] = [:]
+    private var nextID: UInt64 = 0
+
+    /// Registers a change of `keys`; returns its id for `end`.
+    mutating func begin(_ keys: [NameKey]) -> UInt64 {
+        nextID &+= 1
+        var clash = false
+        for key in Set(keys) {
+            if let others = byName[key] {
+                clash = true
+                for other in others { overlapped[other] = true }
+            }
+            byName[key, default: []].append(nextID)
+        }
+        overlapped[nextID] = clash
+        return nextID
+    }
+
+    /// Ends change `id` of `keys`; returns true if no other change of one of its names
+    /// overlapped it.
+    mutating func end(_ id: UInt64, _ keys: [NameKey]) -> Bool {
+        let clash = overlapped.removeValue(forKey: id) ?? true
+        for key in Set(keys) {
+            guard let ids = byName[key] else { continue }
+            let rest = ids.filter { $0 != id }
+            byName[key] = rest.isEmpty ? nil : rest
+        }
+        return !clash
+    }
+
+    var isEmpty: Bool { overlapped.isEmpty && byName.isEmpty }
+}
+
+/// Closed files kept under their leases, in the order of their last close. Guarded by the VFS
+/// lock. A file closed again moves to the back: its older entry stays in the queue but no
+/// longer matches the file's `keptSerial`, so it is skipped (and not counted) when it comes up,
+/// and dropped by a compaction once stale entries outnumber live ones.
+struct KeptFiles {
+    private var order = FIFO<(file: OpenFile, serial: UInt64)>()
+    private var serial: UInt64 = 0
+    /// Files with a live entry.
+    private(set) var count = 0
+
+    /// `file` was closed and is kept: it becomes the most recently kept.
+    mutating func keep(_ file: OpenFile) {
+        if file.keptSerial == 0 { count += 1 }
+        serial += 1
+        file.keptSerial = serial
+        order.append((file, serial))
+        if order.count > 2 * count + 1024 {
+            order.removeAll { $0.file.keptSerial != $0.serial }
+        }
+    }
+
+    /// `file` leaves the kept files other than by eviction.
+    mutating func forget(_ file: OpenFile) {
+        guard file.keptSerial != 0 else { return }
+        file.keptSerial = 0
+        count -= 1
+    }
+
+    /// Takes the least recently kept files off while more than `max` are kept; the caller
+    /// forgets those that are not open again.
+    mutating func evict(beyond max: Int) -> [OpenFile] {
+        var evicted: [OpenFile] = []
+        while count > max, let (file, serial) = order.popFirst() {
+            guard file.keptSerial == serial else { continue }
+            file.keptSerial = 0
+            count -= 1
+            evicted.append(file)
+        }
+        return evicted
+    }
+
+    /// The file whose close is `distance` entries before the newest, if that entry is its last
+    /// close (stale entries count too, so this is about, not exactly, the distance in files).
+    func kept(before distance: Int) -> OpenFile? {
+        guard let (file, serial) = order.fromEnd(distance), file.keptSerial == serial else { return nil }
+        return file
+    }
+}
+
+/// A first-in, first-out queue with O(1) append and removal at the front (an array and the
+/// index of its first live element, compacted when half of it is dead).
+struct FIFO<Element> {
+    private var storage: [Element] = []
+    private var head = 0
+
+    var count: Int { storage.count - head }
+
+    mutating func append(_ element: Element) { storage.append(element) }
+
+    mutating func popFirst() -> Element? {
+        guard head < storage.count else { return nil }
+        let first = storage[head]
+        head += 1
+        if head >= 1024 && head * 2 >= storage.count {
+            storage.removeFirst(head)
+            head = 0
+        }
+        return first
+    }
+
+    /// Keeps only the elements `shouldRemove` is false for, in order.
+    mutating func removeAll(where shouldRemove: (Element) -> Bool) {
+        storage.removeFirst(head)
+        head = 0
+        storage.removeAll(where: shouldRemove)
+    }
+
+    /// The element `distance` places before the last (0: the last one), if there is one.
+    func fromEnd(_ distance: Int) -> Element? {
+        let index = storage.count - 1 - distance
+        return index >= head && distance >= 0 ? storage[index] : nil
+    }
+}
