@@ -112,6 +112,27 @@ def evaluate_goals(results, rss, targets):
     return checks
 
 
+# Weft figures next to the disk's own direct-I/O rate measured on `local` in the same run
+# (4 MiB O_DIRECT, the transfers Weft's chunk store issues): context for the goals against
+# `local`, whose page-cache figures also move with the host's caching. Not goals.
+DEVICE_PAIRS = tuple((f"{kind}-{jobs}j", f"{device}-{jobs}j")
+                     for jobs in (1, 4)
+                     for kind, device in (("seqread-cold", "seqread-odirect"), ("seqread-coldlive", "seqread-odirect"),
+                                          ("seqwrite", "seqwrite-odirect")))
+
+
+def device_context(results):
+    """Rows of (subject, metric, Weft value, disk direct-I/O value, ratio) where both were measured."""
+    rows = []
+    for subject in ("weft-embedded", "weft-remote"):
+        for metric, device_metric in DEVICE_PAIRS:
+            mine, disk = value_of(results, metric, subject), value_of(results, device_metric, "local")
+            if mine is not None and disk:
+                rows.append({"subject": subject, "metric": metric, "value": mine, "device_metric": device_metric,
+                             "device_value": disk, "ratio": round(mine / disk, 3)})
+    return rows
+
+
 def value_of_any(results, target):
     for cells in results.values():
         if target in cells and "value" in cells[target]:
@@ -223,6 +244,17 @@ def render_markdown(report):
             detail += f"; not measured: {', '.join(check['missing'])}"
         rows.append([check["text"], check["subject"], f"**{check['status']}**", detail])
     out.append(_table(["Goal", "Subject", "Status", "Figures"], rows, ["---", "---", "---", "---"]))
+    context = report.get("device_context") or []
+    if context:
+        out += ["", "## Weft against the disk's own rate (context, not goals)", "",
+                "The same disk read and written by fio with 4 MiB O_DIRECT transfers (what Weft's chunk store "
+                "issues) in this run, on `local`. The `local` figures above go through the page cache, whose speed "
+                "on this VM also follows the host's caching; this is what a store that bypasses the page cache "
+                "gets from the disk.", ""]
+        rows = [[row["subject"], f"`{row['metric']}`", _number(row["value"]), f"`{row['device_metric']}`",
+                 _number(row["device_value"]), f"{row['ratio']:.2f}"] for row in context]
+        out.append(_table(["Subject", "Weft workload", "Weft MiB/s", "Disk workload", "Disk MiB/s", "Ratio"], rows,
+                          ["---", "---", "---:", "---", "---:", "---:"]))
 
     out += ["", "## Systems under test", ""]
     rows = [[name, targets[name]["status"], targets[name].get("description", ""), targets[name].get("note") or ""]

@@ -61,6 +61,10 @@ def catalogue(params):
         items.append((f"seqwrite-{jobs}j", "seqwrite",
                       f"Sequential write, 1 MiB blocks, {jobs} job(s) × {params.seq_file_mib} MiB, end_fsync",
                       "MiB/s"))
+    for jobs in params.seq_jobs:
+        items.append((f"seqwrite-odirect-{jobs}j", "seqwrite",
+                      f"Sequential write, 4 MiB blocks, O_DIRECT, {jobs} job(s) × {params.seq_file_mib} MiB, "
+                      "end_fsync: the disk's own rate (local only, a ceiling, not a goal)", "MiB/s"))
     for kind, words in (("cold", "cold (page cache dropped + remount)"),
                         ("warm", "warm (re-read at once, no remount)"),
                         ("fsmem", "FS memory (re-read after dropping the page cache only)"),
@@ -69,6 +73,10 @@ def catalogue(params):
         for jobs in params.seq_jobs:
             items.append((f"seqread-{kind}-{jobs}j", "seqread", f"Sequential read 1 MiB, {jobs} job(s), {words}",
                           "MiB/s"))
+    for jobs in params.seq_jobs:
+        items.append((f"seqread-odirect-{jobs}j", "seqread",
+                      f"Sequential read 4 MiB, O_DIRECT, {jobs} job(s): the disk's own rate (local only, "
+                      "a ceiling, not a goal)", "MiB/s"))
     items.append(("randread-4k-buffered", "randread",
                   f"Random read 4 KiB, 1 job, {params.randread_file_mib} MiB file, {params.randread_seconds} s, "
                   "buffered, cold start", "IOPS"))
@@ -188,10 +196,27 @@ class Runner:
             self._record(target, f"seqwrite-{jobs}j", write["bw_bytes"] / MIB,
                          {"io_bytes": write["io_bytes"], "runtime_ms": write["runtime"],
                           "wall_seconds": round(job["_wall_seconds"], 3)})
+            if target.name == "local":
+                self._device_write(target, jobs)
 
-    def _seqread(self, target, workload_id, directory, jobs):
+    def _device_write(self, target, jobs):
+        """The disk's own direct-I/O write rate in this run, next to the file systems' figures:
+        4 MiB O_DIRECT writes (what Weft's chunk store issues), same size and jobs, end_fsync."""
+        directory = self._bench_dir(target, f"seqdirect{jobs}")
+        drop_caches()
+        job = self._fio(target, f"seqwrite-odirect-{jobs}j",
+                        ["--name=seqdirect", f"--directory={directory}", "--rw=write", "--bs=4M", "--direct=1",
+                         f"--size={self.params.seq_file_mib}M", f"--numjobs={jobs}", "--end_fsync=1",
+                         "--filename_format=seqdirect.$jobnum"], self.params.seq_file_mib * jobs)
+        write = job["write"]
+        self._record(target, f"seqwrite-odirect-{jobs}j", write["bw_bytes"] / MIB,
+                     {"io_bytes": write["io_bytes"], "runtime_ms": write["runtime"]})
+        self._remove(directory)
+
+    def _seqread(self, target, workload_id, directory, jobs, direct=False):
         job = self._fio(target, workload_id,
-                        ["--name=seq", f"--directory={directory}", "--rw=read", "--bs=1M", "--direct=0",
+                        ["--name=seq", f"--directory={directory}", "--rw=read",
+                         "--bs=4M" if direct else "--bs=1M", f"--direct={int(direct)}",
                          f"--size={self.params.seq_file_mib}M", f"--numjobs={jobs}",
                          "--filename_format=seq.$jobnum"], self.params.seq_file_mib * jobs)
         read = job["read"]
@@ -215,6 +240,9 @@ class Runner:
             self._seqread(target, f"seqread-fsmem-{jobs}j", directory, jobs)
             target.make_cold_running()
             self._seqread(target, f"seqread-coldlive-{jobs}j", directory, jobs)
+            if target.name == "local":  # the disk's own direct-I/O read rate of the same files
+                drop_caches()
+                self._seqread(target, f"seqread-odirect-{jobs}j", directory, jobs, direct=True)
             self._remove(directory)
 
     def _run_randread(self, target):
