@@ -223,20 +223,81 @@ public final class BlockCache: @unchecked Sendable {
         return true
     }
 
-    public func fill(_ key: Key, _ block: CachedBlock) {
+    /// Claims, in one pass under the lock, each block of `blocks` of `object` that nobody has or
+    /// is fetching (prefetch and read-ahead, which never wait). Returns, per block in order,
+    /// whether it was claimed.
+    public func tryClaim(object: SliceID, blocks: ClosedRange<Int>) -> [Bool] {
         lock.lock()
         defer { lock.unlock() }
-        inFlight.remove(key)
-        if nodes[key] == nil {
+        return blocks.map { index in
+            let key = Key(object: object, block: UInt32(index))
+            if nodes[key] != nil || inFlight.contains(key) { return false }
+            inFlight.insert(key)
+            return true
+        }
+    }
+
+    /// Claims the blocks of `object` from `first` on, up to `last`, while each is neither cached
+    /// nor being fetched; stops at the first that is. Returns how many it claimed.
+    public func tryClaimRun(object: SliceID, from first: Int, through last: Int) -> Int {
+        lock.lock()
+        defer { lock.unlock() }
+        var index = first
+        while index <= last {
+            let key = Key(object: object, block: UInt32(index))
+            if nodes[key] != nil || inFlight.contains(key) { break }
+            inFlight.insert(key)
+            index += 1
+        }
+        return index - first
+    }
+
+    /// What `lookup` found for one block.
+    public enum Lookup {
+        case cached(CachedBlock)
+        /// The caller now holds the claim: it must `fill` or `abandon` the block.
+        case claimed
+        /// Another thread is fetching it (`claim` waits for that).
+        case busy
+    }
+
+    /// Looks up blocks `blocks` of `object` in one pass under the lock: cached ones are returned
+    /// (and become most recently used), uncached ones nobody fetches are claimed for the caller.
+    public func lookup(object: SliceID, blocks: ClosedRange<Int>) -> [Lookup] {
+        lock.lock()
+        defer { lock.unlock() }
+        return blocks.map { index in
+            let key = Key(object: object, block: UInt32(index))
+            if let node = nodes[key] {
+                moveToFront(node)
+                return .cached(node.block)
+            }
+            if inFlight.contains(key) { return .busy }
+            inFlight.insert(key)
+            return .claimed
+        }
+    }
+
+    public func fill(_ key: Key, _ block: CachedBlock) {
+        fill([(key, block)])
+    }
+
+    /// Ends the claims of `entries` with their blocks, under one lock, waking waiters once.
+    public func fill(_ entries: [(Key, CachedBlock)]) {
+        lock.lock()
+        defer { lock.unlock() }
+        for (key, block) in entries {
+            inFlight.remove(key)
+            guard nodes[key] == nil else { continue }
             let node = Node(key: key, block: block)
             nodes[key] = node
             insertAtFront(node)
             usedBytes += block.length
-            while usedBytes > capacityBytes, let victim = tail {
-                unlink(victim)
-                nodes[victim.key] = nil
-                usedBytes -= victim.block.length
-            }
+        }
+        while usedBytes > capacityBytes, let victim = tail {
+            unlink(victim)
+            nodes[victim.key] = nil
+            usedBytes -= victim.block.length
         }
         lock.broadcast()
     }
@@ -262,8 +323,13 @@ public final class BlockCache: @unchecked Sendable {
     }
 
     public func abandon(_ key: Key) {
+        abandon([key])
+    }
+
+    /// Gives up the claims of `keys` (a failed fetch), waking waiters once.
+    public func abandon(_ keys: [Key]) {
         lock.lock()
-        inFlight.remove(key)
+        for key in keys { inFlight.remove(key) }
         lock.broadcast()
         lock.unlock()
     }

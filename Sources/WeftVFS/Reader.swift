@@ -116,6 +116,12 @@ extension VFS {
     /// Appends the blocks covering `range` to `result`, fetching missing ones (single flight).
     /// With `wholeObject` (sequential access), a miss also fetches the rest of the object in the
     /// same request, so the disk sees one large read instead of many small ones.
+    ///
+    /// The cache is asked about a whole stretch of blocks at once (one lock per stretch, not per
+    /// 64 KiB block). At the first block another thread is fetching, the claims beyond it are
+    /// given back (others may fetch them meanwhile) before waiting for it, and the blocks after
+    /// it are looked up again once it has arrived. Waits go in ascending block order, and a
+    /// holder fetches its lower claims before it waits, so waits cannot form a cycle.
     func fetch(_ range: ResolvedRange, context: RequestContext, wholeObject: Bool = false,
                into result: inout ReadResult) throws {
         if range.sliceID == 0 {
@@ -128,66 +134,73 @@ extension VFS {
             return
         }
         let blockSize = Limits.blockSizeBytes
+        let object = range.sliceID
         let first = range.objectOffset / blockSize
         let last = (range.objectOffset + range.length - 1) / blockSize
         var blocks: [CachedBlock] = []
         blocks.reserveCapacity(last - first + 1)
-        var claimedRun: [Int] = []
-        func fetchClaimed() throws {
-            guard let start = claimedRun.first else { return }
-            let fetched = try fetchBlocks(object: range.sliceID, holder: range.holder, objectLength: range.objectLength,
-                                          firstBlock: start, count: claimedRun.count, context: context)
-            blocks.append(contentsOf: fetched)
-            claimedRun.removeAll()
+        func key(_ block: Int) -> BlockCache.Key { BlockCache.Key(object: object, block: UInt32(block)) }
+        func fetchRun(_ start: Int, _ count: Int, extra: Int = 0) throws {
+            let fetched = try fetchBlocks(object: object, holder: range.holder, objectLength: range.objectLength,
+                                          firstBlock: start, count: count + extra, context: context)
+            blocks.append(contentsOf: fetched.prefix(count))
         }
-        var block = first
-        while block <= last {
-            let key = BlockCache.Key(object: range.sliceID, block: UInt32(block))
-            if block == last && wholeObject {
-                // Extend the pending fetch over the object's following, uncached blocks.
-                let objectLastBlock = (range.objectLength - 1) / blockSize
-                var extra = last + 1
-                var following: [Int] = []
-                if cache.tryClaim(key) {
-                    claimedRun.append(block)
-                    while extra <= objectLastBlock,
-                          cache.tryClaim(BlockCache.Key(object: range.sliceID, block: UInt32(extra))) {
-                        following.append(extra)
-                        extra += 1
+
+        var next = first
+        while next <= last {
+            var found = cache.lookup(object: object, blocks: next...last)
+            // Keep the claims only up to the first block another thread is fetching.
+            let busy = found.firstIndex { if case .busy = $0 { return true } else { return false } }
+            if let busy {
+                let beyond = found[(busy + 1)...].indices.filter { if case .claimed = found[$0] { true } else { false } }
+                cache.abandon(beyond.map { key(next + $0) })
+                found.removeSubrange((busy + 1)...)
+            }
+            var position = 0
+            while position < found.count {
+                switch found[position] {
+                case .cached(let block):
+                    blocks.append(block)
+                    position += 1
+                case .claimed:
+                    var runEnd = position
+                    while runEnd + 1 < found.count, case .claimed = found[runEnd + 1] { runEnd += 1 }
+                    let start = next + position
+                    let count = runEnd - position + 1
+                    var extra = 0
+                    let objectLastBlock = (range.objectLength - 1) / blockSize
+                    if wholeObject && start + count - 1 == last && last < objectLastBlock {
+                        // Extend the fetch over the object's following, uncached blocks.
+                        extra = cache.tryClaimRun(object: object, from: last + 1, through: objectLastBlock)
                     }
-                    if let start = claimedRun.first {
-                        do {
-                            let fetched = try fetchBlocks(object: range.sliceID, holder: range.holder, objectLength: range.objectLength,
-                                                          firstBlock: start, count: claimedRun.count + following.count,
-                                                          context: context)
-                            blocks.append(contentsOf: fetched.prefix(claimedRun.count))
-                            claimedRun.removeAll()
-                        } catch {
-                            // A damaged block beyond the request must not fail this read: retry
-                            // only the requested blocks (the failed fetch released every claim).
-                            return try fetch(range, context: context, wholeObject: false, into: &result)
+                    do {
+                        try fetchRun(start, count, extra: extra)
+                    } catch {
+                        // The failed fetch gave its own claims back; give back the ones after it.
+                        let later = found[(runEnd + 1)...].indices.filter {
+                            if case .claimed = found[$0] { true } else { false }
                         }
+                        cache.abandon(later.map { key(next + $0) })
+                        // A damaged block beyond the request must not fail this read: retry
+                        // without the extension (blocks fetched so far stay cached).
+                        if extra > 0 { return try fetch(range, context: context, wholeObject: false, into: &result) }
+                        throw error
                     }
-                    block += 1
-                    continue
+                    position = runEnd + 1
+                case .busy:
+                    // No claims held here: wait for the other fetch (or take the block over).
+                    let (cached, claimed) = cache.claim(key(next + position))
+                    if let cached {
+                        blocks.append(cached)
+                    } else {
+                        precondition(claimed)
+                        try fetchRun(next + position, 1)
+                    }
+                    position += 1
                 }
             }
-            if let cached = cache.get(key) {
-                try fetchClaimed()
-                blocks.append(cached)
-            } else if cache.tryClaim(key) {
-                claimedRun.append(block)
-            } else {
-                try fetchClaimed()
-                let (cached, claimed) = cache.claim(key)
-                if let cached { blocks.append(cached) } else {
-                    precondition(claimed)
-                    claimedRun.append(block)
-                }
-            }
-            block += 1
+            next += found.count
         }
-        try fetchClaimed()
         var skip = range.objectOffset - first * blockSize
         var remaining = range.length
         for block in blocks {
@@ -213,17 +226,14 @@ extension VFS {
             try hub.readSlice(context, id: object, offset: UInt32(start), holders: holder == 0 ? [] : [holder],
                               into: UnsafeMutableRawBufferPointer(start: slab.pointer, count: end - start))
         } catch {
-            for key in keys { cache.abandon(key) }
+            cache.abandon(keys)
             throw error
         }
-        var blocks: [CachedBlock] = []
-        blocks.reserveCapacity(count)
-        for (position, key) in keys.enumerated() {
+        let blocks = keys.indices.map { position in
             let from = position * blockSize
-            let block = CachedBlock(slab: slab, offset: from, length: min(end - start, from + blockSize) - from)
-            cache.fill(key, block)
-            blocks.append(block)
+            return CachedBlock(slab: slab, offset: from, length: min(end - start, from + blockSize) - from)
         }
+        cache.fill(Array(zip(keys, blocks)))
         return blocks
     }
 
@@ -301,9 +311,9 @@ extension VFS {
                                  count: run.count, context: context)
             run.removeAll()
         }
-        for block in first...last {
-            if cache.tryClaim(BlockCache.Key(object: range.sliceID, block: UInt32(block))) {
-                run.append(block)
+        for (offset, claimed) in cache.tryClaim(object: range.sliceID, blocks: first...last).enumerated() {
+            if claimed {
+                run.append(first + offset)
             } else {
                 flushRun()
             }

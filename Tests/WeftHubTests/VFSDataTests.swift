@@ -470,6 +470,60 @@ class VFSDataTests: HubTestCase {
     }
 
 
+    /// Readers of overlapping stretches of cold data (multi-block objects, read-ahead on) share
+    /// fetches: every read returns the right bytes, and all of them finish (a cycle of waits
+    /// would hang them past the deadline).
+    func testConcurrentOverlappingReadsOfColdDataAgree() throws {
+        let hub = try makeHub(chunkSizeBytes: 1 << 20, compression: .none)
+        let writer = try makeAgent(on: hub)
+        let (ino, handle) = try create(writer, "shared")
+        var random = SeededRandom(seed: 4242)
+        let data = random.bytes(4 << 20 + 12345)
+        try write(writer, handle, at: 0, data)
+        try writer.release(handle: handle)
+        let agent = try makeAgent(cacheBytes: 64 << 20, on: hub)
+        for round in 0..<3 {
+            XCTAssertGreaterThanOrEqual(agent.dropCachedData(), 0)
+            let failures = Failures()
+            let group = DispatchGroup()
+            for reader in 0..<8 {
+                group.enter()
+                Thread.detachNewThread {
+                    defer { group.leave() }
+                    var random = SeededRandom(seed: UInt64(round * 100 + reader))
+                    do {
+                        let (handle, _) = try agent.open(rootCaller, ino: ino, flags: O_RDONLY)
+                        defer { try? agent.release(handle: handle) }
+                        // Half the readers go sequentially (read-ahead, whole-object fetches),
+                        // the others jump around in overlapping stretches.
+                        var offset = reader % 2 == 0 ? Int(random.next() % 65536) : 0
+                        for _ in 0..<24 {
+                            if reader % 2 == 0 { offset = Int(random.next() % UInt64(data.count)) }
+                            let size = 1 + Int(random.next() % UInt64(3 * Limits.blockSizeBytes + 777))
+                            let got = try agent.read(handle: handle, offset: UInt64(offset), size: size).bytes()
+                            let expected = Array(data[min(offset, data.count)..<min(offset + size, data.count)])
+                            if got != expected { failures.add("round \(round) reader \(reader) at \(offset)+\(size)") }
+                            offset = (offset + size) % data.count
+                        }
+                    } catch {
+                        failures.add("round \(round) reader \(reader): \(error)")
+                    }
+                }
+            }
+            XCTAssertEqual(group.wait(timeout: .now() + 60), .success, "readers stuck in round \(round)")
+            XCTAssertEqual(failures.all, [])
+        }
+        XCTAssertEqual(try contents(of: ino, via: agent), data)
+    }
+
+    /// What reader threads report, collected under a lock.
+    private final class Failures: @unchecked Sendable {
+        private let lock = NSLock()
+        private var list: [String] = []
+        func add(_ text: String) { lock.withLock { list.append(text) } }
+        var all: [String] { lock.withLock { list } }
+    }
+
     func testReadsSurviveBackgroundCompaction() throws {
         // Seventeen separate slices in one chunk make the hub compact it into one object and
         // delete the seventeen. Maintenance starts only at `recover()`, so the agent caches the
