@@ -170,6 +170,11 @@ final class OpenFile {
     /// Handles opened under a lease without telling the home (SPEC.md §12.6): registered there
     /// by the recall that precedes a change that could remove the file.
     var localHandles: [FileHandle] = []
+    /// `security.*` extended attributes read under the lease (nil: the home said ENODATA), with
+    /// the `effectiveGeneration` they were read at; valid only while it is still current.
+    private var securityXattrs: [[UInt8]: (value: [UInt8]?, generation: UInt64)] = [:]
+    static let cachedXattrsMax = 8
+    static let cachedXattrBytesMax = 4096
 
     init(attributes: Attributes, writeLeased: Bool, ownChanges: OwnChanges) {
         ino = attributes.ino
@@ -207,6 +212,32 @@ final class OpenFile {
             let was = writeLeased
             writeLeased = false
             return was
+        }
+    }
+
+    /// A `security.*` attribute read under the lease with no recall or own change since:
+    /// `.some(nil)` for one the home does not have, nil when nothing valid is cached.
+    func cachedSecurityXattr(_ name: [UInt8]) -> [UInt8]?? {
+        leaseLock.withLock {
+            guard freshGeneration == effectiveGeneration else { return nil }
+            guard let entry = securityXattrs[name] else { return nil }
+            guard entry.generation == effectiveGeneration else {
+                securityXattrs.removeAll()   // all older than the current generation
+                return nil
+            }
+            return .some(entry.value)
+        }
+    }
+
+    /// Keeps what a getxattr that began at generation `snapshot` got (nil: ENODATA), unless a
+    /// recall or own change came in between, or the file's attributes are not under a lease.
+    func cacheSecurityXattr(_ name: [UInt8], _ value: [UInt8]?, since snapshot: UInt64) {
+        leaseLock.withLock {
+            guard effectiveGeneration == snapshot, freshGeneration == snapshot,
+                  (value?.count ?? 0) <= Self.cachedXattrBytesMax else { return }
+            if securityXattrs.contains(where: { $0.value.generation != snapshot }) { securityXattrs.removeAll() }
+            guard securityXattrs[name] != nil || securityXattrs.count < Self.cachedXattrsMax else { return }
+            securityXattrs[name] = (value, snapshot)
         }
     }
 

@@ -444,9 +444,30 @@ public final class VFS: @unchecked Sendable {
         try hub.statfs(context(credentials))
     }
 
+    /// `security.*` attributes of a file the agent holds under a lease are answered from what it
+    /// read before, while no recall or own change came since (SPEC.md §12.6): the kernel asks
+    /// for `security.capability` before every write(2). The home lets any caller read them, so
+    /// the answer does not depend on the caller. Other names always go to the home.
     public func getxattr(_ credentials: Credentials, ino: InodeID, name: [UInt8]) throws -> [UInt8] {
-        try hub.getxattr(context(credentials), ino: ino, name: name)
+        guard leasesEnabled, name.starts(with: Self.securityXattrPrefix), let file = openFile(ino) else {
+            return try hub.getxattr(context(credentials), ino: ino, name: name)
+        }
+        if let cached = file.cachedSecurityXattr(name) {
+            guard let value = cached else { throw WeftError.noData }
+            return value
+        }
+        let snapshot = file.currentGeneration
+        do {
+            let value = try hub.getxattr(context(credentials), ino: ino, name: name)
+            file.cacheSecurityXattr(name, value, since: snapshot)
+            return value
+        } catch let error as WeftError where error.errno == ENODATA {
+            file.cacheSecurityXattr(name, nil, since: snapshot)
+            throw error
+        }
     }
+
+    static let securityXattrPrefix = Array("security.".utf8)
 
     public func setxattr(_ credentials: Credentials, ino: InodeID, name: [UInt8], value: [UInt8], flags: XattrFlags) throws {
         defer {

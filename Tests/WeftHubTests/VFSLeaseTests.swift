@@ -341,3 +341,45 @@ extension VFSDataTests {
         XCTAssertGreaterThan(held.lock.withLock { held.invalidations }, 0)
     }
 }
+
+extension VFSDataTests {
+    /// `security.*` attributes (the kernel asks for `security.capability` before every write)
+    /// are answered from what the agent read under the file's lease, until a recall or its own
+    /// change; other names always go to the home.
+    func testSecurityXattrsAreAnsweredUnderTheLeaseAndFollowEveryChange() throws {
+        let a = try makeAgent(), b = try makeAgent()
+        let capability = bytes("security.capability")
+        let (ino, handle) = try create(a, "capable")
+        try write(a, handle, at: 0, Array("bytes".utf8))
+        XCTAssertErrno(ENODATA, try a.getxattr(rootCaller, ino: ino, name: capability))
+        let file = try XCTUnwrap(a.openFile(ino))
+        XCTAssertEqual(file.cachedSecurityXattr(capability), .some(nil), "the absence is kept under the lease")
+
+        // Answered here: a value put into the home's metadata behind the leases' back is not seen.
+        try fixture.hub.meta.setxattr(rootCaller, ino: ino, name: capability, value: [1, 2, 3], flags: [])
+        XCTAssertErrno(ENODATA, try a.getxattr(rootCaller, ino: ino, name: capability))
+        try fixture.hub.meta.removexattr(rootCaller, ino: ino, name: capability)
+
+        // Another agent's change recalls the lease: the next read asks the home again, and
+        // keeps nothing until the agent holds the file under a lease again.
+        try b.setxattr(rootCaller, ino: ino, name: capability, value: [7, 7], flags: [])
+        XCTAssertEqual(try a.getxattr(rootCaller, ino: ino, name: capability), [7, 7])
+        XCTAssertNil(file.cachedSecurityXattr(capability), "the recall ended the file's lease")
+        XCTAssertEqual(try contents(of: ino, via: a), Array("bytes".utf8))   // an open: a new lease
+        XCTAssertEqual(try a.getxattr(rootCaller, ino: ino, name: capability), [7, 7])
+        XCTAssertEqual(file.cachedSecurityXattr(capability), .some([7, 7]))
+        // So does this agent's own change.
+        try a.removexattr(rootCaller, ino: ino, name: capability)
+        XCTAssertNil(file.cachedSecurityXattr(capability))
+        XCTAssertErrno(ENODATA, try a.getxattr(rootCaller, ino: ino, name: capability))
+        try a.release(handle: handle)
+
+        // Other namespaces are never kept: their reads depend on the caller.
+        let user = bytes("user.note")
+        try b.setxattr(rootCaller, ino: ino, name: user, value: [1], flags: [])
+        XCTAssertEqual(try a.getxattr(rootCaller, ino: ino, name: user), [1])
+        XCTAssertNil(file.cachedSecurityXattr(user))
+        try fixture.hub.meta.setxattr(rootCaller, ino: ino, name: user, value: [2], flags: [])
+        XCTAssertEqual(try a.getxattr(rootCaller, ino: ino, name: user), [2], "asked at the home every time")
+    }
+}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import re
@@ -80,3 +81,38 @@ def test_two_agents_changing_one_directory_at_once_never_stall(weft):
     assert max(slowest.values()) < 2.0, slowest
     assert os.listdir(weft.path / "shared") == []
     assert os.listdir(other / "shared") == []
+
+
+# struct vfs_cap_data, revision 2, effective, CAP_NET_RAW permitted (include/uapi/linux/capability.h)
+FILE_CAPS = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
+
+def test_a_write_drops_file_capabilities_another_agent_set(weft):
+    """Before every write(2) the kernel asks for security.capability, and removes it if the file
+    has one. The agent answers that from what it read under the file's lease (SPEC §12.6,
+    security attributes): capabilities another agent sets recall the lease, so the writer's
+    next write still finds and drops them."""
+    weft.require_weft("mounts a second agent")
+    weft.require_mode("remote")
+    other = weft.add_agent("mnt-b")
+    path = weft.path / "capable"
+    with open(path, "wb") as handle:
+        handle.write(b"first")                              # kept: no capabilities
+        handle.flush()
+        os.setxattr(other / "capable", "security.capability", FILE_CAPS)
+        assert os.getxattr(path, "security.capability") == FILE_CAPS
+        handle.write(b" second")
+        handle.flush()
+    for view in (path, other / "capable"):
+        with pytest.raises(OSError) as raised:
+            os.getxattr(view, "security.capability")
+        assert raised.value.errno == errno.ENODATA, view
+    assert read_file(other / "capable") == b"first second"
+    # The agent's own setxattr is seen by its own next write the same way.
+    with open(path, "r+b") as handle:
+        os.setxattr(path, "security.capability", FILE_CAPS)
+        handle.write(b"F")
+        handle.flush()
+    with pytest.raises(OSError) as raised:
+        os.getxattr(other / "capable", "security.capability")
+    assert raised.value.errno == errno.ENODATA
