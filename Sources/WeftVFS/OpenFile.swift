@@ -173,6 +173,9 @@ final class OpenFile {
     /// `security.*` extended attributes read under the lease (nil: the home said ENODATA), with
     /// the `effectiveGeneration` they were read at; valid only while it is still current.
     private var securityXattrs: [[UInt8]: (value: [UInt8]?, generation: UInt64)] = [:]
+    /// The `effectiveGeneration` at which this agent created the file, which then had no
+    /// extended attributes (nil if it did not, or cannot know).
+    private var createdBareAt: UInt64?
     static let cachedXattrsMax = 8
     static let cachedXattrBytesMax = 4096
 
@@ -220,12 +223,19 @@ final class OpenFile {
     func cachedSecurityXattr(_ name: [UInt8]) -> [UInt8]?? {
         leaseLock.withLock {
             guard freshGeneration == effectiveGeneration else { return nil }
-            guard let entry = securityXattrs[name] else { return nil }
-            guard entry.generation == effectiveGeneration else {
+            if let entry = securityXattrs[name] {
+                if entry.generation == effectiveGeneration { return .some(entry.value) }
                 securityXattrs.removeAll()   // all older than the current generation
-                return nil
             }
-            return .some(entry.value)
+            return createdBareAt == effectiveGeneration ? .some(nil) : nil
+        }
+    }
+
+    /// This agent created the file by a call that began at generation `snapshot`: it has no
+    /// extended attributes, for as long as no recall or own change comes.
+    func markCreatedBare(since snapshot: UInt64) {
+        leaseLock.withLock {
+            if effectiveGeneration == snapshot && freshGeneration == snapshot { createdBareAt = snapshot }
         }
     }
 

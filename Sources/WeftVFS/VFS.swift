@@ -686,9 +686,12 @@ public final class VFS: @unchecked Sendable {
             // A recall of the new file overtook the reply (another agent opened it at once):
             // nothing the reply granted is held any more.
             file.invalidate()
-        } else if created.writeLeased {
-            // Unless a recall (which revokes) came in since the check above.
-            file.leaseLock.withLock { if file.effectiveGeneration == generation { file.writeLeased = true } }
+        } else {
+            if created.writeLeased {
+                // Unless a recall (which revokes) came in since the check above.
+                file.leaseLock.withLock { if file.effectiveGeneration == generation { file.writeLeased = true } }
+            }
+            if leasesEnabled { file.markCreatedBare(since: generation) }   // no xattrs yet
         }
         return (created.attributes, handle)
     }

@@ -350,15 +350,22 @@ extension VFSDataTests {
         let a = try makeAgent(), b = try makeAgent()
         let capability = bytes("security.capability")
         let (ino, handle) = try create(a, "capable")
-        try write(a, handle, at: 0, Array("bytes".utf8))
-        XCTAssertErrno(ENODATA, try a.getxattr(rootCaller, ino: ino, name: capability))
         let file = try XCTUnwrap(a.openFile(ino))
-        XCTAssertEqual(file.cachedSecurityXattr(capability), .some(nil), "the absence is kept under the lease")
-
+        XCTAssertEqual(file.cachedSecurityXattr(capability), .some(nil), "a file it created has none")
         // Answered here: a value put into the home's metadata behind the leases' back is not seen.
         try fixture.hub.meta.setxattr(rootCaller, ino: ino, name: capability, value: [1, 2, 3], flags: [])
+        try write(a, handle, at: 0, Array("bytes".utf8))
         XCTAssertErrno(ENODATA, try a.getxattr(rootCaller, ino: ino, name: capability))
         try fixture.hub.meta.removexattr(rootCaller, ino: ino, name: capability)
+
+        // A file it did not create: the first read asks the home, then its answer is kept.
+        let (other, otherHandle) = try create(b, "other")
+        try b.release(handle: otherHandle)
+        XCTAssertEqual(try contents(of: other, via: a), [])
+        XCTAssertNil(try XCTUnwrap(a.openFile(other)).cachedSecurityXattr(capability))
+        XCTAssertErrno(ENODATA, try a.getxattr(rootCaller, ino: other, name: capability))
+        XCTAssertEqual(try XCTUnwrap(a.openFile(other)).cachedSecurityXattr(capability), .some(nil),
+                       "the absence is kept under the lease")
 
         // Another agent's change recalls the lease: the next read asks the home again, and
         // keeps nothing until the agent holds the file under a lease again.
