@@ -100,36 +100,68 @@ final class DurabilityQueue: @unchecked Sendable {
     /// fsyncs the files, then the fan-out directories that changed. Returns the first failure,
     /// logged once; the objects of a failed pass are not retried, since after a failed fsync
     /// the kernel may have dropped their data: their durability is unknown.
+    ///
+    /// A large pass runs its fsyncs on several threads (`fsyncsPerThreadMin` or more each, at
+    /// most `passThreadsMax`): they overlap their waits and the block layer merges their cache
+    /// flushes (256 objects of 4 MiB: 9-15 ms in one thread, 3-4 ms in 16, C probe). Files
+    /// first, then directories, as before.
     private func runPass(files: [PendingFile], fanOuts: [Int]) -> WeftError? {
-        var failure: WeftError?
-        func record(_ what: String, _ error: FileIO.Failure) {
-            guard failure == nil else { return }
-            let code: Int32 = (error.errno == ENOSPC || error.errno == EDQUOT) ? ENOSPC : EIO
-            logger.error("chunk sync failed: \(what): \(error.description)")
-            failure = WeftError(code, "chunk sync failed: \(what)")
-        }
-        for file in files {
+        let failures = FirstFailure(logger: logger)
+        Self.inParallel(files) { file in
             do {
                 try FileIO.fsyncRetrying(file.fd)
             } catch {
-                record("fsync of chunk \(hex(file.id))", error)
+                failures.record("fsync of chunk \(hex(file.id))", error)
             }
             close(file.fd)
         }
-        for index in fanOuts {
+        Self.inParallel(fanOuts) { [root] index in
             let name = FileIO.fanOutName(index)
             let fd = openat(root, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
             guard fd >= 0 else {
-                record("open of chunk directory \(name)", FileIO.Failure(call: "open", errno: errno))
-                continue
+                failures.record("open of chunk directory \(name)", FileIO.Failure(call: "open", errno: errno))
+                return
             }
             do {
                 try FileIO.fsyncRetrying(fd)
             } catch {
-                record("fsync of chunk directory \(name)", error)
+                failures.record("fsync of chunk directory \(name)", error)
             }
             close(fd)
         }
-        return failure
+        return failures.first
+    }
+
+    static let passThreadsMax = 8
+    static let fsyncsPerThreadMin = 16
+
+    /// Runs `body` on every item, split over up to `passThreadsMax` threads when there are
+    /// enough items to be worth a thread; returns when all are done.
+    private static func inParallel<T>(_ items: [T], _ body: @escaping @Sendable (T) -> Void) {
+        let threads = min(passThreadsMax, items.count / fsyncsPerThreadMin)
+        guard threads > 1 else { return items.forEach(body) }
+        let groups = (0..<threads).map { group in stride(from: group, to: items.count, by: threads).map { items[$0] } }
+        WorkerPool.runConcurrently(groups) { group in group.forEach(body) }
+    }
+
+    /// The first failure of a pass, logged once.
+    private final class FirstFailure: @unchecked Sendable {
+        private let lock = Lock()
+        private var failure: WeftError?
+        private let logger: Logger
+
+        init(logger: Logger) { self.logger = logger }
+
+        var first: WeftError? { lock.withLock { failure } }
+
+        func record(_ what: String, _ failure: Error) {
+            let error = failure as? FileIO.Failure ?? FileIO.Failure(call: "fsync", errno: EIO)
+            lock.withLock {
+                guard self.failure == nil else { return }
+                let code: Int32 = (error.errno == ENOSPC || error.errno == EDQUOT) ? ENOSPC : EIO
+                logger.error("chunk sync failed: \(what): \(error.description)")
+                self.failure = WeftError(code, "chunk sync failed: \(what)")
+            }
+        }
     }
 }
