@@ -141,6 +141,7 @@ public final class ClusterMember: @unchecked Sendable {
                     try register()
                 }
             } catch {
+                if condition.withLock({ stopped }) { return }   // left meanwhile (its client may be closed)
                 logger.warning("cannot renew the cluster registration", metadata: ["error": "\(error)"])
             }
         }

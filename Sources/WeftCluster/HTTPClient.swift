@@ -17,12 +17,30 @@ final class HTTPClient: @unchecked Sendable {
     let port: Int
     let group: MultiThreadedEventLoopGroup
     let connectTimeoutMs: Int
+    /// Guards `closed` and `connecting`.
+    private let state = NSCondition()
+    private var closed = false
+    /// Connects under way: `shutdown` waits for them, so that none starts on a group that is
+    /// gone (NIO traps on the promise such a connect leaves behind).
+    private var connecting = 0
 
     init(host: String, port: Int, group: MultiThreadedEventLoopGroup, connectTimeoutMs: Int = 3000) {
         self.host = host
         self.port = port
         self.group = group
         self.connectTimeoutMs = connectTimeoutMs
+    }
+
+    /// Ends the client: requests from now on fail with ESHUTDOWN; connects under way finish
+    /// (each within `connectTimeoutMs`), then the event loop group shuts down, which closes
+    /// open requests and watches.
+    func shutdown() {
+        state.lock()
+        closed = true
+        let deadline = Date(timeIntervalSinceNow: Double(connectTimeoutMs) / 1000 + 1)
+        while connecting > 0, state.wait(until: deadline) {}
+        state.unlock()
+        try? group.syncShutdownGracefully()
     }
 
     var displayName: String { "\(host):\(port)" }
@@ -44,6 +62,19 @@ final class HTTPClient: @unchecked Sendable {
     }
 
     private func open(_ path: String, body: Data, collector: ResponseSink) throws -> HTTPStream {
+        state.lock()
+        guard !closed else {
+            state.unlock()
+            throw WeftError(ESHUTDOWN, "etcd client for \(displayName) is closed")
+        }
+        connecting += 1
+        state.unlock()
+        defer {
+            state.lock()
+            connecting -= 1
+            state.broadcast()
+            state.unlock()
+        }
         let channel: Channel
         do {
             channel = try ClientBootstrap(group: group)

@@ -99,6 +99,44 @@ final class EtcdClusterTests: XCTestCase {
         XCTAssertErrno(EINVAL, try EtcdClient(endpoint: "nonsense"))
     }
 
+    /// A closed client refuses calls (ESHUTDOWN) instead of connecting on its stopped event
+    /// loop, which NIO traps on in debug builds: a member's renewal loop could make such a call
+    /// after its hub left and closed the client (it crashed a CI run of the fabric tests).
+    func testCallsOnAClosedClientFailWithESHUTDOWNAlsoWhileItCloses() throws {
+        let kv = try EtcdClient(endpoint: etcd.endpoint)
+        try kv.put("/t/k", Data("v".utf8))
+        final class Counts: @unchecked Sendable {
+            let lock = NSLock()
+            var answered = 0, refused = 0, other: [String] = []
+        }
+        let counts = Counts()
+        let callers = DispatchGroup()
+        for _ in 0..<4 {
+            callers.enter()
+            Thread.detachNewThread {
+                defer { callers.leave() }
+                for _ in 0..<200 {
+                    do {
+                        _ = try kv.get("/t/k")
+                        counts.lock.withLock { counts.answered += 1 }
+                    } catch let error as WeftError where error.errno == ESHUTDOWN {
+                        counts.lock.withLock { counts.refused += 1 }
+                        return
+                    } catch {
+                        counts.lock.withLock { counts.other.append("\(error)") }   // cut off mid-request
+                    }
+                }
+            }
+        }
+        Thread.sleep(forTimeInterval: 0.1)
+        kv.close()
+        XCTAssertEqual(callers.wait(timeout: .now() + 30), .success)
+        XCTAssertGreaterThan(counts.answered, 0)
+        XCTAssertLessThanOrEqual(counts.other.count, 4, "\(counts.other)")
+        XCTAssertErrno(ESHUTDOWN, try kv.get("/t/k"))
+        XCTAssertErrno(ESHUTDOWN, try kv.put("/t/k", Data("w".utf8)))
+    }
+
     func testIDsAreUniqueUnderContention() throws {
         let kv = try client()
         let keys = ClusterKeys(cluster: "ids")
