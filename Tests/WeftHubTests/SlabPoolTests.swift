@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Foundation
 import XCTest
 @testable import WeftVFS
@@ -39,6 +42,17 @@ final class SlabPoolTests: XCTestCase {
         XCTAssertEqual(pool.usage.pooled, 4 * mib)
         XCTAssertLessThanOrEqual(pool.usage.live + pool.usage.pooled, pool.budgetBytes)
         withExtendedLifetime(small) {}
+    }
+
+    /// Fresh slab memory is faulted in when it is taken (on the fetching thread), not page by
+    /// page where the reply is first copied into it.
+    func testFreshSlabMemoryIsResidentWhenTaken() throws {
+        let pool = SlabPool(budgetBytes: 8 * mib)
+        let slab = Slab(capacity: 4 * mib, pool: pool)
+        let pages = 4 * mib / Int(getpagesize())
+        var resident = [UInt8](repeating: 0, count: pages)
+        XCTAssertEqual(mincore(slab.pointer, 4 * mib, &resident), 0, String(cString: strerror(errno)))
+        XCTAssertEqual(resident.filter { $0 & 1 == 0 }.count, 0, "pages not yet resident")
     }
 
     func testSmallSlabsAreNotPooled() {
