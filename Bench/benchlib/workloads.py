@@ -186,32 +186,27 @@ class Runner:
 
     def _run_seqwrite(self, target):
         for jobs in self.params.seq_jobs:
-            directory = self._bench_dir(target, f"seq{jobs}")
-            drop_caches()  # every write starts with no dirty data and a clean page cache
-            job = self._fio(target, f"seqwrite-{jobs}j",
-                            ["--name=seq", f"--directory={directory}", "--rw=write", "--bs=1M", "--direct=0",
-                             f"--size={self.params.seq_file_mib}M", f"--numjobs={jobs}", "--end_fsync=1",
-                             "--filename_format=seq.$jobnum"], self.params.seq_file_mib * jobs)
-            write = job["write"]
-            self._record(target, f"seqwrite-{jobs}j", write["bw_bytes"] / MIB,
-                         {"io_bytes": write["io_bytes"], "runtime_ms": write["runtime"],
-                          "wall_seconds": round(job["_wall_seconds"], 3)})
+            self._seqwrite(target, f"seqwrite-{jobs}j", "seq", jobs)
             if target.name == "local":
-                self._device_write(target, jobs)
+                # The disk's own direct-I/O write rate in this run, next to the file systems'
+                # figures: 4 MiB O_DIRECT writes (what Weft's chunk store issues).
+                self._seqwrite(target, f"seqwrite-odirect-{jobs}j", "seqdirect", jobs, direct=True)
+                self._remove(os.path.join(target.mountpoint, "bench", f"seqdirect{jobs}"))
 
-    def _device_write(self, target, jobs):
-        """The disk's own direct-I/O write rate in this run, next to the file systems' figures:
-        4 MiB O_DIRECT writes (what Weft's chunk store issues), same size and jobs, end_fsync."""
-        directory = self._bench_dir(target, f"seqdirect{jobs}")
+    def _seqwrite(self, target, workload_id, name, jobs, direct=False):
+        """fio sequential write of `jobs` files of the run's size, ending in fsync, after a
+        page-cache drop (every write starts with no dirty data and a clean page cache)."""
+        directory = self._bench_dir(target, f"{name}{jobs}")
         drop_caches()
-        job = self._fio(target, f"seqwrite-odirect-{jobs}j",
-                        ["--name=seqdirect", f"--directory={directory}", "--rw=write", "--bs=4M", "--direct=1",
+        job = self._fio(target, workload_id,
+                        [f"--name={name}", f"--directory={directory}", "--rw=write",
+                         "--bs=4M" if direct else "--bs=1M", f"--direct={int(direct)}",
                          f"--size={self.params.seq_file_mib}M", f"--numjobs={jobs}", "--end_fsync=1",
-                         "--filename_format=seqdirect.$jobnum"], self.params.seq_file_mib * jobs)
+                         f"--filename_format={name}.$jobnum"], self.params.seq_file_mib * jobs)
         write = job["write"]
-        self._record(target, f"seqwrite-odirect-{jobs}j", write["bw_bytes"] / MIB,
-                     {"io_bytes": write["io_bytes"], "runtime_ms": write["runtime"]})
-        self._remove(directory)
+        self._record(target, workload_id, write["bw_bytes"] / MIB,
+                     {"io_bytes": write["io_bytes"], "runtime_ms": write["runtime"],
+                      "wall_seconds": round(job["_wall_seconds"], 3)})
 
     def _seqread(self, target, workload_id, directory, jobs, direct=False):
         job = self._fio(target, workload_id,
