@@ -153,18 +153,31 @@ final class LoopbackTests: XCTestCase {
 
     func testPipelinedRequestsCompleteOutOfOrder() throws {
         let hub = FakeHub()
-        // Even inodes take 60 ms; odd ones answer at once.
-        hub.getattrDelayMs = { $0 % 2 == 0 ? 60 : 0 }
+        // Some inodes take a few ms, so that answers to the many threads below interleave.
+        hub.getattrDelayMs = { $0 % 3 == 0 ? 5 : 0 }
         let (server, port) = try startServer(hub)
         defer { server.shutdown() }
         let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
         defer { client.close() }
+        defer { hub.releaseBlocked() }
         let (session, _) = try client.openSession(agentName: "pipeline")
-
-        let threads = 48
-        let completion = Locked<[(ino: InodeID, finished: Date)]>([])
-        let failures = Locked<[String]>([])
         let sessionContext = context(session)
+
+        // Four requests go first on the connection and wait in the hub until released.
+        let blockedAnswered = Locked(0)
+        let blocked = DispatchGroup()
+        for _ in 0..<4 {
+            DispatchQueue.global().async(group: blocked) {
+                if (try? client.lookup(sessionContext, parent: 1, name: Array("block".utf8))) != nil {
+                    blockedAnswered.mutate { $0 += 1 }
+                }
+            }
+        }
+        XCTAssertTrue(hub.waitForBlocked(4), "the four blocking requests reached the hub")
+
+        // Every later request on the same connection gets its own answer while those four still wait.
+        let threads = 48
+        let failures = Locked<[String]>([])
         runOnThreads(threads) { index in
             let ino = InodeID(index + 2)
             for round in 0..<3 {
@@ -173,20 +186,18 @@ final class LoopbackTests: XCTestCase {
                     if attributes.ino != ino || attributes.uid != UInt32(session) {
                         failures.mutate { $0.append("thread \(index) round \(round): asked \(ino), got \(attributes.ino)") }
                     }
-                    if round == 0 { completion.mutate { $0.append((ino, Date())) } }
                 } catch {
                     failures.mutate { $0.append("thread \(index): \(error)") }
                 }
             }
         }
         XCTAssertEqual(failures.value, [])
-        let finished = completion.value
-        XCTAssertEqual(finished.count, threads)
-        // Fast requests sent after slow ones finished first: responses came back out of order.
-        let firstSlow = finished.filter { $0.ino % 2 == 0 }.map(\.finished).min()!
-        let fastBeforeSlow = finished.filter { $0.ino % 2 == 1 && $0.finished < firstSlow }.count
-        XCTAssertGreaterThan(fastBeforeSlow, 0)
-        XCTAssertGreaterThan(hub.snapshot { $0.maxRunning }, 1, "requests ran concurrently on the worker pool")
+        XCTAssertEqual(blockedAnswered.value, 0, "answers came back out of order: the first four are still unanswered")
+        XCTAssertGreaterThan(hub.snapshot { $0.maxRunning }, 4, "requests ran concurrently on the worker pool")
+
+        hub.releaseBlocked()
+        XCTAssertEqual(blocked.wait(timeout: .now() + 5), .success)
+        XCTAssertEqual(blockedAnswered.value, 4)
     }
 
     func testSlowRequestDoesNotHoldBackFastOne() throws {
