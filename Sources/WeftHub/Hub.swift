@@ -195,18 +195,18 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// the create's change (never a read that waits for other changes of the directory).
     public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
                            flags: Int32, writeLease: Bool) throws -> CreatedFile {
+        // One transaction creates and opens (the creator may open a new file whatever mode it
+        // was given; `O_TRUNC` has nothing to cut) and gives the directory's attributes after it;
+        // the reply's lease covers the directory and the file.
         var parentAfter: Attributes?
         let created = try changingEntries(context, parent: parent, name: name) {
-            let attributes = try meta.create(context.credentials, parent: parent, name: name, mode: mode, rdev: 0,
-                                             umask: umask, exclusive: true)
-            parentAfter = try meta.getattr(parent)
-            return attributes
+            let created = try meta.createOpen(context.credentials, session: context.session, parent: parent, name: name,
+                                              mode: mode, umask: umask)
+            parentAfter = created.parent
+            return created.file
         }
-        // The creator may open a new file whatever mode it was given.
-        let creator = RequestContext(session: context.session, credentials: .root)
-        let attributes = try open(creator, ino: created.ino, flags: flags & ~O_TRUNC)
-        let leased = writeLease ? try acquireWriteLease(creator, ino: created.ino) : false
-        return CreatedFile(attributes: attributes, parent: parentAfter, writeLeased: leased)
+        let leased = writeLease && created.isRegular ? leases.acquireWrite(context.session, created.ino) : false
+        return CreatedFile(attributes: created, parent: parentAfter, writeLeased: leased)
     }
 
     public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {

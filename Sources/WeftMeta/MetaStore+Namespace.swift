@@ -114,24 +114,62 @@ extension MetaStore {
                 if record.attributes.isDirectory { throw WeftError.isDirectory }
                 return record.attributes
             }
-            var directory = try prepareInsert(t, credentials, parent: parent, name: name)
-            var type = mode & UInt32(S_IFMT)
-            if type == 0 { type = UInt32(S_IFREG) }
-            guard [S_IFREG, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK].map({ UInt32($0) }).contains(type) else {
-                throw WeftError.invalid
-            }
-            if (type == UInt32(S_IFCHR) || type == UInt32(S_IFBLK)) && !credentials.isRoot { throw WeftError.notPermitted }
-            let ownership = newInodeOwnership(directory.attributes, credentials, mode: mode & 0o7777 & ~umask,
-                                              isDirectory: false)
-            let ino = try t.allocateInode()
-            let attributes = Attributes(ino: ino, mode: type | ownership.mode, nlink: 1, uid: credentials.uid,
-                                        gid: ownership.gid, rdev: rdev, atimeNs: t.now, mtimeNs: t.now, ctimeNs: t.now)
-            t.put(InodeRecord(attributes: attributes, parent: 0))
-            t.putEntry(parent, name, EntryValue(ino: ino, type: type))
-            t.touchDirectory(&directory)
-            t.put(directory)
-            return attributes
+            return try insertNode(t, credentials, parent: parent, name: name, mode: mode, rdev: rdev, umask: umask).node
         }
+    }
+
+    /// `create` (`O_EXCL`) of a node that `session` opens in the same transaction, as `open`
+    /// without `O_TRUNC` would count it (the creator may open its new file whatever its
+    /// mode). Returns the file's attributes and its directory's after the change. The open is
+    /// registered while the store's lock is held, so no change of another session can come
+    /// between the create and the open; if the create fails, so does the open.
+    public func createOpen(_ credentials: Credentials, session: SessionID, parent: InodeID, name: [UInt8],
+                           mode: UInt32, umask: UInt32) throws -> (file: Attributes, parent: Attributes) {
+        var opened: InodeID?
+        do {
+            return try mutate { t in
+                let (file, directory) = try insertNode(t, credentials, parent: parent, name: name, mode: mode, rdev: 0,
+                                                       umask: umask)
+                if file.isRegular {
+                    openCounts[file.ino, default: 0] += 1
+                    sessions[session]?.opens[file.ino, default: 0] += 1
+                    opened = file.ino
+                }
+                return (file, directory)
+            }
+        } catch {
+            // Not applied, or not durable: the caller is told it failed and will not release it.
+            if let ino = opened {
+                lock.withLock {
+                    openCounts[ino] = openCounts[ino].flatMap { $0 > 1 ? $0 - 1 : nil }
+                    if let count = sessions[session]?.opens[ino] { sessions[session]?.opens[ino] = count > 1 ? count - 1 : nil }
+                }
+            }
+            throw error
+        }
+    }
+
+    /// Inserts a new non-directory inode named `name` in `parent`: the node's attributes and the
+    /// directory's after the change.
+    private func insertNode(_ t: Transaction, _ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32,
+                            rdev: UInt32, umask: UInt32) throws -> (node: Attributes, directory: Attributes) {
+        var directory = try prepareInsert(t, credentials, parent: parent, name: name)
+        var type = mode & UInt32(S_IFMT)
+        if type == 0 { type = UInt32(S_IFREG) }
+        guard [S_IFREG, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK].map({ UInt32($0) }).contains(type) else {
+            throw WeftError.invalid
+        }
+        if (type == UInt32(S_IFCHR) || type == UInt32(S_IFBLK)) && !credentials.isRoot { throw WeftError.notPermitted }
+        let ownership = newInodeOwnership(directory.attributes, credentials, mode: mode & 0o7777 & ~umask,
+                                          isDirectory: false)
+        let ino = try t.allocateInode()
+        let attributes = Attributes(ino: ino, mode: type | ownership.mode, nlink: 1, uid: credentials.uid,
+                                    gid: ownership.gid, rdev: rdev, atimeNs: t.now, mtimeNs: t.now, ctimeNs: t.now)
+        t.put(InodeRecord(attributes: attributes, parent: 0))
+        t.putEntry(parent, name, EntryValue(ino: ino, type: type))
+        t.touchDirectory(&directory)
+        t.put(directory)
+        return (attributes, directory.attributes)
     }
 
     public func mkdir(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32,

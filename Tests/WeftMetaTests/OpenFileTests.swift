@@ -89,6 +89,38 @@ final class OpenFileTests: MetaStoreTestCase {
         try assertConsistent()
     }
 
+    func testCreateOpenOpensTheNewFileInTheSameTransaction() throws {
+        let session = store.openSession(agentName: "t")
+        let sticky = try store.mkdir(Callers.root, parent: root, name: bytes("d"), mode: 0o1777, umask: 0)
+        let before = try store.getattr(sticky.ino)
+        // A file created without any permission bits is still open for its creator, and the
+        // directory's attributes come back as the change left them.
+        let created = try store.createOpen(Callers.alice, session: session, parent: sticky.ino, name: bytes("f"),
+                                           mode: UInt32(S_IFREG), umask: 0o022)
+        XCTAssertEqual(created.file.mode, UInt32(S_IFREG))
+        XCTAssertEqual(created.file.uid, Callers.alice.uid)
+        XCTAssertEqual(created.parent, try store.getattr(sticky.ino))
+        XCTAssertNotEqual(created.parent.ctimeNs, 0)
+        XCTAssertGreaterThanOrEqual(created.parent.mtimeNs, before.mtimeNs)
+        // The open counts: the unlinked file stays until its release.
+        try store.unlink(Callers.alice, parent: sticky.ino, name: bytes("f"))
+        XCTAssertEqual(try store.getattr(created.file.ino).nlink, 0)
+        try assertConsistent()
+        try store.release(session: session, ino: created.file.ino)
+        XCTAssertErrno(ENOENT, try store.getattr(created.file.ino), "reclaimed at the release of the create's open")
+
+        // A failed create opens nothing: the existing file is not held by it.
+        let existing = try makeFile("taken")
+        XCTAssertErrno(EEXIST, try store.createOpen(Callers.root, session: session, parent: root, name: bytes("taken"),
+                                                    mode: UInt32(S_IFREG) | 0o644, umask: 0))
+        XCTAssertErrno(EACCES, try store.createOpen(Callers.bob, session: session, parent: root, name: bytes("g"),
+                                                    mode: UInt32(S_IFREG) | 0o644, umask: 0))
+        try store.unlink(Callers.root, parent: root, name: bytes("taken"))
+        XCTAssertErrno(ENOENT, try store.getattr(existing.ino), "no open was left behind by the failed creates")
+        XCTAssertEqual(store.currentCounters.inodes, 2)
+        try assertConsistent()
+    }
+
     func testReleaseOfANamedFileKeepsIt() throws {
         let session = store.openSession(agentName: "t")
         let file = try makeFile("f")
