@@ -204,6 +204,7 @@ class Session:
             "rss": self.rss,
             "checks": reporting.evaluate_goals(self.results, self.rss, self.target_states),
             "device_context": reporting.device_context(self.results),
+            "metadata_floor": reporting.metadata_floor(self.results),
         })
         os.makedirs(self.out_dir, exist_ok=True)
         reporting.write_json(os.path.join(self.out_dir, "report.json"), self.report)

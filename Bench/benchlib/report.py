@@ -133,6 +133,31 @@ def device_context(results):
     return rows
 
 
+def metadata_floor(results):
+    """Strict creates next to what this machine allows: one synced append (`fsync-append` on
+    `local`) plus FUSE's own cost of a create (`md-create-*` on memfs) per create, and the cost of
+    one thread hand-off (`thread-handoff` on `local`). Context for the strict metadata goal, not a goal."""
+    sync, handoff = value_of(results, "fsync-append", "local"), value_of(results, "thread-handoff", "local")
+    if not sync:
+        return {}
+    floor = {"sync_us": round(1e6 / sync, 1), "handoff_us": round(1e6 / handoff, 1) if handoff else None, "rows": []}
+    for layout in ("1dir", "100dirs"):  # one thread: one create after another
+        metric = f"md-create-{layout}"
+        fuse, juicefs = value_of(results, metric, "memfs"), value_of(results, metric, "juicefs-sqlite-sync")
+        if not fuse:
+            continue
+        floor_us = 1e6 / sync + 1e6 / fuse
+        for subject in ("weft-embedded", "weft-remote"):
+            mine = value_of(results, metric, subject)
+            if mine is None:
+                continue
+            floor["rows"].append({"subject": subject, "metric": metric, "value": mine, "us_per_op": round(1e6 / mine, 1),
+                                  "fuse_us": round(1e6 / fuse, 1), "floor_us": round(floor_us, 1),
+                                  "goal_value": round(2 * juicefs, 1) if juicefs else None,
+                                  "goal_us": round(1e6 / (2 * juicefs), 1) if juicefs else None})
+    return floor
+
+
 def value_of_any(results, target):
     for cells in results.values():
         if target in cells and "value" in cells[target]:
@@ -255,6 +280,24 @@ def render_markdown(report):
                  _number(row["device_value"]), f"{row['ratio']:.2f}"] for row in context]
         out.append(_table(["Subject", "Weft workload", "Weft MiB/s", "Disk workload", "Disk MiB/s", "Ratio"], rows,
                           ["---", "---", "---:", "---", "---:", "---:"]))
+
+    floor = report.get("metadata_floor") or {}
+    if floor.get("rows"):
+        handoff = f"{floor['handoff_us']:.1f} µs" if floor.get("handoff_us") else "not measured"
+        out += ["", "## Strict creates against the machine's floor (context, not goals)", "",
+                f"One 4 KiB append + fsync on this disk took {floor['sync_us']:.1f} µs (`fsync-append` on `local`); "
+                f"one thread hand-off round trip {handoff} (`thread-handoff`). A strict create needs at least one "
+                "synced write plus what FUSE itself costs per create (memfs, which stores nothing), one thread "
+                "after another, so `floor` is the least time per create (one thread) any FUSE file system with "
+                "durable creates can take here; every hand-off between threads on the way (a client's event "
+                "loop, a hub's worker) adds to it. Goal = 2× juicefs-sqlite-sync.", ""]
+        rows = [[row["subject"], f"`{row['metric']}`", _number(row["value"]), f"{row['us_per_op']:.0f}",
+                 f"{row['fuse_us']:.0f}", f"{row['floor_us']:.0f}",
+                 _number(row["goal_value"]) if row["goal_value"] else "—",
+                 f"{row['goal_us']:.0f}" if row["goal_us"] else "—"] for row in floor["rows"]]
+        out.append(_table(["Subject", "Workload", "Weft ops/s", "Weft µs/op", "FUSE µs/op (memfs)",
+                           "Floor µs/op (FUSE + sync)", "Goal ops/s", "Goal µs/op"], rows,
+                          ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:"]))
 
     out += ["", "## Systems under test", ""]
     rows = [[name, targets[name]["status"], targets[name].get("description", ""), targets[name].get("note") or ""]

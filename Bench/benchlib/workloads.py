@@ -89,6 +89,9 @@ def catalogue(params):
         for phase in ("create", "stat", "unlink"):
             items.append((f"md-{phase}-{suffix}", "metadata",
                           f"{phase} {params.metadata_files} files, {where}, {threads} thread(s)", "ops/s"))
+    items.append(("thread-handoff", "metadata",
+                  "Thread hand-off round trips (two threads, mutex + condition variable): the machine's own cost "
+                  "of waking a thread, local only, not a goal", "ops/s"))
     items.append(("small-write", "smallfiles",
                   f"Write {params.small_files} × {params.small_file_bytes} B files "
                   f"({params.metadata_spread_dirs} dirs)", "files/s"))
@@ -273,6 +276,11 @@ class Runner:
                 self._record(target, f"md-{phase}-{suffix}", result["ops_per_sec"],
                              {"seconds": result["seconds"], "ops": result["ops"], "threads": result["threads"]})
             os.rmdir(directory)
+        if target.name == "local":
+            # What every hand-off between threads costs here (FUSE thread, event loops, workers).
+            result = self._mdbench(target, "thread-handoff", "handoff", self.context.out_dir, "--count", 20000,
+                                   operations=20000)
+            self._record(target, "thread-handoff", result["ops_per_sec"], {"seconds": result["seconds"]})
         # What a create costs underneath in syncs: shows which targets compare at equal durability.
         directory = self._bench_dir(target, "md-probe")
         count = self.params.durability_probe_appends

@@ -12,6 +12,10 @@
  *   smallwrite  create + write SIZE bytes + close, one per file (makes the directories first)
  *   smallread   open + read to EOF + close, one per file; checks the size read
  *   fsyncappend append SIZE bytes + fsync to DIR/appendfile, COUNT times (one thread)
+ *   handoff     COUNT round trips between two threads through a mutex and condition variable
+ *               (DIR unused): what one hand-off between threads costs on this machine, the
+ *               step every request pays between a FUSE thread, a client's event loop and a
+ *               server's worker
  *
  * Threads: file i is handled by thread i % threads, so with dirs a multiple of
  * threads every thread works in its own directories.
@@ -38,8 +42,8 @@
 #define MAX_SIZE_BYTES (16L << 20)
 #define PATH_BYTES 4096
 
-enum phase { CREATE, STAT, UNLINK, SMALLWRITE, SMALLREAD, FSYNCAPPEND };
-static const char *phaseNames[] = {"create", "stat", "unlink", "smallwrite", "smallread", "fsyncappend"};
+enum phase { CREATE, STAT, UNLINK, SMALLWRITE, SMALLREAD, FSYNCAPPEND, HANDOFF };
+static const char *phaseNames[] = {"create", "stat", "unlink", "smallwrite", "smallread", "fsyncappend", "handoff"};
 
 static enum phase phase;
 static const char *rootDir;
@@ -130,6 +134,7 @@ static void *runWorker(void *argument)
             break;
         }
         case FSYNCAPPEND:
+        case HANDOFF:
             break;
         }
     }
@@ -155,6 +160,41 @@ static void removeDirs(void)
         if (rmdir(path) != 0 && errno != ENOENT)
             die("rmdir", path);
     }
+}
+
+/* Hand-off: the main thread passes a turn to a second thread and waits for it back. */
+static pthread_mutex_t handoffLock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t handoffChanged = PTHREAD_COND_INITIALIZER;
+static long handoffTurn; /* even: the main thread's turn; odd: the other's */
+
+static void *runHandoffPartner(void *unused)
+{
+    (void)unused;
+    pthread_mutex_lock(&handoffLock);
+    for (long round = 0; round < appendCount; round++) {
+        while (handoffTurn % 2 == 0)
+            pthread_cond_wait(&handoffChanged, &handoffLock);
+        handoffTurn++;
+        pthread_cond_signal(&handoffChanged);
+    }
+    pthread_mutex_unlock(&handoffLock);
+    return NULL;
+}
+
+static void runHandoff(void)
+{
+    pthread_t partner;
+    if (pthread_create(&partner, NULL, runHandoffPartner, NULL) != 0)
+        die("pthread_create", "");
+    pthread_mutex_lock(&handoffLock);
+    for (long round = 0; round < appendCount; round++) {
+        handoffTurn++;
+        pthread_cond_signal(&handoffChanged);
+        while (handoffTurn % 2 == 1)
+            pthread_cond_wait(&handoffChanged, &handoffLock);
+    }
+    pthread_mutex_unlock(&handoffLock);
+    pthread_join(partner, NULL);
 }
 
 /* Appends sizeBytes + fsync appendCount times; returns bytes written. */
@@ -185,7 +225,7 @@ static void usage(const char *program)
 {
     fprintf(stderr,
             "usage: %s PHASE DIR [--files N] [--dirs N] [--threads N] [--size BYTES] [--count N]\n"
-            "  PHASE: create | stat | unlink | smallwrite | smallread | fsyncappend\n",
+            "  PHASE: create | stat | unlink | smallwrite | smallread | fsyncappend | handoff\n",
             program);
     exit(2);
 }
@@ -235,7 +275,12 @@ int main(int argc, char *argv[])
     long long bytes = 0;
     long ops;
     double seconds;
-    if (phase == FSYNCAPPEND) {
+    if (phase == HANDOFF) {
+        double start = nowSeconds();
+        runHandoff();
+        seconds = nowSeconds() - start;
+        ops = appendCount;
+    } else if (phase == FSYNCAPPEND) {
         double start = nowSeconds();
         bytes = runFsyncAppend();
         seconds = nowSeconds() - start;
@@ -263,7 +308,7 @@ int main(int argc, char *argv[])
         seconds = 1e-9;
     printf("{\"phase\":\"%s\",\"ops\":%ld,\"threads\":%ld,\"dirs\":%ld,\"seconds\":%.6f,"
            "\"ops_per_sec\":%.1f,\"bytes\":%lld,\"mib_per_sec\":%.2f}\n",
-           phaseNames[phase], ops, phase == FSYNCAPPEND ? 1 : threadCount, dirCount, seconds,
+           phaseNames[phase], ops, phase == FSYNCAPPEND ? 1 : phase == HANDOFF ? 2 : threadCount, dirCount, seconds,
            (double)ops / seconds, bytes, (double)bytes / 1048576.0 / seconds);
     return 0;
 }
