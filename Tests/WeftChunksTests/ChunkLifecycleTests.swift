@@ -1,5 +1,5 @@
 import Foundation
-import WeftChunks
+@testable import WeftChunks
 import WeftProto
 import WeftTestSupport
 import XCTest
@@ -108,14 +108,45 @@ final class ChunkLifecycleTests: ChunkTestCase {
     }
 
     /// More unsynced objects than the pending bound: writes keep succeeding (they sync on the way).
+    /// Besides the pending ones, only the open-object cache holds descriptors (a written object
+    /// goes into it, with the layout it was written with).
     func testManyUnsyncedWritesStayBounded() throws {
         let store = try makeStore()
         let before = openDescriptorCount()
-        for id in 0..<1000 as Range<SliceID> { try store.write(id: id, data: [UInt8(truncatingIfNeeded: id)]) }
-        XCTAssertLessThanOrEqual(openDescriptorCount() - before, 256 + 4)
+        let count = ChunkStore.openObjectCacheCapacity + 1000
+        for id in 0..<SliceID(count) { try store.write(id: id, data: [UInt8(truncatingIfNeeded: id)]) }
+        XCTAssertLessThanOrEqual(openDescriptorCount() - before, 256 + ChunkStore.openObjectCacheCapacity + 4)
         try store.sync()
-        XCTAssertLessThanOrEqual(openDescriptorCount() - before, 4)
-        XCTAssertEqual(store.objectCount, 1000)
+        XCTAssertLessThanOrEqual(openDescriptorCount() - before, ChunkStore.openObjectCacheCapacity + 4)
+        XCTAssertEqual(store.objectCount, UInt64(count))
+    }
+
+    /// A written object is opened from the layout it was written with: the commit's `length`
+    /// and the first read need not read its header back from disk. Dropped from the cache, it
+    /// is opened from disk again, with the same answers.
+    func testAWrittenObjectIsCachedWithItsLayout() throws {
+        for compression in [Compression.none, .zstd] {
+            let store = try ChunkStore(directory: directory + "/\(compression)", compression: compression,
+                                       logger: log.logger)
+            let data = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 / 7) }
+            try store.write(id: 7, data: data)
+            XCTAssertEqual(store.cache.count, 1)
+            // Its header on disk is not consulted while cached: overwritten, nothing changes.
+            let path = store.path(of: 7)
+            let original = try Data(contentsOf: URL(fileURLWithPath: path))
+            var damaged = original
+            damaged[0] ^= 0xFF
+            try damaged.write(to: URL(fileURLWithPath: path))
+            XCTAssertEqual(try store.length(id: 7), data.count)
+            XCTAssertEqual(try store.read(id: 7, offset: 1000, length: 5000), Array(data[1000..<6000]))
+            // Opened again from disk, the damaged header is found; restored, the answers agree.
+            store.cache.remove(7)
+            XCTAssertThrowsError(try store.length(id: 7)) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
+            store.cache.remove(7)
+            try original.write(to: URL(fileURLWithPath: path))
+            XCTAssertEqual(try store.length(id: 7), data.count)
+            XCTAssertEqual(try store.read(id: 7, offset: 0, length: data.count), data)
+        }
     }
 
     /// Reading more objects than the cache holds keeps at most its capacity open.
