@@ -87,6 +87,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         chunks.setReserve(reserveBytes ?? ChunkStore.defaultReserveBytes(directory: Hub.chunkPath(directory)))
         maintenance = Maintenance(logger: logger)
         leases = LeaseTable(logger: logger)
+        leases.isRegularFile = { [meta] ino in (try? meta.getattr(ino))?.isRegular ?? false }
         if FileManager.default.fileExists(atPath: Hub.leaseMarkerPath(directory)) {
             // Remote agents held leases when this hub stopped without closing: they may still
             // cache, or hold writes buffered under write leases they will reclaim.

@@ -13,7 +13,10 @@ import WeftProto
 ///   acknowledged a recall, or has not been heard from for a lease period;
 /// - a write lease is exclusive: while one session holds it, no other holds any lease on the file;
 /// - a recall ends only the lease it was sent for: a lease its holder took while the recall was
-///   under way stands, and the next change recalls it.
+///   under way stands, and the next change recalls it;
+/// - a session holding more than `maxLeasesPerSession` leases has its oldest read leases on
+///   regular files recalled in the background, down to 7/8 of the bound (a recall is always
+///   safe: the holder drops what it cached); directory and write leases are never shed.
 ///
 /// The test-only environment switch `WEFT_TEST_NO_RECALL=1` skips recalls and notices (leases
 /// are still granted and dropped), to prove the consistency checker catches stale reads.
@@ -55,14 +58,32 @@ public final class LeaseTable: @unchecked Sendable {
     /// Sequence of the last change begun on any inode hashing to each bucket.
     private var changedAt = [UInt64](repeating: 0, count: 1 << 16)
     private var recallsSent: UInt64 = 0
+    /// Most leases one session holds before its oldest read leases on regular files are shed.
+    public let maxLeasesPerSession: Int
+    public static let defaultMaxLeasesPerSession = 262_144
+    /// Whether `ino` is a regular file (only such leases are shed); set by the owning hub.
+    public var isRegularFile: @Sendable (InodeID) -> Bool = { _ in false }
+    /// Each session's leases in the order they were granted (stamp of the lease then), oldest
+    /// first from `head`; entries whose lease ended or changed are skipped when met.
+    private struct GrantOrder {
+        var entries: [(ino: InodeID, stamp: UInt64)] = []
+        var head = 0
+        var live: Int { entries.count - head }
+    }
+    private var order: [SessionID: GrantOrder] = [:]
+    private var shedding: Set<SessionID> = []
+    private var shedCount: UInt64 = 0
     /// Until then (monotonic ns) nothing is read or changed: the grace period after a restart.
     private var graceUntilNs: UInt64 = 0
     public let recallsDisabled: Bool
     let logger: Logger
 
-    public init(logger: Logger, recallsDisabled: Bool = ProcessInfo.processInfo.environment["WEFT_TEST_NO_RECALL"] == "1") {
+    public init(logger: Logger, recallsDisabled: Bool = ProcessInfo.processInfo.environment["WEFT_TEST_NO_RECALL"] == "1",
+                maxLeasesPerSession: Int = LeaseTable.defaultMaxLeasesPerSession) {
+        precondition(maxLeasesPerSession >= 8)
         self.logger = logger
         self.recallsDisabled = recallsDisabled
+        self.maxLeasesPerSession = maxLeasesPerSession
         if recallsDisabled { logger.warning("WEFT_TEST_NO_RECALL=1: lease recalls are disabled (test only; caches go stale)") }
     }
 
@@ -70,6 +91,12 @@ public final class LeaseTable: @unchecked Sendable {
 
     /// Recalls sent so far (notices not counted).
     public var recallCount: UInt64 { lock.withLock { recallsSent } }
+
+    /// Leases shed so far to keep sessions within `maxLeasesPerSession`.
+    public var shedLeaseCount: UInt64 { lock.withLock { shedCount } }
+
+    /// How many leases `session` holds.
+    public func leaseCount(_ session: SessionID) -> Int { lock.withLock { held[session]?.count ?? 0 } }
 
     /// Sessions holding leases on `ino`, and how.
     public func holders(_ ino: InodeID) -> [SessionID: Mode] { lock.withLock { (leases[ino] ?? [:]).mapValues(\.mode) } }
@@ -84,6 +111,29 @@ public final class LeaseTable: @unchecked Sendable {
         if leases[ino, default: [:]].updateValue(Lease(mode: mode, stamp: stamps), forKey: session) == nil {
             held[session, default: []].insert(ino)
         }
+        order[session, default: GrantOrder()].entries.append((ino, stamps))
+        compactOrderLocked(session)
+        if (held[session]?.count ?? 0) > maxLeasesPerSession, !shedding.contains(session) {
+            shedding.insert(session)
+            WorkerPool.detach { [self] in shed(session) }
+        }
+    }
+
+    /// Drops the order's consumed prefix, and its stale entries once they outnumber the leases.
+    /// Caller holds `lock`.
+    private func compactOrderLocked(_ session: SessionID) {
+        guard var grants = order[session] else { return }
+        let heldCount = held[session]?.count ?? 0
+        if grants.live > 2 * heldCount + 1024 {
+            grants.entries = grants.entries[grants.head...].filter { leases[$0.ino]?[session]?.stamp == $0.stamp }
+            grants.head = 0
+        } else if grants.head > 1024 && grants.head * 2 > grants.entries.count {
+            grants.entries.removeFirst(grants.head)
+            grants.head = 0
+        } else {
+            return
+        }
+        order[session] = grants
     }
 
     /// Recalls of every other session's lease on `target` (of mode `only`, if given), marked as
@@ -130,6 +180,7 @@ public final class LeaseTable: @unchecked Sendable {
     public func end(_ session: SessionID) {
         lock.withLock {
             clients[session] = nil
+            order[session] = nil
             for ino in held.removeValue(forKey: session) ?? [] {
                 leases[ino]?[session] = nil
                 if leases[ino]?.isEmpty == true { leases[ino] = nil }
@@ -244,6 +295,86 @@ public final class LeaseTable: @unchecked Sendable {
             recordLocked(session, ino, .write)
             return true
         }
+    }
+
+    // MARK: Shedding
+
+    /// Recalls `session`'s oldest read leases on regular files until it holds at most 7/8 of
+    /// `maxLeasesPerSession`, 256 at a time, 32 recalls in flight. Leases met that cannot be
+    /// shed (directories, write leases, leases being recalled) go to the back of the order; a
+    /// round that finds nothing to shed ends it.
+    private func shed(_ session: SessionID) {
+        while true {
+            let shed = shedRounds(session)
+            // Grants that came meanwhile may have passed the bound again without starting a shed.
+            let again: Bool = lock.withLock {
+                if shed > 0, clients[session] != nil, (held[session]?.count ?? 0) > maxLeasesPerSession { return true }
+                shedding.remove(session)
+                return false
+            }
+            if !again { return }
+        }
+    }
+
+    /// One pass of `shed`: the number of leases recalled.
+    private func shedRounds(_ session: SessionID) -> Int {
+        let target = maxLeasesPerSession / 8 * 7
+        var total = 0
+        var budget = lock.withLock { order[session]?.live ?? 0 }  // entries one pass may examine
+        while budget > 0 {
+            // The oldest 256 leases still held under the stamp they were granted with.
+            let (candidates, excess, client): ([(ino: InodeID, stamp: UInt64)], Int, LeaseClient?) = lock.withLock {
+                guard let client = clients[session], var grants = order[session] else { return ([], 0, nil) }
+                let excess = (held[session]?.count ?? 0) - target
+                var picked: [(ino: InodeID, stamp: UInt64)] = []
+                while excess > 0, picked.count < 256, budget > 0, grants.head < grants.entries.count {
+                    let entry = grants.entries[grants.head]
+                    grants.head += 1
+                    budget -= 1
+                    if leases[entry.ino]?[session]?.stamp == entry.stamp { picked.append(entry) }
+                }
+                order[session] = grants
+                return (picked, excess, client)
+            }
+            guard let client, !candidates.isEmpty else { return total }
+            let files = Set(candidates.map(\.ino).filter { isRegularFile($0) })  // outside the lock: a metadata read
+            let work: [Recall] = lock.withLock {
+                var work: [Recall] = []
+                var kept: [(ino: InodeID, stamp: UInt64)] = []   // files beyond the excess: oldest still
+                var later: [(ino: InodeID, stamp: UInt64)] = []  // not sheddable now: to the back
+                for entry in candidates {
+                    guard var lease = leases[entry.ino]?[session], lease.stamp == entry.stamp else { continue }
+                    guard files.contains(entry.ino), lease.mode == .read, !lease.recalled else {
+                        later.append(entry)
+                        continue
+                    }
+                    if work.count < excess {
+                        lease.recalled = true
+                        leases[entry.ino]?[session] = lease
+                        work.append(Recall(target: Target(entry.ino, isFile: true), session: session, client: client,
+                                           stamp: entry.stamp))
+                    } else {
+                        kept.append(entry)
+                    }
+                }
+                if var grants = order[session] {
+                    grants.entries.insert(contentsOf: kept, at: grants.head)
+                    grants.entries.append(contentsOf: later)
+                    order[session] = grants
+                }
+                shedCount += UInt64(work.count)
+                return work
+            }
+            total += work.count
+            guard !work.isEmpty else { continue }
+            logger.debug("shedding leases", metadata: ["session": "\(session)", "count": "\(work.count)"])
+            var start = 0
+            while start < work.count {
+                recall(Array(work[start..<min(start + 32, work.count)]))
+                start += 32
+            }
+        }
+        return total
     }
 
     // MARK: Recalls

@@ -361,6 +361,46 @@ final class HubLeaseTableTests: XCTestCase {
     }
 }
 
+extension HubLeaseTableTests {
+    /// A session past its bound has its oldest read leases on regular files recalled, in the
+    /// background, down to 7/8 of the bound; directories and write leases stay.
+    func testASessionBeyondItsBoundShedsItsOldestFileLeases() throws {
+        let table = LeaseTable(logger: testLogger("weft.lease.test"), recallsDisabled: false, maxLeasesPerSession: 64)
+        table.isRegularFile = { $0 >= 1000 }  // below 1000: directories
+        let client = RecordingLeaseClient()
+        table.enable(7, client: client)
+        let other = RecordingLeaseClient()
+        table.enable(8, client: other)
+        XCTAssertTrue(table.grant(7, Array(1..<17), since: table.readToken()))
+        XCTAssertTrue(table.acquireWrite(7, 5000))
+        XCTAssertTrue(table.grant(8, [1000, 1001], since: table.readToken()))
+        for ino in 1000..<1200 as Range<InodeID> { XCTAssertTrue(table.grant(7, [ino], since: table.readToken())) }
+        let deadline = Date().addingTimeInterval(5)
+        while table.leaseCount(7) > 64 && Date() < deadline { usleep(1000) }
+        XCTAssertLessThanOrEqual(table.leaseCount(7), 64)
+        XCTAssertGreaterThanOrEqual(table.leaseCount(7), 16 + 1, "the directories and the write lease stay")
+
+        let recalled = client.recalls.map(\.ino)
+        XCTAssertEqual(Set(recalled).count, recalled.count, "each lease recalled once")
+        XCTAssertEqual(table.shedLeaseCount, UInt64(recalled.count))
+        XCTAssertTrue(Set(recalled).isSubset(of: Set(1000..<1200 as Range<InodeID>)), "only read leases on files")
+        for directory in 1..<17 as Range<InodeID> { XCTAssertEqual(table.holders(directory), [7: .read]) }
+        XCTAssertEqual(table.holders(5000), [7: .write])
+        XCTAssertEqual(table.holders(1199), [7: .read], "the newest stay")
+        XCTAssertEqual(table.holders(1000), [8: .read], "the oldest went; another session's lease did not")
+        XCTAssertEqual(other.recalls, [], "nothing of another session is shed")
+        XCTAssertEqual(table.leaseCount(8), 2)
+        // A shed lease is taken again by the next read; a change recalls only current holders.
+        XCTAssertTrue(table.grant(7, [1000], since: table.readToken()))
+        XCTAssertEqual(table.holders(1000), [7: .read, 8: .read])
+        client.reset()
+        _ = table.beginChange(9, [.init(1001, isFile: true)])
+        table.endChange([.init(1001, isFile: true)])
+        XCTAssertEqual(client.recalls, [], "the shed lease on 1001 is not recalled again")
+        XCTAssertEqual(other.recalls.map(\.ino), [1001])
+    }
+}
+
 /// The grace period after a crash, and reclaiming write leases (SPEC.md §12.6).
 final class HubLeaseGraceTests: HubTestCase {
     func testACrashWhileRemoteAgentsHeldLeasesLeavesAGracePeriodAndACleanCloseDoesNot() throws {
