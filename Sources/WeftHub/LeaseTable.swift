@@ -122,18 +122,14 @@ public final class LeaseTable: @unchecked Sendable {
     /// Drops the order's consumed prefix, and its stale entries once they outnumber the leases.
     /// Caller holds `lock`.
     private func compactOrderLocked(_ session: SessionID) {
-        guard var grants = order[session] else { return }
-        let heldCount = held[session]?.count ?? 0
-        if grants.live > 2 * heldCount + 1024 {
-            grants.entries = grants.entries[grants.head...].filter { leases[$0.ino]?[session]?.stamp == $0.stamp }
-            grants.head = 0
-        } else if grants.head > 1024 && grants.head * 2 > grants.entries.count {
-            grants.entries.removeFirst(grants.head)
-            grants.head = 0
-        } else {
-            return
+        guard let head = order[session]?.head, let count = order[session]?.entries.count else { return }
+        if count - head > 2 * (held[session]?.count ?? 0) + 1024 {
+            let current = order[session]!.entries[head...].filter { leases[$0.ino]?[session]?.stamp == $0.stamp }
+            order[session] = GrantOrder(entries: current, head: 0)
+        } else if head > 1024 && head * 2 > count {
+            order[session]!.entries.removeFirst(head)  // in place: the dictionary holds the only copy
+            order[session]!.head = 0
         }
-        order[session] = grants
     }
 
     /// Recalls of every other session's lease on `target` (of mode `only`, if given), marked as
@@ -324,16 +320,15 @@ public final class LeaseTable: @unchecked Sendable {
         while budget > 0 {
             // The oldest 256 leases still held under the stamp they were granted with.
             let (candidates, excess, client): ([(ino: InodeID, stamp: UInt64)], Int, LeaseClient?) = lock.withLock {
-                guard let client = clients[session], var grants = order[session] else { return ([], 0, nil) }
+                guard let client = clients[session], order[session] != nil else { return ([], 0, nil) }
                 let excess = (held[session]?.count ?? 0) - target
                 var picked: [(ino: InodeID, stamp: UInt64)] = []
-                while excess > 0, picked.count < 256, budget > 0, grants.head < grants.entries.count {
-                    let entry = grants.entries[grants.head]
-                    grants.head += 1
+                while excess > 0, picked.count < 256, budget > 0, order[session]!.live > 0 {
+                    let entry = order[session]!.entries[order[session]!.head]
+                    order[session]!.head += 1
                     budget -= 1
                     if leases[entry.ino]?[session]?.stamp == entry.stamp { picked.append(entry) }
                 }
-                order[session] = grants
                 return (picked, excess, client)
             }
             guard let client, !candidates.isEmpty else { return total }
@@ -357,10 +352,9 @@ public final class LeaseTable: @unchecked Sendable {
                         kept.append(entry)
                     }
                 }
-                if var grants = order[session] {
-                    grants.entries.insert(contentsOf: kept, at: grants.head)
-                    grants.entries.append(contentsOf: later)
-                    order[session] = grants
+                if let head = order[session]?.head {
+                    order[session]!.entries.insert(contentsOf: kept, at: head)
+                    order[session]!.entries.append(contentsOf: later)
                 }
                 shedCount += UInt64(work.count)
                 return work
