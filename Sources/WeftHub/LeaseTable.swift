@@ -72,6 +72,9 @@ public final class LeaseTable: @unchecked Sendable {
     }
     private var order: [SessionID: GrantOrder] = [:]
     private var shedding: Set<SessionID> = []
+    /// After a pass that could shed nothing (directory and write leases only): the count a
+    /// session must pass before the next pass looks again.
+    private var noShedBelow: [SessionID: Int] = [:]
     private var shedCount: UInt64 = 0
     /// Until then (monotonic ns) nothing is read or changed: the grace period after a restart.
     private var graceUntilNs: UInt64 = 0
@@ -113,7 +116,8 @@ public final class LeaseTable: @unchecked Sendable {
         }
         order[session, default: GrantOrder()].entries.append((ino, stamps))
         compactOrderLocked(session)
-        if (held[session]?.count ?? 0) > maxLeasesPerSession, !shedding.contains(session) {
+        let count = held[session]?.count ?? 0
+        if count > maxLeasesPerSession, count > noShedBelow[session] ?? 0, !shedding.contains(session) {
             shedding.insert(session)
             WorkerPool.detach { [self] in shed(session) }
         }
@@ -177,6 +181,7 @@ public final class LeaseTable: @unchecked Sendable {
         lock.withLock {
             clients[session] = nil
             order[session] = nil
+            noShedBelow[session] = nil
             for ino in held.removeValue(forKey: session) ?? [] {
                 leases[ino]?[session] = nil
                 if leases[ino]?.isEmpty == true { leases[ino] = nil }
@@ -304,7 +309,13 @@ public final class LeaseTable: @unchecked Sendable {
             let shed = shedRounds(session)
             // Grants that came meanwhile may have passed the bound again without starting a shed.
             let again: Bool = lock.withLock {
-                if shed > 0, clients[session] != nil, (held[session]?.count ?? 0) > maxLeasesPerSession { return true }
+                let count = held[session]?.count ?? 0
+                if shed > 0 {
+                    noShedBelow[session] = nil
+                    if clients[session] != nil, count > maxLeasesPerSession { return true }
+                } else if clients[session] != nil {
+                    noShedBelow[session] = count + maxLeasesPerSession / 8
+                }
                 shedding.remove(session)
                 return false
             }

@@ -404,6 +404,51 @@ extension HubLeaseTableTests {
     }
 }
 
+/// Counts calls from the shedding thread.
+private final class LookupCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    func add() { lock.withLock { count += 1 } }
+    var value: Int { lock.withLock { count } }
+}
+
+extension HubLeaseTableTests {
+    /// Past the bound with directory leases only: nothing is recalled, and after a pass that
+    /// found nothing to shed the table looks again only once another 1/8 of the bound came.
+    func testDirectoryLeasesPastTheBoundAreKeptAndNotScannedOnEveryGrant() throws {
+        let table = LeaseTable(logger: testLogger("weft.lease.test"), recallsDisabled: false, maxLeasesPerSession: 64)
+        let looked = LookupCounter()
+        table.isRegularFile = { _ in looked.add(); return false }
+        let client = RecordingLeaseClient()
+        table.enable(7, client: client)
+        /// Waits until no pass has looked at anything for 100 ms; returns how many lookups so far.
+        func settled() -> Int {
+            var last = -1
+            let deadline = Date().addingTimeInterval(5)
+            while Date() < deadline {
+                let now = looked.value
+                if now == last { return now }
+                last = now
+                usleep(100_000)
+            }
+            return looked.value
+        }
+        // One grant of 100 (one hold of the table's lock): the pass it starts sees all of them.
+        XCTAssertTrue(table.grant(7, Array(1...100), since: table.readToken()))
+        let first = settled()
+        XCTAssertGreaterThan(first, 0, "a pass looked")
+        XCTAssertEqual(client.recalls, [], "no directory lease is recalled")
+        XCTAssertEqual(table.leaseCount(7), 100)
+        XCTAssertEqual(table.shedLeaseCount, 0)
+        XCTAssertTrue(table.grant(7, [101], since: table.readToken()))
+        XCTAssertEqual(settled(), first, "one more grant does not start another pass")
+        XCTAssertTrue(table.grant(7, Array(102...130), since: table.readToken()))
+        XCTAssertGreaterThan(settled(), first, "another 1/8 of the bound later, a pass looks again")
+        XCTAssertEqual(client.recalls, [])
+        XCTAssertEqual(table.leaseCount(7), 130)
+    }
+}
+
 /// The grace period after a crash, and reclaiming write leases (SPEC.md §12.6).
 final class HubLeaseGraceTests: HubTestCase {
     func testACrashWhileRemoteAgentsHeldLeasesLeavesAGracePeriodAndACleanCloseDoesNot() throws {
