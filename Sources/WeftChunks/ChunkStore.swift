@@ -200,21 +200,21 @@ public final class ChunkStore: @unchecked Sendable {
             objects += 1
             bytes += UInt64(fileBytes)
         }
-        cacheWritten(id, header: UnsafeRawBufferPointer(header), fileBytes: fileBytes)
+        cacheWritten(id, layout: ChunkLayout(rawLength: data.count, dataOffset: dataOffset, blocks: blocks,
+                                             fileBytes: fileBytes))
         if durability.objectWritten(id: id, fd: fd) {
             try durability.sync()
         }
     }
 
     /// Puts the object just written into the open-object cache with the layout its header was
-    /// encoded from, so that the commit that follows (`length`) and the first reads do not read
+    /// encoded from (no read or decode of it), so that the commit that follows (`length`) and the first reads do not read
     /// the header back: written with O_DIRECT, it is not in the page cache, and that read waited
     /// for the disk, in the writer's commit, once per object (up to milliseconds behind other
     /// uploads). Best effort: a failure leaves the object to be opened from disk as before.
-    private func cacheWritten(_ id: SliceID, header: UnsafeRawBufferPointer, fileBytes: Int) {
+    private func cacheWritten(_ id: SliceID, layout: ChunkLayout) {
         let (cached, token) = cache.lookup(id)
-        guard cached == nil, let layout = try? ChunkFormat.decodeHeader(header, fileBytes: fileBytes, expectedID: id)
-        else { return }
+        guard cached == nil else { return }
         let fd = FileIO.withObjectPath(id) { openat(root, $0, O_RDONLY | O_CLOEXEC) }
         guard fd >= 0 else { return }
         _ = cache.insert(OpenObject(id: id, fd: fd, layout: layout), token: token)

@@ -131,6 +131,13 @@ final class ChunkLifecycleTests: ChunkTestCase {
             let data = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 / 7) }
             try store.write(id: 7, data: data)
             XCTAssertEqual(store.cache.count, 1)
+            // The layout it was cached with is the one its header on disk describes.
+            let cached = try XCTUnwrap(store.cache.lookup(7).0).layout
+            let onDisk = try store.openUncached(7).layout
+            XCTAssertEqual([cached.rawLength, cached.dataOffset, cached.fileBytes],
+                           [onDisk.rawLength, onDisk.dataOffset, onDisk.fileBytes])
+            XCTAssertEqual(cached.blocks.map { [$0.fileOffset, $0.storedLength, Int($0.crc), $0.compressed ? 1 : 0] },
+                           onDisk.blocks.map { [$0.fileOffset, $0.storedLength, Int($0.crc), $0.compressed ? 1 : 0] })
             // Its header on disk is not consulted while cached: overwritten, nothing changes.
             let path = store.path(of: 7)
             let original = try Data(contentsOf: URL(fileURLWithPath: path))
