@@ -195,6 +195,16 @@ public final class FUSEAdapter: @unchecked Sendable {
         fuse_reply_attr(req, &st, cached ? options.attributeTimeoutSeconds : 0)
     }
 
+    /// After the reply to a read or write: pages it left in the kernel's cache that no lease
+    /// covers (a recall or notice of the inode came since the request began) are dropped at
+    /// once, on this thread, before it serves anything else. (Not before the reply: the kernel
+    /// holds them locked until it has the reply.) A change that overtook the request does not
+    /// wait for this agent, so these pages must not outlive it (SPEC.md §12.6).
+    func dropUncoveredPages(_ ino: fuse_ino_t, offset: off_t, length: Int) {
+        guard length > 0, !vfs.mayCache(ino, since: Self.requestToken), let box = sessionBox else { return }
+        box.invalidateInode(ino, offset: Int64(offset), length: Int64(length))
+    }
+
     /// Connects the VFS's recalls to the kernel's caches.
     func hookInvalidations(_ session: OpaquePointer) {
         let box = SessionBox(session)

@@ -136,18 +136,17 @@ extension FUSEAdapter {
                 withExtendedLifetime(result) {
                     _ = fuse_reply_iov(req, &vectors, Int32(vectors.count))
                 }
-                // Pages filled by a read no lease covered must not stay in the kernel's cache.
-                // (After the reply: the kernel holds them locked until filled.)
-                if !a.vfs.mayCache(ino, since: FUSEAdapter.requestToken), let box = a.sessionBox {
-                    DispatchQueue.global().async { box.invalidateInode(ino, offset: Int64(offset), length: Int64(size)) }
-                }
+                a.dropUncoveredPages(ino, offset: offset, length: size)
             }
         }
-        ops.write = { req, _, buffer, size, offset, fi in
+        ops.write = { req, ino, buffer, size, offset, fi in
             FUSEAdapter.reply(req) {
-                let written = try FUSEAdapter.adapter(req).vfs.write(handle: fi!.pointee.fh, offset: UInt64(offset),
-                                                         data: UnsafeRawBufferPointer(start: buffer, count: size))
+                let a = FUSEAdapter.adapter(req)
+                let written = try a.vfs.write(handle: fi!.pointee.fh, offset: UInt64(offset),
+                                              data: UnsafeRawBufferPointer(start: buffer, count: size))
                 fuse_reply_write(req, written)
+                // The kernel keeps the written pages: the same rule as for a read.
+                a.dropUncoveredPages(ino, offset: offset, length: written)
             }
         }
         ops.flush = { req, ino, fi in

@@ -157,8 +157,11 @@ final class OpenFile {
     // Lease state (SPEC.md §12.6), guarded by `leaseLock`, never by `lock`: a recall must not
     // wait for a thread that holds `lock` while it waits on the hub.
     let leaseLock = NSLock()
-    /// Bumped by every recall and loss of leases. Read it through `effectiveGeneration`.
+    /// Bumped by every recall, notice and loss of leases. Read it through `effectiveGeneration`.
     var generation: UInt64 = 0
+    /// Bumped by every recall and loss of leases (not by notices): a reply overtaken by a notice
+    /// only may be fetched again at once (`Reader.layoutLocked`).
+    var recalls: UInt64 = 0
     let ownChanges: OwnChanges
     /// True while this agent holds the file's write lease (or the hub grants no leases):
     /// writes are buffered. False: each write is committed before it returns (write-through).
@@ -192,6 +195,8 @@ final class OpenFile {
     /// `generation` plus the agent's own changes; call with `leaseLock` held.
     var effectiveGeneration: UInt64 { generation &+ ownChanges.value }
     var currentGeneration: UInt64 { leaseLock.withLock { effectiveGeneration } }
+    /// `effectiveGeneration` and `recalls` together.
+    var leaseSnapshot: (generation: UInt64, recalls: UInt64) { leaseLock.withLock { (effectiveGeneration, recalls) } }
     var isWriteLeased: Bool { leaseLock.withLock { writeLeased } }
     /// Cached attributes and layouts are still covered by a lease.
     var isFresh: Bool { leaseLock.withLock { freshGeneration == effectiveGeneration } }
@@ -212,6 +217,7 @@ final class OpenFile {
     func revoke() -> Bool {
         leaseLock.withLock {
             generation &+= 1
+            recalls &+= 1
             let was = writeLeased
             writeLeased = false
             return was

@@ -69,11 +69,14 @@ extension VFS {
             guard flushFirst else { return [] }
             try flushLocked(file, context: context, durable: false)
         }
+        // Lists fetched for this read that no lease covers (not kept in `file.layouts`).
+        var uncovered: [UInt32: [Slice]] = [:]
         if !file.isFresh {
             // A recall (or a lost lease) came since the attributes were fetched: the size and
             // layouts may be stale. Fetch them again (this also takes a new lease).
             file.layouts.removeAll()
-            _ = try layoutLocked(file, context: context, index: UInt32(offset / UInt64(chunkSizeBytes)))
+            _ = try layoutLocked(file, context: context, index: UInt32(offset / UInt64(chunkSizeBytes)),
+                                 uncovered: &uncovered)
         }
         let fileSize = file.attributes.size
         guard offset < fileSize, size > 0 else { return [] }
@@ -86,7 +89,7 @@ extension VFS {
             let chunkStart = UInt64(index) * chunkSize
             let startInChunk = UInt32(position - chunkStart)
             let endInChunk = UInt32(min(end, chunkStart + chunkSize) - chunkStart)
-            let slices = try layoutLocked(file, context: context, index: index)
+            let slices = try layoutLocked(file, context: context, index: index, uncovered: &uncovered)
             for segment in overlaySlices(slices, start: startInChunk, end: endInChunk) {
                 ranges.append(ResolvedRange(sliceID: segment.sliceID, objectOffset: Int(segment.objectOffset),
                                             objectLength: Int(segment.objectLength), length: Int(segment.length),
@@ -98,20 +101,42 @@ extension VFS {
     }
 
     /// The slice list of one chunk, from the layout cache or the hub (8 chunks at a time).
-    func layoutLocked(_ file: OpenFile, context: RequestContext, index: UInt32) throws -> [Slice] {
-        if let cached = file.layouts[index] { return cached }
+    ///
+    /// A reply that a notice overtook (a change of the file was under way at the home, which
+    /// therefore granted no lease) is fetched again, after a short pause, up to
+    /// `overtakenFetchesMax` times: the kernel caches the pages this read fills, and pages no
+    /// lease covers would outlive the change, which does not wait for this agent (SPEC.md §12.6,
+    /// "Reads that a change overtakes"). A reply that a recall overtook is used as it is: the
+    /// recall's answer waits for this read's pages and drops them.
+    func layoutLocked(_ file: OpenFile, context: RequestContext, index: UInt32,
+                      uncovered: inout [UInt32: [Slice]]) throws -> [Slice] {
+        if let cached = file.layouts[index] ?? uncovered[index] { return cached }
         let batch: UInt32 = 8
-        let generation = file.currentGeneration
-        let (attributes, lists) = try hub.layout(context, ino: file.ino, firstChunk: index, count: batch)
-        file.adopt(attributes)
-        if attributes.dataVersion == file.attributes.dataVersion { file.attributes.size = attributes.size }
-        // Keep the lists only if no recall overtook the reply; use them for this read either way.
-        if file.currentGeneration == generation {
-            for (offset, list) in lists.enumerated() { file.layouts[index + UInt32(offset)] = list }
-            file.markFresh(since: generation)
+        var fetches = 0
+        while true {
+            let before = file.leaseSnapshot
+            let (attributes, lists) = try hub.layout(context, ino: file.ino, firstChunk: index, count: batch)
+            fetches += 1
+            file.adopt(attributes)
+            if attributes.dataVersion == file.attributes.dataVersion { file.attributes.size = attributes.size }
+            let after = file.leaseSnapshot
+            if after.generation == before.generation {
+                for (offset, list) in lists.enumerated() { file.layouts[index + UInt32(offset)] = list }
+                file.markFresh(since: before.generation)
+                return lists.first ?? []
+            }
+            // Overtaken: the lists serve this read only.
+            guard after.recalls == before.recalls, fetches < Self.overtakenFetchesMax else {
+                for (offset, list) in lists.enumerated() { uncovered[index + UInt32(offset)] = list }
+                return lists.first ?? []
+            }
+            overtakenFetches.add(1, ordering: .relaxed)
+            usleep(useconds_t(min(250 << fetches, 16_000)))
         }
-        return lists.first ?? []
     }
+
+    /// How many times a layout overtaken by notices is fetched (about 80 ms of pauses in all).
+    static let overtakenFetchesMax = 10
 
     /// Appends the blocks covering `range` to `result`, fetching missing ones (single flight).
     /// With `wholeObject` (sequential access), a miss also fetches the rest of the object in the

@@ -100,6 +100,8 @@ public final class VFS: @unchecked Sendable {
     let closes = PendingCloses()
     /// Whether the hub takes `discardUploads` (false after its first ENOSYS).
     let hubDiscards = Atomic<Bool>(true)
+    /// Layout fetches repeated because a notice overtook the reply (`layoutLocked`; tests).
+    public let overtakenFetches = Atomic<UInt64>(0)
     let sliceIDBatch: UInt32 = 256
     /// Runs read-ahead: one chunk-object fetch per thread, so that up to `prefetchThreads` run at
     /// once (Dispatch's queues would run about one per CPU). Shared by every volume of the process.

@@ -43,6 +43,48 @@ extension VFSDataTests {
         try first.release(handle: readHandle)
     }
 
+    /// A read whose layout a notice overtook (a change of the file was under way at the home)
+    /// fetches it again until no change overtakes it, so that the pages it fills are covered by a
+    /// lease; while the change lasts past `overtakenFetchesMax` fetches, the read is answered
+    /// from the last fetch, uncached.
+    func testALayoutFetchOvertakenByANoticeIsFetchedAgainUntilALeaseCoversIt() throws {
+        let writer = try makeAgent(), reader = try makeAgent()
+        let (ino, handle) = try create(writer, "overtaken")
+        try write(writer, handle, at: 0, Array("before".utf8))
+        try writer.release(handle: handle)
+        let (readHandle, _) = try reader.open(rootCaller, ino: ino, flags: O_RDONLY)
+        defer { try? reader.release(handle: readHandle) }
+        let readerFile = try XCTUnwrap(reader.openFile(ino))
+        let change = [LeaseTable.Target(ino, isFile: true)]
+        let ghost: SessionID = 0xFFFF_0001   // a change by nobody the table knows: recalls everyone
+
+        // A change under way for 30 ms: the read waits it out and ends with a lease.
+        _ = fixture.hub.leases.beginChange(ghost, change)
+        let ended = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            usleep(30_000)
+            self.fixture.hub.leases.endChange(change)
+            ended.signal()
+        }
+        let started = DispatchTime.now().uptimeNanoseconds
+        XCTAssertEqual(try read(reader, readHandle, at: 0, 6), Array("before".utf8))
+        let waitedMs = (DispatchTime.now().uptimeNanoseconds - started) / 1_000_000
+        ended.wait()
+        XCTAssertGreaterThan(reader.overtakenFetches.load(ordering: .relaxed), 0, "the notice was answered by a fetch again")
+        XCTAssertGreaterThanOrEqual(waitedMs, 20, "the read waited for the change to end")
+        XCTAssertTrue(readerFile.isFresh, "the last fetch came after the change: a lease covers it")
+
+        // A change that outlasts every fetch: the read is answered anyway, and nothing is kept.
+        let before = reader.overtakenFetches.load(ordering: .relaxed)
+        _ = fixture.hub.leases.beginChange(ghost, change)
+        XCTAssertEqual(try read(reader, readHandle, at: 0, 6), Array("before".utf8))
+        fixture.hub.leases.endChange(change)
+        // (Read-ahead may have fetched too.)
+        XCTAssertGreaterThanOrEqual(reader.overtakenFetches.load(ordering: .relaxed) - before,
+                                    UInt64(VFS.overtakenFetchesMax - 1))
+        XCTAssertFalse(readerFile.isFresh, "no lease covers a reply that a change overtook")
+    }
+
     func testAFileOpenedUnderALeaseStaysReadableWhenAnotherAgentUnlinksIt() throws {
         let holder = try makeAgent(), remover = try makeAgent()
         let (ino, handle) = try create(holder, "doomed")
