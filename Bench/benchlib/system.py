@@ -13,6 +13,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "Deploy"))
+import weft_ports  # noqa: E402
+
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -162,10 +165,9 @@ def stop_daemon(process, grace_seconds=10.0):
 
 
 def free_loopback_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range
+    (Deploy/weft_ports.py)."""
+    return weft_ports.free_loopback_port()
 
 
 def wait_for_port(port, timeout_seconds, process=None, log_path=None, what="server"):

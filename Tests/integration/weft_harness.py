@@ -28,6 +28,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "Deploy"))
+import weft_ports  # noqa: E402
 from typing import Iterable, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -167,9 +170,8 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
 
 
 def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a daemon to listen on (Deploy/weft_ports.py: outside the ephemeral range)."""
+    return weft_ports.free_loopback_port()
 
 
 def port_accepts(port: int) -> bool:
