@@ -43,6 +43,7 @@ class Op:
     result: Any = None          # the value returned, or None
     error: Optional[int] = None  # errno, or None for success
     index: int = field(default=-1)
+    via: str = ""               # how the client made the call (reports only)
 
     @property
     def indeterminate(self) -> bool:
@@ -52,7 +53,7 @@ class Op:
         outcome = f"-> {errno.errorcode.get(self.error, self.error)}" if self.error is not None else f"-> {self.result!r}"
         end = "never" if self.complete >= NEVER else f"{(self.complete - origin) / 1e6:9.3f}"
         return (f"p{self.process:<2} [{(self.invoke - origin) / 1e6:9.3f} .. {end} ms] "
-                f"{self.obj} {self.name}{self.args} {outcome}")
+                f"{self.obj} {self.name}{self.args}{' ' + self.via if self.via else ''} {outcome}")
 
 
 # -- sequential models ----------------------------------------------------------------------

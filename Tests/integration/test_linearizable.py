@@ -66,7 +66,7 @@ class Agent(threading.Thread):
                 pass
         self.open_files.clear()
 
-    def record(self, obj, name, args, call):
+    def record(self, obj, name, args, call, via=""):
         invoke = time.monotonic_ns()
         result, error = None, None
         try:
@@ -75,7 +75,7 @@ class Agent(threading.Thread):
             error = e.errno
         complete = time.monotonic_ns()
         with self.lock:
-            self.history.append(Op(self.number, obj, name, tuple(args), invoke, complete, result, error))
+            self.history.append(Op(self.number, obj, name, tuple(args), invoke, complete, result, error, via=via))
 
     def run(self):
         try:
@@ -110,16 +110,17 @@ class Agent(threading.Thread):
                         os.pwrite(fd, token_bytes(token), block * BLOCK)
                     finally:
                         os.close(fd)
-                self.record(f"file:{name}", "write", (block, token), write)
+                self.record(f"file:{name}", "write", (block, token), write, via="open+close")
             elif choice < 0.45:
                 token = f"a{self.number}s{seq}h"
                 # write() on a descriptor kept open: no close, no fsync.
                 self.record(f"file:{name}", "write", (block, token),
-                            lambda: os.pwrite(self.held(path), token_bytes(token), block * BLOCK) and None)
+                            lambda: os.pwrite(self.held(path), token_bytes(token), block * BLOCK) and None,
+                            via="kept-open fd")
             elif choice < 0.6:
                 # read() on a descriptor kept open (its pages may be cached).
                 self.record(f"file:{name}", "read", (block,),
-                            lambda: decode(os.pread(self.held(path), BLOCK, block * BLOCK)))
+                            lambda: decode(os.pread(self.held(path), BLOCK, block * BLOCK)), via="kept-open fd")
             elif choice < 0.9:
                 def read():
                     fd = os.open(path, os.O_RDONLY)
@@ -127,7 +128,7 @@ class Agent(threading.Thread):
                         return decode(os.pread(fd, BLOCK, block * BLOCK))
                     finally:
                         os.close(fd)
-                self.record(f"file:{name}", "read", (block,), read)
+                self.record(f"file:{name}", "read", (block,), read, via="open+close")
             else:
                 self.record(f"file:{name}", "stat", (), lambda: os.stat(path).st_size)
         else:
