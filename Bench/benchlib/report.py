@@ -377,7 +377,9 @@ METHOD_NOTES = (
     "sequential files before it mounts (`--prefault-mb`), so its writes measure FUSE and the copy, not the "
     "kernel's first-touch page faults, which are slow on this virtual machine.",
     "fsmem = read, drop the page cache only (no remount), read again: data held in the file system's own memory. "
-    "For memfs that is all of its data; it is the FUSE ceiling the Weft figure is compared with.",
+    "For memfs that is all of its data; it is the FUSE ceiling the Weft figure is compared with. Weft's agent "
+    "is first remounted with a block cache that holds the files (`--cache-mb`, files + 1/8 + 64 MiB; the "
+    "default 1 GiB holds less than the 4-job files) and reads them once, unmeasured.",
     "coldlive = cold with the file system left running: for Weft `weft cache drop` (the agent empties its block "
     "cache and keeps the memory) and a page-cache drop; the others go cold as in cold. A remount makes Weft's "
     "agent fill its cache with never-touched memory, which this VM's host populates page by page "
