@@ -181,6 +181,8 @@ public final class FUSEAdapter: @unchecked Sendable {
         let cached = parent != nil && vfs.mayCache(attributes.ino, since: token)
         entry.attr_timeout = cached ? options.attributeTimeoutSeconds : 0
         entry.entry_timeout = cached && vfs.mayCache(parent!, since: token) ? options.entryTimeoutSeconds : 0
+        Trace.note("fuse entry parent=\(parent.map(String.init) ?? "-") ino=\(attributes.ino) size=\(attributes.size) "
+                   + "dv=\(attributes.dataVersion) attr_timeout=\(entry.attr_timeout) entry_timeout=\(entry.entry_timeout)")
         return entry
     }
 
@@ -192,6 +194,7 @@ public final class FUSEAdapter: @unchecked Sendable {
     func replyAttributes(_ req: fuse_req_t?, _ attributes: Attributes) {
         var st = stat(attributes)
         let cached = vfs.mayCache(attributes.ino, since: Self.requestToken)
+        Trace.note("fuse attr ino=\(attributes.ino) size=\(attributes.size) dv=\(attributes.dataVersion) cached=\(cached)")
         fuse_reply_attr(req, &st, cached ? options.attributeTimeoutSeconds : 0)
     }
 
@@ -202,6 +205,7 @@ public final class FUSEAdapter: @unchecked Sendable {
     /// wait for this agent, so these pages must not outlive it (SPEC.md §12.6).
     func dropUncoveredPages(_ ino: fuse_ino_t, offset: off_t, length: Int) {
         guard length > 0, !vfs.mayCache(ino, since: Self.requestToken), let box = sessionBox else { return }
+        Trace.note("fuse drop-uncovered ino=\(ino) offset=\(offset) length=\(length)")
         box.invalidateInode(ino, offset: Int64(offset), length: Int64(length))
     }
 

@@ -113,6 +113,7 @@ extension FUSEAdapter {
                 let (handle, keepCache) = try FUSEAdapter.adapter(req).vfs.open(FUSEAdapter.credentials(req), ino: ino, flags: fi!.pointee.flags)
                 fi!.pointee.fh = handle
                 fi!.pointee.keep_cache = keepCache ? 1 : 0
+                Trace.note("fuse open ino=\(ino) flags=\(fi!.pointee.flags) keep_cache=\(keepCache)")
                 if fuse_reply_open(req, fi) != 0 { try? FUSEAdapter.adapter(req).vfs.release(handle: handle) }
             }
         }
@@ -130,6 +131,7 @@ extension FUSEAdapter {
             FUSEAdapter.reply(req) {
                 let a = FUSEAdapter.adapter(req)
                 let result = try a.vfs.read(handle: fi!.pointee.fh, offset: UInt64(offset), size: size)
+                Trace.note("fuse read ino=\(ino) offset=\(offset) size=\(size) -> \(result.count)")
                 var vectors = result.pieces.map {
                     iovec(iov_base: $0.block.pointer + $0.offset, iov_len: $0.length)
                 }
@@ -145,6 +147,7 @@ extension FUSEAdapter {
                 let written = try a.vfs.write(handle: fi!.pointee.fh, offset: UInt64(offset),
                                               data: UnsafeRawBufferPointer(start: buffer, count: size))
                 fuse_reply_write(req, written)
+                Trace.note("fuse write ino=\(ino) offset=\(offset) size=\(size) -> \(written)")
                 // The kernel keeps the written pages: the same rule as for a read.
                 a.dropUncoveredPages(ino, offset: offset, length: written)
             }

@@ -215,6 +215,7 @@ public final class LeaseTable: @unchecked Sendable {
                     recordLocked(session, ino, .read)
                 }
             }
+            Trace.note("home grant session=\(session) leases=\(inodes.filter { !notices.contains($0) }) notices=\(notices)")
             return client
         }
         guard let client else { return true }
@@ -237,6 +238,7 @@ public final class LeaseTable: @unchecked Sendable {
         var work: [Recall] = []
         lock.withLock {
             sequence += 1
+            Trace.note("home change session=\(session) targets=\(targets.map(\.ino)) sequence=\(sequence)")
             for target in targets {
                 changing[target.ino, default: 0] += 1
                 changedAt[bucket(target.ino)] = sequence
@@ -248,6 +250,7 @@ public final class LeaseTable: @unchecked Sendable {
     }
 
     public func endChange(_ targets: [Target]) {
+        Trace.note("home change-end targets=\(targets.map(\.ino))")
         lock.withLock {
             for target in targets {
                 let count = changing[target.ino, default: 0] - 1
@@ -276,6 +279,7 @@ public final class LeaseTable: @unchecked Sendable {
                 recordLocked(session, ino, .write)
                 return true
             }
+            Trace.note("home write-lease session=\(session) ino=\(ino) granted=\(granted) recalls=\(work.count)")
             if granted || work.isEmpty { return granted }
             recall(work)
             if contested { return false }
@@ -403,6 +407,8 @@ public final class LeaseTable: @unchecked Sendable {
     /// for a lease period; then drops a file lease, unless its holder took it again meanwhile
     /// (a read it sent after handling the recall is cached under that newer lease).
     private func perform(_ item: Recall) {
+        Trace.note("home recall session=\(item.session) ino=\(item.target.ino) stamp=\(item.stamp)")
+        defer { Trace.note("home recall-done session=\(item.session) ino=\(item.target.ino)") }
         if !recallsDisabled {
             lock.withLock { recallsSent += 1 }
             while true {

@@ -120,6 +120,8 @@ extension VFS {
             file.adopt(attributes)
             if attributes.dataVersion == file.attributes.dataVersion { file.attributes.size = attributes.size }
             let after = file.leaseSnapshot
+            Trace.note("layout ino=\(file.ino) chunk=\(index) size=\(attributes.size) dv=\(attributes.dataVersion) "
+                       + "slices=\(lists.first?.count ?? 0) generation=\(before.generation)->\(after.generation)")
             if after.generation == before.generation {
                 for (offset, list) in lists.enumerated() { file.layouts[index + UInt32(offset)] = list }
                 file.markFresh(since: before.generation)

@@ -12,6 +12,7 @@ extension VFS: LeaseClient {
     public func recall(_ ino: InodeID, names: [[UInt8]], notice: Bool, deadlineNs: UInt64) -> Bool {
         let kernel = kernelIno(ino)
         leaseCache.recalled(kernel)
+        Trace.note("recall ino=\(ino) notice=\(notice) names=\(names.map { String(decoding: $0, as: UTF8.self) })")
         let file = openFile(ino)
         if notice {
             file?.invalidate()
@@ -32,6 +33,7 @@ extension VFS: LeaseClient {
         }
         leaseCache.invalidateInode?(kernel)
         if !names.isEmpty { expireEntries(kernel, names) }
+        Trace.note("recall ino=\(ino) answered")
         return true
     }
 

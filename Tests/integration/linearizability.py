@@ -127,7 +127,8 @@ class Verdict:
         if self.ok:
             return "linearizable"
         origin = min((op.invoke for op in self.history), default=0)
-        lines = [f"NOT linearizable: object {self.obj} ({len(self.history)} operations); history:"]
+        lines = [f"NOT linearizable: object {self.obj} ({len(self.history)} operations; times in ms from "
+                 f"CLOCK_MONOTONIC {origin} ns, the clock of WEFT_TRACE_DIR traces); history:"]
         lines += ["  " + op.describe(origin) for op in sorted(self.history, key=lambda o: o.invoke)]
         lines.append(f"longest linearizable prefix found ({len(self.longest_prefix)} operations):")
         lines += ["  " + op.describe(origin) for op in self.longest_prefix]
