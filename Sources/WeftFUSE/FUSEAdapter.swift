@@ -213,7 +213,11 @@ public final class FUSEAdapter: @unchecked Sendable {
     func hookInvalidations(_ session: OpaquePointer) {
         let box = SessionBox(session)
         sessionBox = box
-        vfs.leaseCache.invalidateInode = { ino in box.invalidateInode(ino, offset: 0, length: 0) }
+        let refreshes = vfs.leaseCache.refreshes
+        vfs.leaseCache.invalidateInode = { ino in
+            refreshes.waitForNone(ino)
+            box.invalidateInode(ino, offset: 0, length: 0)
+        }
         vfs.leaseCache.invalidateEntry = { parent, name in box.invalidateEntry(parent, name) }
         vfs.leaseCache.expireAllEntries = { box.expireAllEntries() }
     }

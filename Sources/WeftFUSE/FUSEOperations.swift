@@ -24,6 +24,9 @@ extension FUSEAdapter {
         ops.forget = { req, _, _ in fuse_reply_none(req) }
         ops.forget_multi = { req, _, _ in fuse_reply_none(req) }
         ops.getattr = { req, ino, _ in
+            let refreshes = FUSEAdapter.adapter(req).vfs.leaseCache.refreshes
+            refreshes.begin(ino)
+            defer { refreshes.end(ino) }
             FUSEAdapter.reply(req) {
                 let a = FUSEAdapter.adapter(req)
                 a.replyAttributes(req, try a.vfs.getattr(FUSEAdapter.credentials(req), ino: ino))

@@ -23,6 +23,8 @@ public final class LeaseCache: @unchecked Sendable {
     /// Makes every kernel entry of the mount stale without any lock; false where the kernel
     /// cannot (set by the FUSE adapter).
     public var expireAllEntries: (@Sendable () -> Bool)?
+    /// The `GETATTR`s being answered, which an invalidation waits for (set up by the FUSE adapter).
+    public let refreshes = RefreshesInFlight()
 
     public init() {}
 
@@ -63,6 +65,63 @@ public final class LeaseCache: @unchecked Sendable {
             sequence += 1
             lostAt = sequence
             suspendedUntilNs = Leases.nowNs() + 1_500_000_000
+        }
+    }
+}
+
+/// The `GETATTR`s of each inode the agent is answering, so that a recall's invalidation of the
+/// inode can wait for them (SPEC.md §12.6, "A size refresh that a recall overtakes"): the
+/// kernel discards the attributes of a `GETATTR` if an invalidation of the inode came after it
+/// sent the request, and a `read()` that asked for them to learn the file's size then stops at
+/// the size it had. So an invalidation waits while a `GETATTR` of its inode is unanswered, and
+/// until `graceNs` after the last answer (the asking thread still has to take it in), at most
+/// `waitMaxNs` in all. The home does not wait for this agent to answer a `GETATTR`, so the wait
+/// ends. A `GETATTR` the kernel sent but the agent has not read yet is not known here: the
+/// window left is that queueing time plus the grace, against the whole round trip to the home
+/// before.
+public final class RefreshesInFlight: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var running: [UInt64: Int] = [:]
+    private var answeredNs: [UInt64: UInt64] = [:]
+    public static let graceNs: UInt64 = 2_000_000
+    public static let waitMaxNs: UInt64 = 500_000_000
+
+    public init() {}
+
+    public func begin(_ ino: UInt64) {
+        condition.withLock { running[ino, default: 0] += 1 }
+    }
+
+    public func end(_ ino: UInt64) {
+        condition.withLock {
+            let count = running[ino, default: 1] - 1
+            running[ino] = count > 0 ? count : nil
+            answeredNs[ino] = Leases.nowNs()
+            if answeredNs.count > 4096 {
+                let now = Leases.nowNs()
+                answeredNs = answeredNs.filter { now &- $0.value < Self.graceNs }
+            }
+            condition.broadcast()
+        }
+    }
+
+    /// Returns when no `GETATTR` of `ino` is being answered and none was answered within the
+    /// grace, or after `waitMaxNs`.
+    public func waitForNone(_ ino: UInt64) {
+        let deadline = Leases.nowNs() + Self.waitMaxNs
+        condition.lock()
+        defer { condition.unlock() }
+        while true {
+            let now = Leases.nowNs()
+            guard now < deadline else { return }
+            if running[ino] != nil {
+                _ = condition.wait(until: Date(timeIntervalSinceNow: Double(deadline - now) / 1e9))
+                continue
+            }
+            guard let answered = answeredNs[ino], now &- answered < Self.graceNs else { return }
+            let left = min(Self.graceNs - (now &- answered), deadline - now)
+            Trace.note("fuse inval ino=\(ino) waits \(left / 1000) us after a GETATTR answer")
+            _ = condition.wait(until: Date(timeIntervalSinceNow: Double(left) / 1e9))
         }
     }
 }

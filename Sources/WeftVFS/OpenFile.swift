@@ -213,14 +213,40 @@ final class OpenFile {
     }
 
     /// A recall or loss of leases: nothing cached stays fresh, buffering stops. Returns whether
-    /// the file was write-leased.
-    func revoke() -> Bool {
+    /// the file was write-leased; if so and `committing`, the caller commits the buffered writes
+    /// and then calls `recallCommitEnded` (`waitForRecallCommits` waits for it from now on).
+    func revoke(committing: Bool = false) -> Bool {
         leaseLock.withLock {
             generation &+= 1
             recalls &+= 1
             let was = writeLeased
             writeLeased = false
+            if was && committing { recallCommits.withLock { recallCommitsRunning += 1 } }
             return was
+        }
+    }
+
+    /// Commits of buffered writes that recalls of the write lease started (`revoke(committing:)`)
+    /// and that have not ended. Guarded by `recallCommits`.
+    private var recallCommitsRunning = 0
+    private let recallCommits = NSCondition()
+
+    func recallCommitEnded() {
+        recallCommits.withLock {
+            recallCommitsRunning -= 1
+            recallCommits.broadcast()
+        }
+    }
+
+    /// Waits until no commit that a recall of the write lease started is running. Another
+    /// recall of the same file (the home recalls a lease once per change that needs it, and
+    /// several may be under way) must not be answered before the buffered writes are at the
+    /// home: its answer would let the home read the file without them. Only the holder's own
+    /// commit is waited for, which waits for no recall (no other session holds a lease on a
+    /// write-leased file).
+    func waitForRecallCommits() {
+        recallCommits.withLock {
+            while recallCommitsRunning > 0 { recallCommits.wait() }
         }
     }
 

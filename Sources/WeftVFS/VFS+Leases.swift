@@ -21,7 +21,8 @@ extension VFS: LeaseClient {
         // Opens served locally become known to the home before the change (an unlink must keep
         // the file while it is open).
         if let file { registerLocalOpens(of: file) }
-        if let file, file.revoke() {
+        if let file, file.revoke(committing: true) {
+            defer { file.recallCommitEnded() }
             file.lock.lock()
             do {
                 try flushLocked(file, context: context(.root), durable: false)
@@ -30,6 +31,9 @@ extension VFS: LeaseClient {
             }
             file.layouts.removeAll()
             file.lock.unlock()
+        } else if let file {
+            // An earlier recall may still be committing what was buffered under the write lease.
+            file.waitForRecallCommits()
         }
         leaseCache.invalidateInode?(kernel)
         if !names.isEmpty { expireEntries(kernel, names) }

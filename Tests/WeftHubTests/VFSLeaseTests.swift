@@ -24,6 +24,31 @@ extension VFSDataTests {
         try writer.release(handle: handle)
     }
 
+    /// The home may recall one write lease several times at once (once per change that needs
+    /// it). Only the first recall commits the buffered writes; every other must not be answered
+    /// before that commit is at the home, or the home would read the file without them.
+    func testASecondRecallIsNotAnsweredBeforeTheFirstHasCommittedTheBufferedWrites() throws {
+        let writer = try makeAgent(writeBufferBytes: 64 << 20)
+        let (ino, handle) = try create(writer, "recalled twice")
+        var random = SeededRandom(seed: 7)
+        let data = random.bytes(256 * Self.chunk)   // 16 MiB: its commit takes a while
+        try write(writer, handle, at: 0, data)
+        let file = try XCTUnwrap(writer.openFile(ino))
+        XCTAssertTrue(file.isWriteLeased, "buffered under the write lease")
+        XCTAssertEqual(try fixture.hub.meta.getattr(ino).size, 0, "nothing committed yet")
+        let first = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            _ = writer.recall(ino, names: [], notice: false, deadlineNs: UInt64.max)
+            first.signal()
+        }
+        while file.isWriteLeased { sched_yield() }   // the first recall has begun its commit
+        _ = writer.recall(ino, names: [], notice: false, deadlineNs: UInt64.max)
+        XCTAssertEqual(try fixture.hub.meta.getattr(ino).size, UInt64(data.count),
+                       "the second answer came after the buffered writes reached the home")
+        first.wait()
+        try writer.release(handle: handle)
+    }
+
     func testAnOpenHandleDoesNotReadStaleBytesAfterAnotherAgentsCommit() throws {
         let first = try makeAgent(), second = try makeAgent()
         let (ino, handle) = try create(first, "shared")
