@@ -126,7 +126,13 @@ public final class FUSEAdapter: @unchecked Sendable {
 
     /// Runs `body`; a thrown `WeftError` is replied as its errno, anything else as EIO. Takes the
     /// lease token first, so replies cache only what no recall overtook.
-    static func reply(_ req: fuse_req_t?, _ body: () throws -> Void) {
+    /// Runs `body`, which replies; a thrown error becomes the reply's errno. With
+    /// `staleIfMissing` (requests about an inode the kernel holds, not about a name), ENOENT is
+    /// answered as ESTALE: the inode the kernel found under a name is gone (another agent
+    /// replaced or removed the name after the lookup), and on ESTALE the kernel's path-based
+    /// calls (`stat`, `open`, `chmod`, ...) look the path up again, so they see the name's
+    /// current file, or ENOENT if it has none (SPEC.md §12.6, "An inode gone under a name").
+    static func reply(_ req: fuse_req_t?, staleIfMissing: Bool = false, _ body: () throws -> Void) {
         let token = adapter(req).vfs.cacheToken()
         pthread_setspecific(tokenKey, UnsafeRawPointer(bitPattern: UInt(token)))
         do {
@@ -135,7 +141,7 @@ public final class FUSEAdapter: @unchecked Sendable {
             if error.errno == EIO || error.errno == ETIMEDOUT {
                 adapter(req).logger.error("request failed: \(error)")
             }
-            fuse_reply_err(req, error.errno)
+            fuse_reply_err(req, staleIfMissing && error.errno == ENOENT ? ESTALE : error.errno)
         } catch {
             adapter(req).logger.error("request failed: \(error)")
             fuse_reply_err(req, EIO)

@@ -27,7 +27,7 @@ extension FUSEAdapter {
             let refreshes = FUSEAdapter.adapter(req).vfs.leaseCache.refreshes
             refreshes.begin(ino)
             defer { refreshes.end(ino) }
-            FUSEAdapter.reply(req) {
+            FUSEAdapter.reply(req, staleIfMissing: true) {
                 let a = FUSEAdapter.adapter(req)
                 a.replyAttributes(req, try a.vfs.getattr(FUSEAdapter.credentials(req), ino: ino))
             }
@@ -112,7 +112,7 @@ extension FUSEAdapter {
             }
         }
         ops.open = { req, ino, fi in
-            FUSEAdapter.reply(req) {
+            FUSEAdapter.reply(req, staleIfMissing: true) {
                 let (handle, keepCache) = try FUSEAdapter.adapter(req).vfs.open(FUSEAdapter.credentials(req), ino: ino, flags: fi!.pointee.flags)
                 fi!.pointee.fh = handle
                 fi!.pointee.keep_cache = keepCache ? 1 : 0
