@@ -125,12 +125,11 @@ public final class FUSEAdapter: @unchecked Sendable {
     static var requestToken: UInt64 { UInt64(UInt(bitPattern: pthread_getspecific(tokenKey))) }
 
     /// Runs `body`; a thrown `WeftError` is replied as its errno, anything else as EIO. Takes the
-    /// lease token first, so replies cache only what no recall overtook.
-    /// Runs `body`, which replies; a thrown error becomes the reply's errno. With
+    /// lease token first, so replies cache only what no recall overtook. With
     /// `staleIfMissing` (requests about an inode the kernel holds, not about a name), ENOENT is
     /// answered as ESTALE: the inode the kernel found under a name is gone (another agent
     /// replaced or removed the name after the lookup), and on ESTALE the kernel's path-based
-    /// calls (`stat`, `open`, `chmod`, ...) look the path up again, so they see the name's
+    /// calls (`stat`, `open`) look the path up again, so they see the name's
     /// current file, or ENOENT if it has none (SPEC.md §12.6, "An inode gone under a name").
     static func reply(_ req: fuse_req_t?, staleIfMissing: Bool = false, _ body: () throws -> Void) {
         let token = adapter(req).vfs.cacheToken()
