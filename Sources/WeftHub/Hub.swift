@@ -20,6 +20,8 @@ public final class Hub: HubAPI, @unchecked Sendable {
     let locks = LockTable()
     /// Who caches what, and the recalls before conflicting changes (SPEC.md §12.6).
     public let leases: LeaseTable
+    /// Inodes removed a moment ago, for `getattr` (SPEC.md §12.6, "An inode gone under a name").
+    let removed = RemovedInodes()
     /// Deletes garbage chunk objects held by another hub (by hub id); set by the fabric. Without
     /// it such objects stay listed as garbage.
     public var deleteAtHolder: (@Sendable (UInt16, [SliceID]) throws -> Void)? {
@@ -149,7 +151,16 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func getattr(_ context: RequestContext, ino: InodeID) throws -> Attributes {
-        try leased(context, { try meta.getattr(ino) }) { _ in [ino] }
+        do {
+            return try leased(context, { try meta.getattr(ino) }) { _ in [ino] }
+        } catch let error as WeftError where error.errno == ENOENT {
+            // Removed a moment ago: its last attributes, as a local `stat` that looked the name
+            // up before the removal would have returned them; with a notice, so that nothing
+            // caches them (SPEC.md §12.6, "An inode gone under a name").
+            guard let last = removed.attributes(of: ino, askedBy: context.session) else { throw error }
+            leases.notice(context.session, ino)
+            return last
+        }
     }
 
     public func setattr(_ context: RequestContext, ino: InodeID, _ changes: SetAttributes) throws -> Attributes {
@@ -175,19 +186,23 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func unlink(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
-        try changing(context, removalTargets(parent: parent, name: name)) {
+        let (targets, victims) = removal(parent: parent, name: name)
+        try changing(context, targets) {
             try meta.unlink(context.credentials, parent: parent, name: name)
         }
+        noteRemoved(victims, by: context.session)
         maintenance.wakeIfGarbage(meta.garbageMade)
     }
 
     /// The parent's attributes are read inside the change, and the caller gets a lease on the
     /// parent with the reply (a notice if another change overtook it), as a create's reply does.
     public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes? {
-        let after: Attributes = try changing(context, removalTargets(parent: parent, name: name), reply: { _ in [parent] }) {
+        let (targets, victims) = removal(parent: parent, name: name)
+        let after: Attributes = try changing(context, targets, reply: { _ in [parent] }) {
             try meta.unlink(context.credentials, parent: parent, name: name)
             return try meta.getattr(parent)
         }
+        noteRemoved(victims, by: context.session)
         maintenance.wakeIfGarbage(meta.garbageMade)
         return after
     }
@@ -211,9 +226,11 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
-        try changing(context, removalTargets(parent: parent, name: name)) {
+        let (targets, victims) = removal(parent: parent, name: name)
+        try changing(context, targets) {
             try meta.rmdir(context.credentials, parent: parent, name: name)
         }
+        noteRemoved(victims, by: context.session)
     }
 
     public func symlink(_ context: RequestContext, parent: InodeID, name: [UInt8], target: [UInt8]) throws -> Attributes {
@@ -238,15 +255,18 @@ public final class Hub: HubAPI, @unchecked Sendable {
         // (and a directory's "..") changes; a replaced target loses a link.
         var targets: [LeaseTable.Target] = [.init(parent, names: [name, newName])]
         if newParent != parent { targets.append(.init(newParent, names: [name, newName])) }
+        var children: [Attributes] = []
         for (directory, entry) in [(parent, name), (newParent, newName)] {
             if let child = try? meta.lookup(.root, parent: directory, name: entry) {
                 targets.append(.init(child.ino, isFile: child.isRegular))
+                children.append(child)
             }
         }
         try changing(context, targets) {
             try meta.rename(context.credentials, parent: parent, name: name, newParent: newParent, newName: newName,
                             flags: flags)
         }
+        noteRemoved(children, by: context.session)   // a replaced target
         maintenance.wakeIfGarbage(meta.garbageMade)
     }
 
@@ -480,12 +500,60 @@ extension Hub {
         try changing(context, [.init(parent, names: [name])], reply: { [parent, $0.ino] }, apply)
     }
 
-    /// What removing `name` from `parent` changes: the directory's entry, and the inode's links.
-    func removalTargets(parent: InodeID, name: [UInt8]) -> [LeaseTable.Target] {
+    /// What removing `name` from `parent` changes: the directory's entry, and the inode's
+    /// links; and the inode's attributes before the change.
+    func removal(parent: InodeID, name: [UInt8]) -> (targets: [LeaseTable.Target], victims: [Attributes]) {
         var targets: [LeaseTable.Target] = [.init(parent, names: [name])]
-        if let child = try? meta.lookup(.root, parent: parent, name: name) {
-            targets.append(.init(child.ino, isFile: child.isRegular))
+        guard let child = try? meta.lookup(.root, parent: parent, name: name) else { return (targets, []) }
+        targets.append(.init(child.ino, isFile: child.isRegular))
+        return (targets, [child])
+    }
+
+    /// After `session`'s change that may have removed `victims` (their attributes from before
+    /// it): keeps those that are gone for other sessions' `getattr` (`RemovedInodes`).
+    func noteRemoved(_ victims: [Attributes], by session: SessionID) {
+        for victim in victims {
+            do {
+                _ = try meta.getattr(victim.ino)
+            } catch let error as WeftError where error.errno == ENOENT {
+                removed.record(victim, removedBy: session)
+            } catch {}
         }
-        return targets
     }
 }
+
+/// The attributes of inodes removed in the last `keepNs` (at most `countMax`). A `stat(path)`
+/// is a lookup, then a `GETATTR` of the inode found; when another session's change removes
+/// that inode in between, `getattr` answers with its last attributes, as a local file system
+/// that looked the name up before the removal would have, instead of ENOENT. The session that
+/// removed it gets ENOENT (it knows; nothing of its own can race its own change).
+final class RemovedInodes: @unchecked Sendable {
+    static let keepNs: UInt64 = 5_000_000_000
+    static let countMax = 4096
+    private let lock = NSLock()
+    private var entries: [InodeID: (attributes: Attributes, by: SessionID, atNs: UInt64)] = [:]
+    /// Oldest first.
+    private var order: [InodeID] = []
+
+    func record(_ attributes: Attributes, removedBy session: SessionID) {
+        lock.withLock {
+            if entries[attributes.ino] == nil { order.append(attributes.ino) }
+            entries[attributes.ino] = (attributes, session, Leases.nowNs())
+            if order.count > Self.countMax {
+                let dropped = order.count - Self.countMax * 3 / 4
+                for ino in order.prefix(dropped) { entries[ino] = nil }
+                order.removeFirst(dropped)
+            }
+        }
+    }
+
+    func attributes(of ino: InodeID, askedBy session: SessionID) -> Attributes? {
+        lock.withLock {
+            guard let entry = entries[ino], entry.by != session, Leases.nowNs() &- entry.atNs < Self.keepNs else {
+                return nil
+            }
+            return entry.attributes
+        }
+    }
+}
+

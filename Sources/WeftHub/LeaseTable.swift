@@ -229,6 +229,12 @@ public final class LeaseTable: @unchecked Sendable {
         return true
     }
 
+    /// Tells `session` not to cache what its reply about `ino` shows (a notice).
+    public func notice(_ session: SessionID, _ ino: InodeID) {
+        guard !recallsDisabled, let client = lock.withLock({ clients[session] }) else { return }
+        _ = client.recall(ino, names: [], notice: true, deadlineNs: 0)
+    }
+
     // MARK: Changes
 
     /// A change of `targets` by `session` is about to be applied: recalls every other session's

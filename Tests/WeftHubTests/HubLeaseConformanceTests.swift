@@ -159,6 +159,29 @@ extension HubConformanceTests {
         XCTAssertEqual(plain.parent?.ino, root)
     }
 
+    /// `stat(path)` is a lookup, then a `getattr` of the inode found: when another session
+    /// removes that inode in between, the `getattr` answers with its last attributes (and a
+    /// notice: nothing caches them), as a local `stat` would have; the remover gets ENOENT.
+    func testAnInodeAnotherSessionRemovedAMomentAgoAnswersGetattrWithItsLastAttributes() throws {
+        let (reader, client) = try leasedSession("reader")
+        let victim = try makeFile("victim")
+        let replacement = try makeFile("replacement")
+        XCTAssertEqual(try api.lookup(reader, parent: root, name: bytes("victim")).ino, victim.ino)
+        try api.rename(context, parent: root, name: bytes("replacement"), newParent: root, newName: bytes("victim"),
+                       flags: [])
+        let last = try api.getattr(reader, ino: victim.ino)
+        XCTAssertEqual(last.ino, victim.ino)
+        XCTAssertEqual(last.nlink, 1, "as it was before the rename replaced it")
+        XCTAssertTrue(client.all.contains(.init(ino: victim.ino, names: [], notice: true)), "\(client.all)")
+        XCTAssertErrno(ENOENT, try api.getattr(context, ino: victim.ino), "the remover knows it is gone")
+        XCTAssertEqual(try api.lookup(reader, parent: root, name: bytes("victim")).ino, replacement.ino)
+
+        let doomed = try makeFile("doomed")
+        try api.unlink(context, parent: root, name: bytes("doomed"))
+        XCTAssertEqual(try api.getattr(reader, ino: doomed.ino).ino, doomed.ino)
+        XCTAssertErrno(ENOENT, try api.getattr(reader, ino: 987_654), "never existed")
+    }
+
     func testUnlinkEntryUnlinksAndReturnsTheParentAfterIt() throws {
         let (holder, client) = try leasedSession("holder")
         let directory = try api.mkdir(context, parent: root, name: bytes("d"), mode: 0o755, umask: 0)
