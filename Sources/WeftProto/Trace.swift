@@ -13,8 +13,7 @@ public enum Trace {
         let program = (CommandLine.arguments.first as NSString?)?.lastPathComponent ?? "weft"
         let path = "\(dir)/\(program)-\(getpid()).trace"
         let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        let first = "\(Leases.nowNs()) start \(CommandLine.arguments.joined(separator: " "))\n"
-        if fd >= 0 { _ = first.utf8CString.withUnsafeBufferPointer { write(fd, $0.baseAddress, $0.count - 1) } }
+        if fd >= 0 { append("\(Leases.nowNs()) start \(CommandLine.arguments.joined(separator: " "))\n", to: fd) }
         return fd
     }()
 
@@ -24,8 +23,10 @@ public enum Trace {
     public static func note(_ event: @autoclosure () -> String) {
         guard enabled else { return }
         let line = "\(Leases.nowNs()) \(String(UInt(pthread_self()), radix: 16)) \(event())\n"
-        lock.withLock {
-            _ = line.utf8CString.withUnsafeBufferPointer { write(descriptor, $0.baseAddress, $0.count - 1) }
-        }
+        lock.withLock { append(line, to: descriptor) }
+    }
+
+    private static func append(_ line: String, to fd: Int32) {
+        _ = line.utf8CString.withUnsafeBufferPointer { write(fd, $0.baseAddress, $0.count - 1) }
     }
 }
