@@ -6,7 +6,8 @@ import WeftProto
 public enum DurabilityMode: String, Sendable, CaseIterable {
     /// Every mutation's WAL record is fsynced (shared between concurrent mutations) before the reply.
     case strict
-    /// The WAL is written before the reply (survives a process kill) and fsynced once a second.
+    /// The journal record is written before the reply (survives a process kill) and synced once
+    /// a second.
     case periodic
 }
 
@@ -20,6 +21,11 @@ public final class MetaStore: @unchecked Sendable {
     let db: RocksDB
     let lock = NSLock()
     let groupCommit: GroupCommit
+    /// The write-ahead log of every batch (SPEC.md §3.3); RocksDB's own WAL is not used.
+    let journal: MetaJournal
+    /// What the journal's replay found when this store opened.
+    let journalRecovery: MetaJournal.Recovery
+    private var mutationsSinceMemtableCheck = 0
     let logger: Logger
     public let volume: VolumeInfo
     public let durability: DurabilityMode
@@ -43,7 +49,14 @@ public final class MetaStore: @unchecked Sendable {
         var opens: [InodeID: Int] = [:]
     }
 
-    /// Runs before every WAL sync (the hub makes chunk data durable here).
+    /// The volume format this engine writes: 2, metadata journal (1: RocksDB's WAL, upgraded at
+    /// open).
+    public static let formatVersion: UInt32 = 2
+    /// A checkpoint comes when RocksDB's active memtable holds more than this (checked every 64
+    /// changes), far below `RocksDB.writeBufferBytes`.
+    static let checkpointMemtableBytes: UInt64 = 32 << 20
+
+    /// Runs before every journal sync (the hub makes chunk data durable here).
     public var beforeSync: (() throws -> Void)? {
         get { groupCommit.beforeSync }
         set { groupCommit.beforeSync = newValue }
@@ -59,6 +72,9 @@ public final class MetaStore: @unchecked Sendable {
     public static func format(path: String, volume: VolumeInfo, firstSliceID: UInt64 = 1) throws {
         let db = try RocksDB(path: path, createIfMissing: true)
         if try db.get(Key.volume) != nil { throw WeftError(EEXIST, "a Weft volume already exists in \(path)") }
+        var volume = volume
+        volume.formatVersion = formatVersion
+        try MetaJournal.create(inDirectory: path, geometry: MetaJournal.Geometry())
         let now = volume.createdNs
         let root = InodeRecord(attributes: Attributes(ino: InodeNumbers.root, mode: UInt32(S_IFDIR) | 0o755, nlink: 2,
                                                       uid: 0, gid: 0, atimeNs: now, mtimeNs: now, ctimeNs: now),
@@ -72,20 +88,50 @@ public final class MetaStore: @unchecked Sendable {
         try db.write(batch, sync: true)
     }
 
-    public init(path: String, durability: DurabilityMode, readOnly: Bool = false, logger: Logger) throws {
-        db = try RocksDB(path: path, createIfMissing: false, readOnly: readOnly)
+    public convenience init(path: String, durability: DurabilityMode, logger: Logger) throws {
+        try self.init(path: path, durability: durability, journalGeometry: MetaJournal.Geometry(), logger: logger)
+    }
+
+    /// Opens the volume in `path`: RocksDB, then the journal's replay (SPEC.md §3.3), then a
+    /// checkpoint. A volume of format 1 gets a journal and becomes format 2.
+    init(path: String, durability: DurabilityMode, journalGeometry: MetaJournal.Geometry, logger: Logger) throws {
+        db = try RocksDB(path: path, createIfMissing: false)
         self.durability = durability
         self.logger = logger
-        guard let volumeBytes = try db.get(Key.volume) else { throw WeftError(EINVAL, "\(path) holds no Weft volume") }
-        volume = try volumeBytes.decode { try VolumeInfo.decode(from: &$0) }
-        guard volume.formatVersion == 1 else {
-            throw WeftError(EINVAL, "unsupported volume format version \(volume.formatVersion)")
+        let database = db
+        let storedFormat = try Self.readVolume(database, path: path).formatVersion
+        if !MetaJournal.exists(inDirectory: path) {
+            guard storedFormat == 1 else {
+                throw WeftError(EIO, "metadata journal \(MetaJournal.path(inDirectory: path)) is missing")
+            }
+            try MetaJournal.create(inDirectory: path, geometry: journalGeometry)
         }
+        let (journal, recovery) = try MetaJournal.open(inDirectory: path, geometry: journalGeometry, logger: logger) {
+            try database.apply(serialized: $0)
+        }
+        self.journal = journal
+        journalRecovery = recovery
+        var volume = try Self.readVolume(database, path: path)
+        if volume.formatVersion == 1 {
+            volume.formatVersion = Self.formatVersion
+            var writer = ByteWriter()
+            volume.encode(into: &writer)
+            let batch = WriteBatch()
+            batch.put(Key.volume, writer.bytes)
+            try db.apply(batch)
+            logger.info("volume \(path) upgraded to format \(Self.formatVersion) (metadata journal)")
+        }
+        self.volume = volume
         guard let counterBytes = try db.get(Key.counters) else { throw WeftError(EIO, "volume counters missing") }
         counters = try Counters.decode(counterBytes)
-        let database = db
-        groupCommit = GroupCommit(syncWAL: { try database.flushWAL(sync: true) })
-        if durability == .periodic && !readOnly {
+        groupCommit = GroupCommit(syncWAL: { try journal.sync() })
+        lock.lock()
+        defer { lock.unlock() }
+        try checkpoint()
+        if recovery.replayedRecords > 0 {
+            logger.info("replayed \(recovery.replayedRecords) metadata changes from the journal (lap \(recovery.lap))")
+        }
+        if durability == .periodic {
             let commit = groupCommit, stop = stopSignal, log = logger
             let thread = Thread {
                 // Holds no reference to the store, so closing it is never delayed.
@@ -108,6 +154,21 @@ public final class MetaStore: @unchecked Sendable {
         }
     }
 
+    deinit {
+        // RocksDB writes its memtables out when it closes: the journal must hold them first
+        // (invariant (a) of SPEC.md §3.3), also for a store dropped without `close()`.
+        try? journal.sync()
+    }
+
+    private static func readVolume(_ db: RocksDB, path: String) throws -> VolumeInfo {
+        guard let volumeBytes = try db.get(Key.volume) else { throw WeftError(EINVAL, "\(path) holds no Weft volume") }
+        let volume = try volumeBytes.decode { try VolumeInfo.decode(from: &$0) }
+        guard volume.formatVersion == 1 || volume.formatVersion == formatVersion else {
+            throw WeftError(EINVAL, "unsupported volume format version \(volume.formatVersion)")
+        }
+        return volume
+    }
+
     /// Makes every acknowledged change durable and stops background work (waits for it).
     public func close() throws {
         if periodicSync != nil {
@@ -118,7 +179,9 @@ public final class MetaStore: @unchecked Sendable {
             stopSignal.condition.unlock()
             periodicSync = nil
         }
-        try groupCommit.syncAll()
+        lock.lock()
+        defer { lock.unlock() }
+        try checkpoint()
     }
 
     // MARK: transactions
@@ -135,7 +198,7 @@ public final class MetaStore: @unchecked Sendable {
                 if transaction.counters != counters {
                     transaction.batch.put(Key.counters, transaction.counters.encoded())
                 }
-                try db.write(transaction.batch, sync: false)
+                try logAndApply(transaction.batch)
                 counters = transaction.counters
                 if transaction.addsGarbage { garbageMadeCount &+= 1 }
                 seq = groupCommit.applied(promised: durable && durability == .strict)
@@ -149,6 +212,45 @@ public final class MetaStore: @unchecked Sendable {
             try groupCommit.waitDurable(seq)
         }
         return result
+    }
+
+    /// Under `lock`: logs `batch` in the journal, then applies it to RocksDB's memtable. A batch
+    /// too large for a record is applied and checkpointed at once. Checkpoints first when the
+    /// memtable has grown past `checkpointMemtableBytes` or the journal is full, so that a failed
+    /// checkpoint fails the change before it has any effect.
+    private func logAndApply(_ batch: WriteBatch) throws {
+        mutationsSinceMemtableCheck += 1
+        if mutationsSinceMemtableCheck >= 64 {
+            mutationsSinceMemtableCheck = 0
+            if db.activeMemtableBytes > Self.checkpointMemtableBytes { try checkpoint() }
+        }
+        let offset = try batch.withSerialized { payload -> Int? in
+            guard MetaJournal.recordBytes(payload: payload.count) <= journal.geometry.largestRecordBytes else { return nil }
+            if let offset = try journal.append(payload) { return offset }
+            try checkpoint()
+            return try journal.append(payload)
+        }
+        guard let offset else {
+            try checkpoint(applying: batch)
+            return
+        }
+        do {
+            try db.apply(batch)
+        } catch {
+            journal.rollBack(to: offset)
+            throw error
+        }
+    }
+
+    /// Under `lock`: makes every logged change part of RocksDB's files and starts a new journal
+    /// lap (SPEC.md §3.3). The journal is synced before RocksDB writes anything out, so RocksDB's
+    /// files never hold a change the journal could lose. `batch` (one too large to log) is
+    /// applied after that sync and written out with the rest.
+    func checkpoint(applying batch: WriteBatch? = nil) throws {
+        try groupCommit.syncAll()
+        if let batch { try db.apply(batch) }
+        try db.flushMemtables()
+        try journal.startLap()
     }
 
     /// Runs a read under the lock; in strict mode waits until every change promised durable that

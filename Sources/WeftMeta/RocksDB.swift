@@ -6,28 +6,31 @@ import Glibc
 
 /// A thin, thread-safe handle on a RocksDB database through its C API.
 ///
-/// Reads and writes are safe from many threads; `write` applies a batch atomically.
+/// Reads and writes are safe from many threads; `write` and `apply` apply a batch atomically.
 public final class RocksDB: @unchecked Sendable {
     private let db: OpaquePointer
     private let readOptions: OpaquePointer
     private let syncWriteOptions: OpaquePointer
     private let asyncWriteOptions: OpaquePointer
+    private let unloggedWriteOptions: OpaquePointer
     private let options: OpaquePointer
     public let path: String
 
-    /// Opens (or with `createIfMissing`, creates) the database at `path`. With `readOnly` the
-    /// database may be open in another process at the same time.
-    public init(path: String, createIfMissing: Bool, readOnly: Bool = false) throws {
+    /// RocksDB's write buffer (memtable). The metadata journal checkpoints long before a memtable
+    /// this size fills, so RocksDB never writes one out on its own (SPEC.md §3.3).
+    public static let writeBufferBytes = 128 << 20
+
+    /// Opens (or with `createIfMissing`, creates) the database at `path`.
+    public init(path: String, createIfMissing: Bool) throws {
         self.path = path
         options = rocksdb_options_create()
         rocksdb_options_set_create_if_missing(options, createIfMissing ? 1 : 0)
         rocksdb_options_increase_parallelism(options, 2)
         rocksdb_options_set_max_open_files(options, 512)
         rocksdb_options_set_compression(options, Int32(rocksdb_lz4_compression))
+        rocksdb_options_set_write_buffer_size(options, Self.writeBufferBytes)
         var error: UnsafeMutablePointer<CChar>? = nil
-        let handle = readOnly
-            ? rocksdb_open_for_read_only(options, path, 0, &error)
-            : rocksdb_open(options, path, &error)
+        let handle = rocksdb_open(options, path, &error)
         if let error {
             let message = String(cString: error)
             rocksdb_free(error)
@@ -41,6 +44,8 @@ public final class RocksDB: @unchecked Sendable {
         syncWriteOptions = rocksdb_writeoptions_create()
         rocksdb_writeoptions_set_sync(syncWriteOptions, 1)
         asyncWriteOptions = rocksdb_writeoptions_create()
+        unloggedWriteOptions = rocksdb_writeoptions_create()
+        rocksdb_writeoptions_disable_WAL(unloggedWriteOptions, 1)
     }
 
     deinit {
@@ -48,6 +53,7 @@ public final class RocksDB: @unchecked Sendable {
         rocksdb_readoptions_destroy(readOptions)
         rocksdb_writeoptions_destroy(syncWriteOptions)
         rocksdb_writeoptions_destroy(asyncWriteOptions)
+        rocksdb_writeoptions_destroy(unloggedWriteOptions)
         rocksdb_options_destroy(options)
     }
 
@@ -83,11 +89,50 @@ public final class RocksDB: @unchecked Sendable {
         try Self.check(error, "write")
     }
 
-    /// Writes the WAL buffer to the file and, with `sync`, fsyncs it.
-    public func flushWAL(sync: Bool) throws {
+    /// Applies `batch` atomically to the memtable only, without RocksDB's WAL: the caller logs it
+    /// (the metadata journal). It reaches RocksDB's files at the next `flushMemtables`.
+    public func apply(_ batch: WriteBatch) throws {
         var error: UnsafeMutablePointer<CChar>? = nil
-        rocksdb_flush_wal(db, sync ? 1 : 0, &error)
-        try Self.check(error, "flush WAL")
+        rocksdb_write(db, unloggedWriteOptions, batch.handle, &error)
+        try Self.check(error, "write")
+    }
+
+    /// `apply` of a batch in RocksDB's serialized form (`WriteBatch.withSerialized`).
+    public func apply(serialized: UnsafeRawBufferPointer) throws {
+        guard let batch = rocksdb_writebatch_create_from(serialized.baseAddress?.assumingMemoryBound(to: CChar.self),
+                                                         serialized.count) else {
+            throw WeftError(EIO, "RocksDB: a logged batch does not decode")
+        }
+        defer { rocksdb_writebatch_destroy(batch) }
+        var error: UnsafeMutablePointer<CChar>? = nil
+        rocksdb_write(db, unloggedWriteOptions, batch, &error)
+        try Self.check(error, "write")
+    }
+
+    /// Writes every memtable out to synced SST files and waits until they are part of the
+    /// database.
+    public func flushMemtables() throws {
+        let flushOptions = rocksdb_flushoptions_create()!
+        defer { rocksdb_flushoptions_destroy(flushOptions) }
+        rocksdb_flushoptions_set_wait(flushOptions, 1)
+        var error: UnsafeMutablePointer<CChar>? = nil
+        rocksdb_flush(db, flushOptions, &error)
+        try Self.check(error, "flush")
+    }
+
+    /// Whether a flush or compaction is running or due (RocksDB's own properties).
+    public var backgroundWorkPending: Bool {
+        var running: UInt64 = 0, flushing: UInt64 = 0, pending: UInt64 = 0
+        _ = rocksdb_property_int(db, "rocksdb.num-running-compactions", &running)
+        _ = rocksdb_property_int(db, "rocksdb.num-running-flushes", &flushing)
+        _ = rocksdb_property_int(db, "rocksdb.compaction-pending", &pending)
+        return running + flushing + pending > 0
+    }
+
+    /// Bytes held by the active memtable (RocksDB's `rocksdb.cur-size-active-mem-table`).
+    public var activeMemtableBytes: UInt64 {
+        var value: UInt64 = 0
+        return rocksdb_property_int(db, "rocksdb.cur-size-active-mem-table", &value) == 0 ? value : 0
     }
 
     /// Visits keys starting with `prefix`, in byte order, from `start` (inclusive; defaults to the
@@ -137,6 +182,13 @@ public final class WriteBatch {
 
     public init() { handle = rocksdb_writebatch_create() }
     deinit { rocksdb_writebatch_destroy(handle) }
+
+    /// Calls `body` with the batch in RocksDB's serialized form (valid only during the call).
+    public func withSerialized<T>(_ body: (UnsafeRawBufferPointer) throws -> T) rethrows -> T {
+        var size = 0
+        let data = rocksdb_writebatch_data(handle, &size)
+        return try body(UnsafeRawBufferPointer(start: data, count: size))
+    }
 
     public func put(_ key: [UInt8], _ value: [UInt8]) {
         key.withUnsafeBufferPointer { k in

@@ -56,7 +56,7 @@ class HubConformanceTests: HubTestCase {
     func testOpenSessionReportsTheVolumeAndAgents() throws {
         let (second, volume) = try api.openSession(agentName: "second-agent")
         XCTAssertNotEqual(second, session)
-        XCTAssertEqual(volume.formatVersion, 1)
+        XCTAssertEqual(volume.formatVersion, 2)
         XCTAssertEqual(volume.chunkSizeBytes, 65536)
         XCTAssertEqual(volume.compression, Compression.none)
         XCTAssertEqual(volume.uuid.count, 16)

@@ -198,15 +198,6 @@ final class PersistenceTests: MetaStoreTestCase {
         XCTAssertEqual(try lookup("p").ino, file.ino)
     }
 
-    func testReadOnlyOpenSeesTheVolume() throws {
-        let file = try makeFile("ro")
-        try store.sync()
-        let reader = try MetaStore(path: path, durability: .strict, readOnly: true, logger: testLogger("weft.meta.ro"))
-        XCTAssertEqual(try reader.lookup(Callers.root, parent: root, name: bytes("ro")).ino, file.ino)
-        XCTAssertThrowsError(try reader.create(Callers.root, parent: root, name: bytes("x"), mode: FileType.regular,
-                                               rdev: 0, umask: 0, exclusive: true))
-    }
-
     /// A full file system is ENOSPC, not EIO (SPEC.md §9.1): the caller reports a full volume.
     func testRocksDBErrorsOnAFullDiskAreENOSPC() {
         XCTAssertEqual(RocksDB.errno(forMessage: "IO error: No space left on device: While appending to file: /h/meta/000012.log"),
