@@ -177,3 +177,43 @@ def test_kill_agent_during_writes(weft):
         _verify(weft, journals)
     _fsck_clean(weft)
     _verify(weft, journals)
+
+
+@pytest.mark.weft_timeout(300)
+def test_kill_weftd_after_namespace_changes_loses_none(weft):
+    """Strict namespace changes are durable when they return (SPEC.md §6): after kill -9 of
+    weftd, its metadata journal (§3.3) gives back every one of them, in order."""
+    weft.require_weft("kills weftd")
+    weft.require_mode("remote")
+    root = weft.path / "ns"
+    os.mkdir(root)
+    for i in range(300):
+        os.close(os.open(root / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o640))
+    for i in range(0, 300, 3):
+        os.rename(root / f"f{i}", root / f"r{i}")
+    for i in range(1, 300, 3):
+        os.unlink(root / f"f{i}")
+    for i in range(40):
+        os.mkdir(root / f"d{i}")
+    os.rename(root / "d0", root / "d1" / "inner")
+    os.chmod(root / "f2", 0o600)
+    os.setxattr(root / "f5", "user.k", b"value")
+    os.symlink("f5", root / "link")
+    expected = sorted(os.listdir(root))
+    inner = os.stat(root / "d1" / "inner").st_ino
+
+    weft.daemon.kill9()
+    weft.daemon.start()
+    log = weft.daemon.log_path.read_text(errors="replace")
+    assert "replayed" in log and "metadata changes from the journal" in log, \
+        f"weftd did not replay its journal after kill -9:\n{tail(weft.daemon.log_path)}"
+    weft.mount_obj.release()
+    weft.mount_obj = None
+    weft.mount()
+
+    assert sorted(os.listdir(root)) == expected
+    assert os.stat(root / "d1" / "inner").st_ino == inner
+    assert os.stat(root / "f2").st_mode & 0o777 == 0o600
+    assert os.getxattr(root / "f5", "user.k") == b"value"
+    assert os.readlink(root / "link") == "f5"
+    _fsck_clean(weft)
