@@ -12,6 +12,10 @@
  *   smallwrite  create + write SIZE bytes + close, one per file (makes the directories first)
  *   smallread   open + read to EOF + close, one per file; checks the size read
  *   fsyncappend append SIZE bytes + fsync to DIR/appendfile, COUNT times (one thread)
+ *   fsyncoverwrite  write COUNT x SIZE bytes to DIR/overwritefile and fsync them (not timed),
+ *               then overwrite them in order, SIZE bytes + fdatasync at a time (timed): a sync
+ *               that writes data only (no new size, no new blocks), as a write-ahead log over
+ *               blocks it wrote before (Weft's metadata journal) pays
  *   handoff     COUNT round trips between two threads through a mutex and condition variable
  *               (DIR unused): what one hand-off between threads costs on this machine, the
  *               step every request pays between a FUSE thread, a client's event loop and a
@@ -42,8 +46,9 @@
 #define MAX_SIZE_BYTES (16L << 20)
 #define PATH_BYTES 4096
 
-enum phase { CREATE, STAT, UNLINK, SMALLWRITE, SMALLREAD, FSYNCAPPEND, HANDOFF };
-static const char *phaseNames[] = {"create", "stat", "unlink", "smallwrite", "smallread", "fsyncappend", "handoff"};
+enum phase { CREATE, STAT, UNLINK, SMALLWRITE, SMALLREAD, FSYNCAPPEND, HANDOFF, FSYNCOVERWRITE };
+static const char *phaseNames[] = {"create", "stat", "unlink", "smallwrite", "smallread", "fsyncappend", "handoff",
+                                   "fsyncoverwrite"};
 
 static enum phase phase;
 static const char *rootDir;
@@ -134,6 +139,7 @@ static void *runWorker(void *argument)
             break;
         }
         case FSYNCAPPEND:
+        case FSYNCOVERWRITE:
         case HANDOFF:
             break;
         }
@@ -221,11 +227,45 @@ static long long runFsyncAppend(void)
     return (long long)appendCount * sizeBytes;
 }
 
+/* Writes and syncs appendCount x sizeBytes, then overwrites them with fdatasync after each
+ * write, timing only the overwrites; returns bytes overwritten. */
+static long long runFsyncOverwrite(double *seconds)
+{
+    char path[PATH_BYTES];
+    snprintf(path, sizeof(path), "%s/overwritefile", rootDir);
+    char *buffer = malloc((size_t)sizeBytes);
+    if (!buffer)
+        die("malloc", "");
+    memset(buffer, 'o', (size_t)sizeBytes);
+    int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC, 0644);
+    if (fd < 0)
+        die("open", path);
+    for (long i = 0; i < appendCount; i++)
+        if (write(fd, buffer, (size_t)sizeBytes) != sizeBytes)
+            die("write", path);
+    if (fsync(fd) != 0)
+        die("fsync", path);
+    double start = nowSeconds();
+    for (long i = 0; i < appendCount; i++) {
+        if (pwrite(fd, buffer, (size_t)sizeBytes, (off_t)i * sizeBytes) != sizeBytes)
+            die("pwrite", path);
+        if (fdatasync(fd) != 0)
+            die("fdatasync", path);
+    }
+    *seconds = nowSeconds() - start;
+    if (close(fd) != 0)
+        die("close", path);
+    if (unlink(path) != 0)
+        die("unlink", path);
+    free(buffer);
+    return (long long)appendCount * sizeBytes;
+}
+
 static void usage(const char *program)
 {
     fprintf(stderr,
             "usage: %s PHASE DIR [--files N] [--dirs N] [--threads N] [--size BYTES] [--count N]\n"
-            "  PHASE: create | stat | unlink | smallwrite | smallread | fsyncappend | handoff\n",
+            "  PHASE: create | stat | unlink | smallwrite | smallread | fsyncappend | fsyncoverwrite | handoff\n",
             program);
     exit(2);
 }
@@ -280,6 +320,9 @@ int main(int argc, char *argv[])
         runHandoff();
         seconds = nowSeconds() - start;
         ops = appendCount;
+    } else if (phase == FSYNCOVERWRITE) {
+        bytes = runFsyncOverwrite(&seconds);
+        ops = appendCount;
     } else if (phase == FSYNCAPPEND) {
         double start = nowSeconds();
         bytes = runFsyncAppend();
@@ -308,7 +351,7 @@ int main(int argc, char *argv[])
         seconds = 1e-9;
     printf("{\"phase\":\"%s\",\"ops\":%ld,\"threads\":%ld,\"dirs\":%ld,\"seconds\":%.6f,"
            "\"ops_per_sec\":%.1f,\"bytes\":%lld,\"mib_per_sec\":%.2f}\n",
-           phaseNames[phase], ops, phase == FSYNCAPPEND ? 1 : phase == HANDOFF ? 2 : threadCount, dirCount, seconds,
+           phaseNames[phase], ops, phase == FSYNCAPPEND || phase == FSYNCOVERWRITE ? 1 : phase == HANDOFF ? 2 : threadCount, dirCount, seconds,
            (double)ops / seconds, bytes, (double)bytes / 1048576.0 / seconds);
     return 0;
 }
