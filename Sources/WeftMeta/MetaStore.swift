@@ -26,6 +26,7 @@ public final class MetaStore: @unchecked Sendable {
     /// What the journal's replay found when this store opened.
     let journalRecovery: MetaJournal.Recovery
     private var mutationsSinceMemtableCheck = 0
+    private var bytesSinceMemtableCheck = 0
     let logger: Logger
     public let volume: VolumeInfo
     public let durability: DurabilityMode
@@ -53,8 +54,9 @@ public final class MetaStore: @unchecked Sendable {
     /// open).
     public static let formatVersion: UInt32 = 2
     /// A checkpoint comes when RocksDB's active memtable holds more than this (checked every 64
-    /// changes), far below `RocksDB.writeBufferBytes`.
+    /// changes and every `memtableCheckBytes` logged), far below `RocksDB.writeBufferBytes`.
     static let checkpointMemtableBytes: UInt64 = 32 << 20
+    static let memtableCheckBytes = 1 << 20
 
     /// Runs before every journal sync (the hub makes chunk data durable here).
     public var beforeSync: (() throws -> Void)? {
@@ -219,12 +221,14 @@ public final class MetaStore: @unchecked Sendable {
     /// memtable has grown past `checkpointMemtableBytes` or the journal is full, so that a failed
     /// checkpoint fails the change before it has any effect.
     private func logAndApply(_ batch: WriteBatch) throws {
-        mutationsSinceMemtableCheck += 1
-        if mutationsSinceMemtableCheck >= 64 {
-            mutationsSinceMemtableCheck = 0
-            if db.activeMemtableBytes > Self.checkpointMemtableBytes { try checkpoint() }
-        }
         let offset = try batch.withSerialized { payload -> Int? in
+            mutationsSinceMemtableCheck += 1
+            bytesSinceMemtableCheck += payload.count
+            if mutationsSinceMemtableCheck >= 64 || bytesSinceMemtableCheck >= Self.memtableCheckBytes {
+                mutationsSinceMemtableCheck = 0
+                bytesSinceMemtableCheck = 0
+                if db.activeMemtableBytes > Self.checkpointMemtableBytes { try checkpoint() }
+            }
             guard MetaJournal.recordBytes(payload: payload.count) <= journal.geometry.largestRecordBytes else { return nil }
             if let offset = try journal.append(payload) { return offset }
             try checkpoint()

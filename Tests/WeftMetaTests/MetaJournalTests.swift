@@ -125,6 +125,20 @@ final class MetaJournalTests: MetaStoreTestCase {
         XCTAssertEqual(try recovered.checkMetadata(repair: false).problems, [])
     }
 
+    /// The memtable bound rests on RocksDB reporting its memtable's size (an unknown property
+    /// would read 0 and RocksDB would write memtables out on its own, ahead of the journal).
+    func testTheMemtableSizeIsReportedAndACheckpointEmptiesIt() throws {
+        let before = store.db.activeMemtableBytes
+        for index in 0..<200 { try makeFile("f\(index)") }
+        let grown = store.db.activeMemtableBytes
+        XCTAssertGreaterThan(grown, before + 200 * 100, "200 creates add at least 100 bytes each to the memtable")
+        store.lock.lock()
+        defer { store.lock.unlock() }
+        try store.checkpoint()
+        XCTAssertLessThan(store.db.activeMemtableBytes, grown / 2)
+        XCTAssertEqual(store.journal.tailOffset, MetaJournal.recordsStart)
+    }
+
     func testABatchTooLargeForARecordIsWrittenOutAtOnce() throws {
         let geometry = MetaJournal.Geometry(growthStepBytes: 16 << 10, maxBytes: 64 << 10, largestRecordBytes: 4 << 10)
         try store.close()
