@@ -1,7 +1,7 @@
 import Foundation
 import WeftProto
 
-/// Shares WAL fsyncs between concurrent mutations.
+/// Shares log syncs (the metadata journal's fdatasync) between concurrent mutations.
 ///
 /// Each mutation writes its batch without sync and takes a sequence number. `waitDurable(seq)`
 /// returns once a sync covering `seq` has completed: one caller leads a sync for everything
@@ -12,11 +12,11 @@ final class GroupCommit: @unchecked Sendable {
     private var appliedSeq: UInt64 = 0
     private var durableSeq: UInt64 = 0
     private var syncing = false
-    private let syncWAL: () throws -> Void
+    private let syncLog: () throws -> Void
     var beforeSync: (() throws -> Void)?
 
-    init(syncWAL: @escaping () throws -> Void) {
-        self.syncWAL = syncWAL
+    init(syncLog: @escaping () throws -> Void) {
+        self.syncLog = syncLog
     }
 
     /// The latest mutation whose reply promises durability (namespace changes, fsync commits).
@@ -60,7 +60,7 @@ final class GroupCommit: @unchecked Sendable {
             var failure: Error?
             do {
                 try beforeSync?()
-                try syncWAL()
+                try syncLog()
             } catch {
                 failure = error
             }

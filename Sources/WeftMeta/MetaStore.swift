@@ -4,7 +4,7 @@ import WeftProto
 
 /// When a metadata change is on stable storage relative to its reply.
 public enum DurabilityMode: String, Sendable, CaseIterable {
-    /// Every mutation's WAL record is fsynced (shared between concurrent mutations) before the reply.
+    /// Every mutation's journal record is synced (shared between concurrent mutations) before the reply.
     case strict
     /// The journal record is written before the reply (survives a process kill) and synced once
     /// a second.
@@ -126,7 +126,7 @@ public final class MetaStore: @unchecked Sendable {
         self.volume = volume
         guard let counterBytes = try db.get(Key.counters) else { throw WeftError(EIO, "volume counters missing") }
         counters = try Counters.decode(counterBytes)
-        groupCommit = GroupCommit(syncWAL: { try journal.sync() })
+        groupCommit = GroupCommit(syncLog: { try journal.sync() })
         lock.lock()
         defer { lock.unlock() }
         try checkpoint()

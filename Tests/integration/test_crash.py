@@ -217,3 +217,86 @@ def test_kill_weftd_after_namespace_changes_loses_none(weft):
     assert os.getxattr(root / "f5", "user.k") == b"value"
     assert os.readlink(root / "link") == "f5"
     _fsck_clean(weft)
+
+
+@pytest.mark.weft_timeout(300)
+def test_kill_weftd_amid_concurrent_namespace_changes_keeps_every_acknowledged_one(weft):
+    """Three threads create, rename and unlink in their own directories while weftd is killed
+    with -9: every change that returned before the kill is there after the restart (the journal's
+    group commit and replay, SPEC.md §3.3); only the change each thread had in flight may go
+    either way."""
+    import threading
+    weft.require_weft("kills weftd")
+    weft.require_mode("remote")
+    threads_n, kill_after = 3, 900
+
+    def sequence():
+        for i in range(100_000):
+            yield "create", i
+            if i % 5 == 0:
+                yield "rename", i
+            if i % 7 == 3:
+                yield "unlink", i - 3
+
+    def name(i: int) -> str:  # what file i is called after its rename, if it has one
+        return f"g{i}" if i % 5 == 0 else f"f{i}"
+
+    def apply(names: set, op: str, i: int) -> None:
+        if op == "create":
+            names.add(f"f{i}")
+        elif op == "rename":
+            names.remove(f"f{i}")
+            names.add(f"g{i}")
+        else:
+            names.remove(name(i))
+
+    acked = [[] for _ in range(threads_n)]   # per thread, the changes that returned, in order
+    failures = [None] * threads_n
+
+    def work(t: int) -> None:
+        d = weft.path / f"t{t}"
+        try:
+            for op, i in sequence():
+                if op == "create":
+                    os.close(os.open(d / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                elif op == "rename":
+                    os.rename(d / f"f{i}", d / f"g{i}")
+                else:
+                    os.unlink(d / name(i))
+                acked[t].append((op, i))
+        except OSError as e:
+            failures[t] = e
+
+    for t in range(threads_n):
+        os.mkdir(weft.path / f"t{t}")
+    workers = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(threads_n)]
+    for w in workers:
+        w.start()
+    deadline = time.monotonic() + 60
+    while sum(map(len, acked)) < kill_after and time.monotonic() < deadline and all(w.is_alive() for w in workers):
+        time.sleep(0.01)
+    assert sum(map(len, acked)) >= kill_after, f"the workload made {sum(map(len, acked))} changes, failures {failures}"
+    weft.daemon.kill9()
+    for w in workers:
+        w.join(timeout=60)
+    assert all(f is not None for f in failures), "every thread must have seen the hub go"
+    weft.daemon.start()
+    weft.mount_obj.release()
+    weft.mount_obj = None
+    weft.mount()
+
+    problems = []
+    for t in range(threads_n):
+        ops = sequence()
+        names: set = set()
+        for _ in acked[t]:
+            apply(names, *next(ops))
+        with_in_flight = set(names)
+        apply(with_in_flight, *next(ops))
+        got = set(os.listdir(weft.path / f"t{t}"))
+        if got != names and got != with_in_flight:
+            problems.append(f"t{t} after {len(acked[t])} acknowledged changes: missing "
+                            f"{sorted(names - got)[:20]}, unexpected {sorted(got - with_in_flight)[:20]}")
+    assert not problems, "\n".join(problems)
+    print(f"acknowledged changes per thread: {[len(a) for a in acked]}; failures: {failures}")
+    _fsck_clean(weft)
