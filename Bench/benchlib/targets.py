@@ -10,6 +10,7 @@ empty too. memfs and local cannot be remounted without losing the data (memfs) o
 nothing to remount (local), so for them cold is the page-cache drop alone.
 """
 
+import json
 import os
 import time
 
@@ -79,6 +80,13 @@ class Target:
             self.mount()
         else:
             drop_caches()
+
+    def settle(self):
+        """Waits until the file system has finished what earlier work left to do in the background,
+        so that it does not slow the next timed loop: dirty pages written (`sync`, every target);
+        returns the seconds waited beyond that, if any."""
+        os.sync()
+        return 0.0
 
     def make_cold_running(self):
         """Empties the data caches without restarting the file system's process. Only Weft can
@@ -323,6 +331,29 @@ class WeftTarget(Target):
         if self.hub:
             stop_daemon(self.hub, grace_seconds=30)
             self.hub = None
+
+    #: Weft deletes the objects of removed files in the background (GC, SPEC.md §3): wait until
+    #: the chunk count has not changed for this many polls, at most SETTLE_MAX_S.
+    SETTLE_STABLE_POLLS = 3
+    SETTLE_POLL_S = 0.5
+    SETTLE_MAX_S = 60.0
+
+    def _chunk_count(self):
+        status = run([self.context.weft_path, "status", self._source(), "--json"], 30)
+        return json.loads(status.stdout)["chunks"]
+
+    def settle(self):
+        super().settle()
+        started = time.monotonic()
+        stable, last = 0, None
+        while stable < self.SETTLE_STABLE_POLLS and time.monotonic() - started < self.SETTLE_MAX_S:
+            count = self._chunk_count()
+            stable = stable + 1 if count == last else 0
+            last = count
+            if stable < self.SETTLE_STABLE_POLLS:
+                time.sleep(self.SETTLE_POLL_S)
+        os.sync()
+        return time.monotonic() - started
 
     def make_cold_running(self):
         # The agent keeps running (and keeps its memory): its block cache and the page cache go.

@@ -182,6 +182,11 @@ class Runner:
                 continue
             log(f"{target.name}: {family}")
             try:
+                # What the previous family left to do in the background (writeback, deleting the
+                # files it removed) must not land in this family's timed loops.
+                waited = target.settle()
+                if waited:
+                    log(f"{target.name}: settled in {waited:.1f} s")
                 getattr(self, f"_run_{family}")(target)
             except BenchError as error:
                 message = str(error).strip()
