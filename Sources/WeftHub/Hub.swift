@@ -489,8 +489,10 @@ extension Hub {
             leases.endChange(targets)
             throw error
         }
+        // Granted before the change ends, so that its own end does not count as one that
+        // overtook its reply (SPEC.md §12.6, "A read across a change's end").
+        _ = leases.grant(context.session, reply(result), since: token, ownChange: targets)
         leases.endChange(targets)
-        _ = leases.grant(context.session, reply(result), since: token)
         return result
     }
 

@@ -57,6 +57,10 @@ public final class LeaseTable: @unchecked Sendable {
     private var sequence: UInt64 = 0
     /// Sequence of the last change begun on any inode hashing to each bucket.
     private var changedAt = [UInt64](repeating: 0, count: 1 << 16)
+    /// Sequence of the last change ended on any inode hashing to each bucket: a read that began
+    /// while a change was under way may have seen the inode before it, though the change has
+    /// ended by the time the read is granted.
+    private var endedAt = [UInt64](repeating: 0, count: 1 << 16)
     private var recallsSent: UInt64 = 0
     /// Most leases one session holds before its oldest read leases on regular files are shed.
     public let maxLeasesPerSession: Int
@@ -195,10 +199,13 @@ public final class LeaseTable: @unchecked Sendable {
     public func readToken() -> UInt64 { lock.withLock { sequence } }
 
     /// After a read of `inodes` for `session` that began at `token`: records read leases on them,
-    /// or sends notices where a change may have overtaken the read. Returns false when another
-    /// session's write lease on one of them had to be recalled first: the caller reads again, so
-    /// that it sees the writer's data.
-    public func grant(_ session: SessionID, _ inodes: [InodeID], since token: UInt64) -> Bool {
+    /// or sends notices where a change may have overtaken the read: one begun or ended since
+    /// `token`, or under way now. `ownChange` is the caller's own change, still under way, whose
+    /// result the reply shows (`beginChange`'s token). Returns false when another session's write
+    /// lease on one of them had to be recalled first: the caller reads again, so that it sees the
+    /// writer's data.
+    public func grant(_ session: SessionID, _ inodes: [InodeID], since token: UInt64,
+                      ownChange: [Target] = []) -> Bool {
         if inodes.isEmpty { return true }
         var writers: [Recall] = []
         var notices: [InodeID] = []
@@ -209,7 +216,8 @@ public final class LeaseTable: @unchecked Sendable {
             }
             guard writers.isEmpty else { return client }
             for ino in inodes {
-                if changing[ino, default: 0] > 0 || changedAt[bucket(ino)] > token {
+                let others = changing[ino, default: 0] - ownChange.filter { $0.ino == ino }.count
+                if others > 0 || changedAt[bucket(ino)] > token || endedAt[bucket(ino)] > token {
                     notices.append(ino)
                 } else {
                     recordLocked(session, ino, .read)
@@ -238,8 +246,8 @@ public final class LeaseTable: @unchecked Sendable {
     // MARK: Changes
 
     /// A change of `targets` by `session` is about to be applied: recalls every other session's
-    /// lease on them. Returns a token for the changer's own reply (`grant(since:)`); call
-    /// `endChange` once the change is applied or has failed.
+    /// lease on them. Returns a token for the changer's own reply (`grant(since:ownChange:)`,
+    /// before `endChange`); call `endChange` once the change is applied or has failed.
     public func beginChange(_ session: SessionID, _ targets: [Target]) -> UInt64 {
         var work: [Recall] = []
         lock.withLock {
@@ -258,9 +266,11 @@ public final class LeaseTable: @unchecked Sendable {
     public func endChange(_ targets: [Target]) {
         Trace.note("home change-end targets=\(targets.map(\.ino))")
         lock.withLock {
+            sequence += 1
             for target in targets {
                 let count = changing[target.ino, default: 0] - 1
                 changing[target.ino] = count > 0 ? count : nil
+                endedAt[bucket(target.ino)] = sequence
             }
         }
     }

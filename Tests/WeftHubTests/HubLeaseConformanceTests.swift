@@ -342,6 +342,47 @@ final class HubLeaseTableTests: XCTestCase {
         XCTAssertEqual(table.holders(43), [7: .read])
     }
 
+    /// A read that began while a change was under way may have seen the inode before the change
+    /// applied; when the change ends before the grant, the grant must still be a notice (found by
+    /// the two-hub linearizability test, seed 3044: a far agent cached a layout read during a
+    /// near agent's write and served the old block from it after the write had returned).
+    func testAReadThatBeganDuringAChangeThatEndedSinceIsANoticeNotALease() throws {
+        let table = LeaseTable(logger: testLogger("weft.lease.test"), recallsDisabled: false)
+        let client = RecordingLeaseClient()
+        table.enable(7, client: client)
+        table.enable(1, client: RecordingLeaseClient())
+        _ = table.beginChange(1, [.init(42, isFile: true)])
+        let token = table.readToken()   // the read begins with the change under way
+        table.endChange([.init(42, isFile: true)])
+        XCTAssertTrue(table.grant(7, [42, 43], since: token))
+        XCTAssertEqual(client.notices.map(\.ino), [42])
+        XCTAssertEqual(table.holders(42), [:])
+        XCTAssertEqual(table.holders(43), [7: .read])
+    }
+
+    /// The changer's own reply is granted before its change ends: its own change and its end
+    /// are no reason for a notice, another session's change that ended meanwhile is.
+    func testAChangersReplyIsLeasedUnlessAnotherChangeOvertookIt() throws {
+        let table = LeaseTable(logger: testLogger("weft.lease.test"), recallsDisabled: false)
+        let changer = RecordingLeaseClient(), other = RecordingLeaseClient()
+        table.enable(1, client: changer)
+        table.enable(2, client: other)
+        let own = [LeaseTable.Target(42, isFile: true)]
+        var token = table.beginChange(1, own)
+        XCTAssertTrue(table.grant(1, [42], since: token, ownChange: own))
+        table.endChange(own)
+        XCTAssertEqual(changer.notices.map(\.ino), [])
+        XCTAssertEqual(table.holders(42), [1: .read])
+
+        _ = table.beginChange(2, [.init(43, isFile: true)])   // under way before the changer's
+        token = table.beginChange(1, [.init(43, isFile: true)])
+        table.endChange([.init(43, isFile: true)])           // the other change ends first
+        XCTAssertTrue(table.grant(1, [43], since: token, ownChange: [.init(43, isFile: true)]))
+        table.endChange([.init(43, isFile: true)])
+        XCTAssertEqual(changer.notices.map(\.ino), [43])
+        XCTAssertEqual(table.holders(43), [:])
+    }
+
     /// A holder handles a recall, reads the file again at once, and that read reaches the home
     /// before the recall's answer: the newer lease must outlive the recall, or the holder
     /// caches what the next change will not recall (a stale read the checker caught).
