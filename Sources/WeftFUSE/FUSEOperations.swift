@@ -25,8 +25,8 @@ extension FUSEAdapter {
         ops.forget_multi = { req, _, _ in fuse_reply_none(req) }
         ops.getattr = { req, ino, _ in
             let refreshes = FUSEAdapter.adapter(req).vfs.leaseCache.refreshes
-            refreshes.begin(ino)
-            defer { refreshes.end(ino) }
+            let ticket = refreshes.begin(ino)
+            defer { refreshes.end(ino, ticket) }
             FUSEAdapter.reply(req, staleIfMissing: true) {
                 let a = FUSEAdapter.adapter(req)
                 a.replyAttributes(req, try a.vfs.getattr(FUSEAdapter.credentials(req), ino: ino))

@@ -73,53 +73,74 @@ public final class LeaseCache: @unchecked Sendable {
 /// inode can wait for them (SPEC.md §12.6, "A size refresh that a recall overtakes"): the
 /// kernel discards the attributes of a `GETATTR` if an invalidation of the inode came after it
 /// sent the request, and a `read()` that asked for them to learn the file's size then stops at
-/// the size it had. So an invalidation waits while a `GETATTR` of its inode is unanswered, and
-/// until `graceNs` after the last answer (the asking thread still has to take it in), at most
-/// `waitMaxNs` in all. The home does not wait for this agent to answer a `GETATTR`, so the wait
-/// ends. A `GETATTR` the kernel sent but the agent has not read yet is not known here: the
-/// window left is that queueing time plus the grace, against the whole round trip to the home
-/// before.
+/// the size it had. So an invalidation waits for the `GETATTR`s of its inode that were being
+/// answered when it asked, and until `graceNs` after the last of their answers (the asking
+/// thread still has to take it in), at most `waitMaxNs` in all. Later ones do not hold it up:
+/// under a steady stream of `stat`s from another process there is always one, and waiting for
+/// all of them made every recall of a polled file take the whole bound. The home does not wait
+/// for this agent to answer a `GETATTR`, so the wait ends. A `GETATTR` the kernel sent but the
+/// agent has not read yet is not known here: the window left is that queueing time plus the
+/// grace, against the whole round trip to the home before.
 public final class RefreshesInFlight: @unchecked Sendable {
     private let condition = NSCondition()
-    private var running: [UInt64: Int] = [:]
-    private var answeredNs: [UInt64: UInt64] = [:]
+    private var nextTicket: UInt64 = 0
+    /// Tickets of the `GETATTR`s of each inode being answered.
+    private var running: [UInt64: [UInt64]] = [:]
+    /// Answers of the last `graceNs`, by inode: (ticket, when).
+    private var answered: [UInt64: [(ticket: UInt64, ns: UInt64)]] = [:]
     public static let graceNs: UInt64 = 2_000_000
     public static let waitMaxNs: UInt64 = 500_000_000
+    /// At most this many inodes' answers are kept for the grace; older ones are pruned then.
+    static let answeredInodesMax = 4096
 
     public init() {}
 
-    public func begin(_ ino: UInt64) {
-        condition.withLock { running[ino, default: 0] += 1 }
+    /// A `GETATTR` of `ino` is being answered; pass the ticket to `end`.
+    public func begin(_ ino: UInt64) -> UInt64 {
+        condition.withLock {
+            nextTicket += 1
+            running[ino, default: []].append(nextTicket)
+            return nextTicket
+        }
     }
 
-    public func end(_ ino: UInt64) {
+    public func end(_ ino: UInt64, _ ticket: UInt64) {
         condition.withLock {
-            let count = running[ino, default: 1] - 1
-            running[ino] = count > 0 ? count : nil
-            answeredNs[ino] = Leases.nowNs()
-            if answeredNs.count > 4096 {
-                let now = Leases.nowNs()
-                answeredNs = answeredNs.filter { now &- $0.value < Self.graceNs }
+            let now = Leases.nowNs()
+            if var tickets = running[ino], let index = tickets.firstIndex(of: ticket) {
+                tickets.remove(at: index)
+                running[ino] = tickets.isEmpty ? nil : tickets
+            }
+            var recent = (answered[ino] ?? []).filter { now &- $0.ns < Self.graceNs }
+            recent.append((ticket, now))
+            answered[ino] = recent
+            if answered.count > Self.answeredInodesMax {
+                answered = answered.compactMapValues { list in
+                    let kept = list.filter { now &- $0.ns < Self.graceNs }
+                    return kept.isEmpty ? nil : kept
+                }
             }
             condition.broadcast()
         }
     }
 
-    /// Returns when no `GETATTR` of `ino` is being answered and none was answered within the
-    /// grace, or after `waitMaxNs`.
+    /// Returns when none of the `GETATTR`s of `ino` under way at the call is being answered and
+    /// none of them was answered within the grace, or after `waitMaxNs`.
     public func waitForNone(_ ino: UInt64) {
         let deadline = Leases.nowNs() + Self.waitMaxNs
         condition.lock()
         defer { condition.unlock() }
+        let cutoff = nextTicket
         while true {
             let now = Leases.nowNs()
             guard now < deadline else { return }
-            if running[ino] != nil {
+            if running[ino]?.contains(where: { $0 <= cutoff }) == true {
                 _ = condition.wait(until: Date(timeIntervalSinceNow: Double(deadline - now) / 1e9))
                 continue
             }
-            guard let answered = answeredNs[ino], now &- answered < Self.graceNs else { return }
-            let left = min(Self.graceNs - (now &- answered), deadline - now)
+            let last = answered[ino]?.filter { $0.ticket <= cutoff }.map(\.ns).max()
+            guard let last, now &- last < Self.graceNs else { return }
+            let left = min(Self.graceNs - (now &- last), deadline - now)
             Trace.note("fuse inval ino=\(ino) waits \(left / 1000) us after a GETATTR answer")
             _ = condition.wait(until: Date(timeIntervalSinceNow: Double(left) / 1e9))
         }
