@@ -294,19 +294,19 @@ extension MetaStore {
             if let after, !isDotOrDotDot(after) {
                 start = Key.entry(ino, after)
             }
+            // A page shorter than `limit` is the end of the directory (the agent relies on it to
+            // list a small directory in one read, SPEC.md §7): an entry whose inode is missing
+            // is skipped without taking a place in the page.
             let prefix = Key.entryPrefix(ino)
-            var pending: [([UInt8], EntryValue)] = []
             if entries.count < limit {
                 try db.scan(prefix: prefix, from: start) { key, value in
                     let name = Array(key[prefix.count...])
                     if let after, name == after { return true }
-                    pending.append((name, try EntryValue.decode(value)))
-                    return entries.count + pending.count < limit
+                    let entry = try EntryValue.decode(value)
+                    guard let child = try t.inodeIfPresent(entry.ino) else { return true }
+                    entries.append(DirectoryEntry(name: name, ino: entry.ino, attributes: child.attributes))
+                    return entries.count < limit
                 }
-            }
-            for (name, value) in pending {
-                guard let child = try t.inodeIfPresent(value.ino) else { continue }
-                entries.append(DirectoryEntry(name: name, ino: value.ino, attributes: child.attributes))
             }
             return entries
         }

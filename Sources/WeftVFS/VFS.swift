@@ -506,6 +506,9 @@ public final class VFS: @unchecked Sendable {
         return id
     }
 
+    /// Entries the agent asks the home for at a time.
+    static let directoryPageEntries = 1024
+
     /// Entries from index `offset` on, at most `limit`; each entry's next offset is its index + 1.
     public func readdir(handle id: UInt64, offset: Int, limit: Int) throws -> [DirectoryEntry] {
         lock.lock()
@@ -520,8 +523,10 @@ public final class VFS: @unchecked Sendable {
         }
         while !handle.complete && handle.entries.count < offset + limit {
             let after = handle.entries.last?.name
-            let page = try hub.readdir(handle.context, ino: handle.ino, after: after, limit: 1024)
-            if page.isEmpty { handle.complete = true }
+            let page = try hub.readdir(handle.context, ino: handle.ino, after: after, limit: Self.directoryPageEntries)
+            // A short page is the end: a directory of fewer entries is listed from one read at
+            // the home, one instant of it, not pages from before and after a change.
+            if page.count < Self.directoryPageEntries { handle.complete = true }
             handle.entries.append(contentsOf: page)
         }
         guard offset < handle.entries.count else { return [] }

@@ -275,6 +275,25 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(try contents(of: ino, via: try makeAgent()), [2, 2])
     }
 
+    /// The kernel lists a directory in several `readdir` calls; a directory that fits one page
+    /// is read from the home once, so a rename between those calls cannot show both names (the
+    /// two-hub linearizability test caught a listing with both the old and the new name: the
+    /// agent had asked the home again after the first page, seed 3138).
+    func testASmallDirectoryIsListedFromOneReadOfTheHome() throws {
+        let agent = try makeAgent(), other = try makeAgent()
+        let directory = try agent.mkdir(rootCaller, parent: root, name: bytes("snap"), mode: 0o755, umask: 0)
+        _ = try agent.mknod(rootCaller, parent: directory.ino, name: bytes("a"), mode: regularFile | 0o644, rdev: 0, umask: 0)
+        let handle = try agent.opendir(rootCaller, ino: directory.ino)
+        defer { agent.releasedir(handle: handle) }
+        let first = try agent.readdir(handle: handle, offset: 0, limit: 2)
+        try other.rename(rootCaller, parent: directory.ino, name: bytes("a"), newParent: directory.ino, newName: bytes("b"),
+                         flags: [])
+        let rest = try agent.readdir(handle: handle, offset: first.count, limit: 100)
+        XCTAssertEqual((first + rest).map(\.name), [bytes("."), bytes(".."), bytes("a")], "one instant: before the rename")
+        let again = try agent.readdir(handle: handle, offset: 0, limit: 100)
+        XCTAssertEqual(again.map(\.name), [bytes("."), bytes(".."), bytes("b")], "rewinddir reads the home again")
+    }
+
     func testDirectoryListingThroughTheAgent() throws {
         let agent = try makeAgent()
         let directory = try agent.mkdir(rootCaller, parent: root, name: bytes("listing"), mode: 0o755, umask: 0)
