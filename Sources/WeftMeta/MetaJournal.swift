@@ -34,7 +34,6 @@ final class MetaJournal {
         var replayedRecords: Int
         /// Intact records of the lap after the first one that was not (warned about, not applied).
         var skippedRecords: Int
-        var created: Bool
     }
 
     let path: String
@@ -102,7 +101,7 @@ final class MetaJournal {
         }
         let journal = MetaJournal(path: filePath, fd: fd, lap: lap, fileBytes: fileBytes, geometry: geometry,
                                   logger: logger)
-        var recovery = Recovery(lap: lap, replayedRecords: 0, skippedRecords: 0, created: false)
+        var recovery = Recovery(lap: lap, replayedRecords: 0, skippedRecords: 0)
         try journal.replayLap(into: &recovery, replay)
         return (journal, recovery)
     }
@@ -135,13 +134,13 @@ final class MetaJournal {
             }
             if tail + recordBytes > fileBytes { return nil }
         }
+        // The record is built in one reused buffer: header, payload, padding (no allocation).
         scratch.removeAll(keepingCapacity: true)
-        var writer = ByteWriter()
-        writer.u64(lap); writer.u64(nextSeq); writer.u32(UInt32(payload.count))
-        var checksum = writer.bytes.withUnsafeBytes { crc32c($0) }
-        checksum = crc32c(payload, seed: checksum)
-        writer.u32(checksum)
-        scratch.append(contentsOf: writer.bytes)
+        withUnsafeBytes(of: lap.littleEndian) { scratch.append(contentsOf: $0) }
+        withUnsafeBytes(of: nextSeq.littleEndian) { scratch.append(contentsOf: $0) }
+        withUnsafeBytes(of: UInt32(payload.count).littleEndian) { scratch.append(contentsOf: $0) }
+        let checksum = crc32c(payload, seed: scratch.withUnsafeBytes { crc32c($0) })
+        withUnsafeBytes(of: checksum.littleEndian) { scratch.append(contentsOf: $0) }
         scratch.append(contentsOf: payload)
         scratch.append(contentsOf: repeatElement(0, count: recordBytes - scratch.count))
         let offset = tail
