@@ -15,9 +15,11 @@ final class ResponseWaiter {
 }
 
 /// One connection to the hub and what lives on it. Every field is guarded by `RemoteHub`'s lock;
-/// `channel` is set once, before the connection is published.
+/// `channel` and `sender` are set once, before the connection is published.
 final class ClientConnection {
     var channel: Channel?
+    /// Writes this connection's frames from the calling thread; set with `channel`.
+    var sender: DirectSender?
     /// False from the moment the channel is known to be closed; then `pending` is empty.
     var isOpen = true
     /// Requests sent and not yet answered, by request id.

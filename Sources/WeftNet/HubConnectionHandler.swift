@@ -6,6 +6,7 @@ import Darwin
 import Logging
 import NIOCore
 import NIOPosix
+import Synchronization
 import WeftProto
 
 /// What a connection handler shares with its server: the hub, the worker pool, the limits, and
@@ -187,9 +188,27 @@ final class HubConnectionHandler: ChannelDuplexHandler {
     typealias OutboundOut = ByteBuffer
 
     private let core: ServerCore
+    /// Writes this connection's responses and recalls from the threads that make them.
+    private let sender: DirectSender
     private var context: ChannelHandlerContext?
     private var peer = "unknown peer"
-    private var inFlight = 0
+    /// What the workers share with the loop.
+    private let flow = Flow()
+
+    /// Requests of one connection in flight, and whether its loop must hear of their finishes.
+    final class Flow: Sendable {
+        /// Requests dispatched and not finished: raised by the loop, lowered by the workers, which
+        /// tell the loop of a finish only when it asked (`loopWanted`) or when it has work to do
+        /// for it (a session opened or closed, a malformed frame): waking the loop for every
+        /// response cost as much as the hand-off that direct sends remove (SPEC.md §4).
+        let running = Atomic<Int>(0)
+        /// Set by the loop while it must hear of every finish: reading is withheld, frames wait,
+        /// or the connection ended. The loop sets it, then looks at `running` again; a worker
+        /// lowers `running`, then looks at this (both sequentially consistent): one of them sees
+        /// the other.
+        let loopWanted = Atomic<Bool>(false)
+    }
+    private var inFlight: Int { flow.running.load(ordering: .sequentiallyConsistent) }
     /// Frames read while `inFlight` was at its bound; never longer than one socket read's worth.
     private var waiting = CircularBuffer<InboundFrame>(initialCapacity: 16)
     private var readWithheld = false
@@ -201,8 +220,9 @@ final class HubConnectionHandler: ChannelDuplexHandler {
     private var sessionsReleased = false
     private var leases: ConnectionLeases?
 
-    init(core: ServerCore) {
+    init(core: ServerCore, sender: DirectSender) {
         self.core = core
+        self.sender = sender
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -212,7 +232,7 @@ final class HubConnectionHandler: ChannelDuplexHandler {
         } else if let local = context.channel.localAddress {
             peer = "unix peer on \(local)"
         }
-        leases = ConnectionLeases(channel: context.channel)
+        leases = ConnectionLeases(channel: context.channel, sender: sender)
         core.connectionStarted()
         core.logger.debug("agent connected", metadata: ["peer": "\(peer)"])
     }
@@ -240,10 +260,11 @@ final class HubConnectionHandler: ChannelDuplexHandler {
             return
         }
         let request = Self.detachingBulk(frame)
-        if inFlight < core.maxInFlightRequestsPerConnection {
+        if waiting.isEmpty && inFlight < core.maxInFlightRequestsPerConnection {
             dispatch(request)
         } else {
             waiting.append(request)
+            wantLoop()
         }
     }
 
@@ -274,6 +295,7 @@ final class HubConnectionHandler: ChannelDuplexHandler {
     func read(context: ChannelHandlerContext) {
         if inFlight >= core.maxInFlightRequestsPerConnection || !context.channel.isWritable {
             readWithheld = true
+            wantLoop()
         } else {
             context.read()
         }
@@ -305,31 +327,48 @@ final class HubConnectionHandler: ChannelDuplexHandler {
 
     private func dispatch(_ frame: InboundFrame) {
         guard let context else { return }
-        inFlight += 1
+        flow.running.add(1, ordering: .sequentiallyConsistent)
         let core = self.core
         let loop = context.eventLoop
         let allocator = context.channel.allocator
         let handler = NIOLoopBound(self, eventLoop: loop)
         let leases = self.leases
+        let sender = self.sender
+        let flow = self.flow
         core.pool.submit { state in
             let outcome = core.execute(frame, allocator: allocator, cancelled: state == .cancelled, leases: leases)
-            loop.execute { handler.value.finished(outcome) }
+            // The response leaves from this thread (SPEC.md §4, Direct sends); the loop only
+            // does the bookkeeping.
+            var loopNeeded = true
+            if case .respond(let buffer, let change) = outcome {
+                sender.send(buffer)
+                if case .none = change { loopNeeded = false }
+            }
+            flow.running.subtract(1, ordering: .sequentiallyConsistent)
+            if loopNeeded || flow.loopWanted.load(ordering: .sequentiallyConsistent) {
+                loop.execute { handler.value.finished(outcome) }
+            }
         }
     }
 
+    /// A finish the loop hears of (its response is already sent).
     private func finished(_ outcome: ServerCore.Outcome) {
-        inFlight -= 1
         switch outcome {
-        case .respond(let buffer, let change):
+        case .respond(_, let change):
             switch change {
             case .none: break
             case .opened(let session): sessions.insert(session)
             case .closed(let session): sessions.remove(session)
             }
-            if isOpen, let context { context.writeAndFlush(wrapOutboundOut(buffer), promise: nil) }
         case .violation(let error):
             closeForViolation(error)
         }
+        catchUp()
+    }
+
+    /// Does what finished requests allow: dispatches waiting frames, resumes reading, releases
+    /// the sessions of an ended connection; stops asking to hear of finishes when nothing waits.
+    private func catchUp() {
         guard isOpen else {
             if inFlight == 0 { releaseSessions() }
             return
@@ -338,6 +377,20 @@ final class HubConnectionHandler: ChannelDuplexHandler {
             dispatch(next)
         }
         resumeReading()
+        if waiting.isEmpty && !readWithheld {
+            flow.loopWanted.store(false, ordering: .sequentiallyConsistent)
+        }
+    }
+
+    /// Asks the workers to report every finish, then looks once more at what may have finished
+    /// meanwhile (a worker that finished before the flag was set did not report it).
+    private func wantLoop() {
+        flow.loopWanted.store(true, ordering: .sequentiallyConsistent)
+        if inFlight < core.maxInFlightRequestsPerConnection, let loop = context?.eventLoop {
+            // Not inline: the caller (channelRead, read) is in the middle of its own bookkeeping.
+            let handler = NIOLoopBound(self, eventLoop: loop)
+            loop.execute { handler.value.catchUp() }
+        }
     }
 
     private func resumeReading() {
@@ -362,6 +415,7 @@ final class HubConnectionHandler: ChannelDuplexHandler {
         isOpen = false
         leases?.closed()
         waiting.removeAll()
+        flow.loopWanted.store(true, ordering: .sequentiallyConsistent)
         core.logger.debug("agent disconnected", metadata: ["peer": "\(peer)", "sessions": "\(sessions.count)"])
         if inFlight == 0 { releaseSessions() }
     }

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import Foundation
 import Logging
 import NIOCore
 import NIOPosix
@@ -33,10 +34,13 @@ public final class HubServer: @unchecked Sendable {
     private let idleTimeoutMs: Int?
 
     private let lock = PthreadMutex()
-    private var listeners: [Channel] = []
+    /// Listening sockets and the threads that accept on them (SPEC.md §4, Direct sends).
+    private var listeners: [Acceptor] = []
     private var connections: [ObjectIdentifier: Channel] = [:]
     private var unixSocketPaths: [String] = []
     private var isShutDown = false
+    /// Connections admitted and not yet in `connections` (being set up).
+    private var admitted = 0
 
     public init(hub: HubAPI, logger: Logger,
                 workerThreads: Int = HubServer.defaultWorkerThreads,
@@ -59,16 +63,19 @@ public final class HubServer: @unchecked Sendable {
     /// Starts accepting TCP connections on `host:port`; port 0 picks a free port. Returns the bound port.
     @discardableResult
     public func listen(host: String, port: Int) throws -> Int {
-        let channel = try bind("\(host):\(port)") { $0.bind(host: host, port: port) }
-        let bound = channel.localAddress?.port ?? port
-        logger.info("hub listening", metadata: ["address": "\(host):\(bound)"])
-        return bound
+        let bound = try startListening("\(host):\(port)") {
+            try Sockets.listen(host: host, port: port, backlog: Self.backlog)
+        }
+        logger.info("hub listening", metadata: ["address": "\(host):\(bound.port)"])
+        return bound.port
     }
 
     /// Starts accepting connections on a Unix socket at `unixSocketPath` (a stale socket file
     /// there is replaced). The file is removed by `shutdown()`.
     public func listen(unixSocketPath: String) throws {
-        _ = try bind(unixSocketPath) { $0.bind(unixDomainSocketPath: unixSocketPath, cleanupExistingSocketFile: true) }
+        _ = try startListening(unixSocketPath) {
+            (try Sockets.listen(unixPath: unixSocketPath, backlog: Self.backlog), 0)
+        }
         lock.withLock { unixSocketPaths.append(unixSocketPath) }
         logger.info("hub listening", metadata: ["address": "unix:\(unixSocketPath)"])
     }
@@ -79,13 +86,22 @@ public final class HubServer: @unchecked Sendable {
     /// Stops listening, closes every connection, waits (bounded) for running requests and for
     /// the departed agents' sessions to be closed, then stops the threads. Idempotent.
     public func shutdown() {
-        let snapshot: ([Channel], [Channel], [String])? = lock.withLock {
+        let snapshot: ([Acceptor], [String])? = lock.withLock {
             if isShutDown { return nil }
             isShutDown = true
-            return (listeners, Array(connections.values), unixSocketPaths)
+            return (listeners, unixSocketPaths)
         }
-        guard let (listeners, connections, paths) = snapshot else { return }
-        for channel in listeners { try? channel.close().wait() }
+        guard let (listeners, paths) = snapshot else { return }
+        for listener in listeners {
+            // Ends the accept thread's accept4 (EINVAL); the thread closes the socket.
+            Glibc.shutdown(listener.descriptor, Int32(SHUT_RDWR))
+        }
+        for listener in listeners { listener.waitUntilFinished() }
+        // Every accept thread has finished setting up what it accepted: all are here.
+        let connections: [Channel] = lock.withLock {
+            self.listeners.removeAll()
+            return Array(self.connections.values)
+        }
         for channel in connections { try? channel.close().wait() }
         if !core.waitUntilIdle(timeoutMs: Self.shutdownDrainTimeoutMs) {
             logger.warning("hub shutdown: requests still running after \(Self.shutdownDrainTimeoutMs) ms")
@@ -100,33 +116,69 @@ public final class HubServer: @unchecked Sendable {
         if !isShutDown { logger.warning("HubServer released without shutdown(): its threads leak") }
     }
 
-    private func bind(_ address: String, _ body: (ServerBootstrap) -> EventLoopFuture<Channel>) throws -> Channel {
+    static let backlog: Int32 = 256
+
+    /// Opens a listening socket with `open` and starts its accept thread.
+    private func startListening(_ address: String, _ open: () throws -> (Int32, Int)) throws -> (descriptor: Int32, port: Int) {
         try lock.withLock {
             if isShutDown { throw WeftError(ESHUTDOWN, "hub server is shut down") }
         }
-        let channel: Channel
+        let (descriptor, port): (Int32, Int)
         do {
-            channel = try body(bootstrap()).wait()
-        } catch let error as IOError {
-            throw WeftError(error.errnoCode, "cannot listen on \(address): \(error)")
-        } catch {
-            throw WeftError(EIO, "cannot listen on \(address): \(error)")
+            (descriptor, port) = try open()
+        } catch let error as WeftError {
+            throw WeftError(error.errno, "cannot listen on \(address): \(error.message)")
         }
-        lock.withLock { listeners.append(channel) }
-        return channel
+        let acceptor = Acceptor(descriptor: descriptor)
+        try lock.withLock {
+            guard !isShutDown else {
+                Glibc.close(descriptor)
+                throw WeftError(ESHUTDOWN, "hub server is shut down")
+            }
+            listeners.append(acceptor)
+        }
+        Thread.detachNewThread { [self] in
+            acceptLoop(descriptor)
+            acceptor.finished()
+        }
+        return (descriptor, port)
     }
 
-    private func bootstrap() -> ServerBootstrap {
+    /// Accepts connections on `listener` until it is shut down, then closes it.
+    private func acceptLoop(_ listener: Int32) {
+        while let descriptor = Sockets.accept(listener) {
+            serve(descriptor)
+        }
+        Glibc.close(listener)
+    }
+
+    /// Makes a channel of an accepted socket, with a duplicate of it for direct sends.
+    private func serve(_ descriptor: Int32) {
+        guard admit() else {
+            Glibc.close(descriptor)
+            logger.warning("refusing agent connection", metadata: [
+                "reason": "server is shutting down or has \(maxConnections) connections"])
+            return
+        }
+        let duplicate = dup(descriptor)
+        guard duplicate >= 0 else {
+            Glibc.close(descriptor)
+            lock.withLock { admitted -= 1 }
+            logger.warning("refusing agent connection", metadata: ["reason": "dup: \(String(cString: strerror(errno)))"])
+            return
+        }
         let core = self.core
         let idleTimeoutMs = self.idleTimeoutMs
-        return ServerBootstrap(group: group)
-            .serverChannelOption(ChannelOptions.backlog, value: 256)
-            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(ChannelOptions.recvAllocator,
-                                value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 4096, maximum: 256 * 1024))
-            .childChannelOption(ChannelOptions.allocator, value: BulkMemory.allocator)
-            .childChannelInitializer { [weak self] channel in
-                guard let self, self.admit(channel) else { return channel.close() }
+        final class Made: @unchecked Sendable { var sender = false }
+        let made = Made()
+        let channel = ClientBootstrap(group: group)
+            .channelOption(ChannelOptions.recvAllocator,
+                           value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 4096, maximum: 256 * 1024))
+            .channelOption(ChannelOptions.allocator, value: BulkMemory.allocator)
+            .channelInitializer { channel in
+                // First, so that the duplicate closes with the channel whatever fails next.
+                let sender = DirectSender(descriptor: duplicate, channel: channel)
+                made.sender = true
                 do {
                     if let idleTimeoutMs {
                         // An agent pings every few seconds; silence this long means it is gone
@@ -135,31 +187,64 @@ public final class HubServer: @unchecked Sendable {
                             IdleStateHandler(readTimeout: .milliseconds(Int64(idleTimeoutMs))))
                     }
                     try channel.pipeline.syncOperations.addHandlers(
-                        ByteToMessageHandler(FrameDecoder()), HubConnectionHandler(core: core))
+                        ByteToMessageHandler(FrameDecoder()), HubConnectionHandler(core: core, sender: sender))
                     return channel.eventLoop.makeSucceededVoidFuture()
                 } catch {
                     return channel.eventLoop.makeFailedFuture(error)
                 }
             }
+            .withConnectedSocket(descriptor)
+        do {
+            let channel = try channel.wait()
+            lock.withLock {
+                admitted -= 1
+                connections[ObjectIdentifier(channel)] = channel
+            }
+            channel.closeFuture.whenComplete { [weak self] _ in
+                guard let self else { return }
+                self.lock.withLock { _ = self.connections.removeValue(forKey: ObjectIdentifier(channel)) }
+            }
+            if lock.withLock({ isShutDown }) { channel.close(promise: nil) }
+        } catch {
+            // NIO closed the socket; the initializer's sender (if made) closes the duplicate with
+            // the channel, else it is closed here.
+            if !made.sender { Glibc.close(duplicate) }
+            lock.withLock { admitted -= 1 }
+            logger.warning("could not set up agent connection", metadata: ["error": "\(error)"])
+        }
     }
 
-    /// Registers a new connection, or refuses it when the server is at its bound or shutting down.
-    private func admit(_ channel: Channel) -> Bool {
-        let admitted: Bool = lock.withLock {
-            guard !isShutDown, connections.count < maxConnections else { return false }
-            connections[ObjectIdentifier(channel)] = channel
+    /// Counts a new connection in, or refuses it when the server is at its bound or shutting down.
+    private func admit() -> Bool {
+        lock.withLock {
+            guard !isShutDown, connections.count + admitted < maxConnections else { return false }
+            admitted += 1
             return true
         }
-        guard admitted else {
-            logger.warning("refusing agent connection", metadata: [
-                "peer": "\(channel.remoteAddress?.description ?? "unix peer")",
-                "reason": "server is shutting down or has \(maxConnections) connections"])
-            return false
+    }
+}
+
+/// One listening socket and whether its accept thread has ended.
+private final class Acceptor: @unchecked Sendable {
+    let descriptor: Int32
+    private let lock = PthreadMutex()
+    private let ended = ConditionVariable()
+    private var isFinished = false
+
+    init(descriptor: Int32) {
+        self.descriptor = descriptor
+    }
+
+    func finished() {
+        lock.withLock {
+            isFinished = true
+            ended.broadcast()
         }
-        channel.closeFuture.whenComplete { [weak self] _ in
-            guard let self else { return }
-            self.lock.withLock { _ = self.connections.removeValue(forKey: ObjectIdentifier(channel)) }
+    }
+
+    func waitUntilFinished() {
+        lock.withLock {
+            while !isFinished { _ = ended.wait(lock, deadlineNs: UInt64.max) }
         }
-        return true
     }
 }

@@ -221,13 +221,13 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         let deadlineNs = MonotonicClock.deadlineNs(afterMs: requestTimeoutMs)
 
         // Register: take a slot and an id, substitute the live session.
-        let (id, wireRequest, channel): (UInt64, HubRequest, Channel) = try lock.withLock {
+        let (id, wireRequest, channel, sender): (UInt64, HubRequest, Channel, DirectSender) = try lock.withLock {
             while connection.isOpen && connection.pending.count >= Self.maxInFlightRequests {
                 slotWaiters += 1
                 defer { slotWaiters -= 1 }
                 if !stateChanged.wait(lock, deadlineNs: deadlineNs) { throw timedOut(opcode) }
             }
-            guard connection.isOpen, let channel = connection.channel else { throw NotSent() }
+            guard connection.isOpen, let channel = connection.channel, let sender = connection.sender else { throw NotSent() }
             let id = nextRequestID
             nextRequestID &+= 1
             waiter.outcome = nil
@@ -242,7 +242,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             if substituteSession, let session = request.session, let liveID = connection.liveSessions[session], liveID != session {
                 wireRequest = request.withSession(liveID)
             }
-            return (id, wireRequest, channel)
+            return (id, wireRequest, channel, sender)
         }
         if channel.eventLoop.inEventLoop {
             abandon(id, on: connection)
@@ -256,7 +256,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             abandon(id, on: connection)
             throw error
         }
-        channel.writeAndFlush(buffer, promise: nil)
+        sender.send(buffer)
 
         let frame: InboundFrame = try lock.withLock {
             while waiter.outcome == nil {
@@ -472,8 +472,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// `connectTimeoutMs` for the connection and `requestTimeoutMs` per reopened session.
     private func establishConnection() throws -> ClientConnection {
         let connection = ClientConnection(expectedInFlight: 64)
-        var bootstrap = ClientBootstrap(group: group)
-            .connectTimeout(.milliseconds(Int64(connectTimeoutMs)))
+        let bootstrap = ClientBootstrap(group: group)
             .channelOption(ChannelOptions.recvAllocator,
                            value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 4096, maximum: 256 * 1024))
             .channelOption(ChannelOptions.allocator, value: BulkMemory.allocator)
@@ -483,19 +482,31 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
                         ByteToMessageHandler(FrameDecoder()), ClientResponseHandler(hub: self, connection: connection))
                 }
             }
-        let channel: Channel
+        // Weft connects the socket itself and keeps a duplicate to send on (SPEC.md §4, Direct sends).
+        let descriptor: Int32
         do {
-            switch address {
-            case let .tcp(host, port):
-                bootstrap = bootstrap.channelOption(ChannelOptions.socketOption(.so_keepalive), value: 1)
-                channel = try bootstrap.connect(host: host, port: port).wait()
-            case let .unix(path):
-                channel = try bootstrap.connect(unixDomainSocketPath: path).wait()
-            }
+            descriptor = try Sockets.connect(address, timeoutMs: connectTimeoutMs)
         } catch {
             throw doesNotAnswer(describeConnectFailure(error))
         }
-        lock.withLock { connection.channel = channel }
+        let duplicate = dup(descriptor)
+        guard duplicate >= 0 else {
+            let reason = String(cString: strerror(errno))
+            Glibc.close(descriptor)
+            throw doesNotAnswer(reason)
+        }
+        let channel: Channel
+        do {
+            channel = try bootstrap.withConnectedSocket(descriptor).wait()
+        } catch {
+            Glibc.close(duplicate)
+            throw doesNotAnswer(describeConnectFailure(error))
+        }
+        let sender = DirectSender(descriptor: duplicate, channel: channel)
+        lock.withLock {
+            connection.channel = channel
+            connection.sender = sender
+        }
         let heartbeat = channel.eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(Int64(Self.heartbeatMs)),
                                                                delay: .milliseconds(Int64(Self.heartbeatMs))) { [self] _ in
             guard channel.isActive, let ping = try? WireCodec.requestBuffer(id: Self.pingRequestID, .ping,
@@ -509,7 +520,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             }
             // No answer from the hub for too long: this agent's leases may already be void there.
             Self.reportLeasesLost(expired)
-            channel.writeAndFlush(ping, promise: nil)
+            sender.send(ping)
         }
         channel.closeFuture.whenComplete { _ in heartbeat.cancel() }
 
@@ -551,6 +562,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     }
 
     private func describeConnectFailure(_ error: Error) -> String {
+        if let failure = error as? Sockets.ConnectFailure { return failure.reason }
         if case ChannelError.connectTimeout = error { return "no connection within \(connectTimeoutMs) ms" }
         if let error = error as? NIOConnectionError {
             if let failure = error.connectionErrors.first { return describeConnectFailure(failure.error) }
@@ -598,15 +610,15 @@ extension RemoteHub {
             logger.error("closing hub connection: malformed callback frame", metadata: ["hub": "\(address)"])
             return false
         }
-        let (client, channel): (LeaseClient?, Channel?) = lock.withLock {
+        let (client, channel, sender): (LeaseClient?, Channel?, DirectSender?) = lock.withLock {
             let caller = connection.liveSessions.first { $0.value == live }?.key
-            return (caller.flatMap { leaseClients[$0] }, connection.channel)
+            return (caller.flatMap { leaseClients[$0] }, connection.channel, connection.sender)
         }
         if notice {
             _ = client?.recall(ino, names: names, notice: true, deadlineNs: 0)
             return true
         }
-        guard let channel else { return true }
+        guard let channel, let sender else { return true }
         let id = frame.header.requestID
         // Off the loop, on a thread of its own: the recall may commit buffered writes (round
         // trips) and must not wait behind other blocking work.
@@ -614,7 +626,7 @@ extension RemoteHub {
             _ = client?.recall(ino, names: names, notice: false, deadlineNs: UInt64.max)
             let answer = WireCodec.responseBuffer(id: id, rawOpcode: HubOpcode.recall.rawValue, .success(.empty),
                                                   allocator: channel.allocator)
-            channel.writeAndFlush(answer, promise: nil)
+            sender.send(answer)
         }
         return true
     }

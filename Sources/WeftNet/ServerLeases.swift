@@ -7,12 +7,14 @@ final class ConnectionLeases: @unchecked Sendable {
     private let lock = PthreadMutex()
     private let answered = ConditionVariable()
     private var channel: Channel?
+    private let sender: DirectSender
     private var pending: Set<UInt64> = []
     private var nextID: UInt64 = 1
     private var heardNs = MonotonicClock.nowNs()
 
-    init(channel: Channel) {
+    init(channel: Channel, sender: DirectSender) {
         self.channel = channel
+        self.sender = sender
     }
 
     /// Every frame from the agent proves it alive.
@@ -56,7 +58,7 @@ final class ConnectionLeases: @unchecked Sendable {
             lock.withLock { _ = pending.remove(id) }
             return notice
         }
-        channel.writeAndFlush(frame, promise: nil)
+        sender.send(frame)
         if notice { return true }
         lock.lock()
         defer { lock.unlock() }

@@ -1,0 +1,238 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Foundation
+import WeftProto
+
+/// The sockets Weft makes itself, to keep a duplicate for direct sends (SPEC.md §4, Direct sends).
+enum Sockets {
+    /// Why a connection could not be made, in words for "hub X does not answer (…)".
+    struct ConnectFailure: Error {
+        let reason: String
+    }
+
+    /// A connected, non-blocking stream socket to `address` within `timeoutMs` (resolution
+    /// included). TCP sockets get TCP_NODELAY and SO_KEEPALIVE.
+    static func connect(_ address: HubAddress, timeoutMs: Int) throws -> Int32 {
+        let deadlineNs = MonotonicClock.deadlineNs(afterMs: timeoutMs)
+        switch address {
+        case let .unix(path):
+            var storage = sockaddr_un()
+            storage.sun_family = sa_family_t(AF_UNIX)
+            let bytes = Array(path.utf8)
+            guard bytes.count < MemoryLayout.size(ofValue: storage.sun_path) else {
+                throw ConnectFailure(reason: "socket path too long")
+            }
+            withUnsafeMutableBytes(of: &storage.sun_path) { raw in
+                raw.copyBytes(from: bytes)
+                raw[bytes.count] = 0
+            }
+            return try withUnsafeBytes(of: &storage) { raw in
+                try connect(family: AF_UNIX, address: raw.baseAddress!.assumingMemoryBound(to: sockaddr.self),
+                            length: socklen_t(MemoryLayout<sockaddr_un>.size), deadlineNs: deadlineNs,
+                            timeoutMs: timeoutMs)
+            }
+        case let .tcp(host, port):
+            let candidates = try resolve(host: host, port: port, deadlineNs: deadlineNs, timeoutMs: timeoutMs)
+            var lastFailure = ConnectFailure(reason: "no address for \(host)")
+            for candidate in candidates {
+                do {
+                    let descriptor = try candidate.withUnsafeBytes { raw in
+                        try connect(family: Int32(raw.load(as: sockaddr.self).sa_family),
+                                    address: raw.baseAddress!.assumingMemoryBound(to: sockaddr.self),
+                                    length: socklen_t(raw.count), deadlineNs: deadlineNs, timeoutMs: timeoutMs)
+                    }
+                    var one: Int32 = 1
+                    setsockopt(descriptor, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                    setsockopt(descriptor, SOL_SOCKET, SO_KEEPALIVE, &one, socklen_t(MemoryLayout<Int32>.size))
+                    return descriptor
+                } catch let failure as ConnectFailure {
+                    lastFailure = failure
+                    if MonotonicClock.nowNs() >= deadlineNs { break }
+                }
+            }
+            throw lastFailure
+        }
+    }
+
+    /// One non-blocking connect, waited for with poll until `deadlineNs`.
+    private static func connect(family: Int32, address: UnsafePointer<sockaddr>, length: socklen_t,
+                                deadlineNs: UInt64, timeoutMs: Int) throws -> Int32 {
+        let descriptor = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard descriptor >= 0 else { throw ConnectFailure(reason: String(cString: strerror(errno))) }
+        var rc = Glibc.connect(descriptor, address, length)
+        while rc != 0 && errno == EINTR { rc = Glibc.connect(descriptor, address, length) }
+        if rc == 0 { return descriptor }
+        guard errno == EINPROGRESS || errno == EAGAIN else {
+            let reason = String(cString: strerror(errno))
+            Glibc.close(descriptor)
+            throw ConnectFailure(reason: reason)
+        }
+        while true {
+            let now = MonotonicClock.nowNs()
+            guard now < deadlineNs else {
+                Glibc.close(descriptor)
+                throw ConnectFailure(reason: "no connection within \(timeoutMs) ms")
+            }
+            var waiter = pollfd(fd: descriptor, events: Int16(POLLOUT), revents: 0)
+            let waitMs = Int32(min((deadlineNs - now + 999_999) / 1_000_000, UInt64(Int32.max)))
+            let ready = poll(&waiter, 1, waitMs)
+            if ready < 0 && errno == EINTR { continue }
+            if ready <= 0 { continue }
+            var error: Int32 = 0
+            var size = socklen_t(MemoryLayout<Int32>.size)
+            getsockopt(descriptor, SOL_SOCKET, SO_ERROR, &error, &size)
+            if error == 0 { return descriptor }
+            Glibc.close(descriptor)
+            throw ConnectFailure(reason: String(cString: strerror(error)))
+        }
+    }
+
+    /// The addresses of `host`: a numeric one at once, a name through getaddrinfo on a helper
+    /// thread, awaited until `deadlineNs`.
+    private static func resolve(host: String, port: Int, deadlineNs: UInt64, timeoutMs: Int,
+                                passive: Bool = false) throws -> [[UInt8]] {
+        final class Answer: @unchecked Sendable {
+            let lock = PthreadMutex()
+            let done = ConditionVariable()
+            var result: Result<[[UInt8]], ConnectFailure>?
+        }
+        let answer = Answer()
+        let lookup: @Sendable () -> Void = {
+            var hints = addrinfo()
+            hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+            hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : AI_ADDRCONFIG)
+            var list: UnsafeMutablePointer<addrinfo>?
+            let rc = getaddrinfo(host, String(port), &hints, &list)
+            let result: Result<[[UInt8]], ConnectFailure>
+            if rc != 0 {
+                result = .failure(ConnectFailure(reason: "cannot resolve \(host): \(String(cString: gai_strerror(rc)))"))
+            } else {
+                var addresses: [[UInt8]] = []
+                var entry = list
+                while let current = entry {
+                    if let address = current.pointee.ai_addr {
+                        addresses.append(Array(UnsafeRawBufferPointer(start: address, count: Int(current.pointee.ai_addrlen))))
+                    }
+                    entry = current.pointee.ai_next
+                }
+                freeaddrinfo(list)
+                result = .success(addresses)
+            }
+            answer.lock.withLock {
+                answer.result = result
+                answer.done.broadcast()
+            }
+        }
+        if isNumeric(host) {
+            lookup()
+        } else {
+            WorkerPool.detach(lookup)
+        }
+        return try answer.lock.withLock {
+            while answer.result == nil {
+                if !answer.done.wait(answer.lock, deadlineNs: deadlineNs), answer.result == nil {
+                    throw ConnectFailure(reason: "cannot resolve \(host) within \(timeoutMs) ms")
+                }
+            }
+            return try answer.result!.get()
+        }
+    }
+
+    /// A listening TCP socket on `host:port` (port 0: any free port), and the port it got.
+    /// Throws WeftError with the errno of the failing call.
+    static func listen(host: String, port: Int, backlog: Int32) throws -> (descriptor: Int32, port: Int) {
+        let candidates: [[UInt8]]
+        do {
+            candidates = try resolve(host: host, port: port, deadlineNs: MonotonicClock.deadlineNs(afterMs: 10_000),
+                                     timeoutMs: 10_000, passive: true)
+        } catch let failure as ConnectFailure {
+            throw WeftError(EADDRNOTAVAIL, failure.reason)
+        }
+        guard let first = candidates.first else { throw WeftError(EADDRNOTAVAIL, "no address for \(host)") }
+        return try first.withUnsafeBytes { raw in
+            let family = Int32(raw.load(as: sockaddr.self).sa_family)
+            let descriptor = try listening(family: family, address: raw.baseAddress!.assumingMemoryBound(to: sockaddr.self),
+                                           length: socklen_t(raw.count), backlog: backlog, reuseAddress: true)
+            var bound = sockaddr_storage()
+            var size = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let boundPort: Int = withUnsafeMutablePointer(to: &bound) { pointer in
+                _ = pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(descriptor, $0, &size) }
+                if family == AF_INET6 {
+                    return pointer.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin6_port)) }
+                }
+                return pointer.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin_port)) }
+            }
+            return (descriptor, boundPort)
+        }
+    }
+
+    /// A listening Unix socket at `path`; a stale socket file there is replaced (any other file
+    /// is left alone: EADDRINUSE).
+    static func listen(unixPath path: String, backlog: Int32) throws -> Int32 {
+        var status = stat()
+        if lstat(path, &status) == 0 {
+            guard (status.st_mode & S_IFMT) == S_IFSOCK else {
+                throw WeftError(EADDRINUSE, "\(path) exists and is not a socket")
+            }
+            unlink(path)
+        }
+        var storage = sockaddr_un()
+        storage.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: storage.sun_path) else {
+            throw WeftError(ENAMETOOLONG, "socket path \(path) is too long")
+        }
+        withUnsafeMutableBytes(of: &storage.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        return try withUnsafeBytes(of: &storage) { raw in
+            try listening(family: AF_UNIX, address: raw.baseAddress!.assumingMemoryBound(to: sockaddr.self),
+                          length: socklen_t(MemoryLayout<sockaddr_un>.size), backlog: backlog, reuseAddress: false)
+        }
+    }
+
+    private static func listening(family: Int32, address: UnsafePointer<sockaddr>, length: socklen_t,
+                                  backlog: Int32, reuseAddress: Bool) throws -> Int32 {
+        let descriptor = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard descriptor >= 0 else { throw WeftError(errno, "socket: \(String(cString: strerror(errno)))") }
+        if reuseAddress {
+            var one: Int32 = 1
+            setsockopt(descriptor, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        }
+        guard bind(descriptor, address, length) == 0, Glibc.listen(descriptor, backlog) == 0 else {
+            let error = WeftError(errno, String(cString: strerror(errno)))
+            Glibc.close(descriptor)
+            throw error
+        }
+        return descriptor
+    }
+
+    /// The next connection on `listener` (close-on-exec); nil once the listener
+    /// is shut down or closed. Retries interruptions and transient failures (a peer that gave
+    /// up, no descriptors left: after a pause, so a full table does not spin).
+    static func accept(_ listener: Int32) -> Int32? {
+        while true {
+            // (Glibc's module does not export accept4; NIO makes the socket non-blocking.)
+            let descriptor = Glibc.accept(listener, nil, nil)
+            if descriptor >= 0 {
+                _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
+                return descriptor
+            }
+            switch errno {
+            case EINTR, ECONNABORTED, EPROTO: continue
+            case EMFILE, ENFILE, ENOBUFS, ENOMEM: usleep(10_000)
+            default: return nil
+            }
+        }
+    }
+
+    private static func isNumeric(_ host: String) -> Bool {
+        var v4 = in_addr()
+        var v6 = in6_addr()
+        return inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1
+    }
+}
