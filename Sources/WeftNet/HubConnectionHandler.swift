@@ -198,9 +198,9 @@ final class HubConnectionHandler: ChannelDuplexHandler {
     /// Requests of one connection in flight, and whether its loop must hear of their finishes.
     final class Flow: Sendable {
         /// Requests dispatched and not finished: raised by the loop, lowered by the workers, which
-        /// tell the loop of a finish only when it asked (`loopWanted`) or when it has work to do
-        /// for it (a session opened or closed, a malformed frame): waking the loop for every
-        /// response cost as much as the hand-off that direct sends remove (SPEC.md §4).
+        /// tell the loop of a finish only when it asked (`loopWanted`); a request that opens or
+        /// closes a session, or a malformed one, is finished on the loop. Waking the loop for
+        /// every response cost as much as the hand-off that direct sends remove (SPEC.md §4).
         let running = Atomic<Int>(0)
         /// Set by the loop while it must hear of every finish: reading is withheld, frames wait,
         /// or the connection ended. The loop sets it, then looks at `running` again; a worker
@@ -337,32 +337,37 @@ final class HubConnectionHandler: ChannelDuplexHandler {
         let flow = self.flow
         core.pool.submit { state in
             let outcome = core.execute(frame, allocator: allocator, cancelled: state == .cancelled, leases: leases)
-            // The response leaves from this thread (SPEC.md §4, Direct sends); the loop only
-            // does the bookkeeping.
-            var loopNeeded = true
-            if case .respond(let buffer, let change) = outcome {
-                sender.send(buffer)
-                if case .none = change { loopNeeded = false }
+            // A plain response leaves from this thread (SPEC.md §4, Direct sends). One that opens
+            // or closes a session (or a malformed frame) goes through the loop, which records the
+            // change before the agent can act on the reply, and only then counts the request done:
+            // a connection that ends meanwhile then closes every session it opened, exactly once.
+            guard case .respond(let buffer, .none) = outcome else {
+                loop.execute { handler.value.finished(outcome, sender: sender) }
+                return
             }
+            sender.send(buffer)
             flow.running.subtract(1, ordering: .sequentiallyConsistent)
-            if loopNeeded || flow.loopWanted.load(ordering: .sequentiallyConsistent) {
-                loop.execute { handler.value.finished(outcome) }
+            if flow.loopWanted.load(ordering: .sequentiallyConsistent) {
+                loop.execute { handler.value.catchUp() }
             }
         }
     }
 
-    /// A finish the loop hears of (its response is already sent).
-    private func finished(_ outcome: ServerCore.Outcome) {
+    /// A request that opened or closed a session, or a malformed one: its bookkeeping, then its
+    /// response, then it counts as finished.
+    private func finished(_ outcome: ServerCore.Outcome, sender: DirectSender) {
         switch outcome {
-        case .respond(_, let change):
+        case .respond(let buffer, let change):
             switch change {
             case .none: break
             case .opened(let session): sessions.insert(session)
             case .closed(let session): sessions.remove(session)
             }
+            sender.send(buffer)
         case .violation(let error):
             closeForViolation(error)
         }
+        flow.running.subtract(1, ordering: .sequentiallyConsistent)
         catchUp()
     }
 

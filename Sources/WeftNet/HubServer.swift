@@ -93,10 +93,14 @@ public final class HubServer: @unchecked Sendable {
         }
         guard let (listeners, paths) = snapshot else { return }
         for listener in listeners {
-            // Ends the accept thread's accept4 (EINVAL); the thread closes the socket.
+            // Ends the accept thread's accept (EINVAL), or its retries (the flag).
+            listener.stop()
             Glibc.shutdown(listener.descriptor, Int32(SHUT_RDWR))
         }
-        for listener in listeners { listener.waitUntilFinished() }
+        for listener in listeners {
+            listener.waitUntilFinished()
+            Glibc.close(listener.descriptor)
+        }
         // Every accept thread has finished setting up what it accepted: all are here.
         let connections: [Channel] = lock.withLock {
             self.listeners.removeAll()
@@ -138,18 +142,23 @@ public final class HubServer: @unchecked Sendable {
             listeners.append(acceptor)
         }
         Thread.detachNewThread { [self] in
-            acceptLoop(descriptor)
+            acceptLoop(acceptor)
             acceptor.finished()
         }
         return (descriptor, port)
     }
 
-    /// Accepts connections on `listener` until it is shut down, then closes it.
-    private func acceptLoop(_ listener: Int32) {
-        while let descriptor = Sockets.accept(listener) {
-            serve(descriptor)
+    /// Accepts connections on `acceptor`'s socket until it is shut down (`shutdown()` closes it).
+    private func acceptLoop(_ acceptor: Acceptor) {
+        while let accepted = Sockets.accept(acceptor.descriptor, stopping: { acceptor.isStopping }) {
+            switch accepted {
+            case .success(let descriptor):
+                serve(descriptor)
+            case .failure(let error):
+                logger.error("hub no longer accepts connections on this listener", metadata: ["error": "\(error)"])
+                return
+            }
         }
-        Glibc.close(listener)
     }
 
     /// Makes a channel of an accepted socket, with a duplicate of it for direct sends.
@@ -160,7 +169,7 @@ public final class HubServer: @unchecked Sendable {
                 "reason": "server is shutting down or has \(maxConnections) connections"])
             return
         }
-        let duplicate = dup(descriptor)
+        let duplicate = Sockets.duplicate(descriptor)
         guard duplicate >= 0 else {
             Glibc.close(descriptor)
             lock.withLock { admitted -= 1 }
@@ -169,16 +178,29 @@ public final class HubServer: @unchecked Sendable {
         }
         let core = self.core
         let idleTimeoutMs = self.idleTimeoutMs
-        final class Made: @unchecked Sendable { var sender = false }
+        final class Made: @unchecked Sendable {
+            var sender = false
+            var registered = false
+        }
         let made = Made()
         let channel = ClientBootstrap(group: group)
             .channelOption(ChannelOptions.recvAllocator,
                            value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 4096, maximum: 256 * 1024))
             .channelOption(ChannelOptions.allocator, value: BulkMemory.allocator)
-            .channelInitializer { channel in
+            .channelInitializer { [self] channel in
                 // First, so that the duplicate closes with the channel whatever fails next.
                 let sender = DirectSender(descriptor: duplicate, channel: channel)
                 made.sender = true
+                // Counted as a connection before it can be served (`connectionCount`).
+                self.lock.withLock {
+                    self.admitted -= 1
+                    self.connections[ObjectIdentifier(channel)] = channel
+                }
+                made.registered = true
+                channel.closeFuture.whenComplete { [weak self] _ in
+                    guard let self else { return }
+                    self.lock.withLock { _ = self.connections.removeValue(forKey: ObjectIdentifier(channel)) }
+                }
                 do {
                     if let idleTimeoutMs {
                         // An agent pings every few seconds; silence this long means it is gone
@@ -196,20 +218,12 @@ public final class HubServer: @unchecked Sendable {
             .withConnectedSocket(descriptor)
         do {
             let channel = try channel.wait()
-            lock.withLock {
-                admitted -= 1
-                connections[ObjectIdentifier(channel)] = channel
-            }
-            channel.closeFuture.whenComplete { [weak self] _ in
-                guard let self else { return }
-                self.lock.withLock { _ = self.connections.removeValue(forKey: ObjectIdentifier(channel)) }
-            }
             if lock.withLock({ isShutDown }) { channel.close(promise: nil) }
         } catch {
             // NIO closed the socket; the initializer's sender (if made) closes the duplicate with
             // the channel, else it is closed here.
             if !made.sender { Glibc.close(duplicate) }
-            lock.withLock { admitted -= 1 }
+            if !made.registered { lock.withLock { admitted -= 1 } }
             logger.warning("could not set up agent connection", metadata: ["error": "\(error)"])
         }
     }
@@ -224,12 +238,17 @@ public final class HubServer: @unchecked Sendable {
     }
 }
 
-/// One listening socket and whether its accept thread has ended.
+/// One listening socket, whether it is being shut down, and whether its accept thread has ended.
 private final class Acceptor: @unchecked Sendable {
     let descriptor: Int32
     private let lock = PthreadMutex()
     private let ended = ConditionVariable()
     private var isFinished = false
+    private var stopping = false
+
+    var isStopping: Bool { lock.withLock { stopping } }
+
+    func stop() { lock.withLock { stopping = true } }
 
     init(descriptor: Int32) {
         self.descriptor = descriptor

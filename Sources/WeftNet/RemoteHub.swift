@@ -489,7 +489,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         } catch {
             throw doesNotAnswer(describeConnectFailure(error))
         }
-        let duplicate = dup(descriptor)
+        let duplicate = Sockets.duplicate(descriptor)
         guard duplicate >= 0 else {
             let reason = String(cString: strerror(errno))
             Glibc.close(descriptor)

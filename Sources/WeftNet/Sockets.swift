@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import CWeftSupport
 import Foundation
 import WeftProto
 
@@ -65,7 +66,8 @@ enum Sockets {
         var rc = Glibc.connect(descriptor, address, length)
         while rc != 0 && errno == EINTR { rc = Glibc.connect(descriptor, address, length) }
         if rc == 0 { return descriptor }
-        guard errno == EINPROGRESS || errno == EAGAIN else {
+        // (For a Unix socket EAGAIN means the hub's backlog is full: no connection under way.)
+        guard errno == EINPROGRESS else {
             let reason = String(cString: strerror(errno))
             Glibc.close(descriptor)
             throw ConnectFailure(reason: reason)
@@ -79,7 +81,11 @@ enum Sockets {
             var waiter = pollfd(fd: descriptor, events: Int16(POLLOUT), revents: 0)
             let waitMs = Int32(min((deadlineNs - now + 999_999) / 1_000_000, UInt64(Int32.max)))
             let ready = poll(&waiter, 1, waitMs)
-            if ready < 0 && errno == EINTR { continue }
+            if ready < 0 && errno != EINTR {
+                let reason = String(cString: strerror(errno))
+                Glibc.close(descriptor)
+                throw ConnectFailure(reason: reason)
+            }
             if ready <= 0 { continue }
             var error: Int32 = 0
             var size = socklen_t(MemoryLayout<Int32>.size)
@@ -100,10 +106,12 @@ enum Sockets {
             var result: Result<[[UInt8]], ConnectFailure>?
         }
         let answer = Answer()
+        let numeric = isNumeric(host)
         let lookup: @Sendable () -> Void = {
             var hints = addrinfo()
             hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-            hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : AI_ADDRCONFIG)
+            // AI_ADDRCONFIG for names only: it would drop 127.0.0.1 on a host with loopback alone.
+            hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0) | (numeric ? AI_NUMERICHOST : AI_ADDRCONFIG)
             var list: UnsafeMutablePointer<addrinfo>?
             let rc = getaddrinfo(host, String(port), &hints, &list)
             let result: Result<[[UInt8]], ConnectFailure>
@@ -126,7 +134,7 @@ enum Sockets {
                 answer.done.broadcast()
             }
         }
-        if isNumeric(host) {
+        if numeric {
             lookup()
         } else {
             WorkerPool.detach(lookup)
@@ -151,8 +159,21 @@ enum Sockets {
         } catch let failure as ConnectFailure {
             throw WeftError(EADDRNOTAVAIL, failure.reason)
         }
-        guard let first = candidates.first else { throw WeftError(EADDRNOTAVAIL, "no address for \(host)") }
-        return try first.withUnsafeBytes { raw in
+        guard !candidates.isEmpty else { throw WeftError(EADDRNOTAVAIL, "no address for \(host)") }
+        // The first address that binds (as a name may give an IPv6 address this host cannot use).
+        var lastError: Error = WeftError(EADDRNOTAVAIL, "no address for \(host)")
+        for candidate in candidates {
+            do {
+                return try listen(candidate, backlog: backlog)
+            } catch let error as WeftError where error.errno != EADDRINUSE {
+                lastError = error
+            }
+        }
+        throw lastError
+    }
+
+    private static func listen(_ candidate: [UInt8], backlog: Int32) throws -> (descriptor: Int32, port: Int) {
+        try candidate.withUnsafeBytes { raw in
             let family = Int32(raw.load(as: sockaddr.self).sa_family)
             let descriptor = try listening(family: family, address: raw.baseAddress!.assumingMemoryBound(to: sockaddr.self),
                                            length: socklen_t(raw.count), backlog: backlog, reuseAddress: true)
@@ -211,23 +232,31 @@ enum Sockets {
         return descriptor
     }
 
-    /// The next connection on `listener` (close-on-exec); nil once the listener
-    /// is shut down or closed. Retries interruptions and transient failures (a peer that gave
-    /// up, no descriptors left: after a pause, so a full table does not spin).
-    static func accept(_ listener: Int32) -> Int32? {
+    /// The next connection on `listener` (close-on-exec); nil once `stopping()` says so (the
+    /// listener was shut down) or on an error that is not the peer's or passing. Retries
+    /// interruptions, network errors that accept(2) passes on from the new connection, and a
+    /// full descriptor table (after a pause, so that it does not spin).
+    static func accept(_ listener: Int32, stopping: () -> Bool) -> Result<Int32, WeftError>? {
         while true {
-            // (Glibc's module does not export accept4; NIO makes the socket non-blocking.)
-            let descriptor = Glibc.accept(listener, nil, nil)
-            if descriptor >= 0 {
-                _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
-                return descriptor
-            }
-            switch errno {
-            case EINTR, ECONNABORTED, EPROTO: continue
-            case EMFILE, ENFILE, ENOBUFS, ENOMEM: usleep(10_000)
-            default: return nil
+            let descriptor = weft_accept_cloexec(listener)
+            if descriptor >= 0 { return .success(descriptor) }
+            let error = errno
+            if stopping() { return nil }
+            switch error {
+            case EINTR, ECONNABORTED, EPROTO, ENETDOWN, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP,
+                 ENETUNREACH, EPERM:
+                continue
+            case EMFILE, ENFILE, ENOBUFS, ENOMEM:
+                usleep(10_000)
+            default:
+                return .failure(WeftError(error, "accept: \(String(cString: strerror(error)))"))
             }
         }
+    }
+
+    /// A duplicate of `descriptor` that a child process does not inherit.
+    static func duplicate(_ descriptor: Int32) -> Int32 {
+        fcntl(descriptor, F_DUPFD_CLOEXEC, 0)
     }
 
     private static func isNumeric(_ host: String) -> Bool {

@@ -146,6 +146,31 @@ final class DirectSendTests: XCTestCase {
         XCTAssertEqual(answered, Set(1...24))
     }
 
+    func testEverySessionOfAConnectionThatEndsAsItsOpenIsAnsweredIsClosed() throws {
+        // The open's reply and the connection's end race: the hub must record the session before
+        // it counts the open as done, or the end finds nothing to close and the session leaks.
+        let hub = FakeHub()
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 4, eventLoopThreads: 1)
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        defer { server.shutdown() }
+        let anyContext = RequestContext(session: 0, credentials: .root)
+        var frames = WireCodec.encodeRequest(id: 1, .openSession(agentName: "brief"))
+        for id in 2...4 { frames += WireCodec.encodeRequest(id: UInt64(id), .getattr(anyContext, ino: InodeID(id))) }
+        for _ in 0..<300 {
+            let socket = try RawSocket(port: port)
+            try socket.send(frames)
+        }   // each socket closes as soon as its frames are out, answers unread
+        // (A connection reset before the hub read its frames opens nothing: count what ran.)
+        let deadline = Date().addingTimeInterval(20)
+        while (server.connectionCount > 0 || !hub.snapshot({ $0.openedSessions.isEmpty })) && Date() < deadline {
+            usleep(10_000)
+        }
+        let (open, closed) = hub.snapshot { ($0.openedSessions.count, $0.closedSessions.count) }
+        XCTAssertEqual(open, 0, "every session opened is closed with its connection (\(closed) closed)")
+        XCTAssertGreaterThan(closed, 100, "most connections opened their session before they ended")
+        XCTAssertEqual(Set(hub.snapshot { $0.closedSessions }).count, closed, "each exactly once")
+    }
+
     func testConnectingToANameThatDoesNotResolveSaysSo() throws {
         let client = RemoteHub(address: .tcp(host: "no-such-hub.invalid", port: 7000), connectTimeoutMs: 1500,
                                requestTimeoutMs: 1000, logger: logger)

@@ -35,4 +35,7 @@ typedef struct {
 } weft_bulk_stats_t;
 weft_bulk_stats_t weft_bulk_stats(void);
 
+/// accept4(listener, NULL, NULL, SOCK_CLOEXEC): the new socket is never inherited by a child.
+int weft_accept_cloexec(int listener);
+
 #endif
