@@ -20,7 +20,7 @@ enum Sockets {
         let deadlineNs = MonotonicClock.deadlineNs(afterMs: timeoutMs)
         switch address {
         case let .unix(path):
-            guard var storage = unixAddress(path) else { throw ConnectFailure(reason: "socket path too long") }
+            guard var storage = unixSocketAddress(path) else { throw ConnectFailure(reason: "socket path too long") }
             return try withUnsafeBytes(of: &storage) { raw in
                 try connect(family: AF_UNIX, address: raw.baseAddress!.assumingMemoryBound(to: sockaddr.self),
                             length: socklen_t(MemoryLayout<sockaddr_un>.size), deadlineNs: deadlineNs,
@@ -191,7 +191,7 @@ enum Sockets {
             }
             unlink(path)
         }
-        guard var storage = unixAddress(path) else { throw WeftError(ENAMETOOLONG, "socket path \(path) is too long") }
+        guard var storage = unixSocketAddress(path) else { throw WeftError(ENAMETOOLONG, "socket path \(path) is too long") }
         return try withUnsafeBytes(of: &storage) { raw in
             try listening(family: AF_UNIX, address: raw.baseAddress!.assumingMemoryBound(to: sockaddr.self),
                           length: socklen_t(MemoryLayout<sockaddr_un>.size), backlog: backlog, reuseAddress: false)
@@ -239,19 +239,6 @@ enum Sockets {
     /// A duplicate of `descriptor` that a child process does not inherit.
     static func duplicate(_ descriptor: Int32) -> Int32 {
         fcntl(descriptor, F_DUPFD_CLOEXEC, 0)
-    }
-
-    /// The address of Unix socket `path`; nil if the path does not fit.
-    private static func unixAddress(_ path: String) -> sockaddr_un? {
-        var storage = sockaddr_un()
-        storage.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: storage.sun_path) else { return nil }
-        withUnsafeMutableBytes(of: &storage.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        return storage
     }
 
     private static func isNumeric(_ host: String) -> Bool {
