@@ -69,7 +69,8 @@ final class DirectSender: @unchecked Sendable {
             }
         }
         if failure != 0 {
-            // The channel sees the same error on its next read; closing now fails the waiters at once.
+            // Closing the channel ends the connection (the hub's reading threads, or the agent's
+            // event loop, would see the error later); waiters fail at once.
             channel.close(promise: nil)
         }
     }

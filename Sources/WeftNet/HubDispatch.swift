@@ -108,7 +108,7 @@ extension HubRequest {
         case .ping:
             return .empty
         case .enableLeases:
-            // Needs the connection to call back on: the server handles it (HubConnectionHandler).
+            // Needs the connection to call back on: the server handles it (ServerCore.execute).
             throw WeftError(EINVAL, "enableLeases is only served over a connection")
         case .recall:
             throw WeftError(EINVAL, "recall is sent by hubs, not to them")

@@ -11,7 +11,8 @@ import WeftProto
 
 /// Serves a `HubAPI` implementation to agents over TCP and Unix sockets.
 ///
-/// Guarantees: hub methods run on a pool of `workerThreads` threads, never on an event loop; a
+/// Guarantees: hub methods run on the `workerThreads` reading threads that read them, or on a
+/// pool of `workerThreads` threads, never on an event loop (SPEC.md §4, Serving threads); a
 /// connection has at most `maxInFlightRequestsPerConnection` requests running, and beyond that
 /// the server stops reading from it; responses go back as soon as they are ready, tagged with
 /// their request id; when a connection ends, every session opened through it is closed on the hub
@@ -28,10 +29,10 @@ public final class HubServer: @unchecked Sendable {
     public static let shutdownDrainTimeoutMs = 30_000
 
     private let core: ServerCore
+    private let reactor: HubReactor
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
     private let maxConnections: Int
-    private let idleTimeoutMs: Int?
 
     private let lock = PthreadMutex()
     /// Listening sockets and the threads that accept on them (SPEC.md §4, Direct sends).
@@ -50,11 +51,11 @@ public final class HubServer: @unchecked Sendable {
                 idleTimeoutMs: Int? = nil) {
         precondition(workerThreads > 0 && eventLoopThreads > 0 && maxInFlightRequestsPerConnection > 0 && maxConnections > 0)
         precondition((idleTimeoutMs ?? 1) > 0)
-        self.idleTimeoutMs = idleTimeoutMs
         let pool = NIOThreadPool(numberOfThreads: workerThreads)
         pool.start()
         self.core = ServerCore(hub: hub, pool: pool, logger: logger,
                                maxInFlightRequestsPerConnection: maxInFlightRequestsPerConnection)
+        self.reactor = HubReactor(threads: workerThreads, idleTimeoutMs: idleTimeoutMs, logger: logger)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoopThreads)
         self.logger = logger
         self.maxConnections = maxConnections
@@ -110,6 +111,7 @@ public final class HubServer: @unchecked Sendable {
         if !core.waitUntilIdle(timeoutMs: Self.shutdownDrainTimeoutMs) {
             logger.warning("hub shutdown: requests still running after \(Self.shutdownDrainTimeoutMs) ms")
         }
+        reactor.stop()
         try? core.pool.syncShutdownGracefully()
         try? group.syncShutdownGracefully()
         for path in paths { unlink(path) }
@@ -161,7 +163,9 @@ public final class HubServer: @unchecked Sendable {
         }
     }
 
-    /// Makes a channel of an accepted socket, with a duplicate of it for direct sends.
+    /// Makes a channel of an accepted socket (NIO writes what direct sends cannot, and closes
+    /// it), with one duplicate for direct sends and one the reading threads read
+    /// (SPEC.md §4, Direct sends and Serving threads).
     private func serve(_ descriptor: Int32) {
         guard admit() else {
             Glibc.close(descriptor)
@@ -169,28 +173,35 @@ public final class HubServer: @unchecked Sendable {
                 "reason": "server is shutting down or has \(maxConnections) connections"])
             return
         }
-        let duplicate = Sockets.duplicate(descriptor)
-        guard duplicate >= 0 else {
+        let sending = Sockets.duplicate(descriptor)
+        let reading = sending >= 0 ? Sockets.duplicate(descriptor) : -1
+        guard reading >= 0 else {
+            let reason = String(cString: strerror(errno))
+            if sending >= 0 { Glibc.close(sending) }
             Glibc.close(descriptor)
             lock.withLock { admitted -= 1 }
-            logger.warning("refusing agent connection", metadata: ["reason": "dup: \(String(cString: strerror(errno)))"])
+            logger.warning("refusing agent connection", metadata: ["reason": "dup: \(reason)"])
             return
         }
         let core = self.core
-        let idleTimeoutMs = self.idleTimeoutMs
+        let reactor = self.reactor
         final class Made: @unchecked Sendable {
-            var sender = false
+            var connection: HubConnection?
             var registered = false
         }
         let made = Made()
-        let channel = ClientBootstrap(group: group)
-            .channelOption(ChannelOptions.recvAllocator,
-                           value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 4096, maximum: 256 * 1024))
+        let peer = Sockets.peerName(descriptor)
+        // Output only: NIO must never read the socket, not even the rest of a stream at its end
+        // (a socket channel does that whatever auto-read says), or it would take frames from
+        // under the reading threads.
+        let channel = NIOPipeBootstrap(group: group)
             .channelOption(ChannelOptions.allocator, value: BulkMemory.allocator)
             .channelInitializer { [self] channel in
-                // First, so that the duplicate closes with the channel whatever fails next.
-                let sender = DirectSender(descriptor: duplicate, channel: channel)
-                made.sender = true
+                // First, so that both duplicates close with the channel whatever fails next.
+                let sender = DirectSender(descriptor: sending, channel: channel)
+                let connection = HubConnection(descriptor: reading, peer: peer, channel: channel, sender: sender,
+                                               core: core, reactor: reactor)
+                made.connection = connection
                 // Counted as a connection before it can be served (`connectionCount`).
                 self.lock.withLock {
                     self.admitted -= 1
@@ -198,31 +209,35 @@ public final class HubServer: @unchecked Sendable {
                 }
                 made.registered = true
                 channel.closeFuture.whenComplete { [weak self] _ in
+                    connection.end("channel closed")
                     guard let self else { return }
                     self.lock.withLock { _ = self.connections.removeValue(forKey: ObjectIdentifier(channel)) }
                 }
                 do {
-                    if let idleTimeoutMs {
-                        // An agent pings every few seconds; silence this long means it is gone
-                        // or cut off: its sessions (and their locks) end with the connection.
-                        try channel.pipeline.syncOperations.addHandler(
-                            IdleStateHandler(readTimeout: .milliseconds(Int64(idleTimeoutMs))))
-                    }
-                    try channel.pipeline.syncOperations.addHandlers(
-                        ByteToMessageHandler(FrameDecoder()), HubConnectionHandler(core: core, sender: sender))
+                    try channel.pipeline.syncOperations.addHandler(ConnectionWatch(connection: connection))
                     return channel.eventLoop.makeSucceededVoidFuture()
                 } catch {
                     return channel.eventLoop.makeFailedFuture(error)
                 }
             }
-            .withConnectedSocket(descriptor)
+            .takingOwnershipOfDescriptor(output: descriptor)
         do {
             let channel = try channel.wait()
+            if let connection = made.connection, !reactor.add(connection) {
+                connection.end("server is shutting down")
+            }
             if lock.withLock({ isShutDown }) { channel.close(promise: nil) }
         } catch {
-            // NIO closed the socket; the initializer's sender (if made) closes the duplicate with
-            // the channel, else it is closed here.
-            if !made.sender { Glibc.close(duplicate) }
+            // A connection made closes its duplicates with the channel (or here), else they are
+            // closed here. The socket itself is NIO's once the pipe channel exists (it closes it
+            // on failure); a failure before that (none is known) would leave it open: a leak
+            // rather than a close of a descriptor number that may already be reused.
+            if let connection = made.connection {
+                connection.end("set-up failed")
+            } else {
+                Glibc.close(sending)
+                Glibc.close(reading)
+            }
             if !made.registered { lock.withLock { admitted -= 1 } }
             logger.warning("could not set up agent connection", metadata: ["error": "\(error)"])
         }

@@ -217,11 +217,19 @@ enum Sockets {
     /// The next connection on `listener` (close-on-exec); nil once `stopping()` says so (the
     /// listener was shut down) or on an error that is not the peer's or passing. Retries
     /// interruptions, network errors that accept(2) passes on from the new connection, and a
-    /// full descriptor table (after a pause, so that it does not spin).
+    /// full descriptor table (after a pause, so that it does not spin). TCP connections get
+    /// TCP_NODELAY and SO_KEEPALIVE, as `connect`'s do.
     static func accept(_ listener: Int32, stopping: () -> Bool) -> Result<Int32, WeftError>? {
         while true {
             let descriptor = weft_accept_cloexec(listener)
-            if descriptor >= 0 { return .success(descriptor) }
+            if descriptor >= 0 {
+                // Small frames go out at once (no Nagle delay behind an unacknowledged one). On a
+                // Unix socket these fail (EOPNOTSUPP), harmlessly.
+                var one: Int32 = 1
+                setsockopt(descriptor, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                setsockopt(descriptor, SOL_SOCKET, SO_KEEPALIVE, &one, socklen_t(MemoryLayout<Int32>.size))
+                return .success(descriptor)
+            }
             let error = errno
             if stopping() { return nil }
             switch error {
@@ -239,6 +247,40 @@ enum Sockets {
     /// A duplicate of `descriptor` that a child process does not inherit.
     static func duplicate(_ descriptor: Int32) -> Int32 {
         fcntl(descriptor, F_DUPFD_CLOEXEC, 0)
+    }
+
+    /// The peer of a connected socket for log lines: `[v4]:port`-style text for TCP, "unix peer"
+    /// for a Unix socket, "unknown peer" if the system cannot say.
+    static func peerName(_ descriptor: Int32) -> String {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(descriptor, $0, &length) }
+        }
+        guard rc == 0 else { return "unknown peer" }
+        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            return withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { address in
+                    var ip = address.pointee.sin_addr
+                    inet_ntop(AF_INET, &ip, &text, socklen_t(text.count))
+                    return "\(String(cString: text)):\(UInt16(bigEndian: address.pointee.sin_port))"
+                }
+            }
+        case AF_INET6:
+            return withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { address in
+                    var ip = address.pointee.sin6_addr
+                    inet_ntop(AF_INET6, &ip, &text, socklen_t(text.count))
+                    return "[\(String(cString: text))]:\(UInt16(bigEndian: address.pointee.sin6_port))"
+                }
+            }
+        case AF_UNIX:
+            return "unix peer"
+        default:
+            return "unknown peer"
+        }
     }
 
     private static func isNumeric(_ host: String) -> Bool {

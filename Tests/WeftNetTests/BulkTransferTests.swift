@@ -100,7 +100,7 @@ final class BulkTransferTests: XCTestCase {
                                 payload: buffer)
         }
         let large = try frame(1 << 20)
-        let detached = HubConnectionHandler.detachingBulk(large)
+        let detached = HubConnection.detachingBulk(large)
         XCTAssertEqual(bytes(detached.payload), bytes(large.payload), "the same payload")
         try detached.payload.withUnsafeReadableBytes { raw in
             var reader = ByteReader(raw)
@@ -111,14 +111,14 @@ final class BulkTransferTests: XCTestCase {
         }
         let small = try frame(100)
         small.payload.withUnsafeReadableBytes { before in
-            HubConnectionHandler.detachingBulk(small).payload.withUnsafeReadableBytes {
+            HubConnection.detachingBulk(small).payload.withUnsafeReadableBytes {
                 XCTAssertEqual($0.baseAddress, before.baseAddress, "a small frame is left where it is")
             }
         }
         var truncated = large
         truncated.payload.moveWriterIndex(to: truncated.payload.writerIndex - 1)
         truncated.payload.withUnsafeReadableBytes { before in
-            HubConnectionHandler.detachingBulk(truncated).payload.withUnsafeReadableBytes {
+            HubConnection.detachingBulk(truncated).payload.withUnsafeReadableBytes {
                 XCTAssertEqual($0.baseAddress, before.baseAddress, "a malformed frame is left for the worker to refuse")
             }
         }

@@ -566,6 +566,11 @@ final class RawSocket {
         return bytes
     }
 
+    /// Ends this side's stream (the peer reads end of file); answers can still be read.
+    func shutdownWrite() {
+        shutdown(fd, Int32(SHUT_WR))
+    }
+
     /// True if the peer closes the stream (within the 5 s receive timeout).
     func readsEndOfStream() -> Bool {
         var byte: UInt8 = 0

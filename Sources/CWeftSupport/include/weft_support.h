@@ -38,4 +38,18 @@ weft_bulk_stats_t weft_bulk_stats(void);
 /// accept4(listener, NULL, NULL, SOCK_CLOEXEC): the new socket is never inherited by a child.
 int weft_accept_cloexec(int listener);
 
+/// epoll for the hub's reading threads (SPEC.md §4, Serving threads); each returns what the
+/// system call does (-1 with errno). Registrations carry `key`, not the descriptor.
+int weft_epoll_create(void);
+/// EPOLLIN | EPOLLRDHUP | EPOLLONESHOT: one event, then the descriptor waits for a re-arm.
+int weft_epoll_add_oneshot(int epoll, int descriptor, uint64_t key);
+int weft_epoll_rearm_oneshot(int epoll, int descriptor, uint64_t key);
+/// EPOLLIN, level-triggered (a stop event that stays readable wakes every waiter in turn).
+int weft_epoll_add_level(int epoll, int descriptor, uint64_t key);
+int weft_epoll_remove(int epoll, int descriptor);
+/// Waits for one event; on 1 stores its key.
+int weft_epoll_wait_one(int epoll, int timeout_ms, uint64_t *key);
+/// A non-blocking, close-on-exec eventfd.
+int weft_eventfd(void);
+
 #endif

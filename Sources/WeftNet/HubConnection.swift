@@ -1,0 +1,368 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import CWeftSupport
+import Logging
+import NIOCore
+import NIOPosix
+import WeftProto
+
+/// One agent connection as the hub's reading threads serve it (SPEC.md §4, Serving threads).
+///
+/// Guarantees: at most one thread reads the connection at a time (the epoll registration is
+/// one-shot and re-armed only by that thread, or by a finish while reading is withheld); the
+/// first request of a read runs on the reading thread when another reading thread is still
+/// waiting, every other request on the worker pool; at most `maxInFlightRequestsPerConnection`
+/// requests run at once, and beyond that the connection is not re-armed (frames already read
+/// wait in order); a response that opens or closes a session is recorded before it is sent; when
+/// the connection ends, after its last request has finished, every session opened through it and
+/// not closed is closed on the hub, exactly once; the reading descriptor is closed exactly once,
+/// never while a thread reads it.
+final class HubConnection: @unchecked Sendable {
+    /// Most bytes one thread reads from a connection before it re-arms it and runs what it read.
+    static let readTurnMaxBytes = 1 << 20
+
+    let key: UInt64
+    let channel: Channel
+    let leases: ConnectionLeases
+    let peer: String
+    private let core: ServerCore
+    private let sender: DirectSender
+    private let reactor: HubReactor
+    private var epoll: Int32 { reactor.epoll }
+    var logger: Logger { core.logger }
+
+    /// Bytes read and not yet split into frames: only the thread that holds the read turn
+    /// touches it.
+    private var buffer: ByteBuffer
+
+    private enum ReadState {
+        /// Registered and armed: the kernel hands the next readiness to one reading thread.
+        case armed
+        /// A thread is reading; it re-arms, withholds, or closes the descriptor when done.
+        case reading
+        /// Not armed: at the in-flight bound, frames waiting, or the channel not writable.
+        case withheld
+    }
+
+    // Guarded by `lock`.
+    private let lock = PthreadMutex()
+    private var state = ReadState.withheld
+    /// The reading duplicate of the socket; -1 once closed.
+    private var descriptor: Int32
+    private var isOpen = true
+    /// A malformed frame was seen: nothing more is dispatched.
+    private var isClosing = false
+    private var inFlight = 0
+    private var waiting = CircularBuffer<InboundFrame>(initialCapacity: 16)
+    private var sessions: Set<SessionID> = []
+    private var sessionsReleased = false
+
+    /// Takes ownership of `descriptor`, a duplicate of `channel`'s socket for reading.
+    init(descriptor: Int32, peer: String, channel: Channel, sender: DirectSender, core: ServerCore, reactor: HubReactor) {
+        self.key = reactor.makeKey()
+        self.reactor = reactor
+        self.descriptor = descriptor
+        self.channel = channel
+        self.sender = sender
+        self.core = core
+        self.leases = ConnectionLeases(channel: channel, sender: sender)
+        self.buffer = channel.allocator.buffer(capacity: 4096)
+        self.peer = peer
+        core.connectionStarted()
+        core.logger.debug("agent connected", metadata: ["peer": "\(peer)"])
+    }
+
+    /// Registers the connection with the reading threads. False if it already ended.
+    func start() -> Bool {
+        lock.withLock {
+            guard isOpen else { return false }
+            guard weft_epoll_add_oneshot(epoll, descriptor, key) == 0 else {
+                core.logger.warning("cannot watch agent connection", metadata: [
+                    "peer": "\(peer)", "error": "\(String(cString: strerror(errno)))"])
+                return false
+            }
+            state = .armed
+            return true
+        }
+    }
+
+    // MARK: Reading (on a reading thread, which holds the read turn)
+
+    /// The socket is readable (or ended): reads it, re-arms it, then runs what it read, the first
+    /// request here when `mayRunHere`.
+    func readable(mayRunHere: Bool) {
+        let fd: Int32 = lock.withLock {
+            guard isOpen, descriptor >= 0 else { return -1 }
+            state = .reading
+            return descriptor
+        }
+        guard fd >= 0 else { return }
+        let (received, end) = receive(fd)
+        if received > 0 { leases.heard() }
+
+        var frames: [InboundFrame] = []
+        var violation: WeftError?
+        do {
+            try splitFrames(into: &frames)
+        } catch let error as WeftError {
+            violation = error
+        } catch {
+            violation = WeftError(EPROTO, "\(error)")
+        }
+        var requests: [InboundFrame] = []
+        requests.reserveCapacity(frames.count)
+        for frame in frames {
+            if frame.header.kind == .response, frame.header.opcode == HubOpcode.recall.rawValue {
+                leases.answered(frame.header.requestID)
+                continue
+            }
+            guard frame.header.kind == .request else {
+                violation = WeftError(EPROTO, "a \(frame.header.kind) frame was sent to the hub")
+                break
+            }
+            requests.append(Self.detachingBulk(frame))
+        }
+
+        var admitted: [InboundFrame] = []
+        let endNow: Bool = lock.withLock {
+            state = .withheld
+            guard isOpen else {
+                // Ended by another thread while this one read: the descriptor is this thread's to close.
+                closeDescriptorLocked()
+                return false
+            }
+            if !isClosing {
+                for request in requests {
+                    if waiting.isEmpty && inFlight < core.maxInFlightRequestsPerConnection {
+                        inFlight += 1
+                        admitted.append(request)
+                    } else {
+                        waiting.append(request)
+                    }
+                }
+            }
+            if end != nil || violation != nil { return end != nil }
+            return !rearmLocked()
+        }
+        if let violation { closeForViolation(violation) }
+        if endNow { self.end(end ?? "cannot re-arm the connection") }
+        // The others first: the one run here may block (an fsync, a recall), and they must not
+        // wait for it.
+        for request in admitted.dropFirst(mayRunHere ? 1 : 0) { submit(request) }
+        if mayRunHere, let first = admitted.first { run(first, cancelled: false) }
+    }
+
+    /// Reads what the socket has, up to `readTurnMaxBytes`. Returns the bytes read and, if the
+    /// connection ended, why.
+    private func receive(_ fd: Int32) -> (Int, String?) {
+        var total = 0
+        while total < Self.readTurnMaxBytes {
+            if buffer.writableBytes < 16 * 1024 {
+                buffer.reserveCapacity(minimumWritableBytes: 64 * 1024)
+            }
+            var failure: Int32 = 0
+            let count = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 0) { free -> Int in
+                let count = recv(fd, free.baseAddress, min(free.count, Self.readTurnMaxBytes - total), Int32(MSG_DONTWAIT))
+                if count < 0 { failure = errno }
+                return max(count, 0)
+            }
+            if count > 0 {
+                total += count
+                continue
+            }
+            if failure == 0 { return (total, "end of file") }
+            if failure == EINTR { continue }
+            if failure == EAGAIN || failure == EWOULDBLOCK { break }
+            return (total, String(cString: strerror(failure)))
+        }
+        return (total, nil)
+    }
+
+    /// Moves every whole frame out of `buffer`; what remains (part of one frame) goes to a buffer
+    /// of its own, with room for the whole frame, so that reading on never copies the frames
+    /// already handed out (they share the old buffer's storage).
+    private func splitFrames(into frames: inout [InboundFrame]) throws {
+        var needed = 0
+        while let rawLength = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) {
+            let total = WireCodec.lengthPrefixBytes + (try WireCodec.checkedLength(rawLength))
+            guard buffer.readableBytes >= total else {
+                needed = total
+                break
+            }
+            guard let frame = try FrameDecoder.nextFrame(from: &buffer) else { break }
+            frames.append(frame)
+        }
+        guard !frames.isEmpty else {
+            if needed > buffer.readableBytes { buffer.reserveCapacity(minimumWritableBytes: needed - buffer.readableBytes) }
+            return
+        }
+        var rest = channel.allocator.buffer(capacity: max(4096, needed))
+        rest.writeBuffer(&buffer)
+        buffer = rest
+    }
+
+    /// A writeSlice frame with its payload copied out of the receive buffer, so that its data
+    /// starts on a page boundary (SPEC.md §4, Bulk transfers): the store writes it direct with no
+    /// further copy, and the receive buffer is not kept shared while the next frames arrive.
+    /// Other frames, small ones and malformed ones (the worker reports those) pass unchanged.
+    static func detachingBulk(_ frame: InboundFrame) -> InboundFrame {
+        guard frame.header.opcode == HubOpcode.writeSlice.rawValue,
+              frame.payload.readableBytes >= Limits.blockSizeBytes,
+              let headBytes = try? frame.payload.withUnsafeReadableBytes({ raw -> Int in
+                  var reader = ByteReader(raw)
+                  _ = try RequestContext.decode(from: &reader)
+                  let (_, data) = try HubRequest.decodeWriteSliceTail(from: &reader)
+                  return raw.count - data.count
+              }) else { return frame }
+        let pageBytes = BulkMemory.pageBytes
+        let pad = (pageBytes - headBytes % pageBytes) % pageBytes
+        var copy = BulkMemory.allocator.buffer(capacity: pad + frame.payload.readableBytes)
+        copy.moveWriterIndex(forwardBy: pad)
+        copy.moveReaderIndex(forwardBy: pad)
+        var payload = frame.payload
+        copy.writeBuffer(&payload)
+        return InboundFrame(header: frame.header, payload: copy)
+    }
+
+    /// Call with `lock` held and the read turn free: arms the connection if it may read now.
+    /// False if that failed (the caller ends the connection: nothing would ever read it).
+    private func rearmLocked() -> Bool {
+        guard isOpen, !isClosing, state == .withheld, descriptor >= 0, waiting.isEmpty,
+              inFlight < core.maxInFlightRequestsPerConnection, channel.isWritable else { return true }
+        guard weft_epoll_rearm_oneshot(epoll, descriptor, key) == 0 else {
+            core.logger.error("cannot re-arm agent connection: it ends", metadata: [
+                "peer": "\(peer)", "error": "\(String(cString: strerror(errno)))"])
+            return false
+        }
+        state = .armed
+        return true
+    }
+
+    /// Call with `lock` held, never while a thread reads the descriptor.
+    private func closeDescriptorLocked() {
+        guard descriptor >= 0 else { return }
+        _ = weft_epoll_remove(epoll, descriptor)
+        Glibc.close(descriptor)
+        descriptor = -1
+    }
+
+    // MARK: Running requests
+
+    private func submit(_ request: InboundFrame) {
+        core.pool.submit { [self] state in run(request, cancelled: state == .cancelled) }
+    }
+
+    /// Runs one request and sends its response from this thread (SPEC.md §4, Direct sends).
+    private func run(_ request: InboundFrame, cancelled: Bool) {
+        let outcome = core.execute(request, allocator: channel.allocator, cancelled: cancelled, leases: leases)
+        switch outcome {
+        case .respond(let response, let change):
+            switch change {
+            case .none: break
+            case .opened(let session): lock.withLock { _ = sessions.insert(session) }
+            case .closed(let session): lock.withLock { _ = sessions.remove(session) }
+            }
+            sender.send(response)
+        case .violation(let error):
+            closeForViolation(error)
+        }
+        finished()
+    }
+
+    /// One request finished: admits waiting frames, re-arms reading, or releases the sessions of
+    /// an ended connection.
+    private func finished() {
+        var next: [InboundFrame] = []
+        var armed = true
+        let release: [SessionID]? = lock.withLock {
+            inFlight -= 1
+            guard isOpen else { return releaseSessionsLocked() }
+            while !isClosing, inFlight < core.maxInFlightRequestsPerConnection, let frame = waiting.popFirst() {
+                inFlight += 1
+                next.append(frame)
+            }
+            armed = rearmLocked()
+            return nil
+        }
+        for frame in next { submit(frame) }
+        if let release { core.closeSessions(release, peer: peer) }
+        if !armed { end("cannot re-arm the connection") }
+    }
+
+    /// The sessions to close, once, when the connection has ended and nothing runs. Call with `lock` held.
+    private func releaseSessionsLocked() -> [SessionID]? {
+        guard !isOpen, inFlight == 0, !sessionsReleased else { return nil }
+        sessionsReleased = true
+        defer { sessions.removeAll() }
+        return Array(sessions)
+    }
+
+    // MARK: Events from the channel and the server
+
+    /// The channel became writable again: reading may resume.
+    func writable() {
+        if !lock.withLock({ rearmLocked() }) { end("cannot re-arm the connection") }
+    }
+
+    private func closeForViolation(_ error: WeftError) {
+        let first: Bool = lock.withLock {
+            guard isOpen, !isClosing else { return false }
+            isClosing = true
+            waiting.removeAll()
+            return true
+        }
+        guard first else { return }
+        core.logger.warning("closing agent connection after a malformed frame",
+                            metadata: ["peer": "\(peer)", "error": "\(error)"])
+        end("malformed frame")
+    }
+
+    /// Ends the connection: no more reading, the channel closed, the sessions released once the
+    /// last request has finished. Idempotent; from any thread.
+    func end(_ reason: String) {
+        let (wasOpen, release): (Bool, [SessionID]?) = lock.withLock {
+            guard isOpen else { return (false, nil) }
+            isOpen = false
+            waiting.removeAll()
+            // A thread reading now closes the descriptor when it finishes.
+            if state != .reading { closeDescriptorLocked() }
+            return (true, releaseSessionsLocked())
+        }
+        guard wasOpen else { return }
+        reactor.forget(key)
+        leases.closed()
+        channel.close(promise: nil)
+        core.logger.debug("agent disconnected", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
+        if let release { core.closeSessions(release, peer: peer) }
+    }
+}
+
+/// Tells a connection what its channel does: closes, becomes writable again. The channel is
+/// output-only (a pipe channel on the socket): NIO never reads it; the reading threads do.
+final class ConnectionWatch: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    private let connection: HubConnection
+
+    init(connection: HubConnection) {
+        self.connection = connection
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        connection.end("channel closed")
+        context.fireChannelInactive()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { connection.writable() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        connection.logger.info("closing agent connection after an error",
+                               metadata: ["peer": "\(connection.peer)", "error": "\(error)"])
+        context.close(promise: nil)
+    }
+}

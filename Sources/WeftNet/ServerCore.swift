@@ -1,0 +1,175 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+import WeftProto
+
+/// What a connection handler shares with its server: the hub, the worker pool, the limits, and
+/// the count of connections not yet fully wound down (for an orderly shutdown).
+final class ServerCore: @unchecked Sendable {
+    let hub: HubAPI
+    let pool: NIOThreadPool
+    let logger: Logger
+    let maxInFlightRequestsPerConnection: Int
+
+    private let lock = PthreadMutex()
+    private let idle = ConditionVariable()
+    private var liveConnections = 0
+
+    init(hub: HubAPI, pool: NIOThreadPool, logger: Logger, maxInFlightRequestsPerConnection: Int) {
+        self.hub = hub
+        self.pool = pool
+        self.logger = logger
+        self.maxInFlightRequestsPerConnection = maxInFlightRequestsPerConnection
+    }
+
+    func connectionStarted() {
+        lock.withLock { liveConnections += 1 }
+    }
+
+    func connectionFinished() {
+        lock.withLock {
+            liveConnections -= 1
+            precondition(liveConnections >= 0)
+            if liveConnections == 0 { idle.broadcast() }
+        }
+    }
+
+    /// Waits until every connection has finished its requests and closed its sessions; false on timeout.
+    func waitUntilIdle(timeoutMs: Int) -> Bool {
+        let deadline = MonotonicClock.deadlineNs(afterMs: timeoutMs)
+        return lock.withLock {
+            while liveConnections > 0 {
+                if !idle.wait(lock, deadlineNs: deadline) { return false }
+            }
+            return true
+        }
+    }
+
+    /// What a worker produced for one request frame.
+    enum Outcome {
+        case respond(ByteBuffer, SessionChange)
+        /// The frame is malformed: the connection must close.
+        case violation(WeftError)
+    }
+
+    enum SessionChange {
+        case none
+        case opened(SessionID)
+        case closed(SessionID)
+    }
+
+    /// Decodes and runs one request on the calling (worker) thread and encodes its response.
+    func execute(_ frame: InboundFrame, allocator: ByteBufferAllocator, cancelled: Bool, leases: ConnectionLeases?) -> Outcome {
+        let id = frame.header.requestID
+        guard let opcode = HubOpcode(rawValue: frame.header.opcode) else {
+            // A newer agent's method: answered, not fatal (SPEC.md §Wire protocol, versioning).
+            let error = WeftError(ENOSYS, "opcode \(frame.header.opcode) is unknown to this hub")
+            return .respond(WireCodec.responseBuffer(id: id, rawOpcode: frame.header.opcode, .failure(error),
+                                                     allocator: allocator), .none)
+        }
+        if !cancelled, let outcome = executeBulk(opcode, frame, allocator: allocator) { return outcome }
+        let request: HubRequest
+        do {
+            request = try WireCodec.decodeRequest(opcode: opcode, payload: frame.payload)
+        } catch let error as WeftError {
+            return .violation(WeftError(error.errno, "\(opcode) request \(id): \(error.message)"))
+        } catch {
+            return .violation(WeftError(EBADMSG, "\(opcode) request \(id): \(error)"))
+        }
+        let result: Result<HubResponse, WeftError>
+        if cancelled {
+            result = .failure(WeftError(ESHUTDOWN, "hub is shutting down"))
+        } else if case .enableLeases(let session) = request {
+            // Recalls for this session go back on this connection.
+            result = Result {
+                guard let leases else { throw WeftError(EINVAL, "no connection to call back on") }
+                try hub.enableLeases(session, client: SessionLeaseClient(session: session, connection: leases))
+                return .empty
+            }.mapError { $0 as? WeftError ?? WeftError(EIO, "\($0)") }
+        } else {
+            result = request.perform(on: hub)
+        }
+        var change = SessionChange.none
+        switch (request, result) {
+        case (.openSession, .success(.session(let session, _))), (.openVolumeSession, .success(.session(let session, _))):
+            change = .opened(session)
+        case (.closeSession(let session), .success): change = .closed(session)
+        default: break
+        }
+        return .respond(WireCodec.responseBuffer(id: id, rawOpcode: opcode.rawValue, result, allocator: allocator), change)
+    }
+
+    /// writeSlice, readSlice and readSliceFrom without intermediate arrays (SPEC.md §4, Bulk
+    /// transfers): written data is stored from the frame (page-aligned by `detachingBulk`, so
+    /// the store writes it direct); read data goes straight into the response frame. Nil for any other request (and
+    /// for a read over the transfer limit: the general path answers it with the hub's error).
+    private func executeBulk(_ opcode: HubOpcode, _ frame: InboundFrame, allocator: ByteBufferAllocator) -> Outcome? {
+        let id = frame.header.requestID
+        switch opcode {
+        case .writeSlice:
+            let result: Result<HubResponse, WeftError>
+            do {
+                result = try frame.payload.withUnsafeReadableBytes { raw in
+                    var reader = ByteReader(raw)
+                    let context = try RequestContext.decode(from: &reader)
+                    let (sliceID, data) = try HubRequest.decodeWriteSliceTail(from: &reader)
+                    guard reader.isAtEnd else { throw WireCodec.trailingBytes(reader.remaining, opcode) }
+                    return Result {
+                        // Data of 64 KiB and more was put on a page by `detachingBulk`.
+                        try hub.writeSlice(context, id: sliceID, bytes: data)
+                        return .empty
+                    }.mapError { $0 as? WeftError ?? WeftError(EIO, "hub failed: \($0)") }
+                }
+            } catch let error as WeftError {
+                return .violation(WeftError(error.errno, "\(opcode) request \(id): \(error.message)"))
+            } catch {
+                return .violation(WeftError(EBADMSG, "\(opcode) request \(id): \(error)"))
+            }
+            return .respond(WireCodec.responseBuffer(id: id, rawOpcode: opcode.rawValue, result, allocator: allocator), .none)
+        case .readSlice, .readSliceFrom:
+            guard let request = try? WireCodec.decodeRequest(opcode: opcode, payload: frame.payload) else { return nil }
+            switch request {
+            case let .readSlice(context, sliceID, offset, length) where Int(length) <= Limits.transferMaxBytes:
+                return .respond(WireCodec.bulkResponseBuffer(id: id, rawOpcode: opcode.rawValue, count: Int(length),
+                                                             allocator: allocator) {
+                    try hub.readSlice(context, id: sliceID, offset: offset, into: $0)
+                }, .none)
+            case let .readSliceFrom(context, sliceID, offset, length, holders) where Int(length) <= Limits.transferMaxBytes:
+                return .respond(WireCodec.bulkResponseBuffer(id: id, rawOpcode: opcode.rawValue, count: Int(length),
+                                                             allocator: allocator) {
+                    try hub.readSlice(context, id: sliceID, offset: offset, holders: holders, into: $0)
+                }, .none)
+            default:
+                return nil
+            }
+        default:
+            return nil
+        }
+    }
+
+    /// Ends `sessions` on the worker pool, then marks the connection finished.
+    func closeSessions(_ sessions: [SessionID], peer: String) {
+        if sessions.isEmpty {
+            connectionFinished()
+            return
+        }
+        pool.submit { [self] _ in
+            for session in sessions {
+                do {
+                    try hub.closeSession(session)
+                    logger.debug("closed session of departed agent", metadata: ["peer": "\(peer)", "session": "\(session)"])
+                } catch {
+                    logger.warning("could not close session of departed agent",
+                                   metadata: ["peer": "\(peer)", "session": "\(session)", "error": "\(error)"])
+                }
+            }
+            connectionFinished()
+        }
+    }
+}

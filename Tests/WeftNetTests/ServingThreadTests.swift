@@ -1,0 +1,143 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import WeftTestSupport
+import XCTest
+import WeftProto
+@testable import WeftNet
+
+/// The hub's reading threads (SPEC.md §4, Serving threads), on real sockets: a thread runs the
+/// request it read only while another still reads, and silent connections end on their own.
+final class ServingThreadTests: XCTestCase {
+    private var logger: Logger {
+        var logger = Logger(label: "weft.net.test")
+        logger.logLevel = ProcessInfo.processInfo.environment["WEFT_TEST_LOG"] != nil ? .trace : .critical
+        return logger
+    }
+
+    func testRequestsThatBlockOnTheReadingThreadsNeverStopTheHubFromReading() throws {
+        // Two reading threads. Each of two agents sends a request that blocks until released: if
+        // both ran on the thread that read them, nothing would read the third agent's request.
+        let hub = FakeHub()
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 2, eventLoopThreads: 1)
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        defer { server.shutdown() }
+        let clients = (0..<3).map { _ in
+            RemoteHub(address: .tcp(host: "127.0.0.1", port: port), requestTimeoutMs: 10_000, logger: logger)
+        }
+        defer { clients.forEach { $0.close() } }
+        let contexts = try clients.enumerated().map { index, client in
+            RequestContext(session: try client.openSession(agentName: "agent-\(index)").0, credentials: .root)
+        }
+        let blocked = DispatchGroup()
+        let answered = Locked(0)
+        for index in 0..<2 {
+            blocked.enter()
+            DispatchQueue.global().async {
+                if (try? clients[index].lookup(contexts[index], parent: 1, name: Array("block".utf8))) != nil {
+                    answered.mutate { $0 += 1 }
+                }
+                blocked.leave()
+            }
+        }
+        XCTAssertTrue(hub.waitForBlocked(2), "both blocking requests are running")
+
+        let started = Date()
+        XCTAssertEqual(try clients[2].getattr(contexts[2], ino: 42).ino, 42, "the third agent is served meanwhile")
+        XCTAssertLessThan(Date().timeIntervalSince(started), 5, "without waiting for the blocked requests")
+        XCTAssertEqual(answered.value, 0, "the blocked requests are still blocked")
+
+        hub.releaseBlocked()
+        XCTAssertEqual(blocked.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(answered.value, 2, "and then answered")
+    }
+
+    func testEveryRequestSentBeforeTheAgentEndsItsStreamRunsWhole() throws {
+        // 48 writes of about 100 KB, then end of file at once. Nothing but the reading threads may
+        // read the socket: an NIO socket channel reads the rest of a stream when its peer closes
+        // (auto-read or not), which took frames, or bytes out of the middle of one, from them.
+        let hub = FakeHub()
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 4, eventLoopThreads: 1)
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        defer { server.shutdown() }
+        let c = RequestContext(session: 0, credentials: .root)
+        func data(_ id: Int) -> [UInt8] { (0..<(100_000 + id)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ id) } }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        // Three rounds: how much NIO took depended on timing (it took some in 2 runs of 3 with one).
+        for round in 0..<3 {
+            let ids = (1...48).map { round * 100 + $0 }
+            var frames: [UInt8] = []
+            for id in ids {
+                frames += WireCodec.encodeRequest(id: UInt64(id), .writeSlice(c, id: SliceID(1000 + id), data: data(id)))
+            }
+            let agent = try RawSocket(port: port)
+            try agent.send(frames)
+            agent.shutdownWrite()
+            XCTAssertTrue(agent.readsEndOfStream(), "the hub ends the connection after the agent's end of file")
+            for id in ids {
+                let stored = try client.readSlice(c, id: SliceID(1000 + id), offset: 0, length: UInt32(data(id).count))
+                XCTAssertTrue(stored == data(id), "write \(id) ran, with its bytes whole")
+            }
+        }
+    }
+
+    func testAcceptedTCPConnectionsHaveNagleOff() throws {
+        // NIO's socket bootstrap used to set TCP_NODELAY; the hub now accepts and keeps sockets
+        // itself. Without it a small response waited behind an unacknowledged one (a delayed
+        // ACK): test_remote's replacing-agent test saw renames take 88 ms instead of 6.
+        let (listener, port) = try Sockets.listen(host: "127.0.0.1", port: 0, backlog: 4)
+        defer { close(listener) }
+        let agent = try RawSocket(port: port)
+        guard case .success(let accepted)? = Sockets.accept(listener, stopping: { false }) else {
+            return XCTFail("accept failed")
+        }
+        defer { close(accepted) }
+        func option(_ level: Int32, _ name: Int32) -> Int32 {
+            var value: Int32 = -1
+            var length = socklen_t(MemoryLayout<Int32>.size)
+            XCTAssertEqual(getsockopt(accepted, level, name, &value, &length), 0)
+            return value
+        }
+        XCTAssertEqual(option(Int32(IPPROTO_TCP), TCP_NODELAY), 1, "small frames leave at once")
+        XCTAssertEqual(option(SOL_SOCKET, SO_KEEPALIVE), 1, "a vanished peer is found out")
+        XCTAssertTrue(Sockets.peerName(accepted).hasPrefix("127.0.0.1:"), Sockets.peerName(accepted))
+        _ = agent
+    }
+
+    func testASilentConnectionEndsAfterTheIdleTimeoutAndItsSessionIsClosed() throws {
+        let hub = FakeHub()
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 2, eventLoopThreads: 1, idleTimeoutMs: 1_500)
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        defer { server.shutdown() }
+
+        // An agent that pings (RemoteHub, every second) keeps its connection however long it idles.
+        let live = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { live.close() }
+        let (liveSession, _) = try live.openSession(agentName: "live")
+
+        // One that opens a session, reads the answer, then sends nothing more.
+        let silent = try RawSocket(port: port)
+        try silent.send(WireCodec.encodeRequest(id: 1, .openSession(agentName: "silent")))
+        let prefix = try silent.receive(count: 4)
+        let frame = prefix + (try silent.receive(count: Int(prefix.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })))
+        guard case .session(let silentSession, _) = try WireCodec.decodeResponse(try WireCodec.decodeFrame(frame)).get() else {
+            return XCTFail("the silent agent's open was not answered with a session")
+        }
+        let opened = Date()
+        XCTAssertTrue(silent.readsEndOfStream(), "the hub ends the silent connection")
+        let waited = Date().timeIntervalSince(opened)
+        XCTAssertGreaterThan(waited, 1.2, "not before the idle timeout")
+        XCTAssertLessThan(waited, 4.5, "within the timeout and a timer period")
+
+        let deadline = Date().addingTimeInterval(5)
+        while (!hub.snapshot({ $0.closedSessions.contains(silentSession) }) || server.connectionCount > 1) && Date() < deadline {
+            usleep(10_000)
+        }
+        XCTAssertEqual(hub.snapshot { $0.closedSessions }, [silentSession], "the silent agent's session is closed, only it")
+        XCTAssertEqual(server.connectionCount, 1, "the pinging agent is still connected")
+        XCTAssertEqual(try live.getattr(RequestContext(session: liveSession, credentials: .root), ino: 7).ino, 7)
+    }
+}
