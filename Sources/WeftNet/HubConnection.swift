@@ -36,9 +36,11 @@ final class HubConnection: @unchecked Sendable {
 
     /// Bytes read and not yet split into frames: only the thread that holds the read turn
     /// touches it.
-    private var buffer: ByteBuffer
+    private var frameReader: FrameReader
 
     private enum ReadState {
+        /// Not yet in the epoll set (`start()` adds it).
+        case unregistered
         /// Registered and armed: the kernel hands the next readiness to one reading thread.
         case armed
         /// A thread is reading; it re-arms, withholds, or closes the descriptor when done.
@@ -49,12 +51,16 @@ final class HubConnection: @unchecked Sendable {
 
     // Guarded by `lock`.
     private let lock = PthreadMutex()
-    private var state = ReadState.withheld
+    private var state = ReadState.unregistered
     /// The reading duplicate of the socket; -1 once closed.
     private var descriptor: Int32
     private var isOpen = true
-    /// A malformed frame was seen: nothing more is dispatched.
+    /// A malformed frame or the end of the stream was read: nothing more is dispatched or read.
     private var isClosing = false
+    /// NIO closed the channel on its own (the peer hung up, a write failed): the reading threads
+    /// still read what the socket holds, to its end of file (`channelClosedByNIO` shuts the read
+    /// side down, so that end comes), then end the connection.
+    private var channelClosed = false
     private var inFlight = 0
     private var waiting = CircularBuffer<InboundFrame>(initialCapacity: 16)
     private var sessions: Set<SessionID> = []
@@ -69,7 +75,7 @@ final class HubConnection: @unchecked Sendable {
         self.sender = sender
         self.core = core
         self.leases = ConnectionLeases(channel: channel, sender: sender)
-        self.buffer = channel.allocator.buffer(capacity: 4096)
+        self.frameReader = FrameReader(allocator: channel.allocator)
         self.peer = peer
         core.connectionStarted()
         core.logger.debug("agent connected", metadata: ["peer": "\(peer)"])
@@ -78,7 +84,7 @@ final class HubConnection: @unchecked Sendable {
     /// Registers the connection with the reading threads. False if it already ended.
     func start() -> Bool {
         lock.withLock {
-            guard isOpen else { return false }
+            guard isOpen, state == .unregistered else { return false }
             guard weft_epoll_add_oneshot(epoll, descriptor, key) == 0 else {
                 core.logger.warning("cannot watch agent connection", metadata: [
                     "peer": "\(peer)", "error": "\(String(cString: strerror(errno)))"])
@@ -95,18 +101,18 @@ final class HubConnection: @unchecked Sendable {
     /// request here when `mayRunHere`.
     func readable(mayRunHere: Bool) {
         let fd: Int32 = lock.withLock {
-            guard isOpen, descriptor >= 0 else { return -1 }
+            guard isOpen, state == .armed, descriptor >= 0 else { return -1 }
             state = .reading
             return descriptor
         }
         guard fd >= 0 else { return }
-        let (received, end) = receive(fd)
+        let (received, end) = frameReader.receive(fd, maxBytes: Self.readTurnMaxBytes)
         if received > 0 { leases.heard() }
 
         var frames: [InboundFrame] = []
         var violation: WeftError?
         do {
-            try splitFrames(into: &frames)
+            frames = try frameReader.frames()
         } catch let error as WeftError {
             violation = error
         } catch {
@@ -144,64 +150,23 @@ final class HubConnection: @unchecked Sendable {
                     }
                 }
             }
-            if end != nil || violation != nil { return end != nil }
+            if end != nil || violation != nil {
+                // Nothing more is read or dispatched from here on (`rearmLocked` looks at this).
+                isClosing = true
+                waiting.removeAll()
+                return true
+            }
             return !rearmLocked()
         }
-        if let violation { closeForViolation(violation) }
-        if endNow { self.end(end ?? "cannot re-arm the connection") }
+        if let violation {
+            core.logger.warning("closing agent connection after a malformed frame",
+                                metadata: ["peer": "\(peer)", "error": "\(violation)"])
+        }
+        if endNow { self.end(violation != nil ? "malformed frame" : end ?? "cannot re-arm the connection") }
         // The others first: the one run here may block (an fsync, a recall), and they must not
         // wait for it.
         for request in admitted.dropFirst(mayRunHere ? 1 : 0) { submit(request) }
         if mayRunHere, let first = admitted.first { run(first, cancelled: false) }
-    }
-
-    /// Reads what the socket has, up to `readTurnMaxBytes`. Returns the bytes read and, if the
-    /// connection ended, why.
-    private func receive(_ fd: Int32) -> (Int, String?) {
-        var total = 0
-        while total < Self.readTurnMaxBytes {
-            if buffer.writableBytes < 16 * 1024 {
-                buffer.reserveCapacity(minimumWritableBytes: 64 * 1024)
-            }
-            var failure: Int32 = 0
-            let count = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 0) { free -> Int in
-                let count = recv(fd, free.baseAddress, min(free.count, Self.readTurnMaxBytes - total), Int32(MSG_DONTWAIT))
-                if count < 0 { failure = errno }
-                return max(count, 0)
-            }
-            if count > 0 {
-                total += count
-                continue
-            }
-            if failure == 0 { return (total, "end of file") }
-            if failure == EINTR { continue }
-            if failure == EAGAIN || failure == EWOULDBLOCK { break }
-            return (total, String(cString: strerror(failure)))
-        }
-        return (total, nil)
-    }
-
-    /// Moves every whole frame out of `buffer`; what remains (part of one frame) goes to a buffer
-    /// of its own, with room for the whole frame, so that reading on never copies the frames
-    /// already handed out (they share the old buffer's storage).
-    private func splitFrames(into frames: inout [InboundFrame]) throws {
-        var needed = 0
-        while let rawLength = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) {
-            let total = WireCodec.lengthPrefixBytes + (try WireCodec.checkedLength(rawLength))
-            guard buffer.readableBytes >= total else {
-                needed = total
-                break
-            }
-            guard let frame = try FrameDecoder.nextFrame(from: &buffer) else { break }
-            frames.append(frame)
-        }
-        guard !frames.isEmpty else {
-            if needed > buffer.readableBytes { buffer.reserveCapacity(minimumWritableBytes: needed - buffer.readableBytes) }
-            return
-        }
-        var rest = channel.allocator.buffer(capacity: max(4096, needed))
-        rest.writeBuffer(&buffer)
-        buffer = rest
     }
 
     /// A writeSlice frame with its payload copied out of the receive buffer, so that its data
@@ -231,7 +196,7 @@ final class HubConnection: @unchecked Sendable {
     /// False if that failed (the caller ends the connection: nothing would ever read it).
     private func rearmLocked() -> Bool {
         guard isOpen, !isClosing, state == .withheld, descriptor >= 0, waiting.isEmpty,
-              inFlight < core.maxInFlightRequestsPerConnection, channel.isWritable else { return true }
+              inFlight < core.maxInFlightRequestsPerConnection, channelClosed || channel.isWritable else { return true }
         guard weft_epoll_rearm_oneshot(epoll, descriptor, key) == 0 else {
             core.logger.error("cannot re-arm agent connection: it ends", metadata: [
                 "peer": "\(peer)", "error": "\(String(cString: strerror(errno)))"])
@@ -320,6 +285,22 @@ final class HubConnection: @unchecked Sendable {
         end("malformed frame")
     }
 
+    /// NIO closed the channel by itself: the peer hung up (it may have sent frames just before:
+    /// they still run), or a write failed. The reading threads read the socket to its end, then
+    /// end the connection; one that no thread will read again ends now.
+    func channelClosedByNIO() {
+        let endNow: Bool = lock.withLock {
+            guard isOpen else { return false }
+            channelClosed = true
+            if state == .withheld || state == .unregistered { return true }
+            // Whatever the socket holds stays readable, then reads as end of file: the armed
+            // descriptor fires even if the peer is still there (a write failed, say).
+            if descriptor >= 0 { shutdown(descriptor, Int32(SHUT_RD)) }
+            return false
+        }
+        if endNow { end("channel closed") }
+    }
+
     /// Ends the connection: no more reading, the channel closed, the sessions released once the
     /// last request has finished. Idempotent; from any thread.
     func end(_ reason: String) {
@@ -351,7 +332,7 @@ final class ConnectionWatch: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        connection.end("channel closed")
+        connection.channelClosedByNIO()
         context.fireChannelInactive()
     }
 

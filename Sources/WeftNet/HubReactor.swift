@@ -123,8 +123,10 @@ final class HubReactor: @unchecked Sendable {
                 return stopping ? nil : Array(connections.values)
             }
             guard let snapshot else { return }
-            let now = MonotonicClock.nowNs()
-            for connection in snapshot where now &- connection.leases.lastHeardNs > idleNs {
+            for connection in snapshot {
+                // The clock read after the connection's last-heard time: never before it.
+                let heard = connection.leases.lastHeardNs
+                guard MonotonicClock.nowNs() &- heard > idleNs else { continue }
                 logger.warning("closing silent agent connection: its sessions end", metadata: ["peer": "\(connection.peer)"])
                 connection.end("silent for \(idleTimeoutMs) ms")
             }

@@ -37,7 +37,7 @@ public final class HubServer: @unchecked Sendable {
     private let lock = PthreadMutex()
     /// Listening sockets and the threads that accept on them (SPEC.md §4, Direct sends).
     private var listeners: [Acceptor] = []
-    private var connections: [ObjectIdentifier: Channel] = [:]
+    private var connections: [ObjectIdentifier: HubConnection] = [:]
     private var unixSocketPaths: [String] = []
     private var isShutDown = false
     /// Connections admitted and not yet in `connections` (being set up).
@@ -103,11 +103,14 @@ public final class HubServer: @unchecked Sendable {
             Glibc.close(listener.descriptor)
         }
         // Every accept thread has finished setting up what it accepted: all are here.
-        let connections: [Channel] = lock.withLock {
+        let connections: [HubConnection] = lock.withLock {
             self.listeners.removeAll()
             return Array(self.connections.values)
         }
-        for channel in connections { try? channel.close().wait() }
+        for connection in connections {
+            connection.end("hub shutting down")
+            try? connection.channel.closeFuture.wait()
+        }
         if !core.waitUntilIdle(timeoutMs: Self.shutdownDrainTimeoutMs) {
             logger.warning("hub shutdown: requests still running after \(Self.shutdownDrainTimeoutMs) ms")
         }
@@ -205,11 +208,11 @@ public final class HubServer: @unchecked Sendable {
                 // Counted as a connection before it can be served (`connectionCount`).
                 self.lock.withLock {
                     self.admitted -= 1
-                    self.connections[ObjectIdentifier(channel)] = channel
+                    self.connections[ObjectIdentifier(channel)] = connection
                 }
                 made.registered = true
                 channel.closeFuture.whenComplete { [weak self] _ in
-                    connection.end("channel closed")
+                    connection.channelClosedByNIO()
                     guard let self else { return }
                     self.lock.withLock { _ = self.connections.removeValue(forKey: ObjectIdentifier(channel)) }
                 }

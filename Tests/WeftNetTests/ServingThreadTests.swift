@@ -77,11 +77,79 @@ final class ServingThreadTests: XCTestCase {
             try agent.send(frames)
             agent.shutdownWrite()
             XCTAssertTrue(agent.readsEndOfStream(), "the hub ends the connection after the agent's end of file")
+            // The last writes may still be running as the stream ends.
             for id in ids {
-                let stored = try client.readSlice(c, id: SliceID(1000 + id), offset: 0, length: UInt32(data(id).count))
-                XCTAssertTrue(stored == data(id), "write \(id) ran, with its bytes whole")
+                XCTAssertTrue(eventually(timeoutSeconds: 5) {
+                    (try? client.readSlice(c, id: SliceID(1000 + id), offset: 0, length: UInt32(data(id).count))) == data(id)
+                },
+                              "write \(id) ran, with its bytes whole")
             }
         }
+    }
+
+    func testEveryRequestSentBeforeTheAgentClosesAUnixSocketRuns() throws {
+        // A full close of a Unix socket hangs the hub's side up at once: NIO's write side sees it
+        // and closes the channel, while frames the agent sent just before are still unread.
+        let hub = FakeHub()
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 4, eventLoopThreads: 1)
+        let path = NSTemporaryDirectory() + "weft-net-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        try server.listen(unixSocketPath: path)
+        defer { server.shutdown() }
+        let c = RequestContext(session: 0, credentials: .root)
+        func data(_ id: Int) -> [UInt8] { (0..<(60_000 + id)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ id) } }
+        let client = RemoteHub(address: .unix(path: path), logger: logger)
+        defer { client.close() }
+        for round in 0..<3 {
+            let ids = (1...32).map { round * 100 + $0 }
+            var frames: [UInt8] = []
+            for id in ids {
+                frames += WireCodec.encodeRequest(id: UInt64(id), .writeSlice(c, id: SliceID(5000 + id), data: data(id)))
+            }
+            let agent = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+            XCTAssertGreaterThanOrEqual(agent, 0)
+            var address = try XCTUnwrap(unixSocketAddress(path))
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    connect(agent, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                }
+            }
+            XCTAssertEqual(connected, 0)
+            var sent = 0
+            while sent < frames.count {
+                let n = frames.withUnsafeBytes { send(agent, $0.baseAddress! + sent, frames.count - sent, Int32(MSG_NOSIGNAL)) }
+                guard n > 0 else { return XCTFail("send: \(errno)") }
+                sent += n
+            }
+            close(agent)   // at once, answers unread
+            for id in ids {
+                XCTAssertTrue(eventually(timeoutSeconds: 5) {
+                    (try? client.readSlice(c, id: SliceID(5000 + id), offset: 0, length: UInt32(data(id).count))) == data(id)
+                },
+                              "write \(id) ran, with its bytes whole")
+            }
+        }
+    }
+
+    func testARequestThatBlocksNeverHoldsBackTheOthersReadWithIt() throws {
+        // One write brings a request that blocks and one that does not: the second is answered
+        // while the first is blocked (it goes to the pool before the first runs here).
+        let hub = FakeHub()
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 4, eventLoopThreads: 1)
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        defer { server.shutdown() }
+        let c = RequestContext(session: 0, credentials: .root)
+        let agent = try RawSocket(port: port)
+        try agent.send(WireCodec.encodeRequest(id: 1, .lookup(c, parent: 1, name: Array("block".utf8)))
+                       + WireCodec.encodeRequest(id: 2, .getattr(c, ino: 9)))
+        func answer() throws -> UInt64 {
+            let prefix = try agent.receive(count: 4)
+            let frame = prefix + (try agent.receive(count: Int(prefix.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })))
+            return try WireCodec.decodeFrame(frame).requestID
+        }
+        XCTAssertEqual(try answer(), 2, "the getattr is answered while the lookup blocks")
+        XCTAssertTrue(hub.waitForBlocked(1))
+        hub.releaseBlocked()
+        XCTAssertEqual(try answer(), 1, "then the lookup")
     }
 
     func testAcceptedTCPConnectionsHaveNagleOff() throws {
@@ -109,7 +177,7 @@ final class ServingThreadTests: XCTestCase {
 
     func testASilentConnectionEndsAfterTheIdleTimeoutAndItsSessionIsClosed() throws {
         let hub = FakeHub()
-        let server = HubServer(hub: hub, logger: logger, workerThreads: 2, eventLoopThreads: 1, idleTimeoutMs: 1_500)
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 2, eventLoopThreads: 1, idleTimeoutMs: 3_000)
         let port = try server.listen(host: "127.0.0.1", port: 0)
         defer { server.shutdown() }
 
@@ -120,17 +188,17 @@ final class ServingThreadTests: XCTestCase {
 
         // One that opens a session, reads the answer, then sends nothing more.
         let silent = try RawSocket(port: port)
+        let opened = Date()
         try silent.send(WireCodec.encodeRequest(id: 1, .openSession(agentName: "silent")))
         let prefix = try silent.receive(count: 4)
         let frame = prefix + (try silent.receive(count: Int(prefix.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })))
         guard case .session(let silentSession, _) = try WireCodec.decodeResponse(try WireCodec.decodeFrame(frame)).get() else {
             return XCTFail("the silent agent's open was not answered with a session")
         }
-        let opened = Date()
-        XCTAssertTrue(silent.readsEndOfStream(), "the hub ends the silent connection")
+        XCTAssertTrue(silent.readsEndOfStream() || silent.readsEndOfStream(), "the hub ends the silent connection")
         let waited = Date().timeIntervalSince(opened)
-        XCTAssertGreaterThan(waited, 1.2, "not before the idle timeout")
-        XCTAssertLessThan(waited, 4.5, "within the timeout and a timer period")
+        XCTAssertGreaterThanOrEqual(waited, 3.0, "not before the idle timeout")
+        XCTAssertLessThan(waited, 8, "within the timeout and a timer period")
 
         let deadline = Date().addingTimeInterval(5)
         while (!hub.snapshot({ $0.closedSessions.contains(silentSession) }) || server.connectionCount > 1) && Date() < deadline {
