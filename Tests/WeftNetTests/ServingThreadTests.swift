@@ -54,57 +54,61 @@ final class ServingThreadTests: XCTestCase {
         XCTAssertEqual(answered.value, 2, "and then answered")
     }
 
+    /// The bytes of write `id`: about `size` bytes, different for every id.
+    private func sliceData(_ id: Int, size: Int) -> [UInt8] {
+        (0..<(size + id)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ id) }
+    }
+
+    /// One request frame per id, each writing `sliceData` to slice `id`.
+    private func writeFrames(_ ids: [Int], size: Int) -> [UInt8] {
+        let c = RequestContext(session: 0, credentials: .root)
+        return ids.flatMap { WireCodec.encodeRequest(id: UInt64($0), .writeSlice(c, id: SliceID($0), data: sliceData($0, size: size))) }
+    }
+
+    /// Every write of `ids` is stored whole (the last ones may still run as the stream ends).
+    private func assertStored(_ ids: [Int], size: Int, through client: RemoteHub, file: StaticString = #filePath,
+                              line: UInt = #line) {
+        let c = RequestContext(session: 0, credentials: .root)
+        for id in ids {
+            let data = sliceData(id, size: size)
+            XCTAssertTrue(eventually(timeoutSeconds: 5) {
+                (try? client.readSlice(c, id: SliceID(id), offset: 0, length: UInt32(data.count))) == data
+            }, "write \(id) ran, with its bytes whole", file: file, line: line)
+        }
+    }
+
     func testEveryRequestSentBeforeTheAgentEndsItsStreamRunsWhole() throws {
         // 48 writes of about 100 KB, then end of file at once. Nothing but the reading threads may
         // read the socket: an NIO socket channel reads the rest of a stream when its peer closes
         // (auto-read or not), which took frames, or bytes out of the middle of one, from them.
-        let hub = FakeHub()
-        let server = HubServer(hub: hub, logger: logger, workerThreads: 4, eventLoopThreads: 1)
+        let server = HubServer(hub: FakeHub(), logger: logger, workerThreads: 4, eventLoopThreads: 1)
         let port = try server.listen(host: "127.0.0.1", port: 0)
         defer { server.shutdown() }
-        let c = RequestContext(session: 0, credentials: .root)
-        func data(_ id: Int) -> [UInt8] { (0..<(100_000 + id)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ id) } }
         let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
         defer { client.close() }
         // Three rounds: how much NIO took depended on timing (it took some in 2 runs of 3 with one).
         for round in 0..<3 {
-            let ids = (1...48).map { round * 100 + $0 }
-            var frames: [UInt8] = []
-            for id in ids {
-                frames += WireCodec.encodeRequest(id: UInt64(id), .writeSlice(c, id: SliceID(1000 + id), data: data(id)))
-            }
+            let ids = (1...48).map { 1000 + round * 100 + $0 }
             let agent = try RawSocket(port: port)
-            try agent.send(frames)
+            try agent.send(writeFrames(ids, size: 100_000))
             agent.shutdownWrite()
             XCTAssertTrue(agent.readsEndOfStream(), "the hub ends the connection after the agent's end of file")
-            // The last writes may still be running as the stream ends.
-            for id in ids {
-                XCTAssertTrue(eventually(timeoutSeconds: 5) {
-                    (try? client.readSlice(c, id: SliceID(1000 + id), offset: 0, length: UInt32(data(id).count))) == data(id)
-                },
-                              "write \(id) ran, with its bytes whole")
-            }
+            assertStored(ids, size: 100_000, through: client)
         }
     }
 
     func testEveryRequestSentBeforeTheAgentClosesAUnixSocketRuns() throws {
         // A full close of a Unix socket hangs the hub's side up at once: NIO's write side sees it
         // and closes the channel, while frames the agent sent just before are still unread.
-        let hub = FakeHub()
-        let server = HubServer(hub: hub, logger: logger, workerThreads: 4, eventLoopThreads: 1)
+        let server = HubServer(hub: FakeHub(), logger: logger, workerThreads: 4, eventLoopThreads: 1)
         let path = NSTemporaryDirectory() + "weft-net-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
         try server.listen(unixSocketPath: path)
         defer { server.shutdown() }
-        let c = RequestContext(session: 0, credentials: .root)
-        func data(_ id: Int) -> [UInt8] { (0..<(60_000 + id)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ id) } }
         let client = RemoteHub(address: .unix(path: path), logger: logger)
         defer { client.close() }
         for round in 0..<3 {
-            let ids = (1...32).map { round * 100 + $0 }
-            var frames: [UInt8] = []
-            for id in ids {
-                frames += WireCodec.encodeRequest(id: UInt64(id), .writeSlice(c, id: SliceID(5000 + id), data: data(id)))
-            }
+            let ids = (1...32).map { 5000 + round * 100 + $0 }
+            let frames = writeFrames(ids, size: 60_000)
             let agent = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
             XCTAssertGreaterThanOrEqual(agent, 0)
             var address = try XCTUnwrap(unixSocketAddress(path))
@@ -121,12 +125,7 @@ final class ServingThreadTests: XCTestCase {
                 sent += n
             }
             close(agent)   // at once, answers unread
-            for id in ids {
-                XCTAssertTrue(eventually(timeoutSeconds: 5) {
-                    (try? client.readSlice(c, id: SliceID(5000 + id), offset: 0, length: UInt32(data(id).count))) == data(id)
-                },
-                              "write \(id) ran, with its bytes whole")
-            }
+            assertStored(ids, size: 60_000, through: client)
         }
     }
 
