@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -208,8 +210,46 @@ def seeds(default_count: int) -> list[int]:
     return [base + i for i in range(count)]
 
 
+@pytest.fixture
+def trace_dir(resources, monkeypatch) -> Path:
+    """Every weft and weftd process the test starts notes its lease events here (SPEC.md §12.6,
+    "Trace"), so that a failure's report can quote what the agents and homes did around it:
+    the failures these tests catch are rare races, and a CI run keeps only its output."""
+    path = Path(os.environ.get("WEFT_TRACE_DIR") or resources.new_dir("trace"))
+    monkeypatch.setenv("WEFT_TRACE_DIR", str(path))
+    return path
+
+
+def trace_excerpt(trace_dir: Path, verdict, before_ms: float = 60, after_ms: float = 20, max_lines: int = 800) -> str:
+    """The trace lines of every process from `before_ms` before the first operation the checker
+    could not place (the earliest to complete of those outside the longest linearizable prefix)
+    to `after_ms` after it, on the report's clock (ms from its origin)."""
+    placed = {id(op) for op in verdict.longest_prefix}
+    unplaced = [op for op in verdict.history if id(op) not in placed and not op.indeterminate]
+    if not unplaced:
+        return ""
+    stuck = min(unplaced, key=lambda op: op.complete)
+    origin = min(op.invoke for op in verdict.history)
+    start, end = stuck.invoke - before_ms * 1e6, stuck.complete + after_ms * 1e6
+    lines = []
+    for path in sorted(trace_dir.glob("*.trace")):
+        for line in path.read_text(errors="replace").splitlines():
+            stamp, _, rest = line.partition(" ")
+            if stamp.isdigit() and start <= int(stamp) <= end:
+                lines.append((int(stamp), f"{(int(stamp) - origin) / 1e6:9.3f} {path.stem} {rest}"))
+    lines.sort()
+    shown = [text for _, text in lines[:max_lines]]
+    more = f"\n  ... {len(lines) - max_lines} more" if len(lines) > max_lines else ""
+    return (f"lease trace from {(start - origin) / 1e6:.1f} to {(end - origin) / 1e6:.1f} ms ({len(lines)} lines, "
+            f"{trace_dir}):\n  " + "\n  ".join(shown) + more)
+
+
+def failure_report(seed: int, verdict, trace_dir: Path) -> str:
+    return f"seed {seed} (replay: WEFT_LIN_SEED={seed}):\n{verdict.report()}\n{trace_excerpt(trace_dir, verdict)}"
+
+
 @pytest.mark.weft_timeout(900)
-def test_concurrent_agents_in_two_hubs_are_linearizable(resources):
+def test_concurrent_agents_in_two_hubs_are_linearizable(resources, trace_dir):
     """The default mount: the kernel caches attributes, names and pages and the agents buffer
     writes, all under leases; every conflicting change recalls them first. Writes on descriptors
     kept open (no close) must be visible to reads that start after they return."""
@@ -218,27 +258,31 @@ def test_concurrent_agents_in_two_hubs_are_linearizable(resources):
         history = run_history(resources, seed, ops, rtt_ms=40)
         assert len(history) == 3 * ops
         verdict = check(history, BLOCK)
-        assert verdict.ok, f"seed {seed} (replay: WEFT_LIN_SEED={seed}):\n{verdict.report()}"
+        assert verdict.ok, failure_report(seed, verdict, trace_dir)
 
 
 @pytest.mark.weft_timeout(900)
-def test_checker_catches_stale_reads_when_recalls_are_disabled(resources):
+def test_checker_catches_stale_reads_when_recalls_are_disabled(resources, trace_dir):
     """The same run with the hubs' test-only switch WEFT_TEST_NO_RECALL=1: leases are granted but
-    never recalled, so caches go stale. The checker must say so (it can fail)."""
+    never recalled, so caches go stale. The checker must say so (it can fail), and its report
+    must quote the lease trace of the agents and the homes around the stale result."""
     env = dict(os.environ, WEFT_TEST_NO_RECALL="1")
     reports = []
     for seed in seeds(default_count=3):
         history = run_history(resources, seed, 120, rtt_ms=40, env=env)
         verdict = check(history, BLOCK)
         if not verdict.ok:
-            reports.append(verdict.report())
+            reports.append(failure_report(seed, verdict, trace_dir))
             break
     assert reports, "with recalls disabled the checker found no stale result in any seed"
+    excerpt = reports[0].split("lease trace from ", 1)[-1]
+    assert re.search(r"^ +[-0-9.]+ weft-[0-9]+ ", excerpt, re.M), f"no agent's trace in the report:\n{reports[0][-3000:]}"
+    assert re.search(r"^ +[-0-9.]+ weftd-[0-9]+ ", excerpt, re.M), f"no home's trace in the report:\n{reports[0][-3000:]}"
     print(f"the checker caught a stale result with recalls disabled:\n{reports[0][:2000]}")
 
 
 @pytest.mark.weft_timeout(900)
-def test_agents_without_kernel_caching_are_linearizable(resources):
+def test_agents_without_kernel_caching_are_linearizable(resources, trace_dir):
     """With --attr-timeout 0 nothing is cached across operations: every open fetches fresh
     attributes (and drops stale pages), every lookup and stat asks the home. Each operation here
     is one open..close, so close-to-open visibility is enough: the history must check out."""
@@ -247,7 +291,7 @@ def test_agents_without_kernel_caching_are_linearizable(resources):
         history = run_history(resources, seed, ops, rtt_ms=40, mount_options=["--attr-timeout", "0"])
         assert len(history) == 3 * ops
         verdict = check(history, BLOCK)
-        assert verdict.ok, f"seed {seed} (replay: WEFT_LIN_SEED={seed}):\n{verdict.report()}"
+        assert verdict.ok, failure_report(seed, verdict, trace_dir)
 
 
 def restart_hub(cluster, name: str) -> None:
@@ -271,7 +315,7 @@ def restart_hub(cluster, name: str) -> None:
 
 
 @pytest.mark.weft_timeout(900)
-def test_agents_without_kernel_caching_stay_linearizable_under_faults(resources):
+def test_agents_without_kernel_caching_stay_linearizable_under_faults(resources, trace_dir):
     """The same run while the far agent's link is cut and healed, the home's weftd is killed
     with -9 and restarted, and one agent is killed with -9 and mounted again: failed calls are
     indeterminate, and whatever did complete must still form a linearizable history."""
@@ -314,7 +358,7 @@ def test_agents_without_kernel_caching_stay_linearizable_under_faults(resources)
         assert len(history) == 3 * ops
         failed = [op for op in history if op.indeterminate]
         verdict = check(history, BLOCK)
-        assert verdict.ok, f"seed {seed} (replay: WEFT_LIN_SEED={seed}):\n{verdict.report()}"
+        assert verdict.ok, failure_report(seed, verdict, trace_dir)
         print(f"seed {seed}: {len(history)} operations, {len(failed)} failed indeterminately, faults {injected}, "
               "linearizable")
         assert all(count > 0 for count in injected.values()), f"a fault was never injected: {injected}"
