@@ -358,6 +358,34 @@ public final class ChunkStore: @unchecked Sendable {
         try durability.sync()
     }
 
+    // MARK: Objects the metadata journal carries (SPEC.md §5, "Small objects in the journal")
+
+    /// Leaves those of `ids` that wait for a sync pass out of the passes that `sync()` runs:
+    /// the caller puts their bytes in the metadata record that first references them. Returns
+    /// the ids left out (objects already being synced, or past the bound, are not).
+    public func coverByJournal(_ ids: [SliceID]) -> [SliceID] { durability.coverByJournal(ids) }
+
+    /// Gives objects `coverByJournal` left out back to the sync passes (their commit failed).
+    public func uncover(_ ids: [SliceID]) { durability.uncover(ids) }
+
+    /// Syncs the objects the journal carries, then their fan-out directories; returns their ids,
+    /// whose journal keys may now go.
+    public func syncJournaled() throws -> [SliceID] { try durability.syncJournaled() }
+
+    /// Objects the journal carries that are not synced themselves.
+    public var journaledCount: Int { durability.journaledCount }
+
+    /// Makes object `id` hold `raw` again if it is missing, damaged, or holds other bytes (a
+    /// crash lost it before it reached the disk). True if it wrote it. Durable after `sync()`.
+    public func restore(id: SliceID, raw: [UInt8]) throws -> Bool {
+        if let held = try? read(id: id, offset: 0, length: raw.count), (try? length(id: id)) == raw.count, held == raw {
+            return false
+        }
+        try delete(id: id)
+        try write(id: id, data: raw)
+        return true
+    }
+
     // MARK: Deleting and listing
 
     /// Removes object `id`; a missing object is not an error. Durable after `sync()`.

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import CWeftSupport
 import Logging
 import WeftProto
 
@@ -14,8 +15,14 @@ import WeftProto
 /// waits for at most the running pass plus one more. At most `maxPendingFiles` written objects
 /// wait for a pass, each holding its descriptor so a writeback error cannot be missed; the
 /// write that reaches the bound runs a pass itself (backpressure).
+///
+/// Objects whose durability the metadata journal carries (SPEC.md §5, "Small objects in the
+/// journal") are moved out of the passes by `coverByJournal` into a second list, which
+/// `syncJournaled` makes durable later; a pass then skips them and their fan-out directories
+/// (a directory that also gained another object, or lost one, is still synced).
 final class DurabilityQueue: @unchecked Sendable {
     static let maxPendingFiles = 256
+    static let maxJournaledFiles = 256
 
     private struct PendingFile {
         var fd: Int32
@@ -26,6 +33,10 @@ final class DurabilityQueue: @unchecked Sendable {
     private let logger: Logger
     private let lock = Lock()
     private var pending: [PendingFile] = []
+    /// Objects the journal carries, not yet synced themselves (`syncJournaled`).
+    private var journaled: [PendingFile] = []
+    private var journaledPassRunning = false
+    /// Fan-out directories that lost an entry (those that gained one are the pending files').
     private var dirtyFanOuts = [Bool](repeating: false, count: 256)
     /// Sequence number of the latest write or delete registered.
     private var queuedSequence: UInt64 = 0
@@ -41,7 +52,7 @@ final class DurabilityQueue: @unchecked Sendable {
     }
 
     deinit {
-        for file in pending { close(file.fd) }
+        for file in pending + journaled { close(file.fd) }
     }
 
     /// Registers a written object, handing over `fd`. Returns true when the pending bound is
@@ -49,10 +60,67 @@ final class DurabilityQueue: @unchecked Sendable {
     func objectWritten(id: SliceID, fd: Int32) -> Bool {
         lock.withLock {
             pending.append(PendingFile(fd: fd, id: id))
-            dirtyFanOuts[Int(id & 0xFF)] = true
             queuedSequence += 1
             return pending.count >= Self.maxPendingFiles
         }
+    }
+
+    /// Takes those of `ids` that still wait for a pass out of the passes: the caller puts their
+    /// bytes in the metadata journal, in the record that first references them. Objects a pass
+    /// has already taken are not taken (that pass makes them durable before any journal sync
+    /// that follows it), nor any beyond `maxJournaledFiles`. Returns the ids taken.
+    func coverByJournal(_ ids: [SliceID]) -> [SliceID] {
+        lock.withLock {
+            var taken: [SliceID] = []
+            for id in ids where journaled.count < Self.maxJournaledFiles {
+                guard let index = pending.firstIndex(where: { $0.id == id }) else { continue }
+                journaled.append(pending.remove(at: index))
+                taken.append(id)
+            }
+            return taken
+        }
+    }
+
+    /// Gives objects taken by `coverByJournal` back to the passes (their commit failed).
+    func uncover(_ ids: [SliceID]) {
+        lock.withLock {
+            for id in ids {
+                guard let index = journaled.firstIndex(where: { $0.id == id }) else { continue }
+                pending.append(journaled.remove(at: index))
+                queuedSequence += 1
+            }
+        }
+    }
+
+    /// How many objects the journal carries that are not synced themselves.
+    var journaledCount: Int { lock.withLock { journaled.count } }
+
+    /// Makes the objects the journal carries durable, with their directory entries, by one
+    /// `syncfs` of the store's file system; returns their ids (the caller deletes their journal
+    /// keys). One `syncfs` costs about what one object's `fsync` does, where syncing each object
+    /// and its directory cost two disk syncs per object, in the background of every small
+    /// `fsync` (SPEC.md §5). `syncfs` reports a writeback error of the file system since the
+    /// last call (Linux 5.8 and later): then nothing is returned, and the keys stay for the
+    /// check at the next open. One such pass at a time; a caller that finds one running, or
+    /// nothing to sync, returns an empty list.
+    func syncJournaled() throws -> [SliceID] {
+        let files: [PendingFile]? = lock.withLock {
+            guard !journaledPassRunning, !journaled.isEmpty else { return nil }
+            journaledPassRunning = true
+            defer { journaled.removeAll(keepingCapacity: true) }
+            return journaled
+        }
+        guard let files else { return [] }
+        defer {
+            for file in files { close(file.fd) }
+            lock.withLock { journaledPassRunning = false }
+        }
+        guard weft_syncfs(root) == 0 else {
+            let code = errno
+            logger.error("chunk sync failed: syncfs of the chunk store: \(String(cString: strerror(code)))")
+            throw WeftError(code == ENOSPC || code == EDQUOT ? ENOSPC : EIO, "chunk sync failed: syncfs")
+        }
+        return files.map(\.id)
     }
 
     /// Registers a removed directory entry, so the next pass makes the removal durable.
@@ -77,6 +145,7 @@ final class DurabilityQueue: @unchecked Sendable {
                 passRunning = true
                 let files = pending
                 pending.removeAll(keepingCapacity: true)
+                for file in files { dirtyFanOuts[Int(file.id & 0xFF)] = true }
                 var fanOuts: [Int] = []
                 for index in 0..<256 where dirtyFanOuts[index] {
                     fanOuts.append(index)

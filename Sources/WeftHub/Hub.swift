@@ -99,6 +99,36 @@ public final class Hub: HubAPI, @unchecked Sendable {
         let store = chunks
         meta.beforeSync = { try store.sync() }
         maintenance.hub = self
+        try restoreJournaledObjects()
+    }
+
+    /// At open: writes again every object whose bytes the journal carries and that a crash lost
+    /// before it reached the disk, syncs the store, then deletes every `J` key, durably (SPEC.md
+    /// §5, "Small objects in the journal"). Garbage objects are not written again.
+    private func restoreJournaledObjects() throws {
+        let objects = try meta.journaledObjects()
+        guard !objects.isEmpty else { return }
+        var restored = 0
+        for object in objects where !object.isGarbage {
+            do {
+                if try chunks.restore(id: object.id, raw: object.bytes) { restored += 1 }
+            } catch {
+                throw WeftError(EIO, "cannot restore chunk object \(object.id) from the metadata journal: \(error)")
+            }
+        }
+        try chunks.sync()
+        try meta.forgetJournaled(objects.map(\.id), durable: true)
+        try meta.sync()
+        if restored > 0 {
+            logger.notice("restored \(restored) chunk object(s) from the metadata journal (lost by a crash before they reached the disk)")
+        }
+    }
+
+    /// Syncs the objects whose bytes the journal carries and deletes their `J` keys (the
+    /// maintenance thread, at least once a second, and `close`).
+    public func syncJournaledObjects() throws {
+        let synced = try chunks.syncJournaled()
+        try meta.forgetJournaled(synced)
     }
 
     /// Reclaims what a crash left behind (unlinked-open inodes, unreferenced chunk objects) and
@@ -118,8 +148,11 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     /// Stops background work and makes everything durable.
-    public func close() throws {
+    /// `syncingJournaled: false` leaves the objects whose bytes the journal carries unsynced,
+    /// with their `J` keys, as a crash would (tests); the next open checks them either way.
+    public func close(syncingJournaled: Bool = true) throws {
         maintenance.stop()
+        if syncingJournaled { try syncJournaledObjects() }
         try meta.close()
         Glibc.unlink(Hub.leaseMarkerPath(directory))
     }
@@ -380,17 +413,47 @@ public final class Hub: HubAPI, @unchecked Sendable {
         // The commit claims its objects first, so that a discard can never delete one that a
         // commit under way may reference; a commit that fails gives them back.
         let claimed = pendingUploads.take(slices.map(\.slice.id), session: context.session)
+        let journaled = durable ? journal(slices) : []
         let attributes: Attributes
         do {
             attributes = try changing(context, [.init(ino, isFile: true)], reply: { _ in [ino] }) {
-                try meta.commitSlices(ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
+                try meta.commitSlices(ino: ino, slices: slices, minimumSize: minimumSize, durable: durable,
+                                      journaled: journaled)
             }
         } catch {
+            chunks.uncover(journaled.map(\.id))
             pendingUploads.giveBack(claimed, session: context.session)
             throw error
         }
+        if chunks.journaledCount >= Self.journaledObjectsWake { maintenance.wake() }
         maintenance.considerCompaction(ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
         return attributes
+    }
+
+    /// Objects the journal carries past this many wake the maintenance thread to sync them.
+    static let journaledObjectsWake = 64
+
+    /// For a durable commit in strict mode: the small objects of `slices` this hub holds that
+    /// still wait for a sync pass, taken out of the passes, with their raw bytes for the
+    /// commit's journal record (SPEC.md §5, "Small objects in the journal").
+    private func journal(_ slices: [SliceCommit]) -> [(id: SliceID, bytes: [UInt8])] {
+        guard meta.durability == .strict else { return [] }
+        var candidates: [SliceID] = []
+        for commit in slices where commit.slice.hub == 0 && Int(commit.slice.objectLength) <= Limits.journaledObjectMaxBytes
+            && !candidates.contains(commit.slice.id) && candidates.count < Limits.journaledObjectsPerCommitMax {
+            candidates.append(commit.slice.id)
+        }
+        guard !candidates.isEmpty else { return [] }
+        let lengths = Dictionary(slices.map { ($0.slice.id, Int($0.slice.objectLength)) }, uniquingKeysWith: { a, _ in a })
+        var journaled: [(id: SliceID, bytes: [UInt8])] = []
+        for id in chunks.coverByJournal(candidates) {
+            guard let bytes = try? chunks.read(id: id, offset: 0, length: lengths[id]!) else {
+                chunks.uncover([id])  // synced by the next pass, as before
+                continue
+            }
+            journaled.append((id, bytes))
+        }
+        return journaled
     }
 
     public func sync(_ context: RequestContext) throws {

@@ -107,6 +107,16 @@ final class Maintenance: @unchecked Sendable {
             condition.unlock()
             for key in compactions { compact(key) }
             collectGarbage()
+            syncJournaledObjects()
+        }
+    }
+
+    /// Syncs the objects whose bytes the metadata journal carries, and deletes their keys.
+    private func syncJournaledObjects() {
+        do {
+            try hub?.syncJournaledObjects()
+        } catch {
+            logger.error("sync of chunk objects the journal carries failed (their keys stay; checked at the next open): \(error)")
         }
     }
 

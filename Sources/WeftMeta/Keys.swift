@@ -12,6 +12,7 @@ enum Key {
     static let symlinkTag: UInt8 = 0x53      // 'S' ino        -> target
     static let orphanTag: UInt8 = 0x4F       // 'O' ino        -> (empty) unlinked but open
     static let garbageTag: UInt8 = 0x47      // 'G' sliceID    -> (empty) or u16BE holder hub: chunk object to delete
+    static let journaledTag: UInt8 = 0x4A    // 'J' sliceID    -> raw bytes of an object the journal carries
 
     static let volume: [UInt8] = [volumeTag]
     static let counters: [UInt8] = [counterTag]
@@ -20,6 +21,7 @@ enum Key {
     static func symlink(_ ino: InodeID) -> [UInt8] { tagged(symlinkTag, ino) }
     static func orphan(_ ino: InodeID) -> [UInt8] { tagged(orphanTag, ino) }
     static func garbage(_ id: SliceID) -> [UInt8] { tagged(garbageTag, id) }
+    static func journaled(_ id: SliceID) -> [UInt8] { tagged(journaledTag, id) }
     static func entryPrefix(_ parent: InodeID) -> [UInt8] { tagged(entryTag, parent) }
     static func entry(_ parent: InodeID, _ name: [UInt8]) -> [UInt8] { entryPrefix(parent) + name }
     static func chunkPrefix(_ ino: InodeID) -> [UInt8] { tagged(chunkTag, ino) }

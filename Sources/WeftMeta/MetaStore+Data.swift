@@ -30,7 +30,11 @@ extension MetaStore {
     }
 
     /// Appends committed slices and raises the size; see `HubAPI.commitSlices`.
-    public func commitSlices(ino: InodeID, slices: [SliceCommit], minimumSize: UInt64, durable: Bool) throws -> Attributes {
+    /// `journaled`: raw bytes of objects of this commit whose durability the journal record
+    /// carries (SPEC.md §5, "Small objects in the journal"), stored under `J` keys in the
+    /// commit's batch.
+    public func commitSlices(ino: InodeID, slices: [SliceCommit], minimumSize: UInt64, durable: Bool,
+                             journaled: [(id: SliceID, bytes: [UInt8])] = []) throws -> Attributes {
         let chunkSize = volume.chunkSizeBytes
         for commit in slices {
             let s = commit.slice
@@ -48,6 +52,7 @@ extension MetaStore {
                 return nil
             }
             guard record.attributes.isRegular else { throw WeftError.invalid }
+            for object in journaled { t.batch.put(Key.journaled(object.id), object.bytes) }
             var byChunk: [UInt32: [Slice]] = [:]
             var order: [UInt32] = []
             for commit in slices {
@@ -136,7 +141,32 @@ extension MetaStore {
     /// Forgets garbage entries whose chunk objects have been deleted.
     public func forgetGarbage(_ ids: [SliceID]) throws {
         try mutate(durable: false) { t in
-            for id in ids { t.batch.delete(Key.garbage(id)) }
+            for id in ids {
+                t.batch.delete(Key.garbage(id))
+                t.batch.delete(Key.journaled(id))
+            }
+        }
+    }
+
+    // MARK: Objects the journal carries (SPEC.md §5, "Small objects in the journal")
+
+    /// Every object whose bytes a `J` key holds, with whether it is garbage (`G`).
+    public func journaledObjects() throws -> [(id: SliceID, bytes: [UInt8], isGarbage: Bool)] {
+        var found: [(id: SliceID, bytes: [UInt8])] = []
+        try db.scan(prefix: [Key.journaledTag]) { key, value in
+            var r = ByteReader(UnsafeRawBufferPointer(rebasing: key[1...]))
+            found.append((try r.u64BE(), Array(value)))
+            return true
+        }
+        return try found.map { ($0.id, $0.bytes, try db.get(Key.garbage($0.id)) != nil) }
+    }
+
+    /// Deletes the `J` keys of `ids`, whose objects are now durable themselves. Not synced: a
+    /// key a crash brings back is checked again at the next open.
+    public func forgetJournaled(_ ids: [SliceID], durable: Bool = false) throws {
+        guard !ids.isEmpty else { return }
+        try mutate(durable: durable) { t in
+            for id in ids { t.batch.delete(Key.journaled(id)) }
         }
     }
 }

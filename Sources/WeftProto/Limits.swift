@@ -35,6 +35,11 @@ public enum Limits {
     /// Most inodes one `releaseMany` names.
     public static let releaseManyMax = 4096
 
+    /// Largest object whose bytes a durable commit puts in the metadata journal instead of
+    /// syncing the object first, and most such objects per commit (SPEC.md §5).
+    public static let journaledObjectMaxBytes = 64 * 1024
+    public static let journaledObjectsPerCommitMax = 16
+
     /// EINVAL when a `discardUploads` names more than `discardUploadsMax` ids.
     public static func checkDiscardUploads(_ count: Int) throws {
         try checkListCount(count, max: discardUploadsMax, "discardUploads", "objects")

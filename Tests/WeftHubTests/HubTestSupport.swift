@@ -64,16 +64,18 @@ final class HubUnderTest {
     /// the same directory again and recovers. The caller must drop its references to `api`
     /// and `hub` first: the volume can only be opened once.
     /// `whileStopped` runs between the two (to leave behind what a crash would).
-    func restart(whileStopped: () -> Void = {}) throws {
-        stop()
+    /// `syncingJournaled: false` closes the hub as a crash would leave the objects whose bytes
+    /// the metadata journal carries: unsynced, their keys kept (SPEC.md §5).
+    func restart(syncingJournaled: Bool = true, whileStopped: () -> Void = {}) throws {
+        stop(syncingJournaled: syncingJournaled)
         whileStopped()
         try start(recover: true)
     }
 
-    private func stop() {
+    private func stop(syncingJournaled: Bool = true) {
         remote?.close()
         server?.shutdown()
-        try? hub?.close()
+        try? hub?.close(syncingJournaled: syncingJournaled)
         remote = nil
         server = nil
         port = nil

@@ -17,6 +17,9 @@ void weft_bound_malloc(int mmap_threshold_bytes, int arena_max, int trim_thresho
 /// The platform's O_DIRECT open flag (hidden behind _GNU_SOURCE in the Glibc module).
 int weft_o_direct_flag(void);
 
+/* syncfs(2): commits every file system change of the file system holding fd. */
+int weft_syncfs(int fd);
+
 /// Caching allocator for transfer buffers (SPEC.md §4, Bulk transfers). Blocks of 64 KiB and
 /// more are page-aligned and, when freed, kept for reuse up to the cache limit. Thread-safe.
 void *weft_bulk_allocate(size_t size);

@@ -1,0 +1,123 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import WeftTestSupport
+import XCTest
+import WeftHub
+import WeftProto
+
+/// Small objects whose durability the metadata journal carries (SPEC.md §5, "Small objects in
+/// the journal"): a durable commit syncs none of them, and a crash that lost or damaged one
+/// before it reached the disk is repaired from the journal at the next open. Runs in process
+/// and over TCP (`RemoteHubConformanceTests`). Each test opens its own volume with background
+/// maintenance stopped, so that nothing syncs the objects behind its back.
+extension HubConformanceTests {
+    /// A volume of 1 MiB chunks (objects up to 1 MiB, past the 64 KiB journaled bound), with a
+    /// session and an empty file.
+    private func journaledVolume() throws -> (volume: HubUnderTest, context: RequestContext, file: Attributes) {
+        let volume = try makeHub(chunkSizeBytes: 1 << 20, recover: false)
+        let context = RequestContext(session: try volume.api.openSession(agentName: "journaled").0, credentials: rootCaller)
+        let file = try volume.api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0,
+                                         umask: 0, exclusive: true)
+        return (volume, context, file)
+    }
+
+    private func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
+        (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) }
+    }
+
+    private func reopen(_ volume: HubUnderTest, damaging id: SliceID, with damage: (String) -> Void) throws -> RequestContext {
+        guard let path = volume.chunkFile(of: id) else {
+            XCTFail("object \(id) has no file")
+            return context
+        }
+        try volume.restart(syncingJournaled: false) { damage(path) }
+        return RequestContext(session: try volume.api.openSession(agentName: "after").0, credentials: rootCaller)
+    }
+
+    func testADurableCommitCarriesItsSmallObjectsInTheJournalAndALostOneIsWrittenAgainAtOpen() throws {
+        let (volume, context, file) = try journaledVolume()
+        let smallBytes = pattern(4096, seed: 1)
+        let bigBytes = pattern(100_000, seed: 2)
+        // Both ids first: allocating ids is a durable change, whose sync pass would sync an
+        // object written before it.
+        let first = try volume.api.allocateSliceIDs(context, count: 2)
+        try volume.api.writeSlice(context, id: first, data: smallBytes)
+        try volume.api.writeSlice(context, id: first + 1, data: bigBytes)
+        let small = Slice(id: first, offsetInChunk: 0, length: 4096, objectLength: 4096)
+        let big = Slice(id: first + 1, offsetInChunk: 4096, length: 100_000, objectLength: 100_000)
+        _ = try volume.api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: small),
+                                                                       SliceCommit(chunkIndex: 0, slice: big)],
+                                        minimumSize: 104_096, durable: true)
+        XCTAssertEqual(try volume.hub.meta.journaledObjects().map(\.id), [small.id],
+                       "the small object's bytes are in the journal, the one past 64 KiB's are not")
+        XCTAssertEqual(volume.hub.chunks.journaledCount, 1, "the small object was left out of the sync pass")
+        // A commit that promises no durability (close) puts nothing in the journal.
+        var other = try writeObject(pattern(100, seed: 3), on: volume.api, context: context)
+        other.offsetInChunk = 200_000
+        _ = try volume.api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: other)],
+                                        minimumSize: 200_100, durable: false)
+        XCTAssertEqual(try volume.hub.meta.journaledObjects().count, 1)
+
+        // A crash before the object reached the disk: its file is gone.
+        let after = try reopen(volume, damaging: small.id) { path in XCTAssertEqual(unlink(path), 0) }
+        XCTAssertEqual(try volume.api.readSlice(after, id: small.id, offset: 0, length: 4096), smallBytes)
+        XCTAssertEqual(try volume.api.readSlice(after, id: big.id, offset: 0, length: 100_000), bigBytes)
+        XCTAssertEqual(try volume.hub.meta.journaledObjects().count, 0, "every key is dropped once the store is synced")
+        XCTAssertEqual(try volume.api.fsck(repair: false).problems, [])
+    }
+
+    func testAJournaledObjectADamagedFileHoldsIsWrittenAgainAtOpen() throws {
+        let (volume, context, file) = try journaledVolume()
+        let data = pattern(3000, seed: 7)
+        let slice = try writeObject(data, on: volume.api, context: context)
+        _ = try volume.api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
+                                        minimumSize: 3000, durable: true)
+        XCTAssertEqual(volume.hub.chunks.journaledCount, 1)
+        // The file reached the disk with its size but not all of its bytes: the last ones read as zeros.
+        let after = try reopen(volume, damaging: slice.id) { path in
+            let fd = open(path, O_WRONLY)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            var size = stat()
+            XCTAssertEqual(fstat(fd, &size), 0)
+            XCTAssertEqual(pwrite(fd, [UInt8](repeating: 0, count: 512), 512, off_t(size.st_size) - 512), 512)
+            close(fd)
+        }
+        XCTAssertEqual(try volume.api.readSlice(after, id: slice.id, offset: 0, length: 3000), data)
+        XCTAssertEqual(try volume.api.fsck(repair: false).problems, [])
+    }
+
+    func testAJournaledObjectThatBecameGarbageIsNotWrittenAgain() throws {
+        let (volume, context, file) = try journaledVolume()
+        let slice = try writeObject(pattern(4096, seed: 9), on: volume.api, context: context)
+        _ = try volume.api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
+                                        minimumSize: 4096, durable: true)
+        _ = try volume.api.setattr(context, ino: file.ino, SetAttributes(size: 0))
+        let after = try reopen(volume, damaging: slice.id) { path in XCTAssertEqual(unlink(path), 0) }
+        XCTAssertNil(volume.chunkFile(of: slice.id), "a garbage object is not brought back")
+        XCTAssertEqual(try volume.api.getattr(after, ino: file.ino).size, 0)
+        XCTAssertEqual(try volume.hub.meta.journaledObjects().count, 0)
+        XCTAssertEqual(try volume.api.fsck(repair: false).problems, [])
+    }
+
+    func testTheBackgroundSyncOfJournaledObjectsDropsTheirKeysAndAFailedCommitGivesThemBack() throws {
+        let (volume, context, file) = try journaledVolume()
+        let slice = try writeObject(pattern(4096, seed: 11), on: volume.api, context: context)
+        _ = try volume.api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
+                                        minimumSize: 4096, durable: true)
+        XCTAssertEqual(volume.hub.chunks.journaledCount, 1)
+        try volume.hub.syncJournaledObjects()
+        XCTAssertEqual(volume.hub.chunks.journaledCount, 0)
+        XCTAssertEqual(try volume.hub.meta.journaledObjects().count, 0)
+        // A durable commit that fails (the file is a directory) leaves no key, and its object
+        // goes back to the sync passes.
+        let directory = try volume.api.mkdir(context, parent: root, name: bytes("d"), mode: directoryType | 0o755, umask: 0)
+        let refused = try writeObject(pattern(10, seed: 12), on: volume.api, context: context)
+        XCTAssertErrno(EINVAL, try volume.api.commitSlices(context, ino: directory.ino,
+                                                           slices: [SliceCommit(chunkIndex: 0, slice: refused)],
+                                                           minimumSize: 10, durable: true))
+        XCTAssertEqual(volume.hub.chunks.journaledCount, 0)
+        XCTAssertEqual(try volume.hub.meta.journaledObjects().count, 0)
+    }
+}
