@@ -365,8 +365,15 @@ public final class ChunkStore: @unchecked Sendable {
     /// the ids left out (objects already being synced, or past the bound, are not).
     public func coverByJournal(_ ids: [SliceID]) -> [SliceID] { durability.coverByJournal(ids) }
 
+    /// The records carrying objects `ids` left out by `coverByJournal` are written.
+    public func journalCommitted(_ ids: [SliceID]) { durability.journalCommitted(ids) }
+
     /// Gives objects `coverByJournal` left out back to the sync passes (their commit failed).
     public func uncover(_ ids: [SliceID]) { durability.uncover(ids) }
+
+    /// Makes objects `ids` durable with their directory entries, however they were written
+    /// (at open: objects a killed process left in the page cache).
+    public func syncObjects(_ ids: [SliceID]) throws { try DurabilityQueue.syncObjects(ids, root: root, logger: logger) }
 
     /// Syncs the objects the journal carries, then their fan-out directories; returns their ids,
     /// whose journal keys may now go.
@@ -377,11 +384,16 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Makes object `id` hold `raw` again if it is missing, damaged, or holds other bytes (a
     /// crash lost it before it reached the disk). True if it wrote it. Durable after `sync()`.
+    /// At open only: the disk reserve does not apply (a hub that cannot write back a lost
+    /// object cannot open, and cannot free space either).
     public func restore(id: SliceID, raw: [UInt8]) throws -> Bool {
         if let held = try? read(id: id, offset: 0, length: raw.count), (try? length(id: id)) == raw.count, held == raw {
             return false
         }
         try delete(id: id)
+        let kept = reserveBytes
+        setReserve(0)
+        defer { setReserve(kept) }
         try write(id: id, data: raw)
         return true
     }

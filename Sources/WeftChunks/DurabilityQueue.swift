@@ -33,8 +33,10 @@ final class DurabilityQueue: @unchecked Sendable {
     private let logger: Logger
     private let lock = Lock()
     private var pending: [PendingFile] = []
-    /// Objects the journal carries, not yet synced themselves (`syncJournaled`).
-    private var journaled: [PendingFile] = []
+    /// Objects the journal carries whose records are written, not yet synced themselves
+    /// (`syncJournaled`), and those whose records are being written.
+    private var journaled: [SliceID] = []
+    private var covering: Set<SliceID> = []
     private var journaledPassRunning = false
     /// Fan-out directories that lost an entry (those that gained one are the pending files').
     private var dirtyFanOuts = [Bool](repeating: false, count: 256)
@@ -52,7 +54,7 @@ final class DurabilityQueue: @unchecked Sendable {
     }
 
     deinit {
-        for file in pending + journaled { close(file.fd) }
+        for file in pending { close(file.fd) }
     }
 
     /// Registers a written object, handing over `fd`. Returns true when the pending bound is
@@ -66,61 +68,105 @@ final class DurabilityQueue: @unchecked Sendable {
     }
 
     /// Takes those of `ids` that still wait for a pass out of the passes: the caller puts their
-    /// bytes in the metadata journal, in the record that first references them. Objects a pass
-    /// has already taken are not taken (that pass makes them durable before any journal sync
-    /// that follows it), nor any beyond `maxJournaledFiles`. Returns the ids taken.
+    /// bytes in the metadata journal, in the record that first references them, then calls
+    /// `journalCommitted` once that record is written, or `uncover` if the commit failed.
+    /// Objects a pass has already taken are not taken (that pass makes them durable before any
+    /// journal sync that follows it), nor any beyond `maxJournaledFiles`. Their descriptors are
+    /// closed here: the later sync does not need them (`syncJournaled`). Returns the ids taken.
     func coverByJournal(_ ids: [SliceID]) -> [SliceID] {
+        var taken: [SliceID] = []
+        var descriptors: [Int32] = []
         lock.withLock {
-            var taken: [SliceID] = []
-            for id in ids where journaled.count < Self.maxJournaledFiles {
+            for id in ids where journaled.count + covering.count < Self.maxJournaledFiles {
                 guard let index = pending.firstIndex(where: { $0.id == id }) else { continue }
-                journaled.append(pending.remove(at: index))
+                descriptors.append(pending.remove(at: index).fd)
+                covering.insert(id)
                 taken.append(id)
             }
-            return taken
+        }
+        for fd in descriptors { close(fd) }
+        return taken
+    }
+
+    /// The records carrying `ids` (taken by `coverByJournal`) are written: a later
+    /// `syncJournaled` may sync them and let their keys go. (Taking them any earlier could
+    /// delete a key before the record that puts it.)
+    func journalCommitted(_ ids: [SliceID]) {
+        lock.withLock {
+            for id in ids where covering.remove(id) != nil { journaled.append(id) }
         }
     }
 
-    /// Gives objects taken by `coverByJournal` back to the passes (their commit failed).
+    /// Gives objects taken by `coverByJournal` back to the passes (their commit failed, and a
+    /// retry may reference them without the journal's help), with a descriptor opened again.
     func uncover(_ ids: [SliceID]) {
+        let back = lock.withLock { ids.filter { covering.remove($0) != nil } }
+        var files: [PendingFile] = []
+        for id in back {
+            let fd = FileIO.withObjectPath(id) { openat(root, $0, O_RDONLY | O_CLOEXEC) }
+            if fd >= 0 { files.append(PendingFile(fd: fd, id: id)) }
+        }
+        guard !files.isEmpty else { return }
         lock.withLock {
-            for id in ids {
-                guard let index = journaled.firstIndex(where: { $0.id == id }) else { continue }
-                pending.append(journaled.remove(at: index))
-                queuedSequence += 1
-            }
+            pending += files
+            queuedSequence += 1
         }
     }
 
     /// How many objects the journal carries that are not synced themselves.
-    var journaledCount: Int { lock.withLock { journaled.count } }
+    var journaledCount: Int { lock.withLock { journaled.count + covering.count } }
 
-    /// Makes the objects the journal carries durable, with their directory entries, by one
-    /// `syncfs` of the store's file system; returns their ids (the caller deletes their journal
-    /// keys). One `syncfs` costs about what one object's `fsync` does, where syncing each object
-    /// and its directory cost two disk syncs per object, in the background of every small
-    /// `fsync` (SPEC.md §5). `syncfs` reports a writeback error of the file system since the
-    /// last call (Linux 5.8 and later): then nothing is returned, and the keys stay for the
+    /// Whether `syncfs` reports the file system's writeback errors (Linux 5.8 and later, by
+    /// the superblock's error sequence); before that it returned 0 whatever happened.
+    static let syncfsReportsErrors: Bool = {
+        var name = utsname()
+        guard uname(&name) == 0 else { return false }
+        let release = withUnsafeBytes(of: name.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let parts = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
+        guard parts.count == 2 else { return false }
+        return parts[0] > 5 || (parts[0] == 5 && parts[1] >= 8)
+    }()
+
+    /// Makes the objects the journal carries durable, with their directory entries: one
+    /// `syncfs` of the store's file system where it reports writeback errors (it costs about
+    /// what one object's `fsync` does, where syncing each object and its directory cost two
+    /// disk syncs per object in the background of every small `fsync`, SPEC.md §5), else an
+    /// `fsync` of each object and of its fan-out directory. Returns their ids (the caller
+    /// deletes their journal keys); on a failure nothing is returned and the keys stay for the
     /// check at the next open. One such pass at a time; a caller that finds one running, or
     /// nothing to sync, returns an empty list.
     func syncJournaled() throws -> [SliceID] {
-        let files: [PendingFile]? = lock.withLock {
+        let ids: [SliceID]? = lock.withLock {
             guard !journaledPassRunning, !journaled.isEmpty else { return nil }
             journaledPassRunning = true
             defer { journaled.removeAll(keepingCapacity: true) }
             return journaled
         }
-        guard let files else { return [] }
-        defer {
-            for file in files { close(file.fd) }
-            lock.withLock { journaledPassRunning = false }
+        guard let ids else { return [] }
+        defer { lock.withLock { journaledPassRunning = false } }
+        try Self.syncObjects(ids, root: root, logger: logger)
+        return ids
+    }
+
+    /// Makes objects `ids` of the store under `root` durable with their directory entries (see
+    /// `syncJournaled`); objects that are gone are skipped.
+    static func syncObjects(_ ids: [SliceID], root: Int32, logger: Logger) throws {
+        guard !ids.isEmpty else { return }
+        if syncfsReportsErrors {
+            guard weft_syncfs(root) == 0 else {
+                let code = errno
+                logger.error("chunk sync failed: syncfs of the chunk store: \(String(cString: strerror(code)))")
+                throw WeftError(code == ENOSPC || code == EDQUOT ? ENOSPC : EIO, "chunk sync failed: syncfs")
+            }
+            return
         }
-        guard weft_syncfs(root) == 0 else {
-            let code = errno
-            logger.error("chunk sync failed: syncfs of the chunk store: \(String(cString: strerror(code)))")
-            throw WeftError(code == ENOSPC || code == EDQUOT ? ENOSPC : EIO, "chunk sync failed: syncfs")
+        var files: [PendingFile] = []
+        for id in ids {
+            let fd = FileIO.withObjectPath(id) { openat(root, $0, O_RDONLY | O_CLOEXEC) }
+            if fd >= 0 { files.append(PendingFile(fd: fd, id: id)) }
         }
-        return files.map(\.id)
+        let queue = DurabilityQueue(root: root, logger: logger)
+        if let failure = queue.runPass(files: files, fanOuts: Set(ids.map { Int($0 & 0xFF) }).sorted()) { throw failure }
     }
 
     /// Registers a removed directory entry, so the next pass makes the removal durable.

@@ -116,7 +116,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
                 throw WeftError(EIO, "cannot restore chunk object \(object.id) from the metadata journal: \(error)")
             }
         }
+        // Objects that read back whole may still be only in the page cache (a killed process
+        // left them there): every one is made durable before its key goes.
         try chunks.sync()
+        try chunks.syncObjects(objects.filter { !$0.isGarbage }.map(\.id))
         try meta.forgetJournaled(objects.map(\.id), durable: true)
         try meta.sync()
         if restored > 0 {
@@ -152,7 +155,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// with their `J` keys, as a crash would (tests); the next open checks them either way.
     public func close(syncingJournaled: Bool = true) throws {
         maintenance.stop()
-        if syncingJournaled { try syncJournaledObjects() }
+        if syncingJournaled {
+            // A failure leaves the keys for the next open to check; the rest of close goes on.
+            do { try syncJournaledObjects() } catch { logger.error("closing: sync of the objects the journal carries failed: \(error)") }
+        }
         try meta.close()
         Glibc.unlink(Hub.leaseMarkerPath(directory))
     }
@@ -413,7 +419,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
         // The commit claims its objects first, so that a discard can never delete one that a
         // commit under way may reference; a commit that fails gives them back.
         let claimed = pendingUploads.take(slices.map(\.slice.id), session: context.session)
-        let journaled = durable ? journal(slices) : []
+        // Only objects no commit referenced before (a commit whose reply was lost may have
+        // been applied, and its record may become durable without any key).
+        let fresh = Set(claimed)
+        let journaled = durable ? journal(slices.filter { fresh.contains($0.slice.id) }) : []
         let attributes: Attributes
         do {
             attributes = try changing(context, [.init(ino, isFile: true)], reply: { _ in [ino] }) {
@@ -425,6 +434,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
             pendingUploads.giveBack(claimed, session: context.session)
             throw error
         }
+        chunks.journalCommitted(journaled.map(\.id))
         if chunks.journaledCount >= Self.journaledObjectsWake { maintenance.wake() }
         maintenance.considerCompaction(ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
         return attributes

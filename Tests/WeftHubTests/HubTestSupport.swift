@@ -66,10 +66,11 @@ final class HubUnderTest {
     /// `whileStopped` runs between the two (to leave behind what a crash would).
     /// `syncingJournaled: false` closes the hub as a crash would leave the objects whose bytes
     /// the metadata journal carries: unsynced, their keys kept (SPEC.md §5).
-    func restart(syncingJournaled: Bool = true, whileStopped: () -> Void = {}) throws {
+    /// `recover: false` opens it again without `recover()` (background maintenance stopped).
+    func restart(syncingJournaled: Bool = true, recover: Bool = true, whileStopped: () -> Void = {}) throws {
         stop(syncingJournaled: syncingJournaled)
         whileStopped()
-        try start(recover: true)
+        try start(recover: recover)
     }
 
     private func stop(syncingJournaled: Bool = true) {
