@@ -352,7 +352,7 @@ public final class ChunkStore: @unchecked Sendable {
         }
     }
 
-    /// Makes every object written and every delete completed before this call durable.
+    /// Makes every object written before this call durable (deletes: `syncRemovals`).
     /// Concurrent callers share one pass.
     public func sync() throws {
         try durability.sync()
@@ -364,6 +364,9 @@ public final class ChunkStore: @unchecked Sendable {
     /// the caller puts their bytes in the metadata record that first references them. Returns
     /// the ids left out (objects already being synced, or past the bound, are not).
     public func coverByJournal(_ ids: [SliceID]) -> [SliceID] { durability.coverByJournal(ids) }
+
+    /// Makes every delete completed before the call durable (`sync()` does not).
+    public func syncRemovals() throws { try durability.syncRemovals() }
 
     /// The records carrying objects `ids` left out by `coverByJournal` are written.
     public func journalCommitted(_ ids: [SliceID]) { durability.journalCommitted(ids) }
@@ -400,7 +403,7 @@ public final class ChunkStore: @unchecked Sendable {
 
     // MARK: Deleting and listing
 
-    /// Removes object `id`; a missing object is not an error. Durable after `sync()`.
+    /// Removes object `id`; a missing object is not an error. Durable after `syncRemovals()`.
     public func delete(id: SliceID) throws {
         var info = stat()
         let known = FileIO.withObjectPath(id) { fstatat(root, $0, &info, AT_SYMLINK_NOFOLLOW) } == 0
@@ -420,7 +423,7 @@ public final class ChunkStore: @unchecked Sendable {
         durability.objectRemoved(id: id)
     }
 
-    /// Removes every object of `ids`; missing ones are not an error. Durable after `sync()`.
+    /// Removes every object of `ids`; missing ones are not an error. Durable after `syncRemovals()`.
     /// Throws the first failure, after trying them all.
     public func delete(ids: some Sequence<SliceID>) throws {
         var failure: Error?

@@ -10,8 +10,8 @@ import WeftProto
 /// Tracks what the store has written since the last sync, and makes it durable in shared passes.
 ///
 /// Guarantees: when `sync()` returns, every object whose `write` returned before `sync()` was
-/// called is on stable storage (file data and directory entry), and so is every completed
-/// delete. Concurrent callers share passes: at most one pass runs at a time, and a caller
+/// called is on stable storage (file data and directory entry); when `syncRemovals()` returns,
+/// so is every delete completed before it was called. Concurrent callers share passes: at most one pass runs at a time, and a caller
 /// waits for at most the running pass plus one more. At most `maxPendingFiles` written objects
 /// wait for a pass, each holding its descriptor so a writeback error cannot be missed; the
 /// write that reaches the bound runs a pass itself (backpressure).
@@ -38,8 +38,10 @@ final class DurabilityQueue: @unchecked Sendable {
     private var journaled: [SliceID] = []
     private var covering: Set<SliceID> = []
     private var journaledPassRunning = false
-    /// Fan-out directories that lost an entry (those that gained one are the pending files').
+    /// Fan-out directories of the files a pass takes (reset by each pass).
     private var dirtyFanOuts = [Bool](repeating: false, count: 256)
+    /// Fan-out directories that lost an entry since the last `syncRemovals`.
+    private var removedFanOuts: Set<Int> = []
     /// Sequence number of the latest write or delete registered.
     private var queuedSequence: UInt64 = 0
     /// Every change with a sequence number up to this one has been through a pass.
@@ -148,18 +150,20 @@ final class DurabilityQueue: @unchecked Sendable {
         return ids
     }
 
+    /// `syncfs` of the file system holding `root`; EIO (or ENOSPC) on a failure, logged.
+    private static func syncfsChecked(_ root: Int32, logger: Logger) throws {
+        guard weft_syncfs(root) == 0 else {
+            let code = errno
+            logger.error("chunk sync failed: syncfs of the chunk store: \(String(cString: strerror(code)))")
+            throw WeftError(code == ENOSPC || code == EDQUOT ? ENOSPC : EIO, "chunk sync failed: syncfs")
+        }
+    }
+
     /// Makes objects `ids` of the store under `root` durable with their directory entries (see
     /// `syncJournaled`); objects that are gone are skipped.
     static func syncObjects(_ ids: [SliceID], root: Int32, logger: Logger) throws {
         guard !ids.isEmpty else { return }
-        if syncfsReportsErrors {
-            guard weft_syncfs(root) == 0 else {
-                let code = errno
-                logger.error("chunk sync failed: syncfs of the chunk store: \(String(cString: strerror(code)))")
-                throw WeftError(code == ENOSPC || code == EDQUOT ? ENOSPC : EIO, "chunk sync failed: syncfs")
-            }
-            return
-        }
+        if syncfsReportsErrors { return try syncfsChecked(root, logger: logger) }
         var files: [PendingFile] = []
         for id in ids {
             let fd = FileIO.withObjectPath(id) { openat(root, $0, O_RDONLY | O_CLOEXEC) }
@@ -169,11 +173,31 @@ final class DurabilityQueue: @unchecked Sendable {
         if let failure = queue.runPass(files: files, fanOuts: Set(ids.map { Int($0 & 0xFF) }).sorted()) { throw failure }
     }
 
-    /// Registers a removed directory entry, so the next pass makes the removal durable.
+    /// Registers a removed directory entry, made durable by the next `syncRemovals` (not by
+    /// `sync()`: only garbage collection needs a delete durable, before it forgets the object,
+    /// and syncing removals in the passes before journal syncs cost a directory `fsync` per
+    /// deleted object's directory in the next change's foreground).
     func objectRemoved(id: SliceID) {
-        lock.withLock {
-            dirtyFanOuts[Int(id & 0xFF)] = true
-            queuedSequence += 1
+        lock.withLock { _ = removedFanOuts.insert(Int(id & 0xFF)) }
+    }
+
+    /// Makes every removal registered before the call durable: one `syncfs` where it reports
+    /// writeback errors, else an `fsync` of each directory that lost an entry.
+    func syncRemovals() throws {
+        let fanOuts = lock.withLock {
+            defer { removedFanOuts.removeAll() }
+            return removedFanOuts
+        }
+        guard !fanOuts.isEmpty else { return }
+        do {
+            if Self.syncfsReportsErrors {
+                try Self.syncfsChecked(root, logger: logger)
+            } else if let failure = runPass(files: [], fanOuts: fanOuts.sorted()) {
+                throw failure
+            }
+        } catch {
+            lock.withLock { removedFanOuts.formUnion(fanOuts) }
+            throw error
         }
     }
 

@@ -153,6 +153,9 @@ final class Maintenance: @unchecked Sendable {
                         logger.warning("cannot delete chunk objects at hub \(holder) yet, will retry in \(Int(Self.holderRetrySeconds)) s: \(error)")
                     }
                 }
+                // The deletes must be durable before their keys go: a key lost first would
+                // leave an object no file references and no key names.
+                try hub.chunks.syncRemovals()
                 try hub.meta.forgetGarbage(done)
                 if batch.count < garbageBatch { return }
                 after = last.id
