@@ -28,6 +28,15 @@ extension HubConformanceTests {
         (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) }
     }
 
+    /// Writes `data` as one new object and commits it durably at the start of `file`.
+    private func commitDurably(_ data: [UInt8], to file: Attributes, on volume: HubUnderTest,
+                               _ context: RequestContext) throws -> Slice {
+        let slice = try writeObject(data, on: volume.api, context: context)
+        _ = try volume.api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
+                                        minimumSize: UInt64(data.count), durable: true)
+        return slice
+    }
+
     /// Closes the volume as a crash leaves the objects the journal carries, damages object
     /// `id`'s file meanwhile, and opens it again (without background maintenance).
     private func reopen(_ volume: HubUnderTest, damaging id: SliceID, with damage: (String) -> Void) throws -> RequestContext {
@@ -80,9 +89,7 @@ extension HubConformanceTests {
     func testAJournaledObjectADamagedFileHoldsIsWrittenAgainAtOpen() throws {
         let (volume, context, file) = try journaledVolume()
         let data = pattern(3000, seed: 7)
-        let slice = try writeObject(data, on: volume.api, context: context)
-        _ = try volume.api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
-                                        minimumSize: 3000, durable: true)
+        let slice = try commitDurably(data, to: file, on: volume, context)
         XCTAssertEqual(volume.hub.chunks.journaledCount, 1)
         // The file reached the disk with its size but not all of its bytes: the last ones read as zeros.
         let after = try reopen(volume, damaging: slice.id) { path in
@@ -99,9 +106,7 @@ extension HubConformanceTests {
 
     func testAJournaledObjectThatBecameGarbageIsNotWrittenAgain() throws {
         let (volume, context, file) = try journaledVolume()
-        let slice = try writeObject(pattern(4096, seed: 9), on: volume.api, context: context)
-        _ = try volume.api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
-                                        minimumSize: 4096, durable: true)
+        let slice = try commitDurably(pattern(4096, seed: 9), to: file, on: volume, context)
         _ = try volume.api.setattr(context, ino: file.ino, SetAttributes(size: 0))
         let after = try reopen(volume, damaging: slice.id) { path in XCTAssertEqual(unlink(path), 0) }
         XCTAssertNil(volume.chunkFile(of: slice.id), "a garbage object is not brought back")
@@ -111,9 +116,7 @@ extension HubConformanceTests {
 
     func testTheBackgroundSyncOfJournaledObjectsDropsTheirKeysAndAFailedCommitGivesThemBack() throws {
         let (volume, context, file) = try journaledVolume()
-        let slice = try writeObject(pattern(4096, seed: 11), on: volume.api, context: context)
-        _ = try volume.api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
-                                        minimumSize: 4096, durable: true)
+        let slice = try commitDurably(pattern(4096, seed: 11), to: file, on: volume, context)
         XCTAssertEqual(volume.hub.chunks.journaledCount, 1)
         try volume.hub.syncJournaledObjects()
         XCTAssertEqual(volume.hub.chunks.journaledCount, 0)
