@@ -376,7 +376,7 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Makes objects `ids` durable with their directory entries, however they were written
     /// (at open: objects a killed process left in the page cache).
-    public func syncObjects(_ ids: [SliceID]) throws { try DurabilityQueue.syncObjects(ids, root: root, logger: logger) }
+    public func syncObjects(_ ids: [SliceID]) throws { try durability.syncObjects(ids) }
 
     /// Syncs the objects the journal carries, then their fan-out directories; returns their ids,
     /// whose journal keys may now go.

@@ -102,12 +102,7 @@ final class DurabilityQueue: @unchecked Sendable {
     /// Gives objects taken by `coverByJournal` back to the passes (their commit failed, and a
     /// retry may reference them without the journal's help), with a descriptor opened again.
     func uncover(_ ids: [SliceID]) {
-        let back = lock.withLock { ids.filter { covering.remove($0) != nil } }
-        var files: [PendingFile] = []
-        for id in back {
-            let fd = FileIO.withObjectPath(id) { openat(root, $0, O_RDONLY | O_CLOEXEC) }
-            if fd >= 0 { files.append(PendingFile(fd: fd, id: id)) }
-        }
+        let files = reopened(lock.withLock { ids.filter { covering.remove($0) != nil } })
         guard !files.isEmpty else { return }
         lock.withLock {
             pending += files
@@ -146,12 +141,12 @@ final class DurabilityQueue: @unchecked Sendable {
         }
         guard let ids else { return [] }
         defer { lock.withLock { journaledPassRunning = false } }
-        try Self.syncObjects(ids, root: root, logger: logger)
+        try syncObjects(ids)
         return ids
     }
 
-    /// `syncfs` of the file system holding `root`; EIO (or ENOSPC) on a failure, logged.
-    private static func syncfsChecked(_ root: Int32, logger: Logger) throws {
+    /// `syncfs` of the store's file system; EIO (or ENOSPC) on a failure, logged.
+    private func syncfsChecked() throws {
         guard weft_syncfs(root) == 0 else {
             let code = errno
             logger.error("chunk sync failed: syncfs of the chunk store: \(String(cString: strerror(code)))")
@@ -159,18 +154,20 @@ final class DurabilityQueue: @unchecked Sendable {
         }
     }
 
-    /// Makes objects `ids` of the store under `root` durable with their directory entries (see
-    /// `syncJournaled`); objects that are gone are skipped.
-    static func syncObjects(_ ids: [SliceID], root: Int32, logger: Logger) throws {
-        guard !ids.isEmpty else { return }
-        if syncfsReportsErrors { return try syncfsChecked(root, logger: logger) }
-        var files: [PendingFile] = []
-        for id in ids {
+    /// Descriptors of objects `ids` opened again by path, for a pass; objects gone are skipped.
+    private func reopened(_ ids: [SliceID]) -> [PendingFile] {
+        ids.compactMap { id in
             let fd = FileIO.withObjectPath(id) { openat(root, $0, O_RDONLY | O_CLOEXEC) }
-            if fd >= 0 { files.append(PendingFile(fd: fd, id: id)) }
+            return fd >= 0 ? PendingFile(fd: fd, id: id) : nil
         }
-        let queue = DurabilityQueue(root: root, logger: logger)
-        if let failure = queue.runPass(files: files, fanOuts: Set(ids.map { Int($0 & 0xFF) }).sorted()) { throw failure }
+    }
+
+    /// Makes objects `ids` durable with their directory entries, however they were written
+    /// (see `syncJournaled`); objects that are gone are skipped.
+    func syncObjects(_ ids: [SliceID]) throws {
+        guard !ids.isEmpty else { return }
+        if Self.syncfsReportsErrors { return try syncfsChecked() }
+        if let failure = runPass(files: reopened(ids), fanOuts: Set(ids.map { Int($0 & 0xFF) }).sorted()) { throw failure }
     }
 
     /// Registers a removed directory entry, made durable by the next `syncRemovals` (not by
@@ -191,7 +188,7 @@ final class DurabilityQueue: @unchecked Sendable {
         guard !fanOuts.isEmpty else { return }
         do {
             if Self.syncfsReportsErrors {
-                try Self.syncfsChecked(root, logger: logger)
+                try syncfsChecked()
             } else if let failure = runPass(files: [], fanOuts: fanOuts.sorted()) {
                 throw failure
             }
