@@ -124,3 +124,40 @@ struct FIFO<Element> {
         return index >= head && distance >= 0 ? storage[index] : nil
     }
 }
+
+/// The name under which a lookup last gave each file to the kernel, whether a lease covered the
+/// reply, and when (SPEC.md §12.6, "A rename across another agent's rename"). A kernel
+/// operation that holds a directory's lock (a rename) uses the entries it looked up even if
+/// the home moves a file meanwhile, and takes two names that it found on one file for the same
+/// file: a lookup that finds a file under another name than the one recorded asks whether the
+/// kernel may still hold that other entry. Guarded by the VFS lock.
+struct GivenNames {
+    struct Given {
+        var key: NameKey
+        /// A lease covered the reply, or the kernel has dropped the entry since.
+        var covered: Bool
+        var ns: UInt64
+    }
+
+    private var byFile: [InodeID: Given] = [:]
+    static let filesMax = 65_536
+
+    var count: Int { byFile.count }
+
+    /// The record of `ino` when it names another entry than `key`.
+    func other(_ ino: InodeID, than key: NameKey) -> Given? {
+        guard let given = byFile[ino], given.key != key else { return nil }
+        return given
+    }
+
+    mutating func gave(_ ino: InodeID, _ key: NameKey, covered: Bool, now: UInt64) {
+        if byFile.count >= Self.filesMax && byFile[ino] == nil { byFile.removeAll(keepingCapacity: true) }
+        byFile[ino] = Given(key: key, covered: covered, ns: now)
+    }
+
+    /// The kernel dropped entry `key`: if it is still what `ino` was last given under, it can
+    /// no longer be held stale.
+    mutating func dropped(_ ino: InodeID, _ key: NameKey) {
+        if byFile[ino]?.key == key { byFile[ino]?.covered = true }
+    }
+}

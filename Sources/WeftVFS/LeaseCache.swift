@@ -50,6 +50,46 @@ public final class LeaseCache: @unchecked Sendable {
 
     func expiredWhole() { lock.withLock { wholeExpiries += 1 } }
 
+    // MARK: Entry drops waiting for a directory's lock
+
+    private let drops = NSCondition()
+    /// Names of each directory (kernel inode) whose drop a recall asked for and the kernel has
+    /// not done yet, with how many drops of each are under way.
+    private var dropsPending: [UInt64: [[UInt8]: Int]] = [:]
+
+    /// A recall asks the kernel to drop `names` of directory `ino` (`dropsEnded` when it has).
+    func dropsBegan(_ ino: UInt64, _ names: [[UInt8]]) {
+        drops.withLock {
+            for name in names { dropsPending[ino, default: [:]][name, default: 0] += 1 }
+        }
+    }
+
+    func dropsEnded(_ ino: UInt64, _ names: [[UInt8]]) {
+        drops.withLock {
+            for name in names {
+                guard let count = dropsPending[ino]?[name] else { continue }
+                dropsPending[ino]?[name] = count > 1 ? count - 1 : nil
+            }
+            if dropsPending[ino]?.isEmpty == true { dropsPending[ino] = nil }
+            drops.broadcast()
+        }
+    }
+
+    /// True if a recall's drop of entry `name` of directory `ino` is still waiting for the
+    /// kernel's lock of the directory after waiting up to `waitNs` for it: the kernel operation
+    /// holding that lock may have looked other names up before the recall came (SPEC.md §12.6,
+    /// "A rename across another agent's rename").
+    public func dropPending(_ ino: UInt64, _ name: [UInt8], waitNs: UInt64) -> Bool {
+        drops.lock()
+        defer { drops.unlock() }
+        guard dropsPending[ino]?[name] != nil else { return false }
+        let deadline = Date(timeIntervalSinceNow: Double(waitNs) / 1e9)
+        while dropsPending[ino]?[name] != nil {
+            guard drops.wait(until: deadline) else { return dropsPending[ino]?[name] != nil }
+        }
+        return false
+    }
+
     func recalled(_ ino: UInt64) {
         lock.withLock {
             sequence += 1

@@ -18,6 +18,7 @@ extension VFS: LeaseClient {
             file?.invalidate()
             return true
         }
+        if let delay = Self.testRecallDelayUs { usleep(delay) }
         // Opens served locally become known to the home before the change (an unlink must keep
         // the file while it is open).
         if let file { registerLocalOpens(of: file) }
@@ -58,8 +59,11 @@ extension VFS: LeaseClient {
     func expireEntries(_ kernel: UInt64, _ names: [[UInt8]]) {
         guard let invalidateEntry = leaseCache.invalidateEntry else { return }
         let done = DispatchSemaphore(value: 0)
+        let cache = leaseCache
+        cache.dropsBegan(kernel, names)
         WorkerPool.detach {
             for name in names { invalidateEntry(kernel, name) }
+            cache.dropsEnded(kernel, names)
             done.signal()
             // The kernel may still be installing an entry from a reply that left before the
             // recall arrived: drop the names once more shortly after.

@@ -78,6 +78,29 @@ public final class VFS: @unchecked Sendable {
     /// the lookup; valid while no recall of the directory came since.
     var names: [NameKey: (ino: InodeID, token: UInt64)] = [:]
     static let namesMax = 65_536
+    /// The entry under which each file was last given to the kernel (`checkSecondName`).
+    var givenNames = GivenNames()
+
+    /// How long a lookup waits for a recall's drop of its name before answering ESTALE (SPEC.md
+    /// §12.6, "A rename across another agent's rename"): a drop that waited only for another
+    /// operation's lock goes through within microseconds of its release.
+    static let lookupDropWaitNs: UInt64 = 5_000_000
+    /// How long after it went out an entry that no lease covered may still be held by the
+    /// kernel operation that looked it up (`checkSecondName`).
+    static let uncoveredEntryWindowNs: UInt64 = 1_000_000_000
+
+    /// Test only: `WEFT_TEST_LOOKUP_DELAY=NAME:MS` makes every lookup of NAME wait MS
+    /// milliseconds before it asks the home, so that a test can hold the kernel's directory lock
+    /// across another agent's change (SPEC.md §12.6).
+    static let testLookupDelay: (name: [UInt8], us: UInt32)? = {
+        guard let value = ProcessInfo.processInfo.environment["WEFT_TEST_LOOKUP_DELAY"],
+              let colon = value.lastIndex(of: ":"), let ms = UInt32(value[value.index(after: colon)...]) else { return nil }
+        return (Array(value[..<colon].utf8), ms * 1000)
+    }()
+    /// Test only: `WEFT_TEST_RECALL_DELAY=MS` makes every recall (not a notice) wait MS
+    /// milliseconds before it is handled, so that a test can keep another agent's change under
+    /// way at the home (SPEC.md §12.6).
+    static let testRecallDelayUs: UInt32? = ProcessInfo.processInfo.environment["WEFT_TEST_RECALL_DELAY"].flatMap(UInt32.init).map { $0 * 1000 }
     /// This agent's own unlinks and renames under way, by name (`forgetNames`).
     var namesChanging = NamesChanging()
     /// Bumped before and after each of this agent's own unlinks and renames (`forgetNames`),
@@ -128,6 +151,12 @@ public final class VFS: @unchecked Sendable {
             leasesEnabled = true
         } catch let error as WeftError where error.errno == ENOTSUP || error.errno == ENOSYS {
             logger.info("hub grants no leases: caching as close-to-open (\(error.message))")
+        }
+        if let delay = Self.testRecallDelayUs {
+            logger.warning("WEFT_TEST_RECALL_DELAY: every recall waits \(delay / 1000) ms (test only)")
+        }
+        if let delay = Self.testLookupDelay {
+            logger.warning("WEFT_TEST_LOOKUP_DELAY: every lookup of \(String(decoding: delay.name, as: UTF8.self)) waits \(delay.us / 1000) ms (test only)")
         }
         startBackgroundCommits()
     }
@@ -196,6 +225,7 @@ public final class VFS: @unchecked Sendable {
         if leasesEnabled, let known = lock.withLock({ names[key] }),
            leaseCache.mayCache(kernelIno(parent), since: known.token),
            let file = openFile(known.ino), file.isFresh {
+            gaveEntry(known.ino, parent, name)
             file.lock.lock()
             defer { file.lock.unlock() }
             return file.visibleAttributes
@@ -204,7 +234,9 @@ public final class VFS: @unchecked Sendable {
         if knownAbsent(parent, name) { throw WeftError(ENOENT) }
         let token = leaseCache.token()
         let epoch = lock.withLock { namesEpoch }
+        if let delay = Self.testLookupDelay, delay.name == name { usleep(delay.us) }
         let attributes = try hub.lookup(context(credentials), parent: parent, name: name)
+        if leasesEnabled { try checkSecondName(of: attributes.ino, key, since: token) }
         if leasesEnabled && attributes.isRegular && leaseCache.mayCache(kernelIno(parent), since: token) {
             lock.withLock {
                 guard epoch == namesEpoch else { return }
@@ -213,6 +245,56 @@ public final class VFS: @unchecked Sendable {
             }
         }
         return localView(attributes)
+    }
+
+    /// ESTALE for a lookup that finds file `ino` under `key` when the kernel may still hold
+    /// another entry for it from before the home moved it, in the operation that asked (SPEC.md
+    /// §12.6, "A rename across another agent's rename"): a recall's drop of that entry is still
+    /// waiting for its directory's lock, or the entry went out uncovered a moment ago and cannot
+    /// be dropped now either. ESTALE makes the kernel let go of the lock, which lets the drop
+    /// through, and start the operation again with every name looked up again.
+    func checkSecondName(of ino: InodeID, _ key: NameKey, since token: UInt64) throws {
+        guard key.name != [0x2E], key.name != [0x2E, 0x2E] else { return }
+        let now = Leases.nowNs()
+        if let earlier = lock.withLock({ givenNames.other(ino, than: key) }) {
+            let directory = kernelIno(earlier.key.parent)
+            var held = leaseCache.dropPending(directory, earlier.key.name, waitNs: Self.lookupDropWaitNs)
+            if !held && !earlier.covered && now &- earlier.ns < Self.uncoveredEntryWindowNs {
+                held = !dropEntry(earlier.key, of: ino)
+            }
+            if held {
+                Trace.note("lookup parent=\(key.parent) name=\(String(decoding: key.name, as: UTF8.self)) ESTALE: inode \(ino) may still be held as \(earlier.key.parent)/\(String(decoding: earlier.key.name, as: UTF8.self))")
+                throw WeftError(ESTALE, "another entry of this file may be held stale by the kernel; look it up again")
+            }
+        }
+        let covered = leaseCache.mayCache(kernelIno(key.parent), since: token) && leaseCache.mayCache(kernelIno(ino), since: token)
+        lock.withLock { givenNames.gave(ino, key, covered: covered, now: now) }
+    }
+
+    /// This agent's own create, link or the like gave the kernel an entry for file `ino`.
+    func gaveEntry(_ ino: InodeID, _ parent: InodeID, _ name: [UInt8]) {
+        guard leasesEnabled else { return }
+        let now = Leases.nowNs()
+        lock.withLock { givenNames.gave(ino, NameKey(parent: parent, name: name), covered: true, now: now) }
+    }
+
+    /// Drops the kernel's entry `key` (last given for file `ino`) on a thread of its own, unless
+    /// a drop of it is under way already; true if the kernel has dropped it within
+    /// `lookupDropWaitNs` (it waits for the directory's lock). Once dropped, even later, the
+    /// entry counts as covered.
+    func dropEntry(_ key: NameKey, of ino: InodeID) -> Bool {
+        guard let invalidateEntry = leaseCache.invalidateEntry else { return true }
+        let directory = kernelIno(key.parent)
+        let cache = leaseCache
+        if !cache.dropPending(directory, key.name, waitNs: 0) {
+            cache.dropsBegan(directory, [key.name])
+            WorkerPool.detach { [self] in
+                invalidateEntry(directory, key.name)
+                lock.withLock { givenNames.dropped(ino, key) }
+                cache.dropsEnded(directory, [key.name])
+            }
+        }
+        return !cache.dropPending(directory, key.name, waitNs: Self.lookupDropWaitNs)
     }
 
     /// Forgets names this agent is about to change itself (its own changes recall nothing of
@@ -351,6 +433,7 @@ public final class VFS: @unchecked Sendable {
             try hub.mkdir(context(credentials), parent: parent, name: name, mode: mode, umask: umask)
         }
         entriesChanged(parent, added: name)
+        gaveEntry(made.ino, parent, name)
         madeEmptyDirectory(made.ino, since: token)
         return made
     }
@@ -363,6 +446,7 @@ public final class VFS: @unchecked Sendable {
                            exclusive: true)
         }
         entriesChanged(parent, added: name)
+        gaveEntry(made.ino, parent, name)
         return made
     }
 
@@ -403,6 +487,7 @@ public final class VFS: @unchecked Sendable {
             try hub.symlink(context(credentials), parent: parent, name: name, target: target)
         }
         entriesChanged(parent, added: name)
+        gaveEntry(made.ino, parent, name)
         return made
     }
 
@@ -416,6 +501,7 @@ public final class VFS: @unchecked Sendable {
             try hub.link(context(credentials), ino: ino, newParent: newParent, newName: newName)
         }
         entriesChanged(newParent, added: newName)
+        gaveEntry(ino, newParent, newName)
         openFile(ino)?.invalidate()   // its link count and ctime changed (this agent is not recalled)
         return localView(attributes)
     }
@@ -673,6 +759,7 @@ public final class VFS: @unchecked Sendable {
             throw error
         }
         entriesChanged(parent, added: name)
+        gaveEntry(created.attributes.ino, parent, name)
         if let parentAfter = created.parent {
             changedHere(parent, keeping: parentAfter, fetchedAt: epoch, token: token)
         } else {

@@ -1,3 +1,5 @@
+import Foundation
+import WeftProto
 import XCTest
 @testable import WeftVFS
 
@@ -59,5 +61,59 @@ final class NamesChangingTests: XCTestCase {
         let onto = changing.begin([key("d"), key("d")])
         XCTAssertTrue(changing.end(onto, [key("d"), key("d")]))
         XCTAssertTrue(changing.isEmpty)
+    }
+}
+
+/// The entry under which each file was last given to the kernel (SPEC.md §12.6, "A rename
+/// across another agent's rename").
+final class GivenNamesTests: XCTestCase {
+    private func key(_ name: String, in parent: UInt64 = 1) -> NameKey { NameKey(parent: parent, name: Array(name.utf8)) }
+
+    func testAnotherEntryOfTheSameFileIsReportedUntilTheKernelDropsIt() {
+        var given = GivenNames()
+        XCTAssertNil(given.other(7, than: key("a")))
+        given.gave(7, key("a"), covered: false, now: 5)
+        XCTAssertNil(given.other(7, than: key("a")), "the same entry")
+        XCTAssertNil(given.other(8, than: key("b")), "another file")
+        let other = given.other(7, than: key("b"))
+        XCTAssertEqual(other?.key, key("a"))
+        XCTAssertEqual(other?.covered, false)
+        XCTAssertEqual(other?.ns, 5)
+        XCTAssertEqual(given.other(7, than: key("a", in: 2))?.key, key("a"), "same name, other directory")
+        given.dropped(7, key("b"))
+        XCTAssertEqual(given.other(7, than: key("b"))?.covered, false, "a drop of another entry changes nothing")
+        given.dropped(7, key("a"))
+        XCTAssertEqual(given.other(7, than: key("b"))?.covered, true, "dropped: no longer held stale")
+        given.gave(7, key("b"), covered: true, now: 6)
+        XCTAssertEqual(given.other(7, than: key("a"))?.key, key("b"), "the latest entry counts")
+    }
+
+    func testTheRecordsStayBounded() {
+        var given = GivenNames()
+        for ino in 0..<UInt64(GivenNames.filesMax + 10) {
+            given.gave(ino, key("n\(ino)"), covered: true, now: 1)
+        }
+        XCTAssertLessThanOrEqual(given.count, GivenNames.filesMax)
+    }
+}
+
+/// A lookup of a name whose drop a recall asked for waits for it, a little (SPEC.md §12.6).
+final class EntryDropsTests: XCTestCase {
+    func testALookupWaitsForAPendingDropOfItsNameThenReportsIt() {
+        let cache = LeaseCache()
+        let name = Array("n".utf8)
+        XCTAssertFalse(cache.dropPending(1, name, waitNs: 0))
+        cache.dropsBegan(1, [name, Array("m".utf8)])
+        XCTAssertFalse(cache.dropPending(2, name, waitNs: 0), "another directory")
+        XCTAssertFalse(cache.dropPending(1, Array("o".utf8), waitNs: 0), "another name")
+        let start = Leases.nowNs()
+        XCTAssertTrue(cache.dropPending(1, name, waitNs: 20_000_000))
+        XCTAssertGreaterThanOrEqual(Leases.nowNs() - start, 19_000_000, "waited for the drop")
+        Thread.detachNewThread {
+            usleep(20_000)
+            cache.dropsEnded(1, [name, Array("m".utf8)])
+        }
+        XCTAssertFalse(cache.dropPending(1, name, waitNs: 5_000_000_000), "the drop went through while it waited")
+        XCTAssertFalse(cache.dropPending(1, Array("m".utf8), waitNs: 0))
     }
 }

@@ -452,8 +452,11 @@ class WeftCLI:
     def weftd_path(self) -> Path:
         return self.bin_dir / "weftd"
 
-    def weft(self, *args, timeout_s: float = COMMAND_TIMEOUT_S) -> CommandResult:
-        return self.res.run([self.weft_path, *map(str, args)], timeout_s=timeout_s)
+    def weft(self, *args, timeout_s: float = COMMAND_TIMEOUT_S,
+             env: Optional[dict] = None) -> CommandResult:
+        """`env`: variables added to this process's environment for the command."""
+        return self.res.run([self.weft_path, *map(str, args)], timeout_s=timeout_s,
+                            env={**os.environ, **env} if env else None)
 
     def weftd(self, *args, timeout_s: float = COMMAND_TIMEOUT_S) -> CommandResult:
         return self.res.run([self.weftd_path, *map(str, args)], timeout_s=timeout_s)
@@ -562,12 +565,13 @@ class Mount:
     mount on the same mount point (a test may stack one on purpose)."""
 
     def __init__(self, res: Resources, cli: WeftCLI, source: str, mountpoint: Path,
-                 options: Iterable[str] = ()):
+                 options: Iterable[str] = (), env: Optional[dict] = None):
         self.res = res
         self.cli = cli
         self.source = source
         self.mountpoint = Path(mountpoint)
         self.options = list(options)
+        self.env = env
         n = res.next_id()
         self.pid_file = res.base / f"agent-{n}.pid"
         self.log_file = res.log_dir / f"agent-{n}.log"
@@ -598,7 +602,7 @@ class Mount:
         before = set(mount_ids_at(self.mountpoint))
         r = self.cli.weft("mount", self.source, self.mountpoint, "--background",
                           "--pid-file", self.pid_file, "--log-file", self.log_file,
-                          *self.options, timeout_s=timeout_s)
+                          *self.options, timeout_s=timeout_s, env=self.env)
         self.mount_ids = [i for i in mount_ids_at(self.mountpoint) if i not in before]
         self._remember_pid()
         return r
@@ -784,11 +788,12 @@ class WeftFS:
         self.unmount()
         self.mount()
 
-    def add_agent(self, name: str, options: Sequence[str] = ()) -> Path:
-        """A second agent (mount) on the same volume; returns its mount point."""
+    def add_agent(self, name: str, options: Sequence[str] = (), env: Optional[dict] = None) -> Path:
+        """A second agent (mount) on the same volume, its process given `env` besides this
+        one's environment; returns its mount point."""
         assert self.is_weft and self.cli is not None
         mountpoint = self.res.new_dir(name, 0o755)
-        m = Mount(self.res, self.cli, self.source, mountpoint, [*self.mount_args, *options])
+        m = Mount(self.res, self.cli, self.source, mountpoint, [*self.mount_args, *options], env=env)
         m.start()
         self.extra_mounts.append(m)
         return mountpoint
