@@ -140,6 +140,8 @@ struct GivenNames {
     }
 
     private var byFile: [InodeID: Given] = [:]
+    /// The file each recorded entry names (the other way round), for this agent's own renames.
+    private var byKey: [NameKey: InodeID] = [:]
     static let filesMax = 65_536
 
     var count: Int { byFile.count }
@@ -150,9 +152,33 @@ struct GivenNames {
         return given
     }
 
-    mutating func gave(_ ino: InodeID, _ key: NameKey, covered: Bool, now: UInt64) {
-        if byFile.count >= Self.filesMax && byFile[ino] == nil { byFile.removeAll(keepingCapacity: true) }
+    /// The kernel got entry `key` for file `ino`. `keepingEarlier`: the file keeps the entry it
+    /// had too (a hard link), and the earlier record stays.
+    mutating func gave(_ ino: InodeID, _ key: NameKey, covered: Bool, now: UInt64, keepingEarlier: Bool = false) {
+        if let earlier = byFile[ino] {
+            if keepingEarlier && earlier.key != key { return }
+            if byKey[earlier.key] == ino { byKey[earlier.key] = nil }
+        } else if byFile.count >= Self.filesMax {
+            byFile.removeAll(keepingCapacity: true)
+            byKey.removeAll(keepingCapacity: true)
+        }
         byFile[ino] = Given(key: key, covered: covered, ns: now)
+        byKey[key] = ino
+    }
+
+    /// This agent's own rename moved entry `from` to `to` (the kernel moves its entry itself);
+    /// an exchange swaps the two.
+    mutating func renamed(_ from: NameKey, _ to: NameKey, exchange: Bool) {
+        let moved = byKey.removeValue(forKey: from)
+        let other = byKey.removeValue(forKey: to)
+        if let moved, byFile[moved]?.key == from {
+            byFile[moved]?.key = to
+            byKey[to] = moved
+        }
+        if exchange, let other, byFile[other]?.key == to {
+            byFile[other]?.key = from
+            byKey[from] = other
+        }
     }
 
     /// The kernel dropped entry `key`: if it is still what `ino` was last given under, it can

@@ -272,10 +272,12 @@ public final class VFS: @unchecked Sendable {
     }
 
     /// This agent's own create, link or the like gave the kernel an entry for file `ino`.
-    func gaveEntry(_ ino: InodeID, _ parent: InodeID, _ name: [UInt8]) {
+    func gaveEntry(_ ino: InodeID, _ parent: InodeID, _ name: [UInt8], keepingEarlier: Bool = false) {
         guard leasesEnabled else { return }
         let now = Leases.nowNs()
-        lock.withLock { givenNames.gave(ino, NameKey(parent: parent, name: name), covered: true, now: now) }
+        lock.withLock {
+            givenNames.gave(ino, NameKey(parent: parent, name: name), covered: true, now: now, keepingEarlier: keepingEarlier)
+        }
     }
 
     /// Drops the kernel's entry `key` (last given for file `ino`) on a thread of its own, unless
@@ -501,7 +503,7 @@ public final class VFS: @unchecked Sendable {
             try hub.link(context(credentials), ino: ino, newParent: newParent, newName: newName)
         }
         entriesChanged(newParent, added: newName)
-        gaveEntry(ino, newParent, newName)
+        gaveEntry(ino, newParent, newName, keepingEarlier: true)
         openFile(ino)?.invalidate()   // its link count and ctime changed (this agent is not recalled)
         return localView(attributes)
     }
@@ -521,6 +523,12 @@ public final class VFS: @unchecked Sendable {
         if !flags.contains(.exchange) {   // an exchange keeps both names where they were
             entriesChanged(parent, removed: name)
             entriesChanged(newParent, added: newName)
+        }
+        if leasesEnabled {
+            lock.withLock {
+                givenNames.renamed(NameKey(parent: parent, name: name), NameKey(parent: newParent, name: newName),
+                                   exchange: flags.contains(.exchange))
+            }
         }
     }
 
@@ -749,6 +757,7 @@ public final class VFS: @unchecked Sendable {
             lock.withLock { complete.forget(parent) }   // it said the name was missing
             let existing = try hub.lookup(context(credentials), parent: parent, name: name)
             if existing.isDirectory { throw WeftError.isDirectory }
+            gaveEntry(existing.ino, parent, name)
             let attributes = try hub.open(context(credentials), ino: existing.ino, flags: flags)
             let (handle, _) = register(attributes, flags: flags, context: context(credentials))
             _ = try leased(handle, flags: flags, since: token)

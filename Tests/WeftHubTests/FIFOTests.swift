@@ -88,6 +88,23 @@ final class GivenNamesTests: XCTestCase {
         XCTAssertEqual(given.other(7, than: key("a"))?.key, key("b"), "the latest entry counts")
     }
 
+    /// The kernel moves its entry itself after this agent's own rename; a link keeps both.
+    func testOwnRenamesMoveTheRecordAndLinksKeepTheEarlierEntry() {
+        var given = GivenNames()
+        given.gave(7, key("x"), covered: true, now: 1)
+        given.renamed(key("x"), key("source"), exchange: false)
+        XCTAssertNil(given.other(7, than: key("source")), "the record follows the rename")
+        XCTAssertEqual(given.other(7, than: key("target"))?.key, key("source"))
+        given.gave(8, key("b"), covered: true, now: 1)
+        given.renamed(key("source"), key("b"), exchange: true)
+        XCTAssertEqual(given.other(7, than: key("a"))?.key, key("b"))
+        XCTAssertEqual(given.other(8, than: key("a"))?.key, key("source"), "an exchange swaps both")
+        given.renamed(key("nothing"), key("b"), exchange: false)
+        XCTAssertEqual(given.other(7, than: key("a"))?.key, key("b"), "a rename of an unknown entry over it changes no record")
+        given.gave(7, key("link"), covered: true, now: 2, keepingEarlier: true)
+        XCTAssertEqual(given.other(7, than: key("link"))?.key, key("b"), "a link keeps the earlier entry")
+    }
+
     func testTheRecordsStayBounded() {
         var given = GivenNames()
         for ino in 0..<UInt64(GivenNames.filesMax + 10) {

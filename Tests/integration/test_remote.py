@@ -83,6 +83,21 @@ def test_two_agents_changing_one_directory_at_once_never_stall(weft):
     assert os.listdir(other / "shared") == []
 
 
+def _rename_source_to_target(results: dict, tag: str, root) -> None:
+    try:
+        os.rename(root / "d" / "source", root / "d" / "target")
+        results[tag] = "ok"
+    except OSError as error:
+        results[tag] = errno.errorcode.get(error.errno, error.errno)
+
+
+def _estales_answered(trace_dir) -> int:
+    """Lookups the agent answered ESTALE because the kernel might hold another entry of the
+    file (its lease trace)."""
+    return sum(text.count("ESTALE: inode") for text in
+               (path.read_text("utf-8", "replace") for path in trace_dir.glob("weft-*.trace")))
+
+
 def test_a_rename_across_another_agents_rename_of_the_same_name_fails(weft):
     """rename(2) looks both names up under the directory's lock and returns success without
     asking the file system when they name one file. Agent B's kernel holds the directory's
@@ -91,75 +106,72 @@ def test_a_rename_across_another_agents_rename_of_the_same_name_fails(weft):
     finds the moved file, the one B's kernel holds as `source`. B's rename must fail (ENOENT,
     as on a local file system, whose lock would have ordered the two), not succeed without
     moving anything (SPEC §12.6, "A rename across another agent's rename"). B's lookups of
-    `target` are held back 300 ms (`WEFT_TEST_LOOKUP_DELAY`) so that A's rename lands while
-    B's kernel holds the lock."""
+    `target` are held back 1 s (`WEFT_TEST_LOOKUP_DELAY`) so that A's rename lands while B's
+    kernel holds the lock."""
     weft.require_weft("mounts a second agent")
     weft.require_mode("remote")
-    other = weft.add_agent("mnt-b", env={"WEFT_TEST_LOOKUP_DELAY": "target:300"})
+    release = tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2])
+    if release < (6, 16):
+        # The recall waits for the lock there: A's rename lands after B's, no crossing.
+        pytest.skip(f"kernel {platform.release()} < 6.16: recalls wait for the directory's lock (SPEC.md §12.6)")
+    trace_dir = weft.res.new_dir("trace-b")
+    other = weft.add_agent("mnt-b", env={"WEFT_TEST_LOOKUP_DELAY": "target:1000",
+                                         "WEFT_TRACE_DIR": str(trace_dir)})
     os.mkdir(weft.path / "d")
     write_file(weft.path / "d" / "source", b"the file")
     results: dict[str, object] = {}
-
-    def rename(tag: str, root) -> None:
-        try:
-            os.rename(root / "d" / "source", root / "d" / "target")
-            results[tag] = "ok"
-        except OSError as error:
-            results[tag] = errno.errorcode.get(error.errno, error.errno)
-
     for round_ in range(3):
-        if round_:
+        # B's kernel knows `source` from a lookup (rounds 0 and 2) or from its own rename.
+        if round_ == 1:
+            os.rename(other / "d" / "target", other / "d" / "source")
+        elif round_ == 2:
             os.rename(weft.path / "d" / "target", weft.path / "d" / "source")
-        assert os.stat(other / "d" / "source").st_size == 8   # B's kernel knows `source`
+        assert os.stat(other / "d" / "source").st_size == 8
         results.clear()
-        far = threading.Thread(target=rename, args=("b", other))
+        far = threading.Thread(target=_rename_source_to_target, args=(results, "b", other))
         far.start()
-        time.sleep(0.1)                 # B's kernel holds d's lock, looking `target` up
-        rename("a", weft.path)
+        time.sleep(0.2)                 # B's kernel holds d's lock, looking `target` up
+        _rename_source_to_target(results, "a", weft.path)
         far.join(10)
         assert not far.is_alive(), "agent B's rename did not return"
-        assert sorted(results.values(), key=str) == ["ENOENT", "ok"], (round_, results)
+        assert results == {"a": "ok", "b": "ENOENT"}, (round_, results)
         assert sorted(os.listdir(weft.path / "d")) == ["target"]
         assert sorted(os.listdir(other / "d")) == ["target"]
         assert read_file(other / "d" / "target") == b"the file"
+        assert _estales_answered(trace_dir) > round_, "B's agent never answered the lookup ESTALE"
 
 
 def test_a_rename_that_looks_a_name_up_while_another_agents_rename_is_under_way_fails(weft):
     """The other half of the hazard above: agent B's rename looks `source` up at the home while
     agent A's rename of it is under way there (A's rename waits for agent C, which answers
-    recalls 300 ms late), so the answer comes uncovered (a notice), and its lookup of `target`
-    comes after A's rename applied and finds the same file. B's rename must fail with ENOENT,
-    not succeed without moving anything (SPEC §12.6, "A rename across another agent's
-    rename")."""
+    recalls 600 ms late), so the answer comes uncovered (a notice), and its lookup of `target`
+    (held back 900 ms) comes after A's rename applied and finds the same file. B's rename must
+    fail with ENOENT, not succeed without moving anything (SPEC §12.6, "A rename across
+    another agent's rename")."""
     weft.require_weft("mounts a second agent")
     weft.require_mode("remote")
-    far = weft.add_agent("mnt-b", env={"WEFT_TEST_LOOKUP_DELAY": "target:300"})
-    slow = weft.add_agent("mnt-c", env={"WEFT_TEST_RECALL_DELAY": "300"})
+    trace_dir = weft.res.new_dir("trace-b")
+    far = weft.add_agent("mnt-b", env={"WEFT_TEST_LOOKUP_DELAY": "target:900",
+                                       "WEFT_TRACE_DIR": str(trace_dir)})
+    slow = weft.add_agent("mnt-c", env={"WEFT_TEST_RECALL_DELAY": "600"})
     os.mkdir(weft.path / "d")
     write_file(weft.path / "d" / "source", b"the file")
     results: dict[str, object] = {}
-
-    def rename(tag: str, root) -> None:
-        try:
-            os.rename(root / "d" / "source", root / "d" / "target")
-            results[tag] = "ok"
-        except OSError as error:
-            results[tag] = errno.errorcode.get(error.errno, error.errno)
-
     for round_ in range(3):
         if round_:
             os.rename(weft.path / "d" / "target", weft.path / "d" / "source")
         assert os.stat(slow / "d" / "source").st_size == 8     # C holds a lease on the file
         results.clear()
-        near = threading.Thread(target=rename, args=("a", weft.path))
+        near = threading.Thread(target=_rename_source_to_target, args=(results, "a", weft.path))
         near.start()
-        time.sleep(0.1)                 # A's rename waits for C's answer
-        rename("b", far)
+        time.sleep(0.15)                # A's rename waits for C's answer
+        _rename_source_to_target(results, "b", far)
         near.join(10)
         assert not near.is_alive(), "agent A's rename did not return"
-        assert sorted(results.values(), key=str) == ["ENOENT", "ok"], (round_, results)
+        assert results == {"a": "ok", "b": "ENOENT"}, (round_, results)
         assert sorted(os.listdir(far / "d")) == ["target"]
         assert read_file(far / "d" / "target") == b"the file"
+        assert _estales_answered(trace_dir) > round_, "B's agent never answered the lookup ESTALE"
 
 
 # struct vfs_cap_data, revision 2, effective, CAP_NET_RAW permitted (include/uapi/linux/capability.h)
