@@ -130,7 +130,7 @@ struct FIFO<Element> {
 /// operation that holds a directory's lock (a rename) uses the entries it looked up even if
 /// the home moves a file meanwhile, and takes two names that it found on one file for the same
 /// file: a lookup that finds a file under another name than the one recorded asks whether the
-/// kernel may still hold that other entry. Guarded by the VFS lock.
+/// kernel may still hold that other entry. Guarded by `VFS.givenLock`.
 struct GivenNames {
     struct Given {
         var key: NameKey
@@ -152,11 +152,20 @@ struct GivenNames {
         return given
     }
 
+    /// The record of `ino` when it names another entry than `key`; otherwise records that the
+    /// kernel got entry `key` for it and returns nil (one pass for the common case of a lookup).
+    mutating func otherOrGave(_ ino: InodeID, _ key: NameKey, covered: Bool, now: UInt64) -> Given? {
+        if let given = other(ino, than: key) { return given }
+        gave(ino, key, covered: covered, now: now)
+        return nil
+    }
+
     /// The kernel got entry `key` for file `ino`. `keepingEarlier`: the file keeps the entry it
     /// had too (a hard link), and the earlier record stays.
     mutating func gave(_ ino: InodeID, _ key: NameKey, covered: Bool, now: UInt64, keepingEarlier: Bool = false) {
         if let earlier = byFile[ino] {
             if keepingEarlier && earlier.key != key { return }
+            if earlier.key == key && earlier.covered && covered { return }   // nothing new
             if byKey[earlier.key] == ino { byKey[earlier.key] = nil }
         } else if byFile.count >= Self.filesMax {
             byFile.removeAll(keepingCapacity: true)

@@ -39,6 +39,14 @@ public final class LeaseCache: @unchecked Sendable {
         }
     }
 
+    /// True if a reply about both `ino` and `other` to a call that began at `token` may be cached.
+    public func mayCache(_ ino: UInt64, _ other: UInt64, since token: UInt64) -> Bool {
+        lock.withLock {
+            recalledAt[bucket(ino)] <= token && recalledAt[bucket(other)] <= token && lostAt <= token
+                && Leases.nowNs() >= suspendedUntilNs
+        }
+    }
+
     /// Recalls and notices received (tests and `weft status`).
     public var recallCount: UInt64 { lock.withLock { recalls } }
 

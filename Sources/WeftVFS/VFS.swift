@@ -80,6 +80,7 @@ public final class VFS: @unchecked Sendable {
     static let namesMax = 65_536
     /// The entry under which each file was last given to the kernel (`checkSecondName`).
     var givenNames = GivenNames()
+    let givenLock = NSLock()
 
     /// How long a lookup waits for a recall's drop of its name before answering ESTALE (SPEC.md
     /// §12.6, "A rename across another agent's rename"): a drop that waited only for another
@@ -256,7 +257,8 @@ public final class VFS: @unchecked Sendable {
     func checkSecondName(of ino: InodeID, _ key: NameKey, since token: UInt64) throws {
         guard key.name != [0x2E], key.name != [0x2E, 0x2E] else { return }
         let now = Leases.nowNs()
-        if let earlier = lock.withLock({ givenNames.other(ino, than: key) }) {
+        let covered = leaseCache.mayCache(kernelIno(key.parent), kernelIno(ino), since: token)
+        if let earlier = givenLock.withLock({ givenNames.otherOrGave(ino, key, covered: covered, now: now) }) {
             let directory = kernelIno(earlier.key.parent)
             var held = leaseCache.dropPending(directory, earlier.key.name, waitNs: Self.lookupDropWaitNs)
             if !held && !earlier.covered && now &- earlier.ns < Self.uncoveredEntryWindowNs {
@@ -266,16 +268,15 @@ public final class VFS: @unchecked Sendable {
                 Trace.note("lookup parent=\(key.parent) name=\(String(decoding: key.name, as: UTF8.self)) ESTALE: inode \(ino) may still be held as \(earlier.key.parent)/\(String(decoding: earlier.key.name, as: UTF8.self))")
                 throw WeftError(ESTALE, "another entry of this file may be held stale by the kernel; look it up again")
             }
+            givenLock.withLock { givenNames.gave(ino, key, covered: covered, now: now) }
         }
-        let covered = leaseCache.mayCache(kernelIno(key.parent), since: token) && leaseCache.mayCache(kernelIno(ino), since: token)
-        lock.withLock { givenNames.gave(ino, key, covered: covered, now: now) }
     }
 
     /// This agent's own create, link or the like gave the kernel an entry for file `ino`.
     func gaveEntry(_ ino: InodeID, _ parent: InodeID, _ name: [UInt8], keepingEarlier: Bool = false) {
         guard leasesEnabled else { return }
         let now = Leases.nowNs()
-        lock.withLock {
+        givenLock.withLock {
             givenNames.gave(ino, NameKey(parent: parent, name: name), covered: true, now: now, keepingEarlier: keepingEarlier)
         }
     }
@@ -292,7 +293,7 @@ public final class VFS: @unchecked Sendable {
             cache.dropsBegan(directory, [key.name])
             WorkerPool.detach { [self] in
                 invalidateEntry(directory, key.name)
-                lock.withLock { givenNames.dropped(ino, key) }
+                givenLock.withLock { givenNames.dropped(ino, key) }
                 cache.dropsEnded(directory, [key.name])
             }
         }
@@ -525,7 +526,7 @@ public final class VFS: @unchecked Sendable {
             entriesChanged(newParent, added: newName)
         }
         if leasesEnabled {
-            lock.withLock {
+            givenLock.withLock {
                 givenNames.renamed(NameKey(parent: parent, name: name), NameKey(parent: newParent, name: newName),
                                    exchange: flags.contains(.exchange))
             }
