@@ -34,6 +34,15 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// Slice lists longer than this are compacted in the background.
     public static let compactionThresholdSlices = 16
 
+    private let underfootLock = NSLock()
+    private var underfoot = 0
+    /// Changes of names made again because another change replaced what a name held between
+    /// their lookup and their apply (`changingNames`; tests).
+    public var namesChangedUnderfoot: Int { underfootLock.withLock { underfoot } }
+    func countChangedUnderfoot() { underfootLock.withLock { underfoot += 1 } }
+    /// Test only: runs in a change of names after its recalls, just before it applies.
+    public var testBeforeNamesApply: (() -> Void)?
+
     static func metaPath(_ directory: String) -> String { directory + "/meta" }
     static func chunkPath(_ directory: String) -> String { directory + "/chunks" }
 
@@ -225,10 +234,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func unlink(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
-        let (targets, victims) = removal(parent: parent, name: name)
-        try changing(context, targets) {
-            try meta.unlink(context.credentials, parent: parent, name: name)
-        }
+        let victims = try removing(context, parent: parent, name: name) { expecting in
+            try meta.unlink(context.credentials, parent: parent, name: name, expecting: expecting)
+        }.victims
         noteRemoved(victims, by: context.session)
         maintenance.wakeIfGarbage(meta.garbageMade)
     }
@@ -236,9 +244,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// The parent's attributes are read inside the change, and the caller gets a lease on the
     /// parent with the reply (a notice if another change overtook it), as a create's reply does.
     public func unlinkEntry(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes? {
-        let (targets, victims) = removal(parent: parent, name: name)
-        let after: Attributes = try changing(context, targets, reply: { _ in [parent] }) {
-            try meta.unlink(context.credentials, parent: parent, name: name)
+        let (after, victims): (Attributes, [Attributes]) = try removing(context, parent: parent, name: name,
+                                                                         reply: { _ in [parent] }) { expecting in
+            try meta.unlink(context.credentials, parent: parent, name: name, expecting: expecting)
             return try meta.getattr(parent)
         }
         noteRemoved(victims, by: context.session)
@@ -265,10 +273,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func rmdir(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws {
-        let (targets, victims) = removal(parent: parent, name: name)
-        try changing(context, targets) {
-            try meta.rmdir(context.credentials, parent: parent, name: name)
-        }
+        let victims = try removing(context, parent: parent, name: name) { expecting in
+            try meta.rmdir(context.credentials, parent: parent, name: name, expecting: expecting)
+        }.victims
         noteRemoved(victims, by: context.session)
     }
 
@@ -292,18 +299,24 @@ public final class Hub: HubAPI, @unchecked Sendable {
                        newName: [UInt8], flags: RenameFlags) throws {
         // Both names may change in both directories (RENAME_EXCHANGE); the moved inode's ctime
         // (and a directory's "..") changes; a replaced target loses a link.
-        var targets: [LeaseTable.Target] = [.init(parent, names: [name, newName])]
-        if newParent != parent { targets.append(.init(newParent, names: [name, newName])) }
         var children: [Attributes] = []
-        for (directory, entry) in [(parent, name), (newParent, newName)] {
-            if let child = try? meta.lookup(.root, parent: directory, name: entry) {
-                targets.append(.init(child.ino, isFile: child.isRegular))
-                children.append(child)
+        try changingNames(context, lookup: { () -> ([LeaseTable.Target], [InodeID?]) in
+            var targets: [LeaseTable.Target] = [.init(parent, names: [name, newName])]
+            if newParent != parent { targets.append(.init(newParent, names: [name, newName])) }
+            children = []
+            var found: [InodeID?] = []
+            for (directory, entry) in [(parent, name), (newParent, newName)] {
+                let child = try? meta.lookup(.root, parent: directory, name: entry)
+                if let child {
+                    targets.append(.init(child.ino, isFile: child.isRegular))
+                    children.append(child)
+                }
+                found.append(child?.ino)
             }
-        }
-        try changing(context, targets) {
+            return (targets, found)
+        }) { expecting in
             try meta.rename(context.credentials, parent: parent, name: name, newParent: newParent, newName: newName,
-                            flags: flags)
+                            flags: flags, expecting: (expecting[0], expecting[1]))
         }
         noteRemoved(children, by: context.session)   // a replaced target
         maintenance.wakeIfGarbage(meta.garbageMade)
@@ -582,6 +595,48 @@ extension Hub {
         guard let child = try? meta.lookup(.root, parent: parent, name: name) else { return (targets, []) }
         targets.append(.init(child.ino, isFile: child.isRegular))
         return (targets, [child])
+    }
+
+    /// Removes `name` from `parent` (`apply`, given what the name must hold), recalling the
+    /// directory and the inode the name holds; returns the result and the removed inode's
+    /// attributes from before.
+    func removing<T>(_ context: RequestContext, parent: InodeID, name: [UInt8], reply: (T) -> [InodeID] = { _ in [] },
+                     _ apply: (EntryExpectation) throws -> T) throws -> (result: T, victims: [Attributes]) {
+        var victims: [Attributes] = []
+        let result = try changingNames(context, lookup: {
+            let removal = removal(parent: parent, name: name)
+            victims = removal.victims
+            return (removal.targets, [victims.first?.ino])
+        }, reply: reply) { expecting in try apply(expecting[0]) }
+        return (result, victims)
+    }
+
+    /// How many times a change of names is made again because another change replaced what a
+    /// name held between its lookup and its apply; the last try applies whatever the names hold.
+    static let nameChangeTriesMax = 8
+
+    /// A change of names (unlink, rmdir, rename) recalls the leases on the inodes the names
+    /// hold, which it looks up before the change begins (`lookup`: the targets to recall and what
+    /// each name holds). Another change of the same names can replace them in between; the apply
+    /// then finds other inodes than it recalled (`EntryChanged`), and the change is made again
+    /// from the lookup, recalling the new ones (SPEC.md §12.6, "A racing rename").
+    func changingNames<T>(_ context: RequestContext, lookup: () -> ([LeaseTable.Target], [InodeID?]),
+                          reply: (T) -> [InodeID] = { _ in [] },
+                          _ apply: ([EntryExpectation]) throws -> T) throws -> T {
+        var attempt = 0
+        while true {
+            attempt += 1
+            let (targets, found) = lookup()
+            let expecting = attempt < Self.nameChangeTriesMax ? found.map(EntryExpectation.init) : found.map { _ in .any }
+            do {
+                return try changing(context, targets, reply: reply) {
+                    testBeforeNamesApply?()
+                    return try apply(expecting)
+                }
+            } catch is EntryChanged {
+                countChangedUnderfoot()
+            }
+        }
     }
 
     /// After `session`'s change that may have removed `victims` (their attributes from before

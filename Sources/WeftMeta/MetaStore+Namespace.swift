@@ -248,9 +248,12 @@ extension MetaStore {
         return (directory, victim)
     }
 
-    public func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
+    /// `expecting`: what the name must hold when the change applies, else `EntryChanged`.
+    public func unlink(_ credentials: Credentials, parent: InodeID, name: [UInt8],
+                       expecting: EntryExpectation = .any) throws {
         try mutate { t in
             if isDotOrDotDot(name) { throw WeftError.isDirectory }
+            try expecting.check(t, parent, name)
             var (directory, victim) = try prepareRemoval(t, credentials, parent: parent, name: name)
             if victim.attributes.isDirectory { throw WeftError.isDirectory }
             t.deleteEntry(parent, name)
@@ -260,10 +263,13 @@ extension MetaStore {
         }
     }
 
-    public func rmdir(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws {
+    /// `expecting`: what the name must hold when the change applies, else `EntryChanged`.
+    public func rmdir(_ credentials: Credentials, parent: InodeID, name: [UInt8],
+                      expecting: EntryExpectation = .any) throws {
         try mutate { t in
             if name == [0x2E] { throw WeftError.invalid }
             if name == [0x2E, 0x2E] { throw WeftError.notEmpty }
+            try expecting.check(t, parent, name)
             var (directory, victim) = try prepareRemoval(t, credentials, parent: parent, name: name)
             if !victim.attributes.isDirectory { throw WeftError.notDirectory }
             if victim.attributes.ino == InodeNumbers.root { throw WeftError.busy }
@@ -365,4 +371,33 @@ extension MetaStore {
                                freeBlocks: freeBytes / blockSize, totalInodes: inodes + freeInodes,
                                freeInodes: freeInodes, nameMaxBytes: UInt32(Limits.nameMaxBytes))
     }
+}
+
+/// What a change expects a name to hold when it applies: the home recalls the leases on the
+/// inodes it looked up under the names before the change, and another change of the same names
+/// may have replaced them since (SPEC.md §12.6, "A racing rename").
+public enum EntryExpectation: Sendable, Equatable {
+    case any
+    case absent
+    case inode(InodeID)
+
+    public init(_ ino: InodeID?) { self = ino.map { .inode($0) } ?? .absent }
+
+    func check(_ t: Transaction, _ parent: InodeID, _ name: [UInt8]) throws {
+        let found: InodeID?
+        switch self {
+        case .any: return
+        case .absent, .inode:
+            guard (try? t.directory(parent)) != nil else { return }   // the change fails on its own
+            found = try t.entry(parent, name)?.ino
+        }
+        if self != EntryExpectation(found) { throw EntryChanged(parent: parent, name: name) }
+    }
+}
+
+/// A name no longer holds what a change expected (`EntryExpectation`): the caller recalls again
+/// and retries.
+public struct EntryChanged: Error, Sendable {
+    public let parent: InodeID
+    public let name: [UInt8]
 }

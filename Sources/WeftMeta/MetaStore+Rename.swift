@@ -5,11 +5,17 @@ import Glibc
 
 extension MetaStore {
     /// Atomic rename with RENAME_NOREPLACE and RENAME_EXCHANGE, following rename(2) and renameat2(2).
+    /// `expecting`: what the two names must hold when the change applies, else `EntryChanged`.
     public func rename(_ credentials: Credentials, parent: InodeID, name: [UInt8], newParent: InodeID,
-                       newName: [UInt8], flags: RenameFlags) throws {
+                       newName: [UInt8], flags: RenameFlags,
+                       expecting: (source: EntryExpectation, target: EntryExpectation) = (.any, .any)) throws {
         try mutate { t in
             if flags.contains(.noReplace) && flags.contains(.exchange) { throw WeftError.invalid }
             if !flags.subtracting([.noReplace, .exchange]).isEmpty { throw WeftError.invalid }
+            if !isDotOrDotDot(name) && !isDotOrDotDot(newName) {
+                try expecting.source.check(t, parent, name)
+                try expecting.target.check(t, newParent, newName)
+            }
             var sourceDirectory = try t.directory(parent)
             var targetDirectory = parent == newParent ? sourceDirectory : try t.directory(newParent)
             try Access.check(sourceDirectory.attributes, credentials, Access.execute)

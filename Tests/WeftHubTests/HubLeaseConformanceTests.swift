@@ -84,6 +84,71 @@ extension HubConformanceTests {
         XCTAssertEqual(client.recalls.first, .init(ino: root, names: [bytes("new"), bytes("renamed")], notice: false))
     }
 
+    /// Another change replaces a name between an unlink's lookup of it (which says what to
+    /// recall) and the unlink's apply, and a holder reads the file that now has the name: the
+    /// unlink is made again, recalling that file (SPEC.md §12.6, "A racing rename"). Without it
+    /// the holder kept the file's attributes (a link count of 1) after it was gone.
+    func testARemovalWhoseNameAnotherChangeReplacedMeanwhileRecallsTheFileItRemoves() throws {
+        try makeFile("name")
+        let second = try makeFile("other")
+        let (holder, client) = try leasedSession()
+        _ = try api.lookup(holder, parent: root, name: bytes("name"))
+        let racer = RequestContext(session: try api.openSession(agentName: "racer").0, credentials: rootCaller)
+        let hub = fixture.hub!
+        let raced = NSLock()
+        var races = 0
+        hub.testBeforeNamesApply = { [root] in
+            guard raced.withLock({ races += 1; return races == 1 }) else { return }
+            do {
+                try hub.rename(racer, parent: root, name: bytes("other"), newParent: root, newName: bytes("name"), flags: [])
+                let seen = try hub.getattr(holder, ino: second.ino)
+                XCTAssertEqual(seen.nlink, 1)
+            } catch {
+                XCTFail("the racing change failed: \(error)")
+            }
+        }
+        defer { hub.testBeforeNamesApply = nil }
+        client.reset()
+        try api.unlink(context, parent: root, name: bytes("name"))
+        XCTAssertEqual(raced.withLock { races }, 3, "the unlink twice, the racing rename once")
+        XCTAssertEqual(hub.namesChangedUnderfoot, 1)
+        XCTAssertTrue(client.recalls.contains { $0.ino == second.ino && $0.notice == false },
+                      "the file the unlink removed was recalled: \(client.all)")
+        XCTAssertErrno(ENOENT, try api.lookup(context, parent: root, name: bytes("name")))
+        XCTAssertErrno(ENOENT, try api.lookup(context, parent: root, name: bytes("other")))
+    }
+
+    /// The same for a rename whose target another change creates meanwhile.
+    func testARenameWhoseTargetAnotherChangeCreatedMeanwhileRecallsTheFileItReplaces() throws {
+        let moved = try makeFile("source")
+        let (holder, client) = try leasedSession()
+        XCTAssertErrno(ENOENT, try api.lookup(holder, parent: root, name: bytes("target")))
+        let racer = RequestContext(session: try api.openSession(agentName: "racer").0, credentials: rootCaller)
+        let hub = fixture.hub!
+        let raced = NSLock()
+        var races = 0
+        var created: Attributes?
+        hub.testBeforeNamesApply = { [root] in
+            guard raced.withLock({ races += 1; return races == 1 }) else { return }
+            do {
+                let made = try hub.create(racer, parent: root, name: bytes("target"), mode: regularFile | 0o644, rdev: 0,
+                                          umask: 0, exclusive: true)
+                created = made
+                _ = try hub.getattr(holder, ino: made.ino)
+            } catch {
+                XCTFail("the racing change failed: \(error)")
+            }
+        }
+        defer { hub.testBeforeNamesApply = nil }
+        client.reset()
+        try api.rename(context, parent: root, name: bytes("source"), newParent: root, newName: bytes("target"), flags: [])
+        let replaced = try XCTUnwrap(created)
+        XCTAssertEqual(hub.namesChangedUnderfoot, 1)
+        XCTAssertTrue(client.recalls.contains { $0.ino == replaced.ino && $0.notice == false },
+                      "the file the rename replaced was recalled: \(client.all)")
+        XCTAssertEqual(try api.lookup(context, parent: root, name: bytes("target")).ino, moved.ino)
+    }
+
     func testAFileLeaseEndsWithItsRecall() throws {
         let file = try makeFile("truncated")
         let (holder, client) = try leasedSession()

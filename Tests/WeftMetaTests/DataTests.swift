@@ -136,7 +136,7 @@ final class DataTests: MetaStoreTestCase {
         let here = try slice(0, offset: 0, length: 10)
         var there = try slice(1, offset: 0, length: 10)
         there.slice.hub = 7
-        try store.commitSlices(ino: file.ino, slices: [here, there], minimumSize: 0, durable: true)
+        _ = try store.commitSlices(ino: file.ino, slices: [here, there], minimumSize: 0, durable: true)
         try store.unlink(Callers.root, parent: root, name: bytes("f"))
         XCTAssertEqual(try store.garbage(after: 0, limit: 10),
                        [GarbageObject(id: here.slice.id, holder: 0), GarbageObject(id: there.slice.id, holder: 7)])

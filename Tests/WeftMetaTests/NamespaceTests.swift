@@ -305,4 +305,38 @@ final class NamespaceTests: MetaStoreTestCase {
         XCTAssertEqual(UInt64(stats.blockSizeBytes) * stats.freeBlocks, 1 << 29)
         XCTAssertEqual(stats.totalInodes - stats.freeInodes, 2)
     }
+
+    /// A change given what its names must hold applies only if they still hold it, and changes
+    /// nothing otherwise (SPEC.md §12.6, "A racing rename").
+    func testChangesOfNamesApplyOnlyWhileTheNamesHoldWhatTheyExpect() throws {
+        let file = try makeFile("f")
+        let other = try makeFile("g")
+        let directory = try makeDirectory("d")
+        func changed(_ body: () throws -> Void) -> Bool {
+            do { try body() } catch is EntryChanged { return true } catch { XCTFail("\(error)") }
+            return false
+        }
+        XCTAssertTrue(changed { try store.unlink(Callers.root, parent: root, name: bytes("f"), expecting: .inode(other.ino)) })
+        XCTAssertTrue(changed { try store.unlink(Callers.root, parent: root, name: bytes("f"), expecting: .absent) })
+        XCTAssertTrue(changed { try store.rmdir(Callers.root, parent: root, name: bytes("d"), expecting: .inode(file.ino)) })
+        XCTAssertTrue(changed {
+            try store.rename(Callers.root, parent: root, name: bytes("f"), newParent: root, newName: bytes("g"), flags: [],
+                             expecting: (.inode(file.ino), .absent))
+        })
+        XCTAssertTrue(changed {
+            try store.rename(Callers.root, parent: root, name: bytes("f"), newParent: root, newName: bytes("g"), flags: [],
+                             expecting: (.inode(other.ino), .inode(other.ino)))
+        })
+        XCTAssertEqual(try names(in: root), ["d", "f", "g"], "nothing changed")
+        XCTAssertEqual(try lookup("f").nlink, 1)
+        // Holding what they expect, the changes apply; an absent name expected absent gives the
+        // change's own error.
+        try store.rename(Callers.root, parent: root, name: bytes("f"), newParent: root, newName: bytes("g"), flags: [],
+                         expecting: (.inode(file.ino), .inode(other.ino)))
+        XCTAssertErrno(ENOENT, try store.unlink(Callers.root, parent: root, name: bytes("f"), expecting: .absent))
+        try store.unlink(Callers.root, parent: root, name: bytes("g"), expecting: .inode(file.ino))
+        try store.rmdir(Callers.root, parent: root, name: bytes("d"), expecting: .inode(directory.ino))
+        XCTAssertEqual(try names(in: root), [])
+        try assertConsistent()
+    }
 }
