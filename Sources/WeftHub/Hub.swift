@@ -40,8 +40,12 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// their lookup and their apply (`changingNames`; tests).
     public var namesChangedUnderfoot: Int { underfootLock.withLock { underfoot } }
     func countChangedUnderfoot() { underfootLock.withLock { underfoot += 1 } }
+    private var beforeNamesApply: (() -> Void)?
     /// Test only: runs in a change of names after its recalls, just before it applies.
-    public var testBeforeNamesApply: (() -> Void)?
+    public var testBeforeNamesApply: (() -> Void)? {
+        get { underfootLock.withLock { beforeNamesApply } }
+        set { underfootLock.withLock { beforeNamesApply = newValue } }
+    }
 
     static func metaPath(_ directory: String) -> String { directory + "/meta" }
     static func chunkPath(_ directory: String) -> String { directory + "/chunks" }
@@ -627,7 +631,11 @@ extension Hub {
         while true {
             attempt += 1
             let (targets, found) = lookup()
-            let expecting = attempt < Self.nameChangeTriesMax ? found.map(EntryExpectation.init) : found.map { _ in .any }
+            let last = attempt >= Self.nameChangeTriesMax
+            if last {
+                logger.info("a change of names applies after \(attempt - 1) tries found them replaced: inodes it did not recall may change")
+            }
+            let expecting = last ? found.map { _ in .any } : found.map(EntryExpectation.init)
             do {
                 return try changing(context, targets, reply: reply) {
                     testBeforeNamesApply?()

@@ -253,8 +253,8 @@ extension MetaStore {
                        expecting: EntryExpectation = .any) throws {
         try mutate { t in
             if isDotOrDotDot(name) { throw WeftError.isDirectory }
-            try expecting.check(t, parent, name)
             var (directory, victim) = try prepareRemoval(t, credentials, parent: parent, name: name)
+            try expecting.check(t, parent, name)
             if victim.attributes.isDirectory { throw WeftError.isDirectory }
             t.deleteEntry(parent, name)
             try t.dropLink(&victim)
@@ -269,8 +269,8 @@ extension MetaStore {
         try mutate { t in
             if name == [0x2E] { throw WeftError.invalid }
             if name == [0x2E, 0x2E] { throw WeftError.notEmpty }
-            try expecting.check(t, parent, name)
             var (directory, victim) = try prepareRemoval(t, credentials, parent: parent, name: name)
+            try expecting.check(t, parent, name)
             if !victim.attributes.isDirectory { throw WeftError.notDirectory }
             if victim.attributes.ino == InodeNumbers.root { throw WeftError.busy }
             if try !t.isEmptyDirectory(victim.attributes.ino) { throw WeftError.notEmpty }

@@ -12,10 +12,6 @@ extension MetaStore {
         try mutate { t in
             if flags.contains(.noReplace) && flags.contains(.exchange) { throw WeftError.invalid }
             if !flags.subtracting([.noReplace, .exchange]).isEmpty { throw WeftError.invalid }
-            if !isDotOrDotDot(name) && !isDotOrDotDot(newName) {
-                try expecting.source.check(t, parent, name)
-                try expecting.target.check(t, newParent, newName)
-            }
             var sourceDirectory = try t.directory(parent)
             var targetDirectory = parent == newParent ? sourceDirectory : try t.directory(newParent)
             try Access.check(sourceDirectory.attributes, credentials, Access.execute)
@@ -29,6 +25,9 @@ extension MetaStore {
             try Access.check(sourceDirectory.attributes, credentials, Access.write | Access.execute)
             try Access.check(targetDirectory.attributes, credentials, Access.write | Access.execute)
             try Access.checkSticky(directory: sourceDirectory.attributes, victim: source.attributes, credentials)
+            // Allowed, and the source exists: the change would apply to what the names hold now.
+            try expecting.source.check(t, parent, name)
+            try expecting.target.check(t, newParent, newName)
 
             if parent == newParent && name == newName { return }
             if let targetEntry, targetEntry.ino == sourceEntry.ino {

@@ -143,6 +143,7 @@ extension HubConformanceTests {
         client.reset()
         try api.rename(context, parent: root, name: bytes("source"), newParent: root, newName: bytes("target"), flags: [])
         let replaced = try XCTUnwrap(created)
+        XCTAssertEqual(raced.withLock { races }, 2, "the rename was applied twice")
         XCTAssertEqual(hub.namesChangedUnderfoot, 1)
         XCTAssertTrue(client.recalls.contains { $0.ino == replaced.ino && $0.notice == false },
                       "the file the rename replaced was recalled: \(client.all)")
