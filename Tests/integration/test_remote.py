@@ -174,6 +174,37 @@ def test_a_rename_that_looks_a_name_up_while_another_agents_rename_is_under_way_
         assert _estales_answered(trace_dir) > round_, "B's agent never answered the lookup ESTALE"
 
 
+def test_a_hard_link_looked_up_during_a_change_costs_a_retry_not_an_error(weft):
+    """The check above must not fail calls on a file's legitimate second name: agent B looks
+    up `a` while A's change of the directory is under way (C answers recalls 600 ms late), so
+    the answer goes out uncovered; B's `stat` of `b`, a hard link of the same file, then finds
+    the file under another entry than B last gave out. The lookup answers ESTALE once (the
+    kernel may hold `a` across it), the kernel retries, and `stat` succeeds (SPEC §12.6, "A
+    rename across another agent's rename")."""
+    weft.require_weft("mounts a second agent")
+    weft.require_mode("remote")
+    trace_dir = weft.res.new_dir("trace-b")
+    far = weft.add_agent("mnt-b", env={"WEFT_TRACE_DIR": str(trace_dir)})
+    slow = weft.add_agent("mnt-c", env={"WEFT_TEST_RECALL_DELAY": "600"})
+    os.mkdir(weft.path / "d")
+    write_file(weft.path / "d" / "a", b"one file, two names")
+    os.link(weft.path / "d" / "a", weft.path / "d" / "b")
+    ino = os.stat(weft.path / "d" / "a").st_ino
+    for round_ in range(3):
+        os.listdir(slow / "d")                         # C holds the directory's lease
+        change = threading.Thread(target=write_file, args=(weft.path / "d" / f"new-{round_}", b"x"))
+        change.start()
+        try:
+            time.sleep(0.15)                               # A's create waits for C's answer
+            assert os.stat(far / "d" / "a").st_ino == ino  # uncovered: the create is under way
+            assert os.stat(far / "d" / "b").st_ino == ino  # the other name: a retry, no error
+        finally:
+            change.join(10)
+        assert not change.is_alive()
+    answered = _estales_answered(trace_dir)
+    assert 1 <= answered <= 6, f"{answered} ESTALE answers for 3 stats of a second name"
+
+
 # struct vfs_cap_data, revision 2, effective, CAP_NET_RAW permitted (include/uapi/linux/capability.h)
 FILE_CAPS = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
 
