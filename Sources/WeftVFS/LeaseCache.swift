@@ -33,11 +33,7 @@ public final class LeaseCache: @unchecked Sendable {
     public func token() -> UInt64 { lock.withLock { sequence } }
 
     /// True if a reply about `ino` to a call that began at `token` may be cached.
-    public func mayCache(_ ino: UInt64, since token: UInt64) -> Bool {
-        lock.withLock {
-            recalledAt[bucket(ino)] <= token && lostAt <= token && Leases.nowNs() >= suspendedUntilNs
-        }
-    }
+    public func mayCache(_ ino: UInt64, since token: UInt64) -> Bool { mayCache(ino, ino, since: token) }
 
     /// True if a reply about both `ino` and `other` to a call that began at `token` may be cached.
     public func mayCache(_ ino: UInt64, _ other: UInt64, since token: UInt64) -> Bool {
