@@ -49,6 +49,10 @@ class Agent(threading.Thread):
         self.gate = threading.Event()
         self.gate.set()
         self.idle = threading.Event()
+        # Cleared by a fault injector until it has injected every kind of fault: the client
+        # holds its last operation back meanwhile, so a fast run cannot end before them.
+        self.hold = threading.Event()
+        self.hold.set()
         # Files this agent keeps open across operations: a write() on them returns before any
         # close, so another agent's read must still see it (leases with recall, SPEC.md §12.6).
         self.open_files: dict[str, int] = {}
@@ -82,11 +86,14 @@ class Agent(threading.Thread):
     def run(self):
         try:
             for seq in range(self.count):
-                if not self.gate.is_set():
-                    self.idle.set()
-                    self.gate.wait()
-                    self.idle.clear()
-                    self.drop_held()  # its agent was restarted: those descriptors are dead
+                while True:
+                    if not self.gate.is_set():
+                        self.idle.set()
+                        self.gate.wait()
+                        self.idle.clear()
+                        self.drop_held()  # its agent was restarted: those descriptors are dead
+                    if seq < self.count - 1 or self.hold.wait(0.1):
+                        break
                 self.step(seq)
         except BaseException as e:  # noqa: BLE001 - reported by the test
             self.failure = e
@@ -183,6 +190,9 @@ def run_history(resources, seed: int, ops_per_agent: int, rtt_ms: int, mount_opt
                     faults(cluster, stop_faults, mounts, agents)
                 except BaseException as e:  # noqa: BLE001 - reported below
                     fault_errors.append(e)
+                finally:
+                    for agent in agents:
+                        agent.hold.set()   # never leave a client waiting on a dead injector
             fault_thread = threading.Thread(target=run_faults, daemon=True)
             fault_thread.start()
         for agent in agents:
@@ -323,8 +333,13 @@ def test_agents_without_kernel_caching_stay_linearizable_under_faults(resources,
 
     def faults(cluster, stop, mounts, agents):
         control = cluster.links[("hub2", "hub1")]["control"]
+        for agent in agents:
+            agent.hold.clear()
         rounds = 0
         while not stop.wait(1.0):
+            if all(count > 0 for count in injected.values()):
+                for agent in agents:
+                    agent.hold.set()   # every kind injected: the clients may finish
             rounds += 1
             # Odd rounds cut the far agent's link for a second; rounds 2 and 6 of every 8 kill -9
             # and restart the home's weftd and one agent. (A home restarted after a crash holds
