@@ -47,7 +47,7 @@ let package = Package(
         .target(name: "WeftHub", dependencies: ["WeftProto", "WeftMeta", "WeftChunks",
                                                 .product(name: "Logging", package: "swift-log")]),
         // Wire codec and the SwiftNIO TCP / Unix-socket transport (client and server).
-        .target(name: "WeftNet", dependencies: ["WeftProto", "CWeftSupport",
+        .target(name: "WeftNet", dependencies: ["WeftProto", "WeftChunks", "CWeftSupport",
                                                 .product(name: "NIOCore", package: "swift-nio"),
                                                 .product(name: "NIOPosix", package: "swift-nio"),
                                                 .product(name: "Logging", package: "swift-log")]),

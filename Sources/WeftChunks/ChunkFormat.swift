@@ -200,7 +200,7 @@ extension ChunkFormat {
 }
 
 /// The 16-digit lower-case hex spelling of a slice id, as used in file names and logs.
-func hex(_ id: SliceID) -> String {
+public func hex(_ id: SliceID) -> String {
     let digits = String(id, radix: 16)
     return String(repeating: "0", count: 16 - digits.count) + digits
 }

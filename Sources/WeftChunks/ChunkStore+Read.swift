@@ -243,3 +243,27 @@ extension ChunkStore {
         return WeftError(EIO, "chunk \(hex(id)) damaged at \(block)")
     }
 }
+
+extension ChunkStore {
+    /// The stored blocks `[firstBlock, firstBlock + count)` of object `id` (fewer at its end) and
+    /// the file span holding them, unread (SPEC.md §4, Stored-block reads): the header was checked
+    /// when the object was opened; the blocks are checked by whoever reads the span. ENOENT if
+    /// missing, EIO for a damaged header, EINVAL for `count` outside 1...1024 or `firstBlock`
+    /// past the last block.
+    public func storedBlocks(id: SliceID, firstBlock: Int, count: Int) throws -> StoredBlocks {
+        let object = try openObject(id)
+        let blocks = object.layout.blocks
+        guard count >= 1, count <= StoredBlocks.countMax, firstBlock >= 0, firstBlock < blocks.count else {
+            throw WeftError(EINVAL, "blocks \(firstBlock)+\(count) outside chunk \(hex(id)) of \(blocks.count) blocks")
+        }
+        let range = firstBlock..<min(blocks.count, firstBlock + count)
+        let entries = range.map {
+            StoredBlockEntry(storedLength: UInt32(blocks[$0].storedLength), crc: blocks[$0].crc,
+                             flags: blocks[$0].compressed ? StoredBlockEntry.flagZstd : 0)
+        }
+        let byteCount = range.reduce(0) { $0 + blocks[$1].storedLength }
+        return StoredBlocks(id: id, rawLength: object.layout.rawLength, firstBlock: firstBlock, entries: entries,
+                            descriptor: object.fd, fileOffset: blocks[firstBlock].fileOffset, byteCount: byteCount,
+                            keepAlive: object)
+    }
+}

@@ -418,6 +418,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
         try chunks.read(id: id, offset: Int(offset), into: destination)
     }
 
+    public func storedBlocks(_ context: RequestContext, id: SliceID, firstBlock: Int, count: Int) throws -> StoredBlocks {
+        try chunks.storedBlocks(id: id, firstBlock: firstBlock, count: count)
+    }
+
     public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {
         try leased(context, { try meta.layout(ino: ino, firstChunk: firstChunk, count: count) }) { _ in [ino] }
     }

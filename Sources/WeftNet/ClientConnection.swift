@@ -12,6 +12,29 @@ final class ResponseWaiter {
     /// memory): it runs there, under the lock, instead of handing the frame over, so the frame
     /// does not keep the receive buffer shared while the next frames arrive (NIO would copy it).
     var consume: ((InboundFrame) -> Void)?
+    /// Set by a bulk call whose reply the connection's reading thread may receive straight into
+    /// the caller's memory (SPEC.md §4, Agent reading thread).
+    var sink: BulkSink?
+    /// The reading thread is writing into the sink's memory right now. A caller that stops
+    /// waiting (timeout, lost connection) waits for that write to end before it returns.
+    var receiving = false
+}
+
+/// Where a bulk reply goes when the reading thread receives it straight into the caller's memory.
+struct BulkSink {
+    enum Shape {
+        /// `i32` status, `u32` count, the bytes (readSlice, readSliceFrom).
+        case bytes
+        /// `i32` status, `u32` rawLength, `u32` n, n entries, `u32` byteCount, the bytes, `i32` trailer (readBlocks).
+        case storedBlocks
+    }
+
+    let shape: Shape
+    let opcode: HubOpcode
+    let destination: UnsafeMutableRawBufferPointer
+    /// Runs under the hub's lock with the payload bytes before the bulk and after it, once the
+    /// bulk is in `destination`.
+    let finish: (_ head: UnsafeRawBufferPointer, _ tail: UnsafeRawBufferPointer) -> Void
 }
 
 /// One connection to the hub and what lives on it. Every field is guarded by `RemoteHub`'s lock;
@@ -20,6 +43,8 @@ final class ClientConnection {
     var channel: Channel?
     /// Writes this connection's frames from the calling thread; set with `channel`.
     var sender: DirectSender?
+    /// Reads this connection on a thread of its own; set with `channel`.
+    var reader: ClientReader?
     /// False from the moment the channel is known to be closed; then `pending` is empty.
     var isOpen = true
     /// Requests sent and not yet answered, by request id.
@@ -33,36 +58,5 @@ final class ClientConnection {
 
     init(expectedInFlight: Int) {
         pending.reserveCapacity(expectedInFlight)
-    }
-}
-
-/// Hands response frames and connection loss of one connection to its `RemoteHub`.
-final class ClientResponseHandler: ChannelInboundHandler {
-    typealias InboundIn = InboundFrame
-
-    private let hub: RemoteHub
-    private let connection: ClientConnection
-
-    init(hub: RemoteHub, connection: ClientConnection) {
-        self.hub = hub
-        self.connection = connection
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let frame = unwrapInboundIn(data)
-        if !hub.deliver(frame, on: connection) {
-            context.close(promise: nil)
-        }
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        hub.connectionLost(connection)
-        context.fireChannelInactive()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        hub.logger.warning("closing hub connection after an error",
-                           metadata: ["hub": "\(hub.address)", "error": "\(error)"])
-        context.close(promise: nil)
     }
 }

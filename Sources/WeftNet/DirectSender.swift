@@ -5,6 +5,7 @@ import Darwin
 #endif
 import NIOCore
 import Synchronization
+import WeftProto
 
 /// Writes frames on a connection's socket from the calling thread (SPEC.md §4, Direct sends).
 ///
@@ -22,52 +23,38 @@ final class DirectSender: @unchecked Sendable {
     /// the event loop as the channel writes them (without the lock, so that no loop code ever
     /// waits for a sender). A sender that reads 0 knows every queued byte is on the socket.
     private let queuedBytes = Atomic<Int>(0)
+    /// `close()` came while a sender held the lock: the sender closes the descriptor as it lets go.
+    private let closePending = Atomic<Bool>(false)
+    /// How long `send(_:blocks:)` waits for a full socket to take more of a span before it reads
+    /// the rest into a buffer for the write queue.
+    private let spanWaitMaxNs: UInt64
+
+    /// What `send(_:blocks:)` did with a span.
+    struct SpanSend {
+        /// The errno of a read of the file that failed after the head went out (0 if none).
+        var readError: Int32 = 0
+        /// Bytes that went from the file to the socket with `sendfile`.
+        var sentFromFile = 0
+        /// Bytes read into a buffer (the socket was full, or `sendfile` could not go on).
+        var copied = 0
+    }
 
     /// Takes ownership of `descriptor`, a duplicate of `channel`'s socket; closes it when the
     /// channel closes.
-    init(descriptor: Int32, channel: Channel) {
+    init(descriptor: Int32, channel: Channel, spanWaitMaxNs: UInt64 = 100_000_000) {
         self.descriptor = descriptor
         self.channel = channel
+        self.spanWaitMaxNs = spanWaitMaxNs
         channel.closeFuture.whenComplete { [self] _ in close() }
     }
 
     /// Sends `frame`: directly if the channel has nothing queued, else (and for whatever the
     /// socket does not take now) through the channel.
     func send(_ frame: ByteBuffer) {
-        var frame = frame
         var failure: Int32 = 0
-        lock.withLock {
-            guard descriptor >= 0 else { return }
-            if queuedBytes.load(ordering: .acquiring) == 0 {
-                while frame.readableBytes > 0 {
-                    let sent = frame.withUnsafeReadableBytes { raw in
-                        Glibc.send(descriptor, raw.baseAddress, raw.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
-                    }
-                    if sent >= 0 {
-                        frame.moveReaderIndex(forwardBy: sent)
-                        continue
-                    }
-                    let error = errno
-                    if error == EINTR { continue }
-                    if error != EAGAIN && error != EWOULDBLOCK { failure = error }
-                    break
-                }
-                if frame.readableBytes == 0 || failure != 0 { return }
-            }
-            let count = frame.readableBytes
-            queuedBytes.add(count, ordering: .releasing)
-            // Always through the loop's task queue, also from the loop itself: frames queued by
-            // other threads before this one are written first, and no NIO code runs under `lock`.
-            let channel = self.channel
-            let frameToQueue = frame
-            channel.eventLoop.execute { [self] in
-                let promise = channel.eventLoop.makePromise(of: Void.self)
-                promise.futureResult.whenComplete { [self] _ in
-                    queuedBytes.subtract(count, ordering: .releasing)
-                }
-                channel.writeAndFlush(frameToQueue, promise: promise)
-            }
-        }
+        lock.lock()
+        if descriptor >= 0 { failure = sendOrQueueLocked(frame) }
+        unlockClosingIfPending()
         if failure != 0 {
             // Closing the channel ends the connection (the hub's reading threads, or the agent's
             // event loop, would see the error later); waiters fail at once.
@@ -75,12 +62,191 @@ final class DirectSender: @unchecked Sendable {
         }
     }
 
-    /// Closes the duplicate descriptor; later frames are dropped. Idempotent.
-    func close() {
-        lock.withLock {
-            guard descriptor >= 0 else { return }
-            Glibc.close(descriptor)
-            descriptor = -1
+    /// Sends a frame made of `head`, then `blocks`' file span, then a 4-byte trailer (SPEC.md §4,
+    /// Stored-block reads): the span goes from the file to the socket with `sendfile`, and what
+    /// the socket does not take at once is read into a buffer and queued, like the rest of any
+    /// frame. A read of the file that fails after the head went out sends the rest of the span
+    /// as zeros, with the errno in the trailer; that errno is returned (0 otherwise).
+    @discardableResult
+    func send(_ head: ByteBuffer, blocks: StoredBlocks) -> SpanSend {
+        // Start reading the span from disk before taking the lock: `sendfile` waits for the
+        // disk under it, and other frames of the connection would wait with it. Started here,
+        // concurrent requests' reads overlap.
+        _ = posix_fadvise(blocks.descriptor, off_t(blocks.fileOffset), off_t(blocks.byteCount), POSIX_FADV_WILLNEED)
+        var failure: Int32 = 0
+        var outcome = SpanSend()
+        var behindQueue = queuedBytes.load(ordering: .acquiring) > 0
+        if !behindQueue {
+            lock.lock()
+            defer { unlockClosingIfPending() }
+            guard descriptor >= 0 else { return outcome }
+            // Frames queued since the check above: this one goes behind them, read outside the lock.
+            behindQueue = queuedBytes.load(ordering: .acquiring) > 0
+            if !behindQueue {
+                var head = head
+                var sent = 0
+                failure = sendDirectLocked(&head, more: true)
+                if failure == 0 && head.readableBytes == 0 { (sent, failure) = sendFileLocked(blocks) }
+                outcome.sentFromFile = sent
+                if failure == 0 {
+                    // The rest: what the socket did not take of the head and the span, and the trailer.
+                    var rest = channel.allocator.buffer(capacity: head.readableBytes + blocks.byteCount - sent
+                                                        + WireCodec.storedBlocksTrailerBytes)
+                    rest.writeBuffer(&head)
+                    outcome.copied = blocks.byteCount - sent
+                    outcome.readError = readSpan(blocks, from: sent, into: &rest)
+                    rest.writeInteger(outcome.readError, endianness: .little)
+                    failure = sendOrQueueLocked(rest)
+                }
+            }
         }
+        if behindQueue {
+            // Everything goes through the queue anyway: read the span without holding up the
+            // connection's other senders, then send (or queue) the whole frame.
+            var frame = channel.allocator.buffer(capacity: head.readableBytes + blocks.byteCount
+                                                 + WireCodec.storedBlocksTrailerBytes)
+            var head = head
+            frame.writeBuffer(&head)
+            outcome.copied = blocks.byteCount
+            outcome.readError = readSpan(blocks, from: 0, into: &frame)
+            frame.writeInteger(outcome.readError, endianness: .little)
+            lock.lock()
+            if descriptor >= 0 { failure = sendOrQueueLocked(frame) }
+            unlockClosingIfPending()
+        }
+        if failure != 0 { channel.close(promise: nil) }
+        return outcome
+    }
+
+    /// Sends what the socket takes of `buffer` now (`more`: more of the frame follows at once).
+    /// Returns a send error other than EAGAIN, else 0. Call with `lock` held.
+    private func sendDirectLocked(_ buffer: inout ByteBuffer, more: Bool = false) -> Int32 {
+        let flags = Int32(MSG_DONTWAIT | MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0)
+        while buffer.readableBytes > 0 {
+            let sent = buffer.withUnsafeReadableBytes { raw in Glibc.send(descriptor, raw.baseAddress, raw.count, flags) }
+            if sent >= 0 {
+                buffer.moveReaderIndex(forwardBy: sent)
+                continue
+            }
+            let error = errno
+            if error == EINTR { continue }
+            return error == EAGAIN || error == EWOULDBLOCK ? 0 : error
+        }
+        return 0
+    }
+
+    /// `sendfile` of `blocks`' span while the socket takes it. Returns the bytes sent and a
+    /// connection failure (0 if none). Stops early, without a failure, when the socket is full
+    /// or `sendfile` cannot go on (refused, the file ends early, a read error): the caller
+    /// reads the rest itself, which tells a read error apart.
+    private func sendFileLocked(_ blocks: StoredBlocks) -> (Int, Int32) {
+        var offset = off_t(blocks.fileOffset)
+        var sent = 0
+        let startNs = MonotonicClock.nowNs()
+        while sent < blocks.byteCount {
+            let count = Glibc.sendfile(descriptor, blocks.descriptor, &offset, blocks.byteCount - sent)
+            if count > 0 {
+                sent += count
+                continue
+            }
+            if count == 0 { break }   // the file ends early: `readSpan` says so
+            let error = errno
+            if error == EINTR { continue }
+            if error == EAGAIN || error == EWOULDBLOCK {
+                let waitedNs = MonotonicClock.nowNs() - startNs
+                guard waitedNs < spanWaitMaxNs, !closePending.load(ordering: .acquiring) else { break }
+                var watch = pollfd(fd: descriptor, events: Int16(POLLOUT), revents: 0)
+                let ms = Int32(max(1, (spanWaitMaxNs - waitedNs) / 1_000_000))
+                let ready = poll(&watch, 1, ms)
+                if ready < 0 && errno == EINTR { continue }
+                if ready > 0 && watch.revents & Int16(POLLERR | POLLHUP) != 0 { return (sent, EPIPE) }
+                if ready > 0 { continue }
+                break
+            }
+            // The file's side (a read error, a file system that cannot splice): `readSpan`
+            // reads the rest and tells a read error apart. Anything else is the socket's.
+            if [EIO, EINVAL, ENOSYS, EOVERFLOW, ENOMEM, ENODATA].contains(error) { break }
+            return (sent, error)
+        }
+        return (sent, 0)
+    }
+
+    /// Appends `blocks`' span from byte `from` on to `buffer`, read with `pread`; on a read error
+    /// or a file that ends early, zeros for the rest. Returns that errno (0 if none).
+    private func readSpan(_ blocks: StoredBlocks, from: Int, into buffer: inout ByteBuffer) -> Int32 {
+        let count = blocks.byteCount - from
+        guard count > 0 else { return 0 }
+        var readError: Int32 = 0
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { free in
+            var done = 0
+            while done < count {
+                let got = pread(blocks.descriptor, free.baseAddress! + done, count - done,
+                                off_t(blocks.fileOffset + from + done))
+                if got > 0 {
+                    done += got
+                    continue
+                }
+                if got < 0 && errno == EINTR { continue }
+                readError = got == 0 ? EIO : errno
+                (free.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: count - done)
+                break
+            }
+            return count
+        }
+        return readError
+    }
+
+    /// Sends `frame` directly if nothing is queued, and queues what the socket does not take.
+    /// Returns a send error (the caller closes the channel), else 0. Call with `lock` held.
+    private func sendOrQueueLocked(_ frame: ByteBuffer) -> Int32 {
+        var frame = frame
+        if queuedBytes.load(ordering: .acquiring) == 0 {
+            let failure = sendDirectLocked(&frame)
+            if frame.readableBytes == 0 || failure != 0 { return failure }
+        }
+        let count = frame.readableBytes
+        queuedBytes.add(count, ordering: .releasing)
+        // Always through the loop's task queue, also from the loop itself: frames queued by
+        // other threads before this one are written first, and no NIO code runs under `lock`.
+        let channel = self.channel
+        let frameToQueue = frame
+        channel.eventLoop.execute { [self] in
+            let promise = channel.eventLoop.makePromise(of: Void.self)
+            promise.futureResult.whenComplete { [self] _ in
+                queuedBytes.subtract(count, ordering: .releasing)
+            }
+            channel.writeAndFlush(frameToQueue, promise: promise)
+        }
+        return 0
+    }
+
+    /// Closes the duplicate descriptor; later frames are dropped. Idempotent. Never waits for a
+    /// sender (it runs on the event loop, as the channel closes): while one holds the lock (a
+    /// stored-block send may wait for the disk or, up to `spanWaitMaxNs`, for the socket), the
+    /// descriptor is closed by that sender as it lets go.
+    func close() {
+        if pthread_mutex_trylock(lock.raw) == 0 {
+            closeLocked()
+            lock.unlock()
+            return
+        }
+        closePending.store(true, ordering: .releasing)
+        // The holder may have let go between the try and the flag: take the lock if it is free.
+        if pthread_mutex_trylock(lock.raw) == 0 {
+            closeLocked()
+            lock.unlock()
+        }
+    }
+
+    private func closeLocked() {
+        guard descriptor >= 0 else { return }
+        Glibc.close(descriptor)
+        descriptor = -1
+    }
+
+    /// Releases `lock`, closing the descriptor first if `close()` came meanwhile.
+    private func unlockClosingIfPending() {
+        if closePending.load(ordering: .acquiring) { closeLocked() }
+        lock.unlock()
     }
 }

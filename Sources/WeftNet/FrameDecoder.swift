@@ -130,7 +130,7 @@ extension WireCodec {
         return buffer
     }
 
-    private static func writeFrameStart(_ header: FrameHeader, length: Int, into buffer: inout ByteBuffer) {
+    static func writeFrameStart(_ header: FrameHeader, length: Int, into buffer: inout ByteBuffer) {
         buffer.writeInteger(UInt32(length), endianness: .little)
         buffer.writeInteger(version)
         buffer.writeInteger(header.kind.rawValue)

@@ -7,6 +7,7 @@ import CWeftSupport
 import Logging
 import NIOCore
 import NIOPosix
+import WeftChunks
 import WeftProto
 
 /// One agent connection as the hub's reading threads serve it (SPEC.md §4, Serving threads).
@@ -231,6 +232,15 @@ final class HubConnection: @unchecked Sendable {
             case .closed(let session): lock.withLock { _ = sessions.remove(session) }
             }
             sender.send(response)
+        case .respondBlocks(let head, let blocks):
+            let outcome = sender.send(head, blocks: blocks)
+            core.spanBytesSent.add(outcome.sentFromFile, ordering: .relaxed)
+            core.spanBytesCopied.add(outcome.copied, ordering: .relaxed)
+            if outcome.readError != 0 {
+                let reason = String(cString: strerror(outcome.readError))
+                logger.error("chunk \(hex(blocks.id)) could not be read while it was sent: \(reason); the reader gets the error",
+                             metadata: ["chunk": "\(hex(blocks.id))"])
+            }
         case .violation(let error):
             closeForViolation(error)
         }

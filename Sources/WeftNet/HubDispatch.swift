@@ -133,6 +133,9 @@ extension HubRequest {
         case let .releaseMany(c, inos):
             try hub.releaseMany(c, inos: inos)
             return .empty
+        case .readBlocks:
+            // Answered from the file by the server (ServerCore.executeBulk), never as a value.
+            throw WeftError(ENOSYS, "readBlocks is served by the server's bulk path only")
         case let .deleteObjects(ids):
             try hub.deleteObjects(ids: ids)
             return .empty

@@ -54,6 +54,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case unlinkEntry = 46
     case discardUploads = 47
     case releaseMany = 48
+    case readBlocks = 49
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -104,6 +105,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .releaseUploads: "releaseUploads"
         case .discardUploads: "discardUploads"
         case .releaseMany: "releaseMany"
+        case .readBlocks: "readBlocks"
         case .deleteObjects: "deleteObjects"
         case .createOpen: "createOpen"
         case .unlinkEntry: "unlinkEntry"
@@ -167,6 +169,8 @@ public enum HubRequest: Equatable, Sendable {
     case discardUploads(RequestContext, ids: [SliceID])
     /// `release` of each inode, in one call (an inode named twice is released twice).
     case releaseMany(RequestContext, inos: [InodeID])
+    /// Stored blocks of an object, unverified, for the reader to check (SPEC.md §4, Stored-block reads).
+    case readBlocks(RequestContext, id: SliceID, firstBlock: UInt32, count: UInt32)
     /// Home to holder hub: the objects are garbage at their volume's home; delete every copy.
     case deleteObjects(ids: [SliceID])
     /// unlink, answered with the parent's attributes after it.
@@ -222,6 +226,7 @@ public enum HubRequest: Equatable, Sendable {
         case .releaseUploads: .releaseUploads
         case .discardUploads: .discardUploads
         case .releaseMany: .releaseMany
+        case .readBlocks: .readBlocks
         case .deleteObjects: .deleteObjects
         case .createOpen: .createOpen
         case .unlinkEntry: .unlinkEntry
@@ -243,7 +248,7 @@ public enum HubRequest: Equatable, Sendable {
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
              .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .lock(let c, _, _),
              .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _),
-             .unlinkEntry(let c, _, _), .discardUploads(let c, _), .releaseMany(let c, _):
+             .unlinkEntry(let c, _, _), .discardUploads(let c, _), .releaseMany(let c, _), .readBlocks(let c, _, _, _):
             c.session
         }
     }
@@ -302,6 +307,7 @@ public enum HubRequest: Equatable, Sendable {
         case let .releaseUploads(c, ids): return .releaseUploads(s(c), ids: ids)
         case let .discardUploads(c, ids): return .discardUploads(s(c), ids: ids)
         case let .releaseMany(c, inos): return .releaseMany(s(c), inos: inos)
+        case let .readBlocks(c, id, firstBlock, count): return .readBlocks(s(c), id: id, firstBlock: firstBlock, count: count)
         }
     }
 
@@ -354,6 +360,8 @@ public enum HubRequest: Equatable, Sendable {
             return data
         case let .readSlice(c, id, offset, length):
             c.encode(into: &w); w.u64(id); w.u32(offset); w.u32(length)
+        case let .readBlocks(c, id, firstBlock, count):
+            c.encode(into: &w); w.u64(id); w.u32(firstBlock); w.u32(count)
         case let .layout(c, ino, firstChunk, count):
             c.encode(into: &w); w.u64(ino); w.u32(firstChunk); w.u32(count)
         case let .commitSlices(c, ino, slices, minimumSize, durable):
@@ -549,6 +557,8 @@ public enum HubRequest: Equatable, Sendable {
             return .discardUploads(c, ids: try r.idList())
         case .releaseMany:
             return .releaseMany(c, inos: try r.idList())
+        case .readBlocks:
+            return .readBlocks(c, id: try r.u64(), firstBlock: try r.u32(), count: try r.u32())
         }
     }
 }

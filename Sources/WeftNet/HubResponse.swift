@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import WeftProto
 
 /// The result of a successful `HubAPI` call, one case per result shape. The opcode of the
@@ -150,6 +153,9 @@ public enum HubResponse: Equatable, Sendable {
             return .attributes(try Attributes.decode(from: &r))
         case .readlink, .getxattr, .readSlice, .clusterMap, .createVolume, .readSliceFrom:
             return .bytes(try r.blob())
+        case .readBlocks:
+            // Its own decoder reads it straight into the caller's memory (WireCodec.decodeStoredBlocks).
+            throw WeftError(EPROTO, "a readBlocks response has no generic decoding")
         case .readdir:
             let count = try r.listCount(minimumElementBytes: 4 + 8 + attributesEncodedBytes)
             var entries: [DirectoryEntry] = []

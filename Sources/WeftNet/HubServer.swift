@@ -27,12 +27,23 @@ public final class HubServer: @unchecked Sendable {
     public static let defaultMaxConnections = 1024
     /// Longest wait in `shutdown()` for running requests and session clean-up to finish.
     public static let shutdownDrainTimeoutMs = 30_000
+    /// How long a response of stored blocks waits for a full socket before the rest is read
+    /// into a buffer and queued (SPEC.md §4, Stored-block reads).
+    public static let defaultSpanWaitMs = 100
 
     private let core: ServerCore
     private let reactor: HubReactor
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
     private let maxConnections: Int
+    private let spanWaitMaxNs: UInt64
+    private let sendBufferBytes: Int?
+
+    /// Stored-block bytes sent from their files with `sendfile`, and read into buffers because
+    /// the socket was full (SPEC.md §4, Stored-block reads).
+    public var storedBlockBytes: (sentFromFile: Int, copied: Int) {
+        (core.spanBytesSent.load(ordering: .relaxed), core.spanBytesCopied.load(ordering: .relaxed))
+    }
 
     private let lock = PthreadMutex()
     /// Listening sockets and the threads that accept on them (SPEC.md §4, Direct sends).
@@ -48,7 +59,8 @@ public final class HubServer: @unchecked Sendable {
                 eventLoopThreads: Int = min(System.coreCount, 4),
                 maxInFlightRequestsPerConnection: Int = HubServer.defaultMaxInFlightRequestsPerConnection,
                 maxConnections: Int = HubServer.defaultMaxConnections,
-                idleTimeoutMs: Int? = nil) {
+                idleTimeoutMs: Int? = nil, spanWaitMs: Int = HubServer.defaultSpanWaitMs,
+                sendBufferBytes: Int? = nil) {
         precondition(workerThreads > 0 && eventLoopThreads > 0 && maxInFlightRequestsPerConnection > 0 && maxConnections > 0)
         precondition((idleTimeoutMs ?? 1) > 0)
         let pool = NIOThreadPool(numberOfThreads: workerThreads)
@@ -59,6 +71,8 @@ public final class HubServer: @unchecked Sendable {
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoopThreads)
         self.logger = logger
         self.maxConnections = maxConnections
+        self.spanWaitMaxNs = UInt64(max(0, spanWaitMs)) * 1_000_000
+        self.sendBufferBytes = sendBufferBytes
     }
 
     /// Starts accepting TCP connections on `host:port`; port 0 picks a free port. Returns the bound port.
@@ -194,6 +208,9 @@ public final class HubServer: @unchecked Sendable {
         }
         let made = Made()
         let peer = Sockets.peerName(descriptor)
+        if var bytes = sendBufferBytes.map(Int32.init) {
+            setsockopt(descriptor, SOL_SOCKET, SO_SNDBUF, &bytes, socklen_t(MemoryLayout<Int32>.size))
+        }
         // Output only: NIO must never read the socket, not even the rest of a stream at its end
         // (a socket channel does that whatever auto-read says), or it would take frames from
         // under the reading threads.
@@ -201,7 +218,7 @@ public final class HubServer: @unchecked Sendable {
             .channelOption(ChannelOptions.allocator, value: BulkMemory.allocator)
             .channelInitializer { [self] channel in
                 // First, so that both duplicates close with the channel whatever fails next.
-                let sender = DirectSender(descriptor: sending, channel: channel)
+                let sender = DirectSender(descriptor: sending, channel: channel, spanWaitMaxNs: self.spanWaitMaxNs)
                 let connection = HubConnection(descriptor: reading, peer: peer, channel: channel, sender: sender,
                                                core: core, reactor: reactor)
                 made.connection = connection

@@ -4,6 +4,7 @@ import Glibc
 import Darwin
 #endif
 import NIOCore
+import WeftChunks
 import WeftProto
 
 /// The `HubAPI` methods of `RemoteHub`: each builds its request, calls, and unpacks the result.
@@ -144,16 +145,60 @@ extension RemoteHub {
         guard case .empty = response else { throw shapeMismatch(.writeSlice) }
     }
 
-    /// Copies the reply's bytes straight from the receive buffer into `destination`.
+    /// Copies the reply's bytes straight from the receive buffer into `destination`. A read of
+    /// whole blocks from a block boundary asks for the stored blocks (opcode 49), which the hub
+    /// sends from its page cache unread, and checks them here (SPEC.md §4, Stored-block reads).
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32,
                           into destination: UnsafeMutableRawBufferPointer) throws {
+        let blockSize = Limits.blockSizeBytes
+        if Int(offset) % blockSize == 0, destination.count >= blockSize, destination.count <= Limits.transferMaxBytes,
+           !unknownOpcodes.withLock({ $0.contains(.readBlocks) }) {
+            do {
+                return try readBlocks(context, id: id, firstBlock: Int(offset) / blockSize, into: destination)
+            } catch let error as WeftError where error.errno == ENOSYS {
+                unknownOpcodes.withLock { _ = $0.insert(.readBlocks) }
+            }
+        }
         try readSlice(.readSlice(context, id: id, offset: offset, length: UInt32(clamping: destination.count)), into: destination)
     }
 
+    /// The blocks covering `destination` from `firstBlock` on, sent stored (`readBlocks`): the
+    /// event loop copies their stored bytes into `destination` (or a buffer of their own when
+    /// they do not fit), and this thread checks and places them.
+    private func readBlocks(_ context: RequestContext, id: SliceID, firstBlock: Int,
+                            into destination: UnsafeMutableRawBufferPointer) throws {
+        let count = (destination.count + Limits.blockSizeBytes - 1) / Limits.blockSizeBytes
+        let request = HubRequest.readBlocks(context, id: id, firstBlock: UInt32(firstBlock), count: UInt32(count))
+        let direct = DirectDecoder<StoredBlocksReply>(shape: .storedBlocks, destination: destination) { head, tail in
+            try WireCodec.decodeStoredBlocks(head: head, tail: tail, id: id, firstBlock: firstBlock,
+                                             readBytes: destination.count)
+        }
+        let reply = try call(request, encode: Self.encodeRequest, decode: { opcode, payload in
+            try WireCodec.decodeStoredBlocks(opcode: opcode, payload: payload, id: id, firstBlock: firstBlock,
+                                             into: destination)
+        }, decodeOnLoop: true, direct: direct)
+        storedBlockReads.add(1, ordering: .relaxed)
+        // The entries passed `StoredBlockDecoder.check` on the event loop: what can fail now is
+        // a damaged block (EIO).
+        if let staged = reply.staged {
+            try staged.withUnsafeBytes { stored in
+                try StoredBlockDecoder.decode(id: id, firstBlock: firstBlock, rawLength: reply.rawLength,
+                                              entries: reply.entries, stored: stored, into: destination, logger: logger)
+            }
+        } else {
+            let stored = UnsafeRawBufferPointer(start: destination.baseAddress, count: reply.byteCount)
+            try StoredBlockDecoder.decode(id: id, firstBlock: firstBlock, rawLength: reply.rawLength,
+                                          entries: reply.entries, stored: stored, into: destination, logger: logger)
+        }
+    }
+
     private func readSlice(_ request: HubRequest, into destination: UnsafeMutableRawBufferPointer) throws {
+        // The reading thread takes a reply straight into `destination` only when its count is
+        // exactly the destination's (and the status 0): nothing is left to check then.
+        let direct = DirectDecoder<Void>(shape: .bytes, destination: destination) { _, _ in .success(()) }
         try call(request, encode: Self.encodeRequest, decode: { opcode, payload in
             try WireCodec.decodeBulkResponse(opcode: opcode, payload: payload, into: destination)
-        }, decodeOnLoop: true)
+        }, decodeOnLoop: true, direct: direct)
     }
 
     public func layout(_ context: RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32) throws -> (Attributes, [[Slice]]) {

@@ -52,6 +52,12 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     private let lock = PthreadMutex()
     /// Opcodes the hub answered with ENOSYS: it is older than those methods.
     let unknownOpcodes = Mutex(Set<HubOpcode>())
+    /// Reads answered as stored blocks (opcode 49) and checked here, and replies whose bulk bytes
+    /// the reading thread received straight into the caller's memory (SPEC.md §4).
+    let storedBlockReads = Atomic<Int>(0)
+    let directReceives = Atomic<Int>(0)
+    public var storedBlockReadCount: Int { storedBlockReads.load(ordering: .relaxed) }
+    public var directReceiveCount: Int { directReceives.load(ordering: .relaxed) }
     /// Broadcast when a connection attempt ends, a connection is lost, or a request slot frees up.
     private let stateChanged = ConditionVariable()
     private var state = State.disconnected
@@ -86,6 +92,11 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         }
         guard wasOpen else { return }
         if let channel = connection?.channel { try? channel.close().wait() }
+        // The reading thread closes nothing on the loop once stopped; wait for it so that no
+        // callback reaches the agent after `close()` returns.
+        if let reader = lock.withLock({ connection?.reader }), !reader.waitUntilDone(timeoutMs: 5000) {
+            logger.warning("hub connection's reading thread did not end within 5 s", metadata: ["hub": "\(address)"])
+        }
         try? group.syncShutdownGracefully()
     }
 
@@ -176,6 +187,13 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     typealias Encoder = (_ id: UInt64, _ request: HubRequest, _ allocator: ByteBufferAllocator) throws -> ByteBuffer
     /// Decodes a response payload: throws if malformed, returns the hub's error as a failure.
     typealias Decoder<R> = (_ opcode: HubOpcode, _ payload: ByteBuffer) throws -> Result<R, WeftError>
+    /// A bulk reply received straight into `destination` (`BulkSink`): `decode` gets the payload's
+    /// head (before the bulk bytes) and tail (after them).
+    struct DirectDecoder<R> {
+        var shape: BulkSink.Shape
+        var destination: UnsafeMutableRawBufferPointer
+        var decode: (_ head: UnsafeRawBufferPointer, _ tail: UnsafeRawBufferPointer) throws -> Result<R, WeftError>
+    }
 
     static func encodeRequest(id: UInt64, request: HubRequest, allocator: ByteBufferAllocator) throws -> ByteBuffer {
         try WireCodec.requestBuffer(id: id, request, allocator: allocator)
@@ -189,14 +207,20 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// With `decodeOnLoop` the event loop runs `decode` as the response arrives (the caller's
     /// memory it writes to stays valid: the caller waits, and a timed-out call is no longer
     /// pending, so its response is dropped).
-    func call<R>(_ request: HubRequest, encode: Encoder, decode: @escaping Decoder<R>, decodeOnLoop: Bool = false) throws -> R {
+    ///
+    /// With `direct` the reading thread may receive a large reply's bulk bytes straight into
+    /// `direct.destination` and then call `direct.decode` with the payload's head and tail
+    /// instead (SPEC.md §4, Agent reading thread); `decode` still serves a reply that arrives whole.
+    func call<R>(_ request: HubRequest, encode: Encoder, decode: @escaping Decoder<R>, decodeOnLoop: Bool = false,
+                 direct: DirectDecoder<R>? = nil) throws -> R {
         // A request whose connection closed before it was sent is sent once more on a new one.
         do {
-            return try send(request, on: try liveConnection(), encode: encode, decode: decode, decodeOnLoop: decodeOnLoop)
+            return try send(request, on: try liveConnection(), encode: encode, decode: decode, decodeOnLoop: decodeOnLoop,
+                            direct: direct)
         } catch is NotSent {
             do {
                 return try send(request, on: try liveConnection(), encode: encode, decode: decode,
-                                decodeOnLoop: decodeOnLoop)
+                                decodeOnLoop: decodeOnLoop, direct: direct)
             } catch is NotSent {
                 throw WeftError(EIO, "connection to hub \(address.displayName) lost")
             }
@@ -213,7 +237,11 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     }
 
     private func send<R>(_ request: HubRequest, on connection: ClientConnection, substituteSession: Bool = true,
-                         encode: Encoder, decode: @escaping Decoder<R>, decodeOnLoop: Bool = false) throws -> R {
+                         encode: Encoder, decode: @escaping Decoder<R>, decodeOnLoop: Bool = false,
+                         direct: DirectDecoder<R>? = nil) throws -> R {
+        if ClientReader.isReading(for: self) {
+            throw WeftError(EDEADLK, "RemoteHub called on a connection's reading thread")
+        }
         let waiter = currentWaiter()
         let opcode = request.opcode
         // With `decodeOnLoop`: what the event loop decoded (guarded by `lock`).
@@ -232,9 +260,15 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             nextRequestID &+= 1
             waiter.outcome = nil
             waiter.consume = nil
+            waiter.sink = nil
             if decodeOnLoop {
                 waiter.consume = { frame in
                     decoded = Result { try decode(opcode, frame.payload) }
+                }
+                if let direct {
+                    waiter.sink = BulkSink(shape: direct.shape, opcode: opcode, destination: direct.destination) { head, tail in
+                        decoded = Result { try direct.decode(head, tail) }
+                    }
                 }
             }
             connection.pending[id] = waiter
@@ -259,6 +293,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         sender.send(buffer)
 
         let frame: InboundFrame = try lock.withLock {
+            // However the wait ends, the reading thread must be done with this caller's memory.
+            defer { waitUntilNotReceiving(waiter) }
             while waiter.outcome == nil {
                 if !waiter.wakeup.wait(lock, deadlineNs: deadlineNs), waiter.outcome == nil {
                     connection.pending.removeValue(forKey: id)
@@ -269,6 +305,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             defer {
                 waiter.outcome = nil
                 waiter.consume = nil
+                waiter.sink = nil
             }
             return try waiter.outcome!.get()
         }
@@ -287,6 +324,56 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             throw protocolViolation(on: channel, "malformed \(opcode) response: \(error)")
         }
         return try result.get()
+    }
+
+    /// Waits (with `lock` held) until the reading thread no longer writes into `waiter`'s memory:
+    /// at most one `recv` of `ClientReader.directPieceBytes`, as it checks before each.
+    private func waitUntilNotReceiving(_ waiter: ResponseWaiter) {
+        while waiter.receiving {
+            _ = waiter.wakeup.wait(lock, deadlineNs: MonotonicClock.deadlineNs(afterMs: 1000))
+        }
+    }
+
+    /// The sink of the caller that waits for the response `header` starts, if it has one for
+    /// that opcode (on the reading thread).
+    func sink(for header: FrameHeader, on connection: ClientConnection) -> (ResponseWaiter, BulkSink)? {
+        lock.withLock {
+            guard let waiter = connection.pending[header.requestID], let sink = waiter.sink,
+                  sink.opcode.rawValue == header.opcode else { return nil }
+            return (waiter, sink)
+        }
+    }
+
+    /// Runs `body`, which writes into `waiter`'s memory, if its request `id` is still pending,
+    /// marked as receiving meanwhile; false (and `body` not run) if the caller stopped waiting.
+    func writing(into waiter: ResponseWaiter, id: UInt64, on connection: ClientConnection, _ body: () -> Void) -> Bool {
+        let live: Bool = lock.withLock {
+            guard connection.pending[id] === waiter else { return false }
+            waiter.receiving = true
+            return true
+        }
+        guard live else { return false }
+        body()
+        lock.withLock {
+            waiter.receiving = false
+            // A caller that stopped waiting meanwhile waits for this write to end.
+            if connection.pending[id] !== waiter { waiter.wakeup.signal() }
+        }
+        return true
+    }
+
+    /// Completes the request whose bulk bytes the reading thread received into its caller's memory.
+    func finishDirect(_ waiter: ResponseWaiter, header: FrameHeader, head: [UInt8], tail: [UInt8],
+                      on connection: ClientConnection) {
+        lock.withLock {
+            guard connection.pending[header.requestID] === waiter else { return }
+            directReceives.add(1, ordering: .relaxed)
+            connection.pending.removeValue(forKey: header.requestID)
+            head.withUnsafeBytes { head in tail.withUnsafeBytes { tail in waiter.sink?.finish(head, tail) } }
+            waiter.outcome = .success(InboundFrame(header: header, payload: ByteBuffer()))
+            waiter.wakeup.signal()
+            slotFreed()
+        }
     }
 
     private func currentWaiter() -> ResponseWaiter {
@@ -397,6 +484,10 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     /// The open connection, connecting (once, for all waiting threads) if there is none.
     private func liveConnection() throws -> ClientConnection {
+        // Before connecting: a connection's reading thread must never wait for a reply.
+        if ClientReader.isReading(for: self) {
+            throw WeftError(EDEADLK, "RemoteHub called on a connection's reading thread")
+        }
         lock.lock()
         switch state {
         case .closed:
@@ -472,41 +563,46 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// `connectTimeoutMs` for the connection and `requestTimeoutMs` per reopened session.
     private func establishConnection() throws -> ClientConnection {
         let connection = ClientConnection(expectedInFlight: 64)
-        let bootstrap = ClientBootstrap(group: group)
-            .channelOption(ChannelOptions.recvAllocator,
-                           value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 4096, maximum: 256 * 1024))
-            .channelOption(ChannelOptions.allocator, value: BulkMemory.allocator)
-            .channelInitializer { [self] channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandlers(
-                        ByteToMessageHandler(FrameDecoder()), ClientResponseHandler(hub: self, connection: connection))
-                }
-            }
-        // Weft connects the socket itself and keeps a duplicate to send on (SPEC.md §4, Direct sends).
+        // Weft connects the socket itself, sends on a duplicate (SPEC.md §4, Direct sends) and
+        // reads another on a thread of its own (Agent reading thread). NIO only writes what a
+        // direct send could not: an output-only channel, which never reads the socket.
         let descriptor: Int32
         do {
             descriptor = try Sockets.connect(address, timeoutMs: connectTimeoutMs)
         } catch {
             throw doesNotAnswer(describeConnectFailure(error))
         }
-        let duplicate = Sockets.duplicate(descriptor)
-        guard duplicate >= 0 else {
+        let sending = Sockets.duplicate(descriptor)
+        let reading = sending >= 0 ? Sockets.duplicate(descriptor) : -1
+        guard reading >= 0 else {
             let reason = String(cString: strerror(errno))
+            if sending >= 0 { Glibc.close(sending) }
             Glibc.close(descriptor)
             throw doesNotAnswer(reason)
         }
         let channel: Channel
         do {
-            channel = try bootstrap.withConnectedSocket(descriptor).wait()
+            channel = try NIOPipeBootstrap(group: group)
+                .channelOption(ChannelOptions.allocator, value: BulkMemory.allocator)
+                .takingOwnershipOfDescriptor(output: descriptor).wait()
         } catch {
-            Glibc.close(duplicate)
+            Glibc.close(sending)
+            Glibc.close(reading)
             throw doesNotAnswer(describeConnectFailure(error))
         }
-        let sender = DirectSender(descriptor: duplicate, channel: channel)
+        let sender = DirectSender(descriptor: sending, channel: channel)
+        let reader = ClientReader(descriptor: reading, hub: self, connection: connection, allocator: channel.allocator)
         lock.withLock {
             connection.channel = channel
             connection.sender = sender
+            connection.reader = reader
         }
+        channel.closeFuture.whenComplete { [self] _ in
+            // Calls in flight fail at once; the reading thread reads what the socket still holds, then ends.
+            connectionLost(connection)
+            reader.stop()
+        }
+        reader.start()
         let heartbeat = channel.eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(Int64(Self.heartbeatMs)),
                                                                delay: .milliseconds(Int64(Self.heartbeatMs))) { [self] _ in
             guard channel.isActive, let ping = try? WireCodec.requestBuffer(id: Self.pingRequestID, .ping,

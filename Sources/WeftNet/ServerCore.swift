@@ -16,6 +16,10 @@ final class ServerCore: @unchecked Sendable {
     let pool: NIOThreadPool
     let logger: Logger
     let maxInFlightRequestsPerConnection: Int
+    /// Stored-block bytes sent from their files with `sendfile`, and read into buffers instead
+    /// (SPEC.md §4, Stored-block reads).
+    let spanBytesSent = Atomic<Int>(0)
+    let spanBytesCopied = Atomic<Int>(0)
 
     private let lock = PthreadMutex()
     private let idle = ConditionVariable()
@@ -54,6 +58,9 @@ final class ServerCore: @unchecked Sendable {
     /// What a worker produced for one request frame.
     enum Outcome {
         case respond(ByteBuffer, SessionChange)
+        /// A `readBlocks` response: `head`, then the blocks' file span, then the trailer
+        /// (`DirectSender.send(_:blocks:)`).
+        case respondBlocks(ByteBuffer, StoredBlocks)
         /// The frame is malformed: the connection must close.
         case violation(WeftError)
     }
@@ -148,6 +155,21 @@ final class ServerCore: @unchecked Sendable {
             default:
                 return nil
             }
+        case .readBlocks:
+            guard case let .readBlocks(context, sliceID, firstBlock, count)?
+                    = try? WireCodec.decodeRequest(opcode: opcode, payload: frame.payload) else { return nil }
+            let failure: WeftError
+            do {
+                let blocks = try hub.storedBlocks(context, id: sliceID, firstBlock: Int(firstBlock), count: Int(count))
+                if let head = WireCodec.storedBlocksHead(id: id, blocks: blocks, allocator: allocator) {
+                    return .respondBlocks(head, blocks)
+                }
+                failure = WeftError(EMSGSIZE, "\(blocks.byteCount) stored bytes exceed the wire limit")
+            } catch {
+                failure = error as? WeftError ?? WeftError(EIO, "hub failed: \(error)")
+            }
+            return .respond(WireCodec.responseBuffer(id: id, rawOpcode: opcode.rawValue, .failure(failure),
+                                                     allocator: allocator), .none)
         default:
             return nil
         }

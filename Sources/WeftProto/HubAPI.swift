@@ -54,6 +54,12 @@ public protocol HubAPI: AnyObject, Sendable {
     /// inode this session has not open is skipped. At most `Limits.releaseManyMax` (EINVAL
     /// beyond). Agents send their closes this way, batched (SPEC.md §4 opcode 48).
     func releaseMany(_ context: RequestContext, inos: [InodeID]) throws
+    /// The stored blocks `[firstBlock, firstBlock + count)` of object `id` (fewer at the object's
+    /// end), unread and unverified, with the file span that holds them, for a server that sends
+    /// them from the file (SPEC.md §4, Stored-block reads; the reader checks them). EINVAL for
+    /// `count` 0 or over `StoredBlocks.countMax`, or `firstBlock` past the last block; ENOENT,
+    /// EIO as `readSlice`. ENOSYS where the hub cannot (the default).
+    func storedBlocks(_ context: RequestContext, id: SliceID, firstBlock: Int, count: Int) throws -> StoredBlocks
     /// `create(exclusive: true)` of a regular file, then `open` with `flags` for its creator
     /// whatever its mode, then with `writeLease` the write lease on it, in one call (one round
     /// trip to a remote home, SPEC.md §4 opcode 45). Also returns the parent directory's
@@ -243,6 +249,10 @@ extension HubAPI {
     }
 
     public func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws {}
+
+    public func storedBlocks(_ context: RequestContext, id: SliceID, firstBlock: Int, count: Int) throws -> StoredBlocks {
+        throw WeftError(ENOSYS, "this hub does not serve stored blocks")
+    }
 
     public func releaseMany(_ context: RequestContext, inos: [InodeID]) throws {
         try Limits.checkListCount(inos.count, max: Limits.releaseManyMax, "releaseMany", "inodes")

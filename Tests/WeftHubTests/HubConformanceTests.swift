@@ -401,6 +401,67 @@ class HubConformanceTests: HubTestCase {
         XCTAssertEqual(try api.fsck(repair: false).problems, [])
     }
 
+    /// Reads into caller memory give exactly the stored bytes whatever the range (over TCP a
+    /// read of whole blocks from a block boundary comes as stored blocks, checked by the reader,
+    /// SPEC.md §4 Stored-block reads), and a damaged block is EIO, never wrong bytes.
+    func testReadsIntoCallerMemoryGiveTheStoredBytesOrEIO() throws {
+        let block = Limits.blockSizeBytes
+        for compression in Compression.allCases {
+            let hub = try makeHub(chunkSizeBytes: 1 << 20, compression: compression)
+            let context = RequestContext(session: try hub.api.openSession(agentName: "reads").0, credentials: rootCaller)
+            var random = SeededRandom(seed: 4242)
+            // Text-like blocks (zstd shrinks them) and random ones alternate; the last is partial.
+            let words = Array("weft chunk block slice hub agent ".utf8)
+            var data: [UInt8] = []
+            for index in 0..<6 {
+                let count = index == 5 ? 40_000 : block
+                data += index % 2 == 0 ? (0..<count).map { words[($0 * 7 + index) % words.count] } : random.bytes(count)
+            }
+            let id = try hub.api.allocateSliceIDs(context, count: 1)
+            try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id, bytes: $0) }
+            let remote = hub.api as? RemoteHub
+            let storedBefore = remote?.storedBlockReadCount ?? 0
+            let directBefore = remote?.directReceiveCount ?? 0
+            func read(_ offset: Int, _ count: Int) throws -> [UInt8] {
+                var destination = [UInt8](repeating: 0xEE, count: count)
+                try destination.withUnsafeMutableBytes { try hub.api.readSlice(context, id: id, offset: UInt32(offset), into: $0) }
+                return destination
+            }
+            for (offset, count) in [(0, data.count), (block, 2 * block), (5 * block, 40_000), (2 * block, block + 100),
+                                    (100, 3 * block), (block, 1000), (0, 4096)] {
+                XCTAssertEqual(try read(offset, count), Array(data[offset..<(offset + count)]),
+                               "\(compression) \(offset)+\(count)")
+            }
+            XCTAssertErrno(EINVAL, try read(4 * block, 2 * block), "\(compression): past the object's end")
+            if let remote {
+                XCTAssertEqual(remote.storedBlockReadCount - storedBefore, 3,
+                               "the reads of at least a block from a block boundary come as stored blocks")
+                XCTAssertGreaterThan(remote.directReceiveCount - directBefore, 0,
+                                     "a large reply goes straight into the caller's memory")
+            }
+
+            // One flipped byte in block 3 (stored raw: random bytes do not compress).
+            guard let path = hub.chunkFile(of: id) else { return XCTFail("chunk file of \(id) not found") }
+            var file = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+            let blockThree = try XCTUnwrap(Self.payloadOffset(ofBlock: 3, in: file))
+            file[blockThree + 1000] ^= 0x20
+            try Data(file).write(to: URL(fileURLWithPath: path))
+            XCTAssertErrno(EIO, try read(0, data.count), "\(compression): never wrong bytes")
+            XCTAssertErrno(EIO, try read(3 * block, block))
+            XCTAssertEqual(try read(2 * block, block), Array(data[(2 * block)..<(3 * block)]), "other blocks still read")
+            XCTAssertEqual(try read(4 * block, block), Array(data[(4 * block)..<(5 * block)]))
+        }
+    }
+
+    /// Where block `index`'s payload starts in an object file (SPEC.md §3.2 layout).
+    static func payloadOffset(ofBlock index: Int, in file: [UInt8]) -> Int? {
+        func u32(_ at: Int) -> Int { Int(file[at..<at + 4].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) }) }
+        guard file.count >= 36, index < u32(24) else { return nil }
+        var offset = file[4] >= 2 ? u32(28) : 32 + 12 * u32(24) + 4
+        for block in 0..<index { offset += u32(32 + 12 * block) }
+        return offset
+    }
+
     func testFsckFindsNothingWrongAfterManyOperations() throws {
         let directory = try api.mkdir(context, parent: root, name: bytes("d"), mode: 0o755, umask: 0)
         for index in 0..<20 {

@@ -24,7 +24,7 @@ final class HubUnderTest {
     let directory: String
     private(set) var hub: Hub!
     private(set) var api: HubAPI!
-    private var server: HubServer?
+    private(set) var server: HubServer?
     private var remote: RemoteHub?
     /// The TCP port the server listens on (nil in process).
     private(set) var port: Int?

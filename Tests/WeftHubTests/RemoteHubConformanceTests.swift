@@ -72,6 +72,64 @@ final class RemoteHubConformanceTests: HubConformanceTests {
         }
     }
 
+    /// SPEC.md §4, Stored-block reads: the hub sends stored blocks from the object's file; what a
+    /// full socket does not take is read into a buffer and queued, and the bytes arrive the same.
+    func testStoredBlocksGoFromTheFileOrThroughTheQueueWhenTheSocketIsFull() throws {
+        let hub = try makeHub(chunkSizeBytes: 1 << 20, compression: .none)
+        let context = RequestContext(session: try hub.api.openSession(agentName: "spans").0, credentials: rootCaller)
+        var random = SeededRandom(seed: 5150)
+        let data = random.bytes(1 << 20)
+        let id = try hub.api.allocateSliceIDs(context, count: 1)
+        try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id, bytes: $0) }
+        // A second server on the same hub whose sockets hold 64 KiB and which never waits for them.
+        let server = HubServer(hub: hub.hub, logger: testLogger("weft.hub.server.spans"), workerThreads: 4,
+                               eventLoopThreads: 1, spanWaitMs: 0, sendBufferBytes: 64 << 10)
+        defer { server.shutdown() }
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: testLogger("weft.hub.client.spans"))
+        defer { client.close() }
+        let session = RequestContext(session: try client.openSession(agentName: "small-buffers").0, credentials: rootCaller)
+        for round in 0..<3 {
+            var destination = [UInt8](repeating: 0, count: data.count)
+            try destination.withUnsafeMutableBytes { try client.readSlice(session, id: id, offset: 0, into: $0) }
+            XCTAssertTrue(destination == data, "round \(round): the bytes arrive intact")
+        }
+        XCTAssertEqual(client.storedBlockReadCount, 3)
+        let (sentFromFile, copied) = server.storedBlockBytes
+        XCTAssertGreaterThan(copied, 0, "a full socket sends the rest through the queue")
+        XCTAssertEqual(sentFromFile + copied, 3 * data.count)
+        // The default server sends from the file (its socket drains while it waits).
+        let fixtureBefore = try XCTUnwrap(hub.server).storedBlockBytes.sentFromFile
+        var destination = [UInt8](repeating: 0, count: data.count)
+        try destination.withUnsafeMutableBytes { try hub.api.readSlice(context, id: id, offset: 0, into: $0) }
+        XCTAssertTrue(destination == data)
+        XCTAssertGreaterThan(try XCTUnwrap(hub.server).storedBlockBytes.sentFromFile, fixtureBefore)
+    }
+
+    /// A stored-block read whose file ends early at the hub (the file changed under the open
+    /// object) cannot change the frame it started: the rest comes as zeros with the errno in the
+    /// trailer, the reader gets EIO naming the chunk, and the connection goes on.
+    func testAFileThatEndsEarlyWhileItIsSentIsEIOAndTheConnectionGoesOn() throws {
+        let hub = try makeHub(chunkSizeBytes: 1 << 20, compression: .none)
+        let context = RequestContext(session: try hub.api.openSession(agentName: "short").0, credentials: rootCaller)
+        var random = SeededRandom(seed: 6160)
+        let data = random.bytes(1 << 20)
+        let id = try hub.api.allocateSliceIDs(context, count: 1)
+        try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id, bytes: $0) }
+        var destination = [UInt8](repeating: 0, count: data.count)
+        try destination.withUnsafeMutableBytes { try hub.api.readSlice(context, id: id, offset: 0, into: $0) }
+        XCTAssertTrue(destination == data, "the object is open at the hub, its header checked")
+        let path = try XCTUnwrap(hub.chunkFile(of: id))
+        XCTAssertEqual(truncate(path, off_t(300_000)), 0)
+        XCTAssertThrowsError(try destination.withUnsafeMutableBytes {
+            try hub.api.readSlice(context, id: id, offset: 0, into: $0)
+        }) { error in
+            XCTAssertEqual((error as? WeftError)?.errno, EIO, "\(error)")
+            XCTAssertTrue("\(error)".contains("hub could not read chunk"), "\(error)")
+        }
+        XCTAssertEqual(try hub.api.statfs(context).nameMaxBytes, 255, "the same connection still answers")
+    }
+
     func testHubThatRefusesConnectionsFailsFast() throws {
         // A port nothing listens on: bind one, then close it.
         let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)

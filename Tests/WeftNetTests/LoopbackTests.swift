@@ -244,6 +244,93 @@ final class LoopbackTests: XCTestCase {
         XCTAssertEqual(after, [1, 2, 3, 4], "the connection still serves bulk reads")
     }
 
+    /// SPEC.md §4, Agent reading thread: the reading thread receives a large reply straight into
+    /// its caller's memory; a caller that times out while the reply is half in owns its memory
+    /// again at once (the rest is read and dropped), and the stream stays in step.
+    func testABulkReplyCutOffByATimeoutNeverWritesLaterAndTheStreamStaysInStep() throws {
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { Glibc.close(listener) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        try withUnsafeMutablePointer(to: &address) {
+            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                guard bind(listener, $0, length) == 0, Glibc.listen(listener, 4) == 0,
+                      getsockname(listener, $0, &length) == 0 else { throw WeftError(errno, "listen") }
+            }
+        }
+        let port = Int(UInt16(bigEndian: address.sin_port))
+        let pattern = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+        // A scripted hub: a session; no readBlocks (ENOSYS); the 1 MiB reply of slice 1 in two
+        // parts 800 ms apart; slice 2 whole.
+        let script = Thread {
+            let connection = accept(listener, nil, nil)
+            guard connection >= 0 else { return }
+            defer { Glibc.close(connection) }
+            func receiveFrame() -> [UInt8]? {
+                var frame: [UInt8] = []
+                func take(_ count: Int) -> Bool {
+                    var chunk = [UInt8](repeating: 0, count: count)
+                    var got = 0
+                    while got < count {
+                        let n = chunk.withUnsafeMutableBytes { recv(connection, $0.baseAddress! + got, count - got, 0) }
+                        if n <= 0 { return false }
+                        got += n
+                    }
+                    frame += chunk
+                    return true
+                }
+                guard take(4) else { return nil }
+                let length = Int(frame[0..<4].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+                return take(length) ? frame : nil
+            }
+            func send(_ bytes: ArraySlice<UInt8>) {
+                var sent = 0
+                while sent < bytes.count {
+                    let n = bytes.withUnsafeBytes { Glibc.send(connection, $0.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL)) }
+                    if n <= 0 { return }
+                    sent += n
+                }
+            }
+            while let bytes = receiveFrame(), let frame = try? WireCodec.decodeFrame(bytes),
+                  let request = try? WireCodec.decodeRequest(frame) {
+                switch request {
+                case .openSession:
+                    send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .success(.session(100, FakeHub.volume)))[...])
+                case .readBlocks:
+                    send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode,
+                                                  .failure(WeftError(ENOSYS, "opcode 49 is unknown to this hub")))[...])
+                case .readSlice(_, let id, _, _) where id == 1:
+                    let reply = WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .success(.bytes(pattern)))
+                    send(reply[..<(300 << 10)])
+                    usleep(800_000)
+                    send(reply[(300 << 10)...])
+                case .readSlice:
+                    send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .success(.bytes([1, 2, 3, 4])))[...])
+                default:
+                    send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .failure(WeftError(ENOSYS, "no")))[...])
+                }
+            }
+        }
+        script.start()
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), requestTimeoutMs: 300, logger: logger)
+        defer { client.close() }
+        let (session, _) = try client.openSession(agentName: "cut-off")
+        var destination = [UInt8](repeating: 0, count: 1 << 20)
+        XCTAssertThrowsError(try destination.withUnsafeMutableBytes {
+            try client.readSlice(context(session), id: 1, offset: 0, into: $0)
+        }) { XCTAssertEqual(($0 as? WeftError)?.errno, ETIMEDOUT) }
+        destination.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0x11) }
+        usleep(1_200_000)
+        XCTAssertTrue(destination.allSatisfy { $0 == 0x11 }, "the rest of the reply must not reach the caller's memory")
+        var after = [UInt8](repeating: 0, count: 4)
+        try after.withUnsafeMutableBytes { try client.readSlice(context(session), id: 2, offset: 0, into: $0) }
+        XCTAssertEqual(after, [1, 2, 3, 4], "the stream is still in step")
+        XCTAssertEqual(client.directReceiveCount, 0, "the cut-off reply completed nothing")
+
+    }
+
     func testRequestTimeout() throws {
         let hub = FakeHub()
         let (server, port) = try startServer(hub)

@@ -42,7 +42,7 @@ final class WireCodecTests: XCTestCase {
     }
 
     func testEveryResponseRoundTrips() throws {
-        var cases = HubOpcode.allCases.map { ($0, WireSamples.response(for: $0)) }
+        var cases = WireSamples.valueOpcodes.map { ($0, WireSamples.response(for: $0)) }
         cases += WireSamples.edgeResponses
         for (opcode, response) in cases {
             let frame = try WireCodec.decodeFrame(WireCodec.encodeResponse(id: 77, opcode: opcode, .success(response)))
@@ -102,7 +102,7 @@ final class WireCodecTests: XCTestCase {
                 }
             }
         }
-        for opcode in HubOpcode.allCases where opcode != .readSlice {
+        for opcode in WireSamples.valueOpcodes where opcode != .readSlice {
             let full = WireCodec.encodeResponse(id: 1, opcode: opcode, .success(WireSamples.response(for: opcode)))
             for payloadBytes in 0..<(full.count - 16) {
                 let frame = withLength(Array(full.prefix(16 + payloadBytes)))
@@ -118,7 +118,7 @@ final class WireCodecTests: XCTestCase {
                 XCTAssertEqual(($0 as? WeftError)?.errno, EBADMSG)
             }
         }
-        for opcode in HubOpcode.allCases {
+        for opcode in WireSamples.valueOpcodes {
             let frame = withLength(WireCodec.encodeResponse(id: 1, opcode: opcode, .success(WireSamples.response(for: opcode))) + [1, 2])
             XCTAssertThrowsError(try WireCodec.decodeResponse(WireCodec.decodeFrame(frame)), "\(opcode)")
         }
@@ -195,7 +195,7 @@ final class WireCodecTests: XCTestCase {
             seeds = (0..<8).map { _ in UInt64.random(in: 0...UInt64.max) }
         }
         let valid = WireSamples.requests.filter { $0.opcode != .writeSlice }.map { WireCodec.encodeRequest(id: 1, $0) }
-            + HubOpcode.allCases.filter { $0 != .readSlice }.map {
+            + WireSamples.valueOpcodes.filter { $0 != .readSlice }.map {
                 WireCodec.encodeResponse(id: 2, opcode: $0, .success(WireSamples.response(for: $0)))
             }
         for seed in seeds {

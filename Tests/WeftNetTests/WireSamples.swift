@@ -72,6 +72,7 @@ enum WireSamples {
         .releaseUploads(context, ids: [1, 2 << 48 | 3, UInt64.max]),
         .discardUploads(context, ids: [7, 3 << 48 | 1, UInt64.max - 1]),
         .releaseMany(context, inos: [42, 42, 1 << 48 | 7]),
+        .readBlocks(context, id: 3 << 48 | 9, firstBlock: 17, count: 1024),
         .deleteObjects(ids: [2 << 48 | 1, UInt64.max]),
         .unlinkEntry(context, parent: 24, name: otherName),
         .createOpen(context, parent: 23, name: name, mode: 0o100600, umask: 0o027, flags: Int32(bitPattern: 0x8000_00C2),
@@ -92,6 +93,7 @@ enum WireSamples {
         .releaseUploads(context, ids: []),
         .discardUploads(context, ids: []),
         .releaseMany(context, inos: []),
+        .readBlocks(RequestContext(session: 0, credentials: .root), id: 0, firstBlock: 0, count: 0),
         .deleteObjects(ids: []),
         .createOpen(RequestContext(session: 0, credentials: .root), parent: 0, name: [], mode: 0, umask: 0, flags: 0,
                     writeLease: false),
@@ -100,9 +102,15 @@ enum WireSamples {
     static let status = HubStatus(volume: volume, logicalBytes: 1 << 50, inodes: 1_000_000, chunks: 55, storedBytes: 1 << 33,
                                   connectedAgents: 3, agents: ["a", "node-β", String(repeating: "x", count: 4096)])
 
-    /// One success result per opcode.
+    /// Opcodes whose success result is a `HubResponse` (readBlocks has a codec of its own,
+    /// `StoredBlocksCodecTests`).
+    static let valueOpcodes = HubOpcode.allCases.filter { $0 != .readBlocks }
+
+    /// One success result per opcode of `valueOpcodes`.
     static func response(for opcode: HubOpcode) -> HubResponse {
         switch opcode {
+        case .readBlocks:
+            preconditionFailure("readBlocks has no HubResponse")
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
              .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany:
             return .empty
