@@ -34,6 +34,9 @@ final class ClientReader: @unchecked Sendable {
     /// thread reads.
     static func isReading(for hub: RemoteHub) -> Bool { readingThread.currentValue?.hub === hub }
 
+    /// The reader whose thread this is, if any.
+    static var current: ClientReader? { readingThread.currentValue }
+
     let hub: RemoteHub
     private let connection: ClientConnection
     private let allocator: ByteBufferAllocator
@@ -125,6 +128,7 @@ final class ClientReader: @unchecked Sendable {
             done = true
             ended.broadcast()
         }
+        hub.readerEnded(self)
     }
 
     /// The frame whose start is buffered: a large reply with a sink is received into its caller's

@@ -53,7 +53,7 @@ final class DirectSender: @unchecked Sendable {
     func send(_ frame: ByteBuffer) {
         var failure: Int32 = 0
         lock.lock()
-        if descriptor >= 0 { failure = sendOrQueueLocked(frame) }
+        if isOpenLocked { failure = sendOrQueueLocked(frame) }
         unlockClosingIfPending()
         if failure != 0 {
             // Closing the channel ends the connection (the hub's reading threads, or the agent's
@@ -79,7 +79,7 @@ final class DirectSender: @unchecked Sendable {
         if !behindQueue {
             lock.lock()
             defer { unlockClosingIfPending() }
-            guard descriptor >= 0 else { return outcome }
+            guard isOpenLocked else { return outcome }
             // Frames queued since the check above: this one goes behind them, read outside the lock.
             behindQueue = queuedBytes.load(ordering: .acquiring) > 0
             if !behindQueue {
@@ -111,7 +111,7 @@ final class DirectSender: @unchecked Sendable {
             outcome.readError = readSpan(blocks, from: 0, into: &frame)
             frame.writeInteger(outcome.readError, endianness: .little)
             lock.lock()
-            if descriptor >= 0 { failure = sendOrQueueLocked(frame) }
+            if isOpenLocked { failure = sendOrQueueLocked(frame) }
             unlockClosingIfPending()
         }
         if failure != 0 { channel.close(promise: nil) }
@@ -212,8 +212,12 @@ final class DirectSender: @unchecked Sendable {
         let frameToQueue = frame
         channel.eventLoop.execute { [self] in
             let promise = channel.eventLoop.makePromise(of: Void.self)
-            promise.futureResult.whenComplete { [self] _ in
+            promise.futureResult.whenComplete { [self] result in
+                // A failed write (the channel closing cancels the queue) ends direct sends first:
+                // a sender that sees the count drop sees this too.
+                if case .failure = result { closePending.store(true, ordering: .sequentiallyConsistent) }
                 queuedBytes.subtract(count, ordering: .releasing)
+                if case .failure = result { closeIfPendingAndFree() }
             }
             channel.writeAndFlush(frameToQueue, promise: promise)
         }
@@ -223,15 +227,17 @@ final class DirectSender: @unchecked Sendable {
     /// Closes the duplicate descriptor; later frames are dropped. Idempotent. Never waits for a
     /// sender (it runs on the event loop, as the channel closes): while one holds the lock (a
     /// stored-block send may wait for the disk or, up to `spanWaitMaxNs`, for the socket), the
-    /// descriptor is closed by that sender as it lets go.
+    /// last holder to let go closes it ("last one out": each holder looks at the flag again
+    /// after it unlocks, so a close that came between its look and its unlock is not missed).
     func close() {
-        if pthread_mutex_trylock(lock.raw) == 0 {
-            closeLocked()
-            lock.unlock()
-            return
-        }
-        closePending.store(true, ordering: .releasing)
-        // The holder may have let go between the try and the flag: take the lock if it is free.
+        closePending.store(true, ordering: .sequentiallyConsistent)
+        closeIfPendingAndFree()
+    }
+
+    private func closeIfPendingAndFree() {
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        guard closePending.load(ordering: .sequentiallyConsistent) else { return }
+        // Busy: its holder runs this again after it unlocks.
         if pthread_mutex_trylock(lock.raw) == 0 {
             closeLocked()
             lock.unlock()
@@ -244,9 +250,18 @@ final class DirectSender: @unchecked Sendable {
         descriptor = -1
     }
 
-    /// Releases `lock`, closing the descriptor first if `close()` came meanwhile.
+    /// True while frames may go on the socket: not closed, and no queued write failed (NIO
+    /// cancels the queue as the channel closes, so the queue's count drops to 0 while part of a
+    /// frame may be on the wire: a frame sent then would follow a half-written one). Under `lock`.
+    private var isOpenLocked: Bool {
+        descriptor >= 0 && !closePending.load(ordering: .sequentiallyConsistent)
+    }
+
+    /// Releases `lock`, closing the descriptor first if `close()` came meanwhile, and again
+    /// after, for a `close()` that came between the look and the unlock.
     private func unlockClosingIfPending() {
-        if closePending.load(ordering: .acquiring) { closeLocked() }
+        if closePending.load(ordering: .sequentiallyConsistent) { closeLocked() }
         lock.unlock()
+        closeIfPendingAndFree()
     }
 }

@@ -69,6 +69,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// Lease clients by the caller's session id (SPEC.md §12.6).
     private var leaseClients: [SessionID: LeaseClient] = [:]
     private var slotWaiters = 0
+    /// Reading threads not yet ended, by identity (`close()` waits for them).
+    private var readers: [ObjectIdentifier: ClientReader] = [:]
 
     public init(address: HubAddress, connectTimeoutMs: Int = 5000, requestTimeoutMs: Int = 30000, logger: Logger) {
         precondition(connectTimeoutMs > 0 && requestTimeoutMs > 0)
@@ -92,10 +94,15 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         }
         guard wasOpen else { return }
         if let channel = connection?.channel { try? channel.close().wait() }
-        // The reading thread closes nothing on the loop once stopped; wait for it so that no
-        // callback reaches the agent after `close()` returns.
-        if let reader = lock.withLock({ connection?.reader }), !reader.waitUntilDone(timeoutMs: 5000) {
-            logger.warning("hub connection's reading thread did not end within 5 s", metadata: ["hub": "\(address)"])
+        // Every reading thread still running (that of the connection just closed, and any whose
+        // connection was lost and that is winding down) ends before the event loop stops: a
+        // reader closes its channel on that loop, and reports to the agent. (Not waited for on a
+        // reading thread itself.)
+        let running = lock.withLock { Array(readers.values) }
+        for reader in running where !ClientReader.isReading(for: self) && reader !== ClientReader.current {
+            if !reader.waitUntilDone(timeoutMs: 5000) {
+                logger.warning("a hub connection's reading thread did not end within 5 s", metadata: ["hub": "\(address)"])
+            }
         }
         try? group.syncShutdownGracefully()
     }
@@ -362,6 +369,11 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         return true
     }
 
+    /// A reading thread has ended.
+    func readerEnded(_ reader: ClientReader) {
+        lock.withLock { _ = readers.removeValue(forKey: ObjectIdentifier(reader)) }
+    }
+
     /// Completes the request whose bulk bytes the reading thread received into its caller's memory.
     func finishDirect(_ waiter: ResponseWaiter, header: FrameHeader, head: [UInt8], tail: [UInt8],
                       on connection: ClientConnection) {
@@ -596,6 +608,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             connection.channel = channel
             connection.sender = sender
             connection.reader = reader
+            readers[ObjectIdentifier(reader)] = reader
         }
         channel.closeFuture.whenComplete { [self] _ in
             // Calls in flight fail at once; the reading thread reads what the socket still holds, then ends.
