@@ -153,7 +153,7 @@ extension FabricHub {
             try readThrough.fetch(id, ReadThrough.Target(volumeID: volume.id, cache: volume.cache,
                                                          sources: sources(volume.id, holders: holders)))
         }
-        throw WeftError(EIO, "chunk \(hex16(id)) was evicted from the cache as it was fetched")
+        throw WeftError(EIO, "chunk \(hex(id)) was evicted from the cache as it was fetched")
     }
 
     /// The hubs to fetch an object of volume `volumeID` from: its holders, then its home.
@@ -177,7 +177,7 @@ extension FabricHub {
         guard length <= UInt32(Limits.fetchPieceMaxBytes) else {
             throw WeftError(EINVAL, "fetchObject of \(length) bytes, over \(Limits.fetchPieceMaxBytes)")
         }
-        guard let volume = try volumeData(ofObject: id) else { throw WeftError(ENOENT, "chunk \(hex16(id)) missing") }
+        guard let volume = try volumeData(ofObject: id) else { throw WeftError(ENOENT, "chunk \(hex(id)) missing") }
         let (fileBytes, bytes) = try volume.chunks.readObjectFile(id: id, offset: Int(offset), length: Int(length))
         return (UInt32(fileBytes), bytes)
     }

@@ -130,7 +130,7 @@ public final class ReadThrough: @unchecked Sendable {
                     lru.insert(id, bytes: UInt64(file.count))
                     stores[id] = target.cache
                 }
-                logger.debug("fetched chunk object", metadata: ["object": "\(hex16(id))", "from": "\(source.hub)",
+                logger.debug("fetched chunk object", metadata: ["object": "\(hex(id))", "from": "\(source.hub)",
                                                                 "bytes": "\(file.count)"])
                 evictBeyondBound(keeping: id)
                 return
@@ -138,16 +138,16 @@ public final class ReadThrough: @unchecked Sendable {
                 let weftError = error as? WeftError
                 if weftError?.errno != ENOENT { everyHolderLacksIt = false }
                 logger.warning("chunk object copy refused, trying the next holder",
-                               metadata: ["object": "\(hex16(id))", "volume": "\(target.volumeID)",
+                               metadata: ["object": "\(hex(id))", "volume": "\(target.volumeID)",
                                           "holder": "\(source.hub)", "error": "\(error)"])
                 reasons.append("hub \(source.hub): \(weftError?.message ?? "\(error)")")
             }
         }
         if everyHolderLacksIt {
-            throw WeftError(ENOENT, "chunk \(hex16(id)) missing at every holder")
+            throw WeftError(ENOENT, "chunk \(hex(id)) missing at every holder")
         }
-        logger.error("no good copy of chunk object \(hex16(id)) of volume \(target.volumeID): \(reasons.joined(separator: "; "))")
-        throw WeftError(EIO, "no good copy of chunk \(hex16(id)) at any holder")
+        logger.error("no good copy of chunk object \(hex(id)) of volume \(target.volumeID): \(reasons.joined(separator: "; "))")
+        throw WeftError(EIO, "no good copy of chunk \(hex(id)) at any holder")
     }
 
     /// The whole file of object `id` from the hub at `address`, in pieces of at most
@@ -158,18 +158,18 @@ public final class ReadThrough: @unchecked Sendable {
         let (fileBytes, first) = try peer.fetchObject(id: id, offset: 0, length: piece)
         // Largest valid file: the largest header, a page of padding, 64 MiB of payload.
         guard Int(fileBytes) <= Limits.chunkSizeMaxBytes + 16_384 + 4096 else {
-            throw WeftError(EIO, "holder reports a \(fileBytes)-byte file for chunk \(hex16(id))")
+            throw WeftError(EIO, "holder reports a \(fileBytes)-byte file for chunk \(hex(id))")
         }
         var file = first
         file.reserveCapacity(Int(fileBytes))
         while file.count < Int(fileBytes) {
             let (again, more) = try peer.fetchObject(id: id, offset: UInt32(file.count), length: piece)
             guard again == fileBytes, !more.isEmpty else {
-                throw WeftError(EIO, "chunk \(hex16(id)) changed length at its holder while fetched")
+                throw WeftError(EIO, "chunk \(hex(id)) changed length at its holder while fetched")
             }
             file.append(contentsOf: more)
         }
-        guard file.count == Int(fileBytes) else { throw WeftError(EIO, "holder sent too many bytes of chunk \(hex16(id))") }
+        guard file.count == Int(fileBytes) else { throw WeftError(EIO, "holder sent too many bytes of chunk \(hex(id))") }
         return file
     }
 
@@ -197,7 +197,7 @@ public final class ReadThrough: @unchecked Sendable {
             }
             guard let (id, store) = victim else { return }
             do { try store.delete(id: id) } catch {
-                logger.error("cannot evict cached chunk object \(hex16(id)): \(error)")
+                logger.error("cannot evict cached chunk object \(hex(id)): \(error)")
             }
         }
     }
@@ -218,10 +218,4 @@ public final class ReadThrough: @unchecked Sendable {
             stores[id] = nil
         }
     }
-}
-
-/// The 16-digit lower-case hex spelling of an object id, as in chunk file names.
-func hex16(_ id: SliceID) -> String {
-    let digits = String(id, radix: 16)
-    return String(repeating: "0", count: 16 - digits.count) + digits
 }
