@@ -27,6 +27,27 @@ final class LoopbackTests: XCTestCase {
         RequestContext(session: session, credentials: Credentials(uid: 1000, gid: 1000, groups: [10]))
     }
 
+    /// A TCP socket listening on a free loopback port, that nothing accepts from unless the test does.
+    private func listeningSocket() throws -> (Int32, Int) {
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        do {
+            try withUnsafeMutablePointer(to: &address) {
+                try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    guard bind(listener, $0, length) == 0, Glibc.listen(listener, 4) == 0,
+                          getsockname(listener, $0, &length) == 0 else { throw WeftError(errno, "listen") }
+                }
+            }
+        } catch {
+            Glibc.close(listener)
+            throw error
+        }
+        return (listener, Int(UInt16(bigEndian: address.sin_port)))
+    }
+
     func testEveryMethodOverTCP() throws {
         let hub = FakeHub()
         let (server, port) = try startServer(hub)
@@ -248,19 +269,8 @@ final class LoopbackTests: XCTestCase {
     /// its caller's memory; a caller that times out while the reply is half in owns its memory
     /// again at once (the rest is read and dropped), and the stream stays in step.
     func testABulkReplyCutOffByATimeoutNeverWritesLaterAndTheStreamStaysInStep() throws {
-        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let (listener, port) = try listeningSocket()
         defer { Glibc.close(listener) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        try withUnsafeMutablePointer(to: &address) {
-            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                guard bind(listener, $0, length) == 0, Glibc.listen(listener, 4) == 0,
-                      getsockname(listener, $0, &length) == 0 else { throw WeftError(errno, "listen") }
-            }
-        }
-        let port = Int(UInt16(bigEndian: address.sin_port))
         let pattern = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
         // A scripted hub: a session; no readBlocks (ENOSYS); the 1 MiB reply of slice 1 in two
         // parts 800 ms apart; slice 2 whole.
@@ -372,19 +382,8 @@ final class LoopbackTests: XCTestCase {
 
     func testHubThatAcceptsButNeverAnswersTimesOut() throws {
         // A listening socket nobody accepts from: the kernel completes the handshake, then silence.
-        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let (listener, port) = try listeningSocket()
         defer { Glibc.close(listener) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        try withUnsafeMutablePointer(to: &address) {
-            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                guard bind(listener, $0, length) == 0, Glibc.listen(listener, 4) == 0,
-                      getsockname(listener, $0, &length) == 0 else { throw WeftError(errno, "listen") }
-            }
-        }
-        let port = Int(UInt16(bigEndian: address.sin_port))
         let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 500,
                                requestTimeoutMs: 400, logger: logger)
         defer { client.close() }
