@@ -96,9 +96,17 @@ public final class Hub: HubAPI, @unchecked Sendable {
         }
         self.directory = directory
         self.logger = logger
-        meta = try MetaStore(path: Hub.metaPath(directory), durability: durability, logger: logger)
-        chunks = try ChunkStore(directory: Hub.chunkPath(directory), compression: meta.volume.compression, logger: logger,
-                                directReads: !pageCacheReads)
+        // The chunk store opens first, with the volume's settings, so that the journal's replay
+        // can check the objects its records introduce (SPEC.md §5).
+        var store: ChunkStore?
+        meta = try MetaStore(path: Hub.metaPath(directory), durability: durability, logger: logger) { volume in
+            let opened = try ChunkStore(directory: Hub.chunkPath(directory), compression: volume.compression,
+                                        logger: logger, directReads: !pageCacheReads)
+            store = opened
+            return { id in (try? opened.length(id: id)) != nil }
+        }
+        guard let store else { throw WeftError(EIO, "the chunk store of \(directory) did not open") }
+        chunks = store
         chunks.setReserve(reserveBytes ?? ChunkStore.defaultReserveBytes(directory: Hub.chunkPath(directory)))
         maintenance = Maintenance(logger: logger)
         leases = LeaseTable(logger: logger)
@@ -109,7 +117,6 @@ public final class Hub: HubAPI, @unchecked Sendable {
             leases.startGrace(Leases.periodNs)
             logger.notice("restarted after a crash while agents held leases: serving nothing but reclaims for \(Leases.periodNs / 1_000_000_000) s")
         }
-        let store = chunks
         meta.beforeSync = { try store.sync() }
         maintenance.hub = self
         try restoreJournaledObjects()

@@ -33,6 +33,15 @@ enum Key {
     static func xattrPrefix(_ ino: InodeID) -> [UInt8] { tagged(xattrTag, ino) }
     static func xattr(_ ino: InodeID, _ name: [UInt8]) -> [UInt8] { xattrPrefix(ino) + name }
 
+    /// The id of a key made by `tagged(tag, id)` (`G`, `J`, `I`, ...), or nil for another key.
+    static func id(in key: [UInt8], tag: UInt8) -> UInt64? {
+        guard key.count == 9, key[0] == tag else { return nil }
+        return key[1...].reduce(0) { $0 << 8 | UInt64($1) }
+    }
+
+    /// Whether `key` is a chunk's slice list (`C` ino index).
+    static func isChunk(_ key: [UInt8]) -> Bool { key.count == 13 && key[0] == chunkTag }
+
     private static func tagged(_ tag: UInt8, _ id: UInt64) -> [UInt8] {
         var w = ByteWriter(capacity: 9)
         w.u8(tag); w.u64BE(id)

@@ -109,6 +109,36 @@ public final class RocksDB: @unchecked Sendable {
         try Self.check(error, "write")
     }
 
+    /// One put (`value` non-nil) or delete of a batch, as `operations(ofSerialized:)` lists them.
+    public struct BatchOperation {
+        public let key: [UInt8]
+        public let value: [UInt8]?
+    }
+
+    /// The puts and deletes of a batch in RocksDB's serialized form, in batch order.
+    public static func operations(ofSerialized serialized: UnsafeRawBufferPointer) throws -> [BatchOperation] {
+        guard let batch = rocksdb_writebatch_create_from(serialized.baseAddress?.assumingMemoryBound(to: CChar.self),
+                                                         serialized.count) else {
+            throw WeftError(EIO, "RocksDB: a logged batch does not decode")
+        }
+        defer { rocksdb_writebatch_destroy(batch) }
+        final class Collector { var operations: [BatchOperation] = [] }
+        let collector = Collector()
+        withExtendedLifetime(collector) {
+            rocksdb_writebatch_iterate(batch, Unmanaged.passUnretained(collector).toOpaque(), { state, key, keyLength, value, valueLength in
+                let collector = Unmanaged<Collector>.fromOpaque(state!).takeUnretainedValue()
+                collector.operations.append(BatchOperation(
+                    key: Array(UnsafeRawBufferPointer(start: key, count: keyLength)),
+                    value: Array(UnsafeRawBufferPointer(start: value, count: valueLength))))
+            }, { state, key, keyLength in
+                let collector = Unmanaged<Collector>.fromOpaque(state!).takeUnretainedValue()
+                collector.operations.append(BatchOperation(key: Array(UnsafeRawBufferPointer(start: key, count: keyLength)),
+                                                           value: nil))
+            })
+        }
+        return collector.operations
+    }
+
     /// Writes every memtable out to synced SST files and waits until they are part of the
     /// database.
     public func flushMemtables() throws {

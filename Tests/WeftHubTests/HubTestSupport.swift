@@ -92,7 +92,10 @@ final class HubUnderTest {
     }
 
     /// The file of chunk object `id` under `DIR/chunks/`, found by walking the tree.
-    func chunkFile(of id: SliceID) -> String? {
+    func chunkFile(of id: SliceID) -> String? { Self.chunkFile(of: id, in: directory) }
+
+    /// The file of chunk object `id` under `directory/chunks/` (any hub directory).
+    static func chunkFile(of id: SliceID, in directory: String) -> String? {
         let wanted = String(format: "%016llx", id)
         let root = directory + "/chunks"
         guard let walker = FileManager.default.enumerator(atPath: root) else { return nil }

@@ -28,8 +28,10 @@ final class MetaJournalTests: MetaStoreTestCase {
         return copy
     }
 
-    private func open(_ copy: String, geometry: MetaJournal.Geometry = .init()) throws -> MetaStore {
-        try MetaStore(path: copy, durability: .strict, journalGeometry: geometry, logger: testLogger("weft.meta.crash"))
+    private func open(_ copy: String, geometry: MetaJournal.Geometry = .init(),
+                      missing: Set<SliceID>? = nil) throws -> MetaStore {
+        try MetaStore(path: copy, durability: .strict, journalGeometry: geometry, logger: testLogger("weft.meta.crash"),
+                      objectCheck: missing.map { missing in { _ in { !missing.contains($0) } } })
     }
 
     private func names(in store: MetaStore) throws -> Set<String> {
@@ -206,7 +208,7 @@ final class MetaJournalTests: MetaStoreTestCase {
         let geometry = MetaJournal.Geometry(growthStepBytes: 16 << 10, maxBytes: 64 << 10, largestRecordBytes: 8 << 10)
         try MetaJournal.create(inDirectory: journalDirectory, geometry: geometry)
         var (journal, _) = try MetaJournal.open(inDirectory: journalDirectory, geometry: geometry,
-                                                logger: testLogger("weft.journal")) { _ in }
+                                                logger: testLogger("weft.journal")) { $0.count }
         var appended: [[UInt8]] = []
         while true {
             let payload = [UInt8]((0..<(100 + appended.count % 13)).map { UInt8(truncatingIfNeeded: $0 + appended.count) })
@@ -218,7 +220,10 @@ final class MetaJournalTests: MetaStoreTestCase {
         try journal.sync()
         var replayed: [[UInt8]] = []
         (journal, _) = try MetaJournal.open(inDirectory: journalDirectory, geometry: geometry,
-                                            logger: testLogger("weft.journal")) { replayed.append(Array($0)) }
+                                            logger: testLogger("weft.journal")) { records in
+            replayed = records.map { Array($0) }
+            return records.count
+        }
         XCTAssertEqual(replayed, appended)
 
         try journal.startLap()
@@ -226,7 +231,10 @@ final class MetaJournalTests: MetaStoreTestCase {
         try journal.sync()
         replayed = []
         (journal, _) = try MetaJournal.open(inDirectory: journalDirectory, geometry: geometry,
-                                            logger: testLogger("weft.journal")) { replayed.append(Array($0)) }
+                                            logger: testLogger("weft.journal")) { records in
+            replayed = records.map { Array($0) }
+            return records.count
+        }
         XCTAssertEqual(replayed, [[UInt8](repeating: 9, count: 40)], "the previous lap's records are not replayed")
     }
 
@@ -241,5 +249,95 @@ final class MetaJournalTests: MetaStoreTestCase {
         let recovered = try open(copy)
         XCTAssertEqual(recovered.journalRecovery.lap, lap - 1)
         XCTAssertEqual(try names(in: recovered), ["f0", "f1", "f2"])
+    }
+
+    // MARK: records whose objects never reached the disk (SPEC.md §5, "Replay check of introduced objects")
+
+    /// Commits one new object (a slice of `length` bytes at `offset` of chunk 0) to `file`; two
+    /// changes (the id's allocation, the commit).
+    @discardableResult
+    private func commitObject(to file: Attributes, offset: UInt32 = 0, length: UInt32 = 4096,
+                              journaled: [UInt8]? = nil) throws -> SliceID {
+        let id = try store.allocateSliceIDs(count: 1)
+        let slice = Slice(id: id, offsetInChunk: offset, length: length, objectLength: length)
+        _ = try store.commitSlices(ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
+                                   minimumSize: UInt64(offset + length), durable: false,
+                                   journaled: journaled.map { [(id: id, bytes: $0)] } ?? [])
+        return id
+    }
+
+    private func objects(of file: Attributes, in store: MetaStore) throws -> [SliceID] {
+        try store.layout(ino: file.ino, firstChunk: 0, count: 1).1.first?.map(\.id) ?? []
+    }
+
+    func testARecordWhoseNewObjectIsNotOnTheDiskEndsTheReplayWithEveryRecordAfterIt() throws {
+        let a = try makeFile("a"), b = try makeFile("b")
+        let kept = try commitObject(to: a)
+        let lost = try commitObject(to: a, offset: 4096, length: 8192)
+        try makeFile("after")
+        let later = try commitObject(to: b)
+        let copy = try crashImage()
+        let control = try crashImage()
+
+        let recovered = try open(copy, missing: [lost])
+        XCTAssertEqual(recovered.journalRecovery.droppedRecords, 4,
+                       "the commit of the lost object, the create, the id allocation and commit for b")
+        XCTAssertEqual(try objects(of: a, in: recovered), [kept], "the layout before the lost object's commit")
+        XCTAssertEqual(try recovered.getattr(a.ino).size, 4096)
+        XCTAssertEqual(try objects(of: b, in: recovered), [])
+        XCTAssertEqual(try names(in: recovered), ["a", "b"])
+        XCTAssertEqual(try recovered.checkMetadata(repair: false).problems, [])
+        // The decision was checkpointed: it holds after another crash, whatever is on the disk then.
+        XCTAssertEqual(recovered.journal.tailOffset, MetaJournal.recordsStart)
+
+        // Everything on the disk: every record applies (the same image).
+        let whole = try open(control, missing: [])
+        XCTAssertEqual(whole.journalRecovery.droppedRecords, 0)
+        XCTAssertEqual(whole.journalRecovery.replayedRecords,
+                       recovered.journalRecovery.replayedRecords + recovered.journalRecovery.droppedRecords)
+        XCTAssertEqual(try objects(of: a, in: whole), [kept, lost])
+        XCTAssertEqual(try objects(of: b, in: whole), [later])
+        XCTAssertEqual(try names(in: whole), ["a", "b", "after"])
+    }
+
+    func testOnlyObjectsARecordIntroducesAreChecked() throws {
+        let a = try makeFile("a")
+        let old = try commitObject(to: a)
+        store.lock.lock()
+        try store.checkpoint()   // `old` is in RocksDB's files now, not in the lap
+        store.lock.unlock()
+        let new = try commitObject(to: a, offset: 4096, length: 8192)
+        // `old` is gone from the disk (damage found later by reads and fsck): the record that
+        // only keeps it in the layout still applies.
+        let recovered = try open(try crashImage(), missing: [old])
+        XCTAssertEqual(recovered.journalRecovery.droppedRecords, 0)
+        XCTAssertEqual(try objects(of: a, in: recovered), [old, new])
+    }
+
+    func testAnObjectWhoseBytesTheRecordCarriesOrThatALaterRecordMakesGarbageIsNotNeeded() throws {
+        let a = try makeFile("a"), b = try makeFile("b")
+        let journaled = try commitObject(to: a, journaled: [UInt8](repeating: 9, count: 4096))
+        let collected = try commitObject(to: b)
+        _ = try store.setattr(Callers.root, ino: b.ino, SetAttributes(size: 0))   // `collected` becomes garbage
+        let recovered = try open(try crashImage(), missing: [journaled, collected])
+        XCTAssertEqual(recovered.journalRecovery.droppedRecords, 0)
+        XCTAssertEqual(try objects(of: a, in: recovered), [journaled])
+        XCTAssertEqual(try recovered.journaledObjects().map(\.id), [journaled])
+        XCTAssertEqual(try objects(of: b, in: recovered), [])
+        XCTAssertEqual(try recovered.getattr(b.ino).size, 0)
+    }
+
+    func testAGarbageRecordPastTheStopDoesNotExcuseAnEarlierMissingObject() throws {
+        let a = try makeFile("a"), b = try makeFile("b")
+        let collected = try commitObject(to: a)
+        let lost = try commitObject(to: b)
+        _ = try store.setattr(Callers.root, ino: a.ino, SetAttributes(size: 0))   // `collected` becomes garbage
+        let recovered = try open(try crashImage(), missing: [collected, lost])
+        // Stopping at `lost` drops the truncate that made `collected` garbage, so the replay
+        // stops at `collected`'s commit instead (then an allocation, `lost`'s commit, the truncate).
+        XCTAssertEqual(recovered.journalRecovery.droppedRecords, 4)
+        XCTAssertEqual(try objects(of: a, in: recovered), [])
+        XCTAssertEqual(try objects(of: b, in: recovered), [])
+        XCTAssertEqual(try recovered.checkMetadata(repair: false).problems, [])
     }
 }
