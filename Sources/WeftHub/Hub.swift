@@ -97,13 +97,22 @@ public final class Hub: HubAPI, @unchecked Sendable {
         self.directory = directory
         self.logger = logger
         // The chunk store opens first, with the volume's settings, so that the journal's replay
-        // can check the objects its records introduce (SPEC.md §5).
+        // can check the objects its changes added (SPEC.md §5, "Replay check of new objects").
         var store: ChunkStore?
         meta = try MetaStore(path: Hub.metaPath(directory), durability: durability, logger: logger) { volume in
             let opened = try ChunkStore(directory: Hub.chunkPath(directory), compression: volume.compression,
                                         logger: logger, directReads: !pageCacheReads)
             store = opened
-            return { id in (try? opened.length(id: id)) != nil }
+            return { id in
+                do {
+                    _ = try opened.length(id: id)
+                } catch let error as WeftError where error.errno == ENOENT {
+                    return false
+                } catch let error as WeftError where error.errno == EIO {
+                    return true   // there, damaged: reads give EIO and fsck names it
+                }
+                return true
+            }
         }
         guard let store else { throw WeftError(EIO, "the chunk store of \(directory) did not open") }
         chunks = store

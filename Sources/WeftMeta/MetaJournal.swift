@@ -10,9 +10,7 @@ import Glibc
 ///
 /// Guarantees: `append` writes a record at the tail (in the kernel once it returns); `sync`
 /// makes every appended record durable; `open` hands the current lap's records to `replay` in
-/// the order they were appended, up to the first record that is not intact, and `replay`
-/// applies as many of them, from the first, as it can (SPEC.md §5, "Replay check of introduced
-/// objects"). Not thread-safe
+/// the order they were appended, up to the first record that is not intact. Not thread-safe
 /// except `sync`: the metadata engine calls everything else under its lock.
 final class MetaJournal {
     static let fileName = "weft-journal"
@@ -36,9 +34,6 @@ final class MetaJournal {
         var replayedRecords: Int
         /// Intact records of the lap after the first one that was not (warned about, not applied).
         var skippedRecords: Int
-        /// Intact records in sequence that `replay` did not apply, the first of them included
-        /// (it introduced a chunk object that is not on the disk).
-        var droppedRecords = 0
     }
 
     let path: String
@@ -85,12 +80,11 @@ final class MetaJournal {
         try syncDirectory(directory)
     }
 
-    /// Opens the journal in `directory` and hands the current lap's intact records, in order, to
-    /// `replay`, which applies the first ones and returns how many it applied. The caller
-    /// checkpoints afterwards (the next append would otherwise follow the replayed records of
-    /// the same lap, which is also correct).
+    /// Opens the journal in `directory` and replays the current lap's intact records, in order.
+    /// The caller checkpoints afterwards (the next append would otherwise follow the replayed
+    /// records of the same lap, which is also correct).
     static func open(inDirectory directory: String, geometry: Geometry, logger: Logger,
-                     replay: ([UnsafeRawBufferPointer]) throws -> Int) throws -> (MetaJournal, Recovery) {
+                     replay: (UnsafeRawBufferPointer) throws -> Void) throws -> (MetaJournal, Recovery) {
         let filePath = path(inDirectory: directory)
         let fd = Glibc.open(filePath, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { throw WeftError(errno, "open \(filePath)") }
@@ -187,40 +181,36 @@ final class MetaJournal {
 
     // MARK: replay
 
-    private func replayLap(into recovery: inout Recovery, _ replay: ([UnsafeRawBufferPointer]) throws -> Int) throws {
+    private func replayLap(into recovery: inout Recovery, _ replay: (UnsafeRawBufferPointer) throws -> Void) throws {
         // One read of the whole file (at most `geometry.maxBytes`, once per open).
         var image = [UInt8](repeating: 0, count: fileBytes)
         let readBytes = try image.withUnsafeMutableBytes { try Self.preadFully(fd, $0, path: path) }
         try image.withUnsafeBytes { whole in
             let file = UnsafeRawBufferPointer(rebasing: whole[0..<readBytes])
             var offset = Self.recordsStart
-            var payloads: [UnsafeRawBufferPointer] = []
-            var ends: [Int] = []
+            var expectedSeq: UInt64 = 1
             var ended = false
             while offset + Self.recordHeaderBytes <= file.count {
                 let record = Self.record(in: file, at: offset, lap: lap)
-                if !ended, let record, record.seq == UInt64(payloads.count + 1) {
-                    payloads.append(record.payload)
+                if !ended, let record, record.seq == expectedSeq {
+                    try replay(record.payload)
+                    recovery.replayedRecords += 1
+                    expectedSeq += 1
                     offset += Self.recordBytes(payload: record.payload.count)
-                    ends.append(offset)
+                    tail = offset
                     continue
                 }
                 // Past the end of the replay: count the intact records of this lap that follow,
                 // so that damage in the middle of a lap is reported rather than silent.
                 ended = true
-                if let record, record.seq > UInt64(payloads.count + 1) {
+                if let record, record.seq > expectedSeq {
                     recovery.skippedRecords += 1
                     offset += Self.recordBytes(payload: record.payload.count)
                 } else {
                     offset += 8
                 }
             }
-            let applied = try replay(payloads)
-            precondition(applied >= 0 && applied <= payloads.count, "replay applied \(applied) of \(payloads.count)")
-            recovery.replayedRecords = applied
-            recovery.droppedRecords = payloads.count - applied
-            tail = applied == 0 ? Self.recordsStart : ends[applied - 1]
-            nextSeq = UInt64(applied + 1)
+            nextSeq = expectedSeq
         }
         if recovery.skippedRecords > 0 {
             logger.warning("""

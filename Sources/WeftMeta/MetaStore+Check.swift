@@ -136,8 +136,10 @@ extension MetaStore {
     }
 
     /// Removes every reference to the given chunk objects (their data is lost; reads give zeros).
-    public func dropSliceReferences(_ ids: Set<SliceID>) throws {
-        guard !ids.isEmpty else { return }
+    /// Returns those that something referenced.
+    @discardableResult
+    public func dropSliceReferences(_ ids: Set<SliceID>) throws -> Set<SliceID> {
+        guard !ids.isEmpty else { return [] }
         var affected: [(InodeID, UInt32, [Slice])] = []
         try db.scan(prefix: [Key.chunkTag]) { key, value in
             var r = ByteReader(key)
@@ -147,10 +149,12 @@ extension MetaStore {
             if slices.contains(where: { ids.contains($0.id) }) { affected.append((ino, index, slices)) }
             return true
         }
+        guard !affected.isEmpty else { return [] }
         try mutate { t in
             for (ino, index, slices) in affected {
                 t.putSlices(ino, index, slices.filter { !ids.contains($0.id) })
             }
         }
+        return Set(affected.flatMap { $0.2.map(\.id) }).intersection(ids)
     }
 }

@@ -25,6 +25,9 @@ public final class MetaStore: @unchecked Sendable {
     let journal: MetaJournal
     /// What the journal's replay found when this store opened.
     let journalRecovery: MetaJournal.Recovery
+    /// Chunk objects that the replayed changes added to files and that were not on the disk:
+    /// their references were dropped at open (SPEC.md §5, "Replay check of new objects").
+    public private(set) var objectsLostAtOpen: [SliceID]
     private var mutationsSinceMemtableCheck = 0
     private var bytesSinceMemtableCheck = 0
     let logger: Logger
@@ -92,8 +95,8 @@ public final class MetaStore: @unchecked Sendable {
 
     /// Opens the volume in `path` (see the designated initializer). `objectCheck`, given the
     /// volume before the replay, returns how to tell whether a chunk object is on the disk; the
-    /// replay applies no record that introduces one that is not (SPEC.md §5, "Replay check of
-    /// introduced objects"). Without it every intact record is applied.
+    /// objects that replayed changes added to files and that are not lose their references
+    /// (SPEC.md §5, "Replay check of new objects"). Without it nothing is checked.
     public convenience init(path: String, durability: DurabilityMode, logger: Logger,
                             objectCheck: ((VolumeInfo) throws -> ObjectCheck)? = nil) throws {
         try self.init(path: path, durability: durability, journalGeometry: MetaJournal.Geometry(), logger: logger,
@@ -117,20 +120,15 @@ public final class MetaStore: @unchecked Sendable {
             }
             try MetaJournal.create(inDirectory: path, geometry: journalGeometry)
         }
+        var missing: [SliceID] = []
         let (journal, recovery) = try MetaJournal.open(inDirectory: path, geometry: journalGeometry, logger: logger) {
-            records in
-            let plan = try isPresent.map { try Self.replayPlan(records, db: database, isPresent: $0) }
-                ?? ReplayPlan(count: records.count, missing: nil)
-            for record in records[0..<plan.count] { try database.apply(serialized: record) }
-            if let missing = plan.missing {
-                logger.warning("""
-                    metadata journal: record \(missing.record + 1) of the lap introduces chunk object \(String(format: "%016llx", missing.id)), \
-                    which is not on the disk (a power loss before it was synced): it and the \
-                    \(records.count - plan.count - 1) records after it, none of them acknowledged as durable, \
-                    are not applied
-                    """)
+            if let isPresent {
+                for id in try Self.missingObjects(introducedBy: $0, db: database, isPresent: isPresent)
+                where !missing.contains(id) {
+                    missing.append(id)
+                }
             }
-            return plan.count
+            try database.apply(serialized: $0)
         }
         self.journal = journal
         journalRecovery = recovery
@@ -148,6 +146,22 @@ public final class MetaStore: @unchecked Sendable {
         guard let counterBytes = try db.get(Key.counters) else { throw WeftError(EIO, "volume counters missing") }
         counters = try Counters.decode(counterBytes)
         groupCommit = GroupCommit(syncLog: { try journal.sync() })
+        objectsLostAtOpen = []
+        if !missing.isEmpty {
+            // Logged and synced like any change, then checkpointed with the replay below: a
+            // crash before the checkpoint replays the lap and drops them again. Objects that a
+            // later change removed again (garbage collection deletes those) need nothing.
+            let dropped = try dropSliceReferences(Set(missing))
+            objectsLostAtOpen = missing.filter { dropped.contains($0) }
+        }
+        if !objectsLostAtOpen.isEmpty {
+            logger.warning("""
+                metadata journal: \(objectsLostAtOpen.count) chunk object(s) that changes since the last \
+                checkpoint added to files are not on the disk (a power loss before they were synced): \
+                \(objectsLostAtOpen.prefix(8).map { String(format: "%016llx", $0) }.joined(separator: ", ")); \
+                their references were dropped, so those ranges read as holes
+                """)
+        }
         lock.lock()
         defer { lock.unlock() }
         try checkpoint()

@@ -16,18 +16,22 @@ import WeftProto
 final class MetaJournalTests: MetaStoreTestCase {
     private var crashCount = 0
 
-    /// A copy of the open volume as a crash would leave it (see the class comment).
-    private func crashImage() throws -> String {
+    /// A copy of the open volume as a crash would leave it (see the class comment); of `store`
+    /// unless told otherwise.
+    private func crashImage(of open: MetaStore? = nil) throws -> String {
+        let store: MetaStore = open ?? self.store
         try store.sync()
         let deadline = Date().addingTimeInterval(10)
         while store.db.backgroundWorkPending && Date() < deadline { usleep(10_000) }
         XCTAssertFalse(store.db.backgroundWorkPending, "RocksDB still busy: the copy would not be a crash image")
         crashCount += 1
         let copy = directory + "/crash-\(crashCount)"
-        try FileManager.default.copyItem(atPath: path, toPath: copy)
+        try FileManager.default.copyItem(atPath: store.db.path, toPath: copy)
         return copy
     }
 
+    /// Opens a crash image; with `missing`, the replay is told those chunk objects are not on
+    /// the disk (every other one is).
     private func open(_ copy: String, geometry: MetaJournal.Geometry = .init(),
                       missing: Set<SliceID>? = nil) throws -> MetaStore {
         try MetaStore(path: copy, durability: .strict, journalGeometry: geometry, logger: testLogger("weft.meta.crash"),
@@ -208,7 +212,7 @@ final class MetaJournalTests: MetaStoreTestCase {
         let geometry = MetaJournal.Geometry(growthStepBytes: 16 << 10, maxBytes: 64 << 10, largestRecordBytes: 8 << 10)
         try MetaJournal.create(inDirectory: journalDirectory, geometry: geometry)
         var (journal, _) = try MetaJournal.open(inDirectory: journalDirectory, geometry: geometry,
-                                                logger: testLogger("weft.journal")) { $0.count }
+                                                logger: testLogger("weft.journal")) { _ in }
         var appended: [[UInt8]] = []
         while true {
             let payload = [UInt8]((0..<(100 + appended.count % 13)).map { UInt8(truncatingIfNeeded: $0 + appended.count) })
@@ -220,10 +224,7 @@ final class MetaJournalTests: MetaStoreTestCase {
         try journal.sync()
         var replayed: [[UInt8]] = []
         (journal, _) = try MetaJournal.open(inDirectory: journalDirectory, geometry: geometry,
-                                            logger: testLogger("weft.journal")) { records in
-            replayed = records.map { Array($0) }
-            return records.count
-        }
+                                            logger: testLogger("weft.journal")) { replayed.append(Array($0)) }
         XCTAssertEqual(replayed, appended)
 
         try journal.startLap()
@@ -231,10 +232,7 @@ final class MetaJournalTests: MetaStoreTestCase {
         try journal.sync()
         replayed = []
         (journal, _) = try MetaJournal.open(inDirectory: journalDirectory, geometry: geometry,
-                                            logger: testLogger("weft.journal")) { records in
-            replayed = records.map { Array($0) }
-            return records.count
-        }
+                                            logger: testLogger("weft.journal")) { replayed.append(Array($0)) }
         XCTAssertEqual(replayed, [[UInt8](repeating: 9, count: 40)], "the previous lap's records are not replayed")
     }
 
@@ -251,10 +249,9 @@ final class MetaJournalTests: MetaStoreTestCase {
         XCTAssertEqual(try names(in: recovered), ["f0", "f1", "f2"])
     }
 
-    // MARK: records whose objects never reached the disk (SPEC.md §5, "Replay check of introduced objects")
+    // MARK: objects that never reached the disk (SPEC.md §5, "Replay check of new objects")
 
-    /// Commits one new object (a slice of `length` bytes at `offset` of chunk 0) to `file`; two
-    /// changes (the id's allocation, the commit).
+    /// Commits one new object (a slice of `length` bytes at `offset` of chunk 0) to `file`.
     @discardableResult
     private func commitObject(to file: Attributes, offset: UInt32 = 0, length: UInt32 = 4096,
                               journaled: [UInt8]? = nil) throws -> SliceID {
@@ -270,7 +267,7 @@ final class MetaJournalTests: MetaStoreTestCase {
         try store.layout(ino: file.ino, firstChunk: 0, count: 1).1.first?.map(\.id) ?? []
     }
 
-    func testARecordWhoseNewObjectIsNotOnTheDiskEndsTheReplayWithEveryRecordAfterIt() throws {
+    func testAnObjectAChangeAddedThatIsNotOnTheDiskLosesItsReferencesAndEveryChangeStays() throws {
         let a = try makeFile("a"), b = try makeFile("b")
         let kept = try commitObject(to: a)
         let lost = try commitObject(to: a, offset: 4096, length: 8192)
@@ -280,64 +277,64 @@ final class MetaJournalTests: MetaStoreTestCase {
         let control = try crashImage()
 
         let recovered = try open(copy, missing: [lost])
-        XCTAssertEqual(recovered.journalRecovery.droppedRecords, 4,
-                       "the commit of the lost object, the create, the id allocation and commit for b")
-        XCTAssertEqual(try objects(of: a, in: recovered), [kept], "the layout before the lost object's commit")
-        XCTAssertEqual(try recovered.getattr(a.ino).size, 4096)
-        XCTAssertEqual(try objects(of: b, in: recovered), [])
-        XCTAssertEqual(try names(in: recovered), ["a", "b"])
+        XCTAssertEqual(recovered.objectsLostAtOpen, [lost])
+        XCTAssertEqual(try objects(of: a, in: recovered), [kept], "the lost object's range is a hole")
+        XCTAssertEqual(try recovered.getattr(a.ino).size, 12288, "the change that added it stays")
+        XCTAssertEqual(try objects(of: b, in: recovered), [later])
+        XCTAssertEqual(try names(in: recovered), ["a", "b", "after"])
         XCTAssertEqual(try recovered.checkMetadata(repair: false).problems, [])
-        // The decision was checkpointed: it holds after another crash, whatever is on the disk then.
-        XCTAssertEqual(recovered.journal.tailOffset, MetaJournal.recordsStart)
+        // The repair was made durable with the replay: another crash, and an open that finds
+        // the object missing again, change nothing.
+        let again = try open(try crashImage(of: recovered), missing: [lost])
+        XCTAssertEqual(again.objectsLostAtOpen, [])
+        XCTAssertEqual(try objects(of: a, in: again), [kept])
+        XCTAssertEqual(try objects(of: b, in: again), [later])
 
-        // Everything on the disk: every record applies (the same image).
+        // Everything on the disk: nothing is dropped (the same image).
         let whole = try open(control, missing: [])
-        XCTAssertEqual(whole.journalRecovery.droppedRecords, 0)
-        XCTAssertEqual(whole.journalRecovery.replayedRecords,
-                       recovered.journalRecovery.replayedRecords + recovered.journalRecovery.droppedRecords)
+        XCTAssertEqual(whole.objectsLostAtOpen, [])
         XCTAssertEqual(try objects(of: a, in: whole), [kept, lost])
         XCTAssertEqual(try objects(of: b, in: whole), [later])
-        XCTAssertEqual(try names(in: whole), ["a", "b", "after"])
     }
 
-    func testOnlyObjectsARecordIntroducesAreChecked() throws {
+    func testOnlyObjectsAChangeAddsAreChecked() throws {
         let a = try makeFile("a")
         let old = try commitObject(to: a)
         store.lock.lock()
         try store.checkpoint()   // `old` is in RocksDB's files now, not in the lap
         store.lock.unlock()
         let new = try commitObject(to: a, offset: 4096, length: 8192)
-        // `old` is gone from the disk (damage found later by reads and fsck): the record that
-        // only keeps it in the layout still applies.
+        // `old` is gone from the disk (damage, which reads and fsck report): the change that
+        // only keeps it in the layout does not drop it.
         let recovered = try open(try crashImage(), missing: [old])
-        XCTAssertEqual(recovered.journalRecovery.droppedRecords, 0)
+        XCTAssertEqual(recovered.objectsLostAtOpen, [])
         XCTAssertEqual(try objects(of: a, in: recovered), [old, new])
     }
 
-    func testAnObjectWhoseBytesTheRecordCarriesOrThatALaterRecordMakesGarbageIsNotNeeded() throws {
+    func testAnObjectWhoseBytesTheChangeCarriesOrThatALaterChangeRemovedIsNotALoss() throws {
         let a = try makeFile("a"), b = try makeFile("b")
         let journaled = try commitObject(to: a, journaled: [UInt8](repeating: 9, count: 4096))
         let collected = try commitObject(to: b)
         _ = try store.setattr(Callers.root, ino: b.ino, SetAttributes(size: 0))   // `collected` becomes garbage
         let recovered = try open(try crashImage(), missing: [journaled, collected])
-        XCTAssertEqual(recovered.journalRecovery.droppedRecords, 0)
+        XCTAssertEqual(recovered.objectsLostAtOpen, [], "the hub writes the first again; the second is garbage")
         XCTAssertEqual(try objects(of: a, in: recovered), [journaled])
         XCTAssertEqual(try recovered.journaledObjects().map(\.id), [journaled])
         XCTAssertEqual(try objects(of: b, in: recovered), [])
-        XCTAssertEqual(try recovered.getattr(b.ino).size, 0)
+        XCTAssertEqual(try recovered.checkMetadata(repair: false).problems, [])
     }
 
-    func testAGarbageRecordPastTheStopDoesNotExcuseAnEarlierMissingObject() throws {
-        let a = try makeFile("a"), b = try makeFile("b")
-        let collected = try commitObject(to: a)
-        let lost = try commitObject(to: b)
-        _ = try store.setattr(Callers.root, ino: a.ino, SetAttributes(size: 0))   // `collected` becomes garbage
-        let recovered = try open(try crashImage(), missing: [collected, lost])
-        // Stopping at `lost` drops the truncate that made `collected` garbage, so the replay
-        // stops at `collected`'s commit instead (then an allocation, `lost`'s commit, the truncate).
-        XCTAssertEqual(recovered.journalRecovery.droppedRecords, 4)
-        XCTAssertEqual(try objects(of: a, in: recovered), [])
-        XCTAssertEqual(try objects(of: b, in: recovered), [])
-        XCTAssertEqual(try recovered.checkMetadata(repair: false).problems, [])
+    func testAnObjectTheCheckCannotTellAboutFailsTheOpen() throws {
+        let a = try makeFile("a")
+        try commitObject(to: a)
+        let copy = try crashImage()
+        XCTAssertThrowsError(try MetaStore(path: copy, durability: .strict, logger: testLogger("weft.meta.crash"),
+                                           objectCheck: { _ in { _ in throw WeftError(EMFILE, "out of descriptors") } })) {
+            XCTAssertEqual(($0 as? WeftError)?.errno, EMFILE)
+        }
+        // Nothing was decided: the next open, able to look, keeps the object.
+        let recovered = try open(copy, missing: [])
+        XCTAssertEqual(recovered.objectsLostAtOpen, [])
+        XCTAssertEqual(try objects(of: a, in: recovered).count, 1)
     }
 }
