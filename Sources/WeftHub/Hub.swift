@@ -468,13 +468,33 @@ public final class Hub: HubAPI, @unchecked Sendable {
             }
         } catch {
             chunks.uncover(journaled.map(\.id))
-            pendingUploads.giveBack(claimed, session: context.session)
+            // A change can fail after it applied (its sync failed): objects the file now
+            // references are committed, and a discard or the session's end must not delete them.
+            let referenced = referencedObjects(claimed, ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
+            pendingUploads.giveBack(claimed.filter { !referenced.contains($0) }, session: context.session)
             throw error
         }
         chunks.journalCommitted(journaled.map(\.id))
         if chunks.journaledCount >= Self.journaledObjectsWake { maintenance.wake() }
         maintenance.considerCompaction(ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
         return attributes
+    }
+
+    /// Those of `ids` that chunks `chunkIndexes` of `ino` reference (all of them when the layout
+    /// cannot be read: keeping an upload is safe, deleting a referenced one is not).
+    private func referencedObjects(_ ids: [SliceID], ino: InodeID, chunkIndexes: Set<UInt32>) -> Set<SliceID> {
+        guard !ids.isEmpty else { return [] }
+        var found = Set<SliceID>()
+        for index in chunkIndexes {
+            do {
+                for slice in try meta.layout(ino: ino, firstChunk: index, count: 1).1.first ?? [] { found.insert(slice.id) }
+            } catch let error as WeftError where error.errno == ENOENT || error.errno == ESTALE {
+                continue   // the file is gone: nothing references its objects
+            } catch {
+                return Set(ids)
+            }
+        }
+        return found.intersection(ids)
     }
 
     /// Objects the journal carries past this many wake the maintenance thread to sync them.

@@ -722,6 +722,42 @@ extension HubConformanceTests {
         XCTAssertEqual(try api.status().chunks, 1)
     }
 
+    /// A commit whose change applied and whose sync then failed (ENOSPC from the chunk pass)
+    /// answers the error, but its objects are the file's now: a discard (what an agent sends
+    /// after ENOSPC) and the session's end leave them.
+    func testTheObjectsOfACommitThatAppliedAndThenFailedToSyncAreNotDiscarded() throws {
+        let volume = try makeHub(chunkSizeBytes: 1 << 20)   // objects past the journal's 64 KiB
+        let api: HubAPI = volume.api
+        var context = RequestContext(session: try api.openSession(agentName: "sync-fails").0, credentials: rootCaller)
+        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
+                                  exclusive: true)
+        let data = [UInt8](repeating: 7, count: 100_000)
+        let object = try writeObject(data, on: api, context: context)
+        let meta = volume.hub.meta
+        let sync = meta.beforeSync
+        let failed = NSLock()
+        var failures = 0
+        meta.beforeSync = {
+            try failed.withLock {
+                if failures == 0 {
+                    failures += 1
+                    throw WeftError(ENOSPC, "test: the chunk pass fails")
+                }
+            }
+            try sync?()
+        }
+        defer { meta.beforeSync = sync }
+        XCTAssertErrno(ENOSPC, try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: object)],
+                                                    minimumSize: UInt64(data.count), durable: true))
+        try api.discardUploads(context, ids: [object.id])
+        XCTAssertEqual(try api.readSlice(context, id: object.id, offset: 0, length: UInt32(data.count)), data)
+        try api.closeSession(context.session)
+        context = RequestContext(session: try api.openSession(agentName: "after").0, credentials: rootCaller)
+        XCTAssertEqual(try api.layout(context, ino: file.ino, firstChunk: 0, count: 1).1.first?.map(\.id), [object.id])
+        XCTAssertEqual(try api.readSlice(context, id: object.id, offset: 0, length: UInt32(data.count)), data)
+        XCTAssertEqual(try api.fsck(repair: false).problems, [])
+    }
+
     func testAFullDiskRefusesDataButNotMetadataChanges() throws {
         let chunks = fixture.hub.chunks
         let kept = try writeObject([4, 4])
