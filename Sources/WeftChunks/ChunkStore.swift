@@ -368,6 +368,9 @@ public final class ChunkStore: @unchecked Sendable {
     /// Makes every delete completed before the call durable (`sync()` does not).
     public func syncRemovals() throws { try durability.syncRemovals() }
 
+    /// Whether object `id` was written and waits for a sync pass (no pass has taken it yet).
+    public func awaitsSync(id: SliceID) -> Bool { durability.isPending(id) }
+
     /// The records carrying objects `ids` left out by `coverByJournal` are written.
     public func journalCommitted(_ ids: [SliceID]) { durability.journalCommitted(ids) }
 

@@ -59,6 +59,11 @@ final class DurabilityQueue: @unchecked Sendable {
         for file in pending { close(file.fd) }
     }
 
+    /// Whether object `id` was written and no sync pass has taken it yet.
+    func isPending(_ id: SliceID) -> Bool {
+        lock.withLock { pending.contains { $0.id == id } }
+    }
+
     /// Registers a written object, handing over `fd`. Returns true when the pending bound is
     /// reached and the caller should run `sync()`.
     func objectWritten(id: SliceID, fd: Int32) -> Bool {

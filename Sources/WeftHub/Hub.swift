@@ -47,6 +47,13 @@ public final class Hub: HubAPI, @unchecked Sendable {
         set { underfootLock.withLock { beforeNamesApply = newValue } }
     }
 
+    private var beforeCompactionSwap: ((SliceID) -> Void)?
+    /// Test only: runs in a compaction with the new object's id, just before the swap.
+    public var testBeforeCompactionSwap: ((SliceID) -> Void)? {
+        get { underfootLock.withLock { beforeCompactionSwap } }
+        set { underfootLock.withLock { beforeCompactionSwap = newValue } }
+    }
+
     static func metaPath(_ directory: String) -> String { directory + "/meta" }
     static func chunkPath(_ directory: String) -> String { directory + "/chunks" }
 
@@ -97,7 +104,8 @@ public final class Hub: HubAPI, @unchecked Sendable {
         self.directory = directory
         self.logger = logger
         // The chunk store opens first, with the volume's settings, so that the journal's replay
-        // can check the objects its changes added (SPEC.md §5, "Replay check of new objects").
+        // can look for the objects its changes added (SPEC.md §5, "Objects lost with unsynced
+        // commits").
         var store: ChunkStore?
         meta = try MetaStore(path: Hub.metaPath(directory), durability: durability, logger: logger) { volume in
             let opened = try ChunkStore(directory: Hub.chunkPath(directory), compression: volume.compression,
@@ -108,8 +116,8 @@ public final class Hub: HubAPI, @unchecked Sendable {
                     _ = try opened.length(id: id)
                 } catch let error as WeftError where error.errno == ENOENT {
                     return false
-                } catch let error as WeftError where error.errno == EIO {
-                    return true   // there, damaged: reads give EIO and fsck names it
+                } catch {
+                    return true   // there but damaged, or not known: reads and fsck tell
                 }
                 return true
             }

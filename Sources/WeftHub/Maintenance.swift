@@ -184,6 +184,11 @@ final class Maintenance: @unchecked Sendable {
             }
             let id = try hub.meta.allocateSliceIDs(count: 1)
             try data.withUnsafeBytes { try hub.chunks.write(id: id, data: $0) }
+            // Durable before the swap: the swap marks the old objects garbage, and a journal
+            // sync may make it durable before any chunk pass took the new object (SPEC.md §5);
+            // a power loss then would leave the chunk naming a lost object, its old data deleted.
+            try hub.chunks.sync()
+            hub.testBeforeCompactionSwap?(id)
             let replacement = Slice(id: id, offsetInChunk: start, length: end - start, sliceOffset: 0,
                                     objectLength: UInt32(data.count))
             if try !hub.meta.replaceSlices(ino: key.ino, chunkIndex: key.chunkIndex, expectedPrefix: slices,

@@ -136,9 +136,19 @@ extension MetaStore {
     }
 
     /// Removes every reference to the given chunk objects (their data is lost; reads give zeros).
-    /// Returns those that something referenced.
-    @discardableResult
-    public func dropSliceReferences(_ ids: Set<SliceID>) throws -> Set<SliceID> {
+    public func dropSliceReferences(_ ids: Set<SliceID>) throws {
+        let affected = try Self.chunksReferencing(ids, in: db)
+        guard !affected.isEmpty else { return }
+        try mutate { t in
+            for (ino, index, slices) in affected {
+                t.putSlices(ino, index, slices.filter { !ids.contains($0.id) })
+            }
+        }
+    }
+
+    /// Every chunk in `db` whose slice list references one of `ids`, with that list (a scan of
+    /// every chunk key).
+    static func chunksReferencing(_ ids: Set<SliceID>, in db: RocksDB) throws -> [(InodeID, UInt32, [Slice])] {
         guard !ids.isEmpty else { return [] }
         var affected: [(InodeID, UInt32, [Slice])] = []
         try db.scan(prefix: [Key.chunkTag]) { key, value in
@@ -149,12 +159,6 @@ extension MetaStore {
             if slices.contains(where: { ids.contains($0.id) }) { affected.append((ino, index, slices)) }
             return true
         }
-        guard !affected.isEmpty else { return [] }
-        try mutate { t in
-            for (ino, index, slices) in affected {
-                t.putSlices(ino, index, slices.filter { !ids.contains($0.id) })
-            }
-        }
-        return Set(affected.flatMap { $0.2.map(\.id) }).intersection(ids)
+        return affected
     }
 }

@@ -1,10 +1,8 @@
 import WeftProto
 
-/// Whether the chunk object with this id is on the disk: false when its file is absent; true
-/// otherwise, a damaged one included (reads and fsck report that); throws when it cannot tell
-/// (out of descriptors or memory), which fails the open. SPEC.md §5, "Replay check of new
-/// objects".
-public typealias ObjectCheck = (SliceID) throws -> Bool
+/// Whether the chunk object with this id is on the disk: false only when its file is absent
+/// (SPEC.md §5, "Objects lost with unsynced commits").
+public typealias ObjectCheck = (SliceID) -> Bool
 
 extension MetaStore {
     /// The chunk objects held here (`hub` 0) that the journal record `record` adds to slice lists
@@ -23,7 +21,7 @@ extension MetaStore {
             guard let value = operation.value else { continue }
             let held = Set(try db.get(operation.key).map(localObjects) ?? [])
             for id in localObjects(value) where !held.contains(id) && !journaled.contains(id) && !missing.contains(id) {
-                if try !isPresent(id) { missing.append(id) }
+                if !isPresent(id) { missing.append(id) }
             }
         }
         return missing

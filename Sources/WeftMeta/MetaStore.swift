@@ -25,9 +25,9 @@ public final class MetaStore: @unchecked Sendable {
     let journal: MetaJournal
     /// What the journal's replay found when this store opened.
     let journalRecovery: MetaJournal.Recovery
-    /// Chunk objects that the replayed changes added to files and that were not on the disk:
-    /// their references were dropped at open (SPEC.md §5, "Replay check of new objects").
-    public private(set) var objectsLostAtOpen: [SliceID]
+    /// Chunk objects that the replayed changes added to files, that files still reference and
+    /// that were not on the disk at open (SPEC.md §5, "Objects lost with unsynced commits").
+    public let objectsMissingAtOpen: [SliceID]
     private var mutationsSinceMemtableCheck = 0
     private var bytesSinceMemtableCheck = 0
     let logger: Logger
@@ -95,8 +95,9 @@ public final class MetaStore: @unchecked Sendable {
 
     /// Opens the volume in `path` (see the designated initializer). `objectCheck`, given the
     /// volume before the replay, returns how to tell whether a chunk object is on the disk; the
-    /// objects that replayed changes added to files and that are not lose their references
-    /// (SPEC.md §5, "Replay check of new objects"). Without it nothing is checked.
+    /// objects that replayed changes added to files and that are not are reported
+    /// (`objectsMissingAtOpen`, SPEC.md §5, "Objects lost with unsynced commits"). Without it
+    /// nothing is checked.
     public convenience init(path: String, durability: DurabilityMode, logger: Logger,
                             objectCheck: ((VolumeInfo) throws -> ObjectCheck)? = nil) throws {
         try self.init(path: path, durability: durability, journalGeometry: MetaJournal.Geometry(), logger: logger,
@@ -146,20 +147,18 @@ public final class MetaStore: @unchecked Sendable {
         guard let counterBytes = try db.get(Key.counters) else { throw WeftError(EIO, "volume counters missing") }
         counters = try Counters.decode(counterBytes)
         groupCommit = GroupCommit(syncLog: { try journal.sync() })
-        objectsLostAtOpen = []
-        if !missing.isEmpty {
-            // Logged and synced like any change, then checkpointed with the replay below: a
-            // crash before the checkpoint replays the lap and drops them again. Objects that a
-            // later change removed again (garbage collection deletes those) need nothing.
-            let dropped = try dropSliceReferences(Set(missing))
-            objectsLostAtOpen = missing.filter { dropped.contains($0) }
-        }
-        if !objectsLostAtOpen.isEmpty {
+        // Reported, not changed: the range reads as EIO and names the object, and `weft fsck
+        // --repair` drops the references. Objects a later change of the lap no longer
+        // references (overwritten, truncated: garbage) are no loss.
+        let referenced = Set(try Self.chunksReferencing(Set(missing), in: database).flatMap { $0.2.map(\.id) })
+        let lost = missing.filter { referenced.contains($0) }
+        objectsMissingAtOpen = lost
+        if !lost.isEmpty {
             logger.warning("""
-                metadata journal: \(objectsLostAtOpen.count) chunk object(s) that changes since the last \
-                checkpoint added to files are not on the disk (a power loss before they were synced): \
-                \(objectsLostAtOpen.prefix(8).map { String(format: "%016llx", $0) }.joined(separator: ", ")); \
-                their references were dropped, so those ranges read as holes
+                metadata journal: \(lost.count) chunk object(s) that changes since the last checkpoint added \
+                to files are not on the disk (a power loss before a commit that was not fsynced reached it): \
+                \(lost.prefix(8).map { String(format: "%016llx", $0) }.joined(separator: ", ")); their \
+                ranges read as EIO until `weft fsck --repair` drops them
                 """)
         }
         lock.lock()

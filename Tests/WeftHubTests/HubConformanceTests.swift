@@ -758,6 +758,34 @@ extension HubConformanceTests {
         XCTAssertEqual(try api.fsck(repair: false).problems, [])
     }
 
+    /// Compaction makes its new object durable before it swaps it in (the swap marks the old
+    /// objects garbage; SPEC.md §5, "Objects lost with unsynced commits").
+    func testCompactionSyncsItsObjectBeforeTheSwap() throws {
+        let volume = try makeHub(recover: false)
+        let api: HubAPI = volume.api
+        let context = RequestContext(session: try api.openSession(agentName: "compaction").0, credentials: rootCaller)
+        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
+                                  exclusive: true)
+        for index in 0..<17 {   // past the compaction threshold
+            let slice = try writeObject([UInt8](repeating: UInt8(index + 1), count: 100), at: UInt32(index * 1000),
+                                        on: api, context: context)
+            _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
+                                     minimumSize: UInt64(index * 1000 + 100), durable: false)
+        }
+        let seen = NSLock()
+        var unsynced: [Bool] = []
+        let chunks = volume.hub.chunks
+        volume.hub.testBeforeCompactionSwap = { id in
+            let waits = chunks.awaitsSync(id: id)
+            seen.withLock { unsynced.append(waits) }
+        }
+        try volume.hub.recover()
+        XCTAssertTrue(try eventually { try api.layout(context, ino: file.ino, firstChunk: 0, count: 1).1[0].count == 1 },
+                      "compacted")
+        XCTAssertEqual(seen.withLock { unsynced }, [false], "the new object was synced before the swap")
+        volume.hub.testBeforeCompactionSwap = nil
+    }
+
     func testAFullDiskRefusesDataButNotMetadataChanges() throws {
         let chunks = fixture.hub.chunks
         let kept = try writeObject([4, 4])
