@@ -25,8 +25,8 @@ final class DirectSender: @unchecked Sendable {
     private let queuedBytes = Atomic<Int>(0)
     /// `close()` came while a sender held the lock: the sender closes the descriptor as it lets go.
     private let closePending = Atomic<Bool>(false)
-    /// How long `send(_:blocks:)` waits for a full socket to take more of a span before it reads
-    /// the rest into a buffer for the write queue.
+    /// How long `send(_:blocks:)` and `send(_:payload:)` wait for a full socket to take more of
+    /// a span or a payload before they put the rest in a buffer for the write queue.
     private let spanWaitMaxNs: UInt64
 
     /// What `send(_:blocks:)` did with a span.
@@ -88,7 +88,7 @@ final class DirectSender: @unchecked Sendable {
                 failure = sendDirectLocked(&head, more: true)
                 if failure == 0 && head.readableBytes == 0 { (sent, failure) = sendFileLocked(blocks) }
                 outcome.sentFromFile = sent
-                if failure == 0 {
+                if failure == 0 && isOpenLocked {   // (closed while it waited: dropped with the connection)
                     // The rest: what the socket did not take of the head and the span, and the trailer.
                     var rest = channel.allocator.buffer(capacity: head.readableBytes + blocks.byteCount - sent
                                                         + WireCodec.storedBlocksTrailerBytes)
@@ -116,6 +116,94 @@ final class DirectSender: @unchecked Sendable {
         }
         if failure != 0 { channel.close(promise: nil) }
         return outcome
+    }
+
+    /// Sends a frame made of `head` and then `payload`, caller memory that is read only during
+    /// the call (SPEC.md §4, Bulk transfers): straight from that memory while the socket takes
+    /// it, waiting up to `spanWaitMaxNs` for a full socket; what is left is copied into a buffer
+    /// and queued, like the rest of any frame. Behind queued frames the whole frame is copied and
+    /// queued. Returns the payload bytes that went from `payload` to the socket.
+    @discardableResult
+    func send(_ head: ByteBuffer, payload: UnsafeRawBufferPointer) -> Int {
+        var failure: Int32 = 0
+        var sentFromMemory = 0
+        var behindQueue = queuedBytes.load(ordering: .acquiring) > 0
+        if !behindQueue {
+            lock.lock()
+            defer { unlockClosingIfPending() }
+            guard isOpenLocked else { return 0 }
+            behindQueue = queuedBytes.load(ordering: .acquiring) > 0
+            if !behindQueue {
+                var head = head
+                failure = sendDirectLocked(&head, more: !payload.isEmpty)
+                if failure == 0 && head.readableBytes == 0 { (sentFromMemory, failure) = sendMemoryLocked(payload) }
+                // (Closed while it waited: the frame is dropped with the connection.)
+                if failure == 0 && isOpenLocked && (head.readableBytes > 0 || sentFromMemory < payload.count) {
+                    var rest = channel.allocator.buffer(capacity: head.readableBytes + payload.count - sentFromMemory)
+                    rest.writeBuffer(&head)
+                    rest.writeBytes(UnsafeRawBufferPointer(rebasing: payload[sentFromMemory...]))
+                    failure = sendOrQueueLocked(rest)
+                }
+            }
+        }
+        if behindQueue {
+            var frame = channel.allocator.buffer(capacity: head.readableBytes + payload.count)
+            var head = head
+            frame.writeBuffer(&head)
+            frame.writeBytes(payload)
+            lock.lock()
+            if isOpenLocked { failure = sendOrQueueLocked(frame) }
+            unlockClosingIfPending()
+        }
+        if failure != 0 { channel.close(promise: nil) }
+        return sentFromMemory
+    }
+
+    /// Sends `payload` from memory while the socket takes it, waiting for a full socket as
+    /// `waitWritableLocked` allows. Returns the bytes sent and a connection failure (0 if none).
+    private func sendMemoryLocked(_ payload: UnsafeRawBufferPointer) -> (Int, Int32) {
+        var sent = 0
+        let startNs = MonotonicClock.nowNs()
+        while sent < payload.count {
+            let count = Glibc.send(descriptor, payload.baseAddress! + sent, payload.count - sent,
+                                   Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
+            if count > 0 {
+                sent += count
+                continue
+            }
+            let error = count == 0 ? EAGAIN : errno
+            if error == EINTR { continue }
+            if error == EAGAIN || error == EWOULDBLOCK {
+                switch waitWritableLocked(since: startNs) {
+                case .writable: continue
+                case .gaveUp: return (sent, 0)
+                case .failed(let failure): return (sent, failure)
+                }
+            }
+            return (sent, error)
+        }
+        return (sent, 0)
+    }
+
+    private enum WaitOutcome {
+        case writable
+        case gaveUp
+        case failed(Int32)
+    }
+
+    /// Waits for the full socket to take more, at most until `spanWaitMaxNs` after `startNs`, and
+    /// not once `close()` has come. Call with `lock` held.
+    private func waitWritableLocked(since startNs: UInt64) -> WaitOutcome {
+        while true {
+            let waitedNs = MonotonicClock.nowNs() - startNs
+            guard waitedNs < spanWaitMaxNs, !closePending.load(ordering: .acquiring) else { return .gaveUp }
+            var watch = pollfd(fd: descriptor, events: Int16(POLLOUT), revents: 0)
+            let ms = Int32(max(1, (spanWaitMaxNs - waitedNs) / 1_000_000))
+            let ready = poll(&watch, 1, ms)
+            if ready < 0 && errno == EINTR { continue }
+            if ready > 0 && watch.revents & Int16(POLLERR | POLLHUP) != 0 { return .failed(EPIPE) }
+            return ready > 0 ? .writable : .gaveUp
+        }
     }
 
     /// Sends what the socket takes of `buffer` now (`more`: more of the frame follows at once).
@@ -153,15 +241,11 @@ final class DirectSender: @unchecked Sendable {
             let error = errno
             if error == EINTR { continue }
             if error == EAGAIN || error == EWOULDBLOCK {
-                let waitedNs = MonotonicClock.nowNs() - startNs
-                guard waitedNs < spanWaitMaxNs, !closePending.load(ordering: .acquiring) else { break }
-                var watch = pollfd(fd: descriptor, events: Int16(POLLOUT), revents: 0)
-                let ms = Int32(max(1, (spanWaitMaxNs - waitedNs) / 1_000_000))
-                let ready = poll(&watch, 1, ms)
-                if ready < 0 && errno == EINTR { continue }
-                if ready > 0 && watch.revents & Int16(POLLERR | POLLHUP) != 0 { return (sent, EPIPE) }
-                if ready > 0 { continue }
-                break
+                switch waitWritableLocked(since: startNs) {
+                case .writable: continue
+                case .gaveUp: return (sent, 0)
+                case .failed(let failure): return (sent, failure)
+                }
             }
             // The file's side (a read error, a file system that cannot splice): `readSpan`
             // reads the rest and tells a read error apart. Anything else is the socket's.

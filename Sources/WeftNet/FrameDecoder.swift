@@ -149,6 +149,25 @@ extension WireCodec {
         }
     }
 
+    /// The start of a writeSlice request frame whose `count` data bytes the caller sends after
+    /// it (`DirectSender.send(_:payload:)`): with them, the same bytes as
+    /// `writeSliceRequestBuffer`.
+    static func writeSliceRequestHead(id: UInt64, context: RequestContext, sliceID: SliceID, count: Int,
+                                      allocator: ByteBufferAllocator) throws -> ByteBuffer {
+        try EncodeScratch.current.withWriter { head in
+            HubRequest.encodeWriteSliceHead(context, id: sliceID, count: count, into: &head)
+            let length = headerBytes + head.bytes.count + count
+            guard length <= maxFrameBytes else {
+                throw WeftError(EMSGSIZE, "a \(length)-byte frame exceeds the \(maxFrameBytes)-byte wire limit")
+            }
+            var buffer = allocator.buffer(capacity: lengthPrefixBytes + headerBytes + head.bytes.count)
+            writeFrameStart(FrameHeader(kind: .request, opcode: HubOpcode.writeSlice.rawValue, requestID: id),
+                            length: length, into: &buffer)
+            buffer.writeBytes(head.bytes)
+            return buffer
+        }
+    }
+
     /// Bytes of a bulk response before its data: length prefix, header, status, data length.
     static let bulkResponseHeadBytes = lengthPrefixBytes + headerBytes + 4 + 4
 

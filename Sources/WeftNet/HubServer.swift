@@ -208,9 +208,7 @@ public final class HubServer: @unchecked Sendable {
         }
         let made = Made()
         let peer = Sockets.peerName(descriptor)
-        if var bytes = sendBufferBytes.map(Int32.init) {
-            setsockopt(descriptor, SOL_SOCKET, SO_SNDBUF, &bytes, socklen_t(MemoryLayout<Int32>.size))
-        }
+        Sockets.setSendBuffer(descriptor, bytes: sendBufferBytes)
         // Output only: NIO must never read the socket, not even the rest of a stream at its end
         // (a socket channel does that whatever auto-read says), or it would take frames from
         // under the reading threads.

@@ -135,13 +135,13 @@ extension RemoteHub {
         try bytes(.readSlice(context, id: id, offset: offset, length: length))
     }
 
-    /// Encodes the frame straight from `bytes` (SPEC.md §4, Bulk transfers).
+    /// Sends the data from `bytes` itself, after the frame's start (SPEC.md §4, Bulk transfers).
     public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
         let response = try call(.writeSlice(context, id: id, data: []), encode: { requestID, request, allocator in
             guard case let .writeSlice(sent, sliceID, _) = request else { preconditionFailure("not a writeSlice") }
-            return try WireCodec.writeSliceRequestBuffer(id: requestID, context: sent, sliceID: sliceID, bytes: bytes,
-                                                         allocator: allocator)
-        }, decode: Self.decodeResponse)
+            return try WireCodec.writeSliceRequestHead(id: requestID, context: sent, sliceID: sliceID, count: bytes.count,
+                                                       allocator: allocator)
+        }, decode: Self.decodeResponse, payload: bytes)
         guard case .empty = response else { throw shapeMismatch(.writeSlice) }
     }
 

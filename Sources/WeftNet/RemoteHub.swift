@@ -57,6 +57,15 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     let storedBlockReads = Atomic<Int>(0)
     let directReceives = Atomic<Int>(0)
     public var storedBlockReadCount: Int { storedBlockReads.load(ordering: .relaxed) }
+    /// Request data bytes sent from caller memory (`writeSlice(_:id:bytes:)`): in all, and of
+    /// those, what went from that memory straight to the socket (the rest was copied and queued).
+    public var payloadBytes: (all: Int, sentFromMemory: Int) {
+        (payloadBytesAll.load(ordering: .relaxed), payloadBytesDirect.load(ordering: .relaxed))
+    }
+    let payloadBytesAll = Atomic<Int>(0)
+    let payloadBytesDirect = Atomic<Int>(0)
+    private let payloadWaitNs: UInt64
+    private let sendBufferBytes: Int?
     public var directReceiveCount: Int { directReceives.load(ordering: .relaxed) }
     /// Broadcast when a connection attempt ends, a connection is lost, or a request slot frees up.
     private let stateChanged = ConditionVariable()
@@ -72,11 +81,17 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// Reading threads not yet ended, by identity (`close()` waits for them).
     private var readers: [ObjectIdentifier: ClientReader] = [:]
 
-    public init(address: HubAddress, connectTimeoutMs: Int = 5000, requestTimeoutMs: Int = 30000, logger: Logger) {
-        precondition(connectTimeoutMs > 0 && requestTimeoutMs > 0)
+    /// `payloadWaitMs`: how long a request whose data goes from caller memory (`writeSlice`)
+    /// waits for a full socket before the rest is copied and queued; `sendBufferBytes`: the
+    /// socket's send buffer (default: the kernel's). Both for tests.
+    public init(address: HubAddress, connectTimeoutMs: Int = 5000, requestTimeoutMs: Int = 30000,
+                payloadWaitMs: Int = 100, sendBufferBytes: Int? = nil, logger: Logger) {
+        precondition(connectTimeoutMs > 0 && requestTimeoutMs > 0 && payloadWaitMs >= 0)
         self.address = address
         self.connectTimeoutMs = connectTimeoutMs
         self.requestTimeoutMs = requestTimeoutMs
+        self.payloadWaitNs = UInt64(payloadWaitMs) * 1_000_000
+        self.sendBufferBytes = sendBufferBytes
         self.logger = logger
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     }
@@ -218,16 +233,19 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// With `direct` the reading thread may receive a large reply's bulk bytes straight into
     /// `direct.destination` and then call `direct.decode` with the payload's head and tail
     /// instead (SPEC.md §4, Agent reading thread); `decode` still serves a reply that arrives whole.
+    ///
+    /// With `payload` the frame `encode` makes is only its start: the request's last `payload.count`
+    /// bytes follow from that memory (`DirectSender.send(_:payload:)`), read only during the call.
     func call<R>(_ request: HubRequest, encode: Encoder, decode: @escaping Decoder<R>, decodeOnLoop: Bool = false,
-                 direct: DirectDecoder<R>? = nil) throws -> R {
+                 direct: DirectDecoder<R>? = nil, payload: UnsafeRawBufferPointer? = nil) throws -> R {
         // A request whose connection closed before it was sent is sent once more on a new one.
         do {
             return try send(request, on: try liveConnection(), encode: encode, decode: decode, decodeOnLoop: decodeOnLoop,
-                            direct: direct)
+                            direct: direct, payload: payload)
         } catch is NotSent {
             do {
                 return try send(request, on: try liveConnection(), encode: encode, decode: decode,
-                                decodeOnLoop: decodeOnLoop, direct: direct)
+                                decodeOnLoop: decodeOnLoop, direct: direct, payload: payload)
             } catch is NotSent {
                 throw WeftError(EIO, "connection to hub \(address.displayName) lost")
             }
@@ -245,7 +263,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     private func send<R>(_ request: HubRequest, on connection: ClientConnection, substituteSession: Bool = true,
                          encode: Encoder, decode: @escaping Decoder<R>, decodeOnLoop: Bool = false,
-                         direct: DirectDecoder<R>? = nil) throws -> R {
+                         direct: DirectDecoder<R>? = nil, payload: UnsafeRawBufferPointer? = nil) throws -> R {
         if ClientReader.isReading(for: self) {
             throw WeftError(EDEADLK, "RemoteHub called on a connection's reading thread")
         }
@@ -297,7 +315,13 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             abandon(id, on: connection)
             throw error
         }
-        sender.send(buffer)
+        if let payload {
+            let sentFromMemory = sender.send(buffer, payload: payload)
+            payloadBytesAll.add(payload.count, ordering: .relaxed)
+            payloadBytesDirect.add(sentFromMemory, ordering: .relaxed)
+        } else {
+            sender.send(buffer)
+        }
 
         let frame: InboundFrame = try lock.withLock {
             // However the wait ends, the reading thread must be done with this caller's memory.
@@ -584,6 +608,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         } catch {
             throw doesNotAnswer(describeConnectFailure(error))
         }
+        Sockets.setSendBuffer(descriptor, bytes: sendBufferBytes)
         let sending = Sockets.duplicate(descriptor)
         let reading = sending >= 0 ? Sockets.duplicate(descriptor) : -1
         guard reading >= 0 else {
@@ -602,7 +627,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             Glibc.close(reading)
             throw doesNotAnswer(describeConnectFailure(error))
         }
-        let sender = DirectSender(descriptor: sending, channel: channel)
+        let sender = DirectSender(descriptor: sending, channel: channel, spanWaitMaxNs: payloadWaitNs)
         let reader = ClientReader(descriptor: reading, hub: self, connection: connection, allocator: channel.allocator)
         lock.withLock {
             connection.channel = channel
@@ -629,7 +654,9 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             }
             // No answer from the hub for too long: this agent's leases may already be void there.
             Self.reportLeasesLost(expired)
-            sender.send(ping)
+            // Not on the loop: a writeSlice may hold the sender while it waits for a full socket
+            // (up to `payloadWaitMs`), and loop code never waits for a sender.
+            DispatchQueue.global().async { sender.send(ping) }
         }
         channel.closeFuture.whenComplete { _ in heartbeat.cancel() }
 

@@ -244,6 +244,12 @@ enum Sockets {
         }
     }
 
+    /// Sets the socket's send buffer (`SO_SNDBUF`; tests make it small to fill it at once).
+    static func setSendBuffer(_ descriptor: Int32, bytes: Int?) {
+        guard var value = bytes.map(Int32.init) else { return }
+        setsockopt(descriptor, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
+    }
+
     /// A duplicate of `descriptor` that a child process does not inherit.
     static func duplicate(_ descriptor: Int32) -> Int32 {
         fcntl(descriptor, F_DUPFD_CLOEXEC, 0)

@@ -106,6 +106,42 @@ final class RemoteHubConformanceTests: HubConformanceTests {
         XCTAssertGreaterThan(try XCTUnwrap(hub.server).storedBlockBytes.sentFromFile, fixtureBefore)
     }
 
+    /// writeSlice data goes from the caller's memory to the socket; a socket that stays full
+    /// (64 KiB of send buffer, no wait) gets the rest copied and queued, and the hub gets every
+    /// byte either way.
+    func testWriteSliceDataGoesFromCallerMemoryOrThroughTheQueueWhenTheSocketIsFull() throws {
+        let hub = try makeHub(chunkSizeBytes: 1 << 20, compression: .none)
+        let port = try XCTUnwrap(hub.port)
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), payloadWaitMs: 0, sendBufferBytes: 64 << 10,
+                               logger: testLogger("weft.hub.client.payload"))
+        defer { client.close() }
+        let context = RequestContext(session: try client.openSession(agentName: "small-buffer").0, credentials: rootCaller)
+        var random = SeededRandom(seed: 7270)
+        var written: [(SliceID, [UInt8])] = []
+        for _ in 0..<3 {
+            let data = random.bytes(1 << 20)
+            let id = try client.allocateSliceIDs(context, count: 1)
+            try data.withUnsafeBytes { try client.writeSlice(context, id: id, bytes: $0) }
+            written.append((id, data))
+        }
+        for (id, data) in written {
+            XCTAssertTrue(try hub.hub.readSlice(context, id: id, offset: 0, length: UInt32(data.count)) == data,
+                          "object \(id) arrived intact")
+        }
+        let (all, sentFromMemory) = client.payloadBytes
+        XCTAssertEqual(all, 3 << 20)
+        XCTAssertLessThan(sentFromMemory, all, "a full socket sends the rest through the queue")
+        // The default client sends from memory (its socket drains while it waits).
+        let remote = try XCTUnwrap(hub.api as? RemoteHub)
+        let before = remote.payloadBytes
+        let data = random.bytes(1 << 20)
+        let id = try hub.api.allocateSliceIDs(self.context, count: 1)
+        try data.withUnsafeBytes { try remote.writeSlice(self.context, id: id, bytes: $0) }
+        XCTAssertEqual(remote.payloadBytes.all - before.all, data.count)
+        XCTAssertGreaterThan(remote.payloadBytes.sentFromMemory, before.sentFromMemory)
+        XCTAssertTrue(try hub.hub.readSlice(context, id: id, offset: 0, length: UInt32(data.count)) == data)
+    }
+
     /// A stored-block read whose file ends early at the hub (the file changed under the open
     /// object) cannot change the frame it started: the rest comes as zeros with the errno in the
     /// trailer, the reader gets EIO naming the chunk, and the connection goes on.
