@@ -132,6 +132,9 @@ final class OpenFile {
     var staged: [StagedChunk] = []
     /// Staged chunks whose upload is running.
     var uploadsRunning = 0
+    /// The uploaded chunks at the front of `staged` that a background commit is committing
+    /// (SPEC.md §7, Write-behind); they stay at the front until it ends.
+    var prefixCommit: [StagedChunk]?
     /// Commits waiting for this file's uploads: no chunk is staged meanwhile, so they wait for
     /// a bounded number.
     var commitsWaiting = 0
@@ -346,10 +349,11 @@ final class OpenFile {
         return chunk
     }
 
-    /// Waits (releasing `lock`) until no upload of this file runs. Call with `lock` held.
+    /// Waits (releasing `lock`) until no upload and no background commit of this file runs.
+    /// Call with `lock` held.
     func waitForUploads() {
         commitsWaiting += 1
-        while uploadsRunning > 0 { lock.wait() }
+        while uploadsRunning > 0 || prefixCommit != nil { lock.wait() }
         commitsWaiting -= 1
     }
 

@@ -202,6 +202,12 @@ extension VFS {
         let before = file.attributes.dataVersion
         let attributes = try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: minimumSize,
                                               durable: durable)
+        adopt(attributes, of: file, committedOver: before)
+    }
+
+    /// Takes the attributes a commit of `file` returned, made over `before` (the data version the
+    /// agent knew when it sent the commit). Caller holds `file.lock`.
+    func adopt(_ attributes: Attributes, of file: OpenFile, committedOver before: UInt64) {
         if file.kernelCacheVersion == before { file.kernelCacheVersion = attributes.dataVersion }
         file.layouts.removeAll()
         file.attributes = attributes
@@ -219,7 +225,7 @@ extension VFS {
     /// Drops a file's committed extents, staged ones included, returning pooled buffers. No
     /// upload of the file may be running.
     func recycle(_ file: OpenFile) {
-        precondition(file.uploadsRunning == 0, "recycling buffers an upload still reads")
+        precondition(file.uploadsRunning == 0 && file.prefixCommit == nil, "recycling buffers an upload or a commit still uses")
         for extents in file.dirty.values { _ = giveBack(extents) }
         for chunk in file.staged { _ = giveBack(chunk.extents) }
         file.dirty.removeAll()

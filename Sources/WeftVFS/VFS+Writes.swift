@@ -61,26 +61,50 @@ extension VFS {
     /// Commits the staged chunks at the front of `file`'s list whose uploads ended, once there
     /// are `stagedCommitBatch` of them: a long write publishes its progress and frees their
     /// buffers without waiting for the file's next commit. Everything staged or buffered after
-    /// them is newer, so committing them first keeps the slice order. A failure is left to the
-    /// next commit. Caller holds `file.lock`.
+    /// them is newer, so committing them first keeps the slice order. The commit runs in the
+    /// background (the writer goes on; SPEC.md §7, Write-behind), one at a time per file, and
+    /// not while another commit of the file waits (it commits them itself). A failure is left
+    /// to the next commit. Caller holds `file.lock`.
     func commitUploadedPrefix(_ file: OpenFile, context: RequestContext) {
-        let ready = file.staged.prefix { $0.uploaded != nil }
+        guard file.prefixCommit == nil, file.commitsWaiting == 0 else { return }
+        let ready = Array(file.staged.prefix { $0.uploaded != nil })
         guard ready.count >= Self.stagedCommitBatch else { return }
         let commits = ready.flatMap { $0.uploaded! }
         let chunkSize = UInt64(chunkSizeBytes)
         let end = commits.map { UInt64($0.chunkIndex) * chunkSize + UInt64($0.slice.offsetInChunk) + UInt64($0.slice.length) }
             .max() ?? 0
-        do {
-            try commit(commits, of: file, minimumSize: end, durable: false, context: context)
-            let bytes = ready.reduce(0) { $0 + giveBack($1.extents) }
-            file.staged.removeFirst(ready.count)
-            file.dirtyBytes -= bytes
-            budget.release(bytes)
-            if !file.hasDirtyData { file.dirtyEnd = 0 }
-        } catch {
-            // The objects are gone (the hub restarted): the next commit uploads them again.
-            if (error as? WeftError)?.errno == ESTALE { ready.forEach { $0.uploaded = nil } }
-            logger.debug("commit of inode \(file.ino)'s uploaded chunks failed, the next commit retries: \(error)")
+        let before = file.attributes.dataVersion
+        file.prefixCommit = ready
+        Self.commitPool.async { [self] in
+            var outcome: Result<Attributes, Error>
+            do {
+                outcome = .success(try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: end,
+                                                        durable: false))
+            } catch {
+                outcome = .failure(error)
+            }
+            file.lock.lock()
+            defer { file.lock.unlock() }
+            file.prefixCommit = nil
+            file.lock.broadcast()
+            switch outcome {
+            case .success(let attributes):
+                // Nothing else takes staged chunks while this commit runs (every other commit
+                // waits for it first), so they are still at the front.
+                precondition(file.staged.count >= ready.count && zip(file.staged, ready).allSatisfy { $0 === $1 },
+                             "staged chunks changed under their commit")
+                adopt(attributes, of: file, committedOver: before)
+                let bytes = ready.reduce(0) { $0 + giveBack($1.extents) }
+                file.staged.removeFirst(ready.count)
+                file.dirtyBytes -= bytes
+                budget.release(bytes)
+                if !file.hasDirtyData { file.dirtyEnd = 0 }
+                commitUploadedPrefix(file, context: context)
+            case .failure(let error):
+                // The objects are gone (the hub restarted): the next commit uploads them again.
+                if (error as? WeftError)?.errno == ESTALE { ready.forEach { $0.uploaded = nil } }
+                logger.debug("commit of inode \(file.ino)'s uploaded chunks failed, the next commit retries: \(error)")
+            }
         }
     }
 
@@ -98,12 +122,17 @@ extension VFS {
             }
             file.lock.lock()
             file.uploadEnded(chunk, slices: slices)
+            commitUploadedPrefix(file, context: context)
             file.lock.unlock()
         }
     }
 
     /// Background uploads of full chunks, shared by every VFS of the process.
     static let uploadPool = WorkerPool(name: "weft-upload", threads: 4)
+
+    /// Background commits of uploaded chunks (`commitUploadedPrefix`), apart from the uploads so
+    /// that commits waiting for the hub never hold up the uploads behind them.
+    static let commitPool = WorkerPool(name: "weft-commit", threads: 4)
 
     /// Commits the handle's file (close(2) and flush).
     public func flush(handle id: UInt64) throws {
