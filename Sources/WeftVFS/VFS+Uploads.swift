@@ -135,6 +135,10 @@ extension VFS {
             return
         }
         file.waitForUploads()
+        guard file.hasDirtyData else {   // a background commit took everything meanwhile
+            if durable { try hub.sync(context) }
+            return
+        }
         var attempt = 0
         while true {
             attempt += 1

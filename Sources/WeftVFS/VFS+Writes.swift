@@ -66,7 +66,7 @@ extension VFS {
     /// not while another commit of the file waits (it commits them itself). A failure is left
     /// to the next commit. Caller holds `file.lock`.
     func commitUploadedPrefix(_ file: OpenFile, context: RequestContext) {
-        guard file.prefixCommit == nil, file.commitsWaiting == 0 else { return }
+        guard file.prefixCommit == nil, file.commitsWaiting == 0, Leases.nowNs() >= file.nextCommitAttemptNs else { return }
         let ready = Array(file.staged.prefix { $0.uploaded != nil })
         guard ready.count >= Self.stagedCommitBatch else { return }
         let commits = ready.flatMap { $0.uploaded! }
@@ -76,6 +76,15 @@ extension VFS {
         let before = file.attributes.dataVersion
         file.prefixCommit = ready
         Self.commitPool.async { [self] in
+            // A commit of the file that started waiting before this task ran (the pool may be
+            // busy with other files' commits) takes the chunks itself: it does not wait here.
+            let stillWanted: Bool = file.lock.withLock {
+                guard file.commitsWaiting > 0 else { return true }
+                file.prefixCommit = nil
+                file.lock.broadcast()
+                return false
+            }
+            guard stillWanted else { return }
             var outcome: Result<Attributes, Error>
             do {
                 outcome = .success(try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: end,
@@ -93,7 +102,15 @@ extension VFS {
                 // waits for it first), so they are still at the front.
                 precondition(file.staged.count >= ready.count && zip(file.staged, ready).allSatisfy { $0 === $1 },
                              "staged chunks changed under their commit")
-                adopt(attributes, of: file, committedOver: before)
+                // Its reply may be older than attributes adopted meanwhile (the commit ran
+                // without the lock): never go back.
+                if attributes.dataVersion >= file.attributes.dataVersion {
+                    adopt(attributes, of: file, committedOver: before)
+                } else {
+                    file.layouts.removeAll()
+                }
+                file.commitFailures = 0
+                file.nextCommitAttemptNs = 0
                 let bytes = ready.reduce(0) { $0 + giveBack($1.extents) }
                 file.staged.removeFirst(ready.count)
                 file.dirtyBytes -= bytes
@@ -103,6 +120,8 @@ extension VFS {
             case .failure(let error):
                 // The objects are gone (the hub restarted): the next commit uploads them again.
                 if (error as? WeftError)?.errno == ESTALE { ready.forEach { $0.uploaded = nil } }
+                // Not again before the back-off (flush, fsync and close try at once).
+                noteCommitFailure(file)
                 logger.debug("commit of inode \(file.ino)'s uploaded chunks failed, the next commit retries: \(error)")
             }
         }
