@@ -536,7 +536,10 @@ class Weftd:
                 pass
 
     def stop(self, timeout_s: float = 20.0) -> Optional[int]:
-        """SIGTERM, then SIGKILL after `timeout_s`. Returns the exit status."""
+        """SIGTERM, then SIGKILL after `timeout_s`. Returns the exit status. A weftd that was
+        running and answers SIGTERM with anything but a clean exit (status 0) is a failure: a
+        crash while it closes the volume (a clean close checkpoints the metadata and drops the
+        lease marker) would otherwise go unnoticed."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -547,6 +550,10 @@ class Weftd:
                 self.res.warnings.append(f"weftd on port {self.port} ignored SIGTERM for "
                                          f"{timeout_s}s; killed")
                 self.kill9()
+                return self.proc.returncode
+            if self.proc.returncode != 0:
+                raise AssertionError(f"weftd on port {self.port} exited with {self.proc.returncode} after "
+                                     f"SIGTERM (a clean stop exits 0):\n{tail(self.log_path)}")
         return self.proc.returncode
 
 
