@@ -135,6 +135,10 @@ final class OpenFile {
     /// The uploaded chunks at the front of `staged` that a background commit is committing
     /// (SPEC.md §7, Write-behind); they stay at the front until it ends.
     var prefixCommit: [StagedChunk]?
+    /// Whether that commit's task has begun (before, a waiting commit takes the chunks back).
+    var prefixCommitStarted = false
+    /// Numbers background commits, so that a task whose commit was taken back does nothing.
+    var prefixCommitToken: UInt64 = 0
     /// Commits waiting for this file's uploads: no chunk is staged meanwhile, so they wait for
     /// a bounded number.
     var commitsWaiting = 0
@@ -353,7 +357,13 @@ final class OpenFile {
     /// Call with `lock` held.
     func waitForUploads() {
         commitsWaiting += 1
-        while uploadsRunning > 0 || prefixCommit != nil { lock.wait() }
+        while true {
+            // A background commit whose task has not begun (its pool is busy with other files'
+            // commits) is taken back: the caller commits those chunks itself.
+            if prefixCommit != nil && !prefixCommitStarted { prefixCommit = nil }
+            if uploadsRunning == 0 && prefixCommit == nil { break }
+            lock.wait()
+        }
         commitsWaiting -= 1
     }
 

@@ -74,15 +74,22 @@ extension VFS {
         let end = commits.map { UInt64($0.chunkIndex) * chunkSize + UInt64($0.slice.offsetInChunk) + UInt64($0.slice.length) }
             .max() ?? 0
         let before = file.attributes.dataVersion
+        file.prefixCommitToken &+= 1
+        let token = file.prefixCommitToken
         file.prefixCommit = ready
+        file.prefixCommitStarted = false
         Self.commitPool.async { [self] in
-            // A commit of the file that started waiting before this task ran (the pool may be
-            // busy with other files' commits) takes the chunks itself: it does not wait here.
+            // A commit of the file that waited before this task began (the pool may be busy
+            // with other files' commits) took the chunks back and commits them itself.
             let stillWanted: Bool = file.lock.withLock {
-                guard file.commitsWaiting > 0 else { return true }
-                file.prefixCommit = nil
-                file.lock.broadcast()
-                return false
+                guard file.prefixCommitToken == token, file.prefixCommit != nil else { return false }
+                guard file.commitsWaiting == 0 else {
+                    file.prefixCommit = nil
+                    file.lock.broadcast()
+                    return false
+                }
+                file.prefixCommitStarted = true
+                return true
             }
             guard stillWanted else { return }
             var outcome: Result<Attributes, Error>
@@ -95,6 +102,7 @@ extension VFS {
             file.lock.lock()
             defer { file.lock.unlock() }
             file.prefixCommit = nil
+            file.prefixCommitStarted = false
             file.lock.broadcast()
             switch outcome {
             case .success(let attributes):
@@ -151,7 +159,8 @@ extension VFS {
 
     /// Background commits of uploaded chunks (`commitUploadedPrefix`), apart from the uploads so
     /// that commits waiting for the hub never hold up the uploads behind them.
-    static let commitPool = WorkerPool(name: "weft-commit", threads: 4)
+    static let commitPool = WorkerPool(name: "weft-commit", threads: commitPoolThreads)
+    static let commitPoolThreads = 4
 
     /// Commits the handle's file (close(2) and flush).
     public func flush(handle id: UInt64) throws {

@@ -193,6 +193,51 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(try contents(of: ino, via: try makeAgent()), data)
     }
 
+    /// A commit that would wait for a batch commit whose task has not begun (the process's
+    /// commit pool busy with other files' commits) takes the chunks back and commits them itself.
+    func testACommitDoesNotWaitForABatchCommitStillQueuedBehindOthers() throws {
+        let agent = try makeAgent()
+        let (ino, handle) = try create(agent, "queued")
+        let gate = DispatchSemaphore(value: 0)
+        let busy = DispatchGroup()
+        for _ in 0..<VFS.commitPoolThreads {
+            busy.enter()
+            VFS.commitPool.async { busy.leave(); gate.wait() }
+        }
+        var released = false
+        func release() {
+            guard !released else { return }
+            released = true
+            for _ in 0..<VFS.commitPoolThreads { gate.signal() }
+        }
+        defer { release() }
+        XCTAssertEqual(busy.wait(timeout: .now() + 10), .success, "every commit thread is busy")
+        var random = SeededRandom(seed: 11)
+        let data = random.bytes(4 * Self.chunk + 10)
+        try write(agent, handle, at: 0, data)
+        let file = try XCTUnwrap(agent.files[ino])
+        XCTAssertTrue(eventually { file.lock.withLock { file.uploadsRunning == 0 && file.prefixCommit != nil } },
+                      "a batch commit waits in the pool")
+        XCTAssertFalse(file.lock.withLock { file.prefixCommitStarted })
+        let done = DispatchSemaphore(value: 0)
+        let failure = Failures()
+        Thread.detachNewThread {
+            do { try agent.fsync(handle: handle) } catch { failure.add("\(error)") }
+            done.signal()
+        }
+        let finished = done.wait(timeout: .now() + 10) == .success
+        XCTAssertTrue(finished, "fsync waited for the busy commit pool")
+        release()
+        if !finished { _ = done.wait(timeout: .now() + 30) }
+        XCTAssertEqual(failure.all, [])
+        file.lock.withLock {
+            XCTAssertEqual(file.staged.count + file.dirty.count, 0, "fsync committed everything")
+            XCTAssertNil(file.prefixCommit)
+        }
+        try agent.release(handle: handle)
+        XCTAssertEqual(try contents(of: ino, via: try makeAgent()), data)
+    }
+
     /// A background upload that fails is done again by the commit; if that fails too, the commit
     /// fails and keeps the bytes for the next one.
     func testFailedBackgroundUploadIsRedoneByTheCommit() throws {
