@@ -174,15 +174,22 @@ final class DirectSender: @unchecked Sendable {
             let error = count == 0 ? EAGAIN : errno
             if error == EINTR { continue }
             if error == EAGAIN || error == EWOULDBLOCK {
-                switch waitWritableLocked(since: startNs) {
-                case .writable: continue
-                case .gaveUp: return (sent, 0)
-                case .failed(let failure): return (sent, failure)
-                }
+                if let done = afterFullSocketLocked(sent: sent, since: startNs) { return done }
+                continue
             }
             return (sent, error)
         }
         return (sent, 0)
+    }
+
+    /// After a send of `sent` bytes so far met a full socket: nil when the socket takes more now
+    /// (send again), else what the send loop returns (gave up: no failure; the socket failed).
+    private func afterFullSocketLocked(sent: Int, since startNs: UInt64) -> (Int, Int32)? {
+        switch waitWritableLocked(since: startNs) {
+        case .writable: return nil
+        case .gaveUp: return (sent, 0)
+        case .failed(let failure): return (sent, failure)
+        }
     }
 
     private enum WaitOutcome {
@@ -241,11 +248,8 @@ final class DirectSender: @unchecked Sendable {
             let error = errno
             if error == EINTR { continue }
             if error == EAGAIN || error == EWOULDBLOCK {
-                switch waitWritableLocked(since: startNs) {
-                case .writable: continue
-                case .gaveUp: return (sent, 0)
-                case .failed(let failure): return (sent, failure)
-                }
+                if let done = afterFullSocketLocked(sent: sent, since: startNs) { return done }
+                continue
             }
             // The file's side (a read error, a file system that cannot splice): `readSpan`
             // reads the rest and tells a read error apart. Anything else is the socket's.

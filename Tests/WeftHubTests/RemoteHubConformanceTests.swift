@@ -74,13 +74,20 @@ final class RemoteHubConformanceTests: HubConformanceTests {
 
     /// SPEC.md §4, Stored-block reads: the hub sends stored blocks from the object's file; what a
     /// full socket does not take is read into a buffer and queued, and the bytes arrive the same.
-    func testStoredBlocksGoFromTheFileOrThroughTheQueueWhenTheSocketIsFull() throws {
+    /// A hub of 1 MiB chunks holding one object of 1 MiB of seeded bytes, and a session on it.
+    private func hubWithOneObject(seed: UInt64, agentName: String) throws
+        -> (hub: HubUnderTest, context: RequestContext, data: [UInt8], id: SliceID) {
         let hub = try makeHub(chunkSizeBytes: 1 << 20, compression: .none)
-        let context = RequestContext(session: try hub.api.openSession(agentName: "spans").0, credentials: rootCaller)
-        var random = SeededRandom(seed: 5150)
+        let context = RequestContext(session: try hub.api.openSession(agentName: agentName).0, credentials: rootCaller)
+        var random = SeededRandom(seed: seed)
         let data = random.bytes(1 << 20)
         let id = try hub.api.allocateSliceIDs(context, count: 1)
         try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id, bytes: $0) }
+        return (hub, context, data, id)
+    }
+
+    func testStoredBlocksGoFromTheFileOrThroughTheQueueWhenTheSocketIsFull() throws {
+        let (hub, context, data, id) = try hubWithOneObject(seed: 5150, agentName: "spans")
         // A second server on the same hub whose sockets hold 64 KiB and which never waits for them.
         let server = HubServer(hub: hub.hub, logger: testLogger("weft.hub.server.spans"), workerThreads: 4,
                                eventLoopThreads: 1, spanWaitMs: 0, sendBufferBytes: 64 << 10)
@@ -146,12 +153,7 @@ final class RemoteHubConformanceTests: HubConformanceTests {
     /// object) cannot change the frame it started: the rest comes as zeros with the errno in the
     /// trailer, the reader gets EIO naming the chunk, and the connection goes on.
     func testAFileThatEndsEarlyWhileItIsSentIsEIOAndTheConnectionGoesOn() throws {
-        let hub = try makeHub(chunkSizeBytes: 1 << 20, compression: .none)
-        let context = RequestContext(session: try hub.api.openSession(agentName: "short").0, credentials: rootCaller)
-        var random = SeededRandom(seed: 6160)
-        let data = random.bytes(1 << 20)
-        let id = try hub.api.allocateSliceIDs(context, count: 1)
-        try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id, bytes: $0) }
+        let (hub, context, data, id) = try hubWithOneObject(seed: 6160, agentName: "short")
         var destination = [UInt8](repeating: 0, count: data.count)
         try destination.withUnsafeMutableBytes { try hub.api.readSlice(context, id: id, offset: 0, into: $0) }
         XCTAssertTrue(destination == data, "the object is open at the hub, its header checked")
