@@ -358,6 +358,35 @@ public final class ChunkStore: @unchecked Sendable {
         try durability.sync()
     }
 
+    // MARK: Objects lost to a failed pass (SPEC.md §3.2)
+
+    /// Makes `inode` and `session` the owners of those of `ids` that wait for a sync pass: if a
+    /// pass fails on one, `takeFailure` tells each once. Call before the commit naming them applies.
+    public func assign(_ ids: [SliceID], inode: UInt64, session: UInt64) {
+        durability.assign(ids, inode: inode, session: session)
+    }
+
+    /// Those of `ids` that a failed sync pass took: their durability is unknown, and no later
+    /// pass repairs that. An id leaves once its object is deleted.
+    public func lostObjects(_ ids: [SliceID]) -> [SliceID] { durability.lostObjects(ids) }
+
+    /// Whether a failed pass took an object a commit of this session named, since the last call
+    /// that said so.
+    public func takeFailure(session: UInt64) -> Bool { durability.takeFailure(of: session, inode: false) }
+
+    /// Whether a failed pass took an object a commit of this inode named, since the last call
+    /// that said so.
+    public func takeFailure(inode: UInt64) -> Bool { durability.takeFailure(of: inode, inode: true) }
+
+    /// Forgets a session's unreported failure (the session ended).
+    public func forgetSession(_ session: UInt64) { durability.forgetSession(session) }
+
+    /// Test hook: an errno makes a sync pass's fsync of that object fail.
+    public var testSyncFailure: (@Sendable (SliceID) -> Int32?)? {
+        get { durability.testSyncFailure }
+        set { durability.testSyncFailure = newValue }
+    }
+
     // MARK: Objects the metadata journal carries (SPEC.md §5, "Small objects in the journal")
 
     /// Leaves those of `ids` that wait for a sync pass out of the passes that `sync()` runs:

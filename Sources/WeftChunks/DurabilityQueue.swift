@@ -27,6 +27,10 @@ final class DurabilityQueue: @unchecked Sendable {
     private struct PendingFile {
         var fd: Int32
         var id: SliceID
+        /// Who is told if a pass fails on it: the inode whose commit names it and that commit's
+        /// session (0: none). SPEC.md §3.2, "Objects lost to a failed pass".
+        var inode: UInt64 = 0
+        var session: UInt64 = 0
     }
 
     private let root: Int32
@@ -49,6 +53,17 @@ final class DurabilityQueue: @unchecked Sendable {
     private var passRunning = false
     /// How many passes failed; a caller that saw one fail while it waited reports EIO.
     private var failedPasses: UInt64 = 0
+    /// Objects of failed passes (durability unknown), until they are deleted.
+    private var lost: Set<SliceID> = []
+    /// Owners of lost objects not yet told (`takeFailure`).
+    private var failedSessions: Set<UInt64> = []
+    private var failedInodes: Set<UInt64> = []
+    private var syncFailureHook: (@Sendable (SliceID) -> Int32?)?
+    /// Test hook: an errno makes the pass's fsync of that object fail.
+    var testSyncFailure: (@Sendable (SliceID) -> Int32?)? {
+        get { lock.withLock { syncFailureHook } }
+        set { lock.withLock { syncFailureHook = newValue } }
+    }
 
     init(root: Int32, logger: Logger) {
         self.root = root
@@ -72,6 +87,36 @@ final class DurabilityQueue: @unchecked Sendable {
             queuedSequence += 1
             return pending.count >= Self.maxPendingFiles
         }
+    }
+
+    /// Makes `inode` and `session` the owners of those of `ids` that wait for a pass (a commit of
+    /// that session about to name them in that inode).
+    func assign(_ ids: [SliceID], inode: UInt64, session: UInt64) {
+        guard !ids.isEmpty else { return }
+        lock.withLock {
+            for index in pending.indices where ids.contains(pending[index].id) {
+                pending[index].inode = inode
+                pending[index].session = session
+            }
+        }
+    }
+
+    /// Those of `ids` that a failed pass took (their durability is unknown).
+    func lostObjects(_ ids: [SliceID]) -> [SliceID] {
+        lock.withLock { lost.isEmpty ? [] : ids.filter { lost.contains($0) } }
+    }
+
+    /// Whether a failed pass took an object of this session (`inode` false) or inode since the
+    /// last call that returned true; the failure is forgotten once told.
+    func takeFailure(of owner: UInt64, inode: Bool) -> Bool {
+        lock.withLock {
+            inode ? failedInodes.remove(owner) != nil : failedSessions.remove(owner) != nil
+        }
+    }
+
+    /// Forgets a session's unreported failure (the session ended).
+    func forgetSession(_ session: UInt64) {
+        lock.withLock { _ = failedSessions.remove(session) }
     }
 
     /// Takes those of `ids` that still wait for a pass out of the passes: the caller puts their
@@ -180,7 +225,10 @@ final class DurabilityQueue: @unchecked Sendable {
     /// and syncing removals in the passes before journal syncs cost a directory `fsync` per
     /// deleted object's directory in the next change's foreground).
     func objectRemoved(id: SliceID) {
-        lock.withLock { _ = removedFanOuts.insert(Int(id & 0xFF)) }
+        lock.withLock {
+            _ = removedFanOuts.insert(Int(id & 0xFF))
+            if !lost.isEmpty { lost.remove(id) }
+        }
     }
 
     /// Makes every removal registered before the call durable: one `syncfs` where it reports
@@ -231,7 +279,14 @@ final class DurabilityQueue: @unchecked Sendable {
             lock.withLock {
                 passRunning = false
                 passedSequence = max(passedSequence, sequence)
-                if failure != nil { failedPasses += 1 }
+                if failure != nil {
+                    failedPasses += 1
+                    for file in files {
+                        lost.insert(file.id)
+                        if file.session != 0 { failedSessions.insert(file.session) }
+                        if file.inode != 0 { failedInodes.insert(file.inode) }
+                    }
+                }
                 lock.broadcast()
             }
             if let failure { throw failure }
@@ -248,8 +303,10 @@ final class DurabilityQueue: @unchecked Sendable {
     /// first, then directories, as before.
     private func runPass(files: [PendingFile], fanOuts: [Int]) -> WeftError? {
         let failures = FirstFailure(logger: logger)
+        let injected = testSyncFailure
         Self.inParallel(files) { file in
             do {
+                if let code = injected?(file.id) { throw FileIO.Failure(call: "fsync", errno: code) }
                 try FileIO.fsyncRetrying(file.fd)
             } catch {
                 failures.record("fsync of chunk \(hex(file.id))", error)

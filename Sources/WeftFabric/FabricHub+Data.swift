@@ -107,6 +107,7 @@ extension FabricHub {
     func closeDataSession(_ session: SessionID) -> Bool {
         guard let ended = lock.withLock({ dataSessions.removeValue(forKey: session) }) else { return false }
         let unconfirmed = ended.volume.endSession(session)
+        ended.volume.chunks.forgetSession(session)
         if !unconfirmed.isEmpty {
             // They may be committed (the agent died between the commit and its report): only
             // the home knows. Kept, not deleted (SPEC.md §12.5, limitations).
@@ -125,6 +126,9 @@ extension FabricHub {
             throw WeftError(EINVAL, "slice larger than a chunk")
         }
         try session.volume.chunks.write(id: id, data: bytes)
+        // The data session's sync is what the agent's commit at the home relies on: a pass that
+        // fails on this object tells that sync (SPEC.md §3.2, "Objects lost to a failed pass").
+        session.volume.chunks.assign([id], inode: 0, session: context.session)
         session.volume.uploaded(id, session: context.session)
     }
 

@@ -201,7 +201,13 @@ extension FabricHub {
     }
 
     public func sync(_ context: RequestContext) throws {
-        if let session = dataSession(context) { return try session.volume.chunks.sync() }
+        if let session = dataSession(context) {
+            try session.volume.chunks.sync()
+            if session.volume.chunks.takeFailure(session: context.session) {
+                throw WeftError(EIO, "a chunk sync of data this session wrote failed: its durability is unknown")
+            }
+            return
+        }
         let (hub, c) = try route(context)
         try hub.sync(c)
     }

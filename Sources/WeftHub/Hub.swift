@@ -216,6 +216,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         // Objects the session wrote but never committed (its agent died mid-write) are orphans.
         let abandoned = pendingUploads.end(session)
         try? chunks.delete(ids: abandoned)
+        chunks.forgetSession(session)
         if !abandoned.isEmpty { logger.info("removed \(abandoned.count) chunk object(s) session \(session) never committed") }
         maintenance.wake()
     }
@@ -461,6 +462,13 @@ public final class Hub: HubAPI, @unchecked Sendable {
                 throw WeftError(ESTALE, "chunk object \(commit.slice.id) is missing or has the wrong length")
             }
         }
+        // An object a failed sync pass took may be lost: the agent writes it again (SPEC.md §3.2,
+        // "Objects lost to a failed pass"). Until then a pass failing on one tells this inode.
+        let own = slices.filter { $0.slice.hub == 0 }.map(\.slice.id)
+        if let lost = chunks.lostObjects(own).first {
+            throw WeftError(ESTALE, "chunk object \(lost) could not be made durable (a sync of it failed)")
+        }
+        chunks.assign(own, inode: ino, session: context.session)
         // The commit claims its objects first, so that a discard can never delete one that a
         // commit under way may reference; a commit that fails gives them back.
         let claimed = pendingUploads.take(slices.map(\.slice.id), session: context.session)
@@ -485,6 +493,11 @@ public final class Hub: HubAPI, @unchecked Sendable {
         chunks.journalCommitted(journaled.map(\.id))
         if chunks.journaledCount >= Self.journaledObjectsWake { maintenance.wake() }
         maintenance.considerCompaction(ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
+        if durable && chunks.takeFailure(inode: ino) {
+            // Applied and synced, but a pass failed on an object of this file (this commit's, or
+            // an earlier non-durable one's): its bytes may be lost. The objects stay the file's.
+            throw WeftError(EIO, "a chunk sync of inode \(ino)'s data failed: its durability is unknown")
+        }
         return attributes
     }
 
@@ -533,6 +546,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
 
     public func sync(_ context: RequestContext) throws {
         try meta.sync()
+        if chunks.takeFailure(session: context.session) {
+            throw WeftError(EIO, "a chunk sync of data this session wrote failed: its durability is unknown")
+        }
     }
 
     public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {

@@ -188,6 +188,10 @@ final class Maintenance: @unchecked Sendable {
             // sync may make it durable before any chunk pass took the new object (SPEC.md §5);
             // a power loss then would leave the chunk naming a lost object, its old data deleted.
             try hub.chunks.sync()
+            guard hub.chunks.lostObjects([id]).isEmpty else {   // another caller's pass failed on it
+                try? hub.chunks.delete(id: id)
+                throw WeftError(EIO, "the compacted object \(id) could not be made durable")
+            }
             hub.testBeforeCompactionSwap?(id)
             let replacement = Slice(id: id, offsetInChunk: start, length: end - start, sliceOffset: 0,
                                     objectLength: UInt32(data.count))

@@ -24,7 +24,8 @@ final class DurabilityQueueTests: ChunkTestCase {
         }
     }
 
-    func testALargePassSyncsAndClosesEveryFileAndAFailureFailsItOnce() throws {
+    /// The test's directory with its 256 fan-out directories, opened.
+    private func makeStoreDirectory() throws -> Int32 {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         for index in 0..<256 {
             try FileManager.default.createDirectory(atPath: "\(directory)/\(FileIO.fanOutName(index))",
@@ -32,6 +33,11 @@ final class DurabilityQueueTests: ChunkTestCase {
         }
         let root = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         XCTAssertGreaterThanOrEqual(root, 0)
+        return root
+    }
+
+    func testALargePassSyncsAndClosesEveryFileAndAFailureFailsItOnce() throws {
+        let root = try makeStoreDirectory()
         defer { close(root) }
         let queue = DurabilityQueue(root: root, logger: log.logger)
         let before = openDescriptorCount()
@@ -57,5 +63,52 @@ final class DurabilityQueueTests: ChunkTestCase {
         XCTAssertEqual(openDescriptorCount() - before, 0, "every descriptor closed after a failed pass")
         XCTAssertEqual(log.errors.filter { $0.contains("chunk sync failed") }.count, 1, "\(log.errors)")
         try queue.sync()   // nothing pending: the next pass succeeds
+    }
+
+    /// A failed pass (SPEC.md §3.2, "Objects lost to a failed pass"): a later sync finds nothing
+    /// of its objects to sync and succeeds, so the objects are remembered as lost until deleted,
+    /// and each owner a commit assigned (its inode and session) is told once.
+    func testObjectsOfAFailedPassAreLostAndTheirOwnersToldOnce() throws {
+        let root = try makeStoreDirectory()
+        defer { close(root) }
+        let queue = DurabilityQueue(root: root, logger: log.logger)
+        let fd = open("\(directory)/object-1", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        _ = queue.objectWritten(id: 1, fd: fd)
+        var pipeEnds: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&pipeEnds), 0)
+        close(pipeEnds[1])
+        _ = queue.objectWritten(id: 2, fd: pipeEnds[0])   // fsync of a pipe: EINVAL
+        let unassigned = open("\(directory)/object-4", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
+        _ = queue.objectWritten(id: 4, fd: unassigned)     // written, named by no commit
+        queue.assign([1, 99], inode: 42, session: 7)
+        queue.assign([2], inode: 43, session: 8)
+        XCTAssertEqual(queue.lostObjects([1, 2]), [], "nothing lost before a pass")
+        XCTAssertFalse(queue.takeFailure(of: 7, inode: false))
+
+        XCTAssertThrowsError(try queue.sync()) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
+        try queue.sync()   // what the failure is about: nothing left to sync, so success
+        XCTAssertEqual(queue.lostObjects([1, 2, 3, 4]), [1, 2, 4], "the whole pass is lost, not only the file that failed")
+        XCTAssertTrue(queue.takeFailure(of: 7, inode: false))
+        XCTAssertFalse(queue.takeFailure(of: 7, inode: false), "told once")
+        XCTAssertTrue(queue.takeFailure(of: 42, inode: true))
+        XCTAssertFalse(queue.takeFailure(of: 42, inode: true), "told once")
+        XCTAssertTrue(queue.takeFailure(of: 43, inode: true))
+        XCTAssertFalse(queue.takeFailure(of: 9, inode: false), "a session with nothing in the pass")
+        XCTAssertFalse(queue.takeFailure(of: 7, inode: true), "sessions and inodes are apart")
+        queue.forgetSession(8)
+        XCTAssertFalse(queue.takeFailure(of: 8, inode: false), "a session's failure goes with the session")
+
+        queue.objectRemoved(id: 1)
+        XCTAssertEqual(queue.lostObjects([1, 2]), [2], "a deleted object leaves the lost set")
+
+        // A later pass that succeeds loses nothing and tells no one.
+        let next = open("\(directory)/object-3", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
+        _ = queue.objectWritten(id: 3, fd: next)
+        queue.assign([3], inode: 42, session: 7)
+        try queue.sync()
+        XCTAssertEqual(queue.lostObjects([3]), [])
+        XCTAssertFalse(queue.takeFailure(of: 7, inode: false))
+        XCTAssertFalse(queue.takeFailure(of: 42, inode: true))
     }
 }

@@ -758,6 +758,80 @@ extension HubConformanceTests {
         XCTAssertEqual(try api.fsck(repair: false).problems, [])
     }
 
+    /// An object that a failed sync pass took (another caller's pass: a later sync finds nothing
+    /// of it to sync) is lost: a commit naming it is ESTALE before it applies, and the agent
+    /// writes the bytes again; no commit named it, so no sync is told (SPEC.md §3.2, "Objects
+    /// lost to a failed pass").
+    func testACommitNamingAnObjectLostToAFailedPassIsESTALE() throws {
+        let volume = try makeHub(chunkSizeBytes: 1 << 20)   // objects past the journal's 64 KiB
+        let api: HubAPI = volume.api
+        let context = RequestContext(session: try api.openSession(agentName: "lost").0, credentials: rootCaller)
+        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
+                                  exclusive: true)
+        let data = [UInt8](repeating: 3, count: 100_000)
+        let object = try writeObject(data, on: api, context: context)
+        let chunks = volume.hub.chunks
+        chunks.testSyncFailure = { [id = object.id] in $0 == id ? EIO : nil }
+        defer { chunks.testSyncFailure = nil }
+        _ = try? chunks.sync()   // fails, unless a background pass took the object first and failed
+        XCTAssertEqual(chunks.lostObjects([object.id]), [object.id])
+        XCTAssertErrno(ESTALE, try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: object)],
+                                                    minimumSize: UInt64(data.count), durable: true))
+        let again = try writeObject(data, on: api, context: context)
+        _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: again)],
+                                 minimumSize: UInt64(data.count), durable: true)
+        XCTAssertEqual(try api.layout(context, ino: file.ino, firstChunk: 0, count: 1).1.first?.map(\.id), [again.id])
+        try api.sync(context)
+        try api.discardUploads(context, ids: [object.id])
+        XCTAssertEqual(chunks.lostObjects([object.id]), [], "a deleted object leaves the lost set")
+        XCTAssertEqual(try api.readSlice(context, id: again.id, offset: 0, length: UInt32(data.count)), data)
+        XCTAssertEqual(try api.fsck(repair: false).problems, [])
+    }
+
+    /// A file whose object a pass failed on after a non-durable commit named it (a close; the
+    /// agent no longer holds the bytes) gets EIO from its next durable commit, once, after that
+    /// commit applied: its objects stay the file's.
+    func testADurableCommitAfterAFailedPassOfItsFilesObjectsIsEIOOnce() throws {
+        let volume = try makeHub(chunkSizeBytes: 1 << 20)
+        let api: HubAPI = volume.api
+        let context = RequestContext(session: try api.openSession(agentName: "lost").0, credentials: rootCaller)
+        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
+                                  exclusive: true)
+        let other = try api.create(context, parent: root, name: bytes("g"), mode: regularFile | 0o644, rdev: 0, umask: 0,
+                                   exclusive: true)
+        let size = 100_000
+        let first = try writeObject([UInt8](repeating: 1, count: size), on: api, context: context)
+        _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: first)],
+                                 minimumSize: UInt64(size), durable: false)
+        let chunks = volume.hub.chunks
+        chunks.testSyncFailure = { [id = first.id] in $0 == id ? EIO : nil }
+        defer { chunks.testSyncFailure = nil }
+        _ = try? chunks.sync()
+        XCTAssertEqual(chunks.lostObjects([first.id]), [first.id])
+
+        // Another file's durable commit is not told.
+        let unrelated = try writeObject([UInt8](repeating: 9, count: size), on: api, context: context)
+        _ = try api.commitSlices(context, ino: other.ino, slices: [SliceCommit(chunkIndex: 0, slice: unrelated)],
+                                 minimumSize: UInt64(size), durable: true)
+        // The file's is, after it applied.
+        let second = try writeObject([UInt8](repeating: 2, count: size), at: UInt32(size), on: api, context: context)
+        XCTAssertErrno(EIO, try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: second)],
+                                                 minimumSize: UInt64(2 * size), durable: true))
+        try api.discardUploads(context, ids: [second.id])
+        XCTAssertEqual(try api.layout(context, ino: file.ino, firstChunk: 0, count: 1).1.first?.map(\.id),
+                       [first.id, second.id])
+        XCTAssertEqual(try api.readSlice(context, id: second.id, offset: 0, length: UInt32(size)),
+                       [UInt8](repeating: 2, count: size))
+        // The session's sync is told too (a file's fsync with nothing buffered), once.
+        XCTAssertErrno(EIO, try api.sync(context))
+        try api.sync(context)
+        // Told once: the next durable commit of the file succeeds.
+        let third = try writeObject([UInt8](repeating: 3, count: size), on: api, context: context)
+        let attributes = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: third)],
+                                              minimumSize: UInt64(2 * size), durable: true)
+        XCTAssertEqual(attributes.size, UInt64(2 * size))
+    }
+
     /// Compaction makes its new object durable before it swaps it in (the swap marks the old
     /// objects garbage; SPEC.md §5, "Objects lost with unsynced commits").
     func testCompactionSyncsItsObjectBeforeTheSwap() throws {

@@ -169,6 +169,38 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(try contents(of: ino, via: try makeAgent()), model)
     }
 
+    /// A staged chunk whose object a failed sync pass took (another caller's pass) is written
+    /// again: the hub refuses the commit naming it (ESTALE), the agent uploads the bytes anew,
+    /// and the application's fsync succeeds with the file whole (SPEC.md §3.2, "Objects lost to
+    /// a failed pass"). Before, the commit was acknowledged naming an object of unknown state.
+    func testAStagedChunkLostToAFailedPassIsWrittenAgain() throws {
+        let agent = try makeAgent()
+        let (ino, handle) = try create(agent, "lost")
+        let data = (0..<2 * Self.chunk).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) }
+        try write(agent, handle, at: 0, data)   // chunks 0 and 1 staged and uploading
+        let file = try XCTUnwrap(agent.files[ino])
+        let uploaded: [SliceID] = file.lock.withLock {
+            file.waitForUploads()
+            return file.staged.flatMap { $0.uploaded ?? [] }.map(\.slice.id)
+        }
+        XCTAssertEqual(uploaded.count, 2)
+        let chunks = fixture.hub.chunks
+        chunks.testSyncFailure = { uploaded.contains($0) ? EIO : nil }
+        defer { chunks.testSyncFailure = nil }
+        _ = try? chunks.sync()
+        XCTAssertEqual(Set(chunks.lostObjects(uploaded)), Set(uploaded))
+        try agent.fsync(handle: handle)
+        let session = RequestContext(session: try fixture.api.openSession(agentName: "check").0, credentials: rootCaller)
+        let named = try fixture.api.layout(session, ino: ino, firstChunk: 0, count: 2).1.flatMap { $0.map(\.id) }
+        XCTAssertEqual(named.count, 2)
+        XCTAssertTrue(Set(named).isDisjoint(with: uploaded), "the file names the objects written again, not the lost ones")
+        try agent.fsync(handle: handle)   // nothing the session committed was lost: no EIO
+        try agent.release(handle: handle)
+        XCTAssertEqual(try contents(of: ino, via: try makeAgent()), data)
+        XCTAssertTrue(try eventually { chunks.lostObjects(uploaded).isEmpty }, "the lost objects were deleted")
+        XCTAssertEqual(try fixture.api.fsck(repair: false).problems, [])
+    }
+
     /// A long write commits its uploaded chunks in batches, in the background, before the
     /// file's next commit and without the writer waiting for them.
     func testUploadedChunksCommitInBatchesDuringALongWrite() throws {
