@@ -360,9 +360,12 @@ public final class ChunkStore: @unchecked Sendable {
 
     // MARK: Objects lost to a failed pass (SPEC.md §3.2)
 
-    /// Makes `inode` and `session` the owners of those of `ids` that wait for a sync pass: if a
-    /// pass fails on one, `takeFailure` tells each once. Call before the commit naming them applies.
-    public func assign(_ ids: [SliceID], inode: UInt64, session: UInt64) {
+    /// Makes `inode` and `session` the owners of those of `ids` that wait for a sync pass (or
+    /// are in the running one): if that pass fails, `takeFailure` tells each once. Returns those
+    /// of `ids` that are lost already, which the commit about to name them must not name. Call
+    /// before that commit applies.
+    @discardableResult
+    public func assign(_ ids: [SliceID], inode: UInt64, session: UInt64) -> [SliceID] {
         durability.assign(ids, inode: inode, session: session)
     }
 

@@ -55,6 +55,8 @@ final class DurabilityQueue: @unchecked Sendable {
     private var failedPasses: UInt64 = 0
     /// Objects of failed passes (durability unknown), until they are deleted.
     private var lost: Set<SliceID> = []
+    /// The files of the pass `sync()` runs now (owners may still be assigned to them).
+    private var inPass: [PendingFile] = []
     /// Owners of lost objects not yet told (`takeFailure`).
     private var failedSessions: Set<UInt64> = []
     private var failedInodes: Set<UInt64> = []
@@ -89,15 +91,23 @@ final class DurabilityQueue: @unchecked Sendable {
         }
     }
 
-    /// Makes `inode` and `session` the owners of those of `ids` that wait for a pass (a commit of
-    /// that session about to name them in that inode).
-    func assign(_ ids: [SliceID], inode: UInt64, session: UInt64) {
-        guard !ids.isEmpty else { return }
-        lock.withLock {
+    /// Makes `inode` and `session` the owners of those of `ids` that wait for a pass or are in
+    /// the running one (a commit of that session about to name them in that inode), and
+    /// returns those of `ids` that are lost already (then the commit must not name them). In
+    /// one step under the lock, so an object is either lost now, or its pass (if it fails
+    /// later) tells these owners, or it was synced.
+    func assign(_ ids: [SliceID], inode: UInt64, session: UInt64) -> [SliceID] {
+        guard !ids.isEmpty else { return [] }
+        return lock.withLock {
             for index in pending.indices where ids.contains(pending[index].id) {
                 pending[index].inode = inode
                 pending[index].session = session
             }
+            for index in inPass.indices where ids.contains(inPass[index].id) {
+                inPass[index].inode = inode
+                inPass[index].session = session
+            }
+            return lost.isEmpty ? [] : ids.filter { lost.contains($0) }
         }
     }
 
@@ -264,6 +274,7 @@ final class DurabilityQueue: @unchecked Sendable {
                 }
                 passRunning = true
                 let files = pending
+                inPass = files
                 pending.removeAll(keepingCapacity: true)
                 for file in files { dirtyFanOuts[Int(file.id & 0xFF)] = true }
                 var fanOuts: [Int] = []
@@ -279,9 +290,11 @@ final class DurabilityQueue: @unchecked Sendable {
             lock.withLock {
                 passRunning = false
                 passedSequence = max(passedSequence, sequence)
+                let owned = inPass
+                inPass.removeAll()
                 if failure != nil {
                     failedPasses += 1
-                    for file in files {
+                    for file in owned {
                         lost.insert(file.id)
                         if file.session != 0 { failedSessions.insert(file.session) }
                         if file.inode != 0 { failedInodes.insert(file.inode) }

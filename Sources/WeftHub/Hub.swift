@@ -463,12 +463,11 @@ public final class Hub: HubAPI, @unchecked Sendable {
             }
         }
         // An object a failed sync pass took may be lost: the agent writes it again (SPEC.md §3.2,
-        // "Objects lost to a failed pass"). Until then a pass failing on one tells this inode.
+        // "Objects lost to a failed pass"). From here a pass failing on one tells this inode.
         let own = slices.filter { $0.slice.hub == 0 }.map(\.slice.id)
-        if let lost = chunks.lostObjects(own).first {
+        if let lost = chunks.assign(own, inode: ino, session: context.session).first {
             throw WeftError(ESTALE, "chunk object \(lost) could not be made durable (a sync of it failed)")
         }
-        chunks.assign(own, inode: ino, session: context.session)
         // The commit claims its objects first, so that a discard can never delete one that a
         // commit under way may reference; a commit that fails gives them back.
         let claimed = pendingUploads.take(slices.map(\.slice.id), session: context.session)

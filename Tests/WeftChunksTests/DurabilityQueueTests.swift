@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import Synchronization
 import WeftProto
 import XCTest
 @testable import WeftChunks
@@ -81,14 +82,16 @@ final class DurabilityQueueTests: ChunkTestCase {
         _ = queue.objectWritten(id: 2, fd: pipeEnds[0])   // fsync of a pipe: EINVAL
         let unassigned = open("\(directory)/object-4", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
         _ = queue.objectWritten(id: 4, fd: unassigned)     // written, named by no commit
-        queue.assign([1, 99], inode: 42, session: 7)
-        queue.assign([2], inode: 43, session: 8)
+        XCTAssertEqual(queue.assign([1, 99], inode: 42, session: 7), [])
+        XCTAssertEqual(queue.assign([2], inode: 43, session: 8), [])
         XCTAssertEqual(queue.lostObjects([1, 2]), [], "nothing lost before a pass")
         XCTAssertFalse(queue.takeFailure(of: 7, inode: false))
 
         XCTAssertThrowsError(try queue.sync()) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
         try queue.sync()   // what the failure is about: nothing left to sync, so success
         XCTAssertEqual(queue.lostObjects([1, 2, 3, 4]), [1, 2, 4], "the whole pass is lost, not only the file that failed")
+        XCTAssertEqual(queue.assign([2, 5], inode: 50, session: 9), [2], "a commit naming a lost object learns it")
+        XCTAssertFalse(queue.takeFailure(of: 50, inode: true), "and becomes no owner of it")
         XCTAssertTrue(queue.takeFailure(of: 7, inode: false))
         XCTAssertFalse(queue.takeFailure(of: 7, inode: false), "told once")
         XCTAssertTrue(queue.takeFailure(of: 42, inode: true))
@@ -105,10 +108,42 @@ final class DurabilityQueueTests: ChunkTestCase {
         // A later pass that succeeds loses nothing and tells no one.
         let next = open("\(directory)/object-3", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
         _ = queue.objectWritten(id: 3, fd: next)
-        queue.assign([3], inode: 42, session: 7)
+        XCTAssertEqual(queue.assign([3], inode: 42, session: 7), [])
         try queue.sync()
         XCTAssertEqual(queue.lostObjects([3]), [])
         XCTAssertFalse(queue.takeFailure(of: 7, inode: false))
         XCTAssertFalse(queue.takeFailure(of: 42, inode: true))
+    }
+
+    /// A commit that names an object while another caller's pass holds it (taken before the
+    /// commit, failing after it) makes its inode and session owners all the same.
+    func testOwnersAssignedWhileThePassRunsAreToldWhenItFails() throws {
+        let root = try makeStoreDirectory()
+        defer { close(root) }
+        let queue = DurabilityQueue(root: root, logger: log.logger)
+        let fd = open("\(directory)/object-5", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        _ = queue.objectWritten(id: 5, fd: fd)
+        let inPass = DispatchSemaphore(value: 0)
+        let go = DispatchSemaphore(value: 0)
+        queue.testSyncFailure = { _ in
+            inPass.signal()
+            go.wait()
+            return EIO
+        }
+        let done = DispatchSemaphore(value: 0)
+        let failure = Mutex<Int32>(0)
+        Thread.detachNewThread {
+            do { try queue.sync() } catch { failure.withLock { $0 = (error as? WeftError)?.errno ?? -1 } }
+            done.signal()
+        }
+        XCTAssertEqual(inPass.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(queue.assign([5], inode: 77, session: 3), [], "not lost yet: its pass still runs")
+        go.signal()
+        XCTAssertEqual(done.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(failure.withLock { $0 }, EIO, "the pass failed")
+        XCTAssertEqual(queue.lostObjects([5]), [5])
+        XCTAssertTrue(queue.takeFailure(of: 77, inode: true))
+        XCTAssertTrue(queue.takeFailure(of: 3, inode: false))
     }
 }
