@@ -57,9 +57,13 @@ final class DurabilityQueue: @unchecked Sendable {
     private var lost: Set<SliceID> = []
     /// The files of the pass `sync()` runs now (owners may still be assigned to them).
     private var inPass: [PendingFile] = []
-    /// Owners of lost objects not yet told (`takeFailure`).
-    private var failedSessions: Set<UInt64> = []
-    private var failedInodes: Set<UInt64> = []
+    /// One per (inode, session) whose commit named an object of a failed pass; told once, to
+    /// whichever asks first: a durable commit of the inode or a sync of the session.
+    private var failures: Set<Owner> = []
+    private struct Owner: Hashable {
+        var inode: UInt64
+        var session: UInt64
+    }
     private var syncFailureHook: (@Sendable (SliceID) -> Int32?)?
     /// Test hook: an errno makes the pass's fsync of that object fail.
     var testSyncFailure: (@Sendable (SliceID) -> Int32?)? {
@@ -98,6 +102,7 @@ final class DurabilityQueue: @unchecked Sendable {
     /// later) tells these owners, or it was synced.
     func assign(_ ids: [SliceID], inode: UInt64, session: UInt64) -> [SliceID] {
         guard !ids.isEmpty else { return [] }
+        let ids = Set(ids)
         return lock.withLock {
             for index in pending.indices where ids.contains(pending[index].id) {
                 pending[index].inode = inode
@@ -107,7 +112,7 @@ final class DurabilityQueue: @unchecked Sendable {
                 inPass[index].inode = inode
                 inPass[index].session = session
             }
-            return lost.isEmpty ? [] : ids.filter { lost.contains($0) }
+            return lost.isEmpty ? [] : ids.filter { lost.contains($0) }.sorted()
         }
     }
 
@@ -120,13 +125,16 @@ final class DurabilityQueue: @unchecked Sendable {
     /// last call that returned true; the failure is forgotten once told.
     func takeFailure(of owner: UInt64, inode: Bool) -> Bool {
         lock.withLock {
-            inode ? failedInodes.remove(owner) != nil : failedSessions.remove(owner) != nil
+            guard !failures.isEmpty else { return false }
+            let told = failures.filter { inode ? $0.inode == owner : $0.session == owner }
+            failures.subtract(told)
+            return !told.isEmpty
         }
     }
 
     /// Forgets a session's unreported failure (the session ended).
     func forgetSession(_ session: UInt64) {
-        lock.withLock { _ = failedSessions.remove(session) }
+        lock.withLock { failures = failures.filter { $0.session != session } }
     }
 
     /// Takes those of `ids` that still wait for a pass out of the passes: the caller puts their
@@ -296,8 +304,9 @@ final class DurabilityQueue: @unchecked Sendable {
                     failedPasses += 1
                     for file in owned {
                         lost.insert(file.id)
-                        if file.session != 0 { failedSessions.insert(file.session) }
-                        if file.inode != 0 { failedInodes.insert(file.inode) }
+                        if file.session != 0 || file.inode != 0 {
+                            failures.insert(Owner(inode: file.inode, session: file.session))
+                        }
                     }
                 }
                 lock.broadcast()

@@ -128,7 +128,10 @@ extension FabricHub {
         try session.volume.chunks.write(id: id, data: bytes)
         // The data session's sync is what the agent's commit at the home relies on: a pass that
         // fails on this object tells that sync (SPEC.md §3.2, "Objects lost to a failed pass").
-        session.volume.chunks.assign([id], inode: 0, session: context.session)
+        guard session.volume.chunks.assign([id], inode: 0, session: context.session).isEmpty else {
+            // A pass took it and failed between the write and this line: the agent writes it again.
+            throw WeftError(EIO, "chunk object \(id) could not be made durable (a sync of it failed)")
+        }
         session.volume.uploaded(id, session: context.session)
     }
 

@@ -202,7 +202,12 @@ extension FabricHub {
 
     public func sync(_ context: RequestContext) throws {
         if let session = dataSession(context) {
-            try session.volume.chunks.sync()
+            do {
+                try session.volume.chunks.sync()
+            } catch {
+                _ = session.volume.chunks.takeFailure(session: context.session)   // this error is the report
+                throw error
+            }
             if session.volume.chunks.takeFailure(session: context.session) {
                 throw WeftError(EIO, "a chunk sync of data this session wrote failed: its durability is unknown")
             }

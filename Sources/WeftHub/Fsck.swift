@@ -32,13 +32,24 @@ struct Fsck {
                     damaged.insert(id)
                 }
             } else if !check.garbage.contains(id) {
-                if !agentsConnected || now - modifiedNs > Fsck.orphanGraceNs {
-                    report.problems.append("chunk \(id) is not referenced by any file (orphan)")
-                    orphans.append(id)
-                }
+                if !agentsConnected || now - modifiedNs > Fsck.orphanGraceNs { orphans.append(id) }
             }
         }
-        let missing = Set(check.referencedSlices.keys).subtracting(present)
+        if !orphans.isEmpty {
+            // The metadata was read before the objects were listed: leave out objects a commit
+            // or a compaction took up since, and those still being written (a session's uploads,
+            // compaction's object before its swap).
+            let busy = hub.pendingUploads.held(among: orphans).union(hub.maintenance.compactingObjects())
+            let referencedNow = try hub.meta.referenced(among: Set(orphans))
+            orphans.removeAll { busy.contains($0) || referencedNow.contains($0) }
+            for id in orphans { report.problems.append("chunk \(id) is not referenced by any file (orphan)") }
+        }
+        var missing = Set(check.referencedSlices.keys).subtracting(present)
+        if !missing.isEmpty {
+            // Likewise: an object collected since the metadata was read is no longer referenced.
+            let referencedNow = try hub.meta.referenced(among: missing)
+            missing = missing.filter { referencedNow.contains($0) && (try? hub.chunks.length(id: $0)) == nil }
+        }
         for id in missing.sorted() { report.problems.append("chunk \(id) is referenced but missing") }
         if repair {
             for id in orphans { try hub.chunks.delete(id: id) }

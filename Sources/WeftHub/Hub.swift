@@ -16,7 +16,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     let maintenance: Maintenance
     /// Objects each session has written and not yet committed (bounded by the agents' write
     /// buffers); deleted when the session ends without committing them.
-    private let pendingUploads = PendingUploads()
+    let pendingUploads = PendingUploads()
     let locks = LockTable()
     /// Who caches what, and the recalls before conflicting changes (SPEC.md §12.6).
     public let leases: LeaseTable
@@ -487,6 +487,11 @@ public final class Hub: HubAPI, @unchecked Sendable {
             // references are committed, and a discard or the session's end must not delete them.
             let referenced = referencedObjects(claimed, ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
             pendingUploads.giveBack(claimed.filter { !referenced.contains($0) }, session: context.session)
+            // Objects the file does not name are no concern of its inode or this session.
+            chunks.assign(own.filter { !referenced.contains($0) }, inode: 0, session: 0)
+            if durable, let failure = error as? WeftError, failure.errno == EIO || failure.errno == ENOSPC {
+                _ = chunks.takeFailure(inode: ino)   // this error is the report (SPEC.md §3.2)
+            }
             throw error
         }
         chunks.journalCommitted(journaled.map(\.id))
@@ -544,7 +549,12 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func sync(_ context: RequestContext) throws {
-        try meta.sync()
+        do {
+            try meta.sync()
+        } catch {
+            _ = chunks.takeFailure(session: context.session)   // this error is the report
+            throw error
+        }
         if chunks.takeFailure(session: context.session) {
             throw WeftError(EIO, "a chunk sync of data this session wrote failed: its durability is unknown")
         }

@@ -10,6 +10,9 @@ final class Maintenance: @unchecked Sendable {
     private let logger: Logger
     private let condition = NSCondition()
     private var pendingCompactions: [CompactionKey] = []
+    /// Objects compaction has allocated and not yet swapped in or deleted (fsck must not take
+    /// them for orphans).
+    private var compacting: Set<SliceID> = []
     private var queued: Set<CompactionKey> = []
     private var wakeups = 0
     private var running = false
@@ -165,6 +168,11 @@ final class Maintenance: @unchecked Sendable {
         }
     }
 
+    /// Objects compaction is writing and has not swapped in or deleted yet.
+    func compactingObjects() -> Set<SliceID> {
+        condition.withLock { compacting }
+    }
+
     /// Rewrites one chunk's visible bytes as a single object and swaps it in atomically.
     private func compact(_ key: CompactionKey) {
         guard let hub else { return }
@@ -183,6 +191,8 @@ final class Maintenance: @unchecked Sendable {
                 data.replaceSubrange(at..<at + bytes.count, with: bytes)
             }
             let id = try hub.meta.allocateSliceIDs(count: 1)
+            condition.withLock { _ = compacting.insert(id) }
+            defer { condition.withLock { _ = compacting.remove(id) } }
             try data.withUnsafeBytes { try hub.chunks.write(id: id, data: $0) }
             // Durable before the swap: the swap marks the old objects garbage, and a journal
             // sync may make it durable before any chunk pass took the new object (SPEC.md §5);

@@ -30,6 +30,11 @@ public final class PendingUploads: @unchecked Sendable {
         lock.withLock { bySession[session, default: []].formUnion(ids) }
     }
 
+    /// Those of `ids` that some session holds.
+    public func held(among ids: some Sequence<SliceID>) -> Set<SliceID> {
+        lock.withLock { Set(ids.filter { id in bySession.values.contains { $0.contains(id) } }) }
+    }
+
     /// Everything `session` still holds; it holds nothing after.
     public func end(_ session: SessionID) -> Set<SliceID> {
         lock.withLock { bySession.removeValue(forKey: session) } ?? []

@@ -140,10 +140,23 @@ extension MetaStore {
         let affected = try Self.chunksReferencing(ids, in: db)
         guard !affected.isEmpty else { return }
         try mutate { t in
-            for (ino, index, slices) in affected {
-                t.putSlices(ino, index, slices.filter { !ids.contains($0.id) })
+            // The scan ran without the engine's lock: each list is read again under it, so a
+            // change that landed since (a commit to the same chunk) is kept, not overwritten.
+            for (ino, index, _) in affected {
+                let current = try t.slices(ino, index)
+                let kept = current.filter { !ids.contains($0.id) }
+                if kept.count != current.count { t.putSlices(ino, index, kept) }
             }
         }
+    }
+
+    /// Those of `ids` that some chunk's slice list references now (a scan of every chunk key).
+    public func referenced(among ids: Set<SliceID>) throws -> Set<SliceID> {
+        var found: Set<SliceID> = []
+        for (_, _, slices) in try Self.chunksReferencing(ids, in: db) {
+            for slice in slices where ids.contains(slice.id) { found.insert(slice.id) }
+        }
+        return found
     }
 
     /// Every chunk in `db` whose slice list references one of `ids`, with that list (a scan of

@@ -82,25 +82,30 @@ final class DurabilityQueueTests: ChunkTestCase {
         _ = queue.objectWritten(id: 2, fd: pipeEnds[0])   // fsync of a pipe: EINVAL
         let unassigned = open("\(directory)/object-4", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
         _ = queue.objectWritten(id: 4, fd: unassigned)     // written, named by no commit
+        let third = open("\(directory)/object-6", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
+        _ = queue.objectWritten(id: 6, fd: third)
         XCTAssertEqual(queue.assign([1, 99], inode: 42, session: 7), [])
         XCTAssertEqual(queue.assign([2], inode: 43, session: 8), [])
+        XCTAssertEqual(queue.assign([6], inode: 44, session: 10), [])
         XCTAssertEqual(queue.lostObjects([1, 2]), [], "nothing lost before a pass")
         XCTAssertFalse(queue.takeFailure(of: 7, inode: false))
 
         XCTAssertThrowsError(try queue.sync()) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
         try queue.sync()   // what the failure is about: nothing left to sync, so success
-        XCTAssertEqual(queue.lostObjects([1, 2, 3, 4]), [1, 2, 4], "the whole pass is lost, not only the file that failed")
+        XCTAssertEqual(queue.lostObjects([1, 2, 3, 4, 6]), [1, 2, 4, 6], "the whole pass is lost, not only the file that failed")
         XCTAssertEqual(queue.assign([2, 5], inode: 50, session: 9), [2], "a commit naming a lost object learns it")
         XCTAssertFalse(queue.takeFailure(of: 50, inode: true), "and becomes no owner of it")
+        // Each (inode, session) failure is told once, to whichever asks first.
         XCTAssertTrue(queue.takeFailure(of: 7, inode: false))
         XCTAssertFalse(queue.takeFailure(of: 7, inode: false), "told once")
-        XCTAssertTrue(queue.takeFailure(of: 42, inode: true))
-        XCTAssertFalse(queue.takeFailure(of: 42, inode: true), "told once")
+        XCTAssertFalse(queue.takeFailure(of: 42, inode: true), "told to the session already")
         XCTAssertTrue(queue.takeFailure(of: 43, inode: true))
+        XCTAssertFalse(queue.takeFailure(of: 43, inode: true), "told once")
+        XCTAssertFalse(queue.takeFailure(of: 8, inode: false), "told to the inode already")
         XCTAssertFalse(queue.takeFailure(of: 9, inode: false), "a session with nothing in the pass")
         XCTAssertFalse(queue.takeFailure(of: 7, inode: true), "sessions and inodes are apart")
-        queue.forgetSession(8)
-        XCTAssertFalse(queue.takeFailure(of: 8, inode: false), "a session's failure goes with the session")
+        queue.forgetSession(10)
+        XCTAssertFalse(queue.takeFailure(of: 44, inode: true), "a session's failures go with the session")
 
         queue.objectRemoved(id: 1)
         XCTAssertEqual(queue.lostObjects([1, 2]), [2], "a deleted object leaves the lost set")
@@ -144,6 +149,6 @@ final class DurabilityQueueTests: ChunkTestCase {
         XCTAssertEqual(failure.withLock { $0 }, EIO, "the pass failed")
         XCTAssertEqual(queue.lostObjects([5]), [5])
         XCTAssertTrue(queue.takeFailure(of: 77, inode: true))
-        XCTAssertTrue(queue.takeFailure(of: 3, inode: false))
+        XCTAssertFalse(queue.takeFailure(of: 3, inode: false), "told once, to the inode")
     }
 }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import Synchronization
 import WeftTestSupport
 import XCTest
 import WeftHub
@@ -822,10 +823,9 @@ extension HubConformanceTests {
                        [first.id, second.id])
         XCTAssertEqual(try api.readSlice(context, id: second.id, offset: 0, length: UInt32(size)),
                        [UInt8](repeating: 2, count: size))
-        // The session's sync is told too (a file's fsync with nothing buffered), once.
-        XCTAssertErrno(EIO, try api.sync(context))
+        // Told once: neither the session's sync (a file's fsync with nothing buffered) nor the
+        // next durable commit of the file hears of it again.
         try api.sync(context)
-        // Told once: the next durable commit of the file succeeds.
         let third = try writeObject([UInt8](repeating: 3, count: size), on: api, context: context)
         let attributes = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: third)],
                                               minimumSize: UInt64(2 * size), durable: true)
@@ -858,6 +858,84 @@ extension HubConformanceTests {
                       "compacted")
         XCTAssertEqual(seen.withLock { unsynced }, [false], "the new object was synced before the swap")
         volume.hub.testBeforeCompactionSwap = nil
+    }
+
+    /// The session's sync hears of a failed pass over an object a non-durable commit named (a
+    /// file's fsync with nothing buffered), once; a durable commit whose own pass fails is the
+    /// report itself, and neither its retry nor a later sync hears of it again.
+    func testAFailedPassIsToldOnceToWhoeverAsksFirst() throws {
+        let volume = try makeHub(chunkSizeBytes: 1 << 20)
+        let api: HubAPI = volume.api
+        let context = RequestContext(session: try api.openSession(agentName: "lost").0, credentials: rootCaller)
+        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
+                                  exclusive: true)
+        let size = 100_000
+        let chunks = volume.hub.chunks
+        let failing = Mutex<Set<SliceID>>([])
+        chunks.testSyncFailure = { id in failing.withLock { $0.contains(id) } ? EIO : nil }
+        defer { chunks.testSyncFailure = nil }
+
+        let closed = try writeObject([UInt8](repeating: 1, count: size), on: api, context: context)
+        _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: closed)],
+                                 minimumSize: UInt64(size), durable: false)
+        failing.withLock { $0.insert(closed.id) }
+        _ = try? chunks.sync()
+        XCTAssertErrno(EIO, try api.sync(context))
+        try api.sync(context)
+        let next = try writeObject([UInt8](repeating: 2, count: size), on: api, context: context)
+        _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: next)],
+                                 minimumSize: UInt64(size), durable: true)   // told to the sync already
+
+        let own = try writeObject([UInt8](repeating: 3, count: size), on: api, context: context)
+        failing.withLock { $0.insert(own.id) }
+        XCTAssertErrno(EIO, try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: own)],
+                                                 minimumSize: UInt64(size), durable: true))
+        let retry = try writeObject([UInt8](repeating: 3, count: size), on: api, context: context)
+        _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: retry)],
+                                 minimumSize: UInt64(size), durable: true)
+        try api.sync(context)
+        XCTAssertEqual(try api.readSlice(context, id: retry.id, offset: 0, length: UInt32(size)),
+                       [UInt8](repeating: 3, count: size))
+    }
+
+    /// `fsck --repair` with no agent connected (no grace for young objects) while compaction has
+    /// written its object and not yet swapped it in: the object is compaction's, not an orphan.
+    /// Deleting it left the chunk naming a missing object.
+    func testFsckRepairLeavesACompactionObjectBeforeItsSwap() throws {
+        let volume = try makeHub(recover: false)
+        let api: HubAPI = volume.api
+        let session = try api.openSession(agentName: "compaction").0
+        let context = RequestContext(session: session, credentials: rootCaller)
+        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
+                                  exclusive: true)
+        var expected = [UInt8](repeating: 0, count: 16 * 1000 + 100)
+        for index in 0..<17 {   // past the compaction threshold
+            let bytes = [UInt8](repeating: UInt8(index + 1), count: 100)
+            let slice = try writeObject(bytes, at: UInt32(index * 1000), on: api, context: context)
+            _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
+                                     minimumSize: UInt64(index * 1000 + 100), durable: true)
+            expected.replaceSubrange(index * 1000..<index * 1000 + 100, with: bytes)
+        }
+        try api.closeSession(session)
+        let reports = NSLock()
+        var during: [FsckReport] = []
+        let hub: Hub = try XCTUnwrap(volume.hub)
+        hub.testBeforeCompactionSwap = { _ in
+            let report = try? hub.fsck(repair: true)
+            reports.withLock { during.append(contentsOf: report.map { [$0] } ?? []) }
+        }
+        defer { hub.testBeforeCompactionSwap = nil }
+        XCTAssertEqual(hub.meta.agentNames, [], "no agent: fsck gives young objects no grace")
+        try hub.recover()
+        XCTAssertTrue(try eventually { try hub.meta.layout(ino: file.ino, firstChunk: 0, count: 1).1[0].count == 1 },
+                      "compacted")
+        let after = RequestContext(session: try api.openSession(agentName: "after").0, credentials: rootCaller)
+        let seen = reports.withLock { during }
+        XCTAssertEqual(seen.count, 1, "fsck ran before the swap")
+        XCTAssertEqual(seen.first?.problems ?? ["none"], [], "compaction's object is no orphan")
+        XCTAssertEqual(try api.readSlice(after, id: try api.layout(after, ino: file.ino, firstChunk: 0, count: 1).1[0][0].id,
+                                         offset: 0, length: UInt32(expected.count)), expected)
+        XCTAssertEqual(try api.fsck(repair: false).problems, [])
     }
 
     func testAFullDiskRefusesDataButNotMetadataChanges() throws {

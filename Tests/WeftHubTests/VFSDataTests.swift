@@ -175,6 +175,11 @@ class VFSDataTests: HubTestCase {
     /// a failed pass"). Before, the commit was acknowledged naming an object of unknown state.
     func testAStagedChunkLostToAFailedPassIsWrittenAgain() throws {
         let agent = try makeAgent()
+        // Slice ids first: allocating them is a durable change, whose sync pass would take (and
+        // sync) an object uploaded before it.
+        let (_, warm) = try create(agent, "warm")
+        try write(agent, warm, at: 0, [1])
+        try agent.fsync(handle: warm)
         let (ino, handle) = try create(agent, "lost")
         let data = (0..<2 * Self.chunk).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) }
         try write(agent, handle, at: 0, data)   // chunks 0 and 1 staged and uploading
