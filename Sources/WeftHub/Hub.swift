@@ -54,6 +54,13 @@ public final class Hub: HubAPI, @unchecked Sendable {
         set { underfootLock.withLock { beforeCompactionSwap = newValue } }
     }
 
+    private var beforeCommitApply: ((InodeID) -> Void)?
+    /// Test only: runs in `commitSlices` with the inode, after its checks, before it applies.
+    public var testBeforeCommitApply: ((InodeID) -> Void)? {
+        get { underfootLock.withLock { beforeCommitApply } }
+        set { underfootLock.withLock { beforeCommitApply = newValue } }
+    }
+
     static func metaPath(_ directory: String) -> String { directory + "/meta" }
     static func chunkPath(_ directory: String) -> String { directory + "/chunks" }
 
@@ -475,6 +482,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         // been applied, and its record may become durable without any key).
         let fresh = Set(claimed)
         let journaled = durable ? journal(slices.filter { fresh.contains($0.slice.id) }) : []
+        testBeforeCommitApply?(ino)
         let attributes: Attributes
         do {
             attributes = try changing(context, [.init(ino, isFile: true)], reply: { _ in [ino] }) {

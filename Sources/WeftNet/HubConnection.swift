@@ -63,7 +63,13 @@ final class HubConnection: @unchecked Sendable {
     /// side down, so that end comes), then end the connection.
     private var channelClosed = false
     private var inFlight = 0
-    private var waiting = CircularBuffer<InboundFrame>(initialCapacity: 16)
+    private var waiting = CircularBuffer<Received>(initialCapacity: 16)
+
+    /// A request read, with the number the server's ledger gave it (SPEC.md §4, Barriers).
+    private struct Received {
+        var frame: InboundFrame
+        var number: UInt64
+    }
     private var sessions: Set<SessionID> = []
     private var sessionsReleased = false
 
@@ -133,7 +139,7 @@ final class HubConnection: @unchecked Sendable {
             requests.append(Self.detachingBulk(frame))
         }
 
-        var admitted: [InboundFrame] = []
+        var admitted: [Received] = []
         let endNow: Bool = lock.withLock {
             state = .withheld
             guard isOpen else {
@@ -143,18 +149,19 @@ final class HubConnection: @unchecked Sendable {
             }
             if !isClosing {
                 for request in requests {
+                    let received = Received(frame: request, number: core.ledger.admit())
                     if waiting.isEmpty && inFlight < core.maxInFlightRequestsPerConnection {
                         inFlight += 1
-                        admitted.append(request)
+                        admitted.append(received)
                     } else {
-                        waiting.append(request)
+                        waiting.append(received)
                     }
                 }
             }
             if end != nil || violation != nil {
                 // Nothing more is read or dispatched from here on (`rearmLocked` looks at this).
                 isClosing = true
-                waiting.removeAll()
+                dropWaitingLocked()
                 return true
             }
             return !rearmLocked()
@@ -217,13 +224,20 @@ final class HubConnection: @unchecked Sendable {
 
     // MARK: Running requests
 
-    private func submit(_ request: InboundFrame) {
+    private func submit(_ request: Received) {
         core.pool.submit { [self] state in run(request, cancelled: state == .cancelled) }
     }
 
+    /// Drops the requests waiting for a slot, unrun. Call with `lock` held.
+    private func dropWaitingLocked() {
+        while let dropped = waiting.popFirst() { core.ledger.finish(dropped.number) }
+    }
+
     /// Runs one request and sends its response from this thread (SPEC.md §4, Direct sends).
-    private func run(_ request: InboundFrame, cancelled: Bool) {
-        let outcome = core.execute(request, allocator: channel.allocator, cancelled: cancelled, leases: leases)
+    private func run(_ received: Received, cancelled: Bool) {
+        defer { core.ledger.finish(received.number) }
+        let outcome = core.execute(received.frame, number: received.number, allocator: channel.allocator,
+                                   cancelled: cancelled, leases: leases)
         switch outcome {
         case .respond(let response, let change):
             switch change {
@@ -250,7 +264,7 @@ final class HubConnection: @unchecked Sendable {
     /// One request finished: admits waiting frames, re-arms reading, or releases the sessions of
     /// an ended connection.
     private func finished() {
-        var next: [InboundFrame] = []
+        var next: [Received] = []
         var armed = true
         let release: [SessionID]? = lock.withLock {
             inFlight -= 1
@@ -286,7 +300,7 @@ final class HubConnection: @unchecked Sendable {
         let first: Bool = lock.withLock {
             guard isOpen, !isClosing else { return false }
             isClosing = true
-            waiting.removeAll()
+            dropWaitingLocked()
             return true
         }
         guard first else { return }
@@ -317,7 +331,7 @@ final class HubConnection: @unchecked Sendable {
         let (wasOpen, release): (Bool, [SessionID]?) = lock.withLock {
             guard isOpen else { return (false, nil) }
             isOpen = false
-            waiting.removeAll()
+            dropWaitingLocked()
             // A thread reading now closes the descriptor when it finishes.
             if state != .reading { closeDescriptorLocked() }
             return (true, releaseSessionsLocked())

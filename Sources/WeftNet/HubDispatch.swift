@@ -94,6 +94,9 @@ extension HubRequest {
         case let .sync(c):
             try hub.sync(c)
             return .empty
+        case let .barrier(c):
+            try hub.barrier(c)
+            return .empty
         case .status:
             return .status(try hub.status())
         case let .fsck(repair):

@@ -216,6 +216,14 @@ extension RemoteHub {
         try empty(.sync(context))
     }
 
+    /// Waits until every request the hub read before this one has finished (SPEC.md §4,
+    /// Barriers). An older hub's ENOSYS counts as done: it has no barrier to offer.
+    public func barrier(_ context: RequestContext) throws {
+        do {
+            try empty(.barrier(context))
+        } catch let error as WeftError where error.errno == ENOSYS {}
+    }
+
     public func lock(_ context: RequestContext, ino: InodeID, _ request: LockRequest) throws -> LockDescription {
         guard case let .lock(description) = try call(.lock(context, ino: ino, request)) else { throw shapeMismatch(.lock) }
         return description

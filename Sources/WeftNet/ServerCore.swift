@@ -20,6 +20,10 @@ final class ServerCore: @unchecked Sendable {
     /// (SPEC.md §4, Stored-block reads).
     let spanBytesSent = Atomic<Int>(0)
     let spanBytesCopied = Atomic<Int>(0)
+    /// Requests read and not finished, for `barrier` (SPEC.md §4, Barriers).
+    let ledger = RequestLedger()
+    /// How long a barrier waits for earlier requests before it answers ETIMEDOUT.
+    static let barrierWaitMs = 20_000
 
     private let lock = PthreadMutex()
     private let idle = ConditionVariable()
@@ -72,7 +76,8 @@ final class ServerCore: @unchecked Sendable {
     }
 
     /// Decodes and runs one request on the calling (worker) thread and encodes its response.
-    func execute(_ frame: InboundFrame, allocator: ByteBufferAllocator, cancelled: Bool, leases: ConnectionLeases?) -> Outcome {
+    func execute(_ frame: InboundFrame, number: UInt64, allocator: ByteBufferAllocator, cancelled: Bool,
+                 leases: ConnectionLeases?) -> Outcome {
         let id = frame.header.requestID
         guard let opcode = HubOpcode(rawValue: frame.header.opcode) else {
             // A newer agent's method: answered, not fatal (SPEC.md §Wire protocol, versioning).
@@ -92,6 +97,11 @@ final class ServerCore: @unchecked Sendable {
         let result: Result<HubResponse, WeftError>
         if cancelled {
             result = .failure(WeftError(ESHUTDOWN, "hub is shutting down"))
+        } else if case .barrier = request {
+            let deadline = MonotonicClock.deadlineNs(afterMs: Self.barrierWaitMs)
+            result = ledger.waitForEarlier(than: number, deadlineNs: deadline)
+                ? .success(.empty)
+                : .failure(WeftError(ETIMEDOUT, "requests read before the barrier are still running after \(Self.barrierWaitMs / 1000) s"))
         } else if case .enableLeases(let session) = request {
             // Recalls for this session go back on this connection.
             result = Result {

@@ -100,6 +100,10 @@ public protocol HubAPI: AnyObject, Sendable {
                       durable: Bool) throws -> Attributes
     /// Makes every change acknowledged so far durable.
     func sync(_ context: RequestContext) throws
+    /// Returns once no call this hub received before it can still run: a call that timed out
+    /// or lost its connection has then finished at the hub, applied or not (SPEC.md §4,
+    /// Barriers). A hub in the same process runs calls synchronously: nothing to wait for.
+    func barrier(_ context: RequestContext) throws
 
     // Locks (SPEC.md §12.6): held at the volume's home for the session, released when it ends.
     /// Sets, clears or tests a POSIX or flock lock on `ino`. A set that conflicts throws EAGAIN
@@ -177,6 +181,8 @@ public struct CreatedFile: Equatable, Sendable {
 }
 
 extension HubAPI {
+    public func barrier(_ context: RequestContext) throws {}
+
     public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
                            flags: Int32, writeLease: Bool) throws -> CreatedFile {
         try createOpenBySteps(context, parent: parent, name: name, mode: mode, umask: umask, flags: flags,

@@ -120,6 +120,11 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try home.sync(context)
     }
 
+    public func barrier(_ context: RequestContext) throws {
+        try data.barrier(try dataContext(context))
+        try home.barrier(context)
+    }
+
     // MARK: Metadata: the home
 
     public func lookup(_ context: RequestContext, parent: InodeID, name: [UInt8]) throws -> Attributes {

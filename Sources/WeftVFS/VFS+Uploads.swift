@@ -203,9 +203,20 @@ extension VFS {
     /// Caller holds `file.lock`.
     func commit(_ commits: [SliceCommit], of file: OpenFile, minimumSize: UInt64, durable: Bool,
                 context: RequestContext) throws {
+        if file.commitUncertain {
+            // An earlier commit of the file may still apply: it must not land after this one.
+            try hub.barrier(context)
+            file.commitUncertain = false
+        }
         let before = file.attributes.dataVersion
-        let attributes = try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: minimumSize,
+        let attributes: Attributes
+        do {
+            attributes = try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: minimumSize,
                                               durable: durable)
+        } catch {
+            if Self.commitMayHaveApplied(error) { file.commitUncertain = true }
+            throw error
+        }
         adopt(attributes, of: file, committedOver: before)
     }
 

@@ -81,19 +81,26 @@ extension VFS {
         Self.commitPool.async { [self] in
             // A commit of the file that waited before this task began (the pool may be busy
             // with other files' commits) took the chunks back and commits them itself.
-            let stillWanted: Bool = file.lock.withLock {
-                guard file.prefixCommitToken == token, file.prefixCommit != nil else { return false }
+            let (stillWanted, uncertain): (Bool, Bool) = file.lock.withLock {
+                guard file.prefixCommitToken == token, file.prefixCommit != nil else { return (false, false) }
                 guard file.commitsWaiting == 0 else {
                     file.prefixCommit = nil
                     file.lock.broadcast()
-                    return false
+                    return (false, false)
                 }
                 file.prefixCommitStarted = true
-                return true
+                return (true, file.commitUncertain)
             }
             guard stillWanted else { return }
             var outcome: Result<Attributes, Error>
+            var barrierPassed = false
             do {
+                // As `commit`: an earlier commit of the file that may still apply goes first.
+                // (Every other commit of the file waits for this one, so none runs meanwhile.)
+                if uncertain {
+                    try hub.barrier(context)
+                    barrierPassed = true
+                }
                 outcome = .success(try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: end,
                                                         durable: false))
             } catch {
@@ -103,6 +110,8 @@ extension VFS {
             defer { file.lock.unlock() }
             file.prefixCommit = nil
             file.prefixCommitStarted = false
+            if barrierPassed { file.commitUncertain = false }
+            if case .failure(let error) = outcome, Self.commitMayHaveApplied(error) { file.commitUncertain = true }
             file.lock.broadcast()
             switch outcome {
             case .success(let attributes):

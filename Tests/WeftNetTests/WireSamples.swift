@@ -53,6 +53,7 @@ enum WireSamples {
         .layout(context, ino: 20, firstChunk: 1 << 30, count: 17),
         .commitSlices(context, ino: 21, slices: slices, minimumSize: 0x0003_FFFF_FFFF_FFFF, durable: true),
         .sync(context),
+        .barrier(context),
         .status,
         .fsck(repair: true),
         .openVolumeSession(agentName: "node-8", volume: "datasets ✓"),
@@ -112,7 +113,7 @@ enum WireSamples {
         case .readBlocks:
             preconditionFailure("readBlocks has no HubResponse")
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
-             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany:
+             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
             return .flag(true)

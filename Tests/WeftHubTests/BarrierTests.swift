@@ -1,0 +1,121 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Synchronization
+import WeftHub
+import WeftNet
+import WeftProto
+import WeftTestSupport
+import WeftVFS
+import XCTest
+
+/// Barriers (SPEC.md §4, opcode 50): a call that timed out may still run at the hub; a barrier
+/// answers only once every request the hub read before it has finished, and an agent's commit
+/// after one that may still apply waits for it there.
+final class BarrierTests: HubTestCase {
+    private var server: HubServer?
+    private var clients: [RemoteHub] = []
+
+    override func tearDown() {
+        for client in clients { client.close() }
+        clients.removeAll()
+        server?.shutdown()
+        server = nil
+        super.tearDown()
+    }
+
+    /// A hub served over TCP, and a client whose calls give up after `requestTimeoutMs`.
+    private func serve(requestTimeoutMs: Int = 30_000) throws -> (Hub, RemoteHub) {
+        let hub: Hub = try XCTUnwrap(makeHub().hub)
+        let server = HubServer(hub: hub, logger: testLogger("weft.hub.server"), workerThreads: 8, eventLoopThreads: 1)
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        self.server = server
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 5000,
+                               requestTimeoutMs: requestTimeoutMs, logger: testLogger("weft.hub.client"))
+        clients.append(client)
+        return (hub, client)
+    }
+
+    func testABarrierWaitsForEveryRequestReadBeforeIt() throws {
+        let (hub, client) = try serve()
+        let context = RequestContext(session: try client.openSession(agentName: "barrier").0, credentials: rootCaller)
+        let file = try client.create(context, parent: InodeNumbers.root, name: bytes("f"), mode: regularFile | 0o644,
+                                     rdev: 0, umask: 0, exclusive: true)
+        let entered = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        hub.testBeforeCommitApply = { _ in
+            entered.signal()
+            release.wait()
+        }
+        defer { hub.testBeforeCommitApply = nil }
+        let commitDone = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            _ = try? client.commitSlices(context, ino: file.ino, slices: [], minimumSize: 10, durable: false)
+            commitDone.signal()
+        }
+        XCTAssertEqual(entered.wait(timeout: .now() + 10), .success, "the commit runs at the hub")
+        hub.testBeforeCommitApply = nil
+        let barrierDone = DispatchSemaphore(value: 0)
+        let passed = Mutex(false)
+        Thread.detachNewThread {
+            do {
+                try client.barrier(context)
+                passed.withLock { $0 = true }
+            } catch {}
+            barrierDone.signal()
+        }
+        XCTAssertEqual(barrierDone.wait(timeout: .now() + 0.5), .timedOut, "the barrier waits for the commit read before it")
+        // Requests read after the barrier do not wait for it, nor it for them.
+        XCTAssertEqual(try client.getattr(context, ino: file.ino).size, 0)
+        release.signal()
+        XCTAssertEqual(barrierDone.wait(timeout: .now() + 10), .success)
+        XCTAssertTrue(passed.withLock { $0 })
+        XCTAssertEqual(commitDone.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(try client.getattr(context, ino: file.ino).size, 10)
+        try client.barrier(context)   // nothing earlier runs: at once
+    }
+
+    /// An fsync whose commit timed out while the hub still held it; the application writes the
+    /// same range again and fsyncs: that commit must land after the first, or the first would
+    /// lay its older bytes over the newer ones.
+    func testACommitAfterATimedOutCommitWaitsForItAtTheHub() throws {
+        let (hub, client) = try serve(requestTimeoutMs: 1000)
+        var options = VFSOptions()
+        options.agentName = "barrier-vfs"
+        let agent = try VFS(hub: client, options: options, logger: testLogger("weft.vfs.test"))
+        defer { try? agent.shutdown() }
+        let (attributes, handle) = try agent.create(rootCaller, parent: InodeNumbers.root, name: bytes("f"),
+                                                   mode: regularFile | 0o644, umask: 0, flags: O_RDWR)
+        let old = [UInt8](repeating: 1, count: 1000)
+        let new = [UInt8](repeating: 2, count: 1000)
+        _ = try old.withUnsafeBytes { try agent.write(handle: handle, offset: 0, data: $0) }
+        let held = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        hub.testBeforeCommitApply = { _ in
+            hub.testBeforeCommitApply = nil   // the first commit only
+            held.signal()
+            release.wait()
+        }
+        XCTAssertThrowsError(try agent.fsync(handle: handle)) { XCTAssertEqual(($0 as? WeftError)?.errno, ETIMEDOUT) }
+        XCTAssertEqual(held.wait(timeout: .now() + 10), .success)
+        _ = try new.withUnsafeBytes { try agent.write(handle: handle, offset: 0, data: $0) }
+        let fsynced = DispatchSemaphore(value: 0)
+        let failure = Mutex<Int32>(0)
+        Thread.detachNewThread {
+            do { try agent.fsync(handle: handle) } catch { failure.withLock { $0 = (error as? WeftError)?.errno ?? -1 } }
+            fsynced.signal()
+        }
+        XCTAssertEqual(fsynced.wait(timeout: .now() + 0.3), .timedOut, "the second commit waits for the first at the hub")
+        release.signal()
+        XCTAssertEqual(fsynced.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(failure.withLock { $0 }, 0)
+        try agent.release(handle: handle)
+        // What another agent reads: the newer bytes.
+        let reader = try VFS(hub: hub, options: VFSOptions(), logger: testLogger("weft.vfs.test"))
+        defer { try? reader.shutdown() }
+        let (check, _) = try reader.open(rootCaller, ino: attributes.ino, flags: O_RDONLY)
+        let read = try reader.read(handle: check, offset: 0, size: 1000).bytes()
+        XCTAssertTrue(read == new, "the file holds the first commit's bytes (\(read.first ?? 0)), laid over the second's")
+    }
+}
