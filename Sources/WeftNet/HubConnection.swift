@@ -4,6 +4,7 @@ import Glibc
 import Darwin
 #endif
 import CWeftSupport
+import Foundation
 import Logging
 import NIOCore
 import NIOPosix
@@ -174,7 +175,9 @@ final class HubConnection: @unchecked Sendable {
         // The others first: the one run here may block (an fsync, a recall), and they must not
         // wait for it.
         for request in admitted.dropFirst(mayRunHere ? 1 : 0) { submit(request) }
-        if mayRunHere, let first = admitted.first { run(first, cancelled: false) }
+        if mayRunHere, let first = admitted.first {
+            if Self.isBarrier(first) { submit(first) } else { run(first, cancelled: false) }
+        }
     }
 
     /// A writeSlice frame with its payload copied out of the receive buffer, so that its data
@@ -225,7 +228,23 @@ final class HubConnection: @unchecked Sendable {
     // MARK: Running requests
 
     private func submit(_ request: Received) {
+        if Self.isBarrier(request) {
+            // A barrier waits for requests that may sit in the pool's queue behind it: it waits
+            // on a thread of its own, never on a worker (SPEC.md §4, Barriers).
+            guard core.barrierThreads.startIfBelow(ServerCore.barrierThreadsMax) else {
+                return run(request, cancelled: false, refused: true)
+            }
+            Thread.detachNewThread { [self] in
+                defer { core.barrierThreads.end() }
+                run(request, cancelled: false)
+            }
+            return
+        }
         core.pool.submit { [self] state in run(request, cancelled: state == .cancelled) }
+    }
+
+    private static func isBarrier(_ request: Received) -> Bool {
+        request.frame.header.opcode == HubOpcode.barrier.rawValue
     }
 
     /// Drops the requests waiting for a slot, unrun. Call with `lock` held.
@@ -234,10 +253,10 @@ final class HubConnection: @unchecked Sendable {
     }
 
     /// Runs one request and sends its response from this thread (SPEC.md §4, Direct sends).
-    private func run(_ received: Received, cancelled: Bool) {
+    private func run(_ received: Received, cancelled: Bool, refused: Bool = false) {
         defer { core.ledger.finish(received.number) }
         let outcome = core.execute(received.frame, number: received.number, allocator: channel.allocator,
-                                   cancelled: cancelled, leases: leases)
+                                   cancelled: cancelled, refused: refused, leases: leases)
         switch outcome {
         case .respond(let response, let change):
             switch change {

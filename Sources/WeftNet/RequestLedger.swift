@@ -42,3 +42,20 @@ final class RequestLedger: @unchecked Sendable {
     /// How many requests are unfinished (tests).
     var unfinishedCount: Int { lock.withLock { unfinished.count } }
 }
+
+/// A count of threads with a bound (barrier threads). Thread-safe.
+final class ThreadCount: @unchecked Sendable {
+    private let lock = PthreadMutex()
+    private var running = 0
+
+    /// Counts one more thread if fewer than `limit` run; false otherwise.
+    func startIfBelow(_ limit: Int) -> Bool {
+        lock.withLock {
+            guard running < limit else { return false }
+            running += 1
+            return true
+        }
+    }
+
+    func end() { lock.withLock { running -= 1 } }
+}

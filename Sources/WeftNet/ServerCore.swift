@@ -24,6 +24,9 @@ final class ServerCore: @unchecked Sendable {
     let ledger = RequestLedger()
     /// How long a barrier waits for earlier requests before it answers ETIMEDOUT.
     static let barrierWaitMs = 20_000
+    /// Barriers waiting at once, each on a thread of its own; one more is answered EAGAIN.
+    static let barrierThreadsMax = 64
+    let barrierThreads = ThreadCount()
 
     private let lock = PthreadMutex()
     private let idle = ConditionVariable()
@@ -77,7 +80,7 @@ final class ServerCore: @unchecked Sendable {
 
     /// Decodes and runs one request on the calling (worker) thread and encodes its response.
     func execute(_ frame: InboundFrame, number: UInt64, allocator: ByteBufferAllocator, cancelled: Bool,
-                 leases: ConnectionLeases?) -> Outcome {
+                 refused: Bool = false, leases: ConnectionLeases?) -> Outcome {
         let id = frame.header.requestID
         guard let opcode = HubOpcode(rawValue: frame.header.opcode) else {
             // A newer agent's method: answered, not fatal (SPEC.md §Wire protocol, versioning).
@@ -97,6 +100,8 @@ final class ServerCore: @unchecked Sendable {
         let result: Result<HubResponse, WeftError>
         if cancelled {
             result = .failure(WeftError(ESHUTDOWN, "hub is shutting down"))
+        } else if case .barrier = request, refused {
+            result = .failure(WeftError(EAGAIN, "\(Self.barrierThreadsMax) barriers wait already"))
         } else if case .barrier = request {
             let deadline = MonotonicClock.deadlineNs(afterMs: Self.barrierWaitMs)
             result = ledger.waitForEarlier(than: number, deadlineNs: deadline)
