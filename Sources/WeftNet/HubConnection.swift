@@ -66,10 +66,32 @@ final class HubConnection: @unchecked Sendable {
     private var inFlight = 0
     private var waiting = CircularBuffer<Received>(initialCapacity: 16)
 
-    /// A request read, with the number the server's ledger gave it (SPEC.md §4, Barriers).
+    /// A request read, with the number the server's ledger gave it, and for a commit the key it
+    /// is tracked under (SPEC.md §4, Barriers).
     private struct Received {
         var frame: InboundFrame
-        var number: UInt64
+        var number: UInt64 = 0
+        var commit: RequestLedger.Key?
+    }
+
+    /// Numbers a commit (tracked) or a barrier (what it waits for is what came before it).
+    /// Other requests take no number. Call in reading order.
+    private func numbered(_ frame: InboundFrame) -> Received {
+        switch frame.header.opcode {
+        case HubOpcode.commitSlices.rawValue:
+            // A commit whose head does not decode is rejected when it runs; nothing to track.
+            let key = try? frame.payload.withUnsafeReadableBytes { raw -> RequestLedger.Key in
+                var reader = ByteReader(raw)
+                let context = try RequestContext.decode(from: &reader)
+                return RequestLedger.Key(session: context.session, ino: try reader.u64())
+            }
+            guard let key else { return Received(frame: frame) }
+            return Received(frame: frame, number: core.ledger.admit(key), commit: key)
+        case HubOpcode.barrier.rawValue:
+            return Received(frame: frame, number: core.ledger.admit(nil))
+        default:
+            return Received(frame: frame)
+        }
     }
     private var sessions: Set<SessionID> = []
     private var sessionsReleased = false
@@ -150,12 +172,12 @@ final class HubConnection: @unchecked Sendable {
             }
             if !isClosing {
                 for request in requests {
-                    let received = Received(frame: request, number: core.ledger.admit())
+                    let item = numbered(request)
                     if waiting.isEmpty && inFlight < core.maxInFlightRequestsPerConnection {
                         inFlight += 1
-                        admitted.append(received)
+                        admitted.append(item)
                     } else {
-                        waiting.append(received)
+                        waiting.append(item)
                     }
                 }
             }
@@ -249,12 +271,12 @@ final class HubConnection: @unchecked Sendable {
 
     /// Drops the requests waiting for a slot, unrun. Call with `lock` held.
     private func dropWaitingLocked() {
-        while let dropped = waiting.popFirst() { core.ledger.finish(dropped.number) }
+        while let dropped = waiting.popFirst() { core.ledger.finish(dropped.number, key: dropped.commit) }
     }
 
     /// Runs one request and sends its response from this thread (SPEC.md §4, Direct sends).
     private func run(_ received: Received, cancelled: Bool, refused: Bool = false) {
-        defer { core.ledger.finish(received.number) }
+        defer { core.ledger.finish(received.number, key: received.commit) }
         let outcome = core.execute(received.frame, number: received.number, allocator: channel.allocator,
                                    cancelled: cancelled, refused: refused, leases: leases)
         switch outcome {

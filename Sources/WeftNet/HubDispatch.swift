@@ -94,8 +94,8 @@ extension HubRequest {
         case let .sync(c):
             try hub.sync(c)
             return .empty
-        case let .barrier(c):
-            try hub.barrier(c)
+        case let .barrier(c, ino):
+            try hub.barrier(c, ino: ino)
             return .empty
         case .status:
             return .status(try hub.status())

@@ -146,8 +146,9 @@ public enum HubRequest: Equatable, Sendable {
     case layout(RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32)
     case commitSlices(RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64, durable: Bool)
     case sync(RequestContext)
-    /// Answers once every request the hub read before it has finished (SPEC.md §4, Barriers).
-    case barrier(RequestContext)
+    /// Answers once every commit of `ino` by this session that the hub read before it has
+    /// finished (SPEC.md §4, Barriers).
+    case barrier(RequestContext, ino: InodeID)
     case status
     case fsck(repair: Bool)
     case openVolumeSession(agentName: String, volume: String)
@@ -251,7 +252,7 @@ public enum HubRequest: Equatable, Sendable {
              .access(let c, _, _), .open(let c, _, _), .release(let c, _), .getxattr(let c, _, _),
              .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
-             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .barrier(let c), .lock(let c, _, _),
+             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .barrier(let c, _), .lock(let c, _, _),
              .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _),
              .unlinkEntry(let c, _, _), .discardUploads(let c, _), .releaseMany(let c, _), .readBlocks(let c, _, _, _):
             c.session
@@ -306,7 +307,7 @@ public enum HubRequest: Equatable, Sendable {
         case let .commitSlices(c, ino, slices, minimumSize, durable):
             return .commitSlices(s(c), ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
         case let .sync(c): return .sync(s(c))
-        case let .barrier(c): return .barrier(s(c))
+        case let .barrier(c, ino): return .barrier(s(c), ino: ino)
         case let .lock(c, ino, request): return .lock(s(c), ino: ino, request)
         case let .readSliceFrom(c, id, offset, length, holders):
             return .readSliceFrom(s(c), id: id, offset: offset, length: length, holders: holders)
@@ -357,8 +358,10 @@ public enum HubRequest: Equatable, Sendable {
             c.encode(into: &w); w.u64(ino); w.blob(name)
         case let .setxattr(c, ino, name, value, flags):
             c.encode(into: &w); w.u64(ino); w.blob(name); w.blob(value); w.u32(flags.rawValue)
-        case let .statfs(c), let .sync(c), let .barrier(c):
+        case let .statfs(c), let .sync(c):
             c.encode(into: &w)
+        case let .barrier(c, ino):
+            c.encode(into: &w); w.u64(ino)
         case let .allocateSliceIDs(c, count):
             c.encode(into: &w); w.u32(count)
         case let .writeSlice(c, id, data):
@@ -531,7 +534,7 @@ public enum HubRequest: Equatable, Sendable {
         case .sync:
             return .sync(c)
         case .barrier:
-            return .barrier(c)
+            return .barrier(c, ino: try r.u64())
         case .allocateSliceIDs:
             return .allocateSliceIDs(c, count: try r.u32())
         case .writeSlice:

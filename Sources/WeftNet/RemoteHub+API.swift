@@ -216,11 +216,12 @@ extension RemoteHub {
         try empty(.sync(context))
     }
 
-    /// Waits until every request the hub read before this one has finished (SPEC.md §4,
-    /// Barriers). An older hub's ENOSYS counts as done: it has no barrier to offer.
-    public func barrier(_ context: RequestContext) throws {
+    /// Waits until every commit of `ino` by this session that the hub read before this call
+    /// has finished (SPEC.md §4, Barriers). An older hub's ENOSYS counts as done: it has no
+    /// barrier to offer.
+    public func barrier(_ context: RequestContext, ino: InodeID) throws {
         do {
-            try empty(.barrier(context))
+            try empty(.barrier(context, ino: ino))
         } catch let error as WeftError where error.errno == ENOSYS {}
     }
 

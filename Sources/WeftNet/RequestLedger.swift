@@ -1,46 +1,62 @@
-/// The requests a hub server has read and not yet finished, numbered in the order it read them
-/// (SPEC.md §4, Barriers): what a `barrier` waits for. Thread-safe.
+import WeftProto
+
+/// The commits a hub server has read and not yet finished, per session and inode, numbered in
+/// the order it read them (SPEC.md §4, Barriers): what a `barrier` waits for. Thread-safe.
 final class RequestLedger: @unchecked Sendable {
+    struct Key: Hashable {
+        var session: SessionID
+        var ino: InodeID
+    }
+
     private let lock = PthreadMutex()
     private let changed = ConditionVariable()
     private var next: UInt64 = 1
-    private var unfinished: Set<UInt64> = []
-    private var waiters = 0
+    /// Unfinished commits' numbers per key, in ascending order (admitted in order).
+    private var unfinished: [Key: [UInt64]] = [:]
+    /// Barriers waiting per key: only a finish of such a key wakes them.
+    private var waiting: [Key: Int] = [:]
 
-    /// Numbers one request just read, in reading order.
-    func admit() -> UInt64 {
+    /// Numbers one request just read, in reading order; a commit (`key`) is tracked until
+    /// `finish`.
+    func admit(_ key: Key?) -> UInt64 {
         lock.withLock {
             let number = next
             next += 1
-            unfinished.insert(number)
+            if let key { unfinished[key, default: []].append(number) }
             return number
         }
     }
 
-    /// A request answered, or dropped unrun.
-    func finish(_ number: UInt64) {
+    /// A commit answered, or dropped unrun.
+    func finish(_ number: UInt64, key: Key?) {
+        guard let key else { return }
         lock.withLock {
-            unfinished.remove(number)
-            if waiters > 0 { changed.broadcast() }
+            guard var numbers = unfinished[key], let index = numbers.firstIndex(of: number) else { return }
+            numbers.remove(at: index)
+            unfinished[key] = numbers.isEmpty ? nil : numbers
+            if waiting[key] != nil { changed.broadcast() }
         }
     }
 
-    /// Waits until no request numbered below `number` is unfinished; false at the deadline.
-    func waitForEarlier(than number: UInt64, deadlineNs: UInt64) -> Bool {
+    /// Waits until no commit of `key` numbered below `number` is unfinished; false at the deadline.
+    func waitForEarlier(than number: UInt64, key: Key, deadlineNs: UInt64) -> Bool {
         lock.withLock {
-            waiters += 1
-            defer { waiters -= 1 }
-            while unfinished.contains(where: { $0 < number }) {
-                if !changed.wait(lock, deadlineNs: deadlineNs) {
-                    return !unfinished.contains(where: { $0 < number })
-                }
+            func earlierRuns() -> Bool { (unfinished[key]?.first ?? UInt64.max) < number }
+            guard earlierRuns() else { return true }
+            waiting[key, default: 0] += 1
+            defer {
+                waiting[key]! -= 1
+                if waiting[key] == 0 { waiting[key] = nil }
+            }
+            while earlierRuns() {
+                if !changed.wait(lock, deadlineNs: deadlineNs) { return !earlierRuns() }
             }
             return true
         }
     }
 
-    /// How many requests are unfinished (tests).
-    var unfinishedCount: Int { lock.withLock { unfinished.count } }
+    /// How many commits are unfinished (tests).
+    var unfinishedCount: Int { lock.withLock { unfinished.values.reduce(0) { $0 + $1.count } } }
 }
 
 /// A count of threads with a bound (barrier threads). Thread-safe.

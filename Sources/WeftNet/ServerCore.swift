@@ -102,11 +102,12 @@ final class ServerCore: @unchecked Sendable {
             result = .failure(WeftError(ESHUTDOWN, "hub is shutting down"))
         } else if case .barrier = request, refused {
             result = .failure(WeftError(EAGAIN, "\(Self.barrierThreadsMax) barriers wait already"))
-        } else if case .barrier = request {
+        } else if case .barrier(let c, let ino) = request {
             let deadline = MonotonicClock.deadlineNs(afterMs: Self.barrierWaitMs)
-            result = ledger.waitForEarlier(than: number, deadlineNs: deadline)
+            let key = RequestLedger.Key(session: c.session, ino: ino)
+            result = ledger.waitForEarlier(than: number, key: key, deadlineNs: deadline)
                 ? .success(.empty)
-                : .failure(WeftError(ETIMEDOUT, "requests read before the barrier are still running after \(Self.barrierWaitMs / 1000) s"))
+                : .failure(WeftError(ETIMEDOUT, "commits of inode \(ino) read before the barrier are still running after \(Self.barrierWaitMs / 1000) s"))
         } else if case .enableLeases(let session) = request {
             // Recalls for this session go back on this connection.
             result = Result {

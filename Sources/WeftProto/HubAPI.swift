@@ -100,10 +100,11 @@ public protocol HubAPI: AnyObject, Sendable {
                       durable: Bool) throws -> Attributes
     /// Makes every change acknowledged so far durable.
     func sync(_ context: RequestContext) throws
-    /// Returns once no call this hub received before it can still run: a call that timed out
-    /// or lost its connection has then finished at the hub, applied or not (SPEC.md §4,
-    /// Barriers). A hub in the same process runs calls synchronously: nothing to wait for.
-    func barrier(_ context: RequestContext) throws
+    /// Returns once no commit of `ino` by this session that this hub received before the call
+    /// can still run: one that timed out has then finished at the hub, applied or not
+    /// (SPEC.md §4, Barriers). A hub in the same process runs calls synchronously: nothing to
+    /// wait for.
+    func barrier(_ context: RequestContext, ino: InodeID) throws
 
     // Locks (SPEC.md §12.6): held at the volume's home for the session, released when it ends.
     /// Sets, clears or tests a POSIX or flock lock on `ino`. A set that conflicts throws EAGAIN
@@ -181,7 +182,7 @@ public struct CreatedFile: Equatable, Sendable {
 }
 
 extension HubAPI {
-    public func barrier(_ context: RequestContext) throws {}
+    public func barrier(_ context: RequestContext, ino: InodeID) throws {}
 
     public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,
                            flags: Int32, writeLease: Bool) throws -> CreatedFile {

@@ -153,10 +153,6 @@ final class OpenFile {
     /// Failed commits in a row, and when the background commit may try again (monotonic ns).
     var commitFailures = 0
     var nextCommitAttemptNs: UInt64 = 0
-    /// A commit of this file failed in a way after which it may still apply at the hub (a
-    /// timeout, a lost connection): the next commit first waits for it there with a `barrier`
-    /// (SPEC.md §4, Barriers).
-    var commitUncertain = false
     /// Cached slice lists, valid for `attributes.dataVersion`.
     var layouts: [UInt32: [Slice]] = [:]
     /// The data version the kernel's page cache holds for this inode.

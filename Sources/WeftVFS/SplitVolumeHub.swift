@@ -120,9 +120,9 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try home.sync(context)
     }
 
-    public func barrier(_ context: RequestContext) throws {
-        try data.barrier(try dataContext(context))
-        try home.barrier(context)
+    /// Commits go to the home; the data hub's uploads cannot reorder them.
+    public func barrier(_ context: RequestContext, ino: InodeID) throws {
+        try home.barrier(context, ino: ino)
     }
 
     // MARK: Metadata: the home

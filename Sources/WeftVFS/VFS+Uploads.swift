@@ -203,10 +203,10 @@ extension VFS {
     /// Caller holds `file.lock`.
     func commit(_ commits: [SliceCommit], of file: OpenFile, minimumSize: UInt64, durable: Bool,
                 context: RequestContext) throws {
-        if file.commitUncertain {
+        if uncertainCommits.withLock({ $0.contains(file.ino) }) {
             // An earlier commit of the file may still apply: it must not land after this one.
-            try hub.barrier(context)
-            file.commitUncertain = false
+            try hub.barrier(context, ino: file.ino)
+            uncertainCommits.withLock { _ = $0.remove(file.ino) }
         }
         let before = file.attributes.dataVersion
         let attributes: Attributes
@@ -214,7 +214,7 @@ extension VFS {
             attributes = try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: minimumSize,
                                               durable: durable)
         } catch {
-            if Self.commitMayHaveApplied(error) { file.commitUncertain = true }
+            if Self.commitMayHaveApplied(error) { uncertainCommits.withLock { _ = $0.insert(file.ino) } }
             throw error
         }
         adopt(attributes, of: file, committedOver: before)

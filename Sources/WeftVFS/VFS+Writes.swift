@@ -89,7 +89,7 @@ extension VFS {
                     return (false, false)
                 }
                 file.prefixCommitStarted = true
-                return (true, file.commitUncertain)
+                return (true, uncertainCommits.withLock { $0.contains(file.ino) })
             }
             guard stillWanted else { return }
             var outcome: Result<Attributes, Error>
@@ -98,7 +98,7 @@ extension VFS {
                 // As `commit`: an earlier commit of the file that may still apply goes first.
                 // (Every other commit of the file waits for this one, so none runs meanwhile.)
                 if uncertain {
-                    try hub.barrier(context)
+                    try hub.barrier(context, ino: file.ino)
                     barrierPassed = true
                 }
                 outcome = .success(try hub.commitSlices(context, ino: file.ino, slices: commits, minimumSize: end,
@@ -110,8 +110,11 @@ extension VFS {
             defer { file.lock.unlock() }
             file.prefixCommit = nil
             file.prefixCommitStarted = false
-            if barrierPassed { file.commitUncertain = false }
-            if case .failure(let error) = outcome, Self.commitMayHaveApplied(error) { file.commitUncertain = true }
+            if case .failure(let error) = outcome, Self.commitMayHaveApplied(error) {
+                uncertainCommits.withLock { _ = $0.insert(file.ino) }
+            } else if barrierPassed {
+                uncertainCommits.withLock { _ = $0.remove(file.ino) }
+            }
             file.lock.broadcast()
             switch outcome {
             case .success(let attributes):

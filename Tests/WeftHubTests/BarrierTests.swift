@@ -37,18 +37,23 @@ final class BarrierTests: HubTestCase {
         return (hub, client)
     }
 
-    func testABarrierWaitsForEveryRequestReadBeforeIt() throws {
+    func testABarrierWaitsForTheSessionsEarlierCommitsOfItsInode() throws {
         let (hub, client) = try serve()
         let context = RequestContext(session: try client.openSession(agentName: "barrier").0, credentials: rootCaller)
         let file = try client.create(context, parent: InodeNumbers.root, name: bytes("f"), mode: regularFile | 0o644,
                                      rdev: 0, umask: 0, exclusive: true)
+        let other = try client.create(context, parent: InodeNumbers.root, name: bytes("g"), mode: regularFile | 0o644,
+                                      rdev: 0, umask: 0, exclusive: true)
         let entered = DispatchSemaphore(value: 0)
         let release = DispatchSemaphore(value: 0)
         hub.testBeforeCommitApply = { _ in
             entered.signal()
-            release.wait()
+            _ = release.wait(timeout: .now() + 30)
         }
-        defer { hub.testBeforeCommitApply = nil }
+        defer {
+            hub.testBeforeCommitApply = nil
+            release.signal()
+        }
         let commitDone = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
             _ = try? client.commitSlices(context, ino: file.ino, slices: [], minimumSize: 10, durable: false)
@@ -60,27 +65,32 @@ final class BarrierTests: HubTestCase {
         let passed = Mutex(false)
         Thread.detachNewThread {
             do {
-                try client.barrier(context)
+                try client.barrier(context, ino: file.ino)
                 passed.withLock { $0 = true }
             } catch {}
             barrierDone.signal()
         }
         XCTAssertEqual(barrierDone.wait(timeout: .now() + 0.5), .timedOut, "the barrier waits for the commit read before it")
-        // Requests read after the barrier do not wait for it, nor it for them.
+        // Requests read after the barrier do not wait for it, nor it for them; a barrier for
+        // another inode, or of another session, has nothing to wait for.
         XCTAssertEqual(try client.getattr(context, ino: file.ino).size, 0)
+        try client.barrier(context, ino: other.ino)
+        let stranger = RequestContext(session: try client.openSession(agentName: "other").0, credentials: rootCaller)
+        try client.barrier(stranger, ino: file.ino)
+        XCTAssertEqual(barrierDone.wait(timeout: .now()), .timedOut, "still waiting")
         release.signal()
         XCTAssertEqual(barrierDone.wait(timeout: .now() + 10), .success)
         XCTAssertTrue(passed.withLock { $0 })
         XCTAssertEqual(commitDone.wait(timeout: .now() + 10), .success)
         XCTAssertEqual(try client.getattr(context, ino: file.ino).size, 10)
-        try client.barrier(context)   // nothing earlier runs: at once
+        try client.barrier(context, ino: file.ino)   // nothing earlier runs: at once
     }
 
     /// An fsync whose commit timed out while the hub still held it; the application writes the
     /// same range again and fsyncs: that commit must land after the first, or the first would
     /// lay its older bytes over the newer ones.
     func testACommitAfterATimedOutCommitWaitsForItAtTheHub() throws {
-        let (hub, client) = try serve(requestTimeoutMs: 1000)
+        let (hub, client) = try serve(requestTimeoutMs: 3000)
         var options = VFSOptions()
         options.agentName = "barrier-vfs"
         let agent = try VFS(hub: client, options: options, logger: testLogger("weft.vfs.test"))
@@ -95,8 +105,9 @@ final class BarrierTests: HubTestCase {
         hub.testBeforeCommitApply = { _ in
             hub.testBeforeCommitApply = nil   // the first commit only
             held.signal()
-            release.wait()
+            _ = release.wait(timeout: .now() + 30)
         }
+        defer { release.signal() }
         XCTAssertThrowsError(try agent.fsync(handle: handle)) { XCTAssertEqual(($0 as? WeftError)?.errno, ETIMEDOUT) }
         XCTAssertEqual(held.wait(timeout: .now() + 10), .success)
         _ = try new.withUnsafeBytes { try agent.write(handle: handle, offset: 0, data: $0) }

@@ -53,7 +53,7 @@ enum WireSamples {
         .layout(context, ino: 20, firstChunk: 1 << 30, count: 17),
         .commitSlices(context, ino: 21, slices: slices, minimumSize: 0x0003_FFFF_FFFF_FFFF, durable: true),
         .sync(context),
-        .barrier(context),
+        .barrier(context, ino: 0x0123_4567_89AB_CDEF),
         .status,
         .fsck(repair: true),
         .openVolumeSession(agentName: "node-8", volume: "datasets ✓"),
