@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import Synchronization
 import WeftTestSupport
 import XCTest
 import WeftHub
@@ -226,6 +227,53 @@ class VFSDataTests: HubTestCase {
         }
         try write(agent, handle, at: 5 * Self.chunk, Array(data[5 * Self.chunk..<5 * Self.chunk + 10]))
         try write(agent, handle, at: 5 * Self.chunk + 10, Array(data[(5 * Self.chunk + 10)...]))
+        try agent.release(handle: handle)
+        XCTAssertEqual(try contents(of: ino, via: try makeAgent()), data)
+    }
+
+    /// An fsync that waits for a batch commit running at the hub, which takes everything the
+    /// file had, makes no commit of its own (an empty one would only cost a round trip and a
+    /// new data version), and the batch commit's reply is adopted.
+    func testAnFsyncAfterABatchCommitThatTookEverythingCommitsNothing() throws {
+        let agent = try makeAgent()
+        let (ino, handle) = try create(agent, "batch")
+        let hub: Hub = try XCTUnwrap(fixture.hub)
+        let commits = Mutex(0)
+        let held = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        hub.testBeforeCommitApply = { committed in
+            guard committed == ino else { return }
+            let first = commits.withLock { count in
+                count += 1
+                return count == 1
+            }
+            if first {
+                held.signal()
+                _ = release.wait(timeout: .now() + 30)
+            }
+        }
+        defer {
+            hub.testBeforeCommitApply = nil
+            release.signal()
+        }
+        var random = SeededRandom(seed: 9)
+        let data = random.bytes(VFS.stagedCommitBatch * Self.chunk)
+        try write(agent, handle, at: 0, data)   // whole chunks: staged, uploaded, then one batch commit
+        XCTAssertEqual(held.wait(timeout: .now() + 10), .success, "the batch commit reached the hub")
+        let file = try XCTUnwrap(agent.files[ino])
+        XCTAssertTrue(file.lock.withLock { file.prefixCommitStarted && file.dirty.isEmpty })
+        let synced = DispatchSemaphore(value: 0)
+        let failure = Mutex<String?>(nil)
+        Thread.detachNewThread {
+            do { try agent.fsync(handle: handle) } catch { failure.withLock { $0 = "\(error)" } }
+            synced.signal()
+        }
+        XCTAssertEqual(synced.wait(timeout: .now() + 0.3), .timedOut, "the fsync waits for the batch commit")
+        release.signal()
+        XCTAssertEqual(synced.wait(timeout: .now() + 10), .success)
+        XCTAssertNil(failure.withLock { $0 })
+        XCTAssertEqual(commits.withLock { $0 }, 1, "the fsync made no commit of its own")
+        XCTAssertEqual(file.lock.withLock { file.attributes.size }, UInt64(data.count), "the batch commit's reply was adopted")
         try agent.release(handle: handle)
         XCTAssertEqual(try contents(of: ino, via: try makeAgent()), data)
     }
