@@ -73,17 +73,13 @@ final class DurabilityQueueTests: ChunkTestCase {
         let root = try makeStoreDirectory()
         defer { close(root) }
         let queue = DurabilityQueue(root: root, logger: log.logger)
-        let fd = open("\(directory)/object-1", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
-        XCTAssertGreaterThanOrEqual(fd, 0)
-        _ = queue.objectWritten(id: 1, fd: fd)
+        try register(1, in: queue, first: 1)
         var pipeEnds: [Int32] = [0, 0]
         XCTAssertEqual(pipe(&pipeEnds), 0)
         close(pipeEnds[1])
         _ = queue.objectWritten(id: 2, fd: pipeEnds[0])   // fsync of a pipe: EINVAL
-        let unassigned = open("\(directory)/object-4", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
-        _ = queue.objectWritten(id: 4, fd: unassigned)     // written, named by no commit
-        let third = open("\(directory)/object-6", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
-        _ = queue.objectWritten(id: 6, fd: third)
+        try register(1, in: queue, first: 4)   // written, named by no commit
+        try register(1, in: queue, first: 6)
         XCTAssertEqual(queue.assign([1, 99], inode: 42, session: 7), [])
         XCTAssertEqual(queue.assign([2], inode: 43, session: 8), [])
         XCTAssertEqual(queue.assign([6], inode: 44, session: 10), [])
@@ -111,8 +107,7 @@ final class DurabilityQueueTests: ChunkTestCase {
         XCTAssertEqual(queue.lostObjects([1, 2]), [2], "a deleted object leaves the lost set")
 
         // A later pass that succeeds loses nothing and tells no one.
-        let next = open("\(directory)/object-3", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
-        _ = queue.objectWritten(id: 3, fd: next)
+        try register(1, in: queue, first: 3)
         XCTAssertEqual(queue.assign([3], inode: 42, session: 7), [])
         try queue.sync()
         XCTAssertEqual(queue.lostObjects([3]), [])
@@ -126,9 +121,7 @@ final class DurabilityQueueTests: ChunkTestCase {
         let root = try makeStoreDirectory()
         defer { close(root) }
         let queue = DurabilityQueue(root: root, logger: log.logger)
-        let fd = open("\(directory)/object-5", O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
-        XCTAssertGreaterThanOrEqual(fd, 0)
-        _ = queue.objectWritten(id: 5, fd: fd)
+        try register(1, in: queue, first: 5)
         let inPass = DispatchSemaphore(value: 0)
         let go = DispatchSemaphore(value: 0)
         queue.testSyncFailure = { _ in

@@ -52,6 +52,17 @@ class HubConformanceTests: HubTestCase {
         return Slice(id: id, offsetInChunk: offsetInChunk, length: UInt32(data.count), objectLength: UInt32(data.count))
     }
 
+    /// A hub with 1 MiB chunks (objects past the journal's 64 KiB go through sync passes), a
+    /// session of `agentName` on it, and a file `f`.
+    func makeVolumeWithFile(agentName: String) throws -> (HubUnderTest, HubAPI, RequestContext, Attributes) {
+        let volume = try makeHub(chunkSizeBytes: 1 << 20)
+        let api: HubAPI = volume.api
+        let context = RequestContext(session: try api.openSession(agentName: agentName).0, credentials: rootCaller)
+        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
+                                  exclusive: true)
+        return (volume, api, context, file)
+    }
+
     // MARK: sessions and status
 
     func testOpenSessionReportsTheVolumeAndAgents() throws {
@@ -727,11 +738,8 @@ extension HubConformanceTests {
     /// answers the error, but its objects are the file's now: a discard (what an agent sends
     /// after ENOSPC) and the session's end leave them.
     func testTheObjectsOfACommitThatAppliedAndThenFailedToSyncAreNotDiscarded() throws {
-        let volume = try makeHub(chunkSizeBytes: 1 << 20)   // objects past the journal's 64 KiB
-        let api: HubAPI = volume.api
-        var context = RequestContext(session: try api.openSession(agentName: "sync-fails").0, credentials: rootCaller)
-        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
-                                  exclusive: true)
+        let (volume, api, firstContext, file) = try makeVolumeWithFile(agentName: "sync-fails")
+        var context = firstContext
         let data = [UInt8](repeating: 7, count: 100_000)
         let object = try writeObject(data, on: api, context: context)
         let meta = volume.hub.meta
@@ -764,11 +772,7 @@ extension HubConformanceTests {
     /// writes the bytes again; no commit named it, so no sync is told (SPEC.md §3.2, "Objects
     /// lost to a failed pass").
     func testACommitNamingAnObjectLostToAFailedPassIsESTALE() throws {
-        let volume = try makeHub(chunkSizeBytes: 1 << 20)   // objects past the journal's 64 KiB
-        let api: HubAPI = volume.api
-        let context = RequestContext(session: try api.openSession(agentName: "lost").0, credentials: rootCaller)
-        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
-                                  exclusive: true)
+        let (volume, api, context, file) = try makeVolumeWithFile(agentName: "lost")
         let data = [UInt8](repeating: 3, count: 100_000)
         let object = try writeObject(data, on: api, context: context)
         let chunks = volume.hub.chunks
@@ -793,11 +797,7 @@ extension HubConformanceTests {
     /// agent no longer holds the bytes) gets EIO from its next durable commit, once, after that
     /// commit applied: its objects stay the file's.
     func testADurableCommitAfterAFailedPassOfItsFilesObjectsIsEIOOnce() throws {
-        let volume = try makeHub(chunkSizeBytes: 1 << 20)
-        let api: HubAPI = volume.api
-        let context = RequestContext(session: try api.openSession(agentName: "lost").0, credentials: rootCaller)
-        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
-                                  exclusive: true)
+        let (volume, api, context, file) = try makeVolumeWithFile(agentName: "lost")
         let other = try api.create(context, parent: root, name: bytes("g"), mode: regularFile | 0o644, rdev: 0, umask: 0,
                                    exclusive: true)
         let size = 100_000
@@ -864,11 +864,7 @@ extension HubConformanceTests {
     /// file's fsync with nothing buffered), once; a durable commit whose own pass fails is the
     /// report itself, and neither its retry nor a later sync hears of it again.
     func testAFailedPassIsToldOnceToWhoeverAsksFirst() throws {
-        let volume = try makeHub(chunkSizeBytes: 1 << 20)
-        let api: HubAPI = volume.api
-        let context = RequestContext(session: try api.openSession(agentName: "lost").0, credentials: rootCaller)
-        let file = try api.create(context, parent: root, name: bytes("f"), mode: regularFile | 0o644, rdev: 0, umask: 0,
-                                  exclusive: true)
+        let (volume, api, context, file) = try makeVolumeWithFile(agentName: "lost")
         let size = 100_000
         let chunks = volume.hub.chunks
         let failing = Mutex<Set<SliceID>>([])
