@@ -83,7 +83,7 @@ final class HubConnection: @unchecked Sendable {
             let key = try? frame.payload.withUnsafeReadableBytes { raw -> RequestLedger.Key in
                 var reader = ByteReader(raw)
                 let context = try RequestContext.decode(from: &reader)
-                return RequestLedger.Key(session: context.session, ino: try reader.u64())
+                return core.ledgerKey(session: context.session, ino: try reader.u64())
             }
             guard let key else { return Received(frame: frame) }
             return Received(frame: frame, number: core.ledger.admit(key), commit: key)

@@ -146,7 +146,7 @@ public enum HubRequest: Equatable, Sendable {
     case layout(RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32)
     case commitSlices(RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64, durable: Bool)
     case sync(RequestContext)
-    /// Answers once every commit of `ino` by this session that the hub read before it has
+    /// Answers once every commit of `ino` by this agent that the hub read before it has
     /// finished (SPEC.md §4, Barriers).
     case barrier(RequestContext, ino: InodeID)
     case status

@@ -216,7 +216,7 @@ extension RemoteHub {
         try empty(.sync(context))
     }
 
-    /// Waits until every commit of `ino` by this session that the hub read before this call
+    /// Waits until every commit of `ino` by this agent that the hub read before this call
     /// has finished (SPEC.md §4, Barriers). An older hub's ENOSYS counts as done: it has no
     /// barrier to offer.
     public func barrier(_ context: RequestContext, ino: InodeID) throws {

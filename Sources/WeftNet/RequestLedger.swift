@@ -1,10 +1,11 @@
 import WeftProto
 
-/// The commits a hub server has read and not yet finished, per session and inode, numbered in
+/// The commits a hub server has read and not yet finished, per agent and inode, numbered in
 /// the order it read them (SPEC.md §4, Barriers): what a `barrier` waits for. Thread-safe.
 final class RequestLedger: @unchecked Sendable {
     struct Key: Hashable {
-        var session: SessionID
+        /// The agent name its session gave (the same across a reconnect).
+        var agent: String
         var ino: InodeID
     }
 

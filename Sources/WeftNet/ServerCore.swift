@@ -31,6 +31,16 @@ final class ServerCore: @unchecked Sendable {
     private let lock = PthreadMutex()
     private let idle = ConditionVariable()
     private var liveConnections = 0
+    /// The agent name each session opened through this server gave, until the session closes:
+    /// barriers key commits by agent, so that a session reopened after a lost connection (a
+    /// new id, the same agent) still waits for the old session's commits (SPEC.md §4, Barriers).
+    private var agentOfSession: [SessionID: String] = [:]
+
+    /// The ledger's key for a commit or barrier of `ino` by `session`.
+    func ledgerKey(session: SessionID, ino: InodeID) -> RequestLedger.Key {
+        let agent = lock.withLock { agentOfSession[session] } ?? "session \(session)"
+        return RequestLedger.Key(agent: agent, ino: ino)
+    }
 
     init(hub: HubAPI, pool: NIOThreadPool, logger: Logger, maxInFlightRequestsPerConnection: Int) {
         self.hub = hub
@@ -104,7 +114,7 @@ final class ServerCore: @unchecked Sendable {
             result = .failure(WeftError(EAGAIN, "\(Self.barrierThreadsMax) barriers wait already"))
         } else if case .barrier(let c, let ino) = request {
             let deadline = MonotonicClock.deadlineNs(afterMs: Self.barrierWaitMs)
-            let key = RequestLedger.Key(session: c.session, ino: ino)
+            let key = ledgerKey(session: c.session, ino: ino)
             result = ledger.waitForEarlier(than: number, key: key, deadlineNs: deadline)
                 ? .success(.empty)
                 : .failure(WeftError(ETIMEDOUT, "commits of inode \(ino) read before the barrier are still running after \(Self.barrierWaitMs / 1000) s"))
@@ -120,9 +130,13 @@ final class ServerCore: @unchecked Sendable {
         }
         var change = SessionChange.none
         switch (request, result) {
-        case (.openSession, .success(.session(let session, _))), (.openVolumeSession, .success(.session(let session, _))):
+        case (.openSession(let agent), .success(.session(let session, _))),
+             (.openVolumeSession(let agent, _), .success(.session(let session, _))):
+            lock.withLock { agentOfSession[session] = agent }
             change = .opened(session)
-        case (.closeSession(let session), .success): change = .closed(session)
+        case (.closeSession(let session), .success):
+            lock.withLock { _ = agentOfSession.removeValue(forKey: session) }
+            change = .closed(session)
         default: break
         }
         return .respond(WireCodec.responseBuffer(id: id, rawOpcode: opcode.rawValue, result, allocator: allocator), change)
@@ -199,6 +213,7 @@ final class ServerCore: @unchecked Sendable {
         }
         pool.submit { [self] _ in
             for session in sessions {
+                lock.withLock { _ = agentOfSession.removeValue(forKey: session) }
                 do {
                     try hub.closeSession(session)
                     logger.debug("closed session of departed agent", metadata: ["peer": "\(peer)", "session": "\(session)"])

@@ -100,7 +100,7 @@ public protocol HubAPI: AnyObject, Sendable {
                       durable: Bool) throws -> Attributes
     /// Makes every change acknowledged so far durable.
     func sync(_ context: RequestContext) throws
-    /// Returns once no commit of `ino` by this session that this hub received before the call
+    /// Returns once no commit of `ino` by this agent that this hub received before the call
     /// can still run: one that timed out has then finished at the hub, applied or not
     /// (SPEC.md §4, Barriers). A hub in the same process runs calls synchronously: nothing to
     /// wait for.

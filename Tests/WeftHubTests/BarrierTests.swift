@@ -37,7 +37,7 @@ final class BarrierTests: HubTestCase {
         return (hub, client)
     }
 
-    func testABarrierWaitsForTheSessionsEarlierCommitsOfItsInode() throws {
+    func testABarrierWaitsForTheAgentsEarlierCommitsOfItsInode() throws {
         let (hub, client) = try serve()
         let context = RequestContext(session: try client.openSession(agentName: "barrier").0, credentials: rootCaller)
         let file = try client.create(context, parent: InodeNumbers.root, name: bytes("f"), mode: regularFile | 0o644,
@@ -77,9 +77,18 @@ final class BarrierTests: HubTestCase {
         try client.barrier(context, ino: other.ino)
         let stranger = RequestContext(session: try client.openSession(agentName: "other").0, credentials: rootCaller)
         try client.barrier(stranger, ino: file.ino)
+        // A session of the same agent (what a reconnect opens: a new id, the same name) waits.
+        let again = RequestContext(session: try client.openSession(agentName: "barrier").0, credentials: rootCaller)
+        let againDone = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            try? client.barrier(again, ino: file.ino)
+            againDone.signal()
+        }
+        XCTAssertEqual(againDone.wait(timeout: .now() + 0.3), .timedOut, "the same agent's new session waits too")
         XCTAssertEqual(barrierDone.wait(timeout: .now()), .timedOut, "still waiting")
         release.signal()
         XCTAssertEqual(barrierDone.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(againDone.wait(timeout: .now() + 10), .success)
         XCTAssertTrue(passed.withLock { $0 })
         XCTAssertEqual(commitDone.wait(timeout: .now() + 10), .success)
         XCTAssertEqual(try client.getattr(context, ino: file.ino).size, 10)
