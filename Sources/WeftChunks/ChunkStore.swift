@@ -381,7 +381,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// that said so.
     public func takeFailure(inode: UInt64) -> Bool { durability.takeFailure(of: inode, inode: true) }
 
-    /// Forgets a session's unreported failure (the session ended).
+    /// Forgets a session's unreported failures (the session ended); its inodes' stay.
     public func forgetSession(_ session: UInt64) { durability.forgetSession(session) }
 
     /// Test hook: an errno makes a sync pass's fsync of that object fail.

@@ -134,7 +134,14 @@ final class DurabilityQueue: @unchecked Sendable {
 
     /// Forgets a session's unreported failure (the session ended).
     func forgetSession(_ session: UInt64) {
-        lock.withLock { failures = failures.filter { $0.session != session } }
+        lock.withLock {
+            // An inode's failure outlives the session: the file's next durable commit (from any
+            // session) still hears of it.
+            let ended = failures.filter { $0.session == session }
+            guard !ended.isEmpty else { return }
+            failures.subtract(ended)
+            for failure in ended where failure.inode != 0 { failures.insert(Owner(inode: failure.inode, session: 0)) }
+        }
     }
 
     /// Takes those of `ids` that still wait for a pass out of the passes: the caller puts their

@@ -208,8 +208,11 @@ extension FabricHub {
                 _ = session.volume.chunks.takeFailure(session: context.session)   // this error is the report
                 throw error
             }
+            // The agent's commit at the home relies on this sync: after a failed pass over an
+            // object this session wrote, every upload of it not yet committed is in doubt, and
+            // the agent writes them all again (ESTALE; SPEC.md §3.2, §7).
             if session.volume.chunks.takeFailure(session: context.session) {
-                throw WeftError(EIO, "a chunk sync of data this session wrote failed: its durability is unknown")
+                throw WeftError(ESTALE, "a chunk sync of data this session wrote failed: write it again")
             }
             return
         }

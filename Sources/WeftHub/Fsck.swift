@@ -15,6 +15,7 @@ struct Fsck {
         var present: Set<SliceID> = []
         var orphans: [SliceID] = []
         var damaged: Set<SliceID> = []
+        var vanished: Set<SliceID> = []
         let now = currentTimeNs()
         let agentsConnected = !hub.meta.agentNames.isEmpty
         try hub.chunks.forEach { id, _, modifiedNs in
@@ -27,9 +28,14 @@ struct Fsck {
                         report.problems.append("chunk \(id) holds \(length) bytes, layouts expect \(expectedLength)")
                         damaged.insert(id)
                     }
-                } catch {
+                } catch let error as WeftError where error.errno == ENOENT {
+                    vanished.insert(id)   // deleted since it was listed: checked again below
+                } catch let error as WeftError where error.errno == EIO || error.errno == EBADMSG {
                     report.problems.append("chunk \(id) is damaged: \(error)")
                     damaged.insert(id)
+                } catch {
+                    // Not the object's fault (EMFILE, ENOMEM, ...): reported, never repaired.
+                    report.problems.append("chunk \(id) could not be checked: \(error)")
                 }
             } else if !check.garbage.contains(id) {
                 if !agentsConnected || now - modifiedNs > Fsck.orphanGraceNs { orphans.append(id) }
@@ -44,11 +50,11 @@ struct Fsck {
             orphans.removeAll { busy.contains($0) || referencedNow.contains($0) }
             for id in orphans { report.problems.append("chunk \(id) is not referenced by any file (orphan)") }
         }
-        var missing = Set(check.referencedSlices.keys).subtracting(present)
+        var missing = Set(check.referencedSlices.keys).subtracting(present).union(vanished)
         if !missing.isEmpty {
             // Likewise: an object collected since the metadata was read is no longer referenced.
             let referencedNow = try hub.meta.referenced(among: missing)
-            missing = missing.filter { referencedNow.contains($0) && (try? hub.chunks.length(id: $0)) == nil }
+            missing = missing.filter { referencedNow.contains($0) && !hub.chunks.exists(id: $0) }
         }
         for id in missing.sorted() { report.problems.append("chunk \(id) is referenced but missing") }
         if repair {

@@ -477,7 +477,8 @@ public final class Hub: HubAPI, @unchecked Sendable {
         }
         // The commit claims its objects first, so that a discard can never delete one that a
         // commit under way may reference; a commit that fails gives them back.
-        let claimed = pendingUploads.take(slices.map(\.slice.id), session: context.session)
+        let claimed = pendingUploads.takeForCommit(slices.map(\.slice.id), session: context.session)
+        defer { pendingUploads.endCommit(claimed) }
         // Only objects no commit referenced before (a commit whose reply was lost may have
         // been applied, and its record may become durable without any key).
         let fresh = Set(claimed)

@@ -6,6 +6,8 @@ import WeftProto
 public final class PendingUploads: @unchecked Sendable {
     private let lock = NSLock()
     private var bySession: [SessionID: Set<SliceID>] = [:]
+    /// Objects a commit under way claimed and has not applied yet (fsck must leave them).
+    private var committing: Set<SliceID> = []
 
     public init() {}
 
@@ -24,6 +26,23 @@ public final class PendingUploads: @unchecked Sendable {
         }
     }
 
+    /// `take` for a commit: the objects also count as held (`held(among:)`) until `endCommit`,
+    /// so that nothing takes them for orphans between the claim and the change.
+    public func takeForCommit(_ ids: some Sequence<SliceID>, session: SessionID) -> [SliceID] {
+        lock.withLock {
+            let taken = ids.compactMap { bySession[session]?.remove($0) }
+            if bySession[session]?.isEmpty == true { bySession[session] = nil }
+            committing.formUnion(taken)
+            return taken
+        }
+    }
+
+    /// The commit that claimed `ids` applied or failed (after any `giveBack`).
+    public func endCommit(_ ids: [SliceID]) {
+        guard !ids.isEmpty else { return }
+        lock.withLock { committing.subtract(ids) }
+    }
+
     /// Gives `ids` back to `session` (a commit that claimed them failed).
     public func giveBack(_ ids: [SliceID], session: SessionID) {
         guard !ids.isEmpty else { return }
@@ -32,7 +51,9 @@ public final class PendingUploads: @unchecked Sendable {
 
     /// Those of `ids` that some session holds.
     public func held(among ids: some Sequence<SliceID>) -> Set<SliceID> {
-        lock.withLock { Set(ids.filter { id in bySession.values.contains { $0.contains(id) } }) }
+        lock.withLock {
+            Set(ids.filter { id in committing.contains(id) || bySession.values.contains { $0.contains(id) } })
+        }
     }
 
     /// Everything `session` still holds; it holds nothing after.

@@ -131,7 +131,8 @@ final class ServerCore: @unchecked Sendable {
         var change = SessionChange.none
         switch (request, result) {
         case (.openSession(let agent), .success(.session(let session, _))),
-             (.openVolumeSession(let agent, _), .success(.session(let session, _))):
+             (.openVolumeSession(let agent, _), .success(.session(let session, _))),
+             (.openDataSession(let agent, _), .success(.session(let session, _))):
             lock.withLock { agentOfSession[session] = agent }
             change = .opened(session)
         case (.closeSession(let session), .success):

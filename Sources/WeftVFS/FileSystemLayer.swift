@@ -56,7 +56,7 @@ extension VFS: FileSystemLayer {
     }
 
     public func syncDirectory(_ credentials: Credentials, ino: InodeID) throws {
-        try hub.sync(context(credentials))
+        try syncHub(context(credentials))
     }
 
     public func dropCachedData() -> Int {

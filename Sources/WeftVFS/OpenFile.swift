@@ -110,6 +110,9 @@ final class StagedChunk {
     var running = true
     /// The slices to commit, once uploaded; nil before, or after a failed upload.
     var uploaded: [SliceCommit]?
+    /// `VFS.uploadEpoch` when the upload began: uploads of an older epoch are in doubt and
+    /// are written again before they are committed.
+    var uploadEpoch: UInt64 = 0
 
     init(index: UInt32, extents: [Extent]) {
         self.index = index
@@ -368,8 +371,9 @@ final class OpenFile {
     }
 
     /// Records the end of `chunk`'s upload and wakes waiting commits. Call with `lock` held.
-    func uploadEnded(_ chunk: StagedChunk, slices: [SliceCommit]?) {
+    func uploadEnded(_ chunk: StagedChunk, slices: [SliceCommit]?, epoch: UInt64) {
         chunk.uploaded = slices
+        chunk.uploadEpoch = epoch
         chunk.running = false
         uploadsRunning -= 1
         lock.broadcast()

@@ -131,12 +131,12 @@ extension VFS {
     /// and throws ESTALE (SPEC.md §9.1).
     func flushLocked(_ file: OpenFile, context: RequestContext, durable: Bool) throws {
         guard file.hasDirtyData else {
-            if durable { try hub.sync(context) }
+            if durable { try syncHub(context) }
             return
         }
         file.waitForUploads()
         guard file.hasDirtyData else {   // a background commit took everything meanwhile
-            if durable { try hub.sync(context) }
+            if durable { try syncHub(context) }
             return
         }
         var attempt = 0
@@ -146,13 +146,20 @@ extension VFS {
             // Objects of this attempt that nothing keeps if it fails: staged chunks keep theirs
             // for the next attempt, buffered extents are uploaded anew each time.
             var written: [SliceID] = []
+            let epoch = uploadEpoch.load(ordering: .acquiring)
             do {
                 for chunk in file.staged {
+                    if let stale = chunk.uploaded, chunk.uploadEpoch != epoch {
+                        // Uploaded before the hub reported uploads lost: written again.
+                        discard(stale.map(\.slice.id), context: context)
+                        chunk.uploaded = nil
+                    }
                     if chunk.uploaded == nil {
                         var chunkWritten: [SliceID] = []
                         do {
                             chunk.uploaded = try upload(chunk.extents, of: chunk.index, context: context,
                                                         written: &chunkWritten)
+                            chunk.uploadEpoch = epoch
                         } catch {
                             written += chunkWritten
                             throw error
@@ -168,12 +175,20 @@ extension VFS {
                 discard(written, context: context)
                 try failed(file, error, context: context)
             }
+            if uploadEpoch.load(ordering: .acquiring) != epoch {
+                // The hub reported uploads lost while this attempt uploaded: its objects are in
+                // doubt too (the staged ones are written again by the next attempt).
+                discard(written, context: context)
+                continue
+            }
             do {
                 try commit(commits, of: file, minimumSize: file.dirtyEnd, durable: durable, context: context)
                 clearBuffers(file)
                 return
             } catch let error as WeftError where error.errno == ESTALE && attempt == 1 && !isGone(file, context: context) {
-                // The hub lost the objects (it restarted before the commit): write them again.
+                // The hub lost the objects (it restarted before the commit, or a sync pass failed
+                // on them): write them again, and every other file's staged uploads too.
+                uploadEpoch.add(1, ordering: .releasing)
                 logger.warning("re-uploading inode \(file.ino) data: \(error.message)")
                 discard(written + file.staged.flatMap { $0.uploaded ?? [] }.map(\.slice.id), context: context)
                 for chunk in file.staged { chunk.uploaded = nil }
@@ -182,6 +197,18 @@ extension VFS {
                 if !Self.commitMayHaveApplied(error) { discard(written, context: context) }
                 try failed(file, error, context: context)
             }
+        }
+    }
+
+    /// `hub.sync`. A data hub answers ESTALE once after a failed sync pass over objects this
+    /// agent wrote there (SPEC.md §3.2): every staged upload is then written again before it is
+    /// committed (`uploadEpoch`), and the caller gets EIO, as for any failed sync.
+    func syncHub(_ context: RequestContext) throws {
+        do {
+            try hub.sync(context)
+        } catch let error as WeftError where error.errno == ESTALE {
+            uploadEpoch.add(1, ordering: .releasing)
+            throw WeftError(EIO, "\(error.message)")
         }
     }
 
@@ -274,7 +301,7 @@ extension VFS {
             do { try flushLocked(file, context: context(.root), durable: false) } catch { failure = error }
             file.lock.unlock()
         }
-        if durable { try hub.sync(context(.root)) }
+        if durable { try syncHub(context(.root)) }
         if let failure { throw failure }
     }
 }

@@ -67,7 +67,8 @@ extension VFS {
     /// to the next commit. Caller holds `file.lock`.
     func commitUploadedPrefix(_ file: OpenFile, context: RequestContext) {
         guard file.prefixCommit == nil, file.commitsWaiting == 0, Leases.nowNs() >= file.nextCommitAttemptNs else { return }
-        let ready = Array(file.staged.prefix { $0.uploaded != nil })
+        let epoch = uploadEpoch.load(ordering: .acquiring)
+        let ready = Array(file.staged.prefix { $0.uploaded != nil && $0.uploadEpoch == epoch })
         guard ready.count >= Self.stagedCommitBatch else { return }
         let commits = ready.flatMap { $0.uploaded! }
         let chunkSize = UInt64(chunkSizeBytes)
@@ -139,7 +140,11 @@ extension VFS {
                 commitUploadedPrefix(file, context: context)
             case .failure(let error):
                 // The objects are gone (the hub restarted): the next commit uploads them again.
-                if (error as? WeftError)?.errno == ESTALE { ready.forEach { $0.uploaded = nil } }
+                if (error as? WeftError)?.errno == ESTALE {
+                    uploadEpoch.add(1, ordering: .releasing)
+                    discard(ready.flatMap { $0.uploaded ?? [] }.map(\.slice.id), context: context)
+                    ready.forEach { $0.uploaded = nil }
+                }
                 // Not again before the back-off (flush, fsync and close try at once).
                 noteCommitFailure(file)
                 logger.debug("commit of inode \(file.ino)'s uploaded chunks failed, the next commit retries: \(error)")
@@ -151,6 +156,7 @@ extension VFS {
     /// commit waits for it and commits its slices, or uploads it again if it failed.
     func startUpload(_ chunk: StagedChunk, of file: OpenFile, context: RequestContext) {
         Self.uploadPool.async { [self] in
+            let epoch = uploadEpoch.load(ordering: .acquiring)
             var slices: [SliceCommit]?
             var written: [SliceID] = []
             do {
@@ -160,7 +166,7 @@ extension VFS {
                 logger.debug("background upload of inode \(file.ino) chunk \(chunk.index) failed, the commit retries: \(error)")
             }
             file.lock.lock()
-            file.uploadEnded(chunk, slices: slices)
+            file.uploadEnded(chunk, slices: slices, epoch: epoch)
             commitUploadedPrefix(file, context: context)
             file.lock.unlock()
         }

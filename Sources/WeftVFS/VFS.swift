@@ -131,6 +131,11 @@ public final class VFS: @unchecked Sendable {
     /// `barrier` (SPEC.md §4, Barriers). Kept here, not in the open file, which may be dropped
     /// and opened again meanwhile.
     let uncertainCommits = Mutex<Set<InodeID>>([])
+    /// Raised when the hub says uploads may be lost (ESTALE from a commit or a sync): every
+    /// staged chunk uploaded before is written again before it is committed (SPEC.md §3.2,
+    /// "Objects lost to a failed pass"; a data hub reports such a loss once per session, not
+    /// per object).
+    let uploadEpoch = Atomic<UInt64>(0)
     let sliceIDBatch: UInt32 = 256
     /// Runs read-ahead: one chunk-object fetch per thread, so that up to `prefetchThreads` run at
     /// once (Dispatch's queues would run about one per CPU). Shared by every volume of the process.

@@ -101,7 +101,8 @@ final class DurabilityQueueTests: ChunkTestCase {
         XCTAssertFalse(queue.takeFailure(of: 9, inode: false), "a session with nothing in the pass")
         XCTAssertFalse(queue.takeFailure(of: 7, inode: true), "sessions and inodes are apart")
         queue.forgetSession(10)
-        XCTAssertFalse(queue.takeFailure(of: 44, inode: true), "a session's failures go with the session")
+        XCTAssertFalse(queue.takeFailure(of: 10, inode: false), "a session's failures go with the session")
+        XCTAssertTrue(queue.takeFailure(of: 44, inode: true), "its inodes' stay")
 
         queue.objectRemoved(id: 1)
         XCTAssertEqual(queue.lostObjects([1, 2]), [2], "a deleted object leaves the lost set")

@@ -207,6 +207,51 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(try fixture.api.fsck(repair: false).problems, [])
     }
 
+    /// Once the hub reports uploads lost (ESTALE), every staged upload made before is written
+    /// again before it is committed, also other files' whose own commit would not be refused:
+    /// a data hub reports a failed pass once per session, not per object (SPEC.md §3.2).
+    func testAfterALossReportEveryEarlierStagedUploadIsWrittenAgain() throws {
+        let agent = try makeAgent()
+        let (_, warm) = try create(agent, "warm")   // slice ids first (see above)
+        try write(agent, warm, at: 0, [1])
+        try agent.fsync(handle: warm)
+        let chunks = fixture.hub.chunks
+        func stage(_ name: String, seed: UInt64) throws -> (InodeID, UInt64, [UInt8], [SliceID]) {
+            let (ino, handle) = try create(agent, name)
+            var random = SeededRandom(seed: seed)
+            let data = random.bytes(2 * Self.chunk)
+            try write(agent, handle, at: 0, data)
+            let file = try XCTUnwrap(agent.files[ino])
+            let uploaded: [SliceID] = file.lock.withLock {
+                file.waitForUploads()
+                return file.staged.flatMap { $0.uploaded ?? [] }.map(\.slice.id)
+            }
+            XCTAssertEqual(uploaded.count, 2)
+            return (ino, handle, data, uploaded)
+        }
+        let (fine, fineHandle, fineData, fineUploads) = try stage("fine", seed: 11)
+        try chunks.sync()   // its objects are durable
+        let (lost, lostHandle, lostData, lostUploads) = try stage("lost", seed: 12)
+        chunks.testSyncFailure = { lostUploads.contains($0) ? EIO : nil }
+        defer { chunks.testSyncFailure = nil }
+        _ = try? chunks.sync()
+        XCTAssertEqual(Set(chunks.lostObjects(lostUploads + fineUploads)), Set(lostUploads))
+        try agent.fsync(handle: lostHandle)   // ESTALE at the hub, written again
+        try agent.fsync(handle: fineHandle)   // not refused, yet written again
+        let session = RequestContext(session: try fixture.api.openSession(agentName: "check").0, credentials: rootCaller)
+        for (ino, before) in [(lost, lostUploads), (fine, fineUploads)] {
+            let named = try fixture.api.layout(session, ino: ino, firstChunk: 0, count: 2).1.flatMap { $0.map(\.id) }
+            XCTAssertEqual(named.count, 2)
+            XCTAssertTrue(Set(named).isDisjoint(with: before), "inode \(ino) names objects uploaded after the report")
+        }
+        try agent.release(handle: lostHandle)
+        try agent.release(handle: fineHandle)
+        let reader = try makeAgent()
+        XCTAssertTrue(try contents(of: lost, via: reader) == lostData)
+        XCTAssertTrue(try contents(of: fine, via: reader) == fineData)
+        XCTAssertEqual(try fixture.api.fsck(repair: false).problems, [])
+    }
+
     /// A long write commits its uploaded chunks in batches, in the background, before the
     /// file's next commit and without the writer waiting for them.
     func testUploadedChunksCommitInBatchesDuringALongWrite() throws {
