@@ -140,6 +140,7 @@ extension VFS {
             return
         }
         var attempt = 0
+        var restarts = 0
         while true {
             attempt += 1
             var commits: [SliceCommit] = []
@@ -150,8 +151,12 @@ extension VFS {
             do {
                 for chunk in file.staged {
                     if let stale = chunk.uploaded, chunk.uploadEpoch != epoch {
-                        // Uploaded before the hub reported uploads lost: written again.
-                        discard(stale.map(\.slice.id), context: context)
+                        // Uploaded before the hub reported uploads lost: written again. Not
+                        // discarded while an earlier commit of the file may have applied (it
+                        // may name them; the new upload is laid over them).
+                        if !uncertainCommits.withLock({ $0.contains(file.ino) }) {
+                            discard(stale.map(\.slice.id), context: context)
+                        }
                         chunk.uploaded = nil
                     }
                     if chunk.uploaded == nil {
@@ -175,22 +180,33 @@ extension VFS {
                 discard(written, context: context)
                 try failed(file, error, context: context)
             }
-            if uploadEpoch.load(ordering: .acquiring) != epoch {
+            if uploadEpoch.load(ordering: .acquiring) != epoch && restarts < Self.epochRestartsMax {
                 // The hub reported uploads lost while this attempt uploaded: its objects are in
                 // doubt too (the staged ones are written again by the next attempt).
                 discard(written, context: context)
+                restarts += 1
+                attempt -= 1   // not an attempt of its own
                 continue
             }
             do {
                 try commit(commits, of: file, minimumSize: file.dirtyEnd, durable: durable, context: context)
                 clearBuffers(file)
                 return
-            } catch let error as WeftError where error.errno == ESTALE && attempt == 1 && !isGone(file, context: context) {
-                // The hub lost the objects (it restarted before the commit, or a sync pass failed
-                // on them): write them again, and every other file's staged uploads too.
+            } catch let error as WeftError where error.errno == ESTALE {
+                // The hub lost objects (it restarted before the commit, or a sync pass failed on
+                // them): every staged upload of the agent is in doubt, this file's are written
+                // again now (once), other files' before their next commits.
                 uploadEpoch.add(1, ordering: .releasing)
+                guard attempt == 1, !isGone(file, context: context) else {
+                    discard(written, context: context)
+                    try failed(file, error, context: context)
+                }
                 logger.warning("re-uploading inode \(file.ino) data: \(error.message)")
-                discard(written + file.staged.flatMap { $0.uploaded ?? [] }.map(\.slice.id), context: context)
+                // Staged uploads an earlier commit that may have applied could name are left
+                // (a data hub deletes whatever it is told to discard).
+                let staged = uncertainCommits.withLock({ $0.contains(file.ino) })
+                    ? [] : file.staged.flatMap { $0.uploaded ?? [] }.map(\.slice.id)
+                discard(written + staged, context: context)
                 for chunk in file.staged { chunk.uploaded = nil }
                 continue
             } catch {
@@ -199,6 +215,9 @@ extension VFS {
             }
         }
     }
+
+    /// Times one commit starts over because the upload epoch moved while it uploaded.
+    static let epochRestartsMax = 3
 
     /// `hub.sync`. A data hub answers ESTALE once after a failed sync pass over objects this
     /// agent wrote there (SPEC.md §3.2): every staged upload is then written again before it is

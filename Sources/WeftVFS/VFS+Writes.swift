@@ -142,7 +142,9 @@ extension VFS {
                 // The objects are gone (the hub restarted): the next commit uploads them again.
                 if (error as? WeftError)?.errno == ESTALE {
                     uploadEpoch.add(1, ordering: .releasing)
-                    discard(ready.flatMap { $0.uploaded ?? [] }.map(\.slice.id), context: context)
+                    if !uncertainCommits.withLock({ $0.contains(file.ino) }) {
+                        discard(ready.flatMap { $0.uploaded ?? [] }.map(\.slice.id), context: context)
+                    }
                     ready.forEach { $0.uploaded = nil }
                 }
                 // Not again before the back-off (flush, fsync and close try at once).
