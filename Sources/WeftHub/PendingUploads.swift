@@ -15,26 +15,27 @@ public final class PendingUploads: @unchecked Sendable {
         lock.withLock { _ = bySession[session, default: []].insert(id) }
     }
 
-    /// Removes those of `ids` that `session` holds; returns them (a commit claims its objects,
-    /// a discard takes the ones it may delete).
+    /// Removes those of `ids` that `session` holds; returns them (a discard takes the ones it
+    /// may delete; a data hub forgets those reported committed).
     @discardableResult
     public func take(_ ids: some Sequence<SliceID>, session: SessionID) -> [SliceID] {
-        lock.withLock {
-            let taken = ids.compactMap { bySession[session]?.remove($0) }
-            if bySession[session]?.isEmpty == true { bySession[session] = nil }
-            return taken
-        }
+        lock.withLock { takeLocked(ids, session: session) }
     }
 
     /// `take` for a commit: the objects also count as held (`held(among:)`) until `endCommit`,
     /// so that nothing takes them for orphans between the claim and the change.
     public func takeForCommit(_ ids: some Sequence<SliceID>, session: SessionID) -> [SliceID] {
         lock.withLock {
-            let taken = ids.compactMap { bySession[session]?.remove($0) }
-            if bySession[session]?.isEmpty == true { bySession[session] = nil }
+            let taken = takeLocked(ids, session: session)
             committing.formUnion(taken)
             return taken
         }
+    }
+
+    private func takeLocked(_ ids: some Sequence<SliceID>, session: SessionID) -> [SliceID] {
+        let taken = ids.compactMap { bySession[session]?.remove($0) }
+        if bySession[session]?.isEmpty == true { bySession[session] = nil }
+        return taken
     }
 
     /// The commit that claimed `ids` applied or failed (after any `giveBack`).

@@ -55,9 +55,6 @@ final class RequestLedger: @unchecked Sendable {
             return true
         }
     }
-
-    /// How many commits are unfinished (tests).
-    var unfinishedCount: Int { lock.withLock { unfinished.values.reduce(0) { $0 + $1.count } } }
 }
 
 /// A count of threads with a bound (barrier threads). Thread-safe.
