@@ -63,6 +63,10 @@ final class HubConnection: @unchecked Sendable {
     /// still read what the socket holds, to its end of file (`channelClosedByNIO` shuts the read
     /// side down, so that end comes), then end the connection.
     private var channelClosed = false
+    /// A newer connection of the same client fenced this one (SPEC.md §4, Fences): requests not
+    /// yet started are dropped unrun.
+    private var fenced = false
+    private var fenceReason = ""
     private var inFlight = 0
     private var waiting = CircularBuffer<Received>(initialCapacity: 16)
 
@@ -250,6 +254,11 @@ final class HubConnection: @unchecked Sendable {
     // MARK: Running requests
 
     private func submit(_ request: Received) {
+        if request.frame.header.opcode == HubOpcode.fence.rawValue {
+            // Never queued behind other requests, above all not behind those of the connections
+            // it fences: it takes one lock and answers (SPEC.md §4, Fences).
+            return run(request, cancelled: false)
+        }
         if Self.isBarrier(request) {
             // A barrier waits for requests that may sit in the pool's queue behind it: it waits
             // on a thread of its own, never on a worker (SPEC.md §4, Barriers).
@@ -277,8 +286,9 @@ final class HubConnection: @unchecked Sendable {
     /// Runs one request and sends its response from this thread (SPEC.md §4, Direct sends).
     private func run(_ received: Received, cancelled: Bool, refused: Bool = false) {
         defer { core.ledger.finish(received.number, key: received.commit) }
+        if lock.withLock({ fenced }) { return finished() }
         let outcome = core.execute(received.frame, number: received.number, allocator: channel.allocator,
-                                   cancelled: cancelled, refused: refused, leases: leases)
+                                   cancelled: cancelled, refused: refused, leases: leases, connection: self)
         switch outcome {
         case .respond(let response, let change):
             switch change {
@@ -299,6 +309,7 @@ final class HubConnection: @unchecked Sendable {
         case .violation(let error):
             closeForViolation(error)
         }
+        if let reason = lock.withLock({ fenced ? fenceReason : nil }) { end("fenced: \(reason)") }
         finished()
     }
 
@@ -364,6 +375,19 @@ final class HubConnection: @unchecked Sendable {
             return false
         }
         if endNow { end("channel closed") }
+    }
+
+    /// A newer connection of the same agent replaced this one (SPEC.md §4, Fences): nothing not
+    /// yet started runs (what waits for a slot, what the pool has not begun, what the socket
+    /// still holds), and the connection ends. Requests already running finish.
+    /// With `endNow` false (the connection is itself too old) it ends once the request that
+    /// learned it has answered.
+    func fence(because reason: String, endNow: Bool = true) {
+        lock.withLock {
+            fenced = true
+            fenceReason = reason
+        }
+        if endNow { end("fenced: \(reason)") }
     }
 
     /// Ends the connection: no more reading, the channel closed, the sessions released once the

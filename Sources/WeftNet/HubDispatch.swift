@@ -110,6 +110,9 @@ extension HubRequest {
             return .lock(try hub.lock(c, ino: ino, request))
         case .ping:
             return .empty
+        case .fence:
+            // Fences connections: the server handles it (ServerCore.execute).
+            throw WeftError(EINVAL, "fence is only served over a connection")
         case .enableLeases:
             // Needs the connection to call back on: the server handles it (ServerCore.execute).
             throw WeftError(EINVAL, "enableLeases is only served over a connection")

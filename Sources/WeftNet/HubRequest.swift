@@ -56,6 +56,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case releaseMany = 48
     case readBlocks = 49
     case barrier = 50
+    case fence = 51
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -90,6 +91,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .commitSlices: "commitSlices"
         case .sync: "sync"
         case .barrier: "barrier"
+        case .fence: "fence"
         case .status: "status"
         case .fsck: "fsck"
         case .openVolumeSession: "openVolumeSession"
@@ -157,6 +159,10 @@ public enum HubRequest: Equatable, Sendable {
     case lock(RequestContext, ino: InodeID, LockRequest)
     /// Keeps an idle connection (and so its sessions) alive; answered by the server itself.
     case ping
+    /// The first request on each connection of a client (one `RemoteHub`): connection `connection`
+    /// (counting up from 1) of client `client` replaces every earlier one, whose requests not yet
+    /// started never run; answered by the server itself (SPEC.md §4, Fences).
+    case fence(client: UInt64, connection: UInt64)
     /// The session's agent takes leases and answers recalls on this connection.
     case enableLeases(SessionID)
     /// Hub to agent (a `callback` frame): give up the lease on `ino` (SPEC.md §12.6).
@@ -222,6 +228,7 @@ public enum HubRequest: Equatable, Sendable {
         case .createVolume: .createVolume
         case .lock: .lock
         case .ping: .ping
+        case .fence: .fence
         case .enableLeases: .enableLeases
         case .recall: .recall
         case .acquireWriteLease: .acquireWriteLease
@@ -242,7 +249,7 @@ public enum HubRequest: Equatable, Sendable {
     /// The session the request acts for: its context's, or the one `closeSession` ends.
     public var session: SessionID? {
         switch self {
-        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .openDataSession,
+        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence, .openDataSession,
              .fetchObject, .deleteObjects: nil
         case .closeSession(let session), .enableLeases(let session), .recall(let session, _, _, _): session
         case .acquireWriteLease(let c, _), .reclaimWriteLease(let c, _): c.session
@@ -267,7 +274,7 @@ public enum HubRequest: Equatable, Sendable {
             return context
         }
         switch self {
-        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .openDataSession,
+        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence, .openDataSession,
              .fetchObject, .deleteObjects: return self
         case .closeSession: return .closeSession(session)
         case .enableLeases: return .enableLeases(session)
@@ -391,6 +398,8 @@ public enum HubRequest: Equatable, Sendable {
             c.encode(into: &w); w.u64(ino); request.encode(into: &w)
         case .ping:
             break
+        case let .fence(client, connection):
+            w.u64(client); w.u64(connection)
         case let .enableLeases(session):
             w.u64(session)
         case let .recall(session, ino, names, notice):
@@ -447,6 +456,8 @@ public enum HubRequest: Equatable, Sendable {
             return .clusterMap
         case .ping:
             return .ping
+        case .fence:
+            return .fence(client: try r.u64(), connection: try r.u64())
         case .enableLeases:
             return .enableLeases(try r.u64())
         case .recall:
@@ -474,7 +485,7 @@ public enum HubRequest: Equatable, Sendable {
         }
         let c = try RequestContext.decode(from: &r)
         switch opcode {
-        case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping,
+        case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence,
              .enableLeases, .recall, .openDataSession, .fetchObject, .deleteObjects:
             preconditionFailure("handled above")
         case .acquireWriteLease:

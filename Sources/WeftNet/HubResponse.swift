@@ -42,7 +42,7 @@ public enum HubResponse: Equatable, Sendable {
     /// Whether this is the result shape of `opcode`.
     func fits(_ opcode: HubOpcode) -> Bool {
         switch (self, opcode) {
-        case (.empty, .closeSession), (.empty, .ping), (.empty, .unlink), (.empty, .rmdir), (.empty, .rename), (.empty, .access),
+        case (.empty, .closeSession), (.empty, .ping), (.empty, .fence), (.empty, .unlink), (.empty, .rmdir), (.empty, .rename), (.empty, .access),
              (.empty, .release), (.empty, .setxattr), (.empty, .removexattr), (.empty, .writeSlice), (.empty, .sync), (.empty, .barrier),
              (.session, .openSession),
              (.attributes, .lookup), (.attributes, .getattr), (.attributes, .setattr), (.attributes, .create),
@@ -142,7 +142,7 @@ public enum HubResponse: Equatable, Sendable {
     /// Reads the success payload of a response to `opcode`. Leaves any trailing bytes to the caller.
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
-        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping, .fence,
              .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:

@@ -54,6 +54,11 @@ public final class HubServer: @unchecked Sendable {
     /// Connections admitted and not yet in `connections` (being set up).
     private var admitted = 0
 
+    /// The newest connection number `client` fenced with (SPEC.md §4, Fences), for tests.
+    func newestFencedConnection(ofClient client: UInt64) -> UInt64? {
+        core.newestFencedConnection(ofClient: client)
+    }
+
     public init(hub: HubAPI, logger: Logger,
                 workerThreads: Int = HubServer.defaultWorkerThreads,
                 eventLoopThreads: Int = min(System.coreCount, 4),

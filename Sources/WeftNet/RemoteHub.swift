@@ -34,6 +34,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     static let pingRequestID: UInt64 = 0
 
     public let address: HubAddress
+    /// This client's name in `fence` requests (random; SPEC.md §4, Fences).
+    public let clientID: UInt64
     public let connectTimeoutMs: Int
     public let requestTimeoutMs: Int
     let logger: Logger
@@ -78,16 +80,29 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// Lease clients by the caller's session id (SPEC.md §12.6).
     private var leaseClients: [SessionID: LeaseClient] = [:]
     private var slotWaiters = 0
+    /// Connections this client has begun, the number of the last one (guarded by `lock`).
+    private var connectionsMade: UInt64
     /// Reading threads not yet ended, by identity (`close()` waits for them).
     private var readers: [ObjectIdentifier: ClientReader] = [:]
 
     /// `payloadWaitMs`: how long a request whose data goes from caller memory (`writeSlice`)
     /// waits for a full socket before the rest is copied and queued; `sendBufferBytes`: the
     /// socket's send buffer (default: the kernel's). Both for tests.
-    public init(address: HubAddress, connectTimeoutMs: Int = 5000, requestTimeoutMs: Int = 30000,
+    public convenience init(address: HubAddress, connectTimeoutMs: Int = 5000, requestTimeoutMs: Int = 30000,
                 payloadWaitMs: Int = 100, sendBufferBytes: Int? = nil, logger: Logger) {
-        precondition(connectTimeoutMs > 0 && requestTimeoutMs > 0 && payloadWaitMs >= 0)
+        self.init(address: address, connectTimeoutMs: connectTimeoutMs, requestTimeoutMs: requestTimeoutMs,
+                  payloadWaitMs: payloadWaitMs, sendBufferBytes: sendBufferBytes, clientID: UInt64.random(in: 1...UInt64.max),
+                  logger: logger)
+    }
+
+    /// With a chosen `clientID` (tests: a client that stands in for another's next connection).
+    init(address: HubAddress, connectTimeoutMs: Int = 5000, requestTimeoutMs: Int = 30000,
+         payloadWaitMs: Int = 100, sendBufferBytes: Int? = nil, clientID: UInt64, firstConnection: UInt64 = 1,
+         logger: Logger) {
+        precondition(connectTimeoutMs > 0 && requestTimeoutMs > 0 && payloadWaitMs >= 0 && firstConnection > 0)
         self.address = address
+        self.clientID = clientID
+        self.connectionsMade = firstConnection - 1
         self.connectTimeoutMs = connectTimeoutMs
         self.requestTimeoutMs = requestTimeoutMs
         self.payloadWaitNs = UInt64(payloadWaitMs) * 1_000_000
@@ -660,6 +675,25 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         }
         channel.closeFuture.whenComplete { _ in heartbeat.cancel() }
 
+        // Before anything else on it: the hub drops what earlier connections sent and has not
+        // started, so nothing the agent gave up on runs after what it sends next (SPEC.md §4, Fences).
+        if !unknownOpcodes.withLock({ $0.contains(.fence) }) {
+            let number = lock.withLock {
+                connectionsMade += 1
+                return connectionsMade
+            }
+            do {
+                guard case .empty = try send(.fence(client: clientID, connection: number), on: connection,
+                                             substituteSession: false) else { throw shapeMismatch(.fence) }
+            } catch let error as WeftError where error.errno == ENOSYS {
+                unknownOpcodes.withLock { _ = $0.insert(.fence) }
+            } catch {
+                // Its errno stays (ETIMEDOUT from a hub that accepts and never answers).
+                channel.close(promise: nil)
+                let errno = (error as? WeftError)?.errno ?? EIO
+                throw WeftError(errno, "hub \(address.displayName) did not fence the earlier connections: \(error)")
+            }
+        }
         let toReopen = lock.withLock { sessions }
         for (callerID, (agentName, volume, data)) in toReopen {
             do {

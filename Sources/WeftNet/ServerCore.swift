@@ -7,6 +7,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import Synchronization
+import WeftChunks
 import WeftProto
 
 /// What a connection handler shares with its server: the hub, the worker pool, the limits, and
@@ -35,6 +36,67 @@ final class ServerCore: @unchecked Sendable {
     /// barriers key commits by agent, so that a session reopened after a lost connection (a
     /// new id, the same agent) still waits for the old session's commits (SPEC.md §4, Barriers).
     private var agentOfSession: [SessionID: String] = [:]
+
+    /// Per client that fenced (opcode 51), its newest connection number and the connections that
+    /// sent it; kept `fenceMemoryNs` after they end (SPEC.md §4, Fences).
+    private var fences: [UInt64: ClientFence] = [:]
+    private struct ClientFence {
+        var connection: UInt64
+        var holders: [WeakConnection]
+        var touchedNs: UInt64
+    }
+    private final class WeakConnection {
+        weak var value: HubConnection?
+        init(_ value: HubConnection) { self.value = value }
+    }
+    /// How long a client's newest connection number is remembered after its connections ended:
+    /// longer than any connection whose first frame is still on its way may live unread (weftd
+    /// ends a silent connection after its session timeout, at most 1 hour).
+    static let fenceMemoryNs: UInt64 = 2 * 3600 * 1_000_000_000
+
+    /// Connection `number` of `client` arrived on `connection`: every connection of the client
+    /// with a smaller number is fenced (SPEC.md §4, Fences). ESTALE, and this connection fenced,
+    /// if a connection with a number as large fenced first.
+    func fence(client: UInt64, number: UInt64, from connection: HubConnection) -> Result<HubResponse, WeftError> {
+        let now = MonotonicClock.nowNs()
+        enum Plan { case fence([HubConnection]), stale(UInt64) }
+        let plan: Plan = lock.withLock {
+            fences = fences.filter { _, entry in
+                entry.holders.contains { $0.value != nil } || now &- entry.touchedNs < Self.fenceMemoryNs
+            }
+            guard var entry = fences[client] else {
+                fences[client] = ClientFence(connection: number, holders: [WeakConnection(connection)], touchedNs: now)
+                return .fence([])
+            }
+            if entry.connection == number, entry.holders.contains(where: { $0.value === connection }) {
+                return .fence([])   // the same connection again
+            }
+            guard number > entry.connection else { return .stale(entry.connection) }
+            let earlier = entry.holders.compactMap(\.value)
+            entry = ClientFence(connection: number, holders: [WeakConnection(connection)], touchedNs: now)
+            fences[client] = entry
+            return .fence(earlier)
+        }
+        switch plan {
+        case .stale(let newest):
+            connection.fence(because: "connection \(newest) of its client came first", endNow: false)
+            return .failure(WeftError(ESTALE, "connection \(number) of client \(hex(client)) was replaced by connection \(newest)"))
+        case .fence(let earlier):
+            for old in earlier {
+                old.fence(because: "connection \(number) of its client replaced it")
+            }
+            if !earlier.isEmpty {
+                logger.info("fenced an agent's earlier connection", metadata: [
+                    "client": "\(hex(client))", "connection": "\(number)", "fenced": "\(earlier.map(\.peer))"])
+            }
+            return .success(.empty)
+        }
+    }
+
+    /// The newest connection number `client` fenced with, if the server remembers one.
+    func newestFencedConnection(ofClient client: UInt64) -> UInt64? {
+        lock.withLock { fences[client]?.connection }
+    }
 
     /// The ledger's key for a commit or barrier of `ino` by `session`.
     func ledgerKey(session: SessionID, ino: InodeID) -> RequestLedger.Key {
@@ -90,7 +152,7 @@ final class ServerCore: @unchecked Sendable {
 
     /// Decodes and runs one request on the calling (worker) thread and encodes its response.
     func execute(_ frame: InboundFrame, number: UInt64, allocator: ByteBufferAllocator, cancelled: Bool,
-                 refused: Bool = false, leases: ConnectionLeases?) -> Outcome {
+                 refused: Bool = false, leases: ConnectionLeases?, connection: HubConnection? = nil) -> Outcome {
         let id = frame.header.requestID
         guard let opcode = HubOpcode(rawValue: frame.header.opcode) else {
             // A newer agent's method: answered, not fatal (SPEC.md §Wire protocol, versioning).
@@ -118,6 +180,12 @@ final class ServerCore: @unchecked Sendable {
             result = ledger.waitForEarlier(than: number, key: key, deadlineNs: deadline)
                 ? .success(.empty)
                 : .failure(WeftError(ETIMEDOUT, "commits of inode \(ino) read before the barrier are still running after \(Self.barrierWaitMs / 1000) s"))
+        } else if case let .fence(client, fenceNumber) = request {
+            if let connection {
+                result = fence(client: client, number: fenceNumber, from: connection)
+            } else {
+                result = .failure(WeftError(EINVAL, "fence is only served over a connection"))
+            }
         } else if case .enableLeases(let session) = request {
             // Recalls for this session go back on this connection.
             result = Result {

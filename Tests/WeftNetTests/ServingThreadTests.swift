@@ -151,6 +151,119 @@ final class ServingThreadTests: XCTestCase {
         XCTAssertEqual(try answer(), 1, "then the lookup")
     }
 
+    /// The status of the next response frame on `agent`, and its request id.
+    private func answer(_ agent: RawSocket) throws -> (id: UInt64, status: Int32) {
+        let prefix = try agent.receive(count: 4)
+        let frame = prefix + (try agent.receive(count: Int(prefix.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })))
+        let decoded = try WireCodec.decodeFrame(frame)
+        let status = decoded.payload.withUnsafeBytes { $0.loadUnaligned(as: Int32.self) }
+        return (decoded.requestID, status)
+    }
+
+    func testAFencedConnectionRunsNothingItHadNotStarted() throws {
+        // An agent gave up on its connection (lost, to its eyes) while the hub still held frames
+        // of it unread: here a write behind a request that blocks, at an in-flight bound of 1.
+        // The agent's next connection fences the first: the write must never run (before
+        // fences it ran once the blocked request finished, after anything the agent sent since).
+        let hub = FakeHub()
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 4, eventLoopThreads: 1,
+                               maxInFlightRequestsPerConnection: 1)
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        defer { server.shutdown() }
+        let c = RequestContext(session: 0, credentials: .root)
+        let client: UInt64 = 0x5eed
+        let old = try RawSocket(port: port)
+        try old.send(WireCodec.encodeRequest(id: 1, .fence(client: client, connection: 1)))
+        XCTAssertEqual(try answer(old).status, 0)
+        try old.send(WireCodec.encodeRequest(id: 2, .lookup(c, parent: 1, name: Array("block".utf8))))
+        XCTAssertTrue(hub.waitForBlocked(1))
+        let stale = sliceData(9001, size: 1000)
+        try old.send(WireCodec.encodeRequest(id: 3, .writeSlice(c, id: 9001, data: stale)))
+        usleep(200_000)   // the hub does not read it: the connection is at its bound
+
+        let next = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), clientID: client, firstConnection: 2,
+                             logger: logger)
+        defer { next.close() }
+        XCTAssertEqual(try next.getattr(c, ino: 42).ino, 42)
+        XCTAssertEqual(server.newestFencedConnection(ofClient: client), 2)
+        XCTAssertTrue(old.readsEndOfStream(), "the hub ends the fenced connection")
+        hub.releaseBlocked()
+        usleep(300_000)
+        XCTAssertThrowsError(try next.readSlice(c, id: 9001, offset: 0, length: UInt32(stale.count)),
+                             "the fenced connection's unread write ran") { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
+        // Requests of the new connection run as ever.
+        let fresh = sliceData(9002, size: 1000)
+        try next.writeSlice(c, id: 9002, data: fresh)
+        XCTAssertTrue(try next.readSlice(c, id: 9002, offset: 0, length: UInt32(fresh.count)) == fresh)
+
+        // A connection that comes with an older number after a newer one is refused and ends.
+        let late = try RawSocket(port: port)
+        try late.send(WireCodec.encodeRequest(id: 1, .fence(client: client, connection: 1))
+                      + WireCodec.encodeRequest(id: 2, .writeSlice(c, id: 9003, data: stale)))
+        let refusal = try answer(late)
+        XCTAssertEqual(refusal.id, 1)
+        XCTAssertEqual(refusal.status, ESTALE)
+        XCTAssertTrue(late.readsEndOfStream())
+        XCTAssertThrowsError(try next.readSlice(c, id: 9003, offset: 0, length: UInt32(stale.count)),
+                             "a refused connection ran a request")
+        XCTAssertEqual(server.newestFencedConnection(ofClient: client), 2)
+    }
+
+    func testAFencedConnectionsRequestsWaitingForAWorkerNeverRun() throws {
+        // Every worker is held by the old connection's requests; its write waits in the pool's
+        // queue. The fence runs on the reading thread all the same, and the write, when a worker
+        // takes it, is dropped unrun.
+        let hub = FakeHub()
+        let server = HubServer(hub: hub, logger: logger, workerThreads: 2, eventLoopThreads: 1)
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        defer { server.shutdown() }
+        let c = RequestContext(session: 0, credentials: .root)
+        let client: UInt64 = 0xfe11ce
+        let old = try RawSocket(port: port)
+        try old.send(WireCodec.encodeRequest(id: 1, .fence(client: client, connection: 1)))
+        XCTAssertEqual(try answer(old).status, 0)
+        let queued = sliceData(9101, size: 1000)
+        let block = { (id: UInt64) in WireCodec.encodeRequest(id: id, .lookup(c, parent: 1, name: Array("block".utf8))) }
+        // Three that block (one may run on the reading thread), then the write: it waits for a worker.
+        try old.send(block(2) + block(3) + block(4) + WireCodec.encodeRequest(id: 5, .writeSlice(c, id: 9101, data: queued)))
+        XCTAssertTrue(hub.waitForBlocked(2), "the workers are held")
+
+        let next = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), clientID: client, firstConnection: 2,
+                             logger: logger)
+        defer { next.close() }
+        let answered = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            _ = try? next.getattr(c, ino: 42)   // connects (and fences) first; the getattr waits for a worker
+            answered.signal()
+        }
+        XCTAssertTrue(eventually(timeoutSeconds: 5) { server.newestFencedConnection(ofClient: client) == 2 },
+                      "the fence is answered while every worker is held")
+        XCTAssertTrue(old.readsEndOfStream(), "the hub ends the fenced connection")
+        hub.releaseBlocked()
+        XCTAssertEqual(answered.wait(timeout: .now() + 10), .success)
+        XCTAssertThrowsError(try next.readSlice(c, id: 9101, offset: 0, length: UInt32(queued.count)),
+                             "the fenced connection's queued write ran") { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
+    }
+
+    func testAClientFencesWithANewNumberOnEveryConnection() throws {
+        let hub = FakeHub()
+        let first = HubServer(hub: hub, logger: logger, workerThreads: 2, eventLoopThreads: 1)
+        let port = try first.listen(host: "127.0.0.1", port: 0)
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 2000, logger: logger)
+        defer { client.close() }
+        let c = RequestContext(session: 0, credentials: .root)
+        XCTAssertEqual(try client.getattr(c, ino: 7).ino, 7)
+        XCTAssertEqual(first.newestFencedConnection(ofClient: client.clientID), 1)
+        first.shutdown()
+        XCTAssertThrowsError(try client.getattr(c, ino: 7))
+        let second = HubServer(hub: hub, logger: logger, workerThreads: 2, eventLoopThreads: 1)
+        defer { second.shutdown() }
+        _ = try second.listen(host: "127.0.0.1", port: port)
+        XCTAssertTrue(eventually(timeoutSeconds: 10) { (try? client.getattr(c, ino: 7)) != nil })
+        XCTAssertEqual(second.newestFencedConnection(ofClient: client.clientID), 2, "the reconnection fenced with number 2")
+        XCTAssertNotEqual(RemoteHub(address: client.address, logger: logger).clientID, client.clientID)
+    }
+
     func testAcceptedTCPConnectionsHaveNagleOff() throws {
         // NIO's socket bootstrap used to set TCP_NODELAY; the hub now accepts and keeps sockets
         // itself. Without it a small response waited behind an unacknowledged one (a delayed

@@ -62,6 +62,7 @@ enum WireSamples {
         .lock(context, ino: 22, LockRequest(kind: .posix, type: .write, start: 1 << 40, end: .max, owner: 0xFEED_BEEF,
                                             pid: 4_000_000, test: true)),
         .ping,
+        .fence(client: 0xFEED_FACE_CAFE_BEEF, connection: 3),
         .enableLeases(0xABCD),
         .recall(session: 77, ino: 1 << 50 | 9, names: [Array("a".utf8), [], Array(repeating: 0x61, count: 255)], notice: false),
         .recall(session: 1, ino: 2, names: [], notice: true),
@@ -112,7 +113,7 @@ enum WireSamples {
         switch opcode {
         case .readBlocks:
             preconditionFailure("readBlocks has no HubResponse")
-        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping,
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping, .fence,
              .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
