@@ -18,7 +18,8 @@ import WeftProto
 /// first request of a read runs on the reading thread when another reading thread is still
 /// waiting, every other request on the worker pool; at most `maxInFlightRequestsPerConnection`
 /// requests run at once, and beyond that the connection is not re-armed (frames already read
-/// wait in order); a response that opens or closes a session is recorded before it is sent; when
+/// wait in order); `fence` is taken only as the first request and runs on the reading thread
+/// before anything read with it; once the connection is fenced nothing not yet started runs; a response that opens or closes a session is recorded before it is sent; when
 /// the connection ends, after its last request has finished, every session opened through it and
 /// not closed is closed on the hub, exactly once; the reading descriptor is closed exactly once,
 /// never while a thread reads it.
@@ -67,6 +68,8 @@ final class HubConnection: @unchecked Sendable {
     /// yet started are dropped unrun.
     private var fenced = false
     private var fenceReason = ""
+    /// A request has been read: `fence` is refused from then on (only a connection's first).
+    private var readARequest = false
     private var inFlight = 0
     private var waiting = CircularBuffer<Received>(initialCapacity: 16)
 
@@ -176,6 +179,11 @@ final class HubConnection: @unchecked Sendable {
             }
             if !isClosing {
                 for request in requests {
+                    if request.header.opcode == HubOpcode.fence.rawValue, readARequest {
+                        violation = WeftError(EPROTO, "fence is only a connection's first request")
+                        break
+                    }
+                    readARequest = true
                     let item = numbered(request)
                     if waiting.isEmpty && inFlight < core.maxInFlightRequestsPerConnection {
                         inFlight += 1
@@ -191,6 +199,9 @@ final class HubConnection: @unchecked Sendable {
                 dropWaitingLocked()
                 return true
             }
+            // Not before a fence has answered: nothing read after it may start first (its
+            // `finished` re-arms).
+            if let first = admitted.first, Self.isFence(first) { return false }
             return !rearmLocked()
         }
         if let violation {
@@ -200,8 +211,16 @@ final class HubConnection: @unchecked Sendable {
         if endNow { self.end(violation != nil ? "malformed frame" : end ?? "cannot re-arm the connection") }
         // The others first: the one run here may block (an fsync, a recall), and they must not
         // wait for it.
-        for request in admitted.dropFirst(mayRunHere ? 1 : 0) { submit(request) }
-        if mayRunHere, let first = admitted.first {
+        var toRun = admitted[...]
+        if let first = toRun.first, Self.isFence(first) {
+            // Before anything read with it (SPEC.md §4, Fences): a connection it finds overtaken
+            // runs none of its requests, and it never waits for a worker that the requests it
+            // fences may hold. It takes one lock and answers.
+            run(first, cancelled: false)
+            toRun = toRun.dropFirst()
+        }
+        for request in toRun.dropFirst(mayRunHere ? 1 : 0) { submit(request) }
+        if mayRunHere, let first = toRun.first {
             if Self.isBarrier(first) { submit(first) } else { run(first, cancelled: false) }
         }
     }
@@ -254,11 +273,6 @@ final class HubConnection: @unchecked Sendable {
     // MARK: Running requests
 
     private func submit(_ request: Received) {
-        if request.frame.header.opcode == HubOpcode.fence.rawValue {
-            // Never queued behind other requests, above all not behind those of the connections
-            // it fences: it takes one lock and answers (SPEC.md §4, Fences).
-            return run(request, cancelled: false)
-        }
         if Self.isBarrier(request) {
             // A barrier waits for requests that may sit in the pool's queue behind it: it waits
             // on a thread of its own, never on a worker (SPEC.md §4, Barriers).
@@ -276,6 +290,10 @@ final class HubConnection: @unchecked Sendable {
 
     private static func isBarrier(_ request: Received) -> Bool {
         request.frame.header.opcode == HubOpcode.barrier.rawValue
+    }
+
+    private static func isFence(_ request: Received) -> Bool {
+        request.frame.header.opcode == HubOpcode.fence.rawValue
     }
 
     /// Drops the requests waiting for a slot, unrun. Call with `lock` held.

@@ -550,7 +550,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         case .connecting:
             // Share the attempt under way rather than starting another.
             let attempt = finishedConnectAttempts
-            let deadlineNs = MonotonicClock.deadlineNs(afterMs: connectTimeoutMs + requestTimeoutMs)
+            // The attempt's own bound: the connection, the fence, and each session it reopens.
+            let deadlineNs = MonotonicClock.deadlineNs(afterMs: connectTimeoutMs + (2 + sessions.count) * requestTimeoutMs)
             while finishedConnectAttempts == attempt, case .connecting = state {
                 if !stateChanged.wait(lock, deadlineNs: deadlineNs) { break }
             }
@@ -677,22 +678,22 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
         // Before anything else on it: the hub drops what earlier connections sent and has not
         // started, so nothing the agent gave up on runs after what it sends next (SPEC.md §4, Fences).
-        if !unknownOpcodes.withLock({ $0.contains(.fence) }) {
-            let number = lock.withLock {
-                connectionsMade += 1
-                return connectionsMade
-            }
-            do {
-                guard case .empty = try send(.fence(client: clientID, connection: number), on: connection,
-                                             substituteSession: false) else { throw shapeMismatch(.fence) }
-            } catch let error as WeftError where error.errno == ENOSYS {
-                unknownOpcodes.withLock { _ = $0.insert(.fence) }
-            } catch {
-                // Its errno stays (ETIMEDOUT from a hub that accepts and never answers).
-                channel.close(promise: nil)
-                let errno = (error as? WeftError)?.errno ?? EIO
-                throw WeftError(errno, "hub \(address.displayName) did not fence the earlier connections: \(error)")
-            }
+        // Asked on every connection, also after an ENOSYS: the hub may have been upgraded since.
+        let number = lock.withLock {
+            connectionsMade += 1
+            return connectionsMade
+        }
+        do {
+            guard case .empty = try send(.fence(client: clientID, connection: number), on: connection,
+                                         substituteSession: false) else { throw shapeMismatch(.fence) }
+        } catch let error as WeftError where error.errno == ENOSYS {
+            // A hub older than opcode 51: no fences (SPEC.md §4, Fences).
+        } catch {
+            // ETIMEDOUT stays (a hub that accepts and never answers); anything else is the
+            // connection failing (EIO), whatever the hub answered (its ESTALE is not a file's).
+            channel.close(promise: nil)
+            let errno = (error as? WeftError)?.errno == ETIMEDOUT ? ETIMEDOUT : EIO
+            throw WeftError(errno, "hub \(address.displayName) did not fence the earlier connections: \(error)")
         }
         let toReopen = lock.withLock { sessions }
         for (callerID, (agentName, volume, data)) in toReopen {

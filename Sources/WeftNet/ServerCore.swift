@@ -40,6 +40,8 @@ final class ServerCore: @unchecked Sendable {
     /// Per client that fenced (opcode 51), its newest connection number and the connections that
     /// sent it; kept `fenceMemoryNs` after they end (SPEC.md §4, Fences).
     private var fences: [UInt64: ClientFence] = [:]
+    /// Entries after the last prune: the next prune comes when they have doubled.
+    private var fencesAfterPrune = 0
     private struct ClientFence {
         var connection: UInt64
         var holders: [WeakConnection]
@@ -61,8 +63,11 @@ final class ServerCore: @unchecked Sendable {
         let now = MonotonicClock.nowNs()
         enum Plan { case fence([HubConnection]), stale(UInt64) }
         let plan: Plan = lock.withLock {
-            fences = fences.filter { _, entry in
-                entry.holders.contains { $0.value != nil } || now &- entry.touchedNs < Self.fenceMemoryNs
+            if fences.count >= max(64, 2 * fencesAfterPrune) {
+                fences = fences.filter { _, entry in
+                    entry.holders.contains { $0.value != nil } || now &- entry.touchedNs < Self.fenceMemoryNs
+                }
+                fencesAfterPrune = fences.count
             }
             guard var entry = fences[client] else {
                 fences[client] = ClientFence(connection: number, holders: [WeakConnection(connection)], touchedNs: now)
