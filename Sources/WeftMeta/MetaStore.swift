@@ -108,7 +108,9 @@ public final class MetaStore: @unchecked Sendable {
     /// checkpoint. A volume of format 1 gets a journal and becomes format 2.
     init(path: String, durability: DurabilityMode, journalGeometry: MetaJournal.Geometry, logger: Logger,
          objectCheck: ((VolumeInfo) throws -> ObjectCheck)? = nil) throws {
-        db = try RocksDB(path: path, createIfMissing: false)
+        // The journal holds every change the memtables hold: a close writes them out only
+        // through a checkpoint, which looks for room first (SPEC.md §3.3, Full disk).
+        db = try RocksDB(path: path, createIfMissing: false, keepMemtablesAtClose: true)
         self.durability = durability
         self.logger = logger
         let database = db
@@ -217,7 +219,13 @@ public final class MetaStore: @unchecked Sendable {
         }
         lock.lock()
         defer { lock.unlock() }
-        try checkpoint()
+        do {
+            try checkpoint()
+        } catch let error as WeftError where error.errno == ENOSPC {
+            // Durable all the same: the journal holds every change, and the next open replays it.
+            try groupCommit.syncAll()
+            logger.warning("closing the metadata store without a checkpoint: \(error.message)")
+        }
     }
 
     // MARK: transactions
@@ -285,10 +293,27 @@ public final class MetaStore: @unchecked Sendable {
     /// files never hold a change the journal could lose. `batch` (one too large to log) is
     /// applied after that sync and written out with the rest.
     func checkpoint(applying batch: WriteBatch? = nil) throws {
+        try ensureRoomToCheckpoint(adding: UInt64(batch?.byteCount ?? 0))
         try groupCommit.syncAll()
         if let batch { try db.apply(batch) }
         try db.flushMemtables()
         try journal.startLap()
+    }
+
+    /// Room on the metadata disk that a checkpoint must find before RocksDB writes anything, on
+    /// top of twice the memtable and what compaction has pending (SPEC.md §3.3, Full disk).
+    static let checkpointHeadroomBytes: UInt64 = 8 << 20
+
+    /// Throws ENOSPC, before anything is written, when the metadata disk lacks the room a
+    /// checkpoint needs. RocksDB is never let to run out of space while it writes its files:
+    /// Debian's build then aborts the process (an assertion in `WritableFileWriter`), and a
+    /// release build stops taking writes until it is reopened.
+    private func ensureRoomToCheckpoint(adding extra: UInt64) throws {
+        guard let free = db.freeBytes else { return }
+        let needed = 2 * (db.activeMemtableBytes + extra) + db.pendingCompactionBytes + Self.checkpointHeadroomBytes
+        guard free < needed else { return }
+        throw WeftError(ENOSPC, "metadata disk of \(db.path) has \(free) bytes free and a checkpoint needs \(needed): "
+                            + "no metadata change fits until space is freed (every acknowledged one is in the journal)")
     }
 
     /// Runs a read under the lock; in strict mode waits until every change promised durable that

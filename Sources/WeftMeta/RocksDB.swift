@@ -19,17 +19,41 @@ public final class RocksDB: @unchecked Sendable {
     /// RocksDB's write buffer (memtable). The metadata journal checkpoints long before a memtable
     /// this size fills, so RocksDB never writes one out on its own (SPEC.md §3.3).
     public static let writeBufferBytes = 128 << 20
+    /// RocksDB's `InfoLogLevel::WARN_LEVEL`.
+    static let warnLogLevel: Int32 = 2
 
-    /// Opens (or with `createIfMissing`, creates) the database at `path`.
-    public init(path: String, createIfMissing: Bool) throws {
+    /// Opens (or with `createIfMissing`, creates) the database at `path`. With
+    /// `keepMemtablesAtClose`, closing it leaves its memtables unwritten
+    /// (`avoid_flush_during_shutdown`): for a store whose unlogged changes a journal of its own
+    /// holds (SPEC.md §3.3), so that a close on a full disk never has RocksDB run out of space.
+    public init(path: String, createIfMissing: Bool, keepMemtablesAtClose: Bool = false) throws {
         self.path = path
-        options = rocksdb_options_create()
+        var options = rocksdb_options_create()!
         rocksdb_options_set_create_if_missing(options, createIfMissing ? 1 : 0)
         rocksdb_options_increase_parallelism(options, 2)
         rocksdb_options_set_max_open_files(options, 512)
         rocksdb_options_set_compression(options, Int32(rocksdb_lz4_compression))
         rocksdb_options_set_write_buffer_size(options, Self.writeBufferBytes)
+        // Warnings and errors only in RocksDB's LOG file, which lives on the metadata disk: once
+        // a LOG write has failed (a full disk), Debian's build aborts the process at the next
+        // line it logs (an assertion in `WritableFileWriter`), and at info level it logs on its
+        // own (statistics every 10 minutes, each flush, the close).
+        rocksdb_options_set_info_log_level(options, Self.warnLogLevel)
         var error: UnsafeMutablePointer<CChar>? = nil
+        if keepMemtablesAtClose {
+            // The C API of Debian 12's RocksDB (7.8) has no setter for this DB option.
+            let changed = rocksdb_options_create()!
+            rocksdb_get_options_from_string(options, "avoid_flush_during_shutdown=true", changed, &error)
+            rocksdb_options_destroy(options)
+            options = changed
+            if let error {
+                let message = String(cString: error)
+                rocksdb_free(error)
+                rocksdb_options_destroy(options)
+                throw WeftError(EINVAL, "RocksDB options for \(path): \(message)")
+            }
+        }
+        self.options = options
         let handle = rocksdb_open(options, path, &error)
         if let error {
             let message = String(cString: error)
@@ -159,6 +183,21 @@ public final class RocksDB: @unchecked Sendable {
         return running + flushing + pending > 0
     }
 
+    /// Bytes free to this process on the file system that holds the database (`statvfs`), nil
+    /// if that cannot be asked.
+    public var freeBytes: UInt64? {
+        var disk = statvfs()
+        guard statvfs(path, &disk) == 0 else { return nil }
+        return UInt64(disk.f_bavail) * UInt64(disk.f_frsize)
+    }
+
+    /// RocksDB's estimate of the bytes its compactions have yet to rewrite
+    /// (`rocksdb.estimate-pending-compaction-bytes`).
+    public var pendingCompactionBytes: UInt64 {
+        var value: UInt64 = 0
+        return rocksdb_property_int(db, "rocksdb.estimate-pending-compaction-bytes", &value) == 0 ? value : 0
+    }
+
     /// Bytes held by the active memtable (RocksDB's `rocksdb.cur-size-active-mem-table`).
     public var activeMemtableBytes: UInt64 {
         var value: UInt64 = 0
@@ -211,6 +250,9 @@ public final class WriteBatch {
     public private(set) var count = 0
 
     public init() { handle = rocksdb_writebatch_create() }
+
+    /// Bytes of the batch in RocksDB's serialized form.
+    public var byteCount: Int { withSerialized { $0.count } }
     deinit { rocksdb_writebatch_destroy(handle) }
 
     /// Calls `body` with the batch in RocksDB's serialized form (valid only during the call).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -115,3 +116,66 @@ def test_a_full_hub_disk_keeps_metadata_working_and_gives_space_back(weft_factor
     assert sorted(os.listdir(weft.path)) == ["after", "keep", "link"]
     check = weft.fsck()
     assert check.rc == 0, f"weft fsck after a full disk:\n{check.describe()}"
+
+
+def fill_disk(directory: Path, leave_bytes: int = 4096) -> Path:
+    """A file that takes all but `leave_bytes` of the file system holding `directory`."""
+    filler = directory / "filler"
+    room = free_bytes(directory) - leave_bytes
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, room)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def create_until_error(directory: Path, limit: int) -> tuple[int, OSError]:
+    os.makedirs(directory, exist_ok=True)
+    for i in range(limit):
+        try:
+            os.close(os.open(directory / f"f{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
+        except OSError as error:
+            return i, error
+    raise AssertionError(f"{limit} creates on a full metadata disk all succeeded")
+
+
+@pytest.mark.weft_timeout(300)
+def test_a_full_metadata_disk_refuses_changes_and_recovers_without_a_restart(mode, weft_factory, resources):
+    # The hub on a 96 MiB tmpfs that another file fills (SPEC.md §3.3, Full disk). Before, the
+    # hub process aborted inside RocksDB (Debian's build asserts once a write of its files or
+    # of its LOG has failed), or RocksDB refused every change until a restart.
+    assert os.geteuid() == 0, "mounting the test's tmpfs needs root"
+    small = resources.base / "fs-hub"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(small)], check=True)
+    try:
+        weft = weft_factory()
+        weft.require_weft("fills a Weft hub's metadata disk")
+        root = weft.path
+        filler = fill_disk(small)
+        made, failure = create_until_error(root / "d", limit=200_000)
+        assert failure.errno == errno.ENOSPC, f"create {made} on a full metadata disk failed with {failure!r}"
+        assert made > 100
+        assert len(os.listdir(root / "d")) == made, "the hub lost or kept a create that failed"
+        assert os.stat(root / "d" / "f000000").st_size == 0, "reads stop on a full metadata disk"
+
+        filler.unlink()
+        os.close(os.open(root / "after-free", os.O_CREAT | os.O_WRONLY, 0o644))
+        os.mkdir(root / "dir-after-free")
+
+        # Full again, then the hub closes (remote: weftd stops; embedded: the agent unmounts):
+        # no checkpoint fits, the journal keeps every change, and the process exits cleanly.
+        filler = fill_disk(small)
+        with weft.offline():
+            logs = "".join(p.read_text(errors="replace") for p in resources.log_dir.iterdir() if p.is_file())
+            assert "Program crashed" not in logs, "a Weft process crashed on the full disk"
+            assert "closing the metadata store without a checkpoint" in logs
+            filler.unlink()
+        names = set(os.listdir(root / "d"))
+        assert len(names) == made and "f000000" in names
+        assert os.path.exists(root / "after-free") and os.path.isdir(root / "dir-after-free")
+        check = weft.fsck()
+        assert check.rc == 0, f"weft fsck after a full metadata disk:\n{check.describe()}"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
