@@ -324,6 +324,23 @@ extension MetaStore {
 
     /// Checks open permission, applies O_TRUNC and registers the open with `session`.
     public func open(_ credentials: Credentials, session: SessionID, ino: InodeID, flags: Int32) throws -> Attributes {
+        var opened = false
+        do {
+            return try openCounted(credentials, session: session, ino: ino, flags: flags, opened: &opened)
+        } catch {
+            // An O_TRUNC whose change failed (ENOSPC on a full metadata disk): not open.
+            if opened {
+                lock.withLock {
+                    openCounts[ino] = openCounts[ino].flatMap { $0 > 1 ? $0 - 1 : nil }
+                    if let count = sessions[session]?.opens[ino] { sessions[session]?.opens[ino] = count > 1 ? count - 1 : nil }
+                }
+            }
+            throw error
+        }
+    }
+
+    private func openCounted(_ credentials: Credentials, session: SessionID, ino: InodeID, flags: Int32,
+                             opened: inout Bool) throws -> Attributes {
         try mutate { t in
             var record = try t.inode(ino)
             let accessMode = flags & O_ACCMODE
@@ -342,6 +359,7 @@ extension MetaStore {
             if record.attributes.isRegular {
                 openCounts[ino, default: 0] += 1
                 sessions[session]?.opens[ino, default: 0] += 1
+                opened = true
             }
             return record.attributes
         }

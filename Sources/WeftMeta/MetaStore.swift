@@ -110,6 +110,7 @@ public final class MetaStore: @unchecked Sendable {
          objectCheck: ((VolumeInfo) throws -> ObjectCheck)? = nil) throws {
         // The journal holds every change the memtables hold: a close writes them out only
         // through a checkpoint, which looks for room first (SPEC.md §3.3, Full disk).
+        try Self.ensureRoomToOpen(path)
         db = try RocksDB(path: path, createIfMissing: false, keepMemtablesAtClose: true)
         self.durability = durability
         self.logger = logger
@@ -193,8 +194,8 @@ public final class MetaStore: @unchecked Sendable {
     }
 
     deinit {
-        // RocksDB writes its memtables out when it closes: the journal must hold them first
-        // (invariant (a) of SPEC.md §3.3), also for a store dropped without `close()`.
+        // RocksDB drops its memtables when it closes (`keepMemtablesAtClose`): the journal must
+        // hold them, also for a store dropped without `close()` (SPEC.md §3.3).
         try? journal.sync()
     }
 
@@ -220,12 +221,14 @@ public final class MetaStore: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         do {
-            try checkpoint()
-        } catch let error as WeftError where error.errno == ENOSPC {
+            try ensureRoomToCheckpoint(adding: 0)
+        } catch let error as WeftError {
             // Durable all the same: the journal holds every change, and the next open replays it.
             try groupCommit.syncAll()
             logger.warning("closing the metadata store without a checkpoint: \(error.message)")
+            return
         }
+        try checkpoint()
     }
 
     // MARK: transactions
@@ -267,9 +270,11 @@ public final class MetaStore: @unchecked Sendable {
             mutationsSinceMemtableCheck += 1
             bytesSinceMemtableCheck += payload.count
             if mutationsSinceMemtableCheck >= 64 || bytesSinceMemtableCheck >= Self.memtableCheckBytes {
+                // Counted again only after a checkpoint that worked: one that failed (no room)
+                // is tried again by the next change, which fails the same way meanwhile.
+                if db.activeMemtableBytes > Self.checkpointMemtableBytes { try checkpoint() }
                 mutationsSinceMemtableCheck = 0
                 bytesSinceMemtableCheck = 0
-                if db.activeMemtableBytes > Self.checkpointMemtableBytes { try checkpoint() }
             }
             guard MetaJournal.recordBytes(payload: payload.count) <= journal.geometry.largestRecordBytes else { return nil }
             if let offset = try journal.append(payload) { return offset }
@@ -303,6 +308,25 @@ public final class MetaStore: @unchecked Sendable {
     /// Room on the metadata disk that a checkpoint must find before RocksDB writes anything, on
     /// top of twice the memtable and what compaction has pending (SPEC.md §3.3, Full disk).
     static let checkpointHeadroomBytes: UInt64 = 8 << 20
+    /// The most a compaction after a checkpoint is assumed to write when RocksDB has nothing
+    /// pending yet: its table files, up to this (level 0 and level 1's 256 MiB target).
+    static let compactionHeadroomMaxBytes: UInt64 = 512 << 20
+
+    /// Throws ENOSPC unless the metadata disk in `path` has room for what opening the store
+    /// writes: RocksDB's new MANIFEST, OPTIONS, write-ahead log and LOG header (a full disk
+    /// there aborts Debian's build), then the checkpoint after the replay, whose memtables hold
+    /// at most what the journal holds.
+    static func ensureRoomToOpen(_ path: String) throws {
+        var disk = statvfs()
+        guard statvfs(path, &disk) == 0 else { return }
+        let free = UInt64(disk.f_bavail) * UInt64(disk.f_frsize)
+        var journal = stat()
+        let journalBytes = stat(MetaJournal.path(inDirectory: path), &journal) == 0 ? UInt64(max(journal.st_size, 0)) : 0
+        let needed = 2 * journalBytes + checkpointHeadroomBytes
+        guard free < needed else { return }
+        throw WeftError(ENOSPC, "metadata disk of \(path) has \(free) bytes free and opening the store needs \(needed): "
+                            + "free some space on it (every acknowledged change is in the journal)")
+    }
 
     /// Throws ENOSPC, before anything is written, when the metadata disk lacks the room a
     /// checkpoint needs. RocksDB is never let to run out of space while it writes its files:
@@ -310,7 +334,10 @@ public final class MetaStore: @unchecked Sendable {
     /// release build stops taking writes until it is reopened.
     private func ensureRoomToCheckpoint(adding extra: UInt64) throws {
         guard let free = db.freeBytes else { return }
-        let needed = 2 * (db.activeMemtableBytes + extra) + db.pendingCompactionBytes + Self.checkpointHeadroomBytes
+        // A flush that brings level 0 to its trigger starts a compaction that rewrites level 0
+        // and the overlapping part of level 1, which the pending estimate does not count yet.
+        let compaction = max(db.pendingCompactionBytes, min(db.tableFileBytes, Self.compactionHeadroomMaxBytes))
+        let needed = 2 * (db.activeMemtableBytes + extra) + compaction + Self.checkpointHeadroomBytes
         guard free < needed else { return }
         throw WeftError(ENOSPC, "metadata disk of \(db.path) has \(free) bytes free and a checkpoint needs \(needed): "
                             + "no metadata change fits until space is freed (every acknowledged one is in the journal)")

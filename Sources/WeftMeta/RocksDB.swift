@@ -198,6 +198,12 @@ public final class RocksDB: @unchecked Sendable {
         return rocksdb_property_int(db, "rocksdb.estimate-pending-compaction-bytes", &value) == 0 ? value : 0
     }
 
+    /// Bytes of the database's table files (`rocksdb.total-sst-files-size`).
+    public var tableFileBytes: UInt64 {
+        var value: UInt64 = 0
+        return rocksdb_property_int(db, "rocksdb.total-sst-files-size", &value) == 0 ? value : 0
+    }
+
     /// Bytes held by the active memtable (RocksDB's `rocksdb.cur-size-active-mem-table`).
     public var activeMemtableBytes: UInt64 {
         var value: UInt64 = 0

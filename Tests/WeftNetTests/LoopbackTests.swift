@@ -380,6 +380,34 @@ final class LoopbackTests: XCTestCase {
         XCTAssertThrowsError(try unixClient.status()) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
     }
 
+    /// Open descriptors of this process.
+    private func openDescriptors() -> Int {
+        (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
+    }
+
+    func testCloseDuringAConnectWaitsForItAndLeavesNothingOpen() throws {
+        // A hub that accepts and never answers: the connect waits for the answer to its fence.
+        // A close meanwhile must not stop the event loop under the connection being made (its
+        // channel could then never close, and its reading thread and descriptors stayed).
+        let (listener, port) = try listeningSocket()
+        defer { Glibc.close(listener) }
+        let before = openDescriptors()
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 500,
+                               requestTimeoutMs: 1500, logger: logger)
+        let failed = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            _ = try? client.statfs(self.context(1))
+            failed.signal()
+        }
+        usleep(300_000)   // connected, waiting for the fence's answer
+        let start = Date()
+        client.close()
+        XCTAssertLessThan(Date().timeIntervalSince(start), 5, "close waited past the connect's own bound")
+        XCTAssertEqual(failed.wait(timeout: .now() + 5), .success)
+        XCTAssertTrue(waitUntil { self.openDescriptors() <= before },
+                      "descriptors left open after close: \(openDescriptors()) against \(before) before")
+    }
+
     func testHubThatAcceptsButNeverAnswersTimesOut() throws {
         // A listening socket nobody accepts from: the kernel completes the handshake, then silence.
         let (listener, port) = try listeningSocket()

@@ -157,6 +157,10 @@ def test_a_full_metadata_disk_refuses_changes_and_recovers_without_a_restart(mod
         made, failure = create_until_error(root / "d", limit=200_000)
         assert failure.errno == errno.ENOSPC, f"create {made} on a full metadata disk failed with {failure!r}"
         assert made > 100
+        for i in range(100):   # every later change fails too, none at random succeeds
+            with pytest.raises(OSError) as again:
+                os.mkdir(root / f"again-{i}")
+            assert again.value.errno == errno.ENOSPC
         assert len(os.listdir(root / "d")) == made, "the hub lost or kept a create that failed"
         assert os.stat(root / "d" / "f000000").st_size == 0, "reads stop on a full metadata disk"
 
@@ -171,6 +175,11 @@ def test_a_full_metadata_disk_refuses_changes_and_recovers_without_a_restart(mod
             logs = "".join(p.read_text(errors="replace") for p in resources.log_dir.iterdir() if p.is_file())
             assert "Program crashed" not in logs, "a Weft process crashed on the full disk"
             assert "closing the metadata store without a checkpoint" in logs
+            # Opening the hub on the still full disk fails with a clear error, not an abort.
+            refused = weft.fsck(source=str(weft.hub_dir))
+            assert refused.rc != 0, f"the hub opened on a full metadata disk:\n{refused.describe()}"
+            assert "free some space" in refused.describe(), refused.describe()
+            assert "crashed" not in refused.describe(), refused.describe()
             filler.unlink()
         names = set(os.listdir(root / "d"))
         assert len(names) == made and "f000000" in names
