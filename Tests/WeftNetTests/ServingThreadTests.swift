@@ -160,6 +160,14 @@ final class ServingThreadTests: XCTestCase {
         return (decoded.requestID, status)
     }
 
+    /// A connection that has fenced as connection `number` of `client`.
+    private func fencedConnection(port: Int, client: UInt64, number: UInt64) throws -> RawSocket {
+        let agent = try RawSocket(port: port)
+        try agent.send(WireCodec.encodeRequest(id: 1, .fence(client: client, connection: number)))
+        XCTAssertEqual(try answer(agent).status, 0)
+        return agent
+    }
+
     func testAFencedConnectionRunsNothingItHadNotStarted() throws {
         // An agent gave up on its connection (lost, to its eyes) while the hub still held frames
         // of it unread: here a write behind a request that blocks, at an in-flight bound of 1.
@@ -172,9 +180,7 @@ final class ServingThreadTests: XCTestCase {
         defer { server.shutdown() }
         let c = RequestContext(session: 0, credentials: .root)
         let client: UInt64 = 0x5eed
-        let old = try RawSocket(port: port)
-        try old.send(WireCodec.encodeRequest(id: 1, .fence(client: client, connection: 1)))
-        XCTAssertEqual(try answer(old).status, 0)
+        let old = try fencedConnection(port: port, client: client, number: 1)
         try old.send(WireCodec.encodeRequest(id: 2, .lookup(c, parent: 1, name: Array("block".utf8))))
         XCTAssertTrue(hub.waitForBlocked(1))
         let stale = sliceData(9001, size: 1000)
@@ -219,9 +225,7 @@ final class ServingThreadTests: XCTestCase {
         defer { server.shutdown() }
         let c = RequestContext(session: 0, credentials: .root)
         let client: UInt64 = 0xfe11ce
-        let old = try RawSocket(port: port)
-        try old.send(WireCodec.encodeRequest(id: 1, .fence(client: client, connection: 1)))
-        XCTAssertEqual(try answer(old).status, 0)
+        let old = try fencedConnection(port: port, client: client, number: 1)
         let queued = sliceData(9101, size: 1000)
         let block = { (id: UInt64) in WireCodec.encodeRequest(id: id, .lookup(c, parent: 1, name: Array("block".utf8))) }
         // Three that block (one may run on the reading thread), then the write: it waits for a worker.
@@ -252,9 +256,7 @@ final class ServingThreadTests: XCTestCase {
         defer { server.shutdown() }
         let c = RequestContext(session: 0, credentials: .root)
         let client: UInt64 = 0xb0257
-        let current = try RawSocket(port: port)
-        try current.send(WireCodec.encodeRequest(id: 1, .fence(client: client, connection: 5)))
-        XCTAssertEqual(try answer(current).status, 0)
+        let current = try fencedConnection(port: port, client: client, number: 5)
         // An older connection's fence and a write in one burst: the write must not run.
         let written = sliceData(9201, size: 1000)
         let overtaken = try RawSocket(port: port)
