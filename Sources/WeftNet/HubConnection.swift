@@ -19,9 +19,10 @@ import WeftProto
 /// waiting, every other request on the worker pool; at most `maxInFlightRequestsPerConnection`
 /// requests run at once, and beyond that the connection is not re-armed (frames already read
 /// wait in order); `fence` is taken only as the first request and runs on the reading thread
-/// before anything read with it; once the connection is fenced nothing not yet started runs; a response that opens or closes a session is recorded before it is sent; when
-/// the connection ends, after its last request has finished, every session opened through it and
-/// not closed is closed on the hub, exactly once; the reading descriptor is closed exactly once,
+/// before anything read with it; once the connection is fenced nothing not yet started runs; a
+/// response that opens or closes a session is recorded before it is sent; when the connection
+/// ends, after its last request has finished, every session opened through it and not closed is
+/// closed on the hub, exactly once; the reading descriptor is closed exactly once,
 /// never while a thread reads it.
 final class HubConnection: @unchecked Sendable {
     /// Most bytes one thread reads from a connection before it re-arms it and runs what it read.
