@@ -61,6 +61,13 @@ public final class Hub: HubAPI, @unchecked Sendable {
         set { underfootLock.withLock { beforeCommitApply = newValue } }
     }
 
+    private var beforeSync: (() -> Void)?
+    /// Test only: runs at the start of `sync`.
+    public var testBeforeSync: (() -> Void)? {
+        get { underfootLock.withLock { beforeSync } }
+        set { underfootLock.withLock { beforeSync = newValue } }
+    }
+
     static func metaPath(_ directory: String) -> String { directory + "/meta" }
     static func chunkPath(_ directory: String) -> String { directory + "/chunks" }
 
@@ -558,6 +565,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func sync(_ context: RequestContext) throws {
+        testBeforeSync?()
         do {
             try meta.sync()
         } catch {

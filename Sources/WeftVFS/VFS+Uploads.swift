@@ -221,13 +221,18 @@ extension VFS {
 
     /// `hub.sync`. A data hub answers ESTALE once after a failed sync pass over objects this
     /// agent wrote there (SPEC.md §3.2): every staged upload is then written again before it is
-    /// committed (`uploadEpoch`), and the caller gets EIO, as for any failed sync.
+    /// committed (`uploadEpoch`), and the caller gets EIO, as for any failed sync. A sync whose
+    /// answer did not arrive (a timeout, a lost connection) may have been that report: the
+    /// uploads are written again then too.
     func syncHub(_ context: RequestContext) throws {
         do {
             try hub.sync(context)
         } catch let error as WeftError where error.errno == ESTALE {
             uploadEpoch.add(1, ordering: .releasing)
             throw WeftError(EIO, "\(error.message)")
+        } catch where Self.commitMayHaveApplied(error) {
+            uploadEpoch.add(1, ordering: .releasing)
+            throw error
         }
     }
 

@@ -7,7 +7,7 @@ import WeftHub
 import WeftNet
 import WeftProto
 import WeftTestSupport
-import WeftVFS
+@testable import WeftVFS
 import XCTest
 
 /// Barriers (SPEC.md §4, opcode 50): a call that timed out may still run at the hub; a barrier
@@ -93,6 +93,50 @@ final class BarrierTests: HubTestCase {
         XCTAssertEqual(commitDone.wait(timeout: .now() + 10), .success)
         XCTAssertEqual(try client.getattr(context, ino: file.ino).size, 10)
         try client.barrier(context, ino: file.ino)   // nothing earlier runs: at once
+    }
+
+    /// A sync whose answer never arrived may have carried a loss report (a data hub answers
+    /// ESTALE once, SPEC.md §3.2): every staged upload from before it is written again.
+    func testStagedUploadsAreWrittenAgainAfterASyncWhoseAnswerWasLost() throws {
+        let (hub, client) = try serve(requestTimeoutMs: 1500)
+        var options = VFSOptions()
+        options.agentName = "lost-sync"
+        let agent = try VFS(hub: client, options: options, logger: testLogger("weft.vfs.test"))
+        defer { try? agent.shutdown() }
+        let chunk = Int(try client.openSession(agentName: "probe").1.chunkSizeBytes)
+        let (attributes, handle) = try agent.create(rootCaller, parent: InodeNumbers.root, name: bytes("staged"),
+                                                   mode: regularFile | 0o644, umask: 0, flags: O_RDWR)
+        var random = SeededRandom(seed: 7)
+        let data = random.bytes(2 * chunk)
+        _ = try data.withUnsafeBytes { try agent.write(handle: handle, offset: 0, data: $0) }
+        let file = try XCTUnwrap(agent.files[attributes.ino])
+        let before: Set<SliceID> = file.lock.withLock {
+            file.waitForUploads()
+            return Set(file.staged.flatMap { $0.uploaded ?? [] }.map(\.slice.id))
+        }
+        XCTAssertEqual(before.count, 2, "two chunks staged, uploaded, not committed")
+        let (_, other) = try agent.create(rootCaller, parent: InodeNumbers.root, name: bytes("clean"),
+                                          mode: regularFile | 0o644, umask: 0, flags: O_RDWR)
+        let release = DispatchSemaphore(value: 0)
+        hub.testBeforeSync = {
+            hub.testBeforeSync = nil   // this sync only
+            _ = release.wait(timeout: .now() + 10)
+        }
+        defer { release.signal() }
+        // An fsync with nothing buffered is a sync alone; its answer comes too late.
+        XCTAssertThrowsError(try agent.fsync(handle: other)) { XCTAssertEqual(($0 as? WeftError)?.errno, ETIMEDOUT) }
+        release.signal()
+        try agent.fsync(handle: handle)
+        let session = RequestContext(session: try client.openSession(agentName: "check").0, credentials: rootCaller)
+        let named = try client.layout(session, ino: attributes.ino, firstChunk: 0, count: 2).1.flatMap { $0.map(\.id) }
+        XCTAssertEqual(named.count, 2)
+        XCTAssertTrue(Set(named).isDisjoint(with: before), "the file names objects uploaded before the lost answer")
+        try agent.release(handle: handle)
+        try agent.release(handle: other)
+        let reader = try VFS(hub: hub, options: VFSOptions(), logger: testLogger("weft.vfs.test"))
+        defer { try? reader.shutdown() }
+        let (check, _) = try reader.open(rootCaller, ino: attributes.ino, flags: O_RDONLY)
+        XCTAssertTrue(try reader.read(handle: check, offset: 0, size: 2 * chunk).bytes() == data)
     }
 
     /// An fsync whose commit timed out while the hub still held it; the application writes the
