@@ -317,9 +317,7 @@ public final class MetaStore: @unchecked Sendable {
     /// there aborts Debian's build), then the checkpoint after the replay, whose memtables hold
     /// at most what the journal holds.
     static func ensureRoomToOpen(_ path: String) throws {
-        var disk = statvfs()
-        guard statvfs(path, &disk) == 0 else { return }
-        let free = UInt64(disk.f_bavail) * UInt64(disk.f_frsize)
+        guard let free = RocksDB.freeBytes(at: path) else { return }
         var journal = stat()
         let journalBytes = stat(MetaJournal.path(inDirectory: path), &journal) == 0 ? UInt64(max(journal.st_size, 0)) : 0
         let needed = 2 * journalBytes + checkpointHeadroomBytes

@@ -185,7 +185,11 @@ public final class RocksDB: @unchecked Sendable {
 
     /// Bytes free to this process on the file system that holds the database (`statvfs`), nil
     /// if that cannot be asked.
-    public var freeBytes: UInt64? {
+    public var freeBytes: UInt64? { Self.freeBytes(at: path) }
+
+    /// Bytes free to this process on the file system that holds `path` (`statvfs`), nil if that
+    /// cannot be asked.
+    public static func freeBytes(at path: String) -> UInt64? {
         var disk = statvfs()
         guard statvfs(path, &disk) == 0 else { return nil }
         return UInt64(disk.f_bavail) * UInt64(disk.f_frsize)
