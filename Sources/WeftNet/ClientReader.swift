@@ -88,7 +88,7 @@ final class ClientReader: @unchecked Sendable {
     private func run() {
         Self.readingThread.currentValue = self
         let fd = lock.withLock { descriptor }
-        var reader = FrameReader(allocator: allocator)
+        var reader = FrameReader(allocator: allocator, reserveWhole: false)
         var why = "end of file"
         reading: while true {
             if let failure = FrameReader.waitReadable(fd) {
@@ -97,7 +97,7 @@ final class ClientReader: @unchecked Sendable {
             }
             let (_, end) = reader.receive(fd, maxBytes: Self.receiveMaxBytes)
             do {
-                for frame in try reader.frames(reserveWhole: false) {
+                for frame in try reader.frames() {
                     guard hub.deliver(frame, on: connection) else {
                         why = "a frame the agent cannot take"
                         break reading

@@ -10,11 +10,30 @@ import WeftProto
 /// threads, the agent's callers). Not thread-safe: only the thread that holds the connection's
 /// read turn uses it, and the turn's lock orders one holder after another.
 struct FrameReader {
+    /// Where a frame's bulk data starts in its payload, found from the payload's first bytes
+    /// (`prefix`, as many as are buffered), or nil: the frame has no bulk data to place on a page
+    /// boundary, or `prefix` is too short to tell yet.
+    typealias BulkDataOffset = (_ header: FrameHeader, _ payloadBytes: Int, _ prefix: UnsafeRawBufferPointer) -> Int?
+
+    /// The smallest buffer `split` moves an unfinished frame into: reading on then has room
+    /// without growing it at once.
+    static let restMinimumBytes = 64 * 1024
+
     private var buffer: ByteBuffer
     private let allocator: ByteBufferAllocator
+    private let bulkDataOffset: BulkDataOffset?
+    private let reserveWhole: Bool
+    /// Whole frames taken out of the buffer by `receive` (to make room), not yet handed out.
+    private var ready: [InboundFrame] = []
 
-    init(allocator: ByteBufferAllocator) {
+    /// With `reserveWhole`, room is made for the whole of a frame that has not fully arrived;
+    /// without it, none (the caller may receive it elsewhere, or calls `reserve`). With
+    /// `bulkDataOffset`, such a frame is received into a buffer placed so that its bulk data
+    /// starts on a page boundary (SPEC.md §4, Bulk transfers).
+    init(allocator: ByteBufferAllocator, reserveWhole: Bool = true, bulkDataOffset: BulkDataOffset? = nil) {
         self.allocator = allocator
+        self.reserveWhole = reserveWhole
+        self.bulkDataOffset = bulkDataOffset
         self.buffer = allocator.buffer(capacity: 4096)
     }
 
@@ -24,7 +43,13 @@ struct FrameReader {
         var total = 0
         while total < maxBytes {
             if buffer.writableBytes < 16 * 1024 {
-                buffer.reserveCapacity(minimumWritableBytes: 64 * 1024)
+                // Whole frames go out of the way first, so the buffer that holds them is never
+                // grown (a copy of all of them). A bad frame stops reading here: `frames()`
+                // throws for it.
+                guard (try? split()) != nil else { break }
+                if buffer.writableBytes < 16 * 1024 {
+                    buffer.reserveCapacity(minimumWritableBytes: 64 * 1024)
+                }
             }
             var failure: Int32 = 0
             let count = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 0) { free -> Int in
@@ -119,13 +144,20 @@ struct FrameReader {
     }
 
     /// Every whole frame read so far, in order. What remains (part of one frame) moves to a buffer
-    /// of its own, with room for the whole frame, so that reading on never copies the frames
-    /// handed out (they share the old buffer's storage). Throws EPROTO for a bad length, version
-    /// or kind, checked as soon as the length's 4 bytes are in. Without `reserveWhole` no room is
-    /// made for a frame that has not fully arrived (the caller may receive it elsewhere, or calls
-    /// `reserve`).
-    mutating func frames(reserveWhole: Bool = true) throws -> [InboundFrame] {
-        var frames: [InboundFrame] = []
+    /// of its own (with room for the whole frame, `reserveWhole`), so that reading on never copies
+    /// the frames handed out (they share the old buffer's storage). Throws EPROTO for a bad
+    /// length, version or kind, checked as soon as the length's 4 bytes are in.
+    mutating func frames() throws -> [InboundFrame] {
+        try split()
+        defer { ready = [] }
+        return ready
+    }
+
+    /// Moves every whole frame in the buffer to `ready`, then the rest (part of one frame) to a
+    /// buffer of its own when frames went out or the rest needs a place of its own: room for the
+    /// whole frame (`reserveWhole`), its bulk data on a page boundary (`bulkDataOffset`).
+    private mutating func split() throws {
+        var took = false
         var needed = 0
         while let rawLength = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) {
             let total = WireCodec.lengthPrefixBytes + (try WireCodec.checkedLength(rawLength))
@@ -134,16 +166,48 @@ struct FrameReader {
                 break
             }
             guard let frame = try FrameDecoder.nextFrame(from: &buffer) else { break }
-            frames.append(frame)
+            ready.append(frame)
+            took = true
         }
         if !reserveWhole { needed = 0 }
-        guard !frames.isEmpty else {
-            if needed > buffer.readableBytes { buffer.reserveCapacity(minimumWritableBytes: needed - buffer.readableBytes) }
-            return []
+        let dataOffset = needed > 0 ? bulkDataStart(frameBytes: needed) : nil
+        if !took {
+            guard needed > buffer.readableBytes else { return }
+            // Unfinished, and nothing went out: the buffer stays if the frame's bulk data is
+            // placed (or it has none) and it fits, else what is in moves (the frame's first bytes).
+            let placed = dataOffset.map { offset in
+                buffer.withUnsafeReadableBytes { (Int(bitPattern: $0.baseAddress) + offset) % BulkMemory.pageBytes == 0 }
+            } ?? true
+            if placed, buffer.capacity - buffer.readerIndex >= needed || dataOffset == nil {
+                buffer.reserveCapacity(minimumWritableBytes: needed - buffer.readableBytes)
+                return
+            }
         }
-        var rest = allocator.buffer(capacity: max(4096, needed))
+        let page = BulkMemory.pageBytes
+        var rest = allocator.buffer(capacity: max(Self.restMinimumBytes, needed + (dataOffset == nil ? 0 : page)))
+        if let dataOffset {
+            let base = rest.withVeryUnsafeMutableBytes { Int(bitPattern: $0.baseAddress) }
+            let shift = (page - (base + dataOffset) % page) % page
+            rest.moveWriterIndex(forwardBy: shift)
+            rest.moveReaderIndex(forwardBy: shift)
+        }
         rest.writeBuffer(&buffer)
         buffer = rest
-        return frames
+    }
+
+    /// For the unfinished frame at the buffer's start, `frameBytes` long in all (length prefix
+    /// included): where its bulk data starts, counted from the frame's first byte, or nil when it
+    /// has no bulk data to place or not enough of it is in to tell.
+    private func bulkDataStart(frameBytes: Int) -> Int? {
+        guard let bulkDataOffset else { return nil }
+        let start = WireCodec.lengthPrefixBytes + WireCodec.headerBytes
+        guard buffer.readableBytes >= start else { return nil }
+        return buffer.withUnsafeReadableBytes { raw -> Int? in
+            guard let header = try? WireCodec.decodeHeader(UnsafeRawBufferPointer(rebasing: raw[WireCodec.lengthPrefixBytes..<start])),
+                  let offset = bulkDataOffset(header, frameBytes - start, UnsafeRawBufferPointer(rebasing: raw[start...])) else {
+                return nil
+            }
+            return start + offset
+        }
     }
 }

@@ -113,7 +113,7 @@ final class HubConnection: @unchecked Sendable {
         self.sender = sender
         self.core = core
         self.leases = ConnectionLeases(channel: channel, sender: sender)
-        self.frameReader = FrameReader(allocator: channel.allocator)
+        self.frameReader = FrameReader(allocator: channel.allocator, bulkDataOffset: Self.writeSliceDataOffset)
         self.peer = peer
         core.connectionStarted()
         core.logger.debug("agent connected", metadata: ["peer": "\(peer)"])
@@ -226,19 +226,33 @@ final class HubConnection: @unchecked Sendable {
         }
     }
 
-    /// A writeSlice frame with its payload copied out of the receive buffer, so that its data
-    /// starts on a page boundary (SPEC.md §4, Bulk transfers): the store writes it direct with no
-    /// further copy, and the receive buffer is not kept shared while the next frames arrive.
-    /// Other frames, small ones and malformed ones (the worker reports those) pass unchanged.
+    /// Where a writeSlice payload of `payloadBytes` (at least a block) has its data, read from
+    /// its first bytes `prefix`; nil for any other frame or while the prefix is too short. The
+    /// frame reader receives such a frame with its data on a page boundary.
+    static func writeSliceDataOffset(_ header: FrameHeader, payloadBytes: Int, prefix: UnsafeRawBufferPointer) -> Int? {
+        guard header.opcode == HubOpcode.writeSlice.rawValue, payloadBytes >= Limits.blockSizeBytes else { return nil }
+        var reader = ByteReader(prefix)
+        guard (try? RequestContext.decode(from: &reader)) != nil, (try? reader.u64()) != nil,
+              let count = try? reader.u32(), Int(count) == payloadBytes - reader.offset else { return nil }
+        return reader.offset
+    }
+
+    /// A writeSlice frame whose data starts on a page boundary (SPEC.md §4, Bulk transfers): the
+    /// store writes it direct with no further copy. The frame reader places most so as they
+    /// arrive (`writeSliceDataOffset`); one it could not (its first bytes came alone, or it came
+    /// whole in one read) is copied out of the receive buffer here. The receive buffer is not
+    /// written once its frames are handed out (`FrameReader.frames`). Other frames, small ones
+    /// and malformed ones (the worker reports those) pass unchanged.
     static func detachingBulk(_ frame: InboundFrame) -> InboundFrame {
         guard frame.header.opcode == HubOpcode.writeSlice.rawValue,
               frame.payload.readableBytes >= Limits.blockSizeBytes,
-              let headBytes = try? frame.payload.withUnsafeReadableBytes({ raw -> Int in
+              let (headBytes, placed) = try? frame.payload.withUnsafeReadableBytes({ raw -> (Int, Bool) in
                   var reader = ByteReader(raw)
                   _ = try RequestContext.decode(from: &reader)
                   let (_, data) = try HubRequest.decodeWriteSliceTail(from: &reader)
-                  return raw.count - data.count
+                  return (raw.count - data.count, Int(bitPattern: data.baseAddress) % BulkMemory.pageBytes == 0)
               }) else { return frame }
+        if placed { return frame }
         let pageBytes = BulkMemory.pageBytes
         let pad = (pageBytes - headBytes % pageBytes) % pageBytes
         var copy = BulkMemory.allocator.buffer(capacity: pad + frame.payload.readableBytes)
