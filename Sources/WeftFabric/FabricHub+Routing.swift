@@ -220,6 +220,13 @@ extension FabricHub {
         try hub.sync(c)
     }
 
+    /// A data session keeps no per-file reports (its objects have no inode): as `sync`.
+    public func syncFile(_ context: RequestContext, ino: InodeID) throws {
+        if dataSession(context) != nil { return try sync(context) }
+        let (hub, c) = try route(context)
+        try hub.syncFile(c, ino: ino)
+    }
+
     public func lock(_ context: RequestContext, ino: InodeID, _ request: LockRequest) throws -> LockDescription {
         let (hub, c) = try route(context)
         return try hub.lock(c, ino: ino, request)

@@ -577,6 +577,19 @@ public final class Hub: HubAPI, @unchecked Sendable {
         }
     }
 
+    public func syncFile(_ context: RequestContext, ino: InodeID) throws {
+        testBeforeSync?()
+        do {
+            try meta.sync()
+        } catch {
+            _ = chunks.takeFailure(inode: ino)   // this error is the report
+            throw error
+        }
+        if chunks.takeFailure(inode: ino) {
+            throw WeftError(EIO, "a chunk sync of this file's data failed: its durability is unknown")
+        }
+    }
+
     public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
         try Limits.checkDiscardUploads(ids.count)
         let discarded = pendingUploads.take(ids, session: context.session)

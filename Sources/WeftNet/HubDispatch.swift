@@ -97,6 +97,9 @@ extension HubRequest {
         case let .barrier(c, ino):
             try hub.barrier(c, ino: ino)
             return .empty
+        case let .syncFile(c, ino):
+            try hub.syncFile(c, ino: ino)
+            return .empty
         case .status:
             return .status(try hub.status())
         case let .fsck(repair):

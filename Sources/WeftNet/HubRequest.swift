@@ -57,6 +57,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case readBlocks = 49
     case barrier = 50
     case fence = 51
+    case syncFile = 52
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -91,6 +92,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .commitSlices: "commitSlices"
         case .sync: "sync"
         case .barrier: "barrier"
+        case .syncFile: "syncFile"
         case .fence: "fence"
         case .status: "status"
         case .fsck: "fsck"
@@ -151,6 +153,7 @@ public enum HubRequest: Equatable, Sendable {
     /// Answers once every commit of `ino` by this agent that the hub read before it has
     /// finished (SPEC.md §4, Barriers).
     case barrier(RequestContext, ino: InodeID)
+    case syncFile(RequestContext, ino: InodeID)
     case status
     case fsck(repair: Bool)
     case openVolumeSession(agentName: String, volume: String)
@@ -221,6 +224,7 @@ public enum HubRequest: Equatable, Sendable {
         case .commitSlices: .commitSlices
         case .sync: .sync
         case .barrier: .barrier
+        case .syncFile: .syncFile
         case .status: .status
         case .fsck: .fsck
         case .openVolumeSession: .openVolumeSession
@@ -259,7 +263,7 @@ public enum HubRequest: Equatable, Sendable {
              .access(let c, _, _), .open(let c, _, _), .release(let c, _), .getxattr(let c, _, _),
              .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
-             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .barrier(let c, _), .lock(let c, _, _),
+             .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .barrier(let c, _), .syncFile(let c, _), .lock(let c, _, _),
              .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _),
              .unlinkEntry(let c, _, _), .discardUploads(let c, _), .releaseMany(let c, _), .readBlocks(let c, _, _, _):
             c.session
@@ -315,6 +319,7 @@ public enum HubRequest: Equatable, Sendable {
             return .commitSlices(s(c), ino: ino, slices: slices, minimumSize: minimumSize, durable: durable)
         case let .sync(c): return .sync(s(c))
         case let .barrier(c, ino): return .barrier(s(c), ino: ino)
+        case let .syncFile(c, ino): return .syncFile(s(c), ino: ino)
         case let .lock(c, ino, request): return .lock(s(c), ino: ino, request)
         case let .readSliceFrom(c, id, offset, length, holders):
             return .readSliceFrom(s(c), id: id, offset: offset, length: length, holders: holders)
@@ -367,7 +372,7 @@ public enum HubRequest: Equatable, Sendable {
             c.encode(into: &w); w.u64(ino); w.blob(name); w.blob(value); w.u32(flags.rawValue)
         case let .statfs(c), let .sync(c):
             c.encode(into: &w)
-        case let .barrier(c, ino):
+        case let .barrier(c, ino), let .syncFile(c, ino):
             c.encode(into: &w); w.u64(ino)
         case let .allocateSliceIDs(c, count):
             c.encode(into: &w); w.u32(count)
@@ -546,6 +551,8 @@ public enum HubRequest: Equatable, Sendable {
             return .sync(c)
         case .barrier:
             return .barrier(c, ino: try r.u64())
+        case .syncFile:
+            return .syncFile(c, ino: try r.u64())
         case .allocateSliceIDs:
             return .allocateSliceIDs(c, count: try r.u32())
         case .writeSlice:

@@ -43,7 +43,7 @@ public enum HubResponse: Equatable, Sendable {
     func fits(_ opcode: HubOpcode) -> Bool {
         switch (self, opcode) {
         case (.empty, .closeSession), (.empty, .ping), (.empty, .fence), (.empty, .unlink), (.empty, .rmdir), (.empty, .rename), (.empty, .access),
-             (.empty, .release), (.empty, .setxattr), (.empty, .removexattr), (.empty, .writeSlice), (.empty, .sync), (.empty, .barrier),
+             (.empty, .release), (.empty, .setxattr), (.empty, .removexattr), (.empty, .writeSlice), (.empty, .sync), (.empty, .barrier), (.empty, .syncFile),
              (.session, .openSession),
              (.attributes, .lookup), (.attributes, .getattr), (.attributes, .setattr), (.attributes, .create),
              (.attributes, .mkdir), (.attributes, .symlink), (.attributes, .link), (.attributes, .open),
@@ -143,7 +143,7 @@ public enum HubResponse: Equatable, Sendable {
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping, .fence,
-             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier:
+             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier, .syncFile:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
             return .flag(try r.bool())

@@ -216,6 +216,15 @@ extension RemoteHub {
         try empty(.sync(context))
     }
 
+    /// `syncFile`; to a hub older than it (ENOSYS), `sync`, which reports the session's failures
+    /// rather than the file's.
+    public func syncFile(_ context: RequestContext, ino: InodeID) throws {
+        try call(.syncFile(context, ino: ino), unpack: { response -> Void? in
+            if case .empty = response { return () }
+            return nil
+        }, fallback: { try sync(context) })
+    }
+
     /// Waits until every commit of `ino` by this agent that the hub read before this call
     /// has finished (SPEC.md §4, Barriers). An older hub's ENOSYS counts as done: it has no
     /// barrier to offer.

@@ -120,6 +120,13 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try home.sync(context)
     }
 
+    /// The data hub reports per session only (its ESTALE makes the agent write its staged
+    /// uploads again); the home per file.
+    public func syncFile(_ context: RequestContext, ino: InodeID) throws {
+        try data.sync(try dataContext(context))
+        try home.syncFile(context, ino: ino)
+    }
+
     /// Commits go to the home; the data hub's uploads cannot reorder them.
     public func barrier(_ context: RequestContext, ino: InodeID) throws {
         try home.barrier(context, ino: ino)

@@ -131,12 +131,12 @@ extension VFS {
     /// and throws ESTALE (SPEC.md §9.1).
     func flushLocked(_ file: OpenFile, context: RequestContext, durable: Bool) throws {
         guard file.hasDirtyData else {
-            if durable { try syncHub(context) }
+            if durable { try syncHub(context, file: file.ino) }
             return
         }
         file.waitForUploads()
         guard file.hasDirtyData else {   // a background commit took everything meanwhile
-            if durable { try syncHub(context) }
+            if durable { try syncHub(context, file: file.ino) }
             return
         }
         var attempt = 0
@@ -219,14 +219,15 @@ extension VFS {
     /// Times one commit starts over because the upload epoch moved while it uploaded.
     static let epochRestartsMax = 3
 
-    /// `hub.sync`. A data hub answers ESTALE once after a failed sync pass over objects this
-    /// agent wrote there (SPEC.md §3.2): every staged upload is then written again before it is
-    /// committed (`uploadEpoch`), and the caller gets EIO, as for any failed sync. A sync whose
-    /// answer did not arrive (a timeout, a lost connection) may have been that report: the
-    /// uploads are written again then too.
-    func syncHub(_ context: RequestContext) throws {
+    /// `hub.sync`, or with `file` `hub.syncFile` (an `fsync` of that file: the hub reports that
+    /// file's failed chunk syncs, not the other files', SPEC.md §3.2). A data hub answers ESTALE
+    /// once after a failed sync pass over objects this agent wrote there (SPEC.md §3.2): every
+    /// staged upload is then written again before it is committed (`uploadEpoch`), and the
+    /// caller gets EIO, as for any failed sync. A sync whose answer did not arrive (a timeout, a
+    /// lost connection) may have been that report: the uploads are written again then too.
+    func syncHub(_ context: RequestContext, file: InodeID? = nil) throws {
         do {
-            try hub.sync(context)
+            if let file { try hub.syncFile(context, ino: file) } else { try hub.sync(context) }
         } catch let error as WeftError where error.errno == ESTALE {
             uploadEpoch.add(1, ordering: .releasing)
             throw WeftError(EIO, "\(error.message)")

@@ -894,6 +894,52 @@ extension HubConformanceTests {
                        [UInt8](repeating: 3, count: size))
     }
 
+    /// An fsync of one file (`syncFile`) reports that file's failed chunk syncs, and no other
+    /// file's: with only the session-wide `sync`, the EIO of one file's lost data went to
+    /// whichever file was fsynced first, and the file whose data it was then synced clean.
+    func testAFileSyncReportsThatFilesFailedPassAndNoOtherFiles() throws {
+        let (volume, api, context, first) = try makeVolumeWithFile(agentName: "per-file")
+        let second = try api.create(context, parent: root, name: bytes("second"), mode: regularFile | 0o644, rdev: 0,
+                                    umask: 0, exclusive: true)
+        let size = 100_000
+        let chunks = volume.hub.chunks
+        let failing = Mutex<Set<SliceID>>([])
+        chunks.testSyncFailure = { id in failing.withLock { $0.contains(id) } ? EIO : nil }
+        defer { chunks.testSyncFailure = nil }
+        func closeWrite(_ fill: UInt8, of file: Attributes, failing fails: Bool) throws {
+            let slice = try writeObject([UInt8](repeating: fill, count: size), on: api, context: context)
+            _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
+                                     minimumSize: UInt64(size), durable: false)
+            if fails { failing.withLock { $0.insert(slice.id) } }
+        }
+
+        try closeWrite(1, of: first, failing: false)
+        try closeWrite(2, of: second, failing: true)
+        _ = try? chunks.sync()
+        try api.syncFile(context, ino: first.ino)                        // not its data
+        XCTAssertErrno(EIO, try api.syncFile(context, ino: second.ino))  // its data
+        try api.syncFile(context, ino: second.ino)                       // told once
+        try api.sync(context)                                            // and to no one else
+
+        // Unreported, a file's failure reaches the session-wide sync (a directory's fsync,
+        // unmount), which takes it.
+        try closeWrite(3, of: first, failing: true)
+        _ = try? chunks.sync()
+        try api.syncFile(context, ino: second.ino)
+        XCTAssertErrno(EIO, try api.sync(context))
+        try api.syncFile(context, ino: first.ino)
+
+        // A failure outlives its session: the file's next fsync, from another session, hears it.
+        try closeWrite(4, of: second, failing: true)
+        _ = try? chunks.sync()
+        try api.closeSession(context.session)
+        let later = RequestContext(session: try api.openSession(agentName: "per-file-2").0, credentials: rootCaller)
+        try api.syncFile(later, ino: first.ino)
+        try api.sync(later)
+        XCTAssertErrno(EIO, try api.syncFile(later, ino: second.ino))
+        try api.syncFile(later, ino: second.ino)
+    }
+
     /// `fsck --repair` with no agent connected (no grace for young objects) while compaction has
     /// written its object and not yet swapped it in: the object is compaction's, not an orphan.
     /// Deleting it left the chunk naming a missing object.

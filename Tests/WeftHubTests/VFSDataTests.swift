@@ -170,6 +170,38 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(try contents(of: ino, via: try makeAgent()), model)
     }
 
+    /// An application's fsync of a file gets the EIO of that file's lost data, and no other
+    /// file's fsync does (SPEC.md §3.2: the agent's fsync of a file with nothing buffered is
+    /// `syncFile`). Before, the session-wide sync gave the EIO to whichever file was fsynced
+    /// first after the failure, and the file whose data was lost then synced clean.
+    func testAnFsyncReportsItsOwnFilesLostDataAndNoOtherFiles() throws {
+        let agent = try makeAgent()
+        let (_, warm) = try create(agent, "warm")   // slice ids first (a durable change)
+        try write(agent, warm, at: 0, [1])
+        try agent.fsync(handle: warm)
+        let (_, fine) = try create(agent, "fine")
+        try write(agent, fine, at: 0, [UInt8](repeating: 7, count: 1000))
+        try agent.flush(handle: fine)   // committed, not durable
+        let (lostIno, lost) = try create(agent, "lost")
+        try write(agent, lost, at: 0, [UInt8](repeating: 9, count: 1000))
+        try agent.flush(handle: lost)
+        let session = RequestContext(session: try fixture.api.openSession(agentName: "check").0, credentials: rootCaller)
+        let lostIDs = try fixture.api.layout(session, ino: lostIno, firstChunk: 0, count: 1).1.flatMap { $0.map(\.id) }
+        XCTAssertEqual(lostIDs.count, 1)
+        let chunks = fixture.hub.chunks
+        chunks.testSyncFailure = { lostIDs.contains($0) ? EIO : nil }
+        defer { chunks.testSyncFailure = nil }
+        _ = try? chunks.sync()
+        XCTAssertEqual(chunks.lostObjects(lostIDs), lostIDs)
+
+        try agent.fsync(handle: fine)
+        XCTAssertErrno(EIO, try agent.fsync(handle: lost))
+        try agent.fsync(handle: lost)   // told once
+        try agent.release(handle: fine)
+        try agent.release(handle: lost)
+        try agent.release(handle: warm)
+    }
+
     /// A staged chunk whose object a failed sync pass took (another caller's pass) is written
     /// again: the hub refuses the commit naming it (ESTALE), the agent uploads the bytes anew,
     /// and the application's fsync succeeds with the file whole (SPEC.md §3.2, "Objects lost to

@@ -28,6 +28,11 @@ final class FakeHub: HubAPI, @unchecked Sendable {
     /// Inodes released, one entry per release, and the `releaseMany` calls that carried them.
     private(set) var released: [InodeID] = []
     private(set) var releaseManyCalls = 0
+    /// Answers `syncFile` with ENOSYS, as a hub older than opcode 52 would.
+    var predatesSyncFile = false
+    /// `sync` calls, and the inodes of `syncFile` calls, in order.
+    private(set) var syncs = 0
+    private(set) var syncedFiles: [InodeID] = []
 
     static let volume = VolumeInfo(formatVersion: 1, uuid: Array(0..<16), chunkSizeBytes: 4 << 20, compression: .zstd,
                                    createdNs: 1_700_000_000_123_456_789)
@@ -285,7 +290,14 @@ final class FakeHub: HubAPI, @unchecked Sendable {
     }
 
     func sync(_ context: RequestContext) throws {
-        enter(context); leave()
+        enter(context); defer { leave() }
+        lock.withLock { syncs += 1 }
+    }
+
+    func syncFile(_ context: RequestContext, ino: InodeID) throws {
+        enter(context); defer { leave() }
+        if predatesSyncFile { throw WeftError(ENOSYS, "opcode 52 is unknown to this hub") }
+        lock.withLock { syncedFiles.append(ino) }
     }
 
     func lock(_ context: RequestContext, ino: InodeID, _ request: LockRequest) throws -> LockDescription {

@@ -57,6 +57,22 @@ final class LoopbackTests: XCTestCase {
         try exerciseEveryMethod(client, hub)
     }
 
+    func testSyncFileFallsBackToSyncOnAHubThatPredatesIt() throws {
+        let hub = FakeHub()
+        hub.predatesSyncFile = true
+        let (server, port) = try startServer(hub)
+        defer { server.shutdown() }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        let c = context(try client.openSession(agentName: "new-agent").0)
+        try client.syncFile(c, ino: 3)
+        try client.syncFile(c, ino: 4)   // ENOSYS is remembered: no second try
+        let (syncs, files, seen) = hub.snapshot { ($0.syncs, $0.syncedFiles, $0.seenSessions.count) }
+        XCTAssertEqual(syncs, 2)
+        XCTAssertEqual(files, [])
+        XCTAssertEqual(seen, 1 + 2, "one syncFile refused, then two syncs")
+    }
+
     func testReleaseManyFallsBackToOneReleaseEachOnAHubThatPredatesIt() throws {
         let hub = FakeHub()
         hub.predatesReleaseMany = true
@@ -151,6 +167,8 @@ final class LoopbackTests: XCTestCase {
         let commit = SliceCommit(chunkIndex: 1, slice: Slice(id: 77, offsetInChunk: 0, length: 10, objectLength: 10))
         XCTAssertEqual(try client.commitSlices(c, ino: 20, slices: [commit, commit], minimumSize: 999, durable: true).dataVersion, 2)
         try client.sync(c)
+        try client.syncFile(c, ino: 77)
+        XCTAssertEqual(hub.snapshot { ($0.syncs, $0.syncedFiles) }.1, [77])
         XCTAssertEqual(try client.status().agents, ["agent-one"])
         XCTAssertEqual(try client.fsck(repair: true).repaired, ["removed chunk 5"])
         try client.closeSession(session)

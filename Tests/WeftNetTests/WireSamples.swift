@@ -54,6 +54,7 @@ enum WireSamples {
         .commitSlices(context, ino: 21, slices: slices, minimumSize: 0x0003_FFFF_FFFF_FFFF, durable: true),
         .sync(context),
         .barrier(context, ino: 0x0123_4567_89AB_CDEF),
+        .syncFile(context, ino: 0x0FED_CBA9_8765_4321),
         .status,
         .fsck(repair: true),
         .openVolumeSession(agentName: "node-8", volume: "datasets ✓"),
@@ -114,7 +115,7 @@ enum WireSamples {
         case .readBlocks:
             preconditionFailure("readBlocks has no HubResponse")
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping, .fence,
-             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier:
+             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier, .syncFile:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
             return .flag(true)
