@@ -373,13 +373,16 @@ public final class ChunkStore: @unchecked Sendable {
     /// pass repairs that. An id leaves once its object is deleted.
     public func lostObjects(_ ids: [SliceID]) -> [SliceID] { durability.lostObjects(ids) }
 
-    /// Whether a failed pass took an object a commit of this session named, since the last call
-    /// that said so.
-    public func takeFailure(session: UInt64) -> Bool { durability.takeFailure(of: session, inode: false) }
+    /// Whether a failed pass took an object a commit of this session named (any file), since
+    /// the last call for the session that said so (the session's report; the file's stays).
+    public func takeFailure(session: UInt64) -> Bool { durability.takeFailure(session: session) }
 
-    /// Whether a failed pass took an object a commit of this inode named, since the last call
-    /// that said so.
-    public func takeFailure(inode: UInt64) -> Bool { durability.takeFailure(of: inode, inode: true) }
+    /// Whether a failed pass took an object a commit of `inode` named, by `session` or by a
+    /// session that has ended, since the last call that said so (the file's report; the
+    /// session's stays).
+    public func takeFailure(inode: UInt64, session: UInt64) -> Bool {
+        durability.takeFailure(inode: inode, session: session)
+    }
 
     /// Forgets a session's unreported failures (the session ended); its inodes' stay.
     public func forgetSession(_ session: UInt64) { durability.forgetSession(session) }

@@ -57,12 +57,28 @@ final class DurabilityQueue: @unchecked Sendable {
     private var lost: Set<SliceID> = []
     /// The files of the pass `sync()` runs now (owners may still be assigned to them).
     private var inPass: [PendingFile] = []
-    /// One per (inode, session) whose commit named an object of a failed pass; told once, to
-    /// whichever asks first: a durable commit of the inode or a sync of the session.
-    private var failures: Set<Owner> = []
+    /// One per (inode, session) whose commit named an object of a failed pass, with the two
+    /// reports it owes, each given once (like Linux's `errseq_t` cursors, SPEC.md §3.2): to the
+    /// file (a durable commit or `syncFile` of the inode, from that session or once it ended)
+    /// and to the session (its `sync`). Dropped once both are given.
+    private var failures: [Owner: Told] = [:]
     private struct Owner: Hashable {
         var inode: UInt64
         var session: UInt64
+    }
+    private struct Told: OptionSet {
+        let rawValue: UInt8
+        static let file = Told(rawValue: 1)
+        static let session = Told(rawValue: 2)
+        static let both: Told = [.file, .session]
+        /// What a new failure of `owner` leaves untold: an owner without an inode (a data hub's
+        /// object, §12.5) owes no file report, one without a session (it ended) no session report.
+        static func initial(for owner: Owner) -> Told {
+            var told: Told = []
+            if owner.inode == 0 { told.insert(.file) }
+            if owner.session == 0 { told.insert(.session) }
+            return told
+        }
     }
     private var syncFailureHook: (@Sendable (SliceID) -> Int32?)?
     /// Test hook: an errno makes the pass's fsync of that object fail.
@@ -121,26 +137,50 @@ final class DurabilityQueue: @unchecked Sendable {
         lock.withLock { lost.isEmpty ? [] : ids.filter { lost.contains($0) } }
     }
 
-    /// Whether a failed pass took an object of this session (`inode` false) or inode since the
-    /// last call that returned true; the failure is forgotten once told.
-    func takeFailure(of owner: UInt64, inode: Bool) -> Bool {
+    /// Whether a failed pass took an object a commit of this session named (any file), since
+    /// the last call for the session that said so. Each failure tells the session once; the
+    /// file's own report stays (`takeFailure(inode:session:)`).
+    func takeFailure(session: UInt64) -> Bool {
+        take(.session) { $0.session == session }
+    }
+
+    /// Whether a failed pass took an object a commit of `inode` named, by `session` or by a
+    /// session that has ended, since the last call that said so. Each failure tells the file
+    /// once; the session's own report stays. Failures of other live sessions are theirs to hear.
+    func takeFailure(inode: UInt64, session: UInt64) -> Bool {
+        take(.file) { $0.inode == inode && ($0.session == session || $0.session == 0) }
+    }
+
+    private func take(_ report: Told, where matches: (Owner) -> Bool) -> Bool {
         lock.withLock {
             guard !failures.isEmpty else { return false }
-            let told = failures.filter { inode ? $0.inode == owner : $0.session == owner }
-            failures.subtract(told)
-            return !told.isEmpty
+            var any = false
+            for (owner, told) in failures where matches(owner) && !told.contains(report) {
+                any = true
+                let now = told.union(report)
+                failures[owner] = now == .both ? nil : now
+            }
+            return any
         }
+    }
+
+    /// A failure of `owner`: both its reports are owed again.
+    private func recordFailureLocked(_ owner: Owner) {
+        failures[owner] = Told.initial(for: owner)
     }
 
     /// Forgets a session's unreported failure (the session ended).
     func forgetSession(_ session: UInt64) {
         lock.withLock {
-            // An inode's failure outlives the session: the file's next durable commit (from any
-            // session) still hears of it.
-            let ended = failures.filter { $0.session == session }
+            // An inode's failure outlives the session: the file's next durable commit or
+            // `syncFile` (from any session) still hears of it.
+            let ended = failures.filter { $0.key.session == session }
             guard !ended.isEmpty else { return }
-            failures.subtract(ended)
-            for failure in ended where failure.inode != 0 { failures.insert(Owner(inode: failure.inode, session: 0)) }
+            for (owner, told) in ended {
+                failures[owner] = nil
+                guard owner.inode != 0, !told.contains(.file) else { continue }
+                failures[Owner(inode: owner.inode, session: 0)] = .session
+            }
         }
     }
 
@@ -312,7 +352,7 @@ final class DurabilityQueue: @unchecked Sendable {
                     for file in owned {
                         lost.insert(file.id)
                         if file.session != 0 || file.inode != 0 {
-                            failures.insert(Owner(inode: file.inode, session: file.session))
+                            recordFailureLocked(Owner(inode: file.inode, session: file.session))
                         }
                     }
                 }

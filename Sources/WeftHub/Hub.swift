@@ -506,14 +506,14 @@ public final class Hub: HubAPI, @unchecked Sendable {
             // Objects the file does not name are no concern of its inode or this session.
             chunks.assign(own.filter { !referenced.contains($0) }, inode: 0, session: 0)
             if durable, let failure = error as? WeftError, failure.errno == EIO || failure.errno == ENOSPC {
-                _ = chunks.takeFailure(inode: ino)   // this error is the report (SPEC.md §3.2)
+                _ = chunks.takeFailure(inode: ino, session: context.session)   // this error is the report (SPEC.md §3.2)
             }
             throw error
         }
         chunks.journalCommitted(journaled.map(\.id))
         if chunks.journaledCount >= Self.journaledObjectsWake { maintenance.wake() }
         maintenance.considerCompaction(ino: ino, chunkIndexes: Set(slices.map(\.chunkIndex)))
-        if durable && chunks.takeFailure(inode: ino) {
+        if durable && chunks.takeFailure(inode: ino, session: context.session) {
             // Applied and synced, but a pass failed on an object of this file (this commit's, or
             // an earlier non-durable one's): its bytes may be lost. The objects stay the file's.
             throw WeftError(EIO, "a chunk sync of inode \(ino)'s data failed: its durability is unknown")
@@ -582,10 +582,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
         do {
             try meta.sync()
         } catch {
-            _ = chunks.takeFailure(inode: ino)   // this error is the report
+            _ = chunks.takeFailure(inode: ino, session: context.session)   // this error is the report
             throw error
         }
-        if chunks.takeFailure(inode: ino) {
+        if chunks.takeFailure(inode: ino, session: context.session) {
             throw WeftError(EIO, "a chunk sync of this file's data failed: its durability is unknown")
         }
     }

@@ -46,11 +46,12 @@ struct FrameDecoder: ByteToMessageDecoder {
             buffer.reserveCapacity(minimumWritableBytes: total - buffer.readableBytes)
             return nil
         }
-        buffer.moveReaderIndex(forwardBy: WireCodec.lengthPrefixBytes)
+        // Checked before the buffer moves on: a bad header leaves the buffer as it was.
         let header = try buffer.withUnsafeReadableBytes {
-            try WireCodec.decodeHeader(UnsafeRawBufferPointer(rebasing: $0[0..<WireCodec.headerBytes]))
+            try WireCodec.decodeHeader(UnsafeRawBufferPointer(
+                rebasing: $0[WireCodec.lengthPrefixBytes..<WireCodec.lengthPrefixBytes + WireCodec.headerBytes]))
         }
-        buffer.moveReaderIndex(forwardBy: WireCodec.headerBytes)
+        buffer.moveReaderIndex(forwardBy: WireCodec.lengthPrefixBytes + WireCodec.headerBytes)
         let payload = buffer.readSlice(length: length - WireCodec.headerBytes)!
         return InboundFrame(header: header, payload: payload)
     }

@@ -18,6 +18,12 @@ struct FrameReader {
     /// The smallest buffer `split` moves an unfinished frame into: reading on then has room
     /// without growing it at once.
     static let restMinimumBytes = 64 * 1024
+    /// A frame at least this long (prefix included) gets a buffer of its own as it arrives
+    /// (`reserveWhole`): nothing after it is read into that buffer.
+    static let largeFrameBytes = 64 * 1024
+    /// A read into an empty buffer takes at most this much, so that a large frame's head comes in
+    /// with little of the rest, and placing it copies little (`reserveWhole`).
+    static let headReadBytes = 4096
 
     private var buffer: ByteBuffer
     private let allocator: ByteBufferAllocator
@@ -25,6 +31,10 @@ struct FrameReader {
     private let reserveWhole: Bool
     /// Whole frames taken out of the buffer by `receive` (to make room), not yet handed out.
     private var ready: [InboundFrame] = []
+    /// Why `receive` stopped splitting (a bad frame); `frames()` throws it.
+    private var failure: Error?
+    /// Bytes moved from one buffer to another by `split` (copied), since the start.
+    private(set) var movedBytes = 0
 
     /// With `reserveWhole`, room is made for the whole of a frame that has not fully arrived;
     /// without it, none (the caller may receive it elsewhere, or calls `reserve`). With
@@ -41,30 +51,45 @@ struct FrameReader {
     /// bytes read and, if the stream ended (end of file or an error), why.
     mutating func receive(_ descriptor: Int32, maxBytes: Int) -> (count: Int, end: String?) {
         var total = 0
-        while total < maxBytes {
-            if buffer.writableBytes < 16 * 1024 {
+        while total < maxBytes, failure == nil {
+            var limit = maxBytes - total
+            if reserveWhole {
+                if let first = firstFrameBytes(), first >= Self.largeFrameBytes {
+                    let missing = first - buffer.readableBytes
+                    if missing <= 0 || buffer.capacity - buffer.readerIndex < first {
+                        // A large frame that is whole goes out before anything after it is read;
+                        // one without room of its own gets it (placed) before more of it is read.
+                        split()
+                        continue
+                    }
+                    limit = min(limit, missing)   // its buffer takes nothing of the next frame
+                } else if buffer.readableBytes == 0 {
+                    limit = min(limit, Self.headReadBytes)
+                }
+            }
+            if buffer.writableBytes < min(16 * 1024, limit) {
                 // Whole frames go out of the way first, so the buffer that holds them is never
-                // grown (a copy of all of them). A bad frame stops reading here: `frames()`
-                // throws for it.
-                guard (try? split()) != nil else { break }
-                if buffer.writableBytes < 16 * 1024 {
+                // grown (a copy of all of them). A bad frame stops reading: `frames()` throws.
+                split()
+                if failure != nil { break }
+                if buffer.writableBytes < min(16 * 1024, limit) {
                     buffer.reserveCapacity(minimumWritableBytes: 64 * 1024)
                 }
             }
-            var failure: Int32 = 0
+            var recvError: Int32 = 0
             let count = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 0) { free -> Int in
-                let count = recv(descriptor, free.baseAddress, min(free.count, maxBytes - total), Int32(MSG_DONTWAIT))
-                if count < 0 { failure = errno }
+                let count = recv(descriptor, free.baseAddress, min(free.count, limit), Int32(MSG_DONTWAIT))
+                if count < 0 { recvError = errno }
                 return max(count, 0)
             }
             if count > 0 {
                 total += count
                 continue
             }
-            if failure == 0 { return (total, "end of file") }
-            if failure == EINTR { continue }
-            if failure == EAGAIN || failure == EWOULDBLOCK { break }
-            return (total, String(cString: strerror(failure)))
+            if recvError == 0 { return (total, "end of file") }
+            if recvError == EINTR { continue }
+            if recvError == EAGAIN || recvError == EWOULDBLOCK { break }
+            return (total, String(cString: strerror(recvError)))
         }
         return (total, nil)
     }
@@ -148,15 +173,28 @@ struct FrameReader {
     /// the frames handed out (they share the old buffer's storage). Throws EPROTO for a bad
     /// length, version or kind, checked as soon as the length's 4 bytes are in.
     mutating func frames() throws -> [InboundFrame] {
-        try split()
+        if failure == nil { split() }
+        if let failure { throw failure }
         defer { ready = [] }
         return ready
+    }
+
+    /// The length (prefix included) of the frame at the buffer's start, once its prefix is in;
+    /// not checked (`split` checks it).
+    private func firstFrameBytes() -> Int? {
+        guard let raw = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) else { return nil }
+        return WireCodec.lengthPrefixBytes + Int(raw)
+    }
+
+    /// `splitting`, keeping what it throws for `frames()`.
+    private mutating func split() {
+        do { try splitting() } catch { failure = error }
     }
 
     /// Moves every whole frame in the buffer to `ready`, then the rest (part of one frame) to a
     /// buffer of its own when frames went out or the rest needs a place of its own: room for the
     /// whole frame (`reserveWhole`), its bulk data on a page boundary (`bulkDataOffset`).
-    private mutating func split() throws {
+    private mutating func splitting() throws {
         var took = false
         var needed = 0
         while let rawLength = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) {
@@ -184,13 +222,16 @@ struct FrameReader {
             }
         }
         let page = BulkMemory.pageBytes
-        var rest = allocator.buffer(capacity: max(Self.restMinimumBytes, needed + (dataOffset == nil ? 0 : page)))
+        // Nothing left: a small buffer, as an idle connection keeps it.
+        let capacity = buffer.readableBytes == 0 ? 4096 : max(Self.restMinimumBytes, needed + (dataOffset == nil ? 0 : page))
+        var rest = allocator.buffer(capacity: capacity)
         if let dataOffset {
             let base = rest.withVeryUnsafeMutableBytes { Int(bitPattern: $0.baseAddress) }
             let shift = (page - (base + dataOffset) % page) % page
             rest.moveWriterIndex(forwardBy: shift)
             rest.moveReaderIndex(forwardBy: shift)
         }
+        movedBytes += buffer.readableBytes
         rest.writeBuffer(&buffer)
         buffer = rest
     }

@@ -98,14 +98,14 @@ public protocol HubAPI: AnyObject, Sendable {
     /// storage when this returns.
     func commitSlices(_ context: RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64,
                       durable: Bool) throws -> Attributes
-    /// Makes every change acknowledged so far durable. EIO once if a chunk sync failed on data
-    /// this session's commits named (any file's), since the last report (SPEC.md §3.2).
+    /// Makes every change acknowledged so far durable. EIO (the session's report, once) if a
+    /// chunk sync failed on data this session's commits named, any file's (SPEC.md §3.2).
     func sync(_ context: RequestContext) throws
-    /// `sync`, reporting only file `ino`'s failures: EIO once if a chunk sync failed on data
-    /// that commits of the file named (from any session), since the last report to this call
-    /// or to a durable commit of the file; other files' failures stay for their own. The agent's
-    /// `fsync` of a file with no buffered writes (SPEC.md §3.2, §4 opcode 52). A hub that keeps
-    /// no per-file reports answers as `sync` (the default).
+    /// `sync`, whose EIO is file `ino`'s report instead: once if a chunk sync failed on data that
+    /// commits of the file named, in this session or in one that has ended, since the file was
+    /// last told (by this call or a durable commit); other files' reports, and the session's,
+    /// stay. The agent's `fsync` of a file with no buffered writes (SPEC.md §3.2, §4 opcode 52).
+    /// A hub that keeps no per-file reports answers as `sync` (the default).
     func syncFile(_ context: RequestContext, ino: InodeID) throws
     /// Returns once no commit of `ino` by this agent that this hub received before the call
     /// can still run: one that timed out has then finished at the hub, applied or not

@@ -68,7 +68,8 @@ final class DurabilityQueueTests: ChunkTestCase {
 
     /// A failed pass (SPEC.md §3.2, "Objects lost to a failed pass"): a later sync finds nothing
     /// of its objects to sync and succeeds, so the objects are remembered as lost until deleted,
-    /// and each owner a commit assigned (its inode and session) is told once.
+    /// and each owner a commit assigned (its inode and session) owes two reports, each given once:
+    /// the file's (to its inode, from that session or once the session ended) and the session's.
     func testObjectsOfAFailedPassAreLostAndTheirOwnersToldOnce() throws {
         let root = try makeStoreDirectory()
         defer { close(root) }
@@ -84,25 +85,29 @@ final class DurabilityQueueTests: ChunkTestCase {
         XCTAssertEqual(queue.assign([2], inode: 43, session: 8), [])
         XCTAssertEqual(queue.assign([6], inode: 44, session: 10), [])
         XCTAssertEqual(queue.lostObjects([1, 2]), [], "nothing lost before a pass")
-        XCTAssertFalse(queue.takeFailure(of: 7, inode: false))
+        XCTAssertFalse(queue.takeFailure(session: 7))
 
         XCTAssertThrowsError(try queue.sync()) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
         try queue.sync()   // what the failure is about: nothing left to sync, so success
         XCTAssertEqual(queue.lostObjects([1, 2, 3, 4, 6]), [1, 2, 4, 6], "the whole pass is lost, not only the file that failed")
         XCTAssertEqual(queue.assign([2, 5], inode: 50, session: 9), [2], "a commit naming a lost object learns it")
-        XCTAssertFalse(queue.takeFailure(of: 50, inode: true), "and becomes no owner of it")
-        // Each (inode, session) failure is told once, to whichever asks first.
-        XCTAssertTrue(queue.takeFailure(of: 7, inode: false))
-        XCTAssertFalse(queue.takeFailure(of: 7, inode: false), "told once")
-        XCTAssertFalse(queue.takeFailure(of: 42, inode: true), "told to the session already")
-        XCTAssertTrue(queue.takeFailure(of: 43, inode: true))
-        XCTAssertFalse(queue.takeFailure(of: 43, inode: true), "told once")
-        XCTAssertFalse(queue.takeFailure(of: 8, inode: false), "told to the inode already")
-        XCTAssertFalse(queue.takeFailure(of: 9, inode: false), "a session with nothing in the pass")
-        XCTAssertFalse(queue.takeFailure(of: 7, inode: true), "sessions and inodes are apart")
+        XCTAssertFalse(queue.takeFailure(inode: 50, session: 9), "and becomes no owner of it")
+        // The session's report and the file's: each once, neither takes the other.
+        XCTAssertTrue(queue.takeFailure(session: 7))
+        XCTAssertFalse(queue.takeFailure(session: 7), "told once")
+        XCTAssertFalse(queue.takeFailure(inode: 42, session: 8), "another live session's failure is not its to hear")
+        XCTAssertTrue(queue.takeFailure(inode: 42, session: 7), "the file's report stays after the session's")
+        XCTAssertFalse(queue.takeFailure(inode: 42, session: 7), "told once")
+        XCTAssertTrue(queue.takeFailure(inode: 43, session: 8))
+        XCTAssertFalse(queue.takeFailure(inode: 43, session: 8), "told once")
+        XCTAssertTrue(queue.takeFailure(session: 8), "the session's report stays after the file's")
+        XCTAssertFalse(queue.takeFailure(session: 8), "told once")
+        XCTAssertFalse(queue.takeFailure(session: 9), "a session with nothing in the pass")
+        XCTAssertFalse(queue.takeFailure(inode: 7, session: 7), "sessions and inodes are apart")
         queue.forgetSession(10)
-        XCTAssertFalse(queue.takeFailure(of: 10, inode: false), "a session's failures go with the session")
-        XCTAssertTrue(queue.takeFailure(of: 44, inode: true), "its inodes' stay")
+        XCTAssertFalse(queue.takeFailure(session: 10), "a session's failures go with the session")
+        XCTAssertTrue(queue.takeFailure(inode: 44, session: 11), "its inodes' stay, for any session")
+        XCTAssertFalse(queue.takeFailure(inode: 44, session: 10), "told once")
 
         queue.objectRemoved(id: 1)
         XCTAssertEqual(queue.lostObjects([1, 2]), [2], "a deleted object leaves the lost set")
@@ -112,8 +117,8 @@ final class DurabilityQueueTests: ChunkTestCase {
         XCTAssertEqual(queue.assign([3], inode: 42, session: 7), [])
         try queue.sync()
         XCTAssertEqual(queue.lostObjects([3]), [])
-        XCTAssertFalse(queue.takeFailure(of: 7, inode: false))
-        XCTAssertFalse(queue.takeFailure(of: 42, inode: true))
+        XCTAssertFalse(queue.takeFailure(session: 7))
+        XCTAssertFalse(queue.takeFailure(inode: 42, session: 7))
     }
 
     /// A commit that names an object while another caller's pass holds it (taken before the
@@ -142,7 +147,8 @@ final class DurabilityQueueTests: ChunkTestCase {
         XCTAssertEqual(done.wait(timeout: .now() + 10), .success)
         XCTAssertEqual(failure.withLock { $0 }, EIO, "the pass failed")
         XCTAssertEqual(queue.lostObjects([5]), [5])
-        XCTAssertTrue(queue.takeFailure(of: 77, inode: true))
-        XCTAssertFalse(queue.takeFailure(of: 3, inode: false), "told once, to the inode")
+        XCTAssertTrue(queue.takeFailure(inode: 77, session: 3))
+        XCTAssertFalse(queue.takeFailure(inode: 77, session: 3), "told once, to the file")
+        XCTAssertTrue(queue.takeFailure(session: 3), "and once to the session")
     }
 }

@@ -823,8 +823,11 @@ extension HubConformanceTests {
                        [first.id, second.id])
         XCTAssertEqual(try api.readSlice(context, id: second.id, offset: 0, length: UInt32(size)),
                        [UInt8](repeating: 2, count: size))
-        // Told once: neither the session's sync (a file's fsync with nothing buffered) nor the
-        // next durable commit of the file hears of it again.
+        // Told to the file once: neither its fsync with nothing buffered (`syncFile`) nor its next
+        // durable commit hears of it again. The session's own report is apart (a directory's
+        // fsync): once.
+        try api.syncFile(context, ino: file.ino)
+        XCTAssertErrno(EIO, try api.sync(context))
         try api.sync(context)
         let third = try writeObject([UInt8](repeating: 3, count: size), on: api, context: context)
         let attributes = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: third)],
@@ -863,7 +866,7 @@ extension HubConformanceTests {
     /// The session's sync hears of a failed pass over an object a non-durable commit named (a
     /// file's fsync with nothing buffered), once; a durable commit whose own pass fails is the
     /// report itself, and neither its retry nor a later sync hears of it again.
-    func testAFailedPassIsToldOnceToWhoeverAsksFirst() throws {
+    func testAFailedPassIsToldOnceToTheFileAndOnceToTheSession() throws {
         let (volume, api, context, file) = try makeVolumeWithFile(agentName: "lost")
         let size = 100_000
         let chunks = volume.hub.chunks
@@ -876,11 +879,13 @@ extension HubConformanceTests {
                                  minimumSize: UInt64(size), durable: false)
         failing.withLock { $0.insert(closed.id) }
         _ = try? chunks.sync()
-        XCTAssertErrno(EIO, try api.sync(context))
+        XCTAssertErrno(EIO, try api.sync(context))   // the session's report
         try api.sync(context)
         let next = try writeObject([UInt8](repeating: 2, count: size), on: api, context: context)
+        XCTAssertErrno(EIO, try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: next)],
+                                                 minimumSize: UInt64(size), durable: true))   // the file's, apart
         _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: next)],
-                                 minimumSize: UInt64(size), durable: true)   // told to the sync already
+                                 minimumSize: UInt64(size), durable: true)   // told once
 
         let own = try writeObject([UInt8](repeating: 3, count: size), on: api, context: context)
         failing.withLock { $0.insert(own.id) }
@@ -889,6 +894,7 @@ extension HubConformanceTests {
         let retry = try writeObject([UInt8](repeating: 3, count: size), on: api, context: context)
         _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: retry)],
                                  minimumSize: UInt64(size), durable: true)
+        XCTAssertErrno(EIO, try api.sync(context))   // the session's report of it, once
         try api.sync(context)
         XCTAssertEqual(try api.readSlice(context, id: retry.id, offset: 0, length: UInt32(size)),
                        [UInt8](repeating: 3, count: size))
@@ -896,7 +902,9 @@ extension HubConformanceTests {
 
     /// An fsync of one file (`syncFile`) reports that file's failed chunk syncs, and no other
     /// file's: with only the session-wide `sync`, the EIO of one file's lost data went to
-    /// whichever file was fsynced first, and the file whose data it was then synced clean.
+    /// whichever file was fsynced first, and the file whose data it was then synced clean. The
+    /// session's report (a directory's fsync) is apart: neither takes the other's, and another
+    /// live session does not take the writer's.
     func testAFileSyncReportsThatFilesFailedPassAndNoOtherFiles() throws {
         let (volume, api, context, first) = try makeVolumeWithFile(agentName: "per-file")
         let second = try api.create(context, parent: root, name: bytes("second"), mode: regularFile | 0o644, rdev: 0,
@@ -906,11 +914,13 @@ extension HubConformanceTests {
         let failing = Mutex<Set<SliceID>>([])
         chunks.testSyncFailure = { id in failing.withLock { $0.contains(id) } ? EIO : nil }
         defer { chunks.testSyncFailure = nil }
+        // A close's commit, each into a chunk of its own (nothing it shadows becomes garbage,
+        // whose collection would run a pass of its own).
         func closeWrite(_ fill: UInt8, of file: Attributes, failing fails: Bool) throws {
             let slice = try writeObject([UInt8](repeating: fill, count: size), on: api, context: context)
-            _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: slice)],
-                                     minimumSize: UInt64(size), durable: false)
             if fails { failing.withLock { $0.insert(slice.id) } }
+            _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: UInt32(fill), slice: slice)],
+                                     minimumSize: UInt64(fill) << 20 + UInt64(size), durable: false)
         }
 
         try closeWrite(1, of: first, failing: false)
@@ -919,21 +929,25 @@ extension HubConformanceTests {
         try api.syncFile(context, ino: first.ino)                        // not its data
         XCTAssertErrno(EIO, try api.syncFile(context, ino: second.ino))  // its data
         try api.syncFile(context, ino: second.ino)                       // told once
-        try api.sync(context)                                            // and to no one else
+        XCTAssertErrno(EIO, try api.sync(context))                       // the session's own report
+        try api.sync(context)
 
-        // Unreported, a file's failure reaches the session-wide sync (a directory's fsync,
-        // unmount), which takes it.
+        // The session's report first: the file's stays.
         try closeWrite(3, of: first, failing: true)
         _ = try? chunks.sync()
-        try api.syncFile(context, ino: second.ino)
         XCTAssertErrno(EIO, try api.sync(context))
+        try api.sync(context)
+        try api.syncFile(context, ino: second.ino)
+        XCTAssertErrno(EIO, try api.syncFile(context, ino: first.ino))
         try api.syncFile(context, ino: first.ino)
 
-        // A failure outlives its session: the file's next fsync, from another session, hears it.
+        // Another live session does not take the writer's report; once the writer's session
+        // ended, the file's next fsync, from any session, hears it.
         try closeWrite(4, of: second, failing: true)
         _ = try? chunks.sync()
-        try api.closeSession(context.session)
         let later = RequestContext(session: try api.openSession(agentName: "per-file-2").0, credentials: rootCaller)
+        try api.syncFile(later, ino: second.ino)
+        try api.closeSession(context.session)
         try api.syncFile(later, ino: first.ino)
         try api.sync(later)
         XCTAssertErrno(EIO, try api.syncFile(later, ino: second.ino))
