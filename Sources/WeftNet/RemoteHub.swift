@@ -52,7 +52,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     // Guarded by `lock`.
     private let lock = PthreadMutex()
-    /// Opcodes the hub answered with ENOSYS: it is older than those methods.
+    /// Opcodes the hub answered with ENOSYS: it is older than those methods. Forgotten on every
+    /// new connection (the hub may have been upgraded meanwhile).
     let unknownOpcodes = Mutex(Set<HubOpcode>())
     /// Reads answered as stored blocks (opcode 49) and checked here, and replies whose bulk bytes
     /// the reading thread received straight into the caller's memory (SPEC.md §4).
@@ -695,6 +696,9 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             let errno = (error as? WeftError)?.errno == ETIMEDOUT ? ETIMEDOUT : EIO
             throw WeftError(errno, "hub \(address.displayName) did not fence the earlier connections: \(error)")
         }
+        // A new connection may reach an upgraded hub: methods it refused before are asked again
+        // (one ENOSYS per opcode and connection at most).
+        if number > 1 { unknownOpcodes.withLock { $0.removeAll() } }
         let toReopen = lock.withLock { sessions }
         for (callerID, (agentName, volume, data)) in toReopen {
             do {

@@ -73,6 +73,29 @@ final class LoopbackTests: XCTestCase {
         XCTAssertEqual(seen, 1 + 2, "one syncFile refused, then two syncs")
     }
 
+    /// After a reconnection (a rolling upgrade of the hub) the client asks for a method the old
+    /// hub refused again: before, it used the fallback until the mount ended.
+    func testAMethodAnOldHubRefusedIsAskedAgainAfterAReconnection() throws {
+        let old = FakeHub()
+        old.predatesSyncFile = true
+        let (first, port) = try startServer(old)
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 2000, logger: logger)
+        defer { client.close() }
+        let c = context(0)
+        try client.syncFile(c, ino: 3)
+        try client.syncFile(c, ino: 4)
+        XCTAssertEqual(old.snapshot { ($0.syncs, $0.syncedFiles) }.0, 2, "the old hub: sync each time")
+        first.shutdown()
+        let upgraded = FakeHub()
+        let (second, _) = try startServer(upgraded, port: port)
+        defer { second.shutdown() }
+        XCTAssertTrue(eventually(timeoutSeconds: 10) { (try? client.getattr(c, ino: 7)) != nil })
+        try client.syncFile(c, ino: 5)
+        let (syncs, files) = upgraded.snapshot { ($0.syncs, $0.syncedFiles) }
+        XCTAssertEqual(files, [5], "asked again on the new connection")
+        XCTAssertEqual(syncs, 0)
+    }
+
     func testReleaseManyFallsBackToOneReleaseEachOnAHubThatPredatesIt() throws {
         let hub = FakeHub()
         hub.predatesReleaseMany = true
