@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import WeftChunks
 import WeftHub
 import WeftProto
 
@@ -163,6 +164,38 @@ extension FabricHub {
     /// a fetch from the holders (SPEC.md §12.5).
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, holders: [UInt16],
                           into destination: UnsafeMutableRawBufferPointer) throws {
+        let volume = try readVolume(context, id: id)
+        try readThrough(volume, id: id, offset: offset, holders: holders, into: destination)
+    }
+
+    /// The stored blocks of an object in this hub's stores: the volume's `chunks/`, then
+    /// `cache/`, fetched into the cache from the home first when neither has it, as `readSlice`
+    /// does (SPEC.md §4, Stored-block reads; §12.5). Unchecked, like a hub's: the reader checks
+    /// them, and reads a block that fails through `readSlice`, which checks here and replaces a
+    /// damaged cached copy.
+    public func storedBlocks(_ context: RequestContext, id: SliceID, firstBlock: Int, count: Int) throws -> StoredBlocks {
+        let volume = try readVolume(context, id: id)
+        do {
+            return try volume.chunks.storedBlocks(id: id, firstBlock: firstBlock, count: count)
+        } catch let error as WeftError where error.errno == ENOENT {}
+        for attempt in 1...2 {
+            do {
+                let blocks = try volume.cache.storedBlocks(id: id, firstBlock: firstBlock, count: count)
+                readThrough.touched(id)
+                return blocks
+            } catch let error as WeftError where error.errno == ENOENT {
+                // Not cached (or evicted meanwhile): fetch below.
+            }
+            guard attempt == 1 else { break }
+            try readThrough.fetch(id, ReadThrough.Target(volumeID: volume.id, cache: volume.cache,
+                                                         sources: sources(volume.id, holders: [])))
+        }
+        throw WeftError(EIO, "chunk \(hex(id)) was evicted from the cache as it was fetched")
+    }
+
+    /// The volume a read of object `id` for `context` is served from; EINVAL for an id of
+    /// another volume.
+    private func readVolume(_ context: RequestContext, id: SliceID) throws -> VolumeData {
         let volume: VolumeData
         if let session = dataSession(context) {
             volume = session.volume
@@ -174,7 +207,7 @@ extension FabricHub {
             volume = try volumeData(record)
         }
         guard id >> 48 == UInt64(volume.id) else { throw WeftError(EINVAL, "slice id \(id) is not of volume \(volume.id)") }
-        try readThrough(volume, id: id, offset: offset, holders: holders, into: destination)
+        return volume
     }
 
     public func releaseUploads(_ context: RequestContext, ids: [SliceID]) throws {

@@ -157,6 +157,18 @@ extension RemoteHub {
                 return try readBlocks(context, id: id, firstBlock: Int(offset) / blockSize, into: destination)
             } catch let error as WeftError where error.errno == ENOSYS {
                 unknownOpcodes.withLock { _ = $0.insert(.readBlocks) }
+            } catch let error as WeftError where error.errno == EIO {
+                // A block that failed its check here (or a read that failed at the hub): once
+                // more through `readSlice`, which the hub checks itself, so the damage is logged
+                // there, and a cluster hub replaces a damaged cached copy from a good one.
+                logger.warning("stored-block read failed: reading it through the hub's check",
+                               metadata: ["hub": "\(address)", "chunk": "\(hex(id))", "error": "\(error)"])
+                let request = HubRequest.readSlice(context, id: id, offset: offset, length: UInt32(clamping: destination.count))
+                do {
+                    return try readSlice(request, into: destination)
+                } catch let again as WeftError where again.errno == EIO {
+                    throw error   // the first account: where the damage was seen
+                }
             }
         }
         try readSlice(.readSlice(context, id: id, offset: offset, length: UInt32(clamping: destination.count)), into: destination)

@@ -326,6 +326,34 @@ final class DataAcrossHubsTests: XCTestCase {
         XCTAssertEqual(cache.fetches, 6, "f3 was the least recently read and was evicted")
     }
 
+    /// A cluster hub serves stored blocks (opcode 49, sent from the file unread) of the objects
+    /// in its own store and in its read-through cache. A cached copy damaged on its disk fails
+    /// the agent's check; the agent reads the range again through the hub's `readSlice`, whose
+    /// check deletes the copy and fetches a good one: the bytes come back whole.
+    func testAClusterHubServesStoredBlocksAndADamagedCachedCopyIsReplaced() throws {
+        let hub1 = try startHub("hub1")
+        let hub2 = try startHub("hub2")
+        let volume = try createVolume(at: hub1)
+        var random = SeededRandom(seed: 21)
+        let data = random.bytes(1_500_000)
+        try writeFile(try agent(through: hub1, name: "writer"), "f", data)
+        func storedReads() -> Int { agents.last!.1.reduce(0) { $0 + $1.storedBlockReadCount } }
+
+        // Through the home: its own store.
+        XCTAssertEqual(try readFile(try agent(through: hub1, name: "home-reader"), "f"), data)
+        XCTAssertGreaterThan(storedReads(), 0, "the home served stored blocks")
+        // Through hub2: fetched into its cache, then served from there as stored blocks.
+        XCTAssertEqual(try readFile(try agent(through: hub2, name: "reader"), "f"), data)
+        XCTAssertGreaterThan(storedReads(), 0, "hub2 served stored blocks from its cache")
+        XCTAssertEqual(hub2.fabric.readThrough.fetches, 2)
+
+        let cached = objectFiles(hub2, volume, "cache")
+        XCTAssertEqual(cached.count, 2)
+        for path in cached { try corrupt(path) }
+        XCTAssertEqual(try readFile(try agent(through: hub2, name: "after-damage"), "f"), data)
+        XCTAssertEqual(hub2.fabric.readThrough.fetches, 4, "each damaged copy was fetched again")
+    }
+
     func testDamagedHolderCopyIsRetriedAtTheHomeAndNoGoodCopyGivesEIO() throws {
         let hub1 = try startHub("hub1")
         let hub2 = try startHub("hub2")
