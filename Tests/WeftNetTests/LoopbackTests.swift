@@ -57,14 +57,22 @@ final class LoopbackTests: XCTestCase {
         try exerciseEveryMethod(client, hub)
     }
 
-    func testSyncFileFallsBackToSyncOnAHubThatPredatesIt() throws {
+    /// A client with a session on a hub `configure` makes older than some opcodes; the server
+    /// and the client stop when the test ends.
+    private func clientOfAnOldHub(_ configure: (FakeHub) -> Void) throws -> (FakeHub, RemoteHub, RequestContext) {
         let hub = FakeHub()
-        hub.predatesSyncFile = true
+        configure(hub)
         let (server, port) = try startServer(hub)
-        defer { server.shutdown() }
         let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
-        defer { client.close() }
-        let c = context(try client.openSession(agentName: "new-agent").0)
+        addTeardownBlock {
+            client.close()
+            server.shutdown()
+        }
+        return (hub, client, context(try client.openSession(agentName: "new-agent").0))
+    }
+
+    func testSyncFileFallsBackToSyncOnAHubThatPredatesIt() throws {
+        let (hub, client, c) = try clientOfAnOldHub { $0.predatesSyncFile = true }
         try client.syncFile(c, ino: 3)
         try client.syncFile(c, ino: 4)   // ENOSYS is remembered: no second try
         let (syncs, files, seen) = hub.snapshot { ($0.syncs, $0.syncedFiles, $0.seenSessions.count) }
@@ -97,13 +105,7 @@ final class LoopbackTests: XCTestCase {
     }
 
     func testReleaseManyFallsBackToOneReleaseEachOnAHubThatPredatesIt() throws {
-        let hub = FakeHub()
-        hub.predatesReleaseMany = true
-        let (server, port) = try startServer(hub)
-        defer { server.shutdown() }
-        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
-        defer { client.close() }
-        let c = context(try client.openSession(agentName: "new-agent").0)
+        let (hub, client, c) = try clientOfAnOldHub { $0.predatesReleaseMany = true }
         try client.releaseMany(c, inos: [3, 3, 4])
         try client.releaseMany(c, inos: [5])   // ENOSYS is remembered: no second try
         let (released, calls, seen) = hub.snapshot { ($0.released, $0.releaseManyCalls, $0.seenSessions.count) }
