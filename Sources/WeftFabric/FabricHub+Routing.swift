@@ -174,6 +174,10 @@ extension FabricHub {
     /// them, and reads a block that fails through `readSlice`, which checks here and replaces a
     /// damaged cached copy.
     public func storedBlocks(_ context: RequestContext, id: SliceID, firstBlock: Int, count: Int) throws -> StoredBlocks {
+        // Checked before anything is fetched (the store checks the rest against the object).
+        guard firstBlock >= 0, (1...StoredBlocks.countMax).contains(count) else {
+            throw WeftError(EINVAL, "readBlocks of \(count) blocks from block \(firstBlock)")
+        }
         let volume = try readVolume(context, id: id)
         do {
             return try volume.chunks.storedBlocks(id: id, firstBlock: firstBlock, count: count)

@@ -157,17 +157,18 @@ extension RemoteHub {
                 return try readBlocks(context, id: id, firstBlock: Int(offset) / blockSize, into: destination)
             } catch let error as WeftError where error.errno == ENOSYS {
                 unknownOpcodes.withLock { _ = $0.insert(.readBlocks) }
-            } catch let error as WeftError where error.errno == EIO {
-                // A block that failed its check here (or a read that failed at the hub): once
-                // more through `readSlice`, which the hub checks itself, so the damage is logged
-                // there, and a cluster hub replaces a damaged cached copy from a good one.
-                logger.warning("stored-block read failed: reading it through the hub's check",
-                               metadata: ["hub": "\(address)", "chunk": "\(hex(id))", "error": "\(error)"])
+            } catch let damage as DamagedStoredBlock {
+                // A block that failed its check here: once more through `readSlice`, which the
+                // hub checks itself, so the damage is logged there, and a cluster hub replaces a
+                // damaged cached copy from a good one. Other failures (the connection, the hub's
+                // own answers) are not asked again.
+                logger.warning("a stored block failed its check: reading it through the hub's check",
+                               metadata: ["hub": "\(address)", "chunk": "\(hex(id))", "error": "\(damage.error)"])
                 let request = HubRequest.readSlice(context, id: id, offset: offset, length: UInt32(clamping: destination.count))
                 do {
                     return try readSlice(request, into: destination)
                 } catch let again as WeftError where again.errno == EIO {
-                    throw error   // the first account: where the damage was seen
+                    throw damage.error   // the first account: where the damage was seen
                 }
             }
         }
@@ -192,16 +193,26 @@ extension RemoteHub {
         storedBlockReads.add(1, ordering: .relaxed)
         // The entries passed `StoredBlockDecoder.check` on the event loop: what can fail now is
         // a damaged block (EIO).
-        if let staged = reply.staged {
-            try staged.withUnsafeBytes { stored in
+        do {
+            if let staged = reply.staged {
+                try staged.withUnsafeBytes { stored in
+                    try StoredBlockDecoder.decode(id: id, firstBlock: firstBlock, rawLength: reply.rawLength,
+                                                  entries: reply.entries, stored: stored, into: destination, logger: logger)
+                }
+            } else {
+                let stored = UnsafeRawBufferPointer(start: destination.baseAddress, count: reply.byteCount)
                 try StoredBlockDecoder.decode(id: id, firstBlock: firstBlock, rawLength: reply.rawLength,
                                               entries: reply.entries, stored: stored, into: destination, logger: logger)
             }
-        } else {
-            let stored = UnsafeRawBufferPointer(start: destination.baseAddress, count: reply.byteCount)
-            try StoredBlockDecoder.decode(id: id, firstBlock: firstBlock, rawLength: reply.rawLength,
-                                          entries: reply.entries, stored: stored, into: destination, logger: logger)
+        } catch let error as WeftError {
+            throw DamagedStoredBlock(error: error)
         }
+    }
+
+    /// A stored block that failed its check (CRC32C, or a compressed block that does not
+    /// decode) at this agent.
+    private struct DamagedStoredBlock: Error {
+        let error: WeftError
     }
 
     private func readSlice(_ request: HubRequest, into destination: UnsafeMutableRawBufferPointer) throws {

@@ -401,6 +401,10 @@ class HubConformanceTests: HubTestCase {
 
         XCTAssertErrno(EIO, try api.readSlice(context, id: slice.id, offset: 0, length: 65536), "never wrong bytes")
         XCTAssertErrno(EIO, try api.readSlice(context, id: slice.id, offset: 65000, length: 10))
+        // A read of whole blocks into the caller's memory (over TCP: stored blocks, checked at
+        // the agent, then read once more through the hub's own check): EIO as well.
+        var whole = [UInt8](repeating: 0, count: 65536)
+        XCTAssertErrno(EIO, try whole.withUnsafeMutableBytes { try api.readSlice(context, id: slice.id, offset: 0, into: $0) })
         report = try api.fsck(repair: false)
         XCTAssertEqual(report.problems.count, 1, "\(report.problems)")
         XCTAssertTrue(report.problems.first?.contains("damaged") == true, "\(report.problems)")
