@@ -87,8 +87,14 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try data.readSlice(try dataContext(context), id: id, offset: offset, length: length, holders: holders)
     }
 
+    /// An object whose only holder is the data hub itself is read as one naming no holder, so
+    /// that whole blocks go as stored blocks (SPEC.md §4): the hub looks in its own store first
+    /// and, failing that, fetches from the home either way (it never fetches from itself).
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, holders: [UInt16],
                           into destination: UnsafeMutableRawBufferPointer) throws {
+        if holders == [dataHubID] {
+            return try data.readSlice(try dataContext(context), id: id, offset: offset, into: destination)
+        }
         try data.readSlice(try dataContext(context), id: id, offset: offset, holders: holders, into: destination)
     }
 

@@ -228,9 +228,11 @@ final class DataAcrossHubsTests: XCTestCase {
         XCTAssertEqual(try readFile(reader, "f"), data)
         XCTAssertEqual(hub1.fabric.readThrough.fetches, 3)
         XCTAssertEqual(objectFiles(hub1, volume, "cache").count, 3)
-        // A second agent of hub2 reads the writer's objects from hub2's own store: no fetch.
+        // A second agent of hub2 reads the writer's objects from hub2's own store: no fetch, and
+        // as stored blocks (its own hub is their only holder).
         XCTAssertEqual(try readFile(try agent(through: hub2, name: "reader2"), "f"), data)
         XCTAssertEqual(hub2.fabric.readThrough.fetches, 0)
+        XCTAssertGreaterThan(agents.last!.1.reduce(0) { $0 + $1.storedBlockReadCount }, 0)
     }
 
     func testGarbageAtTheHomeIsDeletedAtTheHolderAndFromCaches() throws {
