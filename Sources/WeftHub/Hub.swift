@@ -565,29 +565,26 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func sync(_ context: RequestContext) throws {
-        testBeforeSync?()
-        do {
-            try meta.sync()
-        } catch {
-            _ = chunks.takeFailure(session: context.session)   // this error is the report
-            throw error
-        }
-        if chunks.takeFailure(session: context.session) {
-            throw WeftError(EIO, "a chunk sync of data this session wrote failed: its durability is unknown")
-        }
+        try sync(reporting: { chunks.takeFailure(session: context.session) },
+                 "a chunk sync of data this session wrote failed: its durability is unknown")
     }
 
     public func syncFile(_ context: RequestContext, ino: InodeID) throws {
+        try sync(reporting: { chunks.takeFailure(inode: ino, session: context.session) },
+                 "a chunk sync of this file's data failed: its durability is unknown")
+    }
+
+    /// Makes every change durable, then gives the report `take` takes (SPEC.md §3.2) as EIO
+    /// with `message`. A sync that fails itself is that report: it takes it and throws its own.
+    private func sync(reporting take: () -> Bool, _ message: String) throws {
         testBeforeSync?()
         do {
             try meta.sync()
         } catch {
-            _ = chunks.takeFailure(inode: ino, session: context.session)   // this error is the report
+            _ = take()
             throw error
         }
-        if chunks.takeFailure(inode: ino, session: context.session) {
-            throw WeftError(EIO, "a chunk sync of this file's data failed: its durability is unknown")
-        }
+        if take() { throw WeftError(EIO, message) }
     }
 
     public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {

@@ -95,6 +95,13 @@ final class DataAcrossHubsTests: XCTestCase {
         return record
     }
 
+    /// hub1 and hub2, and volume `v` homed at hub1.
+    private func twoHubsWithVolume() throws -> (HubFixture, HubFixture, VolumeRecord) {
+        let hub1 = try startHub("hub1")
+        let hub2 = try startHub("hub2")
+        return (hub1, hub2, try createVolume(at: hub1))
+    }
+
     /// Routes `from` → `to` through a link emulator with `delayMs` each way; returns it.
     private func link(from: HubFixture, to: HubFixture, delayMs: Int) throws -> LinkEmulator {
         let parts = to.address.split(separator: ":")
@@ -204,9 +211,7 @@ final class DataAcrossHubsTests: XCTestCase {
     }
 
     func testWriterObjectsLandInTheWritersHubAndLayoutsRecordIt() throws {
-        let hub1 = try startHub("hub1")
-        let hub2 = try startHub("hub2")
-        let volume = try createVolume(at: hub1)
+        let (hub1, hub2, volume) = try twoHubsWithVolume()
         var random = SeededRandom(seed: 7)
         let data = random.bytes(2_500_000)
         let writer = try agent(through: hub2, name: "writer")
@@ -236,9 +241,7 @@ final class DataAcrossHubsTests: XCTestCase {
     }
 
     func testGarbageAtTheHomeIsDeletedAtTheHolderAndFromCaches() throws {
-        let hub1 = try startHub("hub1")
-        let hub2 = try startHub("hub2")
-        let volume = try createVolume(at: hub1)
+        let (hub1, hub2, volume) = try twoHubsWithVolume()
         var random = SeededRandom(seed: 8)
         let writer = try agent(through: hub2, name: "writer")
         try writeFile(writer, "doomed", random.bytes(2_500_000))
@@ -264,9 +267,7 @@ final class DataAcrossHubsTests: XCTestCase {
     }
 
     func testConcurrentReadersOfAMissingObjectCauseOneFetchAndOneWANCrossing() throws {
-        let hub1 = try startHub("hub1")
-        let hub2 = try startHub("hub2")
-        let volume = try createVolume(at: hub1)
+        let (hub1, hub2, volume) = try twoHubsWithVolume()
         let wan = try link(from: hub2, to: hub1, delayMs: 100)
         var random = SeededRandom(seed: 11)
         let data = random.bytes(1 << 20)
@@ -333,9 +334,7 @@ final class DataAcrossHubsTests: XCTestCase {
     /// the agent's check; the agent reads the range again through the hub's `readSlice`, whose
     /// check deletes the copy and fetches a good one: the bytes come back whole.
     func testAClusterHubServesStoredBlocksAndADamagedCachedCopyIsReplaced() throws {
-        let hub1 = try startHub("hub1")
-        let hub2 = try startHub("hub2")
-        let volume = try createVolume(at: hub1)
+        let (hub1, hub2, volume) = try twoHubsWithVolume()
         var random = SeededRandom(seed: 21)
         let data = random.bytes(1_500_000)
         try writeFile(try agent(through: hub1, name: "writer"), "f", data)
