@@ -268,6 +268,7 @@ extension VFS {
     /// up to `readaheadMaxBytes`.
     @discardableResult
     func scheduleReadahead(_ handle: FileHandle, readOffset: UInt64, readEnd: UInt64) -> Bool {
+        let fileSize = handle.file.lock.withLock { handle.file.attributes.size }
         handle.lock.lock()
         // Kernel read-ahead sends several requests at once, so they may arrive slightly out of
         // order: a read starting near the previous end still counts as sequential.
@@ -282,10 +283,14 @@ extension VFS {
         }
         handle.readaheadWindowBytes = min(UInt64(options.readaheadMaxBytes),
                                           max(UInt64(chunkSizeBytes), handle.readaheadWindowBytes * 2))
-        let target = readEnd + handle.readaheadWindowBytes
-        // Fetch in whole-chunk steps once at least half a chunk of the window is unfetched.
+        // Nothing past the end as the file has it now: a whole small file read at once (a
+        // dataset sample) would otherwise wake a pool thread per file for an empty range. A
+        // file that grows is read on by the next read, which schedules again.
+        let target = min(readEnd + handle.readaheadWindowBytes, max(fileSize, readEnd))
+        // Fetch in whole-chunk steps once at least half a chunk of the window is unfetched,
+        // or whatever is left before the end.
         let from = max(handle.prefetchedUpTo, readEnd)
-        guard target > from, target - from >= UInt64(chunkSizeBytes / 2) else {
+        guard target > from, target - from >= UInt64(chunkSizeBytes / 2) || target == fileSize else {
             handle.lock.unlock()
             return true
         }
@@ -293,6 +298,7 @@ extension VFS {
         handle.lock.unlock()
         let file = handle.file
         let context = handle.context
+        readaheadSteps.add(1, ordering: .relaxed)
         prefetchPool.async { [self] in
             guard let ranges = try? resolve(file, context: context, offset: from, size: Int(target - from),
                                             flushFirst: false) else { return }

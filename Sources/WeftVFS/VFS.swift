@@ -126,6 +126,8 @@ public final class VFS: @unchecked Sendable {
     let hubDiscards = Atomic<Bool>(true)
     /// Layout fetches repeated because a notice overtook the reply (`layoutLocked`; tests).
     public let overtakenFetches = Atomic<UInt64>(0)
+    /// Read-ahead steps handed to `prefetchPool` (tests).
+    public let readaheadSteps = Atomic<UInt64>(0)
     /// Inodes one of whose commits failed in a way after which it may still apply at the hub
     /// (a timeout, a lost connection): the next commit of each first waits for it there with a
     /// `barrier` (SPEC.md §4, Barriers). Kept here, not in the open file, which may be dropped

@@ -677,6 +677,59 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(agent.budget.used, 0)
     }
 
+    // MARK: read-ahead
+
+    /// A whole small file read at once (a dataset sample) schedules no read-ahead: there is
+    /// nothing past its end. Each step used to wake a pool thread per file for an empty range.
+    func testReadingASmallFileWholeSchedulesNoReadahead() throws {
+        let agent = try makeAgent()
+        let (ino, handle) = try create(agent, "sample")
+        var random = SeededRandom(seed: 5)
+        let data = random.bytes(4096)
+        try write(agent, handle, at: 0, data)
+        try agent.release(handle: handle)
+        let reader = try makeAgent()
+        XCTAssertEqual(try contents(of: ino, via: reader), data)
+        XCTAssertEqual(reader.readaheadSteps.load(ordering: .relaxed), 0)
+
+        // A file larger than what is read does get read-ahead, up to its end.
+        let (big, bigHandle) = try create(agent, "larger")
+        try write(agent, bigHandle, at: 0, random.bytes(3 * Self.chunk))
+        try agent.release(handle: bigHandle)
+        let (readHandle, _) = try reader.open(rootCaller, ino: big, flags: O_RDONLY)
+        defer { try? reader.release(handle: readHandle) }
+        _ = try read(reader, readHandle, at: 0, 4096)
+        XCTAssertEqual(reader.readaheadSteps.load(ordering: .relaxed), 1)
+    }
+
+    /// Read-ahead stops at the file's end but still fetches a last stretch shorter than its
+    /// usual step (half a chunk): here the end of the file is an object of its own, a quarter
+    /// of a chunk long, that only read-ahead can fetch before the reader gets there.
+    func testReadaheadFetchesTheFilesLastShortStretch() throws {
+        let chunk = Self.chunk
+        let agent = try makeAgent(readaheadMaxBytes: chunk)
+        let (ino, handle) = try create(agent, "tail")
+        var random = SeededRandom(seed: 6)
+        let data = random.bytes(3 * chunk)
+        try write(agent, handle, at: 0, Array(data[0..<(2 * chunk + 3 * chunk / 4)]))
+        try agent.fsync(handle: handle)
+        try write(agent, handle, at: 2 * chunk + 3 * chunk / 4, Array(data[(2 * chunk + 3 * chunk / 4)...]))
+        try agent.release(handle: handle)
+
+        let reader = try makeAgent(readaheadMaxBytes: chunk)
+        let (readHandle, _) = try reader.open(rootCaller, ino: ino, flags: O_RDONLY)
+        defer { try? reader.release(handle: readHandle) }
+        // Quarter-chunk reads up to a quarter into the last chunk: the reader never touches
+        // the tail object, which starts at 2¾ chunks.
+        for offset in stride(from: 0, to: 2 * chunk + chunk / 4, by: chunk / 4) {
+            XCTAssertEqual(try read(reader, readHandle, at: offset, chunk / 4), Array(data[offset..<(offset + chunk / 4)]))
+        }
+        let deadline = Date().addingTimeInterval(10)
+        while reader.cache.usedBytes < data.count, Date() < deadline { usleep(2_000) }
+        XCTAssertEqual(reader.cache.usedBytes, data.count, "read-ahead fetched the last quarter chunk too")
+        XCTAssertEqual(try read(reader, readHandle, at: 2 * chunk + chunk / 4, chunk), Array(data[(2 * chunk + chunk / 4)...]))
+    }
+
     // MARK: cache drop
 
     func testDroppedCacheRefillsFromTheHub() throws {
