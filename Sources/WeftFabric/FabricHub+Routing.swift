@@ -91,6 +91,12 @@ extension FabricHub {
         return try hub.open(c, ino: ino, flags: flags)
     }
 
+    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32,
+                           chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
+        let (hub, c) = try route(context)
+        return try hub.openLayout(c, ino: ino, flags: flags, chunkCount: chunkCount)
+    }
+
     public func release(_ context: RequestContext, ino: InodeID) throws {
         let (hub, c) = try route(context)
         try hub.release(c, ino: ino)

@@ -377,12 +377,46 @@ public final class Hub: HubAPI, @unchecked Sendable {
 
     public func open(_ context: RequestContext, ino: InodeID, flags: Int32) throws -> Attributes {
         guard flags & O_TRUNC != 0 else {
-            return try leased(context, { try meta.open(context.credentials, session: context.session, ino: ino, flags: flags) }) {
-                _ in [ino]
+            return try leasedOpen(context, ino: ino, flags: flags) { opened, repeated in
+                repeated ? try meta.getattr(ino) : opened
             }
         }
         return try changing(context, [.init(ino, isFile: true)], reply: { _ in [ino] }) {
             try meta.open(context.credentials, session: context.session, ino: ino, flags: flags)
+        }
+    }
+
+    /// `open` and the first `chunkCount` chunk lists, read together under one lease (SPEC.md §4
+    /// opcode 53), with the attributes read with the lists.
+    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32,
+                           chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
+        guard flags & O_TRUNC == 0 else { throw WeftError(EINVAL, "openLayout does not truncate") }
+        try Limits.checkListCount(Int(chunkCount), max: Limits.openLayoutChunksMax, "openLayout", "chunks")
+        return try leasedOpen(context, ino: ino, flags: flags) { opened, repeated in
+            guard opened.isRegular, chunkCount > 0 else { return (repeated ? try meta.getattr(ino) : opened, []) }
+            return try meta.layout(ino: ino, firstChunk: 0, count: chunkCount)
+        }
+    }
+
+    /// Registers an open (no `O_TRUNC`) once and runs `read` under a lease on the inode
+    /// (`leased`). A read that `leased` repeats, after recalling another session's write lease,
+    /// gets `repeated` and registers nothing again: until 2026-12-06 each repeat counted one more
+    /// open, which one `release` did not end, so the file outlived its unlink until the session
+    /// ended. An open registered by a call that then fails is released (the caller gets no
+    /// handle to release).
+    private func leasedOpen<T>(_ context: RequestContext, ino: InodeID, flags: Int32,
+                               _ read: (_ opened: Attributes, _ repeated: Bool) throws -> T) throws -> T {
+        var registered: Attributes?
+        do {
+            return try leased(context, {
+                if let registered { return try read(registered, true) }
+                let opened = try meta.open(context.credentials, session: context.session, ino: ino, flags: flags)
+                registered = opened
+                return try read(opened, false)
+            }) { _ in [ino] }
+        } catch {
+            if registered?.isRegular == true { try? meta.release(session: context.session, ino: ino) }
+            throw error
         }
     }
 

@@ -100,6 +100,9 @@ extension HubRequest {
         case let .syncFile(c, ino):
             try hub.syncFile(c, ino: ino)
             return .empty
+        case let .openLayout(c, ino, flags, chunkCount):
+            let (attributes, chunks) = try hub.openLayout(c, ino: ino, flags: flags, chunkCount: chunkCount)
+            return .layout(attributes, chunks)
         case .status:
             return .status(try hub.status())
         case let .fsck(repair):

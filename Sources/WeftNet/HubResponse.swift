@@ -50,7 +50,7 @@ public enum HubResponse: Equatable, Sendable {
              (.attributes, .commitSlices), (.unlinked, .unlinkEntry),
              (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
-             (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.status, .status), (.fsckReport, .fsck),
+             (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.layout, .openLayout), (.status, .status), (.fsckReport, .fsck),
              (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
              (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease), (.flag, .reclaimWriteLease),
              (.session, .openDataSession), (.bytes, .readSliceFrom), (.objectPart, .fetchObject),
@@ -174,7 +174,7 @@ public enum HubResponse: Equatable, Sendable {
             return .fileSystemStats(try FileSystemStats.decode(from: &r))
         case .allocateSliceIDs:
             return .firstSliceID(try r.u64())
-        case .layout:
+        case .layout, .openLayout:
             let attributes = try Attributes.decode(from: &r)
             let chunkCount = try r.listCount(minimumElementBytes: 4)
             var chunks: [[Slice]] = []

@@ -87,6 +87,16 @@ extension RemoteHub {
         try attributes(.open(context, ino: ino, flags: flags))
     }
 
+    /// One call (opcode 53); to a hub older than it, `open` and no chunk lists (the agent
+    /// fetches them with its first read).
+    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32,
+                           chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
+        try call(.openLayout(context, ino: ino, flags: flags, chunkCount: chunkCount), unpack: { response -> (Attributes, [[Slice]])? in
+            if case let .layout(attributes, chunks) = response { return (attributes, chunks) }
+            return nil
+        }, fallback: { (try open(context, ino: ino, flags: flags), []) })
+    }
+
     public func release(_ context: RequestContext, ino: InodeID) throws {
         try empty(.release(context, ino: ino))
     }

@@ -49,6 +49,12 @@ public protocol HubAPI: AnyObject, Sendable {
     /// Checks permission for open flags and registers the open with the session, so that an
     /// unlinked file stays readable until `release`. `O_TRUNC` truncates atomically.
     func open(_ context: RequestContext, ino: InodeID, flags: Int32) throws -> Attributes
+    /// `open` (flags without `O_TRUNC`: EINVAL) and the slice lists of chunks
+    /// `[0, chunkCount)` (at most `Limits.openLayoutChunksMax`, EINVAL beyond; none for a file
+    /// that is not regular) as `layout` answers them, with the attributes read with the lists,
+    /// in one call under one lease (SPEC.md §4 opcode 53): a file's first read needs no
+    /// `layout` call. An implementation without it opens and returns no lists.
+    func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32) throws -> (Attributes, [[Slice]])
     func release(_ context: RequestContext, ino: InodeID) throws
     /// `release` of each of `inos` (an inode named twice is released twice), in one call; an
     /// inode this session has not open is skipped. At most `Limits.releaseManyMax` (EINVAL
@@ -193,6 +199,13 @@ extension HubAPI {
 
     public func syncFile(_ context: RequestContext, ino: InodeID) throws {
         try sync(context)
+    }
+
+    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32,
+                           chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
+        guard flags & O_TRUNC == 0 else { throw WeftError(EINVAL, "openLayout does not truncate") }
+        try Limits.checkListCount(Int(chunkCount), max: Limits.openLayoutChunksMax, "openLayout", "chunks")
+        return (try open(context, ino: ino, flags: flags), [])
     }
 
     public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,

@@ -35,6 +35,9 @@ public enum Limits {
     /// Most inodes one `releaseMany` names.
     public static let releaseManyMax = 4096
 
+    /// Most chunk lists one `openLayout` asks for (the agent asks for 8, as its `layout` calls).
+    public static let openLayoutChunksMax = 64
+
     /// Largest object whose bytes a durable commit puts in the metadata journal instead of
     /// syncing the object first, and most such objects per commit (SPEC.md §5).
     public static let journaledObjectMaxBytes = 64 * 1024

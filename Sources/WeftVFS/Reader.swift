@@ -111,7 +111,7 @@ extension VFS {
     func layoutLocked(_ file: OpenFile, context: RequestContext, index: UInt32,
                       uncovered: inout [UInt32: [Slice]]) throws -> [Slice] {
         if let cached = file.layouts[index] ?? uncovered[index] { return cached }
-        let batch: UInt32 = 8
+        let batch = Self.layoutBatch
         var fetches = 0
         while true {
             let before = file.leaseSnapshot
@@ -136,6 +136,9 @@ extension VFS {
             usleep(useconds_t(min(250 << fetches, 16_000)))
         }
     }
+
+    /// Chunk lists one `layout` (or `openLayout`) call asks for.
+    static let layoutBatch: UInt32 = 8
 
     /// How many times a layout overtaken by notices is fetched (about 80 ms of pauses in all).
     static let overtakenFetchesMax = 10

@@ -208,6 +208,11 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try home.open(context, ino: ino, flags: flags)
     }
 
+    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32,
+                           chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
+        try home.openLayout(context, ino: ino, flags: flags, chunkCount: chunkCount)
+    }
+
     public func release(_ context: RequestContext, ino: InodeID) throws {
         try home.release(context, ino: ino)
     }

@@ -724,11 +724,32 @@ public final class VFS: @unchecked Sendable {
             try flushLocked(file, context: context(credentials), durable: false)
         }
         let token = leaseCache.token()
-        let attributes = try hub.open(context(credentials), ino: ino, flags: flags)
-        if attributes.isDirectory { throw WeftError.isDirectory }
+        let reads = flags & O_ACCMODE != O_WRONLY && flags & O_TRUNC == 0
+        let (attributes, lists) = reads
+            ? try hub.openLayout(context(credentials), ino: ino, flags: flags, chunkCount: Self.layoutBatch)
+            : (try hub.open(context(credentials), ino: ino, flags: flags), [])
+        if attributes.isDirectory { throw WeftError.isDirectory }   // registered nothing at the hub
         let (handle, keepCache) = register(attributes, flags: flags, context: context(credentials))
+        let file = try fileHandle(handle).file
+        let snapshot = file.leaseSnapshot
         let cacheable = try leased(handle, flags: flags, since: token)
+        if cacheable && !lists.isEmpty { keepLayouts(lists, of: file, fetchedWith: attributes, since: snapshot.generation) }
         return (handle, keepCache && cacheable)
+    }
+
+    /// Keeps the chunk lists an open brought (chunks from 0 on), as a `layout` call's
+    /// (`Reader.layoutLocked`): only while nothing newer was adopted meanwhile, and fresh only
+    /// if no recall (or own change) came since `snapshot`, which the caller took after the
+    /// file was registered (a recall before that is in the lease cache's token check).
+    func keepLayouts(_ lists: [[Slice]], of file: OpenFile, fetchedWith attributes: Attributes, since snapshot: UInt64) {
+        file.lock.lock()
+        defer { file.lock.unlock() }
+        guard file.attributes.dataVersion == attributes.dataVersion, !file.hasDirtyData else { return }
+        if !file.isFresh { file.layouts.removeAll() }
+        for (index, list) in lists.enumerated() where file.layouts[UInt32(index)] == nil {
+            file.layouts[UInt32(index)] = list
+        }
+        file.markFresh(since: snapshot)
     }
 
     /// After an open: marks the file's attributes stale if a recall overtook the reply, and

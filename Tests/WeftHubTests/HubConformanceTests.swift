@@ -567,6 +567,45 @@ class HubConformanceTests: HubTestCase {
         XCTAssertTrue(try eventually { try api.status().chunks == 0 }, "the object is collected")
     }
 
+    /// `openLayout` (opcode 53) is `open` plus the first chunk lists as `layout` answers them.
+    func testOpenLayoutOpensAndAnswersTheFirstChunkLists() throws {
+        let file = try makeFile("f", mode: 0o600)
+        let first = try writeObject([1, 2, 3, 4])
+        let third = try writeObject([9, 9], at: 100)
+        _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: first),
+                                                                  SliceCommit(chunkIndex: 2, slice: third)],
+                                 minimumSize: 0, durable: true)
+        let (attributes, lists) = try api.openLayout(context, ino: file.ino, flags: O_RDONLY, chunkCount: 4)
+        let (expectedAttributes, expectedLists) = try api.layout(context, ino: file.ino, firstChunk: 0, count: 4)
+        XCTAssertEqual(lists, expectedLists)
+        XCTAssertEqual(lists, [[first], [], [third], []])
+        XCTAssertEqual(attributes, expectedAttributes)
+
+        // It registered the open: the unlinked file lives until the one release.
+        try api.unlink(context, parent: root, name: bytes("f"))
+        XCTAssertEqual(try api.getattr(context, ino: file.ino).nlink, 0)
+        try api.release(context, ino: file.ino)
+        XCTAssertErrno(ENOENT, try api.getattr(context, ino: file.ino))
+
+        // Failures register nothing: the next file is reclaimed at its unlink.
+        let g = try makeFile("g", mode: 0o600)
+        XCTAssertErrno(EINVAL, try api.openLayout(context, ino: g.ino, flags: O_RDWR | O_TRUNC, chunkCount: 1))
+        XCTAssertErrno(EINVAL, try api.openLayout(context, ino: g.ino, flags: O_RDONLY,
+                                                   chunkCount: UInt32(Limits.openLayoutChunksMax + 1)))
+        XCTAssertErrno(EACCES, try api.openLayout(caller(alice), ino: g.ino, flags: O_RDONLY, chunkCount: 1))
+        XCTAssertErrno(ENOENT, try api.openLayout(context, ino: 999_999, flags: O_RDONLY, chunkCount: 1))
+        try api.unlink(context, parent: root, name: bytes("g"))
+        XCTAssertErrno(ENOENT, try api.getattr(context, ino: g.ino), "no open was left registered")
+
+        // No lists asked for, or none to give (a directory registers no open either).
+        let h = try makeFile("h")
+        XCTAssertEqual(try api.openLayout(context, ino: h.ino, flags: O_RDONLY, chunkCount: 0).1, [])
+        try api.release(context, ino: h.ino)
+        let (directory, none) = try api.openLayout(context, ino: root, flags: O_RDONLY, chunkCount: 8)
+        XCTAssertEqual(directory.ino, root)
+        XCTAssertEqual(none, [])
+    }
+
     func testCloseSessionReleasesUnlinkedOpenFiles() throws {
         let (other, _) = try api.openSession(agentName: "closing")
         let otherContext = RequestContext(session: other, credentials: rootCaller)

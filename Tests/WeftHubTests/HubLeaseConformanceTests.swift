@@ -161,6 +161,27 @@ extension HubConformanceTests {
         XCTAssertEqual(client.recalls.map(\.ino), [file.ino])
     }
 
+    /// An open that first recalls another session's write lease reads again, and still counts
+    /// as one open: one release ends it. Before, each repeat registered the open once more, and
+    /// the unlinked file stayed until the reader's session ended.
+    func testAnOpenThatRecallsAWriterIsRegisteredOnce() throws {
+        let (writer, writerClient) = try leasedSession("writer")
+        let reader = try leasedSession("reader")
+        for (name, open) in [("by-open", { (ino: InodeID) in _ = try self.api.open(reader.0, ino: ino, flags: O_RDONLY) }),
+                             ("by-openLayout", { (ino: InodeID) in
+                                 _ = try self.api.openLayout(reader.0, ino: ino, flags: O_RDONLY, chunkCount: 8) })] {
+            let file = try makeFile(name)
+            writerClient.reset()
+            XCTAssertTrue(try api.acquireWriteLease(writer, ino: file.ino))
+            try open(file.ino)
+            XCTAssertEqual(writerClient.recalls.map(\.ino), [file.ino], name)
+            try api.unlink(context, parent: root, name: bytes(name))
+            XCTAssertEqual(try api.getattr(context, ino: file.ino).nlink, 0, name)
+            try api.release(reader.0, ino: file.ino)
+            XCTAssertErrno(ENOENT, try api.getattr(context, ino: file.ino), "\(name): one open, one release")
+        }
+    }
+
     func testAReaderRecallsTheWriteLeaseAndSeesWhatTheWriterCommitted() throws {
         let file = try makeFile("written")
         let (writer, writerClient) = try leasedSession("writer")

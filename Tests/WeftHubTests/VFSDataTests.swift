@@ -730,6 +730,51 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(try read(reader, readHandle, at: 2 * chunk + chunk / 4, chunk), Array(data[(2 * chunk + chunk / 4)...]))
     }
 
+    // MARK: open with layout
+
+    /// A reading open brings the file's first chunk lists (`openLayout`), kept under the open's
+    /// lease, so the first read asks the hub only for data; a change by another agent still
+    /// recalls them.
+    func testAnOpenBringsTheFirstChunkListsAndAChangeStillRecallsThem() throws {
+        let chunk = Self.chunk
+        let writer = try makeAgent()
+        let (ino, handle) = try create(writer, "sample")
+        var random = SeededRandom(seed: 8)
+        let data = random.bytes(2 * chunk + 100)
+        try write(writer, handle, at: 0, data)
+        try writer.release(handle: handle)
+
+        let reader = try makeAgent()
+        let (readHandle, _) = try reader.open(rootCaller, ino: ino, flags: O_RDONLY)
+        let file = try XCTUnwrap(reader.openFile(ino))
+        let kept = file.lock.withLock { (0..<3).map { file.layouts[UInt32($0)] } }
+        let (_, expected) = try fixture.api.layout(RequestContext(session: reader.session, credentials: rootCaller),
+                                                   ino: ino, firstChunk: 0, count: 3)
+        XCTAssertEqual(kept, expected.map { Optional($0) }, "the open brought chunks 0-2")
+        XCTAssertTrue(file.isFresh)
+        XCTAssertEqual(try read(reader, readHandle, at: 0, data.count + 10), data)
+
+        // Another agent's change recalls the lists; the reader reads the new bytes.
+        let (writerHandle, _) = try writer.open(rootCaller, ino: ino, flags: O_RDWR)
+        let patch = random.bytes(300)
+        try write(writer, writerHandle, at: chunk - 100, patch)
+        try writer.fsync(handle: writerHandle)
+        var changed = data
+        changed.replaceSubrange((chunk - 100)..<(chunk + 200), with: patch)
+        XCTAssertEqual(try read(reader, readHandle, at: 0, data.count), changed)
+        try writer.release(handle: writerHandle)
+        try reader.release(handle: readHandle)
+
+        // A writing open brings no lists (it would not read them).
+        let (writeOnly, _) = try reader.open(rootCaller, ino: ino, flags: O_WRONLY)
+        defer { try? reader.release(handle: writeOnly) }
+        let other = try makeAgent()
+        let (otherHandle, _) = try other.open(rootCaller, ino: ino, flags: O_WRONLY)
+        defer { try? other.release(handle: otherHandle) }
+        let otherFile = try XCTUnwrap(other.openFile(ino))
+        XCTAssertEqual(otherFile.lock.withLock { otherFile.layouts.count }, 0)
+    }
+
     // MARK: cache drop
 
     func testDroppedCacheRefillsFromTheHub() throws {

@@ -30,6 +30,11 @@ final class FakeHub: HubAPI, @unchecked Sendable {
     private(set) var releaseManyCalls = 0
     /// Answers `syncFile` with ENOSYS, as a hub older than opcode 52 would.
     var predatesSyncFile = false
+    /// Answers `openLayout` with ENOSYS, as a hub older than opcode 53 would.
+    var predatesOpenLayout = false
+    /// The inodes of `open` and of `openLayout` calls, in order.
+    private(set) var opened: [InodeID] = []
+    private(set) var openedWithLayout: [InodeID] = []
     /// `sync` calls, and the inodes of `syncFile` calls, in order.
     private(set) var syncs = 0
     private(set) var syncedFiles: [InodeID] = []
@@ -202,7 +207,16 @@ final class FakeHub: HubAPI, @unchecked Sendable {
 
     func open(_ context: RequestContext, ino: InodeID, flags: Int32) throws -> Attributes {
         enter(context); defer { leave() }
+        lock.withLock { opened.append(ino) }
         return Self.attributes(ino: ino, session: context.session)
+    }
+
+    func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
+        enter(context); defer { leave() }
+        if predatesOpenLayout { throw WeftError(ENOSYS, "opcode 53 is unknown to this hub") }
+        lock.withLock { openedWithLayout.append(ino) }
+        return (Self.attributes(ino: ino, session: context.session),
+                (0..<chunkCount).map { [Slice(id: UInt64($0) + 1, offsetInChunk: 0, length: 4096, sliceOffset: 0, objectLength: 4096)] })
     }
 
     func release(_ context: RequestContext, ino: InodeID) throws {

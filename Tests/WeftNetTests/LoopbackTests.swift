@@ -81,6 +81,25 @@ final class LoopbackTests: XCTestCase {
         XCTAssertEqual(seen, 1 + 2, "one syncFile refused, then two syncs")
     }
 
+    func testOpenLayoutFallsBackToOpenOnAHubThatPredatesIt() throws {
+        let (hub, client, c) = try clientOfAnOldHub { $0.predatesOpenLayout = true }
+        let (first, lists) = try client.openLayout(c, ino: 3, flags: O_RDONLY, chunkCount: 8)
+        XCTAssertEqual(first.ino, 3)
+        XCTAssertTrue(lists.isEmpty, "an open without lists: the first read fetches them")
+        _ = try client.openLayout(c, ino: 4, flags: O_RDONLY, chunkCount: 8)   // ENOSYS is remembered
+        let (opened, withLayout, seen) = hub.snapshot { ($0.opened, $0.openedWithLayout, $0.seenSessions.count) }
+        XCTAssertEqual(opened, [3, 4])
+        XCTAssertEqual(withLayout, [])
+        XCTAssertEqual(seen, 1 + 2, "one openLayout refused, then two opens")
+
+        let (current, currentClient, c2) = try clientOfAnOldHub { _ in }
+        let (attributes, chunkLists) = try currentClient.openLayout(c2, ino: 5, flags: O_RDONLY, chunkCount: 3)
+        XCTAssertEqual(attributes.ino, 5)
+        XCTAssertEqual(chunkLists.map { $0.map(\.id) }, [[1], [2], [3]])
+        XCTAssertEqual(current.snapshot { ($0.opened, $0.openedWithLayout) }.1, [5])
+        XCTAssertEqual(current.snapshot { ($0.opened, $0.openedWithLayout) }.0, [])
+    }
+
     /// After a reconnection (a rolling upgrade of the hub) the client asks for a method the old
     /// hub refused again: before, it used the fallback until the mount ended.
     func testAMethodAnOldHubRefusedIsAskedAgainAfterAReconnection() throws {

@@ -55,6 +55,7 @@ enum WireSamples {
         .sync(context),
         .barrier(context, ino: 0x0123_4567_89AB_CDEF),
         .syncFile(context, ino: 0x0FED_CBA9_8765_4321),
+        .openLayout(context, ino: 0x0BAD_F00D_0000_0001, flags: Int32(bitPattern: 0x8000_8002), chunkCount: 64),
         .status,
         .fsck(repair: true),
         .openVolumeSession(agentName: "node-8", volume: "datasets ✓"),
@@ -155,7 +156,7 @@ enum WireSamples {
                                                     totalInodes: 1 << 60, freeInodes: 0, nameMaxBytes: 255))
         case .allocateSliceIDs:
             return .firstSliceID(0xFEED_FACE_CAFE)
-        case .layout:
+        case .layout, .openLayout:
             return .layout(attributes, [[], slices.map(\.slice), [slices[0].slice], []])
         case .status:
             return .status(status)
@@ -171,6 +172,7 @@ enum WireSamples {
         (.listxattr, .names([])),
         (.readSlice, .bytes([])),
         (.layout, .layout(attributes, [])),
+        (.openLayout, .layout(attributes, [])),
         (.status, .status(HubStatus(volume: volume, logicalBytes: 0, inodes: 0, chunks: 0, storedBytes: 0,
                                     connectedAgents: 0, agents: []))),
         (.fsck, .fsckReport(FsckReport())),
