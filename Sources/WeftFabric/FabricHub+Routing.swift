@@ -91,10 +91,10 @@ extension FabricHub {
         return try hub.open(c, ino: ino, flags: flags)
     }
 
-    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32,
-                           chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
+    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32,
+                           dataMaxBytes: UInt32) throws -> OpenedLayout {
         let (hub, c) = try route(context)
-        return try hub.openLayout(c, ino: ino, flags: flags, chunkCount: chunkCount)
+        return try hub.openLayout(c, ino: ino, flags: flags, chunkCount: chunkCount, dataMaxBytes: dataMaxBytes)
     }
 
     public func release(_ context: RequestContext, ino: InodeID) throws {

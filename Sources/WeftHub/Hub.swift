@@ -387,15 +387,28 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     /// `open` and the first `chunkCount` chunk lists, read together under one lease (SPEC.md §4
-    /// opcode 53), with the attributes read with the lists.
-    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32,
-                           chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
+    /// opcode 53), with the attributes read with the lists; and a small file's bytes when it is
+    /// one whole object held here. They are read after the lease is granted: objects never
+    /// change, and one collected meanwhile only leaves the bytes out.
+    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32,
+                           dataMaxBytes: UInt32) throws -> OpenedLayout {
         guard flags & O_TRUNC == 0 else { throw WeftError(EINVAL, "openLayout does not truncate") }
         try Limits.checkListCount(Int(chunkCount), max: Limits.openLayoutChunksMax, "openLayout", "chunks")
-        return try leasedOpen(context, ino: ino, flags: flags) { opened, repeated in
+        let (attributes, lists): (Attributes, [[Slice]]) = try leasedOpen(context, ino: ino, flags: flags) { opened, repeated in
             guard opened.isRegular, chunkCount > 0 else { return (repeated ? try meta.getattr(ino) : opened, []) }
             return try meta.layout(ino: ino, firstChunk: 0, count: chunkCount)
         }
+        var data: [UInt8] = []
+        if attributes.size <= UInt64(min(dataMaxBytes, UInt32(Limits.openLayoutDataMaxBytes))),
+           let object = OpenedLayout.wholeObject(size: attributes.size, chunks: lists), object.hub == 0 {
+            do {
+                data = try self.chunks.read(id: object.id, offset: 0, length: Int(object.length))
+            } catch {
+                // The agent's own read of it reports a damaged object (EIO) as any read does.
+                logger.debug("openLayout of inode \(ino): object \(object.id) left out: \(error)")
+            }
+        }
+        return OpenedLayout(attributes: attributes, chunks: lists, data: data)
     }
 
     /// Registers an open (no `O_TRUNC`) once and runs `read` under a lease on the inode
@@ -415,7 +428,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
                 return try read(opened, false)
             }) { _ in [ino] }
         } catch {
-            if registered?.isRegular == true { try? meta.release(session: context.session, ino: ino) }
+            if registered?.isRegular == true {
+                try? meta.release(session: context.session, ino: ino)
+                maintenance.wakeIfGarbage(meta.garbageMade)
+            }
             throw error
         }
     }

@@ -100,9 +100,8 @@ extension HubRequest {
         case let .syncFile(c, ino):
             try hub.syncFile(c, ino: ino)
             return .empty
-        case let .openLayout(c, ino, flags, chunkCount):
-            let (attributes, chunks) = try hub.openLayout(c, ino: ino, flags: flags, chunkCount: chunkCount)
-            return .layout(attributes, chunks)
+        case let .openLayout(c, ino, flags, chunkCount, dataMaxBytes):
+            return .openedLayout(try hub.openLayout(c, ino: ino, flags: flags, chunkCount: chunkCount, dataMaxBytes: dataMaxBytes))
         case .status:
             return .status(try hub.status())
         case let .fsck(repair):

@@ -156,8 +156,9 @@ public enum HubRequest: Equatable, Sendable {
     /// finished (SPEC.md §4, Barriers).
     case barrier(RequestContext, ino: InodeID)
     case syncFile(RequestContext, ino: InodeID)
-    /// `open` (no `O_TRUNC`) and `layout` of chunks `[0, chunkCount)` in one call.
-    case openLayout(RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32)
+    /// `open` (no `O_TRUNC`) and `layout` of chunks `[0, chunkCount)` in one call, with a
+    /// whole small object's bytes up to `dataMaxBytes`.
+    case openLayout(RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32, dataMaxBytes: UInt32)
     case status
     case fsck(repair: Bool)
     case openVolumeSession(agentName: String, volume: String)
@@ -269,7 +270,7 @@ public enum HubRequest: Equatable, Sendable {
              .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
              .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .barrier(let c, _), .syncFile(let c, _), .lock(let c, _, _),
-             .openLayout(let c, _, _, _),
+             .openLayout(let c, _, _, _, _),
              .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _),
              .unlinkEntry(let c, _, _), .discardUploads(let c, _), .releaseMany(let c, _), .readBlocks(let c, _, _, _):
             c.session
@@ -326,7 +327,8 @@ public enum HubRequest: Equatable, Sendable {
         case let .sync(c): return .sync(s(c))
         case let .barrier(c, ino): return .barrier(s(c), ino: ino)
         case let .syncFile(c, ino): return .syncFile(s(c), ino: ino)
-        case let .openLayout(c, ino, flags, chunkCount): return .openLayout(s(c), ino: ino, flags: flags, chunkCount: chunkCount)
+        case let .openLayout(c, ino, flags, chunkCount, dataMaxBytes):
+            return .openLayout(s(c), ino: ino, flags: flags, chunkCount: chunkCount, dataMaxBytes: dataMaxBytes)
         case let .lock(c, ino, request): return .lock(s(c), ino: ino, request)
         case let .readSliceFrom(c, id, offset, length, holders):
             return .readSliceFrom(s(c), id: id, offset: offset, length: length, holders: holders)
@@ -373,8 +375,8 @@ public enum HubRequest: Equatable, Sendable {
             c.encode(into: &w); w.u64(ino); w.u32(mask)
         case let .open(c, ino, flags):
             c.encode(into: &w); w.u64(ino); w.i32(flags)
-        case let .openLayout(c, ino, flags, chunkCount):
-            c.encode(into: &w); w.u64(ino); w.i32(flags); w.u32(chunkCount)
+        case let .openLayout(c, ino, flags, chunkCount, dataMaxBytes):
+            c.encode(into: &w); w.u64(ino); w.i32(flags); w.u32(chunkCount); w.u32(dataMaxBytes)
         case let .getxattr(c, ino, name), let .removexattr(c, ino, name):
             c.encode(into: &w); w.u64(ino); w.blob(name)
         case let .setxattr(c, ino, name, value, flags):
@@ -563,7 +565,7 @@ public enum HubRequest: Equatable, Sendable {
         case .syncFile:
             return .syncFile(c, ino: try r.u64())
         case .openLayout:
-            return .openLayout(c, ino: try r.u64(), flags: try r.i32(), chunkCount: try r.u32())
+            return .openLayout(c, ino: try r.u64(), flags: try r.i32(), chunkCount: try r.u32(), dataMaxBytes: try r.u32())
         case .allocateSliceIDs:
             return .allocateSliceIDs(c, count: try r.u32())
         case .writeSlice:

@@ -24,6 +24,8 @@ public enum HubResponse: Equatable, Sendable {
     case firstSliceID(SliceID)
     /// layout.
     case layout(Attributes, [[Slice]])
+    /// openLayout.
+    case openedLayout(OpenedLayout)
     /// status.
     case status(HubStatus)
     /// fsck.
@@ -50,7 +52,7 @@ public enum HubResponse: Equatable, Sendable {
              (.attributes, .commitSlices), (.unlinked, .unlinkEntry),
              (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
-             (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.layout, .openLayout), (.status, .status), (.fsckReport, .fsck),
+             (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.openedLayout, .openLayout), (.status, .status), (.fsckReport, .fsck),
              (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
              (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease), (.flag, .reclaimWriteLease),
              (.session, .openDataSession), (.bytes, .readSliceFrom), (.objectPart, .fetchObject),
@@ -73,6 +75,7 @@ public enum HubResponse: Equatable, Sendable {
         case .fileSystemStats: "fileSystemStats"
         case .firstSliceID: "firstSliceID"
         case .layout: "layout"
+        case .openedLayout: "openedLayout"
         case .status: "status"
         case .fsckReport: "fsckReport"
         case .lock: "lock"
@@ -107,12 +110,10 @@ public enum HubResponse: Equatable, Sendable {
         case let .firstSliceID(id):
             w.u64(id)
         case let .layout(attributes, chunks):
-            attributes.encode(into: &w)
-            w.u32(UInt32(chunks.count))
-            for slices in chunks {
-                w.u32(UInt32(slices.count))
-                for slice in slices { slice.encode(into: &w) }
-            }
+            Self.encodeLayout(attributes, chunks, into: &w)
+        case let .openedLayout(opened):
+            Self.encodeLayout(opened.attributes, opened.chunks, into: &w)
+            w.blob(opened.data)
         case let .status(status):
             status.encode(into: &w)
         case let .fsckReport(report):
@@ -140,6 +141,31 @@ public enum HubResponse: Equatable, Sendable {
     static let attributesEncodedBytes = 1 + 5 * 4 + 6 * 8
 
     /// Reads the success payload of a response to `opcode`. Leaves any trailing bytes to the caller.
+    /// `Attributes`, then `list<list<Slice>>`: a `layout` reply, and the head of an `openLayout` one.
+    private static func encodeLayout(_ attributes: Attributes, _ chunks: [[Slice]], into w: inout ByteWriter) {
+        attributes.encode(into: &w)
+        w.u32(UInt32(chunks.count))
+        for slices in chunks {
+            w.u32(UInt32(slices.count))
+            for slice in slices { slice.encode(into: &w) }
+        }
+    }
+
+    private static func decodeLayout(from r: inout ByteReader) throws -> (Attributes, [[Slice]]) {
+        let attributes = try Attributes.decode(from: &r)
+        let chunkCount = try r.listCount(minimumElementBytes: 4)
+        var chunks: [[Slice]] = []
+        chunks.reserveCapacity(chunkCount)
+        for _ in 0..<chunkCount {
+            let sliceCount = try r.listCount(minimumElementBytes: Slice.encodedBytes)
+            var slices: [Slice] = []
+            slices.reserveCapacity(sliceCount)
+            for _ in 0..<sliceCount { slices.append(try Slice.decode(from: &r)) }
+            chunks.append(slices)
+        }
+        return (attributes, chunks)
+    }
+
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping, .fence,
@@ -174,19 +200,12 @@ public enum HubResponse: Equatable, Sendable {
             return .fileSystemStats(try FileSystemStats.decode(from: &r))
         case .allocateSliceIDs:
             return .firstSliceID(try r.u64())
-        case .layout, .openLayout:
-            let attributes = try Attributes.decode(from: &r)
-            let chunkCount = try r.listCount(minimumElementBytes: 4)
-            var chunks: [[Slice]] = []
-            chunks.reserveCapacity(chunkCount)
-            for _ in 0..<chunkCount {
-                let sliceCount = try r.listCount(minimumElementBytes: Slice.encodedBytes)
-                var slices: [Slice] = []
-                slices.reserveCapacity(sliceCount)
-                for _ in 0..<sliceCount { slices.append(try Slice.decode(from: &r)) }
-                chunks.append(slices)
-            }
+        case .layout:
+            let (attributes, chunks) = try decodeLayout(from: &r)
             return .layout(attributes, chunks)
+        case .openLayout:
+            let (attributes, chunks) = try decodeLayout(from: &r)
+            return .openedLayout(OpenedLayout(attributes: attributes, chunks: chunks, data: try r.blob()))
         case .status:
             return .status(try HubStatus.decode(from: &r))
         case .fsck:

@@ -87,14 +87,15 @@ extension RemoteHub {
         try attributes(.open(context, ino: ino, flags: flags))
     }
 
-    /// One call (opcode 53); to a hub older than it, `open` and no chunk lists (the agent
-    /// fetches them with its first read).
-    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32,
-                           chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
-        try call(.openLayout(context, ino: ino, flags: flags, chunkCount: chunkCount), unpack: { response -> (Attributes, [[Slice]])? in
-            if case let .layout(attributes, chunks) = response { return (attributes, chunks) }
+    /// One call (opcode 53); to a hub older than it, `open` and no chunk lists or bytes (the
+    /// agent fetches them with its first read).
+    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32,
+                           dataMaxBytes: UInt32) throws -> OpenedLayout {
+        let request = HubRequest.openLayout(context, ino: ino, flags: flags, chunkCount: chunkCount, dataMaxBytes: dataMaxBytes)
+        return try call(request, unpack: { response -> OpenedLayout? in
+            if case let .openedLayout(opened) = response { return opened }
             return nil
-        }, fallback: { (try open(context, ino: ino, flags: flags), []) })
+        }, fallback: { OpenedLayout(attributes: try open(context, ino: ino, flags: flags), chunks: [], data: []) })
     }
 
     public func release(_ context: RequestContext, ino: InodeID) throws {

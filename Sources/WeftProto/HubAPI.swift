@@ -53,8 +53,12 @@ public protocol HubAPI: AnyObject, Sendable {
     /// `[0, chunkCount)` (at most `Limits.openLayoutChunksMax`, EINVAL beyond; none for a file
     /// that is not regular) as `layout` answers them, with the attributes read with the lists,
     /// in one call under one lease (SPEC.md §4 opcode 53): a file's first read needs no
-    /// `layout` call. An implementation without it opens and returns no lists.
-    func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32) throws -> (Attributes, [[Slice]])
+    /// `layout` call. With `dataMaxBytes` > 0, a file that is one whole object this hub holds,
+    /// of at most `dataMaxBytes` (capped at `Limits.openLayoutDataMaxBytes`), comes with that
+    /// object's bytes, read and checked: its first read needs no call at all. An
+    /// implementation without it opens and returns no lists and no bytes.
+    func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32,
+                    dataMaxBytes: UInt32) throws -> OpenedLayout
     func release(_ context: RequestContext, ino: InodeID) throws
     /// `release` of each of `inos` (an inode named twice is released twice), in one call; an
     /// inode this session has not open is skipped. At most `Limits.releaseManyMax` (EINVAL
@@ -194,6 +198,33 @@ public struct CreatedFile: Equatable, Sendable {
     }
 }
 
+/// What `openLayout` answers (SPEC.md §4 opcode 53).
+public struct OpenedLayout: Sendable, Equatable {
+    /// The file's attributes, read with `chunks`.
+    public var attributes: Attributes
+    /// The slice lists of chunks `[0, chunks.count)`.
+    public var chunks: [[Slice]]
+    /// The raw bytes of the file's only object, when the file is that object whole
+    /// (`OpenedLayout.wholeObject`) and small enough; else empty.
+    public var data: [UInt8]
+
+    public init(attributes: Attributes, chunks: [[Slice]], data: [UInt8]) {
+        self.attributes = attributes
+        self.chunks = chunks
+        self.data = data
+    }
+
+    /// The object a file of `size` bytes with these chunk lists is, whole: one slice at the
+    /// start of chunk 0 covering all of an object of `size` bytes, and nothing else. Nil
+    /// otherwise (several slices, part of an object, data past chunk 0, an empty file).
+    public static func wholeObject(size: UInt64, chunks: [[Slice]]) -> Slice? {
+        guard size > 0, let first = chunks.first, first.count == 1, let slice = first.first,
+              chunks.dropFirst().allSatisfy(\.isEmpty), slice.offsetInChunk == 0, slice.sliceOffset == 0,
+              UInt64(slice.length) == size, slice.objectLength == slice.length else { return nil }
+        return slice
+    }
+}
+
 extension HubAPI {
     public func barrier(_ context: RequestContext, ino: InodeID) throws {}
 
@@ -201,11 +232,11 @@ extension HubAPI {
         try sync(context)
     }
 
-    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32,
-                           chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
+    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32,
+                           dataMaxBytes: UInt32) throws -> OpenedLayout {
         guard flags & O_TRUNC == 0 else { throw WeftError(EINVAL, "openLayout does not truncate") }
         try Limits.checkListCount(Int(chunkCount), max: Limits.openLayoutChunksMax, "openLayout", "chunks")
-        return (try open(context, ino: ino, flags: flags), [])
+        return OpenedLayout(attributes: try open(context, ino: ino, flags: flags), chunks: [], data: [])
     }
 
     public func createOpen(_ context: RequestContext, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32,

@@ -37,6 +37,9 @@ public enum Limits {
 
     /// Most chunk lists one `openLayout` asks for (the agent asks for 8, as its `layout` calls).
     public static let openLayoutChunksMax = 64
+    /// Largest object whose bytes an `openLayout` reply carries: one checksum block, so that
+    /// the agent caches it as the block a read would fetch.
+    public static let openLayoutDataMaxBytes = blockSizeBytes
 
     /// Largest object whose bytes a durable commit puts in the metadata journal instead of
     /// syncing the object first, and most such objects per commit (SPEC.md §5).

@@ -299,6 +299,21 @@ public final class BlockCache: @unchecked Sendable {
         fill([(key, block)])
     }
 
+    /// Caches `block` unless `key` is cached or being fetched (bytes that came unasked, such as
+    /// an `openLayout` reply's). Returns whether it was cached.
+    @discardableResult
+    public func offer(_ key: Key, _ block: CachedBlock) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        guard nodes[key] == nil, !inFlight.contains(key) else { return false }
+        let node = Node(key: key, block: block)
+        nodes[key] = node
+        insertAtFront(node)
+        usedBytes += block.length
+        evictOverCapacity()
+        return true
+    }
+
     /// Ends the claims of `entries` with their blocks, under one lock, waking waiters once.
     public func fill(_ entries: [(Key, CachedBlock)]) {
         lock.lock()
@@ -311,12 +326,17 @@ public final class BlockCache: @unchecked Sendable {
             insertAtFront(node)
             usedBytes += block.length
         }
+        evictOverCapacity()
+        lock.broadcast()
+    }
+
+    /// Drops the least recently used blocks while over capacity. Called under `lock`.
+    private func evictOverCapacity() {
         while usedBytes > capacityBytes, let victim = tail {
             unlink(victim)
             nodes[victim.key] = nil
             usedBytes -= victim.block.length
         }
-        lock.broadcast()
     }
 
     /// Drops every cached block (`weft cache drop`). Fetches in flight still fill their blocks

@@ -208,9 +208,9 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try home.open(context, ino: ino, flags: flags)
     }
 
-    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32,
-                           chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
-        try home.openLayout(context, ino: ino, flags: flags, chunkCount: chunkCount)
+    public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32,
+                           dataMaxBytes: UInt32) throws -> OpenedLayout {
+        try home.openLayout(context, ino: ino, flags: flags, chunkCount: chunkCount, dataMaxBytes: dataMaxBytes)
     }
 
     public func release(_ context: RequestContext, ino: InodeID) throws {

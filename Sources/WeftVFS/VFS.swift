@@ -724,27 +724,53 @@ public final class VFS: @unchecked Sendable {
             try flushLocked(file, context: context(credentials), durable: false)
         }
         let token = leaseCache.token()
+        // The file's generation before the call (a file not yet known starts at the own-change
+        // count): a recall, notice or own change (an unlink or rename here) during the call
+        // moves it, and then what the call brought is not kept as fresh.
+        let before = openFile(ino)?.currentGeneration ?? ownChanges.value
         let reads = flags & O_ACCMODE != O_WRONLY && flags & O_TRUNC == 0
-        let (attributes, lists) = reads
-            ? try hub.openLayout(context(credentials), ino: ino, flags: flags, chunkCount: Self.layoutBatch)
-            : (try hub.open(context(credentials), ino: ino, flags: flags), [])
+        let opened = reads
+            ? try hub.openLayout(context(credentials), ino: ino, flags: flags, chunkCount: Self.layoutBatch,
+                                 dataMaxBytes: UInt32(Limits.openLayoutDataMaxBytes))
+            : OpenedLayout(attributes: try hub.open(context(credentials), ino: ino, flags: flags), chunks: [], data: [])
+        let attributes = opened.attributes
         if attributes.isDirectory { throw WeftError.isDirectory }   // registered nothing at the hub
         let (handle, keepCache) = register(attributes, flags: flags, context: context(credentials))
         let file = try fileHandle(handle).file
-        let snapshot = file.leaseSnapshot
+        // A file first known here starts fresh; an own change during the call (whose reply
+        // may predate it) must leave it stale, as a recall does for a known one.
+        if file.currentGeneration != before { file.invalidate() }
         let cacheable = try leased(handle, flags: flags, since: token)
-        if cacheable && !lists.isEmpty { keepLayouts(lists, of: file, fetchedWith: attributes, since: snapshot.generation) }
+        if cacheable && !opened.chunks.isEmpty {
+            keepLayouts(opened.chunks, of: file, fetchedWith: attributes, since: before)
+        }
+        cacheObject(of: opened)
         return (handle, keepCache && cacheable)
     }
 
+    /// Puts the bytes of a small file's object that an `openLayout` brought in the block cache,
+    /// unless they are there or being fetched. Objects never change, so this needs no lease:
+    /// whichever layout names the object later reads these bytes.
+    func cacheObject(of opened: OpenedLayout) {
+        guard !opened.data.isEmpty, opened.data.count <= Limits.blockSizeBytes,
+              let object = OpenedLayout.wholeObject(size: opened.attributes.size, chunks: opened.chunks),
+              Int(object.objectLength) == opened.data.count else { return }
+        let slab = Slab(capacity: opened.data.count, pool: cache.slabs)
+        opened.data.withUnsafeBytes { slab.pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        cache.offer(BlockCache.Key(object: object.id, block: 0),
+                    CachedBlock(slab: slab, offset: 0, length: opened.data.count))
+    }
+
     /// Keeps the chunk lists an open brought (chunks from 0 on), as a `layout` call's
-    /// (`Reader.layoutLocked`): only while nothing newer was adopted meanwhile, and fresh only
-    /// if no recall (or own change) came since `snapshot`, which the caller took after the
-    /// file was registered (a recall before that is in the lease cache's token check).
+    /// (`Reader.layoutLocked`), and marks the file fresh: only if the file's generation is still
+    /// `snapshot`, taken before the call (no recall, notice or own change since; the caller has
+    /// also checked the lease cache's token, which sees recalls and notices that came before
+    /// the file was known), nothing newer was adopted meanwhile and nothing is buffered.
     func keepLayouts(_ lists: [[Slice]], of file: OpenFile, fetchedWith attributes: Attributes, since snapshot: UInt64) {
         file.lock.lock()
         defer { file.lock.unlock() }
-        guard file.attributes.dataVersion == attributes.dataVersion, !file.hasDirtyData else { return }
+        guard file.currentGeneration == snapshot, file.attributes.dataVersion == attributes.dataVersion,
+              !file.hasDirtyData else { return }
         if !file.isFresh { file.layouts.removeAll() }
         for (index, list) in lists.enumerated() where file.layouts[UInt32(index)] == nil {
             file.layouts[UInt32(index)] = list

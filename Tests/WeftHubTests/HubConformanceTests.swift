@@ -575,11 +575,12 @@ class HubConformanceTests: HubTestCase {
         _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: first),
                                                                   SliceCommit(chunkIndex: 2, slice: third)],
                                  minimumSize: 0, durable: true)
-        let (attributes, lists) = try api.openLayout(context, ino: file.ino, flags: O_RDONLY, chunkCount: 4)
+        let opened = try api.openLayout(context, ino: file.ino, flags: O_RDONLY, chunkCount: 4, dataMaxBytes: 65536)
         let (expectedAttributes, expectedLists) = try api.layout(context, ino: file.ino, firstChunk: 0, count: 4)
-        XCTAssertEqual(lists, expectedLists)
-        XCTAssertEqual(lists, [[first], [], [third], []])
-        XCTAssertEqual(attributes, expectedAttributes)
+        XCTAssertEqual(opened.chunks, expectedLists)
+        XCTAssertEqual(opened.chunks, [[first], [], [third], []])
+        XCTAssertEqual(opened.attributes, expectedAttributes)
+        XCTAssertEqual(opened.data, [], "not one whole object: no bytes")
 
         // It registered the open: the unlinked file lives until the one release.
         try api.unlink(context, parent: root, name: bytes("f"))
@@ -589,21 +590,68 @@ class HubConformanceTests: HubTestCase {
 
         // Failures register nothing: the next file is reclaimed at its unlink.
         let g = try makeFile("g", mode: 0o600)
-        XCTAssertErrno(EINVAL, try api.openLayout(context, ino: g.ino, flags: O_RDWR | O_TRUNC, chunkCount: 1))
+        XCTAssertErrno(EINVAL, try api.openLayout(context, ino: g.ino, flags: O_RDWR | O_TRUNC, chunkCount: 1, dataMaxBytes: 0))
         XCTAssertErrno(EINVAL, try api.openLayout(context, ino: g.ino, flags: O_RDONLY,
-                                                   chunkCount: UInt32(Limits.openLayoutChunksMax + 1)))
-        XCTAssertErrno(EACCES, try api.openLayout(caller(alice), ino: g.ino, flags: O_RDONLY, chunkCount: 1))
-        XCTAssertErrno(ENOENT, try api.openLayout(context, ino: 999_999, flags: O_RDONLY, chunkCount: 1))
+                                                   chunkCount: UInt32(Limits.openLayoutChunksMax + 1), dataMaxBytes: 0))
+        XCTAssertErrno(EACCES, try api.openLayout(caller(alice), ino: g.ino, flags: O_RDONLY, chunkCount: 1, dataMaxBytes: 0))
+        XCTAssertErrno(ENOENT, try api.openLayout(context, ino: 999_999, flags: O_RDONLY, chunkCount: 1, dataMaxBytes: 0))
         try api.unlink(context, parent: root, name: bytes("g"))
         XCTAssertErrno(ENOENT, try api.getattr(context, ino: g.ino), "no open was left registered")
 
         // No lists asked for, or none to give (a directory registers no open either).
         let h = try makeFile("h")
-        XCTAssertEqual(try api.openLayout(context, ino: h.ino, flags: O_RDONLY, chunkCount: 0).1, [])
+        XCTAssertEqual(try api.openLayout(context, ino: h.ino, flags: O_RDONLY, chunkCount: 0, dataMaxBytes: 65536),
+                       OpenedLayout(attributes: h, chunks: [], data: []))
         try api.release(context, ino: h.ino)
-        let (directory, none) = try api.openLayout(context, ino: root, flags: O_RDONLY, chunkCount: 8)
-        XCTAssertEqual(directory.ino, root)
-        XCTAssertEqual(none, [])
+        let directory = try api.openLayout(context, ino: root, flags: O_RDONLY, chunkCount: 8, dataMaxBytes: 65536)
+        XCTAssertEqual(directory.attributes.ino, root)
+        XCTAssertEqual(directory.chunks, [])
+        XCTAssertEqual(directory.data, [])
+    }
+
+    /// A file that is one whole object of at most `dataMaxBytes` (and 64 KiB) comes with its
+    /// bytes; any other shape, or a larger file, without.
+    func testOpenLayoutBringsASmallWholeObjectsBytes() throws {
+        var random = SeededRandom(seed: 53)
+        // 1 MiB chunks, so that one object can be larger than the cap.
+        let (_, api, context, _) = try makeVolumeWithFile(agentName: "small-files")
+        func writeObject(_ data: [UInt8], at offsetInChunk: UInt32 = 0) throws -> Slice {
+            try self.writeObject(data, at: offsetInChunk, on: api, context: context)
+        }
+        func file(_ name: String, _ slices: [SliceCommit], size: UInt64) throws -> InodeID {
+            let ino = try api.create(context, parent: root, name: bytes(name), mode: regularFile | 0o644, rdev: 0, umask: 0,
+                                     exclusive: true).ino
+            _ = try api.commitSlices(context, ino: ino, slices: slices, minimumSize: size, durable: true)
+            return ino
+        }
+        func data(_ ino: InodeID, max: UInt32) throws -> [UInt8] {
+            defer { try? api.release(context, ino: ino) }
+            return try api.openLayout(context, ino: ino, flags: O_RDONLY, chunkCount: 8, dataMaxBytes: max).data
+        }
+        let sample = random.bytes(4096)
+        let small = try file("small", [SliceCommit(chunkIndex: 0, slice: try writeObject(sample))], size: 4096)
+        XCTAssertEqual(try data(small, max: 65536), sample)
+        XCTAssertEqual(try data(small, max: 4096), sample)
+        XCTAssertEqual(try data(small, max: 4095), [], "larger than asked for")
+        XCTAssertEqual(try data(small, max: 0), [])
+
+        let block = random.bytes(Limits.openLayoutDataMaxBytes)
+        let whole = try file("block", [SliceCommit(chunkIndex: 0, slice: try writeObject(block))], size: UInt64(block.count))
+        XCTAssertEqual(try data(whole, max: .max), block, "one block: the cap")
+        let over = random.bytes(Limits.openLayoutDataMaxBytes + 1)
+        let large = try file("large", [SliceCommit(chunkIndex: 0, slice: try writeObject(over))], size: UInt64(over.count))
+        XCTAssertEqual(try data(large, max: .max), [], "past the cap")
+
+        // Part of an object, two slices, a hole after the data, or an empty file: no bytes.
+        var part = try writeObject(random.bytes(100))
+        part.length = 50
+        XCTAssertEqual(try data(try file("part", [SliceCommit(chunkIndex: 0, slice: part)], size: 50), max: .max), [])
+        let two = try file("two", [SliceCommit(chunkIndex: 0, slice: try writeObject(random.bytes(10))),
+                                   SliceCommit(chunkIndex: 0, slice: try writeObject(random.bytes(5), at: 2))], size: 10)
+        XCTAssertEqual(try data(two, max: .max), [])
+        let sparse = try file("sparse", [SliceCommit(chunkIndex: 0, slice: try writeObject(random.bytes(10)))], size: 20)
+        XCTAssertEqual(try data(sparse, max: .max), [])
+        XCTAssertEqual(try data(try file("empty", [], size: 0), max: .max), [])
     }
 
     func testCloseSessionReleasesUnlinkedOpenFiles() throws {

@@ -169,7 +169,7 @@ extension HubConformanceTests {
         let reader = try leasedSession("reader")
         for (name, open) in [("by-open", { (ino: InodeID) in _ = try self.api.open(reader.0, ino: ino, flags: O_RDONLY) }),
                              ("by-openLayout", { (ino: InodeID) in
-                                 _ = try self.api.openLayout(reader.0, ino: ino, flags: O_RDONLY, chunkCount: 8) })] {
+                                 _ = try self.api.openLayout(reader.0, ino: ino, flags: O_RDONLY, chunkCount: 8, dataMaxBytes: 0) })] {
             let file = try makeFile(name)
             writerClient.reset()
             XCTAssertTrue(try api.acquireWriteLease(writer, ino: file.ino))

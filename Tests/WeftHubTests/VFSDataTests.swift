@@ -775,6 +775,28 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(otherFile.lock.withLock { otherFile.layouts.count }, 0)
     }
 
+    /// A small file's bytes come with its open (`openLayout`): cached before the first read,
+    /// which then asks the hub for nothing.
+    func testASmallFilesBytesComeWithItsOpen() throws {
+        let writer = try makeAgent()
+        let (ino, handle) = try create(writer, "sample")
+        var random = SeededRandom(seed: 9)
+        let data = random.bytes(5000)
+        try write(writer, handle, at: 0, data)
+        try writer.release(handle: handle)
+
+        let reader = try makeAgent()
+        let (_, lists) = try fixture.api.layout(RequestContext(session: reader.session, credentials: rootCaller),
+                                                ino: ino, firstChunk: 0, count: 1)
+        let object = try XCTUnwrap(lists.first?.first)
+        let key = BlockCache.Key(object: object.id, block: 0)
+        XCTAssertNil(reader.cache.get(key))
+        let (readHandle, _) = try reader.open(rootCaller, ino: ino, flags: O_RDONLY)
+        defer { try? reader.release(handle: readHandle) }
+        XCTAssertEqual(reader.cache.get(key)?.length, data.count, "cached by the open")
+        XCTAssertEqual(try read(reader, readHandle, at: 0, 8192), data)
+    }
+
     // MARK: cache drop
 
     func testDroppedCacheRefillsFromTheHub() throws {

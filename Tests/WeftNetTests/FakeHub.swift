@@ -211,12 +211,16 @@ final class FakeHub: HubAPI, @unchecked Sendable {
         return Self.attributes(ino: ino, session: context.session)
     }
 
-    func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32) throws -> (Attributes, [[Slice]]) {
+    func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32,
+                    dataMaxBytes: UInt32) throws -> OpenedLayout {
         enter(context); defer { leave() }
         if predatesOpenLayout { throw WeftError(ENOSYS, "opcode 53 is unknown to this hub") }
         lock.withLock { openedWithLayout.append(ino) }
-        return (Self.attributes(ino: ino, session: context.session),
-                (0..<chunkCount).map { [Slice(id: UInt64($0) + 1, offsetInChunk: 0, length: 4096, sliceOffset: 0, objectLength: 4096)] })
+        return OpenedLayout(attributes: Self.attributes(ino: ino, session: context.session),
+                            chunks: (0..<chunkCount).map {
+                                [Slice(id: UInt64($0) + 1, offsetInChunk: 0, length: 4096, sliceOffset: 0, objectLength: 4096)]
+                            },
+                            data: Array(repeating: UInt8(truncatingIfNeeded: ino), count: Int(min(dataMaxBytes, 100))))
     }
 
     func release(_ context: RequestContext, ino: InodeID) throws {

@@ -83,19 +83,20 @@ final class LoopbackTests: XCTestCase {
 
     func testOpenLayoutFallsBackToOpenOnAHubThatPredatesIt() throws {
         let (hub, client, c) = try clientOfAnOldHub { $0.predatesOpenLayout = true }
-        let (first, lists) = try client.openLayout(c, ino: 3, flags: O_RDONLY, chunkCount: 8)
-        XCTAssertEqual(first.ino, 3)
-        XCTAssertTrue(lists.isEmpty, "an open without lists: the first read fetches them")
-        _ = try client.openLayout(c, ino: 4, flags: O_RDONLY, chunkCount: 8)   // ENOSYS is remembered
+        let first = try client.openLayout(c, ino: 3, flags: O_RDONLY, chunkCount: 8, dataMaxBytes: 65536)
+        XCTAssertEqual(first.attributes.ino, 3)
+        XCTAssertTrue(first.chunks.isEmpty && first.data.isEmpty, "an open without lists: the first read fetches them")
+        _ = try client.openLayout(c, ino: 4, flags: O_RDONLY, chunkCount: 8, dataMaxBytes: 65536)   // ENOSYS is remembered
         let (opened, withLayout, seen) = hub.snapshot { ($0.opened, $0.openedWithLayout, $0.seenSessions.count) }
         XCTAssertEqual(opened, [3, 4])
         XCTAssertEqual(withLayout, [])
         XCTAssertEqual(seen, 1 + 2, "one openLayout refused, then two opens")
 
         let (current, currentClient, c2) = try clientOfAnOldHub { _ in }
-        let (attributes, chunkLists) = try currentClient.openLayout(c2, ino: 5, flags: O_RDONLY, chunkCount: 3)
-        XCTAssertEqual(attributes.ino, 5)
-        XCTAssertEqual(chunkLists.map { $0.map(\.id) }, [[1], [2], [3]])
+        let answer = try currentClient.openLayout(c2, ino: 5, flags: O_RDONLY, chunkCount: 3, dataMaxBytes: 7)
+        XCTAssertEqual(answer.attributes.ino, 5)
+        XCTAssertEqual(answer.chunks.map { $0.map(\.id) }, [[1], [2], [3]])
+        XCTAssertEqual(answer.data, [UInt8](repeating: 5, count: 7))
         XCTAssertEqual(current.snapshot { ($0.opened, $0.openedWithLayout) }.1, [5])
         XCTAssertEqual(current.snapshot { ($0.opened, $0.openedWithLayout) }.0, [])
     }

@@ -55,7 +55,8 @@ enum WireSamples {
         .sync(context),
         .barrier(context, ino: 0x0123_4567_89AB_CDEF),
         .syncFile(context, ino: 0x0FED_CBA9_8765_4321),
-        .openLayout(context, ino: 0x0BAD_F00D_0000_0001, flags: Int32(bitPattern: 0x8000_8002), chunkCount: 64),
+        .openLayout(context, ino: 0x0BAD_F00D_0000_0001, flags: Int32(bitPattern: 0x8000_8002), chunkCount: 64,
+                    dataMaxBytes: 0xFFFF_FFFF),
         .status,
         .fsck(repair: true),
         .openVolumeSession(agentName: "node-8", volume: "datasets ✓"),
@@ -156,8 +157,10 @@ enum WireSamples {
                                                     totalInodes: 1 << 60, freeInodes: 0, nameMaxBytes: 255))
         case .allocateSliceIDs:
             return .firstSliceID(0xFEED_FACE_CAFE)
-        case .layout, .openLayout:
+        case .layout:
             return .layout(attributes, [[], slices.map(\.slice), [slices[0].slice], []])
+        case .openLayout:
+            return .openedLayout(OpenedLayout(attributes: attributes, chunks: [[slices[0].slice], []], data: Array(data.prefix(65536))))
         case .status:
             return .status(status)
         case .fsck:
@@ -172,7 +175,7 @@ enum WireSamples {
         (.listxattr, .names([])),
         (.readSlice, .bytes([])),
         (.layout, .layout(attributes, [])),
-        (.openLayout, .layout(attributes, [])),
+        (.openLayout, .openedLayout(OpenedLayout(attributes: attributes, chunks: [], data: []))),
         (.status, .status(HubStatus(volume: volume, logicalBytes: 0, inodes: 0, chunks: 0, storedBytes: 0,
                                     connectedAgents: 0, agents: []))),
         (.fsck, .fsckReport(FsckReport())),
