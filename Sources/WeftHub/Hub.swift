@@ -399,7 +399,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
             return try meta.layout(ino: ino, firstChunk: 0, count: chunkCount)
         }
         var data: [UInt8] = []
-        if attributes.size <= UInt64(min(dataMaxBytes, UInt32(Limits.openLayoutDataMaxBytes))),
+        if flags & O_ACCMODE != O_WRONLY, attributes.size <= UInt64(min(dataMaxBytes, UInt32(Limits.openLayoutDataMaxBytes))),
            let object = OpenedLayout.wholeObject(size: attributes.size, chunks: lists), object.hub == 0 {
             do {
                 data = try self.chunks.read(id: object.id, offset: 0, length: Int(object.length))

@@ -94,6 +94,17 @@ public final class LeaseCache: @unchecked Sendable {
         return false
     }
 
+    /// This agent changed `ino` itself (its links or ctime: an unlink, link or rename). Its own
+    /// changes recall nothing of its own, so a reply about the inode to a call that began
+    /// before must not be cached either, even for a file not known yet (an open under way).
+    /// Not counted as a recall.
+    func changedHere(_ ino: UInt64) {
+        lock.withLock {
+            sequence += 1
+            recalledAt[bucket(ino)] = sequence
+        }
+    }
+
     func recalled(_ ino: UInt64) {
         lock.withLock {
             sequence += 1

@@ -210,7 +210,9 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
 
     public func openLayout(_ context: RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32,
                            dataMaxBytes: UInt32) throws -> OpenedLayout {
-        try home.openLayout(context, ino: ino, flags: flags, chunkCount: chunkCount, dataMaxBytes: dataMaxBytes)
+        // No bytes from the home: reads go through this hub's cache, fetched across the WAN
+        // once per hub (SPEC.md §12.5), not once per agent.
+        try home.openLayout(context, ino: ino, flags: flags, chunkCount: chunkCount, dataMaxBytes: 0)
     }
 
     public func release(_ context: RequestContext, ino: InodeID) throws {

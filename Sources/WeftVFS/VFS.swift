@@ -345,7 +345,10 @@ public final class VFS: @unchecked Sendable {
             return namesChanging.end(change.id, change.keys)
         }
         if alone, let inodes = change.inodes {
-            for ino in inodes { openFile(ino)?.invalidate() }
+            for ino in inodes {
+                leaseCache.changedHere(kernelIno(ino))
+                openFile(ino)?.invalidate()
+            }
         } else {
             invalidateFiles()
         }
@@ -517,7 +520,9 @@ public final class VFS: @unchecked Sendable {
         }
         entriesChanged(newParent, added: newName)
         gaveEntry(ino, newParent, newName, keepingEarlier: true)
-        openFile(ino)?.invalidate()   // its link count and ctime changed (this agent is not recalled)
+        // Its link count and ctime changed (this agent is not recalled).
+        leaseCache.changedHere(kernelIno(ino))
+        openFile(ino)?.invalidate()
         return localView(attributes)
     }
 
@@ -724,28 +729,43 @@ public final class VFS: @unchecked Sendable {
             try flushLocked(file, context: context(credentials), durable: false)
         }
         let token = leaseCache.token()
-        // The file's generation before the call (a file not yet known starts at the own-change
-        // count): a recall, notice or own change (an unlink or rename here) during the call
-        // moves it, and then what the call brought is not kept as fresh.
-        let before = openFile(ino)?.currentGeneration ?? ownChanges.value
+        // The file as known before the call, its generation, and the own-change count: a
+        // recall, notice or own change (an unlink or rename here) during the call moves one of
+        // them, and then what the call brought is not kept as fresh.
+        let known = openFile(ino)
+        let knownGeneration = known?.currentGeneration
+        let ownBefore = ownChanges.value
         let reads = flags & O_ACCMODE != O_WRONLY && flags & O_TRUNC == 0
         let opened = reads
             ? try hub.openLayout(context(credentials), ino: ino, flags: flags, chunkCount: Self.layoutBatch,
-                                 dataMaxBytes: UInt32(Limits.openLayoutDataMaxBytes))
+                                 dataMaxBytes: known.map(hasCachedObject) == true ? 0 : UInt32(Limits.openLayoutDataMaxBytes))
             : OpenedLayout(attributes: try hub.open(context(credentials), ino: ino, flags: flags), chunks: [], data: [])
         let attributes = opened.attributes
         if attributes.isDirectory { throw WeftError.isDirectory }   // registered nothing at the hub
         let (handle, keepCache) = register(attributes, flags: flags, context: context(credentials))
         let file = try fileHandle(handle).file
-        // A file first known here starts fresh; an own change during the call (whose reply
-        // may predate it) must leave it stale, as a recall does for a known one.
-        if file.currentGeneration != before { file.invalidate() }
+        // The same file at the same generation, or one first known here (it starts fresh at the
+        // own-change count) with no own change since the call began.
+        let generation = file.currentGeneration
+        let unchanged = file === known ? generation == knownGeneration
+                                       : ownChanges.value == ownBefore && generation == ownBefore
+        if !unchanged { file.invalidate() }
         let cacheable = try leased(handle, flags: flags, since: token)
-        if cacheable && !opened.chunks.isEmpty {
-            keepLayouts(opened.chunks, of: file, fetchedWith: attributes, since: before)
+        if unchanged && cacheable && !opened.chunks.isEmpty {
+            keepLayouts(opened.chunks, of: file, fetchedWith: attributes, since: generation)
         }
         cacheObject(of: opened)
         return (handle, keepCache && cacheable)
+    }
+
+    /// Whether `file`'s kept layout makes it one whole object whose only block is cached: then
+    /// an open asks for no bytes (they would be sent only to be dropped).
+    func hasCachedObject(_ file: OpenFile) -> Bool {
+        let object: Slice? = file.lock.withLock {
+            OpenedLayout.wholeObject(size: file.attributes.size, chunks: (0..<Self.layoutBatch).map { file.layouts[$0] ?? [] })
+        }
+        guard let object, Int(object.objectLength) <= Limits.blockSizeBytes else { return false }
+        return cache.get(BlockCache.Key(object: object.id, block: 0)) != nil
     }
 
     /// Puts the bytes of a small file's object that an `openLayout` brought in the block cache,
@@ -763,9 +783,10 @@ public final class VFS: @unchecked Sendable {
 
     /// Keeps the chunk lists an open brought (chunks from 0 on), as a `layout` call's
     /// (`Reader.layoutLocked`), and marks the file fresh: only if the file's generation is still
-    /// `snapshot`, taken before the call (no recall, notice or own change since; the caller has
-    /// also checked the lease cache's token, which sees recalls and notices that came before
-    /// the file was known), nothing newer was adopted meanwhile and nothing is buffered.
+    /// `snapshot`, which the caller checked against the one before the call (no recall, notice
+    /// or own change since; it also checked the lease cache's token, which sees recalls,
+    /// notices and own changes of the inode that came before the file was known), nothing newer
+    /// was adopted meanwhile and nothing is buffered.
     func keepLayouts(_ lists: [[Slice]], of file: OpenFile, fetchedWith attributes: Attributes, since snapshot: UInt64) {
         file.lock.lock()
         defer { file.lock.unlock() }

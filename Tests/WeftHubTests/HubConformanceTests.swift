@@ -634,6 +634,9 @@ class HubConformanceTests: HubTestCase {
         XCTAssertEqual(try data(small, max: 4096), sample)
         XCTAssertEqual(try data(small, max: 4095), [], "larger than asked for")
         XCTAssertEqual(try data(small, max: 0), [])
+        defer { try? api.release(context, ino: small) }
+        XCTAssertEqual(try api.openLayout(context, ino: small, flags: O_WRONLY, chunkCount: 1, dataMaxBytes: 65536).data, [],
+                       "an open that does not read gets no bytes")
 
         let block = random.bytes(Limits.openLayoutDataMaxBytes)
         let whole = try file("block", [SliceCommit(chunkIndex: 0, slice: try writeObject(block))], size: UInt64(block.count))

@@ -775,6 +775,24 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(otherFile.lock.withLock { otherFile.layouts.count }, 0)
     }
 
+    /// This agent's own unlink, link or rename of a file recalls nothing of its own, but a reply
+    /// about the file to a call under way (an open of it not known yet) must not be cached:
+    /// the lease cache marks the inode as a recall would.
+    func testOwnLinkChangesMakeRepliesUnderWayUncacheable() throws {
+        let agent = try makeAgent()
+        let (unlinked, h1) = try create(agent, "unlinked")
+        let (linked, h2) = try create(agent, "linked")
+        let (untouched, h3) = try create(agent, "untouched")
+        for handle in [h1, h2, h3] { try agent.release(handle: handle) }
+        let token = agent.leaseCache.token()
+        try agent.unlink(rootCaller, parent: root, name: bytes("unlinked"))
+        _ = try agent.link(rootCaller, ino: linked, newParent: root, newName: bytes("linked-2"))
+        XCTAssertFalse(agent.leaseCache.mayCache(agent.kernelIno(unlinked), since: token))
+        XCTAssertFalse(agent.leaseCache.mayCache(agent.kernelIno(linked), since: token))
+        XCTAssertTrue(agent.leaseCache.mayCache(agent.kernelIno(untouched), since: token))
+        XCTAssertEqual(agent.leaseCache.recallCount, 0, "not counted as recalls")
+    }
+
     /// A small file's bytes come with its open (`openLayout`): cached before the first read,
     /// which then asks the hub for nothing.
     func testASmallFilesBytesComeWithItsOpen() throws {
