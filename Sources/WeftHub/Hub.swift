@@ -539,7 +539,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
         // Only objects no commit referenced before (a commit whose reply was lost may have
         // been applied, and its record may become durable without any key).
         let fresh = Set(claimed)
-        let journaled = durable ? journal(slices.filter { fresh.contains($0.slice.id) }) : []
+        // Non-durable commits too (a close): otherwise the next durable change of any file (a
+        // strict create) syncs their objects and fan-out directories first.
+        let journaled = journal(slices.filter { fresh.contains($0.slice.id) })
         testBeforeCommitApply?(ino)
         let attributes: Attributes
         do {
@@ -591,7 +593,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// Objects the journal carries past this many wake the maintenance thread to sync them.
     static let journaledObjectsWake = 64
 
-    /// For a durable commit in strict mode: the small objects of `slices` this hub holds that
+    /// For a commit in strict mode: the small objects of `slices` this hub holds that
     /// still wait for a sync pass, taken out of the passes, with their raw bytes for the
     /// commit's journal record (SPEC.md §5, "Small objects in the journal").
     private func journal(_ slices: [SliceCommit]) -> [(id: SliceID, bytes: [UInt8])] {
