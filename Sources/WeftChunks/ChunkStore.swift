@@ -423,20 +423,22 @@ public final class ChunkStore: @unchecked Sendable {
     /// Objects the journal carries that are not synced themselves.
     public var journaledCount: Int { durability.journaledCount }
 
-    /// Makes object `id` hold `raw` again if it is missing, damaged, or holds other bytes (a
-    /// crash lost it before it reached the disk). True if it wrote it. Durable after `sync()`.
-    /// At open only: the disk reserve does not apply (a hub that cannot write back a lost
-    /// object cannot open, and cannot free space either).
+    /// Writes object `id` again from `raw`, the bytes the journal carries. True if the copy it
+    /// held was missing, damaged or other bytes (a crash lost it before it reached the disk).
+    /// Written again even when it reads back whole: a read may come from the page cache, whose
+    /// pages a failed writeback left clean but never wrote (a hub restarted after a failed
+    /// sync of them), and a later `syncfs` of another process is not told of that failure.
+    /// Durable after `sync()`. At open only: the disk reserve does not apply (a hub that cannot
+    /// write back a lost object cannot open, and cannot free space either).
     public func restore(id: SliceID, raw: [UInt8]) throws -> Bool {
-        if let held = try? read(id: id, offset: 0, length: raw.count), (try? length(id: id)) == raw.count, held == raw {
-            return false
-        }
+        let held = try? read(id: id, offset: 0, length: raw.count)
+        let differed = !(held == raw && (try? length(id: id)) == raw.count)
         try delete(id: id)
         let kept = reserveBytes
         setReserve(0)
         defer { setReserve(kept) }
         try write(id: id, data: raw)
-        return true
+        return differed
     }
 
     // MARK: Deleting and listing

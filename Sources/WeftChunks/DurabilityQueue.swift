@@ -87,13 +87,22 @@ final class DurabilityQueue: @unchecked Sendable {
         set { lock.withLock { syncFailureHook = newValue } }
     }
 
+    /// The store's directory opened once more, for the `syncfs` of the objects the journal
+    /// carries alone: Linux keeps a `syncfs` error cursor per open file, so a writeback error
+    /// that garbage collection's `syncfs` (on `root`) was told of would otherwise not be told
+    /// to this pass, which then dropped the journal keys of objects never written (-1: none,
+    /// `root` is used).
+    private let journaledRoot: Int32
+
     init(root: Int32, logger: Logger) {
         self.root = root
         self.logger = logger
+        journaledRoot = openat(root, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     }
 
     deinit {
         for file in pending { close(file.fd) }
+        if journaledRoot >= 0 { close(journaledRoot) }
     }
 
     /// Whether object `id` was written and no sync pass has taken it yet.
@@ -256,13 +265,14 @@ final class DurabilityQueue: @unchecked Sendable {
         }
         guard let ids else { return [] }
         defer { lock.withLock { journaledPassRunning = false } }
-        try syncObjects(ids)
+        try syncObjects(ids, through: journaledRoot >= 0 ? journaledRoot : root)
         return ids
     }
 
-    /// `syncfs` of the store's file system; EIO (or ENOSPC) on a failure, logged.
-    private func syncfsChecked() throws {
-        guard weft_syncfs(root) == 0 else {
+    /// `syncfs` of the store's file system through `descriptor` (default `root`); EIO (or
+    /// ENOSPC) on a failure, logged.
+    private func syncfsChecked(_ descriptor: Int32? = nil) throws {
+        guard weft_syncfs(descriptor ?? root) == 0 else {
             let code = errno
             logger.error("chunk sync failed: syncfs of the chunk store: \(String(cString: strerror(code)))")
             throw WeftError(code == ENOSPC || code == EDQUOT ? ENOSPC : EIO, "chunk sync failed: syncfs")
@@ -279,9 +289,9 @@ final class DurabilityQueue: @unchecked Sendable {
 
     /// Makes objects `ids` durable with their directory entries, however they were written
     /// (see `syncJournaled`); objects that are gone are skipped.
-    func syncObjects(_ ids: [SliceID]) throws {
+    func syncObjects(_ ids: [SliceID], through descriptor: Int32? = nil) throws {
         guard !ids.isEmpty else { return }
-        if Self.syncfsReportsErrors { return try syncfsChecked() }
+        if Self.syncfsReportsErrors { return try syncfsChecked(descriptor) }
         if let failure = runPass(files: reopened(ids), fanOuts: Set(ids.map { Int($0 & 0xFF) }).sorted()) { throw failure }
     }
 

@@ -70,6 +70,14 @@ class VFSDataTests: HubTestCase {
         return "byte \(index): \(a[index]) vs \(b[index])"
     }
 
+    /// A file `name` that `agent` wrote `data` to and closed.
+    func writtenFile(_ name: String, _ data: [UInt8], by agent: VFS) throws -> InodeID {
+        let (ino, handle) = try create(agent, name)
+        try write(agent, handle, at: 0, data)
+        try agent.release(handle: handle)
+        return ino
+    }
+
     func create(_ agent: VFS, _ name: String) throws -> (InodeID, UInt64) {
         let (attributes, handle) = try agent.create(rootCaller, parent: root, name: bytes(name), mode: regularFile | 0o644,
                                                     umask: 0, flags: O_RDWR)
@@ -686,11 +694,9 @@ class VFSDataTests: HubTestCase {
     /// nothing past its end. Each step used to wake a pool thread per file for an empty range.
     func testReadingASmallFileWholeSchedulesNoReadahead() throws {
         let agent = try makeAgent()
-        let (ino, handle) = try create(agent, "sample")
         var random = SeededRandom(seed: 5)
         let data = random.bytes(4096)
-        try write(agent, handle, at: 0, data)
-        try agent.release(handle: handle)
+        let ino = try writtenFile("sample", data, by: agent)
         let reader = try makeAgent()
         XCTAssertEqual(try contents(of: ino, via: reader), data)
         XCTAssertEqual(reader.readaheadSteps.load(ordering: .relaxed), 0)
@@ -741,11 +747,9 @@ class VFSDataTests: HubTestCase {
     func testAnOpenBringsTheFirstChunkListsAndAChangeStillRecallsThem() throws {
         let chunk = Self.chunk
         let writer = try makeAgent()
-        let (ino, handle) = try create(writer, "sample")
         var random = SeededRandom(seed: 8)
         let data = random.bytes(2 * chunk + 100)
-        try write(writer, handle, at: 0, data)
-        try writer.release(handle: handle)
+        let ino = try writtenFile("sample", data, by: writer)
 
         let reader = try makeAgent()
         let (readHandle, _) = try reader.open(rootCaller, ino: ino, flags: O_RDONLY)
@@ -800,11 +804,9 @@ class VFSDataTests: HubTestCase {
     /// which then asks the hub for nothing.
     func testASmallFilesBytesComeWithItsOpen() throws {
         let writer = try makeAgent()
-        let (ino, handle) = try create(writer, "sample")
         var random = SeededRandom(seed: 9)
         let data = random.bytes(5000)
-        try write(writer, handle, at: 0, data)
-        try writer.release(handle: handle)
+        let ino = try writtenFile("sample", data, by: writer)
 
         let reader = try makeAgent()
         let (_, lists) = try fixture.api.layout(RequestContext(session: reader.session, credentials: rootCaller),
