@@ -140,7 +140,6 @@ public enum HubResponse: Equatable, Sendable {
     /// Bytes of an encoded `Attributes`: version byte, 5 × u32, 6 × u64.
     static let attributesEncodedBytes = 1 + 5 * 4 + 6 * 8
 
-    /// Reads the success payload of a response to `opcode`. Leaves any trailing bytes to the caller.
     /// `Attributes`, then `list<list<Slice>>`: a `layout` reply, and the head of an `openLayout` one.
     private static func encodeLayout(_ attributes: Attributes, _ chunks: [[Slice]], into w: inout ByteWriter) {
         attributes.encode(into: &w)
@@ -166,6 +165,7 @@ public enum HubResponse: Equatable, Sendable {
         return (attributes, chunks)
     }
 
+    /// Reads the success payload of a response to `opcode`. Leaves any trailing bytes to the caller.
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping, .fence,

@@ -306,10 +306,7 @@ public final class BlockCache: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         guard nodes[key] == nil, !inFlight.contains(key) else { return false }
-        let node = Node(key: key, block: block)
-        nodes[key] = node
-        insertAtFront(node)
-        usedBytes += block.length
+        insertLocked(key, block)
         evictOverCapacity()
         return true
     }
@@ -321,13 +318,18 @@ public final class BlockCache: @unchecked Sendable {
         for (key, block) in entries {
             inFlight.remove(key)
             guard nodes[key] == nil else { continue }
-            let node = Node(key: key, block: block)
-            nodes[key] = node
-            insertAtFront(node)
-            usedBytes += block.length
+            insertLocked(key, block)
         }
         evictOverCapacity()
         lock.broadcast()
+    }
+
+    /// Caches `block` under `key`, most recently used. Called under `lock`.
+    private func insertLocked(_ key: Key, _ block: CachedBlock) {
+        let node = Node(key: key, block: block)
+        nodes[key] = node
+        insertAtFront(node)
+        usedBytes += block.length
     }
 
     /// Drops the least recently used blocks while over capacity. Called under `lock`.
