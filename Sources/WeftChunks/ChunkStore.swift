@@ -36,6 +36,7 @@ public final class ChunkStore: @unchecked Sendable {
     let root: Int32
     let cache = ObjectCache(capacity: ChunkStore.openObjectCacheCapacity)
     let workspaces = WorkspacePool()
+    let compressionImages = ImagePool.shared
     private let durability: DurabilityQueue
     private let accountingLock = Lock()
     private var objects: UInt64 = 0
@@ -137,38 +138,39 @@ public final class ChunkStore: @unchecked Sendable {
         let headerLength = ChunkFormat.headerBytes(blockCount: blockCount)
         var blocks = ContiguousArray<BlockEntry>()
         blocks.reserveCapacity(blockCount)
-        // The payloads as contiguous pieces of `data` or of `compressed`, so that raw blocks are
-        // written straight from the caller's buffer. Block offsets are relative to the data
-        // offset until it is known.
-        var payload: [UnsafeRawBufferPointer] = []
-        var compressed: UnsafeMutableRawBufferPointer?
-        defer { compressed?.deallocate() }
-
+        // Raw payloads are written straight from the caller's buffer. A compressed object is
+        // assembled whole (header, then every block's payload, raw ones copied) in a page-aligned
+        // image, so that its page-multiple part goes out with O_DIRECT as a raw object's does.
+        var image: UnsafeMutableRawBufferPointer?
+        defer { image.map(compressionImages.give) }
         if compression == .zstd && blockCount > 0 {
-            let output = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: 16)
-            compressed = output
+            let output = compressionImages.take(byteCount: headerLength + data.count)
+            image = output
             workspaces.with { workspace in
-                var outputUsed = 0
-                var fileOffset = 0
+                var fileOffset = headerLength
                 for index in 0..<blockCount {
                     let start = index * blockSize
                     let raw = UnsafeRawBufferPointer(rebasing: data[start..<min(start + blockSize, data.count)])
                     let checksum = crc32c(raw)
                     // Room for one byte less than raw: zstd fails unless the block shrinks.
-                    let room = UnsafeMutableRawBufferPointer(rebasing: output[outputUsed..<outputUsed + raw.count - 1])
+                    let room = UnsafeMutableRawBufferPointer(rebasing: output[fileOffset..<fileOffset + raw.count - 1])
                     if raw.count > 1, let size = workspace.compress(raw, into: room) {
-                        let piece = UnsafeRawBufferPointer(rebasing: output[outputUsed..<outputUsed + size])
-                        Self.append(piece, to: &payload)
                         blocks.append(BlockEntry(fileOffset: fileOffset, storedLength: size, crc: checksum, compressed: true))
-                        outputUsed += size
                         fileOffset += size
                     } else {
-                        Self.append(raw, to: &payload)
+                        UnsafeMutableRawBufferPointer(rebasing: output[fileOffset..<fileOffset + raw.count])
+                            .copyMemory(from: raw)
                         blocks.append(BlockEntry(fileOffset: fileOffset, storedLength: raw.count, crc: checksum,
                                                  compressed: false))
                         fileOffset += raw.count
                     }
                 }
+            }
+            if !blocks.contains(where: { $0.compressed }) {
+                // Nothing shrank: stored as a raw object (aligned, written from `data`).
+                for index in blocks.indices { blocks[index].fileOffset -= headerLength }
+                compressionImages.give(output)
+                image = nil
             }
         } else {
             for index in 0..<blockCount {
@@ -176,26 +178,40 @@ public final class ChunkStore: @unchecked Sendable {
                 let raw = UnsafeRawBufferPointer(rebasing: data[start..<min(start + blockSize, data.count)])
                 blocks.append(BlockEntry(fileOffset: start, storedLength: raw.count, crc: crc32c(raw), compressed: false))
             }
-            if data.count > 0 { payload.append(data) }
         }
-        let anyCompressed = blocks.contains { $0.compressed }
-        let dataOffset = ChunkFormat.dataOffset(blockCount: blockCount, anyCompressed: anyCompressed, rawLength: data.count)
-        for index in blocks.indices { blocks[index].fileOffset += dataOffset }
-        // The header and its zero padding, page-aligned for direct I/O.
-        let header = UnsafeMutableRawBufferPointer.allocate(byteCount: dataOffset, alignment: ChunkFormat.directAlignment)
-        defer { header.deallocate() }
-        header.initializeMemory(as: UInt8.self, repeating: 0)
-        blocks.withUnsafeBufferPointer {
-            ChunkFormat.encodeHeader(into: UnsafeMutableRawBufferPointer(rebasing: header[0..<headerLength]), id: id,
-                                     compression: compression, rawLength: data.count, dataOffset: dataOffset,
-                                     blocks: $0)
-        }
-        let fileBytes = dataOffset + blocks.reduce(0) { $0 + $1.storedLength }
-        precondition(fileBytes == dataOffset + payload.reduce(0) { $0 + $1.count }, "chunk payload size")
-        let direct = !anyCompressed && dataOffset % ChunkFormat.directAlignment == 0
-            && Int(bitPattern: data.baseAddress) % ChunkFormat.directAlignment == 0 && directIO.isEnabled
-        let fd = try createObject(id: id, header: UnsafeRawBufferPointer(header), payload: payload,
+        let fileBytes: Int
+        let dataOffset: Int
+        let fd: Int32
+        if let image {
+            // Offsets are file offsets already: the data starts right after the header (D = H).
+            dataOffset = headerLength
+            fileBytes = blocks.last.map { $0.fileOffset + $0.storedLength } ?? headerLength
+            blocks.withUnsafeBufferPointer {
+                ChunkFormat.encodeHeader(into: UnsafeMutableRawBufferPointer(rebasing: image[0..<headerLength]), id: id,
+                                         compression: compression, rawLength: data.count, dataOffset: dataOffset,
+                                         blocks: $0)
+            }
+            let whole = UnsafeRawBufferPointer(rebasing: image[0..<fileBytes])
+            fd = try createObject(id: id, header: UnsafeRawBufferPointer(start: nil, count: 0), payload: [whole],
+                                  direct: directIO.isEnabled && fileBytes >= ChunkFormat.directAlignment ? whole : nil)
+        } else {
+            dataOffset = ChunkFormat.dataOffset(blockCount: blockCount, anyCompressed: false, rawLength: data.count)
+            for index in blocks.indices { blocks[index].fileOffset += dataOffset }
+            // The header and its zero padding, page-aligned for direct I/O.
+            let header = UnsafeMutableRawBufferPointer.allocate(byteCount: dataOffset, alignment: ChunkFormat.directAlignment)
+            defer { header.deallocate() }
+            header.initializeMemory(as: UInt8.self, repeating: 0)
+            blocks.withUnsafeBufferPointer {
+                ChunkFormat.encodeHeader(into: UnsafeMutableRawBufferPointer(rebasing: header[0..<headerLength]), id: id,
+                                         compression: compression, rawLength: data.count, dataOffset: dataOffset,
+                                         blocks: $0)
+            }
+            fileBytes = dataOffset + data.count
+            let direct = dataOffset % ChunkFormat.directAlignment == 0
+                && Int(bitPattern: data.baseAddress) % ChunkFormat.directAlignment == 0 && directIO.isEnabled
+            fd = try createObject(id: id, header: UnsafeRawBufferPointer(header), payload: data.isEmpty ? [] : [data],
                                   direct: direct ? data : nil)
+        }
         accountingLock.withLock {
             objects += 1
             bytes += UInt64(fileBytes)

@@ -75,3 +75,36 @@ final class WorkspacePool: @unchecked Sendable {
         return try body(workspace)
     }
 }
+
+/// Page-aligned buffers in which compressed objects are assembled before they are written
+/// (SPEC.md §3.1, Compression rule), one free list per process. Reused so that a stream of
+/// compressed objects writes from memory it has touched before: on these VMs a fresh page
+/// costs more than compressing it. At most `maxIdle` buffers of at most `maxPooledBytes` each
+/// are kept; others are freed when given back.
+final class ImagePool: @unchecked Sendable {
+    static let shared = ImagePool()
+    static let maxIdle = 4
+    static let maxPooledBytes = 16 << 20
+    private let lock = Lock()
+    private var idle: [UnsafeMutableRawBufferPointer] = []
+
+    /// A buffer of at least `byteCount` bytes (rounded up to whole pages), page-aligned.
+    func take(byteCount: Int) -> UnsafeMutableRawBufferPointer {
+        let alignment = ChunkFormat.directAlignment
+        let capacity = (byteCount + alignment - 1) / alignment * alignment
+        let pooled: UnsafeMutableRawBufferPointer? = lock.withLock {
+            guard let index = idle.firstIndex(where: { $0.count >= capacity }) else { return nil }
+            return idle.remove(at: index)
+        }
+        return pooled ?? .allocate(byteCount: max(capacity, alignment), alignment: alignment)
+    }
+
+    func give(_ buffer: UnsafeMutableRawBufferPointer) {
+        let kept = buffer.count <= Self.maxPooledBytes && lock.withLock {
+            guard idle.count < Self.maxIdle else { return false }
+            idle.append(buffer)
+            return true
+        }
+        if !kept { buffer.deallocate() }
+    }
+}

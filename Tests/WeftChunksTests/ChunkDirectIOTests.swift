@@ -90,6 +90,57 @@ final class ChunkDirectIOTests: ChunkTestCase {
         XCTAssertEqual(try buffered.read(id: 7, offset: 0, length: data.count), data)
     }
 
+    /// An object with compressed blocks is assembled whole in page-aligned memory and its
+    /// page-multiple part written with O_DIRECT, from any source memory: the file is the same
+    /// bytes a buffered store writes, its raw blocks (ones that did not shrink) included, and it
+    /// reads back whole and in pieces.
+    func testCompressedObjectIsWrittenDirectAndMatchesABufferedWrite() throws {
+        var random = SeededRandom(seed: 44)
+        // Blocks 0 and 2 compress, 1 and 3 do not; the last block is short. Unaligned source.
+        var data = [UInt8](repeating: 7, count: Self.block)
+        data += TestData.random(Self.block, &random)
+        data += (0..<Self.block).map { UInt8(truncatingIfNeeded: $0 / 512) }
+        data += TestData.random(Self.block / 2 + 3, &random)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count + 1, alignment: 4096)
+        defer { buffer.deallocate() }
+        data.withUnsafeBytes { (buffer.baseAddress! + 1).copyMemory(from: $0.baseAddress!, byteCount: data.count) }
+        let source = UnsafeRawBufferPointer(start: buffer.baseAddress! + 1, count: data.count)
+
+        let direct = try makeStore(.zstd)
+        try direct.write(id: 8, data: source)
+        let directBytes = try fileBytes(8)
+        let parsed = ParsedObject(directBytes)
+        XCTAssertEqual(parsed.dataOffset, parsed.headerLength)
+        XCTAssertEqual(parsed.blocks.map(\.flags), [1, 0, 1, 0], "which blocks were stored compressed")
+        if directIOTaken(direct) { XCTAssertEqual(direct.directIOCounters.writes, 1) }
+        XCTAssertEqual(try direct.read(id: 8, offset: 0, length: data.count), data)
+        for (offset, length) in [(1, 10), (Self.block - 1, 2), (Self.block + 5, 2 * Self.block), (3 * Self.block, Self.block / 2 + 3)] {
+            XCTAssertEqual(try direct.read(id: 8, offset: offset, length: length), Array(data[offset..<offset + length]),
+                           "\(offset)+\(length)")
+        }
+        try direct.delete(id: 8)
+
+        let buffered = try makeStore(.zstd, directIO: false)
+        try buffered.write(id: 8, data: source)
+        XCTAssertEqual(try fileBytes(8), directBytes)
+        XCTAssertEqual(try makeStore().read(id: 8, offset: 0, length: data.count), data)
+        XCTAssertEqual(log.errors, [])
+    }
+
+    /// A zstd store writes an object none of whose blocks shrink as an uncompressed one: padded
+    /// to a page and, from aligned memory, directly.
+    func testIncompressibleObjectInAZstdStoreIsStoredRawAndAligned() throws {
+        var random = SeededRandom(seed: 45)
+        let data = TestData.random(2 * Self.block + 100, &random)
+        let store = try makeStore(.zstd)
+        try withAligned(data) { try store.write(id: 9, data: UnsafeRawBufferPointer($0)) }
+        let parsed = ParsedObject(try fileBytes(9))
+        XCTAssertEqual(parsed.dataOffset, 4096)
+        XCTAssertEqual(parsed.blocks.map(\.flags), [0, 0, 0])
+        if directIOTaken(store) { XCTAssertEqual(store.directIOCounters.writes, 1) }
+        XCTAssertEqual(try store.read(id: 9, offset: 0, length: data.count), data)
+    }
+
     /// Memory that is not page-aligned is written through the page cache, and reads the same.
     func testUnalignedSourceIsWrittenBuffered() throws {
         var random = SeededRandom(seed: 43)
@@ -105,14 +156,16 @@ final class ChunkDirectIOTests: ChunkTestCase {
     }
 
     /// Small objects and objects with compressed blocks keep their payloads right after the
-    /// header (no page of padding), and are never transferred directly.
+    /// header (no page of padding); one whose file is shorter than a page is not written directly.
     func testSmallAndCompressedObjectsAreNotPadded() throws {
         let store = try makeStore(.zstd)
         let compressible = [UInt8](repeating: 9, count: 2 * Self.block)
         try withAligned(compressible) { try store.write(id: 4, data: UnsafeRawBufferPointer($0)) }
         let parsed = ParsedObject(try fileBytes(4))
         XCTAssertEqual(parsed.dataOffset, parsed.headerLength)
+        XCTAssertLessThan(try fileBytes(4).count, 4096)
         XCTAssertEqual(store.directIOCounters.writes, 0)
+        XCTAssertEqual(try store.read(id: 4, offset: 0, length: compressible.count), compressible)
 
         let plain = try makeStore()
         try withAligned([UInt8](repeating: 1, count: Self.block - 1)) { try plain.write(id: 5, data: UnsafeRawBufferPointer($0)) }
