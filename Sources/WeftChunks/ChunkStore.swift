@@ -193,7 +193,8 @@ public final class ChunkStore: @unchecked Sendable {
             }
             let whole = UnsafeRawBufferPointer(rebasing: image[0..<fileBytes])
             fd = try createObject(id: id, header: UnsafeRawBufferPointer(start: nil, count: 0), payload: [whole],
-                                  direct: directIO.isEnabled && fileBytes >= ChunkFormat.directAlignment ? whole : nil)
+                                  direct: directIO.isEnabled && data.count > Limits.journaledObjectMaxBytes
+                                      && fileBytes >= ChunkFormat.directAlignment ? whole : nil)
         } else {
             dataOffset = ChunkFormat.dataOffset(blockCount: blockCount, anyCompressed: false, rawLength: data.count)
             for index in blocks.indices { blocks[index].fileOffset += dataOffset }
@@ -207,7 +208,9 @@ public final class ChunkStore: @unchecked Sendable {
                                          blocks: $0)
             }
             fileBytes = dataOffset + data.count
-            let direct = dataOffset % ChunkFormat.directAlignment == 0
+            // An object the journal may carry (at most 64 KiB) stays in the page cache: a strict
+            // commit reads its bytes back for its record (SPEC.md §5, Small objects in the journal).
+            let direct = dataOffset % ChunkFormat.directAlignment == 0 && data.count > Limits.journaledObjectMaxBytes
                 && Int(bitPattern: data.baseAddress) % ChunkFormat.directAlignment == 0 && directIO.isEnabled
             fd = try createObject(id: id, header: UnsafeRawBufferPointer(header), payload: data.isEmpty ? [] : [data],
                                   direct: direct ? data : nil)

@@ -141,6 +141,28 @@ final class ChunkDirectIOTests: ChunkTestCase {
         XCTAssertEqual(try store.read(id: 9, offset: 0, length: data.count), data)
     }
 
+    /// Objects of at most 64 KiB, which a strict commit may carry in the metadata journal and
+    /// so reads back at once, are written through the page cache even from aligned memory,
+    /// compressed or not; one byte more goes direct.
+    func testObjectsTheJournalMayCarryStayInThePageCache() throws {
+        var random = SeededRandom(seed: 46)
+        for compression in [Compression.none, .zstd] {
+            let store = try makeStore(compression)
+            let limit = Limits.journaledObjectMaxBytes
+            // Half compressible, half random: with zstd the object keeps a compressed block.
+            let small = [UInt8](repeating: 3, count: limit / 2) + TestData.random(limit / 2, &random)
+            try withAligned(small) { try store.write(id: 20, data: UnsafeRawBufferPointer($0)) }
+            XCTAssertEqual(store.directIOCounters.writes, 0, "\(compression)")
+            XCTAssertEqual(try store.read(id: 20, offset: 0, length: small.count), small)
+            let larger = small + TestData.random(1, &random) + [UInt8](repeating: 5, count: limit)
+            try withAligned(larger) { try store.write(id: 21, data: UnsafeRawBufferPointer($0)) }
+            if directIOTaken(store) { XCTAssertEqual(store.directIOCounters.writes, 1, "\(compression)") }
+            XCTAssertEqual(try store.read(id: 21, offset: 0, length: larger.count), larger)
+            try store.delete(id: 20)
+            try store.delete(id: 21)
+        }
+    }
+
     /// Memory that is not page-aligned is written through the page cache, and reads the same.
     func testUnalignedSourceIsWrittenBuffered() throws {
         var random = SeededRandom(seed: 43)
