@@ -244,19 +244,6 @@ public final class ChunkStore: @unchecked Sendable {
         try data.withUnsafeBytes { try write(id: id, data: $0) }
     }
 
-    /// Appends `piece` to `pieces`, merging it into the last one when the two are adjacent in
-    /// memory (then the merged range is exactly both), so the object goes out in as few
-    /// `writev` segments as possible.
-    private static func append(_ piece: UnsafeRawBufferPointer, to pieces: inout [UnsafeRawBufferPointer]) {
-        if let last = pieces.last, let lastStart = last.baseAddress,
-           lastStart + last.count == piece.baseAddress
-        {
-            pieces[pieces.count - 1] = UnsafeRawBufferPointer(start: lastStart, count: last.count + piece.count)
-        } else {
-            pieces.append(piece)
-        }
-    }
-
     /// Writes the object under a temporary name, then links it to its final name, which fails
     /// with EEXIST atomically if the id exists. Returns the open descriptor for `sync()`.
     /// With `direct` (the whole raw payload, page-aligned), the header and the page-multiple

@@ -80,7 +80,9 @@ final class WorkspacePool: @unchecked Sendable {
 /// (SPEC.md §3.1, Compression rule), one free list per process. Reused so that a stream of
 /// compressed objects writes from memory it has touched before: on these VMs a fresh page
 /// costs more than compressing it. At most `maxIdle` buffers of at most `maxPooledBytes` each
-/// are kept; others are freed when given back.
+/// are kept, the largest ones: a take gets the smallest idle buffer that fits, and a buffer
+/// given back to a full list replaces the smallest idle one if it is larger (so small objects'
+/// images never crowd out the chunk-sized ones a stream of large objects needs).
 final class ImagePool: @unchecked Sendable {
     static let shared = ImagePool()
     static let maxIdle = 4
@@ -93,18 +95,29 @@ final class ImagePool: @unchecked Sendable {
         let alignment = ChunkFormat.directAlignment
         let capacity = (byteCount + alignment - 1) / alignment * alignment
         let pooled: UnsafeMutableRawBufferPointer? = lock.withLock {
-            guard let index = idle.firstIndex(where: { $0.count >= capacity }) else { return nil }
-            return idle.remove(at: index)
+            let fitting = idle.indices.filter { idle[$0].count >= capacity }
+            guard let best = fitting.min(by: { idle[$0].count < idle[$1].count }) else { return nil }
+            return idle.remove(at: best)
         }
         return pooled ?? .allocate(byteCount: max(capacity, alignment), alignment: alignment)
     }
 
     func give(_ buffer: UnsafeMutableRawBufferPointer) {
-        let kept = buffer.count <= Self.maxPooledBytes && lock.withLock {
-            guard idle.count < Self.maxIdle else { return false }
-            idle.append(buffer)
-            return true
+        guard buffer.count <= Self.maxPooledBytes else { return buffer.deallocate() }
+        let freed: UnsafeMutableRawBufferPointer? = lock.withLock {
+            if idle.count < Self.maxIdle {
+                idle.append(buffer)
+                return nil
+            }
+            guard let smallest = idle.indices.min(by: { idle[$0].count < idle[$1].count }),
+                  idle[smallest].count < buffer.count else { return buffer }
+            let replaced = idle[smallest]
+            idle[smallest] = buffer
+            return replaced
         }
-        if !kept { buffer.deallocate() }
+        freed?.deallocate()
     }
+
+    /// The sizes of the idle buffers (tests).
+    var idleSizes: [Int] { lock.withLock { idle.map(\.count).sorted() } }
 }
