@@ -8,6 +8,8 @@ Environment:
   WEFT_MODEL_OPS     operations per seed (default 300)
   WEFT_MODEL_SEED    run only this seed (replay)
   WEFT_MODEL_BASE_SEED first seed (default 1000)
+  WEFT_MODEL_ZSTD_SEEDS number of seeds on a zstd volume (default 6; their own seeds, from
+                       the base seed + 500)
 A failure prints the seed, the step and the trace of operations up to it.
 """
 
@@ -29,6 +31,7 @@ NAMES = ("a", "b", "c", "d", "e")
 MAX_DEPTH = 3
 FD_SLOTS = 6
 SEEDS = int(os.environ.get("WEFT_MODEL_SEEDS", "20"))
+ZSTD_SEEDS = int(os.environ.get("WEFT_MODEL_ZSTD_SEEDS", "6"))
 OPS = int(os.environ.get("WEFT_MODEL_OPS", "300"))
 BASE_SEED = int(os.environ.get("WEFT_MODEL_BASE_SEED", "1000"))
 FULL_COMPARE_EVERY = 25
@@ -51,7 +54,13 @@ def flags_text(flags: int) -> str:
 
 
 def data_for(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
+    """Random bytes, or for a third of the seeds bytes that compress (a short random pattern
+    repeated), so that zstd volumes store compressed and raw blocks side by side."""
+    rng = random.Random(seed)
+    if seed % 3 == 0:
+        pattern = rng.randbytes(rng.randrange(1, 200))
+        return (pattern * (size // len(pattern) + 1))[:size]
+    return rng.randbytes(size)
 
 
 # --------------------------------------------------------------------------- one side
@@ -432,19 +441,22 @@ def compare_trees(weft_side: Side, ref_side: Side, step: int) -> None:
                            f"  local: {r!r}")
 
 
-def seeds() -> list[int]:
+def seeds(compression: str) -> list[int]:
     if os.environ.get("WEFT_MODEL_SEED"):
         return [int(os.environ["WEFT_MODEL_SEED"])]
+    if compression == "zstd":
+        return list(range(BASE_SEED + 500, BASE_SEED + 500 + ZSTD_SEEDS))
     return list(range(BASE_SEED, BASE_SEED + SEEDS))
 
 
 @pytest.mark.weft_timeout(1800)
-def test_random_operations_match_local_fs(weft_factory, resources, mode):
-    fs = weft_factory(format_args=["--chunk-size", CHUNK_BYTES])
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_random_operations_match_local_fs(weft_factory, resources, mode, compression):
+    fs = weft_factory(format_args=["--chunk-size", CHUNK_BYTES, "--compression", compression])
     ref_root = resources.new_dir("model-reference")
     failures = []
     passed = []
-    for seed in seeds():
+    for seed in seeds(compression):
         weft_dir = fs.path / f"seed-{seed}"
         ref_dir = ref_root / f"seed-{seed}"
         os.mkdir(weft_dir)
@@ -468,12 +480,12 @@ def test_random_operations_match_local_fs(weft_factory, resources, mode):
             failures.append((seed, f"after the final remount: {e}", []))
     if failures:
         seed, message, trace = failures[0]
-        lines = [f"{len(failures)} of {len(seeds())} seeds disagree with the local file system "
-                 f"(mode {mode}, {OPS} ops each):"]
+        lines = [f"{len(failures)} of {len(seeds(compression))} seeds disagree with the local file system "
+                 f"(mode {mode}, compression {compression}, {OPS} ops each):"]
         lines += [f"  seed {s}: {m.splitlines()[0]}" for s, m, _ in failures]
         lines.append(f"\nfirst failure, seed {seed}:\n{message}")
         lines.append(f"replay: WEFT_MODEL_SEED={seed} WEFT_MODEL_OPS={OPS} "
-                     f"WEFT_TEST_MODES={mode} python3 -m pytest -q Tests/integration/test_model.py")
+                     f"WEFT_TEST_MODES={mode} python3 -m pytest -q Tests/integration/test_model.py -k {compression}")
         lines.append("trace (step, operation = local result):")
         lines += trace[-400:]
         pytest.fail("\n".join(lines), pytrace=False)
