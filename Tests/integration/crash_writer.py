@@ -54,7 +54,11 @@ def main() -> int:
         while True:
             size = rng.choice((0, 1, rng.randint(2, 100_000), rng.randint(100_000, 3 * MiB),
                                rng.randint(4 * MiB, 9 * MiB)))
-            data = rng.randbytes(size)
+            if rng.random() < 0.3:                           # bytes that compress (zstd volumes)
+                pattern = rng.randbytes(rng.randint(1, 300))
+                data = (pattern * (size // len(pattern) + 1))[:size]
+            else:
+                data = rng.randbytes(size)
             digest = hashlib.sha256(data).hexdigest()
             kind = rng.random()
             if kind < 0.5:                                   # new file, fsynced

@@ -137,7 +137,9 @@ def _fsck_clean(fs) -> None:
 
 
 @pytest.mark.weft_timeout(900)
-def test_kill_weftd_during_writes(weft):
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_kill_weftd_during_writes(weft_factory, compression):
+    weft = weft_factory(format_args=["--compression", compression])
     weft.require_weft("kills weftd")
     weft.require_mode("remote")
     journals = []
@@ -161,7 +163,9 @@ def test_kill_weftd_during_writes(weft):
 
 
 @pytest.mark.weft_timeout(900)
-def test_kill_agent_during_writes(weft):
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_kill_agent_during_writes(weft_factory, compression):
+    weft = weft_factory(format_args=["--compression", compression])
     weft.require_weft("kills the agent")
     journals = []
     for cycle in range(CYCLES):
