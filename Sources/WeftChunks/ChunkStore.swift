@@ -167,7 +167,7 @@ public final class ChunkStore: @unchecked Sendable {
                 }
             }
             if !blocks.contains(where: { $0.compressed }) {
-                // Nothing shrank: stored as a raw object (aligned, written from `data`).
+                // Nothing shrank: stored as an uncompressed object, written from `data`.
                 for index in blocks.indices { blocks[index].fileOffset -= headerLength }
                 compressionImages.give(output)
                 image = nil
@@ -246,8 +246,10 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Writes the object under a temporary name, then links it to its final name, which fails
     /// with EEXIST atomically if the id exists. Returns the open descriptor for `sync()`.
-    /// With `direct` (the whole raw payload, page-aligned), the header and the page-multiple
-    /// part of the payload go out with O_DIRECT and the last partial page buffered.
+    /// With `direct` (the whole payload, page-aligned, after a header of whole pages: a raw
+    /// payload after its padded header, or a compressed object's whole image after an empty
+    /// one), the header and the page-multiple part of the payload go out with O_DIRECT and the
+    /// last partial page buffered.
     func createObject(id: SliceID, header: UnsafeRawBufferPointer, payload: [UnsafeRawBufferPointer],
                               direct: UnsafeRawBufferPointer?) throws -> Int32 {
         try checkReserve(id, bytes: header.count + payload.reduce(0) { $0 + $1.count })
