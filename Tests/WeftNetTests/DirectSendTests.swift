@@ -98,7 +98,10 @@ final class DirectSendTests: XCTestCase {
         XCTAssertEqual(secondRound.wait(timeout: .now() + 20), .success)
 
         // Once the channel is closed, frames are dropped, and the duplicate descriptor is gone.
+        // The sender closes in a close-future callback, which may run on the event loop after
+        // `close().wait()` returned here: a task submitted now runs after it.
         try channel.close().wait()
+        try channel.eventLoop.submit {}.wait()
         sender.send(frame(0, 0))
         var byte: UInt8 = 0
         XCTAssertEqual(recv(raw, &byte, 1, 0), 0, "the peer sees the end of the stream, and nothing after it")
