@@ -98,9 +98,12 @@ final class DirectSendTests: XCTestCase {
         XCTAssertEqual(secondRound.wait(timeout: .now() + 20), .success)
 
         // Once the channel is closed, frames are dropped, and the duplicate descriptor is gone.
-        // The sender closes in a close-future callback, which may run on the event loop after
-        // `close().wait()` returned here: a task submitted now runs after it.
+        // The sender closes in a close-future callback, and NIO completes the close future in a
+        // loop task queued after `close()`'s own promise: wait for the close future (its
+        // callbacks run in the order they were added, the sender's first), then for one more
+        // loop task, so that every callback of that task has run.
         try channel.close().wait()
+        try channel.closeFuture.wait()
         try channel.eventLoop.submit {}.wait()
         sender.send(frame(0, 0))
         var byte: UInt8 = 0

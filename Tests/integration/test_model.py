@@ -54,8 +54,9 @@ def flags_text(flags: int) -> str:
 
 
 def data_for(seed: int, size: int) -> bytes:
-    """Random bytes, or for a third of the seeds bytes that compress (a short random pattern
-    repeated), so that zstd volumes store compressed and raw blocks side by side."""
+    """Random bytes, or for a third of the writes (their data seed) bytes that compress (a short
+    random pattern repeated), so that zstd volumes store compressed and raw blocks side by side.
+    The random two thirds still catch bytes read from the wrong place within one write."""
     rng = random.Random(seed)
     if seed % 3 == 0:
         pattern = rng.randbytes(rng.randrange(1, 200))
