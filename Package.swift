@@ -88,13 +88,13 @@ let package = Package(
                 path: "Tests/WeftTestSupport"),
         .testTarget(name: "WeftMetaTests", dependencies: ["WeftMeta", "WeftProto", "WeftTestSupport"]),
         .testTarget(name: "WeftChunksTests", dependencies: ["WeftChunks", "WeftProto", "CWeftSupport", "WeftTestSupport"]),
-        .testTarget(name: "WeftNetTests", dependencies: ["WeftNet", "WeftProto", "WeftHub", "WeftTestSupport"]),
+        .testTarget(name: "WeftNetTests", dependencies: ["WeftNet", "WeftProto", "WeftHub", "WeftChunks", "WeftTestSupport"]),
         .testTarget(name: "WeftClusterTests", dependencies: ["WeftCluster", "WeftProto", "WeftTestSupport"]),
         .testTarget(name: "WeftLinkTests", dependencies: ["WeftLink", "WeftTestSupport",
                                                           .product(name: "NIOCore", package: "swift-nio"),
                                                           .product(name: "NIOPosix", package: "swift-nio")]),
         .testTarget(name: "WeftFabricTests", dependencies: ["WeftFabric", "WeftAgent", "WeftChunks", "WeftCluster", "WeftLink",
                                                             "WeftNet", "WeftProto", "WeftVFS", "WeftTestSupport"]),
-        .testTarget(name: "WeftHubTests", dependencies: ["WeftHub", "WeftNet", "WeftProto", "WeftVFS", "WeftTestSupport"]),
+        .testTarget(name: "WeftHubTests", dependencies: ["WeftHub", "WeftNet", "WeftProto", "WeftVFS", "WeftChunks", "WeftTestSupport"]),
     ]
 )

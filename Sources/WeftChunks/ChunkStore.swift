@@ -133,94 +133,72 @@ public final class ChunkStore: @unchecked Sendable {
         guard data.count <= ChunkFormat.maxRawBytes else {
             throw WeftError(EINVAL, "chunk \(hex(id)) is \(data.count) bytes, over the \(ChunkFormat.maxRawBytes)-byte limit")
         }
+        if compression == .zstd,
+           let image = ChunkImage.Encoded.compress(id: id, data: data, workspaces: workspaces, images: compressionImages) {
+            defer { compressionImages.give(image.buffer) }
+            try store(id: id, image: image.bytes, layout: image.layout)
+            return
+        }
+        // Uncompressed (or nothing shrank): the payload is written straight from the caller's buffer.
         let blockSize = ChunkFormat.blockSizeBytes
         let blockCount = ChunkFormat.blockCount(rawLength: data.count)
         let headerLength = ChunkFormat.headerBytes(blockCount: blockCount)
+        let dataOffset = ChunkFormat.dataOffset(blockCount: blockCount, anyCompressed: false, rawLength: data.count)
         var blocks = ContiguousArray<BlockEntry>()
         blocks.reserveCapacity(blockCount)
-        // Raw payloads are written straight from the caller's buffer. A compressed object is
-        // assembled whole (header, then every block's payload, raw ones copied) in a page-aligned
-        // image, so that its page-multiple part goes out with O_DIRECT as a raw object's does.
-        var image: UnsafeMutableRawBufferPointer?
-        defer { image.map(compressionImages.give) }
-        if compression == .zstd && blockCount > 0 {
-            let output = compressionImages.take(byteCount: headerLength + data.count)
-            image = output
-            workspaces.with { workspace in
-                var fileOffset = headerLength
-                for index in 0..<blockCount {
-                    let start = index * blockSize
-                    let raw = UnsafeRawBufferPointer(rebasing: data[start..<min(start + blockSize, data.count)])
-                    let checksum = crc32c(raw)
-                    // Room for one byte less than raw: zstd fails unless the block shrinks.
-                    let room = UnsafeMutableRawBufferPointer(rebasing: output[fileOffset..<fileOffset + raw.count - 1])
-                    if raw.count > 1, let size = workspace.compress(raw, into: room) {
-                        blocks.append(BlockEntry(fileOffset: fileOffset, storedLength: size, crc: checksum, compressed: true))
-                        fileOffset += size
-                    } else {
-                        UnsafeMutableRawBufferPointer(rebasing: output[fileOffset..<fileOffset + raw.count])
-                            .copyMemory(from: raw)
-                        blocks.append(BlockEntry(fileOffset: fileOffset, storedLength: raw.count, crc: checksum,
-                                                 compressed: false))
-                        fileOffset += raw.count
-                    }
-                }
-            }
-            if !blocks.contains(where: { $0.compressed }) {
-                // Nothing shrank: stored as an uncompressed object, written from `data`.
-                for index in blocks.indices { blocks[index].fileOffset -= headerLength }
-                compressionImages.give(output)
-                image = nil
-            }
-        } else {
-            for index in 0..<blockCount {
-                let start = index * blockSize
-                let raw = UnsafeRawBufferPointer(rebasing: data[start..<min(start + blockSize, data.count)])
-                blocks.append(BlockEntry(fileOffset: start, storedLength: raw.count, crc: crc32c(raw), compressed: false))
-            }
+        for index in 0..<blockCount {
+            let start = index * blockSize
+            let raw = UnsafeRawBufferPointer(rebasing: data[start..<min(start + blockSize, data.count)])
+            blocks.append(BlockEntry(fileOffset: dataOffset + start, storedLength: raw.count, crc: crc32c(raw),
+                                     compressed: false))
         }
-        let fileBytes: Int
-        let dataOffset: Int
-        let fd: Int32
-        if let image {
-            // Offsets are file offsets already: the data starts right after the header (D = H).
-            dataOffset = headerLength
-            fileBytes = blocks.last.map { $0.fileOffset + $0.storedLength } ?? headerLength
-            blocks.withUnsafeBufferPointer {
-                ChunkFormat.encodeHeader(into: UnsafeMutableRawBufferPointer(rebasing: image[0..<headerLength]), id: id,
-                                         compression: compression, rawLength: data.count, dataOffset: dataOffset,
-                                         blocks: $0)
-            }
-            let whole = UnsafeRawBufferPointer(rebasing: image[0..<fileBytes])
-            fd = try createObject(id: id, header: UnsafeRawBufferPointer(start: nil, count: 0), payload: [whole],
-                                  direct: directIO.isEnabled && data.count > Limits.journaledObjectMaxBytes
-                                      && fileBytes >= ChunkFormat.directAlignment ? whole : nil)
-        } else {
-            dataOffset = ChunkFormat.dataOffset(blockCount: blockCount, anyCompressed: false, rawLength: data.count)
-            for index in blocks.indices { blocks[index].fileOffset += dataOffset }
-            // The header and its zero padding, page-aligned for direct I/O.
-            let header = UnsafeMutableRawBufferPointer.allocate(byteCount: dataOffset, alignment: ChunkFormat.directAlignment)
-            defer { header.deallocate() }
-            header.initializeMemory(as: UInt8.self, repeating: 0)
-            blocks.withUnsafeBufferPointer {
-                ChunkFormat.encodeHeader(into: UnsafeMutableRawBufferPointer(rebasing: header[0..<headerLength]), id: id,
-                                         compression: compression, rawLength: data.count, dataOffset: dataOffset,
-                                         blocks: $0)
-            }
-            fileBytes = dataOffset + data.count
-            // An object the journal may carry (at most 64 KiB) stays in the page cache: a strict
-            // commit reads its bytes back for its record (SPEC.md §5, Small objects in the journal).
-            let direct = dataOffset % ChunkFormat.directAlignment == 0 && data.count > Limits.journaledObjectMaxBytes
-                && Int(bitPattern: data.baseAddress) % ChunkFormat.directAlignment == 0 && directIO.isEnabled
-            fd = try createObject(id: id, header: UnsafeRawBufferPointer(header), payload: data.isEmpty ? [] : [data],
+        // The header and its zero padding, page-aligned for direct I/O.
+        let header = UnsafeMutableRawBufferPointer.allocate(byteCount: dataOffset, alignment: ChunkFormat.directAlignment)
+        defer { header.deallocate() }
+        header.initializeMemory(as: UInt8.self, repeating: 0)
+        blocks.withUnsafeBufferPointer {
+            ChunkFormat.encodeHeader(into: UnsafeMutableRawBufferPointer(rebasing: header[0..<headerLength]), id: id,
+                                     compression: compression, rawLength: data.count, dataOffset: dataOffset,
+                                     blocks: $0)
+        }
+        let fileBytes = dataOffset + data.count
+        // An object the journal may carry (at most 64 KiB) stays in the page cache: a strict
+        // commit reads its bytes back for its record (SPEC.md §5, Small objects in the journal).
+        let direct = dataOffset % ChunkFormat.directAlignment == 0 && data.count > Limits.journaledObjectMaxBytes
+            && Int(bitPattern: data.baseAddress) % ChunkFormat.directAlignment == 0 && directIO.isEnabled
+        let fd = try createObject(id: id, header: UnsafeRawBufferPointer(header), payload: data.isEmpty ? [] : [data],
                                   direct: direct ? data : nil)
-        }
+        try written(id, fd: fd, layout: ChunkLayout(rawLength: data.count, dataOffset: dataOffset, blocks: blocks,
+                                                fileBytes: fileBytes))
+    }
+
+    /// Stores object `id` from the image of a compressed object that an agent built and sent
+    /// (SPEC.md §4, Compressed uploads), after checking it as a read would (`ChunkImage.verify`):
+    /// EBADMSG for an image that fails a check, with nothing stored; otherwise as `write`.
+    public func writeImage(id: SliceID, image: UnsafeRawBufferPointer) throws {
+        let layout = try ChunkImage.verify(id: id, image: image, workspaces: workspaces)
+        try store(id: id, image: image, layout: layout)
+    }
+
+    /// Writes a compressed object's whole image (header, then the payloads): its page-multiple
+    /// part with O_DIRECT when the image is page-aligned and the object too large for the
+    /// journal to carry (SPEC.md §3.2, Direct I/O).
+    private func store(id: SliceID, image: UnsafeRawBufferPointer, layout: ChunkLayout) throws {
+        let direct = directIO.isEnabled && layout.rawLength > Limits.journaledObjectMaxBytes
+            && image.count >= ChunkFormat.directAlignment
+            && Int(bitPattern: image.baseAddress) % ChunkFormat.directAlignment == 0
+        let fd = try createObject(id: id, header: UnsafeRawBufferPointer(start: nil, count: 0), payload: [image],
+                                  direct: direct ? image : nil)
+        try written(id, fd: fd, layout: layout)
+    }
+
+    /// Counts a created object, keeps it open with its layout, and queues it for `sync()`.
+    private func written(_ id: SliceID, fd: Int32, layout: ChunkLayout) throws {
         accountingLock.withLock {
             objects += 1
-            bytes += UInt64(fileBytes)
+            bytes += UInt64(layout.fileBytes)
         }
-        cacheWritten(id, layout: ChunkLayout(rawLength: data.count, dataOffset: dataOffset, blocks: blocks,
-                                             fileBytes: fileBytes))
+        cacheWritten(id, layout: layout)
         if durability.objectWritten(id: id, fd: fd) {
             try durability.sync()
         }

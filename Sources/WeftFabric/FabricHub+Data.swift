@@ -119,13 +119,27 @@ extension FabricHub {
     }
 
     func writeData(_ session: DataSession, _ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
+        try storeData(session, context, id: id, rawLength: bytes.count) { try $0.write(id: id, data: bytes) }
+    }
+
+    /// `writeData` of an object sent as its compressed image (SPEC.md §4, Compressed uploads).
+    func writeData(_ session: DataSession, _ context: RequestContext, id: SliceID, image: UnsafeRawBufferPointer) throws {
+        guard session.volume.info.compression == .zstd else {
+            throw WeftError(EINVAL, "this volume stores objects uncompressed; send writeSlice")
+        }
+        let rawLength = image.count >= 20 ? Int(UInt32(littleEndian: image.loadUnaligned(fromByteOffset: 16, as: UInt32.self))) : 0
+        try storeData(session, context, id: id, rawLength: rawLength) { try $0.writeImage(id: id, image: image) }
+    }
+
+    private func storeData(_ session: DataSession, _ context: RequestContext, id: SliceID, rawLength: Int,
+                           _ write: (ChunkStore) throws -> Void) throws {
         guard id >> 48 == UInt64(session.volume.id), id & 0xFFFF_FFFF_FFFF != 0 else {
             throw WeftError(EINVAL, "slice id \(id) is not of volume \(session.volume.id)")
         }
-        guard bytes.count <= Int(session.volume.info.chunkSizeBytes) else {
+        guard rawLength <= Int(session.volume.info.chunkSizeBytes) else {
             throw WeftError(EINVAL, "slice larger than a chunk")
         }
-        try session.volume.chunks.write(id: id, data: bytes)
+        try write(session.volume.chunks)
         // The data session's sync is what the agent's commit at the home relies on: a pass that
         // fails on this object tells that sync (SPEC.md §3.2, "Objects lost to a failed pass").
         guard session.volume.chunks.assign([id], inode: 0, session: context.session).isEmpty else {

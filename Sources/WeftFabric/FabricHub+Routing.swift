@@ -147,6 +147,12 @@ extension FabricHub {
         try hub.writeSlice(c, id: id, bytes: bytes)
     }
 
+    public func writeObject(_ context: RequestContext, id: SliceID, image: UnsafeRawBufferPointer) throws {
+        if let session = dataSession(context) { return try writeData(session, context, id: id, image: image) }
+        let (hub, c) = try route(context)
+        try hub.writeObject(c, id: id, image: image)
+    }
+
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {
         try readSlice(context, id: id, offset: offset, length: length, holders: [])
     }

@@ -490,10 +490,25 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
-        guard id != 0, id < meta.currentCounters.nextSlice else { throw WeftError(EINVAL, "slice id \(id) was never allocated") }
-        guard bytes.count <= Int(meta.volume.chunkSizeBytes) else { throw WeftError(EINVAL, "slice larger than a chunk") }
+        try checkUpload(id: id, rawLength: bytes.count)
         try chunks.write(id: id, data: bytes)
         pendingUploads.add(id, session: context.session)
+    }
+
+    public func writeObject(_ context: RequestContext, id: SliceID, image: UnsafeRawBufferPointer) throws {
+        guard meta.volume.compression == .zstd else {
+            throw WeftError(EINVAL, "this volume stores objects uncompressed; send writeSlice")
+        }
+        // The raw length is the header's (bytes 16..<20); the image is checked whole in writeImage.
+        let rawLength = image.count >= 20 ? Int(UInt32(littleEndian: image.loadUnaligned(fromByteOffset: 16, as: UInt32.self))) : 0
+        try checkUpload(id: id, rawLength: rawLength)
+        try chunks.writeImage(id: id, image: image)
+        pendingUploads.add(id, session: context.session)
+    }
+
+    private func checkUpload(id: SliceID, rawLength: Int) throws {
+        guard id != 0, id < meta.currentCounters.nextSlice else { throw WeftError(EINVAL, "slice id \(id) was never allocated") }
+        guard rawLength <= Int(meta.volume.chunkSizeBytes) else { throw WeftError(EINVAL, "slice larger than a chunk") }
     }
 
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {

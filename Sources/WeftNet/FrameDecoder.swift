@@ -150,11 +150,11 @@ extension WireCodec {
         }
     }
 
-    /// The start of a writeSlice request frame whose `count` data bytes the caller sends after
+    /// The start of a writeSlice (or writeObject: the same payload) request frame whose `count` data bytes the caller sends after
     /// it (`DirectSender.send(_:payload:)`): with them, the same bytes as
     /// `writeSliceRequestBuffer`.
-    static func writeSliceRequestHead(id: UInt64, context: RequestContext, sliceID: SliceID, count: Int,
-                                      allocator: ByteBufferAllocator) throws -> ByteBuffer {
+    static func writeSliceRequestHead(id: UInt64, opcode: HubOpcode = .writeSlice, context: RequestContext,
+                                      sliceID: SliceID, count: Int, allocator: ByteBufferAllocator) throws -> ByteBuffer {
         try EncodeScratch.current.withWriter { head in
             HubRequest.encodeWriteSliceHead(context, id: sliceID, count: count, into: &head)
             let length = headerBytes + head.bytes.count + count
@@ -162,7 +162,7 @@ extension WireCodec {
                 throw WeftError(EMSGSIZE, "a \(length)-byte frame exceeds the \(maxFrameBytes)-byte wire limit")
             }
             var buffer = allocator.buffer(capacity: lengthPrefixBytes + headerBytes + head.bytes.count)
-            writeFrameStart(FrameHeader(kind: .request, opcode: HubOpcode.writeSlice.rawValue, requestID: id),
+            writeFrameStart(FrameHeader(kind: .request, opcode: opcode.rawValue, requestID: id),
                             length: length, into: &buffer)
             buffer.writeBytes(head.bytes)
             return buffer

@@ -226,11 +226,16 @@ final class HubConnection: @unchecked Sendable {
         }
     }
 
-    /// Where a writeSlice payload of `payloadBytes` (at least a block) has its data, read from
+    /// writeSlice and writeObject: the same payload, with bulk data to store.
+    static func isBulkWrite(_ opcode: UInt16) -> Bool {
+        opcode == HubOpcode.writeSlice.rawValue || opcode == HubOpcode.writeObject.rawValue
+    }
+
+    /// Where a writeSlice (or writeObject) payload of `payloadBytes` (at least a block) has its data, read from
     /// its first bytes `prefix`; nil for any other frame or while the prefix is too short. The
     /// frame reader receives such a frame with its data on a page boundary.
     static func writeSliceDataOffset(_ header: FrameHeader, payloadBytes: Int, prefix: UnsafeRawBufferPointer) -> Int? {
-        guard header.opcode == HubOpcode.writeSlice.rawValue, payloadBytes >= Limits.blockSizeBytes else { return nil }
+        guard isBulkWrite(header.opcode), payloadBytes >= Limits.blockSizeBytes else { return nil }
         var reader = ByteReader(prefix)
         guard (try? RequestContext.decode(from: &reader)) != nil, (try? reader.u64()) != nil,
               let count = try? reader.u32(), Int(count) == payloadBytes - reader.offset else { return nil }
@@ -244,7 +249,7 @@ final class HubConnection: @unchecked Sendable {
     /// written once its frames are handed out (`FrameReader.frames`). Other frames, small ones
     /// and malformed ones (the worker reports those) pass unchanged.
     static func detachingBulk(_ frame: InboundFrame) -> InboundFrame {
-        guard frame.header.opcode == HubOpcode.writeSlice.rawValue,
+        guard isBulkWrite(frame.header.opcode),
               frame.payload.readableBytes >= Limits.blockSizeBytes,
               let (headBytes, placed) = try? frame.payload.withUnsafeReadableBytes({ raw -> (Int, Bool) in
                   var reader = ByteReader(raw)

@@ -84,6 +84,9 @@ extension HubRequest {
         case let .writeSlice(c, id, data):
             try hub.writeSlice(c, id: id, data: data)
             return .empty
+        case let .writeObject(c, id, image):
+            try image.withUnsafeBytes { try hub.writeObject(c, id: id, image: $0) }
+            return .empty
         case let .readSlice(c, id, offset, length):
             return .bytes(try hub.readSlice(c, id: id, offset: offset, length: length))
         case let .layout(c, ino, firstChunk, count):

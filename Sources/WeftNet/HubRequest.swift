@@ -59,6 +59,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case fence = 51
     case syncFile = 52
     case openLayout = 53
+    case writeObject = 54
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -88,6 +89,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .statfs: "statfs"
         case .allocateSliceIDs: "allocateSliceIDs"
         case .writeSlice: "writeSlice"
+        case .writeObject: "writeObject"
         case .readSlice: "readSlice"
         case .layout: "layout"
         case .commitSlices: "commitSlices"
@@ -148,6 +150,8 @@ public enum HubRequest: Equatable, Sendable {
     case statfs(RequestContext)
     case allocateSliceIDs(RequestContext, count: UInt32)
     case writeSlice(RequestContext, id: SliceID, data: [UInt8])
+    /// `writeSlice` of an object sent as its compressed stored image (SPEC.md §4, Compressed uploads).
+    case writeObject(RequestContext, id: SliceID, image: [UInt8])
     case readSlice(RequestContext, id: SliceID, offset: UInt32, length: UInt32)
     case layout(RequestContext, ino: InodeID, firstChunk: UInt32, count: UInt32)
     case commitSlices(RequestContext, ino: InodeID, slices: [SliceCommit], minimumSize: UInt64, durable: Bool)
@@ -224,6 +228,7 @@ public enum HubRequest: Equatable, Sendable {
         case .statfs: .statfs
         case .allocateSliceIDs: .allocateSliceIDs
         case .writeSlice: .writeSlice
+        case .writeObject: .writeObject
         case .readSlice: .readSlice
         case .layout: .layout
         case .commitSlices: .commitSlices
@@ -268,7 +273,7 @@ public enum HubRequest: Equatable, Sendable {
              .readlink(let c, _), .link(let c, _, _, _), .rename(let c, _, _, _, _, _), .readdir(let c, _, _, _),
              .access(let c, _, _), .open(let c, _, _), .release(let c, _), .getxattr(let c, _, _),
              .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
-             .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .readSlice(let c, _, _, _),
+             .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .writeObject(let c, _, _), .readSlice(let c, _, _, _),
              .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .barrier(let c, _), .syncFile(let c, _), .lock(let c, _, _),
              .openLayout(let c, _, _, _, _),
              .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _),
@@ -320,6 +325,7 @@ public enum HubRequest: Equatable, Sendable {
         case let .statfs(c): return .statfs(s(c))
         case let .allocateSliceIDs(c, count): return .allocateSliceIDs(s(c), count: count)
         case let .writeSlice(c, id, data): return .writeSlice(s(c), id: id, data: data)
+        case let .writeObject(c, id, image): return .writeObject(s(c), id: id, image: image)
         case let .readSlice(c, id, offset, length): return .readSlice(s(c), id: id, offset: offset, length: length)
         case let .layout(c, ino, firstChunk, count): return .layout(s(c), ino: ino, firstChunk: firstChunk, count: count)
         case let .commitSlices(c, ino, slices, minimumSize, durable):
@@ -387,7 +393,7 @@ public enum HubRequest: Equatable, Sendable {
             c.encode(into: &w); w.u64(ino)
         case let .allocateSliceIDs(c, count):
             c.encode(into: &w); w.u32(count)
-        case let .writeSlice(c, id, data):
+        case let .writeSlice(c, id, data), let .writeObject(c, id, data):
             Self.encodeWriteSliceHead(c, id: id, count: data.count, into: &w)
             return data
         case let .readSlice(c, id, offset, length):
@@ -571,6 +577,9 @@ public enum HubRequest: Equatable, Sendable {
         case .writeSlice:
             let (id, data) = try decodeWriteSliceTail(from: &r)
             return .writeSlice(c, id: id, data: Array(data))
+        case .writeObject:
+            let (id, image) = try decodeWriteSliceTail(from: &r)
+            return .writeObject(c, id: id, image: Array(image))
         case .readSlice:
             return .readSlice(c, id: try r.u64(), offset: try r.u32(), length: try r.u32())
         case .layout:

@@ -147,13 +147,52 @@ extension RemoteHub {
     }
 
     /// Sends the data from `bytes` itself, after the frame's start (SPEC.md §4, Bulk transfers).
+    /// In a session on a zstd volume the object goes compressed, as `writeObject` from its image
+    /// (SPEC.md §4, Compressed uploads); raw when nothing shrank, when the hub refused the
+    /// image (EBADMSG, logged) and, after an ENOSYS, until the next connection.
     public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
-        let response = try call(.writeSlice(context, id: id, data: []), encode: { requestID, request, allocator in
-            guard case let .writeSlice(sent, sliceID, _) = request else { preconditionFailure("not a writeSlice") }
-            return try WireCodec.writeSliceRequestHead(id: requestID, context: sent, sliceID: sliceID, count: bytes.count,
-                                                       allocator: allocator)
-        }, decode: Self.decodeResponse, payload: bytes)
-        guard case .empty = response else { throw shapeMismatch(.writeSlice) }
+        if compressUploads, !bytes.isEmpty, compressingSessions.withLock({ $0.contains(context.session) }),
+           !unknownOpcodes.withLock({ $0.contains(.writeObject) }) {
+            let sent: Bool = try ChunkImage.withCompressed(id: id, data: bytes) { image in
+                guard let image else { return false }
+                do {
+                    try writeObject(context, id: id, image: image)
+                    compressedObjects.add(1, ordering: .relaxed)
+                    compressedRawBytes.add(bytes.count, ordering: .relaxed)
+                    compressedImageBytes.add(image.count, ordering: .relaxed)
+                    return true
+                } catch let error as WeftError where error.errno == ENOSYS {
+                    unknownOpcodes.withLock { _ = $0.insert(.writeObject) }
+                    return false
+                } catch let error as WeftError where error.errno == EBADMSG {
+                    logger.error("the hub refused a compressed object; sending it uncompressed",
+                                 metadata: ["hub": "\(address)", "chunk": "\(hex(id))", "error": "\(error)"])
+                    return false
+                }
+            }
+            if sent { return }
+        }
+        try send(.writeSlice(context, id: id, data: []), opcode: .writeSlice, payload: bytes)
+    }
+
+    /// Sends `image` from the caller's memory, after the frame's start (as `writeSlice`).
+    public func writeObject(_ context: RequestContext, id: SliceID, image: UnsafeRawBufferPointer) throws {
+        try send(.writeObject(context, id: id, image: []), opcode: .writeObject, payload: image)
+    }
+
+    /// A request whose trailing bulk bytes (`writeSlice`'s data, `writeObject`'s image) go from
+    /// `payload` itself after the frame's start; answered with no result.
+    private func send(_ request: HubRequest, opcode: HubOpcode, payload: UnsafeRawBufferPointer) throws {
+        let response = try call(request, encode: { requestID, request, allocator in
+            let sent: RequestContext, sliceID: SliceID
+            switch request {
+            case let .writeSlice(c, i, _), let .writeObject(c, i, _): (sent, sliceID) = (c, i)
+            default: preconditionFailure("not a bulk write")
+            }
+            return try WireCodec.writeSliceRequestHead(id: requestID, opcode: opcode, context: sent, sliceID: sliceID,
+                                                       count: payload.count, allocator: allocator)
+        }, decode: Self.decodeResponse, payload: payload)
+        guard case .empty = response else { throw shapeMismatch(opcode) }
     }
 
     /// Copies the reply's bytes straight from the receive buffer into `destination`. A read of

@@ -66,6 +66,19 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         (payloadBytesAll.load(ordering: .relaxed), payloadBytesDirect.load(ordering: .relaxed))
     }
     let payloadBytesAll = Atomic<Int>(0)
+    /// Whether `writeSlice` in a session on a zstd volume sends the object compressed
+    /// (`writeObject`, SPEC.md §4, Compressed uploads).
+    public let compressUploads: Bool
+    /// Caller's ids of the open sessions whose volume compresses (zstd).
+    let compressingSessions = Mutex(Set<SessionID>())
+    /// Objects sent as compressed images, and their raw and image bytes (tests, status).
+    public var compressedUploads: (objects: Int, rawBytes: Int, imageBytes: Int) {
+        (compressedObjects.load(ordering: .relaxed), compressedRawBytes.load(ordering: .relaxed),
+         compressedImageBytes.load(ordering: .relaxed))
+    }
+    let compressedObjects = Atomic<Int>(0)
+    let compressedRawBytes = Atomic<Int>(0)
+    let compressedImageBytes = Atomic<Int>(0)
     let payloadBytesDirect = Atomic<Int>(0)
     private let payloadWaitNs: UInt64
     private let sendBufferBytes: Int?
@@ -90,17 +103,18 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// waits for a full socket before the rest is copied and queued; `sendBufferBytes`: the
     /// socket's send buffer (default: the kernel's). Both for tests.
     public convenience init(address: HubAddress, connectTimeoutMs: Int = 5000, requestTimeoutMs: Int = 30000,
-                payloadWaitMs: Int = 100, sendBufferBytes: Int? = nil, logger: Logger) {
+                payloadWaitMs: Int = 100, sendBufferBytes: Int? = nil, compressUploads: Bool = true, logger: Logger) {
         self.init(address: address, connectTimeoutMs: connectTimeoutMs, requestTimeoutMs: requestTimeoutMs,
                   payloadWaitMs: payloadWaitMs, sendBufferBytes: sendBufferBytes, clientID: UInt64.random(in: 1...UInt64.max),
-                  logger: logger)
+                  compressUploads: compressUploads, logger: logger)
     }
 
     /// With a chosen `clientID` (tests: a client that stands in for another's next connection).
     init(address: HubAddress, connectTimeoutMs: Int = 5000, requestTimeoutMs: Int = 30000,
          payloadWaitMs: Int = 100, sendBufferBytes: Int? = nil, clientID: UInt64, firstConnection: UInt64 = 1,
-         logger: Logger) {
+         compressUploads: Bool = true, logger: Logger) {
         precondition(connectTimeoutMs > 0 && requestTimeoutMs > 0 && payloadWaitMs >= 0 && firstConnection > 0)
+        self.compressUploads = compressUploads
         self.address = address
         self.clientID = clientID
         self.connectionsMade = firstConnection - 1
@@ -184,7 +198,10 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
                 connection.liveSessions[id] = liveID
                 return id
             }
-            if let callerID { return (callerID, info) }
+            if let callerID {
+                if info.compression == .zstd { compressingSessions.withLock { _ = $0.insert(callerID) } }
+                return (callerID, info)
+            }
         }
         throw WeftError(EIO, "connection to hub \(address.displayName) lost while opening a session")
     }
@@ -194,6 +211,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         let plan: Plan = lock.withLock {
             leaseClients[session] = nil
             guard sessions.removeValue(forKey: session) != nil else { return .passThrough }
+            compressingSessions.withLock { _ = $0.remove(session) }
             if case .connected(let connection) = state, let liveID = connection.liveSessions.removeValue(forKey: session) {
                 return .closeLive(connection, liveID)
             }

@@ -216,14 +216,14 @@ final class ServerCore: @unchecked Sendable {
         return .respond(WireCodec.responseBuffer(id: id, rawOpcode: opcode.rawValue, result, allocator: allocator), change)
     }
 
-    /// writeSlice, readSlice and readSliceFrom without intermediate arrays (SPEC.md §4, Bulk
+    /// writeSlice, writeObject, readSlice and readSliceFrom without intermediate arrays (SPEC.md §4, Bulk
     /// transfers): written data is stored from the frame (page-aligned by `detachingBulk`, so
     /// the store writes it direct); read data goes straight into the response frame. Nil for any other request (and
     /// for a read over the transfer limit: the general path answers it with the hub's error).
     private func executeBulk(_ opcode: HubOpcode, _ frame: InboundFrame, allocator: ByteBufferAllocator) -> Outcome? {
         let id = frame.header.requestID
         switch opcode {
-        case .writeSlice:
+        case .writeSlice, .writeObject:
             let result: Result<HubResponse, WeftError>
             do {
                 result = try frame.payload.withUnsafeReadableBytes { raw in
@@ -233,7 +233,11 @@ final class ServerCore: @unchecked Sendable {
                     guard reader.isAtEnd else { throw WireCodec.trailingBytes(reader.remaining, opcode) }
                     return Result {
                         // Data of 64 KiB and more was put on a page by `detachingBulk`.
-                        try hub.writeSlice(context, id: sliceID, bytes: data)
+                        if opcode == .writeObject {
+                            try hub.writeObject(context, id: sliceID, image: data)
+                        } else {
+                            try hub.writeSlice(context, id: sliceID, bytes: data)
+                        }
                         return .empty
                     }.mapError { $0 as? WeftError ?? WeftError(EIO, "hub failed: \($0)") }
                 }

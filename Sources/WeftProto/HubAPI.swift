@@ -94,6 +94,11 @@ public protocol HubAPI: AnyObject, Sendable {
     func writeSlice(_ context: RequestContext, id: SliceID, data: [UInt8]) throws
     /// Same as `writeSlice(_:id:data:)` from caller memory (the in-process hub writes it with no copy).
     func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws
+    /// `writeSlice` of the object whose compressed stored image (the bytes of its whole file,
+    /// SPEC.md §3.2) is `image`: checked as a read would check it, then stored as it is.
+    /// EBADMSG for an image that fails a check (nothing stored), EINVAL on a volume that does
+    /// not compress, ENOSYS where not served (SPEC.md §4, Compressed uploads).
+    func writeObject(_ context: RequestContext, id: SliceID, image: UnsafeRawBufferPointer) throws
     /// Reads `length` bytes at `offset` of chunk object `id`, checksum-verified. A damaged
     /// chunk throws EIO, never wrong bytes.
     func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8]

@@ -73,6 +73,10 @@ public final class SplitVolumeHub: HubAPI, @unchecked Sendable {
         try data.writeSlice(try dataContext(context), id: id, bytes: bytes)
     }
 
+    public func writeObject(_ context: RequestContext, id: SliceID, image: UnsafeRawBufferPointer) throws {
+        try data.writeObject(try dataContext(context), id: id, image: image)
+    }
+
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8] {
         try data.readSlice(try dataContext(context), id: id, offset: offset, length: length)
     }

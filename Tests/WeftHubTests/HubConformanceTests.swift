@@ -5,6 +5,7 @@ import Foundation
 import Synchronization
 import WeftTestSupport
 import XCTest
+import WeftChunks
 import WeftHub
 import WeftNet
 import WeftProto
@@ -323,6 +324,56 @@ class HubConformanceTests: HubTestCase {
                 XCTAssertLessThan(try hub.api.status().storedBytes, UInt64(2 * chunkSize), "the pattern half compresses")
             }
         }
+    }
+
+    /// SPEC.md §4, Compressed uploads: a zstd volume takes an object as its compressed image,
+    /// checked before it is stored; a refused image leaves nothing, and the id stays free.
+    func testWriteObjectStoresACheckedCompressedImage() throws {
+        let hub = try makeHub(chunkSizeBytes: 262_144, compression: .zstd)
+        let context = RequestContext(session: try hub.api.openSession(agentName: "images").0, credentials: rootCaller)
+        var random = SeededRandom(seed: 54)
+        let data = random.bytes(65_536) + (0..<131_072).map { UInt8(truncatingIfNeeded: $0 / 11) } + random.bytes(1000)
+        let id = try hub.api.allocateSliceIDs(context, count: 3)
+        let image = try XCTUnwrap(data.withUnsafeBytes { raw in ChunkImage.withCompressed(id: id, data: raw) { $0.map { Array($0) } } })
+        var damaged = image
+        damaged[image.count - 1000 - 50] ^= 0xFF   // in the last compressed block's payload
+        XCTAssertErrno(EBADMSG, try damaged.withUnsafeBytes { try hub.api.writeObject(context, id: id, image: $0) })
+        XCTAssertErrno(ENOENT, try hub.api.readSlice(context, id: id, offset: 0, length: 1), "nothing stored")
+        XCTAssertErrno(EBADMSG, try image.withUnsafeBytes { try hub.api.writeObject(context, id: id + 1, image: $0) },
+                       "an image names its object")
+        try image.withUnsafeBytes { try hub.api.writeObject(context, id: id, image: $0) }
+        XCTAssertEqual(try hub.api.readSlice(context, id: id, offset: 0, length: UInt32(data.count)), data)
+        var whole = [UInt8](repeating: 0, count: data.count)
+        try whole.withUnsafeMutableBytes { try hub.api.readSlice(context, id: id, offset: 0, into: $0) }
+        XCTAssertEqual(whole, data)
+        XCTAssertLessThan(try hub.api.status().storedBytes, UInt64(data.count - 100_000), "stored as compressed")
+        XCTAssertErrno(EEXIST, try image.withUnsafeBytes { try hub.api.writeObject(context, id: id, image: $0) })
+        XCTAssertErrno(EINVAL, try image.withUnsafeBytes { try hub.api.writeObject(context, id: id + 100, image: $0) },
+                       "never allocated")
+        // An object stored with writeObject is committed and read like any other.
+        let file = try hub.api.create(context, parent: root, name: bytes("img"), mode: regularFile | 0o644, rdev: 0,
+                                      umask: 0, exclusive: true)
+        _ = try hub.api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: Slice(
+            id: id, offsetInChunk: 0, length: UInt32(data.count), objectLength: UInt32(data.count)))],
+                                     minimumSize: UInt64(data.count), durable: true)
+        XCTAssertEqual(try hub.api.getattr(context, ino: file.ino).size, UInt64(data.count))
+        XCTAssertEqual(try hub.api.layout(context, ino: file.ino, firstChunk: 0, count: 1).1.first?.map(\.id), [id])
+
+        let larger = (0..<(300_000)).map { UInt8(truncatingIfNeeded: $0 / 13) }
+        let tooLarge = try XCTUnwrap(larger.withUnsafeBytes { raw in
+            ChunkImage.withCompressed(id: id + 2, data: raw) { $0.map { Array($0) } }
+        })
+        XCTAssertErrno(EINVAL, try tooLarge.withUnsafeBytes { try hub.api.writeObject(context, id: id + 2, image: $0) },
+                       "larger than the volume's chunk")
+
+        let plain = try makeHub(chunkSizeBytes: 262_144, compression: .none)
+        let plainContext = RequestContext(session: try plain.api.openSession(agentName: "plain").0, credentials: rootCaller)
+        let plainID = try plain.api.allocateSliceIDs(plainContext, count: 1)
+        let plainImage = try XCTUnwrap(data.withUnsafeBytes { raw in
+            ChunkImage.withCompressed(id: plainID, data: raw) { $0.map { Array($0) } }
+        })
+        XCTAssertErrno(EINVAL, try plainImage.withUnsafeBytes { try plain.api.writeObject(plainContext, id: plainID, image: $0) },
+                       "a volume without compression stores raw objects only")
     }
 
     func testAllocateSliceIDsAreFreshAcrossSessions() throws {
@@ -971,7 +1022,7 @@ extension HubConformanceTests {
         let closed = try writeObject([UInt8](repeating: 1, count: size), on: api, context: context)
         _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: closed)],
                                  minimumSize: UInt64(size), durable: false)
-        failing.withLock { $0.insert(closed.id) }
+        failing.withLock { _ = $0.insert(closed.id) }
         _ = try? chunks.sync()
         XCTAssertErrno(EIO, try api.sync(context))   // the session's report
         try api.sync(context)
@@ -982,7 +1033,7 @@ extension HubConformanceTests {
                                  minimumSize: UInt64(size), durable: true)   // told once
 
         let own = try writeObject([UInt8](repeating: 3, count: size), on: api, context: context)
-        failing.withLock { $0.insert(own.id) }
+        failing.withLock { _ = $0.insert(own.id) }
         XCTAssertErrno(EIO, try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: 0, slice: own)],
                                                  minimumSize: UInt64(size), durable: true))
         let retry = try writeObject([UInt8](repeating: 3, count: size), on: api, context: context)
@@ -1012,7 +1063,7 @@ extension HubConformanceTests {
         // whose collection would run a pass of its own).
         func closeWrite(_ fill: UInt8, of file: Attributes, failing fails: Bool) throws {
             let slice = try writeObject([UInt8](repeating: fill, count: size), on: api, context: context)
-            if fails { failing.withLock { $0.insert(slice.id) } }
+            if fails { failing.withLock { _ = $0.insert(slice.id) } }
             _ = try api.commitSlices(context, ino: file.ino, slices: [SliceCommit(chunkIndex: UInt32(fill), slice: slice)],
                                      minimumSize: UInt64(fill) << 20 + UInt64(size), durable: false)
         }

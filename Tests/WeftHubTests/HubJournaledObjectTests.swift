@@ -145,7 +145,7 @@ extension HubConformanceTests {
 
     func testTheBackgroundSyncOfJournaledObjectsDropsTheirKeysAndAFailedCommitGivesThemBack() throws {
         let (volume, context, file) = try journaledVolume()
-        let slice = try commitDurably(pattern(4096, seed: 11), to: file, on: volume, context)
+        _ = try commitDurably(pattern(4096, seed: 11), to: file, on: volume, context)
         XCTAssertEqual(volume.hub.chunks.journaledCount, 1)
         try volume.hub.syncJournaledObjects()
         XCTAssertEqual(volume.hub.chunks.journaledCount, 0)

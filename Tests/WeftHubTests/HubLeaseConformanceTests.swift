@@ -632,7 +632,7 @@ final class HubLeaseGraceTests: HubTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: marker))
 
         // What a kill -9 leaves behind: the marker.
-        try fixture.restart { FileManager.default.createFile(atPath: marker, contents: nil) }
+        try fixture.restart { _ = FileManager.default.createFile(atPath: marker, contents: nil) }
         XCTAssertTrue(fixture.hub.leases.inGrace)
         // During the grace period a returning writer takes its write lease back at once.
         let (writer, _) = try fixture.hub.openSession(agentName: "writer")

@@ -6,6 +6,7 @@ import Synchronization
 import WeftTestSupport
 import XCTest
 import WeftHub
+import WeftNet
 import WeftProto
 @testable import WeftVFS
 
@@ -935,6 +936,31 @@ class VFSDataTests: HubTestCase {
 /// different transports sharing one volume.
 final class RemoteVFSDataTests: VFSDataTests {
     override class var transport: HubTransport { .tcp }
+
+    /// SPEC.md §4, Compressed uploads: on this zstd volume the agent's objects that shrink go to
+    /// the hub as compressed images, and every byte reads back the same, also in-process.
+    func testAnAgentUploadsDataThatShrinksCompressed() throws {
+        let client = try XCTUnwrap(fixture.api as? RemoteHub)
+        let before = client.compressedUploads
+        let agent = try makeAgent()
+        let (ino, handle) = try create(agent, "checkpoint")
+        let data = (0..<(3 * Self.chunk + 500)).map { UInt8(truncatingIfNeeded: ($0 / 5) &* 3) }
+        try write(agent, handle, at: 0, data)
+        try agent.fsync(handle: handle)
+        try agent.release(handle: handle)
+        let after = client.compressedUploads
+        XCTAssertEqual(after.objects - before.objects, 4, "one object per chunk")
+        XCTAssertEqual(after.rawBytes - before.rawBytes, data.count)
+        XCTAssertLessThan(after.imageBytes - before.imageBytes, data.count / 4)
+        XCTAssertLessThan(try fixture.api.status().storedBytes, UInt64(data.count / 4))
+        var options = VFSOptions()
+        options.agentName = "embedded"
+        let embeddedAgent = try VFS(hub: fixture.hub, options: options, logger: testLogger("weft.vfs.embedded"))
+        defer { try? embeddedAgent.shutdown() }
+        XCTAssertEqual(try contents(of: ino, via: embeddedAgent), data)
+        XCTAssertEqual(try contents(of: ino, via: try makeAgent()), data)
+        XCTAssertEqual(try fixture.api.fsck(repair: false).problems, [])
+    }
 
     func testAgentsOnBothTransportsShareData() throws {
         let remoteAgent = try makeAgent()

@@ -16,7 +16,7 @@ final class FakeHub: HubAPI, @unchecked Sendable {
     private(set) var openedSessions: [SessionID: String] = [:]
     private(set) var closedSessions: [SessionID] = []
     private(set) var seenSessions: [SessionID] = []
-    private var slices: [SliceID: [UInt8]] = [:]
+    private(set) var slices: [SliceID: [UInt8]] = [:]
     private var blockedReleased = false
     private var running = 0
     private(set) var maxRunning = 0
@@ -30,6 +30,14 @@ final class FakeHub: HubAPI, @unchecked Sendable {
     private(set) var releaseManyCalls = 0
     /// Answers `syncFile` with ENOSYS, as a hub older than opcode 52 would.
     var predatesSyncFile = false
+    /// The volume `openSession` reports.
+    var volume = FakeHub.volume
+    /// How `writeObject` answers: nil stores the image in `objectImages`; ENOSYS is a hub older
+    /// than opcode 54; EBADMSG a hub that refused the image.
+    var writeObjectErrno: Int32? = nil
+    private(set) var objectImages: [SliceID: [UInt8]] = [:]
+    /// `writeObject` calls, accepted or not.
+    private(set) var writeObjectCalls = 0
     /// Answers `openLayout` with ENOSYS, as a hub older than opcode 53 would.
     var predatesOpenLayout = false
     /// The inodes of `open` and of `openLayout` calls, in order.
@@ -39,7 +47,8 @@ final class FakeHub: HubAPI, @unchecked Sendable {
     private(set) var syncs = 0
     private(set) var syncedFiles: [InodeID] = []
 
-    static let volume = VolumeInfo(formatVersion: 1, uuid: Array(0..<16), chunkSizeBytes: 4 << 20, compression: .zstd,
+    /// Uncompressed unless a test sets `volume` (a zstd volume's uploads go compressed, opcode 54).
+    static let volume = VolumeInfo(formatVersion: 1, uuid: Array(0..<16), chunkSizeBytes: 4 << 20, compression: .none,
                                    createdNs: 1_700_000_000_123_456_789)
 
     init(firstSession: SessionID = 100) {
@@ -101,7 +110,7 @@ final class FakeHub: HubAPI, @unchecked Sendable {
         let id = nextSession
         nextSession += 1
         openedSessions[id] = agentName
-        return (id, Self.volume)
+        return (id, volume)
     }
 
     func closeSession(_ session: SessionID) throws {
@@ -270,6 +279,14 @@ final class FakeHub: HubAPI, @unchecked Sendable {
     func writeSlice(_ context: RequestContext, id: SliceID, data: [UInt8]) throws {
         enter(context); defer { leave() }
         lock.lock(); slices[id] = data; lock.unlock()
+    }
+
+    func writeObject(_ context: RequestContext, id: SliceID, image: UnsafeRawBufferPointer) throws {
+        enter(context); defer { leave() }
+        lock.lock(); defer { lock.unlock() }
+        writeObjectCalls += 1
+        if let writeObjectErrno { throw WeftError(writeObjectErrno, "writeObject refused by the fake hub") }
+        objectImages[id] = Array(image)
     }
 
     /// readSlice of this id answers after 600 ms.

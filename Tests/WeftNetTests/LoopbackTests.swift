@@ -5,6 +5,7 @@ import Foundation
 import Logging
 import WeftTestSupport
 import XCTest
+import WeftChunks
 import WeftProto
 @testable import WeftNet
 
@@ -79,6 +80,69 @@ final class LoopbackTests: XCTestCase {
         XCTAssertEqual(syncs, 2)
         XCTAssertEqual(files, [])
         XCTAssertEqual(seen, 1 + 2, "one syncFile refused, then two syncs")
+    }
+
+    /// SPEC.md §4, Compressed uploads: in a session on a zstd volume an object that shrinks goes
+    /// as its stored image (opcode 54), one that does not as raw bytes; a refused image is sent
+    /// again raw, and a hub that predates opcode 54 gets raw bytes from then on.
+    func testUploadsToAZstdVolumeGoCompressedAndFallBackToRawBytes() throws {
+        let compressible = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 / 9) }
+        var random = SeededRandom(seed: 54)
+        let incompressible = random.bytes(1 << 20)
+        func write(_ client: RemoteHub, _ c: RequestContext, _ id: SliceID, _ data: [UInt8]) throws {
+            try data.withUnsafeBytes { try client.writeSlice(c, id: id, bytes: $0) }
+        }
+
+        let (hub, client, c) = try clientOfAnOldHub { $0.volume.compression = .zstd }
+        try write(client, c, 1, compressible)
+        try write(client, c, 2, incompressible)
+        var (images, slices, calls) = hub.snapshot { ($0.objectImages, $0.slices, $0.writeObjectCalls) }
+        XCTAssertEqual(calls, 1, "only the object that shrinks goes as an image")
+        let image = try XCTUnwrap(images[1])
+        XCTAssertNil(slices[1])
+        XCTAssertLessThan(image.count, compressible.count / 4)
+        XCTAssertEqual(slices[2], incompressible, "nothing shrank: raw bytes")
+        XCTAssertEqual(client.compressedUploads.objects, 1)
+        XCTAssertEqual(client.compressedUploads.rawBytes, compressible.count)
+        XCTAssertEqual(client.compressedUploads.imageBytes, image.count)
+        // The image is what a store writes: a real one takes it after its checks and reads the bytes back.
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("weft-image-\(getpid())-\(UInt64.random(in: 0...UInt64.max))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = try ChunkStore(directory: directory, compression: .zstd, logger: logger)
+        try image.withUnsafeBytes { try store.writeImage(id: 1, image: $0) }
+        XCTAssertEqual(try store.read(id: 1, offset: 0, length: compressible.count), compressible)
+
+        hub.snapshot { $0.writeObjectErrno = EBADMSG }
+        try write(client, c, 3, compressible)
+        try write(client, c, 4, compressible)
+        (images, slices, calls) = hub.snapshot { ($0.objectImages, $0.slices, $0.writeObjectCalls) }
+        XCTAssertEqual(calls, 3, "a refused image is not remembered: the next object is offered compressed again")
+        XCTAssertEqual(slices[3], compressible, "refused, then sent raw under the same id")
+        XCTAssertEqual(slices[4], compressible)
+        XCTAssertNil(images[3])
+
+        let (old, oldClient, oc) = try clientOfAnOldHub { $0.volume.compression = .zstd; $0.writeObjectErrno = ENOSYS }
+        try write(oldClient, oc, 5, compressible)
+        try write(oldClient, oc, 6, compressible)
+        let oldState = old.snapshot { ($0.slices, $0.writeObjectCalls) }
+        XCTAssertEqual(oldState.1, 1, "ENOSYS is remembered")
+        XCTAssertEqual(oldState.0[5], compressible)
+        XCTAssertEqual(oldState.0[6], compressible)
+        XCTAssertEqual(oldClient.compressedUploads.objects, 0)
+
+        let (plain, plainClient, pc) = try clientOfAnOldHub { _ in }
+        try write(plainClient, pc, 7, compressible)
+        XCTAssertEqual(plain.snapshot { ($0.slices[7], $0.writeObjectCalls) }.1, 0, "an uncompressed volume gets raw bytes")
+        XCTAssertEqual(plain.snapshot { $0.slices[7] }, compressible)
+
+        let off = FakeHub()
+        off.volume.compression = .zstd
+        let (server, port) = try startServer(off)
+        let offClient = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), compressUploads: false, logger: logger)
+        defer { offClient.close(); server.shutdown() }
+        try write(offClient, context(try offClient.openSession(agentName: "off").0), 8, compressible)
+        XCTAssertEqual(off.snapshot { $0.writeObjectCalls }, 0, "compressUploads false")
+        XCTAssertEqual(off.snapshot { $0.slices[8] }, compressible)
     }
 
     func testOpenLayoutFallsBackToOpenOnAHubThatPredatesIt() throws {

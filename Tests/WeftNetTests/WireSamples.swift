@@ -49,6 +49,7 @@ enum WireSamples {
         .statfs(context),
         .allocateSliceIDs(context, count: 1 << 20),
         .writeSlice(context, id: 0xABCD_EF01_2345, data: data),
+        .writeObject(context, id: 0xABCD_EF01_2346, image: Array(data.prefix(70_000))),
         .readSlice(context, id: 99, offset: 4 << 20, length: 64 << 20),
         .layout(context, ino: 20, firstChunk: 1 << 30, count: 17),
         .commitSlices(context, ino: 21, slices: slices, minimumSize: 0x0003_FFFF_FFFF_FFFF, durable: true),
@@ -92,6 +93,7 @@ enum WireSamples {
         .setattr(context, ino: 1, SetAttributes()),
         .commitSlices(context, ino: 1, slices: [], minimumSize: 0, durable: false),
         .writeSlice(context, id: 1, data: []),
+        .writeObject(context, id: 1, image: []),
         .fsck(repair: false),
         .lookup(context, parent: 0, name: []),
         .readSliceFrom(context, id: 1, offset: 0, length: 0, holders: []),
@@ -116,7 +118,7 @@ enum WireSamples {
         switch opcode {
         case .readBlocks:
             preconditionFailure("readBlocks has no HubResponse")
-        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .sync, .ping, .fence,
+        case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .writeObject, .sync, .ping, .fence,
              .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier, .syncFile:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
