@@ -82,7 +82,8 @@ public enum ChunkImage {
 
     /// Checks an image received for object `id` as thoroughly as a read would: the header and
     /// block table (`decodeHeader`, which also requires the file length the table describes),
-    /// format version 2, at least one compressed block, and every block: a compressed one must
+    /// what the encoder builds (format version 2 or later, zstd, no padding after the header, at
+    /// least one compressed block), and every block: a compressed one must
     /// decompress to exactly its raw length, and each block's raw bytes must match its CRC32C.
     /// Returns the layout; throws EBADMSG naming the first failure.
     static func verify(id: SliceID, image: UnsafeRawBufferPointer, workspaces: WorkspacePool) throws -> ChunkLayout {
@@ -95,8 +96,15 @@ public enum ChunkImage {
         } catch {
             throw refused("\(error.block): \(error.reason)")
         }
-        guard image.load(fromByteOffset: 4, as: UInt8.self) == ChunkFormat.version else {
-            throw refused("format version \(image.load(fromByteOffset: 4, as: UInt8.self)), not \(ChunkFormat.version)")
+        // What the encoder builds: version 2 or later (decodeHeader refused any this build does
+        // not read), zstd, payloads right after the header, and something compressed.
+        let version = image.load(fromByteOffset: 4, as: UInt8.self)
+        guard version >= 2 else { throw refused("format version \(version); images are version 2 or later") }
+        guard image.load(fromByteOffset: 5, as: UInt8.self) == Compression.zstd.rawValue else {
+            throw refused("compression byte \(image.load(fromByteOffset: 5, as: UInt8.self)) is not zstd")
+        }
+        guard layout.dataOffset == ChunkFormat.headerBytes(blockCount: layout.blocks.count) else {
+            throw refused("payloads start at \(layout.dataOffset), not right after the header")
         }
         guard layout.blocks.contains(where: { $0.compressed }) else { throw refused("no compressed block") }
         try workspaces.with { workspace in

@@ -174,9 +174,13 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Stores object `id` from the image of a compressed object that an agent built and sent
     /// (SPEC.md §4, Compressed uploads), after checking it as a read would (`ChunkImage.verify`):
-    /// EBADMSG for an image that fails a check, with nothing stored; otherwise as `write`.
-    public func writeImage(id: SliceID, image: UnsafeRawBufferPointer) throws {
+    /// EBADMSG for an image that fails a check, then EINVAL for a raw length over
+    /// `maxRawLength`, with nothing stored; otherwise as `write`.
+    public func writeImage(id: SliceID, image: UnsafeRawBufferPointer, maxRawLength: Int = Limits.chunkSizeMaxBytes) throws {
         let layout = try ChunkImage.verify(id: id, image: image, workspaces: workspaces)
+        guard layout.rawLength <= maxRawLength else {
+            throw WeftError(EINVAL, "slice larger than a chunk (\(layout.rawLength) bytes, at most \(maxRawLength))")
+        }
         try store(id: id, image: image, layout: layout)
     }
 

@@ -127,8 +127,10 @@ extension FabricHub {
         guard session.volume.info.compression == .zstd else {
             throw WeftError(EINVAL, "this volume stores objects uncompressed; send writeSlice")
         }
-        let rawLength = image.count >= 20 ? Int(UInt32(littleEndian: image.loadUnaligned(fromByteOffset: 16, as: UInt32.self))) : 0
-        try storeData(session, context, id: id, rawLength: rawLength) { try $0.writeImage(id: id, image: image) }
+        // The raw length is checked after the image (a damaged length field is EBADMSG).
+        try storeData(session, context, id: id, rawLength: 0) {
+            try $0.writeImage(id: id, image: image, maxRawLength: Int(session.volume.info.chunkSizeBytes))
+        }
     }
 
     private func storeData(_ session: DataSession, _ context: RequestContext, id: SliceID, rawLength: Int,

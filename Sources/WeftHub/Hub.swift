@@ -499,10 +499,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
         guard meta.volume.compression == .zstd else {
             throw WeftError(EINVAL, "this volume stores objects uncompressed; send writeSlice")
         }
-        // The raw length is the header's (bytes 16..<20); the image is checked whole in writeImage.
-        let rawLength = image.count >= 20 ? Int(UInt32(littleEndian: image.loadUnaligned(fromByteOffset: 16, as: UInt32.self))) : 0
-        try checkUpload(id: id, rawLength: rawLength)
-        try chunks.writeImage(id: id, image: image)
+        // The raw length is checked after the image (a damaged length field is EBADMSG).
+        try checkUpload(id: id, rawLength: 0)
+        try chunks.writeImage(id: id, image: image, maxRawLength: Int(meta.volume.chunkSizeBytes))
         pendingUploads.add(id, session: context.session)
     }
 

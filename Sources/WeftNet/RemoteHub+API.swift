@@ -148,10 +148,11 @@ extension RemoteHub {
 
     /// Sends the data from `bytes` itself, after the frame's start (SPEC.md §4, Bulk transfers).
     /// In a session on a zstd volume the object goes compressed, as `writeObject` from its image
-    /// (SPEC.md §4, Compressed uploads); raw when nothing shrank, when the hub refused the
-    /// image (EBADMSG, logged) and, after an ENOSYS, until the next connection.
+    /// (SPEC.md §4, Compressed uploads); raw when nothing shrank, and after the hub refused an
+    /// image (EBADMSG, logged) or the opcode (ENOSYS), until the next connection.
     public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
-        if compressUploads, !bytes.isEmpty, compressingSessions.withLock({ $0.contains(context.session) }),
+        if compressUploads, !bytes.isEmpty, bytes.count <= Limits.chunkSizeMaxBytes,
+           compressingSessions.withLock({ $0.contains(context.session) }),
            !unknownOpcodes.withLock({ $0.contains(.writeObject) }) {
             let sent: Bool = try ChunkImage.withCompressed(id: id, data: bytes) { image in
                 guard let image else { return false }
@@ -165,7 +166,10 @@ extension RemoteHub {
                     unknownOpcodes.withLock { _ = $0.insert(.writeObject) }
                     return false
                 } catch let error as WeftError where error.errno == EBADMSG {
-                    logger.error("the hub refused a compressed object; sending it uncompressed",
+                    // Raw from now on, until the next connection: a hub that refuses one image
+                    // may refuse them all (a format it does not read).
+                    unknownOpcodes.withLock { _ = $0.insert(.writeObject) }
+                    logger.error("the hub refused a compressed object; sending objects uncompressed on this connection",
                                  metadata: ["hub": "\(address)", "chunk": "\(hex(id))", "error": "\(error)"])
                     return false
                 }

@@ -20,7 +20,7 @@ final class ChunkImageTests: ChunkTestCase {
 
     /// `image` with its block table changed by `change` and the header checksum made right again,
     /// so that only the rule under test is broken.
-    func rewritten(_ image: [UInt8], id: SliceID, version: UInt8 = ChunkFormat.version,
+    func rewritten(_ image: [UInt8], id: SliceID, version: UInt8 = ChunkFormat.version, compressionByte: UInt8? = nil,
                    _ change: (inout ContiguousArray<BlockEntry>) -> Void = { _ in }) throws -> [UInt8] {
         var copy = image
         let layout = try image.withUnsafeBytes { try ChunkFormat.decodeHeader($0, fileBytes: image.count, expectedID: id) }
@@ -33,8 +33,11 @@ final class ChunkImageTests: ChunkTestCase {
                                          compression: .zstd, rawLength: layout.rawLength, dataOffset: layout.dataOffset,
                                          blocks: $0)
             }
-            if version != ChunkFormat.version {
+            if version != ChunkFormat.version || compressionByte != nil {
                 bytes[4] = version
+                if let compressionByte { bytes[5] = compressionByte }
+                // Version 1 has no data-offset field (its payloads follow the header).
+                if version == 1 { bytes.storeBytes(of: UInt32(0), toByteOffset: 28, as: UInt32.self) }
                 let checksum = crc32c(UnsafeRawBufferPointer(rebasing: bytes[0..<headerLength - 4]))
                 bytes.storeBytes(of: checksum.littleEndian, toByteOffset: headerLength - 4, as: UInt32.self)
             }
@@ -110,23 +113,46 @@ final class ChunkImageTests: ChunkTestCase {
                                          blocks: $0)
             }
         }
-        let cases: [(String, [UInt8])] = [
-            ("built for another id", try XCTUnwrap(image(id: 10, data))),
-            ("one byte short", Array(good.dropLast())),
-            ("one byte over", good + [0]),
-            ("empty", []),
-            ("a header only", Array(good.prefix(ChunkFormat.headerBytes(blockCount: layout.blocks.count)))),
-            ("a flipped byte in a compressed payload", flippedPayload),
-            ("a flipped byte in a raw payload", flippedRaw),
-            ("a table crc that does not match", try rewritten(good, id: 9) { $0[0].crc ^= 1 }),
-            ("format version 1", try rewritten(good, id: 9, version: 1)),
-            ("no compressed block", allRaw),
+        // The payloads moved 8 bytes on, behind zero padding: a valid object file, not an image.
+        let headerBytes = ChunkFormat.headerBytes(blockCount: layout.blocks.count)
+        var padded = Array(good[0..<headerBytes]) + [UInt8](repeating: 0, count: 8) + Array(good[headerBytes...])
+        padded.withUnsafeMutableBytes { bytes in
+            var entries = layout.blocks
+            for index in entries.indices { entries[index].fileOffset += 8 }
+            entries.withUnsafeBufferPointer {
+                ChunkFormat.encodeHeader(into: UnsafeMutableRawBufferPointer(rebasing: bytes[0..<headerBytes]), id: 9,
+                                         compression: .zstd, rawLength: layout.rawLength, dataOffset: headerBytes + 8,
+                                         blocks: $0)
+            }
+        }
+        XCTAssertNoThrow(try padded.withUnsafeBytes { try ChunkFormat.decodeHeader($0, fileBytes: padded.count, expectedID: 9) },
+                         "the padded file is well formed")
+        // Each case, and words of the reason the refusal must give (so that the rule under test,
+        // not an earlier one, refused it).
+        let cases: [(String, [UInt8], String)] = [
+            ("built for another id", try XCTUnwrap(image(id: 10, data)), "header names chunk"),
+            ("one byte short", Array(good.dropLast()), "truncated or extended"),
+            ("one byte over", good + [0], "truncated or extended"),
+            ("empty", [], "shorter than the smallest header"),
+            ("a header only", Array(good.prefix(ChunkFormat.headerBytes(blockCount: layout.blocks.count))), "truncated"),
+            ("a flipped byte in a compressed payload", flippedPayload, "block \(layout.blocks.firstIndex { $0.compressed }!)"),
+            ("a flipped byte in a raw payload", flippedRaw, "crc32c mismatch"),
+            ("a table crc that does not match", try rewritten(good, id: 9) { $0[0].crc ^= 1 }, "block 0 crc32c mismatch"),
+            ("format version 1", try rewritten(good, id: 9, version: 1), "format version 1"),
+            ("compression byte none", try rewritten(good, id: 9, compressionByte: 0), "compression byte 0"),
+            ("padding after the header", padded, "not right after the header"),
+            ("no compressed block", allRaw, "no compressed block"),
         ]
         let store = try makeStore(.zstd)
-        for (name, bytes) in cases {
-            assertErrno(EBADMSG, try bytes.withUnsafeBytes { try store.writeImage(id: 9, image: $0) }, name)
+        for (name, bytes, reason) in cases {
+            XCTAssertThrowsError(try bytes.withUnsafeBytes { try store.writeImage(id: 9, image: $0) }, name) { error in
+                XCTAssertEqual((error as? WeftError)?.errno, EBADMSG, "\(name): \(error)")
+                XCTAssertTrue("\(error)".contains(reason), "\(name): \(error) does not say \(reason)")
+            }
             XCTAssertFalse(store.exists(id: 9), "\(name): nothing stored")
         }
+        assertErrno(EINVAL, try good.withUnsafeBytes { try store.writeImage(id: 9, image: $0, maxRawLength: data.count - 1) },
+                    "a good image of an object larger than the caller allows")
         XCTAssertEqual(store.objectCount, 0)
         // The id is still free: the good image is taken.
         try good.withUnsafeBytes { try store.writeImage(id: 9, image: $0) }

@@ -341,6 +341,10 @@ class HubConformanceTests: HubTestCase {
         XCTAssertErrno(ENOENT, try hub.api.readSlice(context, id: id, offset: 0, length: 1), "nothing stored")
         XCTAssertErrno(EBADMSG, try image.withUnsafeBytes { try hub.api.writeObject(context, id: id + 1, image: $0) },
                        "an image names its object")
+        var longer = image
+        longer[18] ^= 0x40   // the raw length field: 4 MiB more, over the chunk size, and a bad header checksum
+        XCTAssertErrno(EBADMSG, try longer.withUnsafeBytes { try hub.api.writeObject(context, id: id, image: $0) },
+                       "damage is EBADMSG, whatever field it hits")
         try image.withUnsafeBytes { try hub.api.writeObject(context, id: id, image: $0) }
         XCTAssertEqual(try hub.api.readSlice(context, id: id, offset: 0, length: UInt32(data.count)), data)
         var whole = [UInt8](repeating: 0, count: data.count)
