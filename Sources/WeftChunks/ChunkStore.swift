@@ -130,13 +130,19 @@ public final class ChunkStore: @unchecked Sendable {
     /// An uncompressed object from page-aligned memory is written with O_DIRECT (no copy into
     /// the page cache) where the file system allows it.
     public func write(id: SliceID, data: UnsafeRawBufferPointer) throws {
+        try write(id: id, data: data, replacing: false)
+    }
+
+    /// `write`, or with `replacing` the atomic replacement of an existing object's file by a new
+    /// one with the same bytes (`rewriteJournaled`).
+    private func write(id: SliceID, data: UnsafeRawBufferPointer, replacing: Bool) throws {
         guard data.count <= ChunkFormat.maxRawBytes else {
             throw WeftError(EINVAL, "chunk \(hex(id)) is \(data.count) bytes, over the \(ChunkFormat.maxRawBytes)-byte limit")
         }
         if compression == .zstd,
            let image = ChunkImage.Encoded.compress(id: id, data: data, workspaces: workspaces, images: compressionImages) {
             defer { compressionImages.give(image.buffer) }
-            try store(id: id, image: image.bytes, layout: image.layout)
+            try store(id: id, image: image.bytes, layout: image.layout, replacing: replacing)
             return
         }
         // Uncompressed (or nothing shrank): the payload is written straight from the caller's buffer.
@@ -167,9 +173,9 @@ public final class ChunkStore: @unchecked Sendable {
         let direct = dataOffset % ChunkFormat.directAlignment == 0 && data.count > Limits.journaledObjectMaxBytes
             && Int(bitPattern: data.baseAddress) % ChunkFormat.directAlignment == 0 && directIO.isEnabled
         let fd = try createObject(id: id, header: UnsafeRawBufferPointer(header), payload: data.isEmpty ? [] : [data],
-                                  direct: direct ? data : nil)
+                                  direct: direct ? data : nil, replacing: replacing)
         try written(id, fd: fd, layout: ChunkLayout(rawLength: data.count, dataOffset: dataOffset, blocks: blocks,
-                                                fileBytes: fileBytes))
+                                                fileBytes: fileBytes), replacing: replacing)
     }
 
     /// Stores object `id` from the image of a compressed object that an agent built and sent
@@ -187,17 +193,27 @@ public final class ChunkStore: @unchecked Sendable {
     /// Writes a compressed object's whole image (header, then the payloads): its page-multiple
     /// part with O_DIRECT when the image is page-aligned and the object too large for the
     /// journal to carry (SPEC.md §3.2, Direct I/O).
-    private func store(id: SliceID, image: UnsafeRawBufferPointer, layout: ChunkLayout) throws {
+    private func store(id: SliceID, image: UnsafeRawBufferPointer, layout: ChunkLayout, replacing: Bool = false) throws {
         let direct = directIO.isEnabled && layout.rawLength > Limits.journaledObjectMaxBytes
             && image.count >= ChunkFormat.directAlignment
             && Int(bitPattern: image.baseAddress) % ChunkFormat.directAlignment == 0
         let fd = try createObject(id: id, header: UnsafeRawBufferPointer(start: nil, count: 0), payload: [image],
-                                  direct: direct ? image : nil)
-        try written(id, fd: fd, layout: layout)
+                                  direct: direct ? image : nil, replacing: replacing)
+        try written(id, fd: fd, layout: layout, replacing: replacing)
     }
 
-    /// Counts a created object, keeps it open with its layout, and queues it for `sync()`.
-    private func written(_ id: SliceID, fd: Int32, layout: ChunkLayout) throws {
+    /// Counts a created object, keeps it open with its layout, and queues it for `sync()`. A
+    /// replacement (`replacing`: `fd` holds the size of the file it replaced, see
+    /// `createObject`) is counted in its place, and the caller syncs it.
+    private func written(_ id: SliceID, fd: Int32, layout: ChunkLayout, replacing: Bool = false) throws {
+        if replacing {
+            // The replaced file's open descriptor (in the cache) reads the old inode: dropped.
+            cache.remove(id)
+            accountingLock.withLock { bytes += UInt64(layout.fileBytes) }
+            cacheWritten(id, layout: layout)
+            close(fd)
+            return
+        }
         accountingLock.withLock {
             objects += 1
             bytes += UInt64(layout.fileBytes)
@@ -233,7 +249,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// one), the header and the page-multiple part of the payload go out with O_DIRECT and the
     /// last partial page buffered.
     func createObject(id: SliceID, header: UnsafeRawBufferPointer, payload: [UnsafeRawBufferPointer],
-                              direct: UnsafeRawBufferPointer?) throws -> Int32 {
+                      direct: UnsafeRawBufferPointer?, replacing: Bool = false) throws -> Int32 {
         try checkReserve(id, bytes: header.count + payload.reduce(0) { $0 + $1.count })
         let suffix = accountingLock.withLock { () -> UInt32 in
             temporarySequence &+= 1
@@ -256,6 +272,24 @@ public final class ChunkStore: @unchecked Sendable {
             close(fd)
             removeTemporary()
             throw writeFailure(id, error)
+        }
+        if replacing {
+            // Atomically in place of the existing file: a reader opens the old one or the new.
+            var old = stat()
+            let hadOld = FileIO.withObjectPath(id) { fstatat(root, $0, &old, AT_SYMLINK_NOFOLLOW) } == 0
+            let renamed = FileIO.withObjectPath(id, suffix: suffix) { temporary in
+                FileIO.withObjectPath(id) { final in renameat(root, temporary, root, final) }
+            }
+            guard renamed == 0 else {
+                let renameError = errno
+                close(fd)
+                removeTemporary()
+                throw writeFailure(id, FileIO.Failure(call: "rename", errno: renameError))
+            }
+            accountingLock.withLock {
+                if hadOld { bytes -= min(bytes, UInt64(old.st_size)) } else { objects += 1 }
+            }
+            return fd
         }
         let linked = FileIO.withObjectPath(id, suffix: suffix) { temporary in
             FileIO.withObjectPath(id) { final in linkat(root, temporary, root, final, 0) }
@@ -412,6 +446,25 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Objects the journal carries that are not synced themselves.
     public var journaledCount: Int { durability.journaledCount }
+
+    /// After a failed `syncJournaled` (`JournaledSyncFailure`): writes object `id` again from
+    /// `raw`, the bytes its journal key holds, in place of its file (atomically: readers see the
+    /// old file or the new, never none) and gives it back to the next pass. The old file's pages
+    /// may be clean but never written (a failed writeback), so once evicted they would read as
+    /// damage (SPEC.md §5, Small objects in the journal). The disk reserve applies (a full disk
+    /// fails it; the key keeps the bytes and the next failed pass tries again).
+    public func rewriteJournaled(id: SliceID, raw: [UInt8]) throws {
+        try raw.withUnsafeBytes { try write(id: id, data: $0, replacing: true) }
+    }
+
+    /// Gives objects the journal carries back to the next `syncJournaled`.
+    public func requeueJournaled(_ ids: [SliceID]) { durability.requeueJournaled(ids) }
+
+    /// Test hook: an errno makes every `syncfs` of the store fail, as a writeback error would.
+    public var testSyncfsFailure: (@Sendable () -> Int32?)? {
+        get { durability.testSyncfsFailure }
+        set { durability.testSyncfsFailure = newValue }
+    }
 
     /// Writes object `id` again from `raw`, the bytes the journal carries. True if the copy it
     /// held was missing, damaged or other bytes (a crash lost it before it reached the disk).

@@ -81,6 +81,12 @@ final class DurabilityQueue: @unchecked Sendable {
         }
     }
     private var syncFailureHook: (@Sendable (SliceID) -> Int32?)?
+    private var syncfsFailureHook: (@Sendable () -> Int32?)?
+    /// Test hook: an errno makes every `syncfs` of the store fail (as a writeback error would).
+    var testSyncfsFailure: (@Sendable () -> Int32?)? {
+        get { lock.withLock { syncfsFailureHook } }
+        set { lock.withLock { syncfsFailureHook = newValue } }
+    }
     /// Test hook: an errno makes the pass's fsync of that object fail.
     var testSyncFailure: (@Sendable (SliceID) -> Int32?)? {
         get { lock.withLock { syncFailureHook } }
@@ -253,8 +259,9 @@ final class DurabilityQueue: @unchecked Sendable {
     /// what one object's `fsync` does, where syncing each object and its directory cost two
     /// disk syncs per object in the background of every small `fsync`, SPEC.md §5), else an
     /// `fsync` of each object and of its fan-out directory. Returns their ids (the caller
-    /// deletes their journal keys); on a failure nothing is returned and the keys stay for the
-    /// check at the next open. One such pass at a time; a caller that finds one running, or
+    /// deletes their journal keys); a failure throws `JournaledSyncFailure` with the ids, which
+    /// are no longer queued: the caller writes them again and gives them back
+    /// (`requeueJournaled`), and their keys stay meanwhile. One such pass at a time; a caller that finds one running, or
     /// nothing to sync, returns an empty list.
     func syncJournaled() throws -> [SliceID] {
         let ids: [SliceID]? = lock.withLock {
@@ -265,15 +272,26 @@ final class DurabilityQueue: @unchecked Sendable {
         }
         guard let ids else { return [] }
         defer { lock.withLock { journaledPassRunning = false } }
-        try syncObjects(ids, through: journaledRoot >= 0 ? journaledRoot : root)
+        do {
+            try syncObjects(ids, through: journaledRoot >= 0 ? journaledRoot : root)
+        } catch {
+            throw JournaledSyncFailure(ids: ids, error: error as? WeftError ?? WeftError(EIO, "\(error)"))
+        }
         return ids
+    }
+
+    /// Objects the journal carries, given back to the next `syncJournaled` (after a failed one,
+    /// once they are written again).
+    func requeueJournaled(_ ids: [SliceID]) {
+        lock.withLock { journaled += ids }
     }
 
     /// `syncfs` of the store's file system through `descriptor` (default `root`); EIO (or
     /// ENOSPC) on a failure, logged.
     private func syncfsChecked(_ descriptor: Int32? = nil) throws {
-        guard weft_syncfs(descriptor ?? root) == 0 else {
-            let code = errno
+        let injected = testSyncfsFailure?()
+        guard injected == nil, weft_syncfs(descriptor ?? root) == 0 else {
+            let code = injected ?? errno
             logger.error("chunk sync failed: syncfs of the chunk store: \(String(cString: strerror(code)))")
             throw WeftError(code == ENOSPC || code == EDQUOT ? ENOSPC : EIO, "chunk sync failed: syncfs")
         }
@@ -441,4 +459,12 @@ final class DurabilityQueue: @unchecked Sendable {
             }
         }
     }
+}
+
+/// A failed `syncJournaled` pass: objects `ids` may not be on disk, although their pages may
+/// still read back (a failed writeback leaves them clean); their journal keys hold the bytes.
+public struct JournaledSyncFailure: Error, CustomStringConvertible {
+    public let ids: [SliceID]
+    public let error: WeftError
+    public var description: String { "\(error) (\(ids.count) object(s) the journal carries)" }
 }

@@ -179,10 +179,43 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     /// Syncs the objects whose bytes the journal carries and deletes their `J` keys (the
-    /// maintenance thread, at least once a second, and `close`).
+    /// maintenance thread, at least once a second, and `close`). After a failed pass, each of
+    /// its objects is written again from its key, in place, and queued for the next pass: a
+    /// failed writeback may have left its pages clean but unwritten, and once evicted they
+    /// would read as damage while the key still holds the bytes (SPEC.md §5).
     public func syncJournaledObjects() throws {
-        let synced = try chunks.syncJournaled()
+        let synced: [SliceID]
+        do {
+            synced = try chunks.syncJournaled()
+        } catch let failure as JournaledSyncFailure {
+            rewriteJournaled(failure.ids)
+            throw failure.error
+        }
         try meta.forgetJournaled(synced)
+    }
+
+    private func rewriteJournaled(_ ids: [SliceID]) {
+        let failed = Set(ids)
+        let objects: [(id: SliceID, bytes: [UInt8], isGarbage: Bool)]
+        do {
+            objects = try meta.journaledObjects().filter { failed.contains($0.id) }
+        } catch {
+            logger.error("after a failed sync of objects the journal carries: cannot read their keys: \(error)")
+            return chunks.requeueJournaled(ids)
+        }
+        var again: [SliceID] = []
+        var rewritten = 0
+        for object in objects where !object.isGarbage && chunks.exists(id: object.id) {
+            do {
+                try chunks.rewriteJournaled(id: object.id, raw: object.bytes)
+                rewritten += 1
+            } catch {
+                logger.error("cannot write chunk object \(object.id) again from the metadata journal: \(error)")
+            }
+            again.append(object.id)
+        }
+        chunks.requeueJournaled(again)
+        logger.warning("a sync of objects the journal carries failed: wrote \(rewritten) of \(again.count) again from the journal; the next pass syncs them")
     }
 
     /// Reclaims what a crash left behind (unlinked-open inodes, unreferenced chunk objects) and

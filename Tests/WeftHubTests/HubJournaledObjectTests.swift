@@ -160,4 +160,39 @@ extension HubConformanceTests {
         XCTAssertEqual(volume.hub.chunks.journaledCount, 0)
         XCTAssertEqual(try volume.hub.meta.journaledObjects().count, 0)
     }
+
+    /// A failed sync pass of the objects the journal carries (a `syncfs` that reports a
+    /// writeback error) may leave their pages clean but never written: each is written again
+    /// from its key at once, and the next pass syncs it. Before, it read as damage once its
+    /// pages were evicted, until the hub restarted (SPEC.md §5).
+    func testAFailedSyncOfJournaledObjectsWritesThemAgainFromTheirKeys() throws {
+        for compression in [Compression.none, .zstd] {
+            let (volume, context, file) = try journaledVolume(compression: compression)
+            let data = pattern(4096, seed: 21)
+            let slice = try commitDurably(data, to: file, on: volume, context)
+            let path = try XCTUnwrap(volume.chunkFile(of: slice.id))
+            // What a writeback error leaves once the pages are gone: other bytes on disk.
+            let damaged = try XCTUnwrap(FileManager.default.contents(atPath: path))
+            try Data(damaged.map { $0 ^ 0x5A }).write(to: URL(fileURLWithPath: path))
+            XCTAssertErrno(EIO, try volume.api.readSlice(context, id: slice.id, offset: 0, length: 4096), "the damage reads as EIO")
+            volume.hub.chunks.testSyncfsFailure = { EIO }
+            volume.hub.chunks.testSyncFailure = { _ in EIO }   // kernels whose syncfs reports nothing
+            XCTAssertErrno(EIO, try volume.hub.syncJournaledObjects())
+            XCTAssertEqual(try volume.api.readSlice(context, id: slice.id, offset: 0, length: 4096), data,
+                           "\(compression): written again from its key")
+            XCTAssertEqual(volume.hub.chunks.journaledCount, 1, "queued for the next pass")
+            XCTAssertEqual(try volume.hub.meta.journaledObjects().map(\.id), [slice.id], "the key stays meanwhile")
+            XCTAssertErrno(EIO, try volume.hub.syncJournaledObjects(), "a disk that keeps failing keeps the key")
+            XCTAssertEqual(try volume.hub.meta.journaledObjects().map(\.id), [slice.id])
+            volume.hub.chunks.testSyncfsFailure = nil
+            volume.hub.chunks.testSyncFailure = nil
+            try volume.hub.syncJournaledObjects()
+            XCTAssertEqual(volume.hub.chunks.journaledCount, 0)
+            XCTAssertEqual(try volume.hub.meta.journaledObjects().count, 0, "synced: the key goes")
+            XCTAssertEqual(try volume.api.status().chunks, 1, "replaced in place, counted once")
+            let restarted = try reopen(volume, damaging: slice.id) { _ in }
+            XCTAssertEqual(try volume.api.readSlice(restarted, id: slice.id, offset: 0, length: 4096), data)
+            XCTAssertEqual(try volume.api.fsck(repair: false).problems, [])
+        }
+    }
 }
