@@ -226,13 +226,26 @@ final class DurabilityQueue: @unchecked Sendable {
     func journalCommitted(_ ids: [SliceID]) {
         lock.withLock {
             for id in ids where covering.remove(id) != nil { journaled.append(id) }
+            lock.broadcast()
+        }
+    }
+
+    /// Waits until none of `ids` is being carried into a journal record by a commit under way
+    /// (taken by `coverByJournal`, not yet given to `journalCommitted` or `uncover`).
+    func awaitCovering(_ ids: [SliceID]) {
+        guard !ids.isEmpty else { return }
+        lock.withLock {
+            while ids.contains(where: { covering.contains($0) }) { lock.wait() }
         }
     }
 
     /// Gives objects taken by `coverByJournal` back to the passes (their commit failed, and a
     /// retry may reference them without the journal's help), with a descriptor opened again.
     func uncover(_ ids: [SliceID]) {
-        let files = reopened(lock.withLock { ids.filter { covering.remove($0) != nil } })
+        let files = reopened(lock.withLock {
+            defer { lock.broadcast() }
+            return ids.filter { covering.remove($0) != nil }
+        })
         guard !files.isEmpty else { return }
         lock.withLock {
             pending += files

@@ -589,6 +589,11 @@ public final class Hub: HubAPI, @unchecked Sendable {
         // Non-durable commits too (a close): otherwise the next durable change of any file (a
         // strict create) syncs their objects and fan-out directories first.
         let journaled = journal(slices.filter { fresh.contains($0.slice.id) })
+        // Objects another commit under way is carrying into its journal record (this one is a
+        // retry of it, after a barrier's timeout): wait for that record, or for them to go back
+        // to the sync passes. Otherwise a durable commit could be acknowledged with neither the
+        // objects synced nor their bytes in a written record (SPEC.md §5).
+        chunks.awaitCovering(own.filter { !fresh.contains($0) })
         testBeforeCommitApply?(ino)
         let attributes: Attributes
         do {

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import Synchronization
 import WeftTestSupport
 import XCTest
 import WeftHub
@@ -194,5 +195,50 @@ extension HubConformanceTests {
             XCTAssertEqual(try volume.api.readSlice(restarted, id: slice.id, offset: 0, length: 4096), data)
             XCTAssertEqual(try volume.api.fsck(repair: false).problems, [])
         }
+    }
+
+    /// A second durable commit naming an object that a commit under way is carrying into its
+    /// journal record (an agent's retry after a barrier's timeout) is not acknowledged before
+    /// that record is written: at its reply the object's bytes are in the journal. Before, it
+    /// could reply while the object was neither synced nor in any written record.
+    func testARetriedCommitWaitsForTheJournalRecordOfTheCommitUnderWay() throws {
+        let (volume, context, file) = try journaledVolume()
+        let data = pattern(4096, seed: 31)
+        let slice = try writeObject(data, on: volume.api, context: context)
+        let commit = [SliceCommit(chunkIndex: 0, slice: slice)]
+        let entered = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        volume.hub.testBeforeCommitApply = { _ in
+            volume.hub.testBeforeCommitApply = nil   // the first commit only
+            entered.signal()
+            _ = release.wait(timeout: .now() + 30)
+        }
+        defer { release.signal() }
+        let firstDone = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            _ = try? volume.api.commitSlices(context, ino: file.ino, slices: commit, minimumSize: 4096, durable: true)
+            firstDone.signal()
+        }
+        XCTAssertEqual(entered.wait(timeout: .now() + 10), .success, "the first commit holds its object in the journal's hands")
+        let secondDone = DispatchSemaphore(value: 0)
+        let atReply = Mutex<(journaled: Bool, error: String?)?>(nil)
+        Thread.detachNewThread {
+            do {
+                _ = try volume.api.commitSlices(context, ino: file.ino, slices: commit, minimumSize: 4096, durable: true)
+                let journaled = (try? volume.hub.meta.journaledObjects().map(\.id).contains(slice.id)) ?? false
+                atReply.withLock { $0 = (journaled, nil) }
+            } catch {
+                atReply.withLock { $0 = (false, "\(error)") }
+            }
+            secondDone.signal()
+        }
+        XCTAssertEqual(secondDone.wait(timeout: .now() + 0.5), .timedOut, "the retry waits for the first commit's record")
+        release.signal()
+        XCTAssertEqual(firstDone.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(secondDone.wait(timeout: .now() + 10), .success)
+        let reply = try XCTUnwrap(atReply.withLock { $0 })
+        XCTAssertNil(reply.error)
+        XCTAssertTrue(reply.journaled, "at the retry's reply the object's bytes are in a written journal record")
+        XCTAssertEqual(try volume.api.readSlice(context, id: slice.id, offset: 0, length: 4096), data)
     }
 }
