@@ -449,10 +449,10 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// After a failed `syncJournaled` (`JournaledSyncFailure`): writes object `id` again from
     /// `raw`, the bytes its journal key holds, in place of its file (atomically: readers see the
-    /// old file or the new, never none) and gives it back to the next pass. The old file's pages
+    /// old file or the new, never none); the caller then gives it back to the passes. The old file's pages
     /// may be clean but never written (a failed writeback), so once evicted they would read as
     /// damage (SPEC.md §5, Small objects in the journal). The disk reserve applies (a full disk
-    /// fails it; the key keeps the bytes and the next failed pass tries again).
+    /// fails it: the caller gives the id back with `needRewrite`, and its key keeps the bytes).
     public func rewriteJournaled(id: SliceID, raw: [UInt8]) throws {
         try raw.withUnsafeBytes { try write(id: id, data: $0, replacing: true) }
     }
@@ -462,6 +462,13 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Gives objects the journal carries back to the next `syncJournaled`.
     public func requeueJournaled(_ ids: [SliceID]) { durability.requeueJournaled(ids) }
+
+    /// Takes the objects the journal carries that a failed `syncJournaled` left to be written
+    /// again from their keys (`rewriteJournaled`, then `requeueJournaled`).
+    public func takeRewriteNeeded() -> [SliceID] { durability.takeRewriteNeeded() }
+
+    /// Gives back objects whose rewrite failed, for the next `takeRewriteNeeded`.
+    public func needRewrite(_ ids: [SliceID]) { durability.needRewrite(ids) }
 
     /// Test hook: an errno makes every `syncfs` of the store fail, as a writeback error would.
     public var testSyncfsFailure: (@Sendable () -> Int32?)? {

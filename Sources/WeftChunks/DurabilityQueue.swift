@@ -41,6 +41,12 @@ final class DurabilityQueue: @unchecked Sendable {
     /// (`syncJournaled`), and those whose records are being written.
     private var journaled: [SliceID] = []
     private var covering: Set<SliceID> = []
+    /// Objects the journal carries that a failed pass may have left with pages clean but never
+    /// written: to be written again from their keys before they are synced (`takeRewriteNeeded`).
+    private var rewriteNeeded: Set<SliceID> = []
+    /// Objects whose records were being written when a pass failed: once written
+    /// (`journalCommitted`) they need a rewrite too, since that pass's writeback may have hit them.
+    private var coveringAtFailure: Set<SliceID> = []
     private var journaledPassRunning = false
     /// Fan-out directories of the files a pass takes (reset by each pass).
     private var dirtyFanOuts = [Bool](repeating: false, count: 256)
@@ -209,7 +215,7 @@ final class DurabilityQueue: @unchecked Sendable {
         var taken: [SliceID] = []
         var descriptors: [Int32] = []
         lock.withLock {
-            for id in ids where journaled.count + covering.count < Self.maxJournaledFiles {
+            for id in ids where journaled.count + covering.count + rewriteNeeded.count < Self.maxJournaledFiles {
                 guard let index = pending.firstIndex(where: { $0.id == id }) else { continue }
                 descriptors.append(pending.remove(at: index).fd)
                 covering.insert(id)
@@ -225,7 +231,9 @@ final class DurabilityQueue: @unchecked Sendable {
     /// delete a key before the record that puts it.)
     func journalCommitted(_ ids: [SliceID]) {
         lock.withLock {
-            for id in ids where covering.remove(id) != nil { journaled.append(id) }
+            for id in ids where covering.remove(id) != nil {
+                if coveringAtFailure.remove(id) != nil { rewriteNeeded.insert(id) } else { journaled.append(id) }
+            }
             lock.broadcast()
         }
     }
@@ -244,6 +252,7 @@ final class DurabilityQueue: @unchecked Sendable {
     func uncover(_ ids: [SliceID]) {
         let files = reopened(lock.withLock {
             defer { lock.broadcast() }
+            for id in ids { coveringAtFailure.remove(id) }
             return ids.filter { covering.remove($0) != nil }
         })
         guard !files.isEmpty else { return }
@@ -254,7 +263,7 @@ final class DurabilityQueue: @unchecked Sendable {
     }
 
     /// How many objects the journal carries that are not synced themselves.
-    var journaledCount: Int { lock.withLock { journaled.count + covering.count } }
+    var journaledCount: Int { lock.withLock { journaled.count + covering.count + rewriteNeeded.count } }
 
     /// Whether `syncfs` reports the file system's writeback errors (Linux 5.8 and later, by
     /// the superblock's error sequence); before that it returned 0 whatever happened.
@@ -272,9 +281,10 @@ final class DurabilityQueue: @unchecked Sendable {
     /// what one object's `fsync` does, where syncing each object and its directory cost two
     /// disk syncs per object in the background of every small `fsync`, SPEC.md §5), else an
     /// `fsync` of each object and of its fan-out directory. Returns their ids (the caller
-    /// deletes their journal keys); a failure throws `JournaledSyncFailure` with the ids, which
-    /// are no longer queued: the caller writes them again and gives them back
-    /// (`requeueJournaled`), and their keys stay meanwhile. One such pass at a time; a caller that finds one running, or
+    /// deletes their journal keys); a failure throws `JournaledSyncFailure`, and every object the
+    /// journal carries then waits in `takeRewriteNeeded` (those whose records are being written,
+    /// once written): the caller writes each again from its key and gives it back
+    /// (`requeueJournaled`); their keys stay meanwhile. One such pass at a time; a caller that finds one running, or
     /// nothing to sync, returns an empty list.
     func syncJournaled() throws -> [SliceID] {
         let ids: [SliceID]? = lock.withLock {
@@ -288,15 +298,38 @@ final class DurabilityQueue: @unchecked Sendable {
         do {
             try syncObjects(ids, through: journaledRoot >= 0 ? journaledRoot : root)
         } catch {
+            // The error is the file system's (syncfs) or may hide one (a writeback error is told
+            // once): every object the journal carries may have lost its pages, not only this
+            // pass's. Those queued since and those whose records are being written too.
+            lock.withLock {
+                rewriteNeeded.formUnion(ids)
+                rewriteNeeded.formUnion(journaled)
+                journaled.removeAll(keepingCapacity: true)
+                coveringAtFailure.formUnion(covering)
+            }
             throw JournaledSyncFailure(ids: ids, error: error as? WeftError ?? WeftError(EIO, "\(error)"))
         }
         return ids
     }
 
-    /// Objects the journal carries, given back to the next `syncJournaled` (after a failed one,
-    /// once they are written again).
+    /// Objects the journal carries, given back to the next `syncJournaled` (written again
+    /// after a failed one).
     func requeueJournaled(_ ids: [SliceID]) {
         lock.withLock { journaled += ids }
+    }
+
+    /// Takes the objects a failed pass left to be written again from their keys.
+    func takeRewriteNeeded() -> [SliceID] {
+        lock.withLock {
+            defer { rewriteNeeded.removeAll() }
+            return Array(rewriteNeeded)
+        }
+    }
+
+    /// Objects whose rewrite failed: taken again by the next `takeRewriteNeeded`, and never
+    /// synced (nor their keys dropped) before.
+    func needRewrite(_ ids: [SliceID]) {
+        lock.withLock { rewriteNeeded.formUnion(ids) }
     }
 
     /// `syncfs` of the store's file system through `descriptor` (default `root`); EIO (or

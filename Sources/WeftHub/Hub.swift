@@ -179,43 +179,50 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     /// Syncs the objects whose bytes the journal carries and deletes their `J` keys (the
-    /// maintenance thread, at least once a second, and `close`). After a failed pass, each of
-    /// its objects is written again from its key, in place, and queued for the next pass: a
-    /// failed writeback may have left its pages clean but unwritten, and once evicted they
-    /// would read as damage while the key still holds the bytes (SPEC.md §5).
+    /// maintenance thread, at least once a second, and `close`). After a failed pass every
+    /// object the journal carries is written again from its key, in place, before it is synced
+    /// again: a failed writeback may have left its pages clean but unwritten, and once evicted
+    /// they would read as damage while the key still holds the bytes (SPEC.md §5). One whose
+    /// rewrite fails is tried again at the next call, and never synced (nor its key dropped)
+    /// before.
     public func syncJournaledObjects() throws {
+        rewriteJournaled(chunks.takeRewriteNeeded())
         let synced: [SliceID]
         do {
             synced = try chunks.syncJournaled()
         } catch let failure as JournaledSyncFailure {
-            rewriteJournaled(failure.ids)
+            rewriteJournaled(chunks.takeRewriteNeeded())
             throw failure.error
         }
         try meta.forgetJournaled(synced)
     }
 
     private func rewriteJournaled(_ ids: [SliceID]) {
-        let failed = Set(ids)
+        guard !ids.isEmpty else { return }
+        let wanted = Set(ids)
         let objects: [(id: SliceID, bytes: [UInt8], isGarbage: Bool)]
         do {
-            objects = try meta.journaledObjects().filter { failed.contains($0.id) }
+            objects = try meta.journaledObjects().filter { wanted.contains($0.id) }
         } catch {
-            logger.error("after a failed sync of objects the journal carries: cannot read their keys: \(error)")
-            return chunks.requeueJournaled(ids)
+            logger.error("objects the journal carries wait to be written again: cannot read their keys: \(error)")
+            return chunks.needRewrite(ids)
         }
-        var again: [SliceID] = []
-        var rewritten = 0
+        var rewritten: [SliceID] = []
+        var failed: [SliceID] = []
+        // One without a key (collected meanwhile), garbage or gone is left alone.
         for object in objects where !object.isGarbage && chunks.exists(id: object.id) {
             do {
                 try chunks.rewriteJournaled(id: object.id, raw: object.bytes)
-                rewritten += 1
+                rewritten.append(object.id)
             } catch {
-                logger.error("cannot write chunk object \(object.id) again from the metadata journal: \(error)")
+                logger.error("cannot write chunk object \(object.id) again from the metadata journal; trying again: \(error)")
+                failed.append(object.id)
             }
-            again.append(object.id)
         }
-        chunks.requeueJournaled(again)
-        logger.warning("a sync of objects the journal carries failed: wrote \(rewritten) of \(again.count) again from the journal; the next pass syncs them")
+        chunks.requeueJournaled(rewritten)
+        chunks.needRewrite(failed)
+        let waiting = failed.isEmpty ? "" : "; \(failed.count) could not be written and wait"
+        logger.warning("after a failed sync, wrote \(rewritten.count) object(s) the journal carries again from the journal\(waiting)")
     }
 
     /// Reclaims what a crash left behind (unlinked-open inodes, unreferenced chunk objects) and

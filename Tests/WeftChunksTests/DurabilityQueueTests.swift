@@ -151,4 +151,32 @@ final class DurabilityQueueTests: ChunkTestCase {
         XCTAssertFalse(queue.takeFailure(inode: 77, session: 3), "told once, to the file")
         XCTAssertTrue(queue.takeFailure(session: 3), "and once to the session")
     }
+
+    /// A failed pass of the objects the journal carries (SPEC.md §5): its own objects, and those
+    /// whose records were being written meanwhile (once written), wait to be written again from
+    /// their keys instead of being synced; one whose rewrite failed waits again.
+    func testAFailedJournaledPassLeavesEveryObjectTheJournalCarriesToBeWrittenAgain() throws {
+        let store = try makeStore()
+        for id: SliceID in 1...3 { try store.write(id: id, data: [UInt8](repeating: UInt8(id), count: 100)) }
+        XCTAssertEqual(store.coverByJournal([1, 2]), [1, 2])
+        store.journalCommitted([1])   // 1's record is written; 2's is being written
+        store.testSyncfsFailure = { EIO }
+        store.testSyncFailure = { _ in EIO }
+        XCTAssertThrowsError(try store.syncJournaled()) { XCTAssertTrue($0 is JournaledSyncFailure, "\($0)") }
+        XCTAssertEqual(store.takeRewriteNeeded(), [1], "the pass's object")
+        XCTAssertEqual(store.journaledCount, 1, "2 is still being covered")
+        store.journalCommitted([2])
+        XCTAssertEqual(store.takeRewriteNeeded(), [2], "its record came after the failure: written again too, not synced")
+        XCTAssertEqual(try store.syncJournaled(), [], "nothing queued until the rewrites give them back")
+        store.needRewrite([2])
+        XCTAssertEqual(store.journaledCount, 1, "an object whose rewrite failed still counts")
+        XCTAssertEqual(store.takeRewriteNeeded(), [2])
+        store.testSyncfsFailure = nil
+        store.testSyncFailure = nil
+        try store.rewriteJournaled(id: 2, raw: [UInt8](repeating: 2, count: 100))
+        store.requeueJournaled([2])
+        XCTAssertEqual(try store.syncJournaled(), [2])
+        XCTAssertEqual(try store.read(id: 2, offset: 0, length: 100), [UInt8](repeating: 2, count: 100))
+        XCTAssertEqual(store.objectCount, 3, "a rewrite replaces, it adds no object")
+    }
 }

@@ -185,8 +185,18 @@ extension HubConformanceTests {
             XCTAssertEqual(try volume.hub.meta.journaledObjects().map(\.id), [slice.id], "the key stays meanwhile")
             XCTAssertErrno(EIO, try volume.hub.syncJournaledObjects(), "a disk that keeps failing keeps the key")
             XCTAssertEqual(try volume.hub.meta.journaledObjects().map(\.id), [slice.id])
+            // A rewrite that fails (the disk reserve refuses it) keeps the object out of the
+            // passes: a good pass then must not drop its key.
+            let reserve = volume.hub.chunks.reserveBytes
+            volume.hub.chunks.setReserve(UInt64(1) << 60)
+            XCTAssertErrno(EIO, try volume.hub.syncJournaledObjects())
             volume.hub.chunks.testSyncfsFailure = nil
             volume.hub.chunks.testSyncFailure = nil
+            try volume.hub.syncJournaledObjects()
+            XCTAssertEqual(try volume.hub.meta.journaledObjects().map(\.id), [slice.id],
+                           "not written again: the key stays through a good pass")
+            XCTAssertEqual(volume.hub.chunks.journaledCount, 1)
+            volume.hub.chunks.setReserve(reserve)
             try volume.hub.syncJournaledObjects()
             XCTAssertEqual(volume.hub.chunks.journaledCount, 0)
             XCTAssertEqual(try volume.hub.meta.journaledObjects().count, 0, "synced: the key goes")
