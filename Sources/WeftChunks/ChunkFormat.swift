@@ -86,6 +86,34 @@ struct ChunkLayout {
     }
 }
 
+extension ChunkLayout {
+    /// Checks every block of `file`, an object's whole file laid out as this layout says (a
+    /// copy from another hub, an image an agent sent): a compressed block must decompress to
+    /// exactly its raw length, and each block's raw bytes must match its CRC32C. The first
+    /// failure, as its block index and the reason, or nil when every block is sound.
+    func firstDamagedBlock(in file: UnsafeRawBufferPointer, workspace: Workspace) -> (block: Int, reason: String)? {
+        for (index, entry) in blocks.enumerated() {
+            let stored = UnsafeRawBufferPointer(rebasing: file[entry.fileOffset..<entry.fileOffset + entry.storedLength])
+            let rawLength = rawLength(ofBlock: index)
+            let raw: UnsafeRawBufferPointer
+            if entry.compressed {
+                let target = UnsafeMutableRawBufferPointer(rebasing: workspace.raw[0..<rawLength])
+                guard workspace.decompress(stored, into: target) == rawLength else {
+                    return (index, "zstd frame does not decode to \(rawLength) bytes")
+                }
+                raw = UnsafeRawBufferPointer(target)
+            } else {
+                raw = stored
+            }
+            let actual = crc32c(raw)
+            guard actual == entry.crc else {
+                return (index, "crc32c mismatch (stored \(String(entry.crc, radix: 16)), computed \(String(actual, radix: 16)))")
+            }
+        }
+        return nil
+    }
+}
+
 /// Why a stored object is unreadable; the store turns it into one log line and EIO.
 struct ChunkDamage: Error {
     var block: String

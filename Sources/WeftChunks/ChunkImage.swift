@@ -107,26 +107,8 @@ public enum ChunkImage {
             throw refused("payloads start at \(layout.dataOffset), not right after the header")
         }
         guard layout.blocks.contains(where: { $0.compressed }) else { throw refused("no compressed block") }
-        try workspaces.with { workspace in
-            for (index, block) in layout.blocks.enumerated() {
-                let stored = UnsafeRawBufferPointer(rebasing: image[block.fileOffset..<block.fileOffset + block.storedLength])
-                let rawLength = layout.rawLength(ofBlock: index)
-                let raw: UnsafeRawBufferPointer
-                if block.compressed {
-                    let destination = UnsafeMutableRawBufferPointer(rebasing: workspace.raw[0..<rawLength])
-                    guard workspace.decompress(stored, into: destination) == rawLength else {
-                        throw refused("block \(index) does not decompress to its \(rawLength) bytes")
-                    }
-                    raw = UnsafeRawBufferPointer(destination)
-                } else {
-                    raw = stored
-                }
-                let actual = crc32c(raw)
-                guard actual == block.crc else {
-                    throw refused("block \(index) crc32c mismatch (table \(String(block.crc, radix: 16)), "
-                                  + "computed \(String(actual, radix: 16)))")
-                }
-            }
+        if let (block, reason) = workspaces.with({ layout.firstDamagedBlock(in: image, workspace: $0) }) {
+            throw refused("block \(block) \(reason)")
         }
         return layout
     }

@@ -51,27 +51,8 @@ extension ChunkStore {
             } catch let damage as ChunkDamage {
                 throw WeftError(EIO, "copy of chunk \(hex(id)) damaged at \(damage.block): \(damage.reason)")
             }
-            try workspaces.with { workspace in
-                for (index, entry) in layout.blocks.enumerated() {
-                    let stored = UnsafeRawBufferPointer(rebasing: raw[entry.fileOffset..<entry.fileOffset + entry.storedLength])
-                    let rawLength = layout.rawLength(ofBlock: index)
-                    let checked: UnsafeRawBufferPointer
-                    if entry.compressed {
-                        let target = UnsafeMutableRawBufferPointer(rebasing: workspace.raw[0..<rawLength])
-                        guard let size = workspace.decompress(stored, into: target), size == rawLength else {
-                            throw WeftError(EIO, "copy of chunk \(hex(id)) damaged at block \(index): "
-                                            + "zstd frame does not decode to \(rawLength) bytes")
-                        }
-                        checked = UnsafeRawBufferPointer(target)
-                    } else {
-                        checked = stored
-                    }
-                    let actual = crc32c(checked)
-                    guard actual == entry.crc else {
-                        throw WeftError(EIO, "copy of chunk \(hex(id)) damaged at block \(index): crc32c mismatch "
-                                        + "(stored \(String(entry.crc, radix: 16)), computed \(String(actual, radix: 16)))")
-                    }
-                }
+            if let (block, reason) = workspaces.with({ layout.firstDamagedBlock(in: raw, workspace: $0) }) {
+                throw WeftError(EIO, "copy of chunk \(hex(id)) damaged at block \(block): \(reason)")
             }
             let header = UnsafeRawBufferPointer(rebasing: raw[0..<layout.dataOffset])
             let payload = UnsafeRawBufferPointer(rebasing: raw[layout.dataOffset...])

@@ -47,6 +47,10 @@ final class DurabilityQueue: @unchecked Sendable {
     /// Objects whose records were being written when a pass failed: once written
     /// (`journalCommitted`) they need a rewrite too, since that pass's writeback may have hit them.
     private var coveringAtFailure: Set<SliceID> = []
+    /// Objects waiting for a normal pass when a journaled pass failed: that failure may be
+    /// theirs, and only their own descriptors (opened before it) can still be told of it, so
+    /// they are never covered by the journal (which closes those descriptors).
+    private var pendingAtFailure: Set<SliceID> = []
     private var journaledPassRunning = false
     /// Fan-out directories of the files a pass takes (reset by each pass).
     private var dirtyFanOuts = [Bool](repeating: false, count: 256)
@@ -216,7 +220,8 @@ final class DurabilityQueue: @unchecked Sendable {
         var descriptors: [Int32] = []
         lock.withLock {
             for id in ids where journaled.count + covering.count + rewriteNeeded.count < Self.maxJournaledFiles {
-                guard let index = pending.firstIndex(where: { $0.id == id }) else { continue }
+                guard !pendingAtFailure.contains(id),
+                      let index = pending.firstIndex(where: { $0.id == id }) else { continue }
                 descriptors.append(pending.remove(at: index).fd)
                 covering.insert(id)
                 taken.append(id)
@@ -249,16 +254,22 @@ final class DurabilityQueue: @unchecked Sendable {
 
     /// Gives objects taken by `coverByJournal` back to the passes (their commit failed, and a
     /// retry may reference them without the journal's help), with a descriptor opened again.
+    /// They leave `covering` only once back in `pending`, in one step: a commit waiting for them
+    /// (`awaitCovering`) must find them in the next pass it waits for.
     func uncover(_ ids: [SliceID]) {
-        let files = reopened(lock.withLock {
-            defer { lock.broadcast() }
-            for id in ids { coveringAtFailure.remove(id) }
-            return ids.filter { covering.remove($0) != nil }
-        })
-        guard !files.isEmpty else { return }
+        let taken = lock.withLock { ids.filter { covering.contains($0) } }
+        guard !taken.isEmpty else { return }
+        let files = reopened(taken)   // an object gone since is skipped: no pass can sync it
         lock.withLock {
-            pending += files
-            queuedSequence += 1
+            for id in taken {
+                covering.remove(id)
+                coveringAtFailure.remove(id)
+            }
+            if !files.isEmpty {
+                pending += files
+                queuedSequence += 1
+            }
+            lock.broadcast()
         }
     }
 
@@ -306,6 +317,7 @@ final class DurabilityQueue: @unchecked Sendable {
                 rewriteNeeded.formUnion(journaled)
                 journaled.removeAll(keepingCapacity: true)
                 coveringAtFailure.formUnion(covering)
+                pendingAtFailure.formUnion(pending.map(\.id))
             }
             throw JournaledSyncFailure(ids: ids, error: error as? WeftError ?? WeftError(EIO, "\(error)"))
         }
@@ -405,6 +417,7 @@ final class DurabilityQueue: @unchecked Sendable {
                 let files = pending
                 inPass = files
                 pending.removeAll(keepingCapacity: true)
+                if !pendingAtFailure.isEmpty { pendingAtFailure.subtract(files.map(\.id)) }
                 for file in files { dirtyFanOuts[Int(file.id & 0xFF)] = true }
                 var fanOuts: [Int] = []
                 for index in 0..<256 where dirtyFanOuts[index] {

@@ -209,20 +209,25 @@ public final class Hub: HubAPI, @unchecked Sendable {
         }
         var rewritten: [SliceID] = []
         var failed: [SliceID] = []
+        var firstError: Error?
         // One without a key (collected meanwhile), garbage or gone is left alone.
         for object in objects where !object.isGarbage && chunks.exists(id: object.id) {
             do {
                 try chunks.rewriteJournaled(id: object.id, raw: object.bytes)
                 rewritten.append(object.id)
             } catch {
-                logger.error("cannot write chunk object \(object.id) again from the metadata journal; trying again: \(error)")
+                if firstError == nil { firstError = error }
                 failed.append(object.id)
             }
         }
         chunks.requeueJournaled(rewritten)
         chunks.needRewrite(failed)
-        let waiting = failed.isEmpty ? "" : "; \(failed.count) could not be written and wait"
-        logger.warning("after a failed sync, wrote \(rewritten.count) object(s) the journal carries again from the journal\(waiting)")
+        // One line per call, however many objects (this runs at every pass while a disk fails).
+        if let firstError {
+            logger.error("after a failed sync, wrote \(rewritten.count) object(s) the journal carries again from the journal; \(failed.count) could not be written and wait (first: chunk object \(failed[0]): \(firstError))")
+        } else {
+            logger.warning("after a failed sync, wrote \(rewritten.count) object(s) the journal carries again from the journal")
+        }
     }
 
     /// Reclaims what a crash left behind (unlinked-open inodes, unreferenced chunk objects) and

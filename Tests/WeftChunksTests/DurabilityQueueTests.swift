@@ -154,7 +154,8 @@ final class DurabilityQueueTests: ChunkTestCase {
 
     /// A failed pass of the objects the journal carries (SPEC.md §5): its own objects, and those
     /// whose records were being written meanwhile (once written), wait to be written again from
-    /// their keys instead of being synced; one whose rewrite failed waits again.
+    /// their keys instead of being synced; one whose rewrite failed waits again; one waiting for
+    /// a normal pass is no longer taken by the journal.
     func testAFailedJournaledPassLeavesEveryObjectTheJournalCarriesToBeWrittenAgain() throws {
         let store = try makeStore()
         for id: SliceID in 1...3 { try store.write(id: id, data: [UInt8](repeating: UInt8(id), count: 100)) }
@@ -164,6 +165,8 @@ final class DurabilityQueueTests: ChunkTestCase {
         store.testSyncFailure = { _ in EIO }
         XCTAssertThrowsError(try store.syncJournaled()) { XCTAssertTrue($0 is JournaledSyncFailure, "\($0)") }
         XCTAssertEqual(store.takeRewriteNeeded(), [1], "the pass's object")
+        XCTAssertEqual(store.coverByJournal([3]), [], "3 waited for a normal pass when it failed: only its own descriptor can still be told")
+        XCTAssertTrue(store.awaitsSync(id: 3), "3 stays with the normal passes")
         XCTAssertEqual(store.journaledCount, 1, "2 is still being covered")
         store.journalCommitted([2])
         XCTAssertEqual(store.takeRewriteNeeded(), [2], "its record came after the failure: written again too, not synced")
