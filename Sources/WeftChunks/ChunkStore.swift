@@ -203,8 +203,9 @@ public final class ChunkStore: @unchecked Sendable {
     }
 
     /// Counts a created object, keeps it open with its layout, and queues it for `sync()`. A
-    /// replacement (`replacing`: `fd` holds the size of the file it replaced, see
-    /// `createObject`) is counted in its place, and the caller syncs it.
+    /// replacement (`replacing`; `createObject` took the replaced file's bytes off the count)
+    /// adds its bytes, takes the replaced file's place in the open-object cache, and is not
+    /// queued: its caller gives it to the journaled passes.
     private func written(_ id: SliceID, fd: Int32, layout: ChunkLayout, replacing: Bool = false) throws {
         if replacing {
             // The replaced file's open descriptor (in the cache) reads the old inode: dropped.
@@ -449,8 +450,8 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// After a failed `syncJournaled` (`JournaledSyncFailure`): writes object `id` again from
     /// `raw`, the bytes its journal key holds, in place of its file (atomically: readers see the
-    /// old file or the new, never none); the caller then gives it back to the passes. The old file's pages
-    /// may be clean but never written (a failed writeback), so once evicted they would read as
+    /// old file or the new, never none); the caller then gives it back to the passes. The old
+    /// file's pages may be clean but never written (a failed writeback), so once evicted they would read as
     /// damage (SPEC.md §5, Small objects in the journal). The disk reserve applies (a full disk
     /// fails it: the caller gives the id back with `needRewrite`, and its key keeps the bytes).
     public func rewriteJournaled(id: SliceID, raw: [UInt8]) throws {

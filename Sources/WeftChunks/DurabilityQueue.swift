@@ -295,7 +295,8 @@ final class DurabilityQueue: @unchecked Sendable {
     /// deletes their journal keys); a failure throws `JournaledSyncFailure`, and every object the
     /// journal carries then waits in `takeRewriteNeeded` (those whose records are being written,
     /// once written): the caller writes each again from its key and gives it back
-    /// (`requeueJournaled`); their keys stay meanwhile. One such pass at a time; a caller that finds one running, or
+    /// (`requeueJournaled`); their keys stay meanwhile. One such pass at a time; a caller that
+    /// finds one running, or
     /// nothing to sync, returns an empty list.
     func syncJournaled() throws -> [SliceID] {
         let ids: [SliceID]? = lock.withLock {
