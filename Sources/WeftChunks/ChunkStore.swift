@@ -458,9 +458,6 @@ public final class ChunkStore: @unchecked Sendable {
         try raw.withUnsafeBytes { try write(id: id, data: $0, replacing: true) }
     }
 
-    /// Waits until no commit under way is carrying any of `ids` into its journal record.
-    public func awaitCovering(_ ids: [SliceID]) { durability.awaitCovering(ids) }
-
     /// Gives objects the journal carries back to the next `syncJournaled`.
     public func requeueJournaled(_ ids: [SliceID]) { durability.requeueJournaled(ids) }
 

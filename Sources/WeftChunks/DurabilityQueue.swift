@@ -243,19 +243,10 @@ final class DurabilityQueue: @unchecked Sendable {
         }
     }
 
-    /// Waits until none of `ids` is being carried into a journal record by a commit under way
-    /// (taken by `coverByJournal`, not yet given to `journalCommitted` or `uncover`).
-    func awaitCovering(_ ids: [SliceID]) {
-        guard !ids.isEmpty else { return }
-        lock.withLock {
-            while ids.contains(where: { covering.contains($0) }) { lock.wait() }
-        }
-    }
-
     /// Gives objects taken by `coverByJournal` back to the passes (their commit failed, and a
     /// retry may reference them without the journal's help), with a descriptor opened again.
-    /// They leave `covering` only once back in `pending`, in one step: a commit waiting for them
-    /// (`awaitCovering`) must find them in the next pass it waits for.
+    /// They leave `covering` only once back in `pending`, in one step, so that no sync that
+    /// starts after they leave can miss them.
     func uncover(_ ids: [SliceID]) {
         let taken = lock.withLock { ids.filter { covering.contains($0) } }
         guard !taken.isEmpty else { return }

@@ -593,7 +593,12 @@ public final class Hub: HubAPI, @unchecked Sendable {
         }
         // The commit claims its objects first, so that a discard can never delete one that a
         // commit under way may reference; a commit that fails gives them back.
-        let claimed = pendingUploads.takeForCommit(slices.map(\.slice.id), session: context.session)
+        // A commit naming objects that another commit under way claimed (this one is a retry of
+        // it, after a barrier's timeout) waits for that one first: otherwise it could be
+        // acknowledged, durable, while those objects were neither synced nor in a written journal
+        // record (SPEC.md §5).
+        let claimed = try pendingUploads.takeForCommit(slices.map(\.slice.id), session: context.session,
+                                                       waitSeconds: Self.claimedObjectsWaitSeconds)
         defer { pendingUploads.endCommit(claimed) }
         // Only objects no commit referenced before (a commit whose reply was lost may have
         // been applied, and its record may become durable without any key).
@@ -601,11 +606,6 @@ public final class Hub: HubAPI, @unchecked Sendable {
         // Non-durable commits too (a close): otherwise the next durable change of any file (a
         // strict create) syncs their objects and fan-out directories first.
         let journaled = journal(slices.filter { fresh.contains($0.slice.id) })
-        // Objects another commit under way is carrying into its journal record (this one is a
-        // retry of it, after a barrier's timeout): wait for that record, or for them to go back
-        // to the sync passes. Otherwise a durable commit could be acknowledged with neither the
-        // objects synced nor their bytes in a written record (SPEC.md §5).
-        chunks.awaitCovering(own.filter { !fresh.contains($0) })
         testBeforeCommitApply?(ino)
         let attributes: Attributes
         do {
@@ -653,6 +653,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
         }
         return found.intersection(ids)
     }
+
+    /// Longest a commit waits for another commit under way that claimed objects it names
+    /// (`PendingUploads.takeForCommit`); then ETIMEDOUT, which the agent retries.
+    static let claimedObjectsWaitSeconds = 30.0
 
     /// Objects the journal carries past this many wake the maintenance thread to sync them.
     static let journaledObjectsWake = 64

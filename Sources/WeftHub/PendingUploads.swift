@@ -4,7 +4,7 @@ import WeftProto
 /// The chunk objects each session wrote and has not committed (SPEC.md §9.1, §12.5): what a
 /// discard may delete, and what goes when the session ends. Thread-safe.
 public final class PendingUploads: @unchecked Sendable {
-    private let lock = NSLock()
+    private let lock = NSCondition()
     private var bySession: [SessionID: Set<SliceID>] = [:]
     /// Objects a commit under way claimed and has not applied yet (fsck must leave them).
     private var committing: Set<SliceID> = []
@@ -23,13 +23,25 @@ public final class PendingUploads: @unchecked Sendable {
     }
 
     /// `take` for a commit: the objects also count as held (`held(among:)`) until `endCommit`,
-    /// so that nothing takes them for orphans between the claim and the change.
-    public func takeForCommit(_ ids: some Sequence<SliceID>, session: SessionID) -> [SliceID] {
-        lock.withLock {
-            let taken = takeLocked(ids, session: session)
-            committing.formUnion(taken)
-            return taken
+    /// so that nothing takes them for orphans between the claim and the change. First waits,
+    /// up to `waitSeconds`, until no other commit under way has claimed any of `ids` (a retry
+    /// of a commit still running waits for it: its objects may be on their way into its journal
+    /// record, SPEC.md §5); ETIMEDOUT, with nothing taken, if one still has.
+    public func takeForCommit(_ ids: [SliceID], session: SessionID, waitSeconds: Double) throws -> [SliceID] {
+        let deadline = Date(timeIntervalSinceNow: waitSeconds)
+        lock.lock()
+        defer { lock.unlock() }
+        while ids.contains(where: { committing.contains($0) }) {
+            guard lock.wait(until: deadline) else {
+                guard !ids.contains(where: { committing.contains($0) }) else {
+                    throw WeftError(ETIMEDOUT, "another commit under way still holds objects this commit names")
+                }
+                break
+            }
         }
+        let taken = takeLocked(ids, session: session)
+        committing.formUnion(taken)
+        return taken
     }
 
     private func takeLocked(_ ids: some Sequence<SliceID>, session: SessionID) -> [SliceID] {
@@ -41,7 +53,10 @@ public final class PendingUploads: @unchecked Sendable {
     /// The commit that claimed `ids` applied or failed (after any `giveBack`).
     public func endCommit(_ ids: [SliceID]) {
         guard !ids.isEmpty else { return }
-        lock.withLock { committing.subtract(ids) }
+        lock.withLock {
+            committing.subtract(ids)
+            lock.broadcast()
+        }
     }
 
     /// Gives `ids` back to `session` (a commit that claimed them failed).
