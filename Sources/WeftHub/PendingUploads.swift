@@ -32,11 +32,8 @@ public final class PendingUploads: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         while ids.contains(where: { committing.contains($0) }) {
-            guard lock.wait(until: deadline) else {
-                guard !ids.contains(where: { committing.contains($0) }) else {
-                    throw WeftError(ETIMEDOUT, "another commit under way still holds objects this commit names")
-                }
-                break
+            if !lock.wait(until: deadline), ids.contains(where: { committing.contains($0) }) {
+                throw WeftError(ETIMEDOUT, "another commit under way still holds objects this commit names")
             }
         }
         let taken = takeLocked(ids, session: session)
