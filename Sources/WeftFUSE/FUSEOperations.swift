@@ -18,7 +18,8 @@ extension FUSEAdapter {
         ops.lookup = { req, parent, name in
             FUSEAdapter.reply(req) {
                 let a = FUSEAdapter.adapter(req)
-                a.replyEntry(req, parent: parent, try a.vfs.lookup(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name)))
+                a.replyEntry(req, parent: parent, try a.vfs.lookup(FUSEAdapter.credentials(req), parent: parent, name: FUSEAdapter.name(name),
+                                                                 caller: fuse_req_ctx(req)!.pointee.pid))
             }
         }
         ops.forget = { req, _, _ in fuse_reply_none(req) }

@@ -196,3 +196,55 @@ struct GivenNames {
         if byFile[ino]?.key == key { byFile[ino]?.covered = true }
     }
 }
+
+/// The lookups this agent answered ESTALE, by the thread that asked (SPEC.md §12.6, "The
+/// kernel's retry"). When a call's lookup fails with ESTALE the kernel starts the call again
+/// once with `LOOKUP_REVAL`: every entry on the call's path is looked up at the file system
+/// again, the one that may be stale included, so that attempt cannot use it and needs no second
+/// ESTALE (which would reach the caller). That retry is told apart by its thread, and by its
+/// first lookup being of another name than the one answered ESTALE: it walks the path again
+/// from its first directory. (After an ESTALE answered to the revalidation of an entry the
+/// kernel holds, the same call looks the same name up at once: that lookup is still the first
+/// attempt.) The retry lasts up to its lookup of the name answered ESTALE, its first failed
+/// lookup, or `windowNs`. Guarded by `VFS.givenLock`.
+struct StaleRetries {
+    static let windowNs: UInt64 = 1_000_000_000
+    static let callersMax = 1_024
+
+    private struct Answered {
+        var key: NameKey
+        var ns: UInt64
+        /// A lookup of another name came: the kernel's retry is under way.
+        var retrying = false
+    }
+
+    private var byCaller: [Int32: Answered] = [:]
+
+    var count: Int { byCaller.count }
+
+    /// Whether thread `caller`'s lookup of `key` belongs to the kernel's retry of a call whose
+    /// lookup this agent answered ESTALE.
+    mutating func isRetry(_ caller: Int32, _ key: NameKey, now: UInt64) -> Bool {
+        guard let answered = byCaller[caller] else { return false }
+        if now &- answered.ns > Self.windowNs || answered.key == key {
+            remove(caller)
+            return answered.retrying && now &- answered.ns <= Self.windowNs
+        }
+        byCaller[caller]?.retrying = true
+        return true
+    }
+
+    /// This agent answers thread `caller`'s lookup of `key` ESTALE.
+    mutating func answered(_ caller: Int32, _ key: NameKey, now: UInt64) {
+        if byCaller.count >= Self.callersMax {
+            byCaller = byCaller.filter { now &- $0.value.ns <= Self.windowNs }
+            if byCaller.count >= Self.callersMax { byCaller.removeAll(keepingCapacity: true) }
+        }
+        byCaller[caller] = Answered(key: key, ns: now)
+    }
+
+    /// Thread `caller`'s call ended (a lookup of its retry failed).
+    mutating func remove(_ caller: Int32) {
+        byCaller[caller] = nil
+    }
+}

@@ -3,7 +3,8 @@ import WeftProto
 /// What the FUSE adapter calls: one volume (`VFS`) or the global root over many
 /// (`GlobalNamespace`). Inode numbers and handles are the kernel's.
 public protocol FileSystemLayer: AnyObject, Sendable {
-    func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws -> Attributes
+    /// `caller`: the thread that asked (the FUSE request's pid, 0 if unknown).
+    func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8], caller: Int32) throws -> Attributes
     func getattr(_ credentials: Credentials, ino: InodeID) throws -> Attributes
     func setattr(_ credentials: Credentials, ino: InodeID, _ changes: SetAttributes) throws -> Attributes
     func mkdir(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes

@@ -114,11 +114,11 @@ public final class GlobalNamespace: FileSystemLayer, @unchecked Sendable {
 
     // MARK: Namespace
 
-    public func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws -> Attributes {
+    public func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8], caller: Int32 = 0) throws -> Attributes {
         guard parent == Self.rootIno else {
             let (id, vfs, local) = try inVolume(parent)
             if local == 1 && name == [0x2E, 0x2E] { return rootAttributes }
-            return mapped(id, try vfs.lookup(credentials, parent: local, name: name))
+            return mapped(id, try vfs.lookup(credentials, parent: local, name: name, caller: caller))
         }
         if name == [0x2E] || name == [0x2E, 0x2E] { return rootAttributes }
         let text = String(decoding: name, as: UTF8.self)

@@ -80,6 +80,10 @@ public final class VFS: @unchecked Sendable {
     static let namesMax = 65_536
     /// The entry under which each file was last given to the kernel (`checkSecondName`).
     var givenNames = GivenNames()
+    /// The threads whose lookups were answered ESTALE a moment ago (`checkSecondName`).
+    var staleRetries = StaleRetries()
+    /// `staleRetries.count`, read without the lock by every lookup.
+    let staleRetriesCount = Atomic<Int>(0)
     let givenLock = NSLock()
 
     /// How long a lookup waits for a recall's drop of its name before answering ESTALE (SPEC.md
@@ -102,6 +106,10 @@ public final class VFS: @unchecked Sendable {
     /// milliseconds before it is handled, so that a test can keep another agent's change under
     /// way at the home (SPEC.md §12.6).
     static let testRecallDelayUs: UInt32? = ProcessInfo.processInfo.environment["WEFT_TEST_RECALL_DELAY"].flatMap(UInt32.init).map { $0 * 1000 }
+    /// Test only: `WEFT_TEST_ENTRY_DROP_DELAY=MS` makes the thread that drops an entry which went
+    /// out uncovered (`dropEntry`) wait MS milliseconds first, as a drop whose thread the
+    /// scheduler runs late, so that a test can keep it waiting across the kernel's retry.
+    static let testEntryDropDelayUs: UInt32? = ProcessInfo.processInfo.environment["WEFT_TEST_ENTRY_DROP_DELAY"].flatMap(UInt32.init).map { $0 * 1000 }
     /// This agent's own unlinks and renames under way, by name (`forgetNames`).
     var namesChanging = NamesChanging()
     /// Bumped before and after each of this agent's own unlinks and renames (`forgetNames`),
@@ -168,6 +176,9 @@ public final class VFS: @unchecked Sendable {
         if let delay = Self.testRecallDelayUs {
             logger.warning("WEFT_TEST_RECALL_DELAY: every recall waits \(delay / 1000) ms (test only)")
         }
+        if let delay = Self.testEntryDropDelayUs {
+            logger.warning("WEFT_TEST_ENTRY_DROP_DELAY: every drop of an uncovered entry waits \(delay / 1000) ms (test only)")
+        }
         if let delay = Self.testLookupDelay {
             logger.warning("WEFT_TEST_LOOKUP_DELAY: every lookup of \(String(decoding: delay.name, as: UTF8.self)) waits \(delay.us / 1000) ms (test only)")
         }
@@ -231,8 +242,24 @@ public final class VFS: @unchecked Sendable {
 
     // MARK: namespace
 
-    public func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8]) throws -> Attributes {
+    /// `caller`: the thread that asked (the FUSE request's pid; 0 if unknown), which tells the
+    /// kernel's retry of a lookup answered ESTALE (`checkSecondName`).
+    public func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8], caller: Int32 = 0) throws -> Attributes {
         let key = NameKey(parent: parent, name: name)
+        guard leasesEnabled, caller != 0, staleRetriesCount.load(ordering: .relaxed) > 0,
+              givenLock.withLock({ updatingStaleRetries { $0.isRetry(caller, key, now: Leases.nowNs()) } }) else {
+            return try lookup(credentials, key, caller: caller, retrying: false)
+        }
+        do {
+            return try lookup(credentials, key, caller: caller, retrying: true)
+        } catch {
+            givenLock.withLock { updatingStaleRetries { $0.remove(caller) } }
+            throw error
+        }
+    }
+
+    private func lookup(_ credentials: Credentials, _ key: NameKey, caller: Int32, retrying: Bool) throws -> Attributes {
+        let (parent, name) = (key.parent, key.name)
         // A name this agent looked up under the directory's lease, of a file it holds under a
         // lease: no call to the home.
         if leasesEnabled, let known = lock.withLock({ names[key] }),
@@ -249,7 +276,7 @@ public final class VFS: @unchecked Sendable {
         let epoch = lock.withLock { namesEpoch }
         if let delay = Self.testLookupDelay, delay.name == name { usleep(delay.us) }
         let attributes = try hub.lookup(context(credentials), parent: parent, name: name)
-        if leasesEnabled { try checkSecondName(of: attributes.ino, key, since: token) }
+        if leasesEnabled { try checkSecondName(of: attributes.ino, key, since: token, caller: caller, retrying: retrying) }
         if leasesEnabled && attributes.isRegular && leaseCache.mayCache(kernelIno(parent), since: token) {
             lock.withLock {
                 guard epoch == namesEpoch else { return }
@@ -265,12 +292,24 @@ public final class VFS: @unchecked Sendable {
     /// §12.6, "A rename across another agent's rename"): a recall's drop of that entry is still
     /// waiting for its directory's lock, or the entry went out uncovered a moment ago and cannot
     /// be dropped now either. ESTALE makes the kernel let go of the lock, which lets the drop
-    /// through, and start the operation again with every name looked up again.
-    func checkSecondName(of ino: InodeID, _ key: NameKey, since token: UInt64) throws {
+    /// through, and start the operation again with every name looked up again. That retry
+    /// (`retrying`, `LOOKUP_REVAL`) looks up again every entry the operation would use, the stale
+    /// one included, so it is not answered ESTALE: a drop still waiting then (the retry took the
+    /// directory's lock back before the drop's thread ran) would otherwise fail the call.
+    func checkSecondName(of ino: InodeID, _ key: NameKey, since token: UInt64, caller: Int32 = 0,
+                         retrying: Bool = false) throws {
         guard key.name != [0x2E], key.name != [0x2E, 0x2E] else { return }
         let now = Leases.nowNs()
         let covered = leaseCache.mayCache(kernelIno(key.parent), kernelIno(ino), since: token)
-        if let earlier = givenLock.withLock({ givenNames.otherOrGave(ino, key, covered: covered, now: now) }) {
+        let earlier = givenLock.withLock { () -> GivenNames.Given? in
+            guard retrying else { return givenNames.otherOrGave(ino, key, covered: covered, now: now) }
+            let earlier = givenNames.other(ino, than: key)
+            givenNames.gave(ino, key, covered: covered, now: now)
+            return earlier
+        }
+        if retrying, let earlier {
+            Trace.note("lookup parent=\(key.parent) name=\(String(decoding: key.name, as: UTF8.self)) inode \(ino) answered in the kernel's retry after ESTALE, which looks up \(earlier.key.parent)/\(String(decoding: earlier.key.name, as: UTF8.self)) again before using it")
+        } else if let earlier {
             let directory = kernelIno(earlier.key.parent)
             var held = leaseCache.dropPending(directory, earlier.key.name, waitNs: Self.lookupDropWaitNs)
             if !held && !earlier.covered && now &- earlier.ns < Self.uncoveredEntryWindowNs {
@@ -278,6 +317,7 @@ public final class VFS: @unchecked Sendable {
             }
             if held {
                 Trace.note("lookup parent=\(key.parent) name=\(String(decoding: key.name, as: UTF8.self)) ESTALE: inode \(ino) may still be held as \(earlier.key.parent)/\(String(decoding: earlier.key.name, as: UTF8.self))")
+                if caller != 0 { givenLock.withLock { updatingStaleRetries { $0.answered(caller, key, now: now) } } }
                 throw WeftError(ESTALE, "another entry of this file may be held stale by the kernel; look it up again")
             }
             givenLock.withLock { givenNames.gave(ino, key, covered: covered, now: now) }
@@ -293,6 +333,13 @@ public final class VFS: @unchecked Sendable {
         }
     }
 
+    /// Changes `staleRetries` and its count; under `givenLock`.
+    private func updatingStaleRetries<T>(_ body: (inout StaleRetries) -> T) -> T {
+        let result = body(&staleRetries)
+        staleRetriesCount.store(staleRetries.count, ordering: .relaxed)
+        return result
+    }
+
     /// Drops the kernel's entry `key` (last given for file `ino`) on a thread of its own, unless
     /// a drop of it is under way already; true if the kernel has dropped it within
     /// `lookupDropWaitNs` (it waits for the directory's lock). Once dropped, even later, the
@@ -304,6 +351,7 @@ public final class VFS: @unchecked Sendable {
         if !cache.dropPending(directory, key.name, waitNs: 0) {
             cache.dropsBegan(directory, [key.name])
             WorkerPool.detach { [self] in
+                if let delay = Self.testEntryDropDelayUs { usleep(delay) }
                 invalidateEntry(directory, key.name)
                 givenLock.withLock { givenNames.dropped(ino, key) }
                 cache.dropsEnded(directory, [key.name])

@@ -114,6 +114,57 @@ final class GivenNamesTests: XCTestCase {
     }
 }
 
+/// The kernel's retry of a call whose lookup was answered ESTALE (SPEC.md §12.6, "The
+/// kernel's retry").
+final class StaleRetriesTests: XCTestCase {
+    private func key(_ name: String, in parent: UInt64 = 2) -> NameKey { NameKey(parent: parent, name: Array(name.utf8)) }
+
+    /// The retry walks the path again from its first directory; it ends at the name answered
+    /// ESTALE. Other threads are never part of it.
+    func testTheRetryBeginsWithAnotherNameAndEndsAtTheNameAnsweredEstale() {
+        var retries = StaleRetries()
+        XCTAssertFalse(retries.isRetry(40, key("b"), now: 1), "nothing answered ESTALE")
+        retries.answered(40, key("b"), now: 10)
+        XCTAssertFalse(retries.isRetry(41, key("d", in: 1), now: 11), "another thread")
+        XCTAssertTrue(retries.isRetry(40, key("d", in: 1), now: 12), "the retry revalidates the directory first")
+        XCTAssertTrue(retries.isRetry(40, key("a"), now: 13), "a name the retry looks up before")
+        XCTAssertTrue(retries.isRetry(40, key("b"), now: 14), "the name answered ESTALE: still the retry")
+        XCTAssertFalse(retries.isRetry(40, key("c"), now: 15), "the retry ended there")
+        XCTAssertEqual(retries.count, 0)
+    }
+
+    /// After an ESTALE answered to the revalidation of an entry the kernel holds, the same call
+    /// looks the same name up at once: that lookup is still the first attempt.
+    func testTheSameNameAtOnceIsStillTheFirstAttempt() {
+        var retries = StaleRetries()
+        retries.answered(40, key("b"), now: 10)
+        XCTAssertFalse(retries.isRetry(40, key("b"), now: 11))
+        XCTAssertFalse(retries.isRetry(40, key("d", in: 1), now: 12), "nothing is left to retry")
+        retries.answered(40, key("b"), now: 13)
+        XCTAssertTrue(retries.isRetry(40, key("d", in: 1), now: 14), "the second ESTALE's retry")
+    }
+
+    func testTheRetryEndsWhenItsCallEndsOrTheWindowPasses() {
+        var retries = StaleRetries()
+        retries.answered(40, key("b"), now: 10)
+        XCTAssertTrue(retries.isRetry(40, key("d", in: 1), now: 11))
+        retries.remove(40)                                  // a lookup of the retry failed
+        XCTAssertFalse(retries.isRetry(40, key("a"), now: 12))
+        retries.answered(40, key("b"), now: 100)
+        XCTAssertFalse(retries.isRetry(40, key("d", in: 1), now: 101 + StaleRetries.windowNs), "too late")
+        XCTAssertEqual(retries.count, 0)
+    }
+
+    func testTheRecordsStayBounded() {
+        var retries = StaleRetries()
+        for caller in 1...Int32(StaleRetries.callersMax + 10) {
+            retries.answered(caller, key("b"), now: 1)
+        }
+        XCTAssertLessThanOrEqual(retries.count, StaleRetries.callersMax)
+        XCTAssertTrue(retries.isRetry(Int32(StaleRetries.callersMax + 10), key("d", in: 1), now: 2), "the newest is kept")
+    }
+}
+
 /// A lookup of a name whose drop a recall asked for waits for it, a little (SPEC.md §12.6).
 final class EntryDropsTests: XCTestCase {
     func testALookupWaitsForAPendingDropOfItsNameThenReportsIt() {

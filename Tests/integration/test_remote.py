@@ -91,11 +91,16 @@ def _rename_source_to_target(results: dict, tag: str, root) -> None:
         results[tag] = errno.errorcode.get(error.errno, error.errno)
 
 
+def _trace_count(trace_dir, text: str) -> int:
+    """How often `text` occurs in the agents' lease traces in `trace_dir`."""
+    return sum(trace.count(text) for trace in
+               (path.read_text("utf-8", "replace") for path in trace_dir.glob("weft-*.trace")))
+
+
 def _estales_answered(trace_dir) -> int:
     """Lookups the agent answered ESTALE because the kernel might hold another entry of the
     file (its lease trace)."""
-    return sum(text.count("ESTALE: inode") for text in
-               (path.read_text("utf-8", "replace") for path in trace_dir.glob("weft-*.trace")))
+    return _trace_count(trace_dir, "ESTALE: inode")
 
 
 def test_a_rename_across_another_agents_rename_of_the_same_name_fails(weft):
@@ -203,6 +208,43 @@ def test_a_hard_link_looked_up_during_a_change_costs_a_retry_not_an_error(weft):
         assert not change.is_alive()
     answered = _estales_answered(trace_dir)
     assert 1 <= answered <= 6, f"{answered} ESTALE answers for 3 stats of a second name"
+
+
+def test_the_kernels_retry_of_a_lookup_answered_estale_is_not_answered_estale_again(weft):
+    """After ESTALE the kernel starts the call again once with every name looked up at the file
+    system (LOOKUP_REVAL), so the entry that may be stale cannot be used by that call, and a
+    second ESTALE would reach the caller. Agent B looks up `a` while A's change of the
+    directory is under way (C answers recalls 600 ms late), so that entry goes out uncovered;
+    B's rename of `b`, a hard link of the same file, then finds the file under another entry and
+    answers ESTALE while the drop of `a` waits (its thread held back 300 ms by
+    WEFT_TEST_ENTRY_DROP_DELAY, as a scheduler may run it after the retry took the directory's
+    lock back: the two-hub linearizability test saw a rename fail so, seed 1000, 2026-12-07).
+    The rename must succeed after one ESTALE (SPEC §12.6, "The kernel's retry")."""
+    weft.require_weft("mounts a second agent")
+    weft.require_mode("remote")
+    trace_dir = weft.res.new_dir("trace-b")
+    far = weft.add_agent("mnt-b", env={"WEFT_TRACE_DIR": str(trace_dir), "WEFT_TEST_ENTRY_DROP_DELAY": "300"})
+    slow = weft.add_agent("mnt-c", env={"WEFT_TEST_RECALL_DELAY": "600"})
+    os.mkdir(weft.path / "d")
+    write_file(weft.path / "d" / "a", b"one file, two names")
+    ino = os.stat(weft.path / "d" / "a").st_ino
+    for round_ in range(3):
+        os.link(weft.path / "d" / "a", weft.path / "d" / "b")
+        os.listdir(slow / "d")                             # C holds the directory's lease
+        change = threading.Thread(target=write_file, args=(weft.path / "d" / f"new-{round_}", b"x"))
+        change.start()
+        try:
+            time.sleep(0.15)                               # A's create waits for C's answer
+            assert os.stat(far / "d" / "a").st_ino == ino  # uncovered: the create is under way
+            os.rename(far / "d" / "b", far / "d" / f"c-{round_}")   # ESTALE once, then the retry
+        finally:
+            change.join(10)
+        assert not change.is_alive()
+        assert os.stat(far / "d" / f"c-{round_}").st_ino == ino
+        assert sorted(os.listdir(weft.path / "d")) == sorted(
+            ["a"] + [f"c-{n}" for n in range(round_ + 1)] + [f"new-{n}" for n in range(round_ + 1)])
+        assert _estales_answered(trace_dir) == round_ + 1
+        assert _trace_count(trace_dir, "in the kernel's retry after ESTALE") == round_ + 1
 
 
 # struct vfs_cap_data, revision 2, effective, CAP_NET_RAW permitted (include/uapi/linux/capability.h)
