@@ -132,7 +132,7 @@ struct FIFO<Element> {
 /// file: a lookup that finds a file under another name than the one recorded asks whether the
 /// kernel may still hold that other entry. Guarded by `VFS.givenLock`.
 struct GivenNames {
-    struct Given {
+    struct Given: Equatable {
         var key: NameKey
         /// A lease covered the reply, or the kernel has dropped the entry since.
         var covered: Bool
@@ -197,54 +197,69 @@ struct GivenNames {
     }
 }
 
-/// The lookups this agent answered ESTALE, by the thread that asked (SPEC.md §12.6, "The
-/// kernel's retry"). When a call's lookup fails with ESTALE the kernel starts the call again
-/// once with `LOOKUP_REVAL`: every entry on the call's path is looked up at the file system
-/// again, the one that may be stale included, so that attempt cannot use it and needs no second
-/// ESTALE (which would reach the caller). That retry is told apart by its thread, and by its
-/// first lookup being of another name than the one answered ESTALE: it walks the path again
-/// from its first directory. (After an ESTALE answered to the revalidation of an entry the
-/// kernel holds, the same call looks the same name up at once: that lookup is still the first
-/// attempt.) The retry lasts up to its lookup of the name answered ESTALE, its first failed
-/// lookup, or `windowNs`. Guarded by `VFS.givenLock`.
+/// The lookups this agent answered ESTALE, by the thread that asked, with the record of the
+/// entry the kernel might hold stale (SPEC.md §12.6, "The kernel's retry"). When a call's
+/// lookup fails with ESTALE the kernel starts the call again with `LOOKUP_REVAL`: every entry
+/// on the call's path is looked up at the file system again, the one that may be stale
+/// included, so that attempt cannot use it, and a second ESTALE for it would only reach the
+/// caller. That retry is told apart by its thread, and by its first lookup being of another
+/// name than the one answered ESTALE, within `beginNs`: it walks the path again from its first
+/// directory. (After an ESTALE answered to the revalidation of an entry the kernel holds, the
+/// same call looks the same name up at once: that lookup is still the first attempt.) The
+/// retry lasts up to its lookup of the name answered ESTALE, its first failed lookup, or
+/// `windowNs`. Guarded by `VFS.givenLock`.
 struct StaleRetries {
+    static let beginNs: UInt64 = 50_000_000
     static let windowNs: UInt64 = 1_000_000_000
     static let callersMax = 1_024
 
     private struct Answered {
         var key: NameKey
+        var stale: GivenNames.Given
         var ns: UInt64
         /// A lookup of another name came: the kernel's retry is under way.
         var retrying = false
     }
 
     private var byCaller: [Int32: Answered] = [:]
+    private var prunedNs: UInt64 = 0
 
     var count: Int { byCaller.count }
 
-    /// Whether thread `caller`'s lookup of `key` belongs to the kernel's retry of a call whose
-    /// lookup this agent answered ESTALE.
-    mutating func isRetry(_ caller: Int32, _ key: NameKey, now: UInt64) -> Bool {
-        guard let answered = byCaller[caller] else { return false }
-        if now &- answered.ns > Self.windowNs || answered.key == key {
-            remove(caller)
-            return answered.retrying && now &- answered.ns <= Self.windowNs
+    /// If thread `caller`'s lookup of `key` belongs to the kernel's retry of a call whose lookup
+    /// this agent answered ESTALE, the record of the entry that was held stale then: that
+    /// retry looks it up again before it uses it.
+    mutating func retry(_ caller: Int32, _ key: NameKey, now: UInt64) -> GivenNames.Given? {
+        guard let answered = byCaller[caller] else {
+            if now &- prunedNs > Self.windowNs { prune(now: now) }
+            return nil
+        }
+        let age = now >= answered.ns ? now - answered.ns : 0
+        if age > Self.windowNs || answered.key == key || (!answered.retrying && age > Self.beginNs) {
+            byCaller[caller] = nil
+            return answered.retrying && age <= Self.windowNs ? answered.stale : nil
         }
         byCaller[caller]?.retrying = true
-        return true
+        return answered.stale
     }
 
-    /// This agent answers thread `caller`'s lookup of `key` ESTALE.
-    mutating func answered(_ caller: Int32, _ key: NameKey, now: UInt64) {
+    /// This agent answers thread `caller`'s lookup of `key` ESTALE because of entry `stale`.
+    mutating func answered(_ caller: Int32, _ key: NameKey, stale: GivenNames.Given, now: UInt64) {
         if byCaller.count >= Self.callersMax {
-            byCaller = byCaller.filter { now &- $0.value.ns <= Self.windowNs }
+            prune(now: now)
             if byCaller.count >= Self.callersMax { byCaller.removeAll(keepingCapacity: true) }
         }
-        byCaller[caller] = Answered(key: key, ns: now)
+        byCaller[caller] = Answered(key: key, stale: stale, ns: now)
     }
 
     /// Thread `caller`'s call ended (a lookup of its retry failed).
     mutating func remove(_ caller: Int32) {
         byCaller[caller] = nil
+    }
+
+    /// Forgets the records of threads that never came back (their calls ended otherwise).
+    private mutating func prune(now: UInt64) {
+        byCaller = byCaller.filter { now < $0.value.ns || now - $0.value.ns <= Self.windowNs }
+        prunedNs = now
     }
 }

@@ -247,18 +247,21 @@ public final class VFS: @unchecked Sendable {
     public func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8], caller: Int32 = 0) throws -> Attributes {
         let key = NameKey(parent: parent, name: name)
         guard leasesEnabled, caller != 0, staleRetriesCount.load(ordering: .relaxed) > 0,
-              givenLock.withLock({ updatingStaleRetries { $0.isRetry(caller, key, now: Leases.nowNs()) } }) else {
-            return try lookup(credentials, key, caller: caller, retrying: false)
+              let stale = givenLock.withLock({ updatingStaleRetries { $0.retry(caller, key, now: Leases.nowNs()) } }) else {
+            return try lookup(credentials, key, caller: caller, retryPassing: nil)
         }
         do {
-            return try lookup(credentials, key, caller: caller, retrying: true)
+            return try lookup(credentials, key, caller: caller, retryPassing: stale)
         } catch {
             givenLock.withLock { updatingStaleRetries { $0.remove(caller) } }
             throw error
         }
     }
 
-    private func lookup(_ credentials: Credentials, _ key: NameKey, caller: Int32, retrying: Bool) throws -> Attributes {
+    /// `retryPassing`: this lookup belongs to the kernel's retry of a call answered ESTALE
+    /// because of that entry (`StaleRetries`).
+    private func lookup(_ credentials: Credentials, _ key: NameKey, caller: Int32,
+                        retryPassing stale: GivenNames.Given?) throws -> Attributes {
         let (parent, name) = (key.parent, key.name)
         // A name this agent looked up under the directory's lease, of a file it holds under a
         // lease: no call to the home.
@@ -276,7 +279,7 @@ public final class VFS: @unchecked Sendable {
         let epoch = lock.withLock { namesEpoch }
         if let delay = Self.testLookupDelay, delay.name == name { usleep(delay.us) }
         let attributes = try hub.lookup(context(credentials), parent: parent, name: name)
-        if leasesEnabled { try checkSecondName(of: attributes.ino, key, since: token, caller: caller, retrying: retrying) }
+        if leasesEnabled { try checkSecondName(of: attributes.ino, key, since: token, caller: caller, retryPassing: stale) }
         if leasesEnabled && attributes.isRegular && leaseCache.mayCache(kernelIno(parent), since: token) {
             lock.withLock {
                 guard epoch == namesEpoch else { return }
@@ -293,22 +296,23 @@ public final class VFS: @unchecked Sendable {
     /// waiting for its directory's lock, or the entry went out uncovered a moment ago and cannot
     /// be dropped now either. ESTALE makes the kernel let go of the lock, which lets the drop
     /// through, and start the operation again with every name looked up again. That retry
-    /// (`retrying`, `LOOKUP_REVAL`) looks up again every entry the operation would use, the stale
-    /// one included, so it is not answered ESTALE: a drop still waiting then (the retry took the
-    /// directory's lock back before the drop's thread ran) would otherwise fail the call.
+    /// (`retryPassing`, `LOOKUP_REVAL`) looks up again every entry the operation would use, the
+    /// stale one included, so the entry that was answered ESTALE does not stop it: a drop still
+    /// waiting then (the retry took the directory's lock back before the drop's thread ran)
+    /// would otherwise fail the call. Any other entry is checked as always, and the record of
+    /// the stale one stays for other calls.
     func checkSecondName(of ino: InodeID, _ key: NameKey, since token: UInt64, caller: Int32 = 0,
-                         retrying: Bool = false) throws {
+                         retryPassing stale: GivenNames.Given? = nil) throws {
         guard key.name != [0x2E], key.name != [0x2E, 0x2E] else { return }
         let now = Leases.nowNs()
         let covered = leaseCache.mayCache(kernelIno(key.parent), kernelIno(ino), since: token)
         let earlier = givenLock.withLock { () -> GivenNames.Given? in
-            guard retrying else { return givenNames.otherOrGave(ino, key, covered: covered, now: now) }
-            let earlier = givenNames.other(ino, than: key)
-            givenNames.gave(ino, key, covered: covered, now: now)
-            return earlier
+            if let stale, givenNames.other(ino, than: key) == stale { return stale }
+            return givenNames.otherOrGave(ino, key, covered: covered, now: now)
         }
-        if retrying, let earlier {
-            Trace.note("lookup parent=\(key.parent) name=\(String(decoding: key.name, as: UTF8.self)) inode \(ino) answered in the kernel's retry after ESTALE, which looks up \(earlier.key.parent)/\(String(decoding: earlier.key.name, as: UTF8.self)) again before using it")
+        if let earlier, earlier == stale {
+            let waiting = leaseCache.dropPending(kernelIno(earlier.key.parent), earlier.key.name, waitNs: 0)
+            Trace.note("lookup parent=\(key.parent) name=\(String(decoding: key.name, as: UTF8.self)) inode \(ino) answered in the kernel's retry after ESTALE, which looks up \(earlier.key.parent)/\(String(decoding: earlier.key.name, as: UTF8.self)) again before using it (its drop \(waiting ? "still waiting" : "done"))")
         } else if let earlier {
             let directory = kernelIno(earlier.key.parent)
             var held = leaseCache.dropPending(directory, earlier.key.name, waitNs: Self.lookupDropWaitNs)
@@ -317,7 +321,9 @@ public final class VFS: @unchecked Sendable {
             }
             if held {
                 Trace.note("lookup parent=\(key.parent) name=\(String(decoding: key.name, as: UTF8.self)) ESTALE: inode \(ino) may still be held as \(earlier.key.parent)/\(String(decoding: earlier.key.name, as: UTF8.self))")
-                if caller != 0 { givenLock.withLock { updatingStaleRetries { $0.answered(caller, key, now: now) } } }
+                if caller != 0 {
+                    givenLock.withLock { updatingStaleRetries { $0.answered(caller, key, stale: earlier, now: Leases.nowNs()) } }
+                }
                 throw WeftError(ESTALE, "another entry of this file may be held stale by the kernel; look it up again")
             }
             givenLock.withLock { givenNames.gave(ino, key, covered: covered, now: now) }

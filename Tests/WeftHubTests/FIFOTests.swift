@@ -118,18 +118,20 @@ final class GivenNamesTests: XCTestCase {
 /// kernel's retry").
 final class StaleRetriesTests: XCTestCase {
     private func key(_ name: String, in parent: UInt64 = 2) -> NameKey { NameKey(parent: parent, name: Array(name.utf8)) }
+    private let stale = GivenNames.Given(key: NameKey(parent: 2, name: Array("a".utf8)), covered: false, ns: 3)
+    private let ms: UInt64 = 1_000_000
 
     /// The retry walks the path again from its first directory; it ends at the name answered
     /// ESTALE. Other threads are never part of it.
     func testTheRetryBeginsWithAnotherNameAndEndsAtTheNameAnsweredEstale() {
         var retries = StaleRetries()
-        XCTAssertFalse(retries.isRetry(40, key("b"), now: 1), "nothing answered ESTALE")
-        retries.answered(40, key("b"), now: 10)
-        XCTAssertFalse(retries.isRetry(41, key("d", in: 1), now: 11), "another thread")
-        XCTAssertTrue(retries.isRetry(40, key("d", in: 1), now: 12), "the retry revalidates the directory first")
-        XCTAssertTrue(retries.isRetry(40, key("a"), now: 13), "a name the retry looks up before")
-        XCTAssertTrue(retries.isRetry(40, key("b"), now: 14), "the name answered ESTALE: still the retry")
-        XCTAssertFalse(retries.isRetry(40, key("c"), now: 15), "the retry ended there")
+        XCTAssertNil(retries.retry(40, key("b"), now: 1), "nothing answered ESTALE")
+        retries.answered(40, key("b"), stale: stale, now: 10)
+        XCTAssertNil(retries.retry(41, key("d", in: 1), now: 11), "another thread")
+        XCTAssertEqual(retries.retry(40, key("d", in: 1), now: 12), stale, "the retry revalidates the directory first")
+        XCTAssertEqual(retries.retry(40, key("a"), now: 13), stale, "a name the retry looks up before")
+        XCTAssertEqual(retries.retry(40, key("b"), now: 14 + 500 * ms), stale, "the name answered ESTALE: still the retry")
+        XCTAssertNil(retries.retry(40, key("c"), now: 15 + 500 * ms), "the retry ended there")
         XCTAssertEqual(retries.count, 0)
     }
 
@@ -137,31 +139,44 @@ final class StaleRetriesTests: XCTestCase {
     /// looks the same name up at once: that lookup is still the first attempt.
     func testTheSameNameAtOnceIsStillTheFirstAttempt() {
         var retries = StaleRetries()
-        retries.answered(40, key("b"), now: 10)
-        XCTAssertFalse(retries.isRetry(40, key("b"), now: 11))
-        XCTAssertFalse(retries.isRetry(40, key("d", in: 1), now: 12), "nothing is left to retry")
-        retries.answered(40, key("b"), now: 13)
-        XCTAssertTrue(retries.isRetry(40, key("d", in: 1), now: 14), "the second ESTALE's retry")
+        retries.answered(40, key("b"), stale: stale, now: 10)
+        XCTAssertNil(retries.retry(40, key("b"), now: 11))
+        XCTAssertNil(retries.retry(40, key("d", in: 1), now: 12), "nothing is left to retry")
+        retries.answered(40, key("b"), stale: stale, now: 13)
+        XCTAssertEqual(retries.retry(40, key("d", in: 1), now: 14), stale, "the second ESTALE's retry")
     }
 
-    func testTheRetryEndsWhenItsCallEndsOrTheWindowPasses() {
+    /// The retry begins within `beginNs` of the ESTALE (the kernel starts it at once), ends
+    /// when a lookup of it fails, and lasts at most `windowNs`.
+    func testTheRetryBeginsAtOnceAndEndsWhenItsCallEndsOrTheWindowPasses() {
         var retries = StaleRetries()
-        retries.answered(40, key("b"), now: 10)
-        XCTAssertTrue(retries.isRetry(40, key("d", in: 1), now: 11))
+        retries.answered(40, key("b"), stale: stale, now: 10)
+        XCTAssertNil(retries.retry(40, key("d", in: 1), now: 11 + StaleRetries.beginNs), "a later call of the thread")
+        XCTAssertEqual(retries.count, 0)
+        retries.answered(40, key("b"), stale: stale, now: 20)
+        XCTAssertNotNil(retries.retry(40, key("d", in: 1), now: 21))
         retries.remove(40)                                  // a lookup of the retry failed
-        XCTAssertFalse(retries.isRetry(40, key("a"), now: 12))
-        retries.answered(40, key("b"), now: 100)
-        XCTAssertFalse(retries.isRetry(40, key("d", in: 1), now: 101 + StaleRetries.windowNs), "too late")
+        XCTAssertNil(retries.retry(40, key("a"), now: 22))
+        retries.answered(40, key("b"), stale: stale, now: 100)
+        XCTAssertNotNil(retries.retry(40, key("d", in: 1), now: 101))
+        XCTAssertNil(retries.retry(40, key("a"), now: 102 + StaleRetries.windowNs), "too late")
         XCTAssertEqual(retries.count, 0)
     }
 
-    func testTheRecordsStayBounded() {
+    /// Threads that never come back (their calls ended otherwise) are forgotten after the
+    /// window, at another thread's lookup; at the bound every record is forgotten.
+    func testTheRecordsStayBoundedAndExpire() {
         var retries = StaleRetries()
+        retries.answered(40, key("b"), stale: stale, now: 10)
+        XCTAssertNil(retries.retry(41, key("b"), now: 20))
+        XCTAssertEqual(retries.count, 1, "still within the window")
+        XCTAssertNil(retries.retry(41, key("b"), now: 20 + 2 * StaleRetries.windowNs))
+        XCTAssertEqual(retries.count, 0, "pruned")
         for caller in 1...Int32(StaleRetries.callersMax + 10) {
-            retries.answered(caller, key("b"), now: 1)
+            retries.answered(caller, key("b"), stale: stale, now: 30)
         }
         XCTAssertLessThanOrEqual(retries.count, StaleRetries.callersMax)
-        XCTAssertTrue(retries.isRetry(Int32(StaleRetries.callersMax + 10), key("d", in: 1), now: 2), "the newest is kept")
+        XCTAssertNotNil(retries.retry(Int32(StaleRetries.callersMax + 10), key("d", in: 1), now: 31), "the newest is kept")
     }
 }
 

@@ -229,6 +229,7 @@ def test_the_kernels_retry_of_a_lookup_answered_estale_is_not_answered_estale_ag
     write_file(weft.path / "d" / "a", b"one file, two names")
     ino = os.stat(weft.path / "d" / "a").st_ino
     for round_ in range(3):
+        time.sleep(1.1)     # B's entries of the last round are no longer "uncovered a moment ago"
         os.link(weft.path / "d" / "a", weft.path / "d" / "b")
         os.listdir(slow / "d")                             # C holds the directory's lease
         change = threading.Thread(target=write_file, args=(weft.path / "d" / f"new-{round_}", b"x"))
@@ -244,7 +245,10 @@ def test_the_kernels_retry_of_a_lookup_answered_estale_is_not_answered_estale_ag
         assert sorted(os.listdir(weft.path / "d")) == sorted(
             ["a"] + [f"c-{n}" for n in range(round_ + 1)] + [f"new-{n}" for n in range(round_ + 1)])
         assert _estales_answered(trace_dir) == round_ + 1
+        # The retry came while the drop of `a` was still waiting: answering it ESTALE again
+        # would have failed the rename.
         assert _trace_count(trace_dir, "in the kernel's retry after ESTALE") == round_ + 1
+        assert _trace_count(trace_dir, "(its drop still waiting)") == round_ + 1
 
 
 # struct vfs_cap_data, revision 2, effective, CAP_NET_RAW permitted (include/uapi/linux/capability.h)
