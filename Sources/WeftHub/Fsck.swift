@@ -57,6 +57,12 @@ struct Fsck {
             missing = missing.filter { referencedNow.contains($0) && !hub.chunks.exists(id: $0) }
         }
         for id in missing.sorted() { report.problems.append("chunk \(id) is referenced but missing") }
+        // Objects whose bytes the metadata journal still carries (a failed sync left them to be
+        // written again, or their key awaits a pass): written again from their keys, never
+        // given up (SPEC.md §5, "A failed sync of journaled objects").
+        let carried = try fromJournal(damaged.union(missing), repair: repair, into: &report)
+        damaged.subtract(carried)
+        missing.subtract(carried)
         if repair {
             for id in orphans { try hub.chunks.delete(id: id) }
             if !orphans.isEmpty { report.repaired.append("deleted \(orphans.count) orphan chunk object(s)") }
@@ -71,5 +77,34 @@ struct Fsck {
             try hub.meta.sync()
         }
         return report
+    }
+
+    /// Of the damaged or missing objects `lost`, those the journal carries. With `repair` each
+    /// is written again from its key (as the hub's next pass would) and queued to be synced
+    /// again; one that still does not read back whole is reported and kept.
+    private func fromJournal(_ lost: Set<SliceID>, repair: Bool, into report: inout FsckReport) throws -> Set<SliceID> {
+        guard !lost.isEmpty else { return [] }
+        let carried = try hub.meta.journaledObjects().filter { lost.contains($0.id) && !$0.isGarbage }
+        var rewritten: [SliceID] = []
+        for object in carried.sorted(by: { $0.id < $1.id }) {
+            guard repair else {
+                report.problems.append("chunk \(object.id): the metadata journal carries its bytes; --repair writes it again from there")
+                continue
+            }
+            do {
+                try hub.chunks.rewriteJournaled(id: object.id, raw: object.bytes)
+                guard try hub.chunks.verify(id: object.id) == object.bytes.count else {
+                    throw WeftError(EIO, "it does not read back whole")
+                }
+                rewritten.append(object.id)
+            } catch {
+                report.problems.append("chunk \(object.id) could not be written again from the metadata journal, which keeps its bytes: \(error)")
+            }
+        }
+        if !rewritten.isEmpty {
+            hub.chunks.requeueJournaled(rewritten)
+            report.repaired.append("wrote \(rewritten.count) damaged or missing chunk object(s) again from the metadata journal")
+        }
+        return Set(carried.map(\.id))
     }
 }

@@ -207,6 +207,49 @@ extension HubConformanceTests {
         }
     }
 
+    /// fsck never gives up an object whose bytes the journal still carries (a failed sync left
+    /// it to be written again, or its key awaits a pass): it reports it, and --repair writes it
+    /// again from its key instead of dropping the references to it. Before, --repair dropped
+    /// them and deleted the object, and the file's range read as zeros while the key held its
+    /// bytes.
+    func testFsckWritesADamagedOrMissingObjectTheJournalCarriesAgainFromItsKey() throws {
+        let (volume, context, file) = try journaledVolume()
+        let data = pattern(4096, seed: 41)
+        let slice = try commitDurably(data, to: file, on: volume, context)
+        let other = try volume.api.create(context, parent: root, name: bytes("g"), mode: regularFile | 0o644, rdev: 0,
+                                          umask: 0, exclusive: true)
+        let otherData = pattern(8192, seed: 42)
+        let otherSlice = try commitDurably(otherData, to: other, on: volume, context)
+        let path = try XCTUnwrap(volume.chunkFile(of: slice.id))
+        let damaged = try XCTUnwrap(FileManager.default.contents(atPath: path))
+        try Data(damaged.map { $0 ^ 0x5A }).write(to: URL(fileURLWithPath: path))
+        XCTAssertEqual(unlink(try XCTUnwrap(volume.chunkFile(of: otherSlice.id))), 0)
+        XCTAssertErrno(EIO, try volume.api.readSlice(context, id: slice.id, offset: 0, length: 4096))
+
+        let check = try volume.api.fsck(repair: false)
+        XCTAssertTrue(check.problems.contains { $0.hasPrefix("chunk \(slice.id) is damaged") }, "\(check.problems)")
+        XCTAssertTrue(check.problems.contains { $0 == "chunk \(otherSlice.id) is referenced but missing" }, "\(check.problems)")
+        for id in [slice.id, otherSlice.id] {
+            XCTAssertTrue(check.problems.contains { $0.hasPrefix("chunk \(id): the metadata journal carries its bytes") },
+                          "\(check.problems)")
+        }
+        XCTAssertEqual(check.repaired, [])
+
+        let repair = try volume.api.fsck(repair: true)
+        XCTAssertEqual(repair.repaired, ["wrote 2 damaged or missing chunk object(s) again from the metadata journal"])
+        XCTAssertEqual(try volume.api.readSlice(context, id: slice.id, offset: 0, length: 4096), data)
+        XCTAssertEqual(try volume.api.readSlice(context, id: otherSlice.id, offset: 0, length: 8192), otherData)
+        XCTAssertEqual(try volume.api.getattr(context, ino: file.ino).size, 4096, "the file keeps its layout")
+        XCTAssertEqual(try volume.api.fsck(repair: false).problems, [])
+        try volume.hub.syncJournaledObjects()
+        XCTAssertEqual(try volume.hub.meta.journaledObjects().count, 0, "queued again and synced: the keys go")
+        let restarted = try reopen(volume, damaging: slice.id) { _ in }
+        XCTAssertEqual(try volume.api.readSlice(restarted, id: slice.id, offset: 0, length: 4096), data)
+        XCTAssertEqual(try volume.api.readSlice(restarted, id: otherSlice.id, offset: 0, length: 8192), otherData)
+        XCTAssertEqual(try volume.api.status().chunks, 2, "two objects on disk, as a store opened again counts them")
+        XCTAssertEqual(try volume.api.fsck(repair: false).problems, [])
+    }
+
     /// A second durable commit naming an object that a commit under way is carrying into its
     /// journal record (an agent's retry after a barrier's timeout) is not acknowledged before
     /// that record is written: at its reply the object's bytes are in the journal. Before, it
