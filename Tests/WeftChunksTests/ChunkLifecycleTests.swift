@@ -88,7 +88,7 @@ final class ChunkLifecycleTests: ChunkTestCase {
         let store = try makeStore()
         try store.write(id: 0x22, data: [1])
         for name in ["22/README", "22/00000000000000zz", "23/0000000000000022", "22/000000000000022"] {
-            FileManager.default.createFile(atPath: "\(directory)/\(name)", contents: Data([1]))
+            XCTAssertTrue(FileManager.default.createFile(atPath: "\(directory)/\(name)", contents: Data([1])))
         }
         var seen: [SliceID] = []
         try store.forEach { id, _, _ in seen.append(id) }
@@ -179,7 +179,7 @@ final class ChunkLifecycleTests: ChunkTestCase {
     }
 
     func testUnusableDirectoryIsAnError() throws {
-        FileManager.default.createFile(atPath: directory, contents: Data([1]))
+        XCTAssertTrue(FileManager.default.createFile(atPath: directory, contents: Data([1])))
         XCTAssertThrowsError(try makeStore())
     }
 

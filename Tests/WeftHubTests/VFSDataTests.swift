@@ -247,7 +247,7 @@ class VFSDataTests: HubTestCase {
         try agent.fsync(handle: handle)   // nothing the session committed was lost: no EIO
         try agent.release(handle: handle)
         XCTAssertEqual(try contents(of: ino, via: try makeAgent()), data)
-        XCTAssertTrue(try eventually { chunks.lostObjects(uploaded).isEmpty }, "the lost objects were deleted")
+        XCTAssertTrue(eventually { chunks.lostObjects(uploaded).isEmpty }, "the lost objects were deleted")
         XCTAssertEqual(try fixture.api.fsck(repair: false).problems, [])
     }
 

@@ -429,7 +429,7 @@ extension VFSDataTests {
         let (other, otherHandle) = try create(b, "other")
         try b.release(handle: otherHandle)
         XCTAssertEqual(try contents(of: other, via: a), [])
-        XCTAssertNil(try XCTUnwrap(a.openFile(other)).cachedSecurityXattr(capability))
+        XCTAssertEqual(try XCTUnwrap(a.openFile(other)).cachedSecurityXattr(capability), .none)
         XCTAssertErrno(ENODATA, try a.getxattr(rootCaller, ino: other, name: capability))
         XCTAssertEqual(try XCTUnwrap(a.openFile(other)).cachedSecurityXattr(capability), .some(nil),
                        "the absence is kept under the lease")
@@ -438,13 +438,13 @@ extension VFSDataTests {
         // keeps nothing until the agent holds the file under a lease again.
         try b.setxattr(rootCaller, ino: ino, name: capability, value: [7, 7], flags: [])
         XCTAssertEqual(try a.getxattr(rootCaller, ino: ino, name: capability), [7, 7])
-        XCTAssertNil(file.cachedSecurityXattr(capability), "the recall ended the file's lease")
+        XCTAssertEqual(file.cachedSecurityXattr(capability), .none, "the recall ended the file's lease")
         XCTAssertEqual(try contents(of: ino, via: a), Array("bytes".utf8))   // an open: a new lease
         XCTAssertEqual(try a.getxattr(rootCaller, ino: ino, name: capability), [7, 7])
         XCTAssertEqual(file.cachedSecurityXattr(capability), .some([7, 7]))
         // So does this agent's own change.
         try a.removexattr(rootCaller, ino: ino, name: capability)
-        XCTAssertNil(file.cachedSecurityXattr(capability))
+        XCTAssertEqual(file.cachedSecurityXattr(capability), .none)
         XCTAssertErrno(ENODATA, try a.getxattr(rootCaller, ino: ino, name: capability))
         try a.release(handle: handle)
 
@@ -452,7 +452,7 @@ extension VFSDataTests {
         let user = bytes("user.note")
         try b.setxattr(rootCaller, ino: ino, name: user, value: [1], flags: [])
         XCTAssertEqual(try a.getxattr(rootCaller, ino: ino, name: user), [1])
-        XCTAssertNil(file.cachedSecurityXattr(user))
+        XCTAssertEqual(file.cachedSecurityXattr(user), .none)
         try fixture.hub.meta.setxattr(rootCaller, ino: ino, name: user, value: [2], flags: [])
         XCTAssertEqual(try a.getxattr(rootCaller, ino: ino, name: user), [2], "asked at the home every time")
     }

@@ -383,7 +383,7 @@ final class LoopbackTests: XCTestCase {
             try client.readSlice(context(session), id: FakeHub.slowSliceID, offset: 0, into: $0)
         }) { XCTAssertEqual(($0 as? WeftError)?.errno, ETIMEDOUT) }
         // The caller owns its memory again at once: the answer that comes later is dropped.
-        destination.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0x11) }
+        _ = destination.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0x11) }
         usleep(800_000)
         XCTAssertTrue(destination.allSatisfy { $0 == 0x11 }, "a late response must not write into the caller's memory")
         try client.writeSlice(context(session), id: 81, data: [1, 2, 3, 4])
@@ -458,7 +458,7 @@ final class LoopbackTests: XCTestCase {
         XCTAssertThrowsError(try destination.withUnsafeMutableBytes {
             try client.readSlice(context(session), id: 1, offset: 0, into: $0)
         }) { XCTAssertEqual(($0 as? WeftError)?.errno, ETIMEDOUT) }
-        destination.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0x11) }
+        _ = destination.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0x11) }
         usleep(1_200_000)
         XCTAssertTrue(destination.allSatisfy { $0 == 0x11 }, "the rest of the reply must not reach the caller's memory")
         var after = [UInt8](repeating: 0, count: 4)
