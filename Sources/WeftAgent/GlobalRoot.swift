@@ -19,7 +19,8 @@ final class GlobalRoot {
         self.namespace = namespace
     }
 
-    static func open(address: HubAddress, options: VFSOptions, requestTimeoutMs: Int, logger: Logger) throws -> GlobalRoot {
+    static func open(address: HubAddress, options: VFSOptions, requestTimeoutMs: Int, compressUploads: Bool = true,
+                     logger: Logger) throws -> GlobalRoot {
         let entry = RemoteHub(address: address, connectTimeoutMs: HubOpener.connectTimeoutMs,
                               requestTimeoutMs: requestTimeoutMs, logger: logger)
         // Fail at mount time, with the hub's own message, if this is no cluster hub.
@@ -35,7 +36,8 @@ final class GlobalRoot {
             listVolumes: { try volumes(of: entry) },
             openVolume: { volume in
                 let (hub, connections) = try HubOpener.openVolumeAPI(address: address, volume: volume.name,
-                                                                     requestTimeoutMs: requestTimeoutMs, logger: logger)
+                                                                     requestTimeoutMs: requestTimeoutMs,
+                                                                     compressUploads: compressUploads, logger: logger)
                 var volumeOptions = options
                 volumeOptions.volume = volume.name
                 do {
@@ -60,8 +62,9 @@ final class GlobalRoot {
         return map.volumes.values.filter { $0.id != 0 }.map { GlobalNamespace.Volume(name: $0.name, id: $0.id) }
     }
 
-    func close() {
+    func close(logger: Logger) {
         let hubs = lock.withLock { volumeHubs }
+        HubOpener.logCompressedUploads(hubs, logger: logger)
         for hub in hubs { hub.close() }
     }
 }

@@ -55,10 +55,12 @@ public enum HubOpener {
     /// The hub to send `volume`'s calls to, reached through the hub at `address`: that hub
     /// itself when it is the volume's home (or `volume` is "", a single hub), else the home,
     /// at the address the cluster map gives for the region of the hub at `address`.
+    /// `compressUploads`: on a zstd volume, this process compresses what it uploads (SPEC.md §4,
+    /// "Compressed uploads"); otherwise the hub does.
     public static func openVolume(address: HubAddress, volume: String, requestTimeoutMs: Int = defaultRequestTimeoutMs,
-                                  logger: Logger) throws -> RemoteHub {
+                                  compressUploads: Bool = true, logger: Logger) throws -> RemoteHub {
         let entry = RemoteHub(address: address, connectTimeoutMs: connectTimeoutMs, requestTimeoutMs: requestTimeoutMs,
-                              logger: logger)
+                              compressUploads: compressUploads, logger: logger)
         guard !volume.isEmpty else { return entry }
         do {
             let map = try ClusterMap.decode(try entry.clusterMap(), from: address.displayName)
@@ -72,7 +74,7 @@ public enum HubOpener {
             }
             entry.close()
             return RemoteHub(address: try HubAddress.parse("weft://" + homeAddress), connectTimeoutMs: connectTimeoutMs,
-                             requestTimeoutMs: requestTimeoutMs, logger: logger)
+                             requestTimeoutMs: requestTimeoutMs, compressUploads: compressUploads, logger: logger)
         } catch {
             entry.close()
             throw error
@@ -84,11 +86,12 @@ public enum HubOpener {
     /// single hub), it is that hub. Otherwise (SPEC.md §12.5) metadata goes to the home and chunk
     /// data to the hub at `address`, which stores what the agent writes and caches what it reads.
     public static func openVolumeAPI(address: HubAddress, volume: String, requestTimeoutMs: Int = defaultRequestTimeoutMs,
-                                     logger: Logger) throws -> (api: HubAPI, connections: [RemoteHub]) {
-        let home = try openVolume(address: address, volume: volume, requestTimeoutMs: requestTimeoutMs, logger: logger)
+                                     compressUploads: Bool = true, logger: Logger) throws -> (api: HubAPI, connections: [RemoteHub]) {
+        let home = try openVolume(address: address, volume: volume, requestTimeoutMs: requestTimeoutMs,
+                                  compressUploads: compressUploads, logger: logger)
         guard !volume.isEmpty, home.address != address else { return (home, [home]) }
         let data = RemoteHub(address: address, connectTimeoutMs: connectTimeoutMs, requestTimeoutMs: requestTimeoutMs,
-                             logger: logger)
+                             compressUploads: compressUploads, logger: logger)
         do {
             let map = try ClusterMap.decode(try data.clusterMap(), from: address.displayName)
             guard let region = map.answeredBy, let id = map.hubIDs[region], id != 0 else {
@@ -100,6 +103,18 @@ public enum HubOpener {
             data.close()
             throw error
         }
+    }
+
+    /// One line at unmount: what this agent compressed of its uploads (SPEC.md §4, "Compressed
+    /// uploads"; `weft mount --upload-compression`).
+    static func logCompressedUploads(_ connections: [RemoteHub], logger: Logger) {
+        guard !connections.isEmpty else { return }   // an embedded hub compresses itself
+        let sent = connections.map(\.compressedUploads)
+        let objects = sent.reduce(0) { $0 + $1.objects }
+        let raw = sent.reduce(0) { $0 + $1.rawBytes }
+        let images = sent.reduce(0) { $0 + $1.imageBytes }
+        let mode = connections.contains { $0.compressUploads } ? "agent" : "hub"
+        logger.info("uploads compressed by this agent: \(objects) object(s), \(raw) bytes sent as \(images) (upload compression: \(mode))")
     }
 
     /// Longest wait for a hub that does not answer.

@@ -20,6 +20,9 @@ public struct MountRequest {
     public var hubTimeoutMs = HubOpener.defaultRequestTimeoutMs
     /// Embedded hub: free disk space file data may not take (SPEC.md §9.1); nil: the default.
     public var reserveBytes: UInt64?
+    /// Remote hubs, zstd volumes: the agent compresses what it uploads (SPEC.md §4, "Compressed
+    /// uploads"); false: it sends raw bytes and the hub compresses them.
+    public var compressUploads = true
     public var pidFile: String?
     /// A file descriptor to report readiness on ("ok" or "error: ..."), for --background.
     public var notifyFD: Int32?
@@ -70,15 +73,16 @@ public enum Mounter {
                 var vfsOptions = request.vfs
                 vfsOptions.agentName = "\(ProcessInfo.processInfo.hostName):\(getpid()):\(request.mountpoint)"
                 let global = try GlobalRoot.open(address: address, options: vfsOptions, requestTimeoutMs: request.hubTimeoutMs,
-                                                 logger: logger)
+                                                 compressUploads: request.compressUploads, logger: logger)
                 opened = OpenedHub(api: global.entry, local: nil, remote: global.entry)
                 try serve(global.namespace, request, notify: notify, logger: logger)
-                global.close()
+                global.close(logger: logger)
                 opened?.close()
                 return
             case let .remote(address, volume):
                 let (api, connections) = try HubOpener.openVolumeAPI(address: address, volume: volume ?? "",
-                                                                     requestTimeoutMs: request.hubTimeoutMs, logger: logger)
+                                                                     requestTimeoutMs: request.hubTimeoutMs,
+                                                                     compressUploads: request.compressUploads, logger: logger)
                 opened = OpenedHub(api: api, local: nil, remote: nil, connections: connections)
                 hubAPI = api
             case .directory(let path):
@@ -100,6 +104,7 @@ public enum Mounter {
             if case let .remote(_, volume?) = request.source { vfsOptions.volume = volume }
             let vfs = try VFS(hub: hubAPI, options: vfsOptions, logger: logger)
             try serve(vfs, request, notify: notify, logger: logger)
+            HubOpener.logCompressedUploads(opened?.connections ?? [], logger: logger)
             server?.shutdown()
             opened?.close()
         } catch {

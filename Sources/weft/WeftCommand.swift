@@ -58,6 +58,8 @@ struct Mount: ParsableCommand {
     var hubTimeout: Double = Double(HubOpener.defaultRequestTimeoutMs) / 1000
     @Option(help: "Embedded hub: free disk space, MiB, that file data may not take, kept so that metadata changes (unlink, rmdir, truncate) still work on a full disk (default: 5% of the file system, at most 256 MiB; 0: none).")
     var reserveMb: Int?
+    @Option(help: "Remote hub, zstd volume: where written data is compressed: agent (this process; the hub only checks it, and compressed bytes cross the network) or hub (raw bytes are sent; the hub compresses them: less CPU in all when agent and hub share one machine).")
+    var uploadCompression: String = "agent"
     @Option(help: "Write the agent's pid here once mounted.") var pidFile: String?
     @Option(help: "Agent log file for --background (default: /tmp/weft-agent-<mountpoint>.log).") var logFile: String?
     @Option(help: .hidden) var notifyFd: Int32?
@@ -69,6 +71,7 @@ struct Mount: ParsableCommand {
         if attrTimeout < 0 { throw ValidationError("--attr-timeout must not be negative") }
         if !(0.1...3600).contains(hubTimeout) { throw ValidationError("--hub-timeout must be 0.1...3600 seconds") }
         if let reserveMb, !(0...(1 << 30)).contains(reserveMb) { throw ValidationError("--reserve-mb must be 0...1073741824") }
+        if !["agent", "hub"].contains(uploadCompression) { throw ValidationError("--upload-compression must be agent or hub") }
     }
 
     func run() throws {
@@ -77,7 +80,8 @@ struct Mount: ParsableCommand {
         if background {
             try Mounter.validateMountpoint(point)
             var arguments = ["mount", source, point, "--write-buffer-mb", "\(writeBufferMb)", "--cache-mb", "\(cacheMb)",
-                             "--durability", durability, "--attr-timeout", "\(attrTimeout)", "--hub-timeout", "\(hubTimeout)"]
+                             "--durability", durability, "--attr-timeout", "\(attrTimeout)", "--hub-timeout", "\(hubTimeout)",
+                             "--upload-compression", uploadCompression]
             if let reserveMb { arguments += ["--reserve-mb", "\(reserveMb)"] }
             if let pidFile { arguments += ["--pid-file", URL(fileURLWithPath: pidFile).standardizedFileURL.path] }
             let log = logFile ?? "/tmp/weft-agent-\(point.replacingOccurrences(of: "/", with: "_")).log"
@@ -92,6 +96,7 @@ struct Mount: ParsableCommand {
         request.mount.entryTimeoutSeconds = attrTimeout
         request.hubTimeoutMs = Int(hubTimeout * 1000)
         request.reserveBytes = reserveMb.map { UInt64($0) << 20 }
+        request.compressUploads = uploadCompression == "agent"
         request.pidFile = pidFile
         request.notifyFD = notifyFd
         try Mounter.run(request, logger: WeftLogging.logger("weft.agent"))

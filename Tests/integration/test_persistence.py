@@ -7,13 +7,14 @@ import errno
 import json
 import os
 import random
+import re
 import stat
 import time
 from pathlib import Path
 
 import pytest
 
-from posix_helpers import (MiB, assert_errno, pread_exact, pwrite_all, sha256_bytes, sha256_file,
+from posix_helpers import (MiB, assert_errno, pread_exact, pwrite_all, read_file, sha256_bytes, sha256_file,
                            utimensat, write_all, write_file)
 from weft_harness import find_key, find_used_bytes
 
@@ -92,6 +93,41 @@ def test_data_survives_remount(weft):
     weft.remount()
     assert sha256_file(root / "after") == sha256_bytes(b"written after remount")
     assert sha256_file(root / "big") == before["big"]["sha256"]
+
+
+def test_uploads_to_a_zstd_volume_are_compressed_by_the_agent_or_by_the_hub(weft_factory):
+    """Over weftd, an agent on a zstd volume compresses what it uploads (SPEC.md §4, "Compressed
+    uploads"); with `--upload-compression hub` it sends raw bytes and weftd compresses them.
+    Either way the other mount reads every byte back, the volume stores less than the files
+    hold, fsck is clean, and each agent's last log line says what it compressed."""
+    weft = weft_factory(format_args=["--compression", "zstd", "--chunk-size", 1 << 20])
+    weft.require_weft("checks Weft's own upload compression")
+    weft.require_mode("remote")
+    raw_sender = weft.add_agent("mnt-hub-compresses", options=["--upload-compression", "hub"])
+    text = b"".join(b"line %08d of a log that repeats itself\n" % i for i in range(60_000))[:2 * (1 << 20) + 4321]
+    write_file(weft.path / "by-agent", text)
+    write_file(raw_sender / "by-hub", text[::-1])
+    assert read_file(raw_sender / "by-agent") == text
+    assert read_file(weft.path / "by-hub") == text[::-1]
+    status = weft.status()
+    assert status["spaceUsedBytes"] < len(text), status
+    for mount in weft.extra_mounts:
+        result = mount.umount()
+        assert result.rc == 0, result.describe()
+    compressing = weft.mount_obj.log_file
+    weft.unmount()
+    logs = {name: path.read_text("utf-8", "replace") for name, path in
+            (("agent", compressing), ("hub", weft.extra_mounts[0].log_file))}
+    sent = {name: re.findall(r"uploads compressed by this agent: (\d+) object\(s\), (\d+) bytes sent as (\d+) "
+                             r"\(upload compression: (\w+)\)", text_) for name, text_ in logs.items()}
+    assert len(sent["agent"]) == 1 and len(sent["hub"]) == 1, sent
+    objects, raw, image, mode = sent["agent"][0]
+    assert mode == "agent" and int(objects) >= 3 and int(raw) >= len(text) and int(image) < int(raw) // 4, sent
+    assert sent["hub"][0] == ("0", "0", "0", "hub"), sent
+    weft.mount()
+    assert read_file(weft.path / "by-hub") == text[::-1]
+    r = weft.fsck()
+    assert r.rc == 0, r.describe()
 
 
 def test_zstd_volume_keeps_every_byte_and_stores_less(weft_factory):
