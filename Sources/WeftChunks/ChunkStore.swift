@@ -458,6 +458,10 @@ public final class ChunkStore: @unchecked Sendable {
         try raw.withUnsafeBytes { try write(id: id, data: $0, replacing: true) }
     }
 
+    /// Takes objects the journal carries out of the next `syncJournaled` and out of
+    /// `takeRewriteNeeded`, to be written again and given back (`Hub.rewriteCarried`).
+    public func takeJournaled(_ ids: Set<SliceID>) { durability.takeJournaled(ids) }
+
     /// Gives objects the journal carries back to the next `syncJournaled`.
     public func requeueJournaled(_ ids: [SliceID]) { durability.requeueJournaled(ids) }
 

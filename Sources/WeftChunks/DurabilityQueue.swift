@@ -319,7 +319,20 @@ final class DurabilityQueue: @unchecked Sendable {
     /// Objects the journal carries, given back to the next `syncJournaled` (written again
     /// after a failed one).
     func requeueJournaled(_ ids: [SliceID]) {
-        lock.withLock { journaled += ids }
+        lock.withLock {
+            let queued = Set(journaled)
+            journaled += ids.filter { !queued.contains($0) }
+        }
+    }
+
+    /// Takes `ids` out of the queue of the next pass and out of `takeRewriteNeeded`, for a
+    /// caller that writes them again from their keys itself (fsck; no pass runs meanwhile) and
+    /// gives each back with `requeueJournaled` or `needRewrite`.
+    func takeJournaled(_ ids: Set<SliceID>) {
+        lock.withLock {
+            journaled.removeAll { ids.contains($0) }
+            rewriteNeeded.subtract(ids)
+        }
     }
 
     /// Takes the objects a failed pass left to be written again from their keys.

@@ -80,31 +80,24 @@ struct Fsck {
     }
 
     /// Of the damaged or missing objects `lost`, those the journal carries. With `repair` each
-    /// is written again from its key (as the hub's next pass would) and queued to be synced
-    /// again; one that still does not read back whole is reported and kept.
+    /// is written again from its key (`Hub.rewriteCarried`, as the hub's pass would after a
+    /// failed sync); one that cannot be is reported and waits with its key.
     private func fromJournal(_ lost: Set<SliceID>, repair: Bool, into report: inout FsckReport) throws -> Set<SliceID> {
         guard !lost.isEmpty else { return [] }
-        let carried = try hub.meta.journaledObjects().filter { lost.contains($0.id) && !$0.isGarbage }
-        var rewritten: [SliceID] = []
-        for object in carried.sorted(by: { $0.id < $1.id }) {
-            guard repair else {
-                report.problems.append("chunk \(object.id): the metadata journal carries its bytes; --repair writes it again from there")
-                continue
+        let carried = Set(try hub.meta.journaledObjects().filter { lost.contains($0.id) && !$0.isGarbage }.map(\.id))
+        guard repair else {
+            for id in carried.sorted() {
+                report.problems.append("chunk \(id): the metadata journal carries its bytes; --repair writes it again from there")
             }
-            do {
-                try hub.chunks.rewriteJournaled(id: object.id, raw: object.bytes)
-                guard try hub.chunks.verify(id: object.id) == object.bytes.count else {
-                    throw WeftError(EIO, "it does not read back whole")
-                }
-                rewritten.append(object.id)
-            } catch {
-                report.problems.append("chunk \(object.id) could not be written again from the metadata journal, which keeps its bytes: \(error)")
-            }
+            return carried
+        }
+        let (rewritten, failed) = try hub.rewriteCarried(carried)
+        for (id, error) in failed {
+            report.problems.append("chunk \(id) could not be written again from the metadata journal, which keeps its bytes: \(error)")
         }
         if !rewritten.isEmpty {
-            hub.chunks.requeueJournaled(rewritten)
             report.repaired.append("wrote \(rewritten.count) damaged or missing chunk object(s) again from the metadata journal")
         }
-        return Set(carried.map(\.id))
+        return carried
     }
 }

@@ -34,6 +34,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// Slice lists longer than this are compacted in the background.
     public static let compactionThresholdSlices = 16
 
+    /// Orders the passes over the objects the journal carries (`syncJournaledObjects`) and
+    /// fsck's rewrites of them (`rewriteCarried`): a rewrite must not land after a pass's sync
+    /// that then drops its key.
+    private let journalPassLock = NSLock()
     private let underfootLock = NSLock()
     private var underfoot = 0
     /// Changes of names made again because another change replaced what a name held between
@@ -186,6 +190,8 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// rewrite fails is tried again at the next call, and never synced (nor its key dropped)
     /// before.
     public func syncJournaledObjects() throws {
+        journalPassLock.lock()
+        defer { journalPassLock.unlock() }
         rewriteJournaled(chunks.takeRewriteNeeded())
         let synced: [SliceID]
         do {
@@ -195,6 +201,34 @@ public final class Hub: HubAPI, @unchecked Sendable {
             throw failure.error
         }
         try meta.forgetJournaled(synced)
+    }
+
+    /// Writes the objects `ids` again from the keys that carry them, if they still do (fsck of
+    /// damaged or missing objects, SPEC.md §11), with no pass running meanwhile: one that
+    /// reads back whole goes back to the passes (its key goes once it is synced), one that
+    /// does not waits as after a failed pass (`needRewrite`), its key kept. Returns the ids
+    /// written, and the first error of each that was not.
+    func rewriteCarried(_ ids: Set<SliceID>) throws -> (rewritten: [SliceID], failed: [(SliceID, Error)]) {
+        journalPassLock.lock()
+        defer { journalPassLock.unlock() }
+        let carried = try meta.journaledObjects().filter { ids.contains($0.id) && !$0.isGarbage }
+        chunks.takeJournaled(Set(carried.map(\.id)))
+        var rewritten: [SliceID] = []
+        var failed: [(SliceID, Error)] = []
+        for object in carried.sorted(by: { $0.id < $1.id }) {
+            do {
+                try chunks.rewriteJournaled(id: object.id, raw: object.bytes)
+                guard try chunks.verify(id: object.id) == object.bytes.count else {
+                    throw WeftError(EIO, "it does not read back whole")
+                }
+                rewritten.append(object.id)
+            } catch {
+                failed.append((object.id, error))
+            }
+        }
+        chunks.requeueJournaled(rewritten)
+        chunks.needRewrite(failed.map(\.0))
+        return (rewritten, failed)
     }
 
     private func rewriteJournaled(_ ids: [SliceID]) {

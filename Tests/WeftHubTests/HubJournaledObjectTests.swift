@@ -235,6 +235,22 @@ extension HubConformanceTests {
         }
         XCTAssertEqual(check.repaired, [])
 
+        // A rewrite that fails (the disk reserve refuses it) keeps the key, and the object
+        // stays out of the passes: a good pass must not drop its key.
+        let reserve = volume.hub.chunks.reserveBytes
+        volume.hub.chunks.setReserve(UInt64(1) << 60)
+        let refused = try volume.api.fsck(repair: true)
+        XCTAssertEqual(refused.repaired, [])
+        for id in [slice.id, otherSlice.id] {
+            XCTAssertTrue(refused.problems.contains { $0.hasPrefix("chunk \(id) could not be written again from the metadata journal") },
+                          "\(refused.problems)")
+        }
+        try volume.hub.syncJournaledObjects()       // its rewrite fails again; nothing else to sync
+        XCTAssertEqual(Set(try volume.hub.meta.journaledObjects().map(\.id)), [slice.id, otherSlice.id], "the keys stay")
+        XCTAssertEqual(try volume.api.layout(context, ino: file.ino, firstChunk: 0, count: 1).1.first?.map(\.id), [slice.id],
+                       "the references stay")
+        volume.hub.chunks.setReserve(reserve)
+
         let repair = try volume.api.fsck(repair: true)
         XCTAssertEqual(repair.repaired, ["wrote 2 damaged or missing chunk object(s) again from the metadata journal"])
         XCTAssertEqual(try volume.api.readSlice(context, id: slice.id, offset: 0, length: 4096), data)
