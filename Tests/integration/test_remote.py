@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import platform
@@ -179,6 +180,23 @@ def test_a_rename_that_looks_a_name_up_while_another_agents_rename_is_under_way_
         assert _estales_answered(trace_dir) > round_, "B's agent never answered the lookup ESTALE"
 
 
+@contextlib.contextmanager
+def _a_looked_up_uncovered(weft, slow, far, new_name: str, ino: int):
+    """Agent B (`far`) looks up d/a while A's create of d/`new_name` waits for agent C (`slow`,
+    which answers recalls 600 ms late), so B's entry for the file goes out uncovered; the body
+    runs meanwhile, and the create has ended after it."""
+    os.listdir(slow / "d")                             # C holds the directory's lease
+    change = threading.Thread(target=write_file, args=(weft.path / "d" / new_name, b"x"))
+    change.start()
+    try:
+        time.sleep(0.15)                               # A's create waits for C's answer
+        assert os.stat(far / "d" / "a").st_ino == ino  # uncovered: the create is under way
+        yield
+    finally:
+        change.join(10)
+    assert not change.is_alive()
+
+
 def test_a_hard_link_looked_up_during_a_change_costs_a_retry_not_an_error(weft):
     """The check above must not fail calls on a file's legitimate second name: agent B looks
     up `a` while A's change of the directory is under way (C answers recalls 600 ms late), so
@@ -196,16 +214,8 @@ def test_a_hard_link_looked_up_during_a_change_costs_a_retry_not_an_error(weft):
     os.link(weft.path / "d" / "a", weft.path / "d" / "b")
     ino = os.stat(weft.path / "d" / "a").st_ino
     for round_ in range(3):
-        os.listdir(slow / "d")                         # C holds the directory's lease
-        change = threading.Thread(target=write_file, args=(weft.path / "d" / f"new-{round_}", b"x"))
-        change.start()
-        try:
-            time.sleep(0.15)                               # A's create waits for C's answer
-            assert os.stat(far / "d" / "a").st_ino == ino  # uncovered: the create is under way
+        with _a_looked_up_uncovered(weft, slow, far, f"new-{round_}", ino):
             assert os.stat(far / "d" / "b").st_ino == ino  # the other name: a retry, no error
-        finally:
-            change.join(10)
-        assert not change.is_alive()
     answered = _estales_answered(trace_dir)
     assert 1 <= answered <= 6, f"{answered} ESTALE answers for 3 stats of a second name"
 
@@ -231,16 +241,8 @@ def test_the_kernels_retry_of_a_lookup_answered_estale_is_not_answered_estale_ag
     for round_ in range(3):
         time.sleep(1.1)     # B's entries of the last round are no longer "uncovered a moment ago"
         os.link(weft.path / "d" / "a", weft.path / "d" / "b")
-        os.listdir(slow / "d")                             # C holds the directory's lease
-        change = threading.Thread(target=write_file, args=(weft.path / "d" / f"new-{round_}", b"x"))
-        change.start()
-        try:
-            time.sleep(0.15)                               # A's create waits for C's answer
-            assert os.stat(far / "d" / "a").st_ino == ino  # uncovered: the create is under way
+        with _a_looked_up_uncovered(weft, slow, far, f"new-{round_}", ino):
             os.rename(far / "d" / "b", far / "d" / f"c-{round_}")   # ESTALE once, then the retry
-        finally:
-            change.join(10)
-        assert not change.is_alive()
         assert os.stat(far / "d" / f"c-{round_}").st_ino == ino
         assert sorted(os.listdir(weft.path / "d")) == sorted(
             ["a"] + [f"c-{n}" for n in range(round_ + 1)] + [f"new-{n}" for n in range(round_ + 1)])
