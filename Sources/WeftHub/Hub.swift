@@ -213,12 +213,20 @@ public final class Hub: HubAPI, @unchecked Sendable {
         defer { journalPassLock.unlock() }
         let carried = try meta.journaledObjects().filter { ids.contains($0.id) && !$0.isGarbage }
         chunks.takeJournaled(Set(carried.map(\.id)))
+        return writeAgain(carried.sorted { $0.id < $1.id }, checked: true)
+    }
+
+    /// Writes each object again from the bytes its key carries (`checked`: and reads it back
+    /// whole), gives those written back to the passes and the others to `needRewrite`; returns
+    /// both, with each failure's error.
+    private func writeAgain(_ objects: [(id: SliceID, bytes: [UInt8], isGarbage: Bool)], checked: Bool)
+        -> (rewritten: [SliceID], failed: [(SliceID, Error)]) {
         var rewritten: [SliceID] = []
         var failed: [(SliceID, Error)] = []
-        for object in carried.sorted(by: { $0.id < $1.id }) {
+        for object in objects {
             do {
                 try chunks.rewriteJournaled(id: object.id, raw: object.bytes)
-                guard try chunks.verify(id: object.id) == object.bytes.count else {
+                if checked, try chunks.verify(id: object.id) != object.bytes.count {
                     throw WeftError(EIO, "it does not read back whole")
                 }
                 rewritten.append(object.id)
@@ -241,24 +249,11 @@ public final class Hub: HubAPI, @unchecked Sendable {
             logger.error("objects the journal carries wait to be written again: cannot read their keys: \(error)")
             return chunks.needRewrite(ids)
         }
-        var rewritten: [SliceID] = []
-        var failed: [SliceID] = []
-        var firstError: Error?
         // One without a key (collected meanwhile), garbage or gone is left alone.
-        for object in objects where !object.isGarbage && chunks.exists(id: object.id) {
-            do {
-                try chunks.rewriteJournaled(id: object.id, raw: object.bytes)
-                rewritten.append(object.id)
-            } catch {
-                if firstError == nil { firstError = error }
-                failed.append(object.id)
-            }
-        }
-        chunks.requeueJournaled(rewritten)
-        chunks.needRewrite(failed)
+        let (rewritten, failed) = writeAgain(objects.filter { !$0.isGarbage && chunks.exists(id: $0.id) }, checked: false)
         // One line per call, however many objects (this runs at every pass while a disk fails).
-        if let firstError {
-            logger.error("after a failed sync, wrote \(rewritten.count) object(s) the journal carries again from the journal; \(failed.count) could not be written and wait (first: chunk object \(failed[0]): \(firstError))")
+        if let (id, error) = failed.first {
+            logger.error("after a failed sync, wrote \(rewritten.count) object(s) the journal carries again from the journal; \(failed.count) could not be written and wait (first: chunk object \(id): \(error))")
         } else {
             logger.warning("after a failed sync, wrote \(rewritten.count) object(s) the journal carries again from the journal")
         }
