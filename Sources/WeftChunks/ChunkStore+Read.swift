@@ -70,11 +70,11 @@ extension ChunkStore {
         guard fd >= 0 else {
             let code = errno
             if code == ENOENT { throw WeftError(ENOENT, "chunk \(hex(id)) missing") }
-            if code == EMFILE || code == ENFILE || code == ENOMEM {
-                logger.error("cannot open chunk \(hex(id)) at \(path(of: id)): \(String(cString: strerror(code)))")
-                throw WeftError(code, "cannot open chunk \(hex(id))")
-            }
-            throw damaged(id, block: "open", reason: String(cString: strerror(code)))
+            if code == EIO { throw damaged(id, block: "open", reason: String(cString: strerror(code))) }
+            // Not the object's fault (EMFILE, ENOMEM, EACCES after a chmod of the store, ...):
+            // its own errno, so that fsck --repair never takes it for damage and deletes it.
+            logger.error("cannot open chunk \(hex(id)) at \(path(of: id)): \(String(cString: strerror(code)))")
+            throw WeftError(code, "cannot open chunk \(hex(id))")
         }
         do {
             return OpenObject(id: id, fd: fd, layout: try readLayout(fd, id))

@@ -528,9 +528,13 @@ public final class ChunkStore: @unchecked Sendable {
         if let failure { throw failure }
     }
 
-    /// Whether object `id` is stored (complete: partial writes are never visible).
+    /// Whether object `id` is stored (complete: partial writes are never visible). Only a
+    /// regular file counts, as in `forEach`: anything else at its path (a directory left by
+    /// damage) is no object, and fsck reports the object missing.
     public func exists(id: SliceID) -> Bool {
-        FileIO.withObjectPath(id) { faccessat(root, $0, F_OK, 0) } == 0
+        var info = stat()
+        return FileIO.withObjectPath(id) { fstatat(root, $0, &info, AT_SYMLINK_NOFOLLOW) } == 0
+            && info.st_mode & S_IFMT == S_IFREG
     }
 
     /// Calls `body` with every stored object id, its file size and its modification time

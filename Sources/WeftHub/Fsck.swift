@@ -12,6 +12,8 @@ struct Fsck {
     func run(repair: Bool) throws -> FsckReport {
         let check = try hub.meta.checkMetadata(repair: repair)
         var report = FsckReport(inodesChecked: check.inodes, problems: check.problems, repaired: check.repaired)
+        // What a repair leaves: reported again in `remaining` (SPEC.md §11, `weft fsck`).
+        var unrepairable = check.unrepairable
         var present: Set<SliceID> = []
         var orphans: [SliceID] = []
         var damaged: Set<SliceID> = []
@@ -36,6 +38,7 @@ struct Fsck {
                 } catch {
                     // Not the object's fault (EMFILE, ENOMEM, ...): reported, never repaired.
                     report.problems.append("chunk \(id) could not be checked: \(error)")
+                    unrepairable.append(report.problems.last!)
                 }
             } else if !check.garbage.contains(id) {
                 if !agentsConnected || now - modifiedNs > Fsck.orphanGraceNs { orphans.append(id) }
@@ -60,7 +63,7 @@ struct Fsck {
         // Objects whose bytes the metadata journal still carries (a failed sync left them to be
         // written again, or their key awaits a pass): written again from their keys, never
         // given up (SPEC.md §5, "A failed sync of journaled objects").
-        let carried = try fromJournal(damaged.union(missing), repair: repair, into: &report)
+        let carried = try fromJournal(damaged.union(missing), repair: repair, into: &report, unrepairable: &unrepairable)
         damaged.subtract(carried)
         missing.subtract(carried)
         if repair {
@@ -76,13 +79,15 @@ struct Fsck {
             }
             try hub.meta.sync()
         }
+        report.remaining = repair ? unrepairable : report.problems
         return report
     }
 
     /// Of the damaged or missing objects `lost`, those the journal carries. With `repair` each
     /// is written again from its key (`Hub.rewriteCarried`, as the hub's pass would after a
-    /// failed sync); one that cannot be is reported and waits with its key.
-    private func fromJournal(_ lost: Set<SliceID>, repair: Bool, into report: inout FsckReport) throws -> Set<SliceID> {
+    /// failed sync); one that cannot be is reported, and left in `unrepairable`, and waits with its key.
+    private func fromJournal(_ lost: Set<SliceID>, repair: Bool, into report: inout FsckReport,
+                             unrepairable: inout [String]) throws -> Set<SliceID> {
         guard !lost.isEmpty else { return [] }
         let carried = Set(try hub.meta.journaledObjects().filter { lost.contains($0.id) && !$0.isGarbage }.map(\.id))
         guard repair else {
@@ -94,6 +99,7 @@ struct Fsck {
         let (rewritten, failed) = try hub.rewriteCarried(carried)
         for (id, error) in failed {
             report.problems.append("chunk \(id) could not be written again from the metadata journal, which keeps its bytes: \(error)")
+            unrepairable.append(report.problems.last!)
         }
         if !rewritten.isEmpty {
             report.repaired.append("wrote \(rewritten.count) damaged or missing chunk object(s) again from the metadata journal")

@@ -8,6 +8,9 @@ public struct MetadataCheck {
     public var inodes: UInt64 = 0
     public var problems: [String] = []
     public var repaired: [String] = []
+    /// The problems a repair leaves in place (also in `problems`): a directory whose record
+    /// names another parent than its entry's, a slice that exceeds its chunk.
+    public var unrepairable: [String] = []
     /// Referenced chunk object id -> the object length the layouts expect (objects the home
     /// holds: slices with `hub` 0).
     public var referencedSlices: [SliceID: UInt32] = [:]
@@ -17,7 +20,8 @@ public struct MetadataCheck {
 
 extension MetaStore {
     /// Checks references between entries, inodes and layouts, link counts and counters.
-    /// With `repair`, removes dangling entries and layouts and fixes link counts and counters.
+    /// With `repair`, removes dangling entries and layouts and fixes link counts and counters;
+    /// what it cannot fix is also in `unrepairable`.
     public func checkMetadata(repair: Bool) throws -> MetadataCheck {
         var check = MetadataCheck()
         var records: [InodeID: InodeRecord] = [:]
@@ -55,7 +59,9 @@ extension MetaStore {
             links[entry.ino, default: 0] += 1
             if child.attributes.isDirectory {
                 subdirectories[parent, default: 0] += 1
-                if child.parent != parent { check.problems.append("directory \(entry.ino) records parent \(child.parent), entry is in \(parent)") }
+                if child.parent != parent {
+                    check.unrepairable.append("directory \(entry.ino) records parent \(child.parent), entry is in \(parent)")
+                }
             }
             return true
         }
@@ -101,7 +107,7 @@ extension MetaStore {
             }
             for slice in slices where slice.id != 0 {
                 if UInt64(slice.offsetInChunk) + UInt64(slice.length) > UInt64(volume.chunkSizeBytes) {
-                    check.problems.append("slice \(slice.id) of inode \(ino) exceeds its chunk")
+                    check.unrepairable.append("slice \(slice.id) of inode \(ino) exceeds its chunk")
                 }
                 // Objects another hub holds (SPEC.md §12.5) are that hub's to check.
                 if slice.hub == 0 { check.referencedSlices[slice.id] = slice.objectLength }
@@ -113,11 +119,12 @@ extension MetaStore {
             check.garbage.insert(try r.u64BE())
             return true
         }
+        check.problems += check.unrepairable
         let counted = counters
         if counted.inodes != UInt64(records.count) {
             check.problems.append("inode counter \(counted.inodes), found \(records.count)")
         }
-        if repair && !check.problems.isEmpty {
+        if repair && check.problems.count > check.unrepairable.count {
             try mutate { t in
                 for (parent, name) in danglingEntries { t.deleteEntry(parent, name) }
                 for record in fixes { t.put(record) }

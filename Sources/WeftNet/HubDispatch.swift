@@ -109,6 +109,8 @@ extension HubRequest {
             return .status(try hub.status())
         case let .fsck(repair):
             return .fsckReport(try hub.fsck(repair: repair))
+        case let .fsckRemaining(repair):
+            return .fsckResult(try hub.fsck(repair: repair))
         case let .openVolumeSession(agentName, volume):
             let (session, info) = try hub.openSession(agentName: agentName, volume: volume)
             return .session(session, info)

@@ -60,6 +60,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case syncFile = 52
     case openLayout = 53
     case writeObject = 54
+    case fsckRemaining = 55
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -100,6 +101,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .fence: "fence"
         case .status: "status"
         case .fsck: "fsck"
+        case .fsckRemaining: "fsckRemaining"
         case .openVolumeSession: "openVolumeSession"
         case .clusterMap: "clusterMap"
         case .createVolume: "createVolume"
@@ -165,6 +167,8 @@ public enum HubRequest: Equatable, Sendable {
     case openLayout(RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32, dataMaxBytes: UInt32)
     case status
     case fsck(repair: Bool)
+    /// `fsck`, whose reply also lists the problems still there when it ended (SPEC.md §4).
+    case fsckRemaining(repair: Bool)
     case openVolumeSession(agentName: String, volume: String)
     case clusterMap
     case createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression)
@@ -238,6 +242,7 @@ public enum HubRequest: Equatable, Sendable {
         case .openLayout: .openLayout
         case .status: .status
         case .fsck: .fsck
+        case .fsckRemaining: .fsckRemaining
         case .openVolumeSession: .openVolumeSession
         case .clusterMap: .clusterMap
         case .createVolume: .createVolume
@@ -264,7 +269,7 @@ public enum HubRequest: Equatable, Sendable {
     /// The session the request acts for: its context's, or the one `closeSession` ends.
     public var session: SessionID? {
         switch self {
-        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence, .openDataSession,
+        case .openSession, .status, .fsck, .fsckRemaining, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence, .openDataSession,
              .fetchObject, .deleteObjects: nil
         case .closeSession(let session), .enableLeases(let session), .recall(let session, _, _, _): session
         case .acquireWriteLease(let c, _), .reclaimWriteLease(let c, _): c.session
@@ -290,7 +295,7 @@ public enum HubRequest: Equatable, Sendable {
             return context
         }
         switch self {
-        case .openSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence, .openDataSession,
+        case .openSession, .status, .fsck, .fsckRemaining, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence, .openDataSession,
              .fetchObject, .deleteObjects: return self
         case .closeSession: return .closeSession(session)
         case .enableLeases: return .enableLeases(session)
@@ -408,7 +413,7 @@ public enum HubRequest: Equatable, Sendable {
             w.u64(minimumSize); w.bool(durable)
         case .status:
             break
-        case let .fsck(repair):
+        case let .fsck(repair), let .fsckRemaining(repair):
             w.bool(repair)
         case let .openVolumeSession(agentName, volume):
             w.string(agentName); w.string(volume)
@@ -471,6 +476,8 @@ public enum HubRequest: Equatable, Sendable {
             return .status
         case .fsck:
             return .fsck(repair: try r.bool())
+        case .fsckRemaining:
+            return .fsckRemaining(repair: try r.bool())
         case .openVolumeSession:
             return .openVolumeSession(agentName: try r.string(max: WireCodec.stringMaxBytes),
                                       volume: try r.string(max: WireCodec.stringMaxBytes))
@@ -507,7 +514,7 @@ public enum HubRequest: Equatable, Sendable {
         }
         let c = try RequestContext.decode(from: &r)
         switch opcode {
-        case .openSession, .closeSession, .status, .fsck, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence,
+        case .openSession, .closeSession, .status, .fsck, .fsckRemaining, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence,
              .enableLeases, .recall, .openDataSession, .fetchObject, .deleteObjects:
             preconditionFailure("handled above")
         case .acquireWriteLease:

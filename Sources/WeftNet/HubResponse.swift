@@ -30,6 +30,8 @@ public enum HubResponse: Equatable, Sendable {
     case status(HubStatus)
     /// fsck.
     case fsckReport(FsckReport)
+    /// fsckRemaining: the report with its `remaining` list.
+    case fsckResult(FsckReport)
     /// lock.
     case lock(LockDescription)
     /// acquireWriteLease.
@@ -52,7 +54,7 @@ public enum HubResponse: Equatable, Sendable {
              (.attributes, .commitSlices), (.unlinked, .unlinkEntry),
              (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
-             (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.openedLayout, .openLayout), (.status, .status), (.fsckReport, .fsck),
+             (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.openedLayout, .openLayout), (.status, .status), (.fsckReport, .fsck), (.fsckResult, .fsckRemaining),
              (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
              (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease), (.flag, .reclaimWriteLease),
              (.session, .openDataSession), (.bytes, .readSliceFrom), (.objectPart, .fetchObject),
@@ -78,6 +80,7 @@ public enum HubResponse: Equatable, Sendable {
         case .openedLayout: "openedLayout"
         case .status: "status"
         case .fsckReport: "fsckReport"
+        case .fsckResult: "fsckResult"
         case .lock: "lock"
         case .flag: "flag"
         case .objectPart: "objectPart"
@@ -118,6 +121,8 @@ public enum HubResponse: Equatable, Sendable {
             status.encode(into: &w)
         case let .fsckReport(report):
             report.encode(into: &w)
+        case let .fsckResult(report):
+            report.encode(into: &w, withRemaining: true)
         case let .lock(description):
             description.encode(into: &w)
         case let .flag(value):
@@ -210,6 +215,8 @@ public enum HubResponse: Equatable, Sendable {
             return .status(try HubStatus.decode(from: &r))
         case .fsck:
             return .fsckReport(try FsckReport.decode(from: &r))
+        case .fsckRemaining:
+            return .fsckResult(try FsckReport.decode(from: &r, withRemaining: true))
         case .lock:
             return .lock(try LockDescription.decode(from: &r))
         case .fetchObject:

@@ -365,9 +365,16 @@ extension RemoteHub {
         return status
     }
 
+    /// `fsckRemaining`; to a hub older than it (ENOSYS), `fsck`, whose report has no
+    /// `remaining` (nil: the caller counts every problem as remaining).
     public func fsck(repair: Bool) throws -> FsckReport {
-        guard case let .fsckReport(report) = try call(.fsck(repair: repair)) else { throw shapeMismatch(.fsck) }
-        return report
+        try call(.fsckRemaining(repair: repair), unpack: { response -> FsckReport? in
+            if case let .fsckResult(report) = response { return report }
+            return nil
+        }, fallback: {
+            guard case let .fsckReport(report) = try call(.fsck(repair: repair)) else { throw shapeMismatch(.fsck) }
+            return report
+        })
     }
 
     private func attributes(_ request: HubRequest) throws -> Attributes {

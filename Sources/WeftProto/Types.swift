@@ -354,21 +354,41 @@ public struct FsckReport: Equatable, Sendable {
     public var chunksChecked: UInt64
     public var problems: [String]
     public var repaired: [String]
+    /// The problems still there when the check ended: every problem without `repair`; with it,
+    /// those the repair could not fix (an object that could not be read, slice bounds, ...).
+    /// Nil when the hub did not say: an older hub answering `fsck` (opcode 30), whose reply
+    /// has no such field (SPEC.md §4, opcode 55).
+    public var remaining: [String]?
 
-    public init(inodesChecked: UInt64 = 0, chunksChecked: UInt64 = 0, problems: [String] = [], repaired: [String] = []) {
+    public init(inodesChecked: UInt64 = 0, chunksChecked: UInt64 = 0, problems: [String] = [], repaired: [String] = [],
+                remaining: [String]? = nil) {
         self.inodesChecked = inodesChecked; self.chunksChecked = chunksChecked
-        self.problems = problems; self.repaired = repaired
+        self.problems = problems; self.repaired = repaired; self.remaining = remaining
     }
 
-    public func encode(into w: inout ByteWriter) {
+    /// The problems to act on: `remaining`, or every problem where the hub did not say.
+    public var unresolved: [String] { remaining ?? problems }
+
+    /// The reply of opcode 30 (no `remaining`) or, `withRemaining`, of opcode 55 (`remaining`
+    /// last; nil is written as every problem).
+    public func encode(into w: inout ByteWriter, withRemaining: Bool = false) {
         w.u64(inodesChecked); w.u64(chunksChecked)
         w.u32(UInt32(problems.count)); for p in problems { w.string(p) }
         w.u32(UInt32(repaired.count)); for p in repaired { w.string(p) }
+        if withRemaining {
+            let remaining = unresolved
+            w.u32(UInt32(remaining.count)); for p in remaining { w.string(p) }
+        }
     }
-    public static func decode(from r: inout ByteReader) throws -> FsckReport {
+    public static func decode(from r: inout ByteReader, withRemaining: Bool = false) throws -> FsckReport {
         var report = FsckReport(inodesChecked: try r.u64(), chunksChecked: try r.u64())
         for _ in 0..<(try r.count(max: 1_000_000)) { report.problems.append(try r.string()) }
         for _ in 0..<(try r.count(max: 1_000_000)) { report.repaired.append(try r.string()) }
+        if withRemaining {
+            var remaining: [String] = []
+            for _ in 0..<(try r.count(max: 1_000_000)) { remaining.append(try r.string()) }
+            report.remaining = remaining
+        }
         return report
     }
 }

@@ -219,7 +219,7 @@ extension Status {
 
 struct Fsck: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Check references, checksums and orphans. Exits 1 if problems remain.")
+        abstract: "Check references, checksums and orphans. Exits 1 if problems remain (with --repair: any it could not fix).")
 
     @Argument(help: "Hub directory or weft://HOST:PORT.") var source: String
     @Flag(help: "Fix what can be fixed: dangling entries, link counts, orphans, damaged chunk references.") var repair = false
@@ -230,18 +230,29 @@ struct Fsck: ParsableCommand {
                                          logger: WeftLogging.logger("weft", level: .warning))
         defer { opened.close() }
         let report = try opened.api.fsck(repair: repair)
+        // What is still wrong: every problem without --repair; with it, what the repair left.
+        let remaining = report.unresolved
         if json {
             let object: [String: Any] = ["inodesChecked": report.inodesChecked, "chunksChecked": report.chunksChecked,
                                          "problems": report.problems, "repaired": report.repaired,
-                                         "clean": report.problems.isEmpty]
+                                         "remaining": remaining, "clean": report.problems.isEmpty]
             let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         } else {
             print("checked \(report.inodesChecked) inodes, \(report.chunksChecked) chunks")
             for problem in report.problems { print("problem: \(problem)") }
             for fix in report.repaired { print("repaired: \(fix)") }
-            print(report.problems.isEmpty ? "clean" : "\(report.problems.count) problem(s)")
+            if report.problems.isEmpty {
+                print("clean")
+            } else if !repair {
+                print("\(report.problems.count) problem(s)")
+            } else if report.remaining == nil {
+                print("\(report.problems.count) problem(s); this hub does not say which its repair left: run weft fsck again")
+            } else {
+                for problem in remaining { print("not repaired: \(problem)") }
+                print("\(report.problems.count) problem(s), \(remaining.count) not repaired")
+            }
         }
-        if !report.problems.isEmpty && !repair { throw ExitCode(1) }
+        if !remaining.isEmpty { throw ExitCode(1) }
     }
 }

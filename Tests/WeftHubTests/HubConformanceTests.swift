@@ -468,8 +468,10 @@ class HubConformanceTests: HubTestCase {
         XCTAssertEqual(report.problems.count, 1, "\(report.problems)")
         XCTAssertTrue(report.problems.first?.contains("damaged") == true, "\(report.problems)")
         XCTAssertEqual(report.repaired, [])
+        XCTAssertEqual(report.remaining, report.problems, "without --repair every problem remains")
         report = try api.fsck(repair: true)
         XCTAssertFalse(report.repaired.isEmpty)
+        XCTAssertEqual(report.remaining, [], "the repair left nothing")
         XCTAssertEqual(try api.layout(context, ino: file.ino, firstChunk: 0, count: 1).1, [[]],
                        "repair drops the reference: the range reads as zeros")
         XCTAssertEqual(try api.getattr(context, ino: file.ino).size, 65536)

@@ -234,6 +234,7 @@ extension HubConformanceTests {
                           "\(check.problems)")
         }
         XCTAssertEqual(check.repaired, [])
+        XCTAssertEqual(check.remaining, check.problems, "without --repair every problem remains")
 
         // A rewrite that fails (the disk reserve refuses it) keeps the key, and the object
         // stays out of the passes: a good pass must not drop its key.
@@ -245,6 +246,10 @@ extension HubConformanceTests {
             XCTAssertTrue(refused.problems.contains { $0.hasPrefix("chunk \(id) could not be written again from the metadata journal") },
                           "\(refused.problems)")
         }
+        XCTAssertEqual(Set(try XCTUnwrap(refused.remaining)),
+                       Set(refused.problems.filter { $0.contains("could not be written again") }),
+                       "the failed rewrites remain (weft fsck --repair exits 1), nothing else")
+        XCTAssertEqual(refused.remaining?.count, 2)
         try volume.hub.syncJournaledObjects()       // its rewrite fails again; nothing else to sync
         XCTAssertEqual(Set(try volume.hub.meta.journaledObjects().map(\.id)), [slice.id, otherSlice.id], "the keys stay")
         XCTAssertEqual(try volume.api.layout(context, ino: file.ino, firstChunk: 0, count: 1).1.first?.map(\.id), [slice.id],
@@ -253,6 +258,7 @@ extension HubConformanceTests {
 
         let repair = try volume.api.fsck(repair: true)
         XCTAssertEqual(repair.repaired, ["wrote 2 damaged or missing chunk object(s) again from the metadata journal"])
+        XCTAssertEqual(repair.remaining, [], "all repaired")
         XCTAssertEqual(try volume.api.readSlice(context, id: slice.id, offset: 0, length: 4096), data)
         XCTAssertEqual(try volume.api.readSlice(context, id: otherSlice.id, offset: 0, length: 8192), otherData)
         XCTAssertEqual(try volume.api.getattr(context, ino: file.ino).size, 4096, "the file keeps its layout")

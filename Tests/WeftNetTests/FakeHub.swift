@@ -351,6 +351,6 @@ final class FakeHub: HubAPI, @unchecked Sendable {
     func fsck(repair: Bool) throws -> FsckReport {
         enter(nil); defer { leave() }
         return FsckReport(inodesChecked: 10, chunksChecked: 20, problems: ["orphan chunk 5"],
-                          repaired: repair ? ["removed chunk 5"] : [])
+                          repaired: repair ? ["removed chunk 5"] : [], remaining: repair ? [] : ["orphan chunk 5"])
     }
 }

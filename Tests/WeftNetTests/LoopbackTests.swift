@@ -49,6 +49,50 @@ final class LoopbackTests: XCTestCase {
         return (listener, Int(UInt16(bigEndian: address.sin_port)))
     }
 
+    /// A hub played by a script on a plain socket: it accepts one connection and hands each
+    /// request read from it to `respond`, with a function that writes bytes back, until the
+    /// client closes. The listener closes when the test ends.
+    private func startScriptedHub(_ respond: @escaping (Frame, HubRequest, (ArraySlice<UInt8>) -> Void) -> Void) throws -> Int {
+        let (listener, port) = try listeningSocket()
+        addTeardownBlock { Glibc.close(listener) }
+        let script = Thread {
+            let connection = accept(listener, nil, nil)
+            guard connection >= 0 else { return }
+            defer { Glibc.close(connection) }
+            func receiveFrame() -> [UInt8]? {
+                var frame: [UInt8] = []
+                func take(_ count: Int) -> Bool {
+                    var chunk = [UInt8](repeating: 0, count: count)
+                    var got = 0
+                    while got < count {
+                        let n = chunk.withUnsafeMutableBytes { recv(connection, $0.baseAddress! + got, count - got, 0) }
+                        if n <= 0 { return false }
+                        got += n
+                    }
+                    frame += chunk
+                    return true
+                }
+                guard take(4) else { return nil }
+                let length = Int(frame[0..<4].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+                return take(length) ? frame : nil
+            }
+            func send(_ bytes: ArraySlice<UInt8>) {
+                var sent = 0
+                while sent < bytes.count {
+                    let n = bytes.withUnsafeBytes { Glibc.send(connection, $0.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL)) }
+                    if n <= 0 { return }
+                    sent += n
+                }
+            }
+            while let bytes = receiveFrame(), let frame = try? WireCodec.decodeFrame(bytes),
+                  let request = try? WireCodec.decodeRequest(frame) {
+                respond(frame, request, send)
+            }
+        }
+        script.start()
+        return port
+    }
+
     func testEveryMethodOverTCP() throws {
         let hub = FakeHub()
         let (server, port) = try startServer(hub)
@@ -70,6 +114,37 @@ final class LoopbackTests: XCTestCase {
             server.shutdown()
         }
         return (hub, client, context(try client.openSession(agentName: "new-agent").0))
+    }
+
+    /// fsck asks with opcode 55 and gets the problems that remain; a hub older than it
+    /// answers ENOSYS and gets opcode 30, whose report says nothing of them (nil), once.
+    func testFsckFallsBackToOpcode30OnAHubThatPredatesOpcode55() throws {
+        final class Asked: @unchecked Sendable {
+            let lock = NSLock()
+            var opcodes: [HubOpcode] = []
+        }
+        let asked = Asked()
+        let port = try startScriptedHub { frame, request, send in
+            asked.lock.withLock { asked.opcodes.append(frame.opcode) }
+            let report = FsckReport(inodesChecked: 4, chunksChecked: 2, problems: ["chunk 9 could not be checked"],
+                                    repaired: [], remaining: ["chunk 9 could not be checked"])
+            let result: Result<HubResponse, WeftError>
+            switch request {
+            case .fsck: result = .success(.fsckReport(report))
+            default: result = .failure(WeftError(ENOSYS, "opcode \(frame.opcode.rawValue) is unknown to this hub"))
+            }
+            send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, result)[...])
+        }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: logger)
+        defer { client.close() }
+        for _ in 0..<2 {
+            let report = try client.fsck(repair: true)
+            XCTAssertEqual(report.problems, ["chunk 9 could not be checked"])
+            XCTAssertNil(report.remaining, "opcode 30's reply does not say what remains")
+            XCTAssertEqual(report.unresolved, report.problems, "so every problem counts as remaining")
+        }
+        XCTAssertEqual(asked.lock.withLock { asked.opcodes }.filter { $0 == .fsck || $0 == .fsckRemaining },
+                       [.fsckRemaining, .fsck, .fsck], "ENOSYS is remembered: no second try of 55")
     }
 
     func testSyncFileFallsBackToSyncOnAHubThatPredatesIt() throws {
@@ -280,6 +355,8 @@ final class LoopbackTests: XCTestCase {
         XCTAssertEqual(hub.snapshot { ($0.syncs, $0.syncedFiles) }.1, [77])
         XCTAssertEqual(try client.status().agents, ["agent-one"])
         XCTAssertEqual(try client.fsck(repair: true).repaired, ["removed chunk 5"])
+        XCTAssertEqual(try client.fsck(repair: true).remaining, [], "opcode 55 says nothing remains")
+        XCTAssertEqual(try client.fsck(repair: false).remaining, ["orphan chunk 5"])
         try client.closeSession(session)
         XCTAssertEqual(hub.snapshot { $0.closedSessions }, [session])
     }
@@ -396,61 +473,27 @@ final class LoopbackTests: XCTestCase {
     /// its caller's memory; a caller that times out while the reply is half in owns its memory
     /// again at once (the rest is read and dropped), and the stream stays in step.
     func testABulkReplyCutOffByATimeoutNeverWritesLaterAndTheStreamStaysInStep() throws {
-        let (listener, port) = try listeningSocket()
-        defer { Glibc.close(listener) }
         let pattern = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
         // A scripted hub: a session; no readBlocks (ENOSYS); the 1 MiB reply of slice 1 in two
         // parts 800 ms apart; slice 2 whole.
-        let script = Thread {
-            let connection = accept(listener, nil, nil)
-            guard connection >= 0 else { return }
-            defer { Glibc.close(connection) }
-            func receiveFrame() -> [UInt8]? {
-                var frame: [UInt8] = []
-                func take(_ count: Int) -> Bool {
-                    var chunk = [UInt8](repeating: 0, count: count)
-                    var got = 0
-                    while got < count {
-                        let n = chunk.withUnsafeMutableBytes { recv(connection, $0.baseAddress! + got, count - got, 0) }
-                        if n <= 0 { return false }
-                        got += n
-                    }
-                    frame += chunk
-                    return true
-                }
-                guard take(4) else { return nil }
-                let length = Int(frame[0..<4].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
-                return take(length) ? frame : nil
-            }
-            func send(_ bytes: ArraySlice<UInt8>) {
-                var sent = 0
-                while sent < bytes.count {
-                    let n = bytes.withUnsafeBytes { Glibc.send(connection, $0.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL)) }
-                    if n <= 0 { return }
-                    sent += n
-                }
-            }
-            while let bytes = receiveFrame(), let frame = try? WireCodec.decodeFrame(bytes),
-                  let request = try? WireCodec.decodeRequest(frame) {
-                switch request {
-                case .openSession:
-                    send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .success(.session(100, FakeHub.volume)))[...])
-                case .readBlocks:
-                    send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode,
-                                                  .failure(WeftError(ENOSYS, "opcode 49 is unknown to this hub")))[...])
-                case .readSlice(_, let id, _, _) where id == 1:
-                    let reply = WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .success(.bytes(pattern)))
-                    send(reply[..<(300 << 10)])
-                    usleep(800_000)
-                    send(reply[(300 << 10)...])
-                case .readSlice:
-                    send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .success(.bytes([1, 2, 3, 4])))[...])
-                default:
-                    send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .failure(WeftError(ENOSYS, "no")))[...])
-                }
+        let port = try startScriptedHub { frame, request, send in
+            switch request {
+            case .openSession:
+                send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .success(.session(100, FakeHub.volume)))[...])
+            case .readBlocks:
+                send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode,
+                                              .failure(WeftError(ENOSYS, "opcode 49 is unknown to this hub")))[...])
+            case .readSlice(_, let id, _, _) where id == 1:
+                let reply = WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .success(.bytes(pattern)))
+                send(reply[..<(300 << 10)])
+                usleep(800_000)
+                send(reply[(300 << 10)...])
+            case .readSlice:
+                send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .success(.bytes([1, 2, 3, 4])))[...])
+            default:
+                send(WireCodec.encodeResponse(id: frame.requestID, opcode: frame.opcode, .failure(WeftError(ENOSYS, "no")))[...])
             }
         }
-        script.start()
         let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), requestTimeoutMs: 300, logger: logger)
         defer { client.close() }
         let (session, _) = try client.openSession(agentName: "cut-off")

@@ -52,6 +52,25 @@ final class WireCodecTests: XCTestCase {
         }
     }
 
+    /// Opcode 55's reply is opcode 30's with the remaining problems after it; a report that
+    /// does not say (nil) goes as every problem remaining.
+    func testFsckResultIsTheReportThenTheRemainingProblems() throws {
+        let report = FsckReport(inodesChecked: 5, chunksChecked: 6, problems: ["a", "b"], repaired: ["c"], remaining: ["b"])
+        let old = WireCodec.encodeResponse(id: 1, opcode: .fsck, .success(.fsckReport(report)))
+        let new = WireCodec.encodeResponse(id: 1, opcode: .fsckRemaining, .success(.fsckResult(report)))
+        var tail = ByteWriter()
+        tail.u32(1); tail.string("b")
+        XCTAssertEqual(Array(new[8...]), Array(old[8...]) + tail.bytes, "after the length, version, kind and opcode")
+        var withoutRemaining = report
+        withoutRemaining.remaining = nil
+        XCTAssertEqual(try WireCodec.decodeResponse(try WireCodec.decodeFrame(old)).get(), .fsckReport(withoutRemaining),
+                       "opcode 30 carries no remaining list")
+        let unsaid = WireCodec.encodeResponse(id: 1, opcode: .fsckRemaining, .success(.fsckResult(withoutRemaining)))
+        XCTAssertEqual(try WireCodec.decodeResponse(try WireCodec.decodeFrame(unsaid)).get(),
+                       .fsckResult(FsckReport(inodesChecked: 5, chunksChecked: 6, problems: ["a", "b"], repaired: ["c"],
+                                              remaining: ["a", "b"])))
+    }
+
     func testEveryErrorResponseRoundTripsWithErrnoAndMessage() throws {
         for (index, opcode) in HubOpcode.allCases.enumerated() {
             let errno = [ENOENT, EEXIST, ENOTEMPTY, EXDEV, EACCES, ENOSPC, EIO, ETIMEDOUT, ENAMETOOLONG][index % 9]

@@ -60,6 +60,7 @@ enum WireSamples {
                     dataMaxBytes: 0xFFFF_FFFF),
         .status,
         .fsck(repair: true),
+        .fsckRemaining(repair: true),
         .openVolumeSession(agentName: "node-8", volume: "datasets ✓"),
         .clusterMap,
         .createVolume(name: "ckpt", home: "hub-b", chunkSizeBytes: 8 << 20, compression: .zstd),
@@ -95,6 +96,7 @@ enum WireSamples {
         .writeSlice(context, id: 1, data: []),
         .writeObject(context, id: 1, image: []),
         .fsck(repair: false),
+        .fsckRemaining(repair: false),
         .lookup(context, parent: 0, name: []),
         .readSliceFrom(context, id: 1, offset: 0, length: 0, holders: []),
         .releaseUploads(context, ids: []),
@@ -168,6 +170,9 @@ enum WireSamples {
         case .fsck:
             return .fsckReport(FsckReport(inodesChecked: 1 << 35, chunksChecked: 3, problems: ["chunk 7: checksum mismatch", ""],
                                           repaired: ["chunk 7 dropped"]))
+        case .fsckRemaining:
+            return .fsckResult(FsckReport(inodesChecked: 1 << 35, chunksChecked: 3, problems: ["chunk 7: checksum mismatch", "κ"],
+                                          repaired: [], remaining: ["κ", "", "chunk 7: checksum mismatch"]))
         }
     }
 
@@ -181,6 +186,7 @@ enum WireSamples {
         (.status, .status(HubStatus(volume: volume, logicalBytes: 0, inodes: 0, chunks: 0, storedBytes: 0,
                                     connectedAgents: 0, agents: []))),
         (.fsck, .fsckReport(FsckReport())),
+        (.fsckRemaining, .fsckResult(FsckReport(remaining: []))),
         (.unlinkEntry, .unlinked(nil)),
         (.createOpen, .created(CreatedFile(attributes: attributes, parent: nil, writeLeased: false))),
     ]

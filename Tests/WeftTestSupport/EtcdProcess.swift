@@ -28,7 +28,7 @@ public final class EtcdProcess {
             "--log-level", "error",
         ]
         let log = FileHandle(forWritingAtPath: directory + "/etcd.log") ?? {
-            FileManager.default.createFile(atPath: directory + "/etcd.log", contents: nil)
+            _ = FileManager.default.createFile(atPath: directory + "/etcd.log", contents: nil)
             return FileHandle(forWritingAtPath: directory + "/etcd.log")!
         }()
         process.standardOutput = log

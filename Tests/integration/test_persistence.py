@@ -262,12 +262,17 @@ def _hub_data_files(hub_dir: Path) -> list[tuple[int, Path]]:
     return sorted(files, reverse=True)
 
 
-def _corrupt_largest_chunk_file(weft, min_bytes: int) -> Path:
+def _largest_chunk_file(weft, min_bytes: int = 1 * MiB) -> Path:
     files = _hub_data_files(weft.hub_dir)
     assert files and files[0][0] >= min_bytes, (
         f"no chunk file of at least {min_bytes} bytes in {weft.hub_dir}; non-RocksDB files: "
         f"{[(str(p.relative_to(weft.hub_dir)), s) for s, p in files[:10]]}")
-    size, victim = files[0]
+    return files[0][1]
+
+
+def _corrupt_largest_chunk_file(weft, min_bytes: int) -> Path:
+    victim = _largest_chunk_file(weft, min_bytes)
+    size = victim.stat().st_size
     with open(victim, "r+b") as f:
         f.seek(size // 2)
         byte = f.read(1)
@@ -331,6 +336,52 @@ def test_fsck_repair_after_corruption(weft):
         assert again.rc == 0, (f"fsck still finds problems after --repair:\n{repair.describe()}\n"
                                f"{again.describe()}")
     assert open(weft.path / "intact", "rb").read() == b"unrelated small file"
+
+
+def test_fsck_repair_keeps_an_object_it_cannot_open_and_exits_1(weft):
+    """An object fsck cannot open (EACCES: a mode-000 file, checked by a root without
+    CAP_DAC_OVERRIDE) is not damage: --repair keeps it and its references, says it is not
+    repaired, and exits 1. Before, open errors counted as damage and --repair deleted the
+    intact object, and --repair always exited 0."""
+    weft.require_weft("makes a chunk file of the hub unreadable")
+    data = random.Random(33).randbytes(3 * MiB)
+    write_file(weft.path / "kept", data, fsync=True)
+    with weft.offline():
+        victim = _largest_chunk_file(weft)
+        mode = victim.stat().st_mode
+        os.chmod(victim, 0)
+        try:
+            r = weft.cli.res.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                                  weft.cli.weft_path, "fsck", str(weft.hub_dir), "--repair", "--json"],
+                                 timeout_s=600)
+        finally:
+            os.chmod(victim, mode)
+        assert r.rc == 1 and not r.timed_out, f"fsck --repair left a problem but exited {r.rc}:\n{r.describe()}"
+        report = json.loads(r.out)
+        assert report["repaired"] == [], r.describe()
+        assert len(report["remaining"]) == 1 and "could not be checked" in report["remaining"][0] \
+            and "Permission denied" in report["remaining"][0], r.describe()
+        assert victim.exists(), f"fsck --repair deleted {victim}, an intact object it could not open"
+        again = weft.fsck(source=str(weft.hub_dir))
+        assert again.rc == 0, f"with the file readable again:\n{again.describe()}"
+    assert open(weft.path / "kept", "rb").read() == data
+
+
+def test_fsck_finds_an_object_whose_file_is_a_directory_missing(weft):
+    weft.require_weft("puts a directory in place of a chunk file")
+    write_file(weft.path / "lost", random.Random(34).randbytes(2 * MiB), fsync=True)
+    with weft.offline():
+        victim = _largest_chunk_file(weft)
+        victim.unlink()
+        victim.mkdir()
+        first = weft.fsck(source=str(weft.hub_dir))
+        assert first.rc == 1 and "is referenced but missing" in first.out, \
+            f"a directory in place of {victim} went unnoticed:\n{first.describe()}"
+        repair = weft.fsck("--repair", source=str(weft.hub_dir))
+        assert repair.rc == 0, f"every problem was repaired:\n{repair.describe()}"
+        assert "0 not repaired" in repair.out, repair.describe()
+    assert os.stat(weft.path / "lost").st_size == 2 * MiB
+    assert open(weft.path / "lost", "rb").read(4096) == bytes(4096), "the dropped range reads as zeros"
 
 
 def test_fsck_json_on_clean_volume(weft):
