@@ -90,7 +90,7 @@ extension ChunkStore {
         do {
             fileBytes = try FileIO.fileBytes(fd)
         } catch {
-            throw damaged(id, block: "header", reason: error.description)
+            throw readFailed(id, block: "header", error)
         }
         let prefixLength = min(fileBytes, ChunkFormat.maxHeaderBytes)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(prefixLength, 1), alignment: 16)
@@ -99,7 +99,7 @@ extension ChunkStore {
         do {
             got = try FileIO.preadFully(fd, buffer.baseAddress!, prefixLength, 0)
         } catch {
-            throw damaged(id, block: "header", reason: error.description)
+            throw readFailed(id, block: "header", error)
         }
         do {
             return try ChunkFormat.decodeHeader(UnsafeRawBufferPointer(rebasing: buffer[0..<got]),
@@ -203,7 +203,7 @@ extension ChunkStore {
                 directIO.refused("O_DIRECT read: \(failure.description)", logger: logger)
                 done = 0
             } catch {
-                throw damaged(object.id, block: "block \(first)", reason: error.description)
+                throw readFailed(object.id, block: "block \(first)", error)
             }
             if done < alignedBytes && directIO.isEnabled {
                 throw damaged(object.id, block: "block \(first)", reason: "file ends \(count - done) bytes early")
@@ -214,7 +214,7 @@ extension ChunkStore {
         do {
             got = try done + FileIO.preadFully(object.fd, target + done, count - done, fileOffset + done)
         } catch {
-            throw damaged(object.id, block: "block \(first)", reason: error.description)
+            throw readFailed(object.id, block: "block \(first)", error)
         }
         if got != count {
             throw damaged(object.id, block: "block \(first)", reason: "file ends \(count - got) bytes early")
@@ -237,6 +237,17 @@ extension ChunkStore {
     }
 
     /// Logs the one error line for a damaged object and returns the EIO to throw.
+    /// A failed `fstat` or `pread` of object `id`: damage when the disk answers EIO, else that
+    /// call's own errno (ENOMEM, EISDIR, ...), which is not the object's fault: fsck --repair
+    /// deletes damaged objects.
+    func readFailed(_ id: SliceID, block: String, _ error: Error) -> WeftError {
+        guard let failure = error as? FileIO.Failure, failure.errno != EIO else {
+            return damaged(id, block: block, reason: "\(error)")
+        }
+        logger.error("cannot read chunk \(hex(id)) at \(block): \(failure.description); file \(path(of: id))")
+        return WeftError(failure.errno, "cannot read chunk \(hex(id)) at \(block)")
+    }
+
     func damaged(_ id: SliceID, block: String, reason: String) -> WeftError {
         logger.error("chunk \(hex(id)) damaged at \(block): \(reason); file \(path(of: id))",
                      metadata: ["chunk": "\(hex(id))", "path": "\(path(of: id))", "block": "\(block)"])

@@ -528,13 +528,12 @@ public final class ChunkStore: @unchecked Sendable {
         if let failure { throw failure }
     }
 
-    /// Whether object `id` is stored (complete: partial writes are never visible). Only a
-    /// regular file counts, as in `forEach`: anything else at its path (a directory left by
-    /// damage) is no object, and fsck reports the object missing.
+    /// Whether object `id` is stored (complete: partial writes are never visible): a regular
+    /// file at its path, or a symbolic link to one (reads follow links). Anything else there (a
+    /// directory left by damage) is no object, and fsck reports the object missing.
     public func exists(id: SliceID) -> Bool {
         var info = stat()
-        return FileIO.withObjectPath(id) { fstatat(root, $0, &info, AT_SYMLINK_NOFOLLOW) } == 0
-            && info.st_mode & S_IFMT == S_IFREG
+        return FileIO.withObjectPath(id) { fstatat(root, $0, &info, 0) } == 0 && info.st_mode & S_IFMT == S_IFREG
     }
 
     /// Calls `body` with every stored object id, its file size and its modification time

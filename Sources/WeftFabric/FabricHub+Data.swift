@@ -167,8 +167,10 @@ extension FabricHub {
                 return
             } catch let error as WeftError where error.errno == ENOENT {
                 // Not cached (or evicted meanwhile): fetch below.
-            } catch let error as WeftError where error.errno == EIO && attempt == 1 {
-                // A cached copy damaged on this hub's disk: drop it and fetch a good one.
+            } catch let error as WeftError where attempt == 1 && ![EINVAL, EMFILE, ENFILE, ENOMEM].contains(error.errno) {
+                // A cached copy damaged on this hub's disk (EIO), or one it cannot open or read
+                // (EACCES, EISDIR, ...): drop it and fetch a good one. A bad range or a shortage
+                // of descriptors or memory is not the copy's fault.
                 try? volume.cache.delete(id: id)
                 readThrough.forget(id)
             }

@@ -12,8 +12,8 @@ struct Fsck {
     func run(repair: Bool) throws -> FsckReport {
         let check = try hub.meta.checkMetadata(repair: repair)
         var report = FsckReport(inodesChecked: check.inodes, problems: check.problems, repaired: check.repaired)
-        // What a repair leaves: reported again in `remaining` (SPEC.md §11, `weft fsck`).
-        var unrepairable = check.unrepairable
+        // Objects a repair leaves (not checked, not written again), for `remaining` (SPEC.md §11).
+        var objectsLeft: [String] = []
         var present: Set<SliceID> = []
         var orphans: [SliceID] = []
         var damaged: Set<SliceID> = []
@@ -38,7 +38,7 @@ struct Fsck {
                 } catch {
                     // Not the object's fault (EMFILE, ENOMEM, ...): reported, never repaired.
                     report.problems.append("chunk \(id) could not be checked: \(error)")
-                    unrepairable.append(report.problems.last!)
+                    objectsLeft.append(report.problems.last!)
                 }
             } else if !check.garbage.contains(id) {
                 if !agentsConnected || now - modifiedNs > Fsck.orphanGraceNs { orphans.append(id) }
@@ -63,7 +63,7 @@ struct Fsck {
         // Objects whose bytes the metadata journal still carries (a failed sync left them to be
         // written again, or their key awaits a pass): written again from their keys, never
         // given up (SPEC.md §5, "A failed sync of journaled objects").
-        let carried = try fromJournal(damaged.union(missing), repair: repair, into: &report, unrepairable: &unrepairable)
+        let carried = try fromJournal(damaged.union(missing), repair: repair, into: &report, left: &objectsLeft)
         damaged.subtract(carried)
         missing.subtract(carried)
         if repair {
@@ -78,16 +78,21 @@ struct Fsck {
                                        + "their ranges now read as zeros; the damaged objects were deleted")
             }
             try hub.meta.sync()
+            // What remains is what a check finds now: a repair may leave problems of its own
+            // (the entries of an unreachable directory it reclaimed) or fix one it could not
+            // (a slice past its chunk whose object was dropped).
+            report.remaining = try hub.meta.checkMetadata(repair: false).problems + objectsLeft
+        } else {
+            report.remaining = report.problems
         }
-        report.remaining = repair ? unrepairable : report.problems
         return report
     }
 
     /// Of the damaged or missing objects `lost`, those the journal carries. With `repair` each
     /// is written again from its key (`Hub.rewriteCarried`, as the hub's pass would after a
-    /// failed sync); one that cannot be is reported, and left in `unrepairable`, and waits with its key.
+    /// failed sync); one that cannot be is reported, and added to `left`, and waits with its key.
     private func fromJournal(_ lost: Set<SliceID>, repair: Bool, into report: inout FsckReport,
-                             unrepairable: inout [String]) throws -> Set<SliceID> {
+                             left: inout [String]) throws -> Set<SliceID> {
         guard !lost.isEmpty else { return [] }
         let carried = Set(try hub.meta.journaledObjects().filter { lost.contains($0.id) && !$0.isGarbage }.map(\.id))
         guard repair else {
@@ -99,7 +104,7 @@ struct Fsck {
         let (rewritten, failed) = try hub.rewriteCarried(carried)
         for (id, error) in failed {
             report.problems.append("chunk \(id) could not be written again from the metadata journal, which keeps its bytes: \(error)")
-            unrepairable.append(report.problems.last!)
+            left.append(report.problems.last!)
         }
         if !rewritten.isEmpty {
             report.repaired.append("wrote \(rewritten.count) damaged or missing chunk object(s) again from the metadata journal")

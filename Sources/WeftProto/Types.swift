@@ -369,15 +369,21 @@ public struct FsckReport: Equatable, Sendable {
     /// The problems to act on: `remaining`, or every problem where the hub did not say.
     public var unresolved: [String] { remaining ?? problems }
 
-    /// The reply of opcode 30 (no `remaining`) or, `withRemaining`, of opcode 55 (`remaining`
-    /// last; nil is written as every problem).
+    /// The reply of opcode 30 (no `remaining`) or, `withRemaining`, of opcode 55: then a `u8`,
+    /// 0 when every problem remains (also for nil: no second copy of a long list), 1 followed by
+    /// the `remaining` list.
     public func encode(into w: inout ByteWriter, withRemaining: Bool = false) {
         w.u64(inodesChecked); w.u64(chunksChecked)
         w.u32(UInt32(problems.count)); for p in problems { w.string(p) }
         w.u32(UInt32(repaired.count)); for p in repaired { w.string(p) }
         if withRemaining {
             let remaining = unresolved
-            w.u32(UInt32(remaining.count)); for p in remaining { w.string(p) }
+            if remaining == problems {
+                w.u8(0)
+            } else {
+                w.u8(1)
+                w.u32(UInt32(remaining.count)); for p in remaining { w.string(p) }
+            }
         }
     }
     public static func decode(from r: inout ByteReader, withRemaining: Bool = false) throws -> FsckReport {
@@ -385,9 +391,16 @@ public struct FsckReport: Equatable, Sendable {
         for _ in 0..<(try r.count(max: 1_000_000)) { report.problems.append(try r.string()) }
         for _ in 0..<(try r.count(max: 1_000_000)) { report.repaired.append(try r.string()) }
         if withRemaining {
-            var remaining: [String] = []
-            for _ in 0..<(try r.count(max: 1_000_000)) { remaining.append(try r.string()) }
-            report.remaining = remaining
+            switch try r.u8() {
+            case 0:
+                report.remaining = report.problems
+            case 1:
+                var remaining: [String] = []
+                for _ in 0..<(try r.count(max: 1_000_000)) { remaining.append(try r.string()) }
+                report.remaining = remaining
+            default:
+                throw WeftError.malformed
+            }
         }
         return report
     }

@@ -7,6 +7,7 @@ import WeftTestSupport
 import XCTest
 import WeftChunks
 import WeftHub
+@testable import WeftMeta
 import WeftNet
 import WeftProto
 
@@ -556,6 +557,29 @@ class HubConformanceTests: HubTestCase {
         let report = try api.fsck(repair: false)
         XCTAssertEqual(report.problems, [])
         XCTAssertEqual(report.inodesChecked, 17)
+    }
+
+    /// What remains after a repair is what a check finds after it: reclaiming an unreachable
+    /// directory leaves the entries inside it, so that run does not report a clean volume
+    /// (`weft fsck --repair` exits 1), and the next one repairs them.
+    func testFsckRepairReportsTheProblemsItsOwnRepairLeaves() throws {
+        let directory = try api.mkdir(context, parent: root, name: bytes("d"), mode: 0o755, umask: 0)
+        let file = try makeFile("f", in: directory.ino)
+        try fixture.hub.meta.mutate { t in t.deleteEntry(root, bytes("d")) }
+        let found = try api.fsck(repair: false)
+        XCTAssertTrue(found.problems.contains("directory \(directory.ino) is not reachable"), "\(found.problems)")
+        XCTAssertEqual(found.remaining, found.problems)
+
+        let first = try api.fsck(repair: true)
+        XCTAssertFalse(first.repaired.isEmpty)
+        let remaining = try XCTUnwrap(first.remaining)
+        XCTAssertTrue(remaining.contains("inode \(file.ino) has no name and is not open"), "\(remaining)")
+        XCTAssertTrue(remaining.contains("entry 'f' lives in non-directory \(directory.ino)"), "\(remaining)")
+
+        let second = try api.fsck(repair: true)
+        XCTAssertEqual(second.problems.sorted(), remaining.sorted(), "the first run's remaining problems are the second's")
+        XCTAssertEqual(second.remaining, [])
+        XCTAssertEqual(try api.fsck(repair: false).problems, [])
     }
 
     /// fsck reports an object nothing references once no agent is connected, and --repair deletes it.

@@ -59,8 +59,16 @@ final class WireCodecTests: XCTestCase {
         let old = WireCodec.encodeResponse(id: 1, opcode: .fsck, .success(.fsckReport(report)))
         let new = WireCodec.encodeResponse(id: 1, opcode: .fsckRemaining, .success(.fsckResult(report)))
         var tail = ByteWriter()
-        tail.u32(1); tail.string("b")
+        tail.u8(1); tail.u32(1); tail.string("b")
         XCTAssertEqual(Array(new[8...]), Array(old[8...]) + tail.bytes, "after the length, version, kind and opcode")
+        // Every problem remaining: one byte, no second copy of the list.
+        var all = report
+        all.remaining = report.problems
+        let short = WireCodec.encodeResponse(id: 1, opcode: .fsckRemaining, .success(.fsckResult(all)))
+        XCTAssertEqual(Array(short[8...]), Array(old[8...]) + [0])
+        var unknownForm = short
+        unknownForm[unknownForm.count - 1] = 2
+        XCTAssertErrno(EBADMSG, try WireCodec.decodeResponse(try WireCodec.decodeFrame(unknownForm)).get())
         var withoutRemaining = report
         withoutRemaining.remaining = nil
         XCTAssertEqual(try WireCodec.decodeResponse(try WireCodec.decodeFrame(old)).get(), .fsckReport(withoutRemaining),
