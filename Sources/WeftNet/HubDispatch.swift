@@ -108,9 +108,9 @@ extension HubRequest {
         case .status:
             return .status(try hub.status())
         case let .fsck(repair):
-            return .fsckReport(try hub.fsck(repair: repair))
+            return .fsckReport(try hub.fsck(repair: repair).limitedForWire())
         case let .fsckRemaining(repair):
-            return .fsckResult(try hub.fsck(repair: repair))
+            return .fsckResult(try hub.fsck(repair: repair).limitedForWire())
         case let .openVolumeSession(agentName, volume):
             let (session, info) = try hub.openSession(agentName: agentName, volume: volume)
             return .session(session, info)

@@ -369,6 +369,29 @@ public struct FsckReport: Equatable, Sendable {
     /// The problems to act on: `remaining`, or every problem where the hub did not say.
     public var unresolved: [String] { remaining ?? problems }
 
+    /// Lines of one list a report carries over the wire, and their bytes: a reply must fit a
+    /// frame (64 MiB) and a list the decoder's count bound (1,000,000).
+    public static let wireLinesMax = 100_000
+    public static let wireListBytesMax = 24 << 20
+
+    /// The report with each list cut to what the wire carries, a last line saying how many
+    /// more there were (a volume that lost its metadata may hold millions of orphans).
+    public func limitedForWire() -> FsckReport {
+        func cut(_ lines: [String]) -> [String] {
+            var bytes = 0
+            var kept = 0
+            for line in lines {
+                bytes += 4 + line.utf8.count
+                guard kept < Self.wireLinesMax, bytes <= Self.wireListBytesMax else { break }
+                kept += 1
+            }
+            guard kept < lines.count else { return lines }
+            return Array(lines[..<kept]) + ["... and \(lines.count - kept) more not listed (a reply lists at most \(kept))"]
+        }
+        return FsckReport(inodesChecked: inodesChecked, chunksChecked: chunksChecked, problems: cut(problems),
+                          repaired: cut(repaired), remaining: remaining.map(cut))
+    }
+
     /// The reply of opcode 30 (no `remaining`) or, `withRemaining`, of opcode 55: then a `u8`,
     /// 0 when every problem remains (also for nil: no second copy of a long list), 1 followed by
     /// the `remaining` list.

@@ -79,6 +79,28 @@ final class WireCodecTests: XCTestCase {
                                               remaining: ["a", "b"])))
     }
 
+    /// A report of more problems than a reply may list is cut, with a line saying how many
+    /// more there were, and still decodes (the decoder takes at most 1,000,000 a list).
+    func testAnFsckReportTooLongForAReplyIsCutWithACount() throws {
+        let problems = (0..<(FsckReport.wireLinesMax + 5)).map { "chunk \($0) is not referenced by any file (orphan)" }
+        let report = FsckReport(inodesChecked: 1, chunksChecked: 2, problems: problems, repaired: ["r"], remaining: problems)
+        let cut = report.limitedForWire()
+        XCTAssertEqual(cut.problems.count, FsckReport.wireLinesMax + 1)
+        XCTAssertEqual(cut.problems.last, "... and 5 more not listed (a reply lists at most \(FsckReport.wireLinesMax))")
+        XCTAssertEqual(Array(cut.problems.prefix(3)), Array(problems.prefix(3)))
+        XCTAssertEqual(cut.remaining, cut.problems)
+        XCTAssertEqual(cut.repaired, ["r"])
+        let frame = WireCodec.encodeResponse(id: 1, opcode: .fsckRemaining, .success(.fsckResult(cut)))
+        XCTAssertEqual(try WireCodec.decodeResponse(try WireCodec.decodeFrame(frame)).get(), .fsckResult(cut))
+        // Long lines: cut by bytes first.
+        let long = FsckReport(problems: Array(repeating: String(repeating: "x", count: 4000), count: 10_000))
+        let cutLong = long.limitedForWire()
+        XCTAssertLessThan(cutLong.problems.count, 10_000)
+        XCTAssertTrue(cutLong.problems.last?.hasPrefix("... and ") == true)
+        XCTAssertLessThanOrEqual(cutLong.problems.dropLast().reduce(0) { $0 + 4 + $1.utf8.count }, FsckReport.wireListBytesMax)
+        XCTAssertEqual(FsckReport(problems: ["a"]).limitedForWire(), FsckReport(problems: ["a"]), "short reports are unchanged")
+    }
+
     func testEveryErrorResponseRoundTripsWithErrnoAndMessage() throws {
         for (index, opcode) in HubOpcode.allCases.enumerated() {
             let errno = [ENOENT, EEXIST, ENOTEMPTY, EXDEV, EACCES, ENOSPC, EIO, ETIMEDOUT, ENAMETOOLONG][index % 9]
