@@ -408,12 +408,16 @@ final class FileHandle {
 final class DirectoryHandle {
     let ino: InodeID
     let context: RequestContext
+    /// The directory's attributes when it was opened: what `fstat` of the handle shows once
+    /// the directory is removed (with no links), as a local file system does.
+    let attributes: Attributes
     let lock = NSLock()
     var entries: [DirectoryEntry] = []
     var complete = false
 
-    init(ino: InodeID, context: RequestContext) {
+    init(ino: InodeID, context: RequestContext, attributes: Attributes) {
         self.ino = ino
         self.context = context
+        self.attributes = attributes
     }
 }

@@ -462,7 +462,18 @@ public final class VFS: @unchecked Sendable {
         }
         let token = leaseCache.token()
         let epoch = lock.withLock { directoriesEpoch }
-        let fresh = try hub.getattr(context(credentials), ino: ino)
+        let fresh: Attributes
+        do {
+            fresh = try hub.getattr(context(credentials), ino: ino)
+        } catch let error as WeftError where error.errno == ENOENT {
+            // A directory removed while this agent holds it open: its handle still shows it,
+            // with no links and no entries, as on a local file system (SPEC.md §7, Directories).
+            guard let handle = lock.withLock({ directoryHandles.values.first { $0.ino == ino } }) else { throw error }
+            var removed = handle.attributes
+            removed.nlink = 0
+            removed.size = 0
+            return removed
+        }
         if leasesEnabled && fresh.isDirectory && leaseCache.mayCache(kernelIno(ino), since: token) {
             lock.withLock {
                 guard epoch == directoriesEpoch else { return }
@@ -663,7 +674,7 @@ public final class VFS: @unchecked Sendable {
         let attributes = try hub.getattr(context(credentials), ino: ino)
         guard attributes.isDirectory else { throw WeftError.notDirectory }
         try hub.access(context(credentials), ino: ino, mask: 4)
-        let handle = DirectoryHandle(ino: ino, context: context(credentials))
+        let handle = DirectoryHandle(ino: ino, context: context(credentials), attributes: attributes)
         lock.lock()
         defer { lock.unlock() }
         let id = nextHandle
@@ -689,7 +700,14 @@ public final class VFS: @unchecked Sendable {
         }
         while !handle.complete && handle.entries.count < offset + limit {
             let after = handle.entries.last?.name
-            let page = try hub.readdir(handle.context, ino: handle.ino, after: after, limit: Self.directoryPageEntries)
+            let page: [DirectoryEntry]
+            do {
+                page = try hub.readdir(handle.context, ino: handle.ino, after: after, limit: Self.directoryPageEntries)
+            } catch let error as WeftError where error.errno == ENOENT {
+                // Removed while open: it lists no (more) entries, as on a local file system.
+                handle.complete = true
+                break
+            }
             // A short page is the end: a directory of fewer entries is listed from one read at
             // the home, one instant of it, not pages from before and after a change.
             if page.count < Self.directoryPageEntries { handle.complete = true }

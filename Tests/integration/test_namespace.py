@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 
 from posix_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, assert_errno, read_file,
                            renameat2, write_file)
@@ -357,3 +358,50 @@ def test_names_are_arbitrary_bytes(weft):
     write_file(weft.path / "case", b"lower")
     assert read_file(weft.path / "Case") == b"upper"
     assert read_file(weft.path / "case") == b"lower"
+
+
+def _assert_removed_directory_handle(fd: int, mode: int):
+    st = os.fstat(fd)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == mode, oct(st.st_mode)
+    assert st.st_nlink == 0, f"a removed directory has no links, got {st.st_nlink}"
+    assert os.listdir(fd) == [], "a removed directory lists nothing"
+    assert_errno(errno.ENOENT, os.open, "new", os.O_CREAT | os.O_RDWR, 0o644, dir_fd=fd)
+
+
+def test_a_directory_removed_while_open_keeps_its_handle(weft):
+    """fstat and readdir of an open directory after its rmdir: as on a local file system
+    (st_nlink 0, nothing listed), not ESTALE. Found by the model test (seed 52007)."""
+    root = weft.path
+    os.mkdir(root / "gone", 0o750)
+    (root / "gone" / "f").write_bytes(b"x")
+    fd = os.open(root / "gone", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.listdir(fd) == ["f"]
+        os.unlink(root / "gone" / "f")
+        os.rmdir(root / "gone")
+        _assert_removed_directory_handle(fd, 0o750)
+        assert_errno(errno.ENOENT, os.stat, root / "gone")
+        os.mkdir(root / "gone")          # the name is free; the handle still shows the old one
+        assert os.fstat(fd).st_nlink == 0
+        assert os.stat(root / "gone").st_nlink == 2
+    finally:
+        os.close(fd)
+
+
+def test_a_directory_another_agent_removes_while_open_keeps_its_handle(weft):
+    weft.require_weft("mounts a second agent")
+    weft.require_mode("remote")
+    other = weft.add_agent("mnt-b")
+    os.mkdir(weft.path / "shared", 0o700)
+    fd = os.open(weft.path / "shared", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(other / "shared")
+        assert os.listdir(fd) == [], "a removed directory lists nothing"
+        # For 5 s the home answers another session's getattr of an inode it just removed with
+        # its last attributes (SPEC.md §12.6, RemovedInodes); then the handle's, unlinked.
+        deadline = time.monotonic() + 10
+        while os.fstat(fd).st_nlink != 0 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        _assert_removed_directory_handle(fd, 0o700)
+    finally:
+        os.close(fd)
