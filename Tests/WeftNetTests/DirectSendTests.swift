@@ -30,17 +30,6 @@ final class DirectSendTests: XCTestCase {
         return (DirectSender(descriptor: duplicate, channel: channel), channel, ends[1])
     }
 
-    private func readFully(_ descriptor: Int32, _ count: Int) -> [UInt8]? {
-        var bytes = [UInt8](repeating: 0, count: count)
-        var done = 0
-        while done < count {
-            let n = bytes.withUnsafeMutableBytes { recv(descriptor, $0.baseAddress! + done, count - done, 0) }
-            if n <= 0 { return nil }
-            done += n
-        }
-        return bytes
-    }
-
     func testFramesFromManyThreadsArriveWholeAndInOrderWhenTheReaderLagsBehind() throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
@@ -81,10 +70,10 @@ final class DirectSendTests: XCTestCase {
 
         var next = [Int](repeating: 0, count: threads)
         for _ in 0..<(threads * framesPerThread) {
-            guard let prefix = readFully(raw, 4) else { return XCTFail("stream ended early") }
+            guard let prefix = receiveFully(raw, 4) else { return XCTFail("stream ended early") }
             let length = Int(prefix.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })
             guard length >= 5 && length <= 5 + 192 * 1024 else { return XCTFail("a frame length of \(length): frames mixed up") }
-            guard let rest = readFully(raw, length) else { return XCTFail("stream ended inside a frame") }
+            guard let rest = receiveFully(raw, length) else { return XCTFail("stream ended inside a frame") }
             let thread = Int(rest[0])
             let sequence = Int(rest.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 1, as: UInt32.self) })
             XCTAssertLessThan(thread, threads)

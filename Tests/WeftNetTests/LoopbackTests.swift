@@ -60,21 +60,9 @@ final class LoopbackTests: XCTestCase {
             guard connection >= 0 else { return }
             defer { Glibc.close(connection) }
             func receiveFrame() -> [UInt8]? {
-                var frame: [UInt8] = []
-                func take(_ count: Int) -> Bool {
-                    var chunk = [UInt8](repeating: 0, count: count)
-                    var got = 0
-                    while got < count {
-                        let n = chunk.withUnsafeMutableBytes { recv(connection, $0.baseAddress! + got, count - got, 0) }
-                        if n <= 0 { return false }
-                        got += n
-                    }
-                    frame += chunk
-                    return true
-                }
-                guard take(4) else { return nil }
-                let length = Int(frame[0..<4].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
-                return take(length) ? frame : nil
+                guard let prefix = receiveFully(connection, 4) else { return nil }
+                let length = Int(prefix.reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+                return receiveFully(connection, length).map { prefix + $0 }
             }
             func send(_ bytes: ArraySlice<UInt8>) {
                 var sent = 0

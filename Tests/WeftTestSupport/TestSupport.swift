@@ -61,3 +61,16 @@ public func eventually(timeoutSeconds: Double = 10, _ condition: () throws -> Bo
     }
     return try condition()
 }
+
+/// Exactly `count` bytes received from socket `descriptor`, or nil when it ends, fails or
+/// times out first.
+public func receiveFully(_ descriptor: Int32, _ count: Int) -> [UInt8]? {
+    var bytes = [UInt8](repeating: 0, count: count)
+    var done = 0
+    while done < count {
+        let n = bytes.withUnsafeMutableBytes { recv(descriptor, $0.baseAddress! + done, count - done, 0) }
+        if n <= 0 { return nil }
+        done += n
+    }
+    return bytes
+}
