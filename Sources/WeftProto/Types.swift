@@ -374,6 +374,16 @@ public struct FsckReport: Equatable, Sendable {
     public static let wireLinesMax = 100_000
     public static let wireListBytesMax = 24 << 20
 
+    static let cutMarker = "... and "
+
+    /// How many lines `lines` stands for: a list cut for the wire counts the lines it left out.
+    public static func lineCount(_ lines: [String]) -> Int {
+        guard let last = lines.last, last.hasPrefix(cutMarker),
+              let more = Int(last.dropFirst(cutMarker.count).prefix { $0.isNumber })
+        else { return lines.count }
+        return lines.count - 1 + more
+    }
+
     /// The report with each list cut to what the wire carries, a last line saying how many
     /// more there were (a volume that lost its metadata may hold millions of orphans).
     public func limitedForWire() -> FsckReport {
@@ -386,7 +396,7 @@ public struct FsckReport: Equatable, Sendable {
                 kept += 1
             }
             guard kept < lines.count else { return lines }
-            return Array(lines[..<kept]) + ["... and \(lines.count - kept) more not listed (a reply lists at most \(kept))"]
+            return Array(lines[..<kept]) + ["\(Self.cutMarker)\(lines.count - kept) more not listed (this reply lists \(kept))"]
         }
         return FsckReport(inodesChecked: inodesChecked, chunksChecked: chunksChecked, problems: cut(problems),
                           repaired: cut(repaired), remaining: remaining.map(cut))

@@ -705,6 +705,8 @@ public final class VFS: @unchecked Sendable {
                 page = try hub.readdir(handle.context, ino: handle.ino, after: after, limit: Self.directoryPageEntries)
             } catch let error as WeftError where error.errno == ENOENT {
                 // Removed while open: it lists no (more) entries, as on a local file system.
+                // (A live directory whose parent is missing, metadata damage, still fails.)
+                guard (try? hub.getattr(handle.context, ino: handle.ino)) == nil else { throw error }
                 handle.complete = true
                 break
             }

@@ -245,12 +245,12 @@ struct Fsck: ParsableCommand {
             if report.problems.isEmpty {
                 print("clean")
             } else if !repair {
-                print("\(report.problems.count) problem(s)")
+                print("\(FsckReport.lineCount(report.problems)) problem(s)")
             } else if report.remaining == nil {
-                print("\(report.problems.count) problem(s); this hub does not say which its repair left: run weft fsck again")
+                print("\(FsckReport.lineCount(report.problems)) problem(s); this hub does not say which its repair left: run weft fsck again")
             } else {
                 for problem in remaining { print("not repaired: \(problem)") }
-                print("\(report.problems.count) problem(s), \(remaining.count) not repaired")
+                print("\(FsckReport.lineCount(report.problems)) problem(s), \(FsckReport.lineCount(remaining)) not repaired")
             }
         }
         if !remaining.isEmpty { throw ExitCode(1) }
