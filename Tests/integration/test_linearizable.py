@@ -255,7 +255,15 @@ def trace_excerpt(trace_dir: Path, verdict, before_ms: float = 60, after_ms: flo
 
 
 def failure_report(seed: int, verdict, trace_dir: Path) -> str:
-    return f"seed {seed} (replay: WEFT_LIN_SEED={seed}):\n{verdict.report()}\n{trace_excerpt(trace_dir, verdict)}"
+    """The report of a failed check, also written next to the traces (a failed test keeps its
+    directory), so that it survives an output that was cut short."""
+    report = f"seed {seed} (replay: WEFT_LIN_SEED={seed}):\n{verdict.report()}\n{trace_excerpt(trace_dir, verdict)}"
+    if not verdict.ok:
+        try:
+            (trace_dir / f"failure-{seed}.txt").write_text(report)
+        except OSError as e:
+            report += f"\n(could not keep this report in {trace_dir}: {e})"
+    return report
 
 
 @pytest.mark.weft_timeout(900)
