@@ -355,7 +355,8 @@ public struct FsckReport: Equatable, Sendable {
     public var problems: [String]
     public var repaired: [String]
     /// The problems still there when the check ended: every problem without `repair`; with it,
-    /// those the repair could not fix (an object that could not be read, slice bounds, ...).
+    /// what a metadata check after the repair finds, and the objects it could not check or
+    /// write again (SPEC.md §11, `weft fsck`).
     /// Nil when the hub did not say: an older hub answering `fsck` (opcode 30), whose reply
     /// has no such field (SPEC.md §4, opcode 55).
     public var remaining: [String]?

@@ -467,7 +467,7 @@ public final class VFS: @unchecked Sendable {
             fresh = try hub.getattr(context(credentials), ino: ino)
         } catch let error as WeftError where error.errno == ENOENT {
             // A directory removed while this agent holds it open: its handle still shows it,
-            // with no links and no entries, as on a local file system (SPEC.md §7, Directories).
+            // with no links and no entries, as on a local file system (SPEC.md §6).
             guard let handle = lock.withLock({ directoryHandles.values.first { $0.ino == ino } }) else { throw error }
             var removed = handle.attributes
             removed.nlink = 0
