@@ -39,9 +39,16 @@ def parse_arguments(argv):
     parser.add_argument("--weft-mount-args", default="", help="extra arguments for every `weft mount`")
     parser.add_argument("--juicefs-mount-args", default="", help="extra arguments for every `juicefs mount`")
     parser.add_argument("--rss-allowance-mb", type=int, help="RSS allowed above write buffer + cache (default 256)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every selected target this many times, in alternating order (forward, then "
+                             "reversed); each figure is the median of its rounds and each goal ratio the median of "
+                             "the rounds' paired ratios (default 1)")
     parser.add_argument("--compare-as", help="targets to treat as ratio subjects (default: the Weft targets)")
     parser.add_argument("--report-only", metavar="OUT", help="re-render OUT/report.md from OUT/report.json, the goals checked again with this Bench's rules, and exit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
 
 
 def _split_names(text, allowed, what):
@@ -68,6 +75,7 @@ class Session:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started))
         self.out_dir = os.path.abspath(args.out or os.path.join(tools.BENCH_DIR, "results", stamp))
         self.results, self.rss, self.target_states = {}, {}, {}
+        self.round_results, self.round_rss = [], []
         self.environment = {}
         self.load_start = tools.loadavg()
         self.status = "running"
@@ -75,6 +83,7 @@ class Session:
             "schema_version": 1,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             "mode": "quick" if args.quick else "full",
+            "rounds": args.rounds,
             "command": ["Bench/run", *argv],
         }
 
@@ -130,18 +139,35 @@ class Session:
         self.environment["disk_free_gib"] = round(free_gib, 1)
         if free_gib < needed_gib:
             log(f"WARNING: {free_gib:.0f} GiB free in the work dir, about {needed_gib:.0f} GiB needed")
-        runner = Runner(context, self.params, self.results, self.rss, self.families)
         targets = make_targets(context)
         for target in targets:
             state = {"description": target.description, "status": "not selected"}
             self.target_states[target.name] = state
-        for target in targets:
-            if target.name in self.selected:
-                self._run_target(target, runner)
-                self.write_reports()
+        for index in range(self.args.rounds):
+            results, rss = {}, {}
+            self.round_results.append(results)
+            self.round_rss.append(rss)
+            label = f"round-{index + 1}" if self.args.rounds > 1 else None
+            runner = Runner(context, self.params, results, rss, self.families, label)
+            # Alternate the order so that no target always runs first (on a fresh machine) or last.
+            for target in (targets if index % 2 == 0 else list(reversed(targets))):
+                if target.name in self.selected:
+                    if label:
+                        log(f"--- {label} of {self.args.rounds}")
+                    self._run_target(target, runner)
+                    self.results = reporting.combine_rounds(self.round_results)
+                    self.rss = reporting.combine_rss_rounds(self.round_rss)
+                    self.write_reports()
 
     def _run_target(self, target, runner):
-        state = self.target_states[target.name]
+        state = {"description": target.description, "status": "running"}
+        try:
+            self._run_target_once(target, runner, state)
+        finally:
+            self.target_states[target.name] = reporting.combine_target_states(
+                self.target_states[target.name], state, first=len(self.round_results) == 1)
+
+    def _run_target_once(self, target, runner, state):
         try:
             target.check_available()
         except TargetUnavailable as reason:
@@ -178,7 +204,7 @@ class Session:
                 log(f"{target.name}: teardown: {error}")
             if not self.args.keep_work:
                 tools.remove_tree(target.root)
-        failures = [wid for wid, cells in self.results.items() if "error" in cells.get(target.name, {})]
+        failures = [wid for wid, cells in runner.results.items() if "error" in cells.get(target.name, {})]
         if state["status"] == "ok" and failures:
             state["note"] = f"{len(failures)} workload(s) failed: {', '.join(failures[:6])}"
 

@@ -6,6 +6,7 @@ subject ÷ baseline and > 1 means the subject is faster.
 
 import json
 import os
+import statistics
 
 from .targets import TARGET_NAMES
 
@@ -51,6 +52,84 @@ GOALS = (
 )
 
 
+# --- rounds (`Bench/run --rounds N`) ------------------------------------------------------------
+
+def combine_rounds(round_results):
+    """One results dict from several rounds': each cell's value is the median of the rounds that
+    measured it, with `rounds` (each round's value, None where that round has none) and the other
+    fields of the round closest to the median. A single round is returned as it is."""
+    if len(round_results) == 1:
+        return round_results[0]
+    combined = {}
+    workload_ids = list(dict.fromkeys(wid for results in round_results for wid in results))
+    for workload_id in workload_ids:
+        names = list(dict.fromkeys(name for results in round_results for name in results.get(workload_id, {})))
+        for name in names:
+            cells = [results.get(workload_id, {}).get(name) for results in round_results]
+            values = [cell["value"] for cell in cells if cell and "value" in cell]
+            if not values:
+                combined.setdefault(workload_id, {})[name] = next(cell for cell in cells if cell)
+                continue
+            median = statistics.median(values)
+            nearest = min((cell for cell in cells if cell and "value" in cell),
+                          key=lambda cell: abs(cell["value"] - median))
+            cell = dict(nearest, value=median,
+                        rounds=[cell.get("value") if cell else None for cell in cells])
+            errors = [cell["error"] for cell in cells if cell and "error" in cell]
+            if errors:
+                cell["round_errors"] = errors
+            combined.setdefault(workload_id, {})[name] = cell
+    return combined
+
+
+def combine_rss_rounds(round_rss):
+    """The bound is a maximum: the round with the highest peak stands for the run, with every
+    round's peak in `rounds_peak_mib`."""
+    if len(round_rss) == 1:
+        return round_rss[0]
+    combined = {}
+    for name in dict.fromkeys(name for rss in round_rss for name in rss):
+        entries = [rss.get(name) for rss in round_rss]
+        measured = [entry for entry in entries if entry and "peak_mib" in entry]
+        if not measured:
+            combined[name] = next(entry for entry in entries if entry)
+            continue
+        combined[name] = dict(max(measured, key=lambda entry: entry["peak_mib"]),
+                              rounds_peak_mib=[entry.get("peak_mib") if entry else None for entry in entries])
+    return combined
+
+
+def combine_target_states(previous, current, first):
+    """A target's state over the rounds so far: its worst status (ok only if every round was),
+    the first note, the seconds added up, and the busiest round's load average."""
+    if first:
+        return current
+    state = dict(previous)
+    rounds = state.pop("rounds", None) or [{key: previous.get(key) for key in
+                                            ("status", "note", "seconds", "load_average_1min")}]
+    rounds.append({key: current.get(key) for key in ("status", "note", "seconds", "load_average_1min")})
+    state["rounds"] = rounds
+    if previous.get("status") == "ok" and current.get("status") != "ok":
+        state["status"] = current.get("status")
+    if not state.get("note") and current.get("note"):
+        state["note"] = current["note"]
+    state["seconds"] = round(sum(entry.get("seconds") or 0 for entry in rounds), 1)
+    loads = [entry["load_average_1min"] for entry in rounds if entry.get("load_average_1min")]
+    if loads:
+        state["load_average_1min"] = max(loads, key=lambda pair: max(pair))
+    state["info"] = current.get("info", state.get("info"))
+    return state
+
+
+def paired_ratios(results, workload_id, subject, baseline):
+    """Subject ÷ baseline within each round that measured both: targets of one round run minutes
+    apart, so a pair shares the machine's state more than medians taken over the whole run do."""
+    mine = results.get(workload_id, {}).get(subject) or {}
+    theirs = results.get(workload_id, {}).get(baseline) or {}
+    pairs = zip(mine.get("rounds") or [], theirs.get("rounds") or [])
+    return [round(a / b, 3) for a, b in pairs if a is not None and b]
+
+
 def value_of(results, workload_id, target):
     cell = results.get(workload_id, {}).get(target)
     return cell.get("value") if cell and "value" in cell else None
@@ -88,8 +167,13 @@ def evaluate_goals(results, rss, targets):
                     missing.append(metric)
                     continue
                 ratio = mine / theirs
+                per_round = paired_ratios(results, metric, subject, baseline)
+                if per_round:
+                    ratio = statistics.median(per_round)
                 row = {"metric": metric, "value": mine, "baseline_value": theirs,
                        "ratio": round(ratio, 3), "required": minimum, "met": ratio >= minimum}
+                if per_round:
+                    row["round_ratios"] = per_round
                 ceiling = value_of(results, metric, "memfs") if baseline != "memfs" else None
                 if ceiling:
                     # memfs stores nothing and touches no disk: the most any FUSE file system
@@ -261,7 +345,11 @@ def render_markdown(report):
     columns = [name for name in TARGET_NAMES if targets.get(name, {}).get("status") != "not selected"]
     subjects = report["subjects"]
     out = [f"# Weft benchmark report — {report['started_at']}", ""]
-    out.append(f"Mode **{report['mode']}**, status **{report['status']}**, "
+    rounds = report.get("rounds", 1)
+    out.append(f"Mode **{report['mode']}**"
+               + (f", **{rounds} rounds** (each figure the median of its rounds, each goal ratio the median of the "
+                  "rounds' paired ratios)" if rounds > 1 else "")
+               + f", status **{report['status']}**, "
                f"{report.get('duration_seconds', 0):.0f} s. Command: `{' '.join(report['command'])}`")
     load = report.get("load_average", {})
     cpus = report["environment"].get("cpu_count") or 1
@@ -279,6 +367,8 @@ def render_markdown(report):
         if check["rows"]:
             detail = "; ".join(f"{row['metric']} {_number(row['value'])} vs {_number(row['baseline_value'])} "
                                f"= {row['ratio']:.2f}"
+                               + (f" (rounds {', '.join(f'{r:.2f}' for r in row['round_ratios'])})"
+                                  if row.get("round_ratios") else "")
                                + (f" (goal {_number(row['baseline_value'] * row['required'])} > memfs "
                                   f"{_number(row['fuse_ceiling'])})" if row.get("goal_above_ceiling") else "")
                                for row in check["rows"])
@@ -360,6 +450,18 @@ def render_markdown(report):
     if errors:
         out += ["", "## Errors", ""] + [f"{index}. {text}" for index, text in enumerate(errors, 1)]
 
+    if rounds > 1:
+        out += ["", "## Every round", "", "Each target's figure in each round (the tables above show their "
+                "medians); targets ran forward in odd rounds and in reverse in even ones.", ""]
+        rows = []
+        for wid in workloads:
+            for name in columns:
+                cell = results.get(wid, {}).get(name)
+                if cell and cell.get("rounds"):
+                    rows.append([f"`{wid}`", name] + [_number(value) for value in cell["rounds"]])
+        out.append(_table(["Workload", "Target"] + [f"round {index}" for index in range(1, rounds + 1)], rows,
+                          ["---", "---"] + ["---:"] * rounds))
+
     out += ["", "## Agent RSS during a large write", ""]
     if report["rss"]:
         rows = []
@@ -427,6 +529,11 @@ METHOD_NOTES = (
     "RDB save schedule).",
     "Weft: formatted with `--compression none` by default (fio's buffers repeat, so zstd would shrink them and "
     "flatter Weft; JuiceFS compresses nothing by default). Change with `--weft-compression`.",
+    "Rounds (`--rounds N`): every selected target runs N times, forward in odd rounds and reversed in even ones, "
+    "each time from a fresh format. A figure is the median of its rounds; a goal's ratio is the median of the "
+    "ratios taken within each round (subject ÷ baseline of the same round), since the two ran minutes apart; "
+    "the RSS peak is the highest round's. Every round's figure is in report.json (`rounds`) and in "
+    "\"Every round\" below.",
     "RSS: a fresh mount with `--write-buffer-mb 256 --cache-mb 512`; VmRSS sampled every 100 ms and VmHWM read "
     "from /proc/PID/status; the bound is buffer + cache plus a runtime allowance (`--rss-allowance-mb`).",
 )

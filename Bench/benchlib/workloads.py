@@ -111,8 +111,9 @@ def catalogue(params):
 class Runner:
     """Runs every selected workload family on one target and records the figures."""
 
-    def __init__(self, context, params, results, rss_results, families):
+    def __init__(self, context, params, results, rss_results, families, round_label=None):
         self.context = context
+        self.round_label = round_label
         self.params = params
         self.results = results
         self.rss_results = rss_results
@@ -132,7 +133,8 @@ class Runner:
                 cell.setdefault(target.name, {"error": message})
 
     def _raw_path(self, target, label):
-        directory = os.path.join(self.context.out_dir, "raw", target.name)
+        directory = os.path.join(self.context.out_dir, "raw", *([self.round_label] if self.round_label else []),
+                                 target.name)
         os.makedirs(directory, exist_ok=True)
         return os.path.join(directory, label)
 
