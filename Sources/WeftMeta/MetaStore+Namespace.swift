@@ -24,39 +24,7 @@ extension MetaStore {
         try mutate { t in
             var record = try t.inode(ino)
             var attributes = record.attributes
-            let isOwner = Access.isOwnerOrRoot(attributes, credentials)
-            if let mode = changes.mode {
-                guard isOwner else { throw WeftError.notPermitted }
-                var newMode = (attributes.mode & UInt32(S_IFMT)) | (mode & 0o7777)
-                if !credentials.isRoot && !credentials.isMember(of: attributes.gid) { newMode &= ~UInt32(S_ISGID) }
-                attributes.mode = newMode
-            }
-            if changes.uid != nil || changes.gid != nil {
-                let newUID = changes.uid ?? attributes.uid
-                let newGID = changes.gid ?? attributes.gid
-                if !credentials.isRoot {
-                    // POSIX chown: only root gives a file away; the owner may change its group to one it belongs to.
-                    guard credentials.uid == attributes.uid, newUID == attributes.uid else { throw WeftError.notPermitted }
-                    guard newGID == attributes.gid || credentials.isMember(of: newGID) else { throw WeftError.notPermitted }
-                }
-                if !attributes.isDirectory && (newUID != attributes.uid || newGID != attributes.gid || !credentials.isRoot) {
-                    attributes.mode &= ~UInt32(S_ISUID)
-                    if attributes.mode & 0o010 != 0 { attributes.mode &= ~UInt32(S_ISGID) }
-                }
-                attributes.uid = newUID
-                attributes.gid = newGID
-            }
-            for (setting, isAccessTime) in [(changes.atime, true), (changes.mtime, false)] {
-                guard let setting else { continue }
-                switch setting {
-                case .now:
-                    if !isOwner && !changes.byHandle { try Access.check(attributes, credentials, Access.write) }
-                    if isAccessTime { attributes.atimeNs = t.now } else { attributes.mtimeNs = t.now }
-                case .nanoseconds(let ns):
-                    guard isOwner else { throw WeftError.notPermitted }
-                    if isAccessTime { attributes.atimeNs = ns } else { attributes.mtimeNs = ns }
-                }
-            }
+            try changes.applyModeOwnerAndTimes(to: &attributes, credentials, now: t.now)
             if let size = changes.size {
                 if attributes.isDirectory { throw WeftError.isDirectory }
                 guard attributes.isRegular else { throw WeftError.invalid }

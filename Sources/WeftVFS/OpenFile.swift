@@ -409,8 +409,9 @@ final class DirectoryHandle {
     let ino: InodeID
     let context: RequestContext
     /// The directory's attributes when it was opened: what `fstat` of the handle shows once
-    /// the directory is removed (with no links), as a local file system does.
-    let attributes: Attributes
+    /// the directory is removed (with no links), as a local file system does; `fchmod`,
+    /// `fchown` and `futimens` of the removed directory change them (`lock`).
+    var attributes: Attributes
     let lock = NSLock()
     var entries: [DirectoryEntry] = []
     var complete = false

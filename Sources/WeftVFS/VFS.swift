@@ -469,10 +469,7 @@ public final class VFS: @unchecked Sendable {
             // A directory removed while this agent holds it open: its handle still shows it,
             // with no links and no entries, as on a local file system (SPEC.md §6).
             guard let handle = lock.withLock({ directoryHandles.values.first { $0.ino == ino } }) else { throw error }
-            var removed = handle.attributes
-            removed.nlink = 0
-            removed.size = 0
-            return removed
+            return handle.lock.withLock { Self.removed(handle.attributes) }
         }
         if leasesEnabled && fresh.isDirectory && leaseCache.mayCache(kernelIno(ino), since: token) {
             lock.withLock {
@@ -506,7 +503,30 @@ public final class VFS: @unchecked Sendable {
             if changes.size != nil { file.layouts.removeAll() }
             return attributes
         }
-        return try hub.setattr(context(credentials), ino: ino, changes)
+        do {
+            return try hub.setattr(context(credentials), ino: ino, changes)
+        } catch let error as WeftError where error.errno == ENOENT {
+            // fchmod, fchown or futimens of a directory removed while this agent holds it open:
+            // a local file system changes the unlinked inode, which only open handles still
+            // reach, so the change goes to this agent's handles of it (SPEC.md §6).
+            let handles = lock.withLock { directoryHandles.values.filter { $0.ino == ino } }
+            guard let first = handles.first else { throw error }
+            if changes.size != nil { throw WeftError.isDirectory }
+            var attributes = first.lock.withLock { first.attributes }
+            let now = currentTimeNs()
+            try changes.applyModeOwnerAndTimes(to: &attributes, credentials, now: now)
+            attributes.ctimeNs = now
+            for handle in handles { handle.lock.withLock { handle.attributes = attributes } }
+            return Self.removed(attributes)
+        }
+    }
+
+    /// A removed directory's attributes as its open handles show them: no links, no entries.
+    static func removed(_ attributes: Attributes) -> Attributes {
+        var removed = attributes
+        removed.nlink = 0
+        removed.size = 0
+        return removed
     }
 
     public func mkdir(_ credentials: Credentials, parent: InodeID, name: [UInt8], mode: UInt32, umask: UInt32) throws -> Attributes {

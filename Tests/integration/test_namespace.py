@@ -7,8 +7,8 @@ import os
 import stat
 import time
 
-from posix_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, assert_errno, read_file,
-                           renameat2, write_file)
+from posix_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, assert_errno, outcome, read_file,
+                           renameat2, run_as, write_file)
 
 
 def nlink(path) -> int:
@@ -384,6 +384,39 @@ def test_a_directory_removed_while_open_keeps_its_handle(weft):
         os.mkdir(root / "gone")          # the name is free; the handle still shows the old one
         assert os.fstat(fd).st_nlink == 0
         assert os.stat(root / "gone").st_nlink == 2
+    finally:
+        os.close(fd)
+
+
+def _utime_ns(fd: int, atime_ns: int, mtime_ns: int) -> None:
+    os.utime(fd, ns=(atime_ns, mtime_ns))
+
+
+def test_a_directory_removed_while_open_takes_fchmod_fchown_and_futimens(weft):
+    """A local file system changes the unlinked directory's inode through the handle; so does
+    Weft, on the handle's attributes (before: ENOENT from the home)."""
+    os.mkdir(weft.path / "gone", 0o750)
+    fd = os.open(weft.path / "gone", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(weft.path / "gone")
+        before = os.fstat(fd)
+        os.fchmod(fd, 0o705)
+        os.fchown(fd, 1234, 5678)
+        os.utime(fd, ns=(1_000_000_123, 2_000_000_456))
+        after = os.fstat(fd)
+        assert stat.S_ISDIR(after.st_mode) and stat.S_IMODE(after.st_mode) == 0o705, oct(after.st_mode)
+        assert (after.st_uid, after.st_gid) == (1234, 5678)
+        assert (after.st_atime_ns, after.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+        assert after.st_ctime_ns >= before.st_ctime_ns and after.st_nlink == 0
+        # The same rules as for a linked directory: only the owner (or root) changes the mode,
+        # only root gives it away, and times other than now need the owner.
+        assert run_as(4321, 4321, [], outcome, os.fchmod, fd, 0o777) == "EPERM"
+        assert run_as(1234, 5678, [], outcome, os.fchown, fd, 4321, 5678) == "EPERM"
+        assert run_as(1234, 5678, [], outcome, os.fchmod, fd, 0o700) == "OK"
+        assert run_as(4321, 4321, [], outcome, _utime_ns, fd, 5, 5) == "EPERM"
+        last = os.fstat(fd)
+        assert stat.S_IMODE(last.st_mode) == 0o700 and (last.st_uid, last.st_gid) == (1234, 5678)
+        assert os.listdir(fd) == []
     finally:
         os.close(fd)
 
