@@ -93,3 +93,16 @@ def test_rss_keeps_the_highest_round_and_states_keep_the_worst_status():
     assert state["seconds"] == 27.0
     assert state["load_average_1min"] == [1.0, 3.5]
     assert [entry["status"] for entry in state["rounds"]] == ["ok", "failed", "ok"]
+
+
+def test_a_write_goal_above_the_disks_own_rate_is_marked():
+    results = {"seqwrite-1j": {"weft-embedded": _cell(900.0), "juicefs-sqlite": _cell(950.0)},
+               "seqwrite-4j": {"weft-embedded": _cell(880.0), "juicefs-sqlite": _cell(500.0)},
+               "seqwrite-odirect-1j": {"local": _cell(1200.0)},
+               "seqwrite-odirect-4j": {"local": _cell(1300.0)}}
+    check = next(check for check in reporting.evaluate_goals(results, {}, {})
+                 if check["goal"] == "seq-vs-juicefs-sqlite" and check["subject"] == "weft-embedded")
+    one, four = check["rows"]
+    assert one["goal_above_disk"] is True and one["disk_write_rate"] == 1300.0   # 1,425 > 1,300
+    assert "goal_above_disk" not in four                                          # 750 < 1,300
+    assert check["status"] == "NOT MET (1 failed figures; goal above the disk's write rate: 1)"
