@@ -112,6 +112,7 @@ class Session:
             context.juicefs_path = tools.ensure_juicefs()
         weft_dir = None
         if any(name.startswith("weft") for name in wants):
+            tools.apply_weft_tuning()
             weft_dir, note = tools.weft_bin_dir(args.weft_bin)
             context.weft_path, context.weftd_path, missing = tools.find_weft_binaries(weft_dir)
             context.weft_missing_note = note or missing

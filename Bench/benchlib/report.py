@@ -509,7 +509,8 @@ def render_markdown(report):
     rows = [["kernel", env.get("kernel")], ["CPU", f"{env.get('cpu_model')} × {env.get('cpu_count')}"],
             ["memory", f"{env.get('memory_gib')} GiB"],
             ["work dir", f"{env.get('work_dir')} ({env.get('work_dir_filesystem')})"],
-            ["transparent huge pages", env.get("transparent_hugepage")], ["load average start / end",
+            ["transparent huge pages", env.get("transparent_hugepage")],
+            ["fs.pipe-max-size (Deploy/weft-tune)", env.get("pipe_max_size")], ["load average start / end",
              f"{load.get('start')} / {load.get('end')}"]]
     rows += [[name, version or "—"] for name, version in env.get("versions", {}).items()]
     out.append(_table(["Item", "Value"], rows, ["---", "---"]))

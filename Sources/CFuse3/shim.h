@@ -50,3 +50,12 @@ static inline int weft_notify_inc_epoch(struct fuse_session *se) {
     if (written < 0) return -errno;
     return 0;
 }
+
+/// Copies the next `size` bytes of a write's data (`src`, as libfuse hands it to `write_buf`:
+/// memory, or with splice reads the pipe the kernel filled with the written pages) to `dst`.
+/// Returns the bytes copied (fewer only if the data ended), or -errno.
+static inline ssize_t weft_buf_copy_to(void *dst, size_t size, struct fuse_bufvec *src) {
+    struct fuse_bufvec to = FUSE_BUFVEC_INIT(size);
+    to.buf[0].mem = dst;
+    return fuse_buf_copy(&to, src, 0);
+}

@@ -239,6 +239,31 @@ public final class FUSEAdapter: @unchecked Sendable {
         conn.pointee.want |= UInt32(FUSE_CAP_FLOCK_LOCKS) & conn.pointee.capable
         conn.pointee.max_background = 64
         conn.pointee.congestion_threshold = 48
+        // libfuse splices requests into a pipe only if the pipe holds a whole one; otherwise
+        // every receive would try, fail and read instead. Say once why writes cost a copy more.
+        if conn.pointee.want & UInt32(FUSE_CAP_SPLICE_READ) != 0 && !Self.pipeHoldsARequest() {
+            conn.pointee.want &= ~UInt32(FUSE_CAP_SPLICE_READ)
+            let limit = (try? String(contentsOfFile: "/proc/sys/fs/pipe-max-size", encoding: .utf8))?
+                .trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown"
+            logger.notice("""
+                FUSE requests are read, not spliced: a pipe cannot hold \(Self.requestBufferBytes) bytes \
+                (fs.pipe-max-size \(limit), no CAP_SYS_RESOURCE), so each write's data is copied once \
+                more; Deploy/weft-tune raises the limit
+                """)
+        }
+    }
+
+    /// The most a request takes in libfuse's receive buffer: the largest write and a page of header.
+    static let requestBufferBytes = Int(maxIOBytes) + 4096
+
+    /// Whether this process can size a pipe to hold a whole request (what libfuse's splice
+    /// receive asks for: fs.pipe-max-size, or CAP_SYS_RESOURCE above it).
+    static func pipeHoldsARequest() -> Bool {
+        let setPipeSize: Int32 = 1031    // F_SETPIPE_SZ (F_LINUX_SPECIFIC_BASE + 7), a GNU name Swift does not see
+        var ends: [Int32] = [0, 0]
+        guard pipe(&ends) == 0 else { return false }
+        defer { close(ends[0]); close(ends[1]) }
+        return fcntl(ends[0], setPipeSize, Int32(requestBufferBytes)) >= requestBufferBytes
     }
 
     /// Raises the mount's kernel read-ahead (root only; the kernel caps it at INIT time, so this

@@ -145,11 +145,19 @@ extension FUSEAdapter {
                 a.dropUncoveredPages(ino, offset: offset, length: size)
             }
         }
-        ops.write = { req, ino, buffer, size, offset, fi in
+        // `write_buf`, not `write`: with it libfuse receives requests by splicing /dev/fuse into a
+        // pipe (FUSE_CAP_SPLICE_READ), which takes the written pages by reference, and the data
+        // is read from that pipe straight into the write buffer: one copy fewer than reading the
+        // request into libfuse's buffer first (SPEC.md §8, Writes).
+        ops.write_buf = { req, ino, source, offset, fi in
             FUSEAdapter.reply(req) {
                 let a = FUSEAdapter.adapter(req)
-                let written = try a.vfs.write(handle: fi!.pointee.fh, offset: UInt64(offset),
-                                              data: UnsafeRawBufferPointer(start: buffer, count: size))
+                let size = fuse_buf_size(source)
+                let written = try a.vfs.write(handle: fi!.pointee.fh, offset: UInt64(offset), count: size) { piece in
+                    let copied = weft_buf_copy_to(piece.baseAddress, piece.count, source)
+                    if copied < 0 { throw WeftError(Int32(-copied), "cannot read the write's data") }
+                    if copied != piece.count { throw WeftError(EIO, "the write's data ended after \(copied) of \(piece.count) bytes") }
+                }
                 fuse_reply_write(req, written)
                 Trace.note("fuse write ino=\(ino) offset=\(offset) size=\(size) -> \(written)")
                 // The kernel keeps the written pages: the same rule as for a read.

@@ -33,6 +33,9 @@ public protocol FileSystemLayer: AnyObject, Sendable {
                 flags: Int32) throws -> (attributes: Attributes, handle: UInt64)
     func read(handle id: UInt64, offset: UInt64, size: Int) throws -> ReadResult
     func write(handle id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int
+    /// `count` bytes that `fill` copies, in order, piece by piece, into the write buffer.
+    func write(handle id: UInt64, offset: UInt64, count: Int,
+               fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws -> Int
     func flush(handle id: UInt64) throws
     func fsync(handle id: UInt64) throws
     func release(handle id: UInt64) throws

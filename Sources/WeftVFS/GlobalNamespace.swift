@@ -343,6 +343,12 @@ public final class GlobalNamespace: FileSystemLayer, @unchecked Sendable {
         return try vfs.write(handle: local, offset: offset, data: data)
     }
 
+    public func write(handle id: UInt64, offset: UInt64, count: Int,
+                      fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws -> Int {
+        let (vfs, local) = try fileVFS(id)
+        return try vfs.write(handle: local, offset: offset, count: count, fill: fill)
+    }
+
     public func flush(handle id: UInt64) throws {
         let (vfs, local) = try fileVFS(id)
         try vfs.flush(handle: local)

@@ -38,17 +38,23 @@ final class ExtentBuffer {
     /// Appends `piece`, growing (doubling) an unpooled buffer; a pooled one never needs to grow
     /// because it already spans to the chunk's end.
     func append(_ piece: UnsafeRawBufferPointer) {
-        if count + piece.count > capacity {
+        append(count: piece.count) { $0.copyMemory(from: piece) }
+    }
+
+    /// Appends `bytes` bytes that `fill` writes into the buffer's memory; if `fill` throws,
+    /// nothing is appended.
+    func append(count bytes: Int, fill: (UnsafeMutableRawBufferPointer) throws -> Void) rethrows {
+        if count + bytes > capacity {
             precondition(!pooled, "a pooled extent buffer spans to its chunk's end")
-            let grown = max(count + piece.count, capacity * 2)
+            let grown = max(count + bytes, capacity * 2)
             let fresh = UnsafeMutableRawPointer.allocate(byteCount: grown, alignment: 4096)
             fresh.copyMemory(from: pointer, byteCount: count)
             pointer.deallocate()
             pointer = fresh
             capacity = grown
         }
-        (pointer + count).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
-        count += piece.count
+        try fill(UnsafeMutableRawBufferPointer(start: pointer + count, count: bytes))
+        count += bytes
     }
 
     /// Hands the memory of a pooled buffer back (the buffer must not be used afterwards).
@@ -317,31 +323,46 @@ final class OpenFile {
     }
 
     /// Buffers `data` at file offset `offset`, split at chunk boundaries.
-    func buffer(_ data: UnsafeRawBufferPointer, at offset: UInt64, chunkSizeBytes: Int, pool: BufferPool) {
+    /// Buffers `count` bytes at `offset`, which `fill` copies in order into the extents' memory,
+    /// one piece per chunk. Returns the bytes buffered: all of them, or, if `fill` throws, those
+    /// of the pieces before (the error is returned with them, for a short write).
+    @discardableResult
+    func buffer(count: Int, at offset: UInt64, chunkSizeBytes: Int, pool: BufferPool,
+                fill: (UnsafeMutableRawBufferPointer) throws -> Void) -> (buffered: Int, error: Error?) {
         var position = 0
-        while position < data.count {
+        var failure: Error?
+        while position < count {
             let fileOffset = offset + UInt64(position)
             let index = UInt32(fileOffset / UInt64(chunkSizeBytes))
             let offsetInChunk = Int(fileOffset % UInt64(chunkSizeBytes))
-            let take = min(data.count - position, chunkSizeBytes - offsetInChunk)
-            let piece = UnsafeRawBufferPointer(rebasing: data[position..<position + take])
-            // Append in place when the write continues the last extent (no copy of the buffer).
-            if let last = dirty[index]?.last, Int(last.offsetInChunk) + last.buffer.count == offsetInChunk {
-                last.buffer.append(piece)
-            } else {
-                // A write that can grow to a whole chunk gets a pooled buffer reaching the chunk's end.
-                let buffer = offsetInChunk == 0 && take >= 64 * 1024 && pool.bufferBytes == chunkSizeBytes
-                    ? pool.take()
-                    : ExtentBuffer(capacity: max(take, 4096), pooled: false)
-                buffer.append(piece)
-                dirty[index, default: []].append(Extent(offsetInChunk: UInt32(offsetInChunk), buffer: buffer))
+            let take = min(count - position, chunkSizeBytes - offsetInChunk)
+            do {
+                // Append in place when the write continues the last extent (no copy of the buffer).
+                if let last = dirty[index]?.last, Int(last.offsetInChunk) + last.buffer.count == offsetInChunk {
+                    try last.buffer.append(count: take, fill: fill)
+                } else {
+                    // A write that can grow to a whole chunk gets a pooled buffer reaching the chunk's end.
+                    let buffer = offsetInChunk == 0 && take >= 64 * 1024 && pool.bufferBytes == chunkSizeBytes
+                        ? pool.take()
+                        : ExtentBuffer(capacity: max(take, 4096), pooled: false)
+                    do { try buffer.append(count: take, fill: fill) } catch {
+                        if buffer.pooled { pool.give(buffer) }
+                        throw error
+                    }
+                    dirty[index, default: []].append(Extent(offsetInChunk: UInt32(offsetInChunk), buffer: buffer))
+                }
+            } catch {
+                failure = error
+                break
             }
             position += take
         }
+        guard position > 0 else { return (0, failure) }
         if dirtyBytes == 0 { dirtySinceNs = currentTimeNs() }
-        dirtyBytes += data.count
-        dirtyEnd = max(dirtyEnd, offset + UInt64(data.count))
+        dirtyBytes += position
+        dirtyEnd = max(dirtyEnd, offset + UInt64(position))
         dirtyMtimeNs = currentTimeNs()
+        return (position, failure)
     }
 
     /// Moves chunk `index` to `staged` if its buffered bytes reach a whole chunk, unless a commit

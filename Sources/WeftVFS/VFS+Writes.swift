@@ -13,18 +13,42 @@ extension VFS {
     }
 
     public func write(handle id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int {
+        var from = 0
+        return try write(handle: id, offset: offset, count: data.count) { destination in
+            destination.copyMemory(from: UnsafeRawBufferPointer(rebasing: data[from..<from + destination.count]))
+            from += destination.count
+        }
+    }
+
+    /// Writes `count` bytes at `offset`, which `fill` copies, in order and piece by piece, into
+    /// the write buffer's memory: the FUSE adapter reads a write's data there straight from the
+    /// pipe the kernel spliced it into (SPEC.md §8, Writes). If `fill` fails after some pieces,
+    /// the write is short (those bytes stay written); if it fails at once, the write fails.
+    public func write(handle id: UInt64, offset: UInt64, count: Int,
+                      fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws -> Int {
         let handle = try fileHandle(id)
         let accessMode = handle.flags & O_ACCMODE
         guard accessMode == O_WRONLY || accessMode == O_RDWR else { throw WeftError(EBADF) }
-        if data.isEmpty { return 0 }
-        try budget.reserve(data.count) { try self.flushSomeFile() }
+        if count == 0 { return 0 }
+        try budget.reserve(count) { try self.flushSomeFile() }
         let file = handle.file
         file.lock.lock()
         defer { file.lock.unlock() }
         let position = handle.flags & O_APPEND != 0 ? file.visibleAttributes.size : offset
-        guard position + UInt64(data.count) <= Limits.fileSizeMaxBytes else {
-            budget.release(data.count)
+        guard position + UInt64(count) <= Limits.fileSizeMaxBytes else {
+            budget.release(count)
             throw WeftError.fileTooBig
+        }
+        /// Buffers the bytes; returns how many, releasing the budget of the rest.
+        func buffer() throws -> Int {
+            let (buffered, error) = file.buffer(count: count, at: position, chunkSizeBytes: chunkSizeBytes,
+                                                pool: pool, fill: fill)
+            if buffered < count { budget.release(count - buffered) }
+            if let error {
+                logger.error("write to inode \(file.ino): its data could not be read (\(error)); \(buffered) of \(count) bytes written")
+                if buffered == 0 { throw error }
+            }
+            return buffered
         }
         // Without the write lease another node may read this file now: write through. Earlier
         // buffered writes commit first; if this write's commit then fails, its bytes are
@@ -32,27 +56,27 @@ extension VFS {
         if !file.isWriteLeased {
             if file.hasDirtyData {
                 do { try flushLocked(file, context: handle.context, durable: false) } catch {
-                    budget.release(data.count)
+                    budget.release(count)
                     throw error
                 }
             }
-            file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes, pool: pool)
+            let written = try buffer()
             do { try flushLocked(file, context: handle.context, durable: false) } catch {
                 if file.hasDirtyData { clearBuffers(file) }
                 throw error
             }
-            return data.count
+            return written
         }
-        file.buffer(data, at: position, chunkSizeBytes: chunkSizeBytes, pool: pool)
-        logger.trace("write \(file.ino) at \(position) +\(data.count): dirty end \(file.dirtyEnd)")
+        let written = try buffer()
+        logger.trace("write \(file.ino) at \(position) +\(written): dirty end \(file.dirtyEnd)")
         let chunkSize = UInt64(chunkSizeBytes)
-        for index in UInt32(position / chunkSize)...UInt32((position + UInt64(data.count) - 1) / chunkSize) {
+        for index in UInt32(position / chunkSize)...UInt32((position + UInt64(written) - 1) / chunkSize) {
             if let chunk = file.stageIfFull(index, chunkSizeBytes: chunkSizeBytes) {
                 startUpload(chunk, of: file, context: handle.context)
             }
         }
         commitUploadedPrefix(file, context: handle.context)
-        return data.count
+        return written
     }
 
     /// Uploaded staged chunks at the front of a file's list that make a commit of their own.

@@ -689,6 +689,39 @@ class VFSDataTests: HubTestCase {
         XCTAssertEqual(agent.budget.used, 0)
     }
 
+    /// A write whose data comes piece by piece (the FUSE adapter reads it from the pipe the
+    /// kernel spliced it into): a source that fails at once fails the write with nothing
+    /// buffered; one that fails after a piece makes a short write of the pieces before, which
+    /// stay written; the rest of the budget is given back either way.
+    func testAWriteWhoseDataCannotBeReadIsShortOrFailsAndKeepsNothingElse() throws {
+        let agent = try makeAgent()
+        let (ino, handle) = try create(agent, "spliced")
+        var random = SeededRandom(seed: 77)
+        let data = random.bytes(Self.chunk + 1000)    // two pieces: the first chunk, then 1,000 bytes
+        var pieces = 0
+        XCTAssertThrowsError(try agent.write(handle: handle, offset: 0, count: data.count) { _ in
+            pieces += 1
+            throw WeftError(EIO, "pipe")
+        }) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
+        XCTAssertEqual(pieces, 1)
+        XCTAssertEqual(agent.budget.used, 0)
+        XCTAssertEqual(try agent.getattr(rootCaller, ino: ino).size, 0)
+
+        var from = 0
+        let written = try agent.write(handle: handle, offset: 0, count: data.count) { piece in
+            if from > 0 { throw WeftError(EIO, "pipe") }
+            piece.copyBytes(from: data[0..<piece.count])
+            from += piece.count
+        }
+        XCTAssertEqual(written, Self.chunk, "a short write of the first piece")
+        XCTAssertLessThanOrEqual(agent.budget.used, Self.chunk)
+        XCTAssertEqual(try agent.getattr(rootCaller, ino: ino).size, UInt64(Self.chunk))
+        try agent.fsync(handle: handle)
+        XCTAssertEqual(agent.budget.used, 0)
+        try agent.release(handle: handle)
+        XCTAssertEqual(try contents(of: ino, via: try makeAgent()), Array(data[0..<Self.chunk]))
+    }
+
     // MARK: read-ahead
 
     /// A whole small file read at once (a dataset sample) schedules no read-ahead: there is
