@@ -48,6 +48,9 @@ def parse_arguments(argv):
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.rounds > 1 and args.keep_work:
+        parser.error("--keep-work keeps each target's data, so a later round could not start from a fresh "
+                     "format: use one of --rounds and --keep-work")
     return args
 
 

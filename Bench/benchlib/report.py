@@ -75,9 +75,9 @@ def combine_rounds(round_results):
                           key=lambda cell: abs(cell["value"] - median))
             cell = dict(nearest, value=median,
                         rounds=[cell.get("value") if cell else None for cell in cells])
-            errors = [cell["error"] for cell in cells if cell and "error" in cell]
-            if errors:
-                cell["round_errors"] = errors
+            if any(cell and "error" in cell for cell in cells):
+                # Aligned with `rounds`: the error of each round that failed, None elsewhere.
+                cell["round_errors"] = [cell.get("error") if cell else None for cell in cells]
             combined.setdefault(workload_id, {})[name] = cell
     return combined
 
@@ -326,6 +326,11 @@ def _cell(results, workload_id, target, errors):
     if "error" in cell:
         errors.append(f"{target} / {workload_id}: {cell['error']}")
         return f"ERR[{len(errors)}]"
+    failed = [(index, error) for index, error in enumerate(cell.get("round_errors") or [], 1) if error]
+    if failed:
+        errors.append(f"{target} / {workload_id}: failed in round(s) {', '.join(str(i) for i, _ in failed)} "
+                      f"(the figure is the median of the others): {failed[0][1]}")
+        return f"{_number(cell['value'])} ERR[{len(errors)}]"
     return _number(cell["value"])
 
 
@@ -483,7 +488,11 @@ def render_markdown(report):
             for name in columns:
                 cell = results.get(wid, {}).get(name)
                 if cell and cell.get("rounds"):
-                    rows.append([f"`{wid}`", name] + [_number(value) for value in cell["rounds"]])
+                    failed = cell.get("round_errors") or []
+                    shown = ["ERR" if index < len(failed) and failed[index] else _number(value)
+                             for index, value in enumerate(cell["rounds"])]
+                    # Rounds not run yet (a report written during the run, or an interrupted one).
+                    rows.append([f"`{wid}`", name] + shown + ["—"] * (rounds - len(shown)))
         out.append(_table(["Workload", "Target"] + [f"round {index}" for index in range(1, rounds + 1)], rows,
                           ["---", "---"] + ["---:"] * rounds))
 

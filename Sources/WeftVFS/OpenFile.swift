@@ -90,6 +90,9 @@ final class BufferPool: @unchecked Sendable {
         return ExtentBuffer(capacity: bufferBytes, pooled: true, pointer: reused)
     }
 
+    /// Buffers waiting in the pool to be taken again.
+    var idleCount: Int { lock.withLock { free.count } }
+
     func give(_ buffer: ExtentBuffer) {
         guard buffer.pooled else { return }
         let pointer = buffer.takePointer()

@@ -126,6 +126,11 @@ public final class VFS: @unchecked Sendable {
     var directoriesEpoch: UInt64 = 0
     var fileHandles: [UInt64: FileHandle] = [:]
     var directoryHandles: [UInt64: DirectoryHandle] = [:]
+    /// Directories removed while open whose attributes `fchmod`, `fchown` or `futimens` then
+    /// changed: what their handles show, without asking the home (which may still answer
+    /// another session's `getattr` with the last attributes for a while, §12.6). Dropped with
+    /// the inode's last handle. Guarded by `lock`.
+    var changedRemovedDirectories: [InodeID: Attributes] = [:]
     var nextHandle: UInt64 = 1
     var sliceIDs: (next: SliceID, end: SliceID) = (0, 0)
     /// Closes of registered opens not yet sent to the home.
@@ -461,7 +466,8 @@ public final class VFS: @unchecked Sendable {
             return kept.attributes
         }
         let token = leaseCache.token()
-        let epoch = lock.withLock { directoriesEpoch }
+        let (epoch, changedAfterRemoval) = lock.withLock { (directoriesEpoch, changedRemovedDirectories[ino]) }
+        if let changedAfterRemoval { return Self.removed(changedAfterRemoval) }
         let fresh: Attributes
         do {
             fresh = try hub.getattr(context(credentials), ino: ino)
@@ -509,15 +515,21 @@ public final class VFS: @unchecked Sendable {
             // fchmod, fchown or futimens of a directory removed while this agent holds it open:
             // a local file system changes the unlinked inode, which only open handles still
             // reach, so the change goes to this agent's handles of it (SPEC.md §6).
-            let handles = lock.withLock { directoryHandles.values.filter { $0.ino == ino } }
-            guard let first = handles.first else { throw error }
-            if changes.size != nil { throw WeftError.isDirectory }
-            var attributes = first.lock.withLock { first.attributes }
-            let now = currentTimeNs()
-            try changes.applyModeOwnerAndTimes(to: &attributes, credentials, now: now)
-            attributes.ctimeNs = now
-            for handle in handles { handle.lock.withLock { handle.attributes = attributes } }
-            return Self.removed(attributes)
+            // One change at a time (under `lock`), each on the last one's result.
+            let changed: Attributes? = try lock.withLock {
+                let handles = directoryHandles.values.filter { $0.ino == ino }
+                guard let first = handles.first else { return nil }
+                if changes.size != nil { throw WeftError.isDirectory }
+                var attributes = changedRemovedDirectories[ino] ?? first.lock.withLock { first.attributes }
+                let now = currentTimeNs()
+                try changes.applyModeOwnerAndTimes(to: &attributes, credentials, now: now)
+                attributes.ctimeNs = now
+                changedRemovedDirectories[ino] = attributes
+                for handle in handles { handle.lock.withLock { handle.attributes = attributes } }
+                return attributes
+            }
+            guard let changed else { throw error }
+            return Self.removed(changed)
         }
     }
 
@@ -746,7 +758,10 @@ public final class VFS: @unchecked Sendable {
 
     public func releasedir(handle id: UInt64) {
         lock.lock()
-        directoryHandles[id] = nil
+        if let ino = directoryHandles.removeValue(forKey: id)?.ino,
+           changedRemovedDirectories[ino] != nil, !directoryHandles.values.contains(where: { $0.ino == ino }) {
+            changedRemovedDirectories[ino] = nil
+        }
         lock.unlock()
     }
 

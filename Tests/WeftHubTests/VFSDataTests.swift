@@ -699,11 +699,14 @@ class VFSDataTests: HubTestCase {
         var random = SeededRandom(seed: 77)
         let data = random.bytes(Self.chunk + 1000)    // two pieces: the first chunk, then 1,000 bytes
         var pieces = 0
+        let idleBefore = agent.pool.idleCount
         XCTAssertThrowsError(try agent.write(handle: handle, offset: 0, count: data.count) { _ in
             pieces += 1
             throw WeftError(EIO, "pipe")
         }) { XCTAssertEqual(($0 as? WeftError)?.errno, EIO) }
         XCTAssertEqual(pieces, 1)
+        XCTAssertGreaterThanOrEqual(agent.pool.idleCount, max(1, idleBefore),
+                                    "the pooled chunk buffer the failed piece took went back")
         XCTAssertEqual(agent.budget.used, 0)
         XCTAssertEqual(try agent.getattr(rootCaller, ino: ino).size, 0)
 

@@ -146,6 +146,30 @@ extension VFSDataTests {
         XCTAssertEqual(try contents(of: ino, via: a), (1...8).map(UInt8.init))
     }
 
+    /// Written through (another agent has the file open for writing): a write whose data
+    /// stops after its first piece commits that piece and is short; the other agent sees it.
+    func testAShortWriteThroughCommitsWhatItBuffered() throws {
+        let a = try makeAgent(), b = try makeAgent()
+        let (ino, created) = try create(a, "through")
+        try a.release(handle: created)
+        let (ha, _) = try a.open(rootCaller, ino: ino, flags: O_RDWR)
+        let (hb, _) = try b.open(rootCaller, ino: ino, flags: O_RDWR)
+        XCTAssertFalse(a.openFile(ino)!.lock.withLock { a.openFile(ino)!.isWriteLeased }, "written through")
+        var random = SeededRandom(seed: 91)
+        let data = random.bytes(Self.chunk + 500)
+        var from = 0
+        let written = try a.write(handle: ha, offset: 0, count: data.count) { piece in
+            if from > 0 { throw WeftError(EIO, "pipe") }
+            piece.copyBytes(from: data[0..<piece.count])
+            from += piece.count
+        }
+        XCTAssertEqual(written, Self.chunk)
+        XCTAssertEqual(a.budget.used, 0, "committed before the write returned")
+        XCTAssertEqual(try read(b, hb, at: 0, data.count), Array(data[0..<Self.chunk]))
+        try a.release(handle: ha)
+        try b.release(handle: hb)
+    }
+
     func testDirectoryAttributesAreKeptUnderTheLeaseAndFollowEveryChange() throws {
         let a = try makeAgent(), b = try makeAgent()
         let dir = try a.mkdir(rootCaller, parent: root, name: bytes("d"), mode: 0o755, umask: 0).ino

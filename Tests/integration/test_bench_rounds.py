@@ -40,7 +40,7 @@ def test_figures_are_medians_with_every_round_kept():
     juicefs = combined["seqwrite-1j"]["juicefs-sqlite"]
     assert juicefs["value"] == 340.0  # median of the two rounds that measured it
     assert juicefs["rounds"] == [500.0, 180.0, None]
-    assert juicefs["round_errors"] == ["fio failed"]
+    assert juicefs["round_errors"] == [None, None, "fio failed"]
 
 
 def test_a_target_that_failed_in_every_round_keeps_its_error():
@@ -106,3 +106,15 @@ def test_a_write_goal_above_the_disks_own_rate_is_marked():
     assert one["goal_above_disk"] is True and one["disk_write_rate"] == 1300.0   # 1,425 > 1,300
     assert "goal_above_disk" not in four                                          # 750 < 1,300
     assert check["status"] == "NOT MET (1 failed figures; goal above the disk's write rate: 1)"
+
+
+def test_a_round_that_failed_shows_in_the_report():
+    report = {"results": reporting.combine_rounds(_rounds()), "rounds": 3, "ratios": {}, "subjects": [],
+              "checks": [], "rss": {}, "environment": {}, "load_average": {}, "started_at": "now", "mode": "quick",
+              "status": "complete", "command": ["Bench/run"],
+              "targets": {"weft-embedded": {"status": "ok"}, "juicefs-sqlite": {"status": "ok"}},
+              "workloads": {"seqwrite-1j": {"family": "seqwrite", "title": "write", "unit": "MiB/s"}}}
+    text = reporting.render_markdown(report)
+    assert "340 ERR[1]" in text
+    assert "juicefs-sqlite / seqwrite-1j: failed in round(s) 3" in text
+    assert "| `seqwrite-1j` | juicefs-sqlite | 500 | 180 | ERR |" in text
