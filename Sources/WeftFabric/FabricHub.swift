@@ -307,17 +307,6 @@ public final class FabricHub: HubAPI, @unchecked Sendable {
 
     public func fsck(repair: Bool) throws -> FsckReport {
         let hubs = lock.withLock { volumes.sorted { $0.key < $1.key } }
-        var total = FsckReport()
-        var remaining: [String] = []
-        for (id, hub) in hubs {
-            let one = try hub.fsck(repair: repair)
-            total.inodesChecked += one.inodesChecked
-            total.chunksChecked += one.chunksChecked
-            total.problems += one.problems.map { "volume \(id): \($0)" }
-            total.repaired += one.repaired.map { "volume \(id): \($0)" }
-            remaining += one.unresolved.map { "volume \(id): \($0)" }
-        }
-        total.remaining = remaining
-        return total
+        return FsckReport.merged(try hubs.map { (id: "\($0.key)", report: try $0.value.fsck(repair: repair)) })
     }
 }

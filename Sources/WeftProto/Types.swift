@@ -377,23 +377,38 @@ public struct FsckReport: Equatable, Sendable {
 
     static let cutMarker = "... and "
 
-    /// How many lines `lines` stands for: a list cut for the wire counts the lines it left out.
+    /// How many lines `lines` stands for: a list cut for the wire counts the lines it left out,
+    /// at its end, or per volume in a cluster hub's merged report (`merged`).
     public static func lineCount(_ lines: [String]) -> Int {
-        guard let last = lines.last, last.hasPrefix(cutMarker),
-              let more = Int(last.dropFirst(cutMarker.count).prefix { $0.isNumber })
-        else { return lines.count }
-        return lines.count - 1 + more
+        lines.reduce(0) { $0 + (cutCount($1) ?? 1) }
+    }
+
+    /// The lines a cut marker stands for ("... and N more not listed", maybe after
+    /// "volume ID: "), or nil for any other line.
+    static func cutCount(_ line: String) -> Int? {
+        guard let marker = line.range(of: cutMarker) else { return nil }
+        let before = line[..<marker.lowerBound]
+        guard before.isEmpty || (before.hasPrefix("volume ") && before.hasSuffix(": ")) else { return nil }
+        let rest = line[marker.upperBound...]
+        let digits = rest.prefix { $0.isNumber }
+        guard let more = Int(digits), rest.dropFirst(digits.count).hasPrefix(" more not listed") else { return nil }
+        return more
     }
 
     /// The report with each list cut to what the wire carries, a last line saying how many
     /// more there were (a volume that lost its metadata may hold millions of orphans).
     public func limitedForWire() -> FsckReport {
+        limited(linesMax: Self.wireLinesMax, bytesMax: Self.wireListBytesMax)
+    }
+
+    /// Each list cut to `linesMax` lines and about `bytesMax` bytes, plus a marker line.
+    func limited(linesMax: Int, bytesMax: Int) -> FsckReport {
         func cut(_ lines: [String]) -> [String] {
             var bytes = 0
             var kept = 0
             for line in lines {
                 bytes += 4 + line.utf8.count
-                guard kept < Self.wireLinesMax, bytes <= Self.wireListBytesMax else { break }
+                guard kept < linesMax, bytes <= bytesMax else { break }
                 kept += 1
             }
             guard kept < lines.count else { return lines }
@@ -401,6 +416,32 @@ public struct FsckReport: Equatable, Sendable {
         }
         return FsckReport(inodesChecked: inodesChecked, chunksChecked: chunksChecked, problems: cut(problems),
                           repaired: cut(repaired), remaining: remaining.map(cut))
+    }
+
+    /// One report for several volumes (a cluster hub's): counts added, every line prefixed
+    /// with "volume ID: ". Each volume's lists are first cut to an equal share of what the wire
+    /// carries, so that one volume with millions of lines does not crowd the others' out of the
+    /// reply; `limitedForWire` then has nothing left to cut. `remaining` is always set (a
+    /// volume that does not say counts every problem).
+    public static func merged(_ volumes: [(id: String, report: FsckReport)],
+                              linesMax: Int = wireLinesMax, bytesMax: Int = wireListBytesMax) -> FsckReport {
+        let share = max(1, volumes.count)
+        // Room for each volume's marker line and its prefixes (the longest volume name and a bit).
+        let prefixBytes = 16 + (volumes.map(\.id.utf8.count).max() ?? 0)
+        let linesEach = max(1, (linesMax - share) / share)
+        let bytesEach = max(1, bytesMax / share - linesEach * prefixBytes - 256)
+        var total = FsckReport(remaining: [])
+        for (id, report) in volumes {
+            var one = report
+            one.remaining = report.unresolved
+            one = one.limited(linesMax: linesEach, bytesMax: bytesEach)
+            total.inodesChecked += one.inodesChecked
+            total.chunksChecked += one.chunksChecked
+            total.problems += one.problems.map { "volume \(id): \($0)" }
+            total.repaired += one.repaired.map { "volume \(id): \($0)" }
+            total.remaining! += one.unresolved.map { "volume \(id): \($0)" }
+        }
+        return total
     }
 
     /// The reply of opcode 30 (no `remaining`) or, `withRemaining`, of opcode 55: then a `u8`,

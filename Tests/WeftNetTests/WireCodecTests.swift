@@ -4,7 +4,7 @@ import Glibc
 import Foundation
 import WeftTestSupport
 import XCTest
-import WeftProto
+@testable import WeftProto
 @testable import WeftNet
 
 final class WireCodecTests: XCTestCase {
@@ -77,6 +77,32 @@ final class WireCodecTests: XCTestCase {
         XCTAssertEqual(try WireCodec.decodeResponse(try WireCodec.decodeFrame(unsaid)).get(),
                        .fsckResult(FsckReport(inodesChecked: 5, chunksChecked: 6, problems: ["a", "b"], repaired: ["c"],
                                               remaining: ["a", "b"])))
+    }
+
+    /// A cluster hub's report of several volumes gives each an equal share of the reply: one
+    /// volume with more lines than fit does not crowd out the lines of the others, and the
+    /// counts still stand for every line.
+    func testAMergedFsckReportKeepsEveryVolumesShareAndCounts() throws {
+        let noisy = FsckReport(inodesChecked: 10, chunksChecked: 20,
+                               problems: (0..<150).map { "chunk \($0) is not referenced by any file (orphan)" },
+                               repaired: [], remaining: nil)
+        let quiet = FsckReport(inodesChecked: 1, chunksChecked: 2, problems: ["chunk 7 is damaged", "inode 9 is lost"],
+                               repaired: ["reclaimed inode 3"], remaining: ["inode 9 is lost"])
+        let merged = FsckReport.merged([(id: "1", report: noisy), (id: "2", report: quiet)], linesMax: 100)
+        XCTAssertEqual(merged.inodesChecked, 11)
+        XCTAssertEqual(merged.chunksChecked, 22)
+        XCTAssertTrue(merged.problems.contains("volume 2: chunk 7 is damaged"))
+        XCTAssertTrue(merged.problems.contains("volume 2: inode 9 is lost"))
+        XCTAssertEqual(merged.problems.filter { $0.hasPrefix("volume 1: ") }.count, 50, "49 lines and a marker")
+        XCTAssertEqual(merged.problems.last(where: { $0.hasPrefix("volume 1: ") }),
+                       "volume 1: ... and 101 more not listed (this reply lists 49)")
+        XCTAssertEqual(FsckReport.lineCount(merged.problems), 152)
+        XCTAssertEqual(merged.repaired, ["volume 2: reclaimed inode 3"])
+        XCTAssertEqual(FsckReport.lineCount(merged.unresolved), 151, "volume 1 says nothing: all 150 remain")
+        XCTAssertTrue(merged.unresolved.contains("volume 2: inode 9 is lost"))
+        XCTAssertEqual(merged.limited(linesMax: 100, bytesMax: FsckReport.wireListBytesMax), merged,
+                       "nothing left for the reply's own cut")
+        XCTAssertNil(FsckReport.cutCount("chunk 1: ... and 3 more not listed"), "only a marker line, or one of a volume")
     }
 
     /// A report of more problems than a reply may list is cut, with a line saying how many
