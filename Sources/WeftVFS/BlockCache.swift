@@ -26,22 +26,30 @@ public final class Slab: @unchecked Sendable {
 /// first touch of a page costs several times a copy (the host populates it), and even a page
 /// the process freed a moment ago costs a fault and a clear, so the cache refills reused memory.
 ///
-/// Slabs of at least `pooledMinBytes` are sized in whole MiB and pooled by size. Memory is kept
-/// while the slabs in use plus the pooled ones stay within `budgetBytes`, which a block cache
-/// raises to its own bound: reused memory never makes the agent larger than a full cache. A
-/// take that misses the pool allocates, and first frees pooled memory (largest first) if the
-/// new slab would pass the budget. One pool (`shared`) serves a process.
+/// Slabs of at least `pooledMinBytes` are sized in whole MiB and pooled by size; a take reuses
+/// only a slab of its own size (a larger one would hold memory the cache does not count).
+/// Memory is kept while the slabs in use plus the pooled ones stay within `budgetBytes`, which
+/// a block cache raises to its bound plus `inFlightAllowance`: the slabs of fetches in flight
+/// and of blocks not all evicted yet, which a cache at its bound keeps on top of what it
+/// counts. A take that misses the pool allocates, and first frees pooled memory (largest
+/// first) if the new slab would pass the budget. One pool (`shared`) serves a process.
 public final class SlabPool: @unchecked Sendable {
     public static let shared = SlabPool(budgetBytes: 64 << 20)
     static let pooledMinBytes = 1 << 20
-    /// A pooled slab up to this many times the asked size may serve a take of another size.
-    static let largerFitMax = 2
+
+    /// What slabs in use may take beyond a block cache's bound of `cacheBytes`: fetches in
+    /// flight (read-ahead runs 8 objects at once) and slabs of which the cache evicted only
+    /// some blocks. Until 2026-12-07 the budget was the bound alone, and a cache at its bound
+    /// always had more slabs in use than that: every freed slab was unmapped and every fetch
+    /// read into fresh memory (SPEC.md §7, Slab memory).
+    public static func inFlightAllowance(cacheBytes: Int) -> Int { max(64 << 20, cacheBytes / 8) }
 
     private let lock = NSLock()
     private var free: [Int: [UnsafeMutableRawPointer]] = [:]
     private var pooledBytes = 0
     private var liveBytes = 0
     private var budget: Int
+    private var allocated = 0
 
     public init(budgetBytes: Int) {
         budget = budgetBytes
@@ -60,6 +68,9 @@ public final class SlabPool: @unchecked Sendable {
 
     /// Pooled bytes, and bytes of pooled-size slabs in use.
     public var usage: (pooled: Int, live: Int) { lock.withLock { (pooledBytes, liveBytes) } }
+
+    /// Pooled-size slabs allocated (not taken from the pool) since the pool was made.
+    public var allocations: Int { lock.withLock { allocated } }
 
     /// Frees every pooled slab.
     public func drain() {
@@ -90,6 +101,7 @@ public final class SlabPool: @unchecked Sendable {
             pooledBytes -= largest
         }
         liveBytes += size
+        allocated += 1
         lock.unlock()
         for pointer in freed { pointer.deallocate() }
         let pointer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
@@ -123,20 +135,12 @@ public final class SlabPool: @unchecked Sendable {
         pointer.deallocate()
     }
 
-    /// The pooled slab of exactly `size` bytes, else the smallest one up to `largerFitMax` times
-    /// as large. Called under `lock`.
+    /// A pooled slab of exactly `size` bytes. Called under `lock`.
     private func popFit(_ size: Int) -> (UnsafeMutableRawPointer, Int)? {
-        var fit = size
-        if free[size]?.isEmpty ?? true {
-            guard let larger = free.keys.lazy.filter({ $0 > size && $0 <= size * Self.largerFitMax }).min() else {
-                return nil
-            }
-            fit = larger
-        }
-        let pointer = free[fit]!.removeLast()
-        if free[fit]!.isEmpty { free[fit] = nil }
-        pooledBytes -= fit
-        return (pointer, fit)
+        guard let pointer = free[size]?.popLast() else { return nil }
+        if free[size]!.isEmpty { free[size] = nil }
+        pooledBytes -= size
+        return (pointer, size)
     }
 }
 
@@ -202,7 +206,7 @@ public final class BlockCache: @unchecked Sendable {
     public init(capacityBytes: Int, slabs: SlabPool = .shared) {
         self.capacityBytes = max(capacityBytes, Limits.blockSizeBytes * 4)
         self.slabs = slabs
-        slabs.reserve(self.capacityBytes)
+        slabs.reserve(self.capacityBytes + SlabPool.inFlightAllowance(cacheBytes: self.capacityBytes))
     }
 
     public func get(_ key: Key) -> CachedBlock? {

@@ -19,14 +19,16 @@ final class SlabPoolTests: XCTestCase {
         XCTAssertEqual(pool.usage.live, 0)
         XCTAssertEqual(pool.usage.pooled, 8 * mib, "only what fits the budget is kept")
 
+        let allocated = pool.allocations
         let exact = Slab(capacity: 4 * mib, pool: pool)
         XCTAssertTrue(addresses.contains(exact.pointer), "an equal size is reused")
+        XCTAssertEqual(pool.allocations, allocated)
         let smaller = Slab(capacity: 2 * mib + 1, pool: pool)
-        XCTAssertTrue(addresses.contains(smaller.pointer), "a pooled slab up to twice the size serves a smaller one")
-        XCTAssertEqual(pool.usage.pooled, 0)
-        XCTAssertEqual(pool.usage.live, 8 * mib)
+        XCTAssertEqual(pool.allocations, allocated + 1, "a larger pooled slab does not serve a smaller one")
+        XCTAssertEqual(pool.usage.live, 7 * mib)
+        XCTAssertLessThanOrEqual(pool.usage.live + pool.usage.pooled, pool.budgetBytes)
         exact.pointer.storeBytes(of: 0xAB, as: UInt8.self)
-        smaller.pointer.advanced(by: 3 * mib).storeBytes(of: 0xCD, as: UInt8.self)
+        smaller.pointer.advanced(by: 2 * mib).storeBytes(of: 0xCD, as: UInt8.self)
         XCTAssertEqual(smaller.capacity, 2 * mib + 1, "the caller sees the size it asked for")
     }
 
@@ -35,8 +37,8 @@ final class SlabPoolTests: XCTestCase {
         var slabs = [Slab(capacity: 4 * mib, pool: pool), Slab(capacity: 4 * mib, pool: pool)]
         slabs.removeAll()
         XCTAssertEqual(pool.usage.pooled, 8 * mib)
-        // 1 MiB: no pooled slab fits (4 MiB is more than twice as large), and a new one would
-        // pass the budget, so pooled memory is freed first.
+        // 1 MiB: no pooled slab has its size, and a new one would pass the budget, so pooled
+        // memory is freed first.
         let small = Slab(capacity: mib, pool: pool)
         XCTAssertEqual(pool.usage.live, mib)
         XCTAssertEqual(pool.usage.pooled, 4 * mib)
@@ -67,9 +69,10 @@ final class SlabPoolTests: XCTestCase {
     func testCacheBoundRaisesTheBudgetAndDrainEmptiesThePool() {
         let pool = SlabPool(budgetBytes: 8 * mib)
         _ = BlockCache(capacityBytes: 32 * mib, slabs: pool)
-        XCTAssertEqual(pool.budgetBytes, 32 * mib)
+        XCTAssertEqual(pool.budgetBytes, 32 * mib + 64 * mib, "the bound and the fetches in flight")
         _ = BlockCache(capacityBytes: 16 * mib, slabs: pool)
-        XCTAssertEqual(pool.budgetBytes, 32 * mib, "several caches share the largest bound")
+        XCTAssertEqual(pool.budgetBytes, 96 * mib, "several caches share the largest bound")
+        XCTAssertEqual(SlabPool.inFlightAllowance(cacheBytes: 1024 * mib), 128 * mib)
         var slabs = (0..<3).map { _ in Slab(capacity: 4 * mib, pool: pool) }
         slabs.removeAll()
         XCTAssertEqual(pool.usage.pooled, 12 * mib)
@@ -97,5 +100,31 @@ final class SlabPoolTests: XCTestCase {
         XCTAssertEqual(pool.usage.pooled, 2 * mib, "the last block went: the memory is pooled")
         let reused = Slab(capacity: 2 * mib, pool: pool)
         XCTAssertEqual(reused.pointer, pointer)
+    }
+
+    /// A sequential read of more than the cache holds: each fetch takes a slab while the cache
+    /// is full, the fill evicts the oldest blocks, and their slab goes back. The slabs must
+    /// come from the pool once it has them; with the budget at the cache's bound alone, slabs
+    /// in use were always above it, and every fetch allocated (and faulted in) fresh memory.
+    func testASequentialReadLargerThanTheCacheReusesItsSlabs() throws {
+        let pool = SlabPool(budgetBytes: 0)
+        let cache = BlockCache(capacityBytes: 64 * mib, slabs: pool)
+        let blockBytes = 64 * 1024
+        let blocksPerSlab = 4 * mib / blockBytes
+        var inFlight: [Slab] = []
+        for object in 0..<200 {
+            // Read-ahead keeps a few fetches in flight: their slabs are taken before the cache evicts.
+            inFlight.append(Slab(capacity: 4 * mib, pool: cache.slabs))
+            guard inFlight.count > 3 else { continue }
+            let slab = inFlight.removeFirst()
+            cache.fill((0..<blocksPerSlab).map { block in
+                (BlockCache.Key(object: UInt64(object), block: UInt32(block)),
+                 CachedBlock(slab: slab, offset: block * blockBytes, length: blockBytes))
+            })
+        }
+        XCTAssertLessThanOrEqual(cache.usedBytes, 64 * mib)
+        XCTAssertLessThanOrEqual(pool.allocations, 64 / 4 + 8,
+                                 "\(pool.allocations) slabs allocated for 200 fetches of 4 MiB through a 64 MiB cache")
+        XCTAssertLessThanOrEqual(pool.usage.live + pool.usage.pooled, pool.budgetBytes)
     }
 }
