@@ -387,8 +387,14 @@ public struct FsckReport: Equatable, Sendable {
     /// "volume ID: "), or nil for any other line.
     static func cutCount(_ line: String) -> Int? {
         guard let marker = line.range(of: cutMarker) else { return nil }
+        // Nothing before the marker, or exactly "volume ID: " (a problem line that quotes a
+        // file name containing the marker's words is no marker).
         let before = line[..<marker.lowerBound]
-        guard before.isEmpty || (before.hasPrefix("volume ") && before.hasSuffix(": ")) else { return nil }
+        if !before.isEmpty {
+            guard before.hasPrefix("volume "), before.hasSuffix(": "),
+                  before.dropFirst("volume ".count).dropLast(2).allSatisfy(\.isNumber),
+                  before.count > "volume : ".count else { return nil }
+        }
         let rest = line[marker.upperBound...]
         let digits = rest.prefix { $0.isNumber }
         guard let more = Int(digits), rest.dropFirst(digits.count).hasPrefix(" more not listed") else { return nil }

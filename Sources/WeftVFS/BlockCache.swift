@@ -31,7 +31,7 @@ public final class Slab: @unchecked Sendable {
 /// Memory is kept while the slabs in use plus the pooled ones stay within `budgetBytes`, which
 /// a block cache raises to its bound plus `inFlightAllowance`: the slabs of fetches in flight
 /// and of blocks not all evicted yet, which a cache at its bound keeps on top of what it
-/// counts. A take that misses the pool allocates, and first frees pooled memory (largest
+/// counts. A take that misses the pool allocates, and first frees pooled memory (smallest
 /// first) if the new slab would pass the budget. One pool (`shared`) serves a process.
 public final class SlabPool: @unchecked Sendable {
     public static let shared = SlabPool(budgetBytes: 64 << 20)
@@ -94,11 +94,12 @@ public final class SlabPool: @unchecked Sendable {
             lock.unlock()
             return (pointer, found)
         }
+        // Smallest first: whole-object fetches (the largest size) are the most common takes.
         var freed: [UnsafeMutableRawPointer] = []
-        while liveBytes + pooledBytes + size > budget, let largest = free.keys.max() {
-            freed.append(free[largest]!.removeLast())
-            if free[largest]!.isEmpty { free[largest] = nil }
-            pooledBytes -= largest
+        while liveBytes + pooledBytes + size > budget, let smallest = free.keys.min() {
+            freed.append(free[smallest]!.removeLast())
+            if free[smallest]!.isEmpty { free[smallest] = nil }
+            pooledBytes -= smallest
         }
         liveBytes += size
         allocated += 1

@@ -103,6 +103,10 @@ final class WireCodecTests: XCTestCase {
         XCTAssertEqual(merged.limited(linesMax: 100, bytesMax: FsckReport.wireListBytesMax), merged,
                        "nothing left for the reply's own cut")
         XCTAssertNil(FsckReport.cutCount("chunk 1: ... and 3 more not listed"), "only a marker line, or one of a volume")
+        XCTAssertNil(FsckReport.cutCount("volume 1: entry 'x: ... and 99999999 more not listed' in directory 5"),
+                     "a problem that quotes a name with the marker's words")
+        XCTAssertNil(FsckReport.cutCount("volume : ... and 3 more not listed"))
+        XCTAssertEqual(FsckReport.cutCount("volume 65535: ... and 3 more not listed (this reply lists 9)"), 3)
     }
 
     /// A report of more problems than a reply may list is cut, with a line saying how many
