@@ -548,7 +548,8 @@ METHOD_NOTES = (
     "is first remounted with a block cache that holds the files (`--cache-mb`, files + 1/8 + 64 MiB; the "
     "default 1 GiB holds less than the 4-job files) and reads them once, unmeasured.",
     "coldlive = cold with the file system left running: for Weft `weft cache drop` (the agent empties its block "
-    "cache and keeps the memory) and a page-cache drop; the others go cold as in cold. A remount makes Weft's "
+    "cache and keeps the memory) and a page-cache drop, and for weft-remote weftd's read cache emptied too "
+    "(SIGUSR1); the others go cold as in cold. A remount makes Weft's "
     "agent fill its cache with never-touched memory, which this VM's host populates page by page "
     "(Bench/README.md, Cold reads and agent memory).",
     "metadata: mdbench (Bench/mdbench) create = open(O_CREAT|O_EXCL)+close, stat after dropping dentries and inodes "

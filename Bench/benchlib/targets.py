@@ -12,6 +12,7 @@ nothing to remount (local), so for them cold is the page-cache drop alone.
 
 import json
 import os
+import signal
 import time
 
 from .system import (BenchError, Cleanup, drop_caches, force_unmount, free_loopback_port, is_mounted,
@@ -356,8 +357,12 @@ class WeftTarget(Target):
         return time.monotonic() - started
 
     def make_cold_running(self):
-        # The agent keeps running (and keeps its memory): its block cache and the page cache go.
+        # The agent keeps running (and keeps its memory): its block cache and the page cache go,
+        # and so does weftd's read cache (SIGUSR1, SPEC.md §4, Hub read cache).
         run([self.context.weft_path, "cache", "drop", self.mountpoint], 60, log_path=self.log_path)
+        if self.remote and self.hub:
+            self.hub.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
         drop_caches()
 
     def mount(self, extra_args=()):

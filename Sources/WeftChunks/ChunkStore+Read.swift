@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import CWeftSupport
 import Logging
 import WeftProto
 
@@ -273,8 +274,63 @@ extension ChunkStore {
                              flags: blocks[$0].compressed ? StoredBlockEntry.flagZstd : 0)
         }
         let byteCount = range.reduce(0) { $0 + blocks[$1].storedLength }
+        let fileOffset = blocks[firstBlock].fileOffset
+        if let span = cachedSpan(object, fileOffset: fileOffset, byteCount: byteCount) {
+            return StoredBlocks(id: id, rawLength: object.layout.rawLength, firstBlock: firstBlock, entries: entries,
+                                descriptor: object.fd, fileOffset: fileOffset, byteCount: byteCount,
+                                memory: span.bytesWithTrailer, keepAlive: SpanHold(span: span, object: object))
+        }
         return StoredBlocks(id: id, rawLength: object.layout.rawLength, firstBlock: firstBlock, entries: entries,
-                            descriptor: object.fd, fileOffset: blocks[firstBlock].fileOffset, byteCount: byteCount,
-                            keepAlive: object)
+                            descriptor: object.fd, fileOffset: fileOffset, byteCount: byteCount, keepAlive: object)
+    }
+
+    /// What the read cache did so far; nil when the store has none (SPEC.md §4, Hub read cache).
+    public var spanCacheCounters: SpanCacheCounters? { spanCache?.statistics }
+
+    /// Empties the read cache (weftd on SIGUSR1); spans being sent are freed when sent.
+    public func dropSpanCache() { spanCache?.removeAll() }
+
+    /// The span from the read cache, read into it on a miss; nil when the store has no cache,
+    /// the span does not qualify (not page-aligned in the file, less than a block, O_DIRECT
+    /// off) or its read failed: the caller sends it from the file, which reports any error.
+    private func cachedSpan(_ object: OpenObject, fileOffset: Int, byteCount: Int) -> SpanCache.Span? {
+        guard let spanCache, byteCount >= ChunkFormat.blockSizeBytes,
+              fileOffset % ChunkFormat.directAlignment == 0, object.inode != 0, directIO.isEnabled else { return nil }
+        let key = SpanCache.Key(id: object.id, device: object.device, inode: object.inode, fileOffset: fileOffset,
+                                byteCount: byteCount)
+        return spanCache.span(key) { target in readSpan(object, fileOffset: fileOffset, byteCount: byteCount, into: target) }
+    }
+
+    /// Reads a span into `target` (page-aligned, `SpanCache.capacity` bytes): from the page cache
+    /// when it holds all of it, else its page-multiple cover with O_DIRECT. False on any failure.
+    private func readSpan(_ object: OpenObject, fileOffset: Int, byteCount: Int, into target: UnsafeMutableRawPointer)
+        -> Bool
+    {
+        if weft_pread_cached(object.fd, target, byteCount, fileOffset) == byteCount { return true }
+        guard let directFD = object.directDescriptor({ openDirect(object.id) }) else { return false }
+        let alignment = ChunkFormat.directAlignment
+        let cover = (byteCount + alignment - 1) / alignment * alignment
+        do {
+            guard try FileIO.preadFully(directFD, target, cover, fileOffset) >= byteCount else { return false }
+        } catch let failure where failure.errno == EINVAL {
+            directIO.refused("O_DIRECT read: \(failure.description)", logger: logger)
+            return false
+        } catch {
+            return false
+        }
+        directIO.countRead()
+        return true
+    }
+}
+
+/// What a stored-block span from the read cache keeps alive: its memory, and the open object
+/// whose descriptor `StoredBlocks` still names.
+private final class SpanHold {
+    let span: SpanCache.Span
+    let object: OpenObject
+
+    init(span: SpanCache.Span, object: OpenObject) {
+        self.span = span
+        self.object = object
     }
 }

@@ -49,16 +49,21 @@ public final class ChunkStore: @unchecked Sendable {
     let directIO: DirectIOSwitch
     /// Whether reads may bypass the page cache (writes still may).
     let directReads: Bool
+    /// Stored-block spans kept in memory for the agents a hub serves (SPEC.md §4, Hub read
+    /// cache); nil: spans are sent from the page cache.
+    let spanCache: SpanCache?
 
     /// Opens the store in `directory`, creating it (and its 256 fan-out directories) if needed,
     /// removing temporary files left by a crash, and counting the objects present.
     /// `directIO` false keeps every transfer in the page cache (tests of the buffered path);
     /// `directReads` false keeps reads there (a store whose objects many readers share).
+    /// `spanCacheBytes` above 0 keeps stored-block spans (`storedBlocks`) in memory of that bound.
     public init(directory: String, compression: Compression, logger: Logger, directIO: Bool = true,
-                directReads: Bool = true) throws {
+                directReads: Bool = true, spanCacheBytes: Int = 0) throws {
         self.directory = directory
         self.directIO = DirectIOSwitch(enabled: directIO)
         self.directReads = directReads
+        spanCache = spanCacheBytes > 0 ? SpanCache(boundBytes: spanCacheBytes) : nil
         self.compression = compression
         self.logger = logger
         do {

@@ -13,6 +13,9 @@ final class OpenObject: @unchecked Sendable {
     let id: SliceID
     let fd: Int32
     let layout: ChunkLayout
+    /// Device and inode of the file open at `fd` (0, 0 if `fstat` failed).
+    let device: UInt64
+    let inode: UInt64
     private let directLock = Lock()
     /// O_DIRECT descriptor for aligned reads: -1 not opened yet, -2 refused.
     private var directFD: Int32 = -1
@@ -21,12 +24,38 @@ final class OpenObject: @unchecked Sendable {
         self.id = id
         self.fd = fd
         self.layout = layout
+        var info = stat()
+        if fstat(fd, &info) == 0 {
+            device = UInt64(info.st_dev)
+            inode = UInt64(info.st_ino)
+        } else {
+            device = 0
+            inode = 0
+        }
     }
 
-    /// The object's O_DIRECT descriptor, opened by `open` on first use; nil if it cannot be.
+    /// The object's O_DIRECT descriptor, opened by `open` (by path) on first use; nil if it
+    /// cannot be, or if the path now names another file than `fd` (the object was replaced
+    /// meanwhile, `rewriteJournaled`, perhaps with another layout: SPEC.md §4, Hub read cache):
+    /// then this object reads through `fd` and the page cache for good.
     func directDescriptor(_ open: () -> Int32) -> Int32? {
         directLock.withLock {
-            if directFD == -1 { directFD = max(open(), -2) }
+            if directFD == -1 {
+                let opened = open()
+                if opened >= 0 {
+                    var info = stat()
+                    let same = inode != 0 && fstat(opened, &info) == 0 && UInt64(info.st_dev) == device
+                        && UInt64(info.st_ino) == inode
+                    if same {
+                        directFD = opened
+                    } else {
+                        close(opened)
+                        directFD = -2
+                    }
+                } else {
+                    directFD = max(opened, -2)
+                }
+            }
             return directFD >= 0 ? directFD : nil
         }
     }

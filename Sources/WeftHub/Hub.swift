@@ -113,9 +113,10 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// (weftd, which serves agents over the network); otherwise the in-process agent's block
     /// cache keeps what it reads and reads bypass the page cache (SPEC.md §3.2, Direct I/O).
     /// `reserveBytes`: free disk space no chunk object may take, kept for metadata (SPEC.md
-    /// §9.1); nil: `ChunkStore.defaultReserveBytes`.
+    /// §9.1); nil: `ChunkStore.defaultReserveBytes`. `readCacheBytes` above 0: stored-block
+    /// spans sent to agents are kept in memory of that bound (SPEC.md §4, Hub read cache).
     public init(directory: String, durability: DurabilityMode = .strict, pageCacheReads: Bool = false,
-                reserveBytes: UInt64? = nil, logger: Logger) throws {
+                readCacheBytes: Int = 0, reserveBytes: UInt64? = nil, logger: Logger) throws {
         guard Hub.exists(at: directory) else {
             throw WeftError(ENOENT, "\(directory) holds no Weft hub (create one with `weft format`)")
         }
@@ -127,7 +128,8 @@ public final class Hub: HubAPI, @unchecked Sendable {
         var store: ChunkStore?
         meta = try MetaStore(path: Hub.metaPath(directory), durability: durability, logger: logger) { volume in
             let opened = try ChunkStore(directory: Hub.chunkPath(directory), compression: volume.compression,
-                                        logger: logger, directReads: !pageCacheReads)
+                                        logger: logger, directReads: !pageCacheReads,
+                                        spanCacheBytes: readCacheBytes)
             store = opened
             return { id in
                 do {

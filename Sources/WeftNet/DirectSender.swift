@@ -37,6 +37,8 @@ final class DirectSender: @unchecked Sendable {
         var sentFromFile = 0
         /// Bytes read into a buffer (the socket was full, or `sendfile` could not go on).
         var copied = 0
+        /// Bytes sent from the hub's read cache (`StoredBlocks.memory`).
+        var fromMemory = 0
     }
 
     /// Takes ownership of `descriptor`, a duplicate of `channel`'s socket; closes it when the
@@ -69,6 +71,11 @@ final class DirectSender: @unchecked Sendable {
     /// as zeros, with the errno in the trailer; that errno is returned (0 otherwise).
     @discardableResult
     func send(_ head: ByteBuffer, blocks: StoredBlocks) -> SpanSend {
+        if let memory = blocks.memory {
+            // The span and its zero trailer are in the hub's read cache (SPEC.md §4, Hub read cache).
+            withExtendedLifetime(blocks.keepAlive) { _ = send(head, payload: memory) }
+            return SpanSend(fromMemory: blocks.byteCount)
+        }
         // Start reading the span from disk before taking the lock: `sendfile` waits for the
         // disk under it, and other frames of the connection would wait with it. Started here,
         // concurrent requests' reads overlap.

@@ -339,6 +339,7 @@ final class HubConnection: @unchecked Sendable {
             let outcome = sender.send(head, blocks: blocks)
             core.spanBytesSent.add(outcome.sentFromFile, ordering: .relaxed)
             core.spanBytesCopied.add(outcome.copied, ordering: .relaxed)
+            core.spanBytesFromMemory.add(outcome.fromMemory, ordering: .relaxed)
             if outcome.readError != 0 {
                 let reason = String(cString: strerror(outcome.readError))
                 logger.error("chunk \(hex(blocks.id)) could not be read while it was sent: \(reason); the reader gets the error",

@@ -39,10 +39,11 @@ public final class HubServer: @unchecked Sendable {
     private let spanWaitMaxNs: UInt64
     private let sendBufferBytes: Int?
 
-    /// Stored-block bytes sent from their files with `sendfile`, and read into buffers because
-    /// the socket was full (SPEC.md §4, Stored-block reads).
-    public var storedBlockBytes: (sentFromFile: Int, copied: Int) {
-        (core.spanBytesSent.load(ordering: .relaxed), core.spanBytesCopied.load(ordering: .relaxed))
+    /// Stored-block bytes sent from their files with `sendfile`, read into buffers because the
+    /// socket was full (SPEC.md §4, Stored-block reads), and sent from the hub's read cache.
+    public var storedBlockBytes: (sentFromFile: Int, copied: Int, sentFromMemory: Int) {
+        (core.spanBytesSent.load(ordering: .relaxed), core.spanBytesCopied.load(ordering: .relaxed),
+         core.spanBytesFromMemory.load(ordering: .relaxed))
     }
 
     private let lock = PthreadMutex()

@@ -21,6 +21,8 @@ final class ServerCore: @unchecked Sendable {
     /// (SPEC.md §4, Stored-block reads).
     let spanBytesSent = Atomic<Int>(0)
     let spanBytesCopied = Atomic<Int>(0)
+    /// Stored-block bytes sent from the hub's read cache (SPEC.md §4, Hub read cache).
+    let spanBytesFromMemory = Atomic<Int>(0)
     /// Requests read and not finished, for `barrier` (SPEC.md §4, Barriers).
     let ledger = RequestLedger()
     /// How long a barrier waits for earlier requests before it answers ETIMEDOUT.

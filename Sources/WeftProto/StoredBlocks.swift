@@ -22,6 +22,8 @@ public struct StoredBlockEntry: Equatable, Sendable {
 /// Blocks of a chunk object as its file holds them, for a transport that sends the bytes from
 /// the file without reading them (SPEC.md §4, Stored-block reads). The blocks' stored bytes are
 /// `byteCount` bytes at `fileOffset` of `descriptor`, which stays open while `keepAlive` lives.
+/// A hub's read cache (SPEC.md §4, Hub read cache) gives them in `memory` instead: the span's
+/// bytes followed by a zero 4-byte trailer, valid while `keepAlive` lives.
 public struct StoredBlocks: @unchecked Sendable {
     public var id: SliceID
     /// The object's raw (uncompressed) length.
@@ -31,10 +33,12 @@ public struct StoredBlocks: @unchecked Sendable {
     public var descriptor: Int32
     public var fileOffset: Int
     public var byteCount: Int
+    /// The span and its zero trailer (`byteCount` + 4 bytes) in memory, or nil: read the file.
+    public var memory: UnsafeRawBufferPointer?
     public let keepAlive: AnyObject
 
     public init(id: SliceID, rawLength: Int, firstBlock: Int, entries: [StoredBlockEntry], descriptor: Int32,
-                fileOffset: Int, byteCount: Int, keepAlive: AnyObject) {
+                fileOffset: Int, byteCount: Int, memory: UnsafeRawBufferPointer? = nil, keepAlive: AnyObject) {
         self.id = id
         self.rawLength = rawLength
         self.firstBlock = firstBlock
@@ -42,6 +46,7 @@ public struct StoredBlocks: @unchecked Sendable {
         self.descriptor = descriptor
         self.fileOffset = fileOffset
         self.byteCount = byteCount
+        self.memory = memory
         self.keepAlive = keepAlive
     }
 

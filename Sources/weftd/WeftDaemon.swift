@@ -42,6 +42,8 @@ struct Serve: ParsableCommand {
     var sessionTimeout: Double = 15
     @Option(help: "Cluster hub: bound of the read-through cache of objects held by other hubs, GiB (least recently read evicted first).")
     var cacheGb: Double = 16
+    @Option(help: "Memory, MiB, for file data sent to agents, kept for the next reader (least recently read evicted first; SIGUSR1 empties it; 0: serve from the page cache).")
+    var readCacheMb: Int = 1024
     @Option(help: "Free disk space, MiB, that file data may not take, kept so that metadata changes (unlink, rmdir, truncate) still work on a full disk (default: 5% of the file system, at most 256 MiB; 0: none).")
     var reserveMb: Int?
 
@@ -50,6 +52,7 @@ struct Serve: ParsableCommand {
         if let hub { try ClusterNames.validateHub(hub) }
         guard (3...3600).contains(sessionTimeout) else { throw ValidationError("--session-timeout must be 3...3600 seconds") }
         guard cacheGb >= 0, cacheGb <= 1_048_576 else { throw ValidationError("--cache-gb must be 0...1048576") }
+        guard (0...(1 << 30)).contains(readCacheMb) else { throw ValidationError("--read-cache-mb must be 0...1073741824") }
         if let reserveMb, !(0...(1 << 30)).contains(reserveMb) { throw ValidationError("--reserve-mb must be 0...1073741824") }
     }
 
@@ -76,7 +79,8 @@ struct Serve: ParsableCommand {
             try serveCluster(path: path, host: host, port: port, etcd: etcd, hubName: hub, mode: mode, logger: logger)
             return
         }
-        let hub = try Hub(directory: path, durability: mode, pageCacheReads: true, reserveBytes: reserveBytes, logger: logger)
+        let hub = try Hub(directory: path, durability: mode, pageCacheReads: true, readCacheBytes: readCacheMb << 20,
+                          reserveBytes: reserveBytes, logger: logger)
         try hub.recover()
         let server = HubServer(hub: hub, logger: logger, idleTimeoutMs: idleTimeoutMs)
         let bound: Int
@@ -90,7 +94,11 @@ struct Serve: ParsableCommand {
         }
         print("weftd serving \(path) on \(host):\(bound)")
         fflush(stdout)
-        waitForSignal()
+        waitForSignal(onUsr1: { [chunks = hub.chunks] in
+            let held = chunks.spanCacheCounters?.heldBytes ?? 0
+            chunks.dropSpanCache()
+            logger.notice("read cache dropped (\(held >> 20) MiB)")
+        })
         logger.info("shutting down")
         server.shutdown()
         try hub.close()
@@ -137,9 +145,17 @@ struct Serve: ParsableCommand {
 }
 
 /// Blocks until SIGTERM or SIGINT.
-func waitForSignal() {
+/// Waits for SIGTERM or SIGINT; SIGUSR1 meanwhile calls `onUsr1` (drop the read cache).
+func waitForSignal(onUsr1: (@Sendable () -> Void)? = nil) {
     let stop = DispatchSemaphore(value: 0)
     var sources: [DispatchSourceSignal] = []
+    if let onUsr1 {
+        signal(SIGUSR1, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: SIGUSR1, queue: .global())
+        source.setEventHandler { onUsr1() }
+        source.resume()
+        sources.append(source)
+    }
     for signalNumber in [SIGTERM, SIGINT] {
         signal(signalNumber, SIG_IGN)
         let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())

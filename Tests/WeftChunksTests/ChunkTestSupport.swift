@@ -59,9 +59,10 @@ class ChunkTestCase: XCTestCase {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    func makeStore(_ compression: Compression = .none, directIO: Bool = true, directReads: Bool = true) throws -> ChunkStore {
+    func makeStore(_ compression: Compression = .none, directIO: Bool = true, directReads: Bool = true,
+                   spanCacheBytes: Int = 0) throws -> ChunkStore {
         try ChunkStore(directory: directory, compression: compression, logger: log.logger, directIO: directIO,
-                       directReads: directReads)
+                       directReads: directReads, spanCacheBytes: spanCacheBytes)
     }
 
     func objectPath(_ id: SliceID) -> String {

@@ -22,6 +22,8 @@ enum HubTransport: String {
 final class HubUnderTest {
     let transport: HubTransport
     let directory: String
+    /// The hub's read cache bound (0: none); by default weftd's (TCP) have one.
+    let readCacheBytes: Int
     private(set) var hub: Hub!
     private(set) var api: HubAPI!
     private(set) var server: HubServer?
@@ -31,19 +33,21 @@ final class HubUnderTest {
     private var isShutDown = false
 
     /// `recover: false` leaves background maintenance (garbage collection, compaction) stopped
-    /// until the test calls `hub.recover()` itself.
+    /// until the test calls `hub.recover()` itself. `readCacheBytes` nil: 64 MiB over TCP, else 0.
     init(transport: HubTransport, chunkSizeBytes: Int = 65536, compression: Compression = .none,
-         recover: Bool = true) throws {
+         recover: Bool = true, readCacheBytes: Int? = nil) throws {
         self.transport = transport
+        self.readCacheBytes = readCacheBytes ?? (transport == .tcp ? 64 << 20 : 0)
         directory = NSTemporaryDirectory() + "weft-hub-test-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
         try Hub.format(directory: directory, chunkSizeBytes: chunkSizeBytes, compression: compression, force: false)
         try start(recover: recover)
     }
 
     private func start(recover: Bool) throws {
-        // Over TCP the hub is weftd's: reads stay in the page cache (SPEC.md §3.2, Direct I/O).
+        // Over TCP the hub is weftd's: reads stay in the page cache (SPEC.md §3.2, Direct I/O),
+        // and spans sent to agents go through its read cache (SPEC.md §4, Hub read cache).
         hub = try Hub(directory: directory, durability: .strict, pageCacheReads: transport == .tcp,
-                      logger: testLogger("weft.hub.test"))
+                      readCacheBytes: readCacheBytes, logger: testLogger("weft.hub.test"))
         if recover { try hub.recover() }
         switch transport {
         case .inProcess:
@@ -124,7 +128,7 @@ class HubTestCase: XCTestCase {
     /// Subclasses override to run the same tests over another transport.
     class var transport: HubTransport { .inProcess }
 
-    private var fixtures: [HubUnderTest] = []
+    var fixtures: [HubUnderTest] = []
 
     func makeHub(chunkSizeBytes: Int = 65536, compression: Compression = .none,
                  recover: Bool = true) throws -> HubUnderTest {

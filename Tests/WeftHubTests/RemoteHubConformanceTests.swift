@@ -47,27 +47,40 @@ final class RemoteHubConformanceTests: HubConformanceTests {
         XCTAssertEqual(try hub.api.readSlice(context, id: id, offset: 0, length: UInt32(data.count)), data)
     }
 
-    func testObjectsReadOverTheNetworkStayInThePageCache() throws {
+    func testObjectsReadOverTheNetworkStayInThePageCacheOrTheHubsReadCache() throws {
         // SPEC.md §3.2, Direct I/O: weftd keeps reads in the page cache, so agents reading the
-        // same objects share it; the in-process hub (embedded) reads around it.
-        for transport in [HubTransport.tcp, .inProcess] {
-            let hub = try HubUnderTest(transport: transport, chunkSizeBytes: 1 << 20, compression: .none, recover: true)
+        // same objects share it; the in-process hub (embedded) reads around it. SPEC.md §4, Hub
+        // read cache: weftd with a read cache reads a span around the page cache into the cache,
+        // once, however many readers.
+        for (transport, cacheBytes) in [(HubTransport.tcp, 0), (.tcp, 64 << 20), (.inProcess, 0)] {
+            let hub = try HubUnderTest(transport: transport, chunkSizeBytes: 1 << 20, compression: .none, recover: true,
+                                       readCacheBytes: cacheBytes)
             defer { hub.shutdown() }
             let context = RequestContext(session: try hub.api.openSession(agentName: "reads").0, credentials: rootCaller)
             let data = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7) }
             let id = try hub.api.allocateSliceIDs(context, count: 1)
             try data.withUnsafeBytes { try hub.api.writeSlice(context, id: id, bytes: $0) }
             let before = hub.hub.chunks.directIOCounters
-            let destination = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: 4096)
-            defer { destination.deallocate() }
-            try hub.api.readSlice(context, id: id, offset: 0, into: destination)
-            XCTAssertEqual(Array(destination), data)
+            for _ in 0..<2 {
+                let destination = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: 4096)
+                defer { destination.deallocate() }
+                try hub.api.readSlice(context, id: id, offset: 0, into: destination)
+                XCTAssertEqual(Array(destination), data)
+            }
             let after = hub.hub.chunks.directIOCounters
             guard after.enabled else { continue }   // the test directory's file system refused O_DIRECT
-            if transport == .tcp {
-                XCTAssertEqual(after.reads, before.reads, "weftd read around its page cache")
+            let label = "\(transport), read cache \(cacheBytes)"
+            if transport == .tcp && cacheBytes == 0 {
+                XCTAssertEqual(after.reads, before.reads, "\(label): weftd read around its page cache")
+                XCTAssertNil(hub.hub.chunks.spanCacheCounters)
+            } else if transport == .tcp {
+                XCTAssertEqual(after.reads, before.reads + 1, "\(label): one direct read into the read cache")
+                let counters = try XCTUnwrap(hub.hub.chunks.spanCacheCounters)
+                XCTAssertEqual(counters.misses, 1, label)
+                XCTAssertEqual(counters.hits, 1, label)
+                XCTAssertEqual(try XCTUnwrap(hub.server).storedBlockBytes.sentFromMemory, 2 * data.count, label)
             } else {
-                XCTAssertEqual(after.reads, before.reads + 1, "the in-process hub read through the page cache")
+                XCTAssertEqual(after.reads, before.reads + 2, "\(label): the in-process hub read around the page cache")
             }
         }
     }
@@ -75,9 +88,11 @@ final class RemoteHubConformanceTests: HubConformanceTests {
     /// SPEC.md §4, Stored-block reads: the hub sends stored blocks from the object's file; what a
     /// full socket does not take is read into a buffer and queued, and the bytes arrive the same.
     /// A hub of 1 MiB chunks holding one object of 1 MiB of seeded bytes, and a session on it.
-    private func hubWithOneObject(seed: UInt64, agentName: String) throws
+    private func hubWithOneObject(seed: UInt64, agentName: String, readCacheBytes: Int = 0) throws
         -> (hub: HubUnderTest, context: RequestContext, data: [UInt8], id: SliceID) {
-        let hub = try makeHub(chunkSizeBytes: 1 << 20, compression: .none)
+        let hub = try HubUnderTest(transport: Self.transport, chunkSizeBytes: 1 << 20, compression: .none,
+                                   readCacheBytes: readCacheBytes)
+        fixtures.append(hub)
         let context = RequestContext(session: try hub.api.openSession(agentName: agentName).0, credentials: rootCaller)
         var random = SeededRandom(seed: seed)
         let data = random.bytes(1 << 20)
@@ -102,7 +117,8 @@ final class RemoteHubConformanceTests: HubConformanceTests {
             XCTAssertTrue(destination == data, "round \(round): the bytes arrive intact")
         }
         XCTAssertEqual(client.storedBlockReadCount, 3)
-        let (sentFromFile, copied) = server.storedBlockBytes
+        let (sentFromFile, copied, sentFromMemory) = server.storedBlockBytes
+        XCTAssertEqual(sentFromMemory, 0, "no read cache")
         XCTAssertGreaterThan(copied, 0, "a full socket sends the rest through the queue")
         XCTAssertEqual(sentFromFile + copied, 3 * data.count)
         // The default server sends from the file (its socket drains while it waits).

@@ -7,6 +7,7 @@ import errno
 import os
 import platform
 import re
+import signal
 import threading
 import time
 
@@ -31,6 +32,51 @@ def test_two_agents_share_one_volume(weft):
     agents = find_key(weft.status(), "connectedAgents")
     count = len(agents) if isinstance(agents, list) else agents
     assert count >= 2, f"connectedAgents is {agents!r} with two agents mounted"
+
+
+def _wait_for_log(path, pattern: str, after: int, timeout_s: float = 10.0) -> re.Match:
+    """The first match of `pattern` in the log at `path` past byte `after`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with open(path, "rb") as log:
+            log.seek(after)
+            found = re.search(pattern, log.read().decode(errors="replace"))
+        if found or time.monotonic() > deadline:
+            assert found, f"no {pattern!r} in {path} within {timeout_s}s"
+            return found
+        time.sleep(0.05)
+
+
+def test_weftd_read_cache_keeps_what_agents_read_and_sigusr1_empties_it(weft):
+    """SPEC §4, Hub read cache: a file another agent reads goes through weftd's read cache,
+    which SIGUSR1 empties; every agent reads the same bytes before and after."""
+    weft.require_weft("reads weftd's log")
+    weft.require_mode("remote")
+    data = os.urandom(8 * 1024 * 1024 + 12345)
+    write_file(weft.path / "big", data)
+    os.sync()
+    reader = weft.add_agent("mnt-reader")
+    assert read_file(reader / "big") == data
+    log = weft.daemon.log_path
+    start = os.path.getsize(log)
+    os.kill(weft.daemon.proc.pid, signal.SIGUSR1)
+    held = int(_wait_for_log(log, r"read cache dropped \((\d+) MiB\)", start).group(1))
+    assert 8 <= held <= 10, f"the cache held {held} MiB after an 8 MiB read"
+    assert weft.daemon.alive, "SIGUSR1 does not stop weftd"
+    second = weft.add_agent("mnt-second")
+    assert read_file(second / "big") == data, "read again from the disk after the drop"
+    start = os.path.getsize(log)
+    os.kill(weft.daemon.proc.pid, signal.SIGUSR1)
+    _wait_for_log(log, r"read cache dropped \(\d+ MiB\)", start)
+
+
+def test_weftd_refuses_a_bad_read_cache_size(weft_cli, resources):
+    hub = resources.base / "hub"
+    weft_cli.format(hub)
+    for bad in ("-1", "1073741825", "lots"):
+        result = weft_cli.weftd("serve", hub, "--listen", "127.0.0.1:1", "--read-cache-mb", bad, timeout_s=30)
+        assert result.rc not in (0, None), result.describe()
+        assert "read-cache-mb" in result.err + result.out, result.describe()
 
 
 def test_two_agents_changing_one_directory_at_once_never_stall(weft):
