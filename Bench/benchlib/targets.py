@@ -360,10 +360,31 @@ class WeftTarget(Target):
         # The agent keeps running (and keeps its memory): its block cache and the page cache go,
         # and so does weftd's read cache (SIGUSR1, SPEC.md §4, Hub read cache).
         run([self.context.weft_path, "cache", "drop", self.mountpoint], 60, log_path=self.log_path)
-        if self.remote and self.hub:
+        if self.remote and self.hub and self._hub_has_read_cache():
+            hub_log = os.path.join(self.context.log_dir, f"{self.name}-weftd.log")
+            before = self._count_in(hub_log, "read cache dropped")
             self.hub.send_signal(signal.SIGUSR1)
-            time.sleep(0.5)
+            deadline = time.monotonic() + 10
+            while self._count_in(hub_log, "read cache dropped") == before:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"weftd did not log 'read cache dropped' within 10 s of SIGUSR1 ({hub_log})")
+                time.sleep(0.05)
         drop_caches()
+
+    def _hub_has_read_cache(self):
+        """Whether this weftd has a read cache that SIGUSR1 empties (an older one dies of it)."""
+        if not hasattr(self, "_read_cache_known"):
+            help_text = run([self.context.weftd_path, "serve", "--help"], 30, check=False)
+            self._read_cache_known = "--read-cache-mb" in (help_text.stdout or "") + (help_text.stderr or "")
+        return self._read_cache_known
+
+    @staticmethod
+    def _count_in(path, text):
+        try:
+            with open(path, "r", errors="replace") as handle:
+                return handle.read().count(text)
+        except FileNotFoundError:
+            return 0
 
     def mount(self, extra_args=()):
         try:

@@ -291,33 +291,43 @@ extension ChunkStore {
     public func dropSpanCache() { spanCache?.removeAll() }
 
     /// The span from the read cache, read into it on a miss; nil when the store has no cache,
-    /// the span does not qualify (not page-aligned in the file, less than a block, O_DIRECT
-    /// off) or its read failed: the caller sends it from the file, which reports any error.
+    /// the span does not qualify (not page-aligned in the file, less than a block, too large to
+    /// keep, O_DIRECT off or unusable for this file) or its read failed: the caller sends it
+    /// from the file, which reports any error.
     private func cachedSpan(_ object: OpenObject, fileOffset: Int, byteCount: Int) -> SpanCache.Span? {
-        guard let spanCache, byteCount >= ChunkFormat.blockSizeBytes,
-              fileOffset % ChunkFormat.directAlignment == 0, object.inode != 0, directIO.isEnabled else { return nil }
-        let key = SpanCache.Key(id: object.id, device: object.device, inode: object.inode, fileOffset: fileOffset,
-                                byteCount: byteCount)
-        return spanCache.span(key) { target in readSpan(object, fileOffset: fileOffset, byteCount: byteCount, into: target) }
+        guard let spanCache, byteCount >= ChunkFormat.blockSizeBytes, fileOffset % ChunkFormat.directAlignment == 0,
+              spanCache.keeps(byteCount: byteCount), object.inode != 0, directIO.isEnabled,
+              let directFD = object.directDescriptor({ openDirect(object.id) }) else { return nil }
+        let key = SpanCache.Key(id: object.id, device: object.device, inode: object.inode, changeNs: object.changeNs,
+                                fileOffset: fileOffset, byteCount: byteCount)
+        return spanCache.span(key) { target in
+            readSpan(object, directFD: directFD, fileOffset: fileOffset, byteCount: byteCount, into: target)
+        }
     }
 
-    /// Reads a span into `target` (page-aligned, `SpanCache.capacity` bytes): from the page cache
-    /// when it holds all of it, else its page-multiple cover with O_DIRECT. False on any failure.
-    private func readSpan(_ object: OpenObject, fileOffset: Int, byteCount: Int, into target: UnsafeMutableRawPointer)
-        -> Bool
-    {
+    /// Reads a span into `target` (page-aligned, at least `SpanCache.capacity` bytes): from the
+    /// page cache when it holds all of it, else its page-multiple cover with O_DIRECT, stopping
+    /// at the file's end (a short, unaligned transfer). False on any failure.
+    private func readSpan(_ object: OpenObject, directFD: Int32, fileOffset: Int, byteCount: Int,
+                          into target: UnsafeMutableRawPointer) -> Bool {
         if weft_pread_cached(object.fd, target, byteCount, fileOffset) == byteCount { return true }
-        guard let directFD = object.directDescriptor({ openDirect(object.id) }) else { return false }
         let alignment = ChunkFormat.directAlignment
         let cover = (byteCount + alignment - 1) / alignment * alignment
-        do {
-            guard try FileIO.preadFully(directFD, target, cover, fileOffset) >= byteCount else { return false }
-        } catch let failure where failure.errno == EINVAL {
-            directIO.refused("O_DIRECT read: \(failure.description)", logger: logger)
-            return false
-        } catch {
+        var done = 0
+        while done < byteCount {
+            let count = pread(directFD, target + done, cover - done, off_t(fileOffset + done))
+            if count > 0 {
+                done += count
+                if done % alignment != 0 { break }   // the file's end: another O_DIRECT read would be unaligned
+                continue
+            }
+            if count == 0 { break }
+            let error = errno
+            if error == EINTR { continue }
+            if error == EINVAL { directIO.refused("O_DIRECT read: \(String(cString: strerror(error)))", logger: logger) }
             return false
         }
+        guard done >= byteCount else { return false }
         directIO.countRead()
         return true
     }

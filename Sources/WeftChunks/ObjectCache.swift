@@ -13,9 +13,10 @@ final class OpenObject: @unchecked Sendable {
     let id: SliceID
     let fd: Int32
     let layout: ChunkLayout
-    /// Device and inode of the file open at `fd` (0, 0 if `fstat` failed).
+    /// Device, inode and change time (ns) of the file open at `fd` (all 0 if `fstat` failed).
     let device: UInt64
     let inode: UInt64
+    let changeNs: Int64
     private let directLock = Lock()
     /// O_DIRECT descriptor for aligned reads: -1 not opened yet, -2 refused.
     private var directFD: Int32 = -1
@@ -28,9 +29,11 @@ final class OpenObject: @unchecked Sendable {
         if fstat(fd, &info) == 0 {
             device = UInt64(info.st_dev)
             inode = UInt64(info.st_ino)
+            changeNs = Int64(info.st_ctim.tv_sec) * 1_000_000_000 + Int64(info.st_ctim.tv_nsec)
         } else {
             device = 0
             inode = 0
+            changeNs = 0
         }
     }
 

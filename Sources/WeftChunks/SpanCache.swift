@@ -11,19 +11,20 @@ import WeftProto
 /// one read of it.
 final class SpanCache: @unchecked Sendable {
     /// What names a span: objects are immutable, so a key's bytes never change. The file's
-    /// device and inode tell a replaced object file (same bytes, perhaps another layout) apart.
+    /// device, inode and change time tell a replaced object file (the same bytes, perhaps
+    /// another layout) from the one read, even where the file system reuses the inode.
     struct Key: Hashable {
         var id: SliceID
         var device: UInt64
         var inode: UInt64
+        var changeNs: Int64
         var fileOffset: Int
         var byteCount: Int
     }
 
     /// One span's memory: its bytes, then the zero 4-byte trailer of a `readBlocks` response.
-    /// When the last holder (the cache, a send) lets go, the memory goes back to the cache's
-    /// free memory for the next miss (memory already touched), or to the transfer-buffer
-    /// allocator when that would pass the bound.
+    /// When the last holder (the cache, a send) lets go, the memory goes back to the cache for
+    /// the next miss (memory already touched), or is freed once the cache is gone.
     final class Span: @unchecked Sendable {
         let base: UnsafeMutableRawPointer
         let capacity: Int
@@ -49,31 +50,24 @@ final class SpanCache: @unchecked Sendable {
 
     static let trailerBytes = 4
     static let alignment = 4096
+    /// The transfer allocator's size classes (Sources/CWeftSupport/bulk_memory.c).
+    static let classBytes = 256 << 10
 
     let boundBytes: Int
     private let lock = Lock()
     private enum Slot {
-        case ready(Node)
+        case ready(Span)
         case loading
     }
-    private final class Node {
-        let key: Key
-        let span: Span
-        var newer: Node?
-        weak var older: Node?
-        init(key: Key, span: Span) {
-            self.key = key
-            self.span = span
-        }
-    }
     private var slots: [Key: Slot] = [:]
-    /// Most recently used first: `newest` … `oldest`, linked by `older` / `newer`.
-    private var newest: Node?
-    private var oldest: Node?
+    /// The ready spans by recency, each counted at its capacity.
+    private var recency = LeastRecentlyUsed<Key>()
     private var counters = SpanCacheCounters()
     /// Memory of spans no one holds any more, smallest first, for the next misses.
     private var free: [(base: UnsafeMutableRawPointer, capacity: Int)] = []
     private var freeBytes = 0
+    /// Memory taken by loads in flight: counted against the bound until cached or given back.
+    private var loadingBytes = 0
     /// Memory of spans let go since the last `drainLocked`, under `returnLock` alone: a span's
     /// last release may come anywhere, `lock` held or not (Swift may end a lifetime early, inside
     /// a critical section), so giving memory back never takes `lock`.
@@ -91,33 +85,51 @@ final class SpanCache: @unchecked Sendable {
     }
 
     var statistics: SpanCacheCounters {
-        lock.withLock {
-            drainLocked()
+        var unkept: [UnsafeMutableRawPointer] = []
+        defer { unkept.forEach { weft_bulk_free($0) } }
+        return lock.withLock {
+            drainLocked(unkept: &unkept)
             var copy = counters
+            copy.heldBytes = heldBytesLocked
+            copy.spans = recency.count
             copy.freeBytes = freeBytes
             return copy
         }
     }
 
-    /// Memory a span of `byteCount` bytes takes: its page-multiple cover with room for the
+    /// Memory a span of `byteCount` bytes needs: its page-multiple cover with room for the
     /// trailer (an O_DIRECT read of the cover fits).
     static func capacity(byteCount: Int) -> Int {
         (byteCount + trailerBytes + alignment - 1) / alignment * alignment
     }
 
-    /// The span of `key`: from the cache, or read by `read` into fresh page-aligned memory of
-    /// `capacity(byteCount:)` bytes (true: the span's bytes are in place). One reader of a key
-    /// reads; others wait for it. nil when the read failed (nothing is cached; the caller serves
-    /// the span another way) or memory could not be had.
+    /// Fresh memory for that need: the allocator's class, so later spans of other sizes in the
+    /// class can reuse it.
+    static func classCapacity(_ need: Int) -> Int {
+        (need + classBytes - 1) / classBytes * classBytes
+    }
+
+    /// Whether a span of `byteCount` bytes is small enough to keep: at most an eighth of the
+    /// bound. Larger ones are not the cache's (the caller sends them from the file).
+    func keeps(byteCount: Int) -> Bool {
+        Self.classCapacity(Self.capacity(byteCount: byteCount)) <= boundBytes / 8
+    }
+
+    private var heldBytesLocked: Int { Int(recency.totalBytes) }
+
+    /// The span of `key` (one `keeps` accepts): from the cache, or read by `read` into
+    /// page-aligned memory of at least `capacity(byteCount:)` bytes (true: the span's bytes are
+    /// in place). One reader of a key reads; the others wait for it. nil when the read failed
+    /// (nothing is cached; the caller serves the span another way) or memory could not be had.
     func span(_ key: Key, read: (UnsafeMutableRawPointer) -> Bool) -> Span? {
         let found: Span? = lock.withLock {
             var waited = false
             while true {
                 switch slots[key] {
-                case .ready(let node):
+                case .ready(let span):
                     if !waited { counters.hits += 1 }
-                    touchLocked(node)
-                    return node.span
+                    recency.touch(key)
+                    return span
                 case .loading:
                     if !waited { counters.sharedWaits += 1 }
                     waited = true
@@ -131,57 +143,73 @@ final class SpanCache: @unchecked Sendable {
         }
         if let found { return found }
         var loaded: Span?
+        var reserved = 0
         if let (base, capacity) = memory(for: key.byteCount) {
+            reserved = capacity
             let span = Span(base: base, capacity: capacity, byteCount: key.byteCount, home: self)
             if read(base) {
                 (base + key.byteCount).storeBytes(of: Int32(0), as: Int32.self)
                 loaded = span
             }
         }
+        var unkept: [UnsafeMutableRawPointer] = []
+        defer { unkept.forEach { weft_bulk_free($0) } }
         lock.withLock {
-            if let loaded, loaded.capacity <= boundBytes / 8 {
-                let node = Node(key: key, span: loaded)
-                slots[key] = .ready(node)
-                linkNewestLocked(node)
-                counters.heldBytes += loaded.capacity
-                counters.spans += 1
-                evictSpansLocked(keepingFree: 0)
-                drainLocked()
-                trimFreeLocked(reserving: 0)
+            loadingBytes -= reserved
+            if let loaded {
+                slots[key] = .ready(loaded)
+                recency.insert(key, bytes: UInt64(loaded.capacity))
+                evictSpansLocked(reserving: 0)
+                drainLocked(unkept: &unkept)
+                trimFreeLocked(reserving: 0, unkept: &unkept)
             } else {
                 slots[key] = nil
-                if loaded == nil { counters.failedReads += 1 }
+                counters.failedReads += 1
             }
             lock.broadcast()
         }
         return loaded
     }
 
-    /// Memory for a span of `byteCount` bytes: the smallest free block that holds it (at most
-    /// twice its need), else fresh from the transfer-buffer allocator, after evicting the least
-    /// recently used spans to make room under the bound (not for a span too large to keep).
+    /// Memory for a span of `byteCount` bytes, counted in `loadingBytes`: the smallest free block
+    /// that holds it (at most twice its need or its class), else fresh from the transfer
+    /// allocator, after evicting the least recently used spans to make room under the bound.
     private func memory(for byteCount: Int) -> (UnsafeMutableRawPointer, Int)? {
         let need = Self.capacity(byteCount: byteCount)
+        let fresh = Self.classCapacity(need)
+        var unkept: [UnsafeMutableRawPointer] = []
+        defer { unkept.forEach { weft_bulk_free($0) } }
         let reused: (UnsafeMutableRawPointer, Int)? = lock.withLock {
-            let kept = need <= boundBytes / 8
-            if kept { evictSpansLocked(keepingFree: need) }
-            drainLocked()
-            var taken: (base: UnsafeMutableRawPointer, capacity: Int)?
-            if let index = free.firstIndex(where: { $0.capacity >= need && $0.capacity <= 2 * need }) {
-                taken = free.remove(at: index)
-                freeBytes -= taken!.capacity
-                counters.reusedBlocks += 1
+            drainLocked(unkept: &unkept)
+            if let block = takeFreeLocked(need: need, fresh: fresh) { return block }
+            // Evicted spans that no send holds come back into the free memory, to be taken.
+            evictSpansLocked(reserving: fresh)
+            drainLocked(unkept: &unkept)
+            if let block = takeFreeLocked(need: need, fresh: fresh) {
+                trimFreeLocked(reserving: 0, unkept: &unkept)
+                return block
             }
-            trimFreeLocked(reserving: kept ? taken?.capacity ?? need : 0)
-            return taken.map { ($0.base, $0.capacity) }
+            trimFreeLocked(reserving: fresh, unkept: &unkept)
+            loadingBytes += fresh
+            return nil
         }
         if let reused { return reused }
-        // Fresh memory in the allocator's 256 KiB classes, so that a later span of another size
-        // in the same class can reuse it.
-        let capacity = (need + (256 << 10) - 1) / (256 << 10) * (256 << 10)
-        guard let base = weft_bulk_allocate(capacity) else { return nil }
+        guard let base = weft_bulk_allocate(fresh) else {
+            lock.withLock { loadingBytes -= fresh }
+            return nil
+        }
         lock.withLock { counters.freshBlocks += 1 }
-        return (base, capacity)
+        return (base, fresh)
+    }
+
+    private func takeFreeLocked(need: Int, fresh: Int) -> (UnsafeMutableRawPointer, Int)? {
+        let largest = max(2 * need, fresh)
+        guard let index = free.firstIndex(where: { $0.capacity >= need && $0.capacity <= largest }) else { return nil }
+        let block = free.remove(at: index)
+        freeBytes -= block.capacity
+        loadingBytes += block.capacity
+        counters.reusedBlocks += 1
+        return (block.base, block.capacity)
     }
 
     /// Takes back the memory of a span no one holds, for `drainLocked`. Never takes `lock`.
@@ -189,16 +217,16 @@ final class SpanCache: @unchecked Sendable {
         returnLock.withLock { returned.append((base, capacity)) }
     }
 
-    /// Moves the memory given back into the free memory while the spans held and the free memory
-    /// stay within the bound (smallest first kept in order), and frees the rest.
-    private func drainLocked() {
+    /// Moves the memory given back into the free memory (kept smallest first) while everything
+    /// stays within the bound; the rest goes to `unkept`, freed by the caller after unlocking.
+    private func drainLocked(unkept: inout [UnsafeMutableRawPointer]) {
         let blocks: [(base: UnsafeMutableRawPointer, capacity: Int)] = returnLock.withLock {
             defer { returned.removeAll(keepingCapacity: true) }
             return returned
         }
         for block in blocks {
-            guard counters.heldBytes + freeBytes + block.capacity <= boundBytes else {
-                weft_bulk_free(block.base)
+            guard heldBytesLocked + loadingBytes + freeBytes + block.capacity <= boundBytes else {
+                unkept.append(block.base)
                 continue
             }
             let index = free.firstIndex(where: { $0.capacity >= block.capacity }) ?? free.count
@@ -207,68 +235,37 @@ final class SpanCache: @unchecked Sendable {
         }
     }
 
-    /// Drops every span (their memory goes when their sends end).
-    func removeAll() {
-        lock.withLock {
-            slots = slots.filter { if case .loading = $0.value { return true } else { return false } }
-            var node = newest
-            while let current = node {
-                node = current.older
-                current.newer = nil
-                current.older = nil
-            }
-            newest = nil
-            oldest = nil
-            counters.heldBytes = 0
-            counters.spans = 0
-            drainLocked()
-            for block in free { weft_bulk_free(block.base) }
-            free.removeAll()
-            freeBytes = 0
+    /// Evicts the least recently used spans until the spans held, the loads in flight and
+    /// `reserving` bytes fit the bound. An evicted span's memory comes back (`giveBack`) now,
+    /// or when a send that still holds it ends.
+    private func evictSpansLocked(reserving: Int) {
+        while heldBytesLocked + loadingBytes + reserving > boundBytes, let victim = recency.leastRecent() {
+            recency.remove(victim)
+            slots[victim] = nil
         }
     }
 
-    private func touchLocked(_ node: Node) {
-        guard newest !== node else { return }
-        unlinkLocked(node)
-        linkNewestLocked(node)
-    }
-
-    private func linkNewestLocked(_ node: Node) {
-        node.older = newest
-        node.newer = nil
-        newest?.newer = node
-        newest = node
-        if oldest == nil { oldest = node }
-    }
-
-    private func unlinkLocked(_ node: Node) {
-        let newer = node.newer
-        let older = node.older
-        if let newer { newer.older = older } else { newest = older }
-        if let older { older.newer = newer } else { oldest = newer }
-        node.newer = nil
-        node.older = nil
-    }
-
-    /// Evicts the least recently used spans until the spans held leave `keepingFree` bytes of
-    /// the bound; their memory comes back (`giveBack`) now, or when a send holding one ends.
-    private func evictSpansLocked(keepingFree: Int) {
-        while counters.heldBytes + keepingFree > boundBytes, let victim = oldest {
-            unlinkLocked(victim)
-            slots[victim.key] = nil
-            counters.heldBytes -= victim.span.capacity
-            counters.spans -= 1
-        }
-    }
-
-    /// Frees kept memory, smallest first (large blocks serve more sizes), until the spans held,
-    /// the memory kept and `reserving` bytes fit the bound.
-    private func trimFreeLocked(reserving: Int) {
-        while counters.heldBytes + freeBytes + reserving > boundBytes, !free.isEmpty {
+    /// Lets go of free memory, smallest first (large blocks serve more sizes), until the spans
+    /// held, the loads in flight, the free memory and `reserving` bytes fit the bound.
+    private func trimFreeLocked(reserving: Int, unkept: inout [UnsafeMutableRawPointer]) {
+        while heldBytesLocked + loadingBytes + freeBytes + reserving > boundBytes, !free.isEmpty {
             let block = free.removeFirst()
             freeBytes -= block.capacity
-            weft_bulk_free(block.base)
+            unkept.append(block.base)
+        }
+    }
+
+    /// Drops every span (their memory goes when their sends end) and the free memory.
+    func removeAll() {
+        var unkept: [UnsafeMutableRawPointer] = []
+        defer { unkept.forEach { weft_bulk_free($0) } }
+        lock.withLock {
+            slots = slots.filter { if case .loading = $0.value { return true } else { return false } }
+            recency = LeastRecentlyUsed<Key>()
+            drainLocked(unkept: &unkept)
+            unkept += free.map(\.base)
+            free.removeAll()
+            freeBytes = 0
         }
     }
 }
@@ -281,7 +278,7 @@ public struct SpanCacheCounters: Sendable, Equatable {
     public var sharedWaits: UInt64 = 0
     /// Reads that failed (the span was then served from the file).
     public var failedReads: UInt64 = 0
-    /// Bytes of the spans held now (page-rounded, trailer included).
+    /// Bytes of the spans held now (their memory, trailer and class rounding included).
     public var heldBytes: Int = 0
     public var spans: Int = 0
     /// Memory of spans no one holds, kept for the next misses.

@@ -37,7 +37,8 @@ final class DirectSender: @unchecked Sendable {
         var sentFromFile = 0
         /// Bytes read into a buffer (the socket was full, or `sendfile` could not go on).
         var copied = 0
-        /// Bytes sent from the hub's read cache (`StoredBlocks.memory`).
+        /// Bytes sent straight from the hub's read cache (`StoredBlocks.memory`); the rest of such
+        /// a span counts as `copied` (queued, or dropped with a closed connection).
         var fromMemory = 0
     }
 
@@ -73,8 +74,9 @@ final class DirectSender: @unchecked Sendable {
     func send(_ head: ByteBuffer, blocks: StoredBlocks) -> SpanSend {
         if let memory = blocks.memory {
             // The span and its zero trailer are in the hub's read cache (SPEC.md §4, Hub read cache).
-            withExtendedLifetime(blocks.keepAlive) { _ = send(head, payload: memory) }
-            return SpanSend(fromMemory: blocks.byteCount)
+            let direct = withExtendedLifetime(blocks.keepAlive) { send(head, payload: memory) }
+            let fromMemory = min(direct, blocks.byteCount)
+            return SpanSend(copied: blocks.byteCount - fromMemory, fromMemory: fromMemory)
         }
         // Start reading the span from disk before taking the lock: `sendfile` waits for the
         // disk under it, and other frames of the connection would wait with it. Started here,

@@ -61,6 +61,9 @@ struct Serve: ParsableCommand {
     var reserveBytes: UInt64? { reserveMb.map { UInt64($0) << 20 } }
 
     func run() throws {
+        // SIGUSR1 empties a single hub's read cache (`waitForSignal`); until then, and on a
+        // cluster hub, it must not kill the process.
+        signal(SIGUSR1, SIG_IGN)
         // A hub moves many agents' chunk frames at once: keep more transfer buffers for reuse.
         BulkMemory.setCacheLimit(bytes: 256 << 20)
         guard let mode = DurabilityMode(rawValue: durability) else {
@@ -136,7 +139,7 @@ struct Serve: ParsableCommand {
         }
         print("weftd hub \(hubName) (id \(member.hubID)) of cluster \(cluster) serving \(path) on \(member.address)")
         fflush(stdout)
-        waitForSignal()
+        waitForSignal(onUsr1: { logger.notice("SIGUSR1: a cluster hub keeps no read cache, nothing to drop") })
         logger.info("shutting down")
         member.leave()
         server.shutdown()
@@ -144,7 +147,6 @@ struct Serve: ParsableCommand {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT.
 /// Waits for SIGTERM or SIGINT; SIGUSR1 meanwhile calls `onUsr1` (drop the read cache).
 func waitForSignal(onUsr1: (@Sendable () -> Void)? = nil) {
     let stop = DispatchSemaphore(value: 0)

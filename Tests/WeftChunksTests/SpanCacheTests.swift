@@ -31,16 +31,23 @@ final class SpanCacheTests: ChunkTestCase {
         close(fd)
     }
 
-    /// Skips a test on a file system that refuses O_DIRECT (the cache then never fills): a
-    /// span read with a store of its own tells.
+    /// Skips a test where the test directory's file system refuses O_DIRECT or keeps a file in
+    /// the page cache after `POSIX_FADV_DONTNEED` (the cache then never reads direct): a span
+    /// read from a store of its own, out of the page cache, tells.
     private func requireDirectIO() throws {
         let probeDirectory = directory + "-probe"
         defer { try? FileManager.default.removeItem(atPath: probeDirectory) }
-        let probe = try ChunkStore(directory: probeDirectory, compression: .none, logger: log.logger, spanCacheBytes: 1 << 20)
+        let probe = try ChunkStore(directory: probeDirectory, compression: .none, logger: log.logger,
+                                   spanCacheBytes: 8 << 20)
         try probe.write(id: 1, data: [UInt8](repeating: 7, count: b))
+        let fd = open("\(probeDirectory)/01/\(String(format: "%016llx", 1))", O_RDONLY)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        _ = fdatasync(fd)
+        _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+        close(fd)
         let blocks = try probe.storedBlocks(id: 1, firstBlock: 0, count: 1)
-        try XCTSkipIf(blocks.memory == nil && !probe.directIOCounters.enabled,
-                      "the test directory's file system refuses O_DIRECT")
+        try XCTSkipIf(blocks.memory == nil || probe.directIOCounters.reads == 0,
+                      "the test directory's file system refuses O_DIRECT or ignores POSIX_FADV_DONTNEED")
         log.reset()
     }
 
@@ -87,18 +94,39 @@ final class SpanCacheTests: ChunkTestCase {
     }
 
     func testSpansThatDoNotQualifyGoFromTheFile() throws {
+        try requireDirectIO()
         var random = SeededRandom(seed: 92)
         let store = try makeStore(.zstd, spanCacheBytes: 64 << 20)
-        // Block 0 compresses (zeros), so block 1 starts at an unaligned file offset; the last
-        // block is 1,234 bytes.
-        let data = [UInt8](repeating: 0, count: b) + random.bytes(b + 1234)
+        // Block 0 compresses (zeros), so block 1 starts at an unaligned file offset.
+        let data = [UInt8](repeating: 0, count: b) + random.bytes(b)
         try store.write(id: 0x52, data: data)
         let unaligned = try store.storedBlocks(id: 0x52, firstBlock: 1, count: 1)
         XCTAssertNotEqual(unaligned.fileOffset % 4096, 0)
         XCTAssertNil(unaligned.memory, "not page-aligned in the file")
-        let short = try store.storedBlocks(id: 0x52, firstBlock: 2, count: 1)
-        XCTAssertNil(short.memory, "less than a block")
         XCTAssertEqual(store.spanCacheCounters?.misses, 0)
+
+        // Raw blocks: block 1 starts page-aligned (header page + 64 KiB) and holds 1,234 bytes.
+        let rawDirectory = directory + "-raw"
+        defer { try? FileManager.default.removeItem(atPath: rawDirectory) }
+        let raw = try ChunkStore(directory: rawDirectory, compression: .none, logger: log.logger, spanCacheBytes: 64 << 20)
+        try raw.write(id: 0x57, data: random.bytes(b + 1234))
+        let short = try raw.storedBlocks(id: 0x57, firstBlock: 1, count: 1)
+        XCTAssertEqual(short.fileOffset % 4096, 0)
+        XCTAssertNil(short.memory, "less than a block")
+        XCTAssertNotNil(try raw.storedBlocks(id: 0x57, firstBlock: 0, count: 2).memory,
+                        "the same object's whole span qualifies")
+
+        // A span above an eighth of the bound is sent from the file, and evicts nothing.
+        let smallDirectory = directory + "-small"
+        defer { try? FileManager.default.removeItem(atPath: smallDirectory) }
+        let small = try ChunkStore(directory: smallDirectory, compression: .none, logger: log.logger,
+                                   spanCacheBytes: 4 << 20)
+        try small.write(id: 0x58, data: random.bytes(4 * b))
+        try small.write(id: 0x59, data: random.bytes(16 * b))
+        XCTAssertNotNil(try small.storedBlocks(id: 0x58, firstBlock: 0, count: 4).memory, "512 KiB of 4 MiB")
+        XCTAssertNil(try small.storedBlocks(id: 0x59, firstBlock: 0, count: 16).memory, "1.25 MiB of 4 MiB")
+        XCTAssertEqual(small.spanCacheCounters?.spans, 1)
+        XCTAssertEqual(small.spanCacheCounters?.misses, 1)
 
         let noCache = try ChunkStore(directory: directory + "-plain", compression: .none, logger: log.logger)
         defer { try? FileManager.default.removeItem(atPath: directory + "-plain") }

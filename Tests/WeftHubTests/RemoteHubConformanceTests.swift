@@ -129,6 +129,32 @@ final class RemoteHubConformanceTests: HubConformanceTests {
         XCTAssertGreaterThan(try XCTUnwrap(hub.server).storedBlockBytes.sentFromFile, fixtureBefore)
     }
 
+    /// SPEC.md §4, Hub read cache: spans from weftd's read cache go from its memory while the
+    /// socket takes them; a socket that stays full gets the rest copied and queued, and the
+    /// bytes arrive the same.
+    func testSpansFromTheReadCacheGoFromMemoryOrThroughTheQueueWhenTheSocketIsFull() throws {
+        let (hub, context, data, id) = try hubWithOneObject(seed: 5151, agentName: "cached", readCacheBytes: 64 << 20)
+        let server = HubServer(hub: hub.hub, logger: testLogger("weft.hub.server.cached"), workerThreads: 4,
+                               eventLoopThreads: 1, spanWaitMs: 0, sendBufferBytes: 64 << 10)
+        defer { server.shutdown() }
+        let port = try server.listen(host: "127.0.0.1", port: 0)
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: testLogger("weft.hub.client.cached"))
+        defer { client.close() }
+        let session = RequestContext(session: try client.openSession(agentName: "small-buffers").0, credentials: rootCaller)
+        for round in 0..<3 {
+            var destination = [UInt8](repeating: 0, count: data.count)
+            try destination.withUnsafeMutableBytes { try client.readSlice(session, id: id, offset: 0, into: $0) }
+            XCTAssertTrue(destination == data, "round \(round): the bytes arrive intact")
+        }
+        guard hub.hub.chunks.directIOCounters.enabled else { return }   // no O_DIRECT: no read cache
+        let (sentFromFile, copied, sentFromMemory) = server.storedBlockBytes
+        XCTAssertEqual(sentFromFile, 0, "every span came from the read cache")
+        XCTAssertGreaterThan(copied, 0, "a full socket sends the rest through the queue")
+        XCTAssertEqual(sentFromMemory + copied, 3 * data.count)
+        XCTAssertEqual(hub.hub.chunks.spanCacheCounters?.misses, 1, "one read for the three")
+        _ = context
+    }
+
     /// writeSlice data goes from the caller's memory to the socket; a socket that stays full
     /// (64 KiB of send buffer, no wait) gets the rest copied and queued, and the hub gets every
     /// byte either way.

@@ -1,6 +1,6 @@
 /// Sizes of cached objects in least-recently-used order. Not thread-safe: its owner locks.
 /// Every operation is O(1).
-struct LeastRecentlyUsed<Key: Hashable> {
+public struct LeastRecentlyUsed<Key: Hashable> {
     private final class Node {
         let key: Key
         let bytes: UInt64
@@ -14,14 +14,16 @@ struct LeastRecentlyUsed<Key: Hashable> {
     private var oldest: Node?
     /// Most recently used end.
     private weak var newest: Node?
-    private(set) var totalBytes: UInt64 = 0
+    public private(set) var totalBytes: UInt64 = 0
 
-    var count: Int { nodes.count }
+    public init() {}
 
-    func contains(_ key: Key) -> Bool { nodes[key] != nil }
+    public var count: Int { nodes.count }
+
+    public func contains(_ key: Key) -> Bool { nodes[key] != nil }
 
     /// Adds `key` (or refreshes it) as the most recently used.
-    mutating func insert(_ key: Key, bytes: UInt64) {
+    public mutating func insert(_ key: Key, bytes: UInt64) {
         if nodes[key] != nil { touch(key); return }
         let node = Node(key: key, bytes: bytes)
         nodes[key] = node
@@ -31,7 +33,7 @@ struct LeastRecentlyUsed<Key: Hashable> {
 
     /// Marks `key` as the most recently used; false if absent.
     @discardableResult
-    mutating func touch(_ key: Key) -> Bool {
+    public mutating func touch(_ key: Key) -> Bool {
         guard let node = nodes[key] else { return false }
         guard node !== newest else { return true }
         unlink(node)
@@ -39,14 +41,14 @@ struct LeastRecentlyUsed<Key: Hashable> {
         return true
     }
 
-    mutating func remove(_ key: Key) {
+    public mutating func remove(_ key: Key) {
         guard let node = nodes.removeValue(forKey: key) else { return }
         totalBytes -= node.bytes
         unlink(node)
     }
 
     /// The least recently used key other than `keeping`.
-    func leastRecent(keeping: Key? = nil) -> Key? {
+    public func leastRecent(keeping: Key? = nil) -> Key? {
         var node = oldest
         while let current = node {
             if current.key != keeping { return current.key }
