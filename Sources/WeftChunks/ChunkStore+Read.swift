@@ -292,25 +292,27 @@ extension ChunkStore {
 
     /// The span from the read cache, read into it on a miss; nil when the store has no cache,
     /// the span does not qualify (not page-aligned in the file, less than a block, too large to
-    /// keep, O_DIRECT off or unusable for this file) or its read failed: the caller sends it
-    /// from the file, which reports any error.
+    /// keep, O_DIRECT off or refused for this file) or its read failed: the caller sends it
+    /// from the file, which reports any error. The O_DIRECT descriptor is opened only by a miss
+    /// that the page cache cannot serve.
     private func cachedSpan(_ object: OpenObject, fileOffset: Int, byteCount: Int) -> SpanCache.Span? {
         guard let spanCache, byteCount >= ChunkFormat.blockSizeBytes, fileOffset % ChunkFormat.directAlignment == 0,
               spanCache.keeps(byteCount: byteCount), object.inode != 0, directIO.isEnabled,
-              let directFD = object.directDescriptor({ openDirect(object.id) }) else { return nil }
+              !object.directRefused else { return nil }
         let key = SpanCache.Key(id: object.id, device: object.device, inode: object.inode, changeNs: object.changeNs,
                                 fileOffset: fileOffset, byteCount: byteCount)
         return spanCache.span(key) { target in
-            readSpan(object, directFD: directFD, fileOffset: fileOffset, byteCount: byteCount, into: target)
+            readSpan(object, fileOffset: fileOffset, byteCount: byteCount, into: target)
         }
     }
 
     /// Reads a span into `target` (page-aligned, at least `SpanCache.capacity` bytes): from the
     /// page cache when it holds all of it, else its page-multiple cover with O_DIRECT, stopping
     /// at the file's end (a short, unaligned transfer). False on any failure.
-    private func readSpan(_ object: OpenObject, directFD: Int32, fileOffset: Int, byteCount: Int,
+    private func readSpan(_ object: OpenObject, fileOffset: Int, byteCount: Int,
                           into target: UnsafeMutableRawPointer) -> Bool {
         if weft_pread_cached(object.fd, target, byteCount, fileOffset) == byteCount { return true }
+        guard let directFD = object.directDescriptor({ openDirect(object.id) }) else { return false }
         let alignment = ChunkFormat.directAlignment
         let cover = (byteCount + alignment - 1) / alignment * alignment
         var done = 0

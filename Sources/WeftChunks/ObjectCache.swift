@@ -37,6 +37,10 @@ final class OpenObject: @unchecked Sendable {
         }
     }
 
+    /// Whether this object's O_DIRECT descriptor was refused for good (another file at its path,
+    /// or O_DIRECT not allowed): its reads go through `fd` and the page cache.
+    var directRefused: Bool { directLock.withLock { directFD == -2 } }
+
     /// The object's O_DIRECT descriptor, opened by `open` (by path) on first use; nil if it
     /// cannot be, or if the path now names another file than `fd` (the object was replaced
     /// meanwhile, `rewriteJournaled`, perhaps with another layout: SPEC.md §4, Hub read cache):

@@ -144,12 +144,15 @@ final class SpanCache: @unchecked Sendable {
         if let found { return found }
         var loaded: Span?
         var reserved = 0
+        var readFailed = false
         if let (base, capacity) = memory(for: key.byteCount) {
             reserved = capacity
             let span = Span(base: base, capacity: capacity, byteCount: key.byteCount, home: self)
             if read(base) {
                 (base + key.byteCount).storeBytes(of: Int32(0), as: Int32.self)
                 loaded = span
+            } else {
+                readFailed = true
             }
         }
         var unkept: [UnsafeMutableRawPointer] = []
@@ -164,7 +167,7 @@ final class SpanCache: @unchecked Sendable {
                 trimFreeLocked(reserving: 0, unkept: &unkept)
             } else {
                 slots[key] = nil
-                counters.failedReads += 1
+                if readFailed { counters.failedReads += 1 }
             }
             lock.broadcast()
         }
@@ -179,6 +182,7 @@ final class SpanCache: @unchecked Sendable {
         let fresh = Self.classCapacity(need)
         var unkept: [UnsafeMutableRawPointer] = []
         defer { unkept.forEach { weft_bulk_free($0) } }
+        var reservedFresh = false
         let reused: (UnsafeMutableRawPointer, Int)? = lock.withLock {
             drainLocked(unkept: &unkept)
             if let block = takeFreeLocked(need: need, fresh: fresh) { return block }
@@ -190,10 +194,17 @@ final class SpanCache: @unchecked Sendable {
                 return block
             }
             trimFreeLocked(reserving: fresh, unkept: &unkept)
+            // Loads in flight hold the rest of the bound: this span goes from the file.
+            guard heldBytesLocked + loadingBytes + fresh <= boundBytes else {
+                counters.overBound += 1
+                return nil
+            }
             loadingBytes += fresh
+            reservedFresh = true
             return nil
         }
         if let reused { return reused }
+        guard reservedFresh else { return nil }
         guard let base = weft_bulk_allocate(fresh) else {
             lock.withLock { loadingBytes -= fresh }
             return nil
@@ -278,6 +289,8 @@ public struct SpanCacheCounters: Sendable, Equatable {
     public var sharedWaits: UInt64 = 0
     /// Reads that failed (the span was then served from the file).
     public var failedReads: UInt64 = 0
+    /// Misses sent from the file because loads in flight held the rest of the bound.
+    public var overBound: UInt64 = 0
     /// Bytes of the spans held now (their memory, trailer and class rounding included).
     public var heldBytes: Int = 0
     public var spans: Int = 0

@@ -295,3 +295,16 @@ enum Sockets {
         return inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1
     }
 }
+
+/// Per-process limits a hub daemon needs.
+public enum ProcessLimits {
+    /// Raises the soft limit of open files to the hard one: a hub keeps up to 512 objects open,
+    /// each with a second (O_DIRECT) descriptor once its spans are read direct (SPEC.md §4, Hub
+    /// read cache), beside its agents' sockets, and 1,024 is a common soft limit. Returns the
+    /// soft limit now (nil: unlimited or unknown).
+    @discardableResult
+    public static func raiseOpenFileLimit() -> Int? {
+        let limit = weft_raise_open_file_limit()
+        return limit < 0 ? nil : limit
+    }
+}

@@ -4,7 +4,9 @@ public struct LeastRecentlyUsed<Key: Hashable> {
     private final class Node {
         let key: Key
         let bytes: UInt64
-        var newer: Node?
+        // Both links weak: the dictionary alone owns the nodes, so dropping a long list frees
+        // them one by one (a strong chain would free them recursively, a stack frame a node).
+        weak var newer: Node?
         weak var older: Node?
         init(key: Key, bytes: UInt64) { self.key = key; self.bytes = bytes }
     }

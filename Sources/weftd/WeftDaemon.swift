@@ -64,6 +64,7 @@ struct Serve: ParsableCommand {
         // SIGUSR1 empties a single hub's read cache (`waitForSignal`); until then, and on a
         // cluster hub, it must not kill the process.
         signal(SIGUSR1, SIG_IGN)
+        ProcessLimits.raiseOpenFileLimit()
         // A hub moves many agents' chunk frames at once: keep more transfer buffers for reuse.
         BulkMemory.setCacheLimit(bytes: 256 << 20)
         guard let mode = DurabilityMode(rawValue: durability) else {

@@ -146,7 +146,7 @@ final class RemoteHubConformanceTests: HubConformanceTests {
             try destination.withUnsafeMutableBytes { try client.readSlice(session, id: id, offset: 0, into: $0) }
             XCTAssertTrue(destination == data, "round \(round): the bytes arrive intact")
         }
-        guard hub.hub.chunks.directIOCounters.enabled else { return }   // no O_DIRECT: no read cache
+        try XCTSkipUnless(hub.hub.chunks.directIOCounters.enabled, "the test directory's file system refuses O_DIRECT")
         let (sentFromFile, copied, sentFromMemory) = server.storedBlockBytes
         XCTAssertEqual(sentFromFile, 0, "every span came from the read cache")
         XCTAssertGreaterThan(copied, 0, "a full socket sends the rest through the queue")

@@ -22,6 +22,8 @@ int weft_syncfs(int fd);
 /// pread(2) that takes only what the page cache holds (preadv2 with RWF_NOWAIT): the bytes read,
 /// -1 with errno EAGAIN when the first page is not cached (or EOPNOTSUPP where unsupported).
 long weft_pread_cached(int fd, void *buffer, size_t count, long offset);
+/// Raises this process's soft limit of open files to its hard limit; returns the soft limit now.
+long weft_raise_open_file_limit(void);
 
 /// Caching allocator for transfer buffers (SPEC.md §4, Bulk transfers). Blocks of 64 KiB and
 /// more are page-aligned and, when freed, kept for reuse up to the cache limit. Thread-safe.
