@@ -42,8 +42,8 @@ struct Serve: ParsableCommand {
     var sessionTimeout: Double = 15
     @Option(help: "Cluster hub: bound of the read-through cache of objects held by other hubs, GiB (least recently read evicted first).")
     var cacheGb: Double = 16
-    @Option(help: "Memory, MiB, for file data sent to agents, kept for the next reader (least recently read evicted first; SIGUSR1 empties it; 0: serve from the page cache).")
-    var readCacheMb: Int = 1024
+    @Option(help: "Memory, MiB, for file data sent to agents, read with O_DIRECT and kept for the next reader (least recently read evicted first; SIGUSR1 empties it). 0, the default: serve from the page cache, which grows into free memory and reads ahead.")
+    var readCacheMb: Int = 0
     @Option(help: "Free disk space, MiB, that file data may not take, kept so that metadata changes (unlink, rmdir, truncate) still work on a full disk (default: 5% of the file system, at most 256 MiB; 0: none).")
     var reserveMb: Int?
 

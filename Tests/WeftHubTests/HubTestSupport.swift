@@ -44,8 +44,9 @@ final class HubUnderTest {
     }
 
     private func start(recover: Bool) throws {
-        // Over TCP the hub is weftd's: reads stay in the page cache (SPEC.md §3.2, Direct I/O),
-        // and spans sent to agents go through its read cache (SPEC.md §4, Hub read cache).
+        // Over TCP the hub is weftd's: reads stay in the page cache (SPEC.md §3.2, Direct I/O).
+        // The TCP suite runs with a read cache (SPEC.md §4, Hub read cache; off in a default
+        // weftd, which the integration tests run), so that every case goes through it too.
         hub = try Hub(directory: directory, durability: .strict, pageCacheReads: transport == .tcp,
                       readCacheBytes: readCacheBytes, logger: testLogger("weft.hub.test"))
         if recover { try hub.recover() }

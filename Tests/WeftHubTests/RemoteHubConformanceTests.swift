@@ -103,19 +103,8 @@ final class RemoteHubConformanceTests: HubConformanceTests {
 
     func testStoredBlocksGoFromTheFileOrThroughTheQueueWhenTheSocketIsFull() throws {
         let (hub, context, data, id) = try hubWithOneObject(seed: 5150, agentName: "spans")
-        // A second server on the same hub whose sockets hold 64 KiB and which never waits for them.
-        let server = HubServer(hub: hub.hub, logger: testLogger("weft.hub.server.spans"), workerThreads: 4,
-                               eventLoopThreads: 1, spanWaitMs: 0, sendBufferBytes: 64 << 10)
-        defer { server.shutdown() }
-        let port = try server.listen(host: "127.0.0.1", port: 0)
-        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: testLogger("weft.hub.client.spans"))
-        defer { client.close() }
-        let session = RequestContext(session: try client.openSession(agentName: "small-buffers").0, credentials: rootCaller)
-        for round in 0..<3 {
-            var destination = [UInt8](repeating: 0, count: data.count)
-            try destination.withUnsafeMutableBytes { try client.readSlice(session, id: id, offset: 0, into: $0) }
-            XCTAssertTrue(destination == data, "round \(round): the bytes arrive intact")
-        }
+        let (server, client) = try readThroughASmallSocket(hub, id: id, data: data, rounds: 3)
+        defer { client.close(); server.shutdown() }
         XCTAssertEqual(client.storedBlockReadCount, 3)
         let (sentFromFile, copied, sentFromMemory) = server.storedBlockBytes
         XCTAssertEqual(sentFromMemory, 0, "no read cache")
@@ -133,26 +122,44 @@ final class RemoteHubConformanceTests: HubConformanceTests {
     /// socket takes them; a socket that stays full gets the rest copied and queued, and the
     /// bytes arrive the same.
     func testSpansFromTheReadCacheGoFromMemoryOrThroughTheQueueWhenTheSocketIsFull() throws {
-        let (hub, context, data, id) = try hubWithOneObject(seed: 5151, agentName: "cached", readCacheBytes: 64 << 20)
-        let server = HubServer(hub: hub.hub, logger: testLogger("weft.hub.server.cached"), workerThreads: 4,
-                               eventLoopThreads: 1, spanWaitMs: 0, sendBufferBytes: 64 << 10)
-        defer { server.shutdown() }
-        let port = try server.listen(host: "127.0.0.1", port: 0)
-        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: testLogger("weft.hub.client.cached"))
-        defer { client.close() }
-        let session = RequestContext(session: try client.openSession(agentName: "small-buffers").0, credentials: rootCaller)
-        for round in 0..<3 {
-            var destination = [UInt8](repeating: 0, count: data.count)
-            try destination.withUnsafeMutableBytes { try client.readSlice(session, id: id, offset: 0, into: $0) }
-            XCTAssertTrue(destination == data, "round \(round): the bytes arrive intact")
-        }
+        let (hub, _, data, id) = try hubWithOneObject(seed: 5151, agentName: "cached", readCacheBytes: 64 << 20)
+        let (server, client) = try readThroughASmallSocket(hub, id: id, data: data, rounds: 3)
+        defer { client.close(); server.shutdown() }
         try XCTSkipUnless(hub.hub.chunks.directIOCounters.enabled, "the test directory's file system refuses O_DIRECT")
         let (sentFromFile, copied, sentFromMemory) = server.storedBlockBytes
         XCTAssertEqual(sentFromFile, 0, "every span came from the read cache")
         XCTAssertGreaterThan(copied, 0, "a full socket sends the rest through the queue")
         XCTAssertEqual(sentFromMemory + copied, 3 * data.count)
         XCTAssertEqual(hub.hub.chunks.spanCacheCounters?.misses, 1, "one read for the three")
-        _ = context
+    }
+
+    /// Reads object `id` `rounds` times through a second server on `hub` whose sockets hold
+    /// 64 KiB and which never waits for them, checking the bytes each time.
+    private func readThroughASmallSocket(_ hub: HubUnderTest, id: SliceID, data: [UInt8], rounds: Int) throws
+        -> (HubServer, RemoteHub) {
+        let server = HubServer(hub: hub.hub, logger: testLogger("weft.hub.server.small"), workerThreads: 4,
+                               eventLoopThreads: 1, spanWaitMs: 0, sendBufferBytes: 64 << 10)
+        let client: RemoteHub
+        do {
+            let port = try server.listen(host: "127.0.0.1", port: 0)
+            client = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), logger: testLogger("weft.hub.client.small"))
+        } catch {
+            server.shutdown()
+            throw error
+        }
+        do {
+            let session = RequestContext(session: try client.openSession(agentName: "small-buffers").0, credentials: rootCaller)
+            for round in 0..<rounds {
+                var destination = [UInt8](repeating: 0, count: data.count)
+                try destination.withUnsafeMutableBytes { try client.readSlice(session, id: id, offset: 0, into: $0) }
+                XCTAssertTrue(destination == data, "round \(round): the bytes arrive intact")
+            }
+        } catch {
+            client.close()
+            server.shutdown()
+            throw error
+        }
+        return (server, client)
     }
 
     /// writeSlice data goes from the caller's memory to the socket; a socket that stays full

@@ -47,11 +47,13 @@ def _wait_for_log(path, pattern: str, after: int, timeout_s: float = 10.0) -> re
         time.sleep(0.05)
 
 
-def test_weftd_read_cache_keeps_what_agents_read_and_sigusr1_empties_it(weft):
-    """SPEC §4, Hub read cache: a file another agent reads goes through weftd's read cache,
-    which SIGUSR1 empties; every agent reads the same bytes before and after."""
+def test_weftd_read_cache_keeps_what_agents_read_and_sigusr1_empties_it(mode, weft_factory):
+    """SPEC §4, Hub read cache: with --read-cache-mb, a file another agent reads goes through
+    weftd's read cache, which SIGUSR1 empties; every agent reads the same bytes before and after."""
+    if mode != "remote":
+        pytest.skip("weftd only")
+    weft = weft_factory(hub_args=["--read-cache-mb", 64])
     weft.require_weft("reads weftd's log")
-    weft.require_mode("remote")
     data = os.urandom(8 * 1024 * 1024 + 12345)
     write_file(weft.path / "big", data)
     os.sync()
@@ -71,6 +73,20 @@ def test_weftd_read_cache_keeps_what_agents_read_and_sigusr1_empties_it(weft):
     start = os.path.getsize(log)
     os.kill(weft.daemon.proc.pid, signal.SIGUSR1)
     _wait_for_log(log, r"read cache dropped \(\d+ MiB\)", start)
+
+
+def test_weftd_without_a_read_cache_survives_sigusr1(weft):
+    """The default weftd has no read cache: SIGUSR1 drops nothing and does not kill it."""
+    weft.require_weft("signals weftd")
+    weft.require_mode("remote")
+    data = os.urandom(2 * 1024 * 1024)
+    write_file(weft.path / "f", data)
+    log = weft.daemon.log_path
+    start = os.path.getsize(log)
+    os.kill(weft.daemon.proc.pid, signal.SIGUSR1)
+    assert int(_wait_for_log(log, r"read cache dropped \((\d+) MiB\)", start).group(1)) == 0
+    assert weft.daemon.alive
+    assert read_file(weft.add_agent("mnt-after") / "f") == data
 
 
 def test_weftd_refuses_a_bad_read_cache_size(weft_cli, resources):
