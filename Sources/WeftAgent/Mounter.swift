@@ -57,6 +57,9 @@ public enum Mounter {
 
     public static func run(_ request: MountRequest, logger: Logger) throws {
         boundMallocRetention()
+        // Up to 512 open objects with two descriptors each (SPEC.md §3.2, Direct I/O), FUSE and
+        // the hub connections: 1,024, a common soft limit, is too few.
+        ProcessLimits.raiseOpenFileLimit()
         func notify(_ message: String) {
             guard let fd = request.notifyFD else { return }
             let line = message + "\n"

@@ -296,7 +296,7 @@ enum Sockets {
     }
 }
 
-/// Per-process limits a hub daemon needs.
+/// Per-process limits a hub daemon and an agent need.
 public enum ProcessLimits {
     /// Raises the soft limit of open files to the hard one: a hub keeps up to 512 objects open,
     /// each with a second (O_DIRECT) descriptor once its spans are read direct (SPEC.md §4, Hub

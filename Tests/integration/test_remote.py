@@ -7,6 +7,7 @@ import errno
 import os
 import platform
 import re
+import resource
 import signal
 import threading
 import time
@@ -406,3 +407,31 @@ def test_a_name_another_agent_keeps_replacing_never_goes_missing(weft):
     assert not failures, failures
     assert replaced[0] >= 100 and checks >= 1000, f"too little overlap: {replaced[0]} replacements, {checks} checks"
     assert stale <= checks // 1000, f"{stale} ESTALE in {checks} checks"
+
+
+def _open_file_limits(pid: int) -> tuple[str, str]:
+    with open(f"/proc/{pid}/limits") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return soft, hard
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+def test_weftd_and_the_agent_raise_their_open_file_limit(mode, weft_factory):
+    """Each may hold two descriptors per open object (SPEC §4, Hub read cache): both raise the
+    soft limit of open files to the hard one at start. They are started with a soft limit of
+    1,024, as a systemd service or a login shell often has."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 1024:
+        pytest.skip(f"the hard limit of open files ({hard}) leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        weft = weft_factory()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    weft.require_weft("reads the processes' limits")
+    pids = [weft.agent_pid] + ([weft.daemon.proc.pid] if weft.daemon else [])
+    assert all(pids), pids
+    for pid in pids:
+        assert _open_file_limits(pid) == (str(hard), str(hard)), f"pid {pid}"
