@@ -251,6 +251,7 @@ public final class VFS: @unchecked Sendable {
     /// kernel's retry of a lookup answered ESTALE (`checkSecondName`).
     public func lookup(_ credentials: Credentials, parent: InodeID, name: [UInt8], caller: Int32 = 0) throws -> Attributes {
         let key = NameKey(parent: parent, name: name)
+        Trace.note("lookup parent=\(parent) name=\(String(decoding: name, as: UTF8.self)) asked by \(caller)")
         guard leasesEnabled, caller != 0, staleRetriesCount.load(ordering: .relaxed) > 0,
               let stale = givenLock.withLock({ updatingStaleRetries { $0.retry(caller, key, now: Leases.nowNs()) } }) else {
             return try lookup(credentials, key, caller: caller, retryPassing: nil)
@@ -364,6 +365,7 @@ public final class VFS: @unchecked Sendable {
             WorkerPool.detach { [self] in
                 if let delay = Self.testEntryDropDelayUs { usleep(delay) }
                 invalidateEntry(directory, key.name)
+                Trace.note("lookup parent=\(key.parent) name=\(String(decoding: key.name, as: UTF8.self)) entry dropped")
                 givenLock.withLock { givenNames.dropped(ino, key) }
                 cache.dropsEnded(directory, [key.name])
             }
