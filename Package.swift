@@ -95,6 +95,7 @@ let package = Package(
                                                           .product(name: "NIOPosix", package: "swift-nio")]),
         .testTarget(name: "WeftFabricTests", dependencies: ["WeftFabric", "WeftAgent", "WeftChunks", "WeftCluster", "WeftLink",
                                                             "WeftNet", "WeftProto", "WeftVFS", "WeftTestSupport"]),
-        .testTarget(name: "WeftHubTests", dependencies: ["WeftHub", "WeftNet", "WeftProto", "WeftVFS", "WeftChunks", "WeftTestSupport"]),
+        .testTarget(name: "WeftHubTests", dependencies: ["WeftHub", "WeftNet", "WeftProto", "WeftVFS", "WeftChunks", "WeftLink",
+                                                    "CWeftSupport", "WeftTestSupport"]),
     ]
 )

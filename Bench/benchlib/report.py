@@ -10,7 +10,7 @@ import statistics
 
 from .targets import TARGET_NAMES
 
-WEFT_SUBJECTS = ("weft-embedded", "weft-remote", "weft-embedded-relaxed")
+WEFT_SUBJECTS = ("weft-embedded", "weft-remote", "weft-remote-tcp", "weft-embedded-relaxed")
 BASELINES = ("juicefs-sqlite", "juicefs-sqlite-sync", "juicefs-redis", "local", "memfs")
 FAMILY_TITLES = {
     "seqwrite": "Sequential write (fio, 1 MiB blocks, end_fsync)",
@@ -195,7 +195,7 @@ def evaluate_goals(results, rss, targets):
             checks.append(_check(goal_id, text, subject, baseline, rows, missing, reason))
     for subject in WEFT_SUBJECTS:
         entry = rss.get(subject)
-        if subject == "weft-embedded-relaxed":
+        if subject in ("weft-embedded-relaxed", "weft-remote-tcp"):
             continue
         text = "Agent RSS within the configured bounds during the big write"
         if not entry or "peak_mib" not in entry:
@@ -222,7 +222,7 @@ DEVICE_PAIRS = tuple((f"{kind}-{jobs}j", f"{device}-{jobs}j")
 def device_context(results):
     """Rows of (subject, metric, Weft value, disk direct-I/O value, ratio) where both were measured."""
     rows = []
-    for subject in ("weft-embedded", "weft-remote"):
+    for subject in ("weft-embedded", "weft-remote", "weft-remote-tcp"):
         for metric, device_metric in DEVICE_PAIRS:
             mine, disk = value_of(results, metric, subject), value_of(results, device_metric, "local")
             if mine is not None and disk:

@@ -282,8 +282,10 @@ class JuiceFSTarget(Target):
 class WeftTarget(Target):
     """Weft through its CLI: embedded (hub in the agent) or remote (weftd on loopback)."""
 
-    def __init__(self, context, name, remote=False, durability=None, families=ALL_FAMILIES, description=""):
+    def __init__(self, context, name, remote=False, durability=None, families=ALL_FAMILIES, description="",
+                 mount_options=()):
         self.name = name
+        self.mount_options = list(mount_options)
         self.description = description
         self.families = families
         super().__init__(context)
@@ -314,7 +316,7 @@ class WeftTarget(Target):
             self._start_hub()
         self.info.update(source=self._source(), compression=self.context.weft_compression,
                          durability=self.durability or "strict (default)",
-                         mount_args=list(self.context.weft_mount_args))
+                         mount_args=list(self.context.weft_mount_args) + self.mount_options)
 
     def _source(self):
         return f"weft://127.0.0.1:{self.hub_port}" if self.remote else self.data_dir
@@ -397,7 +399,7 @@ class WeftTarget(Target):
             command += ["--durability", self.durability]
         if "--log-file" in self.context.weft_mount_help:
             command += ["--log-file", os.path.join(self.context.log_dir, f"{self.name}-agent.log")]
-        command += [*self.context.weft_mount_args, *extra_args]
+        command += [*self.context.weft_mount_args, *self.mount_options, *extra_args]
         self._register_mount_cleanup(lambda: [self._agent_pid] if self._agent_pid else [])
         started = time.monotonic()
         run(command, self.context.mount_timeout + 30, log_path=self.log_path)
@@ -452,6 +454,11 @@ def make_targets(context):
                    description="Weft, hub in the agent process (`weft mount DIR`), strict durability"),
         WeftTarget(context, "weft-remote", remote=True,
                    description="Weft agent + weftd hub on loopback (`weft mount weft://…`), strict durability"),
+        WeftTarget(context, "weft-remote-tcp", remote=True, families=("seqread", "randread"),
+                   mount_options=["--local-reads", "off"],
+                   description="weft-remote with `--local-reads off`: file data over loopback TCP rather than from "
+                               "the store weftd hands a co-located agent (SPEC.md §4, Co-located reads); "
+                               "reads only, to show what the network path gives"),
         WeftTarget(context, "weft-embedded-relaxed", durability="periodic",
                    families=("metadata", "smallfiles", "fsync"),
                    description="Weft embedded with `--durability periodic` (WAL synced once a second); "
@@ -460,4 +467,4 @@ def make_targets(context):
 
 
 TARGET_NAMES = ("local", "memfs", "juicefs-sqlite", "juicefs-sqlite-sync", "juicefs-redis", "weft-embedded", "weft-remote",
-                "weft-embedded-relaxed")
+                "weft-remote-tcp", "weft-embedded-relaxed")

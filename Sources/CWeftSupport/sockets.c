@@ -48,3 +48,131 @@ int weft_epoll_wait_one(int epoll, int timeout_ms, uint64_t *key) {
 int weft_eventfd(void) {
     return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 }
+
+// -- Co-located reads (SPEC.md §4): abstract Unix sockets and descriptor passing -------------
+
+#include <errno.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+// Fills `address` for the abstract name `name` (no leading NUL); returns its length, or -1
+// (ENAMETOOLONG) when the name does not fit.
+static int weft_abstract_address(const char *name, struct sockaddr_un *address) {
+    size_t length = strlen(name);
+    if (length == 0 || length + 1 > sizeof(address->sun_path)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memset(address, 0, sizeof(*address));
+    address->sun_family = AF_UNIX;
+    memcpy(address->sun_path + 1, name, length);
+    return (int)(offsetof(struct sockaddr_un, sun_path) + 1 + length);
+}
+
+int weft_listen_abstract(const char *name, int backlog) {
+    struct sockaddr_un address;
+    int length = weft_abstract_address(name, &address);
+    if (length < 0) return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (bind(fd, (struct sockaddr *)&address, (socklen_t)length) != 0 || listen(fd, backlog) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+int weft_connect_abstract(const char *name) {
+    struct sockaddr_un address;
+    int length = weft_abstract_address(name, &address);
+    if (length < 0) return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    int rc;
+    do {
+        rc = connect(fd, (struct sockaddr *)&address, (socklen_t)length);
+    } while (rc != 0 && errno == EINTR);
+    if (rc != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+int weft_peer_uid(int socket_fd, unsigned int *uid) {
+    struct ucred credentials;
+    socklen_t length = sizeof(credentials);
+    if (getsockopt(socket_fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) != 0) return -1;
+    *uid = credentials.uid;
+    return 0;
+}
+
+long weft_send_with_descriptor(int socket_fd, const void *bytes, size_t count, int descriptor) {
+    struct iovec vector = { .iov_base = (void *)bytes, .iov_len = count };
+    union {
+        char buffer[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr message;
+    memset(&message, 0, sizeof(message));
+    memset(&control, 0, sizeof(control));
+    message.msg_iov = &vector;
+    message.msg_iovlen = 1;
+    if (descriptor >= 0) {
+        message.msg_control = control.buffer;
+        message.msg_controllen = sizeof(control.buffer);
+        struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+        header->cmsg_level = SOL_SOCKET;
+        header->cmsg_type = SCM_RIGHTS;
+        header->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(header), &descriptor, sizeof(int));
+    }
+    ssize_t sent;
+    do {
+        sent = sendmsg(socket_fd, &message, MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    return (long)sent;
+}
+
+long weft_receive_with_descriptor(int socket_fd, void *bytes, size_t count, int *descriptor) {
+    struct iovec vector = { .iov_base = bytes, .iov_len = count };
+    union {
+        char buffer[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr message;
+    memset(&message, 0, sizeof(message));
+    message.msg_iov = &vector;
+    message.msg_iovlen = 1;
+    message.msg_control = control.buffer;
+    message.msg_controllen = sizeof(control.buffer);
+    *descriptor = -1;
+    ssize_t received;
+    do {
+        received = recvmsg(socket_fd, &message, MSG_CMSG_CLOEXEC);
+    } while (received < 0 && errno == EINTR);
+    if (received < 0) return -1;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header != NULL; header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level == SOL_SOCKET && header->cmsg_type == SCM_RIGHTS
+            && header->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int passed;
+            memcpy(&passed, CMSG_DATA(header), sizeof(int));
+            // Only one descriptor is expected; close any others sent along.
+            size_t extra = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (size_t index = 1; index < extra; index++) {
+                int other;
+                memcpy(&other, CMSG_DATA(header) + index * sizeof(int), sizeof(int));
+                close(other);
+            }
+            if (*descriptor >= 0) close(*descriptor);
+            *descriptor = passed;
+        }
+    }
+    return (long)received;
+}

@@ -23,6 +23,9 @@ public struct MountRequest {
     /// Remote hubs, zstd volumes: the agent compresses what it uploads (SPEC.md §4, "Compressed
     /// uploads"); false: it sends raw bytes and the hub compresses them.
     public var compressUploads = true
+    /// A remote single hub on this machine: read its objects from its store (SPEC.md §4,
+    /// Co-located reads; `weft mount --local-reads`).
+    public var localReads = true
     public var pidFile: String?
     /// A file descriptor to report readiness on ("ok" or "error: ..."), for --background.
     public var notifyFD: Int32?
@@ -86,6 +89,7 @@ public enum Mounter {
                 let (api, connections) = try HubOpener.openVolumeAPI(address: address, volume: volume ?? "",
                                                                      requestTimeoutMs: request.hubTimeoutMs,
                                                                      compressUploads: request.compressUploads, logger: logger)
+                for connection in connections { connection.localReads = request.localReads }
                 opened = OpenedHub(api: api, local: nil, remote: nil, connections: connections)
                 hubAPI = api
             case .directory(let path):

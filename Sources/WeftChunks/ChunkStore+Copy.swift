@@ -43,6 +43,7 @@ extension ChunkStore {
     /// object and the reason and stores nothing. Not made durable (a cache copy need not be);
     /// EEXIST if the id is already stored.
     public func importObject(id: SliceID, file: [UInt8]) throws {
+        try checkWritable(id)
         try file.withUnsafeBytes { raw in
             let layout: ChunkLayout
             do {

@@ -52,6 +52,8 @@ public final class ChunkStore: @unchecked Sendable {
     /// Stored-block spans kept in memory for the agents a hub serves (SPEC.md §4, Hub read
     /// cache); nil: spans are sent from the page cache.
     let spanCache: SpanCache?
+    /// A store opened by `init(readingFrom:)`: every write, delete or rewrite throws EROFS.
+    let readOnly: Bool
 
     /// Opens the store in `directory`, creating it (and its 256 fan-out directories) if needed,
     /// removing temporary files left by a crash, and counting the objects present.
@@ -64,6 +66,7 @@ public final class ChunkStore: @unchecked Sendable {
         self.directIO = DirectIOSwitch(enabled: directIO)
         self.directReads = directReads
         spanCache = spanCacheBytes > 0 ? SpanCache(boundBytes: spanCacheBytes) : nil
+        readOnly = false
         self.compression = compression
         self.logger = logger
         do {
@@ -88,8 +91,30 @@ public final class ChunkStore: @unchecked Sendable {
         }
     }
 
+    /// A store that only reads the objects of the chunk directory open at `root` (which it takes
+    /// over and closes), another process's store: no scan, no clean-up of temporary files, no
+    /// counts; every write, delete or rewrite throws EROFS. Reads check every block as always,
+    /// with O_DIRECT where it works. `directory` names it in log lines (SPEC.md §4, Co-located
+    /// reads).
+    public init(readingFrom root: Int32, directory: String, logger: Logger) {
+        self.directory = directory
+        self.root = root
+        self.logger = logger
+        compression = .none
+        directIO = DirectIOSwitch(enabled: true)
+        directReads = true
+        spanCache = nil
+        readOnly = true
+        durability = DurabilityQueue(root: root, logger: logger)
+    }
+
     deinit {
         close(root)
+    }
+
+    /// Throws EROFS for a change to a store opened by `init(readingFrom:)`.
+    func checkWritable(_ id: SliceID) throws {
+        if readOnly { throw WeftError(EROFS, "chunk \(hex(id)): this store only reads another process's objects") }
     }
 
     // MARK: Space
@@ -141,6 +166,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// `write`, or with `replacing` the atomic replacement of an existing object's file by a new
     /// one with the same bytes (`rewriteJournaled`).
     private func write(id: SliceID, data: UnsafeRawBufferPointer, replacing: Bool) throws {
+        try checkWritable(id)
         guard data.count <= ChunkFormat.maxRawBytes else {
             throw WeftError(EINVAL, "chunk \(hex(id)) is \(data.count) bytes, over the \(ChunkFormat.maxRawBytes)-byte limit")
         }
@@ -188,6 +214,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// EBADMSG for an image that fails a check, then EINVAL for a raw length over
     /// `maxRawLength`, with nothing stored; otherwise as `write`.
     public func writeImage(id: SliceID, image: UnsafeRawBufferPointer, maxRawLength: Int = Limits.chunkSizeMaxBytes) throws {
+        try checkWritable(id)
         let layout = try ChunkImage.verify(id: id, image: image, workspaces: workspaces)
         guard layout.rawLength <= maxRawLength else {
             throw WeftError(EINVAL, "slice larger than a chunk (\(layout.rawLength) bytes, at most \(maxRawLength))")
@@ -491,6 +518,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// Durable after `sync()`. At open only: the disk reserve does not apply (a hub that cannot
     /// write back a lost object cannot open, and cannot free space either).
     public func restore(id: SliceID, raw: [UInt8]) throws -> Bool {
+        try checkWritable(id)
         let held = try? read(id: id, offset: 0, length: raw.count)
         let differed = !(held == raw && (try? length(id: id)) == raw.count)
         try delete(id: id)
@@ -505,6 +533,7 @@ public final class ChunkStore: @unchecked Sendable {
 
     /// Removes object `id`; a missing object is not an error. Durable after `syncRemovals()`.
     public func delete(id: SliceID) throws {
+        try checkWritable(id)
         var info = stat()
         let known = FileIO.withObjectPath(id) { fstatat(root, $0, &info, AT_SYMLINK_NOFOLLOW) } == 0
         let result = FileIO.withObjectPath(id) { unlinkat(root, $0, 0) }

@@ -55,6 +55,8 @@ final class ClientConnection {
     var pingsSentNs: [UInt64] = []
     /// Send time of the last ping the hub answered (at first, when the connection opened).
     var confirmedNs = MonotonicClock.nowNs()
+    /// This end of the socket as `Sockets.localName` gives it; set before the connection is published.
+    var localEndpoint = ""
 
     init(expectedInFlight: Int) {
         pending.reserveCapacity(expectedInFlight)

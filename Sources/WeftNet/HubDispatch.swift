@@ -116,6 +116,10 @@ extension HubRequest {
             return .session(session, info)
         case .clusterMap:
             return .bytes(try hub.clusterMap())
+        case .localReads:
+            // Needs the connection's peer and the server's offer: the server answers it
+            // (ServerCore.execute); a hub called in process has nothing to offer.
+            throw WeftError(ENOSYS, "localReads is only served over a connection")
         case let .lock(c, ino, request):
             return .lock(try hub.lock(c, ino: ino, request))
         case .ping:

@@ -61,6 +61,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case openLayout = 53
     case writeObject = 54
     case fsckRemaining = 55
+    case localReads = 56
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -104,6 +105,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .fsckRemaining: "fsckRemaining"
         case .openVolumeSession: "openVolumeSession"
         case .clusterMap: "clusterMap"
+        case .localReads: "localReads"
         case .createVolume: "createVolume"
         case .lock: "lock"
         case .ping: "ping"
@@ -171,6 +173,8 @@ public enum HubRequest: Equatable, Sendable {
     case fsckRemaining(repair: Bool)
     case openVolumeSession(agentName: String, volume: String)
     case clusterMap
+    /// Where a co-located agent may read the store itself (SPEC.md §4, Co-located reads).
+    case localReads
     case createVolume(name: String, home: String, chunkSizeBytes: UInt32, compression: Compression)
     case lock(RequestContext, ino: InodeID, LockRequest)
     /// Keeps an idle connection (and so its sessions) alive; answered by the server itself.
@@ -245,6 +249,7 @@ public enum HubRequest: Equatable, Sendable {
         case .fsckRemaining: .fsckRemaining
         case .openVolumeSession: .openVolumeSession
         case .clusterMap: .clusterMap
+        case .localReads: .localReads
         case .createVolume: .createVolume
         case .lock: .lock
         case .ping: .ping
@@ -269,7 +274,7 @@ public enum HubRequest: Equatable, Sendable {
     /// The session the request acts for: its context's, or the one `closeSession` ends.
     public var session: SessionID? {
         switch self {
-        case .openSession, .status, .fsck, .fsckRemaining, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence, .openDataSession,
+        case .openSession, .status, .fsck, .fsckRemaining, .openVolumeSession, .clusterMap, .localReads, .createVolume, .ping, .fence, .openDataSession,
              .fetchObject, .deleteObjects: nil
         case .closeSession(let session), .enableLeases(let session), .recall(let session, _, _, _): session
         case .acquireWriteLease(let c, _), .reclaimWriteLease(let c, _): c.session
@@ -295,7 +300,7 @@ public enum HubRequest: Equatable, Sendable {
             return context
         }
         switch self {
-        case .openSession, .status, .fsck, .fsckRemaining, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence, .openDataSession,
+        case .openSession, .status, .fsck, .fsckRemaining, .openVolumeSession, .clusterMap, .localReads, .createVolume, .ping, .fence, .openDataSession,
              .fetchObject, .deleteObjects: return self
         case .closeSession: return .closeSession(session)
         case .enableLeases: return .enableLeases(session)
@@ -417,7 +422,7 @@ public enum HubRequest: Equatable, Sendable {
             w.bool(repair)
         case let .openVolumeSession(agentName, volume):
             w.string(agentName); w.string(volume)
-        case .clusterMap:
+        case .clusterMap, .localReads:
             break
         case let .createVolume(name, home, chunkSizeBytes, compression):
             w.string(name); w.string(home); w.u32(chunkSizeBytes); w.u8(compression.rawValue)
@@ -483,6 +488,8 @@ public enum HubRequest: Equatable, Sendable {
                                       volume: try r.string(max: WireCodec.stringMaxBytes))
         case .clusterMap:
             return .clusterMap
+        case .localReads:
+            return .localReads
         case .ping:
             return .ping
         case .fence:
@@ -514,7 +521,7 @@ public enum HubRequest: Equatable, Sendable {
         }
         let c = try RequestContext.decode(from: &r)
         switch opcode {
-        case .openSession, .closeSession, .status, .fsck, .fsckRemaining, .openVolumeSession, .clusterMap, .createVolume, .ping, .fence,
+        case .openSession, .closeSession, .status, .fsck, .fsckRemaining, .openVolumeSession, .clusterMap, .localReads, .createVolume, .ping, .fence,
              .enableLeases, .recall, .openDataSession, .fetchObject, .deleteObjects:
             preconditionFailure("handled above")
         case .acquireWriteLease:

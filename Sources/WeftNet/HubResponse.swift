@@ -55,7 +55,7 @@ public enum HubResponse: Equatable, Sendable {
              (.bytes, .readlink), (.bytes, .getxattr), (.bytes, .readSlice),
              (.entries, .readdir), (.names, .listxattr), (.fileSystemStats, .statfs),
              (.firstSliceID, .allocateSliceIDs), (.layout, .layout), (.openedLayout, .openLayout), (.status, .status), (.fsckReport, .fsck), (.fsckResult, .fsckRemaining),
-             (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .createVolume), (.lock, .lock),
+             (.session, .openVolumeSession), (.bytes, .clusterMap), (.bytes, .localReads), (.bytes, .createVolume), (.lock, .lock),
              (.empty, .enableLeases), (.empty, .recall), (.flag, .acquireWriteLease), (.flag, .reclaimWriteLease),
              (.session, .openDataSession), (.bytes, .readSliceFrom), (.objectPart, .fetchObject),
              (.empty, .releaseUploads), (.empty, .deleteObjects), (.empty, .discardUploads), (.empty, .releaseMany),
@@ -182,7 +182,7 @@ public enum HubResponse: Equatable, Sendable {
             return .session(try r.u64(), try VolumeInfo.decode(from: &r))
         case .lookup, .getattr, .setattr, .create, .mkdir, .symlink, .link, .open, .commitSlices:
             return .attributes(try Attributes.decode(from: &r))
-        case .readlink, .getxattr, .readSlice, .clusterMap, .createVolume, .readSliceFrom:
+        case .readlink, .getxattr, .readSlice, .clusterMap, .localReads, .createVolume, .readSliceFrom:
             return .bytes(try r.blob())
         case .readBlocks:
             // Its own decoder reads it straight into the caller's memory (WireCodec.decodeStoredBlocks).

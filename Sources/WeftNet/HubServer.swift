@@ -51,6 +51,7 @@ public final class HubServer: @unchecked Sendable {
     private var listeners: [Acceptor] = []
     private var connections: [ObjectIdentifier: HubConnection] = [:]
     private var unixSocketPaths: [String] = []
+    private var localReads: LocalReadServer?
     private var isShutDown = false
     /// Connections admitted and not yet in `connections` (being set up).
     private var admitted = 0
@@ -101,6 +102,29 @@ public final class HubServer: @unchecked Sendable {
         logger.info("hub listening", metadata: ["address": "unix:\(unixSocketPath)"])
     }
 
+    /// Offers co-located agents to read the chunk store in `chunkDirectory` themselves (SPEC.md
+    /// §4, Co-located reads): binds the socket and answers opcode 56 from now on. Only for a
+    /// hub that holds every object it serves there (not a cluster hub). Returns the socket's name.
+    @discardableResult
+    public func offerLocalReads(chunkDirectory: String) throws -> String {
+        let server = try LocalReadServer(chunkDirectory: chunkDirectory, logger: logger)
+        let kept = lock.withLock { () -> Bool in
+            guard !isShutDown, localReads == nil else { return false }
+            localReads = server
+            return true
+        }
+        guard kept else {
+            server.stop()
+            throw WeftError(EALREADY, "co-located reads are offered already, or the server is shut down")
+        }
+        core.localReadsName.withLock { $0 = server.name }
+        logger.info("co-located reads offered", metadata: ["socket": "@\(server.name)"])
+        return server.name
+    }
+
+    /// Descriptors of the chunk store handed to co-located agents so far.
+    public var localReadHandshakes: Int { lock.withLock { localReads?.handshakeCount ?? 0 } }
+
     /// Number of agent connections currently open.
     public var connectionCount: Int { lock.withLock { connections.count } }
 
@@ -113,6 +137,8 @@ public final class HubServer: @unchecked Sendable {
             return (listeners, unixSocketPaths)
         }
         guard let (listeners, paths) = snapshot else { return }
+        core.localReadsName.withLock { $0 = nil }
+        lock.withLock { localReads }?.stop()
         for listener in listeners {
             // Ends the accept thread's accept (EINVAL), or its retries (the flag).
             listener.stop()

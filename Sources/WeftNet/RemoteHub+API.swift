@@ -204,6 +204,7 @@ extension RemoteHub {
     /// sends from its page cache unread, and checks them here (SPEC.md §4, Stored-block reads).
     public func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32,
                           into destination: UnsafeMutableRawBufferPointer) throws {
+        if localReads, try readLocally(context, id: id, offset: offset, into: destination) { return }
         let blockSize = Limits.blockSizeBytes
         if Int(offset) % blockSize == 0, destination.count >= blockSize, destination.count <= Limits.transferMaxBytes,
            !unknownOpcodes.withLock({ $0.contains(.readBlocks) }) {
@@ -226,6 +227,12 @@ extension RemoteHub {
                 }
             }
         }
+        try readSliceChecked(context, id: id, offset: offset, into: destination)
+    }
+
+    /// `readSlice` (opcode 25): the hub reads and checks the bytes itself.
+    func readSliceChecked(_ context: RequestContext, id: SliceID, offset: UInt32,
+                          into destination: UnsafeMutableRawBufferPointer) throws {
         try readSlice(.readSlice(context, id: id, offset: offset, length: UInt32(clamping: destination.count)), into: destination)
     }
 

@@ -83,6 +83,21 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     private let payloadWaitNs: UInt64
     private let sendBufferBytes: Int?
     public var directReceiveCount: Int { directReceives.load(ordering: .relaxed) }
+
+    /// Whether reads try a co-located hub's store first (SPEC.md §4, Co-located reads); off
+    /// unless set (the agent's mount sets it, `weft mount --local-reads`).
+    public var localReads: Bool {
+        get { localReadsWanted.load(ordering: .relaxed) }
+        set { localReadsWanted.store(newValue, ordering: .relaxed) }
+    }
+    let localReadsWanted = Atomic<Bool>(false)
+    /// The store opened for a connection; a new connection asks again.
+    let localStoreState = Mutex(LocalStoreState())
+    let localReadsServed = Atomic<Int>(0)
+    let localReadsFellBack = Atomic<Int>(0)
+    /// Reads served from a co-located hub's store, and reads that tried it and went to the hub.
+    public var localReadCount: Int { localReadsServed.load(ordering: .relaxed) }
+    public var localReadFallbacks: Int { localReadsFellBack.load(ordering: .relaxed) }
     /// Broadcast when a connection attempt ends, a connection is lost, or a request slot frees up.
     private let stateChanged = ConditionVariable()
     private var state = State.disconnected
@@ -553,6 +568,14 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     // MARK: Connecting
 
     /// The open connection, connecting (once, for all waiting threads) if there is none.
+    /// The connection in use, if connected (no attempt to connect).
+    func currentConnection() -> ClientConnection? {
+        lock.withLock {
+            if case .connected(let connection) = state { return connection }
+            return nil
+        }
+    }
+
     private func liveConnection() throws -> ClientConnection {
         // Before connecting: a connection's reading thread must never wait for a reply.
         if ClientReader.isReading(for: self) {
@@ -644,6 +667,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             throw doesNotAnswer(describeConnectFailure(error))
         }
         Sockets.setSendBuffer(descriptor, bytes: sendBufferBytes)
+        connection.localEndpoint = Sockets.localName(descriptor)
         let sending = Sockets.duplicate(descriptor)
         let reading = sending >= 0 ? Sockets.duplicate(descriptor) : -1
         guard reading >= 0 else {

@@ -111,6 +111,9 @@ final class ServerCore: @unchecked Sendable {
         return RequestLedger.Key(agent: agent, ino: ino)
     }
 
+    /// The co-located reads socket's name this server offers (opcode 56), if any.
+    let localReadsName = Mutex<String?>(nil)
+
     init(hub: HubAPI, pool: NIOThreadPool, logger: Logger, maxInFlightRequestsPerConnection: Int) {
         self.hub = hub
         self.pool = pool
@@ -193,6 +196,8 @@ final class ServerCore: @unchecked Sendable {
             } else {
                 result = .failure(WeftError(EINVAL, "fence is only served over a connection"))
             }
+        } else if case .localReads = request {
+            result = localReadsOffer(connection)
         } else if case .enableLeases(let session) = request {
             // Recalls for this session go back on this connection.
             result = Result {
@@ -283,6 +288,16 @@ final class ServerCore: @unchecked Sendable {
         default:
             return nil
         }
+    }
+
+    /// The reply of opcode 56: the socket's name and the peer as this connection sees it
+    /// (SPEC.md §4, Co-located reads); ENOSYS without an offer or an IP peer.
+    private func localReadsOffer(_ connection: HubConnection?) -> Result<HubResponse, WeftError> {
+        guard let name = localReadsName.withLock({ $0 }), let connection,
+              let peer = LocalReadClient.endpoint(connection.peer) else {
+            return .failure(WeftError(ENOSYS, "this hub offers no co-located reads on this connection"))
+        }
+        return .success(.bytes(LocalReadClient.Offer(name: name, peer: peer).encoded()))
     }
 
     /// Ends `sessions` on the worker pool, then marks the connection finished.

@@ -250,6 +250,29 @@ enum Sockets {
         setsockopt(descriptor, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
     }
 
+    /// Makes `recv` on `descriptor` give up after `ms` milliseconds (EAGAIN).
+    static func setReceiveTimeout(_ descriptor: Int32, ms: Int) {
+        var limit = timeval(tv_sec: ms / 1000, tv_usec: (ms % 1000) * 1000)
+        setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// Receives until `buffer` is full, the peer closes or an error (a timeout included);
+    /// returns the bytes received.
+    static func receiveFully(_ descriptor: Int32, _ buffer: UnsafeMutableRawBufferPointer) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let got = recv(descriptor, buffer.baseAddress! + done, buffer.count - done, 0)
+            if got > 0 {
+                done += got
+            } else if got < 0 && errno == EINTR {
+                continue
+            } else {
+                break
+            }
+        }
+        return done
+    }
+
     /// A duplicate of `descriptor` that a child process does not inherit.
     static func duplicate(_ descriptor: Int32) -> Int32 {
         fcntl(descriptor, F_DUPFD_CLOEXEC, 0)
@@ -258,10 +281,22 @@ enum Sockets {
     /// The peer of a connected socket for log lines: `[v4]:port`-style text for TCP, "unix peer"
     /// for a Unix socket, "unknown peer" if the system cannot say.
     static func peerName(_ descriptor: Int32) -> String {
+        name(descriptor, peer: true)
+    }
+
+    /// This end of a connected socket, in `peerName`'s form (co-located reads compare the two:
+    /// SPEC.md §4).
+    static func localName(_ descriptor: Int32) -> String {
+        name(descriptor, peer: false)
+    }
+
+    private static func name(_ descriptor: Int32, peer: Bool) -> String {
         var storage = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
         let rc = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(descriptor, $0, &length) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                peer ? getpeername(descriptor, $0, &length) : getsockname(descriptor, $0, &length)
+            }
         }
         guard rc == 0 else { return "unknown peer" }
         var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)

@@ -60,6 +60,8 @@ struct Mount: ParsableCommand {
     var reserveMb: Int?
     @Option(help: "Remote hub, zstd volume: where written data is compressed: agent (this process; the hub only checks it, and compressed bytes cross the network) or hub (raw bytes are sent; the hub compresses them: less CPU in all when agent and hub share one machine).")
     var uploadCompression: String = "agent"
+    @Option(help: "Remote single hub on this machine: read file data from its chunk store directly (auto) rather than over TCP (off). Writes always go to the hub.")
+    var localReads: String = "auto"
     @Option(help: "Write the agent's pid here once mounted.") var pidFile: String?
     @Option(help: "Agent log file for --background (default: /tmp/weft-agent-<mountpoint>.log).") var logFile: String?
     @Option(help: .hidden) var notifyFd: Int32?
@@ -72,6 +74,7 @@ struct Mount: ParsableCommand {
         if !(0.1...3600).contains(hubTimeout) { throw ValidationError("--hub-timeout must be 0.1...3600 seconds") }
         if let reserveMb, !(0...(1 << 30)).contains(reserveMb) { throw ValidationError("--reserve-mb must be 0...1073741824") }
         if !["agent", "hub"].contains(uploadCompression) { throw ValidationError("--upload-compression must be agent or hub") }
+        if !["auto", "off"].contains(localReads) { throw ValidationError("--local-reads must be auto or off") }
     }
 
     func run() throws {
@@ -81,7 +84,7 @@ struct Mount: ParsableCommand {
             try Mounter.validateMountpoint(point)
             var arguments = ["mount", source, point, "--write-buffer-mb", "\(writeBufferMb)", "--cache-mb", "\(cacheMb)",
                              "--durability", durability, "--attr-timeout", "\(attrTimeout)", "--hub-timeout", "\(hubTimeout)",
-                             "--upload-compression", uploadCompression]
+                             "--upload-compression", uploadCompression, "--local-reads", localReads]
             if let reserveMb { arguments += ["--reserve-mb", "\(reserveMb)"] }
             if let pidFile { arguments += ["--pid-file", URL(fileURLWithPath: pidFile).standardizedFileURL.path] }
             let log = logFile ?? "/tmp/weft-agent-\(point.replacingOccurrences(of: "/", with: "_")).log"
@@ -97,6 +100,7 @@ struct Mount: ParsableCommand {
         request.hubTimeoutMs = Int(hubTimeout * 1000)
         request.reserveBytes = reserveMb.map { UInt64($0) << 20 }
         request.compressUploads = uploadCompression == "agent"
+        request.localReads = localReads == "auto"
         request.pidFile = pidFile
         request.notifyFD = notifyFd
         try Mounter.run(request, logger: WeftLogging.logger("weft.agent"))

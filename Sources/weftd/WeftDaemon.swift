@@ -44,6 +44,8 @@ struct Serve: ParsableCommand {
     var cacheGb: Double = 16
     @Option(help: "Memory, MiB, for file data sent to agents, read with O_DIRECT and kept for the next reader (least recently read evicted first; SIGUSR1 empties it). 0, the default: serve from the page cache, which grows into free memory and reads ahead.")
     var readCacheMb: Int = 0
+    @Option(help: "Let agents on this machine read file data from the chunk store directly (on), or only over the network (off). Single hub only.")
+    var localReads: String = "on"
     @Option(help: "Free disk space, MiB, that file data may not take, kept so that metadata changes (unlink, rmdir, truncate) still work on a full disk (default: 5% of the file system, at most 256 MiB; 0: none).")
     var reserveMb: Int?
 
@@ -54,6 +56,7 @@ struct Serve: ParsableCommand {
         guard cacheGb >= 0, cacheGb <= 1_048_576 else { throw ValidationError("--cache-gb must be 0...1048576") }
         guard (0...(1 << 30)).contains(readCacheMb) else { throw ValidationError("--read-cache-mb must be 0...1073741824") }
         if let reserveMb, !(0...(1 << 30)).contains(reserveMb) { throw ValidationError("--reserve-mb must be 0...1073741824") }
+        if !["on", "off"].contains(localReads) { throw ValidationError("--local-reads must be on or off") }
     }
 
     var idleTimeoutMs: Int { Int(sessionTimeout * 1000) }
@@ -95,6 +98,13 @@ struct Serve: ParsableCommand {
             server.shutdown()
             try? hub.close()
             throw WeftError(EADDRINUSE, "cannot listen on \(listen): \(error)")
+        }
+        if localReads == "on" {
+            do {
+                try server.offerLocalReads(chunkDirectory: hub.chunks.directory)
+            } catch {
+                logger.warning("co-located reads not offered: \(error)")
+            }
         }
         print("weftd serving \(path) on \(host):\(bound)")
         fflush(stdout)

@@ -178,4 +178,35 @@ final class ChunkRoundTripTests: ChunkTestCase {
             XCTAssertEqual(try store.read(id: 6, offset: 0, length: text.count), text)
         }
     }
+
+    /// SPEC.md §4, Co-located reads: a store opened over another process's chunk directory
+    /// reads its objects (compressed or not, checked) and refuses every change with EROFS,
+    /// leaving the objects as they were.
+    func testAStoreOpenedForReadingReadsEveryObjectAndChangesNothing() throws {
+        let writer = try makeStore(.zstd)
+        var random = SeededRandom(seed: 56)
+        let objects: [SliceID: [UInt8]] = [7: TestData.random(300_000, &random), 8: TestData.compressible(200_000, &random)]
+        for (id, data) in objects { try writer.write(id: id, data: data) }
+        try writer.sync()
+        let root = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(root, 0)
+        let reader = ChunkStore(readingFrom: root, directory: directory, logger: log.logger)
+        for (id, data) in objects {
+            XCTAssertEqual(try reader.read(id: id, offset: 0, length: data.count), data)
+            var part = [UInt8](repeating: 0, count: 70_000)
+            try part.withUnsafeMutableBytes { try reader.read(id: id, offset: 65_536, into: $0) }
+            XCTAssertEqual(part, Array(data[65_536..<135_536]))
+        }
+        assertErrno(EROFS, try reader.write(id: 9, data: [1, 2, 3]))
+        assertErrno(EROFS, try [UInt8](repeating: 0, count: 100).withUnsafeBytes { try reader.writeImage(id: 9, image: $0) })
+        assertErrno(EROFS, try reader.delete(id: 7))
+        assertErrno(EROFS, try reader.rewriteJournaled(id: 7, raw: [1]))
+        assertErrno(EROFS, try reader.restore(id: 7, raw: [1]))
+        assertErrno(EROFS, try reader.importObject(id: 9, file: [1]))
+        assertErrno(ENOENT, try reader.read(id: 9, offset: 0, length: 1))
+        for (id, data) in objects { XCTAssertEqual(try writer.read(id: id, offset: 0, length: data.count), data) }
+        XCTAssertFalse(writer.exists(id: 9))
+        try corrupt(7, at: 100_000)
+        assertErrno(EIO, try reader.read(id: 7, offset: 0, length: 300_000), "checked as any read")
+    }
 }

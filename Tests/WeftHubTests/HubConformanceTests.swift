@@ -500,6 +500,7 @@ class HubConformanceTests: HubTestCase {
             let remote = hub.api as? RemoteHub
             let storedBefore = remote?.storedBlockReadCount ?? 0
             let directBefore = remote?.directReceiveCount ?? 0
+            let localBefore = (remote?.localReadCount ?? 0, remote?.localReadFallbacks ?? 0)
             func read(_ offset: Int, _ count: Int) throws -> [UInt8] {
                 var destination = [UInt8](repeating: 0xEE, count: count)
                 try destination.withUnsafeMutableBytes { try hub.api.readSlice(context, id: id, offset: UInt32(offset), into: $0) }
@@ -511,7 +512,13 @@ class HubConformanceTests: HubTestCase {
                                "\(compression) \(offset)+\(count)")
             }
             XCTAssertErrno(EINVAL, try read(4 * block, 2 * block), "\(compression): past the object's end")
-            if let remote {
+            if let remote, remote.localReads {
+                // SPEC.md §4, Co-located reads: every read from the store; the one past the end
+                // tried it and got the hub's answer.
+                XCTAssertEqual(remote.localReadCount - localBefore.0, 7, "\(compression): reads from the store")
+                XCTAssertEqual(remote.localReadFallbacks - localBefore.1, 1, "\(compression): the read past the end")
+                XCTAssertEqual(remote.storedBlockReadCount, storedBefore)
+            } else if let remote {
                 XCTAssertEqual(remote.storedBlockReadCount - storedBefore, 3,
                                "the reads of at least a block from a block boundary come as stored blocks")
                 XCTAssertGreaterThan(remote.directReceiveCount - directBefore, 0,

@@ -14,6 +14,11 @@ import WeftProto
 enum HubTransport: String {
     case inProcess
     case tcp
+    /// TCP, with the server offering co-located reads and the client taking them (SPEC.md §4,
+    /// Co-located reads): reads come from the store, everything else over TCP.
+    case tcpLocalReads
+
+    var isNetwork: Bool { self != .inProcess }
 }
 
 /// A freshly formatted hub volume in its own temporary directory, reached through one transport.
@@ -37,7 +42,7 @@ final class HubUnderTest {
     init(transport: HubTransport, chunkSizeBytes: Int = 65536, compression: Compression = .none,
          recover: Bool = true, readCacheBytes: Int? = nil) throws {
         self.transport = transport
-        self.readCacheBytes = readCacheBytes ?? (transport == .tcp ? 64 << 20 : 0)
+        self.readCacheBytes = readCacheBytes ?? (transport.isNetwork ? 64 << 20 : 0)
         directory = NSTemporaryDirectory() + "weft-hub-test-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
         try Hub.format(directory: directory, chunkSizeBytes: chunkSizeBytes, compression: compression, force: false)
         try start(recover: recover)
@@ -47,17 +52,21 @@ final class HubUnderTest {
         // Over TCP the hub is weftd's: reads stay in the page cache (SPEC.md §3.2, Direct I/O).
         // The TCP suite runs with a read cache (SPEC.md §4, Hub read cache; off in a default
         // weftd, which the integration tests run), so that every case goes through it too.
-        hub = try Hub(directory: directory, durability: .strict, pageCacheReads: transport == .tcp,
+        hub = try Hub(directory: directory, durability: .strict, pageCacheReads: transport.isNetwork,
                       readCacheBytes: readCacheBytes, logger: testLogger("weft.hub.test"))
         if recover { try hub.recover() }
         switch transport {
         case .inProcess:
             api = hub
-        case .tcp:
+        case .tcp, .tcpLocalReads:
             let server = HubServer(hub: hub, logger: testLogger("weft.hub.server"), workerThreads: 8, eventLoopThreads: 1)
             let port = try server.listen(host: "127.0.0.1", port: 0)
             let remote = RemoteHub(address: .tcp(host: "127.0.0.1", port: port), connectTimeoutMs: 5000,
                                    requestTimeoutMs: 30000, logger: testLogger("weft.hub.client"))
+            if transport == .tcpLocalReads {
+                try server.offerLocalReads(chunkDirectory: hub.chunks.directory)
+                remote.localReads = true
+            }
             self.server = server
             self.remote = remote
             self.port = port

@@ -63,6 +63,7 @@ enum WireSamples {
         .fsckRemaining(repair: true),
         .openVolumeSession(agentName: "node-8", volume: "datasets ✓"),
         .clusterMap,
+        .localReads,
         .createVolume(name: "ckpt", home: "hub-b", chunkSizeBytes: 8 << 20, compression: .zstd),
         .lock(context, ino: 22, LockRequest(kind: .posix, type: .write, start: 1 << 40, end: .max, owner: 0xFEED_BEEF,
                                             pid: 4_000_000, test: true)),
@@ -137,6 +138,11 @@ enum WireSamples {
             return .lock(LockDescription(type: .read, start: 7, end: UInt64.max - 1, pid: UInt32.max))
         case .clusterMap, .createVolume:
             return .bytes(Array("{\"cluster\":\"weft\"}".utf8))
+        case .localReads:
+            var offer = ByteWriter()
+            offer.string(LocalReadServer.namePrefix + "00ff")
+            offer.string("127.0.0.1:40000")
+            return .bytes(offer.bytes)
         case .unlinkEntry:
             var directory = attributes
             directory.mode = 0o040700

@@ -1,0 +1,172 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CWeftSupport
+import Foundation
+import WeftLink
+import WeftTestSupport
+import XCTest
+import WeftHub
+import WeftNet
+import WeftProto
+
+/// Every `HubConformanceTests` test again over TCP with co-located reads on: reads come from
+/// the hub's store through the descriptor it handed over, everything else over TCP (SPEC.md §4,
+/// Co-located reads).
+final class LocalReadHubConformanceTests: HubConformanceTests {
+    override class var transport: HubTransport { .tcpLocalReads }
+
+    /// The suite above does read from the store (and XCTest on Linux finds a subclass's
+    /// inherited tests only when it declares one of its own).
+    func testReadsOfThisSuiteComeFromTheStore() throws {
+        let remote = try XCTUnwrap(api as? RemoteHub)
+        XCTAssertTrue(remote.localReads)
+        let data = [UInt8](repeating: 0x5A, count: 60_000)
+        let slice = try writeObject(data)
+        var destination = [UInt8](repeating: 0, count: data.count)
+        try destination.withUnsafeMutableBytes { try api.readSlice(context, id: slice.id, offset: 0, into: $0) }
+        XCTAssertEqual(destination, data)
+        XCTAssertEqual(remote.localReadCount, 1)
+        XCTAssertEqual(remote.storedBlockReadCount, 0)
+    }
+}
+
+/// What only co-located reads have: the handshake, who gets the store and who does not, and
+/// where a read that the store cannot serve goes.
+final class LocalReadTests: XCTestCase {
+    private var fixtures: [HubUnderTest] = []
+    private var cleanups: [() -> Void] = []
+
+    override func tearDown() {
+        for cleanup in cleanups.reversed() { cleanup() }
+        cleanups = []
+        for fixture in fixtures { fixture.shutdown() }
+        fixtures = []
+        super.tearDown()
+    }
+
+    /// A hub with one 1 MiB object of seeded bytes, and a second client with co-located reads
+    /// on; `offer` false: the server offers none.
+    private func hubWithObject(offer: Bool = true) throws
+        -> (hub: HubUnderTest, server: HubServer, client: RemoteHub, context: RequestContext, data: [UInt8], id: SliceID) {
+        let hub = try HubUnderTest(transport: .tcp, chunkSizeBytes: 1 << 20, compression: .none, readCacheBytes: 0)
+        fixtures.append(hub)
+        let server = try XCTUnwrap(hub.server)
+        if offer { try server.offerLocalReads(chunkDirectory: hub.hub.chunks.directory) }
+        let client = RemoteHub(address: .tcp(host: "127.0.0.1", port: try XCTUnwrap(hub.port)),
+                               logger: testLogger("weft.hub.client.local"))
+        client.localReads = true
+        cleanups.append { client.close() }
+        let context = RequestContext(session: try client.openSession(agentName: "co-located").0, credentials: rootCaller)
+        var random = SeededRandom(seed: 7_070)
+        let data = random.bytes(1 << 20)
+        let id = try client.allocateSliceIDs(context, count: 1)
+        try data.withUnsafeBytes { try client.writeSlice(context, id: id, bytes: $0) }
+        return (hub, server, client, context, data, id)
+    }
+
+    private func read(_ client: RemoteHub, _ context: RequestContext, _ id: SliceID, offset: Int = 0, count: Int) throws -> [UInt8] {
+        var destination = [UInt8](repeating: 0xEE, count: count)
+        try destination.withUnsafeMutableBytes { try client.readSlice(context, id: id, offset: UInt32(offset), into: $0) }
+        return destination
+    }
+
+    func testACoLocatedClientReadsFromTheStoreAndSendsEverythingElseOverTCP() throws {
+        let (_, server, client, context, data, id) = try hubWithObject()
+        for round in 0..<3 {
+            XCTAssertTrue(try read(client, context, id, count: data.count) == data, "round \(round)")
+        }
+        XCTAssertTrue(try read(client, context, id, offset: 70_000, count: 5_000) == Array(data[70_000..<75_000]))
+        XCTAssertEqual(client.localReadCount, 4)
+        XCTAssertEqual(client.localReadFallbacks, 0)
+        XCTAssertEqual(client.storedBlockReadCount, 0, "no read went over TCP")
+        XCTAssertEqual(server.localReadHandshakes, 1, "one descriptor for the connection")
+        XCTAssertEqual(try client.status().chunks, 1, "other calls still go to the hub")
+    }
+
+    func testAHubThatOffersNothingIsReadOverTCP() throws {
+        let (_, server, client, context, data, id) = try hubWithObject(offer: false)
+        XCTAssertTrue(try read(client, context, id, count: data.count) == data)
+        XCTAssertTrue(try read(client, context, id, count: data.count) == data)
+        XCTAssertEqual(client.localReadCount, 0)
+        XCTAssertEqual(client.storedBlockReadCount, 2)
+        XCTAssertEqual(server.localReadHandshakes, 0)
+    }
+
+    /// A relay between client and hub (here `weft-link`'s, as the WAN tests use) makes the hub
+    /// see the relay's address, not the client's: the client stays on TCP, so an emulated
+    /// link stays in the path.
+    func testAConnectionThroughARelayIsReadOverTCP() throws {
+        let (hub, server, _, _, data, id) = try hubWithObject()
+        let relay = LinkEmulator(target: "127.0.0.1", port: try XCTUnwrap(hub.port), settings: LinkSettings(),
+                                 logger: testLogger("weft.link.local"))
+        cleanups.append { relay.shutdown() }
+        let relayPort = try relay.listen(host: "127.0.0.1", port: 0)
+        let relayed = RemoteHub(address: .tcp(host: "127.0.0.1", port: relayPort), logger: testLogger("weft.hub.client.relayed"))
+        relayed.localReads = true
+        cleanups.append { relayed.close() }
+        let context = RequestContext(session: try relayed.openSession(agentName: "relayed").0, credentials: rootCaller)
+        XCTAssertTrue(try read(relayed, context, id, count: data.count) == data)
+        XCTAssertEqual(relayed.localReadCount, 0)
+        XCTAssertEqual(relayed.storedBlockReadCount, 1)
+        XCTAssertEqual(server.localReadHandshakes, 0, "no descriptor went through the relay's connection")
+    }
+
+    /// An object the store does not hold (here: its file removed behind the hub's back while
+    /// the hub still has it open) is asked of the hub, which answers from what it has.
+    func testAnObjectMissingFromTheStoreIsAskedOfTheHub() throws {
+        let (hub, _, client, context, data, id) = try hubWithObject()
+        XCTAssertEqual(try hub.hub.readSlice(context, id: id, offset: 0, length: 16), Array(data[0..<16]),
+                       "the hub opens (and keeps open) the object")
+        let path = try XCTUnwrap(hub.chunkFile(of: id))
+        XCTAssertEqual(unlink(path), 0)
+        XCTAssertTrue(try read(client, context, id, count: data.count) == data, "from the hub's open object")
+        XCTAssertEqual(client.localReadCount, 0)
+        XCTAssertEqual(client.localReadFallbacks, 1)
+        XCTAssertEqual(client.storedBlockReadCount, 1)
+    }
+
+    /// A damaged block is read once more through the hub's own check: EIO, never wrong bytes,
+    /// and the hub's log names the chunk as without co-located reads.
+    func testADamagedBlockIsEIOAndTheHubChecksItToo() throws {
+        let (hub, _, client, context, data, id) = try hubWithObject()
+        let path = try XCTUnwrap(hub.chunkFile(of: id))
+        var file = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        let blockTwo = try XCTUnwrap(HubConformanceTests.payloadOffset(ofBlock: 2, in: file))
+        file[blockTwo + 17] ^= 0x01
+        try Data(file).write(to: URL(fileURLWithPath: path))
+        XCTAssertErrno(EIO, try read(client, context, id, count: data.count))
+        XCTAssertEqual(client.localReadFallbacks, 1)
+        XCTAssertTrue(try read(client, context, id, count: 2 * Limits.blockSizeBytes)
+                          == Array(data[0..<(2 * Limits.blockSizeBytes)]), "the blocks before it still read")
+        XCTAssertEqual(client.localReadCount, 1)
+    }
+
+    /// The socket answers only its own request, with an errno and no descriptor otherwise.
+    func testTheSocketRefusesAnythingButItsRequest() throws {
+        let (_, server, _, _, _, _) = try hubWithObject(offer: false)
+        let name = try server.offerLocalReads(chunkDirectory: NSTemporaryDirectory())
+        XCTAssertErrno(EALREADY, try server.offerLocalReads(chunkDirectory: NSTemporaryDirectory()), "offered once")
+        func exchange(_ request: [UInt8]) throws -> (reply: [UInt8], descriptor: Int32) {
+            let socket = weft_connect_abstract(name)
+            XCTAssertGreaterThanOrEqual(socket, 0, String(cString: strerror(errno)))
+            defer { close(socket) }
+            _ = request.withUnsafeBytes { weft_send_with_descriptor(socket, $0.baseAddress, $0.count, -1) }
+            var reply = [UInt8](repeating: 0, count: 8)
+            var descriptor: Int32 = -1
+            let got = reply.withUnsafeMutableBytes { weft_receive_with_descriptor(socket, $0.baseAddress, $0.count, &descriptor) }
+            return (Array(reply[0..<max(0, got)]), descriptor)
+        }
+        let refused = try exchange(Array("WEFTLR02".utf8))
+        XCTAssertEqual(refused.reply, Array("WEFTLR".utf8) + [UInt8(EPROTO), 0])
+        XCTAssertEqual(refused.descriptor, -1)
+        let granted = try exchange(Array("WEFTLR01".utf8))
+        XCTAssertEqual(granted.reply, Array("WEFTLR".utf8) + [0, 0])
+        XCTAssertGreaterThanOrEqual(granted.descriptor, 0)
+        var status = stat()
+        XCTAssertEqual(fstat(granted.descriptor, &status), 0)
+        XCTAssertEqual(status.st_mode & S_IFMT, S_IFDIR, "the store's directory")
+        close(granted.descriptor)
+        XCTAssertEqual(server.localReadHandshakes, 1)
+    }
+}

@@ -1,0 +1,89 @@
+"""Co-located reads (SPEC.md §4): an agent on weftd's machine reads file data from the hub's
+chunk store itself, through a descriptor weftd hands over an abstract Unix socket; everything
+else goes over TCP. Remote mode only: the embedded mount reads its own store anyway."""
+from __future__ import annotations
+
+import random
+import re
+
+from posix_helpers import MiB, read_file, write_file
+
+ON = "co-located reads on: reading objects from "
+
+
+def _log(mount) -> str:
+    return "".join(path.read_text("utf-8", "replace") for path in mount.log_paths if path.exists())
+
+
+def _chunk_file(weft):
+    """The largest chunk object file of the hub."""
+    files = [(path.stat().st_size, path) for path in (weft.hub_dir / "chunks").rglob("*")
+             if path.is_file() and re.fullmatch(r"[0-9a-f]{16}", path.name)]
+    assert files, f"no chunk object in {weft.hub_dir / 'chunks'}"
+    return max(files)[1]
+
+
+def test_an_agent_beside_weftd_reads_the_store_itself(weft):
+    weft.require_weft("reads through weftd")
+    weft.require_mode("remote")
+    data = random.Random(5601).randbytes(8 * MiB + 12345)
+    write_file(weft.path / "f", data, fsync=True)
+    weft.remount()                                  # nothing of it cached in the agent
+    assert read_file(weft.path / "f") == data
+    log = _log(weft.mount_obj)
+    assert ON + str((weft.hub_dir / "chunks").resolve()) in log, log[-3000:]
+    assert "co-located reads offered" in weft.daemon.log_path.read_text("utf-8", "replace")
+
+
+def test_an_agent_with_local_reads_off_reads_over_the_network(weft):
+    weft.require_weft("reads through weftd")
+    weft.require_mode("remote")
+    data = random.Random(5602).randbytes(6 * MiB)
+    write_file(weft.path / "f", data, fsync=True)
+    other = weft.add_agent("mnt-b", options=["--local-reads", "off"])
+    assert read_file(other / "f") == data
+    assert ON not in _log(weft.extra_mounts[-1])
+    # The default agent beside it does read the store: the difference is the option.
+    assert read_file(weft.path / "f") == data
+
+
+def test_a_weftd_with_local_reads_off_offers_nothing(weft):
+    weft.require_weft("restarts weftd")
+    weft.require_mode("remote")
+    data = random.Random(5603).randbytes(3 * MiB)
+    write_file(weft.path / "f", data, fsync=True)
+    with weft.offline():
+        weft.daemon.extra_args.extend(["--local-reads", "off"])
+    assert read_file(weft.path / "f") == data
+    assert ON not in _log(weft.mount_obj)
+    r = weft.cli.weftd("serve", str(weft.hub_dir), "--listen", "127.0.0.1:1", "--local-reads", "maybe")
+    assert r.rc != 0 and "--local-reads must be on or off" in r.err, r.describe()
+    r = weft.cli.weft("mount", weft.daemon.url, str(weft.res.new_dir("mnt-x")), "--local-reads", "maybe")
+    assert r.rc != 0 and "--local-reads must be auto or off" in r.err, r.describe()
+
+
+def test_a_damaged_block_read_from_the_store_is_eio_and_named_by_both(weft):
+    """The agent finds the damage (its log names the chunk), reads the block once more
+    through weftd, which finds it too and logs it as without co-located reads: EIO, never
+    wrong bytes."""
+    weft.require_weft("corrupts a chunk file of the hub")
+    weft.require_mode("remote")
+    data = random.Random(5604).randbytes(2 * MiB)
+    write_file(weft.path / "f", data, fsync=True)
+    with weft.offline():
+        victim = _chunk_file(weft)
+        size = victim.stat().st_size
+        with open(victim, "r+b") as f:
+            f.seek(size // 2)
+            byte = f.read(1)
+            f.seek(size // 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    try:
+        got = read_file(weft.path / "f")
+    except OSError as error:
+        assert error.errno == 5, error          # EIO
+    else:
+        raise AssertionError(f"read {len(got)} bytes of a file whose chunk {victim.name} is damaged")
+    assert ON in _log(weft.mount_obj)
+    assert f"chunk {victim.name} damaged" in _log(weft.mount_obj)
+    assert f"chunk {victim.name} damaged" in weft.daemon.log_path.read_text("utf-8", "replace")
