@@ -454,11 +454,11 @@ def make_targets(context):
                    description="Weft, hub in the agent process (`weft mount DIR`), strict durability"),
         WeftTarget(context, "weft-remote", remote=True,
                    description="Weft agent + weftd hub on loopback (`weft mount weft://…`), strict durability"),
-        WeftTarget(context, "weft-remote-tcp", remote=True, families=("seqread", "randread"),
+        WeftTarget(context, "weft-remote-tcp", remote=True, families=("seqwrite", "seqread", "randread"),
                    mount_options=["--local-reads", "off"],
                    description="weft-remote with `--local-reads off`: file data over loopback TCP rather than from "
                                "the store weftd hands a co-located agent (SPEC.md §4, Co-located reads); "
-                               "reads only, to show what the network path gives"),
+                               "data workloads only (writes go over TCP either way), to show what the network path gives"),
         WeftTarget(context, "weft-embedded-relaxed", durability="periodic",
                    families=("metadata", "smallfiles", "fsync"),
                    description="Weft embedded with `--durability periodic` (WAL synced once a second); "

@@ -54,6 +54,7 @@ int weft_eventfd(void) {
 #include <errno.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -86,12 +87,17 @@ int weft_listen_abstract(const char *name, int backlog) {
     return fd;
 }
 
-int weft_connect_abstract(const char *name) {
+int weft_connect_abstract(const char *name, int timeout_ms) {
     struct sockaddr_un address;
     int length = weft_abstract_address(name, &address);
     if (length < 0) return -1;
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
+    // Bounds the connect (a full backlog would block it for good: SO_SNDTIMEO applies to
+    // connect on a Unix socket) and the exchange after it.
+    struct timeval limit = { .tv_sec = timeout_ms / 1000, .tv_usec = (timeout_ms % 1000) * 1000 };
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof(limit));
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
     int rc;
     do {
         rc = connect(fd, (struct sockaddr *)&address, (socklen_t)length);

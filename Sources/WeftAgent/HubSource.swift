@@ -117,6 +117,15 @@ public enum HubOpener {
         logger.info("uploads compressed by this agent: \(objects) object(s), \(raw) bytes sent as \(images) (upload compression: \(mode))")
     }
 
+    /// One line at unmount when co-located reads were on: how many reads came from the hub's
+    /// store and how many went to the hub after trying it (SPEC.md §4, Co-located reads).
+    static func logLocalReads(_ connections: [RemoteHub], logger: Logger) {
+        let served = connections.reduce(0) { $0 + $1.localReadCount }
+        let fellBack = connections.reduce(0) { $0 + $1.localReadFallbacks }
+        guard connections.contains(where: \.localReads), served + fellBack > 0 else { return }
+        logger.info("co-located reads: \(served) from the hub's store, \(fellBack) sent to the hub after trying it")
+    }
+
     /// Longest wait for a hub that does not answer.
     public static let connectTimeoutMs = 5_000
     /// Default bound of one call to a remote hub (`weft mount --hub-timeout`).

@@ -112,6 +112,7 @@ public enum Mounter {
             let vfs = try VFS(hub: hubAPI, options: vfsOptions, logger: logger)
             try serve(vfs, request, notify: notify, logger: logger)
             HubOpener.logCompressedUploads(opened?.connections ?? [], logger: logger)
+            HubOpener.logLocalReads(opened?.connections ?? [], logger: logger)
             server?.shutdown()
             opened?.close()
         } catch {

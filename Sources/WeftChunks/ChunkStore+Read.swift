@@ -60,14 +60,30 @@ extension ChunkStore {
     }
 
     /// The open object for `id`, from the cache or opened, validated and cached.
+    /// A store that reads another process's objects (`readOnly`) does not see that process
+    /// delete or replace one: an object whose file has no name left is opened again (ENOENT, or
+    /// the file that replaced it), as that process's own cache forgets it.
     func openObject(_ id: SliceID) throws -> OpenObject {
         let (cached, token) = cache.lookup(id)
-        if let cached { return cached }
+        if let cached {
+            guard readOnly, cached.isUnlinked else { return cached }
+            cache.remove(id)
+            return cache.insert(try openUncached(id), token: cache.lookup(id).1)
+        }
         return cache.insert(try openUncached(id), token: token)
     }
 
+    /// Forgets object `id`'s open descriptor (a read-only store after a failed read: the next
+    /// read opens the file again).
+    public func forgetOpenObject(_ id: SliceID) {
+        cache.remove(id)
+    }
+
     func openUncached(_ id: SliceID) throws -> OpenObject {
-        let fd = FileIO.withObjectPath(id) { openat(root, $0, O_RDONLY | O_CLOEXEC) }
+        // Another process's directory: no symbolic link followed, nothing but a regular file
+        // read (a FIFO there must not block the reader).
+        let flags = O_RDONLY | O_CLOEXEC | (readOnly ? O_NOFOLLOW | O_NONBLOCK : 0)
+        let fd = FileIO.withObjectPath(id) { openat(root, $0, flags) }
         guard fd >= 0 else {
             let code = errno
             if code == ENOENT { throw WeftError(ENOENT, "chunk \(hex(id)) missing") }
@@ -76,6 +92,13 @@ extension ChunkStore {
             // its own errno, so that fsck --repair never takes it for damage and deletes it.
             logger.error("cannot open chunk \(hex(id)) at \(path(of: id)): \(String(cString: strerror(code)))")
             throw WeftError(code, "cannot open chunk \(hex(id))")
+        }
+        if readOnly {
+            var status = stat()
+            guard fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else {
+                close(fd)
+                throw WeftError(EINVAL, "chunk \(hex(id)) at \(path(of: id)) is not a regular file")
+            }
         }
         do {
             return OpenObject(id: id, fd: fd, layout: try readLayout(fd, id))

@@ -111,16 +111,19 @@ public final class HubServer: @unchecked Sendable {
         let kept = lock.withLock { () -> Bool in
             guard !isShutDown, localReads == nil else { return false }
             localReads = server
+            core.localReadsOffered.withLock { $0 = server }
             return true
         }
         guard kept else {
             server.stop()
             throw WeftError(EALREADY, "co-located reads are offered already, or the server is shut down")
         }
-        core.localReadsName.withLock { $0 = server.name }
         logger.info("co-located reads offered", metadata: ["socket": "@\(server.name)"])
         return server.name
     }
+
+    /// The co-located reads offered, if any.
+    var localReadsOffer: LocalReadServer? { lock.withLock { localReads } }
 
     /// Descriptors of the chunk store handed to co-located agents so far.
     public var localReadHandshakes: Int { lock.withLock { localReads?.handshakeCount ?? 0 } }
@@ -137,8 +140,10 @@ public final class HubServer: @unchecked Sendable {
             return (listeners, unixSocketPaths)
         }
         guard let (listeners, paths) = snapshot else { return }
-        core.localReadsName.withLock { $0 = nil }
-        lock.withLock { localReads }?.stop()
+        lock.withLock { () -> LocalReadServer? in
+            core.localReadsOffered.withLock { $0 = nil }
+            return localReads
+        }?.stop()
         for listener in listeners {
             // Ends the accept thread's accept (EINVAL), or its retries (the flag).
             listener.stop()

@@ -9,20 +9,26 @@ import WeftChunks
 import WeftProto
 
 /// The hub's side of co-located reads (SPEC.md §4, Co-located reads): an abstract Unix socket
-/// with a random name that hands the chunk store's directory descriptor to a peer running as
-/// root or as this process's user. One thread accepts and answers each handshake in turn (one
-/// per agent connection, a few bytes each); a peer that sends nothing is dropped after
-/// `handshakeTimeoutMs`.
+/// with a random name that hands the chunk store's directory descriptor, opened once when the
+/// offer is made, to a peer running as root or as this process's user. One thread accepts and
+/// answers each handshake in turn (one per agent connection, a few bytes each): a peer of
+/// another user is closed before anything is read from it, and any peer gets at most
+/// `handshakeTimeoutMs` in all to send its request.
 public final class LocalReadServer: @unchecked Sendable {
     public static let namePrefix = "weft-local-reads-"
     static let request = Array("WEFTLR01".utf8)
     static let replyMagic = Array("WEFTLR".utf8)
     static let replyBytes = 8
-    static let handshakeTimeoutMs = 2_000
+    static let handshakeTimeoutMs = 1_000
 
     /// The socket's abstract name (without the leading NUL).
     public let name: String
-    private let directory: String
+    /// Device and inode of the directory handed out, and this machine's boot id: the agent
+    /// checks them (`LocalReadClient.openStore`).
+    let device: UInt64
+    let inode: UInt64
+    let bootID: String
+    private let directory: Int32
     private let logger: Logger
     private let listener: Int32
     private let stopping = Atomic<Bool>(false)
@@ -32,21 +38,37 @@ public final class LocalReadServer: @unchecked Sendable {
     /// Descriptors handed out so far.
     public var handshakeCount: Int { handshakes.load(ordering: .relaxed) }
 
-    /// Binds the socket and starts answering; `directory` is the chunk store's.
-    public init(chunkDirectory directory: String, logger: Logger) throws {
+    /// Opens `chunkDirectory` (the chunk store's), binds the socket and starts answering.
+    public init(chunkDirectory: String, logger: Logger) throws {
+        directory = open(chunkDirectory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard directory >= 0 else { throw WeftError(errno, "cannot open \(chunkDirectory): \(String(cString: strerror(errno)))") }
+        var status = stat()
+        guard fstat(directory, &status) == 0, let bootID = LocalReadClient.bootID() else {
+            close(directory)
+            throw WeftError(EIO, "cannot tell \(chunkDirectory)'s identity or this machine's boot id")
+        }
+        device = UInt64(status.st_dev)
+        inode = UInt64(status.st_ino)
+        self.bootID = bootID
         var random = SystemRandomNumberGenerator()
         let suffix = (0..<16).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &random)) }.joined()
         name = Self.namePrefix + suffix
-        self.directory = directory
         self.logger = logger
         listener = weft_listen_abstract(name, 64)
         guard listener >= 0 else {
-            throw WeftError(errno, "cannot bind the co-located reads socket: \(String(cString: strerror(errno)))")
+            let code = errno
+            close(directory)
+            throw WeftError(code, "cannot bind the co-located reads socket: \(String(cString: strerror(code)))")
         }
         Thread.detachNewThread { [self] in
             acceptLoop()
             finished.signal()
         }
+    }
+
+    /// What opcode 56 answers a connection whose peer is `peer`.
+    func offer(peer: String) -> LocalReadClient.Offer {
+        LocalReadClient.Offer(name: name, peer: peer, bootID: bootID, device: device, inode: inode)
     }
 
     /// Stops answering and closes the socket. Call once.
@@ -55,6 +77,7 @@ public final class LocalReadServer: @unchecked Sendable {
         shutdown(listener, Int32(SHUT_RDWR))
         finished.wait()
         close(listener)
+        close(directory)
     }
 
     private func acceptLoop() {
@@ -70,35 +93,25 @@ public final class LocalReadServer: @unchecked Sendable {
         }
     }
 
-    /// Reads the request, checks the peer's user and replies, with the store's descriptor when
+    /// Checks the peer's user, reads the request and replies, with the store's descriptor when
     /// all is well.
     private func answer(_ peer: Int32) {
-        Sockets.setReceiveTimeout(peer, ms: Self.handshakeTimeoutMs)
-        var received = [UInt8](repeating: 0, count: Self.request.count)
-        let got = received.withUnsafeMutableBytes { Sockets.receiveFully(peer, $0) }
-        guard got == Self.request.count, received == Self.request else {
-            reply(peer, errno: EPROTO, descriptor: -1)
-            return
-        }
         var uid: UInt32 = 0
-        guard weft_peer_uid(peer, &uid) == 0 else {
-            reply(peer, errno: errno, descriptor: -1)
-            return
-        }
+        guard weft_peer_uid(peer, &uid) == 0 else { return }
         guard uid == 0 || uid == geteuid() else {
             logger.notice("co-located reads refused to a process of another user", metadata: ["uid": "\(uid)"])
             reply(peer, errno: EPERM, descriptor: -1)
             return
         }
-        let store = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard store >= 0 else {
-            let code = errno
-            logger.error("co-located reads: cannot open \(directory): \(String(cString: strerror(code)))")
-            reply(peer, errno: code, descriptor: -1)
+        var received = [UInt8](repeating: 0, count: Self.request.count)
+        let deadline = MonotonicClock.deadlineNs(afterMs: Self.handshakeTimeoutMs)
+        let got = received.withUnsafeMutableBytes { Sockets.receiveFully(peer, $0, deadlineNs: deadline) }
+        guard got == Self.request.count, received == Self.request else {
+            reply(peer, errno: got == Self.request.count ? EPROTO : ETIMEDOUT, descriptor: -1)
             return
         }
-        defer { close(store) }
-        if reply(peer, errno: 0, descriptor: store) { handshakes.add(1, ordering: .relaxed) }
+        handshakes.add(1, ordering: .relaxed)
+        reply(peer, errno: 0, descriptor: directory)
     }
 
     @discardableResult
@@ -111,29 +124,48 @@ public final class LocalReadServer: @unchecked Sendable {
     }
 }
 
-/// The agent's side: asks its hub over a connection, checks that nothing stands between them,
-/// and opens the hub's chunk store for reading (SPEC.md §4, Co-located reads).
+/// The agent's side: asks its hub over a connection, checks that nothing stands between them
+/// and that they share a machine, and opens the hub's chunk store for reading (SPEC.md §4,
+/// Co-located reads).
 enum LocalReadClient {
-    /// The reply of opcode 56: the socket's name and the hub's view of this connection's peer.
+    /// The reply of opcode 56.
     struct Offer: Equatable {
+        /// The abstract socket's name.
         var name: String
+        /// This connection's other end as the hub sees it.
         var peer: String
+        /// The hub machine's boot id (`/proc/sys/kernel/random/boot_id`).
+        var bootID: String
+        /// Device and inode of the directory the socket hands out.
+        var device: UInt64
+        var inode: UInt64
 
         func encoded() -> [UInt8] {
             var writer = ByteWriter()
             writer.string(name)
             writer.string(peer)
+            writer.string(bootID)
+            writer.u64(device)
+            writer.u64(inode)
             return writer.bytes
         }
 
         static func decode(_ bytes: [UInt8]) throws -> Offer {
             try bytes.withUnsafeBytes { raw in
                 var reader = ByteReader(raw)
-                let offer = Offer(name: try reader.string(max: 107), peer: try reader.string(max: 128))
+                let offer = Offer(name: try reader.string(max: 107), peer: try reader.string(max: 128),
+                                  bootID: try reader.string(max: 64), device: try reader.u64(), inode: try reader.u64())
                 guard reader.isAtEnd else { throw WeftError(EBADMSG, "trailing bytes after a localReads reply") }
                 return offer
             }
         }
+    }
+
+    /// This machine's boot id: two processes that read the same one run on one kernel.
+    static func bootID() -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8) else { return nil }
+        let id = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        return id.isEmpty ? nil : id
     }
 
     /// A socket's end as `Sockets.peerName` and `localName` give it, if it is an IP address
@@ -148,35 +180,46 @@ enum LocalReadClient {
     }
 
     /// Connects to the offered socket and receives the store's directory; throws `Refusal`
-    /// when the hub is not this process's direct peer or the handshake fails.
+    /// when the hub is not this process's direct peer on this machine, or the handshake fails.
     static func openStore(_ offer: Offer, localEndpoint: String?, logger: Logger) throws -> ChunkStore {
         guard let localEndpoint, localEndpoint == offer.peer else {
             throw Refusal(description: "the hub sees this connection come from \(offer.peer), not \(localEndpoint ?? "an IP address"): something relays it")
         }
+        guard let bootID = bootID(), bootID == offer.bootID else {
+            throw Refusal(description: "the hub runs on another machine (boot id \(offer.bootID))")
+        }
         guard offer.name.hasPrefix(LocalReadServer.namePrefix) else {
             throw Refusal(description: "the hub offered an unexpected socket name")
         }
-        let socket = weft_connect_abstract(offer.name)
+        // Longer than the hub gives a peer: a stalled peer ahead of this one must not time it out.
+        let socket = weft_connect_abstract(offer.name, Int32(3 * LocalReadServer.handshakeTimeoutMs))
         guard socket >= 0 else {
-            throw Refusal(description: "cannot connect to the hub's socket (\(String(cString: strerror(errno)))): another machine or network namespace")
+            throw Refusal(description: "cannot connect to the hub's socket (\(String(cString: strerror(errno)))): another network namespace?")
         }
         defer { close(socket) }
-        Sockets.setReceiveTimeout(socket, ms: LocalReadServer.handshakeTimeoutMs)
         let request = LocalReadServer.request
         let sent = request.withUnsafeBytes { weft_send_with_descriptor(socket, $0.baseAddress, $0.count, -1) }
         guard sent == request.count else { throw Refusal(description: "cannot send the request: \(String(cString: strerror(errno)))") }
         var reply = [UInt8](repeating: 0, count: LocalReadServer.replyBytes)
         var descriptor: Int32 = -1
         let got = reply.withUnsafeMutableBytes { weft_receive_with_descriptor(socket, $0.baseAddress, $0.count, &descriptor) }
-        let code = got == reply.count ? Int32(reply[6]) | Int32(reply[7]) << 8 : EPROTO
-        guard got == reply.count, Array(reply[0..<6]) == LocalReadServer.replyMagic, code == 0, descriptor >= 0 else {
+        let failure = got < 0 ? errno : 0
+        guard got == reply.count, Array(reply[0..<6]) == LocalReadServer.replyMagic else {
+            if descriptor >= 0 { close(descriptor) }
+            throw Refusal(description: failure == EAGAIN || failure == EWOULDBLOCK
+                              ? "the hub's socket did not answer within \(3 * LocalReadServer.handshakeTimeoutMs) ms"
+                              : "the hub's socket gave no valid answer (\(failure == 0 ? "\(got) bytes" : String(cString: strerror(failure))))")
+        }
+        let code = Int32(reply[6]) | Int32(reply[7]) << 8
+        guard code == 0, descriptor >= 0 else {
             if descriptor >= 0 { close(descriptor) }
             throw Refusal(description: "the hub refused: \(String(cString: strerror(code == 0 ? EPROTO : code)))")
         }
         var status = stat()
-        guard fstat(descriptor, &status) == 0, (status.st_mode & S_IFMT) == S_IFDIR else {
+        guard fstat(descriptor, &status) == 0, (status.st_mode & S_IFMT) == S_IFDIR,
+              UInt64(status.st_dev) == offer.device, UInt64(status.st_ino) == offer.inode else {
             close(descriptor)
-            throw Refusal(description: "the hub sent a descriptor that is not a directory")
+            throw Refusal(description: "the socket sent another directory than the hub's chunk store")
         }
         let path = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(descriptor)"))
             ?? "hub chunk store"
@@ -186,13 +229,25 @@ enum LocalReadClient {
 
 /// What `RemoteHub` knows of co-located reads on its current connection.
 struct LocalStoreState: @unchecked Sendable {
-    /// The connection the store was asked for on (weak: a new connection asks again).
+    /// The connection the store was asked for on (weak: a new connection asks again; a lost
+    /// or closed one drops the store, `forgetLocalStore`).
     weak var connection: ClientConnection?
     /// The hub's store, or nil: not offered, refused, or being asked for.
     var store: ChunkStore?
 }
 
 extension RemoteHub {
+    /// Drops the store asked for on `connection` (nil: any), with its descriptors.
+    func forgetLocalStore(_ connection: ClientConnection?) {
+        let dropped: ChunkStore? = localStoreState.withLock { state in
+            guard connection == nil || state.connection === connection else { return nil }
+            let store = state.store
+            state = LocalStoreState()
+            return store
+        }
+        _ = dropped      // released here, outside the lock
+    }
+
     /// The co-located hub's store for the current connection, if it has one: asked for by the
     /// connection's first read (the other reads meanwhile go to the hub).
     func localStore() -> ChunkStore? {
@@ -247,6 +302,7 @@ extension RemoteHub {
             return true
         } catch let error as WeftError where error.errno == EIO {
             localReadsFellBack.add(1, ordering: .relaxed)
+            store.forgetOpenObject(id)     // a copy the hub restores is read afresh
             try readSliceChecked(context, id: id, offset: offset, into: destination)
             return true
         } catch {

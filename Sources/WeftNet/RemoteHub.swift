@@ -153,6 +153,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             return (true, current)
         }
         guard wasOpen else { return }
+        forgetLocalStore(nil)
         if let channel = connection?.channel { try? channel.close().wait() }
         // Every reading thread still running (that of the connection just closed, and any whose
         // connection was lost and that is winding down) ends before the event loop stops: a
@@ -544,6 +545,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     /// Fails every request in flight on `connection`; the next call reconnects.
     func connectionLost(_ connection: ClientConnection) {
+        forgetLocalStore(connection)
         let clients = lock.withLock { connection.isOpen ? Array(leaseClients.values) : [] }
         Self.reportLeasesLost(clients)
         let wasCurrent: Bool = lock.withLock {
@@ -567,7 +569,6 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     // MARK: Connecting
 
-    /// The open connection, connecting (once, for all waiting threads) if there is none.
     /// The connection in use, if connected (no attempt to connect).
     func currentConnection() -> ClientConnection? {
         lock.withLock {
@@ -576,6 +577,7 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
         }
     }
 
+    /// The open connection, connecting (once, for all waiting threads) if there is none.
     private func liveConnection() throws -> ClientConnection {
         // Before connecting: a connection's reading thread must never wait for a reply.
         if ClientReader.isReading(for: self) {

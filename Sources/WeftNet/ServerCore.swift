@@ -111,8 +111,8 @@ final class ServerCore: @unchecked Sendable {
         return RequestLedger.Key(agent: agent, ino: ino)
     }
 
-    /// The co-located reads socket's name this server offers (opcode 56), if any.
-    let localReadsName = Mutex<String?>(nil)
+    /// The co-located reads this server offers (opcode 56), if any.
+    let localReadsOffered = Mutex<LocalReadServer?>(nil)
 
     init(hub: HubAPI, pool: NIOThreadPool, logger: Logger, maxInFlightRequestsPerConnection: Int) {
         self.hub = hub
@@ -293,11 +293,11 @@ final class ServerCore: @unchecked Sendable {
     /// The reply of opcode 56: the socket's name and the peer as this connection sees it
     /// (SPEC.md §4, Co-located reads); ENOSYS without an offer or an IP peer.
     private func localReadsOffer(_ connection: HubConnection?) -> Result<HubResponse, WeftError> {
-        guard let name = localReadsName.withLock({ $0 }), let connection,
+        guard let server = localReadsOffered.withLock({ $0 }), let connection,
               let peer = LocalReadClient.endpoint(connection.peer) else {
             return .failure(WeftError(ENOSYS, "this hub offers no co-located reads on this connection"))
         }
-        return .success(.bytes(LocalReadClient.Offer(name: name, peer: peer).encoded()))
+        return .success(.bytes(server.offer(peer: peer).encoded()))
     }
 
     /// Ends `sessions` on the worker pool, then marks the connection finished.

@@ -250,21 +250,21 @@ enum Sockets {
         setsockopt(descriptor, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
     }
 
-    /// Makes `recv` on `descriptor` give up after `ms` milliseconds (EAGAIN).
-    static func setReceiveTimeout(_ descriptor: Int32, ms: Int) {
-        var limit = timeval(tv_sec: ms / 1000, tv_usec: (ms % 1000) * 1000)
-        setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
-    }
-
-    /// Receives until `buffer` is full, the peer closes or an error (a timeout included);
-    /// returns the bytes received.
-    static func receiveFully(_ descriptor: Int32, _ buffer: UnsafeMutableRawBufferPointer) -> Int {
+    /// Receives until `buffer` is full, the peer closes, an error, or `deadlineNs`
+    /// (`MonotonicClock`) passes; returns the bytes received.
+    static func receiveFully(_ descriptor: Int32, _ buffer: UnsafeMutableRawBufferPointer, deadlineNs: UInt64) -> Int {
         var done = 0
         while done < buffer.count {
-            let got = recv(descriptor, buffer.baseAddress! + done, buffer.count - done, 0)
+            let now = MonotonicClock.nowNs()
+            guard now < deadlineNs else { break }
+            var poller = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&poller, 1, Int32(max(1, (deadlineNs - now) / 1_000_000)))
+            if ready < 0 && errno == EINTR { continue }
+            guard ready > 0 else { break }
+            let got = recv(descriptor, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_DONTWAIT))
             if got > 0 {
                 done += got
-            } else if got < 0 && errno == EINTR {
+            } else if got < 0 && (errno == EINTR || errno == EAGAIN) {
                 continue
             } else {
                 break
@@ -314,7 +314,11 @@ enum Sockets {
                 $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { address in
                     var ip = address.pointee.sin6_addr
                     inet_ntop(AF_INET6, &ip, &text, socklen_t(text.count))
-                    return "[\(String(cString: text))]:\(UInt16(bigEndian: address.pointee.sin6_port))"
+                    let shown = String(cString: text)
+                    let port = UInt16(bigEndian: address.pointee.sin6_port)
+                    // An IPv4 peer of a dual-stack socket, as an IPv4 socket names it.
+                    if shown.hasPrefix("::ffff:"), shown.contains(".") { return "\(shown.dropFirst(7)):\(port)" }
+                    return "[\(shown)]:\(port)"
                 }
             }
         case AF_UNIX:

@@ -90,6 +90,14 @@ struct Serve: ParsableCommand {
                           reserveBytes: reserveBytes, logger: logger)
         try hub.recover()
         let server = HubServer(hub: hub, logger: logger, idleTimeoutMs: idleTimeoutMs)
+        // Offered before the first connection, so that every agent can ask.
+        if localReads == "on" {
+            do {
+                try server.offerLocalReads(chunkDirectory: hub.chunks.directory)
+            } catch {
+                logger.warning("co-located reads not offered: \(error)")
+            }
+        }
         let bound: Int
         do {
             bound = try server.listen(host: host, port: port)
@@ -98,13 +106,6 @@ struct Serve: ParsableCommand {
             server.shutdown()
             try? hub.close()
             throw WeftError(EADDRINUSE, "cannot listen on \(listen): \(error)")
-        }
-        if localReads == "on" {
-            do {
-                try server.offerLocalReads(chunkDirectory: hub.chunks.directory)
-            } catch {
-                logger.warning("co-located reads not offered: \(error)")
-            }
         }
         print("weftd serving \(path) on \(host):\(bound)")
         fflush(stdout)

@@ -7,7 +7,7 @@ import WeftLink
 import WeftTestSupport
 import XCTest
 import WeftHub
-import WeftNet
+@testable import WeftNet
 import WeftProto
 
 /// Every `HubConformanceTests` test again over TCP with co-located reads on: reads come from
@@ -148,7 +148,7 @@ final class LocalReadTests: XCTestCase {
         let name = try server.offerLocalReads(chunkDirectory: NSTemporaryDirectory())
         XCTAssertErrno(EALREADY, try server.offerLocalReads(chunkDirectory: NSTemporaryDirectory()), "offered once")
         func exchange(_ request: [UInt8]) throws -> (reply: [UInt8], descriptor: Int32) {
-            let socket = weft_connect_abstract(name)
+            let socket = weft_connect_abstract(name, 3_000)
             XCTAssertGreaterThanOrEqual(socket, 0, String(cString: strerror(errno)))
             defer { close(socket) }
             _ = request.withUnsafeBytes { weft_send_with_descriptor(socket, $0.baseAddress, $0.count, -1) }
@@ -168,5 +168,61 @@ final class LocalReadTests: XCTestCase {
         XCTAssertEqual(status.st_mode & S_IFMT, S_IFDIR, "the store's directory")
         close(granted.descriptor)
         XCTAssertEqual(server.localReadHandshakes, 1)
+    }
+
+    /// A file weftd deletes (garbage collection, fsck --repair) is not read from the
+    /// descriptor the client's store still holds: ENOENT, as from the hub.
+    func testAnObjectTheHubDeletesIsNotReadFromAnOpenDescriptor() throws {
+        let (hub, _, client, context, data, id) = try hubWithObject()
+        XCTAssertTrue(try read(client, context, id, count: data.count) == data)
+        try hub.hub.chunks.delete(id: id)
+        XCTAssertErrno(ENOENT, try read(client, context, id, count: data.count))
+        XCTAssertEqual(client.localReadCount, 1)
+        XCTAssertEqual(client.localReadFallbacks, 1, "tried the store, then asked the hub")
+    }
+
+    /// A peer that connects and sends nothing holds the socket's one thread for at most its
+    /// bound (then ETIMEDOUT); the next client's handshake still succeeds.
+    func testAStalledPeerDoesNotStopTheNextHandshake() throws {
+        let (_, server, client, context, data, id) = try hubWithObject()
+        let name = try XCTUnwrap(server.localReadsOffer?.name)
+        let stalled = weft_connect_abstract(name, 5_000)
+        XCTAssertGreaterThanOrEqual(stalled, 0)
+        defer { close(stalled) }
+        let began = Date()
+        XCTAssertTrue(try read(client, context, id, count: data.count) == data)
+        XCTAssertEqual(client.localReadCount, 1, "the handshake after the stalled peer's succeeded")
+        XCTAssertLessThan(Date().timeIntervalSince(began), 2.5)
+        var reply = [UInt8](repeating: 0, count: 8)
+        var descriptor: Int32 = -1
+        let got = reply.withUnsafeMutableBytes { weft_receive_with_descriptor(stalled, $0.baseAddress, $0.count, &descriptor) }
+        XCTAssertEqual(got, 8)
+        XCTAssertEqual(reply, Array("WEFTLR".utf8) + [UInt8(ETIMEDOUT), 0])
+        XCTAssertEqual(descriptor, -1)
+    }
+
+    /// The client takes the store only from a hub on its own kernel, and only the directory
+    /// the hub named.
+    func testTheClientChecksTheMachineAndTheDirectory() throws {
+        let (_, server, _, _, _, _) = try hubWithObject()
+        let offered = try XCTUnwrap(server.localReadsOffer).offer(peer: "127.0.0.1:1")
+        let logger = testLogger("weft.hub.client.checks")
+        var elsewhere = offered
+        elsewhere.bootID = "00000000-0000-0000-0000-000000000000"
+        XCTAssertThrowsError(try LocalReadClient.openStore(elsewhere, localEndpoint: "127.0.0.1:1", logger: logger)) {
+            XCTAssertTrue("\($0)".contains("another machine"), "\($0)")
+        }
+        var otherDirectory = offered
+        otherDirectory.inode &+= 1
+        XCTAssertThrowsError(try LocalReadClient.openStore(otherDirectory, localEndpoint: "127.0.0.1:1", logger: logger)) {
+            XCTAssertTrue("\($0)".contains("another directory"), "\($0)")
+        }
+        XCTAssertThrowsError(try LocalReadClient.openStore(offered, localEndpoint: "127.0.0.1:2", logger: logger)) {
+            XCTAssertTrue("\($0)".contains("relays"), "\($0)")
+        }
+        XCTAssertNoThrow(try LocalReadClient.openStore(offered, localEndpoint: "127.0.0.1:1", logger: logger))
+        XCTAssertEqual(server.localReadHandshakes, 2, "the directory check came after a handshake; the others before")
+        XCTAssertEqual(try LocalReadClient.Offer.decode(offered.encoded()), offered)
+        XCTAssertErrno(EBADMSG, try LocalReadClient.Offer.decode(offered.encoded() + [0]))
     }
 }

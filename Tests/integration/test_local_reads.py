@@ -3,8 +3,11 @@ chunk store itself, through a descriptor weftd hands over an abstract Unix socke
 else goes over TCP. Remote mode only: the embedded mount reads its own store anyway."""
 from __future__ import annotations
 
+import errno
+import os
 import random
 import re
+import socket
 
 from posix_helpers import MiB, read_file, write_file
 
@@ -23,6 +26,13 @@ def _chunk_file(weft):
     return max(files)[1]
 
 
+def _reads_from_the_store(mount) -> tuple[int, int]:
+    """(reads from the store, reads sent to the hub after trying it) of an unmounted agent."""
+    found = re.findall(r"co-located reads: (\d+) from the hub's store, (\d+) sent to the hub", _log(mount))
+    assert found, f"no co-located read count in the agent's log:\n{_log(mount)[-3000:]}"
+    return int(found[-1][0]), int(found[-1][1])
+
+
 def test_an_agent_beside_weftd_reads_the_store_itself(weft):
     weft.require_weft("reads through weftd")
     weft.require_mode("remote")
@@ -30,9 +40,14 @@ def test_an_agent_beside_weftd_reads_the_store_itself(weft):
     write_file(weft.path / "f", data, fsync=True)
     weft.remount()                                  # nothing of it cached in the agent
     assert read_file(weft.path / "f") == data
-    log = _log(weft.mount_obj)
+    mount = weft.mount_obj
+    log = _log(mount)
     assert ON + str((weft.hub_dir / "chunks").resolve()) in log, log[-3000:]
     assert "co-located reads offered" in weft.daemon.log_path.read_text("utf-8", "replace")
+    weft.unmount()
+    served, fell_back = _reads_from_the_store(mount)
+    assert served >= 3 and fell_back == 0, (served, fell_back)   # 8 MiB: three 4 MiB chunks at least
+    weft.mount()
 
 
 def test_an_agent_with_local_reads_off_reads_over_the_network(weft):
@@ -43,8 +58,10 @@ def test_an_agent_with_local_reads_off_reads_over_the_network(weft):
     other = weft.add_agent("mnt-b", options=["--local-reads", "off"])
     assert read_file(other / "f") == data
     assert ON not in _log(weft.extra_mounts[-1])
-    # The default agent beside it does read the store: the difference is the option.
+    # The default agent beside it, restarted, does read the store: the difference is the option.
+    weft.remount()
     assert read_file(weft.path / "f") == data
+    assert ON in _log(weft.mount_obj)
 
 
 def test_a_weftd_with_local_reads_off_offers_nothing(weft):
@@ -87,3 +104,36 @@ def test_a_damaged_block_read_from_the_store_is_eio_and_named_by_both(weft):
     assert ON in _log(weft.mount_obj)
     assert f"chunk {victim.name} damaged" in _log(weft.mount_obj)
     assert f"chunk {victim.name} damaged" in weft.daemon.log_path.read_text("utf-8", "replace")
+
+
+def test_only_root_or_weftds_user_gets_the_store(weft):
+    """A process of another user that reaches weftd's socket gets EPERM and no descriptor."""
+    weft.require_weft("reads weftd's log")
+    weft.require_mode("remote")
+    if os.geteuid() != 0:
+        raise AssertionError("this suite runs as root (it mounts FUSE file systems)")
+    log = weft.daemon.log_path.read_text("utf-8", "replace")
+    names = re.findall(r"socket=@(weft-local-reads-[0-9a-f]{32})", log)
+    assert names, log[-2000:]
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:                                   # the other user
+        try:
+            os.close(reader)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peer.settimeout(5)
+            peer.connect("\0" + names[-1])
+            peer.sendall(b"WEFTLR01")
+            message, ancillary, _, _ = peer.recvmsg(8, socket.CMSG_SPACE(4))
+            os.write(writer, message + bytes([len(ancillary)]))
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(child, 0)
+    assert answer == b"WEFTLR" + bytes([errno.EPERM, 0]) + bytes([0]), answer
+    assert "co-located reads refused to a process of another user" in weft.daemon.log_path.read_text("utf-8", "replace")

@@ -47,12 +47,13 @@ weft_bulk_stats_t weft_bulk_stats(void);
 int weft_accept_cloexec(int listener);
 
 // Co-located reads (SPEC.md §4): a listening / connected Unix socket with the abstract name
-// `name` (no leading NUL; -1 with errno on failure), the uid of a Unix socket's peer
+// `name` (no leading NUL; -1 with errno on failure; the connect and later sends and receives
+// bounded by `timeout_ms`), the uid of a Unix socket's peer
 // (SO_PEERCRED; 0 or -1), and one message sent or received with at most one descriptor
 // (SCM_RIGHTS; `descriptor` -1 for none; received descriptors are close-on-exec). Both return
 // the byte count, or -1 with errno.
 int weft_listen_abstract(const char *name, int backlog);
-int weft_connect_abstract(const char *name);
+int weft_connect_abstract(const char *name, int timeout_ms);
 int weft_peer_uid(int socket_fd, unsigned int *uid);
 long weft_send_with_descriptor(int socket_fd, const void *bytes, size_t count, int descriptor);
 long weft_receive_with_descriptor(int socket_fd, void *bytes, size_t count, int *descriptor);
