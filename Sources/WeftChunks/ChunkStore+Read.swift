@@ -61,16 +61,25 @@ extension ChunkStore {
 
     /// The open object for `id`, from the cache or opened, validated and cached.
     /// A store that reads another process's objects (`readOnly`) does not see that process
-    /// delete or replace one: an object whose file has no name left is opened again (ENOENT, or
-    /// the file that replaced it), as that process's own cache forgets it.
+    /// delete or replace one: an object whose path no longer names the file it holds open is
+    /// opened again (ENOENT, or the file that replaced it), as that process's own cache forgets
+    /// it. By path, not by link count: NFS keeps a deleted file that is open under another name.
     func openObject(_ id: SliceID) throws -> OpenObject {
         let (cached, token) = cache.lookup(id)
         if let cached {
-            guard readOnly, cached.isUnlinked else { return cached }
+            guard readOnly, !isCurrent(cached) else { return cached }
             cache.remove(id)
-            return cache.insert(try openUncached(id), token: cache.lookup(id).1)
+            let fresh = cache.lookup(id).1
+            return cache.insert(try openUncached(id), token: fresh)
         }
         return cache.insert(try openUncached(id), token: token)
+    }
+
+    /// Whether `object`'s path still names the file it holds open.
+    private func isCurrent(_ object: OpenObject) -> Bool {
+        var info = stat()
+        guard FileIO.withObjectPath(object.id, { fstatat(root, $0, &info, AT_SYMLINK_NOFOLLOW) }) == 0 else { return false }
+        return object.inode != 0 && UInt64(info.st_dev) == object.device && UInt64(info.st_ino) == object.inode
     }
 
     /// Forgets object `id`'s open descriptor (a read-only store after a failed read: the next
@@ -99,6 +108,7 @@ extension ChunkStore {
                 close(fd)
                 throw WeftError(EINVAL, "chunk \(hex(id)) at \(path(of: id)) is not a regular file")
             }
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         }
         do {
             return OpenObject(id: id, fd: fd, layout: try readLayout(fd, id))
@@ -247,7 +257,9 @@ extension ChunkStore {
 
     /// Opens object `id` for O_DIRECT reads; -1 (and direct I/O off when refused) on failure.
     private func openDirect(_ id: SliceID) -> Int32 {
-        let fd = FileIO.withObjectPath(id) { openat(root, $0, O_RDONLY | O_CLOEXEC | O_DIRECT) }
+        let fd = FileIO.withObjectPath(id) {
+            openat(root, $0, O_RDONLY | O_CLOEXEC | O_DIRECT | (readOnly ? O_NOFOLLOW | O_NONBLOCK : 0))
+        }
         if fd < 0 && errno == EINVAL { directIO.refused("open(O_DIRECT): \(String(cString: strerror(errno)))", logger: logger) }
         return fd
     }

@@ -37,12 +37,6 @@ final class OpenObject: @unchecked Sendable {
         }
     }
 
-    /// Whether the file open at `fd` has no name left (deleted, or replaced by a rename).
-    var isUnlinked: Bool {
-        var info = stat()
-        return fstat(fd, &info) == 0 && info.st_nlink == 0
-    }
-
     /// Whether this object's O_DIRECT descriptor was refused for good (another file at its path,
     /// or O_DIRECT not allowed): its reads go through `fd` and the page cache.
     var directRefused: Bool { directLock.withLock { directFD == -2 } }

@@ -34,8 +34,12 @@ public final class LocalReadServer: @unchecked Sendable {
     private let stopping = Atomic<Bool>(false)
     private let finished = DispatchSemaphore(value: 0)
     private let handshakes = Atomic<Int>(0)
+    /// When a refusal to another user was last logged, and how many went unlogged since.
+    private var refusalLoggedNs: UInt64 = 0
+    private var refusalsUnlogged = 0
+    static let refusalLogIntervalNs: UInt64 = 60_000_000_000
 
-    /// Descriptors handed out so far.
+    /// Handshakes answered with the descriptor so far (counted before the reply goes out).
     public var handshakeCount: Int { handshakes.load(ordering: .relaxed) }
 
     /// Opens `chunkDirectory` (the chunk store's), binds the socket and starts answering.
@@ -99,7 +103,16 @@ public final class LocalReadServer: @unchecked Sendable {
         var uid: UInt32 = 0
         guard weft_peer_uid(peer, &uid) == 0 else { return }
         guard uid == 0 || uid == geteuid() else {
-            logger.notice("co-located reads refused to a process of another user", metadata: ["uid": "\(uid)"])
+            // Any local user can find the name (/proc/net/unix) and knock: one line a minute.
+            let now = MonotonicClock.nowNs()
+            if refusalLoggedNs == 0 || now - refusalLoggedNs >= Self.refusalLogIntervalNs {
+                logger.notice("co-located reads refused to a process of another user",
+                              metadata: ["uid": "\(uid)", "unlogged": "\(refusalsUnlogged)"])
+                refusalLoggedNs = now
+                refusalsUnlogged = 0
+            } else {
+                refusalsUnlogged += 1
+            }
             reply(peer, errno: EPERM, descriptor: -1)
             return
         }
@@ -194,7 +207,10 @@ enum LocalReadClient {
         // Longer than the hub gives a peer: a stalled peer ahead of this one must not time it out.
         let socket = weft_connect_abstract(offer.name, Int32(3 * LocalReadServer.handshakeTimeoutMs))
         guard socket >= 0 else {
-            throw Refusal(description: "cannot connect to the hub's socket (\(String(cString: strerror(errno)))): another network namespace?")
+            let code = errno
+            throw Refusal(description: code == EAGAIN
+                              ? "the hub's socket did not accept within \(3 * LocalReadServer.handshakeTimeoutMs) ms"
+                              : "cannot connect to the hub's socket (\(String(cString: strerror(code)))): another network namespace?")
         }
         defer { close(socket) }
         let request = LocalReadServer.request

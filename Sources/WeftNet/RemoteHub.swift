@@ -545,7 +545,6 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
 
     /// Fails every request in flight on `connection`; the next call reconnects.
     func connectionLost(_ connection: ClientConnection) {
-        forgetLocalStore(connection)
         let clients = lock.withLock { connection.isOpen ? Array(leaseClients.values) : [] }
         Self.reportLeasesLost(clients)
         let wasCurrent: Bool = lock.withLock {
@@ -564,6 +563,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
             }
             return false
         }
+        // After the state changed: no read takes this connection's store up again.
+        forgetLocalStore(connection)
         if wasCurrent { logger.warning("connection to hub lost; the next call reconnects", metadata: ["hub": "\(address)"]) }
     }
 

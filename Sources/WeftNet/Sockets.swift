@@ -258,7 +258,7 @@ enum Sockets {
             let now = MonotonicClock.nowNs()
             guard now < deadlineNs else { break }
             var poller = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&poller, 1, Int32(max(1, (deadlineNs - now) / 1_000_000)))
+            let ready = poll(&poller, 1, Int32(clamping: max(1, (deadlineNs - now) / 1_000_000)))
             if ready < 0 && errno == EINTR { continue }
             guard ready > 0 else { break }
             let got = recv(descriptor, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_DONTWAIT))
@@ -313,12 +313,17 @@ enum Sockets {
             return withUnsafePointer(to: &storage) {
                 $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { address in
                     var ip = address.pointee.sin6_addr
-                    inet_ntop(AF_INET6, &ip, &text, socklen_t(text.count))
-                    let shown = String(cString: text)
                     let port = UInt16(bigEndian: address.pointee.sin6_port)
-                    // An IPv4 peer of a dual-stack socket, as an IPv4 socket names it.
-                    if shown.hasPrefix("::ffff:"), shown.contains(".") { return "\(shown.dropFirst(7)):\(port)" }
-                    return "[\(shown)]:\(port)"
+                    let bytes = withUnsafeBytes(of: &ip) { Array($0) }
+                    if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF {
+                        // An IPv4 peer of a dual-stack socket (::ffff:a.b.c.d), as an IPv4 socket names it.
+                        var v4 = in_addr()
+                        withUnsafeMutableBytes(of: &v4) { $0.copyBytes(from: bytes[12..<16]) }
+                        inet_ntop(AF_INET, &v4, &text, socklen_t(text.count))
+                        return "\(String(cString: text)):\(port)"
+                    }
+                    inet_ntop(AF_INET6, &ip, &text, socklen_t(text.count))
+                    return "[\(String(cString: text))]:\(port)"
                 }
             }
         case AF_UNIX:

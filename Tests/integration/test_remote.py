@@ -58,7 +58,8 @@ def test_weftd_read_cache_keeps_what_agents_read_and_sigusr1_empties_it(mode, we
     data = os.urandom(8 * 1024 * 1024 + 12345)
     write_file(weft.path / "big", data)
     os.sync()
-    reader = weft.add_agent("mnt-reader")
+    # Over TCP: an agent beside weftd would read the store itself (§4, Co-located reads).
+    reader = weft.add_agent("mnt-reader", options=["--local-reads", "off"])
     assert read_file(reader / "big") == data
     log = weft.daemon.log_path
     start = os.path.getsize(log)
@@ -69,7 +70,7 @@ def test_weftd_read_cache_keeps_what_agents_read_and_sigusr1_empties_it(mode, we
     # Spans take memory in 256 KiB classes: 8 MiB read in spans of 128 KiB to 4 MiB.
     assert 8 <= held <= 24, f"the cache held {held} MiB after an 8 MiB read"
     assert weft.daemon.alive, "SIGUSR1 does not stop weftd"
-    second = weft.add_agent("mnt-second")
+    second = weft.add_agent("mnt-second", options=["--local-reads", "off"])
     assert read_file(second / "big") == data, "read again from the disk after the drop"
     start = os.path.getsize(log)
     os.kill(weft.daemon.proc.pid, signal.SIGUSR1)
