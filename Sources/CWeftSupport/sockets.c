@@ -58,40 +58,42 @@ int weft_eventfd(void) {
 #include <sys/un.h>
 #include <unistd.h>
 
-// Fills `address` for the abstract name `name` (no leading NUL); returns its length, or -1
-// (ENAMETOOLONG) when the name does not fit.
-static int weft_abstract_address(const char *name, struct sockaddr_un *address) {
-    size_t length = strlen(name);
-    if (length == 0 || length + 1 > sizeof(address->sun_path)) {
+// A new Unix stream socket and the address of the abstract name `name` (no leading NUL) in
+// `address`, whose length goes to `length`; -1 with errno (ENAMETOOLONG: the name does not fit).
+static int weft_abstract_socket(const char *name, struct sockaddr_un *address, socklen_t *length) {
+    size_t count = strlen(name);
+    if (count == 0 || count + 1 > sizeof(address->sun_path)) {
         errno = ENAMETOOLONG;
         return -1;
     }
     memset(address, 0, sizeof(*address));
     address->sun_family = AF_UNIX;
-    memcpy(address->sun_path + 1, name, length);
-    return (int)(offsetof(struct sockaddr_un, sun_path) + 1 + length);
+    memcpy(address->sun_path + 1, name, count);
+    *length = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + count);
+    return socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+}
+
+// Closes `fd`, keeping errno; returns -1.
+static int weft_close_failed(int fd) {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
 }
 
 int weft_listen_abstract(const char *name, int backlog) {
     struct sockaddr_un address;
-    int length = weft_abstract_address(name, &address);
-    if (length < 0) return -1;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    socklen_t length;
+    int fd = weft_abstract_socket(name, &address, &length);
     if (fd < 0) return -1;
-    if (bind(fd, (struct sockaddr *)&address, (socklen_t)length) != 0 || listen(fd, backlog) != 0) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return -1;
-    }
+    if (bind(fd, (struct sockaddr *)&address, length) != 0 || listen(fd, backlog) != 0) return weft_close_failed(fd);
     return fd;
 }
 
 int weft_connect_abstract(const char *name, int timeout_ms) {
     struct sockaddr_un address;
-    int length = weft_abstract_address(name, &address);
-    if (length < 0) return -1;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    socklen_t length;
+    int fd = weft_abstract_socket(name, &address, &length);
     if (fd < 0) return -1;
     // Bounds the connect (a full backlog would block it for good: SO_SNDTIMEO applies to
     // connect on a Unix socket) and the exchange after it.
@@ -100,14 +102,9 @@ int weft_connect_abstract(const char *name, int timeout_ms) {
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
     int rc;
     do {
-        rc = connect(fd, (struct sockaddr *)&address, (socklen_t)length);
+        rc = connect(fd, (struct sockaddr *)&address, length);
     } while (rc != 0 && errno == EINTR);
-    if (rc != 0) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return -1;
-    }
+    if (rc != 0) return weft_close_failed(fd);
     return fd;
 }
 

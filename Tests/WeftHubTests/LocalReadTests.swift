@@ -65,6 +65,15 @@ final class LocalReadTests: XCTestCase {
         return (hub, server, client, context, data, id)
     }
 
+    /// The socket's 8-byte reply as received (fewer bytes if it ended early) and the
+    /// descriptor it carried (-1: none).
+    private static func receiveReply(_ peer: Int32) -> (reply: [UInt8], descriptor: Int32) {
+        var reply = [UInt8](repeating: 0, count: 8)
+        var descriptor: Int32 = -1
+        let got = reply.withUnsafeMutableBytes { weft_receive_with_descriptor(peer, $0.baseAddress, $0.count, &descriptor) }
+        return (Array(reply[0..<max(0, got)]), descriptor)
+    }
+
     private func read(_ client: RemoteHub, _ context: RequestContext, _ id: SliceID, offset: Int = 0, count: Int) throws -> [UInt8] {
         var destination = [UInt8](repeating: 0xEE, count: count)
         try destination.withUnsafeMutableBytes { try client.readSlice(context, id: id, offset: UInt32(offset), into: $0) }
@@ -152,10 +161,7 @@ final class LocalReadTests: XCTestCase {
             XCTAssertGreaterThanOrEqual(socket, 0, String(cString: strerror(errno)))
             defer { close(socket) }
             _ = request.withUnsafeBytes { weft_send_with_descriptor(socket, $0.baseAddress, $0.count, -1) }
-            var reply = [UInt8](repeating: 0, count: 8)
-            var descriptor: Int32 = -1
-            let got = reply.withUnsafeMutableBytes { weft_receive_with_descriptor(socket, $0.baseAddress, $0.count, &descriptor) }
-            return (Array(reply[0..<max(0, got)]), descriptor)
+            return Self.receiveReply(socket)
         }
         let refused = try exchange(Array("WEFTLR02".utf8))
         XCTAssertEqual(refused.reply, Array("WEFTLR".utf8) + [UInt8(EPROTO), 0])
@@ -191,12 +197,9 @@ final class LocalReadTests: XCTestCase {
         defer { close(stalled) }
         XCTAssertTrue(try read(client, context, id, count: data.count) == data)
         XCTAssertEqual(client.localReadCount, 1, "the handshake after the stalled peer's succeeded")
-        var reply = [UInt8](repeating: 0, count: 8)
-        var descriptor: Int32 = -1
-        let got = reply.withUnsafeMutableBytes { weft_receive_with_descriptor(stalled, $0.baseAddress, $0.count, &descriptor) }
-        XCTAssertEqual(got, 8)
-        XCTAssertEqual(reply, Array("WEFTLR".utf8) + [UInt8(ETIMEDOUT), 0])
-        XCTAssertEqual(descriptor, -1)
+        let answer = Self.receiveReply(stalled)
+        XCTAssertEqual(answer.reply, Array("WEFTLR".utf8) + [UInt8(ETIMEDOUT), 0])
+        XCTAssertEqual(answer.descriptor, -1)
     }
 
     /// The client takes the store only from a hub on its own kernel, and only the directory
@@ -236,12 +239,9 @@ final class LocalReadTests: XCTestCase {
             _ = withUnsafeBytes(of: byte) { weft_send_with_descriptor(peer, $0.baseAddress, 1, -1) }
             usleep(400_000)
         }
-        var reply = [UInt8](repeating: 0, count: 8)
-        var descriptor: Int32 = -1
-        let got = reply.withUnsafeMutableBytes { weft_receive_with_descriptor(peer, $0.baseAddress, $0.count, &descriptor) }
-        XCTAssertEqual(got, 8)
-        XCTAssertEqual(reply, Array("WEFTLR".utf8) + [UInt8(ETIMEDOUT), 0])
-        XCTAssertEqual(descriptor, -1)
+        let answer = Self.receiveReply(peer)
+        XCTAssertEqual(answer.reply, Array("WEFTLR".utf8) + [UInt8(ETIMEDOUT), 0])
+        XCTAssertEqual(answer.descriptor, -1)
         XCTAssertEqual(server.localReadHandshakes, 0)
     }
 

@@ -10,20 +10,13 @@ import re
 import socket
 
 from posix_helpers import MiB, read_file, write_file
+from test_persistence import _corrupt_largest_chunk_file
 
 ON = "co-located reads on: reading objects from "
 
 
 def _log(mount) -> str:
     return "".join(path.read_text("utf-8", "replace") for path in mount.log_paths if path.exists())
-
-
-def _chunk_file(weft):
-    """The largest chunk object file of the hub."""
-    files = [(path.stat().st_size, path) for path in (weft.hub_dir / "chunks").rglob("*")
-             if path.is_file() and re.fullmatch(r"[0-9a-f]{16}", path.name)]
-    assert files, f"no chunk object in {weft.hub_dir / 'chunks'}"
-    return max(files)[1]
 
 
 def _reads_from_the_store(mount) -> tuple[int, int]:
@@ -90,13 +83,7 @@ def test_a_damaged_block_read_from_the_store_is_eio_and_named_by_both(weft):
     data = random.Random(5604).randbytes(2 * MiB)
     write_file(weft.path / "f", data, fsync=True)
     with weft.offline():
-        victim = _chunk_file(weft)
-        size = victim.stat().st_size
-        with open(victim, "r+b") as f:
-            f.seek(size // 2)
-            byte = f.read(1)
-            f.seek(size // 2)
-            f.write(bytes([byte[0] ^ 0xFF]))
+        victim = _corrupt_largest_chunk_file(weft, 1 * MiB)
     try:
         got = read_file(weft.path / "f")
     except OSError as error:

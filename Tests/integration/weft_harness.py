@@ -48,6 +48,9 @@ UMOUNT_TIMEOUT_S = float(os.environ.get("WEFT_UMOUNT_TIMEOUT", "180"))
 DAEMON_START_TIMEOUT_S = 30.0
 
 ALL_MODES = ("embedded", "remote")
+#: `WEFT_TEST_LOCAL_READS=off`: remote-mode agents read file data over TCP too, not from weftd's
+#: store (SPEC.md §4, Co-located reads); `Tests/run-all` runs the data tests once more so.
+LOCAL_READS = os.environ.get("WEFT_TEST_LOCAL_READS", "auto").strip().lower()
 
 
 # --------------------------------------------------------------------------- config
@@ -721,6 +724,8 @@ class WeftFS:
         self.mount_args = [str(a) for a in mount_args]
         if mode == "embedded":
             self.mount_args += self.hub_args
+        if mode == "remote" and LOCAL_READS == "off" and "--local-reads" not in self.mount_args:
+            self.mount_args += ["--local-reads", "off"]
         self.name = name
         self.chunk_size = DEFAULT_CHUNK_SIZE_BYTES
         if "--chunk-size" in self.format_args:
