@@ -117,13 +117,20 @@ public enum HubOpener {
         logger.info("uploads compressed by this agent: \(objects) object(s), \(raw) bytes sent as \(images) (upload compression: \(mode))")
     }
 
-    /// One line at unmount when co-located reads were on: how many reads came from the hub's
-    /// store and how many went to the hub after trying it (SPEC.md §4, Co-located reads).
-    static func logLocalReads(_ connections: [RemoteHub], logger: Logger) {
+    /// At unmount, when co-located reads or writes were on: how many reads came from the hub's
+    /// store and how many went to the hub after trying it, and the same for uploads (SPEC.md
+    /// §4, Co-located reads and writes). One line each, none for what was not tried.
+    static func logLocalStore(_ connections: [RemoteHub], logger: Logger) {
         let served = connections.reduce(0) { $0 + $1.localReadCount }
         let fellBack = connections.reduce(0) { $0 + $1.localReadFallbacks }
-        guard connections.contains(where: \.localReads), served + fellBack > 0 else { return }
-        logger.info("co-located reads: \(served) from the hub's store, \(fellBack) sent to the hub after trying it")
+        if connections.contains(where: \.localReads), served + fellBack > 0 {
+            logger.info("co-located reads: \(served) from the hub's store, \(fellBack) sent to the hub after trying it")
+        }
+        let adopted = connections.reduce(0) { $0 + $1.localWriteCount }
+        let sent = connections.reduce(0) { $0 + $1.localWriteFallbacks }
+        if connections.contains(where: \.localWrites), adopted + sent > 0 {
+            logger.info("co-located writes: \(adopted) object(s) written into the hub's store, \(sent) sent to the hub after trying it")
+        }
     }
 
     /// Longest wait for a hub that does not answer.

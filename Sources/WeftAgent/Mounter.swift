@@ -26,6 +26,9 @@ public struct MountRequest {
     /// A remote single hub on this machine: read its objects from its store (SPEC.md §4,
     /// Co-located reads; `weft mount --local-reads`).
     public var localReads = true
+    /// With `localReads`: write uploads into that store and have the hub take them over
+    /// (SPEC.md §4, Co-located writes; `weft mount --local-writes`).
+    public var localWrites = true
     public var pidFile: String?
     /// A file descriptor to report readiness on ("ok" or "error: ..."), for --background.
     public var notifyFD: Int32?
@@ -89,7 +92,10 @@ public enum Mounter {
                 let (api, connections) = try HubOpener.openVolumeAPI(address: address, volume: volume ?? "",
                                                                      requestTimeoutMs: request.hubTimeoutMs,
                                                                      compressUploads: request.compressUploads, logger: logger)
-                for connection in connections { connection.localReads = request.localReads }
+                for connection in connections {
+                    connection.localReads = request.localReads
+                    connection.localWrites = request.localWrites
+                }
                 opened = OpenedHub(api: api, local: nil, remote: nil, connections: connections)
                 hubAPI = api
             case .directory(let path):
@@ -112,7 +118,7 @@ public enum Mounter {
             let vfs = try VFS(hub: hubAPI, options: vfsOptions, logger: logger)
             try serve(vfs, request, notify: notify, logger: logger)
             HubOpener.logCompressedUploads(opened?.connections ?? [], logger: logger)
-            HubOpener.logLocalReads(opened?.connections ?? [], logger: logger)
+            HubOpener.logLocalStore(opened?.connections ?? [], logger: logger)
             server?.shutdown()
             opened?.close()
         } catch {

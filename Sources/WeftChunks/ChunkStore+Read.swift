@@ -119,7 +119,7 @@ extension ChunkStore {
     }
 
     /// Reads and validates the header of the object open at `fd`.
-    private func readLayout(_ fd: Int32, _ id: SliceID) throws -> ChunkLayout {
+    func readLayout(_ fd: Int32, _ id: SliceID) throws -> ChunkLayout {
         let fileBytes: Int
         do {
             fileBytes = try FileIO.fileBytes(fd)

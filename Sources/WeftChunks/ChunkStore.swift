@@ -141,7 +141,7 @@ public final class ChunkStore: @unchecked Sendable {
     }
 
     /// Throws ENOSPC when writing `bytes` more would leave less than the reserve free.
-    private func checkReserve(_ id: SliceID, bytes: Int) throws {
+    func checkReserve(_ id: SliceID, bytes: Int) throws {
         let reserve = reserveBytes
         guard reserve > 0 else { return }
         let free = try space().freeBytes
@@ -160,20 +160,31 @@ public final class ChunkStore: @unchecked Sendable {
     /// An uncompressed object from page-aligned memory is written with O_DIRECT (no copy into
     /// the page cache) where the file system allows it.
     public func write(id: SliceID, data: UnsafeRawBufferPointer) throws {
-        try write(id: id, data: data, replacing: false)
+        try write(id: id, data: data, finish: .link)
     }
 
-    /// `write`, or with `replacing` the atomic replacement of an existing object's file by a new
-    /// one with the same bytes (`rewriteJournaled`).
-    private func write(id: SliceID, data: UnsafeRawBufferPointer, replacing: Bool) throws {
-        try checkWritable(id)
+    /// How a created object file ends up: linked to its name (a new object), renamed over it
+    /// (`rewriteJournaled`), or left under the temporary name of a tag for weftd to take over
+    /// (`writeTemporary`, SPEC.md §4 Co-located writes).
+    enum Finish: Equatable {
+        case link
+        case replace
+        case temporary(tag: UInt32)
+    }
+
+    /// `write`, or as `finish` says: the atomic replacement of an existing object's file by a
+    /// new one with the same bytes, or a temporary file left for `adopt`.
+    /// `compression` overrides the store's (an agent's temporary object for a zstd volume).
+    func write(id: SliceID, data: UnsafeRawBufferPointer, finish: Finish, compression: Compression? = nil) throws {
+        if case .temporary = finish {} else { try checkWritable(id) }
+        let compression = compression ?? self.compression
         guard data.count <= ChunkFormat.maxRawBytes else {
             throw WeftError(EINVAL, "chunk \(hex(id)) is \(data.count) bytes, over the \(ChunkFormat.maxRawBytes)-byte limit")
         }
         if compression == .zstd,
            let image = ChunkImage.Encoded.compress(id: id, data: data, workspaces: workspaces, images: compressionImages) {
             defer { compressionImages.give(image.buffer) }
-            try store(id: id, image: image.bytes, layout: image.layout, replacing: replacing)
+            try store(id: id, image: image.bytes, layout: image.layout, finish: finish)
             return
         }
         // Uncompressed (or nothing shrank): the payload is written straight from the caller's buffer.
@@ -204,9 +215,9 @@ public final class ChunkStore: @unchecked Sendable {
         let direct = dataOffset % ChunkFormat.directAlignment == 0 && data.count > Limits.journaledObjectMaxBytes
             && Int(bitPattern: data.baseAddress) % ChunkFormat.directAlignment == 0 && directIO.isEnabled
         let fd = try createObject(id: id, header: UnsafeRawBufferPointer(header), payload: data.isEmpty ? [] : [data],
-                                  direct: direct ? data : nil, replacing: replacing)
+                                  direct: direct ? data : nil, finish: finish)
         try written(id, fd: fd, layout: ChunkLayout(rawLength: data.count, dataOffset: dataOffset, blocks: blocks,
-                                                fileBytes: fileBytes), replacing: replacing)
+                                                fileBytes: fileBytes), finish: finish)
     }
 
     /// Stores object `id` from the image of a compressed object that an agent built and sent
@@ -225,21 +236,26 @@ public final class ChunkStore: @unchecked Sendable {
     /// Writes a compressed object's whole image (header, then the payloads): its page-multiple
     /// part with O_DIRECT when the image is page-aligned and the object too large for the
     /// journal to carry (SPEC.md §3.2, Direct I/O).
-    private func store(id: SliceID, image: UnsafeRawBufferPointer, layout: ChunkLayout, replacing: Bool = false) throws {
+    private func store(id: SliceID, image: UnsafeRawBufferPointer, layout: ChunkLayout, finish: Finish = .link) throws {
         let direct = directIO.isEnabled && layout.rawLength > Limits.journaledObjectMaxBytes
             && image.count >= ChunkFormat.directAlignment
             && Int(bitPattern: image.baseAddress) % ChunkFormat.directAlignment == 0
         let fd = try createObject(id: id, header: UnsafeRawBufferPointer(start: nil, count: 0), payload: [image],
-                                  direct: direct ? image : nil, replacing: replacing)
-        try written(id, fd: fd, layout: layout, replacing: replacing)
+                                  direct: direct ? image : nil, finish: finish)
+        try written(id, fd: fd, layout: layout, finish: finish)
     }
 
     /// Counts a created object, keeps it open with its layout, and queues it for `sync()`. A
-    /// replacement (`replacing`; `createObject` took the replaced file's bytes off the count)
+    /// replacement (`.replace`; `createObject` took the replaced file's bytes off the count)
     /// adds its bytes, takes the replaced file's place in the open-object cache, and is not
-    /// queued: its caller gives it to the journaled passes.
-    private func written(_ id: SliceID, fd: Int32, layout: ChunkLayout, replacing: Bool = false) throws {
-        if replacing {
+    /// queued: its caller gives it to the journaled passes. A temporary file (`writeTemporary`)
+    /// is only closed: it is weftd's to count once it takes it over (`adopt`).
+    func written(_ id: SliceID, fd: Int32, layout: ChunkLayout, finish: Finish = .link) throws {
+        if case .temporary = finish {
+            close(fd)
+            return
+        }
+        if finish == .replace {
             // The replaced file's open descriptor (in the cache) reads the old inode: dropped.
             cache.remove(id)
             accountingLock.withLock { bytes += UInt64(layout.fileBytes) }
@@ -280,21 +296,24 @@ public final class ChunkStore: @unchecked Sendable {
     /// With `direct` (the whole payload, page-aligned, after a header of whole pages: a raw
     /// payload after its padded header, or a compressed object's whole image after an empty
     /// one), the header and the page-multiple part of the payload go out with O_DIRECT and the
-    /// last partial page buffered.
+    /// last partial page buffered. `finish` `.replace` renames it over the existing file;
+    /// `.temporary` leaves it under the tag's temporary name.
     func createObject(id: SliceID, header: UnsafeRawBufferPointer, payload: [UnsafeRawBufferPointer],
-                      direct: UnsafeRawBufferPointer?, replacing: Bool = false) throws -> Int32 {
+                      direct: UnsafeRawBufferPointer?, finish: Finish = .link) throws -> Int32 {
         try checkReserve(id, bytes: header.count + payload.reduce(0) { $0 + $1.count })
-        let suffix = accountingLock.withLock { () -> UInt32 in
-            temporarySequence &+= 1
-            return temporarySequence
+        let suffix: UInt32
+        if case let .temporary(tag) = finish {
+            suffix = tag
+        } else {
+            suffix = accountingLock.withLock { () -> UInt32 in
+                temporarySequence = (temporarySequence &+ 1) & ~Self.adoptedTagBit
+                return temporarySequence
+            }
         }
         let fd = FileIO.withObjectPath(id, suffix: suffix) {
             openat(root, $0, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         }
         guard fd >= 0 else { throw writeFailure(id, FileIO.Failure(call: "create", errno: errno)) }
-        func removeTemporary() {
-            _ = FileIO.withObjectPath(id, suffix: suffix) { unlinkat(root, $0, 0) }
-        }
         do {
             if let direct, try writeDirect(fd, header: header, payload: direct) {
                 // Written.
@@ -303,10 +322,13 @@ public final class ChunkStore: @unchecked Sendable {
             }
         } catch {
             close(fd)
-            removeTemporary()
+            removeTemporary(id, suffix: suffix)
             throw writeFailure(id, error)
         }
-        if replacing {
+        switch finish {
+        case .temporary:
+            return fd
+        case .replace:
             // Atomically in place of the existing file: a reader opens the old one or the new.
             var old = stat()
             let hadOld = FileIO.withObjectPath(id) { fstatat(root, $0, &old, AT_SYMLINK_NOFOLLOW) } == 0
@@ -316,25 +338,37 @@ public final class ChunkStore: @unchecked Sendable {
             guard renamed == 0 else {
                 let renameError = errno
                 close(fd)
-                removeTemporary()
+                removeTemporary(id, suffix: suffix)
                 throw writeFailure(id, FileIO.Failure(call: "rename", errno: renameError))
             }
             accountingLock.withLock {
                 if hadOld { bytes -= min(bytes, UInt64(old.st_size)) } else { objects += 1 }
             }
             return fd
+        case .link:
+            do {
+                try placeTemporary(id, suffix: suffix)
+            } catch {
+                close(fd)
+                throw error
+            }
+            return fd
         }
+    }
+
+    /// Gives the temporary file of `suffix` its object's final name, atomically unless the id
+    /// exists (EEXIST), and removes the temporary name; on any failure it is removed.
+    func placeTemporary(_ id: SliceID, suffix: UInt32) throws {
         let linked = FileIO.withObjectPath(id, suffix: suffix) { temporary in
             FileIO.withObjectPath(id) { final in linkat(root, temporary, root, final, 0) }
         }
         if linked == 0 {
-            removeTemporary()
-            return fd
+            removeTemporary(id, suffix: suffix)
+            return
         }
         let linkError = errno
         if linkError == EEXIST {
-            close(fd)
-            removeTemporary()
+            removeTemporary(id, suffix: suffix)
             throw WeftError(EEXIST, "chunk \(hex(id)) exists")
         }
         if linkError == EPERM || linkError == EOPNOTSUPP || linkError == EMLINK {
@@ -343,16 +377,19 @@ public final class ChunkStore: @unchecked Sendable {
             let renamed = !exists && FileIO.withObjectPath(id, suffix: suffix) { temporary in
                 FileIO.withObjectPath(id) { final in renameat(root, temporary, root, final) }
             } == 0
-            if renamed { return fd }
+            if renamed { return }
             let renameError = errno
-            close(fd)
-            removeTemporary()
+            removeTemporary(id, suffix: suffix)
             if exists { throw WeftError(EEXIST, "chunk \(hex(id)) exists") }
             throw writeFailure(id, FileIO.Failure(call: "rename", errno: renameError))
         }
-        close(fd)
-        removeTemporary()
+        removeTemporary(id, suffix: suffix)
         throw writeFailure(id, FileIO.Failure(call: "link", errno: linkError))
+    }
+
+    /// Removes object `id`'s temporary file of `suffix`, if there is one.
+    func removeTemporary(_ id: SliceID, suffix: UInt32) {
+        _ = FileIO.withObjectPath(id, suffix: suffix) { unlinkat(root, $0, 0) }
     }
 
     /// Writes `header` then `payload` from offset 0 of the fresh file `fd`, the page-multiple
@@ -487,7 +524,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// damage (SPEC.md §5, Small objects in the journal). The disk reserve applies (a full disk
     /// fails it: the caller gives the id back with `needRewrite`, and its key keeps the bytes).
     public func rewriteJournaled(id: SliceID, raw: [UInt8]) throws {
-        try raw.withUnsafeBytes { try write(id: id, data: $0, replacing: true) }
+        try raw.withUnsafeBytes { try write(id: id, data: $0, finish: .replace) }
     }
 
     /// Takes objects the journal carries out of the next `syncJournaled` and out of

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Synchronization
 import WeftChunks
 import WeftMeta
 import WeftProto
@@ -17,6 +18,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// Objects each session has written and not yet committed (bounded by the agents' write
     /// buffers); deleted when the session ends without committing them.
     let pendingUploads = PendingUploads()
+    private let adoptedObjects = Atomic<Int>(0)
     let locks = LockTable()
     /// Who caches what, and the recalls before conflicting changes (SPEC.md §12.6).
     public let leases: LeaseTable
@@ -580,6 +582,23 @@ public final class Hub: HubAPI, @unchecked Sendable {
         try chunks.writeImage(id: id, image: image, maxRawLength: Int(meta.volume.chunkSizeBytes))
         pendingUploads.add(id, session: context.session)
     }
+
+    /// Takes over the object a co-located agent wrote into this hub's store under `tag` (SPEC.md
+    /// §4, Co-located writes): as `writeSlice` from there on. The temporary file goes on any refusal.
+    public func adoptObject(_ context: RequestContext, id: SliceID, tag: UInt32) throws {
+        do {
+            try checkUpload(id: id, rawLength: 0)
+        } catch {
+            chunks.removeTemporary(id: id, tag: tag)
+            throw error
+        }
+        try chunks.adopt(id: id, tag: tag, maxRawLength: Int(meta.volume.chunkSizeBytes))
+        pendingUploads.add(id, session: context.session)
+        adoptedObjects.add(1, ordering: .relaxed)
+    }
+
+    /// Objects taken over from co-located agents (`adoptObject`) since the hub started.
+    public var adoptedObjectCount: Int { adoptedObjects.load(ordering: .relaxed) }
 
     private func checkUpload(id: SliceID, rawLength: Int) throws {
         guard id != 0, id < meta.currentCounters.nextSlice else { throw WeftError(EINVAL, "slice id \(id) was never allocated") }

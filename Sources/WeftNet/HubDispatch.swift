@@ -103,6 +103,9 @@ extension HubRequest {
         case let .syncFile(c, ino):
             try hub.syncFile(c, ino: ino)
             return .empty
+        case let .adoptObject(c, id, tag):
+            try hub.adoptObject(c, id: id, tag: tag)
+            return .empty
         case let .openLayout(c, ino, flags, chunkCount, dataMaxBytes):
             return .openedLayout(try hub.openLayout(c, ino: ino, flags: flags, chunkCount: chunkCount, dataMaxBytes: dataMaxBytes))
         case .status:

@@ -62,6 +62,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case writeObject = 54
     case fsckRemaining = 55
     case localReads = 56
+    case adoptObject = 57
 
     public var description: String { "\(name)(\(rawValue))" }
 
@@ -106,6 +107,7 @@ public enum HubOpcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .openVolumeSession: "openVolumeSession"
         case .clusterMap: "clusterMap"
         case .localReads: "localReads"
+        case .adoptObject: "adoptObject"
         case .createVolume: "createVolume"
         case .lock: "lock"
         case .ping: "ping"
@@ -164,6 +166,8 @@ public enum HubRequest: Equatable, Sendable {
     /// finished (SPEC.md §4, Barriers).
     case barrier(RequestContext, ino: InodeID)
     case syncFile(RequestContext, ino: InodeID)
+    /// Takes over the object a co-located agent wrote under `tag` (SPEC.md §4, Co-located writes).
+    case adoptObject(RequestContext, id: SliceID, tag: UInt32)
     /// `open` (no `O_TRUNC`) and `layout` of chunks `[0, chunkCount)` in one call, with a
     /// whole small object's bytes up to `dataMaxBytes`.
     case openLayout(RequestContext, ino: InodeID, flags: Int32, chunkCount: UInt32, dataMaxBytes: UInt32)
@@ -243,6 +247,7 @@ public enum HubRequest: Equatable, Sendable {
         case .sync: .sync
         case .barrier: .barrier
         case .syncFile: .syncFile
+        case .adoptObject: .adoptObject
         case .openLayout: .openLayout
         case .status: .status
         case .fsck: .fsck
@@ -285,7 +290,7 @@ public enum HubRequest: Equatable, Sendable {
              .setxattr(let c, _, _, _, _), .listxattr(let c, _), .removexattr(let c, _, _), .statfs(let c),
              .allocateSliceIDs(let c, _), .writeSlice(let c, _, _), .writeObject(let c, _, _), .readSlice(let c, _, _, _),
              .layout(let c, _, _, _), .commitSlices(let c, _, _, _, _), .sync(let c), .barrier(let c, _), .syncFile(let c, _), .lock(let c, _, _),
-             .openLayout(let c, _, _, _, _),
+             .openLayout(let c, _, _, _, _), .adoptObject(let c, _, _),
              .readSliceFrom(let c, _, _, _, _), .releaseUploads(let c, _), .createOpen(let c, _, _, _, _, _, _),
              .unlinkEntry(let c, _, _), .discardUploads(let c, _), .releaseMany(let c, _), .readBlocks(let c, _, _, _):
             c.session
@@ -343,6 +348,7 @@ public enum HubRequest: Equatable, Sendable {
         case let .sync(c): return .sync(s(c))
         case let .barrier(c, ino): return .barrier(s(c), ino: ino)
         case let .syncFile(c, ino): return .syncFile(s(c), ino: ino)
+        case let .adoptObject(c, id, tag): return .adoptObject(s(c), id: id, tag: tag)
         case let .openLayout(c, ino, flags, chunkCount, dataMaxBytes):
             return .openLayout(s(c), ino: ino, flags: flags, chunkCount: chunkCount, dataMaxBytes: dataMaxBytes)
         case let .lock(c, ino, request): return .lock(s(c), ino: ino, request)
@@ -401,6 +407,8 @@ public enum HubRequest: Equatable, Sendable {
             c.encode(into: &w)
         case let .barrier(c, ino), let .syncFile(c, ino):
             c.encode(into: &w); w.u64(ino)
+        case let .adoptObject(c, id, tag):
+            c.encode(into: &w); w.u64(id); w.u32(tag)
         case let .allocateSliceIDs(c, count):
             c.encode(into: &w); w.u32(count)
         case let .writeSlice(c, id, data), let .writeObject(c, id, data):
@@ -584,6 +592,8 @@ public enum HubRequest: Equatable, Sendable {
             return .barrier(c, ino: try r.u64())
         case .syncFile:
             return .syncFile(c, ino: try r.u64())
+        case .adoptObject:
+            return .adoptObject(c, id: try r.u64(), tag: try r.u32())
         case .openLayout:
             return .openLayout(c, ino: try r.u64(), flags: try r.i32(), chunkCount: try r.u32(), dataMaxBytes: try r.u32())
         case .allocateSliceIDs:

@@ -47,7 +47,7 @@ public enum HubResponse: Equatable, Sendable {
     func fits(_ opcode: HubOpcode) -> Bool {
         switch (self, opcode) {
         case (.empty, .closeSession), (.empty, .ping), (.empty, .fence), (.empty, .unlink), (.empty, .rmdir), (.empty, .rename), (.empty, .access),
-             (.empty, .release), (.empty, .setxattr), (.empty, .removexattr), (.empty, .writeSlice), (.empty, .writeObject), (.empty, .sync), (.empty, .barrier), (.empty, .syncFile),
+             (.empty, .release), (.empty, .setxattr), (.empty, .removexattr), (.empty, .writeSlice), (.empty, .writeObject), (.empty, .sync), (.empty, .barrier), (.empty, .syncFile), (.empty, .adoptObject),
              (.session, .openSession),
              (.attributes, .lookup), (.attributes, .getattr), (.attributes, .setattr), (.attributes, .create),
              (.attributes, .mkdir), (.attributes, .symlink), (.attributes, .link), (.attributes, .open),
@@ -174,7 +174,7 @@ public enum HubResponse: Equatable, Sendable {
     static func decode(opcode: HubOpcode, from r: inout ByteReader) throws -> HubResponse {
         switch opcode {
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .writeObject, .sync, .ping, .fence,
-             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier, .syncFile:
+             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier, .syncFile, .adoptObject:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
             return .flag(try r.bool())

@@ -326,4 +326,42 @@ extension RemoteHub {
             return false
         }
     }
+
+    /// Writes object `id` into the co-located store and has the hub take it over (SPEC.md §4,
+    /// Co-located writes): true if it did; false to send it over TCP (no store, a local write
+    /// that failed, a hub that does not adopt or refused the file's header). Any other refusal
+    /// of the hub is the write's error.
+    func writeLocally(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws -> Bool {
+        guard !unknownOpcodes.withLock({ $0.contains(.adoptObject) }), let store = localStore() else { return false }
+        let tag = ChunkStore.adoptedTagBit | (localWriteTags.wrappingAdd(1, ordering: .relaxed).newValue & ~ChunkStore.adoptedTagBit)
+        let compression: Compression = compressingSessions.withLock { $0.contains(context.session) } ? .zstd : .none
+        do {
+            try store.writeTemporary(id: id, data: bytes, tag: tag, compression: compression)
+        } catch {
+            localWritesFellBack.add(1, ordering: .relaxed)
+            logger.debug("co-located write of chunk \(hex(id)) failed; sending it to the hub: \(error)",
+                         metadata: ["hub": "\(address)"])
+            return false
+        }
+        testBeforeAdopt?(id, tag)
+        do {
+            try adoptObject(context, id: id, tag: tag)
+            localWritesServed.add(1, ordering: .relaxed)
+            return true
+        } catch let error as WeftError where error.errno == ENOSYS || error.errno == EBADMSG {
+            if error.errno == ENOSYS {
+                unknownOpcodes.withLock { _ = $0.insert(.adoptObject) }
+            } else {
+                logger.error("the hub refused a chunk written into its store; sending it over TCP",
+                             metadata: ["hub": "\(address)", "chunk": "\(hex(id))", "error": "\(error)"])
+            }
+            store.removeTemporary(id: id, tag: tag)
+            localWritesFellBack.add(1, ordering: .relaxed)
+            return false
+        } catch {
+            // The hub removes the file when it refuses it; this covers a request it never saw.
+            store.removeTemporary(id: id, tag: tag)
+            throw error
+        }
+    }
 }

@@ -139,6 +139,7 @@ extension RemoteHub {
     }
 
     public func writeSlice(_ context: RequestContext, id: SliceID, data: [UInt8]) throws {
+        if localWrites, !data.isEmpty, try data.withUnsafeBytes({ try writeLocally(context, id: id, bytes: $0) }) { return }
         try empty(.writeSlice(context, id: id, data: data))
     }
 
@@ -151,6 +152,7 @@ extension RemoteHub {
     /// (SPEC.md §4, Compressed uploads); raw when nothing shrank, and after the hub refused an
     /// image (EBADMSG, logged) or the opcode (ENOSYS), until the next connection.
     public func writeSlice(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws {
+        if localWrites, !bytes.isEmpty, try writeLocally(context, id: id, bytes: bytes) { return }
         if compressUploads, !bytes.isEmpty, bytes.count <= Limits.chunkSizeMaxBytes,
            compressingSessions.withLock({ $0.contains(context.session) }),
            !unknownOpcodes.withLock({ $0.contains(.writeObject) }) {
@@ -177,6 +179,10 @@ extension RemoteHub {
             if sent { return }
         }
         try send(.writeSlice(context, id: id, data: []), opcode: .writeSlice, payload: bytes)
+    }
+
+    public func adoptObject(_ context: RequestContext, id: SliceID, tag: UInt32) throws {
+        try empty(.adoptObject(context, id: id, tag: tag))
     }
 
     /// Sends `image` from the caller's memory, after the frame's start (as `writeSlice`).

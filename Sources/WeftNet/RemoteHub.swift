@@ -98,6 +98,23 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// Reads served from a co-located hub's store, and reads that tried it and went to the hub.
     public var localReadCount: Int { localReadsServed.load(ordering: .relaxed) }
     public var localReadFallbacks: Int { localReadsFellBack.load(ordering: .relaxed) }
+    /// Whether uploads are written into a co-located hub's store and handed over (SPEC.md §4,
+    /// Co-located writes); needs `localReads` (the store comes with it). Off unless set (the
+    /// agent's mount sets it, `weft mount --local-writes`).
+    public var localWrites: Bool {
+        get { localWritesWanted.load(ordering: .relaxed) }
+        set { localWritesWanted.store(newValue, ordering: .relaxed) }
+    }
+    let localWritesWanted = Atomic<Bool>(false)
+    let localWritesServed = Atomic<Int>(0)
+    let localWritesFellBack = Atomic<Int>(0)
+    /// Counts the temporary files of objects written into the store (their tags).
+    let localWriteTags = Atomic<UInt32>(0)
+    /// Test hook: runs between an object's write into the store and the hub's taking it over.
+    var testBeforeAdopt: (@Sendable (SliceID, UInt32) -> Void)?
+    /// Objects the hub took over from the store, and objects that tried it and went over TCP.
+    public var localWriteCount: Int { localWritesServed.load(ordering: .relaxed) }
+    public var localWriteFallbacks: Int { localWritesFellBack.load(ordering: .relaxed) }
     /// Broadcast when a connection attempt ends, a connection is lost, or a request slot frees up.
     private let stateChanged = ConditionVariable()
     private var state = State.disconnected

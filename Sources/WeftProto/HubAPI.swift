@@ -99,6 +99,10 @@ public protocol HubAPI: AnyObject, Sendable {
     /// EBADMSG for an image that fails a check (nothing stored), EINVAL on a volume that does
     /// not compress, ENOSYS where not served (SPEC.md §4, Compressed uploads).
     func writeObject(_ context: RequestContext, id: SliceID, image: UnsafeRawBufferPointer) throws
+    /// `writeSlice` of the object a co-located agent wrote into the hub's own store under the
+    /// temporary name of `tag`: checked (header, length, reserve), named and taken over as if the
+    /// hub had stored it. ENOSYS where not served (SPEC.md §4, Co-located writes).
+    func adoptObject(_ context: RequestContext, id: SliceID, tag: UInt32) throws
     /// Reads `length` bytes at `offset` of chunk object `id`, checksum-verified. A damaged
     /// chunk throws EIO, never wrong bytes.
     func readSlice(_ context: RequestContext, id: SliceID, offset: UInt32, length: UInt32) throws -> [UInt8]
@@ -328,6 +332,10 @@ extension HubAPI {
 
     public func discardUploads(_ context: RequestContext, ids: [SliceID]) throws {
         throw WeftError(ENOSYS, "this hub does not discard uploads (they go when the session ends)")
+    }
+
+    public func adoptObject(_ context: RequestContext, id: SliceID, tag: UInt32) throws {
+        throw WeftError(ENOSYS, "this hub does not take over objects written into its store")
     }
 
     public func deleteObjects(ids: [SliceID]) throws {

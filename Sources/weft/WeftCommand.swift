@@ -60,8 +60,10 @@ struct Mount: ParsableCommand {
     var reserveMb: Int?
     @Option(help: "Remote hub, zstd volume: where written data is compressed: agent (this process; the hub only checks it, and compressed bytes cross the network) or hub (raw bytes are sent; the hub compresses them: less CPU in all when agent and hub share one machine).")
     var uploadCompression: String = "agent"
-    @Option(help: "Remote single hub on this machine: read file data from its chunk store directly (auto) rather than over TCP (off). Writes always go to the hub.")
+    @Option(help: "Remote single hub on this machine: read file data from its chunk store directly (auto) rather than over TCP (off).")
     var localReads: String = "auto"
+    @Option(help: "With --local-reads auto: write file data into that chunk store and have the hub take it over (auto) rather than send it over TCP (off).")
+    var localWrites: String = "auto"
     @Option(help: "Write the agent's pid here once mounted.") var pidFile: String?
     @Option(help: "Agent log file for --background (default: /tmp/weft-agent-<mountpoint>.log).") var logFile: String?
     @Option(help: .hidden) var notifyFd: Int32?
@@ -75,6 +77,7 @@ struct Mount: ParsableCommand {
         if let reserveMb, !(0...(1 << 30)).contains(reserveMb) { throw ValidationError("--reserve-mb must be 0...1073741824") }
         if !["agent", "hub"].contains(uploadCompression) { throw ValidationError("--upload-compression must be agent or hub") }
         if !["auto", "off"].contains(localReads) { throw ValidationError("--local-reads must be auto or off") }
+        if !["auto", "off"].contains(localWrites) { throw ValidationError("--local-writes must be auto or off") }
     }
 
     func run() throws {
@@ -84,7 +87,8 @@ struct Mount: ParsableCommand {
             try Mounter.validateMountpoint(point)
             var arguments = ["mount", source, point, "--write-buffer-mb", "\(writeBufferMb)", "--cache-mb", "\(cacheMb)",
                              "--durability", durability, "--attr-timeout", "\(attrTimeout)", "--hub-timeout", "\(hubTimeout)",
-                             "--upload-compression", uploadCompression, "--local-reads", localReads]
+                             "--upload-compression", uploadCompression, "--local-reads", localReads,
+                             "--local-writes", localWrites]
             if let reserveMb { arguments += ["--reserve-mb", "\(reserveMb)"] }
             if let pidFile { arguments += ["--pid-file", URL(fileURLWithPath: pidFile).standardizedFileURL.path] }
             let log = logFile ?? "/tmp/weft-agent-\(point.replacingOccurrences(of: "/", with: "_")).log"
@@ -101,6 +105,7 @@ struct Mount: ParsableCommand {
         request.reserveBytes = reserveMb.map { UInt64($0) << 20 }
         request.compressUploads = uploadCompression == "agent"
         request.localReads = localReads == "auto"
+        request.localWrites = localWrites == "auto"
         request.pidFile = pidFile
         request.notifyFD = notifyFd
         try Mounter.run(request, logger: WeftLogging.logger("weft.agent"))

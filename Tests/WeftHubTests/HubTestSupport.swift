@@ -14,8 +14,9 @@ import WeftProto
 enum HubTransport: String {
     case inProcess
     case tcp
-    /// TCP, with the server offering co-located reads and the client taking them (SPEC.md §4,
-    /// Co-located reads): reads come from the store, everything else over TCP.
+    /// TCP, with the server offering co-located reads and the client taking them, and its
+    /// writes (SPEC.md §4, Co-located reads and writes): reads come from the store, objects are
+    /// written into it and handed over, everything else goes over TCP.
     case tcpLocalReads
 
     var isNetwork: Bool { self != .inProcess }
@@ -66,6 +67,7 @@ final class HubUnderTest {
             if transport == .tcpLocalReads {
                 try server.offerLocalReads(chunkDirectory: hub.chunks.directory)
                 remote.localReads = true
+                remote.localWrites = true
             }
             self.server = server
             self.remote = remote

@@ -28,6 +28,8 @@ final class LocalReadHubConformanceTests: HubConformanceTests {
         XCTAssertEqual(destination, data)
         XCTAssertEqual(remote.localReadCount, 1)
         XCTAssertEqual(remote.storedBlockReadCount, 0)
+        XCTAssertEqual(remote.localWriteCount, 1, "and its writes go into the store")
+        XCTAssertEqual(remote.payloadBytes.all, 0)
     }
 }
 
@@ -113,11 +115,18 @@ final class LocalReadTests: XCTestCase {
         let relayPort = try relay.listen(host: "127.0.0.1", port: 0)
         let relayed = RemoteHub(address: .tcp(host: "127.0.0.1", port: relayPort), logger: testLogger("weft.hub.client.relayed"))
         relayed.localReads = true
+        relayed.localWrites = true
         cleanups.append { relayed.close() }
         let context = RequestContext(session: try relayed.openSession(agentName: "relayed").0, credentials: rootCaller)
         XCTAssertTrue(try read(relayed, context, id, count: data.count) == data)
         XCTAssertEqual(relayed.localReadCount, 0)
         XCTAssertEqual(relayed.storedBlockReadCount, 1)
+        // Writes too go over the relay: no store to write into.
+        let written = try relayed.allocateSliceIDs(context, count: 1)
+        try data.withUnsafeBytes { try relayed.writeSlice(context, id: written, bytes: $0) }
+        XCTAssertEqual(relayed.localWriteCount + relayed.localWriteFallbacks, 0)
+        XCTAssertEqual(relayed.payloadBytes.all, data.count)
+        XCTAssertTrue(try read(relayed, context, written, count: data.count) == data)
         XCTAssertEqual(server.localReadHandshakes, 0, "no descriptor went through the relay's connection")
     }
 

@@ -85,6 +85,7 @@ enum WireSamples {
         .unlinkEntry(context, parent: 24, name: otherName),
         .createOpen(context, parent: 23, name: name, mode: 0o100600, umask: 0o027, flags: Int32(bitPattern: 0x8000_00C2),
                     writeLease: true),
+        .adoptObject(context, id: 1 << 40 | 0xAB, tag: 0x8000_0001),
     ]
 
     /// Variants that exercise optional and empty fields.
@@ -122,7 +123,7 @@ enum WireSamples {
         case .readBlocks:
             preconditionFailure("readBlocks has no HubResponse")
         case .closeSession, .unlink, .rmdir, .rename, .access, .release, .setxattr, .removexattr, .writeSlice, .writeObject, .sync, .ping, .fence,
-             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier, .syncFile:
+             .enableLeases, .recall, .releaseUploads, .deleteObjects, .discardUploads, .releaseMany, .barrier, .syncFile, .adoptObject:
             return .empty
         case .acquireWriteLease, .reclaimWriteLease:
             return .flag(true)

@@ -126,3 +126,60 @@ def test_only_root_or_weftds_user_gets_the_store(weft):
     os.waitpid(child, 0)
     assert answer == b"WEFTLR" + bytes([errno.EPERM, 0]) + bytes([0]), answer
     assert "co-located reads refused to a process of another user" in weft.daemon.log_path.read_text("utf-8", "replace")
+
+
+WRITES = re.compile(r"co-located writes: (\d+) object\(s\) written into the hub's store, (\d+) sent to the hub")
+
+
+def _temporary_files(weft) -> list[str]:
+    return sorted(str(p) for p in (weft.hub_dir / "chunks").rglob("*.tmp"))
+
+
+def test_an_agent_beside_weftd_writes_into_the_store(weft):
+    """Co-located writes (SPEC.md §4): the agent writes each object into weftd's store and
+    weftd takes it over; nothing is left under a temporary name, and weftd counts, syncs and
+    checks the objects as its own."""
+    weft.require_weft("reads weftd's store")
+    weft.require_mode("remote")
+    data = random.Random(5605).randbytes(9 * MiB + 777)
+    write_file(weft.path / "f", data, fsync=True)
+    write_file(weft.path / "small", b"tiny", fsync=True)
+    mount = weft.mount_obj
+    weft.unmount()
+    try:
+        found = WRITES.findall(_log(mount))
+        assert found, _log(mount)[-3000:]
+        adopted, sent = int(found[-1][0]), int(found[-1][1])
+        assert adopted >= 4 and sent == 0, (adopted, sent)     # three chunks of f at least, and small
+    finally:
+        weft.mount()
+    assert _temporary_files(weft) == []
+    assert read_file(weft.path / "f") == data
+    assert read_file(weft.path / "small") == b"tiny"
+    r = weft.cli.weft("fsck", weft.daemon.url)
+    assert r.rc == 0 and "clean" in r.out, r.describe()
+    r = weft.cli.weft("status", weft.daemon.url, "--json")
+    assert r.rc == 0 and '"chunks"' in r.out, r.describe()
+    # An agent with --local-writes off sends them over TCP, and says nothing of the store.
+    other = weft.add_agent("mnt-w", options=["--local-writes", "off"])
+    write_file(other / "g", data[:5 * MiB], fsync=True)
+    assert read_file(weft.path / "g") == data[:5 * MiB]
+    r = weft.cli.weft("mount", weft.daemon.url, str(weft.res.new_dir("mnt-y")), "--local-writes", "maybe")
+    assert r.rc != 0 and "--local-writes must be auto or off" in r.err, r.describe()
+
+
+def test_weftd_removes_an_agents_leftover_temporary_files_when_it_starts(weft):
+    """An agent killed between writing an object into the store and weftd's taking it over
+    leaves a temporary file: weftd removes it when it next starts, and fsck stays clean."""
+    weft.require_weft("restarts weftd")
+    weft.require_mode("remote")
+    data = random.Random(5606).randbytes(2 * MiB)
+    write_file(weft.path / "f", data, fsync=True)
+    with weft.offline():
+        leftover = weft.hub_dir / "chunks" / "3c" / "000000000000ff3c.80000007.tmp"
+        leftover.write_bytes(b"half an object")
+    assert not leftover.exists()
+    assert "removed interrupted chunk write" in weft.daemon.log_path.read_text("utf-8", "replace")
+    assert read_file(weft.path / "f") == data
+    r = weft.cli.weft("fsck", weft.daemon.url)
+    assert r.rc == 0 and "clean" in r.out, r.describe()
