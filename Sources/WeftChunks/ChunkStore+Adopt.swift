@@ -59,11 +59,14 @@ extension ChunkStore {
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         let layout: ChunkLayout
         do {
-            layout = try readLayout(fd, id)
-        } catch let error as WeftError where error.errno == EIO {
-            throw refuse(WeftError(EBADMSG, "the agent's object \(hex(id)) fails its check: \(error.message)"))
+            layout = try readLayout(fd, id, adopting: true)
         } catch let error as WeftError {
-            throw refuse(error)
+            let temporary = FileIO.withObjectPath(id, suffix: tag) { String(cString: $0) }
+            logger.error("refused an agent's chunk \(hex(id)): \(error.message); file \(directory)/\(temporary)")
+            throw refuse(error.errno == EBADMSG ? WeftError(EBADMSG, "the agent's chunk \(hex(id)) fails its check: \(error.message)")
+                                                : error)
+        } catch {
+            throw refuse(WeftError(EIO, "the agent's chunk \(hex(id)): \(error)"))
         }
         guard layout.rawLength <= maxRawLength else {
             throw refuse(WeftError(EINVAL, "slice larger than a chunk (\(layout.rawLength) bytes, at most \(maxRawLength))"))
@@ -71,8 +74,8 @@ extension ChunkStore {
         do {
             try checkReserve(id, bytes: 0)
             try placeTemporary(id, suffix: tag)
-        } catch let error as WeftError {
-            throw refuse(error)
+        } catch {
+            throw refuse(error as? WeftError ?? WeftError(EIO, "the agent's chunk \(hex(id)): \(error)"))
         }
         try written(id, fd: fd, layout: layout)
     }

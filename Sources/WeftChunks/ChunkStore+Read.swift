@@ -118,8 +118,9 @@ extension ChunkStore {
         }
     }
 
-    /// Reads and validates the header of the object open at `fd`.
-    func readLayout(_ fd: Int32, _ id: SliceID) throws -> ChunkLayout {
+    /// Reads and validates the header of the object open at `fd`. `adopting`: a header that
+    /// fails is EBADMSG, not logged as damage of the stored object (an agent's file, `adopt`).
+    func readLayout(_ fd: Int32, _ id: SliceID, adopting: Bool = false) throws -> ChunkLayout {
         let fileBytes: Int
         do {
             fileBytes = try FileIO.fileBytes(fd)
@@ -139,6 +140,7 @@ extension ChunkStore {
             return try ChunkFormat.decodeHeader(UnsafeRawBufferPointer(rebasing: buffer[0..<got]),
                                                 fileBytes: fileBytes, expectedID: id)
         } catch {
+            if adopting { throw WeftError(EBADMSG, "\(error.block): \(error.reason)") }
             throw damaged(id, block: error.block, reason: error.reason)
         }
     }

@@ -251,8 +251,14 @@ public final class ChunkStore: @unchecked Sendable {
     /// queued: its caller gives it to the journaled passes. A temporary file (`writeTemporary`)
     /// is only closed: it is weftd's to count once it takes it over (`adopt`).
     func written(_ id: SliceID, fd: Int32, layout: ChunkLayout, finish: Finish = .link) throws {
-        if case .temporary = finish {
-            close(fd)
+        if case let .temporary(tag) = finish {
+            // Its writeback errors are weftd's fsync's to see (SPEC.md §4, Co-located writes),
+            // except one that a file system reports at close (NFS): then it is not handed over.
+            guard close(fd) == 0 else {
+                let failure = FileIO.Failure(call: "close", errno: errno)
+                removeTemporary(id, suffix: tag)
+                throw writeFailure(id, failure)
+            }
             return
         }
         if finish == .replace {
@@ -314,6 +320,13 @@ public final class ChunkStore: @unchecked Sendable {
             openat(root, $0, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         }
         guard fd >= 0 else { throw writeFailure(id, FileIO.Failure(call: "create", errno: errno)) }
+        // An agent's file is weftd's to open, whatever the agent's umask (SPEC.md §4, Co-located writes).
+        if case .temporary = finish, fchmod(fd, 0o644) != 0 {
+            let failure = FileIO.Failure(call: "fchmod", errno: errno)
+            close(fd)
+            removeTemporary(id, suffix: suffix)
+            throw writeFailure(id, failure)
+        }
         do {
             if let direct, try writeDirect(fd, header: header, payload: direct) {
                 // Written.

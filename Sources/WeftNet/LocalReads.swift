@@ -250,6 +250,9 @@ struct LocalStoreState: @unchecked Sendable {
     weak var connection: ClientConnection?
     /// The hub's store, or nil: not offered, refused, or being asked for.
     var store: ChunkStore?
+    /// Whether objects are no longer written into the store on this connection (a local write
+    /// or a hand-over failed in a way that would repeat).
+    var writesOff = false
 }
 
 extension RemoteHub {
@@ -329,18 +332,22 @@ extension RemoteHub {
 
     /// Writes object `id` into the co-located store and has the hub take it over (SPEC.md §4,
     /// Co-located writes): true if it did; false to send it over TCP (no store, a local write
-    /// that failed, a hub that does not adopt or refused the file's header). Any other refusal
-    /// of the hub is the write's error.
+    /// that failed, a hub that does not adopt, or refused the file for a reason TCP avoids).
+    /// Any other refusal of the hub is the write's error.
     func writeLocally(_ context: RequestContext, id: SliceID, bytes: UnsafeRawBufferPointer) throws -> Bool {
-        guard !unknownOpcodes.withLock({ $0.contains(.adoptObject) }), let store = localStore() else { return false }
-        let tag = ChunkStore.adoptedTagBit | (localWriteTags.wrappingAdd(1, ordering: .relaxed).newValue & ~ChunkStore.adoptedTagBit)
+        guard !unknownOpcodes.withLock({ $0.contains(.adoptObject) }),
+              DispatchTime.now().uptimeNanoseconds >= localWritesPausedUntilNs.load(ordering: .relaxed),
+              let store = localStore(), let connection = currentConnection(),
+              !localStoreState.withLock({ $0.connection === connection && $0.writesOff }) else { return false }
+        // Random, so that no other client can guess the name of a file in flight.
+        let tag = ChunkStore.adoptedTagBit | UInt32.random(in: 1...(ChunkStore.adoptedTagBit - 1))
         let compression: Compression = compressingSessions.withLock { $0.contains(context.session) } ? .zstd : .none
+        testBeforeLocalWrite?(id, tag)
         do {
             try store.writeTemporary(id: id, data: bytes, tag: tag, compression: compression)
         } catch {
             localWritesFellBack.add(1, ordering: .relaxed)
-            logger.debug("co-located write of chunk \(hex(id)) failed; sending it to the hub: \(error)",
-                         metadata: ["hub": "\(address)"])
+            stopLocalWrites(after: error, on: connection, "writing chunk \(hex(id)) into the hub's store failed")
             return false
         }
         testBeforeAdopt?(id, tag)
@@ -348,12 +355,13 @@ extension RemoteHub {
             try adoptObject(context, id: id, tag: tag)
             localWritesServed.add(1, ordering: .relaxed)
             return true
-        } catch let error as WeftError where error.errno == ENOSYS || error.errno == EBADMSG {
+        } catch let error as WeftError where [ENOSYS, EBADMSG, EACCES, EPERM, ENOENT, ENOSPC].contains(error.errno) {
+            // ENOENT: a file the hub cannot see (a restarted hub removed it); ENOSPC: the hub's
+            // reserve, which it checks before a TCP write stores anything.
             if error.errno == ENOSYS {
                 unknownOpcodes.withLock { _ = $0.insert(.adoptObject) }
-            } else {
-                logger.error("the hub refused a chunk written into its store; sending it over TCP",
-                             metadata: ["hub": "\(address)", "chunk": "\(hex(id))", "error": "\(error)"])
+            } else if error.errno != ENOENT {
+                stopLocalWrites(after: error, on: connection, "the hub refused chunk \(hex(id)) written into its store")
             }
             store.removeTemporary(id: id, tag: tag)
             localWritesFellBack.add(1, ordering: .relaxed)
@@ -364,4 +372,25 @@ extension RemoteHub {
             throw error
         }
     }
+
+    /// After a failed co-located write: ENOSPC pauses them for `localWritesPauseNs` (objects go
+    /// over TCP meanwhile, refused by the hub before anything is written); anything else stops
+    /// them on this connection, logged once.
+    private func stopLocalWrites(after error: Error, on connection: ClientConnection, _ what: String) {
+        if (error as? WeftError)?.errno == ENOSPC {
+            localWritesPausedUntilNs.store(DispatchTime.now().uptimeNanoseconds + Self.localWritesPauseNs, ordering: .relaxed)
+            logger.debug("\(what): no space; objects go over TCP for a while", metadata: ["hub": "\(address)"])
+            return
+        }
+        let first = localStoreState.withLock { state -> Bool in
+            guard state.connection === connection, !state.writesOff else { return false }
+            state.writesOff = true
+            return true
+        }
+        if first {
+            logger.notice("co-located writes off for this connection: \(what): \(error)", metadata: ["hub": "\(address)"])
+        }
+    }
+
+    static let localWritesPauseNs: UInt64 = 5_000_000_000
 }

@@ -108,9 +108,11 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     let localWritesWanted = Atomic<Bool>(false)
     let localWritesServed = Atomic<Int>(0)
     let localWritesFellBack = Atomic<Int>(0)
-    /// Counts the temporary files of objects written into the store (their tags).
-    let localWriteTags = Atomic<UInt32>(0)
-    /// Test hook: runs between an object's write into the store and the hub's taking it over.
+    /// Until when (uptime ns) objects go over TCP after the store's disk was full.
+    let localWritesPausedUntilNs = Atomic<UInt64>(0)
+    /// Test hooks: run before an object's write into the store, and between that write and the
+    /// hub's taking it over.
+    var testBeforeLocalWrite: (@Sendable (SliceID, UInt32) -> Void)?
     var testBeforeAdopt: (@Sendable (SliceID, UInt32) -> Void)?
     /// Objects the hub took over from the store, and objects that tried it and went over TCP.
     public var localWriteCount: Int { localWritesServed.load(ordering: .relaxed) }

@@ -156,3 +156,18 @@ class HubTestCase: XCTestCase {
         super.tearDown()
     }
 }
+
+/// A test case whose hubs (`fixtures`) are shut down, and whose `cleanups` run (last first),
+/// when each test ends, failed or not.
+class FixtureTestCase: XCTestCase {
+    var fixtures: [HubUnderTest] = []
+    var cleanups: [() -> Void] = []
+
+    override func tearDown() {
+        for cleanup in cleanups.reversed() { cleanup() }
+        cleanups = []
+        for fixture in fixtures { fixture.shutdown() }
+        fixtures = []
+        super.tearDown()
+    }
+}

@@ -35,17 +35,7 @@ final class LocalReadHubConformanceTests: HubConformanceTests {
 
 /// What only co-located reads have: the handshake, who gets the store and who does not, and
 /// where a read that the store cannot serve goes.
-final class LocalReadTests: XCTestCase {
-    private var fixtures: [HubUnderTest] = []
-    private var cleanups: [() -> Void] = []
-
-    override func tearDown() {
-        for cleanup in cleanups.reversed() { cleanup() }
-        cleanups = []
-        for fixture in fixtures { fixture.shutdown() }
-        fixtures = []
-        super.tearDown()
-    }
+final class LocalReadTests: FixtureTestCase {
 
     /// A hub with one 1 MiB object of seeded bytes, and a second client with co-located reads
     /// on; `offer` false: the server offers none.

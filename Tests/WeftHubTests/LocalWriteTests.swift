@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import Synchronization
 import WeftChunks
 import WeftTestSupport
 import XCTest
@@ -12,17 +13,7 @@ import WeftProto
 /// Co-located writes (SPEC.md §4): an agent with the hub's store writes each object there under
 /// a temporary name and the hub takes it over; what the hub refuses, and where a write that
 /// cannot go into the store goes.
-final class LocalWriteTests: XCTestCase {
-    private var fixtures: [HubUnderTest] = []
-    private var cleanups: [() -> Void] = []
-
-    override func tearDown() {
-        for cleanup in cleanups.reversed() { cleanup() }
-        cleanups = []
-        for fixture in fixtures { fixture.shutdown() }
-        fixtures = []
-        super.tearDown()
-    }
+final class LocalWriteTests: FixtureTestCase {
 
     /// A weftd-like hub (TCP, offering its store) and a client with co-located reads and writes.
     private func coLocated(compression: Compression = .none)
@@ -77,6 +68,7 @@ final class LocalWriteTests: XCTestCase {
         XCTAssertEqual(client.payloadBytes.all, 0, "no data went over TCP")
         XCTAssertEqual(hub.hub.adoptedObjectCount, 1)
         XCTAssertEqual(Self.temporaryFiles(hub), [])
+        XCTAssertTrue(hub.hub.chunks.awaitsSync(id: id), "queued for the next sync pass, as the hub's own")
         let status = try client.status()
         XCTAssertEqual(status.chunks, 1, "counted as the hub's own")
         let file = try XCTUnwrap(hub.chunkFile(of: id))
@@ -133,23 +125,69 @@ final class LocalWriteTests: XCTestCase {
     }
 
     /// A write into the store that fails (here: the temporary name is taken) sends the object
-    /// over TCP, and leaves what it found alone.
+    /// over TCP, leaves what it found alone, and stops co-located writes on the connection.
     func testALocalWriteThatFailsGoesOverTCP() throws {
         let (hub, client, context) = try coLocated()
-        let id = try client.allocateSliceIDs(context, count: 1)
-        let taken = Self.temporaryPath(hub, id, tag: ChunkStore.adoptedTagBit | 1)
-        XCTAssertTrue(FileManager.default.createFile(atPath: taken, contents: Data([1, 2, 3])))
+        let taken = Mutex<String?>(nil)
+        let directory = hub.directory
+        client.testBeforeLocalWrite = { id, tag in
+            let path = directory + "/chunks/" + String(format: "%02llx/%016llx.%08x.tmp", id & 0xFF, id, tag)
+            guard taken.withLock({ $0 == nil }) else { return }
+            taken.withLock { $0 = path }
+            _ = FileManager.default.createFile(atPath: path, contents: Data([1, 2, 3]))
+        }
         let data = alignedBytes(300_000, seed: 3)
+        let id = try client.allocateSliceIDs(context, count: 1)
         try client.writeSlice(context, id: id, bytes: UnsafeRawBufferPointer(data))
         XCTAssertEqual(client.localWriteCount, 0)
         XCTAssertEqual(client.localWriteFallbacks, 1)
         XCTAssertEqual(client.payloadBytes.all, data.count)
-        XCTAssertEqual(FileManager.default.contents(atPath: taken), Data([1, 2, 3]))
+        XCTAssertEqual(FileManager.default.contents(atPath: try XCTUnwrap(taken.withLock { $0 })), Data([1, 2, 3]))
         XCTAssertTrue(try read(hub.hub, context, id, count: data.count) == Array(data))
-        // The next object goes into the store again.
+        // The next object goes over TCP without trying the store.
         let next = try client.allocateSliceIDs(context, count: 1)
         try client.writeSlice(context, id: next, bytes: UnsafeRawBufferPointer(data))
+        XCTAssertEqual(client.localWriteCount, 0)
+        XCTAssertEqual(client.localWriteFallbacks, 1)
+        XCTAssertEqual(client.payloadBytes.all, 2 * data.count)
+        XCTAssertTrue(try read(hub.hub, context, next, count: data.count) == Array(data))
+    }
+
+    /// A hub whose disk is inside its reserve refuses the file (ENOSPC, removed); the object
+    /// then goes over TCP, where the hub refuses it before anything is written, and so do the
+    /// next ones for a while, also once there is room again.
+    func testAFullHubDiskSendsObjectsOverTCPForAWhile() throws {
+        let (hub, client, context) = try coLocated()
+        let chunks = hub.hub.chunks
+        chunks.setReserve(try chunks.space().freeBytes + (1 << 30))
+        let data = alignedBytes(300_000, seed: 5)
+        let first = try client.allocateSliceIDs(context, count: 3)
+        XCTAssertErrno(ENOSPC, try client.writeSlice(context, id: first, bytes: UnsafeRawBufferPointer(data)))
+        XCTAssertEqual(client.localWriteFallbacks, 1)
+        XCTAssertEqual(Self.temporaryFiles(hub), [])
+        XCTAssertErrno(ENOSPC, try client.writeSlice(context, id: first + 1, bytes: UnsafeRawBufferPointer(data)))
+        XCTAssertEqual(client.localWriteFallbacks, 1, "not tried again at once")
+        chunks.setReserve(0)
+        try client.writeSlice(context, id: first + 2, bytes: UnsafeRawBufferPointer(data))
+        XCTAssertEqual(client.localWriteCount, 0)
+        XCTAssertEqual(client.payloadBytes.all, 3 * data.count)
+        XCTAssertTrue(try read(hub.hub, context, first + 2, count: data.count) == Array(data))
+        XCTAssertNil(hub.chunkFile(of: first))
+        XCTAssertNil(hub.chunkFile(of: first + 1))
+    }
+
+    /// The agent's umask does not keep the hub from reading its files.
+    func testAnAgentsUmaskDoesNotReachTheStoredFile() throws {
+        let (hub, client, context) = try coLocated()
+        let data = alignedBytes(200_000, seed: 6)
+        let id = try client.allocateSliceIDs(context, count: 1)
+        let previous = umask(0o077)
+        defer { umask(previous) }
+        try client.writeSlice(context, id: id, bytes: UnsafeRawBufferPointer(data))
         XCTAssertEqual(client.localWriteCount, 1)
+        let file = try XCTUnwrap(hub.chunkFile(of: id))
+        let mode = try XCTUnwrap(FileManager.default.attributesOfItem(atPath: file)[.posixPermissions] as? Int)
+        XCTAssertEqual(mode, 0o644)
     }
 
     /// A file whose header the hub refuses (damaged between the write and the hand-over) is
@@ -171,6 +209,11 @@ final class LocalWriteTests: XCTestCase {
         XCTAssertEqual(Self.temporaryFiles(hub), [])
         XCTAssertTrue(try read(hub.hub, context, id, count: data.count) == Array(data))
         XCTAssertEqual(hub.hub.adoptedObjectCount, 0)
+        // The store is not tried again on this connection.
+        let next = try client.allocateSliceIDs(context, count: 1)
+        try client.writeSlice(context, id: next, bytes: UnsafeRawBufferPointer(data))
+        XCTAssertEqual(client.localWriteFallbacks, 1)
+        XCTAssertEqual(client.payloadBytes.all, 2 * data.count)
     }
 
     /// What the hub itself refuses, each time with the temporary file removed (except one that

@@ -160,10 +160,16 @@ def test_an_agent_beside_weftd_writes_into_the_store(weft):
     assert r.rc == 0 and "clean" in r.out, r.describe()
     r = weft.cli.weft("status", weft.daemon.url, "--json")
     assert r.rc == 0 and '"chunks"' in r.out, r.describe()
-    # An agent with --local-writes off sends them over TCP, and says nothing of the store.
+    # An agent with --local-writes off sends them over TCP: it reads the store, writes nothing
+    # into it.
     other = weft.add_agent("mnt-w", options=["--local-writes", "off"])
     write_file(other / "g", data[:5 * MiB], fsync=True)
+    assert read_file(other / "f") == data
     assert read_file(weft.path / "g") == data[:5 * MiB]
+    result = weft.extra_mounts[-1].umount()
+    assert result.rc == 0, result.describe()
+    log = weft.extra_mounts[-1].log_file.read_text("utf-8", "replace")
+    assert "co-located reads: " in log and "co-located writes" not in log, log[-3000:]
     r = weft.cli.weft("mount", weft.daemon.url, str(weft.res.new_dir("mnt-y")), "--local-writes", "maybe")
     assert r.rc != 0 and "--local-writes must be auto or off" in r.err, r.describe()
 
@@ -179,7 +185,7 @@ def test_weftd_removes_an_agents_leftover_temporary_files_when_it_starts(weft):
         leftover = weft.hub_dir / "chunks" / "3c" / "000000000000ff3c.80000007.tmp"
         leftover.write_bytes(b"half an object")
     assert not leftover.exists()
-    assert "removed interrupted chunk write" in weft.daemon.log_path.read_text("utf-8", "replace")
+    assert "/chunks/3c/000000000000ff3c.80000007.tmp" in weft.daemon.log_path.read_text("utf-8", "replace")
     assert read_file(weft.path / "f") == data
     r = weft.cli.weft("fsck", weft.daemon.url)
     assert r.rc == 0 and "clean" in r.out, r.describe()

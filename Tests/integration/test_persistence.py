@@ -98,34 +98,38 @@ def test_data_survives_remount(weft):
 def test_uploads_to_a_zstd_volume_are_compressed_by_the_agent_or_by_the_hub(weft_factory):
     """Over weftd, an agent on a zstd volume compresses what it uploads (SPEC.md §4, "Compressed
     uploads"); with `--upload-compression hub` it sends raw bytes and weftd compresses them.
-    Either way the other mount reads every byte back, the volume stores less than the files
-    hold, fsck is clean, and each agent's last log line says what it compressed."""
+    Both agents here send over TCP (`--local-writes off`; the default agent beside weftd
+    writes compressed objects into its store itself, §4 Co-located writes). Either way the
+    other mounts read every byte back, the volume stores less than the files hold, fsck is
+    clean, and each agent's last log line says what it compressed."""
     weft = weft_factory(format_args=["--compression", "zstd", "--chunk-size", 1 << 20])
     weft.require_weft("checks Weft's own upload compression")
     weft.require_mode("remote")
-    raw_sender = weft.add_agent("mnt-hub-compresses", options=["--upload-compression", "hub"])
+    agent_sender = weft.add_agent("mnt-agent-compresses", options=["--local-writes", "off"])
+    raw_sender = weft.add_agent("mnt-hub-compresses", options=["--upload-compression", "hub", "--local-writes", "off"])
     text = b"".join(b"line %08d of a log that repeats itself\n" % i for i in range(60_000))[:2 * (1 << 20) + 4321]
-    write_file(weft.path / "by-agent", text)
+    write_file(agent_sender / "by-agent", text)
     write_file(raw_sender / "by-hub", text[::-1])
+    write_file(weft.path / "by-store", text[1:])
     assert read_file(raw_sender / "by-agent") == text
     assert read_file(weft.path / "by-hub") == text[::-1]
+    assert read_file(agent_sender / "by-store") == text[1:]
     status = weft.status()
     assert status["spaceUsedBytes"] < len(text), status
     for mount in weft.extra_mounts:
         result = mount.umount()
         assert result.rc == 0, result.describe()
-    compressing = weft.mount_obj.log_file
-    weft.unmount()
-    logs = {name: path.read_text("utf-8", "replace") for name, path in
-            (("agent", compressing), ("hub", weft.extra_mounts[0].log_file))}
+    logs = {name: mount.log_file.read_text("utf-8", "replace") for name, mount in
+            (("agent", weft.extra_mounts[0]), ("hub", weft.extra_mounts[1]))}
     sent = {name: re.findall(r"uploads compressed by this agent: (\d+) object\(s\), (\d+) bytes sent as (\d+) "
                              r"\(upload compression: (\w+)\)", text_) for name, text_ in logs.items()}
     assert len(sent["agent"]) == 1 and len(sent["hub"]) == 1, sent
     objects, raw, image, mode = sent["agent"][0]
     assert mode == "agent" and int(objects) >= 3 and int(raw) >= len(text) and int(image) < int(raw) // 4, sent
     assert sent["hub"][0] == ("0", "0", "0", "hub"), sent
-    weft.mount()
+    weft.remount()
     assert read_file(weft.path / "by-hub") == text[::-1]
+    assert read_file(weft.path / "by-store") == text[1:]
     r = weft.fsck()
     assert r.rc == 0, r.describe()
 
