@@ -456,9 +456,9 @@ def make_targets(context):
                    description="Weft agent + weftd hub on loopback (`weft mount weft://…`), strict durability"),
         WeftTarget(context, "weft-remote-tcp", remote=True, families=("seqwrite", "seqread", "randread"),
                    mount_options=["--local-reads", "off"],
-                   description="weft-remote with `--local-reads off`: file data over loopback TCP rather than from "
-                               "the store weftd hands a co-located agent (SPEC.md §4, Co-located reads); "
-                               "data workloads only (writes go over TCP either way), to show what the network path gives"),
+                   description="weft-remote with `--local-reads off`: file data read and written over loopback TCP "
+                               "rather than in the store weftd hands a co-located agent (SPEC.md §4, Co-located reads "
+                               "and writes); data workloads only, to show what the network path gives"),
         WeftTarget(context, "weft-embedded-relaxed", durability="periodic",
                    families=("metadata", "smallfiles", "fsync"),
                    description="Weft embedded with `--durability periodic` (WAL synced once a second); "
