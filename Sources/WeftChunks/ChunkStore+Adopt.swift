@@ -23,10 +23,12 @@ extension ChunkStore {
         try write(id: id, data: data, finish: .temporary(tag: tag), compression: compression)
     }
 
-    /// Removes the temporary file `writeTemporary` left for `tag`, if it is still there.
-    public func removeTemporary(id: SliceID, tag: UInt32) {
-        guard tag & Self.adoptedTagBit != 0 else { return }
-        removeTemporary(id, suffix: tag)
+    /// Removes the temporary file `writeTemporary` left for `tag`, if it is still there; false
+    /// if one is there still (a tag without `adoptedTagBit` is never removed).
+    @discardableResult
+    public func removeTemporary(id: SliceID, tag: UInt32) -> Bool {
+        guard tag & Self.adoptedTagBit != 0 else { return false }
+        return removeTemporary(id, suffix: tag)
     }
 
     /// Takes over the object that a co-located agent wrote under the temporary name of `tag`:

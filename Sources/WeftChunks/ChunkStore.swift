@@ -400,9 +400,10 @@ public final class ChunkStore: @unchecked Sendable {
         throw writeFailure(id, FileIO.Failure(call: "link", errno: linkError))
     }
 
-    /// Removes object `id`'s temporary file of `suffix`, if there is one.
-    func removeTemporary(_ id: SliceID, suffix: UInt32) {
-        _ = FileIO.withObjectPath(id, suffix: suffix) { unlinkat(root, $0, 0) }
+    /// Removes object `id`'s temporary file of `suffix`, if there is one; false if it is there still.
+    @discardableResult
+    func removeTemporary(_ id: SliceID, suffix: UInt32) -> Bool {
+        FileIO.withObjectPath(id, suffix: suffix) { unlinkat(root, $0, 0) == 0 || errno == ENOENT }
     }
 
     /// Writes `header` then `payload` from offset 0 of the fresh file `fd`, the page-multiple
@@ -628,6 +629,30 @@ public final class ChunkStore: @unchecked Sendable {
             try listFanOut(fanOut) { id, info in
                 let modifiedNs = Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec)
                 try body(id, UInt64(info.st_size), modifiedNs)
+            }
+        }
+    }
+
+    /// Calls `body` with each temporary file of a co-located agent's write (its suffix has
+    /// `adoptedTagBit`: never one of this store's own writes): the object id, the tag, the
+    /// file's size and modification time (nanoseconds since the epoch). `fsck` reports those
+    /// that no agent handed over (SPEC.md §4, Co-located writes).
+    public func forEachAgentTemporary(_ body: (SliceID, _ tag: UInt32, _ bytes: UInt64, _ modifiedNs: Int64) throws -> Void)
+        throws {
+        for fanOut in 0..<256 {
+            let name = FileIO.fanOutName(fanOut)
+            do {
+                try FileIO.forEachName(in: root, name) { entry, directoryFD in
+                    guard FileIO.hasTemporarySuffix(entry), let (id, tag) = FileIO.parseTemporaryName(entry),
+                          tag & Self.adoptedTagBit != 0 else { return }
+                    var info = stat()
+                    guard fstatat(directoryFD, entry, &info, AT_SYMLINK_NOFOLLOW) == 0 else { return }
+                    try body(id, tag, UInt64(info.st_size),
+                             Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec))
+                }
+            } catch let failure as FileIO.Failure {
+                logger.error("cannot list chunk directory \(directory)/\(name): \(failure.description)")
+                throw WeftError(EIO, "cannot list chunk directory \(directory)/\(name)")
             }
         }
     }

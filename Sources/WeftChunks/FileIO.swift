@@ -175,8 +175,21 @@ enum FileIO {
 
     /// Parses a 16-digit lower-case hex object name; nil for anything else.
     static func parseObjectName(_ name: UnsafePointer<CChar>) -> SliceID? {
-        var id: UInt64 = 0
-        for index in 0..<16 {
+        guard let id = parseHex(name, digits: 16) else { return nil }
+        return name[16] == 0 ? id : nil
+    }
+
+    /// The object id and suffix of a temporary name, "0123456789abcdef.0123abcd.tmp".
+    static func parseTemporaryName(_ name: UnsafePointer<CChar>) -> (id: SliceID, suffix: UInt32)? {
+        guard strlen(name) == 29, let id = parseHex(name, digits: 16), name[16] == CChar(UInt8(ascii: ".")),
+              let suffix = parseHex(name + 17, digits: 8), strcmp(name + 25, ".tmp") == 0 else { return nil }
+        return (id, UInt32(suffix))
+    }
+
+    /// The value of the first `digits` lowercase hexadecimal digits of `name`; nil if one is not.
+    private static func parseHex(_ name: UnsafePointer<CChar>, digits: Int) -> UInt64? {
+        var value: UInt64 = 0
+        for index in 0..<digits {
             let c = UInt8(bitPattern: name[index])
             let digit: UInt64
             switch c {
@@ -184,9 +197,9 @@ enum FileIO {
             case UInt8(ascii: "a")...UInt8(ascii: "f"): digit = UInt64(c - UInt8(ascii: "a") + 10)
             default: return nil
             }
-            id = id << 4 | digit
+            value = value << 4 | digit
         }
-        return name[16] == 0 ? id : nil
+        return value
     }
 
     static func hasTemporarySuffix(_ name: UnsafePointer<CChar>) -> Bool {

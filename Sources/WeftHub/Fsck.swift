@@ -53,6 +53,15 @@ struct Fsck {
             orphans.removeAll { busy.contains($0) || referencedNow.contains($0) }
             for id in orphans { report.problems.append("chunk \(id) is not referenced by any file (orphan)") }
         }
+        // Temporary files of co-located agents' writes that were never handed over (an agent
+        // killed in between), past the same grace as orphans (SPEC.md §4, Co-located writes).
+        var leftovers: [(id: SliceID, tag: UInt32)] = []
+        try hub.chunks.forEachAgentTemporary { id, tag, bytes, modifiedNs in
+            guard !agentsConnected || now - modifiedNs > Fsck.orphanGraceNs else { return }
+            leftovers.append((id, tag))
+            report.problems.append("chunk \(id): a co-located agent's temporary file (tag \(String(tag, radix: 16)), "
+                                   + "\(bytes) bytes) that was never handed over")
+        }
         var missing = Set(check.referencedSlices.keys).subtracting(present).union(vanished)
         if !missing.isEmpty {
             // Likewise: an object collected since the metadata was read is no longer referenced.
@@ -69,6 +78,14 @@ struct Fsck {
         if repair {
             for id in orphans { try hub.chunks.delete(id: id) }
             if !orphans.isEmpty { report.repaired.append("deleted \(orphans.count) orphan chunk object(s)") }
+            let kept = leftovers.filter { !hub.chunks.removeTemporary(id: $0.id, tag: $0.tag) }
+            for leftover in kept {
+                objectsLeft.append("chunk \(leftover.id): a co-located agent's temporary file (tag "
+                                   + "\(String(leftover.tag, radix: 16))) could not be removed")
+            }
+            if leftovers.count > kept.count {
+                report.repaired.append("removed \(leftovers.count - kept.count) temporary file(s) co-located agents never handed over")
+            }
             let lost = damaged.union(missing)
             if !lost.isEmpty {
                 try hub.meta.dropSliceReferences(lost)

@@ -299,4 +299,38 @@ final class LocalWriteTests: FixtureTestCase {
         XCTAssertEqual(try hub.readSlice(context, id: id, offset: 0, length: 65536), data, "the first one stays")
         XCTAssertEqual(try hub.fsck(repair: false).problems, [])
     }
+
+    /// A temporary file no agent handed over (the agent was killed in between) is reported by
+    /// fsck once no agent is connected (or after the orphans' grace) and removed by a repair;
+    /// the store's own temporary names are not an agent's.
+    func testFsckReportsAndRemovesTemporaryFilesNoAgentHandedOver() throws {
+        let fixture = try HubUnderTest(transport: .inProcess, chunkSizeBytes: 65536)
+        fixtures.append(fixture)
+        let hub = fixture.hub!
+        let session = try hub.openSession(agentName: "agent").0
+        let context = RequestContext(session: session, credentials: rootCaller)
+        let descriptor = open(hub.chunks.directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(descriptor, 0)
+        let agent = ChunkStore(readingFrom: descriptor, directory: hub.chunks.directory, logger: testLogger("weft.agent.store"))
+        let id = try hub.allocateSliceIDs(context, count: 1)
+        let tag = ChunkStore.adoptedTagBit | 0x1234
+        try [UInt8](repeating: 7, count: 5000).withUnsafeBytes {
+            try agent.writeTemporary(id: id, data: $0, tag: tag, compression: .none)
+        }
+        let own = Self.temporaryPath(fixture, id, tag: 0x42)
+        XCTAssertTrue(FileManager.default.createFile(atPath: own, contents: Data([1])))
+        defer { unlink(own) }
+        XCTAssertEqual(try hub.fsck(repair: false).problems, [], "an agent is connected, and the file is new")
+        try hub.closeSession(session)
+        let report = try hub.fsck(repair: false)
+        XCTAssertEqual(report.problems.count, 1, "\(report.problems)")
+        XCTAssertTrue(report.problems.first?.contains("temporary file (tag 80001234") == true, "\(report.problems)")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: Self.temporaryPath(fixture, id, tag: tag)), "a check changes nothing")
+        let repaired = try hub.fsck(repair: true)
+        XCTAssertEqual(repaired.repaired.filter { $0.contains("temporary file(s)") }.count, 1, "\(repaired.repaired)")
+        XCTAssertEqual(repaired.remaining, [])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: Self.temporaryPath(fixture, id, tag: tag)))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: own), "the store's own temporary file is not an agent's")
+        XCTAssertEqual(try hub.fsck(repair: false).problems, [])
+    }
 }

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import socket
+import time
 
 from posix_helpers import MiB, read_file, write_file
 from test_persistence import _corrupt_largest_chunk_file
@@ -189,3 +190,26 @@ def test_weftd_removes_an_agents_leftover_temporary_files_when_it_starts(weft):
     assert read_file(weft.path / "f") == data
     r = weft.cli.weft("fsck", weft.daemon.url)
     assert r.rc == 0 and "clean" in r.out, r.describe()
+
+
+def test_fsck_reports_and_removes_a_temporary_file_no_agent_handed_over(weft):
+    """While weftd runs, a file an agent wrote into the store and never handed over (killed in
+    between) stays; fsck reports it once it is older than the orphans' grace, and --repair
+    removes it (SPEC.md §4, Co-located writes)."""
+    weft.require_weft("reads weftd's store")
+    weft.require_mode("remote")
+    leftover = weft.hub_dir / "chunks" / "3d" / "000000000000ff3d.80000009.tmp"
+    leftover.write_bytes(b"half an object")
+    r = weft.cli.weft("fsck", weft.daemon.url)
+    assert r.rc == 0 and "clean" in r.out, r.describe()           # new, and an agent is connected
+    old = time.time() - 600
+    os.utime(leftover, (old, old))
+    r = weft.cli.weft("fsck", weft.daemon.url)
+    assert r.rc != 0 and "temporary file (tag 80000009" in r.out, r.describe()
+    assert leftover.exists()
+    r = weft.cli.weft("fsck", weft.daemon.url, "--repair")
+    assert r.rc == 0 and "temporary file(s) co-located agents never handed over" in r.out, r.describe()
+    assert not leftover.exists()
+    r = weft.cli.weft("fsck", weft.daemon.url)
+    assert r.rc == 0 and "clean" in r.out, r.describe()
+
