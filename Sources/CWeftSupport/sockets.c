@@ -116,17 +116,25 @@ int weft_peer_uid(int socket_fd, unsigned int *uid) {
     return 0;
 }
 
+/* Room for one descriptor's control message, aligned as a cmsghdr. */
+typedef union {
+    char buffer[CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+} weft_descriptor_control;
+
+/* A message of the one buffer `vector`, with no control data yet. */
+static void weft_single_buffer_message(struct msghdr *message, struct iovec *vector) {
+    memset(message, 0, sizeof(*message));
+    message->msg_iov = vector;
+    message->msg_iovlen = 1;
+}
+
 long weft_send_with_descriptor(int socket_fd, const void *bytes, size_t count, int descriptor) {
     struct iovec vector = { .iov_base = (void *)bytes, .iov_len = count };
-    union {
-        char buffer[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control;
-    struct msghdr message;
-    memset(&message, 0, sizeof(message));
+    weft_descriptor_control control;
     memset(&control, 0, sizeof(control));
-    message.msg_iov = &vector;
-    message.msg_iovlen = 1;
+    struct msghdr message;
+    weft_single_buffer_message(&message, &vector);
     if (descriptor >= 0) {
         message.msg_control = control.buffer;
         message.msg_controllen = sizeof(control.buffer);
@@ -145,14 +153,9 @@ long weft_send_with_descriptor(int socket_fd, const void *bytes, size_t count, i
 
 long weft_receive_with_descriptor(int socket_fd, void *bytes, size_t count, int *descriptor) {
     struct iovec vector = { .iov_base = bytes, .iov_len = count };
-    union {
-        char buffer[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control;
+    weft_descriptor_control control;
     struct msghdr message;
-    memset(&message, 0, sizeof(message));
-    message.msg_iov = &vector;
-    message.msg_iovlen = 1;
+    weft_single_buffer_message(&message, &vector);
     message.msg_control = control.buffer;
     message.msg_controllen = sizeof(control.buffer);
     *descriptor = -1;

@@ -626,10 +626,7 @@ public final class ChunkStore: @unchecked Sendable {
     /// meanwhile may or may not be reported. No lock is held while `body` runs.
     public func forEach(_ body: (SliceID, _ storedBytes: UInt64, _ modifiedNs: Int64) throws -> Void) throws {
         for fanOut in 0..<256 {
-            try listFanOut(fanOut) { id, info in
-                let modifiedNs = Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec)
-                try body(id, UInt64(info.st_size), modifiedNs)
-            }
+            try listFanOut(fanOut) { id, info in try body(id, UInt64(info.st_size), Self.modifiedNs(info)) }
         }
     }
 
@@ -640,19 +637,12 @@ public final class ChunkStore: @unchecked Sendable {
     public func forEachAgentTemporary(_ body: (SliceID, _ tag: UInt32, _ bytes: UInt64, _ modifiedNs: Int64) throws -> Void)
         throws {
         for fanOut in 0..<256 {
-            let name = FileIO.fanOutName(fanOut)
-            do {
-                try FileIO.forEachName(in: root, name) { entry, directoryFD in
-                    guard FileIO.hasTemporarySuffix(entry), let (id, tag) = FileIO.parseTemporaryName(entry),
-                          tag & Self.adoptedTagBit != 0 else { return }
-                    var info = stat()
-                    guard fstatat(directoryFD, entry, &info, AT_SYMLINK_NOFOLLOW) == 0 else { return }
-                    try body(id, tag, UInt64(info.st_size),
-                             Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec))
-                }
-            } catch let failure as FileIO.Failure {
-                logger.error("cannot list chunk directory \(directory)/\(name): \(failure.description)")
-                throw WeftError(EIO, "cannot list chunk directory \(directory)/\(name)")
+            try forEachName(inFanOut: fanOut) { entry, directoryFD in
+                guard FileIO.hasTemporarySuffix(entry), let (id, tag) = FileIO.parseTemporaryName(entry),
+                      tag & Self.adoptedTagBit != 0 else { return }
+                var info = stat()
+                guard fstatat(directoryFD, entry, &info, AT_SYMLINK_NOFOLLOW) == 0 else { return }
+                try body(id, tag, UInt64(info.st_size), Self.modifiedNs(info))
             }
         }
     }
@@ -708,25 +698,36 @@ public final class ChunkStore: @unchecked Sendable {
     /// objects of this directory are skipped.
     private func listFanOut(_ fanOut: Int, removingTemporaries: Bool = false,
                             _ body: (SliceID, stat) throws -> Void) throws {
+        try forEachName(inFanOut: fanOut) { entry, directoryFD in
+            if FileIO.hasTemporarySuffix(entry) {
+                if removingTemporaries && unlinkat(directoryFD, entry, 0) == 0 {
+                    logger.info("removed interrupted chunk write \(directory)/\(FileIO.fanOutName(fanOut))/\(String(cString: entry))")
+                }
+                return
+            }
+            guard let id = FileIO.parseObjectName(entry), Int(id & 0xFF) == fanOut else { return }
+            var info = stat()
+            guard fstatat(directoryFD, entry, &info, AT_SYMLINK_NOFOLLOW) == 0,
+                  info.st_mode & S_IFMT == S_IFREG
+            else { return }
+            try body(id, info)
+        }
+    }
+
+    /// Calls `body` with every name in one fan-out directory and that directory's descriptor;
+    /// a directory that cannot be listed is logged and EIO.
+    private func forEachName(inFanOut fanOut: Int, _ body: (UnsafePointer<CChar>, Int32) throws -> Void) throws {
         let name = FileIO.fanOutName(fanOut)
         do {
-            try FileIO.forEachName(in: root, name) { entry, directoryFD in
-                if FileIO.hasTemporarySuffix(entry) {
-                    if removingTemporaries && unlinkat(directoryFD, entry, 0) == 0 {
-                        logger.info("removed interrupted chunk write \(directory)/\(name)/\(String(cString: entry))")
-                    }
-                    return
-                }
-                guard let id = FileIO.parseObjectName(entry), Int(id & 0xFF) == fanOut else { return }
-                var info = stat()
-                guard fstatat(directoryFD, entry, &info, AT_SYMLINK_NOFOLLOW) == 0,
-                      info.st_mode & S_IFMT == S_IFREG
-                else { return }
-                try body(id, info)
-            }
+            try FileIO.forEachName(in: root, name, body)
         } catch let failure as FileIO.Failure {
             logger.error("cannot list chunk directory \(directory)/\(name): \(failure.description)")
             throw WeftError(EIO, "cannot list chunk directory \(directory)/\(name)")
         }
+    }
+
+    /// A file's modification time in nanoseconds since the epoch.
+    private static func modifiedNs(_ info: stat) -> Int64 {
+        Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec)
     }
 }

@@ -48,7 +48,11 @@ final class LocalWriteTests: FixtureTestCase {
 
     /// Object `id`'s temporary file of `tag` in `hub`'s store.
     private static func temporaryPath(_ hub: HubUnderTest, _ id: SliceID, tag: UInt32) -> String {
-        hub.directory + "/chunks/" + String(format: "%02llx/%016llx.%08x.tmp", id & 0xFF, id, tag)
+        temporaryPath(hubDirectory: hub.directory, id, tag: tag)
+    }
+
+    private static func temporaryPath(hubDirectory: String, _ id: SliceID, tag: UInt32) -> String {
+        hubDirectory + "/chunks/" + String(format: "%02llx/%016llx.%08x.tmp", id & 0xFF, id, tag)
     }
 
     /// Temporary files anywhere in `hub`'s store.
@@ -131,7 +135,7 @@ final class LocalWriteTests: FixtureTestCase {
         let taken = Mutex<String?>(nil)
         let directory = hub.directory
         client.testBeforeLocalWrite = { id, tag in
-            let path = directory + "/chunks/" + String(format: "%02llx/%016llx.%08x.tmp", id & 0xFF, id, tag)
+            let path = Self.temporaryPath(hubDirectory: directory, id, tag: tag)
             guard taken.withLock({ $0 == nil }) else { return }
             taken.withLock { $0 = path }
             _ = FileManager.default.createFile(atPath: path, contents: Data([1, 2, 3]))
@@ -196,7 +200,7 @@ final class LocalWriteTests: FixtureTestCase {
         let (hub, client, context) = try coLocated()
         let directory = hub.directory
         client.testBeforeAdopt = { id, tag in
-            let fd = open(directory + "/chunks/" + String(format: "%02llx/%016llx.%08x.tmp", id & 0xFF, id, tag), O_WRONLY)
+            let fd = open(Self.temporaryPath(hubDirectory: directory, id, tag: tag), O_WRONLY)
             guard fd >= 0 else { return }
             _ = pwrite(fd, [UInt8](repeating: 0xFF, count: 8), 8, 0)
             close(fd)
