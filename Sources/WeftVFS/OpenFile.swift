@@ -1,3 +1,4 @@
+import CWeftSupport
 import Foundation
 import Synchronization
 import WeftProto
@@ -19,8 +20,9 @@ struct Extent {
 }
 
 /// Growable bytes of one extent. Buffers for writes that start a chunk are chunk-sized and come
-/// from the VFS's `BufferPool` (memory already touched, reused without page faults); small
-/// extents grow on demand.
+/// from the VFS's `BufferPool` (memory already touched, reused without page faults; mapped by
+/// `BufferPool.map`, so that an O_DIRECT write from them reaches the disk in large requests);
+/// small extents grow on demand.
 final class ExtentBuffer {
     private(set) var pointer: UnsafeMutableRawPointer
     private(set) var capacity: Int
@@ -30,7 +32,8 @@ final class ExtentBuffer {
     init(capacity: Int, pooled: Bool, pointer: UnsafeMutableRawPointer? = nil) {
         self.capacity = capacity
         self.pooled = pooled
-        self.pointer = pointer ?? UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 4096)
+        self.pointer = pointer ?? (pooled ? BufferPool.map(capacity)
+                                          : UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 4096))
     }
 
     var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: pointer, count: count) }
@@ -66,7 +69,8 @@ final class ExtentBuffer {
     }
 
     deinit {
-        if capacity > 0 { pointer.deallocate() }
+        guard capacity > 0 else { return }
+        if pooled { BufferPool.unmap(pointer, capacity) } else { pointer.deallocate() }
     }
 }
 
@@ -102,11 +106,22 @@ final class BufferPool: @unchecked Sendable {
             lock.unlock()
         } else {
             lock.unlock()
-            pointer.deallocate()
+            Self.unmap(pointer, bufferBytes)
         }
     }
 
-    deinit { free.forEach { $0.deallocate() } }
+    deinit { free.forEach { Self.unmap($0, bufferBytes) } }
+
+    /// Memory of a pooled buffer: its own mapping, 2 MiB-aligned and advised for huge pages
+    /// (`weft_pages_map`, as the block cache's slabs).
+    static func map(_ bytes: Int) -> UnsafeMutableRawPointer {
+        guard let pointer = weft_pages_map(bytes) else {
+            fatalError("cannot map \(bytes) bytes of write buffer: \(String(cString: strerror(errno)))")
+        }
+        return pointer
+    }
+
+    static func unmap(_ pointer: UnsafeMutableRawPointer, _ bytes: Int) { weft_pages_unmap(pointer, bytes) }
 }
 
 /// A whole chunk taken out of a file's write buffer for a background upload (SPEC.md §7,

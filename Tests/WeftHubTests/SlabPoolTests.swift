@@ -57,6 +57,76 @@ final class SlabPoolTests: XCTestCase {
         XCTAssertEqual(resident.filter { $0 & 1 == 0 }.count, 0, "pages not yet resident")
     }
 
+    /// Pooled-size slabs are mappings of their own: from 2 MiB on, 2 MiB-aligned and advised
+    /// for huge pages (VM_HUGEPAGE, "hg" in smaps' VmFlags), so that O_DIRECT reads into them
+    /// reach the disk in large requests; a 1 MiB one is plain pages.
+    func testPooledSlabsAreMappedForHugePages() throws {
+        let pool = SlabPool(budgetBytes: 16 * mib)
+        var large: Slab? = Slab(capacity: 3 * mib + 5, pool: pool)
+        let small = Slab(capacity: mib, pool: pool)
+        let pointer = try XCTUnwrap(large).pointer
+        XCTAssertEqual(Int(bitPattern: pointer) % (2 * mib), 0, "a 2 MiB boundary")
+        XCTAssertEqual(Int(bitPattern: small.pointer) % Int(getpagesize()), 0)
+        let flags = try XCTUnwrap(Self.vmFlags(of: pointer), "the slab is a mapping of its own")
+        let smallFlags = try XCTUnwrap(Self.vmFlags(of: small.pointer))
+        if Self.kernelHasHugePages {
+            XCTAssertTrue(flags.contains("hg"), "advised MADV_HUGEPAGE: \(flags)")
+        }
+        XCTAssertFalse(smallFlags.contains("hg"), "under 2 MiB: not advised: \(smallFlags)")
+        // The whole slab is usable, and the memory goes back to the pool and is reused.
+        pointer.initializeMemory(as: UInt8.self, repeating: 0x5A, count: 4 * mib)
+        XCTAssertEqual(pointer.load(fromByteOffset: 4 * mib - 1, as: UInt8.self), 0x5A)
+        large = nil
+        XCTAssertNil(large)
+        XCTAssertEqual(pool.usage.pooled, 4 * mib)
+        XCTAssertEqual(Slab(capacity: 4 * mib, pool: pool).pointer, pointer)
+        pool.drain()
+        XCTAssertNil(Self.vmFlags(of: pointer), "drained memory is unmapped")
+        withExtendedLifetime(small) {}
+    }
+
+    /// The write buffers of a `BufferPool` are mapped the same way.
+    func testPooledWriteBuffersAreMappedForHugePages() throws {
+        let buffers = BufferPool(bufferBytes: 4 * mib, maxBuffers: 1)
+        let first = buffers.take()
+        XCTAssertEqual(Int(bitPattern: first.bytes.baseAddress!) % (2 * mib), 0)
+        if Self.kernelHasHugePages {
+            XCTAssertTrue(try XCTUnwrap(Self.vmFlags(of: UnsafeRawPointer(first.bytes.baseAddress!))).contains("hg"))
+        }
+        let second = buffers.take()
+        let kept = UnsafeRawPointer(first.bytes.baseAddress!)
+        let dropped = UnsafeRawPointer(second.bytes.baseAddress!)
+        buffers.give(first)
+        buffers.give(second)
+        XCTAssertEqual(buffers.idleCount, 1)
+        XCTAssertNotNil(Self.vmFlags(of: kept), "the pooled buffer is kept")
+        XCTAssertNil(Self.vmFlags(of: dropped), "the buffer beyond the pool's bound is unmapped")
+        XCTAssertEqual(UnsafeRawPointer(buffers.take().bytes.baseAddress!), kept)
+    }
+
+    /// Whether this kernel has transparent huge pages (else MADV_HUGEPAGE fails and the memory
+    /// stays small pages, which is all the agent needs).
+    static let kernelHasHugePages = FileManager.default.fileExists(atPath: "/sys/kernel/mm/transparent_hugepage/enabled")
+
+    /// The VmFlags of the mapping that holds `address` (/proc/self/smaps), nil if none does.
+    static func vmFlags(of address: UnsafeRawPointer) -> [String]? {
+        // Read to the end: /proc files report a size of 0.
+        guard let data = try? FileHandle(forReadingFrom: URL(fileURLWithPath: "/proc/self/smaps")).readToEnd(),
+              let smaps = String(data: data, encoding: .utf8) else { return nil }
+        let target = UInt(bitPattern: address)
+        var inside = false
+        for line in smaps.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            if let range = fields.first, range.contains("-"), !range.hasSuffix(":") {
+                let bounds = range.split(separator: "-").compactMap { UInt($0, radix: 16) }
+                inside = bounds.count == 2 && bounds[0] <= target && target < bounds[1]
+            } else if inside, fields.first == "VmFlags:" {
+                return fields.dropFirst().map(String.init)
+            }
+        }
+        return nil
+    }
+
     func testSmallSlabsAreNotPooled() {
         let pool = SlabPool(budgetBytes: 8 * mib)
         var slab: Slab? = Slab(capacity: 64 * 1024, pool: pool)

@@ -43,6 +43,12 @@ typedef struct {
 } weft_bulk_stats_t;
 weft_bulk_stats_t weft_bulk_stats(void);
 
+/// Page-aligned anonymous memory for O_DIRECT transfers (SPEC.md §7, Slab memory): `bytes` of
+/// 2 MiB or more start on a 2 MiB boundary and are advised MADV_HUGEPAGE. NULL with errno on
+/// failure. Free with weft_pages_unmap and the same `bytes`.
+void *weft_pages_map(size_t bytes);
+void weft_pages_unmap(void *pointer, size_t bytes);
+
 /// accept4(listener, NULL, NULL, SOCK_CLOEXEC): the new socket is never inherited by a child.
 int weft_accept_cloexec(int listener);
 
