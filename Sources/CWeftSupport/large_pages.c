@@ -14,23 +14,27 @@
 #define PAGE ((size_t)4096)
 #define LARGE_PAGE ((size_t)2 << 20)
 
-void *weft_pages_map(size_t bytes) {
+void *weft_pages_map(size_t bytes) { return weft_pages_map_with_header(bytes, 0); }
+
+void *weft_pages_map_with_header(size_t bytes, size_t header) {
     size_t length = (bytes + PAGE - 1) & ~(PAGE - 1);
     if (length == 0) length = PAGE;
-    if (length < LARGE_PAGE) {
+    if (length < header + LARGE_PAGE) {
         void *base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         return base == MAP_FAILED ? NULL : base;
     }
-    // Map one large page more than needed and trim both ends to a 2 MiB-aligned start.
+    // Map one large page more than needed and trim both ends so that base + header is
+    // 2 MiB-aligned.
     char *raw = mmap(NULL, length + LARGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) return NULL;
-    char *start = (char *)(((uintptr_t)raw + LARGE_PAGE - 1) & ~(uintptr_t)(LARGE_PAGE - 1));
-    size_t head = (size_t)(start - raw);
+    char *aligned = (char *)(((uintptr_t)raw + header + LARGE_PAGE - 1) & ~(uintptr_t)(LARGE_PAGE - 1));
+    char *base = aligned - header;
+    size_t head = (size_t)(base - raw);
     if (head > 0) munmap(raw, head);
     size_t tail = LARGE_PAGE - head;
-    if (tail > 0) munmap(start + length, tail);
-    (void)madvise(start, length, MADV_HUGEPAGE);  // best effort: EINVAL where THP is compiled out
-    return start;
+    if (tail > 0) munmap(base + length, tail);
+    (void)madvise(aligned, length - header, MADV_HUGEPAGE);  // best effort: EINVAL where THP is compiled out
+    return base;
 }
 
 void weft_pages_unmap(void *pointer, size_t bytes) {

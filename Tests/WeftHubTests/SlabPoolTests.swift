@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import XCTest
+import WeftTestSupport
 @testable import WeftVFS
 
 /// The pool behind large read slabs (SPEC.md §7, Slab memory): freed memory is reused, and the
@@ -67,9 +68,9 @@ final class SlabPoolTests: XCTestCase {
         let pointer = try XCTUnwrap(large).pointer
         XCTAssertEqual(Int(bitPattern: pointer) % (2 * mib), 0, "a 2 MiB boundary")
         XCTAssertEqual(Int(bitPattern: small.pointer) % Int(getpagesize()), 0)
-        let flags = try XCTUnwrap(Self.vmFlags(of: pointer), "the slab is a mapping of its own")
-        let smallFlags = try XCTUnwrap(Self.vmFlags(of: small.pointer))
-        if Self.kernelHasHugePages {
+        let flags = try XCTUnwrap(Mappings.flags(of: pointer), "the slab is a mapping of its own")
+        let smallFlags = try XCTUnwrap(Mappings.flags(of: small.pointer))
+        if Mappings.kernelHasHugePages {
             XCTAssertTrue(flags.contains("hg"), "advised MADV_HUGEPAGE: \(flags)")
         }
         XCTAssertFalse(smallFlags.contains("hg"), "under 2 MiB: not advised: \(smallFlags)")
@@ -81,7 +82,7 @@ final class SlabPoolTests: XCTestCase {
         XCTAssertEqual(pool.usage.pooled, 4 * mib)
         XCTAssertEqual(Slab(capacity: 4 * mib, pool: pool).pointer, pointer)
         pool.drain()
-        XCTAssertNil(Self.vmFlags(of: pointer), "drained memory is unmapped")
+        XCTAssertNil(Mappings.flags(of: pointer), "drained memory is unmapped")
         withExtendedLifetime(small) {}
     }
 
@@ -90,8 +91,8 @@ final class SlabPoolTests: XCTestCase {
         let buffers = BufferPool(bufferBytes: 4 * mib, maxBuffers: 1)
         let first = buffers.take()
         XCTAssertEqual(Int(bitPattern: first.bytes.baseAddress!) % (2 * mib), 0)
-        if Self.kernelHasHugePages {
-            XCTAssertTrue(try XCTUnwrap(Self.vmFlags(of: UnsafeRawPointer(first.bytes.baseAddress!))).contains("hg"))
+        if Mappings.kernelHasHugePages {
+            XCTAssertTrue(try XCTUnwrap(Mappings.flags(of: UnsafeRawPointer(first.bytes.baseAddress!))).contains("hg"))
         }
         let second = buffers.take()
         let kept = UnsafeRawPointer(first.bytes.baseAddress!)
@@ -99,32 +100,9 @@ final class SlabPoolTests: XCTestCase {
         buffers.give(first)
         buffers.give(second)
         XCTAssertEqual(buffers.idleCount, 1)
-        XCTAssertNotNil(Self.vmFlags(of: kept), "the pooled buffer is kept")
-        XCTAssertNil(Self.vmFlags(of: dropped), "the buffer beyond the pool's bound is unmapped")
+        XCTAssertNotNil(Mappings.flags(of: kept), "the pooled buffer is kept")
+        XCTAssertNil(Mappings.flags(of: dropped), "the buffer beyond the pool's bound is unmapped")
         XCTAssertEqual(UnsafeRawPointer(buffers.take().bytes.baseAddress!), kept)
-    }
-
-    /// Whether this kernel has transparent huge pages (else MADV_HUGEPAGE fails and the memory
-    /// stays small pages, which is all the agent needs).
-    static let kernelHasHugePages = FileManager.default.fileExists(atPath: "/sys/kernel/mm/transparent_hugepage/enabled")
-
-    /// The VmFlags of the mapping that holds `address` (/proc/self/smaps), nil if none does.
-    static func vmFlags(of address: UnsafeRawPointer) -> [String]? {
-        // Read to the end: /proc files report a size of 0.
-        guard let data = try? FileHandle(forReadingFrom: URL(fileURLWithPath: "/proc/self/smaps")).readToEnd(),
-              let smaps = String(data: data, encoding: .utf8) else { return nil }
-        let target = UInt(bitPattern: address)
-        var inside = false
-        for line in smaps.split(separator: "\n") {
-            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
-            if let range = fields.first, range.contains("-"), !range.hasSuffix(":") {
-                let bounds = range.split(separator: "-").compactMap { UInt($0, radix: 16) }
-                inside = bounds.count == 2 && bounds[0] <= target && target < bounds[1]
-            } else if inside, fields.first == "VmFlags:" {
-                return fields.dropFirst().map(String.init)
-            }
-        }
-        return nil
     }
 
     func testSmallSlabsAreNotPooled() {

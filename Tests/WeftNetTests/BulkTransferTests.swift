@@ -1,9 +1,11 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CWeftSupport
 import NIOCore
 import XCTest
 import WeftProto
+import WeftTestSupport
 @testable import WeftNet
 
 /// The bulk paths of SPEC.md §4 (Bulk transfers): the caching allocator, and frames built and
@@ -28,6 +30,25 @@ final class BulkTransferTests: XCTestCase {
         small.writeBytes([UInt8](repeating: 3, count: 100))
         XCTAssertEqual(bytes(small), [UInt8](repeating: 3, count: 100))
         _ = again
+    }
+
+    /// A block of 2 MiB or more starts on a 2 MiB boundary and is advised for huge pages, so a
+    /// hub's O_DIRECT transfers from and into frames reach the disk in large requests; its
+    /// header page in front is not advised.
+    func testLargeBlocksAreMappedForHugePages() throws {
+        let block = try XCTUnwrap(weft_bulk_allocate(4 << 20))
+        defer { weft_bulk_free(block) }
+        XCTAssertEqual(Int(bitPattern: block) % (2 << 20), 0, "a 2 MiB boundary")
+        XCTAssertGreaterThanOrEqual(weft_bulk_capacity(block), 4 << 20)
+        block.initializeMemory(as: UInt8.self, repeating: 7, count: 4 << 20)
+        let flags = try XCTUnwrap(Mappings.flags(of: block))
+        let header = try XCTUnwrap(Mappings.flags(of: block - 4096))
+        if Mappings.kernelHasHugePages { XCTAssertTrue(flags.contains("hg"), "\(flags)") }
+        XCTAssertFalse(header.contains("hg"), "\(header)")
+        let small = try XCTUnwrap(weft_bulk_allocate(1 << 20))
+        defer { weft_bulk_free(small) }
+        XCTAssertEqual(Int(bitPattern: small) % 4096, 0)
+        XCTAssertFalse(try XCTUnwrap(Mappings.flags(of: small)).contains("hg"), "under 2 MiB: small pages")
     }
 
     func testGrowingABufferKeepsItsBytes() {

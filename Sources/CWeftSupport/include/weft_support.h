@@ -47,6 +47,9 @@ weft_bulk_stats_t weft_bulk_stats(void);
 /// 2 MiB or more start on a 2 MiB boundary and are advised MADV_HUGEPAGE. NULL with errno on
 /// failure. Free with weft_pages_unmap and the same `bytes`.
 void *weft_pages_map(size_t bytes);
+/// The same with a `header` (a page multiple) in front of the aligned part: base + header is on
+/// a 2 MiB boundary, and only from there on is advised.
+void *weft_pages_map_with_header(size_t bytes, size_t header);
 void weft_pages_unmap(void *pointer, size_t bytes);
 
 /// accept4(listener, NULL, NULL, SOCK_CLOEXEC): the new socket is never inherited by a child.
