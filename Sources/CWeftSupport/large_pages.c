@@ -10,21 +10,32 @@
 #include "weft_support.h"
 #include <stdint.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
-#define PAGE ((size_t)4096)
 #define LARGE_PAGE ((size_t)2 << 20)
 
-void *weft_pages_map(size_t bytes) { return weft_pages_map_with_header(bytes, 0); }
+static size_t page_bytes(void) {
+    long page = sysconf(_SC_PAGESIZE);
+    return page > 0 ? (size_t)page : 4096;
+}
 
-void *weft_pages_map_with_header(size_t bytes, size_t header) {
-    size_t length = (bytes + PAGE - 1) & ~(PAGE - 1);
-    if (length == 0) length = PAGE;
-    if (length < header + LARGE_PAGE) {
+static size_t rounded_length(size_t bytes) {
+    size_t page = page_bytes();
+    size_t length = (bytes + page - 1) & ~(page - 1);
+    return length == 0 ? page : length;
+}
+
+// `bytes` (rounded up to pages) such that base + header is on a 2 MiB boundary, advised from
+// there on when `advise`. Plain pages, unaligned, when the mapping is too small for a large
+// page or the header is not a page multiple (kernels with pages over 4 KiB).
+static void *map_aligned(size_t bytes, size_t header, int advise) {
+    size_t page = page_bytes();
+    size_t length = rounded_length(bytes);
+    if (length < header + LARGE_PAGE || header % page != 0 || LARGE_PAGE % page != 0) {
         void *base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         return base == MAP_FAILED ? NULL : base;
     }
-    // Map one large page more than needed and trim both ends so that base + header is
-    // 2 MiB-aligned.
+    // Map one large page more than needed and trim both ends.
     char *raw = mmap(NULL, length + LARGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) return NULL;
     char *aligned = (char *)(((uintptr_t)raw + header + LARGE_PAGE - 1) & ~(uintptr_t)(LARGE_PAGE - 1));
@@ -33,12 +44,19 @@ void *weft_pages_map_with_header(size_t bytes, size_t header) {
     if (head > 0) munmap(raw, head);
     size_t tail = LARGE_PAGE - head;
     if (tail > 0) munmap(base + length, tail);
-    (void)madvise(aligned, length - header, MADV_HUGEPAGE);  // best effort: EINVAL where THP is compiled out
+    if (advise) (void)madvise(aligned, length - header, MADV_HUGEPAGE);  // best effort: EINVAL without THP
     return base;
 }
 
+void *weft_pages_map(size_t bytes) { return map_aligned(bytes, 0, 1); }
+
+void *weft_pages_map_with_header(size_t bytes, size_t header) { return map_aligned(bytes, header, 1); }
+
+void *weft_pages_map_unadvised(size_t bytes) { return map_aligned(bytes, 0, 0); }
+
+void weft_pages_advise(void *pointer, size_t bytes) { (void)madvise(pointer, bytes, MADV_HUGEPAGE); }
+
 void weft_pages_unmap(void *pointer, size_t bytes) {
     if (pointer == NULL) return;
-    size_t length = (bytes + PAGE - 1) & ~(PAGE - 1);
-    munmap(pointer, length == 0 ? PAGE : length);
+    munmap(pointer, rounded_length(bytes));
 }

@@ -20,14 +20,15 @@ struct Extent {
 }
 
 /// Growable bytes of one extent. Buffers for writes that start a chunk are chunk-sized and come
-/// from the VFS's `BufferPool` (memory already touched, reused without page faults; mapped by
-/// `BufferPool.map`, so that an O_DIRECT write from them reaches the disk in large requests);
-/// small extents grow on demand.
+/// from the VFS's `BufferPool` (memory already touched, reused without page faults; see
+/// `adviseLargePages` for huge pages); small extents grow on demand.
 final class ExtentBuffer {
     private(set) var pointer: UnsafeMutableRawPointer
     private(set) var capacity: Int
     private(set) var count = 0
     let pooled: Bool
+    /// Pooled buffers: the end of the 2 MiB ranges already considered for huge pages.
+    private var adviceConsideredBytes = 0
 
     init(capacity: Int, pooled: Bool, pointer: UnsafeMutableRawPointer? = nil) {
         self.capacity = capacity
@@ -56,9 +57,31 @@ final class ExtentBuffer {
             pointer = fresh
             capacity = grown
         }
+        if pooled { adviseLargePages(from: count, bytes: bytes) }
         try fill(UnsafeMutableRawBufferPointer(start: pointer + count, count: bytes))
         count += bytes
     }
+
+    /// A pooled buffer is mapped 2 MiB-aligned but not advised (`BufferPool.map`). Each 2 MiB
+    /// range is advised for huge pages (SPEC.md §7, Slab memory) when a write of at least
+    /// `largeWriteBytes` is the first to reach it, before the write touches it: a stream of
+    /// large writes then goes to the disk from 2 MiB pages, while a buffer that only takes a
+    /// small write keeps small pages and holds what was written (a huge page faulted in for a
+    /// 64 KiB write would hold 2 MiB of memory that the write-buffer bound does not count).
+    /// Appends are sequential, so a range is considered once, when the write that reaches it
+    /// begins at or before its start.
+    private func adviseLargePages(from start: Int, bytes: Int) {
+        let range = BufferPool.largePageBytes
+        var next = max(adviceConsideredBytes, (start + range - 1) / range * range)
+        while next < start + bytes, next + range <= capacity {
+            if bytes >= Self.largeWriteBytes { weft_pages_advise(pointer + next, range) }
+            next += range
+        }
+        adviceConsideredBytes = max(adviceConsideredBytes, next)
+    }
+
+    /// FUSE's largest write (max_write): a sequential writer of large blocks sends these.
+    static let largeWriteBytes = 1 << 20
 
     /// Hands the memory of a pooled buffer back (the buffer must not be used afterwards).
     func takePointer() -> UnsafeMutableRawPointer {
@@ -112,16 +135,18 @@ final class BufferPool: @unchecked Sendable {
 
     deinit { free.forEach { Self.unmap($0, bufferBytes) } }
 
-    /// Memory of a pooled buffer: its own mapping, 2 MiB-aligned and advised for huge pages
-    /// (`weft_pages_map`, as the block cache's slabs).
+    /// Memory of a pooled buffer: its own mapping, 2 MiB-aligned, advised for huge pages range
+    /// by range as large writes fill it (`ExtentBuffer.adviseLargePages`).
     static func map(_ bytes: Int) -> UnsafeMutableRawPointer {
-        guard let pointer = weft_pages_map(bytes) else {
+        guard let pointer = weft_pages_map_unadvised(bytes) else {
             fatalError("cannot map \(bytes) bytes of write buffer: \(String(cString: strerror(errno)))")
         }
         return pointer
     }
 
     static func unmap(_ pointer: UnsafeMutableRawPointer, _ bytes: Int) { weft_pages_unmap(pointer, bytes) }
+
+    static let largePageBytes = 2 << 20
 }
 
 /// A whole chunk taken out of a file's write buffer for a background upload (SPEC.md §7,

@@ -82,27 +82,51 @@ final class SlabPoolTests: XCTestCase {
         XCTAssertEqual(pool.usage.pooled, 4 * mib)
         XCTAssertEqual(Slab(capacity: 4 * mib, pool: pool).pointer, pointer)
         pool.drain()
-        XCTAssertNil(Mappings.flags(of: pointer), "drained memory is unmapped")
+        XCTAssertEqual(pool.usage.pooled, 0)
         withExtendedLifetime(small) {}
     }
 
-    /// The write buffers of a `BufferPool` are mapped the same way.
-    func testPooledWriteBuffersAreMappedForHugePages() throws {
+    /// The write buffers of a `BufferPool` are 2 MiB-aligned, and each 2 MiB range is advised
+    /// for huge pages only when a large write (1 MiB, FUSE's largest) is the first to reach it:
+    /// a buffer that takes only a small write keeps small pages.
+    func testWriteBuffersTakeHugePagesOnlyForLargeWrites() throws {
         let buffers = BufferPool(bufferBytes: 4 * mib, maxBuffers: 1)
-        let first = buffers.take()
-        XCTAssertEqual(Int(bitPattern: first.bytes.baseAddress!) % (2 * mib), 0)
-        if Mappings.kernelHasHugePages {
-            XCTAssertTrue(try XCTUnwrap(Mappings.flags(of: UnsafeRawPointer(first.bytes.baseAddress!))).contains("hg"))
+        let large = buffers.take()
+        let base = UnsafeRawPointer(try XCTUnwrap(large.bytes.baseAddress))
+        XCTAssertEqual(Int(bitPattern: base) % (2 * mib), 0)
+        func advised(_ address: UnsafeRawPointer) throws -> Bool {
+            try XCTUnwrap(Mappings.flags(of: address)).contains("hg")
         }
-        let second = buffers.take()
-        let kept = UnsafeRawPointer(first.bytes.baseAddress!)
-        let dropped = UnsafeRawPointer(second.bytes.baseAddress!)
-        buffers.give(first)
-        buffers.give(second)
-        XCTAssertEqual(buffers.idleCount, 1)
-        XCTAssertNotNil(Mappings.flags(of: kept), "the pooled buffer is kept")
-        XCTAssertNil(Mappings.flags(of: dropped), "the buffer beyond the pool's bound is unmapped")
-        XCTAssertEqual(UnsafeRawPointer(buffers.take().bytes.baseAddress!), kept)
+        XCTAssertFalse(try advised(base), "nothing advised before a write")
+        let block = [UInt8](repeating: 0x33, count: mib)
+        block.withUnsafeBytes { large.append($0) }
+        if Mappings.kernelHasHugePages {
+            XCTAssertTrue(try advised(base), "a 1 MiB write at the start advises the first 2 MiB")
+        }
+        XCTAssertFalse(try advised(base + 2 * mib), "the second 2 MiB not yet")
+        block.withUnsafeBytes { large.append($0) }
+        XCTAssertFalse(try advised(base + 2 * mib), "a write inside the first range does not reach the second")
+        block.withUnsafeBytes { large.append($0) }
+        if Mappings.kernelHasHugePages {
+            XCTAssertTrue(try advised(base + 2 * mib), "the write that reaches the second range advises it")
+        }
+        XCTAssertEqual(Array(large.bytes.suffix(4)), [0x33, 0x33, 0x33, 0x33])
+
+        // A small write first: its range stays small pages, even when large writes follow.
+        let small = buffers.take()
+        let smallBase = UnsafeRawPointer(try XCTUnwrap(small.bytes.baseAddress))
+        [UInt8](repeating: 1, count: 64 * 1024).withUnsafeBytes { small.append($0) }
+        block.withUnsafeBytes { small.append($0) }
+        XCTAssertFalse(try advised(smallBase), "\(Mappings.flags(of: smallBase) ?? [])")
+        block.withUnsafeBytes { small.append($0) }
+        if Mappings.kernelHasHugePages {
+            XCTAssertTrue(try advised(smallBase + 2 * mib), "a large write reaches the second range first")
+        }
+
+        buffers.give(large)
+        buffers.give(small)
+        XCTAssertEqual(buffers.idleCount, 1, "one kept, the other unmapped beyond the bound")
+        XCTAssertEqual(UnsafeRawPointer(try XCTUnwrap(buffers.take().bytes.baseAddress)), base)
     }
 
     func testSmallSlabsAreNotPooled() {

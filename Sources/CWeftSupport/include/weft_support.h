@@ -50,6 +50,11 @@ void *weft_pages_map(size_t bytes);
 /// The same with a `header` (a page multiple) in front of the aligned part: base + header is on
 /// a 2 MiB boundary, and only from there on is advised.
 void *weft_pages_map_with_header(size_t bytes, size_t header);
+/// The same alignment without the advice: the caller advises (weft_pages_advise) the 2 MiB
+/// ranges it will fill, so that a buffer that stays mostly empty keeps small pages.
+void *weft_pages_map_unadvised(size_t bytes);
+/// madvise(MADV_HUGEPAGE), best effort.
+void weft_pages_advise(void *pointer, size_t bytes);
 void weft_pages_unmap(void *pointer, size_t bytes);
 
 /// accept4(listener, NULL, NULL, SOCK_CLOEXEC): the new socket is never inherited by a child.
