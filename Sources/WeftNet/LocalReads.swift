@@ -248,7 +248,7 @@ struct LocalStoreState: @unchecked Sendable {
     /// The connection the store was asked for on (weak: a new connection asks again; a lost
     /// or closed one drops the store, `forgetLocalStore`).
     weak var connection: ClientConnection?
-    /// The hub's store, or nil: not offered, refused, or being asked for.
+    /// The hub's store, or nil: not offered or refused.
     var store: ChunkStore?
     /// Whether objects are no longer written into the store on this connection (a local write
     /// or a hand-over failed in a way that would repeat).
@@ -268,21 +268,31 @@ extension RemoteHub {
     }
 
     /// The co-located hub's store for the current connection, if it has one: asked for by the
-    /// connection's first read (the other reads meanwhile go to the hub).
+    /// connection's first read or write. Calls that need it while it is being asked for wait
+    /// for the answer (`localStoreAsking`): until 2026-12-07 they went over TCP meanwhile, so
+    /// the second of two chunks uploaded at once right after a mount was sent over TCP.
     func localStore() -> ChunkStore? {
         guard localReads, let connection = currentConnection() else { return nil }
-        let known: ChunkStore?? = localStoreState.withLock { state in
-            if state.connection === connection { return .some(state.store) }
-            state.connection = connection
-            state.store = nil
-            return .none
+        if let known = knownLocalStore(connection) { return known }
+        return localStoreAsking.withLock {
+            if let known = knownLocalStore(connection) { return known }
+            testWhileAskingForLocalStore?()
+            let store = openLocalStore(connection)
+            // A connection lost meanwhile keeps nothing (its store goes with this call). A new
+            // connection starts with writes into the store on (`writesOff` is per connection).
+            guard currentConnection() === connection else { return store }
+            localStoreState.withLock { state in
+                state = LocalStoreState()
+                state.connection = connection
+                state.store = store
+            }
+            return store
         }
-        if let known { return known }
-        let store = openLocalStore(connection)
-        localStoreState.withLock { state in
-            if state.connection === connection { state.store = store }
-        }
-        return store
+    }
+
+    /// The store asked for on `connection` (possibly nil: none), or nil if it was not asked for.
+    private func knownLocalStore(_ connection: ClientConnection) -> ChunkStore?? {
+        localStoreState.withLock { state in state.connection === connection ? .some(state.store) : .none }
     }
 
     private func openLocalStore(_ connection: ClientConnection) -> ChunkStore? {

@@ -4,6 +4,7 @@ import Glibc
 import Darwin
 #endif
 import Dispatch
+import Foundation
 import Logging
 import NIOCore
 import NIOPosix
@@ -93,6 +94,9 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     let localReadsWanted = Atomic<Bool>(false)
     /// The store opened for a connection; a new connection asks again.
     let localStoreState = Mutex(LocalStoreState())
+    /// Held while the hub is asked for its store, so that concurrent callers wait for the
+    /// answer rather than go over TCP meanwhile (`localStore`).
+    let localStoreAsking = NSLock()
     let localReadsServed = Atomic<Int>(0)
     let localReadsFellBack = Atomic<Int>(0)
     /// Reads served from a co-located hub's store, and reads that tried it and went to the hub.
@@ -114,6 +118,8 @@ public final class RemoteHub: HubAPI, @unchecked Sendable {
     /// hub's taking it over.
     var testBeforeLocalWrite: (@Sendable (SliceID, UInt32) -> Void)?
     var testBeforeAdopt: (@Sendable (SliceID, UInt32) -> Void)?
+    /// Runs while the hub is asked for its store (`localStore`; tests).
+    var testWhileAskingForLocalStore: (@Sendable () -> Void)?
     /// Objects the hub took over from the store, and objects that tried it and went over TCP.
     public var localWriteCount: Int { localWritesServed.load(ordering: .relaxed) }
     public var localWriteFallbacks: Int { localWritesFellBack.load(ordering: .relaxed) }

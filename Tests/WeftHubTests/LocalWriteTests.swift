@@ -94,6 +94,37 @@ final class LocalWriteTests: FixtureTestCase {
         XCTAssertEqual(try hub.api.fsck(repair: false).problems, [])
     }
 
+    /// Two chunks uploaded at once right after connecting (a writer's write-behind) both go
+    /// into the store: the second waits while the first asks the hub for it, rather than going
+    /// over TCP meanwhile.
+    func testWritesWhileTheStoreIsAskedForWaitForIt() throws {
+        let (hub, client, context) = try coLocated()
+        client.testWhileAskingForLocalStore = { usleep(300_000) }
+        let ids = try client.allocateSliceIDs(context, count: 2)
+        let data = [alignedBytes(1 << 20, seed: 61), alignedBytes(1 << 20, seed: 62)]
+        let failures = Mutex<[String]>([])
+        nonisolated(unsafe) let firstBytes = UnsafeRawBufferPointer(data[0])
+        let firstEnded = DispatchSemaphore(value: 0)
+        let first = Thread {
+            do { try client.writeSlice(context, id: ids, bytes: firstBytes) } catch {
+                failures.withLock { $0.append("\(error)") }
+            }
+            firstEnded.signal()
+        }
+        first.start()
+        usleep(100_000)     // the first write is now asking for the store
+        try client.writeSlice(context, id: ids + 1, bytes: UnsafeRawBufferPointer(data[1]))
+        XCTAssertEqual(firstEnded.wait(timeout: .now() + 10), .success, "the first write did not end")
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        XCTAssertEqual(client.localWriteCount, 2)
+        XCTAssertEqual(client.localWriteFallbacks, 0)
+        XCTAssertEqual(client.payloadBytes.all, 0, "no data went over TCP")
+        XCTAssertEqual(hub.hub.adoptedObjectCount, 2)
+        for (index, id) in [ids, ids + 1].enumerated() {
+            XCTAssertTrue(try read(hub.hub, context, id, count: 1 << 20) == Array(data[index]))
+        }
+    }
+
     /// Objects taken over are the session's uploads: a discard deletes them, and so does the
     /// session's end for those no commit named.
     func testTakenOverObjectsNoCommitNamesGoWithADiscardOrTheSession() throws {
