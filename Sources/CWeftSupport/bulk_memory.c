@@ -4,8 +4,8 @@
 // blocks are page-aligned mmaps in classes of 256 KiB multiples, with a one-page header in
 // front of the returned pointer (from 2 MiB on, the returned pointer is 2 MiB-aligned and
 // advised for huge pages: weft_pages_map_with_header); a freed one is kept for reuse by an
-// allocation of the same class, up to a byte bound, so a stream of 4 MiB frames reuses memory it already touched
-// instead of faulting in fresh pages for every frame.
+// allocation of the same class, up to a byte bound, so a stream of 4 MiB frames reuses memory
+// it already touched instead of faulting in fresh pages for every frame.
 #define _GNU_SOURCE
 #include "weft_support.h"
 #include <pthread.h>
@@ -80,7 +80,8 @@ static void *allocate_large(size_t size) {
     pthread_mutex_unlock(&lock);
     if (base == NULL) {
         // The block after the header page starts on a 2 MiB boundary and is advised for huge
-        // pages (large_pages.c): a hub's O_DIRECT read into it reaches the disk in large requests.
+        // pages (large_pages.c): a hub's O_DIRECT write of a received object from it reaches
+        // the disk in large requests.
         base = weft_pages_map_with_header(length, PAGE);
         if (base == NULL) return NULL;
     }
