@@ -354,9 +354,12 @@ public final class ChunkStore: @unchecked Sendable {
                 removeTemporary(id, suffix: suffix)
                 throw writeFailure(id, FileIO.Failure(call: "rename", errno: renameError))
             }
-            accountingLock.withLock {
-                if hadOld { bytes -= min(bytes, UInt64(old.st_size)) } else { objects += 1 }
-            }
+            // Only objects this store wrote and counted are replaced (the journal's, restored at
+            // open), so a missing one vanished behind its back (damage) and is still counted,
+            // with the same bytes as its replacement (`written` adds them back).
+            var replacement = stat()
+            let replaced = hadOld ? UInt64(old.st_size) : (fstat(fd, &replacement) == 0 ? UInt64(replacement.st_size) : 0)
+            accountingLock.withLock { bytes -= min(bytes, replaced) }
             return fd
         case .link:
             do {

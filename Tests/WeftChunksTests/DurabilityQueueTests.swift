@@ -182,4 +182,25 @@ final class DurabilityQueueTests: ChunkTestCase {
         XCTAssertEqual(try store.read(id: 2, offset: 0, length: 100), [UInt8](repeating: 2, count: 100))
         XCTAssertEqual(store.objectCount, 3, "a rewrite replaces, it adds no object")
     }
+
+    /// fsck writes a carried object again after damage removed its file (`Hub.rewriteCarried`):
+    /// the store counted it when it was written and keeps counting it, once, with its bytes.
+    func testRewriteOfAVanishedObjectKeepsTheCounts() throws {
+        let store = try makeStore()
+        let raw = [UInt8](repeating: 9, count: 300)
+        for id: SliceID in 1...2 { try store.write(id: id, data: raw) }
+        let (objects, bytes) = (store.objectCount, store.storedBytes)
+        XCTAssertEqual(unlink(objectPath(2)), 0)
+        XCTAssertFalse(store.exists(id: 2))
+        try store.rewriteJournaled(id: 2, raw: raw)
+        XCTAssertEqual(try store.read(id: 2, offset: 0, length: raw.count), raw)
+        XCTAssertEqual(store.objectCount, objects, "the vanished object was still counted")
+        XCTAssertEqual(store.storedBytes, bytes)
+        try store.rewriteJournaled(id: 1, raw: raw)
+        XCTAssertEqual(store.objectCount, objects, "a rewrite of a present object adds none")
+        XCTAssertEqual(store.storedBytes, bytes)
+        try store.delete(ids: [1, 2])
+        XCTAssertEqual(store.objectCount, 0)
+        XCTAssertEqual(store.storedBytes, 0)
+    }
 }

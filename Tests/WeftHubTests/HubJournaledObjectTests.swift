@@ -263,6 +263,7 @@ extension HubConformanceTests {
         XCTAssertEqual(try volume.api.readSlice(context, id: otherSlice.id, offset: 0, length: 8192), otherData)
         XCTAssertEqual(try volume.api.getattr(context, ino: file.ino).size, 4096, "the file keeps its layout")
         XCTAssertEqual(try volume.api.fsck(repair: false).problems, [])
+        XCTAssertEqual(try volume.api.status().chunks, 2, "the missing object was counted once, before and after")
         try volume.hub.syncJournaledObjects()
         XCTAssertEqual(try volume.hub.meta.journaledObjects().count, 0, "queued again and synced: the keys go")
         let restarted = try reopen(volume, damaging: slice.id) { _ in }
