@@ -80,7 +80,7 @@ public final class SlabPool: @unchecked Sendable {
         free = [:]
         pooledBytes = 0
         lock.unlock()
-        for (size, pointers) in all { pointers.forEach { Self.unmap($0, size) } }
+        for (size, pointers) in all { pointers.forEach { LargePages.unmap($0, size) } }
     }
 
     /// Memory for `capacity` bytes and the size behind it.
@@ -105,18 +105,14 @@ public final class SlabPool: @unchecked Sendable {
         liveBytes += size
         allocated += 1
         lock.unlock()
-        for (pointer, bytes) in freed { Self.unmap(pointer, bytes) }
-        guard let pointer = weft_pages_map(size) else {
-            fatalError("cannot map \(size) bytes of slab memory: \(String(cString: strerror(errno)))")
-        }
+        for (pointer, bytes) in freed { LargePages.unmap(pointer, bytes) }
+        // Pooled-size slabs are advised at once: an O_DIRECT read into them reaches the disk in
+        // requests of 2 MiB pages rather than of at most 254 small ones, and costs a fault and
+        // a pin per 2 MiB.
+        let pointer = LargePages.map(size, advised: true, for: "slab memory")
         Self.populate(pointer, size)
         return (pointer, size)
     }
-
-    /// Pooled-size slabs are their own mappings, 2 MiB-aligned and advised for huge pages
-    /// (`weft_pages_map`): an O_DIRECT read into them reaches the disk in requests of 2 MiB
-    /// pages rather than of at most 254 small ones, and costs a fault and a pin per 2 MiB.
-    static func unmap(_ pointer: UnsafeMutableRawPointer, _ size: Int) { weft_pages_unmap(pointer, size) }
 
     /// Faults in fresh slab memory at once, on the thread that takes it (a fetch's), rather than
     /// page by page wherever it is first written: over the network that is the event loop's
@@ -141,7 +137,7 @@ public final class SlabPool: @unchecked Sendable {
             return
         }
         lock.unlock()
-        Self.unmap(pointer, size)
+        LargePages.unmap(pointer, size)
     }
 
     /// A pooled slab of exactly `size` bytes. Called under `lock`.

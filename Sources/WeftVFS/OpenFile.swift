@@ -33,7 +33,7 @@ final class ExtentBuffer {
     init(capacity: Int, pooled: Bool, pointer: UnsafeMutableRawPointer? = nil) {
         self.capacity = capacity
         self.pooled = pooled
-        self.pointer = pointer ?? (pooled ? BufferPool.map(capacity)
+        self.pointer = pointer ?? (pooled ? LargePages.map(capacity, advised: false, for: "write buffer")
                                           : UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 4096))
     }
 
@@ -62,7 +62,7 @@ final class ExtentBuffer {
         count += bytes
     }
 
-    /// A pooled buffer is mapped 2 MiB-aligned but not advised (`BufferPool.map`). Each 2 MiB
+    /// A pooled buffer is mapped 2 MiB-aligned but not advised (`LargePages.map`). Each 2 MiB
     /// range is advised for huge pages (SPEC.md §7, Slab memory) when a write of at least
     /// `largeWriteBytes` is the first to reach it, before the write touches it: a stream of
     /// large writes then goes to the disk from 2 MiB pages, while a buffer that only takes a
@@ -71,10 +71,10 @@ final class ExtentBuffer {
     /// Appends are sequential, so a range is considered once, when the write that reaches it
     /// begins at or before its start.
     private func adviseLargePages(from start: Int, bytes: Int) {
-        let range = BufferPool.largePageBytes
+        let range = LargePages.bytes
         var next = max(adviceConsideredBytes, (start + range - 1) / range * range)
         while next < start + bytes, next + range <= capacity {
-            if bytes >= Self.largeWriteBytes { weft_pages_advise(pointer + next, range) }
+            if bytes >= Self.largeWriteBytes { LargePages.advise(pointer + next, range) }
             next += range
         }
         adviceConsideredBytes = max(adviceConsideredBytes, next)
@@ -93,7 +93,7 @@ final class ExtentBuffer {
 
     deinit {
         guard capacity > 0 else { return }
-        if pooled { BufferPool.unmap(pointer, capacity) } else { pointer.deallocate() }
+        if pooled { LargePages.unmap(pointer, capacity) } else { pointer.deallocate() }
     }
 }
 
@@ -129,24 +129,12 @@ final class BufferPool: @unchecked Sendable {
             lock.unlock()
         } else {
             lock.unlock()
-            Self.unmap(pointer, bufferBytes)
+            LargePages.unmap(pointer, bufferBytes)
         }
     }
 
-    deinit { free.forEach { Self.unmap($0, bufferBytes) } }
+    deinit { free.forEach { LargePages.unmap($0, bufferBytes) } }
 
-    /// Memory of a pooled buffer: its own mapping, 2 MiB-aligned, advised for huge pages range
-    /// by range as large writes fill it (`ExtentBuffer.adviseLargePages`).
-    static func map(_ bytes: Int) -> UnsafeMutableRawPointer {
-        guard let pointer = weft_pages_map_unadvised(bytes) else {
-            fatalError("cannot map \(bytes) bytes of write buffer: \(String(cString: strerror(errno)))")
-        }
-        return pointer
-    }
-
-    static func unmap(_ pointer: UnsafeMutableRawPointer, _ bytes: Int) { weft_pages_unmap(pointer, bytes) }
-
-    static let largePageBytes = 2 << 20
 }
 
 /// A whole chunk taken out of a file's write buffer for a background upload (SPEC.md §7,
