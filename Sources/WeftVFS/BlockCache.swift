@@ -30,17 +30,16 @@ public final class Slab: @unchecked Sendable {
 /// Slabs of at least `pooledMinBytes` are sized in whole MiB and pooled by size; a take reuses
 /// only a slab of its own size (a larger one would hold memory the cache does not count).
 /// Memory is kept while the slabs in use plus the pooled ones stay within `budgetBytes`, which
-/// a block cache raises to its bound plus `inFlightAllowance`: the slabs of fetches in flight
-/// and of blocks not all evicted yet, which a cache at its bound keeps on top of what it
-/// counts. A take that misses the pool allocates, and first frees pooled memory (smallest
+/// a block cache raises to its bound plus `inFlightAllowance`: the slabs of fetches in flight,
+/// which a cache at its bound keeps on top of what it counts. A take that misses the pool allocates, and first frees pooled memory (smallest
 /// first) if the new slab would pass the budget. One pool (`shared`) serves a process.
 public final class SlabPool: @unchecked Sendable {
     public static let shared = SlabPool(budgetBytes: 64 << 20)
     static let pooledMinBytes = 1 << 20
 
     /// What slabs in use may take beyond a block cache's bound of `cacheBytes`: fetches in
-    /// flight (read-ahead runs 8 objects at once) and slabs of which the cache evicted only
-    /// some blocks. Until 2026-12-07 the budget was the bound alone, and a cache at its bound
+    /// flight (read-ahead runs 8 objects at once; the cache counts a slab whole while it holds
+    /// any block of it). Until 2026-12-07 the budget was the bound alone, and a cache at its bound
     /// always had more slabs in use than that: every freed slab was unmapped and every fetch
     /// read into fresh memory (SPEC.md §7, Slab memory).
     public static func inFlightAllowance(cacheBytes: Int) -> Int { max(64 << 20, cacheBytes / 8) }
@@ -162,8 +161,8 @@ public final class CachedBlock: @unchecked Sendable {
         self.length = length
     }
 
-    public convenience init(copying source: UnsafeRawBufferPointer) {
-        let slab = Slab(capacity: source.count)
+    public convenience init(copying source: UnsafeRawBufferPointer, pool: SlabPool = .shared) {
+        let slab = Slab(capacity: source.count, pool: pool)
         if source.count > 0 { slab.pointer.copyMemory(from: source.baseAddress!, byteCount: source.count) }
         self.init(slab: slab, offset: 0, length: source.count)
     }
@@ -181,8 +180,11 @@ public final class CachedBlock: @unchecked Sendable {
 /// The agent's memory cache of chunk-object blocks (`Limits.blockSizeBytes` each), keyed by
 /// (object id, block index). Objects are immutable, so a cached block is never stale.
 ///
-/// Bounded by `capacityBytes` with LRU eviction. A block being fetched is fetched once: other
-/// readers of the same block wait for that fetch (single flight).
+/// Bounded by `capacityBytes` of slab memory with LRU eviction (SPEC.md §7, Block cache): a
+/// slab counts whole while any of its blocks is cached, since its memory goes only with the
+/// last of them. A block read again whose slab is mostly evicted is moved into memory of its
+/// own (`relocate`), so that a few hot blocks do not hold whole slabs. A block being fetched is
+/// fetched once: other readers of the same block wait for that fetch (single flight).
 public final class BlockCache: @unchecked Sendable {
     public struct Key: Hashable {
         public var object: SliceID
@@ -191,7 +193,10 @@ public final class BlockCache: @unchecked Sendable {
 
     private final class Node {
         let key: Key
-        let block: CachedBlock
+        var block: CachedBlock
+        /// Hits since it was cached (a block read twice is hot: a sequential reader reads each
+        /// block once, from its own fetch or from read-ahead's).
+        var hits = 0
         var previous: Node?
         var next: Node?
         init(key: Key, block: CachedBlock) { self.key = key; self.block = block }
@@ -202,8 +207,31 @@ public final class BlockCache: @unchecked Sendable {
     private var head: Node?   // most recently used
     private var tail: Node?   // least recently used
     private var inFlight: Set<Key> = []
+    /// Per slab with a cached block: how many of its blocks are cached, their bytes, and the
+    /// stretch of keys they were cached under (a fetch's slab holds blocks of one object, in
+    /// order; `mixed` if not).
+    private struct SlabUse {
+        var blocks = 0
+        var bytes = 0
+        var object: SliceID
+        var first: UInt32
+        var last: UInt32
+        var mixed = false
+
+        mutating func count(_ key: Key, bytes: Int) {
+            blocks += 1
+            self.bytes += bytes
+            if key.object != object { mixed = true }
+            first = min(first, key.block)
+            last = max(last, key.block)
+        }
+    }
+    private var slabUse: [ObjectIdentifier: SlabUse] = [:]
+    /// The slab memory the cached blocks hold: each slab with a cached block, whole.
     public private(set) var usedBytes = 0
     public let capacityBytes: Int
+    /// Blocks moved out of mostly evicted slabs since the cache was made.
+    public private(set) var relocations = 0
 
     /// Where the slabs of this cache's fetches come from.
     public let slabs: SlabPool
@@ -219,6 +247,7 @@ public final class BlockCache: @unchecked Sendable {
         defer { lock.unlock() }
         guard let node = nodes[key] else { return nil }
         moveToFront(node)
+        hit(node)
         return node.block
     }
 
@@ -230,6 +259,7 @@ public final class BlockCache: @unchecked Sendable {
         while true {
             if let node = nodes[key] {
                 moveToFront(node)
+                hit(node)
                 return (node.block, false)
             }
             if !inFlight.contains(key) {
@@ -296,6 +326,7 @@ public final class BlockCache: @unchecked Sendable {
             let key = Key(object: object, block: UInt32(index))
             if let node = nodes[key] {
                 moveToFront(node)
+                hit(node)
                 return .cached(node.block)
             }
             if inFlight.contains(key) { return .busy }
@@ -338,16 +369,84 @@ public final class BlockCache: @unchecked Sendable {
         let node = Node(key: key, block: block)
         nodes[key] = node
         insertAtFront(node)
-        usedBytes += block.length
+        counted(node)
     }
 
-    /// Drops the least recently used blocks while over capacity. Called under `lock`.
+    /// Counts the node's block in its slab's use, and the slab's memory if it is the slab's
+    /// first. Called under `lock`.
+    private func counted(_ node: Node) {
+        let slab = ObjectIdentifier(node.block.slab)
+        let key = node.key
+        if slabUse[slab] == nil {
+            usedBytes += node.block.slab.capacity
+            slabUse[slab] = SlabUse(object: key.object, first: key.block, last: key.block)
+        }
+        slabUse[slab]!.count(key, bytes: node.block.length)
+    }
+
+    /// Takes the node's block off its slab's use, and the slab's memory if it was the slab's
+    /// last. Called under `lock`.
+    private func uncounted(_ node: Node) {
+        let slab = ObjectIdentifier(node.block.slab)
+        guard let use = slabUse[slab] else { return }
+        if use.blocks > 1 {
+            slabUse[slab]!.blocks -= 1
+            slabUse[slab]!.bytes -= node.block.length
+        } else {
+            slabUse[slab] = nil
+            usedBytes -= node.block.slab.capacity
+        }
+    }
+
+    /// Drops the least recently used blocks while over capacity, except those of the most
+    /// recently used block's slab: dropping some of them would free no memory, and all of them
+    /// the block just cached (a fetch larger than the capacity stays whole, the only slab
+    /// cached). Called under `lock`.
     private func evictOverCapacity() {
-        while usedBytes > capacityBytes, let victim = tail {
+        guard let newest = head?.block.slab else { return }
+        var candidate = tail
+        while usedBytes > capacityBytes, let victim = candidate {
+            candidate = victim.previous
+            guard victim.block.slab !== newest else { continue }
             unlink(victim)
             nodes[victim.key] = nil
-            usedBytes -= victim.block.length
+            uncounted(victim)
+            // What is left of its slab may be hot blocks among evicted cold ones (a file's
+            // header read again and again): they would hold the whole slab, and the walk would
+            // evict them, newer than the cold blocks that freed nothing, to free it.
+            let slab = victim.block.slab
+            guard let use = slabUse[ObjectIdentifier(slab)], isStranded(slab, use), !use.mixed else { continue }
+            for index in use.first...use.last {
+                if let node = nodes[Key(object: use.object, block: index)], node.block.slab === slab, node.hits >= 2 {
+                    relocate(node)
+                }
+            }
         }
+    }
+
+    /// Whether a slab's cached blocks fill less than a quarter of it (the rest was evicted).
+    private func isStranded(_ slab: Slab, _ use: SlabUse) -> Bool { use.bytes * 4 < slab.capacity }
+
+    /// Counts a hit, and moves a block read again whose slab is stranded into memory of its own.
+    /// Called under `lock`.
+    private func hit(_ node: Node) {
+        node.hits += 1
+        guard node.hits >= 2, let use = slabUse[ObjectIdentifier(node.block.slab)],
+              isStranded(node.block.slab, use) else { return }
+        relocate(node)
+    }
+
+    /// Copies the node's block into a slab of its own, so that its slab's memory goes once the
+    /// slab's other blocks do (SPEC.md §7, Block cache). Without it such blocks held their whole
+    /// slabs, which the cache did not count, and an agent's memory had no bound. Called under
+    /// `lock`.
+    private func relocate(_ node: Node) {
+        let block = node.block
+        guard block.length < block.slab.capacity else { return }
+        uncounted(node)
+        node.block = CachedBlock(copying: UnsafeRawBufferPointer(start: block.pointer, count: block.length), pool: slabs)
+        counted(node)
+        relocations += 1
     }
 
     /// Drops every cached block (`weft cache drop`). Fetches in flight still fill their blocks
@@ -364,6 +463,7 @@ public final class BlockCache: @unchecked Sendable {
             unlink(current)
         }
         nodes = [:]
+        slabUse = [:]
         usedBytes = 0
         lock.unlock()
         withExtendedLifetime(all) {}   // the blocks (and their slabs) go here, outside the lock
