@@ -1,6 +1,7 @@
 import CWeftSupport
 import Foundation
 import WeftProto
+import WeftVFS
 
 /// Which weft mounts exist and which agent process serves each.
 public enum MountTable {
@@ -29,6 +30,40 @@ public enum MountTable {
             let code = errno
             if code == EPERM { throw WeftError(EPERM, "dropping the cache of \(mountpoint) needs root") }
             throw WeftError(code, "cannot drop the cache of \(mountpoint)")
+        }
+    }
+
+    /// The cache statistics of the agent serving `mountpoint` (SPEC.md §8).
+    public static func cacheStatistics(_ mountpoint: String) throws -> AgentCacheStatistics {
+        guard isWeftMount(mountpoint) else { throw WeftError(EINVAL, "\(mountpoint) is not a weft mount") }
+        // The kernel answers ENODATA to anyone else, without asking the agent.
+        guard geteuid() == 0 else { throw WeftError(EPERM, "the cache statistics of \(mountpoint) need root") }
+        let name = AgentControl.cacheStatisticsAttribute
+        // Asked twice: its size, then its bytes (they may grow in between: ERANGE, ask again).
+        for _ in 0..<3 {
+            let size = getxattr(mountpoint, name, nil, 0)
+            guard size >= 0 else { throw failure(errno, mountpoint) }
+            var bytes = [UInt8](repeating: 0, count: size + 256)
+            let got = bytes.withUnsafeMutableBytes { getxattr(mountpoint, name, $0.baseAddress, $0.count) }
+            if got < 0 {
+                if errno == ERANGE { continue }
+                throw failure(errno, mountpoint)
+            }
+            do {
+                return try AgentCacheStatistics.decoding(Array(bytes[0..<got]))
+            } catch {
+                throw WeftError(EPROTO, "the agent of \(mountpoint) sent cache statistics this weft cannot read: \(error)")
+            }
+        }
+        throw WeftError(ERANGE, "the cache statistics of \(mountpoint) kept growing")
+
+        func failure(_ code: Int32, _ mountpoint: String) -> WeftError {
+            switch code {
+            case EPERM, EACCES: WeftError(EPERM, "the cache statistics of \(mountpoint) need root")
+            case ENODATA: WeftError(ENODATA, "the agent of \(mountpoint) has opened no volume yet: nothing is cached")
+            case ENOTSUP: WeftError(ENOTSUP, "the agent of \(mountpoint) does not serve cache statistics (an older weft)")
+            default: WeftError(code, "cannot read the cache statistics of \(mountpoint)")
+            }
         }
     }
 

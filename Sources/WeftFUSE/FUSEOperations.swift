@@ -283,7 +283,17 @@ extension FUSEAdapter {
         }
         ops.getxattr = { req, ino, name, size in
             FUSEAdapter.reply(req) {
-                let value = try FUSEAdapter.adapter(req).vfs.getxattr(FUSEAdapter.credentials(req), ino: ino, name: FUSEAdapter.name(name))
+                let attribute = FUSEAdapter.name(name)
+                if ino == UInt64(FUSE_ROOT_ID), attribute.elementsEqual(AgentControl.cacheStatisticsAttribute.utf8) {
+                    // `weft cache stats` (SPEC.md §8): served by the agent, never stored.
+                    guard FUSEAdapter.credentials(req).uid == 0 else { throw WeftError(EPERM, "cache stats need root") }
+                    guard let statistics = FUSEAdapter.adapter(req).vfs.cacheStatistics() else {
+                        throw WeftError(ENODATA, "no volume open yet")
+                    }
+                    try FUSEAdapter.replySized(req, try statistics.json(), size: size)
+                    return
+                }
+                let value = try FUSEAdapter.adapter(req).vfs.getxattr(FUSEAdapter.credentials(req), ino: ino, name: attribute)
                 try FUSEAdapter.replySized(req, value, size: size)
             }
         }

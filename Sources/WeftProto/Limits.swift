@@ -64,4 +64,7 @@ public enum AgentControl {
     /// Setting this extended attribute on the mount's root drops the agent's cached file data
     /// (`weft cache drop`). The kernel lets only CAP_SYS_ADMIN set `trusted.*` names.
     public static let dropCacheAttribute = "trusted.weft.cache.drop"
+    /// Reading this extended attribute of the mount's root gives the agent's cache statistics
+    /// as JSON (`weft cache stats`); `trusted.*` again, so root only.
+    public static let cacheStatisticsAttribute = "trusted.weft.cache.stats"
 }

@@ -11,16 +11,17 @@ public final class Slab: @unchecked Sendable {
     public let pointer: UnsafeMutableRawPointer
     /// Usable bytes: what the fetch asked for (the memory behind it may be larger, see `SlabPool`).
     public let capacity: Int
-    private let mappedBytes: Int
+    /// The memory behind it: pooled slabs (1 MiB and more) are whole MiB, all of it touched.
+    public let memoryBytes: Int
     private let pool: SlabPool
 
     public init(capacity: Int, pool: SlabPool = .shared) {
         self.capacity = capacity
         self.pool = pool
-        (pointer, mappedBytes) = pool.take(capacity)
+        (pointer, memoryBytes) = pool.take(capacity)
     }
 
-    deinit { pool.give(pointer, mappedBytes) }
+    deinit { pool.give(pointer, memoryBytes) }
 }
 
 /// The memory behind large slabs, kept for reuse (SPEC.md §7, Slab memory). On these VMs the
@@ -194,9 +195,9 @@ public final class BlockCache: @unchecked Sendable {
     private final class Node {
         let key: Key
         var block: CachedBlock
-        /// Hits since it was cached (a block read twice is hot: a sequential reader reads each
-        /// block once, from its own fetch or from read-ahead's).
+        /// Hits since it was cached, and the cache's `clock` at its last use.
         var hits = 0
+        var lastUse: UInt64 = 0
         var previous: Node?
         var next: Node?
         init(key: Key, block: CachedBlock) { self.key = key; self.block = block }
@@ -208,20 +209,18 @@ public final class BlockCache: @unchecked Sendable {
     private var tail: Node?   // least recently used
     private var inFlight: Set<Key> = []
     /// Per slab with a cached block: how many of its blocks are cached, their bytes, and the
-    /// stretch of keys they were cached under (a fetch's slab holds blocks of one object, in
-    /// order; `mixed` if not).
+    /// stretch of keys they were cached under: a fetch's slab holds blocks of one object, in
+    /// order (`Reader.fetchBlocks`; other slabs hold one block), so the stretch finds them all.
     private struct SlabUse {
         var blocks = 0
         var bytes = 0
         var object: SliceID
         var first: UInt32
         var last: UInt32
-        var mixed = false
 
         mutating func count(_ key: Key, bytes: Int) {
             blocks += 1
             self.bytes += bytes
-            if key.object != object { mixed = true }
             first = min(first, key.block)
             last = max(last, key.block)
         }
@@ -232,6 +231,13 @@ public final class BlockCache: @unchecked Sendable {
     public let capacityBytes: Int
     /// Blocks moved out of mostly evicted slabs since the cache was made.
     public private(set) var relocations = 0
+    /// Counters since the cache was made (`statistics`).
+    private var hits = 0
+    private var misses = 0
+    private var readAheadClaims = 0
+    private var evictions = 0
+    /// Counts inserts and hits: a node's `lastUse` says how long ago, in blocks used, it was used.
+    private var clock: UInt64 = 0
 
     /// Where the slabs of this cache's fetches come from.
     public let slabs: SlabPool
@@ -264,6 +270,7 @@ public final class BlockCache: @unchecked Sendable {
             }
             if !inFlight.contains(key) {
                 inFlight.insert(key)
+                misses += 1
                 return (nil, true)
             }
             lock.wait()
@@ -276,6 +283,7 @@ public final class BlockCache: @unchecked Sendable {
         defer { lock.unlock() }
         if nodes[key] != nil || inFlight.contains(key) { return false }
         inFlight.insert(key)
+        readAheadClaims += 1
         return true
     }
 
@@ -289,6 +297,7 @@ public final class BlockCache: @unchecked Sendable {
             let key = Key(object: object, block: UInt32(index))
             if nodes[key] != nil || inFlight.contains(key) { return false }
             inFlight.insert(key)
+            readAheadClaims += 1
             return true
         }
     }
@@ -305,6 +314,7 @@ public final class BlockCache: @unchecked Sendable {
             inFlight.insert(key)
             index += 1
         }
+        readAheadClaims += index - first
         return index - first
     }
 
@@ -331,6 +341,7 @@ public final class BlockCache: @unchecked Sendable {
             }
             if inFlight.contains(key) { return .busy }
             inFlight.insert(key)
+            misses += 1
             return .claimed
         }
     }
@@ -367,6 +378,8 @@ public final class BlockCache: @unchecked Sendable {
     /// Caches `block` under `key`, most recently used. Called under `lock`.
     private func insertLocked(_ key: Key, _ block: CachedBlock) {
         let node = Node(key: key, block: block)
+        clock += 1
+        node.lastUse = clock
         nodes[key] = node
         insertAtFront(node)
         counted(node)
@@ -378,7 +391,7 @@ public final class BlockCache: @unchecked Sendable {
         let slab = ObjectIdentifier(node.block.slab)
         let key = node.key
         if slabUse[slab] == nil {
-            usedBytes += node.block.slab.capacity
+            usedBytes += node.block.slab.memoryBytes
             slabUse[slab] = SlabUse(object: key.object, first: key.block, last: key.block)
         }
         slabUse[slab]!.count(key, bytes: node.block.length)
@@ -394,7 +407,7 @@ public final class BlockCache: @unchecked Sendable {
             slabUse[slab]!.bytes -= node.block.length
         } else {
             slabUse[slab] = nil
-            usedBytes -= node.block.slab.capacity
+            usedBytes -= node.block.slab.memoryBytes
         }
     }
 
@@ -408,32 +421,47 @@ public final class BlockCache: @unchecked Sendable {
         while usedBytes > capacityBytes, let victim = candidate {
             candidate = victim.previous
             guard victim.block.slab !== newest else { continue }
+            let slab = victim.block.slab
+            let wasStranded = slabUse[ObjectIdentifier(slab)].map { isStranded(slab, $0) } ?? true
             unlink(victim)
             nodes[victim.key] = nil
             uncounted(victim)
-            // What is left of its slab may be hot blocks among evicted cold ones (a file's
-            // header read again and again): they would hold the whole slab, and the walk would
-            // evict them, newer than the cold blocks that freed nothing, to free it.
-            let slab = victim.block.slab
-            guard let use = slabUse[ObjectIdentifier(slab)], isStranded(slab, use), !use.mixed else { continue }
+            evictions += 1
+            // What is left of a slab this eviction strands may be hot blocks among evicted
+            // cold ones (a file's header read again and again): they would hold the whole slab,
+            // and the walk would evict them, newer than the cold blocks that freed nothing, to
+            // free it. Hot: read twice, and last used well after the block evicted now (not
+            // merely the next in line: a block at the edge of two read requests of a sequential
+            // reader is looked up twice, a moment apart).
+            guard !wasStranded, let use = slabUse[ObjectIdentifier(slab)], isStranded(slab, use) else { continue }
             for index in use.first...use.last {
-                if let node = nodes[Key(object: use.object, block: index)], node.block.slab === slab, node.hits >= 2 {
-                    relocate(node)
-                }
+                guard let node = nodes[Key(object: use.object, block: index)], node.block.slab === slab,
+                      node.hits >= 2, node.lastUse &- victim.lastUse >= hotDistance else { continue }
+                relocate(node)
             }
         }
     }
 
+    /// How much later, in blocks used, than a block of its slab just evicted a block must have
+    /// been used to be kept out of the slab's eviction: a quarter of what the cache holds.
+    private var hotDistance: UInt64 { UInt64(max(64, capacityBytes / Limits.blockSizeBytes / 4)) }
+
     /// Whether a slab's cached blocks fill less than a quarter of it (the rest was evicted).
-    private func isStranded(_ slab: Slab, _ use: SlabUse) -> Bool { use.bytes * 4 < slab.capacity }
+    private func isStranded(_ slab: Slab, _ use: SlabUse) -> Bool { use.bytes * 4 < slab.memoryBytes }
 
     /// Counts a hit, and moves a block read again whose slab is stranded into memory of its own.
     /// Called under `lock`.
     private func hit(_ node: Node) {
+        hits += 1
         node.hits += 1
+        clock += 1
+        node.lastUse = clock
         guard node.hits >= 2, let use = slabUse[ObjectIdentifier(node.block.slab)],
               isStranded(node.block.slab, use) else { return }
         relocate(node)
+        // The copy counts until the slab's other blocks go: back within the bound now (the
+        // block just hit is the newest, and stays).
+        evictOverCapacity()
     }
 
     /// Copies the node's block into a slab of its own, so that its slab's memory goes once the
@@ -442,11 +470,37 @@ public final class BlockCache: @unchecked Sendable {
     /// `lock`.
     private func relocate(_ node: Node) {
         let block = node.block
-        guard block.length < block.slab.capacity else { return }
+        guard block.length < block.slab.memoryBytes else { return }
         uncounted(node)
         node.block = CachedBlock(copying: UnsafeRawBufferPointer(start: block.pointer, count: block.length), pool: slabs)
         counted(node)
         relocations += 1
+    }
+
+    /// What the cache holds and has done since it was made (`weft cache stats`, SPEC.md §8).
+    public struct Statistics: Codable, Equatable, Sendable {
+        public var capacityBytes: Int
+        /// Slab memory the cached blocks hold (`usedBytes`).
+        public var usedBytes: Int
+        public var blocks: Int
+        public var slabs: Int
+        /// Blocks a reader found cached.
+        public var hits: Int
+        /// Blocks a reader found neither cached nor being fetched, and fetched itself.
+        public var misses: Int
+        /// Blocks claimed to be fetched ahead of readers (read-ahead, prefetch, the rest of an
+        /// object a reader's miss fetches with it).
+        public var readAheadClaims: Int
+        public var evictions: Int
+        public var relocations: Int
+    }
+
+    public var statistics: Statistics {
+        lock.lock()
+        defer { lock.unlock() }
+        return Statistics(capacityBytes: capacityBytes, usedBytes: usedBytes, blocks: nodes.count, slabs: slabUse.count,
+                          hits: hits, misses: misses, readAheadClaims: readAheadClaims, evictions: evictions,
+                          relocations: relocations)
     }
 
     /// Drops every cached block (`weft cache drop`). Fetches in flight still fill their blocks

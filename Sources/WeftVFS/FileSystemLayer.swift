@@ -1,3 +1,4 @@
+import Foundation
 import WeftProto
 
 /// What the FUSE adapter calls: one volume (`VFS`) or the global root over many
@@ -45,6 +46,8 @@ public protocol FileSystemLayer: AnyObject, Sendable {
     func shutdown() throws
     /// Drops the agent's cached file data (`weft cache drop`); returns the bytes dropped.
     func dropCachedData() -> Int
+    /// The agent's data caches and buffers (`weft cache stats`); nil before any volume is open.
+    func cacheStatistics() -> AgentCacheStatistics?
     /// A token to take before a call whose reply the kernel may cache (SPEC.md §12.6).
     func cacheToken() -> UInt64
     /// Whether the kernel may cache a reply about `ino` to a call begun at `token`: no recall of
@@ -69,7 +72,39 @@ extension VFS: FileSystemLayer {
         return dropped
     }
 
+    public func cacheStatistics() -> AgentCacheStatistics? {
+        let (pooled, live) = cache.slabs.usage
+        return AgentCacheStatistics(blockCache: cache.statistics, slabPooledBytes: pooled, slabsInUseBytes: live,
+                                    slabAllocations: cache.slabs.allocations, slabBudgetBytes: cache.slabs.budgetBytes,
+                                    writeBufferUsedBytes: budget.used, writeBufferLimitBytes: budget.limitBytes)
+    }
+
     public func lock(_ credentials: Credentials, ino: InodeID, _ request: LockRequest) throws -> LockDescription {
         try hub.lock(context(credentials), ino: ino, request)
+    }
+}
+
+/// `weft cache stats` (SPEC.md §8): what the agent's block cache holds and has done, the slab
+/// memory behind it, and the write buffer. The agent sends it as JSON.
+public struct AgentCacheStatistics: Codable, Equatable, Sendable {
+    public var blockCache: BlockCache.Statistics
+    /// Slab memory kept for reuse, and pooled-size slabs in use (cached or being fetched into).
+    public var slabPooledBytes: Int
+    public var slabsInUseBytes: Int
+    /// Pooled-size slabs mapped (not taken from the pool) since the agent started.
+    public var slabAllocations: Int
+    /// What the pool keeps while slabs in use and pooled stay within (SPEC.md §7, Slab memory).
+    public var slabBudgetBytes: Int
+    public var writeBufferUsedBytes: Int
+    public var writeBufferLimitBytes: Int
+
+    public func json() throws -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return Array(try encoder.encode(self))
+    }
+
+    public static func decoding(_ json: [UInt8]) throws -> AgentCacheStatistics {
+        try JSONDecoder().decode(AgentCacheStatistics.self, from: Data(json))
     }
 }

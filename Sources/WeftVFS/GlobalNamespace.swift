@@ -376,6 +376,12 @@ public final class GlobalNamespace: FileSystemLayer, @unchecked Sendable {
         return any?.dropCachedData() ?? 0
     }
 
+    /// The volumes share one block cache and one write bound: any of them tells.
+    public func cacheStatistics() -> AgentCacheStatistics? {
+        let any = lock.withLock { opened.values.first }
+        return any?.cacheStatistics()
+    }
+
     public func shutdown() throws {
         let all = lock.withLock { Array(opened.values) }
         var firstError: Error?

@@ -150,7 +150,47 @@ struct Umount: ParsableCommand {
 
 struct CacheCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "cache", abstract: "Manage a running agent's block cache.", subcommands: [CacheDrop.self])
+        commandName: "cache", abstract: "Manage a running agent's block cache.", subcommands: [CacheDrop.self, CacheStats.self])
+}
+
+struct CacheStats: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "stats",
+        abstract: "Show what the block cache of the agent serving MOUNTPOINT holds and has done (root only).",
+        discussion: """
+            Counters run from the agent's start: blocks (64 KiB) that readers found cached \
+            (hits), fetched themselves (misses) and that were claimed ahead of them \
+            (read-ahead); evictions, and hot blocks moved out of mostly evicted slabs. Memory: \
+            the cache's slab memory against its bound (--cache-mb), slab memory in use and kept \
+            for reuse, and the write buffer against --write-buffer-mb.
+            """)
+
+    @Argument(help: "A weft mountpoint.") var mountpoint: String
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        let path = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
+        let statistics = try MountTable.cacheStatistics(path)
+        if json {
+            print(String(decoding: try statistics.json(), as: UTF8.self))
+            return
+        }
+        let cache = statistics.blockCache
+        let looked = cache.hits + cache.misses
+        let hitRate = looked == 0 ? "-" : String(format: "%.1f %%", Double(cache.hits) * 100 / Double(looked))
+        func mib(_ bytes: Int) -> String { String(format: "%.1f MiB", Double(bytes) / 1_048_576) }
+        print("""
+            mountpoint        \(path)
+            block cache       \(mib(cache.usedBytes)) of \(mib(cache.capacityBytes)), \(cache.blocks) blocks in \(cache.slabs) slabs
+            hits              \(cache.hits) blocks (\(hitRate) of the blocks readers looked up)
+            misses            \(cache.misses) blocks
+            read-ahead        \(cache.readAheadClaims) blocks claimed
+            evictions         \(cache.evictions) blocks
+            relocations       \(cache.relocations) hot blocks moved out of evicted slabs
+            slab memory       \(mib(statistics.slabsInUseBytes)) in use, \(mib(statistics.slabPooledBytes)) kept for reuse (budget \(mib(statistics.slabBudgetBytes)), \(statistics.slabAllocations) mapped)
+            write buffer      \(mib(statistics.writeBufferUsedBytes)) of \(mib(statistics.writeBufferLimitBytes))
+            """)
+    }
 }
 
 struct CacheDrop: ParsableCommand {

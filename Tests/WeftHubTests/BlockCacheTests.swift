@@ -116,7 +116,7 @@ final class BlockCacheTests: XCTestCase {
     }
 
     /// A block of a stranded slab that was read once when the eviction stranded it stays where
-    /// it is, and moves at its second hit; the slab's memory goes with its last block.
+    /// it is, and moves at its second hit; the slab's cold rest then goes, with its memory.
     func testABlockOfAStrandedSlabMovesAtItsSecondHit() throws {
         let pool = SlabPool(budgetBytes: 0)
         let cache = BlockCache(capacityBytes: (4 << 20) + blockBytes, slabs: pool)
@@ -130,12 +130,39 @@ final class BlockCacheTests: XCTestCase {
         XCTAssertNil(cache.get(key(0, object: 2)), "the single-block slab went: that freed enough")
         XCTAssertNil(cache.get(key(50, object: 1)))
         XCTAssertEqual(cache.relocations, 0, "no block of the stranded slab was hot when it was stranded")
+        XCTAssertEqual(cache.usedBytes, 64 * blockBytes + blockBytes)
         let moved = try XCTUnwrap(cache.get(key(0, object: 1)))
         XCTAssertEqual(cache.relocations, 1)
         XCTAssertEqual(moved.slab.capacity, blockBytes)
-        XCTAssertTrue(cache.get(key(51, object: 1))!.slab !== large, "read once before: this second hit moves it")
-        XCTAssertEqual(cache.relocations, 2)
-        XCTAssertEqual(cache.usedBytes, 64 * blockBytes + 3 * blockBytes, "the large slab stays counted while blocks 52-63 hold it")
+        XCTAssertEqual(moved.pointer.load(as: UInt8.self), large.pointer.load(as: UInt8.self))
+        XCTAssertNil(cache.get(key(51, object: 1)), "the slab's cold rest went at once, back within the bound")
+        XCTAssertEqual(cache.usedBytes, 2 * blockBytes, "object 3's block and the moved one")
+        XCTAssertNotNil(cache.get(key(0, object: 3)))
+    }
+
+    /// The eviction that strands a slab moves only blocks read again well after the block it
+    /// evicts: a sequential reader's block looked up twice by two neighbouring requests stays,
+    /// and goes with its slab.
+    func testAnEvictionMovesOnlyBlocksReadAgainLater() throws {
+        let pool = SlabPool(budgetBytes: 0)
+        let cache = BlockCache(capacityBytes: 8 << 20, slabs: pool)
+        let first = Slab(capacity: 64 * blockBytes, pool: pool)
+        cache.fill((0..<64).map { (key($0, object: 1), block(first, $0)) })
+        for index in 0..<64 {
+            XCTAssertNotNil(cache.get(key(index, object: 1)))
+            if index == 60 { XCTAssertNotNil(cache.get(key(index, object: 1)), "at the edge of two requests") }
+        }
+        let second = Slab(capacity: 64 * blockBytes, pool: pool)
+        cache.fill((0..<64).map { (key($0, object: 2), block(second, $0)) })
+        XCTAssertEqual(cache.usedBytes, 8 << 20, "at the bound, nothing evicted")
+        XCTAssertNotNil(cache.get(key(62, object: 1)), "read again after a whole object")
+        cache.fill(key(0, object: 3), block(Slab(capacity: blockBytes, pool: pool), 0))
+        XCTAssertEqual(cache.relocations, 1)
+        XCTAssertNil(cache.get(key(60, object: 1)), "read twice a moment apart: not hot, gone with its slab")
+        let moved = try XCTUnwrap(cache.get(key(62, object: 1)))
+        XCTAssertTrue(moved.slab !== first)
+        XCTAssertEqual(cache.usedBytes, (4 << 20) + 2 * blockBytes, "object 2, object 3's block and the moved one")
+        XCTAssertEqual(cache.statistics.evictions, 63)
     }
 
     /// A fetch larger than the bound stays cached whole, the only slab: dropping some of its

@@ -21,6 +21,7 @@ HELP_COMMANDS = [
     ("weft", ["status", "--help"]),
     ("weft", ["fsck", "--help"]),
     ("weft", ["cache", "drop", "--help"]),
+    ("weft", ["cache", "stats", "--help"]),
     ("weftd", ["--help"]),
     ("weftd", ["serve", "--help"]),
 ]
@@ -245,3 +246,72 @@ def test_cache_drop_needs_root_and_a_weft_mount(weft):
     assert r.rc != 0 and "not a weft mount" in r.output, r.describe()
     r = weft.cli.weft("cache", "drop", weft.path / "missing")
     assert r.rc != 0, r.describe()
+
+
+def _cache_stats(weft) -> dict:
+    r = weft.cli.weft("cache", "stats", "--json", weft.path)
+    assert r.rc == 0, r.describe()
+    return json.loads(r.out)
+
+
+def _drop_kernel_caches() -> None:
+    with open("/proc/sys/vm/drop_caches", "w") as handle:
+        handle.write("3")
+
+
+def test_cache_stats_count_what_the_agent_fetched_served_and_dropped(weft):
+    """SPEC §8, `weft cache stats`: counters since the agent started, the cache's memory."""
+    weft.require_weft("reads the agent's counters")
+    data = os.urandom(9_000_000)   # two 4 MiB objects and a partial one: 138 blocks of 64 KiB
+    write_file(weft.path / "f", data, fsync=True)
+    assert weft.cli.weft("cache", "drop", weft.path).rc == 0
+    _drop_kernel_caches()
+    before = _cache_stats(weft)
+    assert before["blockCache"]["usedBytes"] == 0 and before["blockCache"]["blocks"] == 0, before
+    assert before["blockCache"]["capacityBytes"] == 1024 << 20, "the default --cache-mb"
+    assert before["writeBufferLimitBytes"] > 0
+
+    assert read_file(weft.path / "f") == data
+    fetched = _cache_stats(weft)
+    cache = fetched["blockCache"]
+    new_blocks = (cache["misses"] - before["blockCache"]["misses"]) \
+        + (cache["readAheadClaims"] - before["blockCache"]["readAheadClaims"])
+    assert new_blocks >= 138, f"every block was fetched, on demand or ahead: {fetched}"
+    assert cache["blocks"] >= 138 and cache["usedBytes"] >= len(data), fetched
+    assert fetched["slabsInUseBytes"] >= 8 << 20, "the two whole objects' slabs"
+
+    _drop_kernel_caches()
+    assert read_file(weft.path / "f") == data
+    served = _cache_stats(weft)["blockCache"]
+    assert served["hits"] - cache["hits"] >= 138, f"the second read came from the cache: {served}"
+    assert served["misses"] == cache["misses"], "and fetched nothing"
+
+    assert weft.cli.weft("cache", "drop", weft.path).rc == 0
+    dropped = _cache_stats(weft)
+    assert dropped["blockCache"]["usedBytes"] == 0 and dropped["blockCache"]["blocks"] == 0, dropped
+    assert dropped["blockCache"]["hits"] == served["hits"], "counters run from the agent's start"
+    assert dropped["slabPooledBytes"] > 0, "the dropped slabs are kept for reuse"
+
+    text = weft.cli.weft("cache", "stats", weft.path)
+    assert text.rc == 0, text.describe()
+    for label in ("block cache", "hits", "misses", "evictions", "slab memory", "write buffer"):
+        assert label in text.out, f"{label!r} missing: {text.out}"
+
+
+def test_cache_stats_need_root_and_a_weft_mount(weft):
+    weft.require_weft("reads the agent's counters")
+    weft_bin = str(bin_dir() / "weft")
+
+    def stats(path):
+        done = subprocess.run([weft_bin, "cache", "stats", path], capture_output=True, text=True, timeout=60)
+        return [done.returncode, done.stderr + done.stdout]
+
+    rc, output = run_as(65534, 65534, [], stats, str(weft.path))
+    assert rc != 0 and "need root" in output, f"as nobody: exit {rc}: {output}"
+    not_weft = weft.res.new_dir("plain", 0o755)
+    r = weft.cli.weft("cache", "stats", not_weft)
+    assert r.rc != 0 and "not a weft mount" in r.output, r.describe()
+    # Reading the attribute directly, as root, through the mount: the agent's JSON.
+    value = json.loads(os.getxattr(weft.path, "trusted.weft.cache.stats"))
+    assert "blockCache" in value, value
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 import stat
@@ -194,6 +195,7 @@ def test_hot_blocks_of_many_objects_keep_the_agent_within_its_cache_bound(weft_f
     evicted slabs are copied out and the slabs go."""
     cache_mib, files, size = 16, 100, 4 * MiB
     weft = weft_factory(mount_args=["--cache-mb", cache_mib])
+    weft.require_weft("measures the agent's memory")
     d = weft.path / "headers"
     d.mkdir()
     contents = []
@@ -201,8 +203,6 @@ def test_hot_blocks_of_many_objects_keep_the_agent_within_its_cache_bound(weft_f
         data = random.Random(i).randbytes(size)
         (d / f"f{i}").write_bytes(data)
         contents.append(data)
-    if not weft.is_weft:   # the localdir self-check has no agent
-        return
     weft.remount()
     pid = weft.agent_pid
     assert pid
@@ -222,6 +222,11 @@ def test_hot_blocks_of_many_objects_keep_the_agent_within_its_cache_bound(weft_f
             os.close(fd)
     # The cache's bound, the pool's in-flight allowance (64 MiB) and some slack; before the
     # change the agent grew by about the whole 400 MiB read.
+    stats = weft.cli.weft("cache", "stats", "--json", weft.path)
+    assert stats.rc == 0, stats.describe()
+    cache = json.loads(stats.out)["blockCache"]
+    assert cache["hits"] >= files * files // 2, f"the agent served the header reads: {cache}"
+    assert cache["relocations"] >= files // 2, f"hot headers were moved out of their slabs: {cache}"
     allowed = cache_mib + 64 + 48
     print(f"agent RSS {baseline:.0f} MiB after the remount, at most {peak:.0f} MiB while reading")
     assert peak - baseline <= allowed, \
