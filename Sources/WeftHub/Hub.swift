@@ -19,6 +19,9 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// buffers); deleted when the session ends without committing them.
     let pendingUploads = PendingUploads()
     private let adoptedObjects = Atomic<Int>(0)
+    /// Sessions that handed over an object written into the store (`adoptObject`): when one
+    /// ends, files its agent left in flight are swept (SPEC.md §4, Co-located writes, Crashes).
+    private let coLocatedWriters = Mutex<Set<SessionID>>([])
     let locks = LockTable()
     /// Who caches what, and the recalls before conflicting changes (SPEC.md §12.6).
     public let leases: LeaseTable
@@ -309,6 +312,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
         let abandoned = pendingUploads.end(session)
         try? chunks.delete(ids: abandoned)
         chunks.forgetSession(session)
+        if coLocatedWriters.withLock({ $0.remove(session) }) != nil { maintenance.sweepAgentTemporaries() }
         if !abandoned.isEmpty { logger.info("removed \(abandoned.count) chunk object(s) session \(session) never committed") }
         maintenance.wake()
     }
@@ -586,6 +590,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// Takes over the object a co-located agent wrote into this hub's store under `tag` (SPEC.md
     /// §4, Co-located writes): as `writeSlice` from there on. The temporary file goes on any refusal.
     public func adoptObject(_ context: RequestContext, id: SliceID, tag: UInt32) throws {
+        _ = coLocatedWriters.withLock { $0.insert(context.session) }
         do {
             try checkUpload(id: id, rawLength: 0)
         } catch {
@@ -599,6 +604,31 @@ public final class Hub: HubAPI, @unchecked Sendable {
 
     /// Objects taken over from co-located agents (`adoptObject`) since the hub started.
     public var adoptedObjectCount: Int { adoptedObjects.load(ordering: .relaxed) }
+
+    /// How long after a co-located writer's session ends, and how old, its agents' temporary
+    /// files are swept (fsck's orphan grace, 60 s; tests shorten it).
+    public var agentTemporaryGraceSeconds: TimeInterval {
+        get { maintenance.temporaryGraceSeconds }
+        set { maintenance.temporaryGraceSeconds = newValue }
+    }
+
+    /// Removes co-located agents' temporary files last modified more than `olderThanNs` ago
+    /// (their agents were killed before handing them over); returns how many it removed. A
+    /// live agent's file that old (a write stalled that long) goes too: its hand-over then
+    /// fails with ENOENT and the object goes over TCP (SPEC.md §4, Co-located writes).
+    @discardableResult
+    func removeAgentTemporaries(olderThanNs: Int64) throws -> Int {
+        let now = currentTimeNs()
+        var stale: [(SliceID, UInt32)] = []
+        try chunks.forEachAgentTemporary { id, tag, _, modifiedNs in
+            if now - modifiedNs > olderThanNs { stale.append((id, tag)) }
+        }
+        let removed = stale.filter { chunks.removeTemporary(id: $0.0, tag: $0.1) }.count
+        if removed > 0 {
+            logger.notice("removed \(removed) temporary file(s) of co-located agents' writes never handed over (an agent ended mid-write)")
+        }
+        return removed
+    }
 
     private func checkUpload(id: SliceID, rawLength: Int) throws {
         guard id != 0, id < meta.currentCounters.nextSlice else { throw WeftError(EINVAL, "slice id \(id) was never allocated") }

@@ -23,6 +23,18 @@ final class Maintenance: @unchecked Sendable {
     /// Holder hubs whose deletes failed, and when to try them again (maintenance thread only).
     private var holderRetryAfter: [UInt16: Date] = [:]
     static let holderRetrySeconds: TimeInterval = 30
+    /// When to sweep co-located agents' temporary files, and when a co-located writer's session
+    /// last ended (under `condition`; `sweepAgentTemporaries`).
+    private var temporarySweepAt: Date?
+    private var writerEndedAt: Date?
+    /// How long after a co-located writer's session ends its temporary files are swept, and how
+    /// old a file must be to go: fsck's grace for orphans, so that a file written just before
+    /// the session ended is that old by then. Tests shorten it.
+    var temporaryGraceSeconds: TimeInterval {
+        get { condition.withLock { temporaryGrace } }
+        set { condition.withLock { temporaryGrace = newValue } }
+    }
+    private var temporaryGrace = TimeInterval(Fsck.orphanGraceNs / 1_000_000_000)
 
     struct CompactionKey: Hashable {
         var ino: InodeID
@@ -50,6 +62,37 @@ final class Maintenance: @unchecked Sendable {
         condition.broadcast()
         condition.unlock()
         while thread?.isFinished == false { usleep(1000) }
+    }
+
+    /// A co-located writer's session ended: sweeps agents' temporary files older than the grace
+    /// once the grace has passed (one sweep for sessions that end meanwhile, another for those
+    /// that end after it is due).
+    func sweepAgentTemporaries() {
+        condition.lock()
+        defer { condition.unlock() }
+        let now = Date()
+        writerEndedAt = now
+        if temporarySweepAt == nil { temporarySweepAt = now.addingTimeInterval(temporaryGrace + 1) }
+    }
+
+    /// Runs the sweep if it is due (maintenance thread).
+    private func sweepAgentTemporariesIfDue() {
+        condition.lock()
+        guard let due = temporarySweepAt, Date() >= due else {
+            condition.unlock()
+            return
+        }
+        let grace = temporaryGrace
+        // A session that ended less than the grace ago may have left younger files: another sweep.
+        temporarySweepAt = writerEndedAt.flatMap { ended in
+            ended.addingTimeInterval(grace) > due ? ended.addingTimeInterval(grace + 1) : nil
+        }
+        condition.unlock()
+        do {
+            try hub?.removeAgentTemporaries(olderThanNs: Int64(grace * 1_000_000_000))
+        } catch {
+            logger.error("sweep of co-located agents' temporary files failed (fsck --repair removes them): \(error)")
+        }
     }
 
     func wake() {
@@ -111,6 +154,7 @@ final class Maintenance: @unchecked Sendable {
             for key in compactions { compact(key) }
             collectGarbage()
             syncJournaledObjects()
+            sweepAgentTemporariesIfDue()
         }
     }
 

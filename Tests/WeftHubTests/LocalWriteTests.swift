@@ -368,4 +368,55 @@ final class LocalWriteTests: FixtureTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: own), "the store's own temporary file is not an agent's")
         XCTAssertEqual(try hub.fsck(repair: false).problems, [])
     }
+
+    /// An agent killed between writing an object into the store and handing it over leaves a
+    /// temporary file. When a session that handed objects over ends (its connection dropped
+    /// with the agent), the hub sweeps agents' temporary files older than the grace once the
+    /// grace has passed, without a restart or an fsck; younger files and the store's own
+    /// temporary names stay.
+    func testTemporaryFilesOfAnEndedCoLocatedWriterAreSwept() throws {
+        let (hub, client, context) = try coLocated()
+        hub.hub.agentTemporaryGraceSeconds = 1
+        let id = try client.allocateSliceIDs(context, count: 3)
+        try client.writeSlice(context, id: id, bytes: UnsafeRawBufferPointer(alignedBytes(8192, seed: 3)))
+        XCTAssertEqual(hub.hub.adoptedObjectCount, 1, "the session handed an object over")
+        let descriptor = open(hub.hub.chunks.directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(descriptor, 0)
+        let agent = ChunkStore(readingFrom: descriptor, directory: hub.hub.chunks.directory, logger: testLogger("weft.agent.store"))
+        let left = ChunkStore.adoptedTagBit | 0x51
+        try [UInt8](repeating: 5, count: 5000).withUnsafeBytes {
+            try agent.writeTemporary(id: id + 1, data: $0, tag: left, compression: .none)
+        }
+        let own = Self.temporaryPath(hub, id + 2, tag: 0x42)
+        XCTAssertTrue(FileManager.default.createFile(atPath: own, contents: Data([1])))
+        defer { unlink(own) }
+        var past = [timespec(tv_sec: time(nil) - 30, tv_nsec: 0), timespec(tv_sec: time(nil) - 30, tv_nsec: 0)]
+        XCTAssertEqual(utimensat(AT_FDCWD, own, &past, 0), 0)
+        Thread.sleep(forTimeInterval: 1.2)
+        try client.closeSession(context.session)
+        // Another agent's write in flight: younger than the grace at the sweep (its time set
+        // ahead, so that the test does not race the sweep).
+        let young = ChunkStore.adoptedTagBit | 0x52
+        try [UInt8](repeating: 6, count: 5000).withUnsafeBytes {
+            try agent.writeTemporary(id: id + 2, data: $0, tag: young, compression: .none)
+        }
+        var ahead = [timespec(tv_sec: time(nil) + 60, tv_nsec: 0), timespec(tv_sec: time(nil) + 60, tv_nsec: 0)]
+        XCTAssertEqual(utimensat(AT_FDCWD, Self.temporaryPath(hub, id + 2, tag: young), &ahead, 0), 0)
+        let deadline = Date().addingTimeInterval(15)
+        while FileManager.default.fileExists(atPath: Self.temporaryPath(hub, id + 1, tag: left)), Date() < deadline {
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: Self.temporaryPath(hub, id + 1, tag: left)),
+                       "swept once the grace passed after the session ended")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: Self.temporaryPath(hub, id + 2, tag: young)), "younger than the grace")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: own), "the store's own temporary name is not an agent's")
+        // A session that never handed an object over ends: no sweep; the young file stays.
+        let other = try hub.hub.openSession(agentName: "reader").0
+        try hub.hub.closeSession(other)
+        Thread.sleep(forTimeInterval: 2.5)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: Self.temporaryPath(hub, id + 2, tag: young)))
+        let problems = try hub.api.fsck(repair: false).problems
+        XCTAssertEqual(problems.filter { $0.contains("temporary file") }.count, 1, "fsck still reports what no sweep took: \(problems)")
+    }
 }
+
