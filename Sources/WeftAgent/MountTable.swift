@@ -60,8 +60,9 @@ public enum MountTable {
         func failure(_ code: Int32, _ mountpoint: String) -> WeftError {
             switch code {
             case EPERM, EACCES: WeftError(EPERM, "the cache statistics of \(mountpoint) need root")
-            case ENODATA: WeftError(ENODATA, "the agent of \(mountpoint) has opened no volume yet: nothing is cached")
-            case ENOTSUP: WeftError(ENOTSUP, "the agent of \(mountpoint) does not serve cache statistics (an older weft)")
+            case ENODATA:
+                WeftError(ENODATA, "no cache statistics from \(mountpoint): its agent has opened no volume yet, or is an "
+                          + "older weft without them, or this process lacks CAP_SYS_ADMIN")
             default: WeftError(code, "cannot read the cache statistics of \(mountpoint)")
             }
         }

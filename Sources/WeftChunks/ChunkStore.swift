@@ -387,6 +387,11 @@ public final class ChunkStore: @unchecked Sendable {
             removeTemporary(id, suffix: suffix)
             throw WeftError(EEXIST, "chunk \(hex(id)) exists")
         }
+        if linkError == ENOENT && suffix & Self.adoptedTagBit != 0 {
+            // An agent's file removed while it was being taken over (swept as stale, or by
+            // fsck --repair): the agent sends the object over TCP (SPEC.md §4, Co-located writes).
+            throw WeftError(ENOENT, "the agent's chunk \(hex(id)) was removed while it was taken over")
+        }
         if linkError == EPERM || linkError == EOPNOTSUPP || linkError == EMLINK {
             // A file system without hard links: check, then rename (not atomic across processes).
             let exists = FileIO.withObjectPath(id) { faccessat(root, $0, F_OK, 0) } == 0
@@ -397,6 +402,9 @@ public final class ChunkStore: @unchecked Sendable {
             let renameError = errno
             removeTemporary(id, suffix: suffix)
             if exists { throw WeftError(EEXIST, "chunk \(hex(id)) exists") }
+            if renameError == ENOENT && suffix & Self.adoptedTagBit != 0 {
+                throw WeftError(ENOENT, "the agent's chunk \(hex(id)) was removed while it was taken over")
+            }
             throw writeFailure(id, FileIO.Failure(call: "rename", errno: renameError))
         }
         removeTemporary(id, suffix: suffix)

@@ -305,6 +305,8 @@ public final class Hub: HubAPI, @unchecked Sendable {
     }
 
     public func closeSession(_ session: SessionID) throws {
+        // Whatever fails below: the session is over for its agent's files in flight.
+        defer { if coLocatedWriters.withLock({ $0.remove(session) }) != nil { maintenance.sweepAgentTemporaries() } }
         leases.end(session)
         locks.release(session: session)
         try meta.closeSession(session)
@@ -312,7 +314,6 @@ public final class Hub: HubAPI, @unchecked Sendable {
         let abandoned = pendingUploads.end(session)
         try? chunks.delete(ids: abandoned)
         chunks.forgetSession(session)
-        if coLocatedWriters.withLock({ $0.remove(session) }) != nil { maintenance.sweepAgentTemporaries() }
         if !abandoned.isEmpty { logger.info("removed \(abandoned.count) chunk object(s) session \(session) never committed") }
         maintenance.wake()
     }
@@ -590,7 +591,7 @@ public final class Hub: HubAPI, @unchecked Sendable {
     /// Takes over the object a co-located agent wrote into this hub's store under `tag` (SPEC.md
     /// §4, Co-located writes): as `writeSlice` from there on. The temporary file goes on any refusal.
     public func adoptObject(_ context: RequestContext, id: SliceID, tag: UInt32) throws {
-        _ = coLocatedWriters.withLock { $0.insert(context.session) }
+        if meta.isSessionOpen(context.session) { _ = coLocatedWriters.withLock { $0.insert(context.session) } }
         do {
             try checkUpload(id: id, rawLength: 0)
         } catch {

@@ -383,6 +383,13 @@ public final class MetaStore: @unchecked Sendable {
         return id
     }
 
+    /// Whether `session` was opened and is not closed yet.
+    public func isSessionOpen(_ session: SessionID) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return sessions[session] != nil
+    }
+
     /// Drops a session's open-file references; unlinked files nobody holds open are reclaimed.
     public func closeSession(_ session: SessionID) throws {
         try mutate { t in

@@ -528,6 +528,15 @@ public final class BlockCache: @unchecked Sendable {
         abandon([key])
     }
 
+    /// Gives back claims a reader took with `lookup` and will not fetch (beyond a block another
+    /// thread fetches, or after a failed fetch): they are not misses after all.
+    public func giveBack(_ keys: [Key]) {
+        lock.lock()
+        misses -= keys.count
+        lock.unlock()
+        abandon(keys)
+    }
+
     /// Gives up the claims of `keys` (a failed fetch), waking waiters once.
     public func abandon(_ keys: [Key]) {
         lock.lock()

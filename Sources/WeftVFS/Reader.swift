@@ -183,7 +183,7 @@ extension VFS {
             let busy = found.firstIndex { if case .busy = $0 { return true } else { return false } }
             if let busy {
                 let beyond = found[(busy + 1)...].indices.filter { if case .claimed = found[$0] { true } else { false } }
-                cache.abandon(beyond.map { key(next + $0) })
+                cache.giveBack(beyond.map { key(next + $0) })
                 found.removeSubrange((busy + 1)...)
             }
             var position = 0
@@ -210,7 +210,7 @@ extension VFS {
                         let later = found[(runEnd + 1)...].indices.filter {
                             if case .claimed = found[$0] { true } else { false }
                         }
-                        cache.abandon(later.map { key(next + $0) })
+                        cache.giveBack(later.map { key(next + $0) })
                         // A damaged block beyond the request must not fail this read: retry
                         // without the extension (blocks fetched so far stay cached).
                         if extra > 0 { return try fetch(range, context: context, wholeObject: false, into: &result) }

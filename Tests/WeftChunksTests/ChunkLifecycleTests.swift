@@ -230,4 +230,15 @@ final class ChunkReserveTests: ChunkTestCase {
         XCTAssertEqual(reserve, min(total / 20, 256 << 20))
         XCTAssertEqual(ChunkStore.defaultReserveBytes(directory: directory + "/missing"), 0)
     }
+
+    /// An agent's temporary file removed after weftd opened it to take it over and before its
+    /// link (a sweep of stale files, fsck --repair) is ENOENT, which sends the agent's object
+    /// over TCP; the store's own temporary files keep EIO for the same failure.
+    func testALinkOfAnAgentsFileThatWentIsENOENT() throws {
+        let store = try makeStore()
+        assertErrno(ENOENT, try store.placeTemporary(5, suffix: ChunkStore.adoptedTagBit | 0x99))
+        assertErrno(EIO, try store.placeTemporary(5, suffix: 0x99))
+        XCTAssertFalse(store.exists(id: 5))
+        XCTAssertEqual(store.objectCount, 0)
+    }
 }

@@ -410,13 +410,19 @@ final class LocalWriteTests: FixtureTestCase {
                        "swept once the grace passed after the session ended")
         XCTAssertTrue(FileManager.default.fileExists(atPath: Self.temporaryPath(hub, id + 2, tag: young)), "younger than the grace")
         XCTAssertTrue(FileManager.default.fileExists(atPath: own), "the store's own temporary name is not an agent's")
-        // A session that never handed an object over ends: no sweep; the young file stays.
+        // A session that never handed an object over ends: no sweep, even of a stale file.
+        let stale = ChunkStore.adoptedTagBit | 0x53
+        try [UInt8](repeating: 7, count: 5000).withUnsafeBytes {
+            try agent.writeTemporary(id: id + 1, data: $0, tag: stale, compression: .none)
+        }
+        XCTAssertEqual(utimensat(AT_FDCWD, Self.temporaryPath(hub, id + 1, tag: stale), &past, 0), 0)
         let other = try hub.hub.openSession(agentName: "reader").0
         try hub.hub.closeSession(other)
-        Thread.sleep(forTimeInterval: 2.5)
-        XCTAssertTrue(FileManager.default.fileExists(atPath: Self.temporaryPath(hub, id + 2, tag: young)))
+        Thread.sleep(forTimeInterval: 3)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: Self.temporaryPath(hub, id + 1, tag: stale)),
+                      "only a session that handed objects over makes a sweep")
         let problems = try hub.api.fsck(repair: false).problems
-        XCTAssertEqual(problems.filter { $0.contains("temporary file") }.count, 1, "fsck still reports what no sweep took: \(problems)")
+        XCTAssertEqual(problems.filter { $0.contains("temporary file") }.count, 2, "fsck still reports what no sweep took: \(problems)")
     }
 }
 
