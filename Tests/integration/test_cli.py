@@ -231,21 +231,26 @@ def test_cache_drop_empties_the_agent_cache_and_reads_refill_it(weft):
     assert os.path.getsize(weft.path / "f") == len(data)
 
 
-def test_cache_drop_needs_root_and_a_weft_mount(weft):
-    weft.require_weft("drops the agent's cache")
+@pytest.mark.parametrize("command, refusal", [("drop", "needs root"), ("stats", "need root")])
+def test_cache_commands_need_root_and_a_weft_mount(weft, command, refusal):
+    weft.require_weft("asks the agent")
     weft_bin = str(bin_dir() / "weft")
 
-    def drop(path):
-        done = subprocess.run([weft_bin, "cache", "drop", path], capture_output=True, text=True, timeout=60)
+    def run(path):
+        done = subprocess.run([weft_bin, "cache", command, path], capture_output=True, text=True, timeout=60)
         return [done.returncode, done.stderr + done.stdout]
 
-    rc, output = run_as(65534, 65534, [], drop, str(weft.path))
-    assert rc != 0 and "needs root" in output, f"as nobody: exit {rc}: {output}"
+    rc, output = run_as(65534, 65534, [], run, str(weft.path))
+    assert rc != 0 and refusal in output, f"as nobody: exit {rc}: {output}"
     not_weft = weft.res.new_dir("plain", 0o755)
-    r = weft.cli.weft("cache", "drop", not_weft)
+    r = weft.cli.weft("cache", command, not_weft)
     assert r.rc != 0 and "not a weft mount" in r.output, r.describe()
-    r = weft.cli.weft("cache", "drop", weft.path / "missing")
+    r = weft.cli.weft("cache", command, weft.path / "missing")
     assert r.rc != 0, r.describe()
+    if command == "stats":
+        # Reading the attribute directly, as root, through the mount: the agent's JSON.
+        value = json.loads(os.getxattr(weft.path, "trusted.weft.cache.stats"))
+        assert "blockCache" in value, value
 
 
 def _cache_stats(weft) -> dict:
@@ -296,22 +301,3 @@ def test_cache_stats_count_what_the_agent_fetched_served_and_dropped(weft):
     assert text.rc == 0, text.describe()
     for label in ("block cache", "hits", "misses", "evictions", "slab memory", "write buffer"):
         assert label in text.out, f"{label!r} missing: {text.out}"
-
-
-def test_cache_stats_need_root_and_a_weft_mount(weft):
-    weft.require_weft("reads the agent's counters")
-    weft_bin = str(bin_dir() / "weft")
-
-    def stats(path):
-        done = subprocess.run([weft_bin, "cache", "stats", path], capture_output=True, text=True, timeout=60)
-        return [done.returncode, done.stderr + done.stdout]
-
-    rc, output = run_as(65534, 65534, [], stats, str(weft.path))
-    assert rc != 0 and "need root" in output, f"as nobody: exit {rc}: {output}"
-    not_weft = weft.res.new_dir("plain", 0o755)
-    r = weft.cli.weft("cache", "stats", not_weft)
-    assert r.rc != 0 and "not a weft mount" in r.output, r.describe()
-    # Reading the attribute directly, as root, through the mount: the agent's JSON.
-    value = json.loads(os.getxattr(weft.path, "trusted.weft.cache.stats"))
-    assert "blockCache" in value, value
-
