@@ -32,17 +32,18 @@ public final class Slab: @unchecked Sendable {
 /// only a slab of its own size (a larger one would hold memory the cache does not count).
 /// Memory is kept while the slabs in use plus the pooled ones stay within `budgetBytes`, which
 /// a block cache raises to its bound plus `inFlightAllowance`: the slabs of fetches in flight,
-/// which a cache at its bound keeps on top of what it counts. A take that misses the pool allocates, and first frees pooled memory (smallest
-/// first) if the new slab would pass the budget. One pool (`shared`) serves a process.
+/// which a cache at its bound keeps on top of what it counts. A take that misses the pool
+/// allocates, and first frees pooled memory (smallest first) if the new slab would pass the
+/// budget. One pool (`shared`) serves a process.
 public final class SlabPool: @unchecked Sendable {
     public static let shared = SlabPool(budgetBytes: 64 << 20)
     static let pooledMinBytes = 1 << 20
 
     /// What slabs in use may take beyond a block cache's bound of `cacheBytes`: fetches in
     /// flight (read-ahead runs 8 objects at once; the cache counts a slab whole while it holds
-    /// any block of it). Until 2026-12-07 the budget was the bound alone, and a cache at its bound
-    /// always had more slabs in use than that: every freed slab was unmapped and every fetch
-    /// read into fresh memory (SPEC.md §7, Slab memory).
+    /// any block of it). Until 2026-12-07 the budget was the bound alone, and a cache at its
+    /// bound always had more slabs in use than that: every freed slab was unmapped and every
+    /// fetch read into fresh memory (SPEC.md §7, Slab memory).
     public static func inFlightAllowance(cacheBytes: Int) -> Int { max(64 << 20, cacheBytes / 8) }
 
     private let lock = NSLock()
@@ -229,9 +230,8 @@ public final class BlockCache: @unchecked Sendable {
     /// The slab memory the cached blocks hold: each slab with a cached block, whole.
     public private(set) var usedBytes = 0
     public let capacityBytes: Int
-    /// Blocks moved out of mostly evicted slabs since the cache was made.
-    public private(set) var relocations = 0
     /// Counters since the cache was made (`statistics`).
+    private var relocations = 0
     private var hits = 0
     private var misses = 0
     private var readAheadClaims = 0
@@ -531,15 +531,18 @@ public final class BlockCache: @unchecked Sendable {
     /// Gives back claims a reader took with `lookup` and will not fetch (beyond a block another
     /// thread fetches, or after a failed fetch): they are not misses after all.
     public func giveBack(_ keys: [Key]) {
-        lock.lock()
-        misses -= keys.count
-        lock.unlock()
-        abandon(keys)
+        abandon(keys, misses: keys.count)
     }
 
     /// Gives up the claims of `keys` (a failed fetch), waking waiters once.
     public func abandon(_ keys: [Key]) {
+        abandon(keys, misses: 0)
+    }
+
+    /// Ends the claims of `keys` unfilled and takes `misses` off the count, under one lock.
+    private func abandon(_ keys: [Key], misses notMissed: Int) {
         lock.lock()
+        misses -= notMissed
         for key in keys { inFlight.remove(key) }
         lock.broadcast()
         lock.unlock()
